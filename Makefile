@@ -1,0 +1,53 @@
+# edgectl: `make setup` then `make test`; `make demo` runs the whole path end to end.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where the machine keeps wheels on disk (the CPU torch build); harmless when absent.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PYTEST_ARGS ?=
+
+.PHONY: setup broker test lint format proto bench demo clean
+
+setup: $(VENV)/.installed broker  ## create .venv, install everything (mosquitto too)
+
+$(VENV)/.installed: pyproject.toml setup.py constraints-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(FIND_LINKS) -c constraints-dev.txt -e '.[dev]'
+	touch $@
+
+broker:  ## mosquitto from apt when missing (root), else the command to run
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \
+		echo "mosquitto: $$(command -v mosquitto || echo /usr/sbin/mosquitto)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients; \
+	else \
+		echo "mosquitto is missing; run: sudo apt-get install -y mosquitto mosquitto-clients"; exit 1; \
+	fi
+
+test: $(VENV)/.installed  ## the suite without slow benchmarks
+	$(PY) -m pytest -q -m "not slow and not bench" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed  ## ruff + mypy --strict on the packages
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/typecheck_tree.py >/dev/null
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p edgectl
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+proto: $(VENV)/.installed  ## regenerate protos/*_pb2*.py from the .proto files
+	$(PY) scripts/gen_protos.py
+
+bench: $(VENV)/.installed  ## benchmarks: print ratios measured side by side
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	$(PY) -m pytest -q -m "slow or bench" $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed  ## train, compress, deploy, infer, roll back: all local
+	$(VENV)/bin/edgectl demo
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

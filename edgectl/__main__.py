@@ -1,0 +1,5 @@
+"""`python -m edgectl` runs the CLI."""
+
+from edgectl.cli import main
+
+main()

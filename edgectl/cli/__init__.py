@@ -1,0 +1,75 @@
+"""The `edgectl` command line: thin commands over the packages, one error line per failure.
+
+Commands import their heavy dependencies (torch, onnxruntime, grpc servers) inside the
+command body, so `edgectl --help` stays instant and the agent's install needs no torch.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+from rich.text import Text
+
+from edgectl import __version__
+from edgectl.cli import doctor, planned
+from edgectl.cli.output import err_console
+from edgectl.errors import EdgectlError
+
+app = typer.Typer(
+    name="edgectl",
+    help="Compress models for edge devices and roll them out to a fleet in gated waves.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"verbose": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgectl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks on errors"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version"
+    ),
+) -> None:
+    _state["verbose"] = verbose
+
+
+app.command("compress")(planned.compress)
+app.add_typer(planned.artifact_app, name="artifact", help="Inspect, push, list and remove artifacts.")
+app.add_typer(planned.keys_app, name="keys", help="Manage Ed25519 signing keys.")
+app.command("deploy")(planned.deploy)
+app.add_typer(planned.rollout_app, name="rollout")
+app.add_typer(planned.devices_app, name="devices")
+app.add_typer(planned.audit_app, name="audit")
+app.add_typer(planned.control_plane_app, name="control-plane")
+app.add_typer(planned.agent_app, name="agent")
+app.add_typer(planned.broker_app, name="broker")
+app.command("up")(planned.up)
+app.command("down")(planned.down)
+app.command("demo")(planned.demo)
+app.command("infer")(planned.infer)
+app.command("doctor")(doctor.doctor)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, map EdgectlError to one line and its exit code."""
+    try:
+        app()
+    except EdgectlError as exc:
+        if _state["verbose"]:
+            traceback.print_exc()
+        err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)

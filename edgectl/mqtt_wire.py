@@ -1,0 +1,119 @@
+"""The MQTT side of the contract: topic names and the proto3-JSON payload codec.
+
+The control plane and agents meet only here and in protos/: both build topics with these
+functions and encode payloads with :func:`encode`, so ``mosquitto_sub -v -t 'edgectl/#'``
+stays readable and a malformed payload is one :class:`PayloadError`, never a crash.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from edgectl.errors import EdgectlError
+
+TOPIC_ROOT = "edgectl/v1/devices"
+# MQTT wildcards and separators would let one device id address another's subtree.
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+
+M = TypeVar("M", bound=Message)
+
+
+class PayloadError(EdgectlError):
+    """An MQTT payload that is not the message its topic promises."""
+
+
+class DeviceIdError(EdgectlError):
+    """A device id that cannot be used as an MQTT topic level."""
+
+
+def check_device_id(device_id: str) -> str:
+    """Return ``device_id`` unchanged, or raise when it could escape its topic subtree."""
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
+        raise DeviceIdError(
+            f"invalid device id {device_id!r}",
+            hint="use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return device_id
+
+
+@dataclass(frozen=True)
+class DeviceTopics:
+    """Every topic of one device's subtree: ``edgectl/v1/devices/{id}/...``."""
+
+    device_id: str
+
+    def __post_init__(self) -> None:
+        check_device_id(self.device_id)
+
+    @property
+    def root(self) -> str:
+        return f"{TOPIC_ROOT}/{self.device_id}"
+
+    @property
+    def desired(self) -> str:
+        return f"{self.root}/desired"
+
+    @property
+    def reported(self) -> str:
+        return f"{self.root}/reported"
+
+    @property
+    def status(self) -> str:
+        return f"{self.root}/status"
+
+    @property
+    def events(self) -> str:
+        return f"{self.root}/events"
+
+    @property
+    def chunk_requests(self) -> str:
+        return f"{self.root}/chunks/request"
+
+    @property
+    def chunk_data(self) -> str:
+        return f"{self.root}/chunks/data"
+
+    @property
+    def subtree(self) -> str:
+        return f"{self.root}/#"
+
+
+# What the control plane subscribes to, for every device at once.
+ALL_REPORTED = f"{TOPIC_ROOT}/+/reported"
+ALL_STATUS = f"{TOPIC_ROOT}/+/status"
+ALL_EVENTS = f"{TOPIC_ROOT}/+/events"
+ALL_CHUNK_REQUESTS = f"{TOPIC_ROOT}/+/chunks/request"
+
+
+def parse_topic(topic: str) -> tuple[str, str]:
+    """Split ``edgectl/v1/devices/{id}/{kind...}`` into ``(device_id, kind)``."""
+    prefix = TOPIC_ROOT + "/"
+    if not topic.startswith(prefix):
+        raise PayloadError(f"topic {topic!r} is outside {TOPIC_ROOT}/")
+    device_id, sep, kind = topic[len(prefix) :].partition("/")
+    if not sep or not kind:
+        raise PayloadError(f"topic {topic!r} names no message kind")
+    return check_device_id(device_id), kind
+
+
+def encode(message: Message) -> bytes:
+    """Proto3 JSON, compact, with stable field order."""
+    return json_format.MessageToJson(message, indent=None, sort_keys=True).encode()
+
+
+def decode(payload: bytes, message_type: type[M]) -> M:
+    """Parse a proto3-JSON payload; unknown fields are ignored so newer peers interoperate."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    message = message_type()
+    try:
+        json_format.Parse(payload.decode("utf-8"), message, ignore_unknown_fields=True)
+    except (UnicodeDecodeError, json_format.ParseError) as exc:
+        raise PayloadError(f"not a {message_type.DESCRIPTOR.full_name} payload: {exc}") from exc
+    return message
