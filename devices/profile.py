@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NoReturn, cast
 
 import yaml
 
@@ -155,7 +155,7 @@ class _Section:
         self.data: dict[str, Any] = data
         self.seen: set[str] = set()
 
-    def fail(self, field: str, problem: str) -> None:
+    def fail(self, field: str, problem: str) -> NoReturn:
         raise ProfileError(
             f"{self.source}: field '{field}' {problem}",
             hint="fix the profile; see devices/profiles/*.yaml for the schema",
@@ -164,42 +164,43 @@ class _Section:
     def _path(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
 
-    def _get(self, key: str, optional: bool = False) -> Any:
+    def _get(self, key: str) -> Any:
         self.seen.add(key)
         if key not in self.data:
-            if optional:
-                return None
             self.fail(self._path(key), "is missing")
         return self.data[key]
 
-    def text(self, key: str, optional: bool = False) -> str | None:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
+    def text(self, key: str) -> str:
+        value = self._get(key)
         if not isinstance(value, str) or not value.strip():
             self.fail(self._path(key), f"must be a non-empty string, got {value!r}")
-        return cast(str, value)
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        """A string or an explicit null: the key must still be present, so typos surface."""
+        return None if self._get(key) is None else self.text(key)
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:
         value = self.text(key)
         if value not in allowed:
             self.fail(self._path(key), f"must be one of {', '.join(allowed)}, got {value!r}")
-        return cast(str, value)
+        return value
 
-    def integer(self, key: str, optional: bool = False, minimum: int = 0) -> int | None:
-        value = self._get(key, optional)
-        if value is None and optional:
-            return None
+    def integer(self, key: str, minimum: int = 0) -> int:
+        value = self._get(key)
         # bool is an int in Python; `memory_mib: true` is a mistake, not 1.
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             self.fail(self._path(key), f"must be an integer >= {minimum}, got {value!r}")
-        return cast(int, value)
+        return value
+
+    def optional_integer(self, key: str, minimum: int = 0) -> int | None:
+        return None if self._get(key) is None else self.integer(key, minimum)
 
     def flag(self, key: str) -> bool:
         value = self._get(key)
         if not isinstance(value, bool):
             self.fail(self._path(key), f"must be true or false, got {value!r}")
-        return cast(bool, value)
+        return value
 
     def names(self, key: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
         value = self._get(key)
@@ -223,7 +224,7 @@ class _Section:
 
 def _parse(raw: object, source: Path) -> DeviceProfile:
     top = _Section(raw, source, "")
-    name = cast(str, top.text("name"))
+    name = top.text("name")
     if not _NAME_RE.match(name):
         top.fail("name", f"must be lower-case letters, digits and dashes, got {name!r}")
     arch = cast(Arch, top.choice("arch", ARCHES))
@@ -252,7 +253,7 @@ def _parse(raw: object, source: Path) -> DeviceProfile:
         per_channel=q.flag("per_channel"),
         symmetric_activations=q.flag("symmetric_activations"),
         reduce_range=q.flag("reduce_range"),
-        int8_dot_product=q.text("int8_dot_product", optional=True),
+        int8_dot_product=q.optional_text("int8_dot_product"),
     )
     q.done()
 
@@ -273,8 +274,8 @@ def _parse(raw: object, source: Path) -> DeviceProfile:
     e = top.section("engine")
     engine = EngineRules(
         tensorrt=e.flag("tensorrt"),
-        tensorrt_major=e.integer("tensorrt_major", optional=True, minimum=8),
-        jetpack=e.text("jetpack", optional=True),
+        tensorrt_major=e.optional_integer("tensorrt_major", minimum=8),
+        jetpack=e.optional_text("jetpack"),
         tied_to=e.names("tied_to", ENGINE_KEYS),
         portable_across_device_models=e.flag("portable_across_device_models"),
         build_on_device=e.flag("build_on_device"),
@@ -285,9 +286,9 @@ def _parse(raw: object, source: Path) -> DeviceProfile:
 
     profile = DeviceProfile(
         name=name,
-        description=cast(str, top.text("description")),
+        description=top.text("description"),
         arch=arch,
-        memory_mib=cast(int, top.integer("memory_mib", minimum=64)),
+        memory_mib=top.integer("memory_mib", minimum=64),
         accelerator=accelerator,
         compute_capabilities=ccs,
         execution_providers=eps,
@@ -317,7 +318,8 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     path = Path(text)
     if not (text.endswith((".yaml", ".yml")) or path.is_file()):
         path = _profiles_dir() / f"{text}.yaml"
-        if not path.is_file():
+        # A name is never a path: "../x" must not reach outside the shipped profiles.
+        if not _NAME_RE.match(text) or not path.is_file():
             raise ProfileError(
                 f"unknown device profile {text!r}",
                 hint=f"known profiles: {', '.join(list_profiles())}; or pass a path to a .yaml file",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -161,6 +162,9 @@ def test_cli_json_and_table(broker: str) -> None:
     assert result.exit_code == 0, result.output  # doctor reports; an absent broker is not a failure
     assert "device profile" in result.stdout and detect().profile.name in result.stdout
     assert "unreachable" in result.stdout and closed in result.stdout
+    if importlib.util.find_spec("tensorrt") is None:
+        # Reasons carry install hints with brackets; rich must print them, not eat them as markup.
+        assert "edgectl[tensorrt]" in result.stdout
 
     result = runner.invoke(_app(), ["doctor", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "Example: edgectl doctor" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgectl.cli.output import console, print_json
@@ -13,6 +14,10 @@ def _yes_no(value: bool) -> str:
     return "[green]yes[/green]" if value else "[dim]no[/dim]"
 
 
+def _absent(reason: str | None, style: str = "yellow") -> str:
+    return f"[{style}]absent[/{style}]: {escape(reason or 'unknown reason')}"
+
+
 def render_table(report: DoctorReport) -> Table:
     """The report as one two-column rich table, in the order a user checks things."""
     f = report.facts
@@ -21,36 +26,39 @@ def render_table(report: DoctorReport) -> Table:
     table.add_column("result", overflow="fold")
     table.add_row("python", report.python_version)
     table.add_row("edgectl", report.edgectl_version)
-    table.add_row("platform", report.platform)
-    table.add_row("cpu", f"{f.machine}, {f.cpu_model}")
+    table.add_row("platform", escape(report.platform))
+    table.add_row("cpu", escape(f"{f.machine}, {f.cpu_model}"))
     features = ", ".join(f"{name} {_yes_no(has)}" for name, has in report.cpu_int8_features.items())
     table.add_row("cpu int8 features", features)
     table.add_row("memory", f"{f.memory_total_mib} MiB")
     jetson = f"{f.device_model} ({f.l4t_release or 'no L4T release file'})" if f.is_jetson else "no"
-    table.add_row("jetson", jetson)
+    table.add_row("jetson", escape(jetson))
     if f.onnxruntime_version:
-        table.add_row("onnxruntime", f"{f.onnxruntime_version}: {', '.join(f.onnxruntime_providers)}")
+        table.add_row("onnxruntime", escape(f"{f.onnxruntime_version}: {', '.join(f.onnxruntime_providers)}"))
     else:
-        table.add_row("onnxruntime", f"[yellow]absent[/yellow]: {f.onnxruntime_absent_reason}")
+        table.add_row("onnxruntime", _absent(f.onnxruntime_absent_reason))
     if f.cuda_devices:
         gpus = "; ".join(
             f"{d.index}: {d.name}, sm_{d.compute_capability.replace('.', '')}, {d.total_memory_mib} MiB"
             for d in f.cuda_devices
         )
-        table.add_row("cuda", f"driver {f.cuda_driver_version}; {gpus}")
+        table.add_row("cuda", escape(f"driver {f.cuda_driver_version}; {gpus}"))
     else:
-        table.add_row("cuda", f"[yellow]absent[/yellow]: {f.cuda_absent_reason}")
-    trt = f.tensorrt_version or f"[yellow]absent[/yellow]: {f.tensorrt_absent_reason}"
+        table.add_row("cuda", _absent(f.cuda_absent_reason))
+    trt = escape(f.tensorrt_version) if f.tensorrt_version else _absent(f.tensorrt_absent_reason)
     table.add_row("tensorrt", trt)
-    table.add_row("torch", report.torch.version or f"[dim]absent[/dim]: {report.torch.absent_reason}")
+    torch = report.torch
+    table.add_row("torch", escape(torch.version) if torch.version else _absent(torch.absent_reason, "dim"))
     if report.profile:
-        table.add_row("device profile", f"[bold]{report.profile}[/bold] ({report.profile_reason})")
+        table.add_row(
+            "device profile", f"[bold]{escape(report.profile)}[/bold] ({escape(report.profile_reason)})"
+        )
     else:
-        table.add_row("device profile", f"[red]none[/red]: {report.profile_reason}")
+        table.add_row("device profile", f"[red]none[/red]: {escape(report.profile_reason)}")
     m = report.mqtt
     status = "[green]reachable[/green]" if m.reachable else "[red]unreachable[/red]"
     latency = f" in {m.latency_ms:.0f} ms" if m.latency_ms is not None and m.reachable else ""
-    table.add_row("mqtt broker", f"{status} {m.url}{latency}: {m.detail}")
+    table.add_row("mqtt broker", f"{status} {escape(m.url)}{latency}: {escape(m.detail)}")
     return table
 
 

@@ -12,15 +12,20 @@ import pytest
 
 from edgectl.devices import CudaDevice, HostFacts, NoMatchingProfile, detect, gather_facts, match_profile
 
-# Real flag sets, copied from /proc/cpuinfo of each kind of machine.
-ORIN_FLAGS = frozenset(
+
+def _flags(line: str) -> frozenset[str]:
+    return frozenset(line.split())
+
+
+# Real flag sets, copied from /proc/cpuinfo of each kind of machine (x86 trimmed to what matters).
+ORIN_FLAGS = _flags(
     "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop "
-    "asimddp uscat ilrcpc flagm paca pacg".split()
+    "asimddp uscat ilrcpc flagm paca pacg"
 )
-GRAVITON2_FLAGS = frozenset(
-    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs".split()
+GRAVITON2_FLAGS = _flags(
+    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs"
 )
-HASWELL_FLAGS = frozenset("fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 bmi1 bmi2 movbe popcnt".split())
+HASWELL_FLAGS = _flags("fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 bmi1 bmi2 movbe popcnt")
 CASCADE_LAKE_FLAGS = HASWELL_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 ALDER_LAKE_FLAGS = HASWELL_FLAGS | {"avx_vnni"}
 SAPPHIRE_RAPIDS_FLAGS = CASCADE_LAKE_FLAGS | {"amx_tile", "amx_int8", "amx_bf16", "avx512_bf16"}
