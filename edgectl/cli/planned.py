@@ -177,20 +177,6 @@ def agent_run(
     not_implemented("agent run", "agent")
 
 
-broker_app = typer.Typer(help="Generate mosquitto configuration for a fleet.")
-
-
-@broker_app.command("config")
-def broker_config(
-    out: Path = typer.Option(Path("mosquitto"), "-o", "--out", help="output directory"),
-) -> None:
-    """Write a mosquitto config with TLS, per-device identities and ACLs.
-
-    Example: edgectl broker config -o /etc/mosquitto/conf.d/edgectl
-    """
-    not_implemented("broker config", "security")
-
-
 def up(
     agents: int = typer.Option(2, help="number of local agents"),
     data_dir: Path | None = typer.Option(None, help="where state lives (default ~/.edgectl)"),

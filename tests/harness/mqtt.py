@@ -24,7 +24,16 @@ class Received:
 class MqttTestClient:
     """Connects, subscribes and collects messages into a queue; blocking helpers with timeouts."""
 
-    def __init__(self, host: str, port: int, client_id: str | None = None, **auth: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+    ) -> None:
         self.messages: queue.Queue[Received] = queue.Queue()
         self.suback: queue.Queue[list[ReasonCode]] = queue.Queue()
         self._connected: queue.Queue[ReasonCode] = queue.Queue()
@@ -33,8 +42,12 @@ class MqttTestClient:
             client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
-        if auth:
-            self.client.username_pw_set(auth.get("username"), auth.get("password"))
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=tls_ca)
+        self.disconnected: queue.Queue[ReasonCode] = queue.Queue()
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -42,6 +55,9 @@ class MqttTestClient:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         self._connected.put(reason)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        self.disconnected.put(reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
@@ -54,6 +70,7 @@ class MqttTestClient:
     def connect(self, timeout: float = 5.0) -> ReasonCode:
         """Connect and return the CONNACK reason code (check ``.is_failure``)."""
         self.client.connect(self.host, self.port, keepalive=30, clean_start=True)
+        self.client.reconnect_delay_set(min_delay=60, max_delay=60)  # tests see each refusal once
         self.client.loop_start()
         return self._connected.get(timeout=timeout)
 
@@ -64,6 +81,14 @@ class MqttTestClient:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=Properties(3))
         info.wait_for_publish(timeout=5.0)
+
+    def nothing_arrives(self, within: float = 1.0) -> bool:
+        """True when no message arrives for ``within`` seconds."""
+        try:
+            self.messages.get(timeout=within)
+        except queue.Empty:
+            return True
+        return False
 
     def expect(self, timeout: float = 5.0) -> Received:
         return self.messages.get(timeout=timeout)

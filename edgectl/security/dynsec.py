@@ -1,0 +1,200 @@
+"""Per-device MQTT identities in mosquitto's dynamic-security plugin.
+
+Each device gets a client (username = device id, random password) and its own role whose ACLs
+confine it to ``edgectl/v1/devices/{id}/``: it may subscribe to its desired state and chunk
+data, and publish its reported state, status, events and chunk requests, nothing else. The
+control plane's role is the only writer of desired state. Clients are created, disabled and
+deleted at run time over ``$CONTROL/dynamic-security/v1``, with no broker restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import queue
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from edgectl.mqtt_wire import TOPIC_ROOT, DeviceTopics
+from edgectl.security.errors import BrokerAdminError
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
+CONTROL_PLANE_ROLE = "edgectl-control-plane"
+ADMIN_ROLE = "edgectl-dynsec-admin"
+# Passwords are 256-bit random secrets, so the hash's cost buys nothing against guessing; a
+# low count keeps a fleet's reconnect storm cheap for the broker.
+PBKDF2_ITERATIONS = 1000
+
+
+def new_password() -> str:
+    """A random MQTT password (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_password(password: str, iterations: int = PBKDF2_ITERATIONS) -> dict[str, Any]:
+    """The fields dynamic-security stores for a password: PBKDF2-SHA512 over a random salt."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": iterations,
+    }
+
+
+def _acl(acltype: str, topic: str, allow: bool = True) -> dict[str, Any]:
+    return {"acltype": acltype, "topic": topic, "priority": 0, "allow": allow}
+
+
+def device_role_name(device_id: str) -> str:
+    return f"edgectl-device-{device_id}"
+
+
+def device_acls(device_id: str) -> list[dict[str, Any]]:
+    """What one device may do: its own subtree, with the read/write split of the protocol."""
+    t = DeviceTopics(device_id)
+    return [
+        _acl("subscribeLiteral", t.desired),
+        _acl("subscribeLiteral", t.chunk_data),
+        _acl("publishClientSend", t.reported),
+        _acl("publishClientSend", t.status),
+        _acl("publishClientSend", t.events),
+        _acl("publishClientSend", t.chunk_requests),
+    ]
+
+
+def control_plane_acls() -> list[dict[str, Any]]:
+    """The control plane writes desired state and chunk data, and reads what devices send."""
+    root = f"{TOPIC_ROOT}/+"
+    return [
+        _acl("publishClientSend", f"{root}/desired"),
+        _acl("publishClientSend", f"{root}/chunks/data"),
+        *[
+            _acl("subscribePattern", f"{root}/{kind}")
+            for kind in ("reported", "status", "events", "chunks/request")
+        ],
+    ]
+
+
+def admin_acls() -> list[dict[str, Any]]:
+    """Administering the plugin itself (create/disable/delete clients)."""
+    return [
+        _acl("publishClientSend", f"{CONTROL_TOPIC}/#"),
+        # The plugin's answers are checked like any delivery; default receive access does not cover them.
+        _acl("publishClientReceive", f"{CONTROL_TOPIC}/#"),
+        _acl("subscribePattern", f"{CONTROL_TOPIC}/#"),
+    ]
+
+
+def initial_config(control_plane_username: str, control_plane_password: str) -> dict[str, Any]:
+    """A dynamic-security.json with the control plane's client and roles, and no devices yet."""
+    return {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": True,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+        "clients": [
+            {
+                "username": control_plane_username,
+                "textName": "edgectl control plane",
+                "roles": [{"rolename": CONTROL_PLANE_ROLE}, {"rolename": ADMIN_ROLE}],
+                **hash_password(control_plane_password),
+            }
+        ],
+        "groups": [],
+        "roles": [
+            {"rolename": CONTROL_PLANE_ROLE, "acls": control_plane_acls()},
+            {"rolename": ADMIN_ROLE, "acls": admin_acls()},
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """A device's MQTT credentials, returned once at enrollment."""
+
+    device_id: str
+    username: str
+    password: str
+
+
+class DynsecAdmin:
+    """Sends dynamic-security commands over an MQTT connection the caller owns and waits for answers.
+
+    The caller passes a connected paho client with admin rights; this class subscribes to the
+    response topic and correlates each answer with its command.
+    """
+
+    def __init__(self, client: Any, timeout: float = 10.0) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._waiting: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        client.message_callback_add(RESPONSE_TOPIC, self._on_response)
+        result, _mid = client.subscribe(RESPONSE_TOPIC, qos=1)
+        if result != 0:
+            raise BrokerAdminError(f"cannot subscribe to {RESPONSE_TOPIC} (paho error {result})")
+
+    def _on_response(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            responses = json.loads(message.payload)["responses"]
+        except (ValueError, KeyError, TypeError):
+            return
+        for response in responses:
+            with self._lock:
+                waiter = self._waiting.pop(str(response.get("correlationData", "")), None)
+            if waiter is not None:
+                waiter.put(response)
+
+    def run(self, command: str, **fields: Any) -> dict[str, Any]:
+        """Run one command; raises BrokerAdminError with the plugin's reason when it fails."""
+        correlation = uuid.uuid4().hex
+        waiter: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
+        with self._lock:
+            self._waiting[correlation] = waiter
+        payload = json.dumps({"commands": [{"command": command, "correlationData": correlation, **fields}]})
+        self._client.publish(CONTROL_TOPIC, payload, qos=1)
+        try:
+            response = waiter.get(timeout=self._timeout)
+        except queue.Empty:
+            with self._lock:
+                self._waiting.pop(correlation, None)
+            raise BrokerAdminError(
+                f"the broker did not answer `{command}` within {self._timeout:.0f}s",
+                hint="is the dynamic-security plugin loaded and is this client its admin?",
+            ) from None
+        if response.get("error"):
+            raise BrokerAdminError(f"broker refused `{command}`: {response['error']}")
+        return response
+
+    def provision_device(self, device_id: str) -> DeviceIdentity:
+        """Create (or replace) the device's role and client with a fresh password."""
+        role = device_role_name(device_id)
+        password = new_password()
+        self.remove_device(device_id)
+        self.run("createRole", rolename=role, acls=device_acls(device_id))
+        self.run("createClient", username=device_id, password=password, roles=[{"rolename": role}])
+        return DeviceIdentity(device_id=device_id, username=device_id, password=password)
+
+    def disable_device(self, device_id: str) -> None:
+        """Refuse the device's next connection and drop the current one."""
+        self.run("disableClient", username=device_id)
+
+    def remove_device(self, device_id: str) -> None:
+        """Delete the device's client and role; absent ones are fine (idempotent)."""
+        for command, fields in (
+            ("deleteClient", {"username": device_id}),
+            ("deleteRole", {"rolename": device_role_name(device_id)}),
+        ):
+            try:
+                self.run(command, **fields)
+            except BrokerAdminError as exc:
+                if "not found" not in str(exc).lower():
+                    raise
