@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from edgectl import __version__
-from edgectl.cli import broker_cmd, doctor, planned
+from edgectl.cli import artifact, broker_cmd, doctor, keys, planned
 from edgectl.cli.output import err_console
 from edgectl.errors import EdgectlError
 
@@ -45,8 +45,8 @@ def _root(
 
 
 app.command("compress")(planned.compress)
-app.add_typer(planned.artifact_app, name="artifact", help="Inspect, push, list and remove artifacts.")
-app.add_typer(planned.keys_app, name="keys", help="Manage Ed25519 signing keys.")
+app.add_typer(artifact.app, name="artifact", help="Inspect, push, list and remove artifacts.")
+app.add_typer(keys.app, name="keys", help="Manage Ed25519 signing keys.")
 app.command("deploy")(planned.deploy)
 app.add_typer(planned.rollout_app, name="rollout")
 app.add_typer(planned.devices_app, name="devices")

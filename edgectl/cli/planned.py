@@ -231,27 +231,3 @@ def compress(
     Example: edgectl compress model.onnx --profile x86-cpu-vnni --eval eval.npz -o out/
     """
     not_implemented("compress", "compress")
-
-
-artifact_app = typer.Typer()
-
-
-@artifact_app.command("inspect")
-def artifact_inspect(path: Path = typer.Argument(..., help="artifact directory or .tar")) -> None:
-    """Print and verify an artifact's manifest.
-
-    Example: edgectl artifact inspect out/
-    """
-    not_implemented("artifact inspect", "artifact")
-
-
-keys_app = typer.Typer()
-
-
-@keys_app.command("generate")
-def keys_generate(out: Path | None = typer.Option(None, "--out", help="key file to write")) -> None:
-    """Generate an Ed25519 signing key.
-
-    Example: edgectl keys generate --out fleet.key
-    """
-    not_implemented("keys generate", "artifact")
