@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from edgectl import __version__
-from edgectl.cli import artifact, broker_cmd, doctor, keys, planned
+from edgectl.cli import agent_cmd, artifact, broker_cmd, doctor, keys, planned
 from edgectl.cli.output import err_console
 from edgectl.errors import EdgectlError
 
@@ -52,12 +52,12 @@ app.add_typer(planned.rollout_app, name="rollout")
 app.add_typer(planned.devices_app, name="devices")
 app.add_typer(planned.audit_app, name="audit")
 app.add_typer(planned.control_plane_app, name="control-plane")
-app.add_typer(planned.agent_app, name="agent")
+app.add_typer(agent_cmd.agent_app, name="agent")
 app.add_typer(broker_cmd.broker_app, name="broker")
 app.command("up")(planned.up)
 app.command("down")(planned.down)
 app.command("demo")(planned.demo)
-app.command("infer")(planned.infer)
+app.command("infer")(agent_cmd.infer)
 app.command("doctor")(doctor.doctor)
 
 

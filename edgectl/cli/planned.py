@@ -157,26 +157,6 @@ def control_plane_serve(
     not_implemented("control-plane serve", "control_plane")
 
 
-agent_app = typer.Typer(help="Run the device agent (reconcile, verify, serve KServe V2, burst).")
-
-
-@agent_app.command("run")
-def agent_run(
-    device_id: str = typer.Option(..., envvar="EDGECTL_DEVICE_ID", help="this device's id"),
-    mqtt: str = typer.Option("mqtt://127.0.0.1:1883", envvar="EDGECTL_MQTT", help="broker URL"),
-    control_plane: str = typer.Option("127.0.0.1:7443", envvar="EDGECTL_SERVER", help="control plane H:P"),
-    data_dir: Path = typer.Option(Path("/var/lib/edgectl"), help="artifacts, chunk store and state"),
-    listen: str = typer.Option("127.0.0.1:8001", help="KServe V2 gRPC listen address"),
-    burst: str | None = typer.Option(None, help="remote V2 endpoint H:P to burst to"),
-    labels: str | None = typer.Option(None, help="k=v[,k=v] labels this device reports"),
-) -> None:
-    """Converge to the desired artifact and serve it over KServe V2.
-
-    Example: edgectl agent run --device-id cam-07 --mqtt mqtt://broker:1883 --data-dir /var/lib/edgectl
-    """
-    not_implemented("agent run", "agent")
-
-
 def up(
     agents: int = typer.Option(2, help="number of local agents"),
     data_dir: Path | None = typer.Option(None, help="where state lives (default ~/.edgectl)"),
@@ -203,19 +183,6 @@ def demo() -> None:
     Example: edgectl demo
     """
     not_implemented("demo", "end-to-end")
-
-
-def infer(
-    server: str = typer.Option(..., help="KServe V2 gRPC endpoint HOST:PORT"),
-    model: str = typer.Option(..., help="model name"),
-    input_file: Path = typer.Option(..., "--input", help=".npz with one array per model input"),
-    json_out: bool = typer.Option(False, "--json", help="print outputs as JSON"),
-) -> None:
-    """Send one inference request over KServe V2 gRPC and print the outputs.
-
-    Example: edgectl infer --server 127.0.0.1:8001 --model digits --input x.npz
-    """
-    not_implemented("infer", "agent")
 
 
 deploy.__doc__ = deploy_help

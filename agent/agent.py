@@ -1,0 +1,219 @@
+"""The agent process: wires config, state, fetcher, runtime, V2 server, MQTT link and reconcile loop.
+
+Start order matters for "never serve nothing": the V2 server and the models named in the state
+file come up first, from local disk alone; the broker and the control plane are reached after,
+in the background, and losing either never touches what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import onnxruntime as ort
+
+from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
+from edgectl.agent.batching import BatchSettings
+from edgectl.agent.burst import BurstSettings, InferenceRouter
+from edgectl.agent.config import AgentConfig, build_trust, read_credentials
+from edgectl.agent.errors import ConfigError
+from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
+from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.mqtt_link import MqttLink, MqttSettings
+from edgectl.agent.reconcile import Reconciler, ReconcileSettings
+from edgectl.agent.runtime import SessionSettings
+from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.state import StateStore
+from edgectl.agent.transports import ArtifactTransport, GrpcTransport, MqttChunkTransport
+from edgectl.agent.v2_server import InferenceServicer, V2Server
+from edgectl.agent.verify import DeviceFit, memory_limit, provider_order
+from edgectl.artifact import MANIFEST_NAME, ArtifactError, TrustStore, default_trust_store, load_artifact
+from edgectl.devices import DeviceError, DeviceProfile, HostFacts, gather_facts, load_profile, match_profile
+from edgectl.protos.v1 import mqtt_pb2 as mpb
+
+log = logging.getLogger(__name__)
+DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
+
+
+class _MqttReporter:
+    """Reported state (retained) and events over the link; dropped silently while offline."""
+
+    def __init__(self, link: MqttLink) -> None:
+        self.link = link
+
+    def report(self, state: mpb.ReportedState) -> None:
+        self.link.publish(self.link.topics.reported, state, retain=True)
+
+    def event(self, event: mpb.DeviceEvent) -> None:
+        self.link.publish(self.link.topics.events, event)
+
+
+class _NoReporter:
+    def report(self, state: mpb.ReportedState) -> None:
+        pass
+
+    def event(self, event: mpb.DeviceEvent) -> None:
+        pass
+
+
+def resolve_profile(config: AgentConfig, facts: HostFacts) -> DeviceProfile:
+    """The configured profile, else the one detected from this host's facts."""
+    try:
+        return load_profile(config.profile) if config.profile else match_profile(facts).profile
+    except DeviceError as exc:
+        raise ConfigError(str(exc), hint="pass --profile NAME (see `edgectl doctor`)") from exc
+
+
+class Agent:
+    """One device agent; ``start()`` returns once serving, ``stop()`` shuts everything down."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.facts = gather_facts()
+        self.profile = resolve_profile(config, self.facts)
+        self.metrics = AgentMetrics()
+        self.registry = ModelRegistry(
+            BatchSettings(config.max_batch_size, config.max_queue_delay_ms / 1000.0), self.metrics
+        )
+        self.router = InferenceRouter(
+            self.registry,
+            self.metrics,
+            BurstSettings(
+                target=config.burst, slo_s=config.slo_ms / 1000.0, timeout_s=config.burst_timeout_s
+            ),
+        )
+        self.server = V2Server(InferenceServicer(self.registry, self.router), config.listen)
+        self.fit = DeviceFit(
+            self.profile,
+            tuple(ort.get_available_providers()),
+            memory_limit(self.profile, config.memory_limit_mib, self.facts.memory_total_mib),
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.link: MqttLink | None = None
+        self.reconciler: Reconciler | None = None
+        self.creds = read_credentials(config.data_dir)
+        if config.serve_only:
+            self.trust = self._serve_only_trust()
+        else:
+            self.trust = build_trust(config, self.creds)
+            self._build_fleet_side()
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _serve_only_trust(self) -> TrustStore:
+        try:
+            return build_trust(self.config, self.creds)
+        except ConfigError:
+            return default_trust_store()  # the local user's own key, as `edgectl compress` signs by default
+
+    def _build_fleet_side(self) -> None:
+        cfg = self.config
+        artifacts = LocalArtifacts(cfg.data_dir, self.trust)
+        mqtt_transport = MqttChunkTransport(lambda req: self.link.request_chunks(req) if self.link else None)
+        transports: list[ArtifactTransport] = []
+        if cfg.transport in ("auto", "grpc") and cfg.control_plane:
+            transports.append(GrpcTransport(cfg.control_plane))
+        if cfg.transport in ("auto", "mqtt"):
+            transports.append(mqtt_transport)
+        fetcher = ArtifactFetcher(
+            artifacts.chunks, transports, FetchSettings(bandwidth_bps=cfg.bandwidth_limit)
+        )
+        self.link = MqttLink(
+            MqttSettings(
+                url=cfg.mqtt or (self.creds.mqtt_url if self.creds else "") or DEFAULT_MQTT,
+                device_id=cfg.device_id,
+                username=self.creds.mqtt_username if self.creds else None,
+                password=self.creds.mqtt_password if self.creds else None,
+            ),
+            on_desired=lambda ds: self.reconciler.submit(ds) if self.reconciler else None,
+            on_chunk=mqtt_transport.deliver,
+            on_connected=lambda: self.reconciler.request_report() if self.reconciler else None,
+        )
+        self.reconciler = Reconciler(
+            ReconcileSettings(
+                device_id=cfg.device_id,
+                fit=self.fit,
+                facts=self.facts,
+                labels=dict(cfg.labels),
+                heartbeat_s=cfg.heartbeat_s,
+                intra_op_threads=cfg.intra_op_threads,
+                engine_cache_dir=cfg.data_dir / "engine-cache",
+            ),
+            StateStore(cfg.data_dir / "state.json"),
+            artifacts,
+            fetcher,
+            self.registry,
+            self.metrics,
+            _MqttReporter(self.link),
+        )
+
+    def _serve_local_dir(self) -> None:
+        assert self.config.model_dir is not None
+        root = self.config.model_dir
+        bundles = (
+            [root]
+            if (root / MANIFEST_NAME).exists() or root.suffix == ".tar"
+            else sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).exists() or p.suffix == ".tar")
+        )
+        if not bundles:
+            raise ConfigError(f"{root} holds no artifact (no manifest.json, no .tar)")
+        for path in bundles:
+            try:
+                artifact = load_artifact(path, self.trust)
+            except ArtifactError as exc:
+                raise ConfigError(f"cannot serve {path}: {exc}") from exc
+            settings = SessionSettings(
+                providers=provider_order(self.profile, self.fit.available_providers),
+                intra_op_threads=self.config.intra_op_threads,
+            )
+            self.registry.install(load_and_smoke_test(artifact, settings))
+
+    def start(self) -> None:
+        """Serve what is on disk, then connect to the fleet in the background."""
+        if self.config.metrics_listen:
+            host, _, port = self.config.metrics_listen.rpartition(":")
+            self.metrics.serve(host, int(port))
+        if self.config.serve_only:
+            self._serve_local_dir()
+        elif self.reconciler is not None:
+            self.reconciler.restore()
+        self.server.start()
+        if self.reconciler is not None and self.link is not None:
+            loop = threading.Thread(
+                target=self.reconciler.run, args=(self._stop,), name="reconcile", daemon=True
+            )
+            loop.start()
+            self._threads.append(loop)
+            self.link.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5.0)
+        if self.link is not None:
+            self.link.stop()
+        self.server.stop(1.0)
+        self.router.close()
+        self.registry.close()
+
+    def run_forever(self) -> None:
+        """start(), then block until SIGINT/SIGTERM, then stop()."""
+        done = threading.Event()
+
+        def _signal(signum: int, frame: FrameType | None) -> None:
+            done.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        log.info("agent %s serving KServe V2 on %s", self.config.device_id or "(serve-only)", self.address)
+        print(f"listening {self.address}", flush=True)
+        while not done.wait(1.0):
+            pass
+        self.stop()

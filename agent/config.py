@@ -1,0 +1,165 @@
+"""Typed agent settings, loaded once: defaults < config file (YAML/JSON) < environment/flags.
+
+The CLI passes only the options the user actually gave (flag or ``EDGECTL_*`` env), so a config
+file fills the rest. ``credentials.json`` in the data dir (written at enrollment) supplies the
+MQTT identity and the trusted artifact keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from edgectl.agent.errors import ConfigError
+from edgectl.artifact import KeyFileError, TrustStore
+from edgectl.artifact.signing import load_public_key
+from edgectl.mqtt_wire import DeviceIdError, check_device_id
+from edgectl.protos.v1 import fleet_pb2 as fpb
+
+CREDENTIALS_FILE = "credentials.json"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything `edgectl agent run` can be told; defaults run on one machine."""
+
+    device_id: str = ""
+    mqtt: str | None = None  # None: credentials.json, else mqtt://127.0.0.1:1883
+    control_plane: str | None = "127.0.0.1:7443"
+    data_dir: Path = Path("/var/lib/edgectl")
+    listen: str = "127.0.0.1:8001"
+    burst: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    serve_only: bool = False
+    model_dir: Path | None = None
+    trust: tuple[Path, ...] = ()
+    profile: str | None = None  # a profile name or .yaml; None: detect from the host
+    heartbeat_s: float = 30.0
+    transport: str = "auto"  # auto (gRPC, then MQTT chunks) | grpc | mqtt
+    bandwidth_limit: float | None = None  # bytes per second
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 2.0
+    slo_ms: float = 100.0
+    burst_timeout_s: float = 2.0
+    intra_op_threads: int = 0
+    memory_limit_mib: int | None = None
+    metrics_listen: str | None = None
+    log_level: str = "info"
+
+    def validate(self) -> AgentConfig:
+        """Raise ConfigError for values that cannot work; return self."""
+        if not self.serve_only:
+            if not self.device_id:
+                raise ConfigError("--device-id is required", hint="or set EDGECTL_DEVICE_ID")
+            try:
+                check_device_id(self.device_id)
+            except DeviceIdError as exc:
+                raise ConfigError(str(exc)) from exc
+        if self.serve_only and self.model_dir is None:
+            raise ConfigError("--serve-only needs --model-dir DIR (an artifact, or a folder of artifacts)")
+        if self.transport not in ("auto", "grpc", "mqtt"):
+            raise ConfigError(f"--transport must be auto, grpc or mqtt, got {self.transport!r}")
+        for what, value in (("--max-batch-size", self.max_batch_size), ("--slo-ms", self.slo_ms)):
+            if value <= 0:
+                raise ConfigError(f"{what} must be positive, got {value}")
+        for addr in (self.listen, self.burst, self.control_plane, self.metrics_listen):
+            if addr is not None and not _is_host_port(addr):
+                raise ConfigError(f"address {addr!r} is not HOST:PORT")
+        return self
+
+
+def _is_host_port(addr: str) -> bool:
+    host, sep, port = addr.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    """``k=v,k2=v2`` -> dict; ConfigError on a pair without '='."""
+    out: dict[str, str] = {}
+    for pair in (text or "").split(","):
+        if not pair.strip():
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"label {pair!r} is not k=v")
+        out[key.strip()] = value.strip()
+    return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in ("data_dir", "model_dir") and value is not None:
+        return Path(value).expanduser()
+    if name == "trust":
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(Path(v).expanduser() for v in items)
+    if name == "labels" and isinstance(value, str):
+        return parse_labels(value)
+    return value
+
+
+def load_config(file: Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Merge the config file (if any) under ``overrides`` (flags and env) into a validated AgentConfig."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            raw = (
+                yaml.safe_load(file.read_text())
+                if file.suffix in (".yaml", ".yml")
+                else json.loads(file.read_text())
+            )
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of settings")
+        values.update({k.replace("-", "_"): v for k, v in raw.items()})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown settings {unknown}; known: {sorted(_FIELDS)}")
+    return AgentConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+
+
+def read_credentials(data_dir: Path) -> fpb.DeviceCredentials | None:
+    """The enrollment credentials in the data dir, or None when there are none."""
+    path = data_dir / CREDENTIALS_FILE
+    if not path.is_file():
+        return None
+    creds = fpb.DeviceCredentials()
+    try:
+        json_format.Parse(path.read_text(), creds, ignore_unknown_fields=True)
+    except (OSError, json_format.ParseError) as exc:
+        raise ConfigError(f"{path} is not DeviceCredentials JSON: {exc}") from exc
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise ConfigError(f"{path} is readable by other users", hint=f"run: chmod 600 {path}")
+    return creds
+
+
+def build_trust(config: AgentConfig, creds: fpb.DeviceCredentials | None) -> TrustStore:
+    """Trusted artifact keys: --trust paths, the credentials' keys, and ``<data_dir>/trusted/``."""
+    store = TrustStore()
+    try:
+        for path in config.trust:
+            store.add_path(path)
+        for i, pem in enumerate(creds.trusted_keys if creds else []):
+            store.add(load_public_key(bytes(pem), f"{CREDENTIALS_FILE} key {i}"))
+        extra = config.data_dir / "trusted"
+        if extra.is_dir() and any(extra.iterdir()):
+            store.add_path(extra)
+    except KeyFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not len(store):
+        raise ConfigError(
+            "no trusted artifact keys: every artifact would be refused",
+            hint="pass --trust KEY.pub.pem, enroll the device, or put keys in DATA_DIR/trusted/",
+        )
+    return store

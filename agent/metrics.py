@@ -1,0 +1,123 @@
+"""Prometheus metrics of one agent, and the rolling window behind ReportedState.stats.
+
+Each agent owns its CollectorRegistry, so several agents (tests, `edgectl up`) can live in one
+process without clashing.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Serving numbers over the last ``window_s`` seconds (the rollout soak gate reads them)."""
+
+    requests: int
+    error_rate: float
+    p99_ms: float
+    burst_share: float
+    window_s: int
+
+
+class StatsWindow:
+    """Per-request outcomes over a sliding time window, thread-safe."""
+
+    def __init__(self, window_s: int = 60, max_samples: int = 100_000) -> None:
+        self.window_s = window_s
+        self._samples: collections.deque[tuple[float, float, bool, bool]] = collections.deque(
+            maxlen=max_samples
+        )
+        self._lock = threading.Lock()
+
+    def record(self, latency_s: float, ok: bool, burst: bool) -> None:
+        with self._lock:
+            self._samples.append((time.monotonic(), latency_s, ok, burst))
+
+    def snapshot(self) -> WindowStats:
+        cutoff = time.monotonic() - self.window_s
+        with self._lock:
+            while self._samples and self._samples[0][0] < cutoff:
+                self._samples.popleft()
+            samples = list(self._samples)
+        if not samples:
+            return WindowStats(0, 0.0, 0.0, 0.0, self.window_s)
+        lat = sorted(s[1] for s in samples)
+        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        n = len(samples)
+        errors = sum(1 for s in samples if not s[2])
+        bursts = sum(1 for s in samples if s[3])
+        return WindowStats(n, errors / n, p99 * 1000.0, bursts / n, self.window_s)
+
+
+class AgentMetrics:
+    """Every metric the agent exports; ``serve(host, port)`` exposes them over HTTP."""
+
+    def __init__(self, window_s: int = 60) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "edgectl_agent_requests", "Inference requests", ["model", "served_by", "outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "edgectl_agent_request_latency_seconds",
+            "End-to-end ModelInfer latency",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("edgectl_agent_queue_depth", "Requests waiting", ["model"], registry=r)
+        self.batch_size = Histogram(
+            "edgectl_agent_batch_size", "Rows per session run", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.burst = Counter("edgectl_agent_burst_requests", "Requests sent to burst", ["model"], registry=r)
+        self.burst_share = Gauge(
+            "edgectl_agent_burst_share", "Share of requests burst over the window", registry=r
+        )
+        self.active_version = Gauge(
+            "edgectl_agent_active_version", "Version serving now", ["model", "digest"], registry=r
+        )
+        self.fetched_bytes = Counter(
+            "edgectl_agent_fetched_bytes", "Artifact bytes downloaded", ["transport"], registry=r
+        )
+        self.delta_saved_bytes = Counter(
+            "edgectl_agent_delta_saved_bytes", "Artifact bytes not downloaded: already held", registry=r
+        )
+        self.swaps = Counter("edgectl_agent_swaps", "Model swaps", ["model"], registry=r)
+        self.refusals = Counter("edgectl_agent_refusals", "Artifacts refused", ["model"], registry=r)
+        self.window = StatsWindow(window_s)
+        self._active: dict[str, str] = {}
+
+    def observe_request(self, model: str, served_by: str, ok: bool, latency_s: float) -> None:
+        """One finished request: counters, histogram, and the soak window."""
+        self.requests.labels(model, served_by, "ok" if ok else "error").inc()
+        self.latency.labels(model).observe(latency_s)
+        is_burst = served_by != "local"
+        if is_burst:
+            self.burst.labels(model).inc()
+        self.window.record(latency_s, ok, is_burst)
+
+    def set_active(self, model: str, digest: str, version: int) -> None:
+        """The active version gauge: one series per model, the old digest removed."""
+        old = self._active.get(model)
+        if old is not None and old != digest:
+            self.active_version.remove(model, old)
+        self.active_version.labels(model, digest).set(version)
+        self._active[model] = digest
+
+    def stats(self) -> WindowStats:
+        snap = self.window.snapshot()
+        self.burst_share.set(snap.burst_share)
+        return snap
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose /metrics on ``host:port`` (a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)

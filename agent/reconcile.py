@@ -1,0 +1,325 @@
+"""The reconcile loop: desired != active -> fetch -> verify -> stage -> load -> smoke test -> swap -> report.
+
+One thread owns every change to what is served. MQTT callbacks only put messages on its inbox.
+The persisted state is written after the new model already serves (so a crash in between
+restarts on the old one, which is still on disk, and converges again) and names the previous
+version, which stays on disk for an instant rollback. Refusals are final for their digest and
+are reported; transient failures (network, disk) are retried with backoff, never reported as
+failed, and never stop serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import edgectl
+from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
+from edgectl.agent.engines import choose_engine
+from edgectl.agent.errors import AgentError, FetchError, RefusedError
+from edgectl.agent.fetch import ArtifactFetcher
+from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.runtime import SessionSettings
+from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.state import AgentState, Installed, ModelSlot, StateStore
+from edgectl.agent.verify import DeviceFit, check_fit, check_identity, check_rollback, verify_signed
+from edgectl.artifact import ArtifactError
+from edgectl.devices import HostFacts
+from edgectl.protos.v1 import fleet_pb2 as fpb
+from edgectl.protos.v1 import mqtt_pb2 as mpb
+
+log = logging.getLogger(__name__)
+Kind = mpb.EventKind
+# Fault injection for the crash tests: EDGECTL_AGENT_CRASHPOINT=<name> makes the agent kill
+# itself with SIGKILL (a real kill -9, no cleanup) when it reaches that step.
+CRASHPOINT_ENV = "EDGECTL_AGENT_CRASHPOINT"
+
+
+def crashpoint(name: str) -> None:
+    """SIGKILL this process at ``name`` when the environment asks for it (tests only)."""
+    if os.environ.get(CRASHPOINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Reporter(Protocol):
+    """Where reported state and events go (the MQTT link, or nowhere when serving only)."""
+
+    def report(self, state: mpb.ReportedState) -> None: ...
+
+    def event(self, event: mpb.DeviceEvent) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReconcileSettings:
+    """The parts of the agent's configuration the loop needs."""
+
+    device_id: str
+    fit: DeviceFit
+    facts: HostFacts | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_s: float = 30.0
+    intra_op_threads: int = 0
+    engine_cache_dir: Path | None = None
+    retry_min_s: float = 1.0
+    retry_max_s: float = 60.0
+
+
+class Reconciler:
+    """Owns the state file, the installed artifacts and every swap of the registry."""
+
+    def __init__(
+        self,
+        settings: ReconcileSettings,
+        store: StateStore,
+        artifacts: LocalArtifacts,
+        fetcher: ArtifactFetcher,
+        registry: ModelRegistry,
+        metrics: AgentMetrics,
+        reporter: Reporter,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.artifacts = artifacts
+        self.fetcher = fetcher
+        self.registry = registry
+        self.metrics = metrics
+        self.reporter = reporter
+        self.state: AgentState = store.load()
+        self.desired: mpb.DesiredState | None = None
+        self.inbox: queue.Queue[mpb.DesiredState | str] = queue.Queue()
+        self.last_error = ""
+        self._retry: dict[str, tuple[float, int]] = {}  # digest -> (next attempt at, attempts)
+        self._refused: set[tuple[str, int]] = set()  # (digest, generation) refused this run
+
+    # -- called from other threads: only enqueue --------------------------------------------
+    def submit(self, desired: mpb.DesiredState) -> None:
+        self.inbox.put(desired)
+
+    def request_report(self) -> None:
+        self.inbox.put("report")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Serve what the state file names; if the active copy is damaged, the previous one."""
+        for slot in list(self.state.models.values()):
+            for candidate in (slot.active, slot.previous):
+                if candidate is None:
+                    continue
+                try:
+                    self._load(candidate)
+                except (AgentError, ArtifactError) as exc:
+                    log.error("cannot serve %s %s after restart: %s", slot.name, candidate.digest, exc)
+                    continue
+                if candidate is not slot.active:
+                    slot.active, slot.previous = candidate, None
+                    self.store.save(self.state)
+                break
+
+    def run(self, stop: threading.Event) -> None:
+        """Process the inbox until ``stop`` is set; heartbeats and retries run on timers."""
+        next_beat = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self.publish_report(heartbeat=True)
+                next_beat = now + self.settings.heartbeat_s
+            wake = min([next_beat, *(t for t, _ in self._retry.values())])
+            try:
+                item = self.inbox.get(timeout=max(0.01, min(wake - time.monotonic(), 1.0)))
+            except queue.Empty:
+                item = None
+            if isinstance(item, mpb.DesiredState):
+                self._accept(item)
+            elif item == "report":
+                self.publish_report()
+            # Coalesce: only the newest desired state matters.
+            while True:
+                try:
+                    more = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(more, mpb.DesiredState):
+                    self._accept(more)
+            if item is not None or any(t <= time.monotonic() for t, _ in self._retry.values()):
+                self.reconcile()
+
+    def _accept(self, desired: mpb.DesiredState) -> None:
+        if desired.generation < self.state.observed_generation:
+            log.info(
+                "ignoring stale desired state generation %d < %d",
+                desired.generation,
+                self.state.observed_generation,
+            )
+            return
+        if self.desired is None or desired.generation >= self.desired.generation:
+            self.desired = desired
+
+    def reconcile(self) -> None:
+        """One pass over the desired models; each converges, is refused, or is scheduled for retry."""
+        desired = self.desired
+        if desired is None:
+            return
+        if desired.generation != self.state.observed_generation:
+            self.state.observed_generation = desired.generation
+            self._retry.clear()
+            self.store.save(self.state)
+        for dm in desired.models:
+            self._converge(dm, desired.generation)
+        self.publish_report()
+
+    def _converge(self, dm: mpb.DesiredModel, generation: int) -> None:
+        slot = self.state.slot(dm.name)
+        if slot.active is not None and slot.active.digest == dm.digest:
+            if slot.failed_digest:
+                slot.failed_digest = slot.failure_reason = ""
+                self.store.save(self.state)
+            return
+        if (dm.digest, generation) in self._refused:
+            return
+        retry = self._retry.get(dm.digest)
+        if retry is not None and retry[0] > time.monotonic():
+            return
+        try:
+            self._install(dm, slot)
+        except RefusedError as exc:
+            self._refused.add((dm.digest, generation))
+            self._retry.pop(dm.digest, None)
+            slot.failed_digest, slot.failure_reason = dm.digest, str(exc)
+            self.store.save(self.state)
+            self.metrics.refusals.labels(dm.name).inc()
+            self.last_error = f"{dm.name}: refused {dm.digest}: {exc}"
+            log.warning("%s", self.last_error)
+            self._event(Kind.EVENT_KIND_REFUSED, dm.digest, str(exc))
+        except (FetchError, AgentError, ArtifactError, OSError) as exc:
+            attempts = (retry[1] if retry else 0) + 1
+            delay = min(self.settings.retry_max_s, self.settings.retry_min_s * 2 ** (attempts - 1))
+            self._retry[dm.digest] = (time.monotonic() + delay, attempts)
+            self.last_error = f"{dm.name}: {exc} (retry in {delay:.0f} s)"
+            log.warning("%s", self.last_error)
+            self._event(Kind.EVENT_KIND_FAILED, dm.digest, f"{exc}; retrying in {delay:.0f} s")
+
+    def _install(self, dm: mpb.DesiredModel, slot: ModelSlot) -> None:
+        digest = dm.digest
+        self._event(Kind.EVENT_KIND_FETCH_STARTED, digest, f"fetching {dm.name} version {dm.version or '?'}")
+        manifest_bytes, signatures, _ = self.fetcher.get_manifest(digest)
+        vm = verify_signed(digest, manifest_bytes, signatures, self.artifacts.trust)
+        check_identity(vm.manifest, dm.name, dm.version)
+        check_rollback(vm.manifest, slot.active.version if slot.active else None, dm.rollback)
+        providers = check_fit(vm.manifest, self.settings.fit)
+        self._event(Kind.EVENT_KIND_VERIFIED, digest, f"signed by {', '.join(vm.signers)}")
+        self.fetcher.check_space(vm.manifest, self.artifacts.data_dir)
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last[0] >= 1.0 or done == total:
+                last[0] = time.monotonic()
+                self._event(Kind.EVENT_KIND_FETCH_PROGRESS, digest, "downloading", done, total)
+
+        report = self.fetcher.fetch(digest, vm.manifest, progress)
+        self.metrics.fetched_bytes.labels(report.transport).inc(report.bytes_fetched)
+        self.metrics.delta_saved_bytes.inc(report.bytes_reused)
+        installed = self.artifacts.install(vm, signatures)
+        self._event(
+            Kind.EVENT_KIND_STAGED,
+            digest,
+            f"fetched {report.bytes_fetched} bytes, reused {report.bytes_reused} of {report.bytes_total}",
+        )
+        crashpoint("before-swap")
+        model_provider = self._load(installed, providers)
+        crashpoint("after-swap-before-commit")
+        self._event(Kind.EVENT_KIND_SMOKE_TEST_PASSED, digest, f"golden outputs match on {model_provider}")
+        previous = slot.active if slot.active and slot.active.digest != digest else slot.previous
+        slot.active, slot.previous = installed, previous
+        slot.smoke_test_passed, slot.provider = True, model_provider
+        slot.failed_digest = slot.failure_reason = ""
+        self.store.save(self.state)  # the commit point: a restart now serves the new version
+        crashpoint("after-commit")
+        self._event(Kind.EVENT_KIND_SWAPPED, digest, f"serving {dm.name} version {installed.version}")
+        self.last_error = ""
+        self.artifacts.gc([i for s in self.state.models.values() for i in (s.active, s.previous) if i])
+
+    def _load(self, installed: Installed, providers: tuple[str, ...] | None = None) -> str:
+        """Verify, load, smoke-test and install one artifact into the registry; returns its EP."""
+        artifact = self.artifacts.load(installed)
+        engine = choose_engine(artifact, self.settings.fit.profile, self.settings.facts)
+        order = providers if providers is not None else check_fit(artifact.manifest, self.settings.fit)
+        cache = self.settings.engine_cache_dir / installed.path if self.settings.engine_cache_dir else None
+        session = SessionSettings(
+            providers=order,
+            intra_op_threads=self.settings.intra_op_threads,
+            engine_cache_dir=cache,
+            prebuilt_engine=engine.prebuilt,
+        )
+        model = load_and_smoke_test(artifact, session)
+        # The swap: new requests go to the new session at once; queued ones finish on the old.
+        self.registry.install(model)
+        return model.provider
+
+    # -- reporting ----------------------------------------------------------------------------
+    def build_report(self) -> mpb.ReportedState:
+        stats = self.metrics.stats()
+        now = Timestamp()
+        now.GetCurrentTime()
+        rs = mpb.ReportedState(
+            device_id=self.settings.device_id,
+            observed_generation=self.state.observed_generation,
+            agent_version=edgectl.__version__,
+            profile=self.settings.fit.profile.name,
+            labels=self.settings.labels,
+            last_error=self.last_error,
+            reported_at=now,
+            stats=mpb.ServingStats(
+                requests=stats.requests,
+                error_rate=stats.error_rate,
+                p99_ms=stats.p99_ms,
+                burst_share=stats.burst_share,
+                window_seconds=stats.window_s,
+            ),
+        )
+        failing = False
+        for name, slot in sorted(self.state.models.items()):
+            served = self.registry.get(name)
+            rs.models.add(
+                name=name,
+                digest=slot.active.digest if slot.active else "",
+                version=slot.active.version if slot.active else 0,
+                smoke_test_passed=slot.smoke_test_passed and served is not None,
+                previous_digest=slot.previous.digest if slot.previous else "",
+                execution_provider=served.model.provider if served else "",
+                failed_digest=slot.failed_digest,
+                failure_reason=slot.failure_reason,
+            )
+            failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
+        rs.health = fpb.DEVICE_HEALTH_DEGRADED if failing or self.last_error else fpb.DEVICE_HEALTH_OK
+        return rs
+
+    def publish_report(self, heartbeat: bool = False) -> None:
+        self.reporter.report(self.build_report())
+        if heartbeat:
+            self._event(Kind.EVENT_KIND_HEARTBEAT, "", "alive")
+
+    def _event(
+        self, kind: mpb.EventKind.ValueType, digest: str, message: str, done: int = 0, total: int = 0
+    ) -> None:
+        now = Timestamp()
+        now.GetCurrentTime()
+        self.reporter.event(
+            mpb.DeviceEvent(
+                device_id=self.settings.device_id,
+                kind=kind,
+                digest=digest,
+                message=message,
+                at=now,
+                bytes_done=done,
+                bytes_total=total,
+            )
+        )

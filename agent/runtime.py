@@ -1,0 +1,193 @@
+"""onnxruntime sessions for served models: the device profile's EP order with logged fallback.
+
+Each execution provider of the profile (TensorRT -> CUDA -> CPU) is tried in turn; one that is
+not built into this onnxruntime, or that fails to create a session, is skipped with its reason,
+which the reported state and the logs carry. CPU always closes the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgectl.agent.codecs import Array
+from edgectl.agent.errors import InferenceError, InvalidInputError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+ORT_TO_NUMPY = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "object",
+}
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """One model input/output: name, numpy dtype name, shape (None or a name for a free dim)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+    def fixed(self, dim: int | str | None) -> bool:
+        return isinstance(dim, int) and dim >= 0
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How sessions are made: threads, EP order, and where TensorRT keeps built engines."""
+
+    providers: tuple[str, ...] = (CPU,)
+    intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
+    inter_op_threads: int = 1
+    engine_cache_dir: Path | None = None
+    # A prebuilt engine (EP context model) from the artifact that fits this GPU, if any.
+    prebuilt_engine: Path | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A ready onnxruntime session with its signature and the provider that actually serves it."""
+
+    name: str
+    version: int
+    digest: str
+    session: ort.InferenceSession
+    inputs: tuple[TensorSignature, ...]
+    outputs: tuple[TensorSignature, ...]
+    provider: str
+    fallback_reasons: tuple[str, ...] = ()
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has a free first dimension (a batch dimension)."""
+        tensors = (*self.inputs, *self.outputs)
+        return bool(tensors) and all(t.shape and not isinstance(t.shape[0], int) for t in tensors)
+
+    def validate(self, feeds: Mapping[str, Array]) -> None:
+        """Raise InvalidInputError unless names, dtypes and shapes match the signature."""
+        expected = {t.name for t in self.inputs}
+        if set(feeds) != expected:
+            raise InvalidInputError(
+                f"model {self.name!r} takes inputs {sorted(expected)}, got {sorted(feeds)}"
+            )
+        for spec in self.inputs:
+            arr = feeds[spec.name]
+            if np.dtype(arr.dtype) != np.dtype(spec.dtype):
+                raise InvalidInputError(
+                    f"input {spec.name!r} of model {self.name!r} must be {spec.dtype}, got {arr.dtype}"
+                )
+            shape_ok = len(arr.shape) == len(spec.shape) and all(
+                not isinstance(d, int) or d < 0 or d == n for d, n in zip(spec.shape, arr.shape, strict=True)
+            )
+            if not shape_ok:
+                want = ["-1" if not isinstance(d, int) else str(d) for d in spec.shape]
+                raise InvalidInputError(
+                    f"input {spec.name!r} of model {self.name!r} must have shape "
+                    f"[{', '.join(want)}], got {list(arr.shape)}"
+                )
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        """Run the session; onnxruntime's run is thread-safe, errors become InferenceError."""
+        try:
+            values = self.session.run(None, dict(feeds))
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument classes
+            raise InferenceError(f"model {self.name!r} failed: {exc}") from exc
+        return {spec.name: np.asarray(v) for spec, v in zip(self.outputs, values, strict=True)}
+
+
+def _signature(args: Sequence[Any]) -> tuple[TensorSignature, ...]:
+    out = []
+    for a in args:
+        dtype = ORT_TO_NUMPY.get(a.type)
+        if dtype is None:
+            raise ModelLoadError(f"tensor {a.name!r} has type {a.type}, which the V2 server cannot carry")
+        shape = tuple(d if isinstance(d, int) else (d or None) for d in (a.shape or ()))
+        out.append(TensorSignature(a.name, dtype, shape))
+    return tuple(out)
+
+
+def _provider_options(provider: str, settings: SessionSettings) -> dict[str, str]:
+    if provider != TENSORRT:
+        return {}
+    opts: dict[str, str] = {}
+    if settings.engine_cache_dir is not None:
+        settings.engine_cache_dir.mkdir(parents=True, exist_ok=True)
+        # onnxruntime builds the engine on first load and reuses it from here after a restart.
+        opts |= {
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(settings.engine_cache_dir),
+            "trt_timing_cache_enable": "True",
+        }
+    return opts
+
+
+def provider_chain(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(providers to try in order, reasons for the ones skipped); CPU always ends the chain."""
+    available = set(ort.get_available_providers())
+    chain: list[str] = []
+    skipped: list[str] = []
+    for ep in wanted:
+        if ep in available:
+            chain.append(ep)
+        else:
+            skipped.append(f"{ep}: not built into this onnxruntime ({ort.__version__})")
+    if CPU not in chain:
+        chain.append(CPU)
+    return chain, skipped
+
+
+def load_model(path: Path, *, name: str, version: int, digest: str, settings: SessionSettings) -> LoadedModel:
+    """Create a session on the first provider of the chain that works; ModelLoadError if none does."""
+    chain, reasons = provider_chain(settings.providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    model_path = path
+    for ep in chain:
+        if ep == TENSORRT and settings.prebuilt_engine is not None:
+            model_path = settings.prebuilt_engine  # an EP-context model that wraps the engine
+        try:
+            providers: list[Any] = [(ep, _provider_options(ep, settings))]
+            if ep != CPU:
+                providers.append(CPU)  # nodes the accelerator cannot take still run
+            session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        except Exception as exc:  # any EP init failure is a reason to fall back, never a crash
+            reasons.append(f"{ep}: session creation failed: {exc}")
+            model_path = path
+            continue
+        active = session.get_providers()[0]
+        if active != ep:
+            reasons.append(f"{ep}: onnxruntime fell back to {active}")
+        for why in reasons:
+            log.warning("model %s: %s", name, why)
+        return LoadedModel(
+            name=name,
+            version=version,
+            digest=digest,
+            session=session,
+            inputs=_signature(session.get_inputs()),
+            outputs=_signature(session.get_outputs()),
+            provider=active,
+            fallback_reasons=tuple(reasons),
+        )
+    raise ModelLoadError(f"model {name!r} could not be loaded on any provider: {'; '.join(reasons)}")

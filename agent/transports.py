@@ -1,0 +1,143 @@
+"""The two ways an agent gets artifact bytes: gRPC from the control plane, or chunks over MQTT.
+
+Both implement ``ArtifactTransport``: the manifest with its signatures, then chunks by digest.
+Neither checks anything; ``ArtifactFetcher`` verifies every byte they hand over.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import grpc
+
+from edgectl.agent.errors import FetchError
+from edgectl.protos.v1 import artifacts_pb2 as apb
+from edgectl.protos.v1 import artifacts_pb2_grpc as apb_grpc
+from edgectl.protos.v1 import mqtt_pb2 as mpb
+
+# Over MQTT the manifest is asked for as a chunk: its digest is the artifact digest (so it is
+# content-addressed like any chunk), and its signatures as this pseudo-digest + the artifact digest.
+SIGNATURES_PREFIX = "signatures:"
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class ArtifactTransport(Protocol):
+    """A narrow source of artifact bytes; errors are FetchError (the fetcher retries)."""
+
+    name: str
+
+    def get_manifest(self, digest: str) -> tuple[bytes, bytes]:
+        """(canonical manifest bytes, signature bytes) of the artifact ``digest``."""
+        ...
+
+    def fetch_chunks(self, digest: str, chunks: list[str]) -> Iterator[tuple[str, bytes]]:
+        """Yield (claimed chunk digest, data) for the requested chunks of artifact ``digest``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class GrpcTransport:
+    """ArtifactService.Get and Download(chunks=...) against the control plane."""
+
+    name = "grpc"
+
+    def __init__(self, target: str, timeout_s: float = 10.0, stream_timeout_s: float = 600.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self.stream_timeout_s = stream_timeout_s
+        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        self._stub = apb_grpc.ArtifactServiceStub(self._channel)
+
+    def get_manifest(self, digest: str) -> tuple[bytes, bytes]:
+        try:
+            art = self._stub.Get(apb.GetArtifactRequest(artifact=digest), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise FetchError(
+                f"control plane {self.target}: Get {digest}: {exc.code().name} {exc.details()}"
+            ) from exc
+        return bytes(art.manifest), bytes(art.signatures)
+
+    def fetch_chunks(self, digest: str, chunks: list[str]) -> Iterator[tuple[str, bytes]]:
+        # The fetcher asks for a bounded batch of chunks per call, so one generous deadline
+        # catches a stalled stream without cutting a slow but live link short.
+        stream = self._stub.Download(
+            apb.DownloadRequest(digest=digest, chunks=chunks), timeout=self.stream_timeout_s
+        )
+        try:
+            for msg in stream:
+                yield msg.chunk_digest, bytes(msg.data)
+        except grpc.RpcError as exc:
+            raise FetchError(
+                f"control plane {self.target}: Download {digest}: {exc.code().name} {exc.details()}"
+            ) from exc
+        finally:
+            stream.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class MqttChunkTransport:
+    """ChunkRequest on ``.../chunks/request``, ChunkData answers on ``.../chunks/data``."""
+
+    name = "mqtt"
+
+    def __init__(self, publish: Callable[[mpb.ChunkRequest], None], idle_timeout_s: float = 10.0) -> None:
+        self._publish = publish
+        self.idle_timeout_s = idle_timeout_s
+        self._waiting: dict[str, queue.Queue[mpb.ChunkData]] = {}
+        self._lock = threading.Lock()
+
+    def deliver(self, data: mpb.ChunkData) -> None:
+        """Called from the MQTT callback: hand the chunk to its waiting request, never block."""
+        with self._lock:
+            q = self._waiting.get(data.request_id)
+        if q is not None:
+            q.put_nowait(data)
+
+    def _request(self, digest: str, wanted: list[str]) -> Iterator[mpb.ChunkData]:
+        request_id = uuid.uuid4().hex
+        q: queue.Queue[mpb.ChunkData] = queue.Queue()
+        with self._lock:
+            self._waiting[request_id] = q
+        try:
+            self._publish(
+                mpb.ChunkRequest(request_id=request_id, artifact_digest=digest, chunk_digests=wanted)
+            )
+            while True:
+                try:
+                    msg = q.get(timeout=self.idle_timeout_s)
+                except queue.Empty:
+                    raise FetchError(
+                        f"no chunk data over MQTT for {self.idle_timeout_s:.0f} s (request {request_id})"
+                    ) from None
+                if msg.error:
+                    raise FetchError(f"control plane could not send chunks over MQTT: {msg.error}")
+                yield msg
+                if msg.last:
+                    return
+        finally:
+            with self._lock:
+                self._waiting.pop(request_id, None)
+
+    def get_manifest(self, digest: str) -> tuple[bytes, bytes]:
+        found: dict[str, bytes] = {}
+        for msg in self._request(digest, [digest, SIGNATURES_PREFIX + digest]):
+            found[msg.chunk_digest] = bytes(msg.data)
+        if digest not in found or SIGNATURES_PREFIX + digest not in found:
+            raise FetchError(f"the MQTT answer for {digest} lacks the manifest or its signatures")
+        return found[digest], found[SIGNATURES_PREFIX + digest]
+
+    def fetch_chunks(self, digest: str, chunks: list[str]) -> Iterator[tuple[str, bytes]]:
+        for msg in self._request(digest, chunks):
+            if msg.chunk_digest:
+                yield msg.chunk_digest, bytes(msg.data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._waiting.clear()

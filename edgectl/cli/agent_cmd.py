@@ -1,0 +1,153 @@
+"""`edgectl agent run` and `edgectl infer`: thin commands over ``edgectl.agent``.
+
+Heavy imports (onnxruntime, grpc, paho) happen inside the commands, so `edgectl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgectl.errors import UsageError
+
+agent_app = typer.Typer(help="Run the device agent (reconcile, verify, serve KServe V2, burst).")
+
+
+@agent_app.callback()
+def _agent() -> None:
+    """Keeps `run` a named subcommand (typer would collapse a one-command app)."""
+
+
+@agent_app.command("run")
+def run(
+    device_id: str | None = typer.Option(None, envvar="EDGECTL_DEVICE_ID", help="this device's id"),
+    mqtt: str | None = typer.Option(
+        None,
+        envvar="EDGECTL_MQTT",
+        help="broker URL mqtt://H:P [default: credentials, else mqtt://127.0.0.1:1883]",
+    ),
+    control_plane: str | None = typer.Option(
+        None, envvar="EDGECTL_SERVER", help="control plane gRPC H:P [default 127.0.0.1:7443]"
+    ),
+    data_dir: Path | None = typer.Option(
+        None, envvar="EDGECTL_DATA_DIR", help="artifacts, chunk store and state [default /var/lib/edgectl]"
+    ),
+    listen: str | None = typer.Option(
+        None, envvar="EDGECTL_LISTEN", help="KServe V2 gRPC listen H:P [default 127.0.0.1:8001]"
+    ),
+    burst: str | None = typer.Option(None, envvar="EDGECTL_BURST", help="remote V2 endpoint H:P to burst to"),
+    labels: str | None = typer.Option(
+        None, envvar="EDGECTL_LABELS", help="k=v[,k=v] labels this device reports"
+    ),
+    serve_only: bool | None = typer.Option(None, "--serve-only", help="no MQTT: serve --model-dir only"),
+    model_dir: Path | None = typer.Option(
+        None, help="with --serve-only: an artifact, or a folder of artifacts"
+    ),
+    trust: list[Path] | None = typer.Option(None, help="trusted public key file or folder (repeatable)"),
+    profile: str | None = typer.Option(
+        None, envvar="EDGECTL_PROFILE", help="device profile name or .yaml [default: detect]"
+    ),
+    transport: str | None = typer.Option(None, help="artifact transport: auto | grpc | mqtt"),
+    bandwidth_limit: float | None = typer.Option(None, help="download limit in bytes per second"),
+    max_batch_size: int | None = typer.Option(None, help="micro-batch size limit [default 8]"),
+    max_queue_delay_ms: float | None = typer.Option(None, help="longest wait to fill a batch [default 2]"),
+    slo_ms: float | None = typer.Option(
+        None, help="latency SLO: predicted waits above it burst [default 100]"
+    ),
+    heartbeat_s: float | None = typer.Option(
+        None, "--heartbeat", help="seconds between heartbeats [default 30]"
+    ),
+    intra_op_threads: int | None = typer.Option(None, help="onnxruntime threads per session (0: all cores)"),
+    memory_limit_mib: int | None = typer.Option(None, help="memory for models, MiB [default: the profile's]"),
+    metrics_listen: str | None = typer.Option(None, "--metrics", help="serve Prometheus /metrics on H:P"),
+    config: Path | None = typer.Option(
+        None, "--config", envvar="EDGECTL_AGENT_CONFIG", help="YAML/JSON settings file"
+    ),
+    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+) -> None:
+    """Converge to the desired artifact and serve it over KServe V2.
+
+    Example: edgectl agent run --device-id cam-07 --mqtt mqtt://broker:1883 --control-plane cp:7443 --data-dir /var/lib/edgectl
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edgectl.agent.agent import Agent
+    from edgectl.agent.config import load_config, parse_labels
+
+    overrides: dict[str, Any] = {
+        "device_id": device_id,
+        "mqtt": mqtt,
+        "control_plane": control_plane,
+        "data_dir": data_dir,
+        "listen": listen,
+        "burst": burst,
+        "labels": parse_labels(labels) if labels else None,
+        "serve_only": serve_only,
+        "model_dir": model_dir,
+        "trust": tuple(trust) if trust else None,
+        "profile": profile,
+        "transport": transport,
+        "bandwidth_limit": bandwidth_limit,
+        "max_batch_size": max_batch_size,
+        "max_queue_delay_ms": max_queue_delay_ms,
+        "slo_ms": slo_ms,
+        "heartbeat_s": heartbeat_s,
+        "intra_op_threads": intra_op_threads,
+        "memory_limit_mib": memory_limit_mib,
+        "metrics_listen": metrics_listen,
+    }
+    Agent(load_config(config, overrides)).run_forever()
+
+
+def infer(
+    server: str = typer.Option(..., help="KServe V2 gRPC endpoint HOST:PORT"),
+    model: str = typer.Option(..., help="model name"),
+    input_file: Path = typer.Option(..., "--input", help=".npz with one array per model input"),
+    json_out: bool = typer.Option(False, "--json", help="print outputs as JSON"),
+    timeout: float = typer.Option(30.0, help="seconds to wait for the answer"),
+) -> None:
+    """Send one inference request over KServe V2 gRPC and print the outputs.
+
+    Example: edgectl infer --server 127.0.0.1:8001 --model digits --input x.npz
+    """
+    import grpc
+    import numpy as np
+
+    from edgectl.agent.codecs import decode_response, encode_request, response_parameters
+    from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    try:
+        with np.load(input_file, allow_pickle=False) as npz:
+            inputs = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"cannot read {input_file}: {exc}", hint="pass an .npz written by numpy.savez"
+        ) from exc
+    with grpc.insecure_channel(server) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            response = stub.ModelInfer(encode_request(model, inputs), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise UsageError(f"{server}: {exc.code().name}: {exc.details()}") from exc
+    outputs = decode_response(response)
+    params = response_parameters(response)
+    if json_out:
+        doc = {
+            "model": response.model_name,
+            "version": response.model_version,
+            "served_by": params.get("served_by", ""),
+            "outputs": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype), "data": v.tolist()}
+                for k, v in outputs.items()
+            },
+        }
+        print(json.dumps(doc))
+        return
+    print(
+        f"model {response.model_name} version {response.model_version} served by {params.get('served_by', '?')}"
+    )
+    for name, value in outputs.items():
+        print(f"{name} {value.dtype}{list(value.shape)}:\n{value}")

@@ -1,0 +1,184 @@
+"""Reconcile over a real broker and a real artifact server: converge, delta, refuse, recover."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgectl.agent.agent import Agent
+from edgectl.artifact import SigningKey
+from edgectl.broker import MosquittoProcess
+from edgectl.protos.v1 import mqtt_pb2 as mpb
+from tests.agent.artifact_server import ArtifactStoreServer
+from tests.agent.conftest import Bundles, Fleet, V2Client, wait_for
+from tests.agent.onnx_models import run_direct
+
+K = mpb.EventKind
+X = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+
+
+def _want(bundle_root, x=X):  # type: ignore[no-untyped-def]
+    return run_direct(bundle_root / "model.onnx", {"x": x})["y"]
+
+
+def test_converges_then_updates_with_a_delta_and_keeps_the_previous(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    dims = (64, 512, 512, 8)
+    v1 = bundles.build(version=1, dims=dims, seeds=[1, 2, 3])
+    v2 = bundles.build(version=2, dims=dims, seeds=[1, 2, 4])  # only the last layer differs
+    d1, d2 = artifact_server.add(v1.root), artifact_server.add(v2.root)
+    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+    fleet.wait_serving("mlp", d1)
+    client = V2Client(agent.address)
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    y, served_by, version = client.infer("mlp", x)
+    np.testing.assert_allclose(y, _want(v1.root, x), rtol=1e-5, atol=1e-5)
+    assert (served_by, version) == ("local", "1")
+    kinds = fleet.event_kinds(d1)
+    for k in (
+        K.EVENT_KIND_FETCH_STARTED,
+        K.EVENT_KIND_VERIFIED,
+        K.EVENT_KIND_STAGED,
+        K.EVENT_KIND_SMOKE_TEST_PASSED,
+        K.EVENT_KIND_SWAPPED,
+    ):
+        assert k in kinds
+
+    before = artifact_server.served_bytes
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2))
+    m = fleet.wait_serving("mlp", d2)
+    assert m.previous_digest == d1 and m.execution_provider == "CPUExecutionProvider"
+    assert fleet.latest().observed_generation == 2  # type: ignore[union-attr]
+    delta = artifact_server.served_bytes - before
+    total = sum(f.size for f in v2.manifest.files)
+    assert delta < 0.25 * total, f"fetched {delta} of {total} bytes for a last-layer change"
+    y, _, version = client.infer("mlp", x)
+    np.testing.assert_allclose(y, _want(v2.root, x), rtol=1e-5, atol=1e-5)
+    assert version == "2"
+    assert (agent.config.data_dir / "artifacts" / d1.removeprefix("sha256:")).is_dir()  # kept for rollback
+    client.close()
+
+
+def test_corrupted_chunk_and_dropped_stream_are_refetched(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    v1 = bundles.build(version=1, dims=(64, 1024, 512, 8))
+    d1 = artifact_server.add(v1.root)
+    chunks = [c.digest for f in v1.manifest.files for c in f.chunks]
+    assert len(chunks) >= 3
+    artifact_server.faults.corrupt = {chunks[1]}
+    artifact_server.faults.drop_after = 2
+    make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+    fleet.wait_serving("mlp", d1)
+    assert artifact_server.served[chunks[1]] == 2  # the corrupt copy was refused and fetched again
+    assert artifact_server.served[chunks[0]] == 1  # resumed: what was verified is never fetched twice
+
+
+def test_refusals_are_reported_and_the_old_model_keeps_serving(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    good = bundles.build(version=2)
+    d_good = artifact_server.add(good.root)
+    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d_good, version=2))
+    fleet.wait_serving("mlp", d_good)
+    client = V2Client(agent.address)
+
+    bad_golden = bundles.build(version=3, golden_outputs={"y": np.full((2, 3), 42.0, np.float32)})
+    untrusted = bundles.build(version=4, key=SigningKey.generate())
+    older = bundles.build(version=1, seeds=[7, 8])
+    fp16 = bundles.build(version=5, precision="fp16")
+    cases = [
+        (bad_golden, "smoke test failed"),
+        (untrusted, "not a trusted key"),
+        (older, "not newer than active version 2"),
+        (fp16, "precision fp16 is not supported"),
+    ]
+    for bundle, reason in cases:
+        digest = artifact_server.add(bundle.root)
+        fleet.desire(mpb.DesiredModel(name="mlp", digest=digest))
+        m = fleet.wait_model("mlp", lambda m, d=digest: m.failed_digest == d)
+        assert reason in m.failure_reason, m.failure_reason
+        assert m.digest == d_good and m.smoke_test_passed
+        assert K.EVENT_KIND_REFUSED in fleet.event_kinds(digest)
+        y, _, version = client.infer("mlp", X)
+        np.testing.assert_allclose(y, _want(good.root), rtol=1e-5, atol=1e-5)
+        assert version == "2"
+
+    d_old = artifact_server.add(older.root)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d_old, rollback=True))
+    m = fleet.wait_serving("mlp", d_old)
+    assert m.failed_digest == "" and m.previous_digest == d_good
+    wait_for(lambda: client.infer("mlp", X)[2] == "1", what="rolled back version to serve")
+    client.close()
+
+
+def test_malformed_foreign_and_stale_desired_states_are_ignored(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    v1, v2 = bundles.build(version=1), bundles.build(version=2, seeds=[3, 4])
+    d1, d2 = artifact_server.add(v1.root), artifact_server.add(v2.root)
+    make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)
+    fleet.client.publish(fleet.topics.desired, b"{not json", retain=True)
+    foreign = mpb.DesiredState(
+        device_id="dev-2", generation=99, models=[mpb.DesiredModel(name="mlp", digest=d2)]
+    )
+    from edgectl.mqtt_wire import encode
+
+    fleet.client.publish(fleet.topics.desired, encode(foreign), retain=True)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1), generation=5)
+    fleet.wait_serving("mlp", d1)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2), generation=4)  # stale
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1), generation=6)
+    wait_for(lambda: (r := fleet.latest()) is not None and r.observed_generation == 6, what="generation 6")
+    assert fleet.latest().models[0].digest == d1  # type: ignore[union-attr]
+
+
+def test_broker_restart_and_control_plane_outage_do_not_stop_serving(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    v1, v2 = bundles.build(version=1), bundles.build(version=2, seeds=[3, 4])
+    d1, d2 = artifact_server.add(v1.root), artifact_server.add(v2.root)
+    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+    fleet.wait_serving("mlp", d1)
+    client = V2Client(agent.address)
+
+    mosquitto.kill()
+    for _ in range(20):
+        assert client.infer("mlp", X)[1] == "local"
+    artifact_server.faults.unavailable = True
+    mosquitto.start()
+    fleet.close()
+    fleet2 = Fleet(mosquitto, "dev-1")
+    wait_for(lambda: agent.link is not None and agent.link.connected.is_set(), what="agent to reconnect")
+    fleet2.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2), generation=10)
+    wait_for(lambda: K.EVENT_KIND_FAILED in fleet2.event_kinds(d2), what="a FAILED (will retry) event")
+    np.testing.assert_allclose(client.infer("mlp", X)[0], _want(v1.root), rtol=1e-5, atol=1e-5)
+    artifact_server.faults.unavailable = False
+    fleet2.wait_serving("mlp", d2, timeout=30)
+    assert fleet2.latest().models[0].failed_digest == ""  # type: ignore[union-attr]
+    fleet2.close()
+    client.close()

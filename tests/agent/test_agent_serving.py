@@ -1,0 +1,212 @@
+"""Hot swap under load, micro-batching, burst with a circuit breaker, chunks over MQTT, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from edgectl.agent.agent import Agent
+from edgectl.agent.batching import BatchSettings
+from edgectl.agent.burst import CircuitBreaker
+from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.runtime import SessionSettings, load_model
+from edgectl.agent.serving import ModelRegistry
+from edgectl.broker import MosquittoProcess
+from edgectl.ports import free_port, wait_for_port
+from edgectl.protos.v1 import mqtt_pb2 as mpb
+from tests.agent.artifact_server import ArtifactStoreServer, MqttChunkResponder
+from tests.agent.conftest import Bundles, Fleet, V2Client, wait_for
+from tests.agent.onnx_models import mlp_model, run_direct
+
+
+def test_hot_swap_under_concurrent_load_fails_no_request(tmp_path: Path) -> None:
+    paths = [mlp_model(tmp_path / f"m{i}.onnx", (16, 64, 4), seeds=[i, i + 10]) for i in range(4)]
+    registry = ModelRegistry(BatchSettings(max_batch_size=4, max_queue_delay_s=0.001), AgentMetrics())
+
+    def load(i: int):  # type: ignore[no-untyped-def]
+        return load_model(
+            paths[i], name="m", version=i + 1, digest=f"d{i}", settings=SessionSettings(intra_op_threads=1)
+        )
+
+    registry.install(load(0))
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    want = {i + 1: run_direct(p, {"x": x})["y"] for i, p in enumerate(paths)}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen: set[int] = set()
+
+    def hammer() -> int:
+        n = 0
+        while not stop.is_set():
+            try:
+                y, model = registry.infer("m", {"x": x}, timeout=10)
+                np.testing.assert_allclose(y["y"], want[model.version], rtol=1e-5, atol=1e-5)
+                seen.add(model.version)
+                n += 1
+            except BaseException as exc:  # any failure is the test's failure
+                errors.append(exc)
+        return n
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(hammer) for _ in range(6)]
+        for i in range(1, 4):
+            wait_for(lambda v=i: v in seen, what=f"version {i} to serve")
+            registry.install(load(i))
+        wait_for(lambda: 4 in seen, what="version 4 to serve")
+        stop.set()
+        total = sum(f.result() for f in futures)
+    registry.close()
+    assert not errors, errors[:3]
+    assert total > 50
+
+
+def test_concurrent_single_requests_are_micro_batched(tmp_path: Path) -> None:
+    path = mlp_model(tmp_path / "m.onnx", (32, 256, 8))
+    metrics = AgentMetrics()
+    registry = ModelRegistry(BatchSettings(max_batch_size=8, max_queue_delay_s=0.005), metrics)
+    registry.install(
+        load_model(path, name="m", version=1, digest="d", settings=SessionSettings(intra_op_threads=1))
+    )
+    xs = [np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32) for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(lambda x: registry.infer("m", {"x": x}, timeout=10)[0]["y"], xs))
+    registry.close()
+    for x, y in zip(xs, outs, strict=True):
+        np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    hist = metrics.registry.get_sample_value("edgectl_agent_batch_size_count", {"model": "m"})
+    rows = metrics.registry.get_sample_value("edgectl_agent_batch_size_sum", {"model": "m"})
+    assert rows == 64 and hist is not None and hist < 40, f"{hist} session runs for 64 requests"
+
+
+def test_circuit_breaker_opens_half_opens_and_closes() -> None:
+    b = CircuitBreaker(failure_threshold=2, reset_after_s=0.05)
+    assert b.allow()
+    b.failure()
+    assert b.state == "closed"
+    b.failure()
+    assert b.state == "open" and not b.allow()
+    wait_for(lambda: b.state == "half-open", what="half-open")
+    assert b.allow() and not b.allow()  # one trial at a time
+    b.success()
+    assert b.state == "closed" and b.allow()
+
+
+def test_burst_on_missing_or_overloaded_model_then_fail_back_and_breaker(
+    tmp_path: Path, bundles: Bundles, make_agent
+) -> None:  # type: ignore[no-untyped-def]
+    art = bundles.build(version=1)
+    cloud: Agent = make_agent(serve_only=True, model_dir=art.root, device_id="")
+    edge: Agent = make_agent(
+        serve_only=True, model_dir=art.root, device_id="", burst=cloud.address, slo_ms=1000.0
+    )
+    x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    want = run_direct(art.root / "model.onnx", {"x": x})["y"]
+    client = V2Client(edge.address)
+    y, served_by, _ = client.infer("mlp", x)
+    assert served_by == "local"
+    # The local model disappears (failing/unloaded): requests burst, outputs unchanged.
+    local = edge.registry.get("mlp")
+    assert local is not None
+    edge.registry.remove("mlp")
+    y, served_by, _ = client.infer("mlp", x)
+    assert served_by == f"burst:{cloud.address}"
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    # Local capacity returns: traffic fails back by itself.
+    edge.registry.install(local.model)
+    assert client.infer("mlp", x)[1] == "local"
+    # Overload: a predicted wait above the SLO bursts.
+    edge.router.settings = type(edge.router.settings)(target=cloud.address, slo_s=-1.0)
+    assert client.infer("mlp", x)[1] == f"burst:{cloud.address}"
+    # Burst endpoint down: the breaker opens and requests are served locally, never failed.
+    cloud.stop()
+    for _ in range(6):
+        assert client.infer("mlp", x)[1] == "local"
+    assert edge.router.burst is not None and edge.router.burst.breaker.state == "open"
+    share = edge.metrics.stats().burst_share
+    assert 0 < share < 1
+    client.close()
+
+
+def test_broker_only_site_fetches_chunks_over_mqtt(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    v1 = bundles.build(version=1, dims=(64, 512, 8))
+    d1 = artifact_server.add(v1.root)
+    responder = MqttChunkResponder(artifact_server, mosquitto.host, mosquitto.port)
+    try:
+        make_agent(mqtt=mosquitto.url, control_plane=None, transport="mqtt")
+        fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+        fleet.wait_serving("mlp", d1)
+        assert responder.requests and all(r.artifact_digest == d1 for r in responder.requests)
+    finally:
+        responder.close()
+
+
+def test_cli_serve_only_and_infer(tmp_path: Path, bundles: Bundles, trust_file: Path) -> None:
+    art = bundles.build(version=7)
+    port = free_port()
+    cli = "from edgectl.cli.agent_cmd import agent_app; agent_app()"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            cli,
+            "run",
+            "--serve-only",
+            "--model-dir",
+            str(art.root),
+            "--trust",
+            str(trust_file),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--profile",
+            "x86-cpu-avx2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_for_port("127.0.0.1", port, 30)
+        x = np.random.default_rng(9).standard_normal((3, 4)).astype(np.float32)
+        np.savez(tmp_path / "x.npz", x=x)
+        infer = (
+            "import typer; from edgectl.cli.agent_cmd import infer; app = typer.Typer(); "
+            "app.command()(infer); app()"
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                infer,
+                "--server",
+                f"127.0.0.1:{port}",
+                "--model",
+                "mlp",
+                "--input",
+                str(tmp_path / "x.npz"),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["version"] == "7" and doc["served_by"] == "local"
+        y = np.array(doc["outputs"]["y"]["data"], np.float32)
+        np.testing.assert_allclose(
+            y, run_direct(art.root / "model.onnx", {"x": x})["y"], rtol=1e-5, atol=1e-5
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)
