@@ -1,0 +1,147 @@
+"""Rollout to a simulated fleet over real MQTT: time to all-reported, control-plane CPU, messages per device.
+
+Starts a throwaway mosquitto, the control plane as its own process (so its CPU is measured
+alone, from /proc), and N simulated devices with one real MQTT connection each, then rolls
+v2 out in waves 1,10%,50%,100% and prints the numbers.
+
+    python benchmarks/bench_rollout.py              # 1000 devices
+    python benchmarks/bench_rollout.py --quick      # 100 devices
+    python benchmarks/bench_rollout.py --devices 2000 --state postgresql://postgres@127.0.0.1/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # for tests.control_plane.sim_device
+
+from edgectl.artifact import SigningKey, TensorSpec, build_artifact, public_pem  # noqa: E402
+from edgectl.broker import BrokerConfig, MosquittoProcess  # noqa: E402
+from edgectl.client import ControlPlaneClient, push_artifact  # noqa: E402
+from edgectl.ports import free_port, wait_for_port  # noqa: E402
+from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2, rollouts_pb2  # noqa: E402
+from tests.control_plane.sim_device import SimFleet, wait_for  # noqa: E402
+
+
+def raise_open_files(needed: int) -> int:
+    """Lift the soft RLIMIT_NOFILE toward the hard limit: every device is a socket here and in mosquitto."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(needed, 65536)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        raise SystemExit(f"need {needed} open files but the hard limit is {hard}; raise it (ulimit -Hn)")
+    return target
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def build(out: Path, key: SigningKey, version: int) -> Path:
+    src = out / f"src-{version}.onnx"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(np.random.default_rng(version).bytes(256 * 1024))
+    art = build_artifact(
+        out / f"digits-{version}", name="digits", version=version, files={"model.onnx": src},
+        input_signature=[TensorSpec("x", "float32", ("batch", 4))],
+        output_signature=[TensorSpec("y", "float32", ("batch", 2))],
+        golden_inputs={"x": np.ones((1, 4), np.float32)}, golden_outputs={"y": np.zeros((1, 2), np.float32)},
+        recipe={}, target_profile="x86-cpu-avx2", metrics={}, precision_map={}, source_model_sha256="ab" * 32,
+        signing_key=key,
+    )  # fmt: skip
+    return art.root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="100 devices")
+    parser.add_argument("--state", default="", help="state URL (default: SQLite in a temp dir)")
+    args = parser.parse_args()
+    n = 100 if args.quick else args.devices
+    raise_open_files(2 * n + 256)
+    work = Path(tempfile.mkdtemp(prefix="edgectl-bench-"))
+    broker = MosquittoProcess(BrokerConfig(data_dir=work / "broker", extra_lines=["max_connections -1"]))
+    broker.start()
+    key = SigningKey.generate()
+    (work / "trusted.pem").write_bytes(public_pem(key.public_key))
+    port = free_port()
+    state = args.state or f"sqlite:///{work}/cp.db"
+    log = (work / "cp.log").open("wb")
+    cp = subprocess.Popen(
+        [sys.executable, "-m", "edgectl.control_plane", "serve", "--listen", f"127.0.0.1:{port}",
+         "--mqtt", broker.url, "--state", state, "--blobs", str(work / "blobs"),
+         "--trust", str(work / "trusted.pem"), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    sim = SimFleet(broker.host, broker.port)
+    try:
+        if not wait_for_port("127.0.0.1", port, 30):
+            raise SystemExit((work / "cp.log").read_text())
+        client = ControlPlaneClient(f"127.0.0.1:{port}", timeout=60)
+        old = push_artifact(client, build(work, key, 1)).artifact.ref
+        new = push_artifact(client, build(work, key, 2)).artifact.ref
+        ids = [f"bench-{i:05d}" for i in range(n)]
+        started = time.monotonic()
+        for device_id in ids:
+            device = sim.add(device_id, {"fleet": "bench"})
+            device.active["digits"] = mqtt_pb2.ActiveModel(
+                name="digits", digest=old.digest, version=old.version, smoke_test_passed=True
+            )
+        sim.connect(ids, timeout=120)
+        wait_for(lambda: len(client.fleet.ListDevices(fleet_pb2.ListDevicesRequest()).devices) == n, 120,
+                 interval=0.5, what=f"{n} devices in the inventory")  # fmt: skip
+        connect_s = time.monotonic() - started
+        before = sim.snapshot(lambda d: sum(x.desired_received + x.published for x in d.values()))
+        cpu_before = cpu_seconds(cp.pid)
+        t0 = time.monotonic()
+        rollout = client.rollouts.Create(
+            rollouts_pb2.CreateRolloutRequest(
+                artifact=f"digits:{new.version}",
+                selector=common_pb2.Selector(match_labels={"fleet": "bench"}),
+                strategy=rollouts_pb2.Strategy(waves=["1", "10%", "50%", "100%"], health_timeout_seconds=120),
+            )
+        )
+        wait_for(lambda: all(v == new.digest for v in sim.digests("digits").values()), 600, interval=0.1,
+                 what="every device reporting the new digest")  # fmt: skip
+        all_reported_s = time.monotonic() - t0
+        for _ in client.rollouts.Watch(rollouts_pb2.WatchRolloutRequest(id=rollout.id), timeout=600):
+            pass
+        done_s = time.monotonic() - t0
+        cpu = cpu_seconds(cp.pid) - cpu_before
+        final = client.rollouts.Get(rollouts_pb2.GetRolloutRequest(id=rollout.id))
+        after = sim.snapshot(lambda d: sum(x.desired_received + x.published for x in d.values()))
+        state_name = rollouts_pb2.RolloutState.Name(final.state)
+        print(f"rollout of {n} simulated devices (real MQTT connections), waves 1,10%,50%,100%: {state_name}")
+        print(f"  connect + inventory:            {connect_s:8.2f} s")
+        print(f"  Create -> all devices reported: {all_reported_s:8.2f} s")
+        print(f"  Create -> rollout SUCCEEDED:    {done_s:8.2f} s")
+        print(f"  control-plane CPU:              {cpu:8.2f} s  ({cpu * 1000 / n:.2f} s per 1,000 devices)")
+        print(f"  MQTT messages per device:       {(after - before) / n:8.2f}  (desired in + reported out)")
+        if final.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
+            raise SystemExit(f"rollout ended {state_name}: {final.reason}")
+    finally:
+        sim.close()
+        cp.terminate()
+        try:
+            cp.wait(15)
+        except subprocess.TimeoutExpired:
+            cp.kill()
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()

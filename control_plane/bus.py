@@ -1,0 +1,171 @@
+"""The control plane's MQTT connection: retained desired state out, device reports in.
+
+paho-mqtt 2.x, MQTT v5, callback API 2. Callbacks only enqueue: the owner's ingest thread
+decodes and stores. paho's network thread reconnects with backoff by itself; every
+(re)connect re-subscribes and tells the owner, who republishes the stored desired state.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgectl.control_plane.desired import Publication
+from edgectl.control_plane.errors import InvalidArgument
+from edgectl.mqtt_wire import ALL_CHUNK_REQUESTS, ALL_EVENTS, ALL_REPORTED, ALL_STATUS, DeviceTopics
+
+log = logging.getLogger(__name__)
+FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_CHUNK_REQUESTS, 1)]
+CONNECTED = "$connected"  # an inbox marker, never a real topic (MQTT topics cannot start with '$' here)
+
+
+@dataclass(frozen=True)
+class MqttUrl:
+    """``mqtt://[user:pass@]host[:port]`` or ``mqtts://`` for TLS."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> MqttUrl:
+        parsed = urlparse(url if "://" in url else "mqtt://" + url)
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+            raise InvalidArgument(
+                f"MQTT URL {url!r} is not understood", hint="use mqtt://HOST:1883 or mqtts://HOST:8883"
+            )
+        tls = parsed.scheme in ("mqtts", "ssl")
+        return cls(
+            parsed.hostname, parsed.port or (8883 if tls else 1883), tls,
+            unquote(parsed.username) if parsed.username else None,
+            unquote(parsed.password) if parsed.password else None,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message for the owner's loop (or the CONNECTED marker)."""
+
+    topic: str
+    payload: bytes
+
+
+class FleetBus:
+    """One paho client; publishes are thread-safe, received messages land in ``inbox``."""
+
+    def __init__(
+        self, url: str, client_id: str | None = None, on_error: Callable[[str], None] | None = None
+    ) -> None:
+        self.url = MqttUrl.parse(url)
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self._subscriptions: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._on_error = on_error or (lambda kind: None)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edgectl-cp-{uuid.uuid4().hex[:10]}",
+            protocol=mqtt.MQTTv5,
+        )
+        if self.url.username:
+            self.client.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls:
+            self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Thousands of retained desired states go out at once on start; do not throttle them to 20.
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting until ``stop``."""
+        self.client.connect_async(self.url.host, self.url.port, keepalive=30, clean_start=True)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    def subscribe_fleet(self) -> None:
+        """Receive every device's reports, status, events and chunk requests (the leader's job)."""
+        with self._lock:
+            self._subscriptions = list(FLEET_SUBSCRIPTIONS)
+        if self.connected:
+            self.client.subscribe(self._subscriptions)
+            self.inbox.put(Inbound(CONNECTED, b""))
+
+    def unsubscribe_fleet(self) -> None:
+        with self._lock:
+            topics = [t for t, _ in self._subscriptions]
+            self._subscriptions = []
+        if topics and self.connected:
+            self.client.unsubscribe(topics)
+
+    # -- callbacks: enqueue only --------------------------------------------------------------
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connection refused", extra={"reason": str(reason)})
+            self._on_error("connect_refused")
+            return
+        self._connected.set()
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        if subscriptions:
+            client.subscribe(subscriptions)
+            self.inbox.put(Inbound(CONNECTED, b""))
+        log.info("MQTT connected", extra={"broker": f"{self.url.host}:{self.url.port}"})
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        if reason.is_failure:
+            log.warning("MQTT connection lost; reconnecting", extra={"reason": str(reason)})
+            self._on_error("disconnect")
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Inbound(msg.topic, bytes(msg.payload)))
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue one message; paho sends it (and, at QoS 1, resends it after a reconnect)."""
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.PayloadFormatIndicator = 1 if payload else 0
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._on_error("publish")
+            log.warning("MQTT publish failed", extra={"topic": topic, "rc": info.rc})
+
+    def publish_desired(self, publications: list[Publication]) -> None:
+        for p in publications:
+            self.publish(p.topic, p.payload, qos=1, retain=True)
+
+    def clear_device(self, device_id: str) -> None:
+        """Delete a decommissioned device's retained messages (an empty retained payload removes one)."""
+        topics = DeviceTopics(device_id)
+        for topic in (topics.desired, topics.reported, topics.status):
+            self.publish(topic, b"", qos=1, retain=True)

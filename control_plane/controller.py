@@ -1,0 +1,286 @@
+"""The rollout controller: moves devices wave by wave, gates each wave on health, rolls back.
+
+Only the leader runs it. Each step is one transaction that changes state and appends the
+event recording it; desired-state messages are published only after the commit, and the
+leader republishes every stored desired state when it starts, so a crash between commit and
+publish loses nothing and a restart repeats no step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgectl.control_plane import rollout_store as rs
+from edgectl.control_plane.db import Tx
+from edgectl.control_plane.desired import (
+    DesiredPublisher,
+    Publication,
+    current_models,
+    with_model,
+    write_desired,
+)
+from edgectl.control_plane.errors import NotFound
+from edgectl.control_plane.store import StateStore
+from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a device's reported state means for the rollout right now."""
+
+    state: int  # a device rollout state, or D_DESIRED to keep waiting
+    reason: str = ""
+    soak_started: bool = False
+
+
+class RolloutController:
+    """Steps every active rollout; ``step_all`` is called by the leader loop and by tests."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        publisher: DesiredPublisher,
+        clock: Callable[[], float] = time.time,
+        on_wave_done: Callable[[float], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.clock = clock
+        self.on_wave_done = on_wave_done or (lambda seconds: None)
+
+    def step_all(self) -> None:
+        with self.store.tx() as tx:
+            ids = rs.active_ids(tx)
+        for rollout_id in ids:
+            self.step(rollout_id)
+
+    def step(self, rollout_id: str) -> None:
+        """Advance one rollout as far as its devices' reports allow, then publish what changed."""
+        now = self.clock()
+        publications: list[Publication] = []
+        with self.store.tx() as tx:
+            r = rs.get(tx, rollout_id)
+            if r.state == rs.PENDING:
+                rs.update(tx, r.id, now, state=rs.RUNNING)
+                rs.add_event(tx, r.id, "state_changed", now, message="RUNNING")
+                r = rs.get(tx, rollout_id)
+            if r.state in (rs.RUNNING, rs.PAUSED):
+                publications = self._advance(tx, r, now)
+            elif r.state == rs.ROLLING_BACK:
+                publications = self._roll_back(tx, r, now)
+        if publications:
+            self.publisher.publish_desired(publications)
+
+    # -- moving forward -----------------------------------------------------------------------
+
+    def _advance(self, tx: Tx, r: rs.RolloutRecord, now: float) -> list[Publication]:
+        waves = rs.waves(tx, r.id)
+        wave = waves[r.current_wave]
+        if wave.state == rs.W_PENDING:
+            return [] if r.state == rs.PAUSED else self._start_wave(tx, r, wave.idx, now)
+        failures = r.failures
+        for progress, live in rs.with_live(tx, r.id, (rs.D_DESIRED,), wave.idx):
+            verdict = self._judge(r, progress, live, now)
+            if verdict.soak_started:
+                rs.update_device(tx, r.id, progress.device_id, now, healthy_since=now)
+            if verdict.state == rs.D_DESIRED:
+                continue
+            rs.update_device(tx, r.id, progress.device_id, now, state=verdict.state, reason=verdict.reason)
+            kinds: dict[int, str] = {rs.D_HEALTHY: "device_healthy", rs.D_FAILED: "device_failed"}
+            kind = kinds.get(verdict.state, "device_skipped")
+            rs.add_event(tx, r.id, kind, now, wave.idx, progress.device_id, verdict.reason)
+            failures += verdict.state == rs.D_FAILED
+        if failures != r.failures:
+            rs.update(tx, r.id, now, failures=failures)
+        targets = sum(w.size for w in waves)
+        budget = failure_budget(r.strategy.max_failures, targets)
+        if failures > budget:
+            rs.update_wave(tx, r.id, wave.idx, state=rs.W_FAILED, finished_at=now)
+            first = rs.devices(tx, r.id, states=(rs.D_FAILED,))[:1]
+            example = f" (e.g. {first[0].device_id}: {first[0].reason})" if first else ""
+            reason = f"{failures} device(s) failed{example}, over the failure budget of {budget}; moved devices rolled back"
+            rs.update(
+                tx, r.id, now, state=rs.ROLLING_BACK, stop_state=rs.FAILED, reason=reason, stop_deadline=None
+            )
+            rs.add_event(tx, r.id, "rollback_started", now, wave.idx, message=reason)
+            return self._roll_back(tx, rs.get(tx, r.id), now)
+        if rs.devices(tx, r.id, wave.idx, (rs.D_PENDING, rs.D_DESIRED)):
+            return []
+        rs.update_wave(tx, r.id, wave.idx, state=rs.W_SUCCEEDED, finished_at=now)
+        self.on_wave_done(now - (wave.started_at or now))
+        rs.add_event(
+            tx, r.id, "wave_succeeded", now, wave.idx, message=f"wave {wave.idx + 1}/{len(waves)} done"
+        )
+        if wave.idx + 1 >= len(waves):
+            note = f"{failures} device(s) failed within the budget of {budget}" if failures else ""
+            rs.update(tx, r.id, now, state=rs.SUCCEEDED, reason=note)
+            rs.add_event(tx, r.id, "state_changed", now, message="SUCCEEDED" + (f": {note}" if note else ""))
+            return []
+        rs.update(tx, r.id, now, current_wave=wave.idx + 1)
+        if r.state == rs.PAUSED:
+            return []
+        return self._start_wave(tx, rs.get(tx, r.id), wave.idx + 1, now)
+
+    def _start_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[Publication]:
+        publications: list[Publication] = []
+        deadline = now + r.strategy.health_timeout_s
+        for progress, live in rs.with_live(tx, r.id, (rs.D_PENDING,), idx):
+            if live is None:
+                rs.update_device(
+                    tx, r.id, progress.device_id, now, state=rs.D_SKIPPED, reason="decommissioned"
+                )
+                rs.add_event(tx, r.id, "device_skipped", now, idx, progress.device_id, "decommissioned")
+                continue
+            generation, models = current_models(tx, progress.device_id)
+            active = live.models.get(r.artifact_name)
+            wanted = next((m for m in models if m.name == r.artifact_name), None)
+            # What to go back to: what the device serves, else what it was told to serve.
+            prev_digest = active.digest if active and active.digest else (wanted.digest if wanted else "")
+            prev_version = active.version if active and active.digest else (wanted.version if wanted else 0)
+            models = with_model(models, r.artifact_name, r.artifact_digest, r.artifact_version)
+            publications.append(write_desired(tx, progress.device_id, models, r.id, now))
+            rs.update_device(
+                tx, r.id, progress.device_id, now, state=rs.D_DESIRED, previous_digest=prev_digest,
+                previous_version=prev_version, deadline=deadline, generation=generation + 1,
+            )  # fmt: skip
+        rs.update_wave(tx, r.id, idx, state=rs.W_IN_PROGRESS, started_at=now)
+        rs.add_event(
+            tx, r.id, "wave_started", now, idx, message=f"{len(publications)} device(s) told to move"
+        )
+        return publications
+
+    def _judge(
+        self, r: rs.RolloutRecord, p: rs.ProgressRecord, live: rs.LiveDevice | None, now: float
+    ) -> Verdict:
+        if live is None:
+            return Verdict(rs.D_SKIPPED, "decommissioned during the rollout")
+        s = r.strategy
+        model = live.models.get(r.artifact_name)
+        if model and model.digest == r.artifact_digest and model.smoke_test_passed:
+            if s.soak_s <= 0:
+                return Verdict(rs.D_HEALTHY)
+            error_rate, p99 = float(live.stats.get("error_rate", 0.0)), float(live.stats.get("p99_ms", 0.0))
+            if s.max_error_rate and error_rate > s.max_error_rate:
+                return Verdict(
+                    rs.D_FAILED, f"error rate {error_rate:.3f} above {s.max_error_rate:.3f} during soak"
+                )
+            if s.max_p99_ms and p99 > s.max_p99_ms:
+                return Verdict(
+                    rs.D_FAILED, f"p99 latency {p99:.1f} ms above {s.max_p99_ms:.1f} ms during soak"
+                )
+            if p.healthy_since is None:
+                return Verdict(rs.D_DESIRED, soak_started=True)
+            return Verdict(rs.D_HEALTHY) if now - p.healthy_since >= s.soak_s else Verdict(rs.D_DESIRED)
+        # A failure counts only once the device has seen this desired state, not from an old report.
+        if model and model.failed_digest == r.artifact_digest and live.observed_generation >= p.generation:
+            return Verdict(rs.D_FAILED, model.failure_reason or "the device refused the artifact")
+        if p.deadline is not None and now >= p.deadline:
+            if not live.online:
+                if s.offline_policy == OFFLINE_SKIP:
+                    return Verdict(
+                        rs.D_SKIPPED, f"offline for the whole {s.health_timeout_s}s health timeout"
+                    )
+                return Verdict(rs.D_FAILED, f"offline: no healthy report within {s.health_timeout_s}s")
+            return Verdict(rs.D_FAILED, f"not healthy within the {s.health_timeout_s}s health timeout")
+        return Verdict(rs.D_DESIRED)
+
+    # -- moving back --------------------------------------------------------------------------
+
+    def _roll_back(self, tx: Tx, r: rs.RolloutRecord, now: float) -> list[Publication]:
+        publications: list[Publication] = []
+        for p in rs.devices(tx, r.id, states=(rs.D_PENDING,)):
+            rs.update_device(tx, r.id, p.device_id, now, state=rs.D_SKIPPED, reason="rollout stopped")
+        for p, live in rs.with_live(tx, r.id, rs.MOVED):
+            if live is None:
+                rs.update_device(tx, r.id, p.device_id, now, state=rs.D_SKIPPED, reason="decommissioned")
+                continue
+            try:
+                _, models = current_models(tx, p.device_id)
+            except NotFound:
+                continue
+            wanted = next((m for m in models if m.name == r.artifact_name), None)
+            if wanted is None or wanted.digest != r.artifact_digest:
+                # A later rollout moved it on; going back would undo that one.
+                rs.update_device(
+                    tx, r.id, p.device_id, now, state=rs.D_SKIPPED, reason="moved on by a later rollout"
+                )
+                continue
+            models = with_model(models, r.artifact_name, p.previous_digest, p.previous_version, rollback=True)
+            publications.append(write_desired(tx, p.device_id, models, r.id, now))
+            back_to = p.previous_digest or "nothing (model removed)"
+            rs.update_device(tx, r.id, p.device_id, now, state=rs.D_ROLLED_BACK, reason=f"back to {back_to}")
+            rs.add_event(tx, r.id, "device_rolled_back", now, p.wave, p.device_id, f"back to {back_to}")
+        if publications or r.stop_deadline is None:
+            rs.update(tx, r.id, now, stop_deadline=now + r.strategy.health_timeout_s)
+            return publications
+        pending = [
+            p.device_id
+            for p, live in rs.with_live(tx, r.id, (rs.D_ROLLED_BACK,))
+            if live is not None and not self._is_back(r, p, live)
+        ]
+        if pending and now < r.stop_deadline:
+            return []
+        final = r.stop_state or rs.ROLLED_BACK
+        note = f"; {len(pending)} device(s) did not confirm, e.g. {pending[0]}" if pending else ""
+        self._close_waves(tx, r.id, now)
+        rs.update(tx, r.id, now, state=final, reason=r.reason + note)
+        rs.add_event(tx, r.id, "state_changed", now, message=f"{rs.state_name(final)}: {r.reason}{note}")
+        return []
+
+    @staticmethod
+    def _is_back(r: rs.RolloutRecord, p: rs.ProgressRecord, live: rs.LiveDevice) -> bool:
+        model = live.models.get(r.artifact_name)
+        if not p.previous_digest:
+            return model is None or model.digest != r.artifact_digest
+        return model is not None and model.digest == p.previous_digest
+
+    @staticmethod
+    def _close_waves(tx: Tx, rollout_id: str, now: float) -> None:
+        for w in rs.waves(tx, rollout_id):
+            if w.state in (rs.W_IN_PROGRESS, rs.W_PENDING):
+                rs.update_wave(tx, rollout_id, w.idx, state=rs.W_FAILED, finished_at=now)
+
+
+class ControllerLoop:
+    """Runs ``step_all`` whenever woken (a report arrived, an operator acted) or every ``interval``."""
+
+    def __init__(self, controller: RolloutController, interval: float = 0.25) -> None:
+        self.controller = controller
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rollout-controller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.controller.step_all()
+            except Exception:
+                # A failed step changed nothing (its transaction rolled back); retry on the next tick.
+                log.exception("rollout controller step failed; retrying")
+                self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

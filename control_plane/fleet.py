@@ -1,0 +1,360 @@
+"""The fleet inventory: enrollment, credentials, labels, decommissioning, and live device state.
+
+Live state (online, active models, health, last seen) comes only from what agents publish;
+:meth:`Fleet.apply` folds a batch of decoded MQTT observations into the store in one
+transaction, so a thousand heartbeats cost one commit, not a thousand.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgectl.control_plane.db import Row, Tx
+from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
+from edgectl.control_plane.store import StateStore, dumps, loads
+from edgectl.control_plane.strategy import Selector, check_labels
+from edgectl.mqtt_wire import DeviceIdError, check_device_id
+from edgectl.protos.v1 import mqtt_pb2
+
+log = logging.getLogger(__name__)
+DEFAULT_TOKEN_TTL_S = 3600
+# scrypt at 2**14 costs ~16 MiB and tens of ms: cheap for one enrollment, ruinous for a guesser.
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+_DEVICE_COLUMNS = (
+    "id, labels, reported_labels, created_at, enrolled_at, online, last_seen, agent_version, profile, "
+    "health, last_error, observed_generation, models, stats, generation, desired"
+)
+
+
+def hash_secret(secret: str) -> str:
+    """scrypt of ``secret`` with a random salt, self-describing: ``scrypt$n$r$p$salt$hash``."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, dklen=32, **_SCRYPT)
+    b64 = base64.b64encode
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    """True when ``secret`` hashes to ``stored`` (constant-time comparison)."""
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        actual = hashlib.scrypt(
+            secret.encode(), salt=base64.b64decode(salt), dklen=32, n=int(n), r=int(r), p=int(p)
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, base64.b64decode(digest))
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One serving name as a device reports it."""
+
+    name: str
+    digest: str
+    version: int
+    smoke_test_passed: bool
+    failed_digest: str = ""
+    failure_reason: str = ""
+    previous_digest: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest, "version": self.version, "smoke": self.smoke_test_passed,
+            "failed_digest": self.failed_digest, "failure_reason": self.failure_reason,
+            "previous_digest": self.previous_digest,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, name: str, obj: dict[str, Any]) -> ModelState:
+        return cls(
+            name, obj.get("digest", ""), int(obj.get("version", 0)), bool(obj.get("smoke", False)),
+            obj.get("failed_digest", ""), obj.get("failure_reason", ""), obj.get("previous_digest", ""),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """A device of the inventory with its last reported state."""
+
+    id: str
+    labels: dict[str, str]
+    reported_labels: dict[str, str]
+    created_at: float
+    enrolled_at: float | None
+    online: bool
+    last_seen: float | None
+    agent_version: str
+    profile: str
+    health: int
+    last_error: str
+    observed_generation: int
+    models: dict[str, ModelState]
+    stats: dict[str, float]
+    generation: int
+    desired: str
+
+    @property
+    def effective_labels(self) -> dict[str, str]:
+        """What selectors match: the agent's own labels, overridden by the operator's."""
+        return {**self.reported_labels, **self.labels}
+
+    @classmethod
+    def from_row(cls, row: Row) -> DeviceRecord:
+        models = {k: ModelState.from_json(k, v) for k, v in loads(row[12], {}).items()}
+        return cls(
+            row[0], loads(row[1], {}), loads(row[2], {}), float(row[3]),
+            float(row[4]) if row[4] is not None else None, bool(row[5]),
+            float(row[6]) if row[6] is not None else None, row[7], row[8], int(row[9]), row[10],
+            int(row[11]), models, loads(row[13], {}), int(row[14]), row[15],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A decoded ReportedState from a device's reported topic."""
+
+    device_id: str
+    state: mqtt_pb2.ReportedState
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Status:
+    """A decoded DeviceStatus (online, or the Last Will's offline)."""
+
+    device_id: str
+    online: bool
+    received_at: float
+
+
+@dataclass
+class Credentials:
+    """What Enroll hands a device once: its MQTT identity and the keys it must trust."""
+
+    device_id: str
+    mqtt_username: str
+    mqtt_password: str
+    trusted_keys: list[bytes] = field(default_factory=list)
+    mqtt_url: str = ""
+
+
+@dataclass(frozen=True)
+class EnrollmentTokenRecord:
+    device_id: str
+    token: str
+    expires_at: float
+
+
+def _token_hash(token: str) -> str:
+    # Tokens are 192 random bits: a fast hash suffices to keep the stored copy useless to a thief.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _device_id(device_id: str) -> str:
+    try:
+        return check_device_id(device_id)
+    except DeviceIdError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+class Fleet:
+    """Devices, their enrollment and their live state, kept in the state store."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        trusted_keys: list[bytes] | None = None,
+        mqtt_url: str = "",
+        auto_register: bool = True,
+    ) -> None:
+        self.store = store
+        self.trusted_keys = list(trusted_keys or [])
+        self.mqtt_url = mqtt_url
+        self.auto_register = auto_register
+
+    # -- enrollment ---------------------------------------------------------------------------
+
+    def create_token(self, device_id: str, labels: dict[str, str], ttl_s: int = 0) -> EnrollmentTokenRecord:
+        """A one-time token for ``device_id``; only its hash is stored."""
+        _device_id(device_id)
+        check_labels(labels)
+        if ttl_s < 0:
+            raise InvalidArgument("ttl_seconds must not be negative")
+        token = secrets.token_urlsafe(24)
+        now = time.time()
+        expires = now + (ttl_s or DEFAULT_TOKEN_TTL_S)
+        with self.store.tx() as tx:
+            tx.execute(
+                "INSERT INTO enrollment_tokens (token_hash, device_id, labels, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (_token_hash(token), device_id, dumps(labels), now, expires),
+            )
+        return EnrollmentTokenRecord(device_id, token, expires)
+
+    def enroll(self, device_id: str, token: str, agent_version: str = "", profile: str = "") -> Credentials:
+        """Exchange a one-time token for fresh credentials; the password is returned here only."""
+        _device_id(device_id)
+        password = secrets.token_urlsafe(32)
+        hashed = hash_secret(password)
+        now = time.time()
+        with self.store.tx() as tx:
+            row = tx.one(
+                "SELECT device_id, labels, expires_at, used_at FROM enrollment_tokens WHERE token_hash = ?",
+                (_token_hash(token),),
+            )
+            if row is None or row[0] != device_id:
+                raise PermissionDenied(
+                    f"enrollment token is not valid for device {device_id}",
+                    hint="ask the operator for a new one: edgectl devices enroll " + device_id,
+                )
+            if row[3] is not None:
+                raise PermissionDenied(
+                    "enrollment token was already used", hint="tokens are one-time; make a new one"
+                )
+            if float(row[2]) < now:
+                raise PermissionDenied(
+                    "enrollment token has expired", hint="make a new one with a longer --ttl"
+                )
+            tx.execute(
+                "UPDATE enrollment_tokens SET used_at = ? WHERE token_hash = ?", (now, _token_hash(token))
+            )
+            tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
+            labels = loads(row[1], {})
+            self._ensure_device(tx, device_id, now)
+            tx.execute(
+                "UPDATE devices SET labels = ?, enrolled_at = ?, mqtt_username = ?, password_hash = ?, "
+                "agent_version = ?, profile = ? WHERE id = ?",
+                (dumps(labels), now, device_id, hashed, agent_version, profile, device_id),
+            )
+        return Credentials(device_id, device_id, password, self.trusted_keys, self.mqtt_url)
+
+    def check_password(self, device_id: str, password: str) -> bool:
+        """True when ``password`` is the device's current MQTT password (for a broker auth hook)."""
+        with self.store.tx() as tx:
+            row = tx.one("SELECT password_hash FROM devices WHERE id = ?", (device_id,))
+        return bool(row and row[0]) and verify_secret(password, str(row[0]))  # type: ignore[index]
+
+    @staticmethod
+    def _ensure_device(tx: Tx, device_id: str, now: float) -> None:
+        if tx.one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is None:
+            tx.execute("INSERT INTO devices (id, created_at) VALUES (?, ?)", (device_id, now))
+
+    # -- inventory ----------------------------------------------------------------------------
+
+    def get(self, device_id: str) -> DeviceRecord:
+        with self.store.tx() as tx:
+            row = tx.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ?", (device_id,))
+        if row is None:
+            raise NotFound(
+                f"device {device_id} is not in the inventory", hint="list devices with `edgectl devices ls`"
+            )
+        return DeviceRecord.from_row(row)
+
+    def list_devices(
+        self, selector: Selector | None = None, offset: int = 0, limit: int = 0
+    ) -> list[DeviceRecord]:
+        """Devices sorted by id; an empty or absent selector lists them all."""
+        with self.store.tx() as tx:
+            rows = tx.all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY id")
+        devices = [DeviceRecord.from_row(r) for r in rows]
+        if selector is not None and not selector.empty:
+            devices = [d for d in devices if selector.matches(d.id, d.effective_labels)]
+        return devices[offset : offset + limit] if limit else devices[offset:]
+
+    def label(self, device_id: str, set_labels: dict[str, str], remove: list[str]) -> DeviceRecord:
+        check_labels(set_labels)
+        with self.store.tx() as tx:
+            row = tx.one("SELECT labels FROM devices WHERE id = ?", (device_id,))
+            if row is None:
+                raise NotFound(f"device {device_id} is not in the inventory")
+            labels = {k: v for k, v in loads(row[0], {}).items() if k not in remove}
+            labels.update(set_labels)
+            tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
+        return self.get(device_id)
+
+    def decommission(self, device_id: str) -> None:
+        """Forget the device and revoke its credentials; a tombstone stops auto-registration."""
+        with self.store.tx() as tx:
+            if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)) == 0:
+                raise NotFound(f"device {device_id} is not in the inventory")
+            tx.execute("DELETE FROM enrollment_tokens WHERE device_id = ?", (device_id,))
+            tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
+            tx.execute("INSERT INTO tombstones (id, at) VALUES (?, ?)", (device_id, time.time()))
+
+    # -- live state from MQTT -----------------------------------------------------------------
+
+    def apply(self, observations: list[Reported | Status]) -> set[str]:
+        """Fold a batch of observations into the store (last one per device wins); returns device ids touched."""
+        reported: dict[str, Reported] = {}
+        status: dict[str, Status] = {}
+        for obs in observations:
+            if isinstance(obs, Reported):
+                reported[obs.device_id] = obs
+            else:
+                status[obs.device_id] = obs
+        touched: set[str] = set()
+        with self.store.tx() as tx:
+            known = {r[0] for r in tx.all("SELECT id FROM devices")}
+            dead = {r[0] for r in tx.all("SELECT id FROM tombstones")}
+            for device_id in sorted(set(reported) | set(status)):
+                if device_id not in known:
+                    if not self.auto_register or device_id in dead:
+                        continue
+                    self._ensure_device(tx, device_id, time.time())
+                touched.add(device_id)
+                if device_id in reported:
+                    self._write_reported(tx, reported[device_id])
+                if device_id in status:
+                    s = status[device_id]
+                    tx.execute(
+                        "UPDATE devices SET online = ?, last_seen = CASE WHEN ? = 1 THEN ? ELSE last_seen END "
+                        "WHERE id = ?",
+                        (int(s.online), int(s.online), s.received_at, device_id),
+                    )
+        return touched
+
+    @staticmethod
+    def _write_reported(tx: Tx, obs: Reported) -> None:
+        state = obs.state
+        models = {
+            m.name: ModelState(
+                m.name,
+                m.digest,
+                m.version,
+                m.smoke_test_passed,
+                m.failed_digest,
+                m.failure_reason,
+                m.previous_digest,
+            ).to_json()
+            for m in state.models
+        }
+        stats = {
+            "requests": state.stats.requests, "error_rate": state.stats.error_rate,
+            "p99_ms": state.stats.p99_ms, "window_seconds": state.stats.window_seconds,
+        }  # fmt: skip
+        seen = state.reported_at.ToNanoseconds() / 1e9 if state.HasField("reported_at") else obs.received_at
+        tx.execute(
+            "UPDATE devices SET reported_labels = ?, agent_version = ?, profile = ?, health = ?, last_error = ?, "
+            "observed_generation = ?, models = ?, stats = ?, last_seen = ? WHERE id = ?",
+            (dumps(dict(state.labels)), state.agent_version, state.profile, int(state.health), state.last_error,
+             state.observed_generation, dumps(models), dumps(stats), seen, obs.device_id),
+        )  # fmt: skip
+
+    def counts(self) -> dict[str, int]:
+        """Devices by state for metrics: online, offline."""
+        with self.store.tx() as tx:
+            rows = tx.all("SELECT online, COUNT(*) FROM devices GROUP BY online")
+        out = {"online": 0, "offline": 0}
+        for online, n in rows:
+            out["online" if online else "offline"] += int(n)
+        return out

@@ -1,0 +1,207 @@
+"""The control plane process: gRPC API, state store, MQTT bus, leader election, controller.
+
+Every replica serves the API; the leader alone subscribes to the fleet's reports, steps
+rollouts and answers MQTT chunk requests. ``ControlPlane.start()`` returns once the API
+listens; ``serve()`` blocks until a signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edgectl.artifact import TrustStore, default_trust_store, open_blob_store, public_pem
+from edgectl.control_plane.artifacts import ArtifactStore
+from edgectl.control_plane.audit import AuditLog
+from edgectl.control_plane.bus import FleetBus
+from edgectl.control_plane.controller import ControllerLoop, RolloutController
+from edgectl.control_plane.errors import ControlPlaneError
+from edgectl.control_plane.fleet import Fleet
+from edgectl.control_plane.ingest import ChunkServer, FleetIngest
+from edgectl.control_plane.leader import LeaderElection, leader_lock_for
+from edgectl.control_plane.metrics import Metrics
+from edgectl.control_plane.rollouts import Rollouts
+from edgectl.control_plane.servicers import (
+    ArtifactServicer,
+    AuditServicer,
+    FleetServicer,
+    Hooks,
+    RolloutServicer,
+)
+from edgectl.control_plane.store import StateStore
+from edgectl.protos.v1 import (
+    artifacts_pb2,
+    artifacts_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (
+    artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
+    fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
+    rollouts_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name,
+    rollouts_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """Everything `edgectl control-plane serve` takes; defaults run on one machine."""
+
+    listen: str = "127.0.0.1:7443"
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    state_url: str = "sqlite:///edgectl.db"
+    blobs: str = "./blobs"
+    trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
+    metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
+    device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
+    auto_register: bool = True  # devices that report without enrolling join the inventory
+    tick_seconds: float = 0.25
+    leader_interval: float = 1.0
+    workers: int = 32
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def load_trust(paths: tuple[Path, ...]) -> TrustStore:
+    if not paths:
+        return default_trust_store()
+    trust = TrustStore()
+    for p in paths:
+        trust.add_path(Path(p))
+    return trust
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ControlPlaneError(f"address {text!r} is not HOST:PORT", hint="e.g. 127.0.0.1:7443")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class ControlPlane:
+    """One replica of the control plane, assembled from its parts."""
+
+    def __init__(self, config: ControlPlaneConfig, trust: TrustStore | None = None) -> None:
+        self.config = config
+        self.trust = trust if trust is not None else load_trust(config.trust)
+        if len(self.trust) == 0:
+            log.warning("no trusted signing keys: every artifact upload will be refused (pass --trust)")
+        self.store = StateStore(config.state_url)
+        self.blobs = open_blob_store(config.blobs)
+        self.artifacts = ArtifactStore(self.store, self.blobs, self.trust)
+        keys = [public_pem(self.trust.get(k)) for k in self.trust.key_ids()]  # type: ignore[arg-type]
+        self.fleet = Fleet(self.store, keys, config.device_mqtt_url or config.mqtt_url, config.auto_register)
+        self.metrics = Metrics(self.store, self.fleet)
+        self.bus = FleetBus(
+            config.mqtt_url, on_error=lambda kind: self.metrics.mqtt_errors.labels(kind).inc()
+        )
+        self.controller = RolloutController(
+            self.store, self.bus, on_wave_done=lambda seconds: self.metrics.wave_seconds.observe(seconds)
+        )
+        self.loop = ControllerLoop(self.controller, config.tick_seconds)
+        self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake)
+        self.audit = AuditLog(self.store)
+        self.chunks = ChunkServer(self.artifacts, self.bus)
+        self.ingest = FleetIngest(
+            self.store, self.fleet, self.bus, self.chunks, self.loop.wake, self.metrics.count_mqtt
+        )
+        self.election = LeaderElection(
+            leader_lock_for(config.state_url), self._lead, self._follow, interval=config.leader_interval
+        )
+        self.health = health.HealthServicer()
+        self._server: grpc.Server | None = None
+        self.port = 0
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host, _ = split_hostport(self.config.listen)
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
+
+    @property
+    def leading(self) -> bool:
+        return self.election.leading.is_set()
+
+    def start(self) -> None:
+        """Bind the API, connect to the broker and join the leader election; returns at once."""
+        hooks = Hooks(self.audit, lambda method, code: self.metrics.grpc_errors.labels(method, code).inc())
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(
+            ArtifactServicer(self.artifacts, hooks), server
+        )
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(
+            FleetServicer(self.fleet, hooks, self.bus.clear_device), server
+        )
+        rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(self.rollouts, hooks), server)
+        rollouts_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, hooks), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        host, port = split_hostport(self.config.listen)
+        try:
+            self.port = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise ControlPlaneError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_listen:
+            self.metrics.serve(*split_hostport(self.config.metrics_listen))
+        self.bus.start()
+        self.chunks.start()
+        self.election.start()
+        log.info("control plane listening", extra={"address": self.address, "state": self.store.dialect})
+
+    def _lead(self) -> None:
+        # The ingest republishes every desired state on the CONNECTED marker that subscribing queues.
+        self.ingest.start()
+        self.bus.subscribe_fleet()
+        self.loop.start()
+
+    def _follow(self) -> None:
+        self.loop.stop()
+        self.bus.unsubscribe_fleet()
+        self.ingest.stop()
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop serving and release leadership (another replica may take over)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 1)
+        self.election.stop()
+        self.chunks.stop()
+        self.bus.stop()
+        self.metrics.stop()
+        self.store.close()
+
+    def serve(self) -> None:
+        """Start, then block until SIGINT/SIGTERM."""
+        self.start()
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        self.stop()

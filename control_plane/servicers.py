@@ -1,0 +1,371 @@
+"""gRPC servicers: validate, convert, call the domain object. Errors become status codes here only.
+
+Every method goes through :func:`rpc`, which maps domain errors to codes (:func:`status_for`),
+counts failures, and writes the audit entry of each mutating call, success or not.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from edgectl.artifact import ArtifactError, BlobStoreError
+from edgectl.control_plane import convert
+from edgectl.control_plane import rollout_store as rs
+from edgectl.control_plane.artifacts import ArtifactStore
+from edgectl.control_plane.audit import ANONYMOUS, SECRET_FIELDS, AuditLog
+from edgectl.control_plane.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    StateStoreError,
+)
+from edgectl.control_plane.fleet import Fleet
+from edgectl.control_plane.rollouts import Rollouts
+from edgectl.control_plane.strategy import check_labels
+from edgectl.errors import EdgectlError
+from edgectl.protos.v1 import (
+    artifacts_pb2,
+    artifacts_pb2_grpc,
+    common_pb2,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    rollouts_pb2,
+    rollouts_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (StateStoreError, grpc.StatusCode.UNAVAILABLE),
+    (BlobStoreError, grpc.StatusCode.UNAVAILABLE),
+    (ArtifactError, grpc.StatusCode.INVALID_ARGUMENT),
+    (EdgectlError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+SNAPSHOT_EVENTS = frozenset(
+    {"created", "state_changed", "wave_started", "wave_succeeded", "rollback_started"}
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for an exception raised by domain code."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    log.error("unexpected error in a gRPC method", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error in the control plane; its log has the details"
+
+
+@dataclass
+class Note:
+    """What a method tells the audit log about itself (defaults come from the request)."""
+
+    target: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def summary(request: Any) -> dict[str, Any]:
+    """The request as JSON with secrets and bulk bytes removed."""
+    if not isinstance(request, Message):
+        return {}
+    data = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    return {k: v for k, v in data.items() if k not in SECRET_FIELDS}
+
+
+class Hooks:
+    """What ``rpc`` needs from the server: the audit log and the error counter."""
+
+    def __init__(self, audit: AuditLog, count_error: Callable[[str, str], None]) -> None:
+        self.audit = audit
+        self.count_error = count_error
+
+
+def rpc(
+    action: str, mutating: bool = False, target: str = "", streaming: bool = False
+) -> Callable[[Callable[..., Any]], Any]:
+    """Wrap a servicer method: map errors, count them, audit mutating calls."""
+    method = f"/edgectl.v1.{action}"
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        def finish(
+            self: Servicer, request: Any, context: grpc.ServicerContext, note: Note, code: str
+        ) -> None:
+            if mutating:
+                details = note.details or summary(request)
+                who = note.target or str(details.get(target, "")) if target else note.target
+                self.hooks.audit.record(ANONYMOUS, context.peer(), method, who, json.dumps(details), code)
+
+        def fail(
+            self: Servicer, request: Any, context: grpc.ServicerContext, note: Note, exc: Exception
+        ) -> None:
+            code, message = status_for(exc)
+            self.hooks.count_error(method, code.name)
+            finish(self, request, context, note, code.name)
+            context.abort(code, message)
+
+        if streaming:
+
+            @functools.wraps(fn)
+            def stream(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                note = Note()
+                try:
+                    yield from fn(self, request, context, note)
+                except Exception as exc:
+                    fail(self, request, context, note, exc)
+
+            return stream
+
+        @functools.wraps(fn)
+        def unary(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
+            note = Note()
+            try:
+                response = fn(self, request, context, note)
+            except Exception as exc:
+                fail(self, request, context, note, exc)
+                raise  # unreachable: abort raises
+            finish(self, request, context, note, "OK")
+            return response
+
+        return unary
+
+    return decorate
+
+
+def page(p: common_pb2.Page, default: int = 100) -> tuple[int, int]:
+    """(offset, limit) from a Page; the token is the offset the previous page ended at."""
+    try:
+        offset = int(p.page_token) if p.page_token else 0
+    except ValueError as exc:
+        raise InvalidArgument(f"page token {p.page_token!r} is not one this server issued") from exc
+    if offset < 0 or p.page_size < 0:
+        raise InvalidArgument("page size and token must not be negative")
+    return offset, min(p.page_size or default, 1000)
+
+
+def next_token(offset: int, limit: int, got: int) -> str:
+    return str(offset + got) if got == limit else ""
+
+
+class Servicer:
+    """Base for the servicers: holds the hooks ``rpc`` uses."""
+
+    hooks: Hooks
+
+
+class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
+    def __init__(self, artifacts: ArtifactStore, hooks: Hooks) -> None:
+        self.artifacts = artifacts
+        self.hooks = hooks
+
+    @rpc("ArtifactService/PlanUpload", mutating=True)
+    def PlanUpload(self, request: artifacts_pb2.PlanUploadRequest, context: Any, note: Note) -> Any:
+        plan = self.artifacts.plan_upload(request.manifest, request.signatures)
+        note.target = plan.digest
+        note.details = {"missing_chunks": len(plan.missing_chunks), "already_complete": plan.already_complete}
+        return artifacts_pb2.PlanUploadResponse(
+            digest=plan.digest, missing_chunks=plan.missing_chunks, already_complete=plan.already_complete
+        )
+
+    @rpc("ArtifactService/Upload", mutating=True)
+    def Upload(
+        self, request_iterator: Iterator[artifacts_pb2.UploadRequest], context: Any, note: Note
+    ) -> Any:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("body") != "header":
+            raise InvalidArgument("the first Upload message must be the header with the artifact digest")
+        digest = first.header.digest
+        note.target = digest
+        manifest = self.artifacts.planned_manifest(digest)
+        wanted = {c.digest for f in manifest.files for c in f.chunks}
+        received = chunks = 0
+        for message in request_iterator:
+            if message.WhichOneof("body") != "chunk":
+                raise InvalidArgument("only chunk messages may follow the Upload header")
+            self.artifacts.receive_chunk(manifest, message.chunk.digest, message.chunk.data, wanted)
+            received += len(message.chunk.data)
+            chunks += 1
+        note.details = {"digest": digest, "chunks": chunks, "bytes": received}
+        record = self.artifacts.commit_upload(digest, ANONYMOUS)
+        return artifacts_pb2.UploadResponse(
+            artifact=convert.artifact(record), bytes_received=received, chunks_received=chunks
+        )
+
+    @rpc("ArtifactService/List")
+    def List(self, request: artifacts_pb2.ListArtifactsRequest, context: Any, note: Note) -> Any:
+        offset, limit = page(request.page)
+        records = self.artifacts.list_artifacts(request.name, offset, limit)
+        return artifacts_pb2.ListArtifactsResponse(
+            artifacts=[convert.artifact(r) for r in records],
+            next_page_token=next_token(offset, limit, len(records)),
+        )
+
+    @rpc("ArtifactService/Get")
+    def Get(self, request: artifacts_pb2.GetArtifactRequest, context: Any, note: Note) -> Any:
+        return convert.artifact(self.artifacts.resolve(request.artifact))
+
+    @rpc("ArtifactService/Download", streaming=True)
+    def Download(self, request: artifacts_pb2.DownloadRequest, context: Any, note: Note) -> Iterator[Any]:
+        digest = self.artifacts.resolve(request.digest).digest
+        if request.chunks:
+            pieces = self.artifacts.download_chunks(digest, list(request.chunks))
+        elif request.path:
+            pieces = self.artifacts.download_file(digest, request.path, request.offset)
+        else:
+            raise InvalidArgument("Download needs a file path (with an offset) or a list of chunk digests")
+        for p in pieces:
+            yield artifacts_pb2.DownloadChunk(
+                path=p.path, offset=p.offset, chunk_digest=p.digest, data=p.data
+            )
+
+    @rpc("ArtifactService/Delete", mutating=True, target="digest")
+    def Delete(self, request: artifacts_pb2.DeleteArtifactRequest, context: Any, note: Note) -> Any:
+        digest = self.artifacts.resolve(request.digest).digest
+        note.target = digest
+        return artifacts_pb2.DeleteArtifactResponse(bytes_freed=self.artifacts.delete(digest))
+
+
+class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
+    def __init__(self, fleet: Fleet, hooks: Hooks, on_decommission: Callable[[str], None]) -> None:
+        self.fleet = fleet
+        self.hooks = hooks
+        self.on_decommission = on_decommission
+
+    @rpc("FleetService/CreateEnrollmentToken", mutating=True, target="device_id")
+    def CreateEnrollmentToken(
+        self, request: fleet_pb2.CreateEnrollmentTokenRequest, context: Any, note: Note
+    ) -> Any:
+        token = self.fleet.create_token(request.device_id, dict(request.labels), int(request.ttl_seconds))
+        return fleet_pb2.EnrollmentToken(
+            device_id=token.device_id, token=token.token, expires_at=convert.ts(token.expires_at)
+        )
+
+    @rpc("FleetService/Enroll", mutating=True, target="device_id")
+    def Enroll(self, request: fleet_pb2.EnrollRequest, context: Any, note: Note) -> Any:
+        creds = self.fleet.enroll(request.device_id, request.token, request.agent_version, request.profile)
+        return fleet_pb2.DeviceCredentials(
+            device_id=creds.device_id, mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password,
+            trusted_keys=creds.trusted_keys, mqtt_url=creds.mqtt_url,
+        )  # fmt: skip
+
+    @rpc("FleetService/ListDevices")
+    def ListDevices(self, request: fleet_pb2.ListDevicesRequest, context: Any, note: Note) -> Any:
+        offset, limit = page(request.page, default=1000)
+        devices = self.fleet.list_devices(convert.selector_from(request.selector), offset, limit)
+        return fleet_pb2.ListDevicesResponse(
+            devices=[convert.device(d) for d in devices],
+            next_page_token=next_token(offset, limit, len(devices)),
+        )
+
+    @rpc("FleetService/GetDevice")
+    def GetDevice(self, request: fleet_pb2.GetDeviceRequest, context: Any, note: Note) -> Any:
+        return convert.device(self.fleet.get(request.id))
+
+    @rpc("FleetService/LabelDevice", mutating=True, target="id")
+    def LabelDevice(self, request: fleet_pb2.LabelDeviceRequest, context: Any, note: Note) -> Any:
+        check_labels(dict(request.set))
+        return convert.device(self.fleet.label(request.id, dict(request.set), list(request.remove)))
+
+    @rpc("FleetService/DecommissionDevice", mutating=True, target="id")
+    def DecommissionDevice(
+        self, request: fleet_pb2.DecommissionDeviceRequest, context: Any, note: Note
+    ) -> Any:
+        self.fleet.decommission(request.id)
+        self.on_decommission(request.id)
+        return fleet_pb2.DecommissionDeviceResponse()
+
+
+class RolloutServicer(Servicer, rollouts_pb2_grpc.RolloutServiceServicer):
+    def __init__(self, rollouts: Rollouts, hooks: Hooks) -> None:
+        self.rollouts = rollouts
+        self.hooks = hooks
+
+    @rpc("RolloutService/Create", mutating=True)
+    def Create(self, request: rollouts_pb2.CreateRolloutRequest, context: Any, note: Note) -> Any:
+        view = self.rollouts.create(
+            request.artifact,
+            convert.selector_from(request.selector),
+            convert.strategy_from(request.strategy),
+            ANONYMOUS,
+        )
+        note.target = view.rollout.id
+        return convert.rollout(view)
+
+    @rpc("RolloutService/Get")
+    def Get(self, request: rollouts_pb2.GetRolloutRequest, context: Any, note: Note) -> Any:
+        return convert.rollout(self.rollouts.get(request.id))
+
+    @rpc("RolloutService/List")
+    def List(self, request: rollouts_pb2.ListRolloutsRequest, context: Any, note: Note) -> Any:
+        offset, limit = page(request.page)
+        views = self.rollouts.list_rollouts([int(s) for s in request.states], offset, limit)
+        return rollouts_pb2.ListRolloutsResponse(
+            rollouts=[convert.rollout(v, with_devices=False) for v in views],
+            next_page_token=next_token(offset, limit, len(views)),
+        )
+
+    @rpc("RolloutService/Watch", streaming=True)
+    def Watch(self, request: rollouts_pb2.WatchRolloutRequest, context: Any, note: Note) -> Iterator[Any]:
+        seq = request.after_sequence
+        while context.is_active():
+            events = self.rollouts.events_after(request.id, seq)
+            for e in events:
+                snapshot = (
+                    convert.rollout(self.rollouts.get(request.id)) if e.kind in SNAPSHOT_EVENTS else None
+                )
+                yield convert.event(e, snapshot)
+                seq = e.seq
+            if not events:
+                if self.rollouts.get(request.id).rollout.state in rs.TERMINAL:
+                    return
+                with self.rollouts.changed:
+                    # Other replicas write too, so poll as well as wait for local notifications.
+                    self.rollouts.changed.wait(0.5)
+
+    def _action(self, name: str, request: rollouts_pb2.RolloutActionRequest) -> Any:
+        view = getattr(self.rollouts, name)(request.id, request.reason)
+        return convert.rollout(view)
+
+    @rpc("RolloutService/Pause", mutating=True, target="id")
+    def Pause(self, request: rollouts_pb2.RolloutActionRequest, context: Any, note: Note) -> Any:
+        return self._action("pause", request)
+
+    @rpc("RolloutService/Resume", mutating=True, target="id")
+    def Resume(self, request: rollouts_pb2.RolloutActionRequest, context: Any, note: Note) -> Any:
+        return self._action("resume", request)
+
+    @rpc("RolloutService/Abort", mutating=True, target="id")
+    def Abort(self, request: rollouts_pb2.RolloutActionRequest, context: Any, note: Note) -> Any:
+        return self._action("abort", request)
+
+    @rpc("RolloutService/Rollback", mutating=True, target="id")
+    def Rollback(self, request: rollouts_pb2.RolloutActionRequest, context: Any, note: Note) -> Any:
+        return self._action("rollback", request)
+
+
+class AuditServicer(Servicer, rollouts_pb2_grpc.AuditServiceServicer):
+    def __init__(self, audit: AuditLog, hooks: Hooks) -> None:
+        self.audit = audit
+        self.hooks = hooks
+
+    @rpc("AuditService/List")
+    def List(self, request: rollouts_pb2.ListAuditRequest, context: Any, note: Note) -> Any:
+        offset, limit = page(request.page)
+        since = convert.seconds(request.range.since) if request.range.HasField("since") else None
+        until = convert.seconds(request.range.until) if request.range.HasField("until") else None
+        records = self.audit.entries(since, until, request.action, offset, limit)
+        return rollouts_pb2.ListAuditResponse(
+            entries=[convert.audit(r) for r in records],
+            next_page_token=next_token(offset, limit, len(records)),
+        )

@@ -1,0 +1,201 @@
+"""Rollout strategies and device selectors: parsing, validation, wave sizes, failure budgets.
+
+Pure functions over plain values, shared by the server (validating requests) and the CLI
+(parsing flags), so both give the same message for the same mistake.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgectl.control_plane.errors import InvalidArgument
+
+_WAVE_RE = re.compile(r"^(\d+)(%?)$")
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
+DEFAULT_HEALTH_TIMEOUT_S = 120
+OFFLINE_FAIL = 1
+OFFLINE_SKIP = 2
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Devices to target: every label must match (AND), or the id is listed (OR)."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    device_ids: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.labels and not self.device_ids
+
+    def matches(self, device_id: str, labels: dict[str, str]) -> bool:
+        if device_id in self.device_ids:
+            return True
+        return bool(self.labels) and all(labels.get(k) == v for k, v in self.labels.items())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"labels": dict(sorted(self.labels.items())), "device_ids": list(self.device_ids)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Selector:
+        return cls(dict(obj.get("labels", {})), tuple(obj.get("device_ids", [])))
+
+    def __str__(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.labels.items())] + [f"id={d}" for d in self.device_ids]
+        return ",".join(parts)
+
+
+def parse_selector(text: str) -> Selector:
+    """``site=lab,gpu=orin`` or ``id=cam-1,id=cam-2`` (mixable) into a Selector."""
+    labels: dict[str, str] = {}
+    ids: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise InvalidArgument(
+                f"selector part {part!r} is not key=value",
+                hint="write e.g. --to site=lab,ring=canary or --to id=cam-07",
+            )
+        key, value = key.strip(), value.strip()
+        if key == "id":
+            ids.append(value)
+        else:
+            labels[key] = value
+    selector = Selector(labels, tuple(ids))
+    if selector.empty:
+        raise InvalidArgument("the selector is empty", hint="name labels (site=lab) or devices (id=cam-07)")
+    return selector
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Return ``labels`` if every key and value is usable in a selector."""
+    for key, value in labels.items():
+        if not _LABEL_KEY_RE.fullmatch(key) or key == "id":
+            raise InvalidArgument(
+                f"label key {key!r} is not allowed",
+                hint="use up to 63 letters, digits, '.', '_', '/', '-'; 'id' is reserved",
+            )
+        if "," in value or "=" in value or len(value) > 256:
+            raise InvalidArgument(f"label {key}={value!r}: values may not contain ',' or '=' (max 256 chars)")
+    return labels
+
+
+def wave_sizes(waves: list[str], targets: int) -> list[int]:
+    """Cumulative wave specs (``["1", "10%", "100%"]``) to per-wave device counts over ``targets``.
+
+    Waves that add no device (e.g. 10% of 3 after a wave of 1) are dropped; the last wave must
+    reach every target, so a rollout never stops short of the selector by accident.
+    """
+    if not waves:
+        raise InvalidArgument("the strategy has no waves", hint="e.g. --strategy 1,10%,50%,100%")
+    cumulative: list[int] = []
+    for spec in waves:
+        m = _WAVE_RE.fullmatch(spec.strip())
+        if not m:
+            raise InvalidArgument(
+                f"wave {spec!r} is not a count or a percentage", hint="e.g. --strategy 1,10%,50%,100%"
+            )
+        number, pct = int(m.group(1)), bool(m.group(2))
+        if pct and not 0 < number <= 100:
+            raise InvalidArgument(f"wave {spec!r}: a percentage must be in 1%..100%")
+        if not pct and number < 1:
+            raise InvalidArgument(f"wave {spec!r}: a wave must move at least one device")
+        count = math.ceil(targets * number / 100) if pct else number
+        count = max(1, min(count, targets))
+        if cumulative and count < cumulative[-1]:
+            raise InvalidArgument(
+                f"wave {spec!r} is smaller than the wave before it",
+                hint="wave sizes are cumulative and must not shrink, e.g. 1,10%,50%,100%",
+            )
+        cumulative.append(count)
+    if cumulative[-1] < targets:
+        raise InvalidArgument(
+            f"strategy {','.join(waves)} reaches {cumulative[-1]} of {targets} targeted devices",
+            hint="end the strategy with 100%",
+        )
+    sizes: list[int] = []
+    previous = 0
+    for count in cumulative:
+        if count > previous:
+            sizes.append(count - previous)
+            previous = count
+    return sizes
+
+
+def failure_budget(max_failures: str, targets: int) -> int:
+    """``"3"`` or ``"5%"`` of ``targets`` as a device count; exceeding it stops the rollout."""
+    spec = (max_failures or "0").strip()
+    m = _WAVE_RE.fullmatch(spec)
+    if not m:
+        raise InvalidArgument(f"max failures {spec!r} is not a count or a percentage", hint="e.g. 0, 2 or 5%")
+    number, pct = int(m.group(1)), bool(m.group(2))
+    if pct:
+        if number > 100:
+            raise InvalidArgument(f"max failures {spec!r} is above 100%")
+        return math.floor(targets * number / 100)
+    return number
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``30s``, ``2m``, ``1h``, ``500ms`` into seconds."""
+    m = _DURATION_RE.fullmatch(text.strip())
+    if not m:
+        raise InvalidArgument(f"duration {text!r} is not understood", hint="e.g. 30s, 2m, 1h")
+    value = float(m.group(1))
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A validated rollout strategy, as stored with the rollout."""
+
+    waves: tuple[str, ...] = ("1", "10%", "50%", "100%")
+    max_failures: str = "0"
+    health_timeout_s: int = DEFAULT_HEALTH_TIMEOUT_S
+    soak_s: int = 0
+    max_error_rate: float = 0.0
+    max_p99_ms: float = 0.0
+    offline_policy: int = OFFLINE_FAIL
+
+    def validate(self, targets: int) -> list[int]:
+        """Check every field against ``targets`` devices; returns the wave sizes."""
+        sizes = wave_sizes(list(self.waves), targets)
+        failure_budget(self.max_failures, targets)
+        if self.health_timeout_s <= 0:
+            raise InvalidArgument("health timeout must be positive", hint="e.g. --health-timeout 2m")
+        if self.soak_s < 0 or self.max_error_rate < 0 or self.max_p99_ms < 0:
+            raise InvalidArgument("soak window and thresholds must not be negative")
+        if not 0 <= self.max_error_rate <= 1:
+            raise InvalidArgument(f"max error rate {self.max_error_rate} must be between 0 and 1")
+        if self.offline_policy not in (OFFLINE_FAIL, OFFLINE_SKIP):
+            raise InvalidArgument("offline policy must be FAIL or SKIP")
+        return sizes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "waves": list(self.waves),
+            "max_failures": self.max_failures,
+            "health_timeout_s": self.health_timeout_s,
+            "soak_s": self.soak_s,
+            "max_error_rate": self.max_error_rate,
+            "max_p99_ms": self.max_p99_ms,
+            "offline_policy": self.offline_policy,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StrategySpec:
+        return cls(
+            waves=tuple(obj["waves"]),
+            max_failures=obj["max_failures"],
+            health_timeout_s=int(obj["health_timeout_s"]),
+            soak_s=int(obj.get("soak_s", 0)),
+            max_error_rate=float(obj.get("max_error_rate", 0.0)),
+            max_p99_ms=float(obj.get("max_p99_ms", 0.0)),
+            offline_policy=int(obj.get("offline_policy", OFFLINE_FAIL)),
+        )

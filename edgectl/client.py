@@ -1,0 +1,212 @@
+"""A small gRPC client for the control plane, shared by the CLI commands.
+
+Finds the server (``--server`` → ``EDGECTL_SERVER`` → ``config.toml`` → the ``endpoints.json``
+that `edgectl up` writes), turns a gRPC failure into one clear :class:`RemoteError` line, and
+pushes artifact bundles resumably (PlanUpload, then only the chunks the server lacks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from edgectl.artifact.keystore import config_dir
+from edgectl.artifact.manifest import Manifest
+from edgectl.artifact.tarball import safe_members
+from edgectl.artifact.verify import read_unverified
+from edgectl.errors import EdgectlError, UsageError
+from edgectl.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, fleet_pb2_grpc, rollouts_pb2_grpc
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: no config file support, the other sources still work
+    tomllib = None  # type: ignore[assignment]
+
+SERVER_ENV = "EDGECTL_SERVER"
+DATA_DIR_ENV = "EDGECTL_DATA_DIR"
+T = TypeVar("T")
+# Exit codes by gRPC status, so scripts can tell "fix your input" from "try again later".
+EXIT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: 2,
+    grpc.StatusCode.NOT_FOUND: 6,
+    grpc.StatusCode.FAILED_PRECONDITION: 7,
+    grpc.StatusCode.PERMISSION_DENIED: 8,
+    grpc.StatusCode.UNAUTHENTICATED: 8,
+    grpc.StatusCode.UNAVAILABLE: 9,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 9,
+}
+
+
+class RemoteError(EdgectlError):
+    """The control plane refused or failed a call; the message is its own, one line."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{code.name.lower().replace('_', ' ')}: {message}", hint=hint)
+        self.code = code
+        self.exit_code = EXIT_CODES.get(code, 1)
+
+
+def default_data_dir() -> Path:
+    """Where `edgectl up` keeps its state (``$EDGECTL_DATA_DIR`` or ``~/.edgectl``)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".edgectl"
+
+
+def _from_config() -> str | None:
+    path = config_dir() / "config.toml"
+    if tomllib is None or not path.is_file():
+        return None
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}", hint="fix the file or pass --server") from exc
+    value = data.get("server") or data.get("control_plane", {}).get("server")
+    return str(value) if value else None
+
+
+def _from_endpoints(data_dir: Path) -> str | None:
+    path = data_dir / "endpoints.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}", hint="restart `edgectl up` or pass --server") from exc
+    value = data.get("control_plane")
+    if isinstance(value, dict):
+        value = value.get("grpc") or value.get("address")
+    return str(value) if value else None
+
+
+def resolve_server(flag: str | None, data_dir: Path | None = None) -> str:
+    """The control plane's HOST:PORT from the flag, env, config file, or `edgectl up`'s endpoints.json."""
+    for found in (
+        flag,
+        os.environ.get(SERVER_ENV),
+        _from_config(),
+        _from_endpoints(data_dir or default_data_dir()),
+    ):
+        if found:
+            return found.removeprefix("grpc://")
+    raise UsageError(
+        "no control plane address",
+        hint=f'pass --server HOST:PORT, set {SERVER_ENV}, put server = "HOST:PORT" in '
+        f"{config_dir() / 'config.toml'}, or start a local fleet with `edgectl up`",
+    )
+
+
+@dataclass
+class ControlPlaneClient:
+    """Stubs of every control-plane service over one channel."""
+
+    address: str
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_receive_message_length", 16 << 20),
+                ("grpc.max_send_message_length", 16 << 20),
+            ],
+        )
+        self.artifacts = artifacts_pb2_grpc.ArtifactServiceStub(self.channel)
+        self.fleet = fleet_pb2_grpc.FleetServiceStub(self.channel)
+        self.rollouts = rollouts_pb2_grpc.RolloutServiceStub(self.channel)
+        self.audit = rollouts_pb2_grpc.AuditServiceStub(self.channel)
+
+    def call(self, method: Callable[..., T], request: Any, **kwargs: Any) -> T:
+        """Call a unary method; a gRPC failure becomes a RemoteError."""
+        try:
+            return method(request, timeout=kwargs.pop("timeout", self.timeout), **kwargs)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def error(self, exc: grpc.RpcError) -> RemoteError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return RemoteError(
+                code, f"control plane at {self.address} is unreachable ({details})",
+                hint="start it with `edgectl control-plane serve` or `edgectl up`, or pass --server",
+            )  # fmt: skip
+        return RemoteError(code, details)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ControlPlaneClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did: the stored artifact and how much actually travelled."""
+
+    artifact: artifacts_pb2.Artifact
+    chunks_sent: int
+    bytes_sent: int
+    already_present: bool
+
+
+def _bundle_files(path: Path, workdir: Path) -> Path:
+    """A directory holding the bundle's files: ``path`` itself, or a .tar unpacked safely into ``workdir``."""
+    if path.is_dir():
+        return path
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            for member in safe_members(tf, path.name):
+                src = tf.extractfile(member)
+                if src is None:
+                    continue
+                dest = workdir / member.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with src, dest.open("wb") as out:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+    except (tarfile.TarError, OSError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}", hint="pass an artifact directory or .tar") from exc
+    return workdir
+
+
+def push_artifact(client: ControlPlaneClient, path: Path) -> PushResult:
+    """Upload a bundle (directory or .tar); resumable: only chunks the server lacks are sent."""
+    manifest_bytes, signatures = read_unverified(Path(path))
+    if signatures is None:
+        raise UsageError(
+            f"{path} is not signed", hint="sign it (edgectl compress signs by default) and push again"
+        )
+    plan = client.call(
+        client.artifacts.PlanUpload,
+        artifacts_pb2.PlanUploadRequest(manifest=manifest_bytes, signatures=signatures),
+    )
+    if plan.already_complete:
+        art = client.call(client.artifacts.Get, artifacts_pb2.GetArtifactRequest(artifact=plan.digest))
+        return PushResult(art, 0, 0, True)
+    manifest = Manifest.from_bytes(manifest_bytes)
+    where = {c.digest: (f.path, c.offset, c.size) for f in manifest.files for c in f.chunks}
+    with tempfile.TemporaryDirectory(prefix="edgectl-push-") as tmp:
+        root = _bundle_files(Path(path), Path(tmp))
+
+        def requests() -> Iterator[artifacts_pb2.UploadRequest]:
+            yield artifacts_pb2.UploadRequest(header=artifacts_pb2.UploadHeader(digest=plan.digest))
+            for digest in plan.missing_chunks:
+                rel, offset, size = where[digest]
+                with (root / rel).open("rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read(size)
+                yield artifacts_pb2.UploadRequest(chunk=artifacts_pb2.ChunkPayload(digest=digest, data=data))
+
+        response = client.call(client.artifacts.Upload, requests(), timeout=600)
+    return PushResult(response.artifact, int(response.chunks_received), int(response.bytes_received), False)

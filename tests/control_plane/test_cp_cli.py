@@ -1,0 +1,145 @@
+"""The control-plane commands against a live control plane: output, --json, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from edgectl.artifact import Artifact
+from edgectl.cli import fleet as cli
+from edgectl.client import resolve_server
+from edgectl.control_plane.server import ControlPlane
+from edgectl.errors import EdgectlError, UsageError
+from edgectl.ports import free_port
+from tests.control_plane.sim_device import SimFleet, wait_for
+
+
+def make_app() -> typer.Typer:
+    """The commands mounted as the CLI root mounts them."""
+    app = typer.Typer()
+    artifact = typer.Typer()
+    artifact.command("push")(cli.artifact_push)
+    artifact.command("ls")(cli.artifact_ls)
+    artifact.command("rm")(cli.artifact_rm)
+    app.add_typer(artifact, name="artifact")
+    app.command("deploy")(cli.deploy)
+    app.add_typer(cli.rollout_app, name="rollout")
+    app.add_typer(cli.devices_app, name="devices")
+    app.add_typer(cli.audit_app, name="audit")
+    app.add_typer(cli.control_plane_app, name="control-plane")
+    return app
+
+
+APP = make_app()
+
+
+def run(*args: str) -> tuple[int, str]:
+    """(exit code, output) with EdgectlError mapped the way `edgectl`'s main() maps it."""
+    result = CliRunner().invoke(APP, list(args))
+    if isinstance(result.exception, EdgectlError):
+        return result.exception.exit_code, str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def test_push_deploy_watch_and_inspect(
+    cp: ControlPlane, sim: SimFleet, build: Callable[..., Artifact], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGECTL_SERVER", cp.address)
+    art = build(version=1)
+    code, out = run("artifact", "push", str(art.root), "--json")
+    assert code == 0 and json.loads(out)["artifact"]["digest"] == art.digest
+    code, out = run("artifact", "ls", "--json")
+    assert code == 0 and [a["ref"]["version"] for a in json.loads(out)] == ["1"]
+    for i in range(3):
+        sim.add(f"dev-{i}", {"site": "lab"})
+    sim.connect()
+    wait_for(lambda: len(cp.fleet.list_devices()) == 3, 10, what="devices registered")
+    code, out = run(
+        "deploy",
+        "digits:1",
+        "--to",
+        "site=lab",
+        "--strategy",
+        "1,100%",
+        "--health-timeout",
+        "5s",
+        "--watch",
+        "--json",
+    )
+    assert code == 0, out
+    rollout = json.loads(out)
+    assert rollout["state"] == "ROLLOUT_STATE_SUCCEEDED"
+    code, out = run("rollout", "ls", "--json")
+    assert code == 0 and json.loads(out)[0]["id"] == rollout["id"]
+    code, out = run("rollout", "status", rollout["id"])
+    assert code == 0 and rollout["id"] in out and "succeeded" in out
+    code, out = run("devices", "ls", "-l", "site=lab", "--json")
+    assert code == 0 and {d["active"]["digest"] for d in json.loads(out)} == {art.digest}
+    code, out = run("devices", "label", "dev-0", "ring=canary")
+    assert code == 0 and "ring=canary" in out
+    code, out = run("devices", "enroll", "cam-9", "--labels", "site=lab", "--json")
+    assert code == 0 and json.loads(out)["token"]
+    code, out = run("audit", "ls", "--json")
+    actions = {e["action"].rsplit("/", 1)[-1] for e in json.loads(out)}
+    assert {"PlanUpload", "Upload", "Create", "LabelDevice", "CreateEnrollmentToken"} <= actions
+    code, out = run("rollout", "pause", rollout["id"])
+    assert code == 7 and out.startswith("failed precondition: rollout") and "\n" not in out
+
+
+def test_failed_rollout_exits_non_zero(
+    cp: ControlPlane, sim: SimFleet, build: Callable[..., Artifact], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGECTL_SERVER", cp.address)
+    art = build(version=1)
+    sim.add("dev-0", {"site": "lab"}, bad_digests={art.digest})
+    sim.connect()
+    wait_for(lambda: len(cp.fleet.list_devices()) == 1, 10, what="device registered")
+    code, out = run("deploy", str(art.root), "--to", "id=dev-0", "--health-timeout", "5s", "--watch")
+    assert code == 1 and "ended failed" in out and "dev-0: smoke test failed" in out
+
+
+def test_errors_are_one_line_with_the_right_exit_code(
+    cp: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGECTL_SERVER", cp.address)
+    code, out = run("deploy", "nosuch", "--to", "site=lab")
+    assert code == 6 and out.startswith("not found: artifact 'nosuch'")
+    code, out = run("deploy", "nosuch", "--to", "site=lab", "--strategy", "1,half")
+    assert code == 2 and "half" in out
+    code, out = run("deploy", "nosuch", "--to", "site")
+    assert code == 2 and "key=value" in out
+    code, out = run("rollout", "status", "r-nope")
+    assert code == 6 and "does not exist" in out
+    code, out = run("devices", "ls", "--server", f"127.0.0.1:{free_port()}")
+    assert code == 9 and "unreachable" in out
+
+
+def test_server_address_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UsageError, match="no control plane address"):
+        resolve_server(None)
+    data = tmp_path / "edgectl-data"
+    data.mkdir()
+    (data / "endpoints.json").write_text(json.dumps({"control_plane": "127.0.0.1:4000"}))
+    assert resolve_server(None) == "127.0.0.1:4000"
+    cfg = tmp_path / "edgectl-config"
+    cfg.mkdir(exist_ok=True)
+    (cfg / "config.toml").write_text('server = "10.0.0.1:7443"\n')
+    assert resolve_server(None) == "10.0.0.1:7443"
+    monkeypatch.setenv("EDGECTL_SERVER", "10.0.0.2:7443")
+    assert resolve_server(None) == "10.0.0.2:7443"
+    assert resolve_server("10.0.0.3:7443") == "10.0.0.3:7443"
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    for args in (["deploy"], ["rollout", "ls"], ["rollout", "status"], ["rollout", "rollback"], ["devices", "ls"],
+                 ["devices", "enroll"], ["devices", "label"], ["devices", "rm"], ["audit", "ls"],
+                 ["artifact", "push"], ["artifact", "ls"], ["artifact", "rm"], ["control-plane", "serve"]):  # fmt: skip
+        code, out = run(*args, "--help")
+        assert code == 0 and "Example" in out, args

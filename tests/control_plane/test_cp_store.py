@@ -1,0 +1,239 @@
+"""The state store and the domain objects over it, against SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgectl.artifact import Artifact, LocalBlobStore, TrustStore
+from edgectl.control_plane import rollout_store as rs
+from edgectl.control_plane.artifacts import ArtifactStore
+from edgectl.control_plane.controller import RolloutController
+from edgectl.control_plane.desired import Publication
+from edgectl.control_plane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from edgectl.control_plane.fleet import Fleet, Reported, Status, verify_secret
+from edgectl.control_plane.migrations import MIGRATIONS, migrate
+from edgectl.control_plane.rollouts import Rollouts
+from edgectl.control_plane.store import StateStore
+from edgectl.control_plane.strategy import Selector, StrategySpec
+from edgectl.mqtt_wire import decode
+from edgectl.protos.v1 import mqtt_pb2
+
+
+class Recorder:
+    """Collects what the controller would publish, and plays the devices' answers back."""
+
+    def __init__(self) -> None:
+        self.sent: list[Publication] = []
+
+    def publish_desired(self, publications: list[Publication]) -> None:
+        self.sent.extend(publications)
+
+
+@pytest.fixture
+def store(state_url: str) -> StateStore:
+    s = StateStore(state_url)
+    yield s
+    s.close()
+
+
+def upload(artifacts: ArtifactStore, art: Artifact) -> str:
+    sig = (art.root / "manifest.sig.json").read_bytes()
+    plan = artifacts.plan_upload(art.manifest_bytes, sig)
+    wanted = {c.digest for f in art.manifest.files for c in f.chunks}
+    for f in art.manifest.files:
+        data = (art.root / f.path).read_bytes()
+        for c in f.chunks:
+            if c.digest in plan.missing_chunks:
+                artifacts.receive_chunk(art.manifest, c.digest, data[c.offset : c.offset + c.size], wanted)
+    return artifacts.commit_upload(plan.digest, "test").digest
+
+
+def report(fleet: Fleet, device_id: str, models: dict[str, tuple[str, int]], generation: int = 0,
+           failed: str = "", labels: dict[str, str] | None = None) -> None:  # fmt: skip
+    state = mqtt_pb2.ReportedState(device_id=device_id, observed_generation=generation, labels=labels or {})
+    for name, (digest, version) in models.items():
+        state.models.add(
+            name=name, digest=digest, version=version, smoke_test_passed=True, failed_digest=failed
+        )
+    fleet.apply([Reported(device_id, state, time.time()), Status(device_id, True, time.time())])
+
+
+def test_migrations_run_once_and_are_idempotent(store: StateStore) -> None:
+    assert store.schema_version() == MIGRATIONS[-1][0]
+    assert migrate(store.db) == []
+    assert store.schema_version() == MIGRATIONS[-1][0]
+
+
+def test_enrollment_is_one_time_and_stores_only_a_hash(store: StateStore) -> None:
+    fleet = Fleet(store, [b"PEM"], "mqtt://broker:1883")
+    token = fleet.create_token("cam-1", {"site": "lab"})
+    creds = fleet.enroll("cam-1", token.token, agent_version="1.0")
+    assert creds.mqtt_username == "cam-1" and len(creds.mqtt_password) >= 32
+    assert creds.trusted_keys == [b"PEM"] and creds.mqtt_url == "mqtt://broker:1883"
+    with store.tx() as tx:
+        stored = tx.scalar("SELECT password_hash FROM devices WHERE id = ?", ("cam-1",))
+    assert creds.mqtt_password not in stored and verify_secret(creds.mqtt_password, stored)
+    assert fleet.check_password("cam-1", creds.mqtt_password) and not fleet.check_password("cam-1", "guess")
+    with pytest.raises(PermissionDenied, match="already used"):
+        fleet.enroll("cam-1", token.token)
+    other = fleet.create_token("cam-2", {})
+    with pytest.raises(PermissionDenied):
+        fleet.enroll("cam-1", other.token)
+    assert fleet.get("cam-1").labels == {"site": "lab"}
+
+
+def test_labels_reports_and_decommission(store: StateStore) -> None:
+    fleet = Fleet(store)
+    report(fleet, "dev-1", {"digits": ("sha256:" + "1" * 64, 1)}, labels={"site": "lab", "ring": "a"})
+    device = fleet.get("dev-1")
+    assert device.online and device.models["digits"].version == 1
+    fleet.label("dev-1", {"ring": "canary"}, [])
+    assert fleet.get("dev-1").effective_labels == {"site": "lab", "ring": "canary"}
+    assert [d.id for d in fleet.list_devices(Selector({"ring": "canary"}))] == ["dev-1"]
+    assert fleet.list_devices(Selector({"ring": "a"})) == []
+    fleet.decommission("dev-1")
+    with pytest.raises(NotFound):
+        fleet.get("dev-1")
+    report(fleet, "dev-1", {})  # a stale retained report does not bring it back
+    with pytest.raises(NotFound):
+        fleet.get("dev-1")
+
+
+def test_artifact_upload_dedup_and_delete(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    artifacts = ArtifactStore(store, LocalBlobStore(tmp_path / "blobs"), trust)
+    v1, v2 = build(version=1), build(version=2)
+    d1 = upload(artifacts, v1)
+    assert artifacts.resolve("digits").digest == d1
+    assert artifacts.plan_upload(
+        v1.manifest_bytes, (v1.root / "manifest.sig.json").read_bytes()
+    ).already_complete
+    d2 = upload(artifacts, v2)
+    assert artifacts.resolve("digits").digest == d2 and artifacts.resolve("digits:1").digest == d1
+    assert artifacts.resolve(d1[:20]).digest == d1
+    with pytest.raises(NotFound):
+        artifacts.resolve("digits:7")
+    model = (v2.root / "model.onnx").read_bytes()
+    got = b"".join(p.data for p in artifacts.download_file(d2, "model.onnx", 1000))
+    assert got == model[1000:]
+    assert artifacts.delete(d1) > 0
+    assert [a.digest for a in artifacts.list_artifacts()] == [d2]
+    # golden.npz is shared by both versions: deleting v1 must keep the chunk v2 still needs.
+    assert (
+        b"".join(p.data for p in artifacts.download_file(d2, "golden.npz", 0))
+        == (v2.root / "golden.npz").read_bytes()
+    )
+
+
+def _setup_rollout(store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact],
+                   devices: int) -> tuple[Fleet, Rollouts, RolloutController, Recorder, str, str]:  # fmt: skip
+    artifacts = ArtifactStore(store, LocalBlobStore(tmp_path / "blobs"), trust)
+    fleet = Fleet(store)
+    old, new = upload(artifacts, build(version=1)), upload(artifacts, build(version=2))
+    for i in range(devices):
+        report(fleet, f"dev-{i:02d}", {"digits": (old, 1)}, labels={"site": "lab"})
+    recorder = Recorder()
+    return fleet, Rollouts(store, artifacts, fleet), RolloutController(store, recorder), recorder, old, new
+
+
+def _answer(fleet: Fleet, recorder: Recorder, bad: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Play the devices: each publication is applied (or refused, for devices in ``bad``)."""
+    for pub in recorder.sent:
+        state = decode(pub.payload, mqtt_pb2.DesiredState)
+        model = state.models[0]
+        if pub.device_id in bad and not model.rollback:
+            current = fleet.get(pub.device_id).models["digits"]
+            report(fleet, pub.device_id, {"digits": (current.digest, current.version)}, state.generation,
+                   failed=model.digest)  # fmt: skip
+        else:
+            report(fleet, pub.device_id, {"digits": (model.digest, model.version)}, state.generation)
+    recorder.sent.clear()
+
+
+def test_rollout_moves_in_waves_and_logs_each_step_once(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    fleet, rollouts, controller, recorder, _old, new = _setup_rollout(store, tmp_path, trust, build, 10)
+    view = rollouts.create("digits:2", Selector({"site": "lab"}), StrategySpec(("1", "50%", "100%")), "test")
+    rid = view.rollout.id
+    assert [w.size for w in view.waves] == [1, 4, 5]
+    controller.step(rid)
+    assert len(recorder.sent) == 1
+    for _ in range(10):
+        _answer(fleet, recorder)
+        controller.step(rid)
+    final = rollouts.get(rid)
+    assert final.rollout.state == rs.SUCCEEDED
+    assert all(fleet.get(f"dev-{i:02d}").models["digits"].digest == new for i in range(10))
+    kinds = [e.kind for e in rollouts.events_after(rid, 0)]
+    assert kinds.count("wave_started") == 3 and kinds.count("wave_succeeded") == 3
+    assert kinds.count("device_healthy") == 10
+    with store.tx() as tx:
+        generations = {r[0]: r[1] for r in tx.all("SELECT id, generation FROM devices")}
+    assert set(generations.values()) == {1}
+    with pytest.raises(FailedPrecondition):
+        rollouts.pause(rid)
+
+
+def test_failed_wave_rolls_back_moved_devices(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    fleet, rollouts, controller, recorder, old, _new = _setup_rollout(store, tmp_path, trust, build, 6)
+    rid = rollouts.create(
+        "digits:2", Selector({"site": "lab"}), StrategySpec(("1", "50%", "100%")), "t"
+    ).rollout.id
+    bad = {f"dev-{i:02d}" for i in range(1, 6)}  # the canary passes, the second wave fails
+    for _ in range(10):
+        controller.step(rid)
+        _answer(fleet, recorder, bad)
+    view = rollouts.get(rid)
+    assert view.rollout.state == rs.FAILED and "failure budget" in view.rollout.reason
+    assert all(fleet.get(f"dev-{i:02d}").models["digits"].digest == old for i in range(6))
+    moved = {p.device_id for p in view.devices if p.state == rs.D_ROLLED_BACK}
+    assert moved == {f"dev-{i:02d}" for i in range(3)}
+    assert {p.state for p in view.devices if p.device_id not in moved} == {rs.D_SKIPPED}
+
+
+def test_bad_rollout_requests_change_nothing(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    _fleet, rollouts, _controller, _recorder, _old, _new = _setup_rollout(store, tmp_path, trust, build, 2)
+    for args, error in [
+        (("digits:2", Selector(), StrategySpec()), InvalidArgument),
+        (("digits:9", Selector({"site": "lab"}), StrategySpec()), NotFound),
+        (("digits:2", Selector({"site": "lab"}), StrategySpec(("50%", "10%"))), InvalidArgument),
+        (("digits:2", Selector({"site": "lab"}), StrategySpec(("ten",))), InvalidArgument),
+        (("digits:2", Selector({"site": "mars"}), StrategySpec()), FailedPrecondition),
+    ]:
+        with pytest.raises(error):
+            rollouts.create(*args, "t")  # type: ignore[arg-type]
+    assert rollouts.list_rollouts([]) == []
+
+
+def test_soak_window_fails_a_device_over_the_error_threshold(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    fleet, rollouts, controller, recorder, _old, new = _setup_rollout(store, tmp_path, trust, build, 2)
+    clock = [1000.0]
+    controller.clock = lambda: clock[0]
+    spec = StrategySpec(("100%",), max_failures="0", soak_s=60, max_error_rate=0.05)
+    rid = rollouts.create("digits:2", Selector({"site": "lab"}), spec, "t").rollout.id
+    controller.step(rid)
+    _answer(fleet, recorder)
+    controller.step(rid)  # both healthy: the soak starts
+    assert {p.state for p in rollouts.get(rid).devices} == {rs.D_DESIRED}
+    clock[0] += 30
+    state = mqtt_pb2.ReportedState(device_id="dev-01", observed_generation=1)
+    state.models.add(name="digits", digest=new, version=2, smoke_test_passed=True)
+    state.stats.error_rate = 0.2
+    fleet.apply([Reported("dev-01", state, time.time())])
+    controller.step(rid)
+    view = rollouts.get(rid)
+    by_id = {p.device_id: p for p in view.devices}
+    assert by_id["dev-01"].state == rs.D_ROLLED_BACK
+    assert view.rollout.state == rs.ROLLING_BACK and "error rate 0.200 above 0.050" in view.rollout.reason
