@@ -1,0 +1,208 @@
+"""Benchmarks for ``edgectl compress``: ratios against the float model and against ORT's defaults.
+
+Run: ``python benchmarks/bench_compress.py`` (``--quick`` for a short run). Every ratio is timed
+single-threaded (intra_op_num_threads=1), interleaved, median of rounds: two threads swing the same
+ratio by +-30 %. Nothing is downloaded: digits ship with scikit-learn, MiniLM with its package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import models
+from edgectl.compress.data import SampleSet
+from edgectl.compress.evaluate import Evaluator, measure_latency
+from edgectl.compress.passes.export import export_module
+from edgectl.compress.passes.quantize import cpu_has_vnni
+from edgectl.compress.pipeline import CompressRequest, run
+from edgectl.compress.recipe import Recipe
+
+
+@dataclass
+class Row:
+    """One model of one benchmark, measured side by side with the others."""
+
+    name: str
+    path: Path
+    quality: float = 0.0
+    min_cos: float = 0.0
+    p50_ms: float = 0.0
+    size: int = 0
+
+
+def _ort_default(src: Path, dst: Path, mode: str, calib: SampleSet | None) -> None:
+    """What a user gets from ORT with no options: plain quantize_dynamic / quantize_static."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+
+    if mode == "dynamic":
+        quantize_dynamic(str(src), str(dst))
+        return
+    assert calib is not None
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.it = iter(calib.batches(8))
+
+        def get_next(self) -> Any:
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader())
+
+
+def _measure(rows: list[Row], ev: Evaluator, rounds: int) -> None:
+    for r in rows:
+        q = ev.quality(r.path)
+        r.quality, r.min_cos, r.size = q.score, q.min_cosine, r.path.stat().st_size
+    for r, lat in zip(
+        rows,
+        measure_latency([r.path for r in rows], ev.data.feed(0), rounds=rounds, round_s=0.2),
+        strict=True,
+    ):
+        r.p50_ms = lat.p50_ms
+
+
+def _print(title: str, rows: list[Row], metric: str, extra: dict[str, Any]) -> dict[str, Any]:
+    base, ort = rows[0], rows[1]
+    print(f"\n== {title}")
+    print(
+        f"{'model':34} {metric:>8} {'min cos':>8} {'p50 ms':>9} {'x float':>8} {'x ORT':>7} {'MB':>8} {'smaller':>8}"
+    )
+    out: dict[str, Any] = {"title": title, **extra, "rows": []}
+    for r in rows:
+        print(
+            f"{r.name:34} {r.quality:8.4f} {r.min_cos:8.4f} {r.p50_ms:9.3f} {base.p50_ms / r.p50_ms:7.2f}x "
+            f"{ort.p50_ms / r.p50_ms:6.2f}x {r.size / 1e6:8.3f} {base.size / r.size:7.2f}x"
+        )
+        out["rows"].append({"name": r.name, metric: r.quality, "min_cos": r.min_cos, "p50_ms": r.p50_ms,
+                            "speed_vs_float": base.p50_ms / r.p50_ms, "speed_vs_ort": ort.p50_ms / r.p50_ms,
+                            "size_bytes": r.size, "smaller_vs_float": base.size / r.size})  # fmt: skip
+    for k, v in extra.items():
+        print(f"  {k}: {v}")
+    return out
+
+
+def _compress(
+    model: Path, out: Path, recipe: Recipe, calib: Path | None, ev: Path, max_drop: float, profile: str
+) -> Any:
+    t0 = time.perf_counter()
+    req = CompressRequest(model=str(model), out_dir=out, profile=profile, recipe=recipe, calib=calib, eval=ev,
+                          max_drop=max_drop, name=model.stem)  # fmt: skip
+    result = run(req)
+    return result, time.perf_counter() - t0
+
+
+def bench_digits(work: Path, rounds: int) -> dict[str, Any]:
+    """1. Digits CNN, static int8: drop <= 0.5 pt, >= 3.5x smaller, faster than float."""
+    t0 = time.perf_counter()
+    model = models.train_digits_cnn()
+    train_s = time.perf_counter() - t0
+    xtr, _, xte, yte = models.digits_data()
+    np.savez(work / "d_calib.npz", image=xtr[:256])
+    np.savez(work / "d_eval.npz", image=xte, labels=yte)
+    export_module(model, {"image": xtr[:4]}, work / "digits.onnx")
+    result, secs = _compress(work / "digits.onnx", work / "digits-art", Recipe.from_options(quantize="int8-static"),
+                             work / "d_calib.npz", work / "d_eval.npz", 0.005, "x86-cpu-vnni")  # fmt: skip
+    data = SampleSet({"image": xte}, yte, "digits test split")
+    _ort_default(
+        work / "digits.onnx", work / "d_ort.onnx", "static", SampleSet({"image": xtr[:256]}, None, "c")
+    )
+    rows = [Row("float", work / "digits.onnx"), Row("ORT quantize_static defaults", work / "d_ort.onnx"),
+            Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx")]  # fmt: skip
+    _measure(rows, Evaluator(work / "digits.onnx", data), rounds)
+    return _print("digits CNN (sklearn digits), int8 static", rows, "top1", {
+        "accuracy_drop_pt": round(100 * (rows[0].quality - rows[2].quality), 3),
+        "train_s": round(train_s, 1), "time_to_artifact_s": round(secs, 1)})  # fmt: skip
+
+
+def bench_minilm(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
+    """2. all-MiniLM-L6-v2 (real weights): mean cosine >= 0.995, min >= 0.98, >= 1.8x faster, >= 3.5x smaller."""
+    model, tok = models.minilm()
+    seq = 32 if quick else 64
+    calib = models.minilm_samples(tok, 32 if quick else 64, seq_len=seq, seed=1)
+    ev = models.minilm_samples(tok, 32 if quick else 96, seq_len=seq, seed=2)
+    np.savez(work / "m_calib.npz", **calib)
+    np.savez(work / "m_eval.npz", **ev)
+    export_module(model, calib, work / "minilm.onnx")
+    recipe = Recipe.from_dict(
+        {"passes": ["cleanup", {"quantize": {"mode": "int8-dynamic"}}, "mixed_precision"]}
+    )
+    result, secs = _compress(work / "minilm.onnx", work / "minilm-art", recipe, work / "m_calib.npz",
+                             work / "m_eval.npz", 0.005, "x86-cpu-vnni")  # fmt: skip
+    _ort_default(work / "minilm.onnx", work / "m_ort.onnx", "dynamic", None)
+    rows = [Row("float", work / "minilm.onnx"), Row("ORT quantize_dynamic defaults", work / "m_ort.onnx"),
+            Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx")]  # fmt: skip
+    _measure(rows, Evaluator(work / "minilm.onnx", SampleSet(ev, None, "sentences")), rounds)
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    return _print("all-MiniLM-L6-v2 sentence embeddings, int8", rows, "mean cos", {
+        "kept_float": manifest["recipe"].get("mixed_precision", {}).get("excluded", []),
+        "time_to_artifact_s": round(secs, 1)})  # fmt: skip
+
+
+def bench_resnet(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
+    """3. ResNet-18 shape: int8 >= 2.5x faster on VNNI with cosine >= 0.99; 50 % pruning >= 1.8x faster."""
+    size = 112 if quick else 224
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((24 if quick else 48, 3, size, size)).astype(np.float32)
+    np.savez(work / "r_calib.npz", image=images[:16])
+    np.savez(work / "r_eval.npz", image=images[16:])
+    export_module(models.resnet18(), {"image": images[:2]}, work / "resnet18.onnx")
+    result, secs = _compress(work / "resnet18.onnx", work / "resnet-art", Recipe.from_options(quantize="int8-static"),
+                             work / "r_calib.npz", work / "r_eval.npz", 0.01, "x86-cpu-vnni")  # fmt: skip
+    pruned, psecs = _compress(work / "resnet18.onnx", work / "resnet-pruned", Recipe.from_options(quantize="none", prune=0.5),
+                              work / "r_calib.npz", work / "r_eval.npz", 1.0, "x86-cpu-vnni")  # fmt: skip
+    _ort_default(
+        work / "resnet18.onnx", work / "r_ort.onnx", "static", SampleSet({"image": images[:16]}, None, "c")
+    )
+    rows = [Row("float", work / "resnet18.onnx"), Row("ORT quantize_static defaults", work / "r_ort.onnx"),
+            Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx"),
+            Row("edgectl: 50% channels pruned (float)", pruned.out_dir / "model.onnx")]  # fmt: skip
+    _measure(
+        rows,
+        Evaluator(work / "resnet18.onnx", SampleSet({"image": images[16:]}, None, "random images")),
+        rounds,
+    )
+    return _print(f"ResNet-18 shape (random weights, {size}x{size})", rows, "mean cos", {
+        "vnni": cpu_has_vnni(), "pruned_macs_ratio": round(pruned.metrics["baseline_macs"] / pruned.metrics["macs"], 2),
+        "time_to_artifact_s": round(secs, 1), "time_to_pruned_artifact_s": round(psecs, 1)})  # fmt: skip
+
+
+def main() -> None:
+    """Run the three benchmarks and print their tables (and a JSON summary with --json)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer rounds")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--only", choices=["digits", "minilm", "resnet"], action="append")
+    args = parser.parse_args()
+    rounds = 5 if args.quick else 15
+    which = args.only or ["digits", "minilm", "resnet"]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "unknown")  # fmt: skip
+    print(
+        f"CPU: {cpu}; VNNI: {cpu_has_vnni()}; timings: 1 intra-op thread, interleaved, median, {rounds} rounds"
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="edgectl-bench-") as tmp:
+        work = Path(tmp)
+        if "digits" in which:
+            results.append(bench_digits(work, rounds))
+        if "minilm" in which:
+            results.append(bench_minilm(work, rounds, args.quick))
+        if "resnet" in which:
+            results.append(bench_resnet(work, rounds, args.quick))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

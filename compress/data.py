@@ -1,0 +1,149 @@
+"""Calibration and evaluation samples: load an ``.npz``, check it against the model, batch it.
+
+An ``.npz`` holds one array per model input (named after it, samples on axis 0) and optionally
+``labels`` (integer class ids). Every check here fails with one line saying how to fix the file.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgectl.compress.errors import BadInputError
+
+LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output: name, numpy dtype name, shape (symbolic dims are strings)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """Model inputs with the sample axis first, optional labels, and where they came from."""
+
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str
+
+    @property
+    def count(self) -> int:
+        """Number of samples."""
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Yield feeds of at most ``size`` samples, in order."""
+        for start in range(0, self.count, size):
+            yield {k: v[start : start + size] for k, v in self.inputs.items()}
+
+    def take(self, count: int) -> SampleSet:
+        """The first ``count`` samples (all of them if there are fewer)."""
+        labels = None if self.labels is None else self.labels[:count]
+        return SampleSet({k: v[:count] for k, v in self.inputs.items()}, labels, self.source)
+
+    def feed(self, index: int = 0) -> dict[str, np.ndarray]:
+        """One sample as a batch of one: what latency is measured on."""
+        return {k: v[index : index + 1] for k, v in self.inputs.items()}
+
+
+def load_npz(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Read an npz file into arrays and optional labels; refuse pickles and non-npz files."""
+    if not path.is_file():
+        raise BadInputError(f"{what} file {path} does not exist", hint="pass an existing .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: np.asarray(npz[name]) for name in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise BadInputError(
+            f"{what} file {path} is not a numpy .npz archive ({exc})",
+            hint="write it with numpy.savez(path, <input_name>=array, labels=array)",
+        ) from exc
+    labels = arrays.pop(LABELS, None)
+    if not arrays:
+        raise BadInputError(
+            f"{what} file {path} holds no input arrays", hint="save one array per model input"
+        )
+    return arrays, labels
+
+
+def check_samples(
+    arrays: Mapping[str, np.ndarray],
+    labels: np.ndarray | None,
+    inputs: Sequence[TensorInfo],
+    *,
+    source: str,
+) -> SampleSet:
+    """Match arrays to the model inputs by name, dtype and shape; return them as a SampleSet."""
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise BadInputError(
+            f"{source} lacks array(s) for model input(s) {', '.join(missing)} (it has: {', '.join(arrays)})",
+            hint="name each array after a model input, e.g. numpy.savez(f, " + f"{names[0]}=x)",
+        )
+    counts = set()
+    for info in inputs:
+        arr = arrays[info.name]
+        if arr.dtype != np.dtype(info.dtype):
+            raise BadInputError(
+                f"{source}: array {info.name!r} is {arr.dtype} but the model input is {info.dtype}",
+                hint=f"save it with .astype(numpy.{info.dtype})",
+            )
+        if arr.ndim != len(info.shape):
+            raise BadInputError(
+                f"{source}: array {info.name!r} has shape {arr.shape}, the model input has rank "
+                f"{len(info.shape)} {info.shape}",
+                hint="put samples on axis 0 and keep the model's other dimensions",
+            )
+        for axis, (got, want) in enumerate(zip(arr.shape, info.shape, strict=True)):
+            if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+                raise BadInputError(
+                    f"{source}: array {info.name!r} has {got} on axis {axis}, the model needs {want}",
+                    hint=f"reshape the samples to {info.shape}",
+                )
+        counts.add(arr.shape[0])
+    if len(counts) != 1 or 0 in counts:
+        raise BadInputError(f"{source}: input arrays disagree on the sample count {sorted(counts)}")
+    bad_labels = labels is not None and (
+        labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != next(iter(counts))
+    )
+    if labels is not None and bad_labels:
+        raise BadInputError(
+            f"{source}: 'labels' must be a 1-D integer array with one class id per sample, "
+            f"got {labels.dtype} {labels.shape}",
+            hint="save labels=numpy.asarray(ids, dtype=numpy.int64)",
+        )
+    return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source)
+
+
+def read_samples(path: Path, inputs: Sequence[TensorInfo], *, what: str) -> SampleSet:
+    """Load and check an npz against the model inputs."""
+    arrays, labels = load_npz(path, what=what)
+    return check_samples(arrays, labels, inputs, source=f"{what} file {path.name}")
+
+
+def synthetic_samples(inputs: Sequence[TensorInfo], count: int, *, seed: int = 0) -> SampleSet:
+    """Random samples for a model given without data: enough for latency and output fidelity."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for info in inputs:
+        # Symbolic dims other than the batch get a small size: we only need a runnable feed.
+        shape = [count] + [d if isinstance(d, int) and d > 0 else 16 for d in info.shape[1:]]
+        dtype = np.dtype(info.dtype)
+        if dtype.kind == "f":
+            arrays[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            arrays[info.name] = np.ones(shape, dtype=dtype)
+        else:
+            # 0/1 are valid token ids, attention-mask values and indices for any model.
+            arrays[info.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return SampleSet(arrays, None, "synthetic samples")

@@ -1,0 +1,176 @@
+"""The evaluator every pass result goes through: quality against the float model, latency, size.
+
+Quality is top-1 accuracy when the data has labels, else output fidelity (cosine of each sample's
+outputs to the float model's). Latency is measured single-threaded with candidates interleaved
+round by round, so a noisy neighbour or a clock change hits every candidate alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edgectl.compress.data import SampleSet
+from edgectl.compress.graph import cpu_session
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Top-1 accuracy, or mean output cosine to the float model with the worst sample's cosine."""
+
+    metric: Literal["top1", "cosine"]
+    score: float
+    min_cosine: float
+
+    def drop_from(self, baseline: Quality) -> float:
+        """Absolute drop from the baseline in the metric's units (0.01 = one point)."""
+        return baseline.score - self.score
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Single-sample latency percentiles over warm runs, in milliseconds."""
+
+    p50_ms: float
+    p90_ms: float
+    runs: int
+
+
+def _cosines(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> np.ndarray:
+    count = ref[0].shape[0]
+    r = np.concatenate([o.reshape(count, -1).astype(np.float64) for o in ref], axis=1)
+    g = np.concatenate([o.reshape(count, -1).astype(np.float64) for o in got], axis=1)
+    num = (r * g).sum(axis=1)
+    den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+    # Two all-zero outputs are identical; one zero and one not share nothing.
+    same = (den == 0) & (np.abs(r - g).max(axis=1) == 0)
+    cos: np.ndarray = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(same, 1.0, 0.0))
+    return cos
+
+
+def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndarray]:
+    """Run ``data`` through an ORT session in batches; outputs concatenated along axis 0."""
+    parts: list[list[np.ndarray]] = []
+    for feed in data.batches(batch):
+        outs = session.run(None, feed)
+        parts.append([np.asarray(o) for o in outs])
+    return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+
+
+class Evaluator:
+    """Scores candidate ONNX models against the float reference on one sample set."""
+
+    def __init__(self, reference: Path, data: SampleSet, *, providers: tuple[str, ...] = (), batch: int = 32):
+        self.data = data
+        self.providers = providers
+        self._batch = batch
+        # Scoring uses every core: only the latency comparison needs one thread.
+        self._reference = run_model(cpu_session(reference, threads=0, providers=providers), data, batch=batch)
+        self.baseline = self._score(self._reference)
+
+    @property
+    def metric(self) -> str:
+        """The quality metric in use, ``top1`` or ``cosine``."""
+        return self.baseline.metric
+
+    def _score(self, outputs: Sequence[np.ndarray]) -> Quality:
+        cos = _cosines(self._reference, outputs)
+        if self.data.labels is not None:
+            pred = outputs[0].reshape(outputs[0].shape[0], -1).argmax(axis=1)
+            return Quality("top1", float((pred == self.data.labels).mean()), float(cos.min()))
+        return Quality("cosine", float(cos.mean()), float(cos.min()))
+
+    def outputs(self, model: Path | bytes) -> list[np.ndarray]:
+        """All outputs of ``model`` on the evaluation samples."""
+        return run_model(
+            cpu_session(model, threads=0, providers=self.providers), self.data, batch=self._batch
+        )
+
+    def quality(self, model: Path | bytes) -> Quality:
+        """Quality of ``model`` on the evaluation samples."""
+        return self._score(self.outputs(model))
+
+    def latency(self, models: Sequence[Path], *, rounds: int = 7, round_s: float = 0.15) -> list[Latency]:
+        """Interleaved single-threaded latency of ``models`` on one sample (batch of one)."""
+        return measure_latency(
+            models, self.data.feed(0), rounds=rounds, round_s=round_s, providers=self.providers
+        )
+
+
+def measure_latency(
+    models: Sequence[Path],
+    feed: dict[str, np.ndarray],
+    *,
+    rounds: int = 7,
+    round_s: float = 0.15,
+    providers: tuple[str, ...] = (),
+) -> list[Latency]:
+    """Time each model on ``feed`` with one intra-op thread, interleaved over ``rounds`` rounds.
+
+    Each round runs every model ``n`` times (``n`` sized so a round lasts about ``round_s`` per model),
+    rotating the order so no model always runs first after another's cache footprint.
+    """
+    sessions = [cpu_session(m, threads=1, providers=providers) for m in models]
+    iters: list[int] = []
+    for s in sessions:
+        for _ in range(2):  # warm-up: first runs allocate arenas and pick kernels
+            s.run(None, feed)
+        t0 = time.perf_counter()
+        s.run(None, feed)
+        iters.append(max(2, min(200, int(round_s / max(time.perf_counter() - t0, 1e-6)))))
+    samples: list[list[float]] = [[] for _ in sessions]
+    for r in range(rounds):
+        order = list(range(len(sessions)))
+        order = order[r % len(order) :] + order[: r % len(order)]
+        for i in order:
+            for _ in range(iters[i]):
+                t0 = time.perf_counter()
+                sessions[i].run(None, feed)
+                samples[i].append((time.perf_counter() - t0) * 1000.0)
+    return [Latency(float(np.percentile(s, 50)), float(np.percentile(s, 90)), len(s)) for s in samples]
+
+
+@dataclass
+class Trial:
+    """One row of the comparison table: a model that was built and scored, and whether it passed."""
+
+    name: str
+    stage: str
+    path: Path | None = None
+    config: dict[str, object] | None = None
+    quality: Quality | None = None
+    drop: float | None = None
+    passed: bool | None = None
+    latency: Latency | None = None
+    size_bytes: int | None = None
+    macs: int | None = None
+    params: int | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready row (no file paths: they point into a temporary folder)."""
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "metric": self.quality.metric if self.quality else None,
+            "quality": _round(self.quality.score if self.quality else None),
+            "min_cosine": _round(self.quality.min_cosine if self.quality else None),
+            "drop": _round(self.drop),
+            "passed": self.passed,
+            "p50_ms": _round(self.latency.p50_ms if self.latency else None, 4),
+            "p90_ms": _round(self.latency.p90_ms if self.latency else None, 4),
+            "size_bytes": self.size_bytes,
+            "macs": self.macs,
+            "params": self.params,
+            "config": self.config,
+            "note": self.note,
+        }
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(float(value), digits)

@@ -1,0 +1,127 @@
+"""Facts about an ONNX graph: its signature, parameter count and MACs, and how to open it in ORT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from edgectl.compress.data import TensorInfo
+from edgectl.compress.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Size on disk, number of weights and multiply-accumulates for one sample."""
+
+    size_bytes: int
+    params: int
+    macs: int
+
+
+def load(path: Path) -> onnx.ModelProto:
+    """Load an ONNX file, turning anything that is not one into a BadInputError."""
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError ... for a non-model
+        raise BadInputError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__})",
+            hint="pass a .onnx file, a .pt2 torch.export file or package.module:factory",
+        ) from exc
+    if not model.graph.node:
+        raise BadInputError(f"{path} holds no ONNX graph", hint="pass a .onnx file exported from your model")
+    return model
+
+
+def _info(value: onnx.ValueInfoProto) -> TensorInfo:
+    tt = value.type.tensor_type
+    dims: list[int | str] = []
+    for i, d in enumerate(tt.shape.dim):
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or f"d{i}"))
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+    return TensorInfo(value.name, dtype, tuple(dims))
+
+
+def signature(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The graph's real inputs (initializers excluded) and outputs."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [_info(v) for v in model.graph.input if v.name not in inits]
+    return inputs, [_info(v) for v in model.graph.output]
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Number of weight elements stored in the graph's initializers."""
+    return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+
+
+def _shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of every tensor for this feed, by ONNX shape inference on fixed inputs."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            for d, n in zip(dims, feed[value.name].shape, strict=False):
+                d.Clear()
+                d.dim_value = int(n)
+    try:
+        inferred = shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:  # shape inference is best effort: a model it cannot follow still runs
+        inferred = fixed
+    shapes: dict[str, tuple[int, ...]] = {}
+    graph = inferred.graph
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(d.dim_value for d in dims)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
+    """Multiply-accumulates of Conv, Gemm and MatMul nodes for this feed (others are cheap)."""
+    shapes = _shapes(model, feed)
+    macs = 0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        if out is None:
+            continue
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+            w = shapes.get(node.input[3 if node.op_type == "QLinearConv" else 1])
+            if w is not None:
+                macs += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type in ("MatMul", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "QLinearMatMul"):
+            a = shapes.get(node.input[0])
+            if a is not None:
+                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+                macs += int(np.prod(out)) * int(a[-2] if trans_a else a[-1])
+    return macs
+
+
+def model_stats(path: Path, feed: dict[str, np.ndarray]) -> ModelStats:
+    """Size, parameters and MACs of the model file at ``path``."""
+    model = onnx.load(str(path))
+    return ModelStats(path.stat().st_size, count_params(model), count_macs(model, feed))
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """All initializers as numpy arrays, by name."""
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def cpu_session(path: Path | bytes, *, threads: int = 1, providers: tuple[str, ...] = ()) -> Any:
+    """An ORT session pinned to ``threads`` intra-op threads (1 for comparable timings)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    target = str(path) if isinstance(path, Path) else path
+    return ort.InferenceSession(target, opts, providers=list(providers) or ["CPUExecutionProvider"])

@@ -1,0 +1,1 @@
+"""The compression passes: each turns one ONNX model into another, with a typed config."""

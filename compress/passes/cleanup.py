@@ -1,0 +1,104 @@
+"""Graph clean-up before pruning and quantization: shape inference, constant folding, BN folding.
+
+Constant folding and the Conv+BatchNorm / Conv+Add / Conv+Mul fusions are ORT's *basic*
+(provider-independent) graph optimizations, saved back as plain ONNX; shapes are then inferred
+(symbolically first, as transformer graphs need) so every tensor the quantizer sees has a shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import shape_inference
+
+# ORT's quantization tools look for this mark to know a model was pre-processed.
+_PRE_PROCESS_KEY = "onnx.quant.pre_process"
+
+
+@dataclass(frozen=True)
+class CleanupConfig:
+    """Which clean-up steps run."""
+
+    optimize: bool = True
+    symbolic_shapes: bool = True
+
+
+@dataclass(frozen=True)
+class CleanupReport:
+    """Node counts before and after, and what happened to BatchNorm nodes."""
+
+    nodes_before: int
+    nodes_after: int
+    batchnorm_before: int
+    batchnorm_after: int
+    symbolic_shapes: bool
+
+    def as_dict(self) -> dict[str, object]:
+        """For the manifest."""
+        return dict(self.__dict__)
+
+
+def _infer(model: onnx.ModelProto, symbolic: bool) -> tuple[onnx.ModelProto, bool]:
+    if symbolic:
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            # Symbolic inference logs a warning per op it cannot follow; the ONNX pass below covers those.
+            logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True), True
+        except Exception:  # unsupported ops: plain ONNX inference still gives most shapes
+            pass
+    return shape_inference.infer_shapes(model), False
+
+
+def _strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop per-node stack traces and doc strings (the dynamo exporter adds ~300 bytes a node)."""
+    used: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        node.doc_string = ""
+        del node.metadata_props[:]
+        # ORT's quantizer keys its exclusion list on node names: every node needs a unique one.
+        if not node.name or node.name in used:
+            node.name = f"{node.op_type}_{i}"
+        used.add(node.name)
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        value.doc_string = ""
+        del value.metadata_props[:]
+
+
+def cleanup(src: Path, dst: Path, config: CleanupConfig | None = None) -> CleanupReport:
+    """Write the cleaned-up ``src`` to ``dst``."""
+    import onnxruntime as ort
+
+    cfg = config or CleanupConfig()
+    before = onnx.load(str(src))
+    ops_before = Counter(n.op_type for n in before.graph.node)
+    model = before
+    if cfg.optimize:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(dst)
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(dst))
+    # Shape info from the old graph may be stale after fusions: infer again from scratch.
+    del model.graph.value_info[:]
+    model, symbolic = _infer(model, cfg.symbolic_shapes)
+    _strip_debug_info(model)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != _PRE_PROCESS_KEY]
+    del model.metadata_props[:]
+    for key, value in [*kept, (_PRE_PROCESS_KEY, "onnxruntime.quant")]:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(dst))
+    ops_after = Counter(n.op_type for n in model.graph.node)
+    return CleanupReport(
+        nodes_before=len(before.graph.node),
+        nodes_after=len(model.graph.node),
+        batchnorm_before=ops_before["BatchNormalization"],
+        batchnorm_after=ops_after["BatchNormalization"],
+        symbolic_shapes=symbolic,
+    )

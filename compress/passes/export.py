@@ -1,0 +1,238 @@
+"""Export a torch model to ONNX with a dynamic batch, then prove the ONNX computes the same thing.
+
+The dynamo exporter is tried first (it is torch's supported path); when it cannot capture the
+model (data-dependent control flow, unsupported ops) the TorchScript exporter is tried. Either way
+ORT's outputs must match torch's at the example batch and at batch one before any pass runs.
+torch is imported here and only here, so compressing an ONNX file never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from edgectl.compress.errors import BadInputError, ExportError, ParityError
+from edgectl.compress.graph import cpu_session
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which exporter to use (``auto`` tries dynamo, then TorchScript), the opset and parity tolerances."""
+
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    opset: int = 18
+    rtol: float = 1e-3
+    atol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """Which exporter produced the ONNX file, and how closely ORT matched torch."""
+
+    path: Path
+    exporter: str
+    max_abs_diff: float
+    min_cosine: float
+    dynamo_error: str | None = None
+
+
+def load_factory(spec: str, state_dict: Path | None = None) -> torch.nn.Module:
+    """Build a module from ``package.module:factory`` and load an optional state dict into it."""
+    import torch
+
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise BadInputError(f"{spec!r} is not package.module:factory", hint="e.g. mypkg.models:build_net")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise BadInputError(f"cannot import {spec}: {exc}", hint="check the module is on PYTHONPATH") from exc
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise BadInputError(f"{spec} returned {type(module).__name__}, not a torch.nn.Module")
+    if state_dict is not None:
+        try:
+            state = torch.load(str(state_dict), map_location="cpu", weights_only=True)
+            module.load_state_dict(state)
+        except Exception as exc:
+            raise BadInputError(f"cannot load state dict {state_dict}: {exc}") from exc
+    return module.eval()
+
+
+def load_program(path: Path) -> tuple[torch.nn.Module, list[str], Any]:
+    """Load a ``torch.export`` ``.pt2`` file: the runnable module, its input names and the program."""
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise BadInputError(f"{path} is not a torch.export .pt2 file ({type(exc).__name__}: {exc})") from exc
+    names = [
+        s.arg.name
+        for s in program.graph_signature.input_specs
+        if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    return program.module(), names, program
+
+
+def input_names(module: torch.nn.Module) -> list[str]:
+    """The model's input names: the parameters of ``forward``, in order."""
+    params = inspect.signature(module.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _example(arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    # Batch 1 lets torch.export specialise the batch dim to a constant; use at least two samples.
+    ex = {n: arrays[n][:4] for n in names}
+    return {n: (np.concatenate([a, a]) if a.shape[0] < 2 else a) for n, a in ex.items()}
+
+
+def _flat(out: Any) -> list[np.ndarray]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out.detach().numpy()]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [o.detach().numpy() for o in out if isinstance(o, torch.Tensor)]
+
+
+def export_module(
+    module: torch.nn.Module,
+    arrays: dict[str, np.ndarray],
+    out: Path,
+    *,
+    names: list[str] | None = None,
+    program: Any = None,
+    config: ExportConfig | None = None,
+) -> ExportReport:
+    """Export ``module`` (or its ``torch.export`` ``program``) to ``out`` and check parity with ORT."""
+    import torch
+
+    cfg = config or ExportConfig()
+    names = names or input_names(module)
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise BadInputError(
+            f"the sample data lacks the model input(s) {', '.join(missing)}",
+            hint=f"name the npz arrays after forward()'s parameters: {', '.join(names)}",
+        )
+    example = _example(arrays, names)
+    args = tuple(torch.from_numpy(example[n]) for n in names)
+    with torch.no_grad():
+        expected = _flat(module(*args))
+    outputs = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
+    dynamo_error: str | None = None
+    exporter = "torchscript"
+    if cfg.exporter in ("auto", "dynamo"):
+        try:
+            _dynamo(program if program is not None else module, args, names, outputs, out, cfg)
+            exporter = "dynamo"
+        except Exception as exc:  # the dynamo exporter raises many types; all mean "try the other one"
+            dynamo_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            if cfg.exporter == "dynamo":
+                raise ExportError(f"dynamo export failed: {dynamo_error}") from exc
+    if exporter != "dynamo":
+        try:
+            _torchscript(module, args, names, outputs, out, cfg)
+        except Exception as exc:
+            raise ExportError(
+                f"both exporters failed; dynamo: {dynamo_error}; torchscript: {type(exc).__name__}: {exc}",
+                hint="export the model to ONNX yourself and pass the .onnx file",
+            ) from exc
+    diff, cos = check_parity(module, out, example, names, cfg)
+    return ExportReport(out, exporter, diff, cos, dynamo_error)
+
+
+def _dynamo(
+    model: Any, args: tuple[Any, ...], names: list[str], outputs: list[str], out: Path, cfg: ExportConfig
+) -> None:
+    import torch
+
+    # The exporter warns about every optional op library (torchvision, ...) it does not find.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = None if isinstance(model, torch.export.ExportedProgram) else {n: {0: batch} for n in names}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            str(out),
+            dynamo=True,
+            input_names=names,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            opset_version=cfg.opset,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def _torchscript(
+    module: Any, args: tuple[Any, ...], names: list[str], outputs: list[str], out: Path, cfg: ExportConfig
+) -> None:
+    import torch
+
+    axes = {n: {0: "batch"} for n in [*names, *outputs]}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(out),
+            dynamo=False,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=min(cfg.opset, 17),
+        )
+
+
+def check_parity(
+    module: torch.nn.Module, path: Path, example: dict[str, np.ndarray], names: list[str], cfg: ExportConfig
+) -> tuple[float, float]:
+    """Compare ORT with torch at the example batch and at batch one; raise ParityError on mismatch."""
+    import torch
+
+    session = cpu_session(path, threads=0)
+    worst_diff, worst_cos = 0.0, 1.0
+    for feed in (example, {n: a[:1] for n, a in example.items()}):
+        with torch.no_grad():
+            want = _flat(module(*(torch.from_numpy(feed[n]) for n in names)))
+        try:
+            got = session.run(None, feed)
+        except Exception as exc:
+            raise ParityError(
+                f"the exported model does not run at batch {feed[names[0]].shape[0]}: {exc}"
+            ) from exc
+        for w, g in zip(want, got, strict=True):
+            g = np.asarray(g)
+            if w.shape != g.shape:
+                raise ParityError(f"exported output shape {g.shape} differs from torch's {w.shape}")
+            diff = float(np.abs(w.astype(np.float64) - g).max()) if w.size else 0.0
+            den = float(np.linalg.norm(w) * np.linalg.norm(g))
+            cos = float((w.ravel().astype(np.float64) @ g.ravel()) / den) if den > 0 else 1.0
+            worst_diff, worst_cos = max(worst_diff, diff), min(worst_cos, cos)
+            if not np.allclose(
+                g, w, rtol=cfg.rtol, atol=cfg.atol + cfg.rtol * float(np.abs(w).max(initial=0))
+            ):
+                raise ParityError(
+                    f"ONNX output differs from torch by up to {diff:.3g} (cosine {cos:.6f})",
+                    hint="check the model is in eval() mode and uses no randomness in forward()",
+                )
+    return worst_diff, worst_cos

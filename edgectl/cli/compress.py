@@ -1,0 +1,157 @@
+"""``edgectl compress``: a PyTorch/ONNX model in, a pruned, quantized, evaluated, signed artifact out.
+
+Example:
+    edgectl compress model.onnx --profile x86-cpu-vnni --calib calib.npz --eval eval.npz \\
+        --max-drop 0.005 -o out/model-v1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgectl.cli.output import console, err_console, print_json
+from edgectl.errors import EdgectlError
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def trial_table(rows: list[dict[str, Any]], *, baseline: dict[str, Any] | None = None) -> Table:
+    """The comparison table: every model built, its quality, drop, latency, size and verdict."""
+    base = baseline or (rows[0] if rows else {})
+    table = Table(title="what was tried", show_lines=False)
+    for col in ("model", "quality", "drop", "min cos", "p50 ms", "speed", "MB", "smaller", "ok", "note"):
+        table.add_column(col, justify="left" if col in ("model", "note") else "right")
+    for r in rows:
+        speed = base.get("p50_ms") / r["p50_ms"] if r.get("p50_ms") and base.get("p50_ms") else None
+        smaller = (
+            base.get("size_bytes") / r["size_bytes"]
+            if r.get("size_bytes") and base.get("size_bytes")
+            else None
+        )
+        ok = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[r.get("passed")]
+        table.add_row(
+            r["name"], _fmt(r.get("quality"), ".4f"), _fmt(r.get("drop"), "+.4f"), _fmt(r.get("min_cosine"), ".4f"),
+            _fmt(r.get("p50_ms"), ".3f"), _fmt(speed, ".2f") + ("x" if speed else ""),
+            _fmt(r["size_bytes"] / 1e6 if r.get("size_bytes") else None, ".3f"),
+            _fmt(smaller, ".2f") + ("x" if smaller else ""), ok, r.get("note", ""),
+        )  # fmt: skip
+    return table
+
+
+def _show(target: Console, table: Table) -> None:
+    # Logs and pipes have no width: do not squeeze the table to 80 columns there.
+    out = target if target.is_terminal else Console(file=target.file, width=180, color_system=None)
+    out.print(table)
+
+
+def _profile_name(profile: str | None) -> str:
+    if profile:
+        return profile
+    from edgectl.devices import detect
+
+    try:
+        return detect().profile.name
+    except EdgectlError:
+        return "x86-cpu-avx2"
+
+
+def compress(
+    model: Annotated[
+        str, typer.Argument(help="model.onnx, model.pt2 (torch.export), or package.module:factory")
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Artifact directory to create (must not exist).")],
+    profile: Annotated[
+        str | None, typer.Option("--profile", "-p", help="Target device profile (default: this machine's).")
+    ] = None,
+    quantize: Annotated[
+        str, typer.Option("--quantize", "-q", help="auto | int8-static | int8-dynamic | fp16 | none")
+    ] = "auto",
+    prune: Annotated[float, typer.Option("--prune", help="Fraction of channels to remove, 0 to <1.")] = 0.0,
+    calib: Annotated[
+        Path | None, typer.Option("--calib", help="Calibration samples (.npz, one array per input).")
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval", help="Evaluation samples (.npz, + optional 'labels' for top-1).")
+    ] = None,
+    max_drop: Annotated[
+        float, typer.Option("--max-drop", help="Absolute quality budget: top-1 points/100 or 1-cosine.")
+    ] = 0.01,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Artifact name (default: the model file's stem).")
+    ] = None,
+    version: Annotated[int, typer.Option("--version", help="Artifact version, a positive integer.")] = 1,
+    sign_key: Annotated[
+        Path | None, typer.Option("--sign-key", help="Ed25519 private key (default: your default key).")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Recipe YAML (overrides --quantize/--prune).")
+    ] = None,
+    state_dict: Annotated[
+        Path | None, typer.Option("--state-dict", help="Weights for a package.module:factory model.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
+) -> None:
+    """Compress a model for a device: export, clean up, prune, quantize, evaluate, gate, sign.
+
+    The format (QDQ/QOperator, U8S8/S8S8, per-channel, calibration) is chosen by measuring
+    candidates on the target's execution provider; a result over --max-drop writes nothing and
+    exits non-zero with the table of what was tried.
+
+    Example: edgectl compress model.onnx --profile x86-cpu-vnni --calib calib.npz --eval eval.npz
+    --max-drop 0.005 -o out/model-v1
+    """
+    from edgectl.compress.errors import QualityGateError
+    from edgectl.compress.pipeline import CompressRequest, run
+    from edgectl.compress.recipe import Recipe
+
+    try:
+        plan = Recipe.load(recipe) if recipe else Recipe.from_options(quantize=quantize, prune=prune)
+        request = CompressRequest(
+            model=model, out_dir=out, profile=_profile_name(profile), recipe=plan, calib=calib, eval=eval_data,
+            max_drop=max_drop, name=name, version=version, sign_key=sign_key, state_dict=state_dict,
+        )  # fmt: skip
+        if as_json:
+            result = run(request)
+        else:
+            with err_console.status("compressing", spinner="dots") as status:
+                result = run(request, lambda msg: status.update(f"[bold]compress[/] {msg}"))
+    except QualityGateError as exc:
+        if as_json:
+            print_json({"ok": False, "error": str(exc), "trials": exc.trials})
+        else:
+            _show(err_console, trial_table(exc.trials))
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except EdgectlError as exc:
+        if as_json:
+            print_json({"ok": False, "error": str(exc)})
+        else:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    rows = [t.as_dict() for t in result.trials]
+    if as_json:
+        print_json(
+            {"ok": True, "artifact": str(result.out_dir), "digest": result.digest, "metrics": result.metrics}
+        )
+        return
+    _show(console, trial_table(rows))
+    m = result.metrics
+    console.print(
+        f"[green]wrote[/] {result.out_dir}  digest {result.digest}\n"
+        f"  {result.chosen.name}: {m['quality_metric']} {m['compressed_quality']:.4f} "
+        f"(float {m['baseline_quality']:.4f}, drop {m['quality_drop']:+.4f} <= {m['max_drop']}), "
+        f"{m['speedup']}x faster, {m['size_ratio']}x smaller, in {result.seconds:.1f}s",
+        highlight=False,
+    )
+    if m["speedup"] is not None and m["speedup"] < 1.0:
+        err_console.print(
+            f"[yellow]warning:[/] {result.chosen.name} is slower than the float model on this execution provider; "
+            "--quantize auto would have kept the faster float model"
+        )

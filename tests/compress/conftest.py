@@ -1,0 +1,145 @@
+"""Tiny models and data for the compress tests: built in well under a second each, real ORT sessions."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU x2, MaxPool, Flatten, Linear: the chain every pass must handle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(image)))
+        x = nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+class ResidualCNN(nn.Module):
+    """A residual add, a depthwise conv and global pooling: the dependency cases of pruning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.a = nn.Conv2d(32, 32, 3, padding=1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.b = nn.Conv2d(32, 32, 1)
+        self.head = nn.Conv2d(32, 48, 1)
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(image))
+        y = self.b(torch.relu(self.dw(torch.relu(self.a(x)))))
+        x = torch.relu(x + y)
+        x = torch.relu(self.head(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics so folding them is observable."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def export_ts(module: nn.Module, example: np.ndarray, path: Path, *, keep_bn: bool = False) -> Path:
+    """TorchScript export with a dynamic batch (fast; dynamo is exercised in test_compress_export)."""
+    mode = torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            (torch.from_numpy(example),),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            training=mode,
+            do_constant_folding=not keep_bn,
+        )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep the default signing key of every test in its own temporary config folder."""
+    monkeypatch.setenv("EDGECTL_CONFIG_DIR", str(tmp_path / "config"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).random((48, 1, 8, 8), dtype=np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, images: np.ndarray) -> Path:
+    torch.manual_seed(0)
+    return export_ts(randomize_bn(TinyCNN()), images[:2], tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_bn_onnx(tmp_path_factory: pytest.TempPathFactory, images: np.ndarray) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "tiny_bn.onnx"
+    return export_ts(randomize_bn(TinyCNN()), images[:2], path, keep_bn=True)
+
+
+@pytest.fixture(scope="session")
+def residual_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).random((2, 3, 16, 16), dtype=np.float32)
+    return export_ts(ResidualCNN(), x, tmp_path_factory.mktemp("m") / "residual.onnx")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A digits CNN trained for a few epochs, as ONNX, with calibration and labelled eval files."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    model = TinyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
+    for _ in range(4):
+        model.train()
+        for idx in torch.randperm(len(yt)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    root = tmp_path_factory.mktemp("digits")
+    np.savez(root / "calib.npz", image=x[:128])
+    np.savez(root / "eval.npz", image=x[1400:], labels=y[1400:])
+    torch.save(model.state_dict(), root / "weights.pt")
+    return {
+        "onnx": export_ts(model.eval(), x[:2], root / "digits.onnx"),
+        "calib": root / "calib.npz",
+        "eval": root / "eval.npz",
+        "weights": root / "weights.pt",
+        "root": root,
+    }

@@ -1,0 +1,96 @@
+"""The export pass: dynamo first, TorchScript when dynamo cannot capture the model, parity always."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgectl.compress.errors import BadInputError, ExportError, ParityError
+from edgectl.compress.graph import cpu_session
+from edgectl.compress.passes.export import ExportConfig, export_module, input_names
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(image)), 1))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor's value: torch.export refuses it, TorchScript tracing records one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x) * 2
+        return self.fc(x)
+
+
+class Noisy(nn.Module):
+    """Dropout left in training mode: the ONNX graph and torch disagree run to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc(x))
+
+
+def test_dynamo_export_has_dynamic_batch_and_parity(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((3, 1, 6, 6)).astype(np.float32)
+    report = export_module(Small().eval(), {"image": x}, tmp_path / "m.onnx")
+    assert report.exporter == "dynamo" and report.dynamo_error is None
+    assert report.min_cosine > 0.99999
+    dim0 = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param  # symbolic: any batch size runs
+    out = cpu_session(tmp_path / "m.onnx").run(None, {"image": np.concatenate([x, x, x])})[0]
+    assert out.shape == (9, 3)
+
+
+def test_falls_back_to_torchscript_when_dynamo_cannot_capture(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = np.abs(np.random.default_rng(0).standard_normal((2, 6))).astype(np.float32)  # sum > 0 branch
+    module = DataDependent().eval()
+    report = export_module(module, {"x": x}, tmp_path / "m.onnx")
+    assert report.exporter == "torchscript"
+    assert report.dynamo_error is not None  # the real reason dynamo gave up is kept for the manifest
+    got = cpu_session(tmp_path / "m.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, module(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_dynamo_only_reports_why(tmp_path: Path) -> None:
+    x = np.ones((2, 6), dtype=np.float32)
+    with pytest.raises(ExportError, match="dynamo export failed"):
+        export_module(
+            DataDependent().eval(), {"x": x}, tmp_path / "m.onnx", config=ExportConfig(exporter="dynamo")
+        )
+
+
+def test_parity_check_catches_a_model_that_differs(tmp_path: Path) -> None:
+    x = np.ones((4, 6), dtype=np.float32)
+    with pytest.raises(ParityError, match=r"differs from torch"):
+        export_module(
+            Noisy().train(), {"x": x}, tmp_path / "m.onnx", config=ExportConfig(exporter="torchscript")
+        )
+
+
+def test_missing_sample_for_a_forward_argument(tmp_path: Path) -> None:
+    assert input_names(Small()) == ["image"]
+    with pytest.raises(BadInputError, match="image"):
+        export_module(Small().eval(), {"img": np.ones((2, 1, 6, 6), np.float32)}, tmp_path / "m.onnx")

@@ -1,0 +1,159 @@
+"""Clean-up, quantization, sensitivity ranking and recipes on tiny models, with real ORT sessions."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgectl.compress.data import SampleSet
+from edgectl.compress.errors import BadInputError
+from edgectl.compress.evaluate import Evaluator, measure_latency
+from edgectl.compress.graph import cpu_session, model_stats
+from edgectl.compress.passes.cleanup import cleanup
+from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, exclusion_steps, rank_nodes
+from edgectl.compress.passes.quantize import QuantConfig, quantize
+from edgectl.compress.recipe import QuantizeStep, Recipe
+
+
+def ops(path: Path) -> Counter[str]:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.fixture(scope="module")
+def clean(tiny_bn_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "clean.onnx"
+    cleanup(tiny_bn_onnx, out)
+    return out
+
+
+def test_cleanup_folds_batchnorm_and_keeps_outputs(
+    tiny_bn_onnx: Path, tmp_path: Path, images: np.ndarray
+) -> None:
+    report = cleanup(tiny_bn_onnx, tmp_path / "c.onnx")
+    assert report.batchnorm_before == 2 and report.batchnorm_after == 0
+    assert report.nodes_after < report.nodes_before
+    feed = {"image": images[:8]}
+    want = cpu_session(tiny_bn_onnx).run(None, feed)[0]
+    got = cpu_session(tmp_path / "c.onnx").run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    model = onnx.load(str(tmp_path / "c.onnx"))
+    assert all(n.name for n in model.graph.node)
+    assert any(p.key == "onnx.quant.pre_process" for p in model.metadata_props)
+
+
+@pytest.mark.parametrize(
+    ("config", "int8_op"),
+    [
+        (QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=False), "ConvInteger"),
+        (QuantConfig("int8-static", "QDQ", "u8", "s8", calibration="minmax"), "DequantizeLinear"),
+        (QuantConfig("int8-static", "QOperator", "u8", "s8", calibration="percentile"), "QLinearConv"),
+        (QuantConfig("int8-static", "QDQ", "s8", "s8", calibration="entropy"), "DequantizeLinear"),
+    ],
+)
+def test_quantize_modes_give_int8_models_that_track_float(
+    clean: Path, tmp_path: Path, images: np.ndarray, config: QuantConfig, int8_op: str
+) -> None:
+    data = SampleSet({"image": images}, None, "test")
+    out = tmp_path / "q.onnx"
+    quantize(clean, out, config, data)
+    assert ops(out)[int8_op] > 0
+    assert out.stat().st_size < clean.stat().st_size / 2
+    quality = Evaluator(clean, data).quality(out)
+    assert quality.metric == "cosine" and quality.score > 0.95
+
+
+def test_fp16_keeps_float32_io(clean: Path, tmp_path: Path, images: np.ndarray) -> None:
+    out = tmp_path / "h.onnx"
+    quantize(clean, out, QuantConfig("fp16"))
+    model = onnx.load(str(out))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    got = cpu_session(out).run(None, {"image": images[:4]})[0]
+    want = cpu_session(clean).run(None, {"image": images[:4]})[0]
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_static_quantization_needs_calibration(clean: Path, tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="calib"):
+        quantize(clean, tmp_path / "q.onnx", QuantConfig("int8-static"), None)
+
+
+def test_excluded_nodes_stay_float(clean: Path, tmp_path: Path, images: np.ndarray) -> None:
+    data = SampleSet({"image": images}, None, "test")
+    ranked = rank_nodes(clean, data, QuantConfig("int8-static"))
+    assert {r.op_type for r in ranked} <= {"Conv", "Gemm", "MatMul"} and len(ranked) == 3
+    assert [r.error for r in ranked] == sorted((r.error for r in ranked), reverse=True)
+    assert all(r.error > 0 for r in ranked)
+    worst = ranked[0].node
+    out = tmp_path / "q.onnx"
+    quantize(clean, out, QuantConfig("int8-static", "QOperator", exclude=(worst,)), data)
+    names = {n.name for n in onnx.load(str(out)).graph.node}
+    assert worst in names  # still the float op, under its own name
+    assert exclusion_steps(ranked * 4, MixedPrecisionConfig(max_float_fraction=0.5)) == [1, 2, 4, 6]
+
+
+def test_latency_and_stats_are_measured(clean: Path, tiny_onnx: Path, images: np.ndarray) -> None:
+    feed = {"image": images[:1]}
+    a, b = measure_latency([clean, tiny_onnx], feed, rounds=2, round_s=0.01)
+    assert 0 < a.p50_ms <= a.p90_ms and a.runs >= 4 and b.runs >= 4
+    stats = model_stats(clean, feed)
+    # conv1: 16*8*8*1*9, conv2: 32*8*8*16*9, fc: 512*10
+    assert stats.macs == 16 * 64 * 9 + 32 * 64 * 16 * 9 + 512 * 10
+    assert stats.params > 5000
+
+
+def test_recipe_round_trips_and_rejects_mistakes(tmp_path: Path) -> None:
+    recipe = Recipe.from_dict(
+        {"passes": ["cleanup", {"prune": {"ratio": 0.25}}, {"quantize": {"mode": "int8-dynamic"}}]}
+    )
+    assert recipe.get("prune").ratio == 0.25 and recipe.get("quantize") == QuantizeStep(mode="int8-dynamic")
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    path = tmp_path / "r.yaml"
+    path.write_text("passes:\n  - cleanup\n  - quantize: {mode: fp16, search: false}\n")
+    assert Recipe.load(path).get("quantize").search is False
+    bad = [
+        ({"passes": ["sharpen"]}, "unknown pass"),
+        ({"passes": [{"prune": {"ration": 0.5}}]}, "unknown parameter"),
+        ({"passes": ["quantize", "cleanup"]}, "order"),
+        ({"passes": [{"quantize": {"mode": "int4"}}]}, "mode"),
+        ({"passes": [{"prune": {"ratio": "half"}}]}, "ratio"),
+        ({"steps": []}, "passes"),
+    ]
+    for data, match in bad:
+        with pytest.raises(BadInputError, match=match):
+            Recipe.from_dict(data)
+
+
+def test_smoothquant_keeps_the_function_and_rescues_outlier_channels(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgectl.compress.passes.smooth import smooth
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) * 0.2, "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.2, "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [w1, w2],
+    )  # fmt: skip
+    src = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[:, 3] *= 60.0  # one outlier channel, as transformer activations have
+    data = SampleSet({"x": x}, None, "t")
+    assert smooth(src, tmp_path / "s.onnx", data, alpha=0.7) == 2
+    ev = Evaluator(src, data)
+    assert ev.quality(tmp_path / "s.onnx").score > 0.99999  # same function, rescaled
+    plain, smoothed = tmp_path / "q1.onnx", tmp_path / "q2.onnx"
+    base = QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=True)
+    quantize(src, plain, base)
+    quantize(src, smoothed, base.with_(smooth_alpha=0.7), data)
+    assert 1 - ev.quality(smoothed).score < 1 - ev.quality(plain).score

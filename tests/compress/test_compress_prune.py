@@ -1,0 +1,122 @@
+"""Structured pruning really removes channels, keeps residual/depthwise graphs valid; unstructured refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgectl.compress.data import SampleSet
+from edgectl.compress.errors import PruneRefusedError
+from edgectl.compress.evaluate import Evaluator
+from edgectl.compress.graph import count_params, cpu_session, model_stats
+from edgectl.compress.passes.cleanup import cleanup
+from edgectl.compress.passes.prune import PruneConfig, channel_groups, prune_structured, prune_unstructured
+
+
+def weights(path: Path) -> dict[str, tuple[int, ...]]:
+    return {i.name: tuple(i.dims) for i in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def residual_clean(residual_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("res") / "clean.onnx"
+    cleanup(residual_onnx, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def residual_data() -> SampleSet:
+    return SampleSet({"image": np.random.default_rng(2).random((16, 3, 16, 16), dtype=np.float32)}, None, "t")
+
+
+def test_chain_pruning_shrinks_weights_and_keeps_output_shape(
+    tiny_onnx: Path, tmp_path: Path, images: np.ndarray
+) -> None:
+    out = tmp_path / "p.onnx"
+    report = prune_structured(
+        tiny_onnx, out, PruneConfig(ratio=0.5, round_to=4), SampleSet({"image": images}, None, "t")
+    )
+    assert report.pruned_groups == 2 and report.channels_before == 48 and report.channels_after == 24
+    before, after = weights(tiny_onnx), weights(out)
+    convs = sorted(k for k, v in before.items() if len(v) == 4)
+    assert [before[k][0] for k in convs] == [16, 32] and [after[k][0] for k in convs] == [8, 16]
+    assert after[convs[1]][1] == 8  # conv2 lost the input channels conv1 lost
+    fc = next(k for k, v in before.items() if v == (10, 512))
+    assert after[fc] == (10, 256)  # the Linear after Flatten lost 16 channels x 4x4 positions
+    assert count_params(onnx.load(str(out))) < count_params(onnx.load(str(tiny_onnx))) * 0.5
+    feed = {"image": images[:5]}
+    assert cpu_session(out).run(None, feed)[0].shape == (5, 10)
+    assert model_stats(out, feed).macs < model_stats(tiny_onnx, feed).macs * 0.4
+
+
+def test_residual_and_depthwise_groups_are_pruned_together(
+    residual_clean: Path, residual_data: SampleSet, tmp_path: Path
+) -> None:
+    groups = channel_groups(onnx.load(str(residual_clean)))
+    tied = [g for g in groups if len(g.producers) == 2]  # stem and b feed the residual Add
+    assert len(tied) == 1 and tied[0].problem is None
+    assert any(g.depthwise for g in groups)  # `a` feeds the depthwise conv, which passes channels through
+    out = tmp_path / "p.onnx"
+    report = prune_structured(residual_clean, out, PruneConfig(ratio=0.5), residual_data)
+    assert report.pruned_groups == 3 and not report.skipped
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    dw = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    )
+    group = next(a.i for a in dw.attribute if a.name == "group")
+    assert group == 16 and weights(out)[dw.input[1]][0] == 16
+    feed = {"image": residual_data.inputs["image"][:3]}
+    assert cpu_session(out).run(None, feed)[0].shape == (3, 5)
+    assert Evaluator(residual_clean, residual_data).quality(out).score > 0.5  # a valid, related model
+
+
+def test_recalibration_recovers_output_fidelity(
+    residual_clean: Path, residual_data: SampleSet, tmp_path: Path
+) -> None:
+    ev = Evaluator(residual_clean, residual_data)
+    plain, fixed = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    prune_structured(residual_clean, plain, PruneConfig(ratio=0.5, recalibrate=False), residual_data)
+    report = prune_structured(residual_clean, fixed, PruneConfig(ratio=0.5, recalibrate=True), residual_data)
+    assert report.recalibrated_nodes > 0
+    assert ev.quality(fixed).score > ev.quality(plain).score
+
+
+def test_group_reaching_a_graph_output_is_left_alone(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.ones((8, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 4, 4])],
+        [w],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    report = prune_structured(src, tmp_path / "p.onnx", PruneConfig(ratio=0.5))
+    assert report.pruned_groups == 0 and "graph output" in report.skipped[0]
+    assert weights(tmp_path / "p.onnx")["w"] == (8, 3, 1, 1)
+
+
+def test_unstructured_pruning_refuses_dense_targets_and_does_2_4_where_supported(
+    tiny_onnx: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(PruneRefusedError, match="dense"):
+        prune_unstructured(tiny_onnx, tmp_path / "u.onnx", PruneConfig(kind="unstructured"),
+                           profile_name="x86-cpu-vnni", sparse_2_4=False)  # fmt: skip
+    n = prune_unstructured(tiny_onnx, tmp_path / "u.onnx", PruneConfig(kind="unstructured"),
+                           profile_name="jetson-orin-nano", sparse_2_4=True)  # fmt: skip
+    assert n >= 1
+    conv2 = next(
+        i for i in onnx.load(str(tmp_path / "u.onnx")).graph.initializer if list(i.dims) == [32, 16, 3, 3]
+    )
+    w = np.moveaxis(numpy_helper.to_array(conv2), 1, -1).reshape(-1, 4)
+    assert ((w == 0).sum(axis=1) >= 2).all()  # two of every four input weights are zero
