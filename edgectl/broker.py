@@ -107,6 +107,11 @@ class MosquittoProcess:
     def log_path(self) -> Path:
         return self.config.data_dir / "mosquitto.log"
 
+    @property
+    def pid(self) -> int:
+        """The broker's process id (0 when not running)."""
+        return self._process.pid if self._process is not None else 0
+
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

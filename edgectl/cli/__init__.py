@@ -13,7 +13,8 @@ import typer
 from rich.text import Text
 
 from edgectl import __version__
-from edgectl.cli import agent_cmd, artifact, broker_cmd, doctor, keys, planned
+from edgectl.cli import agent_cmd, artifact, broker_cmd, doctor, fleet, keys, local_cmd, planned
+from edgectl.cli import compress as compress_cmd
 from edgectl.cli.output import err_console
 from edgectl.errors import EdgectlError
 
@@ -44,18 +45,21 @@ def _root(
     _state["verbose"] = verbose
 
 
-app.command("compress")(planned.compress)
+app.command("compress")(compress_cmd.compress)
+artifact.app.command("push")(fleet.artifact_push)
+artifact.app.command("ls")(fleet.artifact_ls)
+artifact.app.command("rm")(fleet.artifact_rm)
 app.add_typer(artifact.app, name="artifact", help="Inspect, push, list and remove artifacts.")
 app.add_typer(keys.app, name="keys", help="Manage Ed25519 signing keys.")
-app.command("deploy")(planned.deploy)
-app.add_typer(planned.rollout_app, name="rollout")
-app.add_typer(planned.devices_app, name="devices")
-app.add_typer(planned.audit_app, name="audit")
-app.add_typer(planned.control_plane_app, name="control-plane")
+app.command("deploy")(fleet.deploy)
+app.add_typer(fleet.rollout_app, name="rollout")
+app.add_typer(fleet.devices_app, name="devices")
+app.add_typer(fleet.audit_app, name="audit")
+app.add_typer(fleet.control_plane_app, name="control-plane")
 app.add_typer(agent_cmd.agent_app, name="agent")
 app.add_typer(broker_cmd.broker_app, name="broker")
-app.command("up")(planned.up)
-app.command("down")(planned.down)
+app.command("up")(local_cmd.up)
+app.command("down")(local_cmd.down)
 app.command("demo")(planned.demo)
 app.command("infer")(agent_cmd.infer)
 app.command("doctor")(doctor.doctor)
