@@ -46,11 +46,22 @@ class GrpcTransport:
 
     name = "grpc"
 
-    def __init__(self, target: str, timeout_s: float = 10.0, stream_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float = 10.0,
+        stream_timeout_s: float = 600.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
-        self._channel = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        # mTLS with the enrolled client certificate when there is one; plaintext for a dev fleet.
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=GRPC_OPTIONS)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=GRPC_OPTIONS)
+        )
         self._stub = apb_grpc.ArtifactServiceStub(self._channel)
 
     def get_manifest(self, digest: str) -> tuple[bytes, bytes]:

@@ -103,6 +103,18 @@ class ArtifactStore:
         except (SignatureError, ManifestError) as exc:
             raise InvalidArgument(str(exc)) from exc
 
+    def check_trusted(self, record: ArtifactRecord) -> None:
+        """Refuse a stored artifact whose signature no key trusted *now* verifies (keys rotate after upload)."""
+        try:
+            verify_manifest(record.manifest_bytes, record.signatures, self.trust)
+        except UntrustedKeyError as exc:
+            raise PermissionDenied(
+                f"{record.name}:{record.version} is signed by a key this fleet no longer trusts ({exc})",
+                hint="sign a new build with a trusted key and push it, or trust its key again (--trust)",
+            ) from exc
+        except (SignatureError, ManifestError) as exc:
+            raise FailedPrecondition(f"stored artifact {record.digest} no longer verifies: {exc}") from exc
+
     def plan_upload(self, manifest_bytes: bytes, signatures: bytes) -> UploadPlan:
         """Verify the manifest and answer which chunks to send; records the plan for Upload."""
         manifest = self.verify(manifest_bytes, signatures)

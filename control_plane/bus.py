@@ -13,7 +13,7 @@ import ssl
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -39,7 +39,7 @@ class MqttUrl:
     port: int
     tls: bool
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # never in a log line
 
     @classmethod
     def parse(cls, url: str) -> MqttUrl:
@@ -55,6 +55,10 @@ class MqttUrl:
             unquote(parsed.password) if parsed.password else None,
         )  # fmt: skip
 
+    def public(self) -> str:
+        """The URL without credentials: what devices are told and logs may show."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class Inbound:
@@ -68,7 +72,14 @@ class FleetBus:
     """One paho client; publishes are thread-safe, received messages land in ``inbox``."""
 
     def __init__(
-        self, url: str, client_id: str | None = None, on_error: Callable[[str], None] | None = None
+        self,
+        url: str,
+        client_id: str | None = None,
+        on_error: Callable[[str], None] | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = MqttUrl.parse(url)
         self.inbox: queue.Queue[Inbound] = queue.Queue()
@@ -81,10 +92,10 @@ class FleetBus:
             client_id=client_id or f"edgectl-cp-{uuid.uuid4().hex[:10]}",
             protocol=mqtt.MQTTv5,
         )
-        if self.url.username:
-            self.client.username_pw_set(self.url.username, self.url.password)
+        if self.url.username or username:
+            self.client.username_pw_set(self.url.username or username, self.url.password or password)
         if self.url.tls:
-            self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+            self.client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         # Thousands of retained desired states go out at once on start; do not throttle them to 20.
         self.client.max_inflight_messages_set(1000)

@@ -33,3 +33,7 @@ class PermissionDenied(ControlPlaneError):
 
 class StateStoreError(ControlPlaneError):
     """The state database cannot be opened, migrated or reached."""
+
+
+class Unavailable(ControlPlaneError):
+    """A service the control plane depends on (the broker's admin API) does not answer; retry later."""

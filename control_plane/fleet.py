@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from edgectl.control_plane.db import Row, Tx
 from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
@@ -139,13 +139,37 @@ class Status:
 
 @dataclass
 class Credentials:
-    """What Enroll hands a device once: its MQTT identity and the keys it must trust."""
+    """What Enroll hands a device once: its MQTT identity, client certificate and the keys it must trust."""
 
     device_id: str
     mqtt_username: str
     mqtt_password: str
     trusted_keys: list[bytes] = field(default_factory=list)
     mqtt_url: str = ""
+    client_cert_pem: bytes = b""
+    ca_cert_pem: bytes = b""
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A device's client certificate, the CA that signed it, and its fingerprint (kept for revocation)."""
+
+    cert_pem: bytes
+    ca_pem: bytes
+    sha256: str
+
+
+class DeviceIdentities(Protocol):
+    """Where a secured fleet's per-device identities live: the fleet CA and the broker's user list.
+
+    Calls run inside the enrollment/decommission transaction: when one raises, nothing is stored.
+    """
+
+    def issue_certificate(self, device_id: str, csr_pem: bytes) -> IssuedCertificate | None: ...
+
+    def provision(self, device_id: str, password: str) -> None: ...
+
+    def revoke(self, device_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -176,11 +200,13 @@ class Fleet:
         trusted_keys: list[bytes] | None = None,
         mqtt_url: str = "",
         auto_register: bool = True,
+        identities: DeviceIdentities | None = None,
     ) -> None:
         self.store = store
         self.trusted_keys = list(trusted_keys or [])
         self.mqtt_url = mqtt_url
         self.auto_register = auto_register
+        self.identities = identities
 
     # -- enrollment ---------------------------------------------------------------------------
 
@@ -201,8 +227,14 @@ class Fleet:
             )
         return EnrollmentTokenRecord(device_id, token, expires)
 
-    def enroll(self, device_id: str, token: str, agent_version: str = "", profile: str = "") -> Credentials:
-        """Exchange a one-time token for fresh credentials; the password is returned here only."""
+    def enroll(
+        self, device_id: str, token: str, agent_version: str = "", profile: str = "", csr_pem: bytes = b""
+    ) -> Credentials:
+        """Exchange a one-time token for fresh credentials; the password is returned here only.
+
+        With ``identities`` set, the device's CSR is signed by the fleet CA and its MQTT identity
+        is provisioned in the broker before the token is spent; a failure there spends nothing.
+        """
         _device_id(device_id)
         password = secrets.token_urlsafe(32)
         hashed = hash_secret(password)
@@ -231,12 +263,29 @@ class Fleet:
             tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
             labels = loads(row[1], {})
             self._ensure_device(tx, device_id, now)
+            cert = None
+            if self.identities is not None:
+                cert = self.identities.issue_certificate(device_id, csr_pem)
+                self.identities.provision(device_id, password)
             tx.execute(
                 "UPDATE devices SET labels = ?, enrolled_at = ?, mqtt_username = ?, password_hash = ?, "
-                "agent_version = ?, profile = ? WHERE id = ?",
-                (dumps(labels), now, device_id, hashed, agent_version, profile, device_id),
-            )
-        return Credentials(device_id, device_id, password, self.trusted_keys, self.mqtt_url)
+                "agent_version = ?, profile = ?, cert_sha256 = ? WHERE id = ?",
+                (dumps(labels), now, device_id, hashed, agent_version, profile, cert.sha256 if cert else "",
+                 device_id),
+            )  # fmt: skip
+        return Credentials(
+            device_id, device_id, password, self.trusted_keys, self.mqtt_url,
+            cert.cert_pem if cert else b"", cert.ca_pem if cert else b"",
+        )  # fmt: skip
+
+    def certificate_current(self, device_id: str, cert_sha256: str) -> bool:
+        """True when the device is in the inventory and this is the certificate its last enrollment got.
+
+        Decommissioning or re-enrolling a device thus revokes its earlier certificates at once.
+        """
+        with self.store.tx() as tx:
+            row = tx.one("SELECT cert_sha256 FROM devices WHERE id = ?", (device_id,))
+        return bool(row and row[0]) and hmac.compare_digest(str(row[0]), cert_sha256)  # type: ignore[index]
 
     def check_password(self, device_id: str, password: str) -> bool:
         """True when ``password`` is the device's current MQTT password (for a broker auth hook)."""
@@ -287,6 +336,8 @@ class Fleet:
         with self.store.tx() as tx:
             if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)) == 0:
                 raise NotFound(f"device {device_id} is not in the inventory")
+            if self.identities is not None:
+                self.identities.revoke(device_id)  # the broker drops it now; on failure nothing changes
             tx.execute("DELETE FROM enrollment_tokens WHERE device_id = ?", (device_id,))
             tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
             tx.execute("INSERT INTO tombstones (id, at) VALUES (?, ?)", (device_id, time.time()))

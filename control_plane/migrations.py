@@ -125,6 +125,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX audit_log_at ON audit_log (at)",
         ],
     ),
+    (
+        2,
+        "device client certificates, for mTLS revocation",
+        ["ALTER TABLE devices ADD COLUMN cert_sha256 TEXT NOT NULL DEFAULT ''"],
+    ),
 ]
 
 # Replicas that start together take this lock (PostgreSQL) before migrating.

@@ -52,6 +52,7 @@ class Rollouts:
             )
         strategy.validate(1)  # syntax first: a bad strategy is reported even when no device matches
         artifact = self.artifacts.resolve(artifact_ref)
+        self.artifacts.check_trusted(artifact)
         targets = self.fleet.list_devices(selector)
         if not targets:
             raise FailedPrecondition(

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from edgectl.artifact import TrustStore, default_trust_store, open_blob_store, public_pem
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
-from edgectl.control_plane.bus import FleetBus
+from edgectl.control_plane.bus import FleetBus, MqttUrl
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
@@ -29,6 +29,13 @@ from edgectl.control_plane.ingest import ChunkServer, FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
 from edgectl.control_plane.metrics import Metrics
 from edgectl.control_plane.rollouts import Rollouts
+from edgectl.control_plane.security import (
+    BrokerAdminLink,
+    FleetIdentities,
+    FleetSecurity,
+    cert_fingerprint,
+    default_tls_names,
+)
 from edgectl.control_plane.servicers import (
     ArtifactServicer,
     AuditServicer,
@@ -45,6 +52,7 @@ from edgectl.protos.v1 import (
     rollouts_pb2,
     rollouts_pb2_grpc,
 )
+from edgectl.security.grpc_auth import AuthInterceptor
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (
@@ -60,8 +68,14 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 class ControlPlaneConfig:
     """Everything `edgectl control-plane serve` takes; defaults run on one machine."""
 
-    listen: str = "127.0.0.1:7443"
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    listen: str = "127.0.0.1:7443"  # people and CI: TLS + bearer tokens (plaintext with ``insecure``)
+    device_listen: str = "127.0.0.1:7444"  # agents: mTLS with fleet-CA client certificates
+    mqtt_url: str = ""  # "": the broker credentials' URL in security_dir, else mqtt://127.0.0.1:1883
+    insecure: bool = False  # dev mode: plaintext, no authentication, one listener
+    security_dir: Path | None = None  # fleet CA, token key, broker credentials (`edgectl broker config -o`)
+    tls_names: tuple[str, ...] = ()  # names the server certificate covers; default: loopback + hostname
+    tls_cert: Path | None = None  # a server certificate of your own (else one issued by the fleet CA)
+    tls_key: Path | None = None
     state_url: str = "sqlite:///edgectl.db"
     blobs: str = "./blobs"
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
@@ -90,11 +104,46 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def is_loopback(listen: str) -> bool:
+    host, _ = split_hostport(listen)
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def load_security(config: ControlPlaneConfig) -> FleetSecurity | None:
+    """The secured mode's secrets, or None in insecure mode.
+
+    Insecure mode is explicit (``insecure``), or implied on a loopback-only listener without a
+    ``security_dir`` (the "protected mode" of a dev box); a listener other machines can reach
+    is never left open by default.
+    """
+    if config.insecure or (config.security_dir is None and is_loopback(config.listen)):
+        log.warning(
+            "INSECURE MODE: plaintext gRPC, no authentication, every caller is an anonymous admin. "
+            "Use it on one development machine only; run with --security-dir for a real fleet."
+        )
+        return None
+    if config.security_dir is None:
+        raise ControlPlaneError(
+            f"refusing to serve {config.listen} without authentication",
+            hint="pass --security-dir DIR (made by `edgectl broker config -o DIR`), or --insecure on a dev box",
+        )
+    hosts = [split_hostport(config.listen)[0], split_hostport(config.device_listen)[0]]
+    return FleetSecurity(
+        Path(config.security_dir),
+        list(config.tls_names) or default_tls_names(hosts),
+        config.tls_cert,
+        config.tls_key,
+    )
+
+
 class ControlPlane:
     """One replica of the control plane, assembled from its parts."""
 
     def __init__(self, config: ControlPlaneConfig, trust: TrustStore | None = None) -> None:
         self.config = config
+        self.security = load_security(config)
+        broker = self.security.broker_credentials if self.security else None
+        mqtt_url = config.mqtt_url or (broker.url if broker else "mqtt://127.0.0.1:1883")
         self.trust = trust if trust is not None else load_trust(config.trust)
         if len(self.trust) == 0:
             log.warning("no trusted signing keys: every artifact upload will be refused (pass --trust)")
@@ -102,10 +151,17 @@ class ControlPlane:
         self.blobs = open_blob_store(config.blobs)
         self.artifacts = ArtifactStore(self.store, self.blobs, self.trust)
         keys = [public_pem(self.trust.get(k)) for k in self.trust.key_ids()]  # type: ignore[arg-type]
-        self.fleet = Fleet(self.store, keys, config.device_mqtt_url or config.mqtt_url, config.auto_register)
+        self.admin_link = BrokerAdminLink(broker) if broker else None
+        identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
+        device_url = config.device_mqtt_url or MqttUrl.parse(mqtt_url).public()
+        self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities)
         self.metrics = Metrics(self.store, self.fleet)
         self.bus = FleetBus(
-            config.mqtt_url, on_error=lambda kind: self.metrics.mqtt_errors.labels(kind).inc()
+            mqtt_url,
+            on_error=lambda kind: self.metrics.mqtt_errors.labels(kind).inc(),
+            username=broker.username if broker else None,
+            password=broker.password if broker else None,
+            ca_file=broker.ca_file if broker else None,
         )
         self.controller = RolloutController(
             self.store, self.bus, on_wave_done=lambda seconds: self.metrics.wave_seconds.observe(seconds)
@@ -123,12 +179,29 @@ class ControlPlane:
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self.port = 0
+        self.device_port = 0
         self._stopped = threading.Event()
 
     @property
     def address(self) -> str:
+        """Where people and CI call (TLS + token, or plaintext in insecure mode)."""
         host, _ = split_hostport(self.config.listen)
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
+
+    @property
+    def device_address(self) -> str:
+        """Where agents call with their client certificate (the same as ``address`` when insecure)."""
+        if self.security is None:
+            return self.address
+        host, _ = split_hostport(self.config.device_listen)
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.device_port}"
+
+    def _certificate_current(self, device_id: str, cert_pem: bytes) -> bool:
+        try:
+            return self.fleet.certificate_current(device_id, cert_fingerprint(cert_pem))
+        except Exception:  # an unreadable certificate or an unreachable store: refuse, never crash
+            log.exception("cannot check a client certificate", extra={"device": device_id})
+            return False
 
     @property
     def leading(self) -> bool:
@@ -137,8 +210,13 @@ class ControlPlane:
     def start(self) -> None:
         """Bind the API, connect to the broker and join the leader election; returns at once."""
         hooks = Hooks(self.audit, lambda method, code: self.metrics.grpc_errors.labels(method, code).inc())
+        auth = AuthInterceptor(
+            self.security.verifier if self.security else None,
+            certificate_current=self._certificate_current if self.security else None,
+        )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),
+            interceptors=[auth],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -156,9 +234,16 @@ class ControlPlane:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        host, port = split_hostport(self.config.listen)
         try:
-            self.port = server.add_insecure_port(f"{host}:{port}")
+            host, port = split_hostport(self.config.listen)
+            if self.security is None:
+                self.port = server.add_insecure_port(f"{host}:{port}")
+            else:
+                self.port = server.add_secure_port(f"{host}:{port}", self.security.people_credentials())
+                host, port = split_hostport(self.config.device_listen)
+                self.device_port = server.add_secure_port(
+                    f"{host}:{port}", self.security.device_credentials()
+                )
         except RuntimeError as exc:
             raise ControlPlaneError(f"cannot listen on {self.config.listen}: {exc}") from exc
         server.start()
@@ -170,7 +255,11 @@ class ControlPlane:
         self.bus.start()
         self.chunks.start()
         self.election.start()
-        log.info("control plane listening", extra={"address": self.address, "state": self.store.dialect})
+        log.info(
+            "control plane listening",
+            extra={"address": self.address, "devices": self.device_address, "state": self.store.dialect,
+                   "secured": self.security is not None},
+        )  # fmt: skip
 
     def _lead(self) -> None:
         # The ingest republishes every desired state on the CONNECTED marker that subscribing queues.
@@ -194,6 +283,8 @@ class ControlPlane:
         self.election.stop()
         self.chunks.stop()
         self.bus.stop()
+        if self.admin_link is not None:
+            self.admin_link.close()
         self.metrics.stop()
         self.store.close()
 

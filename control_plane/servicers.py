@@ -28,6 +28,7 @@ from edgectl.control_plane.errors import (
     NotFound,
     PermissionDenied,
     StateStoreError,
+    Unavailable,
 )
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.rollouts import Rollouts
@@ -42,6 +43,7 @@ from edgectl.protos.v1 import (
     rollouts_pb2,
     rollouts_pb2_grpc,
 )
+from edgectl.security.grpc_auth import current_identity
 
 log = logging.getLogger(__name__)
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -50,6 +52,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (StateStoreError, grpc.StatusCode.UNAVAILABLE),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (BlobStoreError, grpc.StatusCode.UNAVAILABLE),
     (ArtifactError, grpc.StatusCode.INVALID_ARGUMENT),
     (EdgectlError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -74,6 +77,18 @@ class Note:
 
     target: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def caller() -> str:
+    """Who the audit log and ``created_by`` name for the call in progress.
+
+    A token's subject; ``device:<id>`` for an mTLS agent; ``anonymous`` with auth off or for
+    a public method (Enroll, whose target names the device).
+    """
+    who = current_identity()
+    if who is None or who.via in ("none", "anonymous"):
+        return ANONYMOUS
+    return f"device:{who.subject}" if who.via == "mtls" else who.subject
 
 
 def summary(request: Any) -> dict[str, Any]:
@@ -105,7 +120,7 @@ def rpc(
             if mutating:
                 details = note.details or summary(request)
                 who = note.target or str(details.get(target, "")) if target else note.target
-                self.hooks.audit.record(ANONYMOUS, context.peer(), method, who, json.dumps(details), code)
+                self.hooks.audit.record(caller(), context.peer(), method, who, json.dumps(details), code)
 
         def fail(
             self: Servicer, request: Any, context: grpc.ServicerContext, note: Note, exc: Exception
@@ -197,7 +212,7 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
             received += len(message.chunk.data)
             chunks += 1
         note.details = {"digest": digest, "chunks": chunks, "bytes": received}
-        record = self.artifacts.commit_upload(digest, ANONYMOUS)
+        record = self.artifacts.commit_upload(digest, caller())
         return artifacts_pb2.UploadResponse(
             artifact=convert.artifact(record), bytes_received=received, chunks_received=chunks
         )
@@ -253,10 +268,13 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
 
     @rpc("FleetService/Enroll", mutating=True, target="device_id")
     def Enroll(self, request: fleet_pb2.EnrollRequest, context: Any, note: Note) -> Any:
-        creds = self.fleet.enroll(request.device_id, request.token, request.agent_version, request.profile)
+        creds = self.fleet.enroll(
+            request.device_id, request.token, request.agent_version, request.profile, request.csr_pem
+        )
         return fleet_pb2.DeviceCredentials(
             device_id=creds.device_id, mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password,
-            trusted_keys=creds.trusted_keys, mqtt_url=creds.mqtt_url,
+            trusted_keys=creds.trusted_keys, mqtt_url=creds.mqtt_url, client_cert_pem=creds.client_cert_pem,
+            ca_cert_pem=creds.ca_cert_pem,
         )  # fmt: skip
 
     @rpc("FleetService/ListDevices")
@@ -297,7 +315,7 @@ class RolloutServicer(Servicer, rollouts_pb2_grpc.RolloutServiceServicer):
             request.artifact,
             convert.selector_from(request.selector),
             convert.strategy_from(request.strategy),
-            ANONYMOUS,
+            caller(),
         )
         note.target = view.rollout.id
         return convert.rollout(view)

@@ -1,8 +1,10 @@
 """A small gRPC client for the control plane, shared by the CLI commands.
 
 Finds the server (``--server`` → ``EDGECTL_SERVER`` → ``config.toml`` → the ``endpoints.json``
-that `edgectl up` writes), turns a gRPC failure into one clear :class:`RemoteError` line, and
-pushes artifact bundles resumably (PlanUpload, then only the chunks the server lacks).
+that `edgectl up` writes) and its credentials the same way (``--token``/``EDGECTL_TOKEN``/
+``token``, ``--ca``/``EDGECTL_CA``/``ca``), turns a gRPC failure into one clear
+:class:`RemoteError` line, and pushes artifact bundles resumably (PlanUpload, then only the
+chunks the server lacks). A token is never sent over plaintext and never printed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +33,8 @@ except ImportError:  # Python 3.10: no config file support, the other sources st
     tomllib = None  # type: ignore[assignment]
 
 SERVER_ENV = "EDGECTL_SERVER"
+TOKEN_ENV = "EDGECTL_TOKEN"
+CA_ENV = "EDGECTL_CA"
 DATA_DIR_ENV = "EDGECTL_DATA_DIR"
 T = TypeVar("T")
 # Exit codes by gRPC status, so scripts can tell "fix your input" from "try again later".
@@ -60,19 +64,19 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".edgectl"
 
 
-def _from_config() -> str | None:
+def _from_config(key: str = "server") -> str | None:
     path = config_dir() / "config.toml"
     if tomllib is None or not path.is_file():
         return None
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}", hint="fix the file or pass --server") from exc
-    value = data.get("server") or data.get("control_plane", {}).get("server")
+        raise UsageError(f"cannot read {path}: {exc}", hint=f"fix the file or pass --{key}") from exc
+    value = data.get(key) or data.get("control_plane", {}).get(key)
     return str(value) if value else None
 
 
-def _from_endpoints(data_dir: Path) -> str | None:
+def _from_endpoints(data_dir: Path, key: str = "grpc") -> str | None:
     path = data_dir / "endpoints.json"
     if not path.is_file():
         return None
@@ -82,7 +86,9 @@ def _from_endpoints(data_dir: Path) -> str | None:
         raise UsageError(f"cannot read {path}: {exc}", hint="restart `edgectl up` or pass --server") from exc
     value = data.get("control_plane")
     if isinstance(value, dict):
-        value = value.get("grpc") or value.get("address")
+        value = value.get(key) or (value.get("address") if key == "grpc" else None)
+    elif key != "grpc":
+        value = None
     return str(value) if value else None
 
 
@@ -103,21 +109,74 @@ def resolve_server(flag: str | None, data_dir: Path | None = None) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ClientCredentials:
+    """How a client proves itself: a bearer token (people, CI) and/or a client certificate (agents).
+
+    ``ca_pem`` is the fleet CA the server's certificate must chain to; with neither a CA nor a
+    token the channel is plaintext (a control plane in insecure dev mode).
+    """
+
+    token: str | None = field(default=None, repr=False)
+    ca_pem: bytes | None = None
+    client_cert_pem: bytes | None = None
+    client_key_pem: bytes | None = field(default=None, repr=False)
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.ca_pem or self.token or self.client_cert_pem)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem,
+            private_key=self.client_key_pem,
+            certificate_chain=self.client_cert_pem,
+        )
+        if self.token:
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.token))
+        return creds
+
+
+def resolve_credentials(
+    token: str | None = None, ca: Path | None = None, data_dir: Path | None = None
+) -> ClientCredentials:
+    """Token from the flag, ``EDGECTL_TOKEN`` or config.toml; CA from the flag, ``EDGECTL_CA``,
+    config.toml or `edgectl up`'s endpoints.json."""
+    found_token = token or os.environ.get(TOKEN_ENV) or _from_config("token")
+    ca_path = (
+        str(ca) if ca else os.environ.get(CA_ENV) or _from_config("ca")
+        or _from_endpoints(data_dir or default_data_dir(), "ca")
+    )  # fmt: skip
+    ca_pem = None
+    if ca_path:
+        try:
+            ca_pem = Path(ca_path).expanduser().read_bytes()
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read the CA certificate {ca_path}: {exc}",
+                hint="pass --ca with the fleet CA (ca.crt from `edgectl broker config`)",
+            ) from exc
+    return ClientCredentials(token=found_token.strip() if found_token else None, ca_pem=ca_pem)
+
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+
+
 @dataclass
 class ControlPlaneClient:
-    """Stubs of every control-plane service over one channel."""
+    """Stubs of every control-plane service over one channel (TLS when credentials say so)."""
 
     address: str
     timeout: float = 30.0
+    credentials: ClientCredentials = field(default_factory=ClientCredentials)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(
-            self.address,
-            options=[
-                ("grpc.max_receive_message_length", 16 << 20),
-                ("grpc.max_send_message_length", 16 << 20),
-            ],
-        )
+        if self.credentials.secure:
+            self.channel = grpc.secure_channel(
+                self.address, self.credentials.channel_credentials(), options=CHANNEL_OPTIONS
+            )
+        else:
+            self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.artifacts = artifacts_pb2_grpc.ArtifactServiceStub(self.channel)
         self.fleet = fleet_pb2_grpc.FleetServiceStub(self.channel)
         self.rollouts = rollouts_pb2_grpc.RolloutServiceStub(self.channel)
@@ -136,7 +195,13 @@ class ControlPlaneClient:
         if code == grpc.StatusCode.UNAVAILABLE:
             return RemoteError(
                 code, f"control plane at {self.address} is unreachable ({details})",
-                hint="start it with `edgectl control-plane serve` or `edgectl up`, or pass --server",
+                hint="start it with `edgectl control-plane serve` or `edgectl up`, or pass --server; "
+                "a secured one needs --ca (its fleet CA) and a token",
+            )  # fmt: skip
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return RemoteError(
+                code, details,
+                hint=f"pass --token or set {TOKEN_ENV}; an admin mints one with `edgectl control-plane token`",
             )  # fmt: skip
         return RemoteError(code, details)
 

@@ -17,18 +17,30 @@ from google.protobuf.message import Message
 from rich.table import Table
 
 from edgectl.cli.output import console, err_console, print_json
-from edgectl.client import ControlPlaneClient, RemoteError, push_artifact, resolve_server
+from edgectl.client import (
+    ControlPlaneClient,
+    RemoteError,
+    push_artifact,
+    resolve_credentials,
+    resolve_server,
+)
 from edgectl.control_plane.strategy import parse_duration, parse_selector
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.protos.v1 import artifacts_pb2, common_pb2, fleet_pb2, rollouts_pb2
 
 SERVER_HELP = "control plane HOST:PORT (else EDGECTL_SERVER, config.toml, or `edgectl up`'s endpoints.json)"
 ServerOpt = typer.Option(None, "--server", "-s", help=SERVER_HELP)
+TokenOpt = typer.Option(
+    None, "--token", help="bearer token (else EDGECTL_TOKEN or token in config.toml); never printed"
+)
+CaOpt = typer.Option(
+    None, "--ca", help="fleet CA certificate to trust (else EDGECTL_CA or ca in config.toml)"
+)
 JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
 
 
-def _client(server: str | None) -> ControlPlaneClient:
-    return ControlPlaneClient(resolve_server(server))
+def _client(server: str | None, token: str | None = None, ca: Path | None = None) -> ControlPlaneClient:
+    return ControlPlaneClient(resolve_server(server), credentials=resolve_credentials(token, ca))
 
 
 def _dict(message: Message) -> dict[str, Any]:
@@ -79,6 +91,8 @@ def deploy(
         False, "--watch", "-w", help="follow the rollout live; exit 0 only on success"
     ),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Roll an artifact out to the devices a selector picks, in gated waves.
@@ -99,7 +113,7 @@ def deploy(
         else rollouts_pb2.OFFLINE_POLICY_FAIL,
     )
     selector = parse_selector(to)
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         ref = artifact
         if Path(artifact).exists():
             pushed = push_artifact(client, Path(artifact))
@@ -207,12 +221,17 @@ rollout_app = typer.Typer(help="Inspect and steer rollouts: ls, status, pause, r
 
 
 @rollout_app.command("ls")
-def rollout_ls(server: str | None = ServerOpt, json_out: bool = JsonOpt) -> None:
+def rollout_ls(
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
     """List rollouts, newest first.
 
     Example: edgectl rollout ls --json
     """
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         rollouts = client.call(client.rollouts.List, rollouts_pb2.ListRolloutsRequest()).rollouts
     if json_out:
         print_json([_dict(r) for r in rollouts])
@@ -231,13 +250,15 @@ def rollout_status(
     rollout_id: str = typer.Argument(..., metavar="ID", help="rollout id"),
     watch: bool = typer.Option(False, "--watch", "-w", help="follow it live until it ends"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Show a rollout's waves and devices.
 
     Example: edgectl rollout status r-1a2b3c4d --watch
     """
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         if watch:
             _finish(_watch(client, rollout_id, quiet=json_out), json_out)
             return
@@ -253,9 +274,11 @@ def _action(action: str, summary: str) -> None:
         rollout_id: str = typer.Argument(..., metavar="ID", help="rollout id"),
         reason: str = typer.Option("", help="why, for the rollout's log"),
         server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+        ca: Path | None = CaOpt,
         json_out: bool = JsonOpt,
     ) -> None:
-        with _client(server) as client:
+        with _client(server, token, ca) as client:
             method = getattr(client.rollouts, action.capitalize())
             rollout = client.call(method, rollouts_pb2.RolloutActionRequest(id=rollout_id, reason=reason))
         if json_out:
@@ -289,6 +312,8 @@ devices_app = typer.Typer(help="The fleet's devices: ls, enroll, label, rm.")
 def devices_ls(
     selector: str | None = typer.Option(None, "--selector", "-l", help="k=v[,k=v] label selector"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """List devices with their live state (online, active artifact, health, last seen).
@@ -301,7 +326,7 @@ def devices_ls(
         if sel
         else None
     )
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         devices = client.call(client.fleet.ListDevices, request).devices
     if json_out:
         print_json([_dict(d) for d in devices])
@@ -324,6 +349,8 @@ def devices_enroll(
     labels: str | None = typer.Option(None, help="k=v[,k=v] labels to give the device"),
     ttl: str = typer.Option("1h", help="how long the token stays valid"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Make a one-time enrollment token that an agent exchanges for its credentials.
@@ -333,15 +360,15 @@ def devices_enroll(
     request = fleet_pb2.CreateEnrollmentTokenRequest(
         device_id=device_id, labels=_labels(labels), ttl_seconds=round(parse_duration(ttl))
     )
-    with _client(server) as client:
-        token = client.call(client.fleet.CreateEnrollmentToken, request)
+    with _client(server, token, ca) as client:
+        minted = client.call(client.fleet.CreateEnrollmentToken, request)
     if json_out:
-        print_json(_dict(token))
+        print_json(_dict(minted))
         return
     console.print(
-        f"enrollment token for {token.device_id} (one use, expires {token.expires_at.ToJsonString()}):"
+        f"enrollment token for {minted.device_id} (one use, expires {minted.expires_at.ToJsonString()}):"
     )
-    console.print(token.token, style="bold", highlight=False, soft_wrap=True)
+    console.print(minted.token, style="bold", highlight=False, soft_wrap=True)
 
 
 @devices_app.command("label")
@@ -349,6 +376,8 @@ def devices_label(
     device_id: str = typer.Argument(..., metavar="ID"),
     labels: list[str] = typer.Argument(..., help="k=v to set, k- to remove"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Set or remove a device's labels.
@@ -367,7 +396,7 @@ def devices_label(
             raise UsageError(
                 f"label {item!r} is neither k=v nor k-", hint="e.g. ring=canary, or old- to remove"
             )
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         device = client.call(
             client.fleet.LabelDevice, fleet_pb2.LabelDeviceRequest(id=device_id, set=to_set, remove=remove)
         )
@@ -378,12 +407,17 @@ def devices_label(
 
 
 @devices_app.command("rm")
-def devices_rm(device_id: str = typer.Argument(..., metavar="ID"), server: str | None = ServerOpt) -> None:
+def devices_rm(
+    device_id: str = typer.Argument(..., metavar="ID"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+) -> None:
     """Decommission a device: revoke its credentials and forget it.
 
     Example: edgectl devices rm cam-07
     """
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         client.call(client.fleet.DecommissionDevice, fleet_pb2.DecommissionDeviceRequest(id=device_id))
     console.print(f"{device_id} decommissioned")
 
@@ -399,6 +433,8 @@ def audit_ls(
     action: str = typer.Option("", help="only this method, e.g. /edgectl.v1.RolloutService/Create"),
     limit: int = typer.Option(100, help="at most this many entries"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """List who did what, when and from where.
@@ -408,7 +444,7 @@ def audit_ls(
     request = rollouts_pb2.ListAuditRequest(page=common_pb2.Page(page_size=limit), action=action)
     if since:
         request.range.since.FromSeconds(int(time.time() - parse_duration(since)))
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         entries = client.call(client.audit.List, request).entries
     if json_out:
         print_json([_dict(e) for e in entries])
@@ -432,6 +468,8 @@ def audit_ls(
 def artifact_push(
     path: Path = typer.Argument(..., help="artifact directory or .tar"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Upload a signed artifact; resumes by sending only the chunks the control plane lacks.
@@ -440,7 +478,7 @@ def artifact_push(
     """
     if not path.exists():
         raise UsageError(f"{path} does not exist", hint="pass an artifact directory or .tar")
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         result = push_artifact(client, path)
     ref = result.artifact.ref
     if json_out:
@@ -457,13 +495,15 @@ def artifact_push(
 def artifact_ls(
     name: str = typer.Option("", help="only this artifact name"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """List the artifacts on the control plane, newest version first.
 
     Example: edgectl artifact ls --name digits
     """
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         artifacts = client.call(
             client.artifacts.List, artifacts_pb2.ListArtifactsRequest(name=name)
         ).artifacts
@@ -488,12 +528,14 @@ def artifact_ls(
 def artifact_rm(
     artifact: str = typer.Argument(..., help="digest, NAME:VERSION or NAME"),
     server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
 ) -> None:
     """Delete an artifact no rollout or device uses; frees the chunks no other artifact shares.
 
     Example: edgectl artifact rm digits:2
     """
-    with _client(server) as client:
+    with _client(server, token, ca) as client:
         art = client.call(client.artifacts.Get, artifacts_pb2.GetArtifactRequest(artifact=artifact))
         freed = client.call(
             client.artifacts.Delete, artifacts_pb2.DeleteArtifactRequest(digest=art.ref.digest)
@@ -513,8 +555,28 @@ def _control_plane() -> None:
 
 @control_plane_app.command("serve")
 def control_plane_serve(
-    listen: str = typer.Option("127.0.0.1:7443", help="gRPC listen address HOST:PORT"),
-    mqtt: str = typer.Option("mqtt://127.0.0.1:1883", envvar="EDGECTL_MQTT", help="broker URL"),
+    listen: str = typer.Option(
+        "127.0.0.1:7443", help="gRPC for people and CI HOST:PORT (TLS + bearer tokens when secured)"
+    ),
+    device_listen: str = typer.Option(
+        "127.0.0.1:7444", help="gRPC for agents HOST:PORT (mTLS, fleet-CA client certificates)"
+    ),
+    security_dir: Path | None = typer.Option(
+        None,
+        envvar="EDGECTL_SECURITY_DIR",
+        help="fleet CA, token key, broker credentials: the directory `edgectl broker config -o` wrote",
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="dev mode: plaintext, no authentication (loopback-only listen implies it)"
+    ),
+    tls_name: list[str] = typer.Option(
+        [], "--tls-name", help="name/IP the server certificate covers (repeat) [default: loopback, hostname]"
+    ),
+    mqtt: str | None = typer.Option(
+        None,
+        envvar="EDGECTL_MQTT",
+        help="broker URL [default: the security dir's broker credentials, else mqtt://127.0.0.1:1883]",
+    ),
     state: str = typer.Option("sqlite:///edgectl.db", help="sqlite:///FILE or postgresql://USER@HOST/DB"),
     blobs: str = typer.Option("./blobs", help="blob store: a directory or s3://bucket/prefix"),
     trust: list[Path] = typer.Option(
@@ -532,22 +594,33 @@ def control_plane_serve(
 ) -> None:
     """Serve the gRPC API and drive rollouts over MQTT.
 
-    Example: edgectl control-plane serve --listen 0.0.0.0:7443 --state postgresql://cp@db/edgectl
+    Example: edgectl control-plane serve --security-dir /etc/edgectl/fleet --listen 0.0.0.0:7443 --device-listen 0.0.0.0:7444 --tls-name cp.lab --state postgresql://cp@db/edgectl
     """
     from edgectl.control_plane.logs import configure
     from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format {log_format!r} must be text or json")
+    if insecure and security_dir is not None:
+        raise UsageError("--insecure and --security-dir contradict each other", hint="pass one of them")
     configure(log_format, log_level)
     config = ControlPlaneConfig(
-        listen=listen, mqtt_url=mqtt, state_url=state, blobs=blobs, trust=tuple(trust),
+        listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
+        tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, blobs=blobs, trust=tuple(trust),
         metrics_listen=metrics_listen, device_mqtt_url=device_mqtt, auto_register=auto_register,
     )  # fmt: skip
     plane = ControlPlane(config)
     plane.start()
-    err_console.print(f"control plane serving on {plane.address}" + (
-        f", metrics on :{plane.metrics.port}" if plane.metrics.port else ""))  # fmt: skip
+    if plane.security is None:
+        err_console.print(
+            f"[bold red]INSECURE[/] control plane serving plaintext on {plane.address}, no authentication"
+            + (f", metrics on :{plane.metrics.port}" if plane.metrics.port else "")
+        )
+    else:
+        err_console.print(
+            f"control plane serving TLS on {plane.address} (tokens), mTLS for agents on {plane.device_address}"
+            + (f", metrics on :{plane.metrics.port}" if plane.metrics.port else "")
+        )
     import signal
     import threading
 
@@ -556,6 +629,43 @@ def control_plane_serve(
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     plane.stop()
+
+
+@control_plane_app.command("token")
+def control_plane_token(
+    subject: str = typer.Option(..., "--subject", help="who the token speaks for, e.g. alice or ci"),
+    role: str = typer.Option("viewer", help="viewer, deployer or admin"),
+    ttl: str = typer.Option("720h", help="how long it stays valid, e.g. 12h, 720h"),
+    security_dir: Path = typer.Option(
+        ..., envvar="EDGECTL_SECURITY_DIR", help="the control plane's --security-dir (holds token.key)"
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Mint a bearer token signed with the control plane's token key (run it where that key lives).
+
+    The token is the only thing printed on stdout, so `export EDGECTL_TOKEN=$(edgectl control-plane
+    token ...)` works. Example: edgectl control-plane token --security-dir /etc/edgectl/fleet --role deployer --subject ci
+    """
+    from edgectl.control_plane.security import TOKEN_KEY_FILE
+    from edgectl.security.tokens import Role, TokenIssuer
+
+    parsed = Role.parse(role)
+    if parsed == Role.DEVICE:
+        raise UsageError("devices authenticate with certificates from enrollment, not tokens",
+                         hint="use viewer, deployer or admin")  # fmt: skip
+    key = security_dir / TOKEN_KEY_FILE
+    if not key.exists():
+        raise UsageError(
+            f"{key} does not exist", hint="start the control plane once with --security-dir, which makes it"
+        )
+    seconds = round(parse_duration(ttl))
+    issuer = TokenIssuer.load_or_create(key)
+    token = issuer.issue(subject, parsed, ttl_s=seconds)
+    if json_out:
+        print_json({"subject": subject, "role": parsed.name.lower(), "expires_in_s": seconds, "token": token})
+        return
+    err_console.print(f"token for {subject} ({parsed.name.lower()}), valid {ttl}:")
+    print(token)
 
 
 __all__ = [

@@ -174,10 +174,10 @@ class DynsecAdmin:
             raise BrokerAdminError(f"broker refused `{command}`: {response['error']}")
         return response
 
-    def provision_device(self, device_id: str) -> DeviceIdentity:
-        """Create (or replace) the device's role and client with a fresh password."""
+    def provision_device(self, device_id: str, password: str | None = None) -> DeviceIdentity:
+        """Create (or replace) the device's role and client with ``password`` (default: a fresh one)."""
         role = device_role_name(device_id)
-        password = new_password()
+        password = password or new_password()
         self.remove_device(device_id)
         self.run("createRole", rolename=role, acls=device_acls(device_id))
         self.run("createClient", username=device_id, password=password, roles=[{"rolename": role}])

@@ -79,14 +79,20 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Authenticates each call, checks its role, and exposes the identity to the servicer.
 
     ``verifier=None`` turns authentication off (a single-box dev fleet): every caller is an
-    anonymous admin, and the audit log says so.
+    anonymous admin, and the audit log says so. ``certificate_current(cn, pem)``, when given,
+    is asked about every client certificate the TLS layer accepted, so that a decommissioned
+    or re-enrolled device's certificate stops working before it expires.
     """
 
     def __init__(
-        self, verifier: TokenVerifier | None, policy: dict[str, Role | None] = DEFAULT_POLICY
+        self,
+        verifier: TokenVerifier | None,
+        policy: dict[str, Role | None] = DEFAULT_POLICY,
+        certificate_current: Callable[[str, bytes], bool] | None = None,
     ) -> None:
         self._verifier = verifier
         self._policy = policy
+        self._certificate_current = certificate_current
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -126,9 +132,17 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             except TokenError as exc:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             return Identity(claims.subject, claims.role, "token", peer)
-        common_names = context.auth_context().get("x509_common_name")
+        auth = context.auth_context()
+        common_names = auth.get("x509_common_name")
         if common_names:  # the TLS layer already checked the chain against the fleet CA
-            return Identity(common_names[0].decode(), Role.DEVICE, "mtls", peer)
+            subject = common_names[0].decode()
+            pems = auth.get("x509_pem_cert") or [b""]
+            if self._certificate_current is not None and not self._certificate_current(subject, pems[0]):
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"the client certificate of {subject} was revoked (device decommissioned or re-enrolled)",
+                )
+            return Identity(subject, Role.DEVICE, "mtls", peer)
         return None
 
 

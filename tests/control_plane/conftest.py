@@ -120,6 +120,7 @@ def cp_factory(
     def make(state_url: str | None = None, **overrides: Any) -> ControlPlane:
         config = ControlPlaneConfig(
             listen="127.0.0.1:0",
+            insecure=True,
             mqtt_url=mosquitto.url,
             state_url=state_url or f"sqlite:///{tmp_path}/cp.db",
             blobs=str(tmp_path / "blobs"),
