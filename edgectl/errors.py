@@ -25,9 +25,3 @@ class UsageError(EdgectlError):
     """The user asked for something that cannot work as given (bad flag, bad file)."""
 
     exit_code = 2
-
-
-class NotImplementedYet(EdgectlError):
-    """A command of the documented tree whose implementation has not landed."""
-
-    exit_code = 3

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgectl.artifact import default_key_path, default_signing_key
+from edgectl.artifact.signing import public_key_path
 from edgectl.broker import BrokerConfig, MosquittoProcess
 from edgectl.errors import EdgectlError
 from edgectl.ports import free_port, wait_for_port
@@ -85,11 +87,14 @@ def _edgectl(*args: str) -> list[str]:
 class LocalFleet:
     """Starts and stops the processes of a single-box fleet."""
 
-    def __init__(self, data_dir: Path, agents: int = 2, log: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, agents: int = 2, log: bool = True, trust: list[Path] | None = None
+    ) -> None:
         if agents < 0:
             raise LocalFleetError("--agents must be 0 or more")
         self.data_dir = data_dir.resolve()
         self.agent_count = agents
+        self.trust = trust
         self.broker: MosquittoProcess | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.endpoints: Endpoints | None = None
@@ -134,7 +139,28 @@ class LocalFleet:
             self.stop()
             raise
 
+    def _trusted_dir(self) -> Path:
+        """Copy the keys the fleet trusts into DATA_DIR/trusted (default: the user's default signing key).
+
+        The control plane and every agent read the same directory, so an artifact that
+        `edgectl compress` signed with the default key deploys with no key flags at all.
+        """
+        tdir = self.data_dir / "trusted"
+        tdir.mkdir(parents=True, exist_ok=True)
+        sources = self.trust
+        if not sources:
+            default_signing_key()  # made on first use, like ssh-keygen
+            sources = [public_key_path(default_key_path())]
+        for src in sources:
+            if not src.is_file():
+                raise LocalFleetError(
+                    f"trusted key {src} does not exist", hint="pass a .pub.pem file to --trust"
+                )
+            (tdir / src.name).write_bytes(src.read_bytes())
+        return tdir
+
     def _start(self) -> Endpoints:
+        trusted = self._trusted_dir()
         self.broker = MosquittoProcess(BrokerConfig(data_dir=self.data_dir / "broker"))
         self.broker.start()
         cp_port = free_port()
@@ -142,7 +168,7 @@ class LocalFleet:
         cp_dir.mkdir(parents=True, exist_ok=True)
         self._spawn("control-plane", _edgectl(
             "control-plane", "serve", "--listen", f"127.0.0.1:{cp_port}", "--mqtt", self.broker.url,
-            "--state", f"sqlite:///{cp_dir / 'state.db'}", "--blobs", str(cp_dir / "blobs"),
+            "--state", f"sqlite:///{cp_dir / 'state.db'}", "--blobs", str(cp_dir / "blobs"), "--trust", str(trusted),
         ))  # fmt: skip
         self._await("control-plane", "127.0.0.1", cp_port)
         endpoints = Endpoints(mqtt=self.broker.url, control_plane=f"127.0.0.1:{cp_port}")
@@ -165,6 +191,7 @@ class LocalFleet:
             "agent", "run", "--device-id", device_id, "--mqtt", endpoints.mqtt,
             "--control-plane", endpoints.control_plane, "--data-dir", str(self.data_dir / "agents" / device_id),
             "--listen", f"127.0.0.1:{port}", "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
+            "--trust", str(self.data_dir / "trusted"),
         )  # fmt: skip
         if burst:
             argv += ["--burst", burst]

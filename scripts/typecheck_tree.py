@@ -2,7 +2,7 @@
 
 The brief's folders (agent/, compress/, ...) import as edgectl.agent, edgectl.compress, ...
 through setup.py's package_dir; mypy reads files, not the install, so it gets the same
-picture from links. Rebuilt on every `make lint`, so new modules need no re-install.
+picture from links. Brought up to date on every `make lint`, so new modules need no re-install.
 """
 
 from __future__ import annotations
@@ -15,16 +15,26 @@ MAPPED = {"agent": "agent", "compress": "compress", "control_plane": "control_pl
           "protos": "protos"}  # fmt: skip
 
 
+def _link(link: Path, target: Path) -> None:
+    """Make ``link`` point at ``target``, leaving a correct link alone (several runs may race)."""
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
+
+
 def main() -> None:
     root = REPO / "build" / "typecheck"
-    shutil.rmtree(root, ignore_errors=True)
     package = root / "edgectl"
-    package.mkdir(parents=True)
-    for entry in (REPO / "edgectl").iterdir():
-        if entry.name != "__pycache__":
-            (package / entry.name).symlink_to(entry)
-    for name, folder in MAPPED.items():
-        (package / name).symlink_to(REPO / folder)
+    package.mkdir(parents=True, exist_ok=True)
+    wanted = {e.name: e for e in (REPO / "edgectl").iterdir() if e.name != "__pycache__"}
+    wanted.update({name: REPO / folder for name, folder in MAPPED.items()})
+    for entry in package.iterdir():
+        if entry.name not in wanted:
+            entry.unlink() if entry.is_symlink() else shutil.rmtree(entry)
+    for name, target in wanted.items():
+        _link(package / name, target)
     print(root)
 
 

@@ -36,6 +36,9 @@ def up(
         False, "--detach", help="return once everything listens; stop with `edgectl down`"
     ),
     json_out: bool = typer.Option(False, "--json", help="print the endpoints as JSON"),
+    trust: list[Path] = typer.Option(
+        None, help="public key (.pub.pem) the fleet trusts; repeatable (default: your default signing key)"
+    ),
 ) -> None:
     """Start a single-box fleet: broker, control plane, agents and a burst endpoint.
 
@@ -44,7 +47,7 @@ def up(
     Example: edgectl up --agents 3
     """
     directory = (data_dir or default_data_dir()).resolve()
-    fleet = LocalFleet(directory, agents=agents)
+    fleet = LocalFleet(directory, agents=agents, trust=trust or None)
     endpoints = fleet.start()
     _show(endpoints, directory, json_out)
     if detach:

@@ -1,0 +1,113 @@
+"""`edgectl up` / `edgectl down`: a whole fleet on one machine, as real processes, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgectl.client import ControlPlaneClient
+from edgectl.localfleet import Endpoints, LocalFleetError, stop_detached
+from edgectl.protos.v1 import fleet_pb2
+from tests.conftest import require_mosquitto
+
+
+def _edgectl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgectl", *args], capture_output=True, text=True,
+                          timeout=120, env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) is not alive for our purpose
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ", 1)[1].startswith("Z"))
+
+
+def _devices_online(address: str, want: set[str], timeout: float = 30.0) -> dict[str, bool]:
+    deadline = time.monotonic() + timeout
+    with ControlPlaneClient(address) as client:
+        while True:
+            devices = client.call(client.fleet.ListDevices, fleet_pb2.ListDevicesRequest()).devices
+            online = {d.id: d.online for d in devices}
+            if all(online.get(d) for d in want) or time.monotonic() > deadline:
+                return online
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    require_mosquitto()
+    return {
+        **os.environ,
+        "EDGECTL_CONFIG_DIR": str(tmp_path / "config"),
+        "EDGECTL_HOME": str(tmp_path / "home"),
+    }
+
+
+def test_up_detached_lists_endpoints_agents_report_and_down_stops_everything(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Promise: `up --detach` returns once every part listens and reports; `down` leaves no process behind."""
+    data = tmp_path / "fleet"
+    result = _edgectl("up", "--detach", "--agents", "2", "--data-dir", str(data), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    endpoints = Endpoints.read(data)
+    shown = json.loads(result.stdout)
+    assert shown["control_plane"] == endpoints.control_plane
+    assert [a.device_id for a in endpoints.agents] == ["edge-1", "edge-2"]
+    try:
+        online = _devices_online(endpoints.control_plane, {"edge-1", "edge-2", "cloud"})
+        assert online == {"edge-1": True, "edge-2": True, "cloud": True}
+        # the default signing key of this user is what the fleet trusts
+        assert (data / "trusted" / "default.pub.pem").read_bytes() == (
+            tmp_path / "config" / "keys" / "default.pub.pem"
+        ).read_bytes()
+        again = _edgectl("up", "--detach", "--data-dir", str(data), env=env)
+        assert again.returncode != 0 and "already runs" in " ".join(again.stderr.split())
+    finally:
+        down = _edgectl("down", "--data-dir", str(data), env=env)
+    assert down.returncode == 0, down.stderr
+    assert "control-plane" in down.stdout and "broker" in down.stdout
+    assert not any(_alive(pid) for pid in endpoints.pids.values())
+    assert not (data / "endpoints.json").exists()
+    with pytest.raises(LocalFleetError, match="no local fleet"):
+        stop_detached(data)
+
+
+def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path, env: dict[str, str]) -> None:
+    """Promise: Ctrl-C (SIGINT) on `edgectl up` stops the broker, control plane and agents, exit 0."""
+    data = tmp_path / "fleet"
+    proc = subprocess.Popen([sys.executable, "-m", "edgectl", "up", "--agents", "1", "--data-dir", str(data)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (data / "endpoints.json").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        endpoints = Endpoints.read(data)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert not any(_alive(pid) for pid in endpoints.pids.values())
+    assert not (data / "endpoints.json").exists()
+
+
+def test_up_refuses_a_missing_trusted_key(tmp_path: Path, env: dict[str, str]) -> None:
+    result = _edgectl("up", "--detach", "--data-dir", str(tmp_path / "f"), "--trust", str(tmp_path / "nope.pub.pem"),
+                      env=env)  # fmt: skip
+    assert result.returncode != 0
+    assert "nope.pub.pem does not exist" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
