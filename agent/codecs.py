@@ -7,6 +7,7 @@ every V2 client reads.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 
@@ -75,7 +76,7 @@ def numpy_dtype(datatype: str) -> np.dtype[np.generic]:
 def _element_count(shape: Sequence[int], name: str) -> int:
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)
 
 
 def _deserialize_bytes(raw: bytes, count: int, name: str) -> Array:

@@ -29,6 +29,7 @@ class FetchSettings:
     """Limits of one fetch: bandwidth, batching, retries, and the free space to keep."""
 
     bandwidth_bps: float | None = None  # bytes per second; None: unlimited
+    bandwidth_burst: float | None = None  # bytes the limit lets through at once; None: 1/4 s worth
     chunks_per_request: int = 32
     max_rounds: int = 6
     retry_base_s: float = 0.2
@@ -58,21 +59,32 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-class _Throttle:
-    """A token bucket: sleeps so that the average rate stays under ``bps``."""
+class TokenBucket:
+    """Bandwidth limit: ``rate`` bytes/s refill a bucket of ``burst`` bytes; taking more waits.
 
-    def __init__(self, bps: float | None) -> None:
-        self.bps = bps
-        self._start = time.monotonic()
-        self._sent = 0
+    A chunk larger than the bucket is let through on credit and the debt is slept off, so
+    ``n`` bytes never pass faster than ``(n - burst) / rate`` seconds.
+    """
 
-    def consume(self, n: int) -> None:
-        if not self.bps:
-            return
-        self._sent += n
-        ahead = self._sent / self.bps - (time.monotonic() - self._start)
-        if ahead > 0:
-            time.sleep(ahead)
+    def __init__(self, rate: float | None, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else (rate or 0.0) / 4
+        self._tokens = self.burst
+        self._last = time.monotonic()
+
+    def consume(self, n: int) -> float:
+        """Take ``n`` bytes' worth of tokens, sleeping while in debt; returns the seconds slept."""
+        if not self.rate:
+            return 0.0
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= n
+        if self._tokens >= 0:
+            return 0.0
+        wait = -self._tokens / self.rate
+        time.sleep(wait)
+        return wait
 
 
 class ArtifactFetcher:
@@ -132,7 +144,7 @@ class ArtifactFetcher:
         reused = total - sum(sizes[d] for d in todo)
         fetched_bytes = fetched_chunks = corrupt = 0
         bad: dict[str, int] = {}
-        throttle = _Throttle(self.settings.bandwidth_bps)
+        throttle = TokenBucket(self.settings.bandwidth_bps, self.settings.bandwidth_burst)
         used = self.transports[0].name
         errors: list[str] = []
         for round_no in range(self.settings.max_rounds):

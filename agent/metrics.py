@@ -10,6 +10,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -94,16 +95,35 @@ class AgentMetrics:
         self.swaps = Counter("edgectl_agent_swaps", "Model swaps", ["model"], registry=r)
         self.refusals = Counter("edgectl_agent_refusals", "Artifacts refused", ["model"], registry=r)
         self.window = StatsWindow(window_s)
+        # Read at scrape time, so /metrics shows the current share without waiting for a report.
+        self.burst_share.set_function(lambda: self.window.snapshot().burst_share)
         self._active: dict[str, str] = {}
+        # labels() validates and locks on every call; the request path reuses the children instead.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_request(self, model: str, served_by: str, ok: bool, latency_s: float) -> None:
         """One finished request: counters, histogram, and the soak window."""
-        self.requests.labels(model, served_by, "ok" if ok else "error").inc()
-        self.latency.labels(model).observe(latency_s)
+        self._child(self.requests, model, served_by, "ok" if ok else "error").inc()
+        self._child(self.latency, model).observe(latency_s)
         is_burst = served_by != "local"
         if is_burst:
-            self.burst.labels(model).inc()
+            self._child(self.burst, model).inc()
         self.window.record(latency_s, ok, is_burst)
+
+    def observe_batch(self, model: str, rows: int, queue_depth: int) -> None:
+        """One session run of ``rows`` rows, and the queue left behind it."""
+        self._child(self.batch_size, model).observe(rows)
+        self._child(self.queue_depth, model).set(queue_depth)
+
+    def set_queue_depth(self, model: str, depth: int) -> None:
+        self._child(self.queue_depth, model).set(depth)
 
     def set_active(self, model: str, digest: str, version: int) -> None:
         """The active version gauge: one series per model, the old digest removed."""
@@ -114,9 +134,7 @@ class AgentMetrics:
         self._active[model] = digest
 
     def stats(self) -> WindowStats:
-        snap = self.window.snapshot()
-        self.burst_share.set(snap.burst_share)
-        return snap
+        return self.window.snapshot()
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics on ``host:port`` (a daemon thread)."""

@@ -40,8 +40,7 @@ class ServedModel:
 
     def _on_batch(self, rows: int, elapsed: float) -> None:
         if self._metrics is not None:
-            self._metrics.batch_size.labels(self.model.name).observe(rows)
-            self._metrics.queue_depth.labels(self.model.name).set(self.batcher.queue_depth)
+            self._metrics.observe_batch(self.model.name, rows, self.batcher.queue_depth)
 
     @property
     def failing(self) -> bool:
@@ -63,7 +62,7 @@ class ServedModel:
             return self.batcher.run_inline(feeds)
         future = self.batcher.submit(feeds)
         if self._metrics is not None:
-            self._metrics.queue_depth.labels(self.model.name).set(self.batcher.queue_depth)
+            self._metrics.set_queue_depth(self.model.name, self.batcher.queue_depth)
         try:
             result = future.result(timeout)
         except TimeoutError as exc:

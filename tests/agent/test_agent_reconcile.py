@@ -60,6 +60,9 @@ def test_converges_then_updates_with_a_delta_and_keeps_the_previous(
     y, _, version = client.infer("mlp", x)
     np.testing.assert_allclose(y, _want(v2.root, x), rtol=1e-5, atol=1e-5)
     assert version == "2"
+    # The bytes the delta saved are a metric: v1 reused nothing, v2 reused all but its last layer.
+    saved = agent.metrics.registry.get_sample_value("edgectl_agent_delta_saved_bytes_total")
+    assert saved is not None and 0.75 * total < saved < total
     assert (agent.config.data_dir / "artifacts" / d1.removeprefix("sha256:")).is_dir()  # kept for rollback
     client.close()
 
@@ -181,4 +184,44 @@ def test_broker_restart_and_control_plane_outage_do_not_stop_serving(
     fleet2.wait_serving("mlp", d2, timeout=30)
     assert fleet2.latest().models[0].failed_digest == ""  # type: ignore[union-attr]
     fleet2.close()
+    client.close()
+
+
+def test_artifacts_unfit_for_the_device_are_refused_with_the_reason(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    # A GPU profile on this CPU-only onnxruntime, with 1 MiB for models.
+    good = bundles.build(version=1, target_profile="x86-gpu")
+    d_good = artifact_server.add(good.root)
+    agent: Agent = make_agent(
+        mqtt=mosquitto.url, control_plane=artifact_server.address, profile="x86-gpu", memory_limit_mib=1
+    )
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d_good, version=1))
+    m = fleet.wait_serving("mlp", d_good)
+    assert m.execution_provider == "CPUExecutionProvider"  # fp32 falls back along the chain
+    cases = [
+        # fp16 runs only on TensorRT/CUDA in this profile, and this onnxruntime has neither.
+        (
+            bundles.build(version=2, precision="fp16", target_profile="x86-gpu"),
+            "no execution provider here runs fp16",
+        ),
+        # ~1.1 MB of weights: about 2 MiB to serve, over the 1 MiB budget.
+        (
+            bundles.build(version=3, dims=(256, 1024, 16), target_profile="x86-gpu"),
+            "this device allows 1 MiB",
+        ),
+    ]
+    client = V2Client(agent.address)
+    for bundle, reason in cases:
+        digest = artifact_server.add(bundle.root)
+        fleet.desire(mpb.DesiredModel(name="mlp", digest=digest))
+        m = fleet.wait_model("mlp", lambda m, d=digest: m.failed_digest == d)
+        assert reason in m.failure_reason, m.failure_reason
+        assert m.digest == d_good and m.smoke_test_passed
+        assert K.EVENT_KIND_REFUSED in fleet.event_kinds(digest)
+        assert client.infer("mlp", X)[2] == "1"
     client.close()

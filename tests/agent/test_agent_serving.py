@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgectl.agent.agent import Agent
 from edgectl.agent.batching import BatchSettings
@@ -210,3 +212,44 @@ def test_cli_serve_only_and_infer(tmp_path: Path, bundles: Bundles, trust_file: 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_prometheus_metrics_endpoint_exports_serving_numbers(bundles: Bundles, make_agent) -> None:  # type: ignore[no-untyped-def]
+    art = bundles.build(version=4)
+    cloud: Agent = make_agent(serve_only=True, model_dir=art.root, device_id="")
+    port = free_port()
+    edge: Agent = make_agent(
+        serve_only=True,
+        model_dir=art.root,
+        device_id="",
+        burst=cloud.address,
+        max_batch_size=4,
+        metrics_listen=f"127.0.0.1:{port}",
+    )
+    client = V2Client(edge.address)
+    x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    for _ in range(3):
+        assert client.infer("mlp", x)[1] == "local"
+    edge.router.settings = type(edge.router.settings)(target=cloud.address, slo_s=-1.0)  # force burst
+    assert client.infer("mlp", x)[1] == f"burst:{cloud.address}"
+    client.close()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("edgectl_agent_requests_total", model="mlp", served_by="local", outcome="ok") == 3
+    burst_label = f"burst:{cloud.address}"
+    assert value("edgectl_agent_requests_total", model="mlp", served_by=burst_label, outcome="ok") == 1
+    assert value("edgectl_agent_request_latency_seconds_count", model="mlp") == 4
+    assert value("edgectl_agent_batch_size_sum", model="mlp") == 6  # three local runs of 2 rows
+    assert ("edgectl_agent_queue_depth", (("model", "mlp"),)) in samples
+    assert value("edgectl_agent_burst_requests_total", model="mlp") == 1
+    assert value("edgectl_agent_burst_share") == 0.25
+    assert value("edgectl_agent_active_version", model="mlp", digest=art.digest) == 4
+    assert ("edgectl_agent_delta_saved_bytes_total", ()) in samples
