@@ -122,7 +122,9 @@ class Agent:
         if cfg.transport in ("auto", "mqtt"):
             transports.append(mqtt_transport)
         fetcher = ArtifactFetcher(
-            artifacts.chunks, transports, FetchSettings(bandwidth_bps=cfg.bandwidth_limit)
+            artifacts.chunks,
+            transports,
+            FetchSettings(bandwidth_bps=cfg.bandwidth_limit, reserve_bytes=cfg.min_free_disk_mib << 20),
         )
         self.link = MqttLink(
             MqttSettings(

@@ -43,7 +43,8 @@ class AgentConfig:
     profile: str | None = None  # a profile name or .yaml; None: detect from the host
     heartbeat_s: float = 30.0
     transport: str = "auto"  # auto (gRPC, then MQTT chunks) | grpc | mqtt
-    bandwidth_limit: float | None = None  # bytes per second
+    bandwidth_limit: float | None = None  # bytes per second (--max-bandwidth)
+    min_free_disk_mib: int = 64  # a download that would leave less free space is not started
     max_batch_size: int = 8
     max_queue_delay_ms: float = 2.0
     slo_ms: float = 100.0

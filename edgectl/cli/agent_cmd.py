@@ -52,7 +52,12 @@ def run(
         None, envvar="EDGECTL_PROFILE", help="device profile name or .yaml [default: detect]"
     ),
     transport: str | None = typer.Option(None, help="artifact transport: auto | grpc | mqtt"),
-    bandwidth_limit: float | None = typer.Option(None, help="download limit in bytes per second"),
+    bandwidth_limit: float | None = typer.Option(
+        None, "--max-bandwidth", "--bandwidth-limit", help="artifact download limit, bytes per second"
+    ),
+    min_free_disk_mib: int | None = typer.Option(
+        None, help="refuse to start a download that would leave less free disk, MiB [default 64]"
+    ),
     max_batch_size: int | None = typer.Option(None, help="micro-batch size limit [default 8]"),
     max_queue_delay_ms: float | None = typer.Option(None, help="longest wait to fill a batch [default 2]"),
     slo_ms: float | None = typer.Option(
@@ -91,6 +96,7 @@ def run(
         "profile": profile,
         "transport": transport,
         "bandwidth_limit": bandwidth_limit,
+        "min_free_disk_mib": min_free_disk_mib,
         "max_batch_size": max_batch_size,
         "max_queue_delay_ms": max_queue_delay_ms,
         "slo_ms": slo_ms,
