@@ -1,0 +1,153 @@
+"""End to end: a 5 MB artifact rolled out to 500 simulated devices that are real agents.
+
+Starts a throwaway mosquitto, the control plane as its own process (its CPU read from /proc),
+and N real ``edgectl.agent`` instances in a few worker processes (``edgectl.sim``): each has its
+own MQTT connection, enrollment credentials, data dir and gRPC connection, and really fetches,
+verifies, loads and smoke-tests the model. Rolls the artifact out in waves 1,10%,50%,100% and
+prints the wall time, bytes on the wire per device (from the kernel's per-socket counters), the
+control plane's CPU seconds, and the ratio to copying the same bytes over loopback (the limit).
+
+    python benchmarks/bench_fleet.py              # 500 devices, 5 MB
+    python benchmarks/bench_fleet.py --quick      # 50 devices, 5 MB
+    python benchmarks/bench_fleet.py --devices 200 --size-mb 2 --per-process 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # for tests.harness
+
+from edgectl.artifact import SigningKey  # noqa: E402
+from edgectl.broker import BrokerConfig, MosquittoProcess  # noqa: E402
+from edgectl.protos.v1 import rollouts_pb2  # noqa: E402
+from tests.harness.fleet import FleetRig, sized_artifact, wait_for  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def socket_bytes(port: int) -> tuple[int, int, int]:
+    """(connections, bytes sent, bytes received) summed over established TCP sockets on local ``port``."""
+    out = subprocess.run(
+        ["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sent = sum(int(x) for x in re.findall(r"bytes_sent:(\d+)", out))
+    received = sum(int(x) for x in re.findall(r"bytes_received:(\d+)", out))
+    return len(re.findall(r"bytes_sent:", out)), sent, received
+
+
+def worker_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def loopback_copy_seconds(total: int, per_copy: int) -> float:
+    """Seconds to push ``total`` bytes through one loopback TCP connection (a reader thread drains)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    received = [0]
+
+    def drain() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while chunk := conn.recv(1 << 20):
+                received[0] += len(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    block = os.urandom(per_copy)
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as out:
+        for _ in range(total // per_copy):
+            out.sendall(block)
+    reader.join()
+    elapsed = time.perf_counter() - t0
+    server.close()
+    assert received[0] == total // per_copy * per_copy
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--devices", type=int, default=500)
+    parser.add_argument("--size-mb", type=float, default=5.0)
+    parser.add_argument("--per-process", type=int, default=125, help="agents per worker process")
+    parser.add_argument("--quick", action="store_true", help="50 devices")
+    args = parser.parse_args()
+    n = 50 if args.quick else args.devices
+    size = int(args.size_mb * 1e6)
+    work = Path(tempfile.mkdtemp(prefix="edgectl-bench-fleet-"))
+    broker = MosquittoProcess(BrokerConfig(data_dir=work / "broker", extra_lines=["max_connections -1"]))
+    broker.start()
+    rig = FleetRig(work / "fleet", broker, SigningKey.generate(), log_level="warning")
+    try:
+        art = sized_artifact(work, rig.key, 1, size)
+        artifact_bytes = sum(f.size for f in art.manifest.files)
+        digest = rig.push(art)
+        t0 = time.monotonic()
+        sim = rig.simulate(
+            n, {"fleet": "bench"}, per_process=args.per_process, prefix="bench", heartbeat_s=30.0
+        )
+        ids = [d.device_id for d in sim.devices]
+        rig.wait_all_online(ids, timeout=600)
+        start_s = time.monotonic() - t0
+        _, grpc_sent0, grpc_recv0 = socket_bytes(rig.cp.port)
+        _, mqtt_sent0, mqtt_recv0 = socket_bytes(broker.port)
+        cpu0 = cpu_seconds(rig.cp.proc.pid)  # type: ignore[union-attr]
+        t1 = time.monotonic()
+        rollout = rig.rollout(f"{art.manifest.name}:{art.manifest.version}", {"fleet": "bench"},
+                              ["1", "10%", "50%", "100%"], health_timeout_s=600)  # fmt: skip
+        final = rig.wait_done(rollout.id, timeout=1800)
+        wall = time.monotonic() - t1
+        cpu = cpu_seconds(rig.cp.proc.pid) - cpu0  # type: ignore[union-attr]
+        conns, grpc_sent, grpc_recv = socket_bytes(rig.cp.port)
+        _, mqtt_sent, mqtt_recv = socket_bytes(broker.port)
+        wait_for(lambda: sum(v == digest for v in rig.serving(art.manifest.name).values()) == n,
+                 60, what="every device reporting the new digest")  # fmt: skip
+        serving = sum(v == digest for v in rig.serving(art.manifest.name).values())
+        rss = sum(worker_rss_mb(pid) for pid in sim.pids())
+        copy_s = loopback_copy_seconds(n * artifact_bytes, artifact_bytes)
+        grpc_per = (grpc_sent - grpc_sent0 + grpc_recv - grpc_recv0) / n
+        mqtt_per = (mqtt_sent - mqtt_sent0 + mqtt_recv - mqtt_recv0) / n
+        state = rollouts_pb2.RolloutState.Name(final.state)
+        workers = len(sim.workers)
+        print(f"fleet rollout: {n} real agents in {workers} processes, artifact {artifact_bytes / 1e6:.2f} MB, "
+              f"waves 1,10%,50%,100%: {state} ({serving} serving)")  # fmt: skip
+        print(f"  agents' memory (RSS, all workers): {rss:6.0f} MB  ({rss / n:.1f} MB per device)")
+        print(f"  enroll + start + online:        {start_s:8.1f} s")
+        print(f"  rollout wall time:              {wall:8.1f} s")
+        print(
+            f"  bytes on the wire per device:   {grpc_per / 1e6:8.2f} MB gRPC ({conns} connections to the "
+            f"control plane) + {mqtt_per / 1e3:.1f} kB MQTT  ({grpc_per / artifact_bytes:.3f} x the artifact)"
+        )
+        print(f"  control-plane CPU:              {cpu:8.1f} s  ({cpu / n * 1000:.1f} ms per device)")
+        print(f"  loopback copy of {n} x {artifact_bytes / 1e6:.1f} MB:  {copy_s:8.2f} s  (the limit)")
+        print(f"  rollout / loopback copy:        {wall / copy_s:8.1f} x")
+        if final.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
+            raise SystemExit(f"rollout ended {state}: {final.reason}")
+    finally:
+        rig.close()
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()
