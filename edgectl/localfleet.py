@@ -168,7 +168,7 @@ class LocalFleet:
         cp_dir.mkdir(parents=True, exist_ok=True)
         self._spawn("control-plane", _edgectl(
             "control-plane", "serve", "--listen", f"127.0.0.1:{cp_port}", "--mqtt", self.broker.url,
-            "--state", f"sqlite:///{cp_dir / 'state.db'}", "--blobs", str(cp_dir / "blobs"), "--trust", str(trusted),
+            "--state", f"sqlite:///{cp_dir / 'state.db'}", "--blobs", str(cp_dir / "blobs"), "--trust", str(trusted), "--insecure",
         ))  # fmt: skip
         self._await("control-plane", "127.0.0.1", cp_port)
         endpoints = Endpoints(mqtt=self.broker.url, control_plane=f"127.0.0.1:{cp_port}")
