@@ -117,7 +117,9 @@ def cp_factory(
     """Start in-process control planes against the test broker; all are stopped afterwards."""
     made: list[ControlPlane] = []
 
-    def make(state_url: str | None = None, **overrides: Any) -> ControlPlane:
+    def make(
+        state_url: str | None = None, trust_store: TrustStore | None = None, **overrides: Any
+    ) -> ControlPlane:
         config = ControlPlaneConfig(
             listen="127.0.0.1:0",
             insecure=True,
@@ -128,7 +130,7 @@ def cp_factory(
             leader_interval=0.2,
             **overrides,
         )
-        cp = ControlPlane(config, trust=trust)
+        cp = ControlPlane(config, trust=trust_store if trust_store is not None else trust)
         cp.start()
         made.append(cp)
         return cp
