@@ -18,6 +18,7 @@ from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.burst import BurstSettings, InferenceRouter
 from edgectl.agent.config import AgentConfig, build_trust, read_credentials
+from edgectl.agent.enroll import device_tls, enroll
 from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.metrics import AgentMetrics
@@ -58,6 +59,12 @@ class _NoReporter:
         pass
 
 
+def _agent_version() -> str:
+    from edgectl import __version__
+
+    return str(__version__)
+
+
 def resolve_profile(config: AgentConfig, facts: HostFacts) -> DeviceProfile:
     """The configured profile, else the one detected from this host's facts."""
     try:
@@ -96,6 +103,12 @@ class Agent:
         self.link: MqttLink | None = None
         self.reconciler: Reconciler | None = None
         self.creds = read_credentials(config.data_dir)
+        if config.enroll_token and not config.serve_only:
+            if self.creds is None:
+                self.creds = enroll(config, _agent_version(), self.profile.name)
+            else:
+                log.info("already enrolled (%s exists); ignoring the enrollment token", config.data_dir)
+        self.tls = device_tls(config.data_dir, self.creds)
         if config.serve_only:
             self.trust = self._serve_only_trust()
         else:
@@ -118,7 +131,8 @@ class Agent:
         mqtt_transport = MqttChunkTransport(lambda req: self.link.request_chunks(req) if self.link else None)
         transports: list[ArtifactTransport] = []
         if cfg.transport in ("auto", "grpc") and cfg.control_plane:
-            transports.append(GrpcTransport(cfg.control_plane))
+            credentials = self.tls.grpc_credentials() if self.tls else None
+            transports.append(GrpcTransport(cfg.control_plane, credentials=credentials))
         if cfg.transport in ("auto", "mqtt"):
             transports.append(mqtt_transport)
         fetcher = ArtifactFetcher(
@@ -132,6 +146,9 @@ class Agent:
                 device_id=cfg.device_id,
                 username=self.creds.mqtt_username if self.creds else None,
                 password=self.creds.mqtt_password if self.creds else None,
+                ca_file=str(self.tls.ca_file if self.tls else cfg.ca_file)
+                if self.tls or cfg.ca_file
+                else None,
             ),
             on_desired=lambda ds: self.reconciler.submit(ds) if self.reconciler else None,
             on_chunk=mqtt_transport.deliver,

@@ -53,6 +53,9 @@ class AgentConfig:
     memory_limit_mib: int | None = None
     metrics_listen: str | None = None
     log_level: str = "info"
+    enroll_token: str | None = field(default=None, repr=False)  # one-time; used when not yet enrolled
+    enroll_server: str | None = None  # the control plane's TLS listener; None: control_plane
+    ca_file: Path | None = None  # the fleet CA, to check the control plane's certificate at enrollment
 
     def validate(self) -> AgentConfig:
         """Raise ConfigError for values that cannot work; return self."""
@@ -70,7 +73,7 @@ class AgentConfig:
         for what, value in (("--max-batch-size", self.max_batch_size), ("--slo-ms", self.slo_ms)):
             if value <= 0:
                 raise ConfigError(f"{what} must be positive, got {value}")
-        for addr in (self.listen, self.burst, self.control_plane, self.metrics_listen):
+        for addr in (self.listen, self.burst, self.control_plane, self.metrics_listen, self.enroll_server):
             if addr is not None and not _is_host_port(addr):
                 raise ConfigError(f"address {addr!r} is not HOST:PORT")
         return self
@@ -98,7 +101,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name in ("data_dir", "model_dir") and value is not None:
+    if name in ("data_dir", "model_dir", "ca_file") and value is not None:
         return Path(value).expanduser()
     if name == "trust":
         items = value if isinstance(value, (list, tuple)) else [value]

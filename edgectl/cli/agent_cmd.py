@@ -69,6 +69,17 @@ def run(
     intra_op_threads: int | None = typer.Option(None, help="onnxruntime threads per session (0: all cores)"),
     memory_limit_mib: int | None = typer.Option(None, help="memory for models, MiB [default: the profile's]"),
     metrics_listen: str | None = typer.Option(None, "--metrics", help="serve Prometheus /metrics on H:P"),
+    enroll_token: str | None = typer.Option(
+        None,
+        envvar="EDGECTL_ENROLL_TOKEN",
+        help="one-time token from `edgectl devices enroll`; used once, when DATA_DIR holds no credentials",
+    ),
+    enroll_server: str | None = typer.Option(
+        None, help="control plane's TLS listener H:P for enrollment [default: --control-plane]"
+    ),
+    ca_file: Path | None = typer.Option(
+        None, envvar="EDGECTL_CA", help="fleet CA certificate (checks the control plane at enrollment)"
+    ),
     config: Path | None = typer.Option(
         None, "--config", envvar="EDGECTL_AGENT_CONFIG", help="YAML/JSON settings file"
     ),
@@ -77,6 +88,8 @@ def run(
     """Converge to the desired artifact and serve it over KServe V2.
 
     Example: edgectl agent run --device-id cam-07 --mqtt mqtt://broker:1883 --control-plane cp:7443 --data-dir /var/lib/edgectl
+
+    Enrolled (secured fleet): edgectl agent run --device-id cam-07 --enroll-token TOKEN --enroll-server cp:7443 --ca-file ca.crt --control-plane cp:7444 --data-dir /var/lib/edgectl
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edgectl.agent.agent import Agent
@@ -104,6 +117,9 @@ def run(
         "intra_op_threads": intra_op_threads,
         "memory_limit_mib": memory_limit_mib,
         "metrics_listen": metrics_listen,
+        "enroll_token": enroll_token,
+        "enroll_server": enroll_server,
+        "ca_file": ca_file,
     }
     Agent(load_config(config, overrides)).run_forever()
 
