@@ -25,6 +25,7 @@ from edgectl.errors import EdgectlError
 from edgectl.ports import free_port, wait_for_port
 
 ENDPOINTS_FILE = "endpoints.json"
+DATA_DIR_ENV = "EDGECTL_DATA_DIR"
 STOP_GRACE_S = 10.0
 
 
@@ -33,8 +34,9 @@ class LocalFleetError(EdgectlError):
 
 
 def default_data_dir() -> Path:
-    """``$EDGECTL_HOME`` or ``~/.edgectl``."""
-    return Path(os.environ.get("EDGECTL_HOME", Path.home() / ".edgectl"))
+    """``$EDGECTL_DATA_DIR`` or ``~/.edgectl``: the same place clients look for endpoints.json."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".edgectl"
 
 
 @dataclass

@@ -50,7 +50,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     return {
         **os.environ,
         "EDGECTL_CONFIG_DIR": str(tmp_path / "config"),
-        "EDGECTL_HOME": str(tmp_path / "home"),
+        "EDGECTL_DATA_DIR": str(tmp_path / "home"),
     }
 
 

@@ -31,7 +31,7 @@ def _show(endpoints: Endpoints, data_dir: Path, json_out: bool) -> None:
 
 def up(
     agents: int = typer.Option(2, help="number of local edge agents"),
-    data_dir: Path = typer.Option(None, help="where state lives (default $EDGECTL_HOME or ~/.edgectl)"),
+    data_dir: Path = typer.Option(None, help="where state lives (default $EDGECTL_DATA_DIR or ~/.edgectl)"),
     detach: bool = typer.Option(
         False, "--detach", help="return once everything listens; stop with `edgectl down`"
     ),
