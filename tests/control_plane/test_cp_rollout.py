@@ -138,6 +138,36 @@ def test_pause_resume_abort_and_state_errors(
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_operator_rollback_restores_previous_versions_and_abort_stops_a_rollout(
+    cp: ControlPlane, client: ControlPlaneClient, sim: SimFleet, build: Callable[..., Artifact],
+    push: Callable[[Artifact], str],
+) -> None:  # fmt: skip
+    old, new = push(build(version=1)), push(build(version=2))
+    ids = fleet_of(sim, 3, old)
+    wait_for(lambda: len(cp.fleet.list_devices()) == 3, 10, what="devices registered")
+    done = create(client, "digits:2", {"site": "lab"}, ["100%"])
+    watch_until_done(client, done.id)
+    assert set(sim.digests("digits").values()) == {new}
+    rolled = client.rollouts.Rollback(RP.RolloutActionRequest(id=done.id, reason="latency"), timeout=10)
+    assert rolled.state == RP.ROLLOUT_STATE_ROLLING_BACK
+    watch_until_done(client, done.id)
+    final = client.rollouts.Get(RP.GetRolloutRequest(id=done.id))
+    assert final.state == RP.ROLLOUT_STATE_ROLLED_BACK and "latency" in final.reason
+    assert set(sim.digests("digits").values()) == {old}
+
+    for i in ids[1:]:
+        sim.disconnect(i)  # offline: the second wave would wait for them
+    slow = create(client, "digits:2", {"site": "lab"}, ["1", "100%"], timeout=60)
+    wait_for(lambda: sim.digests("digits").get(ids[0]) == new, 10, what="the canary moved")
+    aborted = client.rollouts.Abort(RP.RolloutActionRequest(id=slow.id), timeout=10)
+    assert aborted.state == RP.ROLLOUT_STATE_ABORTED
+    listed = client.rollouts.List(RP.ListRolloutsRequest(), timeout=10).rollouts
+    assert {r.id: r.state for r in listed} == {
+        done.id: RP.ROLLOUT_STATE_ROLLED_BACK,
+        slow.id: RP.ROLLOUT_STATE_ABORTED,
+    }
+
+
 def _serve(
     tmp_path: Path, mosquitto: MosquittoProcess, port: int, key: SigningKey
 ) -> subprocess.Popen[bytes]:

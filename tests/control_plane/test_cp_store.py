@@ -237,3 +237,25 @@ def test_soak_window_fails_a_device_over_the_error_threshold(
     by_id = {p.device_id: p for p in view.devices}
     assert by_id["dev-01"].state == rs.D_ROLLED_BACK
     assert view.rollout.state == rs.ROLLING_BACK and "error rate 0.200 above 0.050" in view.rollout.reason
+
+
+def test_soak_window_fails_a_device_over_the_p99_threshold(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    fleet, rollouts, controller, recorder, _old, new = _setup_rollout(store, tmp_path, trust, build, 2)
+    clock = [1000.0]
+    controller.clock = lambda: clock[0]
+    spec = StrategySpec(("100%",), max_failures="0", soak_s=60, max_p99_ms=50.0)
+    rid = rollouts.create("digits:2", Selector({"site": "lab"}), spec, "t").rollout.id
+    controller.step(rid)
+    _answer(fleet, recorder)
+    controller.step(rid)
+    clock[0] += 30
+    state = mqtt_pb2.ReportedState(device_id="dev-01", observed_generation=1)
+    state.models.add(name="digits", digest=new, version=2, smoke_test_passed=True)
+    state.stats.p99_ms = 250.0
+    fleet.apply([Reported("dev-01", state, time.time())])
+    controller.step(rid)
+    view = rollouts.get(rid)
+    assert {p.device_id: p.state for p in view.devices}["dev-01"] == rs.D_ROLLED_BACK
+    assert view.rollout.state == rs.ROLLING_BACK and "p99" in view.rollout.reason
