@@ -82,7 +82,7 @@ def main() -> None:
     state = args.state or f"sqlite:///{work}/cp.db"
     log = (work / "cp.log").open("wb")
     cp = subprocess.Popen(
-        [sys.executable, "-m", "edgectl.control_plane", "serve", "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "edgectl.control_plane", "serve", "--insecure", "--listen", f"127.0.0.1:{port}",
          "--mqtt", broker.url, "--state", state, "--blobs", str(work / "blobs"),
          "--trust", str(work / "trusted.pem"), "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT,
