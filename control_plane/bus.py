@@ -66,6 +66,7 @@ class Inbound:
 
     topic: str
     payload: bytes
+    retained: bool = False  # replayed by the broker on subscribe: stored earlier, not sent just now
 
 
 class FleetBus:
@@ -158,7 +159,7 @@ class FleetBus:
             self._on_error("disconnect")
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Inbound(msg.topic, bytes(msg.payload)))
+        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -393,7 +393,7 @@ class Fleet:
             "requests": state.stats.requests, "error_rate": state.stats.error_rate,
             "p99_ms": state.stats.p99_ms, "window_seconds": state.stats.window_seconds,
         }  # fmt: skip
-        seen = state.reported_at.ToNanoseconds() / 1e9 if state.HasField("reported_at") else obs.received_at
+        seen = obs.received_at
         tx.execute(
             "UPDATE devices SET reported_labels = ?, agent_version = ?, profile = ?, health = ?, last_error = ?, "
             "observed_generation = ?, models = ?, stats = ?, last_seen = ? WHERE id = ?",

@@ -141,9 +141,13 @@ class FleetIngest:
             try:
                 device_id, kind = parse_topic(item.topic)
                 if kind == "reported":
-                    observations.append(
-                        Reported(device_id, decode(item.payload, mqtt_pb2.ReportedState), now)
-                    )
+                    state = decode(item.payload, mqtt_pb2.ReportedState)
+                    # Seen now, by our clock (a device's clock may be days off); a retained replay
+                    # was sent earlier, and only the device's own timestamp says when.
+                    seen = now
+                    if item.retained and state.HasField("reported_at"):
+                        seen = min(now, state.reported_at.ToNanoseconds() / 1e9)
+                    observations.append(Reported(device_id, state, seen))
                 elif kind == "status":
                     status = decode(item.payload, mqtt_pb2.DeviceStatus)
                     observations.append(Status(device_id, status.online, now))
