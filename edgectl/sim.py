@@ -360,20 +360,28 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 def shift_clock(offset_s: float) -> None:
-    """Make this process's wall clock read ``offset_s`` off (the agent's every wall-clock read)."""
+    """Make the agent's wall-clock reads in this process ``offset_s`` off.
+
+    The agent reads the wall clock through ``datetime.now`` and protobuf timestamps (reported_at,
+    event times); those are shifted. ``time.time`` is left alone: gRPC's Python layer turns
+    timeouts into deadlines with it and its C core checks them against the real clock, so
+    shifting one without the other would fake a failure no real skew causes (libfaketime, which
+    shifts every clock of the process alike, is the thorough alternative).
+    """
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    real_time, real_time_ns = time.time, time.time_ns
-    time.time = lambda: real_time() + offset_s  # type: ignore[assignment]
-    time.time_ns = lambda: real_time_ns() + int(offset_s * 1e9)  # type: ignore[assignment]
+    real_now = datetime.datetime.now
 
     class _SkewedDatetime(datetime.datetime):
         @classmethod
         def now(cls, tz: datetime.tzinfo | None = None) -> _SkewedDatetime:
-            return cls.fromtimestamp(time.time(), tz)
+            t = real_now(tz) + datetime.timedelta(seconds=offset_s)
+            return cls.fromtimestamp(t.timestamp(), tz)
 
     datetime.datetime = _SkewedDatetime  # type: ignore[misc]
-    Timestamp.GetCurrentTime = lambda self: self.FromNanoseconds(time.time_ns())  # type: ignore[method-assign]
+    Timestamp.GetCurrentTime = lambda self: self.FromNanoseconds(  # type: ignore[method-assign]
+        time.time_ns() + int(offset_s * 1e9)
+    )
 
 
 def _raise_open_files() -> None:

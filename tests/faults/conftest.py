@@ -56,9 +56,13 @@ class Artifacts:
 
     def __init__(self, work: Path, key: SigningKey) -> None:
         self.work, self.key = work, key
+        self._built: dict[tuple[int, int], Artifact] = {}
 
     def good(self, version: int, size: int = 400_000) -> Artifact:
-        return sized_artifact(self.work, self.key, version, size)
+        """Built once per (version, size); later calls return the same bundle."""
+        if (version, size) not in self._built:
+            self._built[version, size] = sized_artifact(self.work, self.key, version, size)
+        return self._built[version, size]
 
     def bad(self, version: int, size: int = 400_000) -> Artifact:
         wrong = {"y": np.full((2, 8), 1000.0, dtype=np.float32)}
