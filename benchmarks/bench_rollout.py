@@ -7,11 +7,14 @@ v2 out in waves 1,10%,50%,100% and prints the numbers.
     python benchmarks/bench_rollout.py              # 1000 devices
     python benchmarks/bench_rollout.py --quick      # 100 devices
     python benchmarks/bench_rollout.py --devices 2000 --state postgresql://postgres@127.0.0.1/test
+    python benchmarks/bench_rollout.py --secure     # the broker `edgectl broker config` writes (TLS,
+                                                    # per-device identities), the control plane secured
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import subprocess
@@ -27,10 +30,14 @@ sys.path.insert(0, str(REPO))  # for tests.control_plane.sim_device
 
 from edgectl.artifact import SigningKey, TensorSpec, build_artifact, public_pem  # noqa: E402
 from edgectl.broker import BrokerConfig, MosquittoProcess  # noqa: E402
-from edgectl.client import ControlPlaneClient, push_artifact  # noqa: E402
+from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact  # noqa: E402
 from edgectl.ports import free_port, wait_for_port  # noqa: E402
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2, rollouts_pb2  # noqa: E402
+from edgectl.security.broker_files import BrokerLayout, write_broker_files  # noqa: E402
+from edgectl.security.dynsec import DynsecAdmin  # noqa: E402
+from edgectl.security.tokens import Role, TokenIssuer  # noqa: E402
 from tests.control_plane.sim_device import SimFleet, wait_for  # noqa: E402
+from tests.harness.mqtt import MqttTestClient  # noqa: E402
 
 
 def raise_open_files(needed: int) -> int:
@@ -65,39 +72,73 @@ def build(out: Path, key: SigningKey, version: int) -> Path:
     return art.root
 
 
+def provision(layout: BrokerLayout, ids: list[str]) -> dict[str, str]:
+    """Each device's own broker identity through the dynamic-security API, as enrollment makes it."""
+    admin_client = MqttTestClient("127.0.0.1", layout.port, username=layout.control_plane_username,
+                                  password=layout.control_plane_password, tls_ca=str(layout.ca_cert))  # fmt: skip
+    if admin_client.connect().is_failure:
+        raise SystemExit("the broker refused the control plane's admin credentials")
+    admin = DynsecAdmin(admin_client.client, timeout=30)
+    try:
+        return {i: admin.provision_device(i).password for i in ids}
+    finally:
+        admin_client.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="100 devices")
     parser.add_argument("--state", default="", help="state URL (default: SQLite in a temp dir)")
+    parser.add_argument(
+        "--secure", action="store_true", help="TLS broker with per-device identities, secured CP"
+    )
     args = parser.parse_args()
     n = 100 if args.quick else args.devices
     raise_open_files(2 * n + 256)
     work = Path(tempfile.mkdtemp(prefix="edgectl-bench-"))
-    broker = MosquittoProcess(BrokerConfig(data_dir=work / "broker", extra_lines=["max_connections -1"]))
+    ids = [f"bench-{i:05d}" for i in range(n)]
+    passwords: dict[str, str] = {}
+    port = free_port()
+    if args.secure:
+        layout = write_broker_files(work / "fleet", hostnames=["localhost", "127.0.0.1"], host="127.0.0.1",
+                                    port=free_port())  # fmt: skip
+        base = layout.broker_config(work / "broker")
+        broker = MosquittoProcess(
+            dataclasses.replace(base, extra_lines=[*base.extra_lines, "max_connections -1"])
+        )
+        token = TokenIssuer.load_or_create(layout.directory / "token.key").issue("bench", Role.ADMIN)
+        credentials = ClientCredentials(token=token, ca_pem=layout.ca_cert.read_bytes())
+        mode = ["--security-dir", str(layout.directory), "--device-listen", f"127.0.0.1:{free_port()}"]
+    else:
+        broker = MosquittoProcess(BrokerConfig(data_dir=work / "broker", extra_lines=["max_connections -1"]))
+        credentials = ClientCredentials()
+        mode = ["--insecure", "--mqtt", broker.url]
     broker.start()
+    if args.secure:
+        t = time.monotonic()
+        passwords = provision(layout, ids)
+        print(f"  ({n} broker identities provisioned in {time.monotonic() - t:.1f} s, not counted below)")
     key = SigningKey.generate()
     (work / "trusted.pem").write_bytes(public_pem(key.public_key))
-    port = free_port()
     state = args.state or f"sqlite:///{work}/cp.db"
     log = (work / "cp.log").open("wb")
     cp = subprocess.Popen(
-        [sys.executable, "-m", "edgectl.control_plane", "serve", "--insecure", "--listen", f"127.0.0.1:{port}",
-         "--mqtt", broker.url, "--state", state, "--blobs", str(work / "blobs"),
+        [sys.executable, "-m", "edgectl.control_plane", "serve", *mode, "--listen", f"127.0.0.1:{port}",
+         "--state", state, "--blobs", str(work / "blobs"),
          "--trust", str(work / "trusted.pem"), "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    sim = SimFleet(broker.host, broker.port)
+    sim = SimFleet(broker.host, broker.port, tls_ca=str(layout.ca_cert) if args.secure else None)
     try:
         if not wait_for_port("127.0.0.1", port, 30):
             raise SystemExit((work / "cp.log").read_text())
-        client = ControlPlaneClient(f"127.0.0.1:{port}", timeout=60)
+        client = ControlPlaneClient(f"127.0.0.1:{port}", timeout=60, credentials=credentials)
         old = push_artifact(client, build(work, key, 1)).artifact.ref
         new = push_artifact(client, build(work, key, 2)).artifact.ref
-        ids = [f"bench-{i:05d}" for i in range(n)]
         started = time.monotonic()
         for device_id in ids:
-            device = sim.add(device_id, {"fleet": "bench"})
+            device = sim.add(device_id, {"fleet": "bench"}, password=passwords.get(device_id))
             device.active["digits"] = mqtt_pb2.ActiveModel(
                 name="digits", digest=old.digest, version=old.version, smoke_test_passed=True
             )
@@ -125,7 +166,10 @@ def main() -> None:
         final = client.rollouts.Get(rollouts_pb2.GetRolloutRequest(id=rollout.id))
         after = sim.snapshot(lambda d: sum(x.desired_received + x.published for x in d.values()))
         state_name = rollouts_pb2.RolloutState.Name(final.state)
-        print(f"rollout of {n} simulated devices (real MQTT connections), waves 1,10%,50%,100%: {state_name}")
+        how = "TLS, own broker identities, secured CP" if args.secure else "plaintext, --insecure CP"
+        print(
+            f"rollout of {n} simulated devices (real MQTT connections, {how}), waves 1,10%,50%,100%: {state_name}"
+        )
         print(f"  connect + inventory:            {connect_s:8.2f} s")
         print(f"  Create -> all devices reported: {all_reported_s:8.2f} s")
         print(f"  Create -> rollout SUCCEEDED:    {done_s:8.2f} s")

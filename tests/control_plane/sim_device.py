@@ -15,6 +15,7 @@ import heapq
 import itertools
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -117,6 +118,10 @@ class SimLoop:
                 client: mqtt.Client = key.data
                 if mask & selectors.EVENT_READ:
                     client.loop_read()
+                    sock = client.socket()
+                    # TLS may hold decrypted bytes the selector cannot see: drain them now.
+                    while isinstance(sock, ssl.SSLSocket) and sock.pending() and client.socket() is sock:
+                        client.loop_read()
                 if mask & selectors.EVENT_WRITE:
                     client.loop_write()
             with self._lock:
@@ -155,6 +160,7 @@ class SimDevice:
     published: int = 0
     connected: threading.Event = field(default_factory=threading.Event)
     client: Any = None
+    password: str | None = field(default=None, repr=False)  # MQTT username is the device id
 
     @property
     def topics(self) -> DeviceTopics:
@@ -245,10 +251,11 @@ class SimDevice:
 
 
 class SimFleet:
-    """Many SimDevices on one loop, connected to a real broker."""
+    """Many SimDevices on one loop, connected to a real broker (over TLS when ``tls_ca`` is given)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls_ca: str | None = None) -> None:
         self.host, self.port = host, port
+        self.tls_ca = tls_ca
         self.loop = SimLoop()
         self.devices: dict[str, SimDevice] = {}
 
@@ -258,8 +265,9 @@ class SimFleet:
         labels: dict[str, str] | None = None,
         bad_digests: Iterable[str] = (),
         delay: float = 0.0,
+        password: str | None = None,
     ) -> SimDevice:
-        device = SimDevice(device_id, dict(labels or {}), set(bad_digests), delay)
+        device = SimDevice(device_id, dict(labels or {}), set(bad_digests), delay, password=password)
         device.loop = self.loop
         self.devices[device_id] = device
         return device
@@ -278,6 +286,10 @@ class SimFleet:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device.device_id, protocol=mqtt.MQTTv5)
         offline = mqtt_pb2.DeviceStatus(device_id=device.device_id, online=False)
         client.will_set(device.topics.status, encode(offline), qos=1, retain=True)
+        if device.password is not None:
+            client.username_pw_set(device.device_id, device.password)
+        if self.tls_ca is not None:
+            client.tls_set(ca_certs=self.tls_ca)
         client.on_connect = device.on_connect
         client.on_message = device.on_message
         client.on_disconnect = lambda c, u, f, rc, p, d=device: self._on_disconnect(d, rc)
