@@ -152,6 +152,11 @@ class ControlPlane:
         self.artifacts = ArtifactStore(self.store, self.blobs, self.trust)
         keys = [public_pem(self.trust.get(k)) for k in self.trust.key_ids()]  # type: ignore[arg-type]
         self.admin_link = BrokerAdminLink(broker) if broker else None
+        if self.security is not None and broker is None:
+            log.warning(
+                "no broker credentials in the security dir: enrollment issues certificates but cannot "
+                "provision devices' MQTT identities (run `edgectl broker config -o` on that directory)"
+            )
         identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
         device_url = config.device_mqtt_url or MqttUrl.parse(mqtt_url).public()
         self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities)

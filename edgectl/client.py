@@ -140,9 +140,13 @@ class ClientCredentials:
 def resolve_credentials(
     token: str | None = None, ca: Path | None = None, data_dir: Path | None = None
 ) -> ClientCredentials:
-    """Token from the flag, ``EDGECTL_TOKEN`` or config.toml; CA from the flag, ``EDGECTL_CA``,
-    config.toml or `edgectl up`'s endpoints.json."""
+    """Token from the flag, ``EDGECTL_TOKEN``, config.toml or the ``token_file`` `edgectl up`'s
+    endpoints.json names; CA from the flag, ``EDGECTL_CA``, config.toml or endpoints.json's ``ca``."""
     found_token = token or os.environ.get(TOKEN_ENV) or _from_config("token")
+    if not found_token:  # `edgectl up` keeps its admin token in a 0600 file that endpoints.json names
+        token_file = _from_endpoints(data_dir or default_data_dir(), "token_file")
+        if token_file and Path(token_file).is_file():
+            found_token = Path(token_file).read_text().strip()
     ca_path = (
         str(ca) if ca else os.environ.get(CA_ENV) or _from_config("ca")
         or _from_endpoints(data_dir or default_data_dir(), "ca")

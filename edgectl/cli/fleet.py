@@ -369,6 +369,12 @@ def devices_enroll(
         f"enrollment token for {minted.device_id} (one use, expires {minted.expires_at.ToJsonString()}):"
     )
     console.print(minted.token, style="bold", highlight=False, soft_wrap=True)
+    err_console.print(
+        f"on the device: edgectl agent run --device-id {minted.device_id} --enroll-token TOKEN "
+        "--enroll-server CP_HOST:7443 --ca-file ca.crt --control-plane CP_HOST:7444 --data-dir DIR",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @devices_app.command("label")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from edgectl.artifact import Artifact
 from edgectl.cli import fleet as cli
-from edgectl.client import resolve_server
+from edgectl.client import resolve_credentials, resolve_server
 from edgectl.control_plane.server import ControlPlane
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.ports import free_port
@@ -137,9 +137,38 @@ def test_server_address_resolution_order(tmp_path: Path, monkeypatch: pytest.Mon
     assert resolve_server("10.0.0.3:7443") == "10.0.0.3:7443"
 
 
+def test_credentials_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGECTL_TOKEN", raising=False)
+    monkeypatch.delenv("EDGECTL_CA", raising=False)
+    none = resolve_credentials()
+    assert none.token is None and none.ca_pem is None and not none.secure  # plaintext, dev mode
+    data = tmp_path / "edgectl-data"
+    data.mkdir()
+    for name in ("up.crt", "cfg.crt", "env.crt", "flag.crt"):
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "up.token").write_text("from-up\n")
+    up = {"grpc": "h:1", "ca": str(tmp_path / "up.crt"), "token_file": str(tmp_path / "up.token")}
+    (data / "endpoints.json").write_text(json.dumps({"control_plane": up}))
+    assert (resolve_credentials().token, resolve_credentials().ca_pem) == ("from-up", b"up.crt")
+    cfg = tmp_path / "edgectl-config"
+    cfg.mkdir(exist_ok=True)
+    (cfg / "config.toml").write_text(f'token = "from-config"\nca = "{tmp_path / "cfg.crt"}"\n')
+    found = resolve_credentials()
+    assert (found.token, found.ca_pem) == ("from-config", b"cfg.crt") and found.secure
+    monkeypatch.setenv("EDGECTL_TOKEN", "from-env")
+    monkeypatch.setenv("EDGECTL_CA", str(tmp_path / "env.crt"))
+    assert (resolve_credentials().token, resolve_credentials().ca_pem) == ("from-env", b"env.crt")
+    flagged = resolve_credentials("from-flag", tmp_path / "flag.crt")
+    assert (flagged.token, flagged.ca_pem) == ("from-flag", b"flag.crt")
+    assert "from-flag" not in repr(flagged)  # a token never reaches a log line through repr
+    with pytest.raises(UsageError, match="cannot read the CA"):
+        resolve_credentials(ca=tmp_path / "missing.crt")
+
+
 def test_every_command_has_help_with_an_example() -> None:
     for args in (["deploy"], ["rollout", "ls"], ["rollout", "status"], ["rollout", "rollback"], ["devices", "ls"],
                  ["devices", "enroll"], ["devices", "label"], ["devices", "rm"], ["audit", "ls"],
-                 ["artifact", "push"], ["artifact", "ls"], ["artifact", "rm"], ["control-plane", "serve"]):  # fmt: skip
+                 ["artifact", "push"], ["artifact", "ls"], ["artifact", "rm"], ["control-plane", "serve"],
+                 ["control-plane", "token"]):  # fmt: skip
         code, out = run(*args, "--help")
         assert code == 0 and "Example" in out, args
