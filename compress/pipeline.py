@@ -66,6 +66,11 @@ class CompressResult:
     metrics: dict[str, Any]
     seconds: float
 
+    @property
+    def rows(self) -> list[dict[str, object]]:
+        """The comparison table, one JSON-ready row per model tried (the baseline first)."""
+        return [t.as_dict() for t in self.trials]
+
 
 def _profile(name: str) -> Any:
     from edgectl.devices import load_profile
@@ -212,10 +217,10 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
         if mp_info:
             record["mixed_precision"] = mp_info
         # Time the baseline and every passing model together: same thread count, interleaved rounds.
-        timed = [t for t in trials if t.path is not None and (t.passed or t is baseline)]
+        timed = [(t, t.path) for t in trials if t.path is not None and (t.passed or t is baseline)]
         progress(f"timing {len(timed)} models (1 thread, interleaved)")
-        for t, lat in zip(
-            timed, measure_latency([t.path for t in timed], feed, rounds=req.latency_rounds), strict=True
+        for (t, _), lat in zip(
+            timed, measure_latency([p for _, p in timed], feed, rounds=req.latency_rounds), strict=True
         ):
             t.latency = lat
         macs_after_prune = model_stats(current, feed).macs
@@ -344,7 +349,7 @@ def _metrics(
         "latency_ms": c_lat.p50_ms if c_lat else None,
         "baseline_latency_p90_ms": b_lat.p90_ms if b_lat else None,
         "latency_p90_ms": c_lat.p90_ms if c_lat else None,
-        "speedup": _ratio(b_lat and b_lat.p50_ms, c_lat and c_lat.p50_ms),
+        "speedup": _ratio(b_lat.p50_ms if b_lat else None, c_lat.p50_ms if c_lat else None),
         "latency_measured_on": f"CPUExecutionProvider, intra_op_num_threads=1, batch 1, interleaved, "
         f"{platform.machine()}{' VNNI' if cpu_has_vnni() else ''}",
         "baseline_size_bytes": baseline.size_bytes,
@@ -364,11 +369,31 @@ def signature_of(model: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
     return signature(load(model))
 
 
-def compress_module(module: Any, out_dir: Path, **options: Any) -> CompressResult:
-    """Python API: compress a ``torch.nn.Module`` (export, passes, gate, artifact).
+def compress_module(
+    module: Any,
+    out_dir: Path,
+    *,
+    profile: str = "x86-cpu-vnni",
+    sign_key: Path | None = None,
+    calib: Path | None = None,
+    eval: Path | None = None,
+    example: dict[str, np.ndarray] | None = None,
+    max_drop: float = 0.01,
+    recipe: Recipe | None = None,
+    name: str | None = None,
+    version: int = 1,
+    parent_version: int | None = None,
+    progress: Progress | None = None,
+) -> CompressResult:
+    """Python API: compress a ``torch.nn.Module`` into a signed artifact in ``out_dir``.
 
-    ``options`` are CompressRequest fields (``calib``, ``eval``, ``example``, ``max_drop``, ``recipe``, ...).
+    Sample inputs come from ``calib``/``eval`` (.npz named after forward()'s parameters) or
+    ``example``; raises QualityGateError (nothing written) when no candidate meets ``max_drop``.
     """
-    progress = options.pop("progress", None) or (lambda _msg: None)
-    name = options.pop("name", None) or type(module).__name__
-    return run(CompressRequest(model=name, out_dir=out_dir, module=module, name=name, **options), progress)
+    label = name or type(module).__name__
+    request = CompressRequest(
+        model=label, out_dir=Path(out_dir), profile=profile, recipe=recipe or Recipe.from_options(),
+        calib=calib, eval=eval, max_drop=max_drop, name=label, version=version,
+        parent_version=parent_version, sign_key=sign_key, module=module, example=example,
+    )  # fmt: skip
+    return run(request, progress or (lambda _msg: None))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import onnx
 
@@ -78,7 +78,7 @@ def resolve_mode(step: QuantizeStep, profile: Any, *, has_calib: bool) -> QuantM
 
 def _hint(profile: Any, mode: QuantMode) -> QuantConfig:
     q = profile.quantization
-    fmt = "QDQ" if q.format == "qdq" else "QOperator"
+    fmt: Literal["QDQ", "QOperator"] = "QDQ" if q.format == "qdq" else "QOperator"
     if mode == "int8-dynamic":
         return QuantConfig(mode, "QOperator", "u8", q.weight_type, q.per_channel, q.reduce_range)
     return QuantConfig(mode, fmt, q.activation_type, q.weight_type, q.per_channel, q.reduce_range)

@@ -61,14 +61,16 @@ def _fake_quant(x: np.ndarray, *, signed: bool, bits: int = 8, axis: int | None 
         qmax = 2 ** (bits - 1) - 1
         scale = np.where(amax > 0, amax / qmax, 1.0)
         q = np.clip(np.round(moved / scale), -qmax, qmax) * scale
-        return np.moveaxis(q.reshape(np.moveaxis(x, axis, 0).shape), 0, axis).astype(x.dtype)
+        back: np.ndarray = np.moveaxis(q.reshape(np.moveaxis(x, axis, 0).shape), 0, axis)
+        return back.astype(x.dtype)
     if signed:
         step = (float(np.abs(x).max()) or 1.0) / 127.0
         return (np.clip(np.round(x / step), -127, 127) * step).astype(x.dtype)
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     step = (hi - lo) / 255.0 or 1.0
-    zero = np.round(-lo / step)
-    return ((np.clip(np.round(x / step) + zero, 0, 255) - zero) * step).astype(x.dtype)
+    zero = float(np.round(-lo / step))
+    out: np.ndarray = (np.clip(np.round(x / step) + zero, 0, 255) - zero) * step
+    return out.astype(x.dtype)
 
 
 def _candidates(model: onnx.ModelProto, config: QuantConfig) -> list[onnx.NodeProto]:

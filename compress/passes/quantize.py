@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
@@ -70,13 +71,13 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
     def __init__(self, data: SampleSet, batch: int = 8) -> None:
         self._data = data
         self._batch = batch
-        self._it: Iterator[dict[str, object]] = iter(data.batches(batch))
+        self._it: Iterator[dict[str, np.ndarray]] = data.batches(batch)
 
-    def get_next(self) -> dict[str, object] | None:
+    def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
 
     def rewind(self) -> None:
-        self._it = iter(self._data.batches(self._batch))
+        self._it = self._data.batches(self._batch)
 
 
 def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None = None) -> None:
