@@ -7,6 +7,7 @@ listens; ``serve()`` blocks until a signal.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -52,7 +53,7 @@ from edgectl.protos.v1 import (
     rollouts_pb2,
     rollouts_pb2_grpc,
 )
-from edgectl.security.grpc_auth import AuthInterceptor
+from edgectl.security.grpc_auth import AuthInterceptor, Identity
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (
@@ -201,6 +202,16 @@ class ControlPlane:
         host, _ = split_hostport(self.config.device_listen)
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.device_port}"
 
+    def _record_denied(self, who: Identity, method: str, message: str) -> None:
+        name = f"device:{who.subject}" if who.via == "mtls" else who.subject
+        self.metrics.grpc_errors.labels(method, "PERMISSION_DENIED").inc()
+        try:
+            self.audit.record(
+                name, who.peer, method, "", json.dumps({"refused": message}), "PERMISSION_DENIED"
+            )
+        except Exception:  # the refusal stands even when the audit write fails
+            log.exception("cannot audit a refused call", extra={"method": method})
+
     def _certificate_current(self, device_id: str, cert_pem: bytes) -> bool:
         try:
             return self.fleet.certificate_current(device_id, cert_fingerprint(cert_pem))
@@ -218,6 +229,7 @@ class ControlPlane:
         auth = AuthInterceptor(
             self.security.verifier if self.security else None,
             certificate_current=self._certificate_current if self.security else None,
+            on_denied=self._record_denied,
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),

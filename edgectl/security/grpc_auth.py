@@ -89,10 +89,14 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         verifier: TokenVerifier | None,
         policy: dict[str, Role | None] = DEFAULT_POLICY,
         certificate_current: Callable[[str, bytes], bool] | None = None,
+        on_denied: Callable[[Identity, str, str], None] | None = None,
     ) -> None:
         self._verifier = verifier
         self._policy = policy
         self._certificate_current = certificate_current
+        # Told of every authenticated caller refused for its role (identity, method, message), for
+        # the audit log; unauthenticated calls are not, so a stranger cannot fill the log.
+        self._on_denied = on_denied
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -109,9 +113,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                   f"{method} needs a bearer token (authorization: Bearer ...) or a client certificate")  # fmt: skip
                 elif identity.role < needed:
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                  f"{identity.subject} ({identity.role.name.lower()}) may not call {method}: "
-                                  f"it needs the {needed.name.lower()} role")  # fmt: skip
+                    message = (f"{identity.subject} ({identity.role.name.lower()}) may not call {method}: "
+                               f"it needs the {needed.name.lower()} role")  # fmt: skip
+                    if self._on_denied is not None:
+                        self._on_denied(identity, method, message)
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
             _current.set(identity)
 
         return _wrap(handler, authorize)

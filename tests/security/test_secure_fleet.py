@@ -142,7 +142,9 @@ def test_people_need_a_valid_token_with_the_right_role_and_the_audit_names_them(
     assert pushed.artifact.uploaded_by == "ci-bot"
     with fleet.client(fleet.token(Role.ADMIN, "admin")) as admin:
         entries = admin.audit.List(RP.ListAuditRequest(action="/edgectl.v1.ArtifactService/Upload")).entries
-    assert entries and entries[0].actor.identity == "ci-bot" and "127.0.0.1" in entries[0].actor.peer
+        assert entries and entries[0].actor.identity == "ci-bot" and "127.0.0.1" in entries[0].actor.peer
+        refused = admin.audit.List(RP.ListAuditRequest(action="/edgectl.v1.RolloutService/Create")).entries
+    assert [(e.actor.identity, e.outcome) for e in refused] == [("vera", "PERMISSION_DENIED")]
 
 
 def RP_stub(channel: grpc.Channel) -> Any:
