@@ -202,13 +202,15 @@ class ControlPlane:
         host, _ = split_hostport(self.config.device_listen)
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.device_port}"
 
-    def _record_denied(self, who: Identity, method: str, message: str) -> None:
+    def _record_denied(self, who: Identity | None, method: str, code: grpc.StatusCode, message: str) -> None:
+        """Count every refusal; audit those of a known identity (a stranger cannot fill the log)."""
+        self.metrics.grpc_errors.labels(method, code.name).inc()
+        if who is None:
+            log.info("refused an unauthenticated call", extra={"method": method, "reason": message})
+            return
         name = f"device:{who.subject}" if who.via == "mtls" else who.subject
-        self.metrics.grpc_errors.labels(method, "PERMISSION_DENIED").inc()
         try:
-            self.audit.record(
-                name, who.peer, method, "", json.dumps({"refused": message}), "PERMISSION_DENIED"
-            )
+            self.audit.record(name, who.peer, method, "", json.dumps({"refused": message}), code.name)
         except Exception:  # the refusal stands even when the audit write fails
             log.exception("cannot audit a refused call", extra={"method": method})
 

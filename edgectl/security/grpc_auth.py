@@ -89,13 +89,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         verifier: TokenVerifier | None,
         policy: dict[str, Role | None] = DEFAULT_POLICY,
         certificate_current: Callable[[str, bytes], bool] | None = None,
-        on_denied: Callable[[Identity, str, str], None] | None = None,
+        on_denied: Callable[[Identity | None, str, grpc.StatusCode, str], None] | None = None,
     ) -> None:
         self._verifier = verifier
         self._policy = policy
         self._certificate_current = certificate_current
-        # Told of every authenticated caller refused for its role (identity, method, message), for
-        # the audit log; unauthenticated calls are not, so a stranger cannot fill the log.
+        # Told of every refusal (identity or None, method, code, message): metrics, audit log.
         self._on_denied = on_denied
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
@@ -107,22 +106,34 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         needed = required_role(method, self._policy)
 
         def authorize(context: grpc.ServicerContext) -> None:
-            identity = self._authenticate(metadata, context)
+            identity = self._authenticate(metadata, context, method)
             if needed is not PUBLIC:
                 if identity is None:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                  f"{method} needs a bearer token (authorization: Bearer ...) or a client certificate")  # fmt: skip
+                    self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED,
+                                 f"{method} needs a bearer token (authorization: Bearer ...) or a client certificate")  # fmt: skip
                 elif identity.role < needed:
-                    message = (f"{identity.subject} ({identity.role.name.lower()}) may not call {method}: "
-                               f"it needs the {needed.name.lower()} role")  # fmt: skip
-                    if self._on_denied is not None:
-                        self._on_denied(identity, method, message)
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+                    self._refuse(context, method, grpc.StatusCode.PERMISSION_DENIED,
+                                 f"{identity.subject} ({identity.role.name.lower()}) may not call {method}: "
+                                 f"it needs the {needed.name.lower()} role", identity)  # fmt: skip
             _current.set(identity)
 
         return _wrap(handler, authorize)
 
-    def _authenticate(self, metadata: dict[str, str], context: grpc.ServicerContext) -> Identity | None:
+    def _refuse(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        code: grpc.StatusCode,
+        message: str,
+        identity: Identity | None = None,
+    ) -> None:
+        if self._on_denied is not None:
+            self._on_denied(identity, method, code, message)
+        context.abort(code, message)
+
+    def _authenticate(
+        self, metadata: dict[str, str], context: grpc.ServicerContext, method: str
+    ) -> Identity | None:
         peer = context.peer()
         if self._verifier is None:
             return Identity("anonymous", Role.ADMIN, "none", peer)
@@ -130,13 +141,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if header:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token:
-                context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'"
-                )
+                self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED,
+                             "authorization metadata must be 'Bearer <token>'")  # fmt: skip
             try:
                 claims = self._verifier.verify(token.strip())
             except TokenError as exc:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED, str(exc))
             return Identity(claims.subject, claims.role, "token", peer)
         auth = context.auth_context()
         common_names = auth.get("x509_common_name")
@@ -144,10 +154,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             subject = common_names[0].decode()
             pems = auth.get("x509_pem_cert") or [b""]
             if self._certificate_current is not None and not self._certificate_current(subject, pems[0]):
-                context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"the client certificate of {subject} was revoked (device decommissioned or re-enrolled)",
-                )
+                self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED,
+                             f"the client certificate of {subject} was revoked (device decommissioned or re-enrolled)")  # fmt: skip
             return Identity(subject, Role.DEVICE, "mtls", peer)
         return None
 

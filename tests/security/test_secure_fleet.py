@@ -9,6 +9,7 @@ import json
 import logging
 import stat
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredFleet]:
     config = ControlPlaneConfig(
         listen="127.0.0.1:0", device_listen="127.0.0.1:0", security_dir=layout.directory,
         state_url=f"sqlite:///{work}/cp.db", blobs=str(work / "blobs"), tick_seconds=0.1, leader_interval=0.2,
+        metrics_listen="127.0.0.1:0",
     )  # fmt: skip
     cp = ControlPlane(config, trust=TrustStore([key.public_key]))
     cp.start()
@@ -145,6 +147,12 @@ def test_people_need_a_valid_token_with_the_right_role_and_the_audit_names_them(
         assert entries and entries[0].actor.identity == "ci-bot" and "127.0.0.1" in entries[0].actor.peer
         refused = admin.audit.List(RP.ListAuditRequest(action="/edgectl.v1.RolloutService/Create")).entries
     assert [(e.actor.identity, e.outcome) for e in refused] == [("vera", "PERMISSION_DENIED")]
+    url = f"http://127.0.0.1:{fleet.cp.metrics.port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert (
+        'code="UNAUTHENTICATED",method="/edgectl.v1.RolloutService/List"} 3.0' in text
+    )  # none, forged, expired
+    assert forged not in text and expired not in text  # no token in the metrics
 
 
 def RP_stub(channel: grpc.Channel) -> Any:
