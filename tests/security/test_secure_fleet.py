@@ -300,3 +300,22 @@ def test_enrolled_agent_gets_its_credentials_and_converges(
     # A restarted agent keeps its credentials: the spent token is not used again.
     again = Agent(config)
     assert again.creds is not None and again.creds.mqtt_password == password
+
+
+def test_agent_enrollment_refusals_write_nothing(fleet: SecuredFleet, tmp_path: Path) -> None:
+    from edgectl.agent.config import AgentConfig
+    from edgectl.agent.enroll import enroll
+    from edgectl.agent.errors import ConfigError
+
+    base = {"device_id": "edge-x", "data_dir": tmp_path / "agent", "control_plane": fleet.cp.device_address,
+            "enroll_server": fleet.cp.address, "enroll_token": "not-a-token"}  # fmt: skip
+    with pytest.raises(ConfigError, match="--ca-file"):
+        enroll(AgentConfig(**base).validate())
+    with pytest.raises(ConfigError, match="PERMISSION_DENIED") as info:
+        enroll(AgentConfig(**base, ca_file=fleet.layout.ca_cert).validate())
+    assert "edgectl devices enroll edge-x" in str(info.value.hint)
+    stranger = tmp_path / "other-ca.crt"
+    stranger.write_bytes(FleetCA.create("not the fleet").cert_pem)
+    with pytest.raises(ConfigError, match="UNAVAILABLE"):  # the control plane's certificate is not trusted
+        enroll(AgentConfig(**base, ca_file=stranger).validate())
+    assert not (tmp_path / "agent").exists() or not any((tmp_path / "agent").iterdir())
