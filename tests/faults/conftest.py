@@ -18,7 +18,7 @@ import pytest
 from edgectl.artifact import Artifact, SigningKey, TrustStore
 from edgectl.broker import MosquittoProcess
 from edgectl.protos.v1 import rollouts_pb2 as RP
-from edgectl.sim import FleetSimulator
+from edgectl.sim import AgentHost, FleetSimulator
 from tests.harness.fleet import FleetRig, sized_artifact, verified_on_disk, wait_for
 
 MODEL = "mlp"
@@ -74,8 +74,9 @@ def artifacts(tmp_path: Path, signing_key: SigningKey) -> Artifacts:
     return Artifacts(tmp_path / "artifacts", signing_key)
 
 
-def ids_of(sim: FleetSimulator) -> list[str]:
-    return [d.device_id for d in sim.devices]
+def ids_of(sim: FleetSimulator | AgentHost) -> list[str]:
+    """The device ids a simulator (worker processes) or an in-process host runs."""
+    return [d.device_id for d in sim.devices] if isinstance(sim, FleetSimulator) else sorted(sim.agents)
 
 
 def deploy(
@@ -88,7 +89,11 @@ def deploy(
 
 
 def assert_fleet_verified(
-    rig: FleetRig, sim: FleetSimulator, trust: TrustStore, want: dict[str, str] | str, timeout: float = 90
+    rig: FleetRig,
+    sim: FleetSimulator | AgentHost,
+    trust: TrustStore,
+    want: dict[str, str] | str,
+    timeout: float = 90,
 ) -> None:
     """Every device serves ``want`` (one digest, or per device id): reported over MQTT with a passed
     smoke test, and verified again from the device's own disk."""

@@ -20,7 +20,7 @@ import grpc
 from edgectl.artifact import Artifact, ArtifactError, SigningKey, TrustStore, load_artifact, public_pem
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ControlPlaneClient, push_artifact
-from edgectl.mqtt_wire import ALL_REPORTED, decode, parse_topic
+from edgectl.mqtt_wire import ALL_REPORTED, DeviceIdError, PayloadError, decode, parse_topic
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
@@ -128,9 +128,11 @@ class ReportedStates:
                 msg = self.client.messages.get_nowait()
             except queue.Empty:
                 return self.latest
-            if msg.payload:
+            try:
                 device_id, _ = parse_topic(msg.topic)
                 self.latest[device_id] = decode(msg.payload, mqtt_pb2.ReportedState)
+            except (PayloadError, DeviceIdError, ValueError):
+                continue  # junk (the flood test publishes some), or a cleared retained message
 
     def serving(self, name: str) -> dict[str, str]:
         return {
