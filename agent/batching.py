@@ -65,7 +65,7 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._busy = False
-        # Exponentially weighted seconds per batch run, for the predicted wait (burst decisions).
+        # Exponentially weighted mean of seconds per batch run, for the predicted wait.
         self._ewma_batch_s = 0.0
         # Without batching a request runs on its caller's thread, one at a time: no thread hop.
         self._inline_lock = threading.Lock()
@@ -78,13 +78,23 @@ class MicroBatcher:
         """Requests waiting, not counting the batch being run."""
         return len(self._queue) + self._inline_waiting
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running: a request now starts at once."""
+        return not (self._queue or self._inline_waiting or self._busy)
+
     def predicted_wait_s(self) -> float:
-        """How long a request submitted now would wait before its batch finishes, estimated."""
+        """How long a request submitted now would take to finish at the mean run time: the
+        batches ahead of it and its own (the router corrects the bias of this estimate)."""
         with self._cond:
             ahead = len(self._queue) + self._inline_waiting + (1 if self._busy else 0)
         per_batch = max(self.settings.max_batch_size if self._batchable else 1, 1)
         batches = ahead // per_batch + 1
         return batches * self._ewma_batch_s
+
+    def _observe_run(self, elapsed: float) -> None:
+        alpha = 0.125 if self._ewma_batch_s else 1.0
+        self._ewma_batch_s += alpha * (elapsed - self._ewma_batch_s)
 
     def run_inline(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         """Run one request on the calling thread (models without batching); same queue accounting."""
@@ -103,8 +113,7 @@ class MicroBatcher:
                 return self._run(feeds)
             finally:
                 elapsed = time.perf_counter() - start
-                alpha = 0.2 if self._ewma_batch_s else 1.0
-                self._ewma_batch_s += alpha * (elapsed - self._ewma_batch_s)
+                self._observe_run(elapsed)
                 with self._cond:
                     self._busy = False
                 if self._on_batch is not None:
@@ -172,8 +181,7 @@ class MicroBatcher:
                 self._execute(batch)
             finally:
                 elapsed = time.perf_counter() - start
-                alpha = 0.2 if self._ewma_batch_s else 1.0
-                self._ewma_batch_s += alpha * (elapsed - self._ewma_batch_s)
+                self._observe_run(elapsed)
                 with self._cond:
                     self._busy = False
                 if self._on_batch is not None:

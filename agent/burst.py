@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SERVED_BY = "served_by"
 LOCAL = "local"
+PROBE_AFTER_BURSTS = 8
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,10 @@ class BurstSettings:
     """Where and when to burst."""
 
     target: str | None = None  # HOST:PORT of a V2 gRPC endpoint
-    slo_s: float = 0.1  # a request whose predicted local wait exceeds this goes to burst
+    slo_s: float = 0.1  # the latency SLO of one request
+    # A request goes to burst when its predicted local latency exceeds this share of the SLO; the
+    # rest is left to what the agent cannot see (the client's stack and the network).
+    headroom: float = 0.8
     timeout_s: float = 2.0
     failure_threshold: int = 3
     reset_after_s: float = 5.0
@@ -84,6 +88,29 @@ class CircuitBreaker:
             self._trial = False
             if self._failures >= self.failure_threshold or self._opened_at is not None:
                 self._opened_at = time.monotonic()
+
+
+class LatencyCorrection:
+    """Learns how far real local latencies run past the queue model's prediction.
+
+    Mean and mean deviation of the residual (actual - predicted), exponentially weighted, as TCP
+    estimates its retransmission timeout: ``margin`` covers thread hand-offs, codec work and runs
+    slowed by a busy host, so the prediction errs to the safe side by what it has seen.
+    """
+
+    def __init__(self) -> None:
+        self.mean_s = 0.0
+        self.dev_s = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, predicted_s: float, actual_s: float) -> None:
+        err = actual_s - predicted_s
+        with self._lock:
+            self.dev_s += 0.25 * (abs(err - self.mean_s) - self.dev_s)
+            self.mean_s += 0.125 * (err - self.mean_s)
+
+    def margin(self) -> float:
+        return self.mean_s + 4.0 * self.dev_s
 
 
 class BurstClient:
@@ -137,20 +164,34 @@ class InferenceRouter:
         self.metrics = metrics
         self.settings = settings
         self.burst = BurstClient(settings) if settings.target else None
+        self._bursts_in_a_row = 0  # approximate under concurrency, which is all a probe needs
+        self._corrections: dict[str, LatencyCorrection] = {}
 
-    def _should_burst(self, name: str) -> str | None:
-        """Why this request should go to burst, or None to serve it locally."""
+    def _route(self, name: str) -> tuple[str | None, float]:
+        """(why this request should go to burst, or None to serve it locally; predicted local s)."""
         if self.burst is None:
-            return None
+            return None, 0.0
         served = self.registry.get(name)
         if served is None:
-            return "model not loaded here"
+            return "model not loaded here", 0.0
         if served.failing:
-            return "local model is failing"
+            return "local model is failing", 0.0
         wait = served.batcher.predicted_wait_s()
-        if wait > self.settings.slo_s:
-            return f"predicted local wait {wait * 1000:.1f} ms exceeds the {self.settings.slo_s * 1000:.0f} ms SLO"
-        return None
+        # The estimate is refreshed only by local runs: after a run of bursts, an idle model gets
+        # one request, so a spike that slowed a few runs cannot keep traffic away for good.
+        if self._bursts_in_a_row >= PROBE_AFTER_BURSTS and served.batcher.idle:
+            return None, wait
+        expected = wait + self._correction(name).margin()
+        limit = self.settings.slo_s * self.settings.headroom
+        if expected > limit:
+            return f"predicted local latency {expected * 1000:.1f} ms exceeds {limit * 1000:.0f} ms", wait
+        return None, wait
+
+    def _correction(self, name: str) -> LatencyCorrection:
+        corr = self._corrections.get(name)
+        if corr is None:
+            corr = self._corrections.setdefault(name, LatencyCorrection())
+        return corr
 
     def infer(self, request: pb.ModelInferRequest, feeds: dict[str, Array] | None) -> pb.ModelInferResponse:
         """Serve one request; ``feeds`` are the decoded inputs (None when they could not be decoded here)."""
@@ -159,16 +200,20 @@ class InferenceRouter:
         served_by = LOCAL
         ok = False
         try:
-            why = self._should_burst(name)
+            why, predicted = self._route(name)
             if why is not None and self.burst is not None and self.burst.available():
                 try:
                     response = self._burst(request)
                     served_by = self.burst.label
+                    self._bursts_in_a_row += 1
                     ok = True
                     return response
                 except BurstUnavailableError as exc:
                     log.info("burst failed, serving locally: %s", exc)
+            self._bursts_in_a_row = 0
             response = self._local(request, feeds)
+            if self.burst is not None:
+                self._correction(name).observe(predicted, time.perf_counter() - start)
             ok = True
             return response
         except (InferenceError, ModelUnavailableError, ModelNotFoundError) as exc:

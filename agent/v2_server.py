@@ -113,7 +113,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 class V2Server:
     """A grpc.Server on ``listen`` serving the V2 protocol; ``port`` is the bound port."""
 
-    def __init__(self, servicer: InferenceServicer, listen: str, max_workers: int = 32) -> None:
+    def __init__(self, servicer: InferenceServicer, listen: str, max_workers: int = 128) -> None:
+        # A sync gRPC worker is held for the whole request, so the workers bound the requests in
+        # flight, and with them the batches the micro-batcher can form while one batch runs.
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="v2"),
             options=[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgectl.agent.agent import Agent
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import CircuitBreaker
+from edgectl.agent.burst import PROBE_AFTER_BURSTS, CircuitBreaker, LatencyCorrection
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
@@ -253,3 +254,28 @@ def test_prometheus_metrics_endpoint_exports_serving_numbers(bundles: Bundles, m
     assert value("edgectl_agent_burst_share") == 0.25
     assert value("edgectl_agent_active_version", model="mlp", digest=art.digest) == 4
     assert ("edgectl_agent_delta_saved_bytes_total", ()) in samples
+
+
+def test_latency_correction_learns_how_far_local_latency_runs_past_the_prediction() -> None:
+    corr = LatencyCorrection()
+    for _ in range(50):
+        corr.observe(0.010, 0.030)  # every request took 20 ms longer than the queue model said
+    assert 0.019 < corr.margin() < 0.021
+    for _ in range(100):
+        corr.observe(0.010, 0.010)
+    assert corr.margin() < 0.001
+
+
+def test_an_idle_local_model_gets_a_probe_after_a_run_of_bursts(bundles: Bundles, make_agent) -> None:  # type: ignore[no-untyped-def]
+    art = bundles.build(version=1)
+    cloud: Agent = make_agent(serve_only=True, model_dir=art.root, device_id="")
+    edge: Agent = make_agent(serve_only=True, model_dir=art.root, device_id="", burst=cloud.address)
+    # Every prediction now exceeds the SLO, as after a spike that slowed the last local runs.
+    edge.router.settings = dataclasses.replace(edge.router.settings, slo_s=-1.0)
+    client = V2Client(edge.address)
+    x = np.zeros((1, 4), np.float32)
+    routes = [client.infer("mlp", x)[1] for _ in range(2 * PROBE_AFTER_BURSTS + 2)]
+    client.close()
+    burst = f"burst:{cloud.address}"
+    want = ([burst] * PROBE_AFTER_BURSTS + ["local"]) * 2
+    assert routes == want
