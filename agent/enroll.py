@@ -85,10 +85,16 @@ def enroll(config: AgentConfig, agent_version: str = "", profile: str = "") -> f
         try:
             creds: fpb.DeviceCredentials = fpb_grpc.FleetServiceStub(channel).Enroll(request, timeout=30)
         except grpc.RpcError as exc:
+            hint = (
+                "is --enroll-server the control plane's TLS listener (not the agents' mTLS one), and "
+                "does --ca-file hold the fleet CA that signed its certificate?"
+                if exc.code() == grpc.StatusCode.UNAVAILABLE
+                else "tokens are one-time and expire: ask for a new one with `edgectl devices enroll "
+                f"{config.device_id}`"
+            )
             raise EnrollmentError(
                 f"enrollment of {config.device_id} at {server} failed: {exc.code().name}: {exc.details()}",
-                hint="tokens are one-time and expire: ask for a new one with `edgectl devices enroll "
-                f"{config.device_id}`",
+                hint=hint,
             ) from exc
     if not creds.ca_cert_pem:
         creds.ca_cert_pem = ca_pem

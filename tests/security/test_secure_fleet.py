@@ -203,7 +203,7 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
         stored = str(tx.scalar("SELECT password_hash FROM devices WHERE id = ?", ("cam-a",)))
     assert creds.mqtt_password not in stored and stored.startswith("scrypt$")
 
-    b, _ = fleet.enroll("cam-b")
+    b, b_key = fleet.enroll("cam-b")
     ta, tb = DeviceTopics("cam-a"), DeviceTopics("cam-b")
     device_a = fleet.mqtt(creds.mqtt_username, creds.mqtt_password)
     assert not device_a.connect().is_failure
@@ -234,6 +234,20 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
     assert _code(lambda: foreign.Get(AP.GetArtifactRequest(artifact=digest), timeout=10))[0] == (
         grpc.StatusCode.UNAVAILABLE  # the handshake fails before any RPC
     )
+
+    # Re-enrolling rotates both: cam-b's first certificate and password stop working.
+    old_cert = AP_stub(fleet.device_channel(b.client_cert_pem, b_key))
+    assert old_cert.Get(AP.GetArtifactRequest(artifact=digest), timeout=10).ref.digest == digest
+    b2, b2_key = fleet.enroll("cam-b")
+    assert b2.mqtt_password != b.mqtt_password
+    code, message = _code(lambda: old_cert.Get(AP.GetArtifactRequest(artifact=digest), timeout=10))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "re-enrolled" in message
+    new_cert = AP_stub(fleet.device_channel(b2.client_cert_pem, b2_key))
+    assert new_cert.Get(AP.GetArtifactRequest(artifact=digest), timeout=10).ref.digest == digest
+    device_b.disconnected.get(timeout=10)  # the broker dropped the old identity's connection
+    old_b = fleet.mqtt(b.mqtt_username, b.mqtt_password)
+    assert old_b.connect().is_failure
+    old_b.close()
 
     # Decommission revokes both: the broker kicks the device, and the certificate stops working.
     with fleet.client(fleet.token(Role.ADMIN, "admin")) as admin:
@@ -316,6 +330,12 @@ def test_agent_enrollment_refusals_write_nothing(fleet: SecuredFleet, tmp_path: 
     assert "edgectl devices enroll edge-x" in str(info.value.hint)
     stranger = tmp_path / "other-ca.crt"
     stranger.write_bytes(FleetCA.create("not the fleet").cert_pem)
-    with pytest.raises(ConfigError, match="UNAVAILABLE"):  # the control plane's certificate is not trusted
+    with pytest.raises(
+        ConfigError, match="UNAVAILABLE"
+    ) as info:  # the control plane's certificate is not trusted
         enroll(AgentConfig(**base, ca_file=stranger).validate())
+    assert "--ca-file" in str(info.value.hint)
+    mtls_only = {**base, "enroll_server": None}  # enrolling at the agents' listener: no certificate yet
+    with pytest.raises(ConfigError, match="UNAVAILABLE"):
+        enroll(AgentConfig(**mtls_only, ca_file=fleet.layout.ca_cert).validate())
     assert not (tmp_path / "agent").exists() or not any((tmp_path / "agent").iterdir())
