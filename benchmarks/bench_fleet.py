@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--per-process", type=int, default=125, help="agents per worker process")
     parser.add_argument("--quick", action="store_true", help="50 devices")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally) on SIGTERM too
     n = 50 if args.quick else args.devices
     size = int(args.size_mb * 1e6)
     work = Path(tempfile.mkdtemp(prefix="edgectl-bench-fleet-"))
@@ -105,7 +108,7 @@ def main() -> None:
         digest = rig.push(art)
         t0 = time.monotonic()
         sim = rig.simulate(
-            n, {"fleet": "bench"}, per_process=args.per_process, prefix="bench", heartbeat_s=30.0
+            n, labels={"fleet": "bench"}, per_process=args.per_process, prefix="bench", heartbeat_s=30.0
         )
         ids = [d.device_id for d in sim.devices]
         rig.wait_all_online(ids, timeout=600)
@@ -147,6 +150,7 @@ def main() -> None:
     finally:
         rig.close()
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)  # N data dirs with the artifact twice each
 
 
 if __name__ == "__main__":
