@@ -25,10 +25,10 @@ from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.errors import EdgectlError
-from edgectl.mqtt_wire import DeviceTopics
+from edgectl.mqtt_wire import DeviceTopics, encode
 from edgectl.ports import free_port
 from edgectl.protos.v1 import artifacts_pb2 as AP
-from edgectl.protos.v1 import common_pb2, fleet_pb2
+from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.pki import FleetCA, certificate_identity
@@ -339,3 +339,47 @@ def test_agent_enrollment_refusals_write_nothing(fleet: SecuredFleet, tmp_path: 
     with pytest.raises(ConfigError, match="UNAVAILABLE"):
         enroll(AgentConfig(**mtls_only, ca_file=fleet.layout.ca_cert).validate())
     assert not (tmp_path / "agent").exists() or not any((tmp_path / "agent").iterdir())
+
+
+def test_secured_replicas_share_tokens_and_a_follower_enrolls(
+    fleet: SecuredFleet,
+    postgres_url: str,
+    tmp_path: Path,
+) -> None:
+    def replica() -> ControlPlane:
+        config = ControlPlaneConfig(
+            listen="127.0.0.1:0", device_listen="127.0.0.1:0", security_dir=fleet.layout.directory,
+            state_url=postgres_url, blobs=str(tmp_path / "blobs"), tick_seconds=0.1, leader_interval=0.2,
+        )  # fmt: skip
+        plane = ControlPlane(config, trust=TrustStore([fleet.key.public_key]))
+        plane.start()
+        return plane
+
+    first = replica()
+    second: ControlPlane | None = None
+    try:
+        assert first.election.leading.wait(10)
+        second = replica()
+        assert first.security is not None
+        token = first.security.issuer.issue("ops", Role.ADMIN)  # one key in the shared security dir
+        with ControlPlaneClient(second.address, 20, ClientCredentials(token, fleet.ca_pem)) as ops:
+            minted = ops.fleet.CreateEnrollmentToken(
+                fleet_pb2.CreateEnrollmentTokenRequest(device_id="cam-r")
+            )
+            _key, csr = make_key_and_csr("cam-r")
+            creds = ops.fleet.Enroll(
+                fleet_pb2.EnrollRequest(device_id="cam-r", token=minted.token, csr_pem=csr)
+            )
+        assert not second.leading  # the follower enrolled: it provisioned the broker itself
+        device = fleet.mqtt(creds.mqtt_username, creds.mqtt_password)
+        assert not device.connect().is_failure
+        online = mqtt_pb2.DeviceStatus(device_id="cam-r", online=True)
+        device.publish(DeviceTopics("cam-r").status, encode(online), retain=True)
+        first.stop(grace=0)
+        assert second.election.leading.wait(10), "the survivor did not take over"
+        wait_for(lambda: second.fleet.get("cam-r").online, 10, what="the survivor sees cam-r online")
+        device.close()
+    finally:
+        for plane in (first, second):
+            if plane is not None:
+                plane.stop(grace=0)
