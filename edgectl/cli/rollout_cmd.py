@@ -1,0 +1,261 @@
+"""`edgectl deploy` and `edgectl rollout ls|status|pause|resume|abort|rollback`: live views of a rollout."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import typer
+from rich.table import Table
+
+from edgectl.cli.output import console, print_json
+from edgectl.cli.remote import (
+    CaOpt,
+    JsonOpt,
+    ServerOpt,
+    TokenOpt,
+    ago,
+    as_dict,
+    connect,
+    enum_name,
+    short_digest,
+)
+from edgectl.client import ControlPlaneClient, push_artifact
+from edgectl.control_plane.strategy import parse_duration, parse_selector
+from edgectl.errors import EdgectlError, UsageError
+from edgectl.protos.v1 import common_pb2, rollouts_pb2
+
+# -- deploy and rollouts -------------------------------------------------------------------------
+
+
+def deploy(
+    artifact: str = typer.Argument(
+        ..., help="artifact digest, NAME:VERSION, NAME (newest) or a bundle path to push"
+    ),
+    to: str = typer.Option(..., "--to", help="device selector: k=v[,k=v] labels, or id=DEVICE[,id=...]"),
+    strategy: str = typer.Option("1,10%,50%,100%", help="cumulative wave sizes: counts or percentages"),
+    max_failures: str = typer.Option("0", help="failure budget: N devices or N% of the targets"),
+    health_timeout: str = typer.Option("2m", help="time a device has to report the new model healthy"),
+    soak: str = typer.Option("0", help="soak window after a device is healthy, e.g. 5m (0: none)"),
+    max_error_rate: float = typer.Option(
+        0.0, help="fail a device whose error rate exceeds this during the soak"
+    ),
+    max_p99_ms: float = typer.Option(
+        0.0, help="fail a device whose p99 latency (ms) exceeds this during the soak"
+    ),
+    offline: str = typer.Option("fail", help="a device offline past the timeout: fail or skip"),
+    watch: bool = typer.Option(
+        False, "--watch", "-w", help="follow the rollout live; exit 0 only on success"
+    ),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Roll an artifact out to the devices a selector picks, in gated waves.
+
+    Example: edgectl deploy digits:3 --to site=lab --strategy 1,10%,50%,100% --max-failures 1 --watch
+    """
+    if offline not in ("fail", "skip"):
+        raise UsageError(f"--offline {offline!r} must be fail or skip")
+    spec = rollouts_pb2.Strategy(
+        waves=[w.strip() for w in strategy.split(",") if w.strip()],
+        max_failures=max_failures,
+        health_timeout_seconds=max(1, round(parse_duration(health_timeout))),
+        soak_seconds=round(parse_duration(soak)),
+        max_error_rate=max_error_rate,
+        max_p99_ms=max_p99_ms,
+        offline_policy=rollouts_pb2.OFFLINE_POLICY_SKIP
+        if offline == "skip"
+        else rollouts_pb2.OFFLINE_POLICY_FAIL,
+    )
+    selector = parse_selector(to)
+    with connect(server, token, ca) as client:
+        ref = artifact
+        if Path(artifact).exists():
+            pushed = push_artifact(client, Path(artifact))
+            ref = pushed.artifact.ref.digest
+            if not json_out:
+                console.print(
+                    f"pushed {pushed.artifact.ref.name}:{pushed.artifact.ref.version} ({short_digest(ref)})"
+                )
+        request = rollouts_pb2.CreateRolloutRequest(
+            artifact=ref,
+            selector=common_pb2.Selector(match_labels=selector.labels, device_ids=list(selector.device_ids)),
+            strategy=spec,
+        )
+        rollout = client.call(client.rollouts.Create, request)
+        if not watch:
+            if json_out:
+                print_json(as_dict(rollout))
+            else:
+                console.print(f"rollout [bold]{rollout.id}[/] created: {_summary(rollout)}")
+                console.print(f"follow it with: edgectl rollout status {rollout.id} --watch")
+            return
+        final = _watch(client, rollout.id, quiet=json_out)
+    _finish(final, json_out)
+
+
+def _finish(rollout: rollouts_pb2.Rollout, json_out: bool) -> None:
+    if json_out:
+        print_json(as_dict(rollout))
+    state = enum_name(rollout.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_")
+    if rollout.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
+        raise EdgectlError(
+            f"rollout {rollout.id} ended {state}" + (f": {rollout.reason}" if rollout.reason else "")
+        )
+    if not json_out:
+        console.print(f"[green]rollout {rollout.id} succeeded[/]")
+
+
+def _summary(r: rollouts_pb2.Rollout) -> str:
+    devices = sum(len(w.devices) for w in r.waves)
+    return (
+        f"{r.artifact.name}:{r.artifact.version} to {devices} device(s) in {len(r.waves)} wave(s), "
+        f"{enum_name(r.state, rollouts_pb2.RolloutState, 'ROLLOUT_STATE_')}"
+    )
+
+
+def _rollout_table(r: rollouts_pb2.Rollout, events: list[str]) -> Table:
+    state = enum_name(r.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_")
+    table = Table(
+        title=f"{r.id}  {r.artifact.name}:{r.artifact.version}  [bold]{state}[/]  failures {r.failures}"
+    )
+    for col in ("wave", "state", "devices", "healthy", "failed", "waiting", "other"):
+        table.add_column(col)
+    failed: list[str] = []
+    for w in r.waves:
+        counts = dict.fromkeys(("healthy", "failed", "desired"), 0)
+        other = 0
+        for d in w.devices:
+            name = enum_name(d.state, rollouts_pb2.DeviceRolloutState, "DEVICE_ROLLOUT_STATE_")
+            if name in counts:
+                counts[name] += 1
+            else:
+                other += 1
+            if d.state == rollouts_pb2.DEVICE_ROLLOUT_STATE_FAILED:
+                failed.append(f"{d.device_id}: {d.reason}")
+        table.add_row(
+            str(w.index + 1), enum_name(w.state, rollouts_pb2.WaveState, "WAVE_STATE_"), str(len(w.devices)),
+            str(counts["healthy"]), str(counts["failed"]), str(counts["desired"]), str(other),
+        )  # fmt: skip
+    caption = [f"failed: {f}" for f in failed[:5]] + events[-5:]
+    if r.reason:
+        caption.insert(0, r.reason)
+    table.caption = "\n".join(caption)
+    return table
+
+
+def _watch(client: ControlPlaneClient, rollout_id: str, quiet: bool = False) -> rollouts_pb2.Rollout:
+    """Follow the Watch stream, redrawing at most 4x a second; returns the final rollout."""
+    from rich.console import Console
+    from rich.live import Live
+
+    events: list[str] = []
+    get = rollouts_pb2.GetRolloutRequest(id=rollout_id)
+    rollout: rollouts_pb2.Rollout = client.call(client.rollouts.Get, get)
+    stream = client.rollouts.Watch(rollouts_pb2.WatchRolloutRequest(id=rollout_id))
+    last_draw = 0.0
+    # --json keeps stdout for the final document: the live view is not drawn at all.
+    screen = Console(quiet=True) if quiet else console
+    try:
+        with Live(_rollout_table(rollout, events), console=screen, transient=False) as live:
+            for event in stream:
+                where = f" {event.device_id}" if event.device_id else ""
+                events.append(f"#{event.sequence} {event.kind}{where} {event.message}".rstrip())
+                if time.monotonic() - last_draw > 0.25 or event.HasField("rollout"):
+                    rollout = client.call(client.rollouts.Get, get)
+                    live.update(_rollout_table(rollout, events))
+                    last_draw = time.monotonic()
+            rollout = client.call(client.rollouts.Get, get)
+            live.update(_rollout_table(rollout, events))
+    except grpc.RpcError as exc:
+        raise client.error(exc) from None
+    return rollout
+
+
+rollout_app = typer.Typer(help="Inspect and steer rollouts: ls, status, pause, resume, abort, rollback.")
+
+
+@rollout_app.command("ls")
+def rollout_ls(
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """List rollouts, newest first.
+
+    Example: edgectl rollout ls --json
+    """
+    with connect(server, token, ca) as client:
+        rollouts = client.call(client.rollouts.List, rollouts_pb2.ListRolloutsRequest()).rollouts
+    if json_out:
+        print_json([as_dict(r) for r in rollouts])
+        return
+    table = Table("id", "artifact", "state", "wave", "failures", "created", "reason")
+    for r in rollouts:
+        table.add_row(
+            r.id, f"{r.artifact.name}:{r.artifact.version}", enum_name(r.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_"),
+            f"{r.current_wave + 1}/{len(r.waves)}", str(r.failures), ago(r.created_at), r.reason,
+        )  # fmt: skip
+    console.print(table)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: str = typer.Argument(..., metavar="ID", help="rollout id"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="follow it live until it ends"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Show a rollout's waves and devices.
+
+    Example: edgectl rollout status r-1a2b3c4d --watch
+    """
+    with connect(server, token, ca) as client:
+        if watch:
+            _finish(_watch(client, rollout_id, quiet=json_out), json_out)
+            return
+        rollout = client.call(client.rollouts.Get, rollouts_pb2.GetRolloutRequest(id=rollout_id))
+    if json_out:
+        print_json(as_dict(rollout))
+    else:
+        console.print(_rollout_table(rollout, []))
+
+
+def _action(action: str, summary: str) -> None:
+    def command(
+        rollout_id: str = typer.Argument(..., metavar="ID", help="rollout id"),
+        reason: str = typer.Option("", help="why, for the rollout's log"),
+        server: str | None = ServerOpt,
+        token: str | None = TokenOpt,
+        ca: Path | None = CaOpt,
+        json_out: bool = JsonOpt,
+    ) -> None:
+        with connect(server, token, ca) as client:
+            method = getattr(client.rollouts, action.capitalize())
+            rollout = client.call(method, rollouts_pb2.RolloutActionRequest(id=rollout_id, reason=reason))
+        if json_out:
+            print_json(as_dict(rollout))
+        else:
+            console.print(
+                f"rollout {rollout.id}: {enum_name(rollout.state, rollouts_pb2.RolloutState, 'ROLLOUT_STATE_')}"
+            )
+
+    command.__doc__ = (
+        f"{summary}\n\nExample: edgectl rollout {action} r-1a2b3c4d --reason 'latency regression'"
+    )
+    rollout_app.command(action)(command)
+
+
+for _name, _summary_text in [
+    ("pause", "Pause a rollout: the current wave finishes, the next does not start."),
+    ("resume", "Resume a paused rollout."),
+    ("abort", "Stop a rollout; devices already moved keep the new artifact."),
+    ("rollback", "Stop a rollout and move every moved device back to its previous artifact."),
+]:
+    _action(_name, _summary_text)
