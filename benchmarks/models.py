@@ -105,6 +105,11 @@ def minilm() -> tuple[MiniLMEmbedder, Any]:
     return MiniLMEmbedder(encoder).eval(), tokenizer
 
 
+def minilm_embedder() -> MiniLMEmbedder:
+    """The embedder alone: a ``package.module:factory`` for ``edgectl compress``."""
+    return minilm()[0]
+
+
 SENTENCES = [
     "The rollout paused after the second wave failed its health check.",
     "Edge devices spill requests to the cloud when their queue is full.",

@@ -7,6 +7,7 @@ that misses the budget raises QualityGateError with that table and writes nothin
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -30,6 +31,8 @@ from edgectl.compress.recipe import Recipe
 from edgectl.compress.search import QuantSearch, resolve_mode
 
 Progress = Callable[[str], None]
+# A short fine-tune after pruning: reads the pruned ONNX and calibration samples, writes the tuned ONNX.
+FineTune = Callable[[Path, Path, SampleSet], None]
 QUANTIZED_STAGES = ("format", "calibration", "mixed-precision")
 
 
@@ -52,6 +55,7 @@ class CompressRequest:
     latency_rounds: int = 7
     module: Any = None  # a torch.nn.Module given through the Python API instead of ``model``
     example: dict[str, np.ndarray] | None = None  # its sample inputs when no npz is given
+    finetune: FineTune | None = None  # runs after structured pruning (bias recalibration runs always)
 
 
 @dataclass
@@ -163,7 +167,10 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
         if req.recipe.get("cleanup") is not None:
             progress("cleaning up the graph")
             clean = work / "clean.onnx"
-            record["cleanup"] = cleanup(current, clean, req.recipe.get("cleanup")).as_dict()
+            clean_cfg = req.recipe.get("cleanup")
+            if req.recipe.get("tensorrt") is not None:
+                clean_cfg = dataclasses.replace(clean_cfg, fuse_transformer=False)
+            record["cleanup"] = cleanup(current, clean, clean_cfg).as_dict()
             current = clean
         prune_cfg = req.recipe.get("prune")
         if prune_cfg is not None and prune_cfg.ratio > 0:
@@ -186,6 +193,18 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
             t.passed = t.drop <= req.max_drop + 1e-12
             trials.append(t)
             current = pruned
+            if req.finetune is not None:
+                progress("fine-tuning the pruned model on calibration data")
+                tuned = work / "finetuned.onnx"
+                req.finetune(pruned, tuned, calib or data)
+                load(tuned)  # the hook must leave a readable model behind
+                t = Trial(f"pruned {prune_cfg.ratio:.0%} + fine-tuned", "prune", tuned)
+                t.quality = evaluator.quality(tuned)
+                t.drop = t.quality.drop_from(evaluator.baseline)
+                t.passed = t.drop <= req.max_drop + 1e-12
+                trials.append(t)
+                record["finetune"] = {"hook": getattr(req.finetune, "__qualname__", repr(req.finetune))}
+                current = tuned
         search = QuantSearch(evaluator, calib, work, req.max_drop, progress)
         step = req.recipe.get("quantize")
         mode = resolve_mode(step, profile, has_calib=calib is not None) if step is not None else None
@@ -383,17 +402,19 @@ def compress_module(
     name: str | None = None,
     version: int = 1,
     parent_version: int | None = None,
+    finetune: FineTune | None = None,
     progress: Progress | None = None,
 ) -> CompressResult:
     """Python API: compress a ``torch.nn.Module`` into a signed artifact in ``out_dir``.
 
     Sample inputs come from ``calib``/``eval`` (.npz named after forward()'s parameters) or
-    ``example``; raises QualityGateError (nothing written) when no candidate meets ``max_drop``.
+    ``example``; ``finetune`` runs after pruning. Raises QualityGateError (nothing written) when no
+    candidate meets ``max_drop``; returns the artifact folder, the chosen row and every row tried.
     """
     label = name or type(module).__name__
     request = CompressRequest(
         model=label, out_dir=Path(out_dir), profile=profile, recipe=recipe or Recipe.from_options(),
         calib=calib, eval=eval, max_drop=max_drop, name=label, version=version,
-        parent_version=parent_version, sign_key=sign_key, module=module, example=example,
+        parent_version=parent_version, sign_key=sign_key, module=module, example=example, finetune=finetune,
     )  # fmt: skip
     return run(request, progress or (lambda _msg: None))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -25,6 +25,10 @@ class CleanupConfig:
 
     optimize: bool = True
     symbolic_shapes: bool = True
+    # Transformer fusions (SkipLayerNormalization, BiasGelu, Attention): contrib ops that ORT's CPU
+    # and CUDA EPs run, and that keep int8 graphs fused after quantization breaks the float patterns.
+    # Off for TensorRT engine builds: TensorRT's ONNX parser reads only standard ops.
+    fuse_transformer: bool = True
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class CleanupReport:
     batchnorm_before: int
     batchnorm_after: int
     symbolic_shapes: bool
+    fused: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         """For the manifest."""
@@ -70,6 +75,22 @@ def _strip_debug_info(model: onnx.ModelProto) -> None:
         del value.metadata_props[:]
 
 
+def _is_transformer(model: onnx.ModelProto) -> bool:
+    ops = {n.op_type for n in model.graph.node}
+    has_norm = "LayerNormalization" in ops or "SkipLayerNormalization" in ops or "ReduceMean" in ops
+    return "Softmax" in ops and "MatMul" in ops and has_norm
+
+
+def _fuse_transformer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """ORT's transformer fusions (python graph rewrites, no session); heads and width are detected."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    fused = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+    return fused.model, stats
+
+
 def cleanup(src: Path, dst: Path, config: CleanupConfig | None = None) -> CleanupReport:
     """Write the cleaned-up ``src`` to ``dst``."""
     import onnxruntime as ort
@@ -85,6 +106,12 @@ def cleanup(src: Path, dst: Path, config: CleanupConfig | None = None) -> Cleanu
         opts.log_severity_level = 3
         ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
         model = onnx.load(str(dst))
+    fused: dict[str, int] = {}
+    if cfg.fuse_transformer and _is_transformer(model):
+        try:
+            model, fused = _fuse_transformer(model)
+        except Exception:  # a graph the fusion scripts do not know stays as it is; it is still valid
+            fused = {}
     # Shape info from the old graph may be stale after fusions: infer again from scratch.
     del model.graph.value_info[:]
     model, symbolic = _infer(model, cfg.symbolic_shapes)
@@ -101,4 +128,5 @@ def cleanup(src: Path, dst: Path, config: CleanupConfig | None = None) -> Cleanu
         batchnorm_before=ops_before["BatchNormalization"],
         batchnorm_after=ops_after["BatchNormalization"],
         symbolic_shapes=symbolic,
+        fused=fused,
     )

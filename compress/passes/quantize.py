@@ -110,6 +110,8 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
             reduce_range=config.reduce_range,
             weight_type=qtype[config.weights],
             nodes_to_exclude=exclude,
+            # Fused contrib ops (SkipLayerNormalization, ...) have no ONNX type inference.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     else:
         if calib is None:
@@ -133,7 +135,7 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
                 weight_type=qtype[config.weights],
                 nodes_to_exclude=exclude,
                 calibrate_method=method,
-                extra_options={"CalibPercentile": 99.99},
+                extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
             )
 
 

@@ -115,31 +115,20 @@ def residual_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A digits CNN trained for a few epochs, as ONNX, with calibration and labelled eval files."""
-    from sklearn.datasets import load_digits
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The packaged digits CNN, trained once per session, as ONNX, weights, calibration and eval files."""
+    from edgectl.compress.digits import digits_data, train_digits_cnn, write_npz_files
 
-    torch.manual_seed(0)
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    y = d.target.astype(np.int64)
-    model = TinyCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
-    for _ in range(4):
-        model.train()
-        for idx in torch.randperm(len(yt)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
+    model = train_digits_cnn()
     root = tmp_path_factory.mktemp("digits")
-    np.savez(root / "calib.npz", image=x[:128])
-    np.savez(root / "eval.npz", image=x[1400:], labels=y[1400:])
+    files = write_npz_files(root, calib_samples=128)
     torch.save(model.state_dict(), root / "weights.pt")
+    x_train = digits_data()[0]
     return {
-        "onnx": export_ts(model.eval(), x[:2], root / "digits.onnx"),
-        "calib": root / "calib.npz",
-        "eval": root / "eval.npz",
+        "onnx": export_ts(model, x_train[:2], root / "digits.onnx"),
+        "calib": files.calib,
+        "eval": files.eval,
         "weights": root / "weights.pt",
         "root": root,
+        "model": model,
     }

@@ -46,25 +46,18 @@ def test_compress_digits_int8_end_to_end(digits: dict[str, Path], tmp_path: Path
     manifest = verified.manifest
     assert manifest.name == "digits" and manifest.version == 3 and manifest.target_profile == "x86-cpu-vnni"
     assert "int8" in manifest.precision.values()
-    assert manifest.recipe["recipe"]["passes"][0] == {"cleanup": {"optimize": True, "symbolic_shapes": True}}
+    assert manifest.recipe["recipe"]["passes"][0] == {
+        "cleanup": {"optimize": True, "symbolic_shapes": True, "fuse_transformer": True}
+    }
+    assert manifest.recipe["cleanup"]["fused"] == {}  # a CNN has no transformer patterns
     assert manifest.recipe["tensorrt"]["build_on_device"] is False
     assert manifest.engine_build_on_device
 
 
-def test_compress_factory_with_pruning_and_rich_table(
-    digits: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    conftest = Path(__file__).with_name("conftest.py").read_text()
-    (pkg / "nets.py").write_text(
-        conftest.split("def randomize_bn")[0] + "\n\ndef build():\n    return TinyCNN()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_compress_factory_with_pruning_and_rich_table(digits: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "a"
     code, text = invoke(
-        "pkg.nets:build", "--state-dict", digits["weights"], "--profile", "x86-cpu-vnni", "--prune", "0.25",
+        "edgectl.compress.digits:DigitsCNN", "--state-dict", digits["weights"], "--profile", "x86-cpu-vnni", "--prune", "0.25",
         "--quantize", "int8-dynamic", "--eval", digits["eval"], "--max-drop", "0.05", "-o", out,
     )  # fmt: skip
     assert code == 0, text

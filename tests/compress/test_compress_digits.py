@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgectl.artifact import SigningKey, TrustStore, verify_bundle
-from edgectl.compress.digits import INPUT_NAME, accuracy, digits_data, train_digits_cnn, write_npz_files
+from edgectl.compress.digits import INPUT_NAME, accuracy, digits_data, write_npz_files
 from edgectl.compress.pipeline import compress_module
 from edgectl.compress.recipe import Recipe
 
@@ -20,8 +21,8 @@ def test_digits_split_is_float32_nchw_and_disjoint() -> None:
     assert set(np.unique(y_eval)) == set(range(10))
 
 
-def test_trained_cnn_compresses_through_the_python_api(tmp_path: Path) -> None:
-    model = train_digits_cnn()
+def test_trained_cnn_compresses_through_the_python_api(digits: dict[str, Any], tmp_path: Path) -> None:
+    model = digits["model"]
     _, _, x_eval, y_eval = digits_data()
     assert accuracy(model, x_eval, y_eval) >= 0.95
     files = write_npz_files(tmp_path / "data")

@@ -13,7 +13,7 @@ from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.evaluate import Evaluator, measure_latency
 from edgectl.compress.graph import cpu_session, model_stats
-from edgectl.compress.passes.cleanup import cleanup
+from edgectl.compress.passes.cleanup import CleanupConfig, cleanup
 from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, exclusion_steps, rank_nodes
 from edgectl.compress.passes.quantize import QuantConfig, quantize
 from edgectl.compress.recipe import QuantizeStep, Recipe
@@ -157,3 +157,42 @@ def test_smoothquant_keeps_the_function_and_rescues_outlier_channels(tmp_path: P
     quantize(src, plain, base)
     quantize(src, smoothed, base.with_(smooth_alpha=0.7), data)
     assert 1 - ev.quality(smoothed).score < 1 - ev.quality(plain).score
+
+
+def test_cleanup_fuses_a_transformer_block_and_keeps_its_outputs(tmp_path: Path) -> None:
+    import warnings
+
+    import torch
+
+    class Block(torch.nn.Module):
+        """Post-norm self-attention and a GELU MLP, the BERT layer shape."""
+
+        def __init__(self, d: int = 32) -> None:
+            super().__init__()
+            self.qkv, self.out = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            att = torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1) @ v
+            x = self.ln1(x + self.out(att))
+            return self.ln2(x + self.down(torch.nn.functional.gelu(self.up(x))))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = np.random.default_rng(0).standard_normal((2, 8, 32)).astype(np.float32)
+    src = tmp_path / "block.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            block, (torch.from_numpy(x),), str(src), dynamo=False, input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17,
+        )  # fmt: skip
+    report = cleanup(src, tmp_path / "fused.onnx")
+    assert report.fused.get("SkipLayerNormalization", 0) >= 1, report.fused
+    assert "SkipLayerNormalization" in ops(tmp_path / "fused.onnx")
+    want = cpu_session(src).run(None, {"x": x})[0]
+    np.testing.assert_allclose(cpu_session(tmp_path / "fused.onnx").run(None, {"x": x})[0], want, atol=1e-4)
+    off = cleanup(src, tmp_path / "plain.onnx", CleanupConfig(fuse_transformer=False))
+    assert off.fused == {} and "SkipLayerNormalization" not in ops(tmp_path / "plain.onnx")

@@ -120,3 +120,49 @@ def test_unstructured_pruning_refuses_dense_targets_and_does_2_4_where_supported
     )
     w = np.moveaxis(numpy_helper.to_array(conv2), 1, -1).reshape(-1, 4)
     assert ((w == 0).sum(axis=1) >= 2).all()  # two of every four input weights are zero
+
+
+def test_finetune_hook_runs_on_the_pruned_model_and_its_result_ships(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    from edgectl.compress.pipeline import CompressRequest, run
+    from edgectl.compress.recipe import Recipe
+
+    seen: list[tuple[int, int]] = []
+
+    def refit_head(src: Path, dst: Path, calib: SampleSet) -> None:
+        """Least-squares refit of the last Gemm so the pruned model's logits match the float ones."""
+        model = onnx.load(str(src))
+        head = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(head.input[0])])
+        x = cpu_session(probe.SerializeToString(), threads=0).run([head.input[0]], dict(calib.inputs))[0]
+        y = cpu_session(tiny_onnx, threads=0).run(None, dict(calib.inputs))[0]
+        seen.append((x.shape[0], x.shape[1]))
+        sol = np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1), np.float32)]), y, rcond=None)[0]
+        inits = {i.name: i for i in model.graph.initializer}
+        trans = next((a.i for a in head.attribute if a.name == "transB"), 0)
+        w = sol[:-1].T if trans else sol[:-1]
+        inits[head.input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), head.input[1]))
+        inits[head.input[2]].CopyFrom(numpy_helper.from_array(sol[-1].astype(np.float32), head.input[2]))
+        onnx.save(model, str(dst))
+
+    np.savez(tmp_path / "calib.npz", image=images)
+    req = CompressRequest(
+        model=str(tiny_onnx), out_dir=tmp_path / "out", profile="x86-cpu-vnni",
+        recipe=Recipe.from_options(quantize="none", prune=0.5), calib=tmp_path / "calib.npz",
+        max_drop=1.0, latency_rounds=2, finetune=refit_head,
+    )  # fmt: skip
+    result = run(req)
+    assert seen and seen[0][0] == len(images) and seen[0][1] < 32 * 4 * 4  # pruned features, calib samples
+    pruned, tuned = (t for t in result.trials if t.stage == "prune")
+    assert tuned.name.endswith("fine-tuned") and result.chosen is tuned
+    assert tuned.quality and pruned.quality and tuned.quality.score > pruned.quality.score
+    assert "refit_head" in json_manifest(result.out_dir)["recipe"]["finetune"]["hook"]
+
+
+def json_manifest(folder: Path) -> dict[str, object]:
+    import json
+
+    return json.loads((folder / "manifest.json").read_text())  # type: ignore[no-any-return]
