@@ -94,3 +94,29 @@ def test_missing_sample_for_a_forward_argument(tmp_path: Path) -> None:
     assert input_names(Small()) == ["image"]
     with pytest.raises(BadInputError, match="image"):
         export_module(Small().eval(), {"img": np.ones((2, 1, 6, 6), np.float32)}, tmp_path / "m.onnx")
+
+
+def test_a_torch_export_pt2_file_is_exported_with_parity(tmp_path: Path) -> None:
+    from edgectl.compress.passes.export import load_program
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((3, 1, 6, 6)).astype(np.float32)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(
+        Small().eval(), (torch.from_numpy(x),), dynamic_shapes={"image": {0: batch}}
+    )
+    torch.export.save(program, str(tmp_path / "small.pt2"))
+    module, names, loaded = load_program(tmp_path / "small.pt2")
+    assert names == ["image"]
+    report = export_module(module, {"image": x}, tmp_path / "m.onnx", names=names, program=loaded)
+    assert report.exporter == "dynamo" and report.min_cosine > 0.99999
+    out = cpu_session(tmp_path / "m.onnx").run(None, {"image": np.concatenate([x, x])})[0]
+    assert out.shape == (6, 3)
+
+
+def test_a_file_that_is_not_a_pt2_is_refused(tmp_path: Path) -> None:
+    from edgectl.compress.passes.export import load_program
+
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip archive")
+    with pytest.raises(BadInputError, match=r"not a torch.export \.pt2 file"):
+        load_program(tmp_path / "junk.pt2")
