@@ -232,47 +232,64 @@ class Fleet:
     ) -> Credentials:
         """Exchange a one-time token for fresh credentials; the password is returned here only.
 
-        With ``identities`` set, the device's CSR is signed by the fleet CA and its MQTT identity
-        is provisioned in the broker before the token is spent; a failure there spends nothing.
+        The token is spent first (once, even across replicas); then, with ``identities`` set, the
+        CSR is signed by the fleet CA and the MQTT identity provisioned in the broker, outside any
+        transaction so that a slow broker never holds the state store. If that fails, the token
+        is given back and nothing else is stored.
         """
         _device_id(device_id)
         password = secrets.token_urlsafe(32)
         hashed = hash_secret(password)
         now = time.time()
+        token_hash = _token_hash(token)
         with self.store.tx() as tx:
             row = tx.one(
                 "SELECT device_id, labels, expires_at, used_at FROM enrollment_tokens WHERE token_hash = ?",
-                (_token_hash(token),),
+                (token_hash,),
             )
             if row is None or row[0] != device_id:
                 raise PermissionDenied(
                     f"enrollment token is not valid for device {device_id}",
                     hint="ask the operator for a new one: edgectl devices enroll " + device_id,
                 )
-            if row[3] is not None:
-                raise PermissionDenied(
-                    "enrollment token was already used", hint="tokens are one-time; make a new one"
-                )
             if float(row[2]) < now:
                 raise PermissionDenied(
                     "enrollment token has expired", hint="make a new one with a longer --ttl"
                 )
-            tx.execute(
-                "UPDATE enrollment_tokens SET used_at = ? WHERE token_hash = ?", (now, _token_hash(token))
-            )
-            tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
+            # Conditional: a concurrent Enroll with the same token (another replica) finds it spent.
+            if (
+                row[3] is not None
+                or tx.execute(
+                    "UPDATE enrollment_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL",
+                    (now, token_hash),
+                )
+                != 1
+            ):
+                raise PermissionDenied(
+                    "enrollment token was already used", hint="tokens are one-time; make a new one"
+                )
             labels = loads(row[1], {})
-            self._ensure_device(tx, device_id, now)
-            cert = None
+        cert = None
+        try:
             if self.identities is not None:
                 cert = self.identities.issue_certificate(device_id, csr_pem)
                 self.identities.provision(device_id, password)
-            tx.execute(
-                "UPDATE devices SET labels = ?, enrolled_at = ?, mqtt_username = ?, password_hash = ?, "
-                "agent_version = ?, profile = ?, cert_sha256 = ? WHERE id = ?",
-                (dumps(labels), now, device_id, hashed, agent_version, profile, cert.sha256 if cert else "",
-                 device_id),
-            )  # fmt: skip
+            with self.store.tx() as tx:
+                tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
+                self._ensure_device(tx, device_id, now)
+                tx.execute(
+                    "UPDATE devices SET labels = ?, enrolled_at = ?, mqtt_username = ?, password_hash = ?, "
+                    "agent_version = ?, profile = ?, cert_sha256 = ? WHERE id = ?",
+                    (dumps(labels), now, device_id, hashed, agent_version, profile,
+                     cert.sha256 if cert else "", device_id),
+                )  # fmt: skip
+        except BaseException:
+            with self.store.tx() as tx:  # give the token back: the device may try again
+                tx.execute(
+                    "UPDATE enrollment_tokens SET used_at = NULL WHERE token_hash = ? AND used_at = ?",
+                    (token_hash, now),
+                )
+            raise
         return Credentials(
             device_id, device_id, password, self.trusted_keys, self.mqtt_url,
             cert.cert_pem if cert else b"", cert.ca_pem if cert else b"",
@@ -332,12 +349,17 @@ class Fleet:
         return self.get(device_id)
 
     def decommission(self, device_id: str) -> None:
-        """Forget the device and revoke its credentials; a tombstone stops auto-registration."""
+        """Revoke the device's credentials, then forget it; a tombstone stops auto-registration.
+
+        The broker revokes first (it drops the device at once), outside any transaction; when it
+        fails nothing changes, and a retry is safe because revoking is idempotent.
+        """
+        if self.identities is not None:
+            self.get(device_id)  # NotFound for a device that is not in the inventory
+            self.identities.revoke(device_id)
         with self.store.tx() as tx:
             if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)) == 0:
                 raise NotFound(f"device {device_id} is not in the inventory")
-            if self.identities is not None:
-                self.identities.revoke(device_id)  # the broker drops it now; on failure nothing changes
             tx.execute("DELETE FROM enrollment_tokens WHERE device_id = ?", (device_id,))
             tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
             tx.execute("INSERT INTO tombstones (id, at) VALUES (?, ?)", (device_id, time.time()))

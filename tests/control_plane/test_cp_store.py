@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,14 @@ from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.controller import RolloutController
 from edgectl.control_plane.desired import Publication
-from edgectl.control_plane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from edgectl.control_plane.fleet import Fleet, Reported, Status, verify_secret
+from edgectl.control_plane.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from edgectl.control_plane.fleet import Fleet, IssuedCertificate, Reported, Status, verify_secret
 from edgectl.control_plane.migrations import MIGRATIONS, migrate
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.store import StateStore
@@ -259,3 +266,55 @@ def test_soak_window_fails_a_device_over_the_p99_threshold(
     view = rollouts.get(rid)
     assert {p.device_id: p.state for p in view.devices}["dev-01"] == rs.D_ROLLED_BACK
     assert view.rollout.state == rs.ROLLING_BACK and "p99" in view.rollout.reason
+
+
+class SlowBroker:
+    """Device identities whose broker takes a while to answer, to hold an enrollment open."""
+
+    def __init__(self) -> None:
+        self.provisioned: list[str] = []
+
+    def issue_certificate(self, device_id: str, csr_pem: bytes) -> IssuedCertificate | None:
+        return None
+
+    def provision(self, device_id: str, password: str) -> None:
+        time.sleep(0.5)
+        self.provisioned.append(password)
+
+    def revoke(self, device_id: str) -> None:
+        pass
+
+
+def test_a_token_is_spent_once_even_by_concurrent_enrollments(store: StateStore, state_url: str) -> None:
+    broker = SlowBroker()
+    replicas = [Fleet(store, identities=broker), Fleet(other := StateStore(state_url), identities=broker)]
+    token = replicas[0].create_token("cam-1", {}).token
+    outcomes: list[str] = []
+
+    def attempt(fleet: Fleet) -> None:
+        try:
+            fleet.enroll("cam-1", token)
+            outcomes.append("enrolled")
+        except PermissionDenied:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=attempt, args=(f,)) for f in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    other.close()
+    assert sorted(outcomes) == ["enrolled", "refused"] and len(broker.provisioned) == 1
+
+
+def test_a_broker_failure_gives_the_token_back(store: StateStore) -> None:
+    class DownBroker(SlowBroker):
+        def provision(self, device_id: str, password: str) -> None:
+            raise Unavailable("cannot reach the broker's admin API")
+
+    token = Fleet(store).create_token("cam-2", {"site": "lab"}).token
+    with pytest.raises(Unavailable):
+        Fleet(store, identities=DownBroker()).enroll("cam-2", token)
+    with pytest.raises(NotFound):
+        Fleet(store).get("cam-2")  # nothing stored
+    assert Fleet(store).enroll("cam-2", token).mqtt_username == "cam-2"  # the token still works
