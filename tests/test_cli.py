@@ -8,7 +8,7 @@ import sys
 import pytest
 
 COMMANDS = ["compress", "artifact", "deploy", "rollout", "devices", "agent", "control-plane", "up", "demo",
-            "infer", "doctor", "keys", "audit", "broker", "down"]  # fmt: skip
+            "infer", "doctor", "keys", "audit", "broker", "down", "sim"]  # fmt: skip
 
 
 def edgectl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -25,7 +25,7 @@ def test_help_lists_every_command() -> None:
 
 
 @pytest.mark.parametrize("command", [["deploy"], ["rollout", "status"], ["devices", "enroll"], ["agent", "run"],
-                                     ["control-plane", "serve"], ["up"], ["infer"], ["broker", "config"]])  # fmt: skip
+                                     ["control-plane", "serve"], ["up"], ["infer"], ["broker", "config"], ["sim", "run"]])  # fmt: skip
 def test_each_command_has_help_with_an_example(command: list[str]) -> None:
     result = edgectl(*command, "--help")
     assert result.returncode == 0, result.stderr

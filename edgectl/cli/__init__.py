@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from edgectl import __version__
-from edgectl.cli import agent_cmd, artifact, broker_cmd, demo_cmd, doctor, fleet, keys, local_cmd
+from edgectl.cli import agent_cmd, artifact, broker_cmd, demo_cmd, doctor, fleet, keys, local_cmd, sim_cmd
 from edgectl.cli import compress as compress_cmd
 from edgectl.cli.output import err_console
 from edgectl.errors import EdgectlError
@@ -58,6 +58,7 @@ app.add_typer(fleet.audit_app, name="audit")
 app.add_typer(fleet.control_plane_app, name="control-plane")
 app.add_typer(agent_cmd.agent_app, name="agent")
 app.add_typer(broker_cmd.broker_app, name="broker")
+app.add_typer(sim_cmd.sim_app, name="sim")
 app.command("up")(local_cmd.up)
 app.command("down")(local_cmd.down)
 app.command("demo")(demo_cmd.demo)
