@@ -105,19 +105,9 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def is_loopback(listen: str) -> bool:
-    host, _ = split_hostport(listen)
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
 def load_security(config: ControlPlaneConfig) -> FleetSecurity | None:
-    """The secured mode's secrets, or None in insecure mode.
-
-    Insecure mode is explicit (``insecure``), or implied on a loopback-only listener without a
-    ``security_dir`` (the "protected mode" of a dev box); a listener other machines can reach
-    is never left open by default.
-    """
-    if config.insecure or (config.security_dir is None and is_loopback(config.listen)):
+    """The secured mode's secrets, or None in the explicit insecure mode; neither is an error."""
+    if config.insecure:
         log.warning(
             "INSECURE MODE: plaintext gRPC, no authentication, every caller is an anonymous admin. "
             "Use it on one development machine only; run with --security-dir for a real fleet."
@@ -125,8 +115,8 @@ def load_security(config: ControlPlaneConfig) -> FleetSecurity | None:
         return None
     if config.security_dir is None:
         raise ControlPlaneError(
-            f"refusing to serve {config.listen} without authentication",
-            hint="pass --security-dir DIR (made by `edgectl broker config -o DIR`), or --insecure on a dev box",
+            "the control plane needs --security-dir DIR (TLS, tokens, fleet CA) or an explicit --insecure",
+            hint="make DIR with `edgectl broker config -o DIR`; --insecure is for a development box only",
         )
     hosts = [split_hostport(config.listen)[0], split_hostport(config.device_listen)[0]]
     return FleetSecurity(

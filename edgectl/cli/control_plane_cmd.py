@@ -35,7 +35,7 @@ def control_plane_serve(
         help="fleet CA, token key, broker credentials: the directory `edgectl broker config -o` wrote",
     ),
     insecure: bool = typer.Option(
-        False, "--insecure", help="dev mode: plaintext, no authentication (loopback-only listen implies it)"
+        False, "--insecure", help="dev mode: plaintext, no authentication, one listener"
     ),
     tls_name: list[str] = typer.Option(
         [], "--tls-name", help="name/IP the server certificate covers (repeat) [default: loopback, hostname]"

@@ -178,7 +178,7 @@ def _serve(
         pub.write_bytes(public_pem(key.public_key))
     log = (tmp_path / "cp.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "edgectl.control_plane", "serve", "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "edgectl.control_plane", "serve", "--insecure", "--listen", f"127.0.0.1:{port}",
          "--mqtt", mosquitto.url, "--state", f"sqlite:///{tmp_path}/cp.db", "--blobs", str(tmp_path / "blobs"),
          "--trust", str(pub), "--log-format", "json"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -178,8 +178,9 @@ def test_token_command_and_cli_credentials(fleet: SecuredFleet, monkeypatch: pyt
     refused = runner.invoke(APP, base).exception
     assert isinstance(refused, EdgectlError) and refused.exit_code == 8
     assert "control-plane token" in str(refused.hint)
-    insecure = runner.invoke(APP, ["control-plane", "serve", "--listen", "0.0.0.0:0"])
-    assert insecure.exit_code != 0 and "--security-dir" in str(insecure.exception)
+    for listen in ("0.0.0.0:0", "127.0.0.1:0"):  # never unauthenticated by default, not even on loopback
+        unsecured = runner.invoke(APP, ["control-plane", "serve", "--listen", listen])
+        assert unsecured.exit_code != 0 and "--insecure" in str(unsecured.exception)
 
 
 def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: SecuredFleet) -> None:
