@@ -72,17 +72,25 @@ class SimSettings:
     heartbeat_s: float = 30.0
     transport: str = "auto"
     serve: bool = False
-    reserve_bytes: int | None = None  # the fetcher's free-space reserve; None: the agent's default
-    bandwidth_bps: float | None = None  # each device's download limit (the agent's --bandwidth-limit)
+    min_free_disk_mib: int | None = None  # the agent's --min-free-disk-mib; None: its default
+    bandwidth_bps: float | None = None  # each device's download limit (the agent's --max-bandwidth)
+    # A secured fleet: the fleet CA. Devices then enroll themselves as any agent does (own key,
+    # CSR, TLS to ``enroll_server``), and use TLS to the broker and mTLS to ``control_plane``.
+    ca_file: Path | None = None
+    enroll_server: str | None = None  # the control plane's TLS listener for people and enrollment
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["root"], d["trust"] = str(self.root), [str(p) for p in self.trust]
+        d["ca_file"] = str(self.ca_file) if self.ca_file else None
         return d
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> SimSettings:
-        return cls(**{**obj, "root": Path(obj["root"]), "trust": tuple(Path(p) for p in obj["trust"])})
+        return cls(**{
+            **obj, "root": Path(obj["root"]), "trust": tuple(Path(p) for p in obj["trust"]),
+            "ca_file": Path(obj["ca_file"]) if obj.get("ca_file") else None,
+        })  # fmt: skip
 
     def data_dir(self, device_id: str) -> Path:
         return self.root / "devices" / device_id
@@ -93,31 +101,35 @@ def make_devices(n: int, prefix: str = "sim", labels: dict[str, str] | None = No
     return [SimDevice(f"{prefix}-{i:05d}", dict(labels or {})) for i in range(n)]
 
 
-def issue_tokens(control_plane: str, devices: Sequence[SimDevice], timeout: float = 30.0) -> list[SimDevice]:
-    """The operator's half of enrollment: one one-time token per device (labels travel with it)."""
-    with grpc.insecure_channel(control_plane) as channel:
-        stub = fleet_pb2_grpc.FleetServiceStub(channel)
-        out = []
+def issue_tokens(
+    control_plane: str, devices: Sequence[SimDevice], credentials: Any = None, timeout: float = 30.0
+) -> list[SimDevice]:
+    """The operator's half of enrollment: one one-time token per device (labels travel with it).
+
+    ``credentials``: an ``edgectl.client.ClientCredentials`` (operator token, fleet CA) for a
+    secured control plane; None for one in insecure dev mode."""
+    from edgectl.client import ClientCredentials, ControlPlaneClient
+
+    out = []
+    with ControlPlaneClient(control_plane, timeout, credentials or ClientCredentials()) as client:
         for d in devices:
-            token = stub.CreateEnrollmentToken(
-                fleet_pb2.CreateEnrollmentTokenRequest(device_id=d.device_id, labels=d.labels),
-                timeout=timeout,
-            )
-            out.append(replace(d, token=token.token))
+            request = fleet_pb2.CreateEnrollmentTokenRequest(device_id=d.device_id, labels=d.labels)
+            out.append(replace(d, token=client.call(client.fleet.CreateEnrollmentToken, request).token))
     return out
 
 
-def enroll(control_plane: str, device: SimDevice, data_dir: Path, timeout: float = 30.0) -> None:
-    """The device's half: exchange the token for credentials and store them 0600 in ``data_dir``."""
+def enroll_plaintext(control_plane: str, device: SimDevice, data_dir: Path, timeout: float = 30.0) -> None:
+    """A device's half of enrollment with a control plane in insecure dev mode (no TLS, no CSR),
+    where the agent's own enrollment, which insists on TLS, cannot go: the token is exchanged the
+    same way and the credentials are stored 0600 where the agent reads them."""
     from edgectl.agent.config import CREDENTIALS_FILE
     from edgectl.security.files import write_private
 
     with grpc.insecure_channel(control_plane) as channel:
         stub = fleet_pb2_grpc.FleetServiceStub(channel)
+        request = fleet_pb2.EnrollRequest(device_id=device.device_id, token=device.token)
         try:
-            creds = stub.Enroll(
-                fleet_pb2.EnrollRequest(device_id=device.device_id, token=device.token), timeout=timeout
-            )
+            creds = stub.Enroll(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise SimError(
                 f"{device.device_id}: enrollment failed: {exc.code().name} {exc.details()}"
@@ -145,24 +157,23 @@ class AgentHost:
         self.agents: dict[str, Any] = {}  # device id -> edgectl.agent.agent.Agent
         self._lock = threading.Lock()
 
-    def config_for(self, device: SimDevice) -> Any:
+    def config_for(self, device: SimDevice, token: str | None = None) -> Any:
+        """The agent's configuration for ``device`` (``token``: enroll on start, secured fleets)."""
         from edgectl.agent.config import AgentConfig
 
         s = self.settings
-        return AgentConfig(
-            device_id=device.device_id,
-            mqtt=device.mqtt or s.mqtt,
-            control_plane=device.control_plane or s.control_plane,
-            data_dir=s.data_dir(device.device_id),
-            listen="127.0.0.1:0",
-            labels=dict(device.labels),
-            trust=s.trust,
-            profile=s.profile,
-            heartbeat_s=s.heartbeat_s,
-            transport=s.transport,
-            bandwidth_limit=s.bandwidth_bps,
+        values: dict[str, Any] = dict(
+            device_id=device.device_id, mqtt=device.mqtt or s.mqtt,
+            control_plane=device.control_plane or s.control_plane, data_dir=s.data_dir(device.device_id),
+            listen="127.0.0.1:0", labels=dict(device.labels), trust=s.trust, profile=s.profile,
+            heartbeat_s=s.heartbeat_s, transport=s.transport, bandwidth_limit=s.bandwidth_bps,
             intra_op_threads=1,  # hundreds of sessions in a process: one thread each
-        ).validate()
+        )  # fmt: skip
+        if s.min_free_disk_mib is not None:
+            values["min_free_disk_mib"] = s.min_free_disk_mib
+        if s.ca_file is not None:
+            values.update(ca_file=s.ca_file, enroll_server=s.enroll_server, enroll_token=token)
+        return AgentConfig(**values).validate()
 
     def start(self, device: SimDevice) -> Any:
         """Enroll the device when it has a token and no credentials yet, then start its agent."""
@@ -170,16 +181,14 @@ class AgentHost:
         from edgectl.agent.config import CREDENTIALS_FILE
 
         data_dir = self.settings.data_dir(device.device_id)
-        if device.token and not (data_dir / CREDENTIALS_FILE).exists():
-            enroll(self.settings.control_plane, device, data_dir)
-        agent = Agent(self.config_for(device))
+        token = device.token if device.token and not (data_dir / CREDENTIALS_FILE).exists() else None
+        if token and self.settings.ca_file is None:
+            enroll_plaintext(self.settings.control_plane, device, data_dir)
+        agent = Agent(self.config_for(device, token))  # a secured fleet's agent enrolls itself here
         if not self.settings.serve:
             agent.server.stop(0)  # bound, never started: release the port
             agent.server = _NotServing()  # type: ignore[assignment]
         _own_grpc_connection(agent)
-        if self.settings.reserve_bytes is not None and agent.reconciler is not None:
-            fetcher = agent.reconciler.fetcher
-            fetcher.settings = replace(fetcher.settings, reserve_bytes=self.settings.reserve_bytes)
         agent.start()
         with self._lock:
             self.agents[device.device_id] = agent

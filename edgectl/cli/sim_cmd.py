@@ -55,27 +55,46 @@ def run(
     ),
     profile: str = typer.Option("x86-cpu-avx2", help="device profile every simulated device claims"),
     heartbeat: float = typer.Option(30.0, help="seconds between heartbeats"),
+    token: str | None = typer.Option(
+        None, envvar="EDGECTL_TOKEN", help="operator token (secured control plane) to issue enrollment tokens"
+    ),
+    ca: Path | None = typer.Option(
+        None, envvar="EDGECTL_CA", help="fleet CA: secured fleet; each device enrolls itself over TLS"
+    ),
+    device_server: str | None = typer.Option(
+        None, help="the control plane's mTLS listener for agents (secured fleet) [default: --server]"
+    ),
     serve: bool = typer.Option(False, "--serve/--no-serve", help="also serve KServe V2 on a free port each"),
     json_out: bool = typer.Option(False, "--json", help="print the started fleet as JSON"),
 ) -> None:
     """Start DEVICES real agents that enroll with the control plane and follow its rollouts.
 
     Example: edgectl sim run --devices 200 --labels site=lab --per-process 100 --root /tmp/sim
+
+    On a secured fleet (--ca, an operator --token, --device-server H:P) every simulated device
+    enrolls itself as an agent does: its own key and CSR, its own broker identity, mTLS.
     """
     from edgectl.agent.config import CREDENTIALS_FILE
-    from edgectl.client import resolve_server
+    from edgectl.client import resolve_credentials, resolve_server
     from edgectl.sim import FleetSimulator, SimError, SimSettings, issue_tokens, make_devices
 
     if devices < 1:
         raise UsageError("--devices must be at least 1")
     address = resolve_server(server)
+    credentials = resolve_credentials(token, ca)
+    ca_file = ca.resolve() if ca else None
+    if credentials.ca_pem and ca_file is None:  # the CA came from env, config or endpoints.json
+        ca_file = root.resolve() / "fleet-ca.crt"
+        ca_file.parent.mkdir(parents=True, exist_ok=True)
+        ca_file.write_bytes(credentials.ca_pem)
     settings = SimSettings(
-        root=root.resolve(), control_plane=address, mqtt=mqtt, trust=tuple(p.resolve() for p in trust),
-        profile=profile, heartbeat_s=heartbeat, serve=serve,
+        root=root.resolve(), control_plane=device_server or address, mqtt=mqtt,
+        trust=tuple(p.resolve() for p in trust), profile=profile, heartbeat_s=heartbeat, serve=serve,
+        ca_file=ca_file, enroll_server=address if ca_file else None,
     )  # fmt: skip
     fleet = make_devices(devices, prefix, _labels(labels))
     new = [d for d in fleet if not (settings.data_dir(d.device_id) / CREDENTIALS_FILE).exists()]
-    tokens = {d.device_id: d for d in issue_tokens(address, new)} if new else {}
+    tokens = {d.device_id: d for d in issue_tokens(address, new, credentials)} if new else {}
     fleet = [tokens.get(d.device_id, d) for d in fleet]
     sim = FleetSimulator(settings, fleet, per_process)
     done = threading.Event()

@@ -78,7 +78,7 @@ def test_disk_full_during_download(
     download, with a reserve larger than the disk; the operator then restarts it with room."""
     d1 = rig.push(artifacts.good(1, size=MB))
     d2 = rig.push(artifacts.good(2, size=MB))
-    sim = rig.simulator(1, LABELS, per_process=1, prefix="disk", bandwidth_bps=250_000, reserve_bytes=0)
+    sim = rig.simulator(1, LABELS, per_process=1, prefix="disk", bandwidth_bps=250_000, min_free_disk_mib=0)
     device = sim.devices[0].device_id
     data_dir = sim.settings.data_dir(device)
     with contextlib.ExitStack() as stack:
@@ -91,7 +91,7 @@ def test_disk_full_during_download(
         assert_fleet_verified(rig, sim, trust, d1)
         if how == "reserve":
             sim.stop_worker(sim.workers[0])
-            sim.settings = dataclasses.replace(sim.settings, reserve_bytes=1 << 50)
+            sim.settings = dataclasses.replace(sim.settings, min_free_disk_mib=1 << 30)
             sim.start_worker(sim.workers[0])
         r = rig.rollout(f"{MODEL}:2", LABELS, ["100%"], health_timeout_s=120)
         filler = None
@@ -114,7 +114,7 @@ def test_disk_full_during_download(
             os.unlink(filler)
         else:
             sim.stop_worker(sim.workers[0])
-            sim.settings = dataclasses.replace(sim.settings, reserve_bytes=0)
+            sim.settings = dataclasses.replace(sim.settings, min_free_disk_mib=0)
             sim.start_worker(sim.workers[0])
         final = rig.wait_done(r.id, 120)
         assert final.state == RP.ROLLOUT_STATE_SUCCEEDED, final.reason

@@ -19,11 +19,13 @@ import grpc
 
 from edgectl.artifact import Artifact, ArtifactError, SigningKey, TrustStore, load_artifact, public_pem
 from edgectl.broker import MosquittoProcess
-from edgectl.client import ControlPlaneClient, push_artifact
+from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
 from edgectl.mqtt_wire import ALL_REPORTED, DeviceIdError, PayloadError, decode, parse_topic
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
+from edgectl.security.broker_files import BrokerLayout
+from edgectl.security.tokens import Role, TokenIssuer
 from edgectl.sim import FleetSimulator, SimDevice, SimSettings, issue_tokens, make_devices
 from tests.agent.onnx_models import mlp_artifact
 from tests.harness.mqtt import MqttTestClient
@@ -48,29 +50,45 @@ def wait_for(
 class ControlPlaneProcess:
     """The control plane as its own process on a fixed port, restartable (or killable) on the same state."""
 
-    def __init__(self, work: Path, broker_url: str, trust_pem: Path, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        work: Path,
+        broker_url: str,
+        trust_pem: Path,
+        log_level: str = "info",
+        security_dir: Path | None = None,
+    ) -> None:
+        """Insecure dev mode, or secured with ``security_dir`` (`edgectl broker config -o DIR`):
+        TLS + tokens on ``address``, mTLS for agents on ``device_address``."""
         self.work = work
         self.port = free_port()
+        self.device_port = free_port()
         self.log = work / "cp.log"
         # The server directly (not through the CLI): the same ControlPlane `control-plane serve` runs.
         code = (
             "import dataclasses, sys; from pathlib import Path; from edgectl.control_plane.logs import configure; "
             "from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig; "
             "configure('text', sys.argv[7]); "
-            "kw = dict(listen=sys.argv[1], device_listen=sys.argv[2], insecure=True, mqtt_url=sys.argv[3], "
+            "kw = dict(listen=sys.argv[1], device_listen=sys.argv[2], mqtt_url=sys.argv[3], "
             "state_url=sys.argv[4], blobs=sys.argv[5], trust=(Path(sys.argv[6]),)); "
+            "kw.update(security_dir=Path(sys.argv[8])) if sys.argv[8] else kw.update(insecure=True); "
             "names = {f.name for f in dataclasses.fields(ControlPlaneConfig)}; "
             "ControlPlane(ControlPlaneConfig(**{k: v for k, v in kw.items() if k in names})).serve()"
         )
         self.argv = [
-            sys.executable, "-c", code, f"127.0.0.1:{self.port}", f"127.0.0.1:{free_port()}", broker_url,
-            f"sqlite:///{work}/cp.db", str(work / "blobs"), str(trust_pem), log_level,
+            sys.executable, "-c", code, f"127.0.0.1:{self.port}", f"127.0.0.1:{self.device_port}", broker_url,
+            f"sqlite:///{work}/cp.db", str(work / "blobs"), str(trust_pem), log_level, str(security_dir or ""),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def device_address(self) -> str:
+        """Where agents fetch: the mTLS listener when secured, else the one plaintext listener."""
+        return f"127.0.0.1:{self.device_port}" if self.argv[-1] else self.address
 
     @property
     def blobs(self) -> Path:
@@ -116,9 +134,10 @@ def sized_artifact(work: Path, key: SigningKey, version: int, size_bytes: int, *
 class ReportedStates:
     """Every device's latest retained ReportedState, read off the broker as the control plane does."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.client = MqttTestClient(host, port)
-        self.client.connect()
+    def __init__(self, host: str, port: int, **auth: Any) -> None:
+        self.client = MqttTestClient(host, port, **auth)
+        if self.client.connect().is_failure:
+            raise AssertionError("the broker refused the reports watcher")
         self.client.subscribe(ALL_REPORTED)
         self.latest: dict[str, mqtt_pb2.ReportedState] = {}
 
@@ -162,29 +181,61 @@ def verified_on_disk(data_dir: Path, name: str, trust: TrustStore) -> str:
 
 
 class FleetRig:
-    """Broker + control-plane process + simulated devices, and the operator's client."""
+    """Broker + control-plane process + simulated devices, and the operator's client.
+
+    With ``security`` (the files `edgectl broker config` writes, and the broker started from
+    them), the control plane is secured: the operator calls with an admin token over TLS, and
+    every simulated device enrolls itself with its own key and uses its own broker identity."""
 
     def __init__(
-        self, work: Path, broker: MosquittoProcess, key: SigningKey, log_level: str = "info"
+        self,
+        work: Path,
+        broker: MosquittoProcess,
+        key: SigningKey,
+        log_level: str = "info",
+        security: BrokerLayout | None = None,
     ) -> None:
         self.work = work
         self.broker = broker
         self.key = key
+        self.security = security
         work.mkdir(parents=True, exist_ok=True)
         self.trust_pem = work / "trusted.pub.pem"
         self.trust_pem.write_bytes(public_pem(key.public_key))
-        self.cp = ControlPlaneProcess(work, broker.url, self.trust_pem, log_level)
+        self.credentials = ClientCredentials()
+        if security is not None:
+            token = TokenIssuer.load_or_create(security.directory / "token.key").issue("tests", Role.ADMIN)
+            self.credentials = ClientCredentials(token=token, ca_pem=security.ca_cert.read_bytes())
+        self.cp = ControlPlaneProcess(
+            work,
+            "" if security else broker.url,
+            self.trust_pem,
+            log_level,
+            security.directory if security else None,
+        )
         self.cp.start()
-        self.client = ControlPlaneClient(self.cp.address, timeout=60)
+        self.client = ControlPlaneClient(self.cp.address, timeout=60, credentials=self.credentials)
         self.sims: list[FleetSimulator] = []
-        self.reports = ReportedStates(broker.host, broker.port)
+        self.reports = self._reports()
+
+    def _reports(self) -> ReportedStates:
+        if self.security is None:
+            return ReportedStates(self.broker.host, self.broker.port)
+        s = self.security  # the control plane's broker identity may read every device's reports
+        return ReportedStates(
+            self.broker.host, self.broker.port, username=s.control_plane_username,
+            password=s.control_plane_password, tls_ca=str(s.ca_cert),
+        )  # fmt: skip
 
     def push(self, art: Artifact) -> str:
         return push_artifact(self.client, art.root).artifact.ref.digest
 
     def settings(self, **kw: Any) -> SimSettings:
         kw.setdefault("heartbeat_s", 2.0)
-        return SimSettings(root=self.work / "sim", control_plane=self.cp.address, **kw)
+        if self.security is not None:
+            kw.setdefault("ca_file", self.security.ca_cert)
+            kw.setdefault("enroll_server", self.cp.address)
+        return SimSettings(root=self.work / "sim", control_plane=self.cp.device_address, **kw)
 
     def simulator(
         self,
@@ -197,7 +248,8 @@ class FleetRig:
     ) -> FleetSimulator:
         """Enroll ``n`` devices (or ``devices``) with tokens from the control plane; not started yet."""
         devs = list(devices) if devices is not None else make_devices(n, prefix, labels or {"fleet": "sim"})
-        sim = FleetSimulator(self.settings(**settings), issue_tokens(self.cp.address, devs), per_process)
+        tokens = issue_tokens(self.cp.address, devs, self.credentials)
+        sim = FleetSimulator(self.settings(**settings), tokens, per_process)
         self.sims.append(sim)
         return sim
 
@@ -210,7 +262,7 @@ class FleetRig:
     def reconnect_reports(self) -> None:
         """A fresh subscription (after a broker restart): the retained reports arrive again."""
         self.reports.close()
-        self.reports = ReportedStates(self.broker.host, self.broker.port)
+        self.reports = self._reports()
 
     def devices(self) -> dict[str, fleet_pb2.Device]:
         """The inventory as the control plane sees it (retries while it restarts)."""
