@@ -8,6 +8,7 @@ itself once local capacity returns. Every response names where it was served.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -93,14 +94,22 @@ class CircuitBreaker:
 class LatencyCorrection:
     """Learns how far real local latencies run past the queue model's prediction.
 
-    Mean and mean deviation of the residual (actual - predicted), exponentially weighted, as TCP
-    estimates its retransmission timeout: ``margin`` covers thread hand-offs, codec work and runs
-    slowed by a busy host, so the prediction errs to the safe side by what it has seen.
+    ``margin`` is the 95th percentile of the last residuals (actual - predicted): it covers thread
+    hand-offs, codec work and runs slowed by a busy host, so the prediction errs to the safe side
+    by what it has seen, without letting a few outliers send all traffic away. Until enough
+    residuals are in, it is their mean plus four mean deviations (as TCP estimates its RTO).
     """
+
+    WINDOW = 256
+    MIN_SAMPLES = 32
+    QUANTILE = 0.95
 
     def __init__(self) -> None:
         self.mean_s = 0.0
         self.dev_s = 0.0
+        self._recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._quantile_s: float | None = None
+        self._seen = 0
         self._lock = threading.Lock()
 
     def observe(self, predicted_s: float, actual_s: float) -> None:
@@ -108,8 +117,15 @@ class LatencyCorrection:
         with self._lock:
             self.dev_s += 0.25 * (abs(err - self.mean_s) - self.dev_s)
             self.mean_s += 0.125 * (err - self.mean_s)
+            self._recent.append(err)
+            self._seen += 1
+            if len(self._recent) >= self.MIN_SAMPLES and (self._quantile_s is None or self._seen % 16 == 0):
+                ordered = sorted(self._recent)
+                self._quantile_s = ordered[int(self.QUANTILE * (len(ordered) - 1))]
 
     def margin(self) -> float:
+        if self._quantile_s is not None:
+            return self._quantile_s
         return self.mean_s + 4.0 * self.dev_s
 
 

@@ -258,11 +258,13 @@ def test_prometheus_metrics_endpoint_exports_serving_numbers(bundles: Bundles, m
 
 def test_latency_correction_learns_how_far_local_latency_runs_past_the_prediction() -> None:
     corr = LatencyCorrection()
-    for _ in range(50):
+    corr.observe(0.010, 0.030)
+    assert corr.margin() > 0.020  # few samples: mean + 4 deviations, on the safe side
+    for _ in range(100):
         corr.observe(0.010, 0.030)  # every request took 20 ms longer than the queue model said
     assert 0.019 < corr.margin() < 0.021
-    for _ in range(100):
-        corr.observe(0.010, 0.010)
+    for i in range(LatencyCorrection.WINDOW + 16):  # then 4 % of requests ran 200 ms late
+        corr.observe(0.010, 0.210 if i % 25 == 0 else 0.010)
     assert corr.margin() < 0.001
 
 
