@@ -91,11 +91,16 @@ class Demo:
         try:
             with self.step("1. start a local fleet") as facts:
                 self.endpoints = fleet.start()
-                facts.update(control_plane=self.endpoints.control_plane, agents=len(self.endpoints.agents))
+                facts.update(control_plane=self.endpoints.control_plane, agents=len(self.endpoints.agents),
+                             secure=self.endpoints.secure)  # fmt: skip
                 self.console.print(
                     f"broker {self.endpoints.mqtt}, control plane {self.endpoints.control_plane}, "
                     f"agents {', '.join(a.device_id + '@' + a.v2 for a in self.endpoints.agents)}, "
                     f"cloud burst endpoint {self.endpoints.cloud.v2 if self.endpoints.cloud else '-'}"
+                )
+                self.console.print(
+                    "secured: TLS broker with one identity per agent (enrolled with one-time tokens), "
+                    "gRPC over TLS with an admin token, artifacts trusted only when signed by the demo key"
                 )
             model, data = self._train()
             v1 = self._compress(model, data, version=1, prune=0.0, key=key)
@@ -156,10 +161,11 @@ class Demo:
         return out
 
     def _client(self) -> Any:
-        from edgectl.client import ControlPlaneClient
+        from edgectl.client import ControlPlaneClient, resolve_credentials
 
         assert self.endpoints is not None
-        return ControlPlaneClient(self.endpoints.control_plane)
+        credentials = resolve_credentials(data_dir=self.data_dir)  # the fleet CA and up's admin token
+        return ControlPlaneClient(self.endpoints.control_plane, credentials=credentials)
 
     def _deploy(self, bundle: Path, *, expect_success: bool, title: str) -> None:
         from edgectl.client import push_artifact

@@ -21,8 +21,13 @@ from pathlib import Path
 from edgectl.artifact import default_key_path, default_signing_key
 from edgectl.artifact.signing import public_key_path
 from edgectl.broker import BrokerConfig, MosquittoProcess
+from edgectl.client import ControlPlaneClient, resolve_credentials
 from edgectl.errors import EdgectlError
 from edgectl.ports import free_port, wait_for_port
+from edgectl.protos.v1 import fleet_pb2
+from edgectl.security.broker_files import BrokerLayout, write_broker_files
+from edgectl.security.files import write_private
+from edgectl.security.tokens import Role, TokenIssuer
 
 ENDPOINTS_FILE = "endpoints.json"
 DATA_DIR_ENV = "EDGECTL_DATA_DIR"
@@ -49,18 +54,42 @@ class AgentEndpoint:
 
 @dataclass
 class Endpoints:
-    """Where a local fleet listens; written to endpoints.json."""
+    """Where a local fleet listens, and how to prove who you are to it; written to endpoints.json.
+
+    ``control_plane`` is the people's listener. When the fleet is secured, ``ca`` is the fleet
+    CA that every server certificate chains to and ``token_file`` a 0600 file with an admin
+    token: edgectl's clients (``edgectl.client.resolve_credentials``) read both from here.
+    """
 
     mqtt: str
     control_plane: str
     agents: list[AgentEndpoint] = field(default_factory=list)
     cloud: AgentEndpoint | None = None
     pids: dict[str, int] = field(default_factory=dict)
+    device_grpc: str | None = None
+    ca: str | None = None
+    token_file: str | None = None
+
+    @property
+    def secure(self) -> bool:
+        return self.ca is not None
 
     def write(self, data_dir: Path) -> Path:
+        raw = {
+            "mqtt": self.mqtt,
+            "control_plane": {
+                "grpc": self.control_plane,
+                "device_grpc": self.device_grpc,
+                "ca": self.ca,
+                "token_file": self.token_file,
+            },
+            "agents": [asdict(a) for a in self.agents],
+            "cloud": asdict(self.cloud) if self.cloud else None,
+            "pids": self.pids,
+        }
         path = data_dir / ENDPOINTS_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
         os.replace(tmp, path)
         return path
 
@@ -69,17 +98,20 @@ class Endpoints:
         path = data_dir / ENDPOINTS_FILE
         try:
             raw = json.loads(path.read_text())
+            cp = raw["control_plane"]
+            cp = cp if isinstance(cp, dict) else {"grpc": cp}
+            agents = [AgentEndpoint(**a) for a in raw.get("agents", [])]
+            cloud = AgentEndpoint(**raw["cloud"]) if raw.get("cloud") else None
+            return cls(raw["mqtt"], cp["grpc"], agents, cloud, raw.get("pids", {}),
+                       cp.get("device_grpc"), cp.get("ca"), cp.get("token_file"))  # fmt: skip
         except FileNotFoundError:
             raise LocalFleetError(
                 f"no local fleet at {data_dir}", hint="start one with `edgectl up`"
             ) from None
-        except ValueError as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise LocalFleetError(
                 f"{path} is damaged: {exc}", hint="run `edgectl down` then `edgectl up`"
             ) from exc
-        agents = [AgentEndpoint(**a) for a in raw.get("agents", [])]
-        cloud = AgentEndpoint(**raw["cloud"]) if raw.get("cloud") else None
-        return cls(raw["mqtt"], raw["control_plane"], agents, cloud, raw.get("pids", {}))
 
 
 def _edgectl(*args: str) -> list[str]:
@@ -90,13 +122,20 @@ class LocalFleet:
     """Starts and stops the processes of a single-box fleet."""
 
     def __init__(
-        self, data_dir: Path, agents: int = 2, log: bool = True, trust: list[Path] | None = None
+        self,
+        data_dir: Path,
+        agents: int = 2,
+        log: bool = True,
+        trust: list[Path] | None = None,
+        secure: bool = True,
     ) -> None:
         if agents < 0:
             raise LocalFleetError("--agents must be 0 or more")
         self.data_dir = data_dir.resolve()
         self.agent_count = agents
         self.trust = trust
+        self.secure = secure
+        self.layout: BrokerLayout | None = None
         self.broker: MosquittoProcess | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.endpoints: Endpoints | None = None
@@ -163,17 +202,40 @@ class LocalFleet:
 
     def _start(self) -> Endpoints:
         trusted = self._trusted_dir()
-        self.broker = MosquittoProcess(BrokerConfig(data_dir=self.data_dir / "broker"))
-        self.broker.start()
-        cp_port = free_port()
         cp_dir = self.data_dir / "control-plane"
         cp_dir.mkdir(parents=True, exist_ok=True)
+        cp_port, device_port = free_port(), free_port()
+        if self.secure:
+            # The files `edgectl broker config` writes: fleet CA, TLS broker, dynamic-security identities.
+            self.layout = write_broker_files(self.data_dir / "security", hostnames=["localhost", "127.0.0.1"],
+                                             host="127.0.0.1", port=free_port())  # fmt: skip
+            self.broker = MosquittoProcess(self.layout.broker_config(self.data_dir / "broker"))
+            mode = [
+                "--security-dir",
+                str(self.layout.directory),
+                "--device-listen",
+                f"127.0.0.1:{device_port}",
+            ]
+        else:
+            self.broker = MosquittoProcess(BrokerConfig(data_dir=self.data_dir / "broker"))
+            mode = ["--insecure", "--mqtt", ""]
+        self.broker.start()
+        if not self.secure:
+            mode[-1] = self.broker.url
         self._spawn("control-plane", _edgectl(
-            "control-plane", "serve", "--listen", f"127.0.0.1:{cp_port}", "--mqtt", self.broker.url,
-            "--state", f"sqlite:///{cp_dir / 'state.db'}", "--blobs", str(cp_dir / "blobs"), "--trust", str(trusted), "--insecure",
+            "control-plane", "serve", *mode, "--listen", f"127.0.0.1:{cp_port}",
+            "--state", f"sqlite:///{cp_dir / 'state.db'}", "--blobs", str(cp_dir / "blobs"), "--trust", str(trusted),
         ))  # fmt: skip
         self._await("control-plane", "127.0.0.1", cp_port)
         endpoints = Endpoints(mqtt=self.broker.url, control_plane=f"127.0.0.1:{cp_port}")
+        if self.layout is not None:
+            endpoints.mqtt = self.layout.url
+            endpoints.device_grpc = f"127.0.0.1:{device_port}"
+            endpoints.ca = str(self.layout.ca_cert)
+            endpoints.token_file = str(self._admin_token(self.layout))
+        # written early so that the enrollment calls below find the CA and the token like any client
+        self.endpoints = endpoints
+        endpoints.write(self.data_dir)
         cloud_port = free_port()
         endpoints.cloud = self._start_agent("cloud", cloud_port, {"tier": "cloud"}, endpoints, burst=None)
         for i in range(1, self.agent_count + 1):
@@ -182,19 +244,51 @@ class LocalFleet:
         endpoints.pids["broker"] = self.broker.pid
         for name, proc in self.children.items():
             endpoints.pids[name] = proc.pid
-        self.endpoints = endpoints
         endpoints.write(self.data_dir)
         return endpoints
+
+    def _admin_token(self, layout: BrokerLayout) -> Path:
+        """An admin bearer token for this machine's user, signed with the control plane's token key."""
+        from edgectl.control_plane.security import TOKEN_KEY_FILE  # the control-plane extra, only here
+
+        token = TokenIssuer.load_or_create(layout.directory / TOKEN_KEY_FILE).issue("edgectl-up", Role.ADMIN)
+        path = self.data_dir / "admin.token"
+        write_private(path, token.encode())
+        return path
+
+    def _enrollment(self, device_id: str, labels: dict[str, str], endpoints: Endpoints) -> list[str]:
+        """The agent flags of a secured fleet: a one-time token unless the device already enrolled."""
+        from edgectl.agent.config import CREDENTIALS_FILE  # the agent extra, only here
+
+        assert endpoints.ca is not None and endpoints.device_grpc is not None
+        flags = [
+            "--control-plane",
+            endpoints.device_grpc,
+            "--mqtt",
+            endpoints.mqtt,
+            "--ca-file",
+            endpoints.ca,
+        ]
+        if (self.data_dir / "agents" / device_id / CREDENTIALS_FILE).exists():
+            return flags
+        credentials = resolve_credentials(data_dir=self.data_dir)
+        with ControlPlaneClient(endpoints.control_plane, credentials=credentials) as client:
+            token = client.call(client.fleet.CreateEnrollmentToken,
+                                fleet_pb2.CreateEnrollmentTokenRequest(device_id=device_id, labels=labels)).token  # fmt: skip
+        return [*flags, "--enroll-token", token, "--enroll-server", endpoints.control_plane]
 
     def _start_agent(
         self, device_id: str, port: int, labels: dict[str, str], endpoints: Endpoints, burst: str | None
     ) -> AgentEndpoint:
         argv = _edgectl(
-            "agent", "run", "--device-id", device_id, "--mqtt", endpoints.mqtt,
-            "--control-plane", endpoints.control_plane, "--data-dir", str(self.data_dir / "agents" / device_id),
+            "agent", "run", "--device-id", device_id, "--data-dir", str(self.data_dir / "agents" / device_id),
             "--listen", f"127.0.0.1:{port}", "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
             "--trust", str(self.data_dir / "trusted"),
         )  # fmt: skip
+        if endpoints.secure:
+            argv += self._enrollment(device_id, labels, endpoints)
+        else:
+            argv += ["--control-plane", endpoints.control_plane, "--mqtt", endpoints.mqtt]
         if burst:
             argv += ["--burst", burst]
         proc = self._spawn(device_id, argv)

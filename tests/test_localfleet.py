@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgectl.client import ControlPlaneClient
+from edgectl.client import ControlPlaneClient, RemoteError, resolve_credentials
 from edgectl.localfleet import Endpoints, LocalFleetError, stop_detached
 from edgectl.protos.v1 import fleet_pb2
 from tests.conftest import require_mosquitto
@@ -33,9 +33,10 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ", 1)[1].startswith("Z"))
 
 
-def _devices_online(address: str, want: set[str], timeout: float = 30.0) -> dict[str, bool]:
+def _devices_online(data: Path, want: set[str], timeout: float = 30.0) -> dict[str, bool]:
     deadline = time.monotonic() + timeout
-    with ControlPlaneClient(address) as client:
+    address = Endpoints.read(data).control_plane
+    with ControlPlaneClient(address, credentials=resolve_credentials(data_dir=data)) as client:
         while True:
             devices = client.call(client.fleet.ListDevices, fleet_pb2.ListDevicesRequest()).devices
             online = {d.id: d.online for d in devices}
@@ -63,11 +64,21 @@ def test_up_detached_lists_endpoints_agents_report_and_down_stops_everything(
     assert result.returncode == 0, result.stderr
     endpoints = Endpoints.read(data)
     shown = json.loads(result.stdout)
-    assert shown["control_plane"] == endpoints.control_plane
+    assert shown["control_plane"] == endpoints.control_plane and endpoints.secure
     assert [a.device_id for a in endpoints.agents] == ["edge-1", "edge-2"]
     try:
-        online = _devices_online(endpoints.control_plane, {"edge-1", "edge-2", "cloud"})
+        online = _devices_online(data, {"edge-1", "edge-2", "cloud"})
         assert online == {"edge-1": True, "edge-2": True, "cloud": True}
+        # secured by default: each agent enrolled and keeps its own credentials, 0600
+        for device in ("edge-1", "edge-2", "cloud"):
+            assert (data / "agents" / device / "credentials.json").stat().st_mode & 0o077 == 0
+        assert Path(str(endpoints.token_file)).stat().st_mode & 0o077 == 0
+        # the CLI finds the CA and the admin token through endpoints.json; without them it is refused
+        listed = _edgectl("devices", "ls", "--json", env={**env, "EDGECTL_DATA_DIR": str(data)})
+        assert listed.returncode == 0, listed.stderr
+        assert {d["id"] for d in json.loads(listed.stdout)} == {"edge-1", "edge-2", "cloud"}
+        with ControlPlaneClient(endpoints.control_plane) as plaintext, pytest.raises(RemoteError):
+            plaintext.call(plaintext.fleet.ListDevices, fleet_pb2.ListDevicesRequest(), timeout=5)
         # the default signing key of this user is what the fleet trusts
         assert (data / "trusted" / "default.pub.pem").read_bytes() == (
             tmp_path / "config" / "keys" / "default.pub.pem"
@@ -91,8 +102,10 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path, env: dict[
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not (data / "endpoints.json").exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # endpoints.json names every pid once all is up
             assert proc.poll() is None, proc.communicate()
+            if (data / "endpoints.json").exists() and "edge-1" in Endpoints.read(data).pids:
+                break
             time.sleep(0.2)
         endpoints = Endpoints.read(data)
         proc.send_signal(signal.SIGINT)

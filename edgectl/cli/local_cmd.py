@@ -19,14 +19,26 @@ def _show(endpoints: Endpoints, data_dir: Path, json_out: bool) -> None:
     table = Table(title=f"local fleet in {data_dir}")
     table.add_column("part")
     table.add_column("listens on")
-    table.add_row("mqtt broker", endpoints.mqtt)
-    table.add_row("control plane (gRPC)", endpoints.control_plane)
+    table.add_row(
+        "mqtt broker" + (" (TLS, per-device identities)" if endpoints.secure else ""), endpoints.mqtt
+    )
+    table.add_row(
+        "control plane (gRPC" + (", TLS + token)" if endpoints.secure else ")"), endpoints.control_plane
+    )
+    if endpoints.device_grpc:
+        table.add_row("control plane for agents (gRPC, mTLS)", endpoints.device_grpc)
     if endpoints.cloud:
         table.add_row("cloud burst endpoint (KServe V2)", endpoints.cloud.v2)
     for agent in endpoints.agents:
         table.add_row(f"agent {agent.device_id} (KServe V2)", agent.v2)
     console.print(table)
     console.print(f"endpoints: {data_dir / 'endpoints.json'}")
+    if endpoints.secure:
+        console.print(
+            f"fleet CA: {endpoints.ca}; admin token (0600): {endpoints.token_file}; edgectl commands use both"
+        )
+    else:
+        console.print("[yellow]insecure: plaintext MQTT and gRPC, anyone on this machine can deploy[/]")
 
 
 def up(
@@ -36,6 +48,9 @@ def up(
         False, "--detach", help="return once everything listens; stop with `edgectl down`"
     ),
     json_out: bool = typer.Option(False, "--json", help="print the endpoints as JSON"),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="plaintext MQTT and gRPC, no identities: for debugging only"
+    ),
     trust: list[Path] = typer.Option(
         None, help="public key (.pub.pem) the fleet trusts; repeatable (default: your default signing key)"
     ),
@@ -47,7 +62,7 @@ def up(
     Example: edgectl up --agents 3
     """
     directory = (data_dir or default_data_dir()).resolve()
-    fleet = LocalFleet(directory, agents=agents, trust=trust or None)
+    fleet = LocalFleet(directory, agents=agents, trust=trust or None, secure=not insecure)
     endpoints = fleet.start()
     _show(endpoints, directory, json_out)
     if detach:
