@@ -52,7 +52,7 @@ def fleet(tmp_path: Path) -> Iterator[SecureFleet]:
     broker.start()
     cp = MqttTestClient("127.0.0.1", layout.port, username=layout.control_plane_username,
                         password=layout.control_plane_password, tls_ca=str(layout.ca_cert))  # fmt: skip
-    assert not cp.connect().is_failure
+    assert not cp.connect(timeout=15).is_failure
     try:
         yield SecureFleet(layout, broker, cp, DynsecAdmin(cp.client))
     finally:
@@ -77,30 +77,30 @@ def test_device_is_confined_to_its_own_subtree(fleet: SecureFleet) -> None:
     a, b = fleet.admin.provision_device("dev-a"), fleet.admin.provision_device("dev-b")
     ta, tb = DeviceTopics("dev-a"), DeviceTopics("dev-b")
     device_a = fleet.client(a)
-    assert not device_a.connect().is_failure
+    assert not device_a.connect(timeout=15).is_failure
 
-    assert _granted(device_a.subscribe(ta.desired)) == [1]
-    assert _granted(device_a.subscribe(tb.desired)) == [NOT_AUTHORIZED]
-    assert _granted(device_a.subscribe("#")) == [NOT_AUTHORIZED]
-    assert _granted(device_a.subscribe("edgectl/v1/devices/+/desired")) == [NOT_AUTHORIZED]
+    assert _granted(device_a.subscribe(ta.desired, timeout=15)) == [1]
+    assert _granted(device_a.subscribe(tb.desired, timeout=15)) == [NOT_AUTHORIZED]
+    assert _granted(device_a.subscribe("#", timeout=15)) == [NOT_AUTHORIZED]
+    assert _granted(device_a.subscribe("edgectl/v1/devices/+/desired", timeout=15)) == [NOT_AUTHORIZED]
 
     watcher = fleet.control_plane
-    assert _granted(watcher.subscribe("edgectl/v1/devices/+/reported")) == [1]
+    assert _granted(watcher.subscribe("edgectl/v1/devices/+/reported", timeout=15)) == [1]
     device_a.publish(tb.reported, b"forged")  # as another device: dropped
     device_a.publish(ta.reported, b"mine")
-    got = watcher.expect()
+    got = watcher.expect(15)
     assert (got.topic, got.payload) == (ta.reported, b"mine")
     assert watcher.nothing_arrives(0.5)
 
     # Only the control plane writes desired state: a device's own desired topic is read-only.
     device_b = fleet.client(b)
-    device_b.connect()
-    device_b.subscribe(tb.desired)
+    device_b.connect(timeout=15)
+    device_b.subscribe(tb.desired, timeout=15)
     device_b.publish(tb.desired, b"self-promotion", retain=True)
     device_a.publish(tb.desired, b"hijack", retain=True)
     assert device_b.nothing_arrives(0.5)
     watcher.publish(tb.desired, b'{"generation": "1"}', retain=True)
-    assert device_b.expect().payload == b'{"generation": "1"}'
+    assert device_b.expect(15).payload == b'{"generation": "1"}'
     device_a.close()
     device_b.close()
 
@@ -108,9 +108,9 @@ def test_device_is_confined_to_its_own_subtree(fleet: SecureFleet) -> None:
 def test_anonymous_wrong_password_and_plaintext_are_refused(fleet: SecureFleet) -> None:
     fleet.admin.provision_device("dev-c")
     anonymous = fleet.client()
-    assert anonymous.connect().is_failure
+    assert anonymous.connect(timeout=15).is_failure
     wrong = fleet.client(username="dev-c", password="not-the-password")
-    assert wrong.connect().is_failure
+    assert wrong.connect(timeout=15).is_failure
     plaintext = MqttTestClient("127.0.0.1", fleet.layout.port, username="dev-c", password="x")
     with pytest.raises((queue.Empty, OSError, ConnectionError)):
         plaintext.connect(timeout=2)  # a TLS listener never answers a plaintext CONNECT
@@ -121,18 +121,18 @@ def test_anonymous_wrong_password_and_plaintext_are_refused(fleet: SecureFleet) 
 def test_revoked_device_is_dropped_and_cannot_reconnect(fleet: SecureFleet) -> None:
     identity = fleet.admin.provision_device("dev-r")
     device = fleet.client(identity)
-    assert not device.connect().is_failure
+    assert not device.connect(timeout=15).is_failure
     fleet.admin.disable_device("dev-r")
     device.disconnected.get(timeout=5)  # kicked at once
     device.close()
     again = fleet.client(identity)
-    assert again.connect().is_failure
+    assert again.connect(timeout=15).is_failure
     again.close()
 
     fleet.admin.remove_device("dev-r")
     fleet.admin.remove_device("dev-r")  # idempotent
     gone = fleet.client(identity)
-    assert gone.connect().is_failure
+    assert gone.connect(timeout=15).is_failure
     gone.close()
 
 
@@ -143,17 +143,17 @@ def test_identities_survive_a_broker_restart_and_re_enrollment_rotates_the_passw
     fleet.control_plane.close()
     fleet.broker.restart()
     device = fleet.client(old)
-    assert not device.connect().is_failure
+    assert not device.connect(timeout=15).is_failure
     device.close()
 
     cp = fleet.client(
         username=fleet.layout.control_plane_username, password=fleet.layout.control_plane_password
     )
-    cp.connect()
+    cp.connect(timeout=15)
     new = DynsecAdmin(cp.client).provision_device("dev-p")
     assert new.password != old.password
-    assert fleet.client(old).connect().is_failure
-    assert not fleet.client(new).connect().is_failure
+    assert fleet.client(old).connect(timeout=15).is_failure
+    assert not fleet.client(new).connect(timeout=15).is_failure
     cp.close()
 
 

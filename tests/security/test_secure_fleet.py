@@ -207,13 +207,13 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
     b, b_key = fleet.enroll("cam-b")
     ta, tb = DeviceTopics("cam-a"), DeviceTopics("cam-b")
     device_a = fleet.mqtt(creds.mqtt_username, creds.mqtt_password)
-    assert not device_a.connect().is_failure
-    assert [r.value for r in device_a.subscribe(ta.desired)] == [1]
-    assert [r.value for r in device_a.subscribe(tb.desired)] == [NOT_AUTHORIZED]
-    assert [r.value for r in device_a.subscribe("#")] == [NOT_AUTHORIZED]
+    assert not device_a.connect(timeout=15).is_failure
+    assert [r.value for r in device_a.subscribe(ta.desired, timeout=15)] == [1]
+    assert [r.value for r in device_a.subscribe(tb.desired, timeout=15)] == [NOT_AUTHORIZED]
+    assert [r.value for r in device_a.subscribe("#", timeout=15)] == [NOT_AUTHORIZED]
     device_b = fleet.mqtt(b.mqtt_username, b.mqtt_password)
-    assert not device_b.connect().is_failure
-    device_b.subscribe(tb.desired)
+    assert not device_b.connect(timeout=15).is_failure
+    device_b.subscribe(tb.desired, timeout=15)
     device_a.publish(tb.desired, b"hijack", retain=True)  # only the control plane writes desired state
     device_a.publish(tb.reported, b'{"deviceId": "cam-b", "agentVersion": "forged"}', retain=True)
     device_a.publish(ta.reported, b'{"deviceId": "cam-a", "agentVersion": "mine"}', retain=True)
@@ -247,7 +247,7 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
     assert new_cert.Get(AP.GetArtifactRequest(artifact=digest), timeout=10).ref.digest == digest
     device_b.disconnected.get(timeout=10)  # the broker dropped the old identity's connection
     old_b = fleet.mqtt(b.mqtt_username, b.mqtt_password)
-    assert old_b.connect().is_failure
+    assert old_b.connect(timeout=15).is_failure
     old_b.close()
 
     # Decommission revokes both: the broker kicks the device, and the certificate stops working.
@@ -256,7 +256,7 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
     device_a.disconnected.get(timeout=10)
     device_a.close()
     revoked = fleet.mqtt(creds.mqtt_username, creds.mqtt_password)
-    assert revoked.connect().is_failure
+    assert revoked.connect(timeout=15).is_failure
     revoked.close()
     code, message = _code(lambda: artifacts.Get(AP.GetArtifactRequest(artifact=digest), timeout=10))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in message
@@ -373,7 +373,7 @@ def test_secured_replicas_share_tokens_and_a_follower_enrolls(
             )
         assert not second.leading  # the follower enrolled: it provisioned the broker itself
         device = fleet.mqtt(creds.mqtt_username, creds.mqtt_password)
-        assert not device.connect().is_failure
+        assert not device.connect(timeout=15).is_failure
         online = mqtt_pb2.DeviceStatus(device_id="cam-r", online=True)
         device.publish(DeviceTopics("cam-r").status, encode(online), retain=True)
         first.stop(grace=0)
