@@ -42,6 +42,7 @@ Kind = mpb.EventKind
 # Fault injection for the crash tests: EDGECTL_AGENT_CRASHPOINT=<name> makes the agent kill
 # itself with SIGKILL (a real kill -9, no cleanup) when it reaches that step.
 CRASHPOINT_ENV = "EDGECTL_AGENT_CRASHPOINT"
+STATE_RETRY = "$state"  # the retry timer of a pass that could not write the state file
 
 
 def crashpoint(name: str) -> None:
@@ -150,7 +151,20 @@ class Reconciler:
                 if isinstance(more, mpb.DesiredState):
                     self._accept(more)
             if item is not None or any(t <= time.monotonic() for t, _ in self._retry.values()):
-                self.reconcile()
+                self._reconcile_guarded()
+
+    def _reconcile_guarded(self) -> None:
+        """reconcile(), but a disk that cannot be written (full, read-only) must not end the loop:
+        nothing would ever converge again. What serves is untouched; the pass runs again later."""
+        attempts = self._retry.pop(STATE_RETRY, (0.0, 0))[1] + 1
+        try:
+            self.reconcile()
+        except OSError as exc:
+            delay = min(self.settings.retry_max_s, self.settings.retry_min_s * 2 ** (attempts - 1))
+            self._retry[STATE_RETRY] = (time.monotonic() + delay, attempts)
+            self.last_error = f"cannot write the agent's state: {exc} (retry in {delay:.0f} s)"
+            log.warning("%s", self.last_error)
+            self.publish_report()
 
     def _accept(self, desired: mpb.DesiredState) -> None:
         if desired.generation < self.state.observed_generation:
