@@ -40,7 +40,7 @@ from edgectl.protos.v1 import fleet_pb2, fleet_pb2_grpc
 log = logging.getLogger(__name__)
 DEFAULT_PER_PROCESS = 100
 # Fault injection for the clock-skew tests when libfaketime is not installed: the worker shifts
-# every wall-clock reading the agent makes (time.time, datetime.now, protobuf timestamps).
+# the wall-clock reads the agent makes (datetime.now, protobuf timestamps); see shift_clock.
 CLOCK_OFFSET_ENV = "EDGECTL_SIM_CLOCK_OFFSET_S"
 READY_SUFFIX = ".ready"
 

@@ -65,7 +65,7 @@ def last_error(rig: FleetRig, device_id: str) -> str:
     return rs.last_error if rs else ""
 
 
-@pytest.mark.parametrize("how", ["tmpfs", "reserve"])
+@pytest.mark.parametrize("how", ["tmpfs", "tmpfs-full-before", "reserve"])
 def test_disk_full_during_download(
     how: str, rig: FleetRig, artifacts: Artifacts, trust: TrustStore, tmp_path: Path
 ) -> None:
@@ -74,7 +74,8 @@ def test_disk_full_during_download(
     converges, and the rollout succeeds.
 
     ``tmpfs``: the device's data dir is a real 6 MB filesystem that the test fills mid-download
-    (ENOSPC on the agent's writes). ``reserve``: the agent's own free-space check before a
+    (ENOSPC on the agent's writes); ``tmpfs-full-before``: it is full already when the new
+    desired state arrives (the agent cannot even record it). ``reserve``: the agent's own free-space check before a
     download, with a reserve larger than the disk; the operator then restarts it with room."""
     d1 = rig.push(artifacts.good(1, size=MB))
     d2 = rig.push(artifacts.good(2, size=MB))
@@ -82,7 +83,7 @@ def test_disk_full_during_download(
     device = sim.devices[0].device_id
     data_dir = sim.settings.data_dir(device)
     with contextlib.ExitStack() as stack:
-        if how == "tmpfs":
+        if how.startswith("tmpfs"):
             stack.enter_context(small_filesystem(data_dir, "6m"))
         sim.start()
         stack.callback(sim.stop)
@@ -93,8 +94,8 @@ def test_disk_full_during_download(
             sim.stop_worker(sim.workers[0])
             sim.settings = dataclasses.replace(sim.settings, min_free_disk_mib=1 << 30)
             sim.start_worker(sim.workers[0])
+        filler = fill(data_dir) if how == "tmpfs-full-before" else None
         r = rig.rollout(f"{MODEL}:2", LABELS, ["100%"], health_timeout_s=120)
-        filler = None
         if how == "tmpfs":
             new = {
                 c.digest.removeprefix("sha256:")
