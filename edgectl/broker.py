@@ -61,6 +61,9 @@ class BrokerConfig:
             "log_type notice",
             "max_inflight_messages 100",
             "max_queued_messages 10000",
+            # Without it Nagle's algorithm holds each small reply (a PUBACK, then a desired state or a
+            # dynamic-security answer) until the peer's delayed ACK: 45 ms against 1-6 ms, measured.
+            "set_tcp_nodelay true",
         ]
         if os.geteuid() == 0:
             # As root mosquitto drops to its own user, which cannot read our private files.

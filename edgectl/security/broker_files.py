@@ -86,10 +86,6 @@ class BrokerLayout:
             extra += [f"cafile {self.ca_cert}", f"certfile {self.server_cert}", f"keyfile {self.server_key}",
                       "tls_version tlsv1.2"]  # fmt: skip
         extra += [f"plugin {self.plugin}", f"plugin_opt_config_file {self.dynsec_file}"]
-        # Without it, Nagle's algorithm holds each small reply (a PUBACK followed by the plugin's
-        # answer, a desired state) until the peer's delayed ACK: measured here, 45 ms per
-        # dynamic-security command against 1-6 ms with it.
-        extra += ["set_tcp_nodelay true"]
         return BrokerConfig(
             data_dir=data_dir or self.directory / "data",
             host=self.host,
