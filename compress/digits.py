@@ -30,7 +30,7 @@ def digits_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 
 class DigitsCNN(nn.Module):
-    """Two conv blocks with BatchNorm, then a hidden Linear: ~0.3 M weights, so int8 is ~4x smaller."""
+    """Two conv blocks with BatchNorm, then a hidden Linear: ~0.28 M weights, so int8 is ~4x smaller."""
 
     def __init__(self, width: int = 32, hidden: int = 256) -> None:
         super().__init__()
@@ -52,9 +52,13 @@ class DigitsCNN(nn.Module):
 
 
 def train_digits_cnn(
-    epochs: int = 5, seed: int = 0, width: int = 32, hidden: int = 256, threads: int | None = None
+    epochs: int = 5, seed: int = 0, width: int = 32, hidden: int = 256, threads: int | None = 1
 ) -> DigitsCNN:
-    """Train a DigitsCNN on the training split with Adam (about 97-99 % eval accuracy, seconds on 2 cores)."""
+    """Train a DigitsCNN on the training split with Adam: ~99 % eval accuracy in about 4 s of one core.
+
+    One thread by default: batches of 64 8x8 images gain nothing from more, and on a busy machine
+    extra threads only spin.
+    """
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
