@@ -79,6 +79,13 @@ class AgentMetrics:
         self.batch_size = Histogram(
             "edgectl_agent_batch_size", "Rows per session run", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.run_seconds = Histogram(
+            "edgectl_agent_run_seconds",
+            "Seconds per session run (one batch)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.burst = Counter("edgectl_agent_burst_requests", "Requests sent to burst", ["model"], registry=r)
         self.burst_share = Gauge(
             "edgectl_agent_burst_share", "Share of requests burst over the window", registry=r
@@ -117,9 +124,10 @@ class AgentMetrics:
             self._child(self.burst, model).inc()
         self.window.record(latency_s, ok, is_burst)
 
-    def observe_batch(self, model: str, rows: int, queue_depth: int) -> None:
-        """One session run of ``rows`` rows, and the queue left behind it."""
+    def observe_batch(self, model: str, rows: int, seconds: float, queue_depth: int) -> None:
+        """One session run of ``rows`` rows that took ``seconds``, and the queue left behind it."""
         self._child(self.batch_size, model).observe(rows)
+        self._child(self.run_seconds, model).observe(seconds)
         self._child(self.queue_depth, model).set(queue_depth)
 
     def set_queue_depth(self, model: str, depth: int) -> None:

@@ -40,7 +40,7 @@ class ServedModel:
 
     def _on_batch(self, rows: int, elapsed: float) -> None:
         if self._metrics is not None:
-            self._metrics.observe_batch(self.model.name, rows, self.batcher.queue_depth)
+            self._metrics.observe_batch(self.model.name, rows, elapsed, self.batcher.queue_depth)
 
     @property
     def failing(self) -> bool:

@@ -249,6 +249,7 @@ def test_prometheus_metrics_endpoint_exports_serving_numbers(bundles: Bundles, m
     assert value("edgectl_agent_requests_total", model="mlp", served_by=burst_label, outcome="ok") == 1
     assert value("edgectl_agent_request_latency_seconds_count", model="mlp") == 4
     assert value("edgectl_agent_batch_size_sum", model="mlp") == 6  # three local runs of 2 rows
+    assert value("edgectl_agent_run_seconds_count", model="mlp") == 3
     assert ("edgectl_agent_queue_depth", (("model", "mlp"),)) in samples
     assert value("edgectl_agent_burst_requests_total", model="mlp") == 1
     assert value("edgectl_agent_burst_share") == 0.25
