@@ -62,7 +62,8 @@ def run(
         None, envvar="EDGECTL_CA", help="fleet CA: secured fleet; each device enrolls itself over TLS"
     ),
     device_server: str | None = typer.Option(
-        None, help="the control plane's mTLS listener for agents (secured fleet) [default: --server]"
+        None,
+        help="the control plane's mTLS listener for agents (secured fleet) [default: `edgectl up`'s, else --server]",
     ),
     serve: bool = typer.Option(False, "--serve/--no-serve", help="also serve KServe V2 on a free port each"),
     json_out: bool = typer.Option(False, "--json", help="print the started fleet as JSON"),
@@ -75,13 +76,15 @@ def run(
     enrolls itself as an agent does: its own key and CSR, its own broker identity, mTLS.
     """
     from edgectl.agent.config import CREDENTIALS_FILE
-    from edgectl.client import resolve_credentials, resolve_server
+    from edgectl.client import _from_endpoints, default_data_dir, resolve_credentials, resolve_server
     from edgectl.sim import FleetSimulator, SimError, SimSettings, issue_tokens, make_devices
 
     if devices < 1:
         raise UsageError("--devices must be at least 1")
     address = resolve_server(server)
     credentials = resolve_credentials(token, ca)
+    if device_server is None and server is None:  # `edgectl up`'s endpoints.json names its mTLS listener
+        device_server = _from_endpoints(default_data_dir(), "device_grpc")
     ca_file = ca.resolve() if ca else None
     if credentials.ca_pem and ca_file is None:  # the CA came from env, config or endpoints.json
         ca_file = root.resolve() / "fleet-ca.crt"
