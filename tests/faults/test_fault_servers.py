@@ -66,7 +66,7 @@ def test_control_plane_killed_and_restarted_mid_rollout(
     assert len(final.waves) == 3 and all(w.state == RP.WAVE_STATE_SUCCEEDED for w in final.waves)
 
 
-def test_second_rollout_after_faults_still_converges(
+def test_fleet_converges_through_two_rollouts_keeping_the_previous_version(
     rig: FleetRig, artifacts: Artifacts, trust: TrustStore
 ) -> None:
     """Promise (the baseline every fault is measured against): a fleet of real agents converges
