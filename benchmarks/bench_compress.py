@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import models
 from edgectl.compress.data import SampleSet
 from edgectl.compress.evaluate import Evaluator, measure_latency
+from edgectl.compress.passes.cleanup import cleanup
 from edgectl.compress.passes.export import export_module
 from edgectl.compress.passes.quantize import cpu_has_vnni
 from edgectl.compress.pipeline import CompressRequest, run
@@ -155,21 +156,30 @@ def bench_minilm(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
     recipe = Recipe.from_dict(
         {"passes": ["cleanup", {"quantize": {"mode": "int8-dynamic"}}, "mixed_precision"]}
     )
+    # This CPU is AVX2 without VNNI: the profile says so, and the search times candidates on it.
     result, secs = _compress(work / "minilm.onnx", work / "minilm-art", recipe, work / "m_calib.npz",
-                             work / "m_eval.npz", 0.005, "x86-cpu-vnni")  # fmt: skip
+                             work / "m_eval.npz", 0.005, "x86-cpu-avx2")  # fmt: skip
     _ort_default(work / "minilm.onnx", work / "m_ort.onnx", "dynamic", None)
+    # The int8 model is built from the fused clean-up graph: the float gets the same graph, and the
+    # speed-up is taken against the faster of the two floats (like for like, not against a slow float).
+    cleanup(work / "minilm.onnx", work / "m_clean.onnx")
     rows = [Row("float", work / "minilm.onnx"), Row("ORT quantize_dynamic defaults", work / "m_ort.onnx"),
-            Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx")]  # fmt: skip
+            Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx"),
+            Row("float after edgectl clean-up", work / "m_clean.onnx")]  # fmt: skip
     _measure(rows, Evaluator(work / "minilm.onnx", SampleSet(ev, None, "sentences")), rounds)
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
-    f, e = rows[0], rows[2]
+    f, e = min(rows[0], rows[3], key=lambda r: r.p50_ms), rows[2]
     return _print("all-MiniLM-L6-v2 sentence embeddings, int8", rows, "mean cos", {
         "kept_float": manifest["recipe"].get("mixed_precision", {}).get("excluded", []),
         "fused": manifest["recipe"].get("cleanup", {}).get("fused", {}),
+        "trials (stage: name, mean cos, p50 ms if it passed)": [
+            f"{t.stage}: {t.name}, {t.quality.score if t.quality else float('nan'):.4f}"
+            + (f", {t.latency.p50_ms:.2f} ms" if t.latency else "") for t in result.trials],
         "time_to_artifact_s": round(secs, 1),
+        "speedup_vs_exported_float": round(rows[0].p50_ms / e.p50_ms, 3),
         "targets": _targets({"mean cosine": (e.quality, ">=", 0.995), "min cosine": (e.min_cos, ">=", 0.98),
-                             "x faster": (f.p50_ms / e.p50_ms, ">=", 1.8),
-                             "x smaller": (f.size / e.size, ">=", 3.5)})})  # fmt: skip
+                             f"x faster (vs the faster float: {f.name})": (f.p50_ms / e.p50_ms, ">=", 1.8),
+                             "x smaller": (rows[0].size / e.size, ">=", 3.5)})})  # fmt: skip
 
 
 def bench_resnet(work: Path, rounds: int, quick: bool) -> dict[str, Any]:

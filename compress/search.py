@@ -174,6 +174,7 @@ class QuantSearch:
                 t = self.trial(base, variant, "calibration")
                 result.trials.append(t)
                 if t.passed:
+                    self._formats_with(base, first, variant, result)
                     return result
                 if t.quality and best_trial.quality and t.quality.score > best_trial.quality.score:
                     best_trial, best = t, variant
@@ -203,6 +204,23 @@ class QuantSearch:
             result.excluded = [s.node for s in pool[:passed_at]]
         return result
 
+    def _formats_with(
+        self, base: Path, first: list[QuantConfig], passed: QuantConfig, result: SearchResult
+    ) -> None:
+        """Every format/type candidate again with the calibration and smoothing that passed.
+
+        Which format is fastest depends on the EP and the CPU, not on the quality knobs: without this
+        the first format that passes after smoothing would win unmeasured.
+        """
+        seen = {QuantConfig(**_config_args(t.config)) for t in result.trials if t.config}
+        for config in first:
+            c = config.with_(calibration=passed.calibration, smooth_alpha=passed.smooth_alpha)
+            if passed.smooth_alpha:  # smoothing moves outliers into weight rows: per-tensor weights lose them
+                c = c.with_(per_channel=True)
+            if c not in seen:
+                seen.add(c)
+                result.trials.append(self.trial(base, c, "format", f"with {_knobs(passed)}"))
+
     def _float_trial(
         self, base: Path, best: QuantConfig, keep: list[NodeSensitivity], result: SearchResult
     ) -> Trial:
@@ -212,6 +230,11 @@ class QuantSearch:
         )
         result.trials.append(t)
         return t
+
+
+def _knobs(config: QuantConfig) -> str:
+    text = config.calibration if config.mode == "int8-static" else ""
+    return (text + (f" smooth{config.smooth_alpha:g}" if config.smooth_alpha else "")).strip() or "defaults"
 
 
 def _config_args(config: dict[str, object] | None) -> dict[str, Any]:
