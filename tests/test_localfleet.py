@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -99,14 +100,16 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path, env: dict[
     """Promise: Ctrl-C (SIGINT) on `edgectl up` stops the broker, control plane and agents, exit 0."""
     data = tmp_path / "fleet"
     proc = subprocess.Popen([sys.executable, "-m", "edgectl", "up", "--agents", "1", "--data-dir", str(data)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    assert proc.stdout is not None
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # endpoints.json names every pid once all is up
-            assert proc.poll() is None, proc.communicate()
-            if (data / "endpoints.json").exists() and "edge-1" in Endpoints.read(data).pids:
-                break
-            time.sleep(0.2)
+        printed = ""
+        while "Ctrl-C stops the fleet" not in printed:  # up says so once everything is up
+            assert time.monotonic() < deadline and proc.poll() is None, printed
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                printed += proc.stdout.readline()
         endpoints = Endpoints.read(data)
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=60)

@@ -63,12 +63,13 @@ def up(
     """
     directory = (data_dir or default_data_dir()).resolve()
     fleet = LocalFleet(directory, agents=agents, trust=trust or None, secure=not insecure)
-    endpoints = fleet.start()
-    _show(endpoints, directory, json_out)
+    endpoints = fleet.start()  # stops what it started when it fails or is interrupted
     if detach:
+        _show(endpoints, directory, json_out)
         return
-    console.print("[dim]Ctrl-C stops the fleet[/]")
-    try:
+    try:  # from here a Ctrl-C at any point stops the fleet: no process outlives the command
+        _show(endpoints, directory, json_out)
+        console.print("[dim]Ctrl-C stops the fleet[/]")
         fleet.wait()
     except KeyboardInterrupt:
         console.print("stopping ...")

@@ -111,8 +111,10 @@ def test_kill9_during_download_resumes_from_the_last_chunk(
     artifact_server.faults.chunk_delay_s = 0.0
     agent_proc.start()
     fleet.wait_serving("mlp", d1, timeout=30)
-    # Each chunk at most twice (the one in flight at the kill), and at most one chunk re-fetched.
-    assert sum(artifact_server.served.values()) <= n_chunks + 1
+    # Each chunk at most twice, and only those in flight at the kill re-fetched: the one being
+    # read and the one the server had already written into the stream's buffer.
+    refetched = sum(artifact_server.served.values()) - n_chunks
+    assert refetched <= 2, f"{refetched} chunks fetched again after the restart"
     assert max(artifact_server.served.values()) <= 2
 
 
