@@ -104,20 +104,22 @@ class MicroBatcher:
             if self._inline_waiting >= self.settings.max_queue:
                 raise InferenceError(f"queue full ({self.settings.max_queue} requests); retry later")
             self._inline_waiting += 1
-        with self._inline_lock:
+        self._inline_lock.acquire()
+        with self._cond:
+            self._inline_waiting -= 1
+            self._busy = True
+        start = time.perf_counter()
+        try:
+            return self._run(feeds)
+        finally:
+            elapsed = time.perf_counter() - start
+            self._observe_run(elapsed)
             with self._cond:
-                self._inline_waiting -= 1
-                self._busy = True
-            start = time.perf_counter()
-            try:
-                return self._run(feeds)
-            finally:
-                elapsed = time.perf_counter() - start
-                self._observe_run(elapsed)
-                with self._cond:
-                    self._busy = False
-                if self._on_batch is not None:
-                    self._on_batch(1, elapsed)
+                self._busy = False
+            self._inline_lock.release()
+            # Metrics after the release: the next request's run does not wait for them.
+            if self._on_batch is not None:
+                self._on_batch(1, elapsed)
 
     @property
     def inline(self) -> bool:
