@@ -61,7 +61,7 @@ def run(
     max_batch_size: int | None = typer.Option(None, help="micro-batch size limit [default 8]"),
     max_queue_delay_ms: float | None = typer.Option(None, help="longest wait to fill a batch [default 2]"),
     slo_ms: float | None = typer.Option(
-        None, help="latency SLO: predicted waits above it burst [default 100]"
+        None, help="latency SLO, ms: requests predicted to take over 0.8x it burst [default 100]"
     ),
     heartbeat_s: float | None = typer.Option(
         None, "--heartbeat", help="seconds between heartbeats [default 30]"
