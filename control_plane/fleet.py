@@ -7,17 +7,23 @@ transaction, so a thousand heartbeats cost one commit, not a thousand.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from edgectl.control_plane.db import Row, Tx
 from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
+from edgectl.control_plane.identity import (
+    Credentials,
+    DeviceIdentities,
+    EnrollmentTokenRecord,
+    hash_secret,
+    hash_token,
+    verify_secret,
+)
 from edgectl.control_plane.store import StateStore, dumps, loads
 from edgectl.control_plane.strategy import Selector, check_labels
 from edgectl.mqtt_wire import DeviceIdError, check_device_id
@@ -25,34 +31,10 @@ from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
 DEFAULT_TOKEN_TTL_S = 3600
-# scrypt at 2**14 costs ~16 MiB and tens of ms: cheap for one enrollment, ruinous for a guesser.
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _DEVICE_COLUMNS = (
     "id, labels, reported_labels, created_at, enrolled_at, online, last_seen, agent_version, profile, "
     "health, last_error, observed_generation, models, stats, generation, desired"
 )
-
-
-def hash_secret(secret: str) -> str:
-    """scrypt of ``secret`` with a random salt, self-describing: ``scrypt$n$r$p$salt$hash``."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(secret.encode(), salt=salt, dklen=32, **_SCRYPT)
-    b64 = base64.b64encode
-    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def verify_secret(secret: str, stored: str) -> bool:
-    """True when ``secret`` hashes to ``stored`` (constant-time comparison)."""
-    try:
-        scheme, n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        actual = hashlib.scrypt(
-            secret.encode(), salt=base64.b64decode(salt), dklen=32, n=int(n), r=int(r), p=int(p)
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(actual, base64.b64decode(digest))
 
 
 @dataclass(frozen=True)
@@ -137,53 +119,6 @@ class Status:
     received_at: float
 
 
-@dataclass
-class Credentials:
-    """What Enroll hands a device once: its MQTT identity, client certificate and the keys it must trust."""
-
-    device_id: str
-    mqtt_username: str
-    mqtt_password: str
-    trusted_keys: list[bytes] = field(default_factory=list)
-    mqtt_url: str = ""
-    client_cert_pem: bytes = b""
-    ca_cert_pem: bytes = b""
-
-
-@dataclass(frozen=True)
-class IssuedCertificate:
-    """A device's client certificate, the CA that signed it, and its fingerprint (kept for revocation)."""
-
-    cert_pem: bytes
-    ca_pem: bytes
-    sha256: str
-
-
-class DeviceIdentities(Protocol):
-    """Where a secured fleet's per-device identities live: the fleet CA and the broker's user list.
-
-    Calls run inside the enrollment/decommission transaction: when one raises, nothing is stored.
-    """
-
-    def issue_certificate(self, device_id: str, csr_pem: bytes) -> IssuedCertificate | None: ...
-
-    def provision(self, device_id: str, password: str) -> None: ...
-
-    def revoke(self, device_id: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class EnrollmentTokenRecord:
-    device_id: str
-    token: str
-    expires_at: float
-
-
-def _token_hash(token: str) -> str:
-    # Tokens are 192 random bits: a fast hash suffices to keep the stored copy useless to a thief.
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def _device_id(device_id: str) -> str:
     try:
         return check_device_id(device_id)
@@ -223,7 +158,7 @@ class Fleet:
             tx.execute(
                 "INSERT INTO enrollment_tokens (token_hash, device_id, labels, created_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (_token_hash(token), device_id, dumps(labels), now, expires),
+                (hash_token(token), device_id, dumps(labels), now, expires),
             )
         return EnrollmentTokenRecord(device_id, token, expires)
 
@@ -241,7 +176,7 @@ class Fleet:
         password = secrets.token_urlsafe(32)
         hashed = hash_secret(password)
         now = time.time()
-        token_hash = _token_hash(token)
+        token_hash = hash_token(token)
         with self.store.tx() as tx:
             row = tx.one(
                 "SELECT device_id, labels, expires_at, used_at FROM enrollment_tokens WHERE token_hash = ?",

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgectl.control_plane.errors import ControlPlaneError, InvalidArgument, Unavailable
-from edgectl.control_plane.fleet import IssuedCertificate
+from edgectl.control_plane.identity import IssuedCertificate
 from edgectl.security.dynsec import RESPONSE_TOPIC, DynsecAdmin
 from edgectl.security.errors import BrokerAdminError, SecurityError
 from edgectl.security.grpc_tls import mtls_server_credentials, tls_server_credentials

@@ -21,7 +21,8 @@ from edgectl.control_plane.errors import (
     PermissionDenied,
     Unavailable,
 )
-from edgectl.control_plane.fleet import Fleet, IssuedCertificate, Reported, Status, verify_secret
+from edgectl.control_plane.fleet import Fleet, Reported, Status
+from edgectl.control_plane.identity import IssuedCertificate, verify_secret
 from edgectl.control_plane.migrations import MIGRATIONS, migrate
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.store import StateStore
