@@ -7,9 +7,9 @@ PIP := $(PY) -m pip
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: setup broker test lint format proto bench demo clean
+.PHONY: setup broker faketime test lint format proto bench demo clean
 
-setup: $(VENV)/.installed broker  ## create .venv, install everything (mosquitto too)
+setup: $(VENV)/.installed broker faketime  ## create .venv, install everything (mosquitto too)
 
 $(VENV)/.installed: pyproject.toml setup.py constraints-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,15 @@ broker:  ## mosquitto from apt when missing (root), else the command to run
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients; \
 	else \
 		echo "mosquitto is missing; run: sudo apt-get install -y mosquitto mosquitto-clients"; exit 1; \
+	fi
+
+faketime:  ## libfaketime for the clock-skew fault test (optional: the test falls back to an in-process shift)
+	@if [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then \
+		echo "libfaketime: installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime; }; } || echo "libfaketime not installed: the clock-skew test uses its in-process variant"; \
+	else \
+		echo "optional: sudo apt-get install -y faketime (the clock-skew fault test then also runs under libfaketime)"; \
 	fi
 
 test: $(VENV)/.installed  ## the suite without slow benchmarks
