@@ -8,7 +8,6 @@ that misses the budget raises QualityGateError with that table and writes nothin
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,17 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from edgectl.compress.data import SampleSet, TensorInfo, load_npz, read_samples, synthetic_samples
+from edgectl.compress.data import SampleSet, TensorInfo, read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
 from edgectl.compress.evaluate import Evaluator, Trial, measure_latency
 from edgectl.compress.graph import load, model_stats, signature
-from edgectl.compress.package import artifact_name, check_out_dir, sha256_file, write_artifact
+from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
 from edgectl.compress.passes.cleanup import cleanup
 from edgectl.compress.passes.prune import prune_structured, prune_unstructured
 from edgectl.compress.passes.quantize import cpu_has_vnni
 from edgectl.compress.passes.tensorrt import EngineResult, build_engine
 from edgectl.compress.recipe import Recipe
 from edgectl.compress.search import QuantSearch, resolve_mode
+from edgectl.compress.source import acquire_float_model
 
 Progress = Callable[[str], None]
 # A short fine-tune after pruning: reads the pruned ONNX and calibration samples, writes the tuned ONNX.
@@ -89,54 +89,6 @@ def _stats(trial: Trial, feed: dict[str, np.ndarray]) -> None:
         trial.macs = trial.macs if trial.macs is not None else stats.macs
 
 
-def _acquire(req: CompressRequest, work: Path, progress: Progress) -> tuple[Path, str, dict[str, Any]]:
-    """The float ONNX model in ``work``, the source digest, and how it was obtained."""
-    target = work / "float.onnx"
-    path = Path(req.model)
-    if req.module is None and path.is_file() and path.suffix != ".pt2":
-        load(path)  # a non-model file fails here with one clear line
-        shutil.copyfile(path, target)
-        return target, sha256_file(path), {"source": "onnx"}
-    if (
-        req.module is None
-        and not path.is_file()
-        and (":" not in req.model or req.model.endswith((".onnx", ".pt2")))
-    ):
-        raise BadInputError(
-            f"model {req.model} does not exist", hint="pass a .onnx or .pt2 file or package.module:factory"
-        )
-    arrays: dict[str, np.ndarray] = dict(req.example or {})
-    for data in (req.calib, req.eval):
-        if data is not None:
-            arrays = {**load_npz(data, what="sample")[0], **arrays}
-    if not arrays:
-        raise BadInputError(
-            "a torch model needs sample inputs to export", hint="pass --calib or --eval FILE.npz"
-        )
-    from edgectl.compress.passes.export import export_module, load_factory, load_program
-
-    progress("exporting to ONNX")
-    if req.module is not None:
-        report = export_module(req.module, arrays, target)
-        digest = sha256_file(target)
-    elif path.is_file():
-        module, names, program = load_program(path)
-        report = export_module(module, arrays, target, names=names, program=program)
-        digest = sha256_file(path)
-    else:
-        module = load_factory(req.model, req.state_dict)
-        report = export_module(module, arrays, target)
-        digest = sha256_file(req.state_dict) if req.state_dict else sha256_file(target)
-    info = {
-        "source": "torch",
-        "exporter": report.exporter,
-        "parity_max_abs_diff": report.max_abs_diff,
-        "parity_min_cosine": report.min_cosine,
-        "dynamo_error": report.dynamo_error,
-    }
-    return target, digest, info
-
-
 def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> CompressResult:
     """Run the whole pipeline for ``req``; raises an EdgectlError subclass on any failure."""
     started = time.perf_counter()
@@ -148,7 +100,16 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
     profile = _profile(req.profile)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
         work = Path(tmp)
-        float_path, source_sha, export_info = _acquire(req, work, progress)
+        float_path, source_sha, export_info = acquire_float_model(
+            req.model,
+            work,
+            progress,
+            module=req.module,
+            example=req.example,
+            calib=req.calib,
+            eval_set=req.eval,
+            state_dict=req.state_dict,
+        )
         inputs, outputs = signature(load(float_path))
         calib = read_samples(req.calib, inputs, what="calibration") if req.calib else None
         if req.eval is not None:

@@ -1,0 +1,73 @@
+"""Where the float model comes from: an ONNX file, a .pt2 program, a factory, or an nn.Module.
+
+Torch inputs are exported (dynamo, falling back to TorchScript) with a parity check against
+torch before anything else happens; the source digest identifies what the user gave us.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgectl.compress.data import load_npz
+from edgectl.compress.errors import BadInputError
+from edgectl.compress.graph import load
+from edgectl.compress.package import sha256_file
+
+
+def acquire_float_model(
+    model: str,
+    work: Path,
+    progress: Callable[[str], None],
+    *,
+    module: Any = None,
+    example: dict[str, np.ndarray] | None = None,
+    calib: Path | None = None,
+    eval_set: Path | None = None,
+    state_dict: Path | None = None,
+) -> tuple[Path, str, dict[str, Any]]:
+    """The float ONNX model in ``work``, the source digest, and how it was obtained."""
+    target = work / "float.onnx"
+    path = Path(model)
+    if module is None and path.is_file() and path.suffix != ".pt2":
+        load(path)  # a non-model file fails here with one clear line
+        shutil.copyfile(path, target)
+        return target, sha256_file(path), {"source": "onnx"}
+    if module is None and not path.is_file() and (":" not in model or model.endswith((".onnx", ".pt2"))):
+        raise BadInputError(
+            f"model {model} does not exist", hint="pass a .onnx or .pt2 file or package.module:factory"
+        )
+    arrays: dict[str, np.ndarray] = dict(example or {})
+    for data in (calib, eval_set):
+        if data is not None:
+            arrays = {**load_npz(data, what="sample")[0], **arrays}
+    if not arrays:
+        raise BadInputError(
+            "a torch model needs sample inputs to export", hint="pass --calib or --eval FILE.npz"
+        )
+    from edgectl.compress.passes.export import export_module, load_factory, load_program
+
+    progress("exporting to ONNX")
+    if module is not None:
+        report = export_module(module, arrays, target)
+        digest = sha256_file(target)
+    elif path.is_file():
+        module, names, program = load_program(path)
+        report = export_module(module, arrays, target, names=names, program=program)
+        digest = sha256_file(path)
+    else:
+        module = load_factory(model, state_dict)
+        report = export_module(module, arrays, target)
+        digest = sha256_file(state_dict) if state_dict else sha256_file(target)
+    info = {
+        "source": "torch",
+        "exporter": report.exporter,
+        "parity_max_abs_diff": report.max_abs_diff,
+        "parity_min_cosine": report.min_cosine,
+        "dynamo_error": report.dynamo_error,
+    }
+    return target, digest, info
