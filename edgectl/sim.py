@@ -8,19 +8,15 @@ interpreter and the ONNX Runtime library. By default it does not serve KServe V2
 call it); ``serve=True`` keeps the agent's V2 server too.
 
 ``AgentHost`` runs K agents in this process; ``FleetSimulator`` spreads N devices over worker
-processes (``python -m edgectl.sim SPEC.json``), which tests and benchmarks can kill and restart.
+processes (``python -m edgectl.sim_worker SPEC.json``), which tests and benchmarks can kill and restart.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import datetime
 import json
 import logging
 import os
-import resource
-import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +36,7 @@ from edgectl.protos.v1 import fleet_pb2, fleet_pb2_grpc
 log = logging.getLogger(__name__)
 DEFAULT_PER_PROCESS = 100
 # Fault injection for the clock-skew tests when libfaketime is not installed: the worker shifts
-# the wall-clock reads the agent makes (datetime.now, protobuf timestamps); see shift_clock.
+# the wall-clock reads the agent makes (datetime.now, protobuf timestamps); see edgectl.sim_worker.shift_clock.
 CLOCK_OFFSET_ENV = "EDGECTL_SIM_CLOCK_OFFSET_S"
 READY_SUFFIX = ".ready"
 
@@ -304,7 +300,7 @@ class FleetSimulator:
         full_env = {**os.environ, **(env or {})}
         with worker.log.open("ab") as out:
             worker.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgectl.sim", str(worker.spec)],
+                [sys.executable, "-m", "edgectl.sim_worker", str(worker.spec)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -373,69 +369,3 @@ def _tail(path: Path, n: int = 3000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return "(no log)"
-
-
-def shift_clock(offset_s: float) -> None:
-    """Make the agent's wall-clock reads in this process ``offset_s`` off.
-
-    The agent reads the wall clock through ``datetime.now`` and protobuf timestamps (reported_at,
-    event times); those are shifted. ``time.time`` is left alone: gRPC's Python layer turns
-    timeouts into deadlines with it and its C core checks them against the real clock, so
-    shifting one without the other would fake a failure no real skew causes (libfaketime, which
-    shifts every clock of the process alike, is the thorough alternative).
-    """
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    real_now = datetime.datetime.now
-
-    class _SkewedDatetime(datetime.datetime):
-        @classmethod
-        def now(cls, tz: datetime.tzinfo | None = None) -> _SkewedDatetime:
-            t = real_now(tz) + datetime.timedelta(seconds=offset_s)
-            return cls.fromtimestamp(t.timestamp(), tz)
-
-    datetime.datetime = _SkewedDatetime  # type: ignore[misc]
-    Timestamp.GetCurrentTime = lambda self: self.FromNanoseconds(  # type: ignore[method-assign]
-        time.time_ns() + int(offset_s * 1e9)
-    )
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker when the process that started it dies (no orphaned fleets)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _raise_open_files() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def run_worker(spec_path: Path) -> None:
-    """The worker process: start every agent of the spec, mark ready, run until SIGTERM."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _die_with_parent()
-    offset = float(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
-    if offset:
-        shift_clock(offset)
-    _raise_open_files()
-    spec = json.loads(spec_path.read_text())
-    host = AgentHost(SimSettings.from_json(spec["settings"]))
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    try:
-        for d in spec["devices"]:
-            host.start(SimDevice(**d))
-        spec_path.with_name(spec_path.name + READY_SUFFIX).write_text(str(os.getpid()))
-        print(f"ready: {len(host.agents)} agents", flush=True)
-        done.wait()
-    finally:
-        host.close()
-
-
-if __name__ == "__main__":
-    run_worker(Path(sys.argv[1]))
