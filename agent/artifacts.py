@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgectl.agent.errors import ModelLoadError, RefusedError, SmokeTestError
 from edgectl.agent.runtime import LoadedModel, SessionSettings, load_model
-from edgectl.agent.state import Installed, fsync_dir
+from edgectl.agent.state import Installed
 from edgectl.artifact import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -30,6 +30,7 @@ from edgectl.artifact import (
     load_artifact,
     reassemble_file,
 )
+from edgectl.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 

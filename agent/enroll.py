@@ -23,6 +23,7 @@ from google.protobuf import json_format
 
 from edgectl.agent.config import CREDENTIALS_FILE, AgentConfig
 from edgectl.agent.errors import ConfigError
+from edgectl.durable import atomic_write
 from edgectl.protos.v1 import fleet_pb2 as fpb
 from edgectl.protos.v1 import fleet_pb2_grpc as fpb_grpc
 
@@ -33,19 +34,6 @@ CA_FILE = "fleet-ca.crt"
 
 class EnrollmentError(ConfigError):
     """The control plane refused the enrollment token, or could not be reached to use it."""
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomically write ``data``, created with ``mode`` before a byte lands (0600 for secrets)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def make_key_and_csr(device_id: str) -> tuple[bytes, bytes]:
@@ -98,9 +86,9 @@ def enroll(config: AgentConfig, agent_version: str = "", profile: str = "") -> f
             ) from exc
     if not creds.ca_cert_pem:
         creds.ca_cert_pem = ca_pem
-    _write(config.data_dir / KEY_FILE, key_pem, 0o600)
-    _write(config.data_dir / CREDENTIALS_FILE, json_format.MessageToJson(creds).encode(), 0o600)
-    _write(config.data_dir / CA_FILE, bytes(creds.ca_cert_pem), 0o644)
+    atomic_write(config.data_dir / KEY_FILE, key_pem, 0o600)
+    atomic_write(config.data_dir / CREDENTIALS_FILE, json_format.MessageToJson(creds).encode(), 0o600)
+    atomic_write(config.data_dir / CA_FILE, bytes(creds.ca_cert_pem), 0o644)
     log.info("enrolled %s; credentials kept in %s", config.device_id, config.data_dir)
     return creds
 
@@ -130,5 +118,5 @@ def device_tls(data_dir: Path, creds: fpb.DeviceCredentials | None) -> DeviceTls
         raise ConfigError(f"{key_path} is readable by other users", hint=f"run: chmod 600 {key_path}")
     ca_file = data_dir / CA_FILE
     if not ca_file.is_file():
-        _write(ca_file, bytes(creds.ca_cert_pem), 0o644)
+        atomic_write(ca_file, bytes(creds.ca_cert_pem), 0o644)
     return DeviceTls(ca_file, bytes(creds.ca_cert_pem), bytes(creds.client_cert_pem), key_path.read_bytes())

@@ -7,15 +7,13 @@ file, never a torn one, and the agent restarts serving exactly what the file nam
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgectl.agent.errors import AgentError
+from edgectl.durable import atomic_write
 
 STATE_FORMAT = "edgectl.agent-state/v1"
 
@@ -83,34 +81,6 @@ class AgentState:
             observed_generation=int(obj.get("observed_generation", 0)),
             models={n: ModelSlot.from_dict(s) for n, s in dict(obj.get("models", {})).items()},
         )
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that readers (and a restart after kill -9) see old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        dfd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class StateStore:

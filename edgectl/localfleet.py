@@ -22,6 +22,7 @@ from edgectl.artifact import default_key_path, default_signing_key
 from edgectl.artifact.signing import public_key_path
 from edgectl.broker import BrokerConfig, MosquittoProcess
 from edgectl.client import ControlPlaneClient, resolve_credentials
+from edgectl.durable import atomic_write
 from edgectl.errors import EdgectlError
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import fleet_pb2
@@ -88,9 +89,7 @@ class Endpoints:
             "pids": self.pids,
         }
         path = data_dir / ENDPOINTS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(raw, indent=2, sort_keys=True).encode())
         return path
 
     @classmethod

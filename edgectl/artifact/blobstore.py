@@ -18,6 +18,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from edgectl.artifact.canonical import DIGEST_PREFIX, is_digest
 from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError, DigestMismatchError
+from edgectl.durable import fsync_dir
 
 COPY_BUFSIZE = 1 << 20
 STALE_TMP_SECONDS = 3600
@@ -129,22 +130,12 @@ class LocalBlobStore:
             final.parent.mkdir(exist_ok=True)
             os.chmod(tmp, 0o644)
             os.replace(tmp, final)  # atomic on POSIX: readers see no blob or the whole blob
-            self._fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return digest
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        # Make the rename itself durable; not every platform lets a directory be opened.
-        with contextlib.suppress(OSError):
-            dfd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
 
     def open(self, digest: str) -> BinaryIO:
         try:
