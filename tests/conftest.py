@@ -1,7 +1,8 @@
 """Shared fixtures: a throwaway mosquitto per test on a free port, with its own config.
 
 Tests that need mosquitto fail loudly in CI (CI=true) when it is missing and skip with the
-install command otherwise. Control-plane and agent fixtures join here as those land.
+install command otherwise. One signing key per session and the trust store holding it serve
+every suite that builds artifacts; the parts' own fixtures live in their folders' conftest.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edgectl.artifact import SigningKey, TrustStore
 from edgectl.broker import INSTALL_HINT, BrokerConfig, MosquittoProcess, find_mosquitto
 
 
@@ -36,3 +38,15 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
         yield broker
     finally:
         broker.kill()
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> SigningKey:
+    """The key every artifact of the session is signed with."""
+    return SigningKey.generate()
+
+
+@pytest.fixture
+def trust(signing_key: SigningKey) -> TrustStore:
+    """A trust store holding exactly the session's signing key."""
+    return TrustStore([signing_key.public_key])

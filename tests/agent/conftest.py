@@ -48,11 +48,6 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGECTL_CONFIG_DIR", str(tmp_path / "edgectl-config"))
 
 
-@pytest.fixture(scope="session")
-def signing_key() -> SigningKey:
-    return SigningKey.generate()
-
-
 @pytest.fixture
 def trust_file(tmp_path: Path, signing_key: SigningKey) -> Path:
     path = tmp_path / "trusted.pub.pem"

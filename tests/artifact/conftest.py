@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgectl.artifact import Artifact, SigningKey, TensorSpec, TrustStore, build_artifact
+from edgectl.artifact import Artifact, SigningKey, TensorSpec, build_artifact
 
 BuildFn = Callable[..., Artifact]
 
@@ -21,16 +21,6 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cfg = tmp_path / "edgectl-config"
     monkeypatch.setenv("EDGECTL_CONFIG_DIR", str(cfg))
     return cfg
-
-
-@pytest.fixture(scope="session")
-def signing_key() -> SigningKey:
-    return SigningKey.generate()
-
-
-@pytest.fixture
-def trust(signing_key: SigningKey) -> TrustStore:
-    return TrustStore([signing_key.public_key])
 
 
 @pytest.fixture

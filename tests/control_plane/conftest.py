@@ -66,16 +66,6 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
-@pytest.fixture(scope="session")
-def signing_key() -> SigningKey:
-    return SigningKey.generate()
-
-
-@pytest.fixture
-def trust(signing_key: SigningKey) -> TrustStore:
-    return TrustStore([signing_key.public_key])
-
-
 @pytest.fixture
 def build(signing_key: SigningKey, tmp_path: Path) -> BuildFn:
     """Build a small signed bundle; ``version`` and ``seed`` vary its bytes, keywords override the rest."""

@@ -32,16 +32,6 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDGECTL_SERVER", raising=False)
 
 
-@pytest.fixture(scope="session")
-def signing_key() -> SigningKey:
-    return SigningKey.generate()
-
-
-@pytest.fixture
-def trust(signing_key: SigningKey) -> TrustStore:
-    return TrustStore([signing_key.public_key])
-
-
 @pytest.fixture
 def rig(tmp_path: Path, mosquitto: MosquittoProcess, signing_key: SigningKey) -> Iterator[FleetRig]:
     r = FleetRig(tmp_path / "fleet", mosquitto, signing_key)
