@@ -156,7 +156,7 @@ class Demo:
             facts.update(digest=result.digest, **_trial_facts(base, "float"), **_trial_facts(chosen, "int8"))
             self.console.print(
                 f"{DEMO_NAME}:{version} {_short(result.digest)}  accuracy {_q(base)} → {_q(chosen)}, "
-                f"size {_mb(base)} → {_mb(chosen)}, p50 {_ms(base)} → {_ms(chosen)}"
+                f"size {_size(base)} → {_size(chosen)}, p50 {_ms(base)} → {_ms(chosen)}"
             )
         return out
 
@@ -350,7 +350,7 @@ def _q(trial: Any) -> str:
     return f"{trial.quality.score:.1%}" if trial.quality else "-"
 
 
-def _mb(trial: Any) -> str:
+def _size(trial: Any) -> str:
     value = getattr(trial, "size_bytes", None)
     return f"{value / 1024:.0f} KiB" if value else "-"
 
