@@ -232,19 +232,26 @@ class LocalFleet:
             endpoints.device_grpc = f"127.0.0.1:{device_port}"
             endpoints.ca = str(self.layout.ca_cert)
             endpoints.token_file = str(self._admin_token(self.layout))
-        # written early so that the enrollment calls below find the CA and the token like any client
+        # Saved early, and again after each agent: the enrollment calls below find the CA and the
+        # token like any client, and `edgectl down` can stop a start-up that died half-way.
         self.endpoints = endpoints
-        endpoints.write(self.data_dir)
+        self._save(endpoints)
         cloud_port = free_port()
         endpoints.cloud = self._start_agent("cloud", cloud_port, {"tier": "cloud"}, endpoints, burst=None)
+        self._save(endpoints)
         for i in range(1, self.agent_count + 1):
             endpoints.agents.append(self._start_agent(f"edge-{i}", free_port(), {"tier": "edge", "site": "local"},
                                                       endpoints, burst=f"127.0.0.1:{cloud_port}"))  # fmt: skip
-        endpoints.pids["broker"] = self.broker.pid
+            self._save(endpoints)
+        return endpoints
+
+    def _save(self, endpoints: Endpoints) -> None:
+        """endpoints.json with the pid of every process started so far."""
+        if self.broker is not None:
+            endpoints.pids["broker"] = self.broker.pid
         for name, proc in self.children.items():
             endpoints.pids[name] = proc.pid
         endpoints.write(self.data_dir)
-        return endpoints
 
     def _admin_token(self, layout: BrokerLayout) -> Path:
         """An admin bearer token for this machine's user, signed with the control plane's token key."""

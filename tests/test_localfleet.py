@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,13 +49,17 @@ def _devices_online(data: Path, want: set[str], timeout: float = 30.0) -> dict[s
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment for `edgectl` subprocesses; whatever fleet a failed test left running is stopped."""
     require_mosquitto()
-    return {
+    yield {
         **os.environ,
         "EDGECTL_CONFIG_DIR": str(tmp_path / "config"),
         "EDGECTL_DATA_DIR": str(tmp_path / "home"),
     }
+    for endpoints in tmp_path.rglob("endpoints.json"):  # the fleet's processes live in their own sessions
+        with contextlib.suppress(LocalFleetError):
+            stop_detached(endpoints.parent, grace_s=5)
 
 
 def test_up_detached_lists_endpoints_agents_report_and_down_stops_everything(
