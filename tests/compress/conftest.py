@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgectl.compress.data import SampleSet
+
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
@@ -132,3 +134,25 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "root": root,
         "model": model,
     }
+
+
+def outlier_mlp(path: Path) -> SampleSet:
+    """Write a two-MatMul MLP to ``path``; return samples whose channel 3 is a 60x outlier."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) * 0.2, "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.2, "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [w1, w2],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[:, 3] *= 60.0  # one outlier channel, as transformer activations have
+    return SampleSet({"x": x}, None, "t")

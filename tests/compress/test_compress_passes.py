@@ -17,6 +17,7 @@ from edgectl.compress.passes.cleanup import CleanupConfig, cleanup
 from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, exclusion_steps, rank_nodes
 from edgectl.compress.passes.quantize import QuantConfig, quantize
 from edgectl.compress.recipe import QuantizeStep, Recipe
+from tests.compress.conftest import outlier_mlp
 
 
 def ops(path: Path) -> Counter[str]:
@@ -129,26 +130,10 @@ def test_recipe_round_trips_and_rejects_mistakes(tmp_path: Path) -> None:
 
 
 def test_smoothquant_keeps_the_function_and_rescues_outlier_channels(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper
-
     from edgectl.compress.passes.smooth import smooth
 
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) * 0.2, "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.2, "w2")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-         helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
-        [w1, w2],
-    )  # fmt: skip
     src = tmp_path / "mlp.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-    x = rng.standard_normal((64, 32)).astype(np.float32)
-    x[:, 3] *= 60.0  # one outlier channel, as transformer activations have
-    data = SampleSet({"x": x}, None, "t")
+    data = outlier_mlp(src)
     assert smooth(src, tmp_path / "s.onnx", data, alpha=0.7) == 2
     ev = Evaluator(src, data)
     assert ev.quality(tmp_path / "s.onnx").score > 0.99999  # same function, rescaled

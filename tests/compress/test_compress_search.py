@@ -4,38 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-
-from edgectl.compress.data import SampleSet
 from edgectl.compress.evaluate import Evaluator
 from edgectl.compress.recipe import QuantizeStep
 from edgectl.compress.search import QuantSearch
 from edgectl.devices import load_profile
-
-
-def _mlp(path: Path) -> SampleSet:
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) * 0.2, "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.2, "w2")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-         helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
-        [w1, w2],
-    )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    x = rng.standard_normal((64, 32)).astype(np.float32)
-    x[:, 3] *= 60.0  # one outlier channel, as transformer activations have
-    return SampleSet({"x": x}, None, "t")
+from tests.compress.conftest import outlier_mlp
 
 
 def test_smoothing_that_passes_is_retried_on_every_format_candidate(tmp_path: Path) -> None:
     src = tmp_path / "mlp.onnx"
-    data = _mlp(src)
+    data = outlier_mlp(src)
     ev = Evaluator(src, data)
     profile = load_profile("x86-cpu-avx2")
     step = QuantizeStep(mode="int8-dynamic")
