@@ -58,8 +58,9 @@ class ServedModel:
     def infer(self, feeds: Mapping[str, Array], timeout: float | None) -> dict[str, Array]:
         """Validate, queue, wait; InferenceError on failure or timeout."""
         self.model.validate(feeds)
-        if self.batcher.inline:
-            return self.batcher.run_inline(feeds)
+        ran = self.batcher.run_if_idle(feeds)
+        if ran is not None:
+            return ran
         future = self.batcher.submit(feeds)
         if self._metrics is not None:
             self._metrics.set_queue_depth(self.model.name, self.batcher.queue_depth)

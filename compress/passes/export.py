@@ -165,6 +165,9 @@ def _dynamo(
 
     # The exporter warns about every optional op library (torchvision, ...) it does not find.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # Its constant folder logs "Evaluation failed" for each node it leaves unfolded (e.g. a reshape
+    # of the dynamic batch): harmless, and the parity check below judges the result anyway.
+    logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
     batch = torch.export.Dim("batch", min=1)
     dynamic = None if isinstance(model, torch.export.ExportedProgram) else {n: {0: batch} for n in names}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgectl.agent.agent import Agent
-from edgectl.agent.batching import BatchSettings
+from edgectl.agent.batching import BatchSettings, MicroBatcher
 from edgectl.agent.burst import PROBE_AFTER_BURSTS, CircuitBreaker, LatencyCorrection
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.runtime import SessionSettings, load_model
@@ -85,6 +85,48 @@ def test_concurrent_single_requests_are_micro_batched(tmp_path: Path) -> None:
     hist = metrics.registry.get_sample_value("edgectl_agent_batch_size_count", {"model": "m"})
     rows = metrics.registry.get_sample_value("edgectl_agent_batch_size_sum", {"model": "m"})
     assert rows == 64 and hist is not None and hist < 40, f"{hist} session runs for 64 requests"
+
+
+def test_unbatched_model_runs_idle_requests_on_the_caller_and_queues_the_rest(tmp_path: Path) -> None:
+    """Without batching, one session run at a time: an idle model runs the request on its caller's
+    thread (no hop); concurrent requests queue for the worker, which runs them back to back."""
+    path = mlp_model(tmp_path / "m.onnx", (64, 512, 8))
+    model = load_model(path, name="m", version=1, digest="d", settings=SessionSettings(intra_op_threads=1))
+    threads: list[str] = []
+    running = [0]
+    overlaps = [0]
+    lock = threading.Lock()
+
+    def run(feeds):  # type: ignore[no-untyped-def]
+        with lock:
+            running[0] += 1
+            overlaps[0] += running[0] > 1
+            threads.append(threading.current_thread().name)
+        try:
+            return model.run(feeds)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    batcher = MicroBatcher(run, BatchSettings(max_batch_size=1), batchable=True, name="m")
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    for _ in range(5):  # sequential: every request finds the model idle
+        assert batcher.run_if_idle({"x": x}) is not None
+    assert threads == ["MainThread"] * 5
+
+    def infer(_: int) -> object:
+        got = batcher.run_if_idle({"x": x})
+        return got if got is not None else batcher.submit({"x": x}).result(10)
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(infer, range(200)))
+    batcher.close()
+    want = run_direct(path, {"x": x})["y"]
+    for out in outs:
+        np.testing.assert_allclose(out["y"], want, rtol=1e-5, atol=1e-5)  # type: ignore[index]
+    assert overlaps[0] == 0, "two session runs overlapped"
+    assert threads.count("batcher-m") > 0, "concurrent requests never reached the worker"
+    assert batcher.idle and batcher.queue_depth == 0
 
 
 def test_circuit_breaker_opens_half_opens_and_closes() -> None:
