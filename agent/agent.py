@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 import onnxruntime as ort
 
@@ -74,10 +76,18 @@ def resolve_profile(config: AgentConfig, facts: HostFacts) -> DeviceProfile:
 
 
 class Agent:
-    """One device agent; ``start()`` returns once serving, ``stop()`` shuts everything down."""
+    """One device agent; ``start()`` returns once serving, ``stop()`` shuts everything down.
 
-    def __init__(self, config: AgentConfig) -> None:
+    ``serve=False`` keeps the device side (MQTT, reconcile, fetch, verify, load, smoke test) but
+    opens no KServe V2 listener: a fleet simulator's agents, which nobody calls. ``grpc_options``
+    are added to the control-plane channel's options.
+    """
+
+    def __init__(
+        self, config: AgentConfig, *, serve: bool = True, grpc_options: Sequence[tuple[str, Any]] = ()
+    ) -> None:
         self.config = config
+        self._grpc_options = tuple(grpc_options)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.facts = gather_facts()
         self.profile = resolve_profile(config, self.facts)
@@ -92,7 +102,9 @@ class Agent:
                 target=config.burst, slo_s=config.slo_ms / 1000.0, timeout_s=config.burst_timeout_s
             ),
         )
-        self.server = V2Server(InferenceServicer(self.registry, self.router), config.listen)
+        self.server = (
+            V2Server(InferenceServicer(self.registry, self.router), config.listen) if serve else None
+        )
         self.fit = DeviceFit(
             self.profile,
             tuple(ort.get_available_providers()),
@@ -117,7 +129,7 @@ class Agent:
 
     @property
     def address(self) -> str:
-        return self.server.address
+        return self.server.address if self.server is not None else "(not serving)"
 
     def _serve_only_trust(self) -> TrustStore:
         try:
@@ -132,7 +144,9 @@ class Agent:
         transports: list[ArtifactTransport] = []
         if cfg.transport in ("auto", "grpc") and cfg.control_plane:
             credentials = self.tls.grpc_credentials() if self.tls else None
-            transports.append(GrpcTransport(cfg.control_plane, credentials=credentials))
+            transports.append(
+                GrpcTransport(cfg.control_plane, credentials=credentials, options=self._grpc_options)
+            )
         if cfg.transport in ("auto", "mqtt"):
             transports.append(mqtt_transport)
         fetcher = ArtifactFetcher(
@@ -202,7 +216,8 @@ class Agent:
             self._serve_local_dir()
         elif self.reconciler is not None:
             self.reconciler.restore()
-        self.server.start()
+        if self.server is not None:
+            self.server.start()
         if self.reconciler is not None and self.link is not None:
             loop = threading.Thread(
                 target=self.reconciler.run, args=(self._stop,), name="reconcile", daemon=True
@@ -217,7 +232,8 @@ class Agent:
             t.join(5.0)
         if self.link is not None:
             self.link.stop()
-        self.server.stop(1.0)
+        if self.server is not None:
+            self.server.stop(1.0)
         self.router.close()
         self.registry.close()
 

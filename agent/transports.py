@@ -9,8 +9,8 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import grpc
 
@@ -52,15 +52,17 @@ class GrpcTransport:
         timeout_s: float = 10.0,
         stream_timeout_s: float = 600.0,
         credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
+        channel_options = [*GRPC_OPTIONS, *options]
         # mTLS with the enrolled client certificate when there is one; plaintext for a dev fleet.
         self._channel = (
-            grpc.secure_channel(target, credentials, options=GRPC_OPTIONS)
+            grpc.secure_channel(target, credentials, options=channel_options)
             if credentials is not None
-            else grpc.insecure_channel(target, options=GRPC_OPTIONS)
+            else grpc.insecure_channel(target, options=channel_options)
         )
         self._stub = apb_grpc.ArtifactServiceStub(self._channel)
 

@@ -36,19 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test helpers (artifact server, ONNX builders) are shared
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
-from edgectl.agent.burst import BurstSettings, InferenceRouter  # noqa: E402
 from edgectl.agent.codecs import encode_request, response_parameters  # noqa: E402
 from edgectl.agent.fetch import ArtifactFetcher  # noqa: E402
-from edgectl.agent.metrics import AgentMetrics  # noqa: E402
-from edgectl.agent.runtime import SessionSettings, load_model  # noqa: E402
-from edgectl.agent.serving import ModelRegistry  # noqa: E402
 from edgectl.agent.transports import GrpcTransport  # noqa: E402
-from edgectl.agent.v2_server import InferenceServicer, V2Server  # noqa: E402
 from edgectl.artifact import LocalBlobStore, Manifest, SigningKey, public_pem  # noqa: E402
 from edgectl.ports import free_port, wait_for_port  # noqa: E402
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from tests.agent.artifact_server import ArtifactStoreServer  # noqa: E402
 from tests.agent.onnx_models import mlp_artifact, mlp_model  # noqa: E402
+from tests.agent.v2_harness import InProcessV2  # noqa: E402
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -56,31 +52,6 @@ def session(path: Path) -> ort.InferenceSession:
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-class Served:
-    """An in-process agent serving stack (registry, router, V2 gRPC server) on one model."""
-
-    def __init__(
-        self, path: Path, batch: BatchSettings, burst: str | None = None, slo_s: float = 0.1
-    ) -> None:
-        self.metrics = AgentMetrics()
-        self.registry = ModelRegistry(batch, self.metrics)
-        model = load_model(
-            path, name="m", version=1, digest="d", settings=SessionSettings(intra_op_threads=1)
-        )
-        self.registry.install(model)
-        self.router = InferenceRouter(self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s))
-        self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
-        self.server.start()
-        self.channel = grpc.insecure_channel(self.server.address)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(0)
-        self.router.close()
-        self.registry.close()
 
 
 def timed(fn: Callable[[], None], n: int) -> float:
@@ -132,7 +103,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
         # Half the direct runs before the V2 segment and half after: this host's speed drifts by up
         # to 30 % within a minute, and a sandwich cancels a linear drift instead of charging it to V2.
         before = timed(lambda: direct.run(None, {"x": x}), total // 2)
-        served = Served(path, BatchSettings(max_batch_size=1))
+        served = InProcessV2(path, batch=BatchSettings(max_batch_size=1))
         got = _client(
             ["closed", served.server.address, str(clients), str(total), str(MODEL_DIMS[0]), str(batch)]
         )
@@ -155,7 +126,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
     tiny = mlp_model(work / "tiny.onnx", TINY_DIMS)
     xt = np.zeros((1, TINY_DIMS[0]), np.float32)
     direct = session(tiny)
-    served = Served(tiny, BatchSettings(max_batch_size=1))
+    served = InProcessV2(tiny, batch=BatchSettings(max_batch_size=1))
     request = encode_request("m", {"x": xt})
     n = 100 if quick else 300
     direct_t, v2_t = [], []
@@ -216,7 +187,7 @@ def bench_batching(work: Path, quick: bool) -> None:
     results: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(rounds):
         for mode, max_batch in (("off", 1), ("on", size)):
-            served = Served(path, BatchSettings(max_batch_size=max_batch, max_queue_delay_s=0.002))
+            served = InProcessV2(path, batch=BatchSettings(max_batch_size=max_batch, max_queue_delay_s=0.002))
             got = _client(
                 ["closed", served.server.address, str(clients), str(total), str(MODEL_DIMS[0]), "1"]
             )
@@ -382,7 +353,7 @@ def bench_burst(work: Path, quick: bool) -> None:
         for _ in range(rounds):
             # Local capacity, measured again each round (the host's load drifts): sequential
             # single-item requests, no batching (a small edge box).
-            probe = Served(path, BatchSettings(max_batch_size=1))
+            probe = InProcessV2(path, batch=BatchSettings(max_batch_size=1))
             per = statistics.median(timed(lambda p=probe: p.stub.ModelInfer(req), 20) for _ in range(5))
             probe.close()
             slo_s = max(0.05, 5 * per)  # an SLO the local box meets when it is not overloaded
@@ -390,7 +361,7 @@ def bench_burst(work: Path, quick: bool) -> None:
             slos.append(slo_s)
             rates.append(rate)
             for label, target in (("off", None), ("on", f"127.0.0.1:{port}")):
-                served = Served(path, BatchSettings(max_batch_size=1), burst=target, slo_s=slo_s)
+                served = InProcessV2(path, batch=BatchSettings(max_batch_size=1), burst=target, slo_s=slo_s)
                 runs[label].append(
                     _client(
                         [

@@ -133,18 +133,6 @@ def enroll_plaintext(control_plane: str, device: SimDevice, data_dir: Path, time
     write_private(data_dir / CREDENTIALS_FILE, json_format.MessageToJson(creds).encode())
 
 
-class _NotServing:
-    """Stands in for the agent's V2 server on a simulated device that serves nobody."""
-
-    address = "(not serving)"
-
-    def start(self) -> None:
-        pass
-
-    def stop(self, grace: float = 0.0) -> None:
-        pass
-
-
 class AgentHost:
     """K real agents in this process, one per simulated device."""
 
@@ -180,11 +168,14 @@ class AgentHost:
         token = device.token if device.token and not (data_dir / CREDENTIALS_FILE).exists() else None
         if token and self.settings.ca_file is None:
             enroll_plaintext(self.settings.control_plane, device, data_dir)
-        agent = Agent(self.config_for(device, token))  # a secured fleet's agent enrolls itself here
-        if not self.settings.serve:
-            agent.server.stop(0)  # bound, never started: release the port
-            agent.server = _NotServing()  # type: ignore[assignment]
-        _own_grpc_connection(agent)
+        # A secured fleet's agent enrolls itself here. grpc shares one connection between channels
+        # to the same target within a process; a real device has its own, so each simulated one
+        # gets a local subchannel pool.
+        agent = Agent(
+            self.config_for(device, token),
+            serve=self.settings.serve,
+            grpc_options=[("grpc.use_local_subchannel_pool", 1)],
+        )
         agent.start()
         with self._lock:
             self.agents[device.device_id] = agent
@@ -207,30 +198,6 @@ class AgentHost:
 
         with ThreadPoolExecutor(max_workers=32) as pool:
             list(pool.map(stop, agents))
-
-
-def _own_grpc_connection(agent: Any) -> None:
-    """Give the agent's gRPC transport a TCP connection of its own.
-
-    grpc shares one connection between channels to the same target within a process; a real
-    device has its own, so each simulated one gets a local subchannel pool.
-    """
-    from edgectl.agent.transports import GRPC_OPTIONS, GrpcTransport
-    from edgectl.protos.v1 import artifacts_pb2_grpc
-
-    if agent.reconciler is None:
-        return
-    tls = getattr(agent, "tls", None)  # mTLS with the enrolled certificate, as the agent built it
-    options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-    for t in agent.reconciler.fetcher.transports:
-        if isinstance(t, GrpcTransport):
-            t._channel.close()
-            t._channel = (
-                grpc.secure_channel(t.target, tls.grpc_credentials(), options=options)
-                if tls is not None
-                else grpc.insecure_channel(t.target, options=options)
-            )
-            t._stub = artifacts_pb2_grpc.ArtifactServiceStub(t._channel)
 
 
 # -- worker processes ------------------------------------------------------------------------

@@ -188,8 +188,8 @@ def agent_config(tmp_path: Path, trust_file: Path, **kw: Any) -> AgentConfig:
 def make_agent(tmp_path: Path, trust_file: Path) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def _make(**kw: Any) -> Agent:
-        agent = Agent(agent_config(tmp_path, trust_file, **kw))
+    def _make(serve: bool = True, **kw: Any) -> Agent:
+        agent = Agent(agent_config(tmp_path, trust_file, **kw), serve=serve)
         agent.start()
         agents.append(agent)
         return agent

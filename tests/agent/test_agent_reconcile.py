@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
+import pytest
 
 from edgectl.agent.agent import Agent
 from edgectl.artifact import SigningKey
 from edgectl.broker import MosquittoProcess
+from edgectl.ports import free_port
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 from tests.agent.artifact_server import ArtifactStoreServer
 from tests.agent.conftest import Bundles, Fleet, V2Client, wait_for
@@ -18,6 +22,30 @@ X = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
 
 def _want(bundle_root, x=X):  # type: ignore[no-untyped-def]
     return run_direct(bundle_root / "model.onnx", {"x": x})["y"]
+
+
+def test_an_agent_that_does_not_serve_still_converges_and_opens_no_listener(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    """serve=False (the fleet simulator's agents): fetch, verify, load, smoke test, report; no V2."""
+    port = free_port()
+    v1 = bundles.build(version=1, dims=(4, 8, 3), seeds=[1, 2])
+    d1 = artifact_server.add(v1.root)
+    agent: Agent = make_agent(
+        serve=False, mqtt=mosquitto.url, control_plane=artifact_server.address, listen=f"127.0.0.1:{port}"
+    )
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+    fleet.wait_serving("mlp", d1)
+    assert agent.server is None and agent.address == "(not serving)"
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
+    outputs, model = agent.registry.infer("mlp", {"x": X})  # loaded, just not exposed
+    np.testing.assert_allclose(outputs["y"], _want(v1.root), rtol=1e-5, atol=1e-5)
+    assert model.version == 1
 
 
 def test_converges_then_updates_with_a_delta_and_keeps_the_previous(

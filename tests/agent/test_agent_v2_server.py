@@ -14,48 +14,25 @@ import numpy as np
 import pytest
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings, InferenceRouter
 from edgectl.agent.codecs import decode_response, encode_request, response_parameters
-from edgectl.agent.metrics import AgentMetrics
-from edgectl.agent.runtime import SessionSettings, load_model
-from edgectl.agent.serving import ModelRegistry
-from edgectl.agent.v2_server import InferenceServicer, V2Server
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
-from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.agent.onnx_models import mlp_model, run_direct
-
-
-class Served:
-    def __init__(self, tmp: Path) -> None:
-        self.model_path = mlp_model(tmp / "mlp.onnx", (4, 16, 3), seeds=[1, 2])
-        self.metrics = AgentMetrics()
-        self.registry = ModelRegistry(BatchSettings(max_batch_size=8, max_queue_delay_s=0.002), self.metrics)
-        model = load_model(
-            self.model_path, name="mlp", version=3, digest="sha256:" + "0" * 64, settings=SessionSettings()
-        )
-        self.registry.install(model)
-        self.router = InferenceRouter(self.registry, self.metrics, BurstSettings())
-        self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
-        self.server.start()
-        self.channel = grpc.insecure_channel(self.server.address)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop(0)
-        self.registry.close()
+from tests.agent.v2_harness import InProcessV2
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    s = Served(tmp_path)
+def served(tmp_path: Path) -> Iterator[InProcessV2]:
+    model = mlp_model(tmp_path / "mlp.onnx", (4, 16, 3), seeds=[1, 2])
+    s = InProcessV2(
+        model, name="mlp", version=3, batch=BatchSettings(max_batch_size=8, max_queue_delay_s=0.002)
+    )
     try:
         yield s
     finally:
         s.close()
 
 
-def test_health_and_metadata(served: Served) -> None:
+def test_health_and_metadata(served: InProcessV2) -> None:
     assert served.stub.ServerLive(pb.ServerLiveRequest()).live
     assert served.stub.ServerReady(pb.ServerReadyRequest()).ready
     assert served.stub.ModelReady(pb.ModelReadyRequest(name="mlp")).ready
@@ -72,7 +49,7 @@ def test_health_and_metadata(served: Served) -> None:
 
 
 @pytest.mark.parametrize("typed", [False, True])
-def test_infer_raw_and_typed_contents_match_direct_onnxruntime(served: Served, typed: bool) -> None:
+def test_infer_raw_and_typed_contents_match_direct_onnxruntime(served: InProcessV2, typed: bool) -> None:
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     response = served.stub.ModelInfer(encode_request("mlp", {"x": x}, typed=typed, request_id="r1"))
     assert response.id == "r1"
@@ -92,7 +69,7 @@ def test_infer_raw_and_typed_contents_match_direct_onnxruntime(served: Served, t
     ],
 )
 def test_invalid_inputs_are_invalid_argument_saying_what_was_expected(
-    served: Served, request_: pb.ModelInferRequest, needle: str
+    served: InProcessV2, request_: pb.ModelInferRequest, needle: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as err:
         served.stub.ModelInfer(request_)
@@ -100,7 +77,7 @@ def test_invalid_inputs_are_invalid_argument_saying_what_was_expected(
     assert needle in (err.value.details() or "")
 
 
-def test_raw_size_mismatch_and_unknown_model(served: Served) -> None:
+def test_raw_size_mismatch_and_unknown_model(served: InProcessV2) -> None:
     req = encode_request("mlp", {"x": np.zeros((2, 4), np.float32)})
     req.raw_input_contents[0] = req.raw_input_contents[0][:-4]
     with pytest.raises(grpc.RpcError) as err:
@@ -135,7 +112,7 @@ TRITON_CHILD = textwrap.dedent(
 )
 
 
-def test_stock_tritonclient_in_a_child_process_gets_direct_onnxruntime_outputs(served: Served) -> None:
+def test_stock_tritonclient_in_a_child_process_gets_direct_onnxruntime_outputs(served: InProcessV2) -> None:
     # tritonclient registers the same inference.* protobuf names as ours: one per process.
     proc = subprocess.run(
         [sys.executable, "-c", TRITON_CHILD, served.server.address, "3"],

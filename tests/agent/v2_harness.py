@@ -1,0 +1,56 @@
+"""An in-process agent serving stack on one ONNX model: registry, router and a real V2 gRPC server.
+
+Shared by the V2 server tests and ``benchmarks/bench_agent.py``; the agent itself wires the same
+parts in ``edgectl.agent.agent``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from edgectl.agent.batching import BatchSettings
+from edgectl.agent.burst import BurstSettings, InferenceRouter
+from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.runtime import SessionSettings, load_model
+from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.v2_server import InferenceServicer, V2Server
+from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+
+
+class InProcessV2:
+    """Serves ``model_path`` as ``name`` on 127.0.0.1 (a free port); ``stub`` is a client on it."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        name: str = "m",
+        version: int = 1,
+        batch: BatchSettings | None = None,
+        burst: str | None = None,
+        slo_s: float = 0.1,
+    ) -> None:
+        self.model_path = model_path
+        self.metrics = AgentMetrics()
+        self.registry = ModelRegistry(batch or BatchSettings(), self.metrics)
+        model = load_model(
+            model_path,
+            name=name,
+            version=version,
+            digest="sha256:" + "0" * 64,
+            settings=SessionSettings(intra_op_threads=1),
+        )
+        self.registry.install(model)
+        self.router = InferenceRouter(self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s))
+        self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0)
+        self.router.close()
+        self.registry.close()
