@@ -130,6 +130,19 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "device client certificates, for mTLS revocation",
         ["ALTER TABLE devices ADD COLUMN cert_sha256 TEXT NOT NULL DEFAULT ''"],
     ),
+    (
+        3,
+        "revoked bearer tokens",
+        [
+            """CREATE TABLE revoked_tokens (
+                token_id TEXT PRIMARY KEY,
+                subject TEXT NOT NULL,
+                expires_at {float} NOT NULL,
+                revoked_at {float} NOT NULL,
+                revoked_by TEXT NOT NULL,
+                reason TEXT NOT NULL)""",
+        ],
+    ),
 ]
 
 # Replicas that start together take this lock (PostgreSQL) before migrating.

@@ -29,6 +29,7 @@ from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.ingest import ChunkServer, FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
 from edgectl.control_plane.metrics import Metrics
+from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.security import (
     BrokerAdminLink,
@@ -54,6 +55,7 @@ from edgectl.protos.v1 import (
     rollouts_pb2_grpc,
 )
 from edgectl.security.grpc_auth import AuthInterceptor, Identity
+from edgectl.security.tokens import Claims
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (
@@ -151,6 +153,7 @@ class ControlPlane:
         identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
         device_url = config.device_mqtt_url or MqttUrl.parse(mqtt_url).public()
         self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities)
+        self.revocations = TokenRevocations(self.store)
         self.metrics = Metrics(self.store, self.fleet)
         self.bus = FleetBus(
             mqtt_url,
@@ -211,6 +214,13 @@ class ControlPlane:
             log.exception("cannot check a client certificate", extra={"device": device_id})
             return False
 
+    def _token_revoked(self, claims: Claims) -> bool:
+        try:
+            return self.revocations.revoked(claims.token_id)
+        except Exception:  # an unreachable store: refuse (as for certificates), never crash
+            log.exception("cannot check a token's revocation", extra={"subject": claims.subject})
+            return True
+
     @property
     def leading(self) -> bool:
         return self.election.leading.is_set()
@@ -221,6 +231,7 @@ class ControlPlane:
         auth = AuthInterceptor(
             self.security.verifier if self.security else None,
             certificate_current=self._certificate_current if self.security else None,
+            token_revoked=self._token_revoked if self.security else None,
             on_denied=self._record_denied,
         )
         server = grpc.server(
@@ -235,7 +246,14 @@ class ControlPlane:
             ArtifactServicer(self.artifacts, hooks), server
         )
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(
-            FleetServicer(self.fleet, hooks, self.bus.clear_device), server
+            FleetServicer(
+                self.fleet,
+                hooks,
+                self.bus.clear_device,
+                self.revocations,
+                self.security.verifier if self.security else None,
+            ),
+            server,
         )
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(self.rollouts, hooks), server)
         rollouts_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, hooks), server)

@@ -31,6 +31,7 @@ from edgectl.control_plane.errors import (
     Unavailable,
 )
 from edgectl.control_plane.fleet import Fleet
+from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.strategy import check_labels
 from edgectl.errors import EdgectlError
@@ -44,6 +45,7 @@ from edgectl.protos.v1 import (
     rollouts_pb2_grpc,
 )
 from edgectl.security.grpc_auth import current_identity
+from edgectl.security.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -252,10 +254,19 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
 
 
 class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
-    def __init__(self, fleet: Fleet, hooks: Hooks, on_decommission: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        hooks: Hooks,
+        on_decommission: Callable[[str], None],
+        revocations: TokenRevocations,
+        verifier: TokenVerifier | None,
+    ) -> None:
         self.fleet = fleet
         self.hooks = hooks
         self.on_decommission = on_decommission
+        self.revocations = revocations
+        self.verifier = verifier
 
     @rpc("FleetService/CreateEnrollmentToken", mutating=True, target="device_id")
     def CreateEnrollmentToken(
@@ -302,6 +313,17 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         self.fleet.decommission(request.id)
         self.on_decommission(request.id)
         return fleet_pb2.DecommissionDeviceResponse()
+
+    @rpc("FleetService/RevokeToken", mutating=True, target="token_id")
+    def RevokeToken(self, request: fleet_pb2.RevokeTokenRequest, context: Any, note: Note) -> Any:
+        done = self.revocations.revoke(
+            self.verifier, token=request.token, token_id=request.token_id, by=caller(), reason=request.reason
+        )
+        note.target = done.token_id
+        note.details["subject"] = done.subject
+        return fleet_pb2.RevokeTokenResponse(
+            token_id=done.token_id, subject=done.subject, newly_revoked=done.newly_revoked
+        )
 
 
 class RolloutServicer(Servicer, rollouts_pb2_grpc.RolloutServiceServicer):

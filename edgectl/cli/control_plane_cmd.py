@@ -1,4 +1,4 @@
-"""`edgectl control-plane serve` and `edgectl control-plane token`: run a replica, mint bearer tokens."""
+"""`edgectl control-plane serve`, `token` and `revoke-token`: run a replica, mint and revoke bearer tokens."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from edgectl.cli.output import err_console, print_json
-from edgectl.cli.remote import JsonOpt
+from edgectl.cli.output import console, err_console, print_json
+from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, as_dict, connect
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
 
@@ -129,8 +129,46 @@ def control_plane_token(
     seconds = round(parse_duration(ttl))
     issuer = TokenIssuer.load_or_create(key)
     token = issuer.issue(subject, parsed, ttl_s=seconds)
+    token_id = issuer.verifier().verify(token).token_id
     if json_out:
-        print_json({"subject": subject, "role": parsed.name.lower(), "expires_in_s": seconds, "token": token})
+        print_json({"subject": subject, "role": parsed.name.lower(), "expires_in_s": seconds, "id": token_id,
+                    "token": token})  # fmt: skip
         return
-    err_console.print(f"token for {subject} ({parsed.name.lower()}), valid {ttl}:")
+    err_console.print(
+        f"token {token_id} for {subject} ({parsed.name.lower()}), valid {ttl} "
+        f"(revoke it with `edgectl control-plane revoke-token --id {token_id}`):"
+    )
     print(token)
+
+
+@control_plane_app.command("revoke-token")
+def control_plane_revoke_token(
+    revoked: str | None = typer.Argument(
+        None, metavar="TOKEN", help="the token to revoke (or give --id)", show_default=False
+    ),
+    token_id: str | None = typer.Option(None, "--id", help="the token's id, as `token` printed it"),
+    reason: str = typer.Option("", help="why, for the audit log"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Revoke one bearer token on every replica at once, before it expires (needs the admin role).
+
+    Give the token itself, or its id when you no longer hold the token (a CI secret, a lost laptop).
+    Tokens not revoked keep working; to void every token at once, replace token.key instead.
+    Example: edgectl control-plane revoke-token --id 3f9c2a71d04b8e65 --reason "left the team"
+    """
+    from edgectl.protos.v1 import fleet_pb2
+
+    if bool(revoked) == bool(token_id):
+        raise UsageError("give the token to revoke, or --id with its id (not both)")
+    request = fleet_pb2.RevokeTokenRequest(token=revoked or "", token_id=token_id or "", reason=reason)
+    with connect(server, token, ca) as client:
+        done = client.call(client.fleet.RevokeToken, request)
+    if json_out:
+        print_json(as_dict(done))
+        return
+    whose = f" of {done.subject}" if done.subject else ""
+    state = "revoked" if done.newly_revoked else "was already revoked"
+    console.print(f"token {done.token_id}{whose} {state}")

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from edgectl.security.errors import TokenError
-from edgectl.security.tokens import Role, TokenVerifier
+from edgectl.security.tokens import Claims, Role, TokenVerifier
 
 PUBLIC = None
 V1 = "/edgectl.v1."
@@ -81,7 +81,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     ``verifier=None`` turns authentication off (a single-box dev fleet): every caller is an
     anonymous admin, and the audit log says so. ``certificate_current(cn, pem)``, when given,
     is asked about every client certificate the TLS layer accepted, so that a decommissioned
-    or re-enrolled device's certificate stops working before it expires.
+    or re-enrolled device's certificate stops working before it expires; ``token_revoked(claims)``,
+    when given, about every bearer token whose signature and expiry passed.
     """
 
     def __init__(
@@ -89,11 +90,13 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         verifier: TokenVerifier | None,
         policy: dict[str, Role | None] = DEFAULT_POLICY,
         certificate_current: Callable[[str, bytes], bool] | None = None,
+        token_revoked: Callable[[Claims], bool] | None = None,
         on_denied: Callable[[Identity | None, str, grpc.StatusCode, str], None] | None = None,
     ) -> None:
         self._verifier = verifier
         self._policy = policy
         self._certificate_current = certificate_current
+        self._token_revoked = token_revoked
         # Told of every refusal (identity or None, method, code, message): metrics, audit log.
         self._on_denied = on_denied
 
@@ -147,6 +150,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 claims = self._verifier.verify(token.strip())
             except TokenError as exc:
                 self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            if self._token_revoked is not None and self._token_revoked(claims):
+                self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED,
+                             f"token {claims.token_id} of {claims.subject} was revoked; ask an admin for a new one")  # fmt: skip
             return Identity(claims.subject, claims.role, "token", peer)
         auth = context.auth_context()
         common_names = auth.get("x509_common_name")

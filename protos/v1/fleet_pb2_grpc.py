@@ -64,6 +64,11 @@ class FleetServiceStub:
                 request_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DecommissionDeviceRequest.SerializeToString,
                 response_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DecommissionDeviceResponse.FromString,
                 _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/edgectl.v1.FleetService/RevokeToken',
+                request_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -108,6 +113,13 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeToken(self, request, context):
+        """Revokes one bearer token (a person's or CI's) on every replica, before it expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +152,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.DecommissionDevice,
                     request_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DecommissionDeviceRequest.FromString,
                     response_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DecommissionDeviceResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +321,33 @@ class FleetService:
             '/edgectl.v1.FleetService/DecommissionDevice',
             edgectl_dot_protos_dot_v1_dot_fleet__pb2.DecommissionDeviceRequest.SerializeToString,
             edgectl_dot_protos_dot_v1_dot_fleet__pb2.DecommissionDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgectl.v1.FleetService/RevokeToken',
+            edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
+            edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class FleetServiceStub:
     LabelDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.LabelDeviceRequest, _fleet_pb2.Device]
     DecommissionDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.DecommissionDeviceRequest, _fleet_pb2.DecommissionDeviceResponse]
     """Revokes the device's credentials and removes it from the inventory."""
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RevokeTokenRequest, _fleet_pb2.RevokeTokenResponse]
+    """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -53,6 +55,8 @@ class FleetServiceAsyncStub(FleetServiceStub):
     LabelDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.LabelDeviceRequest, _fleet_pb2.Device]  # type: ignore[assignment]
     DecommissionDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.DecommissionDeviceRequest, _fleet_pb2.DecommissionDeviceResponse]  # type: ignore[assignment]
     """Revokes the device's credentials and removes it from the inventory."""
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RevokeTokenRequest, _fleet_pb2.RevokeTokenResponse]  # type: ignore[assignment]
+    """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,5 +103,13 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.DecommissionDeviceResponse, _abc.Awaitable[_fleet_pb2.DecommissionDeviceResponse]]:
         """Revokes the device's credentials and removes it from the inventory."""
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _fleet_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.RevokeTokenResponse, _abc.Awaitable[_fleet_pb2.RevokeTokenResponse]]:
+        """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

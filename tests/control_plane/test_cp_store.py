@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgectl.artifact import Artifact, LocalBlobStore, TrustStore
 from edgectl.control_plane import rollout_store as rs
@@ -24,11 +25,13 @@ from edgectl.control_plane.errors import (
 from edgectl.control_plane.fleet import Fleet, Reported, Status
 from edgectl.control_plane.identity import IssuedCertificate, verify_secret
 from edgectl.control_plane.migrations import MIGRATIONS, migrate
+from edgectl.control_plane.revocations import Revocation, TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import Selector, StrategySpec
 from edgectl.mqtt_wire import decode
 from edgectl.protos.v1 import mqtt_pb2
+from edgectl.security.tokens import CLOCK_SKEW_S, Role, TokenIssuer
 
 
 class Recorder:
@@ -92,6 +95,29 @@ def test_enrollment_is_one_time_and_stores_only_a_hash(store: StateStore) -> Non
     with pytest.raises(PermissionDenied):
         fleet.enroll("cam-1", other.token)
     assert fleet.get("cam-1").labels == {"site": "lab"}
+
+
+def test_token_revocations_are_kept_until_the_token_expires(store: StateStore) -> None:
+    issuer = TokenIssuer(Ed25519PrivateKey.generate())
+    verifier = issuer.verifier()
+    revocations = TokenRevocations(store)
+    t0 = time.time()
+    short = issuer.issue("temp", Role.VIEWER, ttl_s=60, now=t0)
+    short_id = verifier.verify(short, now=t0).token_id
+    done = revocations.revoke(verifier, token=short, by="root", now=t0)
+    assert done == Revocation(short_id, "temp", True) and revocations.revoked(short_id)
+    assert not revocations.revoke(verifier, token_id=short_id, by="root", now=t0).newly_revoked
+    with pytest.raises(InvalidArgument, match="exactly one"):
+        revocations.revoke(verifier, token=short, token_id=short_id, by="root")
+    with pytest.raises(InvalidArgument, match="cannot revoke that token"):
+        revocations.revoke(verifier, token=short + "x", by="root", now=t0)
+    # Past its expiry (and the clock-skew allowance) the token is refused anyway: the next
+    # revocation sweeps its row away.
+    later = t0 + 60 + CLOCK_SKEW_S + 1
+    long_lived = issuer.issue("ops", Role.ADMIN, now=later)
+    revocations.revoke(verifier, token=long_lived, by="root", now=later)
+    assert not revocations.revoked(short_id)
+    assert revocations.revoked(verifier.verify(long_lived, now=later).token_id)
 
 
 def test_labels_reports_and_decommission(store: StateStore) -> None:

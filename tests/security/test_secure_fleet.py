@@ -183,6 +183,50 @@ def test_token_command_and_cli_credentials(fleet: SecuredFleet, monkeypatch: pyt
         assert unsecured.exit_code != 0 and "--insecure" in str(unsecured.exception)
 
 
+def test_a_revoked_token_is_refused_at_once_and_the_audit_says_who_revoked_it(
+    fleet: SecuredFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.control_plane.test_cp_cli import APP
+
+    monkeypatch.setenv("EDGECTL_CONFIG_DIR", str(fleet.work / "cfg"))
+    runner = CliRunner()
+    minted = runner.invoke(APP, ["control-plane", "token", "--security-dir", str(fleet.layout.directory),
+                                 "--role", "deployer", "--subject", "carol", "--json"])  # fmt: skip
+    assert minted.exit_code == 0, minted.output
+    carol = json.loads(minted.stdout)
+    request = RP.ListRolloutsRequest()
+    with fleet.client(carol["token"]) as c:
+        c.rollouts.List(request, timeout=10)
+    remote = ["--server", fleet.cp.address, "--ca", str(fleet.layout.ca_cert)]
+
+    def revoke(token: str, *args: str) -> Any:
+        return runner.invoke(
+            APP, ["control-plane", "revoke-token", *args, *remote], env={"EDGECTL_TOKEN": token}
+        )
+
+    own = revoke(carol["token"], carol["token"])  # a deployer may not revoke, not even itself
+    assert isinstance(own.exception, EdgectlError) and own.exception.exit_code == 8
+    admin = fleet.token(Role.ADMIN, "root")
+    done = revoke(admin, carol["token"], "--reason", "left the team")
+    assert done.exit_code == 0 and f"token {carol['id']} of carol revoked" in done.stdout, done.output
+    again = revoke(admin, "--id", carol["id"])
+    assert again.exit_code == 0 and "already revoked" in again.stdout
+    with fleet.client(carol["token"]) as c:
+        code, message = _code(lambda: c.rollouts.List(request, timeout=10))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in message
+
+    neither = revoke(admin).exception
+    assert isinstance(neither, EdgectlError) and neither.exit_code == 2
+    bad_id = revoke(admin, "--id", "not-an-id")
+    assert isinstance(bad_id.exception, EdgectlError) and "16 hex digits" in str(bad_id.exception)
+    with fleet.client(admin) as c:
+        entries = c.audit.List(RP.ListAuditRequest(action="/edgectl.v1.FleetService/RevokeToken")).entries
+    ok = [e for e in entries if e.outcome == "OK"]
+    assert [(e.actor.identity, e.target) for e in ok] == [("root", carol["id"])] * 2
+    assert any(e.actor.identity == "carol" and e.outcome == "PERMISSION_DENIED" for e in entries)
+    assert all(carol["token"] not in e.details for e in entries)
+
+
 def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: SecuredFleet) -> None:
     with fleet.client(fleet.token(Role.ADMIN, "admin")) as admin:
         token = admin.fleet.CreateEnrollmentToken(fleet_pb2.CreateEnrollmentTokenRequest(device_id="cam-a"))
@@ -372,6 +416,11 @@ def test_secured_replicas_share_tokens_and_a_follower_enrolls(
                 fleet_pb2.EnrollRequest(device_id="cam-r", token=minted.token, csr_pem=csr)
             )
         assert not second.leading  # the follower enrolled: it provisioned the broker itself
+        with ControlPlaneClient(second.address, 20, ClientCredentials(token, fleet.ca_pem)) as ops:
+            ops.fleet.RevokeToken(fleet_pb2.RevokeTokenRequest(token=token))
+        with ControlPlaneClient(first.address, 20, ClientCredentials(token, fleet.ca_pem)) as ops:
+            code, message = _code(lambda: ops.rollouts.List(RP.ListRolloutsRequest(), timeout=10))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in message  # on the other replica too
         device = fleet.mqtt(creds.mqtt_username, creds.mqtt_password)
         assert not device.connect(timeout=15).is_failure
         online = mqtt_pb2.DeviceStatus(device_id="cam-r", online=True)
