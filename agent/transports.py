@@ -19,9 +19,6 @@ from edgectl.protos.v1 import artifacts_pb2 as apb
 from edgectl.protos.v1 import artifacts_pb2_grpc as apb_grpc
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 
-# Over MQTT the manifest is asked for as a chunk: its digest is the artifact digest (so it is
-# content-addressed like any chunk), and its signatures as this pseudo-digest + the artifact digest.
-SIGNATURES_PREFIX = "signatures:"
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
@@ -113,14 +110,16 @@ class MqttChunkTransport:
         if q is not None:
             q.put_nowait(data)
 
-    def _request(self, digest: str, wanted: list[str]) -> Iterator[mpb.ChunkData]:
+    def _request(self, digest: str, wanted: list[str], manifest: bool = False) -> Iterator[mpb.ChunkData]:
         request_id = uuid.uuid4().hex
         q: queue.Queue[mpb.ChunkData] = queue.Queue()
         with self._lock:
             self._waiting[request_id] = q
         try:
             self._publish(
-                mpb.ChunkRequest(request_id=request_id, artifact_digest=digest, chunk_digests=wanted)
+                mpb.ChunkRequest(
+                    request_id=request_id, artifact_digest=digest, chunk_digests=wanted, manifest=manifest
+                )
             )
             while True:
                 try:
@@ -139,12 +138,10 @@ class MqttChunkTransport:
                 self._waiting.pop(request_id, None)
 
     def get_manifest(self, digest: str) -> tuple[bytes, bytes]:
-        found: dict[str, bytes] = {}
-        for msg in self._request(digest, [digest, SIGNATURES_PREFIX + digest]):
-            found[msg.chunk_digest] = bytes(msg.data)
-        if digest not in found or SIGNATURES_PREFIX + digest not in found:
-            raise FetchError(f"the MQTT answer for {digest} lacks the manifest or its signatures")
-        return found[digest], found[SIGNATURES_PREFIX + digest]
+        for msg in self._request(digest, [], manifest=True):
+            if msg.manifest:
+                return bytes(msg.manifest), bytes(msg.signatures)
+        raise FetchError(f"the MQTT answer for {digest} lacks the manifest")
 
     def fetch_chunks(self, digest: str, chunks: list[str]) -> Iterator[tuple[str, bytes]]:
         for msg in self._request(digest, chunks):

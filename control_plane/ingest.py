@@ -8,6 +8,7 @@ health reports.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -52,10 +53,19 @@ class ChunkServer:
                 self.answer(device_id, request)
             except Exception:
                 log.exception("chunk request failed", extra={"device_id": device_id})
+                # Tell the device at once rather than leave it waiting out its idle timeout.
+                failed = mqtt_pb2.ChunkData(
+                    request_id=request.request_id, error="the control plane failed to answer", last=True
+                )
+                with contextlib.suppress(Exception):
+                    self.bus.publish(DeviceTopics(device_id).chunk_data, encode(failed), qos=1)
 
     def answer(self, device_id: str, request: mqtt_pb2.ChunkRequest) -> None:
         topic = DeviceTopics(device_id).chunk_data
         wanted = list(request.chunk_digests)
+        if request.manifest:
+            self._answer_manifest(topic, request)
+            return
         try:
             if not wanted:
                 raise ControlPlaneError("the request names no chunks")
@@ -74,6 +84,21 @@ class ChunkServer:
                 last=i == len(pieces) - 1,
             )
             self.bus.publish(topic, encode(message), qos=1)
+
+    def _answer_manifest(self, topic: str, request: mqtt_pb2.ChunkRequest) -> None:
+        """The signed manifest, as gRPC's ArtifactService.Get gives it; the agent verifies it."""
+        try:
+            record = self.artifacts.get(request.artifact_digest)
+        except ControlPlaneError as exc:
+            answer = mqtt_pb2.ChunkData(request_id=request.request_id, error=str(exc), last=True)
+        else:
+            answer = mqtt_pb2.ChunkData(
+                request_id=request.request_id,
+                manifest=record.manifest_bytes,
+                signatures=record.signatures,
+                last=True,
+            )
+        self.bus.publish(topic, encode(answer), qos=1)
 
 
 class FleetIngest:

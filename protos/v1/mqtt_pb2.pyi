@@ -352,8 +352,13 @@ class ChunkRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ARTIFACT_DIGEST_FIELD_NUMBER: _builtins.int
     CHUNK_DIGESTS_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     artifact_digest: _builtins.str
+    manifest: _builtins.bool
+    """Ask for the artifact's signed manifest (manifest.json and its signatures) instead of chunks:
+    the answer is one ChunkData with manifest and signatures set (chunk_digests stays empty).
+    """
     @_builtins.property
     def chunk_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -362,10 +367,11 @@ class ChunkRequest(_message.Message):
         request_id: _builtins.str = ...,
         artifact_digest: _builtins.str = ...,
         chunk_digests: _abc.Iterable[_builtins.str] | None = ...,
+        manifest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "chunk_digests", b"chunk_digests", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_digest", b"artifact_digest", "chunk_digests", b"chunk_digests", "manifest", b"manifest", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,12 +388,17 @@ class ChunkData(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     chunk_digest: _builtins.str
     data: _builtins.bytes
     last: _builtins.bool
     """Set on the last message of a request, or with an error and no data."""
     error: _builtins.str
+    manifest: _builtins.bytes
+    """The answer to a manifest request: the canonical manifest bytes and manifest.sig.json."""
+    signatures: _builtins.bytes
     def __init__(
         self,
         *,
@@ -396,10 +407,12 @@ class ChunkData(_message.Message):
         data: _builtins.bytes = ...,
         last: _builtins.bool = ...,
         error: _builtins.str = ...,
+        manifest: _builtins.bytes = ...,
+        signatures: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_digest", b"chunk_digest", "data", b"data", "error", b"error", "last", b"last", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_digest", b"chunk_digest", "data", b"data", "error", b"error", "last", b"last", "manifest", b"manifest", "request_id", b"request_id", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

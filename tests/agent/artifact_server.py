@@ -28,8 +28,6 @@ from edgectl.protos.v1 import artifacts_pb2_grpc as apb_grpc
 from edgectl.protos.v1 import common_pb2 as cpb
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 
-SIGNATURES_PREFIX = "signatures:"
-
 
 @dataclass
 class Faults:
@@ -159,13 +157,14 @@ class MqttChunkResponder:
                 qos=1,
             )
             return
+        if req.manifest:
+            answer = mpb.ChunkData(
+                request_id=req.request_id, manifest=found[0], signatures=found[1], last=True
+            )
+            client.publish(topic, encode(answer), qos=1)
+            return
         for i, digest in enumerate(req.chunk_digests):
-            if digest == req.artifact_digest:
-                data = found[0]
-            elif digest == SIGNATURES_PREFIX + req.artifact_digest:
-                data = found[1]
-            else:
-                data = self.server.chunk_data(digest)
+            data = self.server.chunk_data(digest)
             last = i == len(req.chunk_digests) - 1
             client.publish(
                 topic,

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from edgectl.artifact import TrustStore
+from edgectl.ports import free_port
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.sim import make_devices
 from tests.faults.conftest import LABELS, MODEL, Artifacts, assert_fleet_verified, ids_of
@@ -84,3 +85,25 @@ def test_download_truncated_and_chunk_corrupted_in_flight(
     log = sim.workers[0].log.read_text()
     assert "interrupted" in log, "the cut stream was not noticed"
     assert "corrupt" in log or log.count("interrupted") >= 2, "the altered bytes were not noticed"
+
+
+def test_site_that_reaches_only_the_broker_gets_the_artifact_over_mqtt(
+    rig: FleetRig, artifacts: Artifacts, trust: TrustStore
+) -> None:
+    """Promise: a device whose control-plane address cannot be reached (a site that reaches only
+    the broker) still converges: it asks the real control plane over MQTT for the signed manifest
+    and then the chunks it lacks, verifies them, and serves the model; a later version arrives
+    the same way."""
+    d1 = rig.push(artifacts.good(1, size=400_000))
+    d2 = rig.push(artifacts.good(2, size=400_000))
+    unreachable = f"127.0.0.1:{free_port()}"  # nothing listens there
+    devices = [
+        dataclasses.replace(d, control_plane=unreachable) for d in make_devices(2, "mqtt-only", LABELS)
+    ]
+    sim = rig.simulate(devices=devices, per_process=2)
+    rig.wait_all_online(ids_of(sim))
+    for version, digest in ((1, d1), (2, d2)):
+        r = rig.rollout(f"{MODEL}:{version}", LABELS, ["100%"], health_timeout_s=60)
+        final = rig.wait_done(r.id, 90)
+        assert final.state == RP.ROLLOUT_STATE_SUCCEEDED, final.reason
+        assert_fleet_verified(rig, sim, trust, digest)
