@@ -1,6 +1,6 @@
 """The control plane's named failures; the gRPC layer maps each class to one status code.
 
-Domain code raises these with a message that says what to fix; ``servicers.status_for``
+Domain code raises these with a message that says what to fix; ``rpc.status_for``
 is the one place that turns them into gRPC status codes.
 """
 

@@ -31,6 +31,7 @@ from edgectl.control_plane.leader import LeaderElection, leader_lock_for
 from edgectl.control_plane.metrics import Metrics
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
+from edgectl.control_plane.rpc import Hooks
 from edgectl.control_plane.security import (
     BrokerAdminLink,
     FleetIdentities,
@@ -38,13 +39,7 @@ from edgectl.control_plane.security import (
     cert_fingerprint,
     default_tls_names,
 )
-from edgectl.control_plane.servicers import (
-    ArtifactServicer,
-    AuditServicer,
-    FleetServicer,
-    Hooks,
-    RolloutServicer,
-)
+from edgectl.control_plane.servicers import ArtifactServicer, AuditServicer, FleetServicer, RolloutServicer
 from edgectl.control_plane.store import StateStore
 from edgectl.protos.v1 import (
     artifacts_pb2,

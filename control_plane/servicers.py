@@ -1,184 +1,37 @@
 """gRPC servicers: validate, convert, call the domain object. Errors become status codes here only.
 
-Every method goes through :func:`rpc`, which maps domain errors to codes (:func:`status_for`),
-counts failures, and writes the audit entry of each mutating call, success or not.
+Every method goes through :func:`~edgectl.control_plane.rpc.rpc`, which maps domain errors to
+codes, counts failures, and writes the audit entry of each mutating call, success or not.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-from google.protobuf import json_format
-from google.protobuf.message import Message
-
-from edgectl.artifact import ArtifactError, BlobStoreError
 from edgectl.control_plane import convert
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
-from edgectl.control_plane.audit import ANONYMOUS, SECRET_FIELDS, AuditLog
-from edgectl.control_plane.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    StateStoreError,
-    Unavailable,
-)
+from edgectl.control_plane.audit import AuditLog
+from edgectl.control_plane.errors import InvalidArgument
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
+from edgectl.control_plane.rpc import Hooks, Note, Servicer, caller, next_token, page, rpc
 from edgectl.control_plane.strategy import check_labels
-from edgectl.errors import EdgectlError
 from edgectl.protos.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,
-    common_pb2,
     fleet_pb2,
     fleet_pb2_grpc,
     rollouts_pb2,
     rollouts_pb2_grpc,
 )
-from edgectl.security.grpc_auth import current_identity
 from edgectl.security.tokens import TokenVerifier
 
-log = logging.getLogger(__name__)
-_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (StateStoreError, grpc.StatusCode.UNAVAILABLE),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (BlobStoreError, grpc.StatusCode.UNAVAILABLE),
-    (ArtifactError, grpc.StatusCode.INVALID_ARGUMENT),
-    (EdgectlError, grpc.StatusCode.FAILED_PRECONDITION),
-]
 SNAPSHOT_EVENTS = frozenset(
     {"created", "state_changed", "wave_started", "wave_succeeded", "rollback_started"}
 )
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message for an exception raised by domain code."""
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code, str(exc)
-    log.error("unexpected error in a gRPC method", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error in the control plane; its log has the details"
-
-
-@dataclass
-class Note:
-    """What a method tells the audit log about itself (defaults come from the request)."""
-
-    target: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def caller() -> str:
-    """Who the audit log and ``created_by`` name for the call in progress.
-
-    A token's subject; ``device:<id>`` for an mTLS agent; ``anonymous`` with auth off or for
-    a public method (Enroll, whose target names the device).
-    """
-    who = current_identity()
-    if who is None or who.via in ("none", "anonymous"):
-        return ANONYMOUS
-    return f"device:{who.subject}" if who.via == "mtls" else who.subject
-
-
-def summary(request: Any) -> dict[str, Any]:
-    """The request as JSON with secrets and bulk bytes removed."""
-    if not isinstance(request, Message):
-        return {}
-    data = json_format.MessageToDict(request, preserving_proto_field_name=True)
-    return {k: v for k, v in data.items() if k not in SECRET_FIELDS}
-
-
-class Hooks:
-    """What ``rpc`` needs from the server: the audit log and the error counter."""
-
-    def __init__(self, audit: AuditLog, count_error: Callable[[str, str], None]) -> None:
-        self.audit = audit
-        self.count_error = count_error
-
-
-def rpc(
-    action: str, mutating: bool = False, target: str = "", streaming: bool = False
-) -> Callable[[Callable[..., Any]], Any]:
-    """Wrap a servicer method: map errors, count them, audit mutating calls."""
-    method = f"/edgectl.v1.{action}"
-
-    def decorate(fn: Callable[..., Any]) -> Any:
-        def finish(
-            self: Servicer, request: Any, context: grpc.ServicerContext, note: Note, code: str
-        ) -> None:
-            if mutating:
-                details = note.details or summary(request)
-                who = note.target or str(details.get(target, "")) if target else note.target
-                self.hooks.audit.record(caller(), context.peer(), method, who, json.dumps(details), code)
-
-        def fail(
-            self: Servicer, request: Any, context: grpc.ServicerContext, note: Note, exc: Exception
-        ) -> None:
-            code, message = status_for(exc)
-            self.hooks.count_error(method, code.name)
-            finish(self, request, context, note, code.name)
-            context.abort(code, message)
-
-        if streaming:
-
-            @functools.wraps(fn)
-            def stream(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                note = Note()
-                try:
-                    yield from fn(self, request, context, note)
-                except Exception as exc:
-                    fail(self, request, context, note, exc)
-
-            return stream
-
-        @functools.wraps(fn)
-        def unary(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
-            note = Note()
-            try:
-                response = fn(self, request, context, note)
-            except Exception as exc:
-                fail(self, request, context, note, exc)
-                raise  # unreachable: abort raises
-            finish(self, request, context, note, "OK")
-            return response
-
-        return unary
-
-    return decorate
-
-
-def page(p: common_pb2.Page, default: int = 100) -> tuple[int, int]:
-    """(offset, limit) from a Page; the token is the offset the previous page ended at."""
-    try:
-        offset = int(p.page_token) if p.page_token else 0
-    except ValueError as exc:
-        raise InvalidArgument(f"page token {p.page_token!r} is not one this server issued") from exc
-    if offset < 0 or p.page_size < 0:
-        raise InvalidArgument("page size and token must not be negative")
-    return offset, min(p.page_size or default, 1000)
-
-
-def next_token(offset: int, limit: int, got: int) -> str:
-    return str(offset + got) if got == limit else ""
-
-
-class Servicer:
-    """Base for the servicers: holds the hooks ``rpc`` uses."""
-
-    hooks: Hooks
 
 
 class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
