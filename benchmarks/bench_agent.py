@@ -17,31 +17,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test helpers (artifact server, ONNX builders) are shared
 
+from loadgen import pinned, run_load  # noqa: E402  (benchmarks/, the script's own folder)
+
 from edgectl.agent.batching import BatchSettings  # noqa: E402
-from edgectl.agent.codecs import encode_request, response_parameters  # noqa: E402
+from edgectl.agent.codecs import encode_request  # noqa: E402
 from edgectl.agent.fetch import ArtifactFetcher  # noqa: E402
 from edgectl.agent.transports import GrpcTransport  # noqa: E402
 from edgectl.artifact import LocalBlobStore, Manifest, SigningKey, public_pem  # noqa: E402
 from edgectl.ports import free_port, wait_for_port  # noqa: E402
-from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from tests.agent.artifact_server import ArtifactStoreServer  # noqa: E402
 from tests.agent.onnx_models import mlp_artifact, mlp_model  # noqa: E402
 from tests.agent.v2_harness import InProcessV2  # noqa: E402
@@ -104,7 +102,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
         # to 30 % within a minute, and a sandwich cancels a linear drift instead of charging it to V2.
         before = timed(lambda: direct.run(None, {"x": x}), total // 2)
         served = InProcessV2(path, batch=BatchSettings(max_batch_size=1))
-        got = _client(
+        got = run_load(
             ["closed", served.server.address, str(clients), str(total), str(MODEL_DIMS[0]), str(batch)]
         )
         run_s = served.metrics.registry.get_sample_value("edgectl_agent_run_seconds_sum", {"model": "m"})
@@ -147,17 +145,6 @@ SLO_DIMS = (4096, 16384, 16)
 CLOUD_QUEUE_DELAY_MS = 5
 
 
-def _pinned(argv: list[str], cpus: set[int] | None) -> list[str]:
-    """``argv`` (a Python command) run pinned to ``cpus``: a trampoline sets the affinity, then execs
-    (no preexec_fn: forking a process that runs gRPC threads is not safe)."""
-    if cpus is None:
-        return argv
-    trampoline = (
-        f"import os, sys; os.sched_setaffinity(0, {sorted(cpus)}); os.execv(sys.argv[1], sys.argv[1:])"
-    )
-    return [sys.executable, "-c", trampoline, *argv]
-
-
 def _pin_this_process(cpus: set[int]) -> set[int]:
     """Pin every thread of this process (gRPC's own included) to ``cpus``; returns the old set."""
     old = os.sched_getaffinity(0)
@@ -165,19 +152,6 @@ def _pin_this_process(cpus: set[int]) -> set[int]:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(int(tid), cpus)
     return old
-
-
-def _client(args: list[str], cpus: set[int] | None = None) -> dict[str, float]:
-    """Run the load generator in a child process, so it does not share our GIL, and read its JSON."""
-    out = subprocess.run(
-        _pinned([sys.executable, __file__, "--client", *args], cpus),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return dict(json.loads(out.stdout))
 
 
 def bench_batching(work: Path, quick: bool) -> None:
@@ -188,7 +162,7 @@ def bench_batching(work: Path, quick: bool) -> None:
     for _ in range(rounds):
         for mode, max_batch in (("off", 1), ("on", size)):
             served = InProcessV2(path, batch=BatchSettings(max_batch_size=max_batch, max_queue_delay_s=0.002))
-            got = _client(
+            got = run_load(
                 ["closed", served.server.address, str(clients), str(total), str(MODEL_DIMS[0]), "1"]
             )
             results[mode].append(got["rps"])
@@ -207,7 +181,7 @@ def _cloud_endpoint(work: Path, port: int, cpus: set[int] | None = None) -> subp
     (work / "cloud.pub.pem").write_bytes(public_pem(key.public_key))
     cmd = "from edgectl.cli.agent_cmd import agent_app; agent_app()"
     proc = subprocess.Popen(
-        _pinned(
+        pinned(
             [
                 sys.executable,
                 "-c",
@@ -243,97 +217,6 @@ def _cloud_endpoint(work: Path, port: int, cpus: set[int] | None = None) -> subp
     return proc
 
 
-def _closed_loop(target: str, clients: int, total: int, dim: int, batch: int) -> dict[str, float]:
-    """Keep ``clients`` requests in flight (async stubs, no thread per client) until ``total`` finish."""
-    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target))
-    requests = [
-        encode_request("m", {"x": np.random.default_rng(i).standard_normal((batch, dim)).astype(np.float32)})
-        for i in range(min(total, 64))
-    ]
-    stub.ModelInfer(requests[0])  # warm-up
-    lock = threading.Lock()
-    done = threading.Event()
-    state = {"issued": 0, "finished": 0, "errors": 0}
-
-    def issue() -> None:
-        with lock:
-            if state["issued"] >= total:
-                return
-            i = state["issued"]
-            state["issued"] += 1
-        stub.ModelInfer.future(requests[i % len(requests)], timeout=60).add_done_callback(finish)
-
-    def finish(fut: grpc.Future) -> None:
-        if fut.exception() is not None:
-            state["errors"] += 1
-        with lock:
-            state["finished"] += 1
-            if state["finished"] == total:
-                done.set()
-        issue()
-
-    start = time.perf_counter()
-    for _ in range(clients):
-        issue()
-    done.wait(240)
-    elapsed = time.perf_counter() - start
-    if state["errors"]:
-        raise RuntimeError(f"{state['errors']} of {total} requests failed")
-    return {"rps": total / elapsed}
-
-
-def _open_loop(target: str, rate: float, seconds: float, slo_s: float, dim: int) -> dict[str, float]:
-    """Fire requests at ``rate``/s for ``seconds`` (open loop): share within SLO, errors, burst share."""
-    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target))
-    request = encode_request(
-        "m", {"x": np.random.default_rng(1).standard_normal((1, dim)).astype(np.float32)}
-    )
-    stub.ModelInfer(request)
-    lat: dict[str, list[float]] = {"local": [], "burst": []}
-    errors = [0]
-    lock = threading.Lock()
-    n = int(rate * seconds)
-    done = threading.Event()
-
-    def finish(fut: grpc.Future, t0: float) -> None:
-        elapsed = time.perf_counter() - t0
-        try:
-            where = str(response_parameters(fut.result()).get("served_by", ""))
-            route = "burst" if where.startswith("burst") else "local"
-        except grpc.RpcError:
-            route = ""
-        with lock:
-            if route:
-                lat[route].append(elapsed)
-            else:
-                errors[0] += 1
-            if len(lat["local"]) + len(lat["burst"]) + errors[0] == n:
-                done.set()
-
-    start = time.perf_counter()
-    for i in range(n):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        t0 = time.perf_counter()
-        fut = stub.ModelInfer.future(request, timeout=30)
-        fut.add_done_callback(lambda f, t0=t0: finish(f, t0))
-    done.wait(90)
-
-    def pct(values: list[float], q: float) -> float:
-        return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else 0.0
-
-    everything = lat["local"] + lat["burst"]
-    return {
-        "within": sum(1 for v in everything if v <= slo_s) / n,
-        "errors": errors[0],
-        "burst": len(lat["burst"]) / n,
-        "p99_local": pct(lat["local"], 0.99),
-        "p99_burst": pct(lat["burst"], 0.99),
-        "p50_burst": pct(lat["burst"], 0.5),
-    }
-
-
 def bench_burst(work: Path, quick: bool) -> None:
     path = mlp_model(work / "slo.onnx", SLO_DIMS)
     seconds, rounds = (4.0, 1) if quick else (10.0, 3)
@@ -363,7 +246,7 @@ def bench_burst(work: Path, quick: bool) -> None:
             for label, target in (("off", None), ("on", f"127.0.0.1:{port}")):
                 served = InProcessV2(path, batch=BatchSettings(max_batch_size=1), burst=target, slo_s=slo_s)
                 runs[label].append(
-                    _client(
+                    run_load(
                         [
                             "open",
                             served.server.address,
@@ -414,17 +297,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs (CI smoke)")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
-    parser.add_argument("--client", nargs="+", help=argparse.SUPPRESS)  # internal: the load generator
     args = parser.parse_args()
-    if args.client:
-        mode, target, *rest = args.client
-        if mode == "closed":
-            print(json.dumps(_closed_loop(target, int(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))))
-        else:
-            print(
-                json.dumps(_open_loop(target, float(rest[0]), float(rest[1]), float(rest[2]), int(rest[3])))
-            )
-        return
     load = os.getloadavg()
     print(
         f"host: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
