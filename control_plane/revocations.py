@@ -8,16 +8,14 @@ so the table holds only tokens that could still be presented.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
 from edgectl.control_plane.errors import InvalidArgument
 from edgectl.control_plane.store import StateStore
 from edgectl.security.errors import TokenError
-from edgectl.security.tokens import CLOCK_SKEW_S, TokenVerifier
+from edgectl.security.tokens import CLOCK_SKEW_S, TOKEN_ID_BYTES, TokenVerifier, is_token_id
 
-_TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")  # TokenIssuer's jti: 8 random bytes, hex
 # A revocation named by id alone does not know its token's expiry: keep it for the longest lifetime.
 _UNKNOWN_EXPIRY_S = 400 * 24 * 3600
 
@@ -60,9 +58,9 @@ class TokenRevocations:
             except TokenError as exc:
                 raise InvalidArgument(f"cannot revoke that token: {exc}") from exc
             token_id, subject, expires_at = claims.token_id, claims.subject, float(claims.expires_at)
-        elif not _TOKEN_ID.match(token_id):
+        elif not is_token_id(token_id):
             raise InvalidArgument(
-                f"token id {token_id!r} is not 16 hex digits (the 'id' that `edgectl control-plane token` prints)"
+                f"token id {token_id!r} is not {2 * TOKEN_ID_BYTES} hex digits (the 'id' that `edgectl control-plane token` prints)"
             )
         with self.store.tx() as tx:
             tx.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now - CLOCK_SKEW_S,))

@@ -223,8 +223,9 @@ class ControlPlane:
     def start(self) -> None:
         """Bind the API, connect to the broker and join the leader election; returns at once."""
         hooks = Hooks(self.audit, lambda method, code: self.metrics.grpc_errors.labels(method, code).inc())
+        verifier = self.security.verifier if self.security else None
         auth = AuthInterceptor(
-            self.security.verifier if self.security else None,
+            verifier,
             certificate_current=self._certificate_current if self.security else None,
             token_revoked=self._token_revoked if self.security else None,
             on_denied=self._record_denied,
@@ -246,7 +247,7 @@ class ControlPlane:
                 hooks,
                 self.bus.clear_device,
                 self.revocations,
-                self.security.verifier if self.security else None,
+                verifier,
             ),
             server,
         )

@@ -12,6 +12,7 @@ import binascii
 import enum
 import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,6 +27,13 @@ from edgectl.security.files import write_private
 
 PREFIX = "edgectl"
 CLOCK_SKEW_S = 60
+TOKEN_ID_BYTES = 8  # a token's id (its "jti" claim): this many random bytes, in hex
+_TOKEN_ID = re.compile(rf"^[0-9a-f]{{{2 * TOKEN_ID_BYTES}}}$")
+
+
+def is_token_id(text: str) -> bool:
+    """True when ``text`` has the form of the ids ``TokenIssuer`` gives its tokens."""
+    return bool(_TOKEN_ID.match(text))
 
 
 class Role(enum.IntEnum):
@@ -100,7 +108,7 @@ class TokenIssuer:
             raise TokenError("a token's lifetime must be positive")
         now = int(time.time() if now is None else now)
         claims = {"sub": subject, "role": role.name.lower(), "iat": now, "exp": now + ttl_s,
-                  "jti": secrets.token_hex(8), "kid": self.key_id}  # fmt: skip
+                  "jti": secrets.token_hex(TOKEN_ID_BYTES), "kid": self.key_id}  # fmt: skip
         body = _b64(json.dumps(claims, sort_keys=True, separators=(",", ":")).encode())
         signature = self.key.sign(f"{PREFIX}.{body}".encode())
         return f"{PREFIX}.{body}.{_b64(signature)}"
