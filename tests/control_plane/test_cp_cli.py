@@ -39,13 +39,15 @@ APP = make_app()
 
 
 def run(*args: str) -> tuple[int, str]:
-    """(exit code, output) with EdgectlError mapped the way `edgectl`'s main() maps it."""
+    """(exit code, output) with EdgectlError mapped the way `edgectl`'s main() maps it. With
+    ``--json`` the output is stdout alone, as a pipe into jq sees it: the control plane serving
+    in this process may log to stderr meanwhile."""
     result = CliRunner().invoke(APP, list(args))
     if isinstance(result.exception, EdgectlError):
         return result.exception.exit_code, str(result.exception)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout if "--json" in args else result.output
 
 
 def test_push_deploy_watch_and_inspect(
