@@ -14,9 +14,11 @@ ROOT = Path(__file__).parent
 FOLDERS = {
     "edgectl": "edgectl",
     "edgectl.agent": "agent",
+    "edgectl.artifact": "artifact",
     "edgectl.compress": "compress",
     "edgectl.control_plane": "control_plane",
     "edgectl.devices": "devices",
+    "edgectl.mqtt": "mqtt",
     "edgectl.protos": "protos",
 }
 

@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from edgectl.agent.errors import ConfigError
 from edgectl.artifact import KeyFileError, TrustStore
 from edgectl.artifact.signing import load_public_key
-from edgectl.mqtt_wire import DeviceIdError, check_device_id
+from edgectl.mqtt.wire import DeviceIdError, check_device_id
 from edgectl.protos.v1 import fleet_pb2 as fpb
 
 CREDENTIALS_FILE = "credentials.json"

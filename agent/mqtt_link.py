@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgectl.agent.errors import ConfigError
-from edgectl.mqtt_wire import DeviceTopics, PayloadError, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 
 from edgectl.control_plane.desired import Publication
 from edgectl.control_plane.errors import InvalidArgument
-from edgectl.mqtt_wire import ALL_CHUNK_REQUESTS, ALL_EVENTS, ALL_REPORTED, ALL_STATUS, DeviceTopics
+from edgectl.mqtt.wire import ALL_CHUNK_REQUESTS, ALL_EVENTS, ALL_REPORTED, ALL_STATUS, DeviceTopics
 
 log = logging.getLogger(__name__)
 FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_CHUNK_REQUESTS, 1)]

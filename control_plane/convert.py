@@ -9,7 +9,7 @@ from edgectl.control_plane.artifacts import ArtifactRecord
 from edgectl.control_plane.audit import AuditRecord
 from edgectl.control_plane.fleet import DeviceRecord
 from edgectl.control_plane.strategy import DEFAULT_HEALTH_TIMEOUT_S, OFFLINE_FAIL, Selector, StrategySpec
-from edgectl.mqtt_wire import decode
+from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import artifacts_pb2, common_pb2, fleet_pb2, mqtt_pb2, rollouts_pb2
 
 

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgectl.control_plane.db import Tx
 from edgectl.control_plane.errors import NotFound
-from edgectl.mqtt_wire import DeviceTopics, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.protos.v1 import mqtt_pb2
 
 

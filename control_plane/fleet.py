@@ -26,7 +26,7 @@ from edgectl.control_plane.identity import (
 )
 from edgectl.control_plane.store import StateStore, dumps, loads
 from edgectl.control_plane.strategy import Selector, check_labels
-from edgectl.mqtt_wire import DeviceIdError, check_device_id
+from edgectl.mqtt.wire import DeviceIdError, check_device_id
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)

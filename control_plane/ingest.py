@@ -22,7 +22,7 @@ from edgectl.control_plane.desired import all_publications
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet, Reported, Status
 from edgectl.control_plane.store import StateStore
-from edgectl.mqtt_wire import DeviceTopics, PayloadError, decode, encode, parse_topic
+from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode, parse_topic
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,15 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MAPPED = {"agent": "agent", "compress": "compress", "control_plane": "control_plane", "devices": "devices",
-          "protos": "protos"}  # fmt: skip
+MAPPED = {
+    "agent": "agent",
+    "artifact": "artifact",
+    "compress": "compress",
+    "control_plane": "control_plane",
+    "devices": "devices",
+    "mqtt": "mqtt",
+    "protos": "protos",
+}
 
 
 def _link(link: Path, target: Path) -> None:

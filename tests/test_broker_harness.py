@@ -7,7 +7,7 @@ import queue
 import pytest
 
 from edgectl.broker import BrokerConfig, MosquittoProcess
-from edgectl.mqtt_wire import DeviceTopics
+from edgectl.mqtt.wire import DeviceTopics
 from tests.harness.mqtt import MqttTestClient
 
 

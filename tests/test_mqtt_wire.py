@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgectl.mqtt_wire import DeviceIdError, DeviceTopics, PayloadError, decode, encode, parse_topic
+from edgectl.mqtt.wire import DeviceIdError, DeviceTopics, PayloadError, decode, encode, parse_topic
 from edgectl.protos.v1 import mqtt_pb2
 
 

@@ -39,7 +39,7 @@ def test_generic_folder_names_are_not_installed_as_top_level_packages() -> None:
     result = _run(
         """
         import importlib.util
-        print([n for n in ("agent", "devices", "protos", "compress", "control_plane")
+        print([n for n in ("agent", "artifact", "devices", "mqtt", "protos", "compress", "control_plane")
                if importlib.util.find_spec(n) is not None])
         """
     )
@@ -49,7 +49,7 @@ def test_generic_folder_names_are_not_installed_as_top_level_packages() -> None:
 def test_every_brief_folder_imports_as_edgectl() -> None:
     result = _run(
         """
-        import edgectl.agent, edgectl.compress, edgectl.control_plane, edgectl.devices, edgectl.protos
+        import edgectl.agent, edgectl.artifact, edgectl.compress, edgectl.control_plane, edgectl.devices, edgectl.mqtt, edgectl.protos
         print("ok")
         """
     )

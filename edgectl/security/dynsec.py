@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edgectl.mqtt_wire import TOPIC_ROOT, DeviceTopics
+from edgectl.mqtt.wire import TOPIC_ROOT, DeviceTopics
 from edgectl.security.errors import BrokerAdminError
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"

@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgectl.artifact import MANIFEST_NAME, SIGNATURE_NAME, LocalBlobStore, Manifest, put_file_chunks
 from edgectl.artifact.canonical import sha256_digest
-from edgectl.mqtt_wire import ALL_CHUNK_REQUESTS, DeviceTopics, decode, encode, parse_topic
+from edgectl.mqtt.wire import ALL_CHUNK_REQUESTS, DeviceTopics, decode, encode, parse_topic
 from edgectl.protos.v1 import artifacts_pb2 as apb
 from edgectl.protos.v1 import artifacts_pb2_grpc as apb_grpc
 from edgectl.protos.v1 import common_pb2 as cpb

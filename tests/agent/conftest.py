@@ -21,7 +21,7 @@ from edgectl.agent.codecs import decode_response, encode_request, response_param
 from edgectl.agent.config import AgentConfig
 from edgectl.artifact import Artifact, SigningKey, public_pem
 from edgectl.broker import MosquittoProcess
-from edgectl.mqtt_wire import DeviceTopics, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 from tests.agent.artifact_server import ArtifactStoreServer

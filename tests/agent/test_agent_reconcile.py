@@ -172,7 +172,7 @@ def test_malformed_foreign_and_stale_desired_states_are_ignored(
     foreign = mpb.DesiredState(
         device_id="dev-2", generation=99, models=[mpb.DesiredModel(name="mlp", digest=d2)]
     )
-    from edgectl.mqtt_wire import encode
+    from edgectl.mqtt.wire import encode
 
     fleet.client.publish(fleet.topics.desired, encode(foreign), retain=True)
     fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1), generation=5)

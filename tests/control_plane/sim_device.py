@@ -25,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgectl.mqtt_wire import DeviceTopics, PayloadError, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode
 from edgectl.protos.v1 import mqtt_pb2
 
 

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from edgectl.artifact import Artifact, SigningKey
 from edgectl.client import ControlPlaneClient, push_artifact
 from edgectl.control_plane.server import ControlPlane
-from edgectl.mqtt_wire import DeviceTopics, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP

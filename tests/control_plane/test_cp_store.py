@@ -29,7 +29,7 @@ from edgectl.control_plane.revocations import Revocation, TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import Selector, StrategySpec
-from edgectl.mqtt_wire import decode
+from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import mqtt_pb2
 from edgectl.security.tokens import CLOCK_SKEW_S, Role, TokenIssuer
 

@@ -12,7 +12,7 @@ import pytest
 
 from edgectl.agent.codecs import encode_request
 from edgectl.artifact import TrustStore
-from edgectl.mqtt_wire import DeviceTopics
+from edgectl.mqtt.wire import DeviceTopics
 from edgectl.protos.inference import grpc_predict_v2_pb2 as v2
 from edgectl.protos.v1 import artifacts_pb2, common_pb2, fleet_pb2, rollouts_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP

@@ -20,7 +20,7 @@ import grpc
 from edgectl.artifact import Artifact, ArtifactError, SigningKey, TrustStore, load_artifact, public_pem
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
-from edgectl.mqtt_wire import ALL_REPORTED, DeviceIdError, PayloadError, decode, parse_topic
+from edgectl.mqtt.wire import ALL_REPORTED, DeviceIdError, PayloadError, decode, parse_topic
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP

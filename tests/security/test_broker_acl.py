@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgectl.broker import MosquittoProcess
-from edgectl.mqtt_wire import DeviceTopics
+from edgectl.mqtt.wire import DeviceTopics
 from edgectl.ports import free_port
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.dynsec import DeviceIdentity, DynsecAdmin

@@ -25,7 +25,7 @@ from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.errors import EdgectlError
-from edgectl.mqtt_wire import DeviceTopics, encode
+from edgectl.mqtt.wire import DeviceTopics, encode
 from edgectl.ports import free_port
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
