@@ -179,7 +179,7 @@ def _cloud_endpoint(work: Path, port: int, cpus: set[int] | None = None) -> subp
     key = SigningKey.generate()
     art = mlp_artifact(work / "cloud-art", work / "models", key, name="m", dims=SLO_DIMS)
     (work / "cloud.pub.pem").write_bytes(public_pem(key.public_key))
-    cmd = "from edgectl.cli.agent_cmd import agent_app; agent_app()"
+    cmd = "from edgectl.cli.agent import app; app()"
     proc = subprocess.Popen(
         pinned(
             [

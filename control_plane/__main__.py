@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from edgectl.cli.fleet import control_plane_app
+from edgectl.cli.control_plane import app as control_plane_app
 from edgectl.errors import EdgectlError
 
 

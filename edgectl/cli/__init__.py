@@ -13,8 +13,22 @@ import typer
 from rich.text import Text
 
 from edgectl import __version__
-from edgectl.cli import agent_cmd, artifact, broker_cmd, demo_cmd, doctor, fleet, keys, local_cmd, sim_cmd
-from edgectl.cli import compress as compress_cmd
+from edgectl.cli import (
+    agent,
+    artifact,
+    audit,
+    broker,
+    compress,
+    control_plane,
+    demo,
+    devices,
+    doctor,
+    infer,
+    keys,
+    rollout,
+    sim,
+    up,
+)
 from edgectl.cli.output import err_console
 from edgectl.errors import EdgectlError
 
@@ -45,24 +59,21 @@ def _root(
     _state["verbose"] = verbose
 
 
-app.command("compress")(compress_cmd.compress)
-artifact.app.command("push")(fleet.artifact_push)
-artifact.app.command("ls")(fleet.artifact_ls)
-artifact.app.command("rm")(fleet.artifact_rm)
+app.command("compress")(compress.compress)
 app.add_typer(artifact.app, name="artifact", help="Inspect, push, list and remove artifacts.")
 app.add_typer(keys.app, name="keys", help="Manage Ed25519 signing keys.")
-app.command("deploy")(fleet.deploy)
-app.add_typer(fleet.rollout_app, name="rollout")
-app.add_typer(fleet.devices_app, name="devices")
-app.add_typer(fleet.audit_app, name="audit")
-app.add_typer(fleet.control_plane_app, name="control-plane")
-app.add_typer(agent_cmd.agent_app, name="agent")
-app.add_typer(broker_cmd.broker_app, name="broker")
-app.add_typer(sim_cmd.sim_app, name="sim")
-app.command("up")(local_cmd.up)
-app.command("down")(local_cmd.down)
-app.command("demo")(demo_cmd.demo)
-app.command("infer")(agent_cmd.infer)
+app.command("deploy")(rollout.deploy)
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(devices.app, name="devices")
+app.add_typer(audit.app, name="audit")
+app.add_typer(control_plane.app, name="control-plane")
+app.add_typer(agent.app, name="agent")
+app.add_typer(broker.app, name="broker")
+app.add_typer(sim.app, name="sim")
+app.command("up")(up.up)
+app.command("down")(up.down)
+app.command("demo")(demo.demo)
+app.command("infer")(infer.infer)
 app.command("doctor")(doctor.doctor)
 
 

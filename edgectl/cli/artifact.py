@@ -1,4 +1,5 @@
-"""``edgectl artifact``: look inside a signed model bundle and verify it.
+"""``edgectl artifact``: look inside a signed model bundle and verify it; push, list and remove
+artifacts on the control plane.
 
 Example:
     edgectl artifact inspect out/resnet18-v3.tar --trust ~/.config/edgectl/trusted/
@@ -23,7 +24,10 @@ from edgectl.artifact.verify import read_unverified, verify_bundle
 from edgectl.cli.output import console as _out
 from edgectl.cli.output import err_console as _err
 from edgectl.cli.output import print_json
-from edgectl.errors import EdgectlError
+from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, ago, as_dict, connect
+from edgectl.client import push_artifact
+from edgectl.errors import EdgectlError, UsageError
+from edgectl.protos.v1 import artifacts_pb2
 
 app = typer.Typer(help="Inspect and verify signed model artifacts.", no_args_is_help=True)
 
@@ -158,3 +162,87 @@ def _fail(exc: EdgectlError, as_json: bool) -> typer.Exit:
     else:
         _err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
+
+
+# -- on the control plane -------------------------------------------------------------------------
+
+
+@app.command("push")
+def artifact_push(
+    path: Path = typer.Argument(..., help="artifact directory or .tar"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Upload a signed artifact; resumes by sending only the chunks the control plane lacks.
+
+    Example: edgectl artifact push out/digits-v3/
+    """
+    if not path.exists():
+        raise UsageError(f"{path} does not exist", hint="pass an artifact directory or .tar")
+    with connect(server, token, ca) as client:
+        result = push_artifact(client, path)
+    ref = result.artifact.ref
+    if json_out:
+        print_json({"artifact": as_dict(result.artifact.ref), "chunks_sent": result.chunks_sent,
+                    "bytes_sent": result.bytes_sent, "already_present": result.already_present})  # fmt: skip
+    elif result.already_present:
+        _out.print(f"{ref.name}:{ref.version} {ref.digest} is already on the control plane")
+    else:
+        _out.print(
+            f"pushed {ref.name}:{ref.version} {ref.digest} ({result.chunks_sent} chunks, {result.bytes_sent} bytes sent)"
+        )
+
+
+@app.command("ls")
+def artifact_ls(
+    name: str = typer.Option("", help="only this artifact name"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """List the artifacts on the control plane, newest version first.
+
+    Example: edgectl artifact ls --name digits
+    """
+    with connect(server, token, ca) as client:
+        artifacts = client.call(
+            client.artifacts.List, artifacts_pb2.ListArtifactsRequest(name=name)
+        ).artifacts
+    if json_out:
+        print_json(
+            [{k: v for k, v in as_dict(a).items() if k not in ("manifest", "signatures")} for a in artifacts]
+        )
+        return
+    table = Table("name", "version", "digest", "size", "uploaded", "signed by")
+    for a in artifacts:
+        table.add_row(
+            a.ref.name,
+            str(a.ref.version),
+            a.ref.digest,
+            str(a.total_size),
+            ago(a.uploaded_at),
+            ",".join(a.key_ids),
+        )
+    _out.print(table)
+
+
+@app.command("rm")
+def artifact_rm(
+    artifact: str = typer.Argument(..., help="digest, NAME:VERSION or NAME"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+) -> None:
+    """Delete an artifact no rollout or device uses; frees the chunks no other artifact shares.
+
+    Example: edgectl artifact rm digits:2
+    """
+    with connect(server, token, ca) as client:
+        art = client.call(client.artifacts.Get, artifacts_pb2.GetArtifactRequest(artifact=artifact))
+        freed = client.call(
+            client.artifacts.Delete, artifacts_pb2.DeleteArtifactRequest(digest=art.ref.digest)
+        )
+    _out.print(f"deleted {art.ref.name}:{art.ref.version} ({freed.bytes_freed} bytes freed)")

@@ -23,11 +23,11 @@ from tests.agent.onnx_models import run_direct
 def agent_argv() -> list[str]:
     """`python -m edgectl agent run` once the root CLI mounts the agent app; its app directly until then."""
     from edgectl.cli import app
-    from edgectl.cli.agent_cmd import agent_app
+    from edgectl.cli.agent import app as agent_app
 
     if any(g.typer_instance is agent_app for g in app.registered_groups):
         return [sys.executable, "-m", "edgectl", "agent", "run"]
-    return [sys.executable, "-c", "from edgectl.cli.agent_cmd import agent_app; agent_app()", "run"]
+    return [sys.executable, "-c", "from edgectl.cli.agent import app; app()", "run"]
 
 
 class AgentProcess:

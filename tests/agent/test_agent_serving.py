@@ -200,7 +200,7 @@ def test_broker_only_site_fetches_chunks_over_mqtt(
 def test_cli_serve_only_and_infer(tmp_path: Path, bundles: Bundles, trust_file: Path) -> None:
     art = bundles.build(version=7)
     port = free_port()
-    cli = "from edgectl.cli.agent_cmd import agent_app; agent_app()"
+    cli = "from edgectl.cli.agent import app; app()"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -225,7 +225,7 @@ def test_cli_serve_only_and_infer(tmp_path: Path, bundles: Bundles, trust_file: 
         x = np.random.default_rng(9).standard_normal((3, 4)).astype(np.float32)
         np.savez(tmp_path / "x.npz", x=x)
         infer = (
-            "import typer; from edgectl.cli.agent_cmd import infer; app = typer.Typer(); "
+            "import typer; from edgectl.cli.infer import infer; app = typer.Typer(); "
             "app.command()(infer); app()"
         )
         out = subprocess.run(

@@ -7,35 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from edgectl.artifact import Artifact
-from edgectl.cli import fleet as cli
+from edgectl.cli import app as APP  # the real command tree, mounted as users get it
 from edgectl.client import resolve_credentials, resolve_server
 from edgectl.control_plane.server import ControlPlane
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.ports import free_port
 from tests.control_plane.sim_device import SimFleet, wait_for
-
-
-def make_app() -> typer.Typer:
-    """The commands mounted as the CLI root mounts them."""
-    app = typer.Typer()
-    artifact = typer.Typer()
-    artifact.command("push")(cli.artifact_push)
-    artifact.command("ls")(cli.artifact_ls)
-    artifact.command("rm")(cli.artifact_rm)
-    app.add_typer(artifact, name="artifact")
-    app.command("deploy")(cli.deploy)
-    app.add_typer(cli.rollout_app, name="rollout")
-    app.add_typer(cli.devices_app, name="devices")
-    app.add_typer(cli.audit_app, name="audit")
-    app.add_typer(cli.control_plane_app, name="control-plane")
-    return app
-
-
-APP = make_app()
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -15,11 +15,11 @@ from tests.harness.fleet import FleetRig, wait_for
 def sim_argv() -> list[str]:
     """`python -m edgectl sim` once the root CLI mounts the sim app; the app directly until then."""
     from edgectl.cli import app
-    from edgectl.cli.sim_cmd import sim_app
+    from edgectl.cli.sim import app as sim_app
 
     if any(g.typer_instance is sim_app for g in app.registered_groups):
         return [sys.executable, "-m", "edgectl", "sim"]
-    return [sys.executable, "-c", "from edgectl.cli.sim_cmd import sim_app; sim_app()"]
+    return [sys.executable, "-c", "from edgectl.cli.sim import app; app()"]
 
 
 def test_sim_run_enrolls_real_agents_and_stops_them_on_interrupt(rig: FleetRig, tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ import typer
 
 from edgectl.errors import UsageError
 
-sim_app = typer.Typer(help="Simulate a fleet of real agents for rollout tests and benchmarks.")
+app = typer.Typer(help="Simulate a fleet of real agents for rollout tests and benchmarks.")
 
 
-@sim_app.callback()
+@app.callback()
 def _sim() -> None:
     """Keeps `run` a named subcommand (typer would collapse a one-command app)."""
 
@@ -36,7 +36,7 @@ def _labels(text: str) -> dict[str, str]:
     return out
 
 
-@sim_app.command("run")
+@app.command("run")
 def run(
     devices: int = typer.Option(100, "--devices", "-n", help="how many simulated devices"),
     server: str | None = typer.Option(

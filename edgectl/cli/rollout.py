@@ -175,10 +175,10 @@ def _watch(client: ControlPlaneClient, rollout_id: str, quiet: bool = False) -> 
     return rollout
 
 
-rollout_app = typer.Typer(help="Inspect and steer rollouts: ls, status, pause, resume, abort, rollback.")
+app = typer.Typer(help="Inspect and steer rollouts: ls, status, pause, resume, abort, rollback.")
 
 
-@rollout_app.command("ls")
+@app.command("ls")
 def rollout_ls(
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
@@ -203,7 +203,7 @@ def rollout_ls(
     console.print(table)
 
 
-@rollout_app.command("status")
+@app.command("status")
 def rollout_status(
     rollout_id: str = typer.Argument(..., metavar="ID", help="rollout id"),
     watch: bool = typer.Option(False, "--watch", "-w", help="follow it live until it ends"),
@@ -249,7 +249,7 @@ def _action(action: str, summary: str) -> None:
     command.__doc__ = (
         f"{summary}\n\nExample: edgectl rollout {action} r-1a2b3c4d --reason 'latency regression'"
     )
-    rollout_app.command(action)(command)
+    app.command(action)(command)
 
 
 for _name, _summary_text in [

@@ -11,10 +11,10 @@ from edgectl.cli.output import console, print_json
 from edgectl.ports import parse_address
 from edgectl.security.broker_files import write_broker_files
 
-broker_app = typer.Typer(help="Generate mosquitto configuration for a fleet.")
+app = typer.Typer(help="Generate mosquitto configuration for a fleet.")
 
 
-@broker_app.command("config")
+@app.command("config")
 def broker_config(
     out: Path = typer.Option(
         Path("mosquitto"), "-o", "--out", help="output directory (kept files are reused)"

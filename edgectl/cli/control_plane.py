@@ -13,15 +13,15 @@ from edgectl.errors import UsageError
 
 # -- the server ----------------------------------------------------------------------------------
 
-control_plane_app = typer.Typer(help="Run the control plane (gRPC API, state, rollout controller).")
+app = typer.Typer(help="Run the control plane (gRPC API, state, rollout controller).")
 
 
-@control_plane_app.callback()
+@app.callback()
 def _control_plane() -> None:
     """Run the control plane (gRPC API, state, rollout controller)."""
 
 
-@control_plane_app.command("serve")
+@app.command("serve")
 def control_plane_serve(
     listen: str = typer.Option(
         "127.0.0.1:7443", help="gRPC for people and CI HOST:PORT (TLS + bearer tokens when secured)"
@@ -99,7 +99,7 @@ def control_plane_serve(
     plane.stop()
 
 
-@control_plane_app.command("token")
+@app.command("token")
 def control_plane_token(
     subject: str = typer.Option(..., "--subject", help="who the token speaks for, e.g. alice or ci"),
     role: str = typer.Option("viewer", help="viewer, deployer or admin"),
@@ -141,7 +141,7 @@ def control_plane_token(
     print(token)
 
 
-@control_plane_app.command("revoke-token")
+@app.command("revoke-token")
 def control_plane_revoke_token(
     revoked: str | None = typer.Argument(
         None, metavar="TOKEN", help="the token to revoke (or give --id)", show_default=False
