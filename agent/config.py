@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from edgectl.agent.errors import ConfigError
 from edgectl.artifact import KeyFileError, TrustStore
 from edgectl.artifact.signing import load_public_key
+from edgectl.labels import LabelError, check_labels, parse_labels
 from edgectl.mqtt.wire import DeviceIdError, check_device_id
 from edgectl.protos.v1 import fleet_pb2 as fpb
 
@@ -84,19 +85,6 @@ def _is_host_port(addr: str) -> bool:
     return bool(sep and host and port.isdigit())
 
 
-def parse_labels(text: str | None) -> dict[str, str]:
-    """``k=v,k2=v2`` -> dict; ConfigError on a pair without '='."""
-    out: dict[str, str] = {}
-    for pair in (text or "").split(","):
-        if not pair.strip():
-            continue
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"label {pair!r} is not k=v")
-        out[key.strip()] = value.strip()
-    return out
-
-
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
 
 
@@ -106,9 +94,21 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "trust":
         items = value if isinstance(value, (list, tuple)) else [value]
         return tuple(Path(v).expanduser() for v in items)
-    if name == "labels" and isinstance(value, str):
-        return parse_labels(value)
+    if name == "labels":
+        return _labels(value)
     return value
+
+
+def _labels(value: Any) -> dict[str, str]:
+    """Labels from a flag (``k=v,k=v``) or a config file mapping, by the fleet's one label rule."""
+    try:
+        if isinstance(value, str):
+            return parse_labels(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"labels must be k=v,k=v or a mapping, got {type(value).__name__}")
+        return check_labels({str(k): str(v) for k, v in value.items()})
+    except LabelError as exc:
+        raise ConfigError(f"labels: {exc.args[0]}", hint=exc.hint) from exc
 
 
 def load_config(file: Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:

@@ -8,7 +8,8 @@ from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactRecord
 from edgectl.control_plane.audit import AuditRecord
 from edgectl.control_plane.fleet import DeviceRecord
-from edgectl.control_plane.strategy import DEFAULT_HEALTH_TIMEOUT_S, OFFLINE_FAIL, Selector, StrategySpec
+from edgectl.control_plane.strategy import DEFAULT_HEALTH_TIMEOUT_S, OFFLINE_FAIL, StrategySpec
+from edgectl.labels import Selector
 from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import artifacts_pb2, common_pb2, fleet_pb2, mqtt_pb2, rollouts_pb2
 

@@ -25,7 +25,7 @@ from edgectl.control_plane.identity import (
     verify_secret,
 )
 from edgectl.control_plane.store import StateStore, dumps, loads
-from edgectl.control_plane.strategy import Selector, check_labels
+from edgectl.labels import Selector, check_labels
 from edgectl.mqtt.wire import DeviceIdError, check_device_id
 from edgectl.protos.v1 import mqtt_pb2
 

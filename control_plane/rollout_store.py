@@ -13,7 +13,8 @@ from edgectl.control_plane.db import Row, Tx
 from edgectl.control_plane.errors import NotFound
 from edgectl.control_plane.fleet import ModelState
 from edgectl.control_plane.store import dumps, loads
-from edgectl.control_plane.strategy import Selector, StrategySpec
+from edgectl.control_plane.strategy import StrategySpec
+from edgectl.labels import Selector
 from edgectl.protos.v1 import rollouts_pb2 as rp
 
 PENDING, RUNNING, PAUSED = rp.ROLLOUT_STATE_PENDING, rp.ROLLOUT_STATE_RUNNING, rp.ROLLOUT_STATE_PAUSED
@@ -71,7 +72,7 @@ class RolloutRecord:
     @classmethod
     def from_row(cls, r: Row) -> RolloutRecord:
         return cls(
-            r[0], r[1], r[2], int(r[3]), Selector.from_json(loads(r[4], {})),
+            r[0], r[1], r[2], int(r[3]), Selector.from_dict(loads(r[4], {})),
             StrategySpec.from_json(loads(r[5], {})), int(r[6]), int(r[7]), int(r[8]), r[9], int(r[10]),
             float(r[11]) if r[11] is not None else None, float(r[12]), float(r[13]), r[14],
         )  # fmt: skip
@@ -144,7 +145,7 @@ def insert(tx: Tx, r: RolloutRecord, sizes: list[int], device_ids: list[str]) ->
     """Store a new rollout with its waves and every target device, pending."""
     tx.execute(
         f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (r.id, r.artifact_digest, r.artifact_name, r.artifact_version, dumps(r.selector.to_json()),
+        (r.id, r.artifact_digest, r.artifact_name, r.artifact_version, dumps(r.selector.to_dict()),
          dumps(r.strategy.to_json()), r.state, r.current_wave, r.failures, r.reason, r.stop_state,
          r.stop_deadline, r.created_at, r.updated_at, r.created_by),
     )  # fmt: skip

@@ -18,7 +18,8 @@ from edgectl.control_plane.db import Tx
 from edgectl.control_plane.errors import FailedPrecondition, InvalidArgument
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.store import StateStore
-from edgectl.control_plane.strategy import Selector, StrategySpec, failure_budget
+from edgectl.control_plane.strategy import StrategySpec, failure_budget
+from edgectl.labels import Selector
 
 
 class Rollouts:

@@ -29,6 +29,7 @@ from edgectl.control_plane.errors import (
     Unavailable,
 )
 from edgectl.errors import EdgectlError
+from edgectl.labels import LabelError
 from edgectl.protos.v1 import common_pb2
 from edgectl.security.grpc_auth import current_identity
 
@@ -42,6 +43,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (BlobStoreError, grpc.StatusCode.UNAVAILABLE),
     (ArtifactError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LabelError, grpc.StatusCode.INVALID_ARGUMENT),
     (EdgectlError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 

@@ -18,7 +18,7 @@ from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.rpc import Hooks, Note, Servicer, caller, next_token, page, rpc
-from edgectl.control_plane.strategy import check_labels
+from edgectl.labels import check_labels
 from edgectl.protos.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,

@@ -1,4 +1,4 @@
-"""Rollout strategies and device selectors: parsing, validation, wave sizes, failure budgets.
+"""Rollout strategies: parsing, validation, wave sizes, failure budgets (selectors: :mod:`edgectl.labels`).
 
 Pure functions over plain values, shared by the server (validating requests) and the CLI
 (parsing flags), so both give the same message for the same mistake.
@@ -8,82 +8,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from edgectl.control_plane.errors import InvalidArgument
 
 _WAVE_RE = re.compile(r"^(\d+)(%?)$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
-_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
 DEFAULT_HEALTH_TIMEOUT_S = 120
 OFFLINE_FAIL = 1
 OFFLINE_SKIP = 2
-
-
-@dataclass(frozen=True)
-class Selector:
-    """Devices to target: every label must match (AND), or the id is listed (OR)."""
-
-    labels: dict[str, str] = field(default_factory=dict)
-    device_ids: tuple[str, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return not self.labels and not self.device_ids
-
-    def matches(self, device_id: str, labels: dict[str, str]) -> bool:
-        if device_id in self.device_ids:
-            return True
-        return bool(self.labels) and all(labels.get(k) == v for k, v in self.labels.items())
-
-    def to_json(self) -> dict[str, Any]:
-        return {"labels": dict(sorted(self.labels.items())), "device_ids": list(self.device_ids)}
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Selector:
-        return cls(dict(obj.get("labels", {})), tuple(obj.get("device_ids", [])))
-
-    def __str__(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.labels.items())] + [f"id={d}" for d in self.device_ids]
-        return ",".join(parts)
-
-
-def parse_selector(text: str) -> Selector:
-    """``site=lab,gpu=orin`` or ``id=cam-1,id=cam-2`` (mixable) into a Selector."""
-    labels: dict[str, str] = {}
-    ids: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise InvalidArgument(
-                f"selector part {part!r} is not key=value",
-                hint="write e.g. --to site=lab,ring=canary or --to id=cam-07",
-            )
-        key, value = key.strip(), value.strip()
-        if key == "id":
-            ids.append(value)
-        else:
-            labels[key] = value
-    selector = Selector(labels, tuple(ids))
-    if selector.empty:
-        raise InvalidArgument("the selector is empty", hint="name labels (site=lab) or devices (id=cam-07)")
-    return selector
-
-
-def check_labels(labels: dict[str, str]) -> dict[str, str]:
-    """Return ``labels`` if every key and value is usable in a selector."""
-    for key, value in labels.items():
-        if not _LABEL_KEY_RE.fullmatch(key) or key == "id":
-            raise InvalidArgument(
-                f"label key {key!r} is not allowed",
-                hint="use up to 63 letters, digits, '.', '_', '/', '-'; 'id' is reserved",
-            )
-        if "," in value or "=" in value or len(value) > 256:
-            raise InvalidArgument(f"label {key}={value!r}: values may not contain ',' or '=' (max 256 chars)")
-    return labels
 
 
 def wave_sizes(waves: list[str], targets: int) -> list[int]:

@@ -90,7 +90,7 @@ def run(
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edgectl.agent.agent import Agent
-    from edgectl.agent.config import load_config, parse_labels
+    from edgectl.agent.config import load_config
 
     overrides: dict[str, Any] = {
         "device_id": device_id,
@@ -99,7 +99,7 @@ def run(
         "data_dir": data_dir,
         "listen": listen,
         "burst": burst,
-        "labels": parse_labels(labels) if labels else None,
+        "labels": labels or None,
         "serve_only": serve_only,
         "model_dir": model_dir,
         "trust": tuple(trust) if trust else None,

@@ -21,10 +21,10 @@ from edgectl.cli.remote import (
     as_dict,
     connect,
     enum_name,
-    labels_arg,
 )
-from edgectl.control_plane.strategy import parse_duration, parse_selector
+from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
+from edgectl.labels import parse_labels, parse_selector
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 
 # -- devices -------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def devices_enroll(
     Example: edgectl devices enroll cam-07 --labels site=lab,gpu=orin
     """
     request = fleet_pb2.CreateEnrollmentTokenRequest(
-        device_id=device_id, labels=labels_arg(labels), ttl_seconds=round(parse_duration(ttl))
+        device_id=device_id, labels=parse_labels(labels), ttl_seconds=round(parse_duration(ttl))
     )
     with connect(server, token, ca) as client:
         minted = client.call(client.fleet.CreateEnrollmentToken, request)
@@ -104,7 +104,7 @@ def devices_enroll(
 @app.command("label")
 def devices_label(
     device_id: str = typer.Argument(..., metavar="ID"),
-    labels: list[str] = typer.Argument(..., help="k=v to set, k- to remove"),
+    labels: list[str] = typer.Argument(..., help="k=v[,k=v] to set, k- to remove"),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -120,8 +120,7 @@ def devices_label(
         if item.endswith("-") and "=" not in item:
             remove.append(item[:-1])
         elif "=" in item:
-            key, _, value = item.partition("=")
-            to_set[key] = value
+            to_set.update(parse_labels(item))
         else:
             raise UsageError(
                 f"label {item!r} is neither k=v nor k-", hint="e.g. ring=canary, or old- to remove"

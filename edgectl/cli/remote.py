@@ -11,7 +11,6 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from edgectl.client import ControlPlaneClient, resolve_credentials, resolve_server
-from edgectl.control_plane.strategy import parse_selector
 
 SERVER_HELP = "control plane HOST:PORT (else EDGECTL_SERVER, config.toml, or `edgectl up`'s endpoints.json)"
 ServerOpt = typer.Option(None, "--server", "-s", help=SERVER_HELP)
@@ -52,8 +51,3 @@ def ago(ts: Any) -> str:
     return (
         f"{delta}s ago" if delta < 120 else f"{delta // 60}m ago" if delta < 7200 else f"{delta // 3600}h ago"
     )
-
-
-def labels_arg(text: str | None) -> dict[str, str]:
-    """``k=v[,k=v]`` from a flag as a dict (empty when absent)."""
-    return dict(parse_selector(text).labels) if text else {}

@@ -22,8 +22,9 @@ from edgectl.cli.remote import (
     short_digest,
 )
 from edgectl.client import ControlPlaneClient, push_artifact
-from edgectl.control_plane.strategy import parse_duration, parse_selector
+from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import EdgectlError, UsageError
+from edgectl.labels import parse_selector
 from edgectl.protos.v1 import common_pb2, rollouts_pb2
 
 # -- deploy and rollouts -------------------------------------------------------------------------

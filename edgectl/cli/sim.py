@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from edgectl.errors import UsageError
+from edgectl.labels import parse_labels
 
 app = typer.Typer(help="Simulate a fleet of real agents for rollout tests and benchmarks.")
 
@@ -22,18 +23,6 @@ app = typer.Typer(help="Simulate a fleet of real agents for rollout tests and be
 @app.callback()
 def _sim() -> None:
     """Keeps `run` a named subcommand (typer would collapse a one-command app)."""
-
-
-def _labels(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in (p.strip() for p in text.split(",")):
-        if not pair:
-            continue
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"label {pair!r} is not k=v", hint="e.g. --labels fleet=sim,site=lab")
-        out[key.strip()] = value.strip()
-    return out
 
 
 @app.command("run")
@@ -81,6 +70,7 @@ def run(
 
     if devices < 1:
         raise UsageError("--devices must be at least 1")
+    device_labels = parse_labels(labels)
     address = resolve_server(server)
     credentials = resolve_credentials(token, ca)
     if device_server is None and server is None:  # `edgectl up`'s endpoints.json names its mTLS listener
@@ -95,7 +85,7 @@ def run(
         trust=tuple(p.resolve() for p in trust), profile=profile, heartbeat_s=heartbeat, serve=serve,
         ca_file=ca_file, enroll_server=address if ca_file else None,
     )  # fmt: skip
-    fleet = make_devices(devices, prefix, _labels(labels))
+    fleet = make_devices(devices, prefix, device_labels)
     new = [d for d in fleet if not (settings.data_dir(d.device_id) / CREDENTIALS_FILE).exists()]
     tokens = {d.device_id: d for d in issue_tokens(address, new, credentials)} if new else {}
     fleet = [tokens.get(d.device_id, d) for d in fleet]

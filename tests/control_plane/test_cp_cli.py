@@ -103,6 +103,29 @@ def test_errors_are_one_line_with_the_right_exit_code(
     assert code == 9 and "unreachable" in out
 
 
+def test_site_lab_id_cam_9_is_refused_by_every_label_command_and_selects_by_id(
+    cp: ControlPlane, sim: SimFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``id`` is the selector's device key, so a label ``id`` is refused where it is written (the
+    CLI once dropped it silently); as a selector, ``site=lab,id=cam-9`` selects by label OR id."""
+    monkeypatch.setenv("EDGECTL_SERVER", cp.address)
+    for device_id, site in (("dev-0", "lab"), ("cam-9", "dock"), ("dev-2", "dock")):
+        sim.add(device_id, {"site": site})
+    sim.connect()
+    wait_for(lambda: len(cp.fleet.list_devices()) == 3, 10, what="devices registered")
+    code, out = run("devices", "enroll", "cam-10", "--labels", "site=lab,id=cam-9")
+    assert code == 2 and "'id' is reserved" in out
+    code, out = run("devices", "enroll", "cam-10", "--labels", "site=lab,camera=cam-9", "--json")
+    assert code == 0 and json.loads(out)["token"]
+    code, out = run("devices", "label", "dev-0", "site=lab,id=cam-9")
+    assert code == 2 and "'id' is reserved" in out
+    assert cp.fleet.get("dev-0").labels == {}
+    code, out = run("devices", "label", "dev-0", "ring=canary,camera=cam-9")
+    assert code == 0 and "camera=cam-9,ring=canary,site=lab" in out
+    code, out = run("devices", "ls", "-l", "site=lab,id=cam-9", "--json")
+    assert code == 0 and sorted(d["id"] for d in json.loads(out)) == ["cam-9", "dev-0"]
+
+
 def test_server_address_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UsageError, match="no control plane address"):
         resolve_server(None)

@@ -28,7 +28,8 @@ from edgectl.control_plane.migrations import MIGRATIONS, migrate
 from edgectl.control_plane.revocations import Revocation, TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.store import StateStore
-from edgectl.control_plane.strategy import Selector, StrategySpec
+from edgectl.control_plane.strategy import StrategySpec
+from edgectl.labels import Selector
 from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import mqtt_pb2
 from edgectl.security.tokens import CLOCK_SKEW_S, Role, TokenIssuer
