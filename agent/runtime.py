@@ -18,38 +18,12 @@ import onnxruntime as ort
 
 from edgectl.agent.codecs import Array
 from edgectl.agent.errors import InferenceError, InvalidInputError, ModelLoadError
+from edgectl.artifact import TensorSpec, UnsupportedTensorTypeError
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
-ORT_TO_NUMPY = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-    "tensor(string)": "object",
-}
-
-
-@dataclass(frozen=True)
-class TensorSignature:
-    """One model input/output: name, numpy dtype name, shape (None or a name for a free dim)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-    def fixed(self, dim: int | str | None) -> bool:
-        return isinstance(dim, int) and dim >= 0
 
 
 @dataclass(frozen=True)
@@ -72,8 +46,8 @@ class LoadedModel:
     version: int
     digest: str
     session: ort.InferenceSession
-    inputs: tuple[TensorSignature, ...]
-    outputs: tuple[TensorSignature, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
     provider: str
     fallback_reasons: tuple[str, ...] = ()
 
@@ -81,7 +55,7 @@ class LoadedModel:
     def batchable(self) -> bool:
         """True when every input and output has a free first dimension (a batch dimension)."""
         tensors = (*self.inputs, *self.outputs)
-        return bool(tensors) and all(t.shape and not isinstance(t.shape[0], int) for t in tensors)
+        return bool(tensors) and all(t.batched for t in tensors)
 
     def validate(self, feeds: Mapping[str, Array]) -> None:
         """Raise InvalidInputError unless names, dtypes and shapes match the signature."""
@@ -96,14 +70,10 @@ class LoadedModel:
                 raise InvalidInputError(
                     f"input {spec.name!r} of model {self.name!r} must be {spec.dtype}, got {arr.dtype}"
                 )
-            shape_ok = len(arr.shape) == len(spec.shape) and all(
-                not isinstance(d, int) or d < 0 or d == n for d, n in zip(spec.shape, arr.shape, strict=True)
-            )
-            if not shape_ok:
-                want = ["-1" if not isinstance(d, int) else str(d) for d in spec.shape]
+            if not spec.accepts(arr.shape):
                 raise InvalidInputError(
                     f"input {spec.name!r} of model {self.name!r} must have shape "
-                    f"[{', '.join(want)}], got {list(arr.shape)}"
+                    f"{spec.wire_shape()}, got {list(arr.shape)}"
                 )
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
@@ -115,15 +85,11 @@ class LoadedModel:
         return {spec.name: np.asarray(v) for spec, v in zip(self.outputs, values, strict=True)}
 
 
-def _signature(args: Sequence[Any]) -> tuple[TensorSignature, ...]:
-    out = []
-    for a in args:
-        dtype = ORT_TO_NUMPY.get(a.type)
-        if dtype is None:
-            raise ModelLoadError(f"tensor {a.name!r} has type {a.type}, which the V2 server cannot carry")
-        shape = tuple(d if isinstance(d, int) else (d or None) for d in (a.shape or ()))
-        out.append(TensorSignature(a.name, dtype, shape))
-    return tuple(out)
+def _signature(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    try:
+        return tuple(TensorSpec.from_node_arg(a) for a in args)
+    except UnsupportedTensorTypeError as exc:
+        raise ModelLoadError(f"{exc}; the V2 server cannot carry it") from exc
 
 
 def _provider_options(provider: str, settings: SessionSettings) -> dict[str, str]:

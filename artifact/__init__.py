@@ -49,12 +49,12 @@ from edgectl.artifact.manifest import (
     GoldenRef,
     Manifest,
     Producer,
-    TensorSpec,
     TrtEngine,
     ensure_newer,
     is_newer,
 )
 from edgectl.artifact.signing import Signature, SigningKey, TrustStore, key_id, public_pem, verify_signatures
+from edgectl.artifact.tensors import ONNX_TO_NUMPY, TensorSpec, UnsupportedTensorTypeError
 from edgectl.artifact.verify import (
     VerifiedArtifact,
     VerifiedManifest,
@@ -70,6 +70,7 @@ __all__ = [
     "MANIFEST_NAME",
     "MAX_CHUNK",
     "MIN_CHUNK",
+    "ONNX_TO_NUMPY",
     "SIGNATURE_NAME",
     "Artifact",
     "ArtifactError",
@@ -95,6 +96,7 @@ __all__ = [
     "TruncatedError",
     "TrustStore",
     "UnlistedFileError",
+    "UnsupportedTensorTypeError",
     "UntrustedKeyError",
     "VerifiedArtifact",
     "VerifiedManifest",

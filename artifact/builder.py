@@ -32,12 +32,12 @@ from edgectl.artifact.manifest import (
     GoldenRef,
     Manifest,
     Producer,
-    TensorSpec,
     TrtEngine,
 )
 from edgectl.artifact.paths import check_relpath
 from edgectl.artifact.signing import SigningKey, decode_signatures, encode_signatures
 from edgectl.artifact.tarball import write_tar
+from edgectl.artifact.tensors import TensorSpec
 
 
 @dataclass(frozen=True)

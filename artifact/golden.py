@@ -16,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from edgectl.artifact.errors import ManifestError
-from edgectl.artifact.manifest import GoldenRef, TensorSpec
+from edgectl.artifact.manifest import GoldenRef
+from edgectl.artifact.tensors import TensorSpec
 
 _EPOCH_1980 = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 
@@ -28,10 +29,7 @@ def _key(kind: str, index: int) -> str:
 def _check_against(spec: TensorSpec, arr: npt.NDArray[np.generic], kind: str) -> None:
     if arr.dtype != np.dtype(spec.dtype):
         raise ManifestError(f"golden {kind} {spec.name!r} is {arr.dtype}, signature says {spec.dtype}")
-    dims_ok = len(arr.shape) == len(spec.shape) and all(
-        isinstance(d, str) or d == n for d, n in zip(spec.shape, arr.shape, strict=True)
-    )
-    if not dims_ok:
+    if not spec.accepts(arr.shape):
         raise ManifestError(f"golden {kind} {spec.name!r} has shape {arr.shape}, signature says {spec.shape}")
 
 

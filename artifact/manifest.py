@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, cast
 from edgectl.artifact.canonical import canonical_bytes, is_hex64, parse_canonical, sha256_digest
 from edgectl.artifact.errors import ManifestError, RollbackError
 from edgectl.artifact.paths import check_relpath
+from edgectl.artifact.tensors import TensorSpec
 
 FORMAT = "edgectl.artifact/v1"
 MANIFEST_NAME = "manifest.json"
@@ -131,26 +132,6 @@ class FileEntry:
             pos += c.size
         if pos != self.size or self.size < 0:
             raise ManifestError(f"files[{self.path}]: chunks cover {pos} bytes but the file has {self.size}")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: name, numpy dtype name, shape (symbolic dims are strings)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, obj: dict[str, Any], where: str) -> TensorSpec:
-        shape = _req(obj, "shape", list, where)
-        for dim in shape:
-            if isinstance(dim, bool) or not isinstance(dim, (int, str)) or (isinstance(dim, int) and dim < 0):
-                raise ManifestError(f"{where}: shape dims must be non-negative ints or names, got {dim!r}")
-        return cls(_req(obj, "name", str, where), _req(obj, "dtype", str, where), tuple(shape))
 
 
 @dataclass(frozen=True)
