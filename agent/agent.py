@@ -16,6 +16,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from edgectl.addresses import parse_host_port
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.burst import BurstSettings, InferenceRouter
@@ -210,8 +211,8 @@ class Agent:
     def start(self) -> None:
         """Serve what is on disk, then connect to the fleet in the background."""
         if self.config.metrics_listen:
-            host, _, port = self.config.metrics_listen.rpartition(":")
-            self.metrics.serve(host, int(port))
+            metrics = parse_host_port(self.config.metrics_listen, what="--metrics", listen=True)
+            self.metrics.serve(metrics.host, metrics.port)
         if self.config.serve_only:
             self._serve_local_dir()
         elif self.reconciler is not None:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from google.protobuf import json_format
 
+from edgectl.addresses import AddressError, parse_host_port, parse_mqtt_url
 from edgectl.agent.errors import ConfigError
 from edgectl.artifact import KeyFileError, TrustStore
 from edgectl.artifact.signing import load_public_key
@@ -74,15 +75,22 @@ class AgentConfig:
         for what, value in (("--max-batch-size", self.max_batch_size), ("--slo-ms", self.slo_ms)):
             if value <= 0:
                 raise ConfigError(f"{what} must be positive, got {value}")
-        for addr in (self.listen, self.burst, self.control_plane, self.metrics_listen, self.enroll_server):
-            if addr is not None and not _is_host_port(addr):
-                raise ConfigError(f"address {addr!r} is not HOST:PORT")
+        addresses = (  # (flag, value, bound here rather than dialled)
+            ("--listen", self.listen, True),
+            ("--metrics", self.metrics_listen, True),
+            ("--burst", self.burst, False),
+            ("--control-plane", self.control_plane, False),
+            ("--enroll-server", self.enroll_server, False),
+        )
+        try:
+            for what, addr, bound in addresses:
+                if addr is not None:
+                    parse_host_port(addr, what=what, listen=bound)
+            if self.mqtt:
+                parse_mqtt_url(self.mqtt)
+        except AddressError as exc:
+            raise ConfigError(exc.args[0], hint=exc.hint) from exc
         return self
-
-
-def _is_host_port(addr: str) -> bool:
-    host, sep, port = addr.rpartition(":")
-    return bool(sep and host and port.isdigit())
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from google.protobuf.message import Message
@@ -22,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgectl.addresses import AddressError, parse_mqtt_url
 from edgectl.agent.errors import ConfigError
 from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode
 from edgectl.protos.v1 import mqtt_pb2 as mpb
@@ -44,15 +44,6 @@ class MqttSettings:
     reconnect_max_s: int = 30
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
-    """(host, port, tls) from ``mqtt://host:port`` or ``mqtts://host:port``."""
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
-        raise ConfigError(f"broker URL {url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
-    tls = parsed.scheme in ("mqtts", "ssl")
-    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
-
-
 class MqttLink:
     """One device's connection to the broker."""
 
@@ -70,7 +61,11 @@ class MqttLink:
         self._on_chunk = on_chunk
         self._on_connected = on_connected
         self.connected = threading.Event()
-        self.host, self.port, tls = parse_mqtt_url(settings.url)
+        try:
+            url = parse_mqtt_url(settings.url)
+        except AddressError as exc:
+            raise ConfigError(f"broker {exc.args[0]}", hint=exc.hint) from exc
+        self.host, self.port = url.host, url.port
         # A stable client id: the broker keeps our session (subscriptions, queued QoS 1) across drops.
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -79,7 +74,7 @@ class MqttLink:
         )
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
-        if tls:
+        if url.tls:
             self.client.tls_set(ca_certs=settings.ca_file)
         self.client.will_set(
             self.topics.status,

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import grpc
 
 import edgectl
+from edgectl.addresses import HostPort, parse_host_port
 from edgectl.agent.burst import InferenceRouter
 from edgectl.agent.codecs import decode_request, v2_datatype
 from edgectl.agent.errors import (
@@ -131,8 +132,7 @@ class V2Server:
             raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
         if self.port == 0:
             raise ConfigError(f"cannot listen on {listen}: address in use or invalid")
-        host = listen.rsplit(":", 1)[0]
-        self.address = f"{host}:{self.port}"
+        self.address = str(HostPort(parse_host_port(listen, what="--listen", listen=True).host, self.port))
 
     def start(self) -> None:
         self.server.start()

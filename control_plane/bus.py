@@ -13,51 +13,21 @@ import ssl
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgectl.addresses import parse_mqtt_url
 from edgectl.control_plane.desired import Publication
-from edgectl.control_plane.errors import InvalidArgument
 from edgectl.mqtt.wire import ALL_CHUNK_REQUESTS, ALL_EVENTS, ALL_REPORTED, ALL_STATUS, DeviceTopics
 
 log = logging.getLogger(__name__)
 FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_CHUNK_REQUESTS, 1)]
 CONNECTED = "$connected"  # an inbox marker, never a real topic (MQTT topics cannot start with '$' here)
-
-
-@dataclass(frozen=True)
-class MqttUrl:
-    """``mqtt://[user:pass@]host[:port]`` or ``mqtts://`` for TLS."""
-
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None = field(repr=False)  # never in a log line
-
-    @classmethod
-    def parse(cls, url: str) -> MqttUrl:
-        parsed = urlparse(url if "://" in url else "mqtt://" + url)
-        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
-            raise InvalidArgument(
-                f"MQTT URL {url!r} is not understood", hint="use mqtt://HOST:1883 or mqtts://HOST:8883"
-            )
-        tls = parsed.scheme in ("mqtts", "ssl")
-        return cls(
-            parsed.hostname, parsed.port or (8883 if tls else 1883), tls,
-            unquote(parsed.username) if parsed.username else None,
-            unquote(parsed.password) if parsed.password else None,
-        )  # fmt: skip
-
-    def public(self) -> str:
-        """The URL without credentials: what devices are told and logs may show."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -82,7 +52,7 @@ class FleetBus:
         password: str | None = None,
         ca_file: str | None = None,
     ) -> None:
-        self.url = MqttUrl.parse(url)
+        self.url = parse_mqtt_url(url)
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self._subscriptions: list[tuple[str, int]] = []
         self._lock = threading.Lock()

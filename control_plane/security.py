@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgectl.addresses import parse_mqtt_url
 from edgectl.control_plane.errors import ControlPlaneError, InvalidArgument, Unavailable
 from edgectl.control_plane.identity import IssuedCertificate
 from edgectl.security.dynsec import RESPONSE_TOPIC, DynsecAdmin
@@ -80,11 +81,9 @@ class BrokerAdminLink:
     """A dedicated MQTT connection with dynamic-security admin rights, connected on first use."""
 
     def __init__(self, credentials: BrokerCredentials, timeout: float = 10.0) -> None:
-        from edgectl.control_plane.bus import MqttUrl
-
         self.credentials = credentials
         self.timeout = timeout
-        self.url = MqttUrl.parse(credentials.url)
+        self.url = parse_mqtt_url(credentials.url)
         self._lock = threading.Lock()
         self._admin: DynsecAdmin | None = None
         self._connected = threading.Event()

@@ -19,10 +19,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edgectl.addresses import HostPort, parse_host_port, parse_mqtt_url
 from edgectl.artifact import TrustStore, default_trust_store, open_blob_store, public_pem
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
-from edgectl.control_plane.bus import FleetBus, MqttUrl
+from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
@@ -95,11 +96,9 @@ def load_trust(paths: tuple[Path, ...]) -> TrustStore:
     return trust
 
 
-def split_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ControlPlaneError(f"address {text!r} is not HOST:PORT", hint="e.g. 127.0.0.1:7443")
-    return host.strip("[]") or "0.0.0.0", int(port)
+def listen_address(text: str, what: str) -> HostPort:
+    """A listener's ``HOST:PORT`` (``:PORT`` binds every interface; port 0 lets the OS pick)."""
+    return parse_host_port(text, what=what, default_host="0.0.0.0", listen=True)
 
 
 def load_security(config: ControlPlaneConfig) -> FleetSecurity | None:
@@ -115,7 +114,10 @@ def load_security(config: ControlPlaneConfig) -> FleetSecurity | None:
             "the control plane needs --security-dir DIR (TLS, tokens, fleet CA) or an explicit --insecure",
             hint="make DIR with `edgectl broker config -o DIR`; --insecure is for a development box only",
         )
-    hosts = [split_hostport(config.listen)[0], split_hostport(config.device_listen)[0]]
+    hosts = [
+        listen_address(config.listen, "--listen").host,
+        listen_address(config.device_listen, "--device-listen").host,
+    ]
     return FleetSecurity(
         Path(config.security_dir),
         list(config.tls_names) or default_tls_names(hosts),
@@ -146,7 +148,7 @@ class ControlPlane:
                 "provision devices' MQTT identities (run `edgectl broker config -o` on that directory)"
             )
         identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
-        device_url = config.device_mqtt_url or MqttUrl.parse(mqtt_url).public()
+        device_url = config.device_mqtt_url or parse_mqtt_url(mqtt_url).public()
         self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities)
         self.revocations = TokenRevocations(self.store)
         self.metrics = Metrics(self.store, self.fleet)
@@ -179,16 +181,16 @@ class ControlPlane:
     @property
     def address(self) -> str:
         """Where people and CI call (TLS + token, or plaintext in insecure mode)."""
-        host, _ = split_hostport(self.config.listen)
-        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
+        host = listen_address(self.config.listen, "--listen").host
+        return str(HostPort(host, self.port).dialable())
 
     @property
     def device_address(self) -> str:
         """Where agents call with their client certificate (the same as ``address`` when insecure)."""
         if self.security is None:
             return self.address
-        host, _ = split_hostport(self.config.device_listen)
-        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.device_port}"
+        host = listen_address(self.config.device_listen, "--device-listen").host
+        return str(HostPort(host, self.device_port).dialable())
 
     def _record_denied(self, who: Identity | None, method: str, code: grpc.StatusCode, message: str) -> None:
         """Count every refusal; audit those of a known identity (a stranger cannot fill the log)."""
@@ -258,14 +260,14 @@ class ControlPlane:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            host, port = split_hostport(self.config.listen)
+            people = str(listen_address(self.config.listen, "--listen"))
             if self.security is None:
-                self.port = server.add_insecure_port(f"{host}:{port}")
+                self.port = server.add_insecure_port(people)
             else:
-                self.port = server.add_secure_port(f"{host}:{port}", self.security.people_credentials())
-                host, port = split_hostport(self.config.device_listen)
+                self.port = server.add_secure_port(people, self.security.people_credentials())
                 self.device_port = server.add_secure_port(
-                    f"{host}:{port}", self.security.device_credentials()
+                    str(listen_address(self.config.device_listen, "--device-listen")),
+                    self.security.device_credentials(),
                 )
         except RuntimeError as exc:
             raise ControlPlaneError(f"cannot listen on {self.config.listen}: {exc}") from exc
@@ -274,7 +276,8 @@ class ControlPlane:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_listen:
-            self.metrics.serve(*split_hostport(self.config.metrics_listen))
+            metrics = listen_address(self.config.metrics_listen, "--metrics-listen")
+            self.metrics.serve(metrics.host, metrics.port)
         self.bus.start()
         self.chunks.start()
         self.election.start()

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgectl.addresses import MqttUrl
 from edgectl.errors import EdgectlError
 from edgectl.ports import free_port, wait_for_port
 
@@ -92,7 +93,7 @@ class MosquittoProcess:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.config.host}:{self.config.port}"
+        return MqttUrl(self.config.host, self.config.port, tls=False).public()
 
     @property
     def host(self) -> str:

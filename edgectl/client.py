@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from edgectl.addresses import parse_host_port
 from edgectl.artifact.keystore import config_dir
 from edgectl.artifact.manifest import Manifest
 from edgectl.artifact.tarball import safe_members
@@ -101,7 +102,7 @@ def resolve_server(flag: str | None, data_dir: Path | None = None) -> str:
         _from_endpoints(data_dir or default_data_dir()),
     ):
         if found:
-            return found.removeprefix("grpc://")
+            return str(parse_host_port(found.removeprefix("grpc://"), what="control plane address"))
     raise UsageError(
         "no control plane address",
         hint=f'pass --server HOST:PORT, set {SERVER_ENV}, put server = "HOST:PORT" in '

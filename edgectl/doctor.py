@@ -17,14 +17,13 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import edgectl
+from edgectl.addresses import AddressError, parse_mqtt_url
 from edgectl.devices import DeviceError, HostFacts, detect, gather_facts
 
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
 BROKER_TIMEOUT_S = 2.0
-_SCHEME_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 
 
 @dataclass(frozen=True)
@@ -104,14 +103,11 @@ def _package(name: str, install_hint: str) -> PackageCheck:
 
 def check_broker(url: str, timeout_s: float = BROKER_TIMEOUT_S) -> BrokerCheck:
     """Connect to the broker at ``url`` and wait for its CONNACK, within ``timeout_s``."""
-    parts = urlsplit(url)
-    if parts.scheme not in _SCHEME_PORTS or not parts.hostname:
-        return BrokerCheck(url, False, "not an MQTT URL; write mqtt://HOST:PORT or mqtts://HOST:PORT")
     try:
-        port = parts.port or _SCHEME_PORTS[parts.scheme]
-    except ValueError:
-        return BrokerCheck(url, False, "the port is not a number")
-    host = parts.hostname
+        parsed = parse_mqtt_url(url)
+    except AddressError as exc:
+        return BrokerCheck(url, False, str(exc))
+    host, port = parsed.host, parsed.port
     started = time.monotonic()
     if importlib.util.find_spec("paho") is None:
         try:
@@ -121,9 +117,7 @@ def check_broker(url: str, timeout_s: float = BROKER_TIMEOUT_S) -> BrokerCheck:
             return BrokerCheck(url, False, f"TCP connect to {host}:{port} failed: {exc}")
         ms = (time.monotonic() - started) * 1000
         return BrokerCheck(url, True, "TCP port open; install paho-mqtt to check the MQTT handshake", ms)
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return _mqtt_handshake(url, host, port, parts.scheme in ("mqtts", "ssl"), user, password, timeout_s)
+    return _mqtt_handshake(url, host, port, parsed.tls, parsed.username, parsed.password, timeout_s)
 
 
 def _mqtt_handshake(

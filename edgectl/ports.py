@@ -8,7 +8,8 @@ import time
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 literal such as ::1
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -23,14 +24,3 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
         except OSError:
             time.sleep(0.05)
     return False
-
-
-def parse_address(text: str, *, default_host: str = "127.0.0.1", what: str = "address") -> tuple[str, int]:
-    """Parse ``HOST:PORT``, ``:PORT`` or ``[v6]:PORT``; a UsageError says what a valid one looks like."""
-    from edgectl.errors import UsageError
-
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"invalid {what} {text!r}", hint="use HOST:PORT, e.g. 127.0.0.1:7443")
-    host = host.strip("[]") or default_host
-    return host, int(port_text)

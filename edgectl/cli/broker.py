@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from edgectl.addresses import parse_host_port
 from edgectl.cli.output import console, print_json
-from edgectl.ports import parse_address
 from edgectl.security.broker_files import write_broker_files
 
 app = typer.Typer(help="Generate mosquitto configuration for a fleet.")
@@ -36,9 +36,14 @@ def broker_config(
 
     Example: edgectl broker config -o /etc/mosquitto/edgectl --hostname broker.lab --listen 0.0.0.0:8883
     """
-    host, port = parse_address(listen, default_host="0.0.0.0", what="--listen")
+    listen_at = parse_host_port(listen, what="--listen", default_host="0.0.0.0")
     layout = write_broker_files(
-        out.resolve(), hostnames=hostname, host=host, port=port, tls=not no_tls, plugin=plugin
+        out.resolve(),
+        hostnames=hostname,
+        host=listen_at.host,
+        port=listen_at.port,
+        tls=not no_tls,
+        plugin=plugin,
     )
     files = {
         "mosquitto.conf": layout.config_file,
