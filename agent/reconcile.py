@@ -33,6 +33,7 @@ from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.state import AgentState, Installed, ModelSlot, StateStore
 from edgectl.agent.verify import DeviceFit, check_fit, check_identity, check_rollback, verify_signed
 from edgectl.artifact import ArtifactError
+from edgectl.backoff import Backoff
 from edgectl.devices import HostFacts
 from edgectl.protos.v1 import fleet_pb2 as fpb
 from edgectl.protos.v1 import mqtt_pb2 as mpb
@@ -99,6 +100,7 @@ class Reconciler:
         self.inbox: queue.Queue[mpb.DesiredState | str] = queue.Queue()
         self.last_error = ""
         self._retry: dict[str, tuple[float, int]] = {}  # digest -> (next attempt at, attempts)
+        self._backoff = Backoff(settings.retry_min_s, settings.retry_max_s)  # jittered: no herd
         self._refused: set[tuple[str, int]] = set()  # (digest, generation) refused this run
 
     # -- called from other threads: only enqueue --------------------------------------------
@@ -160,7 +162,7 @@ class Reconciler:
         try:
             self.reconcile()
         except OSError as exc:
-            delay = min(self.settings.retry_max_s, self.settings.retry_min_s * 2 ** (attempts - 1))
+            delay = self._backoff.delay(attempts)
             self._retry[STATE_RETRY] = (time.monotonic() + delay, attempts)
             self.last_error = f"cannot write the agent's state: {exc} (retry in {delay:.0f} s)"
             log.warning("%s", self.last_error)
@@ -215,7 +217,7 @@ class Reconciler:
             self._event(Kind.EVENT_KIND_REFUSED, dm.digest, str(exc))
         except (FetchError, AgentError, ArtifactError, OSError) as exc:
             attempts = (retry[1] if retry else 0) + 1
-            delay = min(self.settings.retry_max_s, self.settings.retry_min_s * 2 ** (attempts - 1))
+            delay = self._backoff.delay(attempts)
             self._retry[dm.digest] = (time.monotonic() + delay, attempts)
             self.last_error = f"{dm.name}: {exc} (retry in {delay:.0f} s)"
             log.warning("%s", self.last_error)
