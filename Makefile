@@ -35,7 +35,9 @@ faketime:  ## libfaketime for the clock-skew fault test (optional: the test fall
 		echo "optional: sudo apt-get install -y faketime (the clock-skew fault test then also runs under libfaketime)"; \
 	fi
 
-test: $(VENV)/.installed  ## the suite without slow benchmarks
+# test and demo need all of setup (mosquitto too), not only the venv: on a fresh machine each README
+# command sets itself up; once installed, broker and faketime are checks that take milliseconds.
+test: setup  ## the suite without slow benchmarks
 	$(PY) -m pytest -q -m "not slow and not bench" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed  ## ruff + mypy --strict on the packages
@@ -55,7 +57,7 @@ bench: $(VENV)/.installed  ## benchmarks: print ratios measured side by side
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 	$(PY) -m pytest -q -m "slow or bench" $(PYTEST_ARGS)
 
-demo: $(VENV)/.installed  ## train, compress, deploy, infer, roll back: all local
+demo: setup  ## train, compress, deploy, infer, roll back: all local
 	$(VENV)/bin/edgectl demo
 
 clean:

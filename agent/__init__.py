@@ -1,5 +1,26 @@
 """The device side: converge to desired state, verify, swap atomically, serve KServe V2.
 
 Imported as ``edgectl.agent``. Never imports torch, ``edgectl.compress`` or
-``edgectl.control_plane``: agents run on Jetsons and CPU boxes with their own stack.
+``edgectl.control_plane``: agents run on Jetsons and CPU boxes with their own stack (tested).
+One job per module (a test keeps this list complete):
+
+- ``agent``: the process: wires config, state, fetcher, runtime, V2 server, MQTT link, reconcile loop.
+- ``config``: typed settings: defaults < config file < environment/flags, plus ``credentials.json``.
+- ``enroll``: trades a one-time token and a CSR for this device's credentials, kept 0600.
+- ``mqtt_link``: the MQTT v5 link: persistent session, Last Will, thin callbacks into queues.
+- ``reconcile``: the loop desired -> fetch -> verify -> stage -> load -> smoke test -> swap -> report.
+- ``fetch``: ``ArtifactFetcher``: the verified manifest first, then only the chunks this device lacks.
+- ``transports``: the two byte sources of a fetch: gRPC from the control plane, or chunks over MQTT.
+- ``verify``: every check between a desired digest and a runnable model, each with a refusal reason.
+- ``artifacts``: bundles on the device's disk: chunk store, staging, installed artifacts, gc.
+- ``state``: ``state.json``, the atomically replaced commit point of every swap.
+- ``runtime``: onnxruntime sessions with the device profile's execution-provider order and fallback.
+- ``engines``: TensorRT engines: the artifact's prebuilt one when it fits this GPU, else built and cached.
+- ``serving``: the served models by name, with a hot swap that never fails a request.
+- ``batching``: server-side micro-batching of concurrent requests into one session run.
+- ``burst``: local-or-remote routing per request behind a circuit breaker.
+- ``codecs``: KServe V2 tensors <-> numpy, the one seam that touches proto tensors.
+- ``v2_server``: the KServe V2 gRPC servicer; agent errors to status codes in one place.
+- ``metrics``: Prometheus metrics and the rolling window behind the reported stats.
+- ``errors``: the agent's named failures.
 """

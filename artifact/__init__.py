@@ -3,6 +3,21 @@
 ``compress`` builds it (``build_artifact``), the control plane stores it (``BlobStore``),
 the agent verifies it (``verify_manifest``, ``load_artifact``) before using any byte.
 Light on purpose: numpy, cryptography, pyfastcdc and the standard library (boto3 only for S3).
+One job per module (a test keeps this list complete):
+
+- ``manifest``: the manifest schema (frozen dataclasses), versions and anti-rollback order.
+- ``canonical``: canonical JSON, the one byte encoding of a manifest; digests.
+- ``signing``: Ed25519 signatures over the canonical bytes, key ids, the trust store.
+- ``keystore``: where the user's default signing key and trusted keys live.
+- ``chunking``: content-defined chunking and the chunk-level transfer helpers.
+- ``builder``: writes a bundle: files, chunks, golden pair, manifest, signature.
+- ``verify``: everything checked before use: signature, manifest, paths, every file.
+- ``paths``: path safety: a bundle path cannot leave the bundle.
+- ``tarball``: the deterministic ``.tar`` form and a reader that refuses unsafe members.
+- ``golden``: the byte-deterministic golden input/output pair and its tolerance check.
+- ``blobstore``: content-addressed blob storage: the interface and the local-disk store.
+- ``s3store``: the same interface on S3-compatible object storage (boto3, imported lazily).
+- ``errors``: the named failure of every check.
 """
 
 from __future__ import annotations

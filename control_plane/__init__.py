@@ -1,16 +1,30 @@
 """gRPC services, durable state and the rollout controller that drives the fleet over MQTT.
 
-Imported as ``edgectl.control_plane``. One job per module:
+Imported as ``edgectl.control_plane``. One job per module (a test keeps this list complete):
 
-- ``server``: assembles a replica (``ControlPlane``, ``ControlPlaneConfig``); ``__main__`` serves it.
-- ``servicers``: thin gRPC servicers; domain errors become status codes there only; audit of every mutation.
+- ``server``: assembles a replica (``ControlPlane``, ``ControlPlaneConfig``): listeners, store, bus, leader.
+- ``__main__``: ``python -m edgectl.control_plane serve``, the same command as ``edgectl control-plane serve``.
+- ``servicers``: thin gRPC servicers: validate, convert, call the domain object.
+- ``rpc``: what every servicer call goes through: domain errors to status codes (the one place),
+  failure counts, the audit entry of each mutation, the caller's identity, paging.
 - ``store``, ``db``, ``migrations``: SQLite (WAL) or PostgreSQL behind one SQL layer, migrated on start.
 - ``artifacts``: verified uploads into the blob store, lookups, downloads, deletes.
-- ``fleet``: enrollment, credentials (scrypt), labels, live device state from MQTT.
+- ``fleet``: enrollment, labels, decommissioning, live device state from MQTT.
+- ``identity``: what a device proves itself with: scrypt-hashed passwords, hashed enrollment tokens,
+  the ``DeviceIdentities`` interface that issues and revokes certificates.
+- ``security``: a secured replica's secrets from one directory: fleet CA, token key, TLS
+  credentials, the broker admin link that provisions device identities.
+- ``revocations``: revoked bearer tokens in the state store, so every replica refuses them.
 - ``rollouts``, ``rollout_store``: operator intent and its persistence (waves, progress, event log).
 - ``controller``: the leader's wave-by-wave health-gated rollout and automatic rollback.
 - ``desired``: desired state written before it is published, republished on (re)connect.
-- ``bus``, ``ingest``: the MQTT connection, batched report ingest, chunk transfer over MQTT.
+- ``bus``: the MQTT connection: retained desired state out, device reports in.
+- ``ingest``: the leader's MQTT loop: batched report ingest, and the chunk server over MQTT.
 - ``leader``: one controller per fleet (PostgreSQL advisory lock, or a file lock for SQLite).
-- ``metrics``, ``logs``, ``audit``, ``convert``, ``strategy``, ``errors``.
+- ``strategy``: rollout strategies and device selectors, shared with the CLI.
+- ``convert``: domain records to protobuf messages and back.
+- ``audit``: the audit log of mutating calls.
+- ``metrics``: Prometheus metrics on a registry of the replica's own.
+- ``logs``: plain-text or JSON-lines logging.
+- ``errors``: the package's named failures, one status code each.
 """

@@ -1,7 +1,8 @@
 """A minimal real ArtifactService (Get + Download) over a real socket, with fault injection.
 
-Serves artifacts from a LocalBlobStore the way the control plane promises in docs/protocol.md,
-so agent tests never import control_plane. Faults: corrupt chunks (once each), drop the stream
+Serves artifacts from a LocalBlobStore the way the control plane does, so agent tests never
+import control_plane; tests/contracts/test_contract_artifact_service.py holds the two to the
+same behaviour. Faults: corrupt chunks (once each), drop the stream
 after N chunks, slow every chunk down. Also answers ChunkRequests over MQTT for broker-only sites.
 """
 
@@ -105,16 +106,28 @@ class ArtifactStoreServer(apb_grpc.ArtifactServiceServicer):
         if found is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown artifact {request.digest}")
         manifest = found[2]
-        where = {c.digest: (f.path, c.offset) for f in manifest.files for c in f.chunks}
+        where: dict[str, tuple[str, int]] = {}
+        for f in manifest.files:
+            for c in f.chunks:
+                where.setdefault(c.digest, (f.path, c.offset))
         if request.chunks:
             unknown = [d for d in request.chunks if d not in where]
             if unknown:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chunks not in artifact: {unknown[:3]}")
-            wanted = list(request.chunks)
+            pieces = [(d, *where[d], 0) for d in request.chunks]
+        elif request.path:
+            # As the control plane does: the file from ``offset``, the first chunk cut at it.
+            entry = next((f for f in manifest.files if f.path == request.path), None)
+            if entry is None or not 0 <= request.offset <= entry.size:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no file {request.path!r} at that offset")
+            pieces = [
+                (c.digest, entry.path, c.offset, max(0, request.offset - c.offset))
+                for c in entry.chunks
+                if c.offset + c.size > request.offset
+            ]
         else:
-            entry = manifest.file(request.path)
-            wanted = [c.digest for c in entry.chunks if c.offset + c.size > request.offset]
-        for n, digest in enumerate(wanted):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Download needs a file path or a list of chunks")
+        for n, (digest, path, offset, skip) in enumerate(pieces):
             if (
                 self.faults.drop_after is not None
                 and n >= self.faults.drop_after
@@ -124,10 +137,9 @@ class ArtifactStoreServer(apb_grpc.ArtifactServiceServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "injected stream drop")
             if self.faults.chunk_delay_s:
                 time.sleep(self.faults.chunk_delay_s)
-            path, offset = where[digest]
-            yield apb.DownloadChunk(
-                path=path, offset=offset, chunk_digest=digest, data=self.chunk_data(digest)
-            )
+            data = self.chunk_data(digest)[skip:]
+            claimed = sha256_digest(data) if skip else digest
+            yield apb.DownloadChunk(path=path, offset=offset + skip, chunk_digest=claimed, data=data)
 
 
 class MqttChunkResponder:

@@ -142,6 +142,14 @@ def test_circuit_breaker_opens_half_opens_and_closes() -> None:
     assert b.state == "closed" and b.allow()
 
 
+def overload(edge: Agent) -> None:
+    """Make the local queue too slow for the SLO: an SLO of 1 µs, below any real local run.
+
+    Only the SLO changes; the burst target, timeouts and breaker stay the agent's own settings.
+    """
+    edge.router.settings = dataclasses.replace(edge.router.settings, slo_s=1e-6)
+
+
 def test_burst_on_missing_or_overloaded_model_then_fail_back_and_breaker(
     tmp_path: Path, bundles: Bundles, make_agent
 ) -> None:  # type: ignore[no-untyped-def]
@@ -165,8 +173,8 @@ def test_burst_on_missing_or_overloaded_model_then_fail_back_and_breaker(
     # Local capacity returns: traffic fails back by itself.
     edge.registry.install(local.model)
     assert client.infer("mlp", x)[1] == "local"
-    # Overload: a predicted wait above the SLO bursts.
-    edge.router.settings = type(edge.router.settings)(target=cloud.address, slo_s=-1.0)
+    # Overload: a predicted wait above the SLO bursts (served locally above under the agent's SLO).
+    overload(edge)
     assert client.infer("mlp", x)[1] == f"burst:{cloud.address}"
     # Burst endpoint down: the breaker opens and requests are served locally, never failed.
     cloud.stop()
@@ -273,7 +281,7 @@ def test_prometheus_metrics_endpoint_exports_serving_numbers(bundles: Bundles, m
     x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
     for _ in range(3):
         assert client.infer("mlp", x)[1] == "local"
-    edge.router.settings = type(edge.router.settings)(target=cloud.address, slo_s=-1.0)  # force burst
+    overload(edge)
     assert client.infer("mlp", x)[1] == f"burst:{cloud.address}"
     client.close()
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

@@ -250,50 +250,58 @@ def test_bad_rollout_requests_change_nothing(
     assert rollouts.list_rollouts([]) == []
 
 
-def test_soak_window_fails_a_device_over_the_error_threshold(
-    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+@pytest.mark.parametrize(
+    ("gate", "stat", "value", "refusal"),
+    [
+        ({"max_error_rate": 0.05}, "error_rate", 0.2, "error rate 0.200 above 0.050 during soak"),
+        ({"max_p99_ms": 50.0}, "p99_ms", 250.0, "p99 latency 250.0 ms above 50.0 ms during soak"),
+        # Positive controls: the same report under the threshold, or over an ungated metric, soaks through.
+        ({"max_error_rate": 0.05}, "error_rate", 0.04, None),
+        ({"max_p99_ms": 50.0}, "p99_ms", 40.0, None),
+        ({"max_p99_ms": 50.0}, "error_rate", 0.9, None),
+    ],
+    ids=["error-rate-over", "p99-over", "error-rate-under", "p99-under", "ungated-metric"],
+)
+def test_soak_window_gates_each_device_on_its_reported_stats(
+    store: StateStore,
+    tmp_path: Path,
+    trust: TrustStore,
+    build: Callable[..., Artifact],
+    gate: dict[str, float],
+    stat: str,
+    value: float,
+    refusal: str | None,
 ) -> None:
-    fleet, rollouts, controller, recorder, _old, new = _setup_rollout(store, tmp_path, trust, build, 2)
+    fleet, rollouts, controller, recorder, old, new = _setup_rollout(store, tmp_path, trust, build, 2)
     clock = [1000.0]
     controller.clock = lambda: clock[0]
-    spec = StrategySpec(("100%",), max_failures="0", soak_s=60, max_error_rate=0.05)
+    spec = StrategySpec(("100%",), max_failures="0", soak_s=60, **gate)  # type: ignore[arg-type]
     rid = rollouts.create("digits:2", Selector({"site": "lab"}), spec, "t").rollout.id
     controller.step(rid)
     _answer(fleet, recorder)
-    controller.step(rid)  # both healthy: the soak starts
+    controller.step(rid)  # both run the new version: the soak starts, nobody is healthy yet
     assert {p.state for p in rollouts.get(rid).devices} == {rs.D_DESIRED}
-    clock[0] += 30
+
+    clock[0] += 30  # halfway through the soak, dev-01 reports its stats
     state = mqtt_pb2.ReportedState(device_id="dev-01", observed_generation=1)
     state.models.add(name="digits", digest=new, version=2, smoke_test_passed=True)
-    state.stats.error_rate = 0.2
+    setattr(state.stats, stat, value)
     fleet.apply([Reported("dev-01", state, time.time())])
     controller.step(rid)
     view = rollouts.get(rid)
-    by_id = {p.device_id: p for p in view.devices}
-    assert by_id["dev-01"].state == rs.D_ROLLED_BACK
-    assert view.rollout.state == rs.ROLLING_BACK and "error rate 0.200 above 0.050" in view.rollout.reason
-
-
-def test_soak_window_fails_a_device_over_the_p99_threshold(
-    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
-) -> None:
-    fleet, rollouts, controller, recorder, _old, new = _setup_rollout(store, tmp_path, trust, build, 2)
-    clock = [1000.0]
-    controller.clock = lambda: clock[0]
-    spec = StrategySpec(("100%",), max_failures="0", soak_s=60, max_p99_ms=50.0)
-    rid = rollouts.create("digits:2", Selector({"site": "lab"}), spec, "t").rollout.id
-    controller.step(rid)
-    _answer(fleet, recorder)
-    controller.step(rid)
-    clock[0] += 30
-    state = mqtt_pb2.ReportedState(device_id="dev-01", observed_generation=1)
-    state.models.add(name="digits", digest=new, version=2, smoke_test_passed=True)
-    state.stats.p99_ms = 250.0
-    fleet.apply([Reported("dev-01", state, time.time())])
-    controller.step(rid)
+    by_id = {p.device_id: p.state for p in view.devices}
+    if refusal is not None:
+        assert by_id["dev-01"] == rs.D_ROLLED_BACK
+        assert view.rollout.state == rs.ROLLING_BACK and refusal in view.rollout.reason
+        return
+    assert by_id == {"dev-00": rs.D_DESIRED, "dev-01": rs.D_DESIRED}  # still soaking
+    clock[0] += 31  # the soak window is over
+    for _ in range(3):
+        controller.step(rid)
     view = rollouts.get(rid)
-    assert {p.device_id: p.state for p in view.devices}["dev-01"] == rs.D_ROLLED_BACK
-    assert view.rollout.state == rs.ROLLING_BACK and "p99" in view.rollout.reason
+    assert view.rollout.state == rs.SUCCEEDED, view.rollout.reason
+    assert {p.state for p in view.devices} == {rs.D_HEALTHY}
+    assert fleet.get("dev-01").models["digits"].digest == new != old
 
 
 class SlowBroker:

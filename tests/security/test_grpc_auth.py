@@ -147,19 +147,40 @@ def test_device_certificate_fetches_artifacts_and_nothing_more(server: Server) -
     )
 
 
+def _refusal(call: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
 def test_certificate_from_another_ca_is_refused(server: Server) -> None:
+    get = artifacts_pb2.GetArtifactRequest(artifact="x")
+    member = artifacts_pb2_grpc.ArtifactServiceStub(server.channel(client=server.ca.issue_client("cam-07")))
+    # Positive control: the same device id with the fleet CA's certificate is served on this listener.
+    assert member.Get(get, timeout=5).uploaded_by == "cam-07"
+
     stranger = FleetCA.create("someone else's CA").issue_client("cam-07")
-    stub = artifacts_pb2_grpc.ArtifactServiceStub(server.channel(client=stranger))
-    assert _code(lambda: stub.Get(artifacts_pb2.GetArtifactRequest(artifact="x"), timeout=5)) == (
-        grpc.StatusCode.UNAVAILABLE  # the mTLS handshake fails before any RPC
-    )
     no_cert = grpc.secure_channel(
         f"localhost:{server.device_port}", grpc.ssl_channel_credentials(server.ca.cert_pem)
     )
-    stub = artifacts_pb2_grpc.ArtifactServiceStub(no_cert)
-    assert _code(lambda: stub.Get(artifacts_pb2.GetArtifactRequest(artifact="x"), timeout=5)) == (
-        grpc.StatusCode.UNAVAILABLE
-    )
+    for channel in (server.channel(client=stranger), no_cert):
+        stub = artifacts_pb2_grpc.ArtifactServiceStub(channel)
+        err = _refusal(lambda s=stub: s.Get(get, timeout=5))
+        # The mTLS handshake fails before any RPC: the server took the connection and closed it,
+        # which a dead or absent server ("Connection refused") would not do.
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        assert "Connection refused" not in (err.details() or ""), err.details()
+
+    # ...and the listener still serves its members after refusing the strangers.
+    assert member.Get(get, timeout=5).uploaded_by == "cam-07"
+
+
+def test_a_dead_listener_is_told_apart_from_a_refusal(server: Server) -> None:
+    # Negative control for the check above: nothing listens on a fresh free port.
+    dead = grpc.secure_channel(f"localhost:{free_port()}", grpc.ssl_channel_credentials(server.ca.cert_pem))
+    stub = artifacts_pb2_grpc.ArtifactServiceStub(dead)
+    err = _refusal(lambda: stub.Get(artifacts_pb2.GetArtifactRequest(artifact="x"), timeout=5))
+    assert "Connection refused" in (err.details() or ""), err.details()
 
 
 def test_health_is_public_and_unknown_methods_need_admin(server: Server) -> None:
