@@ -13,18 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgectl.artifact import TensorSpec
 from edgectl.compress.errors import BadInputError
 
 LABELS = "labels"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A model input or output: name, numpy dtype name, shape (symbolic dims are strings)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
 
 
 @dataclass(frozen=True)
@@ -78,7 +70,7 @@ def load_npz(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], np.ndarra
 def check_samples(
     arrays: Mapping[str, np.ndarray],
     labels: np.ndarray | None,
-    inputs: Sequence[TensorInfo],
+    inputs: Sequence[TensorSpec],
     *,
     source: str,
 ) -> SampleSet:
@@ -125,13 +117,13 @@ def check_samples(
     return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source)
 
 
-def read_samples(path: Path, inputs: Sequence[TensorInfo], *, what: str) -> SampleSet:
+def read_samples(path: Path, inputs: Sequence[TensorSpec], *, what: str) -> SampleSet:
     """Load and check an npz against the model inputs."""
     arrays, labels = load_npz(path, what=what)
     return check_samples(arrays, labels, inputs, source=f"{what} file {path.name}")
 
 
-def synthetic_samples(inputs: Sequence[TensorInfo], count: int, *, seed: int = 0) -> SampleSet:
+def synthetic_samples(inputs: Sequence[TensorSpec], count: int, *, seed: int = 0) -> SampleSet:
     """Random samples for a model given without data: enough for latency and output fidelity."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}

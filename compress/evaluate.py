@@ -33,6 +33,25 @@ class Quality:
 
 
 @dataclass(frozen=True)
+class QualityGate:
+    """The accuracy budget: a model passes when its quality drop from the float model is at most ``max_drop``."""
+
+    max_drop: float
+
+    def admits(self, drop: float) -> bool:
+        """Whether a drop (in the metric's units) is inside the budget."""
+        return drop <= self.max_drop + 1e-12  # a drop exactly at the budget must not fail on rounding
+
+    def judge(self, trial: Trial, evaluator: Evaluator) -> Trial:
+        """Score ``trial``'s model against the float reference and mark it passed or not."""
+        assert trial.path is not None, "only a built model can be judged"
+        trial.quality = evaluator.quality(trial.path)
+        trial.drop = trial.quality.drop_from(evaluator.baseline)
+        trial.passed = self.admits(trial.drop)
+        return trial
+
+
+@dataclass(frozen=True)
 class Latency:
     """Single-sample latency percentiles over warm runs, in milliseconds."""
 
@@ -152,7 +171,7 @@ class Trial:
     params: int | None = None
     note: str = ""
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready row (no file paths: they point into a temporary folder)."""
         return {
             "name": self.name,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
 from onnx import shape_inference
+
+from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 
 # ORT's quantization tools look for this mark to know a model was pre-processed.
 _PRE_PROCESS_KEY = "onnx.quant.pre_process"
@@ -42,7 +44,7 @@ class CleanupReport:
     symbolic_shapes: bool
     fused: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         """For the manifest."""
         return dict(self.__dict__)
 
@@ -130,3 +132,18 @@ def cleanup(src: Path, dst: Path, config: CleanupConfig | None = None) -> Cleanu
         symbolic_shapes=symbolic,
         fused=fused,
     )
+
+
+class CleanupPass(CompressPass[CleanupConfig]):
+    """Clean up the float graph; the pipeline scores the result if no later float pass does."""
+
+    name = "cleanup"
+    stage = "float"
+    config = CleanupConfig
+
+    def run(self, state: ModelState, config: CleanupConfig, ctx: PassContext) -> PassResult:
+        """Write the cleaned-up model and hand it on, unscored."""
+        ctx.progress("cleaning up the graph")
+        out = ctx.path("clean")
+        report = cleanup(state.model, out, config)
+        return PassResult(replace(state, model=out, base=None), (), {"cleanup": report.to_dict()})

@@ -135,7 +135,7 @@ def compress(
         else:
             err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    rows = [t.as_dict() for t in result.trials]
+    rows = [t.to_dict() for t in result.trials]
     if as_json:
         print_json(
             {"ok": True, "artifact": str(result.out_dir), "digest": result.digest, "metrics": result.metrics}
