@@ -26,6 +26,8 @@ class SampleSet:
     inputs: Mapping[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    # Something the user should be told about how the file was read (e.g. an array renamed).
+    note: str = ""
 
     @property
     def count(self) -> int:
@@ -40,7 +42,7 @@ class SampleSet:
     def take(self, count: int) -> SampleSet:
         """The first ``count`` samples (all of them if there are fewer)."""
         labels = None if self.labels is None else self.labels[:count]
-        return SampleSet({k: v[:count] for k, v in self.inputs.items()}, labels, self.source)
+        return SampleSet({k: v[:count] for k, v in self.inputs.items()}, labels, self.source, self.note)
 
     def feed(self, index: int = 0) -> dict[str, np.ndarray]:
         """One sample as a batch of one: what latency is measured on."""
@@ -77,6 +79,14 @@ def check_samples(
     """Match arrays to the model inputs by name, dtype and shape; return them as a SampleSet."""
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
+    note = ""
+    if missing and len(names) == 1 and len(arrays) == 1:
+        # One input, one array: the name cannot be ambiguous (a torch factory's input is named after
+        # forward()'s parameter, which the user may never have seen).
+        ((given, array),) = arrays.items()
+        arrays = {names[0]: array}
+        note = f"{source}: used its only array {given!r} for the model input {names[0]!r}"
+        missing = []
     if missing:
         raise BadInputError(
             f"{source} lacks array(s) for model input(s) {', '.join(missing)} (it has: {', '.join(arrays)})",
@@ -114,7 +124,7 @@ def check_samples(
             f"got {labels.dtype} {labels.shape}",
             hint="save labels=numpy.asarray(ids, dtype=numpy.int64)",
         )
-    return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source)
+    return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source, note)
 
 
 def read_samples(path: Path, inputs: Sequence[TensorSpec], *, what: str) -> SampleSet:

@@ -21,10 +21,19 @@ import numpy as np
 from edgectl.artifact import TensorSpec
 from edgectl.compress.data import SampleSet, read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
-from edgectl.compress.evaluate import Evaluator, QualityGate, Trial, measure_latency
+from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_stats, signature
+from edgectl.compress.metrics import parse_metric
 from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
-from edgectl.compress.passes.base import CompressPass, FineTune, ModelState, PassContext, Progress, Stage
+from edgectl.compress.passes.base import (
+    CompressPass,
+    FineTune,
+    ModelState,
+    PassContext,
+    Progress,
+    Stage,
+    Timer,
+)
 from edgectl.compress.passes.tensorrt import EngineResult
 from edgectl.compress.quantizer import cpu_has_vnni
 from edgectl.compress.recipe import Recipe
@@ -52,6 +61,8 @@ class CompressRequest:
     module: Any = None  # a torch.nn.Module given through the Python API instead of ``model``
     example: dict[str, np.ndarray] | None = None  # its sample inputs when no npz is given
     finetune: FineTune | None = None  # runs after structured pruning (bias recalibration runs always)
+    metric: str | None = None  # --metric: top1 | cosine | masked-cosine:INPUT | module:function
+    timer: Timer | None = None  # replaces the latency measurement (tests make a model "slower" with it)
 
 
 @dataclass
@@ -65,6 +76,7 @@ class CompressResult:
     trials: list[Trial]
     metrics: dict[str, Any]
     seconds: float
+    notes: list[str] = field(default_factory=list)  # how the inputs were read, for the user
 
     @property
     def rows(self) -> list[dict[str, object]]:
@@ -112,11 +124,18 @@ class _Run:
             self.data = read_samples(req.eval, self.inputs, what="evaluation")
         else:
             self.data = calib or synthetic_samples(self.inputs, 32)
+        self.notes = sorted({d.note for d in (calib, self.data) if d is not None and d.note})
+        if self.notes:
+            self.record["notes"] = self.notes
+        metric = parse_metric(
+            req.metric, input_names=[i.name for i in self.inputs], has_labels=self.data.labels is not None
+        )
         self.progress("scoring the float model")
-        evaluator = Evaluator(self.float_path, self.data)
+        evaluator = Evaluator(self.float_path, self.data, metric=metric)
+        providers, on_target = timing_providers(self.profile)
         self.ctx = PassContext(
             work, self.profile, evaluator, QualityGate(req.max_drop), calib, cpu_has_vnni(), self.progress,
-            req.finetune,
+            req.finetune, req.timer, providers, on_target, req.latency_rounds,
         )  # fmt: skip
         self.baseline = Trial(
             "float (baseline)", "baseline", self.float_path, quality=evaluator.baseline, drop=0.0, passed=True
@@ -148,10 +167,13 @@ class _Run:
     def choose(self, state: ModelState) -> ModelState:
         """Time the baseline and every passing model, then keep the fastest passing candidate."""
         feed = self.data.feed(0)
-        timed = [t for t in self.trials if t.path is not None and (t.passed or t is self.baseline)]
+        timed = [
+            t
+            for t in self.trials
+            if t.path is not None and (t.passed or t is self.baseline or t is state.must_beat)
+        ]
         self.progress(f"timing {len(timed)} models (1 thread, interleaved)")
-        latencies = measure_latency([t.path for t in timed if t.path], feed, rounds=self.req.latency_rounds)
-        for t, lat in zip(timed, latencies, strict=True):
+        for t, lat in zip(timed, self.ctx.time([t.path for t in timed if t.path]), strict=True):
             t.latency = lat
         float_macs = model_stats(self.float_path, feed).macs
         macs_after_float_passes = model_stats(state.model, feed).macs
@@ -175,9 +197,28 @@ class _Run:
                 hint="raise --max-drop, pass better --calib data, prune less, or use --quantize none",
                 trials=[t.to_dict() for t in self.trials],
             )
+        passing = self._faster_than_float(state, passing)
         chosen = _choose(passing)
         chosen.note = (chosen.note + "; " if chosen.note else "") + "chosen"
         return dataclasses.replace(state, chosen=chosen)
+
+    def _faster_than_float(self, state: ModelState, passing: list[Trial]) -> list[Trial]:
+        """Where a pass promised a speed-up (auto), only candidates faster than the float model remain."""
+        floor = state.must_beat
+        if floor is None or not self.ctx.on_target:
+            return passing  # timings off the target's EP prove nothing about the target
+        limits = [t.latency.p50_ms for t in (floor, self.baseline) if t.latency]
+        faster = [t for t in passing if t.latency and all(t.latency.p50_ms < lim for lim in limits)]
+        if faster:
+            return faster
+        best = min((t for t in passing if t.latency), key=lambda t: t.latency.p50_ms if t.latency else 0.0)
+        raise QualityGateError(
+            f"no quantized model inside --max-drop {self.req.max_drop} is faster than the float model on "
+            f"{self.profile.name} (float {min(limits):.3f} ms, fastest passing {best.name} "
+            f"{best.latency.p50_ms if best.latency else float('nan'):.3f} ms); no artifact written",
+            hint="use --quantize none to package the float model, or raise --max-drop",
+            trials=[t.to_dict() for t in self.trials],
+        )
 
     def package(self, state: ModelState, started: float) -> CompressResult:
         """Finish every pass's record for the chosen model, then write the signed artifact."""
@@ -196,6 +237,7 @@ class _Run:
             self.data,
             req,
             time.perf_counter() - started,
+            self.ctx.providers,
         )
         self.progress("writing the artifact")
         artifact = write_artifact(
@@ -215,7 +257,21 @@ class _Run:
             self.trials,
             metrics,
             time.perf_counter() - started,
+            self.notes,
         )
+
+
+def timing_providers(profile: DeviceProfile) -> tuple[tuple[str, ...], bool]:
+    """The target's execution providers this onnxruntime has, and whether its first choice is among them."""
+    import onnxruntime as ort
+
+    here = set(ort.get_available_providers())
+    usable = tuple(
+        ep for ep in profile.execution_providers if ep in here and ep != "TensorrtExecutionProvider"
+    )
+    # TensorRT engines are built, not timed, here: the EP that times an ONNX model here is the next one.
+    first = next((ep for ep in profile.execution_providers if ep != "TensorrtExecutionProvider"), "")
+    return (usable or ("CPUExecutionProvider",)), first in here
 
 
 def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
@@ -239,6 +295,7 @@ def _metrics(
     data: SampleSet,
     req: CompressRequest,
     seconds: float,
+    providers: tuple[str, ...],
 ) -> dict[str, Any]:
     import platform
 
@@ -249,6 +306,7 @@ def _metrics(
     return {
         # The artifact format's well-known keys first (flat numbers), then the details.
         "quality_metric": ev.metric,
+        "quality_metric_source": ev.scorer.source,
         "baseline_quality": round(baseline.quality.score, 6),
         "compressed_quality": round(chosen.quality.score, 6),
         "quality_drop": round(chosen.drop or 0.0, 6),
@@ -263,7 +321,7 @@ def _metrics(
         "speedup": _ratio(b_lat.p50_ms if b_lat else None, c_lat.p50_ms if c_lat else None),
         # Like for like: the float graph after the same clean-up the compressed model had, when faster.
         "speedup_vs_best_float": _ratio(best_float, c_lat.p50_ms if c_lat else None),
-        "latency_measured_on": f"CPUExecutionProvider, intra_op_num_threads=1, batch 1, interleaved, "
+        "latency_measured_on": f"{', '.join(providers)}, intra_op_num_threads=1, batch 1, interleaved, "
         f"{platform.machine()}{' VNNI' if cpu_has_vnni() else ''}",
         "baseline_size_bytes": baseline.size_bytes,
         "size_bytes": chosen.size_bytes,

@@ -18,10 +18,12 @@ from typing import Literal
 
 import numpy as np
 import onnx
+from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
+from edgectl.compress.graph import cpu_session
 from edgectl.compress.passes.smooth import smooth
 from edgectl.devices.facts import parse_cpuinfo
 
@@ -46,6 +48,8 @@ class QuantConfig:
     calib_samples: int = 64
     smooth_alpha: float = 0.0  # SmoothQuant migration strength; 0 = off
     exclude: tuple[str, ...] = ()
+    # Nodes that must stay float whatever the search does (masks, ±inf): see ``float_by_rule``.
+    keep_float: tuple[str, ...] = ()
 
     def label(self) -> str:
         """Short human name for tables, e.g. ``int8-static QDQ U8S8 pc minmax``."""
@@ -63,6 +67,7 @@ class QuantConfig:
         """For the manifest's recipe record."""
         out = asdict(self)
         out["exclude"] = list(self.exclude)
+        out["keep_float"] = list(self.keep_float)
         return out
 
     def with_(self, **changes: object) -> QuantConfig:
@@ -104,7 +109,7 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
         smoothed = dst.with_name(dst.stem + ".smoothed.onnx")
         smooth(src, smoothed, calib, alpha=config.smooth_alpha)
         src = smoothed
-    exclude = list(config.exclude)
+    exclude = list(config.exclude) + list(config.keep_float)
     if config.mode == "fp16":
         _fp16(src, dst, exclude)
     elif config.mode == "int8-dynamic":
@@ -127,6 +132,7 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }[config.calibration]
+        op_types = _calibrated_op_types(src, config) if config.keep_float else None
         # ORT's histogram calibrators print progress to stdout, which --json output must not carry.
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
@@ -139,9 +145,68 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
                 activation_type=qtype[config.activations],
                 weight_type=qtype[config.weights],
                 nodes_to_exclude=exclude,
+                op_types_to_quantize=op_types,
                 calibrate_method=method,
                 extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
             )
+
+
+# Beyond this magnitude a value is a mask or a sentinel (torch's finfo.min), not an activation.
+_HUGE = 1e6
+
+
+def float_by_rule(model_path: Path, calib: SampleSet, *, batch: int = 2) -> dict[str, str]:
+    """Nodes that static int8 must leave in float, each with the reason.
+
+    A node reading or writing a tensor that holds ±inf, NaN or sentinel magnitudes (an additive
+    attention mask) cannot get an int8 range: one such value turns the scale into inf and every
+    other value into zero. The check runs the float model on the calibration samples.
+    """
+    model = onnx.load(str(model_path))
+    inits = {i.name for i in model.graph.initializer}
+    tensors = sorted({o for n in model.graph.node for o in n.output if o} - inits)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in tensors if t not in known])
+    session = cpu_session(probe.SerializeToString(), threads=0)
+    names = [o.name for o in session.get_outputs()]
+    bad: dict[str, str] = {}
+    for feed in calib.take(32).batches(batch):
+        for name, value in zip(names, session.run(None, feed), strict=True):
+            arr = np.asarray(value)
+            if name in bad or arr.dtype.kind != "f" or arr.size == 0:
+                continue
+            finite = np.isfinite(arr)
+            if not finite.all():
+                bad[name] = "holds ±inf/NaN"
+            elif float(np.abs(arr).max()) > _HUGE:
+                bad[name] = f"holds values of {float(np.abs(arr).max()):.3g} (a mask or sentinel)"
+    for graph_input in model.graph.input:  # an input can be the additive mask itself
+        value = calib.inputs.get(graph_input.name)
+        if value is not None and value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad[graph_input.name] = "holds ±inf/NaN"
+    out: dict[str, str] = {}
+    for node in model.graph.node:
+        hit = next((t for t in [*node.input, *node.output] if t in bad), None)
+        if hit is not None and node.name:
+            out[node.name] = f"{node.op_type} touches {hit!r}, which {bad[hit]}: int8 has no range for it"
+    return out
+
+
+def _calibrated_op_types(src: Path, config: QuantConfig) -> list[str]:
+    """Op types to quantize when some nodes stay float by rule: none of theirs.
+
+    ORT's calibrators pick tensors by op type, not by node, and the histogram ones fail on an
+    infinite value; leaving those op types out keeps the offending tensors out of calibration.
+    """
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    model = onnx.load(str(src), load_external_data=False)
+    kept = set(config.keep_float)
+    avoid = {n.op_type for n in model.graph.node if n.name in kept}
+    registry = QDQRegistry if config.fmt == "QDQ" else QLinearOpsRegistry
+    return sorted(set(registry) - avoid)
 
 
 def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:

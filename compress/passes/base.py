@@ -12,14 +12,16 @@ each stage in recipe order and knows nothing about any one of them:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
+import numpy as np
+
 from edgectl.artifact import TrtEngine
 from edgectl.compress.data import SampleSet
-from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
+from edgectl.compress.evaluate import Evaluator, Latency, QualityGate, Trial, measure_latency
 from edgectl.devices import DeviceProfile
 
 Stage = Literal["float", "quantize", "target"]
@@ -27,7 +29,11 @@ STAGES: tuple[Stage, ...] = ("float", "quantize", "target")
 Progress = Callable[[str], None]
 # A short fine-tune after pruning: reads the pruned ONNX and calibration samples, writes the tuned ONNX.
 FineTune = Callable[[Path, Path, SampleSet], None]
+# Times models on one feed, interleaved; injectable so tests can make a model "slower" deterministically.
+Timer = Callable[[Sequence[Path], dict[str, np.ndarray]], list[Latency]]
 ConfigT = TypeVar("ConfigT")
+# Two timings this close are the same speed: noise on a shared host is a few percent.
+SAME_SPEED = 0.03
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class ModelState:
     chosen: Trial | None = None
     # What a later pass of the same stage builds on (e.g. the quantize search for mixed precision).
     notes: dict[str, Any] = field(default_factory=dict)
+    # The model the artifact must be faster than (set by passes that promise a speed-up, e.g. auto).
+    must_beat: Trial | None = None
     # Extra files for the artifact, by their path inside the bundle, and the engines among them.
     files: dict[str, Path] = field(default_factory=dict)
     engines: tuple[TrtEngine, ...] = ()
@@ -71,6 +79,11 @@ class PassContext:
     vnni: bool
     progress: Progress = lambda _msg: None
     finetune: FineTune | None = None
+    timer: Timer | None = None
+    # The execution providers timings run on; False when the target's are not on this machine.
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    on_target: bool = True
+    latency_rounds: int = 7
     _counter: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -81,6 +94,13 @@ class PassContext:
     def path(self, stem: str, suffix: str = ".onnx") -> Path:
         """A fresh file name in the scratch folder: passes never overwrite one another's models."""
         return self.work / f"{stem}-{next(self._counter)}{suffix}"
+
+    def time(self, models: Sequence[Path]) -> list[Latency]:
+        """Latency of ``models`` on one sample, interleaved, on the target's execution providers."""
+        feed = self.data.feed(0)
+        if self.timer is not None:
+            return self.timer(models, feed)
+        return measure_latency(models, feed, rounds=self.latency_rounds, providers=self.providers)
 
     def judge(self, trial: Trial) -> Trial:
         """Score ``trial`` against the float model and mark it passed or not (the one gate)."""

@@ -8,7 +8,7 @@ Every model built is a Trial in the table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from edgectl.compress.quantizer import (
     QuantConfig,
     QuantizeMode,
     QuantMode,
+    float_by_rule,
     latency_candidates,
     ort_default,
     quality_variants,
@@ -31,6 +32,8 @@ from edgectl.compress.quantizer import (
 from edgectl.devices import DeviceProfile
 
 Progress = Callable[[str], None]
+# Samples in the first slice a candidate is scored on before the full evaluation.
+QUICK_SLICE = 8
 # The key under which this pass leaves its search for the passes after it (mixed precision).
 SEARCH_NOTE = "quantize.search"
 
@@ -57,15 +60,24 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_mode(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool) -> QuantMode | None:
-    """The concrete mode for ``step.mode`` on ``profile``; refuses modes the device cannot run."""
+def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool) -> list[QuantMode]:
+    """The concrete modes to try for ``step.mode`` on ``profile``; refuses modes the device cannot run.
+
+    ``auto`` is every mode the profile runs (static int8 only with calibration data): which one wins
+    is measured, never guessed from which files were given.
+    """
     int8_cpu = "CPUExecutionProvider" in profile.providers_for("int8")
     if step.mode == "none":
-        return None
+        return []
     if step.mode == "auto":
-        if profile.supports("int8") and (has_calib or int8_cpu):
-            return "int8-static" if has_calib else "int8-dynamic"
-        return "fp16" if profile.supports("fp16") else None
+        modes: list[QuantMode] = []
+        if int8_cpu:
+            modes.append("int8-dynamic")
+        if profile.supports("int8") and has_calib:
+            modes.append("int8-static")
+        if profile.supports("fp16"):
+            modes.append("fp16")
+        return modes
     if step.mode in ("int8-static", "int8-dynamic") and not profile.supports("int8"):
         raise BadInputError(f"profile {profile.name} has no execution provider that runs int8")
     if step.mode == "int8-dynamic" and not int8_cpu:
@@ -82,7 +94,7 @@ def resolve_mode(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: boo
         )
     if step.mode == "int8-static" and not has_calib:
         raise BadInputError("--quantize int8-static needs calibration data", hint="pass --calib FILE.npz")
-    return step.mode  # type: ignore[return-value]
+    return [step.mode]
 
 
 def _hint(profile: DeviceProfile, mode: QuantMode) -> QuantConfig:
@@ -126,6 +138,9 @@ class QuantSearch:
         self.gate = QualityGate(max_drop)
         self.progress = progress
         self._count = 0
+        # Nodes static int8 leaves float by rule (node -> reason), and the first-slice size for pruning.
+        self.keep_float: dict[str, str] = {}
+        self.first_slice = QUICK_SLICE
 
     def trial(self, base: Path, config: QuantConfig, stage: str, note: str = "") -> Trial:
         """Quantize ``base`` per ``config`` and score it."""
@@ -139,7 +154,8 @@ class QuantSearch:
             # Dynamic quantization needs no calibration, but SmoothQuant does: fall back to the eval samples.
             quantize(base, out, config, self.calib or (self.evaluator.data if config.smooth_alpha else None))
             trial.path = out
-            self.gate.judge(trial, self.evaluator)
+            if not self._hopeless(trial):
+                self.gate.judge(trial, self.evaluator)
         except BadInputError:
             raise
         except Exception as exc:  # a candidate the quantizer or ORT rejects is a failed row, not a crash
@@ -149,16 +165,44 @@ class QuantSearch:
         trial.size_bytes = out.stat().st_size
         return trial
 
+    def _hopeless(self, trial: Trial) -> bool:
+        """Score on a first small slice; a drop far outside the budget there ends the trial (not timed)."""
+        n = self.first_slice
+        if not n or self.evaluator.data.count < 2 * n:
+            return False
+        assert trial.path is not None
+        quick = self.evaluator.quality(trial.path, samples=n)
+        drop = quick.drop_from(self.evaluator.baseline_on(n))
+        if not self.gate.hopeless(drop):
+            return False
+        trial.quality, trial.drop, trial.passed = quick, drop, False
+        hopeless = f"hopeless: drop {drop:.4f} on the first {n} samples, not evaluated further"
+        trial.note = f"{trial.note}; {hopeless}" if trial.note else hopeless
+        return True
+
     def run(
-        self, base: Path, step: QuantizeConfig, mode: QuantMode, profile: DeviceProfile, *, vnni: bool
+        self,
+        base: Path,
+        step: QuantizeConfig,
+        modes: QuantMode | Sequence[QuantMode],
+        profile: DeviceProfile,
+        *,
+        vnni: bool,
     ) -> SearchResult:
-        """All trials for ``base``; the caller times the passing ones and keeps the fastest."""
-        result = SearchResult(base, mode, step)
-        first = candidates(step, mode, profile, vnni=vnni)
+        """All trials for ``base`` in every mode; the caller times the passing ones and keeps the fastest."""
+        mode_list: list[QuantMode] = [modes] if isinstance(modes, str) else list(modes)
+        result = SearchResult(base, mode_list[0], step)
+        first: list[QuantConfig] = []
+        for mode in mode_list:
+            for config in candidates(step, mode, profile, vnni=vnni):
+                if mode == "int8-static" and self.keep_float:
+                    config = config.with_(keep_float=tuple(sorted(self.keep_float)))
+                first.append(config)
         for config in first:
-            note = (
-                "ORT defaults" if config == ort_default(mode).with_(calib_samples=step.calib_samples) else ""
+            default = ort_default(config.mode).with_(
+                calib_samples=step.calib_samples, keep_float=config.keep_float
             )
+            note = "ORT defaults" if config.mode != "fp16" and config == default else ""
             result.trials.append(self.trial(base, config, "format", note))
         scored = [t for t in result.trials if t.quality is not None]
         if not scored:
@@ -166,6 +210,7 @@ class QuantSearch:
             return result
         best_trial = max(scored, key=lambda t: t.quality.score if t.quality else -1.0)
         result.best = QuantConfig(**_config_args(best_trial.config))
+        result.mode = result.best.mode
         if any(t.passed for t in result.trials) or not step.search:
             return result
         model = onnx.load(str(base), load_external_data=False)
@@ -193,6 +238,8 @@ class QuantSearch:
         """
         seen = {QuantConfig(**_config_args(t.config)) for t in result.trials if t.config}
         for config in first:
+            if config.mode != passed.mode:
+                continue  # the knobs that passed belong to one mode
             c = config.with_(calibration=passed.calibration, smooth_alpha=passed.smooth_alpha)
             if passed.smooth_alpha:  # smoothing moves outliers into weight rows: per-tensor weights lose them
                 c = c.with_(per_channel=True)
@@ -202,31 +249,49 @@ class QuantSearch:
 
 
 class QuantizePass(CompressPass[QuantizeConfig]):
-    """Quantize the float model in the mode the target runs; every model built becomes a candidate."""
+    """Quantize the float model in every mode the target runs (auto) or the one asked for.
+
+    Every model built becomes a candidate; with ``auto`` the artifact must also be faster than the
+    float model it started from, or nothing is written.
+    """
 
     name = "quantize"
     stage = "quantize"
     config = QuantizeConfig
 
     def run(self, state: ModelState, config: QuantizeConfig, ctx: PassContext) -> PassResult:
-        """Resolve the mode for the profile, run the search, add its models (and the float, for auto)."""
-        mode = resolve_mode(config, ctx.profile, has_calib=ctx.calib is not None)
-        record: dict[str, Any] = {"mode": mode, "vnni": ctx.vnni}
-        # Quantization that makes this model slower on this EP is no win: with auto the float competes.
-        keep_float = mode is None or config.mode == "auto"
-        floats = (state.base,) if keep_float and state.base is not None else ()
-        if mode is None:
+        """Resolve the modes for the profile, run the search, add its models as candidates."""
+        modes = resolve_modes(config, ctx.profile, has_calib=ctx.calib is not None)
+        record: dict[str, Any] = {
+            "mode": modes[0] if len(modes) == 1 else None,
+            "modes": modes,
+            "vnni": ctx.vnni,
+        }
+        must_beat = state.base if config.mode == "auto" else None
+        if not modes:
+            # Nothing to quantize in: the float model is the only candidate.
+            floats = (state.base,) if state.base is not None else ()
             return PassResult(replace(state, candidates=state.candidates + floats), (), {"quantize": record})
         search = QuantSearch(ctx.evaluator, ctx.calib, ctx.work, ctx.gate.max_drop, ctx.progress)
-        found = search.run(state.model, config, mode, ctx.profile, vnni=ctx.vnni)
+        if "int8-static" in modes and ctx.calib is not None:
+            search.keep_float = float_by_rule(state.model, ctx.calib)
+            if search.keep_float:
+                record["float_by_rule"] = search.keep_float
+        found = search.run(state.model, config, modes, ctx.profile, vnni=ctx.vnni)
         if found.notes:
             record["notes"] = found.notes
         new = replace(
             state,
-            candidates=state.candidates + tuple(found.trials) + floats,
+            candidates=state.candidates + tuple(found.trials),
             notes={**state.notes, SEARCH_NOTE: (found, search)},
+            must_beat=must_beat,
         )
         return PassResult(new, tuple(found.trials), {"quantize": record})
+
+    def finish(self, record: dict[str, Any], chosen: Trial) -> dict[str, Any]:
+        """The mode the artifact's model was quantized in."""
+        mode = chosen.config.get("mode") if chosen.config else None
+        return {"quantize": {**record["quantize"], "mode": mode}}
 
 
 def _knobs(config: QuantConfig) -> str:
@@ -236,5 +301,6 @@ def _knobs(config: QuantConfig) -> str:
 
 def _config_args(config: dict[str, object] | None) -> dict[str, Any]:
     args = dict(config or {})
-    args["exclude"] = tuple(args.get("exclude", ()))  # type: ignore[arg-type]
+    for key in ("exclude", "keep_float"):
+        args[key] = tuple(args.get(key, ()))  # type: ignore[arg-type]
     return args
