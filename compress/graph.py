@@ -11,6 +11,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from edgectl.artifact import TensorSpec
+from edgectl.artifact.tensors import dynamic_dim_name
 from edgectl.compress.errors import BadInputError
 
 
@@ -41,7 +42,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tt = value.type.tensor_type
     dims: list[int | str] = []
     for i, d in enumerate(tt.shape.dim):
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or f"d{i}"))
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or dynamic_dim_name(i)))
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
     return TensorSpec(value.name, dtype, tuple(dims))
 
