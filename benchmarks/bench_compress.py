@@ -25,8 +25,8 @@ from edgectl.compress.data import SampleSet
 from edgectl.compress.evaluate import Evaluator, measure_latency
 from edgectl.compress.passes.cleanup import cleanup
 from edgectl.compress.passes.export import export_module
-from edgectl.compress.passes.quantize import cpu_has_vnni
 from edgectl.compress.pipeline import CompressRequest, run
+from edgectl.compress.quantizer import cpu_has_vnni
 from edgectl.compress.recipe import Recipe
 
 

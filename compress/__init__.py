@@ -1,4 +1,22 @@
 """Turn a PyTorch or ONNX model into a pruned, quantized, evaluated, signed artifact.
 
-Imported as ``edgectl.compress``.
+Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe of passes:
+
+- ``pipeline``: the stages (acquire, float passes, quantize passes, time and choose, target passes,
+  package) and the Python API (``run``, ``compress_module``); it knows no pass by name.
+- ``recipe``: the recipe, a dataclass with one optional typed config per pass, in run order.
+- ``passes``: one pass per file (``cleanup``, ``prune``, ``quantize``, ``mixed_precision``,
+  ``tensorrt``), each ``run(state, config, ctx) -> PassResult`` (``passes/base.py``); ``export``
+  and ``smooth`` are the torch exporter and SmoothQuant the stages and passes call.
+- ``source``: where the float model comes from (ONNX file, ``.pt2``, factory, ``nn.Module``).
+- ``data``: calibration and evaluation ``.npz`` files, checked against the model's inputs.
+- ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).
+- ``evaluate``: the evaluator every model goes through, the quality gate, interleaved latency.
+- ``quantizer``: one quantized model with ORT's quantizer; the modes; nodes kept float by rule.
+- ``sensitivity``: per-node quantization error, the ranking mixed precision keeps float from.
+- ``channel_groups``: which channels structured pruning must remove together.
+- ``graph``: facts about an ONNX graph (signature, parameters, MACs) and ORT sessions.
+- ``package``: the signed artifact, written atomically.
+- ``digits``: the digits CNN and data the demo and tests train.
+- ``errors``: the package's named failures, each with an exit code.
 """

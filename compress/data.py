@@ -13,18 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgectl.artifact import TensorSpec
 from edgectl.compress.errors import BadInputError
 
 LABELS = "labels"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A model input or output: name, numpy dtype name, shape (symbolic dims are strings)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
 
 
 @dataclass(frozen=True)
@@ -34,6 +26,8 @@ class SampleSet:
     inputs: Mapping[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    # Something the user should be told about how the file was read (e.g. an array renamed).
+    note: str = ""
 
     @property
     def count(self) -> int:
@@ -48,7 +42,7 @@ class SampleSet:
     def take(self, count: int) -> SampleSet:
         """The first ``count`` samples (all of them if there are fewer)."""
         labels = None if self.labels is None else self.labels[:count]
-        return SampleSet({k: v[:count] for k, v in self.inputs.items()}, labels, self.source)
+        return SampleSet({k: v[:count] for k, v in self.inputs.items()}, labels, self.source, self.note)
 
     def feed(self, index: int = 0) -> dict[str, np.ndarray]:
         """One sample as a batch of one: what latency is measured on."""
@@ -78,13 +72,21 @@ def load_npz(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], np.ndarra
 def check_samples(
     arrays: Mapping[str, np.ndarray],
     labels: np.ndarray | None,
-    inputs: Sequence[TensorInfo],
+    inputs: Sequence[TensorSpec],
     *,
     source: str,
 ) -> SampleSet:
     """Match arrays to the model inputs by name, dtype and shape; return them as a SampleSet."""
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
+    note = ""
+    if missing and len(names) == 1 and len(arrays) == 1:
+        # One input, one array: the name cannot be ambiguous (a torch factory's input is named after
+        # forward()'s parameter, which the user may never have seen).
+        ((given, array),) = arrays.items()
+        arrays = {names[0]: array}
+        note = f"{source}: used its only array {given!r} for the model input {names[0]!r}"
+        missing = []
     if missing:
         raise BadInputError(
             f"{source} lacks array(s) for model input(s) {', '.join(missing)} (it has: {', '.join(arrays)})",
@@ -122,16 +124,16 @@ def check_samples(
             f"got {labels.dtype} {labels.shape}",
             hint="save labels=numpy.asarray(ids, dtype=numpy.int64)",
         )
-    return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source)
+    return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source, note)
 
 
-def read_samples(path: Path, inputs: Sequence[TensorInfo], *, what: str) -> SampleSet:
+def read_samples(path: Path, inputs: Sequence[TensorSpec], *, what: str) -> SampleSet:
     """Load and check an npz against the model inputs."""
     arrays, labels = load_npz(path, what=what)
     return check_samples(arrays, labels, inputs, source=f"{what} file {path.name}")
 
 
-def synthetic_samples(inputs: Sequence[TensorInfo], count: int, *, seed: int = 0) -> SampleSet:
+def synthetic_samples(inputs: Sequence[TensorSpec], count: int, *, seed: int = 0) -> SampleSet:
     """Random samples for a model given without data: enough for latency and output fidelity."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}

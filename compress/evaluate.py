@@ -1,7 +1,7 @@
 """The evaluator every pass result goes through: quality against the float model, latency, size.
 
-Quality is top-1 accuracy when the data has labels, else output fidelity (cosine of each sample's
-outputs to the float model's). Latency is measured single-threaded with candidates interleaved
+Quality is the run's metric (``edgectl.compress.metrics``: top-1 with labels, else output cosine,
+or what ``--metric`` names), always against the float model's outputs on the same samples. Latency is measured single-threaded with candidates interleaved
 round by round, so a noisy neighbour or a clock change hits every candidate alike.
 """
 
@@ -11,25 +11,36 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.graph import cpu_session
+from edgectl.compress.metrics import Metric, Quality, parse_metric
 
 
 @dataclass(frozen=True)
-class Quality:
-    """Top-1 accuracy, or mean output cosine to the float model with the worst sample's cosine."""
+class QualityGate:
+    """The accuracy budget: a model passes when its quality drop from the float model is at most ``max_drop``."""
 
-    metric: Literal["top1", "cosine"]
-    score: float
-    min_cosine: float
+    max_drop: float
 
-    def drop_from(self, baseline: Quality) -> float:
-        """Absolute drop from the baseline in the metric's units (0.01 = one point)."""
-        return baseline.score - self.score
+    def admits(self, drop: float) -> bool:
+        """Whether a drop (in the metric's units) is inside the budget."""
+        return drop <= self.max_drop + 1e-12  # a drop exactly at the budget must not fail on rounding
+
+    def hopeless(self, drop: float) -> bool:
+        """A drop on a first small slice so far outside the budget that the full evaluation is not worth it."""
+        return drop > max(5 * self.max_drop, self.max_drop + 0.05)
+
+    def judge(self, trial: Trial, evaluator: Evaluator) -> Trial:
+        """Score ``trial``'s model against the float reference and mark it passed or not."""
+        assert trial.path is not None, "only a built model can be judged"
+        trial.quality = evaluator.quality(trial.path)
+        trial.drop = trial.quality.drop_from(evaluator.baseline)
+        trial.passed = self.admits(trial.drop)
+        return trial
 
 
 @dataclass(frozen=True)
@@ -39,18 +50,6 @@ class Latency:
     p50_ms: float
     p90_ms: float
     runs: int
-
-
-def _cosines(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> np.ndarray:
-    count = ref[0].shape[0]
-    r = np.concatenate([o.reshape(count, -1).astype(np.float64) for o in ref], axis=1)
-    g = np.concatenate([o.reshape(count, -1).astype(np.float64) for o in got], axis=1)
-    num = (r * g).sum(axis=1)
-    den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-    # Two all-zero outputs are identical; one zero and one not share nothing.
-    same = (den == 0) & (np.abs(r - g).max(axis=1) == 0)
-    cos: np.ndarray = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(same, 1.0, 0.0))
-    return cos
 
 
 def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndarray]:
@@ -65,35 +64,50 @@ def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndar
 class Evaluator:
     """Scores candidate ONNX models against the float reference on one sample set."""
 
-    def __init__(self, reference: Path, data: SampleSet, *, providers: tuple[str, ...] = (), batch: int = 32):
+    def __init__(
+        self,
+        reference: Path,
+        data: SampleSet,
+        *,
+        metric: Metric | None = None,
+        providers: tuple[str, ...] = (),
+        batch: int = 32,
+    ):
         self.data = data
         self.providers = providers
         self._batch = batch
+        self.scorer = metric or parse_metric(
+            None, input_names=list(data.inputs), has_labels=data.labels is not None
+        )
         # Scoring uses every core: only the latency comparison needs one thread.
         self._reference = run_model(cpu_session(reference, threads=0, providers=providers), data, batch=batch)
+        # A user's metric is called here first: one that cannot score the float model fails before any work.
         self.baseline = self._score(self._reference)
 
     @property
     def metric(self) -> str:
-        """The quality metric in use, ``top1`` or ``cosine``."""
-        return self.baseline.metric
+        """The quality metric in use, as given (``top1``, ``cosine``, ``masked-cosine:mask``, ``pkg.mod:fn``)."""
+        return self.scorer.name
 
-    def _score(self, outputs: Sequence[np.ndarray]) -> Quality:
-        cos = _cosines(self._reference, outputs)
-        if self.data.labels is not None:
-            pred = outputs[0].reshape(outputs[0].shape[0], -1).argmax(axis=1)
-            return Quality("top1", float((pred == self.data.labels).mean()), float(cos.min()))
-        return Quality("cosine", float(cos.mean()), float(cos.min()))
+    def _score(self, outputs: Sequence[np.ndarray], count: int | None = None) -> Quality:
+        data = self.data if count is None else self.data.take(count)
+        reference = self._reference if count is None else [r[:count] for r in self._reference]
+        return self.scorer.score(data.inputs, data.labels, reference, list(outputs))
 
-    def outputs(self, model: Path | bytes) -> list[np.ndarray]:
-        """All outputs of ``model`` on the evaluation samples."""
-        return run_model(
-            cpu_session(model, threads=0, providers=self.providers), self.data, batch=self._batch
-        )
+    def outputs(self, model: Path | bytes, *, samples: int | None = None) -> list[np.ndarray]:
+        """All outputs of ``model`` on the evaluation samples (the first ``samples`` of them if given)."""
+        data = self.data if samples is None else self.data.take(samples)
+        return run_model(cpu_session(model, threads=0, providers=self.providers), data, batch=self._batch)
 
-    def quality(self, model: Path | bytes) -> Quality:
-        """Quality of ``model`` on the evaluation samples."""
-        return self._score(self.outputs(model))
+    def quality(self, model: Path | bytes, *, samples: int | None = None) -> Quality:
+        """Quality of ``model`` on the evaluation samples (the first ``samples`` of them if given)."""
+        count = None if samples is None or samples >= self.data.count else samples
+        return self._score(self.outputs(model, samples=count), count)
+
+    def baseline_on(self, samples: int) -> Quality:
+        """The float model's own quality on the first ``samples`` samples."""
+        count = min(samples, self.data.count)
+        return self._score([r[:count] for r in self._reference], count)
 
     def latency(self, models: Sequence[Path], *, rounds: int = 7, round_s: float = 0.15) -> list[Latency]:
         """Interleaved single-threaded latency of ``models`` on one sample (batch of one)."""
@@ -152,7 +166,7 @@ class Trial:
     params: int | None = None
     note: str = ""
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready row (no file paths: they point into a temporary folder)."""
         return {
             "name": self.name,

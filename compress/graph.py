@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from edgectl.compress.data import TensorInfo
+from edgectl.artifact import TensorSpec
+from edgectl.artifact.tensors import dynamic_dim_name
 from edgectl.compress.errors import BadInputError
 
 
@@ -37,20 +38,20 @@ def load(path: Path) -> onnx.ModelProto:
     return model
 
 
-def _info(value: onnx.ValueInfoProto) -> TensorInfo:
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tt = value.type.tensor_type
     dims: list[int | str] = []
     for i, d in enumerate(tt.shape.dim):
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or f"d{i}"))
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or dynamic_dim_name(i)))
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
-    return TensorInfo(value.name, dtype, tuple(dims))
+    return TensorSpec(value.name, dtype, tuple(dims))
 
 
-def signature(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]]:
+def signature(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph's real inputs (initializers excluded) and outputs."""
     inits = {i.name for i in model.graph.initializer}
-    inputs = [_info(v) for v in model.graph.input if v.name not in inits]
-    return inputs, [_info(v) for v in model.graph.output]
+    inputs = [_spec(v) for v in model.graph.input if v.name not in inits]
+    return inputs, [_spec(v) for v in model.graph.output]
 
 
 def count_params(model: onnx.ModelProto) -> int:

@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 
 from edgectl.artifact import Artifact, SigningKey, TensorSpec, TrtEngine, build_artifact
-from edgectl.compress.data import TensorInfo
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import cpu_session
 
@@ -75,45 +74,33 @@ def precision_map(model_path: Path) -> dict[str, str]:
     return out
 
 
-def _specs(infos: Sequence[TensorInfo]) -> list[TensorSpec]:
-    return [TensorSpec(i.name, i.dtype, tuple(i.shape)) for i in infos]
-
-
 def write_artifact(
     out_dir: Path,
     *,
     model: Path,
     name: str,
     version: int,
-    inputs: Sequence[TensorInfo],
-    outputs: Sequence[TensorInfo],
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
     golden_feed: Mapping[str, np.ndarray],
     recipe: Mapping[str, Any],
     profile: str,
     metrics: Mapping[str, Any],
     source_sha256: str,
     quantized: bool,
-    engine: Path | None = None,
-    engine_target: Mapping[str, str] | None = None,
+    files: Mapping[str, Path] | None = None,
+    engines: Sequence[TrtEngine] = (),
     parent_version: int | None = None,
     sign_key: Path | None = None,
 ) -> Artifact:
-    """Build and sign the bundle for ``model`` into ``out_dir`` (created; must not exist non-empty)."""
+    """Build and sign the bundle for ``model`` (plus ``files``, e.g. engines) into ``out_dir``.
+
+    ``out_dir`` is created and must not exist non-empty.
+    """
     check_out_dir(out_dir)
     key = SigningKey.load(sign_key) if sign_key is not None else None
     golden_out = cpu_session(model, threads=0).run(None, dict(golden_feed))
-    files = {"model.onnx": model}
-    engines: list[TrtEngine] = []
-    if engine is not None and engine_target is not None:
-        files["engines/model.engine"] = engine
-        engines.append(
-            TrtEngine(
-                "engines/model.engine",
-                profile,
-                engine_target["tensorrt_version"],
-                engine_target["compute_capability"],
-            )
-        )
+    bundle = {"model.onnx": model, **(files or {})}
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -121,9 +108,9 @@ def write_artifact(
             staging,
             name=name,
             version=version,
-            files=files,
-            input_signature=_specs(inputs),
-            output_signature=_specs(outputs),
+            files=bundle,
+            input_signature=list(inputs),
+            output_signature=list(outputs),
             golden_inputs=dict(golden_feed),
             golden_outputs={o.name: np.asarray(v) for o, v in zip(outputs, golden_out, strict=True)},
             recipe=recipe,
@@ -133,8 +120,8 @@ def write_artifact(
             source_model_sha256=source_sha256,
             parent_version=parent_version,
             signing_key=key,
-            trt_engines=engines,
-            engine_build_on_device=engine is None,
+            trt_engines=list(engines),
+            engine_build_on_device=not engines,
             # Same model on another CPU can round int8 differently; the outputs must still agree closely.
             golden_min_cosine=0.999 if quantized else None,
         )

@@ -1,8 +1,10 @@
 """The compress pipeline: model in, evaluated and accuracy-gated artifact out.
 
-load/export -> cleanup -> prune -> quantize search (+ mixed precision) -> time -> gate -> package.
-Every intermediate model goes through the Evaluator and becomes a row of the trial table; a result
-that misses the budget raises QualityGateError with that table and writes nothing.
+Named stages: acquire (load/export, score the float model) -> float passes (clean-up, pruning) ->
+quantize passes (the search, mixed precision) -> time and choose -> target passes (engines) ->
+package. Which passes run, with what config, is the recipe's business; the pipeline knows no pass.
+Every model built goes through the Evaluator and the QualityGate and becomes a row of the trial
+table; a result that misses the budget raises QualityGateError with that table and writes nothing.
 """
 
 from __future__ import annotations
@@ -10,30 +12,33 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgectl.compress.data import SampleSet, TensorInfo, read_samples, synthetic_samples
+from edgectl.artifact import TensorSpec
+from edgectl.compress.data import SampleSet, read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
-from edgectl.compress.evaluate import Evaluator, Trial, measure_latency
+from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_stats, signature
+from edgectl.compress.metrics import parse_metric
 from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
-from edgectl.compress.passes.cleanup import cleanup
-from edgectl.compress.passes.prune import prune_structured, prune_unstructured
-from edgectl.compress.passes.quantize import cpu_has_vnni
-from edgectl.compress.passes.tensorrt import EngineResult, build_engine
+from edgectl.compress.passes.base import (
+    CompressPass,
+    FineTune,
+    ModelState,
+    PassContext,
+    Progress,
+    Stage,
+    Timer,
+)
+from edgectl.compress.passes.tensorrt import EngineResult
+from edgectl.compress.quantizer import cpu_has_vnni
 from edgectl.compress.recipe import Recipe
-from edgectl.compress.search import QuantSearch, resolve_mode
 from edgectl.compress.source import acquire_float_model
-
-Progress = Callable[[str], None]
-# A short fine-tune after pruning: reads the pruned ONNX and calibration samples, writes the tuned ONNX.
-FineTune = Callable[[Path, Path, SampleSet], None]
-QUANTIZED_STAGES = ("format", "calibration", "mixed-precision")
+from edgectl.devices import DeviceProfile, load_profile
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class CompressRequest:
     module: Any = None  # a torch.nn.Module given through the Python API instead of ``model``
     example: dict[str, np.ndarray] | None = None  # its sample inputs when no npz is given
     finetune: FineTune | None = None  # runs after structured pruning (bias recalibration runs always)
+    metric: str | None = None  # --metric: top1 | cosine | masked-cosine:INPUT | module:function
+    timer: Timer | None = None  # replaces the latency measurement (tests make a model "slower" with it)
 
 
 @dataclass
@@ -69,24 +76,12 @@ class CompressResult:
     trials: list[Trial]
     metrics: dict[str, Any]
     seconds: float
+    notes: list[str] = field(default_factory=list)  # how the inputs were read, for the user
 
     @property
     def rows(self) -> list[dict[str, object]]:
         """The comparison table, one JSON-ready row per model tried (the baseline first)."""
-        return [t.as_dict() for t in self.trials]
-
-
-def _profile(name: str) -> Any:
-    from edgectl.devices import load_profile
-
-    return load_profile(name)
-
-
-def _stats(trial: Trial, feed: dict[str, np.ndarray]) -> None:
-    if trial.path is not None:
-        stats = model_stats(trial.path, feed)
-        trial.size_bytes, trial.params = stats.size_bytes, stats.params
-        trial.macs = trial.macs if trial.macs is not None else stats.macs
+        return [t.to_dict() for t in self.trials]
 
 
 def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> CompressResult:
@@ -97,128 +92,99 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
             f"--max-drop must be >= 0, got {req.max_drop}", hint="e.g. --max-drop 0.005 for half a point"
         )
     check_out_dir(req.out_dir)
-    profile = _profile(req.profile)
+    profile = load_profile(req.profile)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
-        work = Path(tmp)
-        float_path, source_sha, export_info = acquire_float_model(
-            req.model,
-            work,
-            progress,
-            module=req.module,
-            example=req.example,
-            calib=req.calib,
-            eval_set=req.eval,
-            state_dict=req.state_dict,
-        )
-        inputs, outputs = signature(load(float_path))
-        calib = read_samples(req.calib, inputs, what="calibration") if req.calib else None
+        staged = _Run(req, profile, Path(tmp), progress)
+        state = staged.run_stage("float", staged.start())
+        state = staged.run_stage("quantize", staged.settle_float(state))
+        state = staged.run_stage("target", staged.choose(state))
+        return staged.package(state, started)
+
+
+class _Run:
+    """One pipeline run: acquire -> float passes -> quantize passes -> time and choose -> target passes -> package."""
+
+    def __init__(self, req: CompressRequest, profile: DeviceProfile, work: Path, progress: Progress) -> None:
+        self.req, self.profile, self.work, self.progress = req, profile, work, progress
+        self.trials: list[Trial] = []
+        self.record: dict[str, Any] = {"recipe": req.recipe.to_dict()}
+        self.ran: list[CompressPass[Any]] = []
+
+    def start(self) -> ModelState:
+        """Acquire the float model and its data, score it: the baseline row and the passes' context."""
+        req, work = self.req, self.work
+        self.float_path, self.source_sha, export_info = acquire_float_model(
+            req.model, work, self.progress, module=req.module, example=req.example, calib=req.calib,
+            eval_set=req.eval, state_dict=req.state_dict,
+        )  # fmt: skip
+        self.record["export"] = export_info
+        self.inputs, self.outputs = signature(load(self.float_path))
+        calib = read_samples(req.calib, self.inputs, what="calibration") if req.calib else None
         if req.eval is not None:
-            data = read_samples(req.eval, inputs, what="evaluation")
+            self.data = read_samples(req.eval, self.inputs, what="evaluation")
         else:
-            data = calib or synthetic_samples(inputs, 32)
-        progress("scoring the float model")
-        evaluator = Evaluator(float_path, data)
-        feed = data.feed(0)
-        baseline = Trial(
-            "float (baseline)", "baseline", float_path, quality=evaluator.baseline, drop=0.0, passed=True
+            self.data = calib or synthetic_samples(self.inputs, 32)
+        self.notes = sorted({d.note for d in (calib, self.data) if d is not None and d.note})
+        if self.notes:
+            self.record["notes"] = self.notes
+        metric = parse_metric(
+            req.metric, input_names=[i.name for i in self.inputs], has_labels=self.data.labels is not None
         )
-        trials = [baseline]
-        record: dict[str, Any] = {"recipe": req.recipe.to_dict(), "export": export_info}
-        current = float_path
-        if req.recipe.get("cleanup") is not None:
-            progress("cleaning up the graph")
-            clean = work / "clean.onnx"
-            clean_cfg = req.recipe.get("cleanup")
-            if req.recipe.get("tensorrt") is not None:
-                clean_cfg = dataclasses.replace(clean_cfg, fuse_transformer=False)
-            record["cleanup"] = cleanup(current, clean, clean_cfg).as_dict()
-            current = clean
-        prune_cfg = req.recipe.get("prune")
-        if prune_cfg is not None and prune_cfg.ratio > 0:
-            progress(f"pruning {prune_cfg.ratio:.0%} of channels")
-            pruned = work / "pruned.onnx"
-            if prune_cfg.kind == "unstructured":
-                n = prune_unstructured(
-                    current,
-                    pruned,
-                    prune_cfg,
-                    profile_name=profile.name,
-                    sparse_2_4=profile.sparsity.structured_2_4,
-                )
-                record["prune"] = {"kind": "2:4", "tensors": n}
-            else:
-                record["prune"] = prune_structured(current, pruned, prune_cfg, calib or data).as_dict()
-            t = Trial(f"pruned {prune_cfg.ratio:.0%}", "prune", pruned, config=dict(prune_cfg.__dict__))
-            t.quality = evaluator.quality(pruned)
-            t.drop = t.quality.drop_from(evaluator.baseline)
-            t.passed = t.drop <= req.max_drop + 1e-12
-            trials.append(t)
-            current = pruned
-            if req.finetune is not None:
-                progress("fine-tuning the pruned model on calibration data")
-                tuned = work / "finetuned.onnx"
-                req.finetune(pruned, tuned, calib or data)
-                load(tuned)  # the hook must leave a readable model behind
-                t = Trial(f"pruned {prune_cfg.ratio:.0%} + fine-tuned", "prune", tuned)
-                t.quality = evaluator.quality(tuned)
-                t.drop = t.quality.drop_from(evaluator.baseline)
-                t.passed = t.drop <= req.max_drop + 1e-12
-                trials.append(t)
-                record["finetune"] = {"hook": getattr(req.finetune, "__qualname__", repr(req.finetune))}
-                current = tuned
-        search = QuantSearch(evaluator, calib, work, req.max_drop, progress)
-        step = req.recipe.get("quantize")
-        mode = resolve_mode(step, profile, has_calib=calib is not None) if step is not None else None
-        base_trial = trials[-1]
-        if current is not float_path and base_trial is baseline:
-            base_trial = Trial("cleaned float", "cleanup", current)
-            base_trial.quality = evaluator.quality(current)
-            base_trial.drop = base_trial.quality.drop_from(evaluator.baseline)
-            base_trial.passed = base_trial.drop <= req.max_drop + 1e-12
-            trials.append(base_trial)
-        mp_info: dict[str, Any] = {}
-        if mode is not None:
-            found = search.run(
-                current, step, mode, profile, req.recipe.get("mixed_precision"), vnni=cpu_has_vnni()
-            )
-            trials += found.trials
-            mp_info = {
-                "excluded": found.excluded,
-                "ranking": [s.as_dict() for s in found.ranking[: max(10, len(found.excluded))]],
-                "reason": (
-                    f"kept the {len(found.excluded)} most sensitive node(s) in float to meet "
-                    f"max_drop={req.max_drop}"
-                )
-                if found.excluded
-                else "",
-                "notes": found.notes,
-            }
-        record["quantize"] = {"mode": mode, "vnni": cpu_has_vnni()}
-        if mp_info:
-            record["mixed_precision"] = mp_info
-        # Time the baseline and every passing model together: same thread count, interleaved rounds.
-        timed = [(t, t.path) for t in trials if t.path is not None and (t.passed or t is baseline)]
-        progress(f"timing {len(timed)} models (1 thread, interleaved)")
-        for (t, _), lat in zip(
-            timed, measure_latency([p for _, p in timed], feed, rounds=req.latency_rounds), strict=True
-        ):
+        self.progress("scoring the float model")
+        evaluator = Evaluator(self.float_path, self.data, metric=metric)
+        providers, on_target = timing_providers(self.profile)
+        self.ctx = PassContext(
+            work, self.profile, evaluator, QualityGate(req.max_drop), calib, cpu_has_vnni(), self.progress,
+            req.finetune, req.timer, providers, on_target, req.latency_rounds,
+        )  # fmt: skip
+        self.baseline = Trial(
+            "float (baseline)", "baseline", self.float_path, quality=evaluator.baseline, drop=0.0, passed=True
+        )
+        self.trials.append(self.baseline)
+        return ModelState(self.float_path, self.baseline)
+
+    def run_stage(self, stage: Stage, state: ModelState) -> ModelState:
+        """Every pass of ``stage`` in recipe order, each on the state the one before left."""
+        for kind, config in self.req.recipe.passes():
+            if kind.stage == stage:
+                result = kind.run(state, config, self.ctx)
+                state = result.state
+                self.trials += result.trials
+                self.record.update(result.record)
+                self.ran.append(kind)
+        return state
+
+    def settle_float(self, state: ModelState) -> ModelState:
+        """Score the float model the quantize stage starts from; without a quantize pass it is the only candidate."""
+        if state.base is None:
+            self.trials.append(self.ctx.judge(Trial("cleaned float", "cleanup", state.model)))
+            state = dataclasses.replace(state, base=self.trials[-1])
+        self.float_trials = list(self.trials)
+        if not any(kind.stage == "quantize" for kind, _ in self.req.recipe.passes()):
+            state = dataclasses.replace(state, candidates=(state.base,)) if state.base else state
+        return state
+
+    def choose(self, state: ModelState) -> ModelState:
+        """Time the baseline and every passing model, then keep the fastest passing candidate."""
+        feed = self.data.feed(0)
+        timed = [
+            t
+            for t in self.trials
+            if t.path is not None and (t.passed or t is self.baseline or t is state.must_beat)
+        ]
+        self.progress(f"timing {len(timed)} models (1 thread, interleaved)")
+        for t, lat in zip(timed, self.ctx.time([t.path for t in timed if t.path]), strict=True):
             t.latency = lat
-        macs_after_prune = model_stats(current, feed).macs
-        for t in trials:
+        float_macs = model_stats(self.float_path, feed).macs
+        macs_after_float_passes = model_stats(state.model, feed).macs
+        for t in self.trials:
             if t.path is not None:
-                t.macs = model_stats(float_path, feed).macs if t is baseline else macs_after_prune
-                _stats(t, feed)
-        if mode is not None:
-            final_candidates = [t for t in trials if t.passed and t.stage in QUANTIZED_STAGES]
-            if step.mode == "auto" and base_trial.passed:
-                # Quantization that makes this model slower on this EP is no win: the float base competes.
-                final_candidates.append(base_trial)
-        else:
-            final_candidates = [trials[-1]] if trials[-1].passed else []
-        if not final_candidates:
-            scored = [
-                t for t in trials if t.quality is not None and (mode is None or t.stage in QUANTIZED_STAGES)
-            ]
+                stats = model_stats(t.path, feed)
+                t.size_bytes, t.params = stats.size_bytes, stats.params
+                t.macs = float_macs if t is self.baseline else macs_after_float_passes
+        passing = [t for t in state.candidates if t.passed]
+        if not passing:
+            scored = [t for t in state.candidates if t.quality is not None]
             best = max(scored, key=lambda t: t.quality.score if t.quality else 0.0, default=None)
             what = (
                 f"best drop {best.drop:.4f} ({best.name})"
@@ -226,54 +192,86 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
                 else "nothing built"
             )
             raise QualityGateError(
-                f"no candidate met --max-drop {req.max_drop} ({evaluator.metric}); {what}; no artifact written",
+                f"no candidate met --max-drop {self.req.max_drop} ({self.ctx.evaluator.metric}); {what}; "
+                "no artifact written",
                 hint="raise --max-drop, pass better --calib data, prune less, or use --quantize none",
-                trials=[t.as_dict() for t in trials],
+                trials=[t.to_dict() for t in self.trials],
             )
-        chosen = _choose(final_candidates)
+        passing = self._faster_than_float(state, passing)
+        chosen = _choose(passing)
         chosen.note = (chosen.note + "; " if chosen.note else "") + "chosen"
-        engine = _engine(req, profile, chosen, work, progress)
-        record["tensorrt"] = engine.as_dict()
-        record["chosen"] = chosen.config
-        if mp_info and chosen.config:
-            # The fastest passing model may keep more nodes float than the fewest that passed.
-            excluded = list(chosen.config.get("exclude", []))  # type: ignore[call-overload]
-            mp_info["excluded"] = excluded
-            mp_info["reason"] = (
-                f"kept the {len(excluded)} most sensitive node(s) in float to meet max_drop={req.max_drop}"
-                if excluded
-                else ""
-            )
-        metrics = _metrics(baseline, chosen, trials, evaluator, data, req, time.perf_counter() - started)
-        progress("writing the artifact")
-        artifact = write_artifact(
-            req.out_dir,
-            model=chosen.path,  # type: ignore[arg-type]
-            name=artifact_name(req.name or Path(req.model.split(":")[0]).stem),
-            version=req.version,
-            inputs=inputs,
-            outputs=outputs,
-            golden_feed=feed,
-            recipe=record,
-            profile=profile.name,
-            metrics=metrics,
-            source_sha256=source_sha,
-            quantized=chosen.stage in QUANTIZED_STAGES,
-            engine=engine.path,
-            engine_target=None
-            if engine.path is None
-            else {
-                "tensorrt_version": engine.tensorrt_version or "",
-                "compute_capability": engine.compute_capability or "",
-            },
-            parent_version=req.parent_version,
-            sign_key=req.sign_key,
+        return dataclasses.replace(state, chosen=chosen)
+
+    def _faster_than_float(self, state: ModelState, passing: list[Trial]) -> list[Trial]:
+        """Where a pass promised a speed-up (auto), only candidates faster than the float model remain."""
+        floor = state.must_beat
+        if floor is None or not self.ctx.on_target:
+            return passing  # timings off the target's EP prove nothing about the target
+        limits = [t.latency.p50_ms for t in (floor, self.baseline) if t.latency]
+        faster = [t for t in passing if t.latency and all(t.latency.p50_ms < lim for lim in limits)]
+        if faster:
+            return faster
+        best = min((t for t in passing if t.latency), key=lambda t: t.latency.p50_ms if t.latency else 0.0)
+        raise QualityGateError(
+            f"no quantized model inside --max-drop {self.req.max_drop} is faster than the float model on "
+            f"{self.profile.name} (float {min(limits):.3f} ms, fastest passing {best.name} "
+            f"{best.latency.p50_ms if best.latency else float('nan'):.3f} ms); no artifact written",
+            hint="use --quantize none to package the float model, or raise --max-drop",
+            trials=[t.to_dict() for t in self.trials],
         )
-        for t in trials:
+
+    def package(self, state: ModelState, started: float) -> CompressResult:
+        """Finish every pass's record for the chosen model, then write the signed artifact."""
+        chosen = state.chosen
+        assert chosen is not None and chosen.path is not None
+        for kind in self.ran:
+            self.record.update(kind.finish(self.record, chosen))
+        self.record.setdefault("tensorrt", EngineResult.not_in_recipe(self.profile).to_dict())
+        self.record["chosen"] = chosen.config
+        req = self.req
+        metrics = _metrics(
+            self.baseline,
+            chosen,
+            self.trials,
+            self.ctx.evaluator,
+            self.data,
+            req,
+            time.perf_counter() - started,
+            self.ctx.providers,
+        )
+        self.progress("writing the artifact")
+        artifact = write_artifact(
+            req.out_dir, model=chosen.path, name=artifact_name(req.name or Path(req.model.split(":")[0]).stem),
+            version=req.version, inputs=self.inputs, outputs=self.outputs, golden_feed=self.data.feed(0),
+            recipe=self.record, profile=self.profile.name, metrics=metrics, source_sha256=self.source_sha,
+            quantized=chosen not in self.float_trials, files=state.files, engines=state.engines,
+            parent_version=req.parent_version, sign_key=req.sign_key,
+        )  # fmt: skip
+        for t in self.trials:
             t.path = None  # the temporary folder is about to go
         return CompressResult(
-            req.out_dir, artifact.digest, baseline, chosen, trials, metrics, time.perf_counter() - started
+            req.out_dir,
+            artifact.digest,
+            self.baseline,
+            chosen,
+            self.trials,
+            metrics,
+            time.perf_counter() - started,
+            self.notes,
         )
+
+
+def timing_providers(profile: DeviceProfile) -> tuple[tuple[str, ...], bool]:
+    """The target's execution providers this onnxruntime has, and whether its first choice is among them."""
+    import onnxruntime as ort
+
+    here = set(ort.get_available_providers())
+    usable = tuple(
+        ep for ep in profile.execution_providers if ep in here and ep != "TensorrtExecutionProvider"
+    )
+    # TensorRT engines are built, not timed, here: the EP that times an ONNX model here is the next one.
+    first = next((ep for ep in profile.execution_providers if ep != "TensorrtExecutionProvider"), "")
+    return (usable or ("CPUExecutionProvider",)), first in here
 
 
 def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
@@ -283,19 +281,6 @@ def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
         return passing[0]
     close = [t for t in passing if t.latency and t.latency.p50_ms <= fastest * (1 + tie)]
     return min(close, key=lambda t: (t.size_bytes or 0, t.latency.p50_ms if t.latency else 0.0))
-
-
-def _engine(
-    req: CompressRequest, profile: Any, chosen: Trial, work: Path, progress: Progress
-) -> EngineResult:
-    cfg = req.recipe.get("tensorrt")
-    if cfg is None:
-        if profile.engine.tensorrt:
-            return EngineResult(None, None, None, True, "the recipe builds no engine: build it on the device")
-        return EngineResult(None, None, None, False, f"{profile.name} does not use TensorRT")
-    progress("building the TensorRT engine")
-    is_int8 = bool(chosen.config and str(chosen.config.get("mode", "")).startswith("int8"))
-    return build_engine(chosen.path, work / "model.engine", cfg, int8=is_int8)  # type: ignore[arg-type]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -310,6 +295,7 @@ def _metrics(
     data: SampleSet,
     req: CompressRequest,
     seconds: float,
+    providers: tuple[str, ...],
 ) -> dict[str, Any]:
     import platform
 
@@ -320,6 +306,7 @@ def _metrics(
     return {
         # The artifact format's well-known keys first (flat numbers), then the details.
         "quality_metric": ev.metric,
+        "quality_metric_source": ev.scorer.source,
         "baseline_quality": round(baseline.quality.score, 6),
         "compressed_quality": round(chosen.quality.score, 6),
         "quality_drop": round(chosen.drop or 0.0, 6),
@@ -334,7 +321,7 @@ def _metrics(
         "speedup": _ratio(b_lat.p50_ms if b_lat else None, c_lat.p50_ms if c_lat else None),
         # Like for like: the float graph after the same clean-up the compressed model had, when faster.
         "speedup_vs_best_float": _ratio(best_float, c_lat.p50_ms if c_lat else None),
-        "latency_measured_on": f"CPUExecutionProvider, intra_op_num_threads=1, batch 1, interleaved, "
+        "latency_measured_on": f"{', '.join(providers)}, intra_op_num_threads=1, batch 1, interleaved, "
         f"{platform.machine()}{' VNNI' if cpu_has_vnni() else ''}",
         "baseline_size_bytes": baseline.size_bytes,
         "size_bytes": chosen.size_bytes,
@@ -343,12 +330,12 @@ def _metrics(
         "macs": chosen.macs,
         "baseline_params": baseline.params,
         "params": chosen.params,
-        "trials": [t.as_dict() for t in trials],
+        "trials": [t.to_dict() for t in trials],
         "time_to_artifact_s": round(seconds, 2),
     }
 
 
-def signature_of(model: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of an ONNX file (for callers preparing npz files)."""
     return signature(load(model))
 

@@ -1,20 +1,23 @@
-"""A recipe is data: the passes to run, in order, with their parameters; saved into the manifest.
+"""A recipe is data: which passes run, with their typed parameters; saved into the manifest.
 
-YAML form (each entry names one pass; parameters are optional)::
+YAML form (each entry names one pass; parameters are optional; order is the run order below)::
 
     passes:
       - cleanup
       - prune: {ratio: 0.5}
-      - quantize: {mode: auto, max_drop: 0.005}
+      - quantize: {mode: auto}
       - mixed_precision: {max_float_fraction: 0.25}
       - tensorrt: {precision: auto}
+
+Adding a pass: write ``passes/<name>.py`` (a config dataclass and a ``CompressPass``) and add one
+field here, at its place in the run order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,68 +25,71 @@ from typing import Any, Literal
 import yaml
 
 from edgectl.compress.errors import BadInputError
-from edgectl.compress.passes.cleanup import CleanupConfig
-from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig
-from edgectl.compress.passes.prune import PruneConfig
-from edgectl.compress.passes.tensorrt import TensorRTConfig
-
-QuantizeMode = Literal["auto", "int8-static", "int8-dynamic", "fp16", "none"]
-QUANTIZE_MODES: tuple[str, ...] = ("auto", "int8-static", "int8-dynamic", "fp16", "none")
-
-
-@dataclass(frozen=True)
-class QuantizeStep:
-    """The quantization search: which mode, whether to measure format candidates, calibration sample cap."""
-
-    mode: QuantizeMode = "auto"
-    search: bool = True
-    calibration: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
-    calib_samples: int = 64
-
-
-# The pass names a recipe may use, in the only order that makes sense, and their config types.
-PASSES: dict[str, type] = {
-    "cleanup": CleanupConfig,
-    "prune": PruneConfig,
-    "quantize": QuantizeStep,
-    "mixed_precision": MixedPrecisionConfig,
-    "tensorrt": TensorRTConfig,
-}
+from edgectl.compress.passes.base import CompressPass
+from edgectl.compress.passes.cleanup import CleanupConfig, CleanupPass
+from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass
+from edgectl.compress.passes.prune import PruneConfig, PrunePass
+from edgectl.compress.passes.quantize import QuantizeConfig, QuantizePass
+from edgectl.compress.passes.tensorrt import TensorRTConfig, TensorRTPass
+from edgectl.compress.quantizer import QUANTIZE_MODES
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Pass configs by name, in run order; absent passes do not run."""
+    """One optional, typed config per pass, in run order; a pass whose config is None does not run.
 
-    steps: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    Each field's metadata names the pass that runs it; the field name is the pass's name.
+    """
+
+    cleanup: CleanupConfig | None = field(default=None, metadata={"pass": CleanupPass()})
+    prune: PruneConfig | None = field(default=None, metadata={"pass": PrunePass()})
+    quantize: QuantizeConfig | None = field(default=None, metadata={"pass": QuantizePass()})
+    mixed_precision: MixedPrecisionConfig | None = field(
+        default=None, metadata={"pass": MixedPrecisionPass()}
+    )
+    tensorrt: TensorRTConfig | None = field(default=None, metadata={"pass": TensorRTPass()})
+
+    def __post_init__(self) -> None:
+        if self.tensorrt is not None and self.cleanup is not None and self.cleanup.fuse_transformer:
+            # TensorRT's ONNX parser reads only standard ops: no contrib-op fusions for an engine build.
+            object.__setattr__(self, "cleanup", dataclasses.replace(self.cleanup, fuse_transformer=False))
+
+    def passes(self) -> Iterator[tuple[CompressPass[Any], Any]]:
+        """Each pass that runs, with its config, in run order."""
+        for f in dataclasses.fields(self):
+            config = getattr(self, f.name)
+            if config is not None:
+                yield f.metadata["pass"], config
 
     def get(self, name: str) -> Any:
         """The config of pass ``name``, or None when the recipe does not run it."""
-        return next((cfg for n, cfg in self.steps if n == name), None)
+        return getattr(self, name) if name in {f.name for f in dataclasses.fields(self)} else None
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, as it goes into the manifest and back through ``from_dict``."""
-        return {"passes": [{name: dataclasses.asdict(cfg)} for name, cfg in self.steps]}
+        return {"passes": [{p.name: dataclasses.asdict(cfg)} for p, cfg in self.passes()]}
 
     @classmethod
     def from_dict(cls, data: object, *, source: str = "recipe") -> Recipe:
         """Validate plain data (see the module docstring) into a Recipe."""
         if not isinstance(data, Mapping) or not isinstance(data.get("passes"), list):
             raise BadInputError(f"{source} must be a mapping with a 'passes' list")
-        steps: list[tuple[str, Any]] = []
+        kinds = {f.name: f.metadata["pass"] for f in dataclasses.fields(cls)}
+        configs: dict[str, Any] = {}
+        order: list[str] = []
         for entry in data["passes"]:
             name, params = (entry, {}) if isinstance(entry, str) else _single(entry, source)
-            if name not in PASSES:
+            if name not in kinds:
                 raise BadInputError(
-                    f"{source}: unknown pass {name!r}", hint=f"known passes: {', '.join(PASSES)}"
+                    f"{source}: unknown pass {name!r}", hint=f"known passes: {', '.join(kinds)}"
                 )
-            if any(n == name for n, _ in steps):
+            if name in configs:
                 raise BadInputError(f"{source}: pass {name!r} is listed twice")
-            steps.append((name, _config(PASSES[name], params or {}, f"{source}: {name}")))
-        order = [n for n in PASSES if any(s == n for s, _ in steps)]
-        if [n for n, _ in steps] != order:
-            raise BadInputError(f"{source}: passes must run in the order {' -> '.join(PASSES)}")
-        return cls(tuple(steps))
+            configs[name] = _config(kinds[name].config, params or {}, f"{source}: {name}")
+            order.append(name)
+        if order != [n for n in kinds if n in configs]:
+            raise BadInputError(f"{source}: passes must run in the order {' -> '.join(kinds)}")
+        return cls(**configs)
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -99,15 +105,14 @@ class Recipe:
         """The recipe the CLI flags describe."""
         if quantize not in QUANTIZE_MODES:
             raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
-        steps: list[tuple[str, Any]] = [("cleanup", CleanupConfig())]
-        if prune:
-            steps.append(("prune", PruneConfig(ratio=prune)))
-        if quantize != "none":
-            steps.append(("quantize", QuantizeStep(mode=quantize)))  # type: ignore[arg-type]
-            steps.append(("mixed_precision", MixedPrecisionConfig()))
-        if tensorrt:
-            steps.append(("tensorrt", TensorRTConfig()))
-        return cls(tuple(steps))
+        quantizing = quantize != "none"
+        return cls(
+            cleanup=CleanupConfig(),
+            prune=PruneConfig(ratio=prune) if prune else None,
+            quantize=QuantizeConfig(mode=quantize) if quantizing else None,  # type: ignore[arg-type]
+            mixed_precision=MixedPrecisionConfig() if quantizing else None,
+            tensorrt=TensorRTConfig() if tensorrt else None,
+        )
 
 
 def _single(entry: object, source: str) -> tuple[str, Mapping[str, Any] | None]:

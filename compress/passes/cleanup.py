@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
 from onnx import shape_inference
+
+from edgectl.compress.passes.base import SAME_SPEED, CompressPass, ModelState, PassContext, PassResult
 
 # ORT's quantization tools look for this mark to know a model was pre-processed.
 _PRE_PROCESS_KEY = "onnx.quant.pre_process"
@@ -42,7 +44,7 @@ class CleanupReport:
     symbolic_shapes: bool
     fused: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         """For the manifest."""
         return dict(self.__dict__)
 
@@ -130,3 +132,58 @@ def cleanup(src: Path, dst: Path, config: CleanupConfig | None = None) -> Cleanu
         symbolic_shapes=symbolic,
         fused=fused,
     )
+
+
+class CleanupPass(CompressPass[CleanupConfig]):
+    """Clean up the float graph, keeping each rewrite only if it is measured not slower than its input.
+
+    ORT rewrites the graph again when it loads it, so a saved rewrite can lose to the original
+    (a fused contrib op slower than ORT's own kernels, a layout it would have chosen better).
+    Every candidate is timed against the input on the target; the slower ones are discarded and
+    the input keeps only what costs no time (inferred shapes, node names the quantizer needs).
+    """
+
+    name = "cleanup"
+    stage = "float"
+    config = CleanupConfig
+
+    def run(self, state: ModelState, config: CleanupConfig, ctx: PassContext) -> PassResult:
+        """Write the cleaned-up model (or the input with shapes only) and hand it on, unscored."""
+        ctx.progress("cleaning up the graph")
+        tried: list[tuple[str, Path, CleanupReport]] = []
+        out = ctx.path("clean")
+        tried.append(("full", out, cleanup(state.model, out, config)))
+        if config.fuse_transformer and tried[0][2].fused:
+            out = ctx.path("clean-nofuse")
+            tried.append(
+                ("without fusions", out, cleanup(state.model, out, replace(config, fuse_transformer=False)))
+            )
+        if config.optimize or tried[0][2].fused:
+            timings = ctx.time([state.model, *(p for _, p, _ in tried)])
+            before = timings[0].p50_ms
+            measured = {"input_ms": round(before, 4)}
+            for (label, _, _), lat in zip(tried, timings[1:], strict=True):
+                measured[f"{label}_ms"] = round(lat.p50_ms, 4)
+            kept = [
+                (t, lat)
+                for t, lat in zip(tried, timings[1:], strict=True)
+                if lat.p50_ms <= before * (1 + SAME_SPEED)
+            ]
+            if kept:
+                (label, out, report), _ = min(kept, key=lambda k: k[1].p50_ms)
+                record = {**report.to_dict(), "kept": label, "timing": measured}
+            else:
+                # No rewrite pays: keep the input's graph, with only the metadata later passes need.
+                out = ctx.path("clean-shapes")
+                light = CleanupConfig(
+                    optimize=False, symbolic_shapes=config.symbolic_shapes, fuse_transformer=False
+                )
+                report = cleanup(state.model, out, light)
+                record = {
+                    **report.to_dict(), "kept": "input graph (shapes only)", "timing": measured,
+                    "reason": "every clean-up rewrite was slower than its input on the target",
+                }  # fmt: skip
+        else:
+            label, out, report = tried[0]
+            record = report.to_dict()
+        return PassResult(replace(state, model=out, base=None), (), {"cleanup": record})

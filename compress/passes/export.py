@@ -125,6 +125,8 @@ def export_module(
 
     cfg = config or ExportConfig()
     names = names or input_names(module)
+    if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
+        arrays = {names[0]: next(iter(arrays.values()))}  # one input, one array: no ambiguity
     missing = [n for n in names if n not in arrays]
     if missing:
         raise BadInputError(

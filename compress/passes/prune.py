@@ -1,9 +1,7 @@
 """Structured channel pruning on the ONNX graph, and unstructured pruning where kernels use it.
 
 Pruning works on the (cleaned-up, BatchNorm-folded) ONNX graph, so ONNX-file inputs are prunable
-too. Channels are grouped by dependency (``channel_groups``): a residual Add ties its operands'
-channels together, a depthwise conv passes its input channels through, and the Linear/MatMul after a
-Flatten owns ``H*W`` weight columns per channel. A group is pruned as a whole by removing whole
+too. Channels are grouped by dependency (``edgectl.compress.channel_groups``). A group is pruned as a whole by removing whole
 filters from its producers and the matching slices from every consumer; a group that reaches a
 graph output or an op we cannot follow is left alone (and reported). Removed channels' average
 contribution is folded into the consumers' biases on calibration data (``recalibrate``).
@@ -12,25 +10,20 @@ contribution is folded into the consumers' biases on calibration data (``recalib
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgectl.compress.channel_groups import ChannelGroup, channel_groups
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import PruneRefusedError
-from edgectl.compress.graph import cpu_session
-
-# Ops that map channel c of their input to channel c of their output.
-_CHANNELWISE = {
-    "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-    "Softplus", "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool",
-    "GlobalMaxPool", "Gelu", "Erf", "Neg", "Abs", "Sqrt", "Exp",
-}  # fmt: skip
-_BINARY = {"Add", "Sub", "Mul", "Div"}
+from edgectl.compress.evaluate import Trial
+from edgectl.compress.graph import cpu_session, load
+from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 
 
 @dataclass(frozen=True)
@@ -41,22 +34,6 @@ class PruneConfig:
     kind: Literal["structured", "unstructured"] = "structured"
     round_to: int = 8
     recalibrate: bool = True
-
-
-@dataclass
-class ChannelGroup:
-    """Channels that must be pruned together, and every weight slice that removing one implies."""
-
-    channels: int
-    producers: list[str] = field(default_factory=list)  # Conv weight inits: filters on axis 0
-    biases: list[str] = field(default_factory=list)  # producer biases: axis 0
-    params: list[str] = field(default_factory=list)  # per-channel params (BN, depthwise, scales): axis 0
-    depthwise: list[onnx.NodeProto] = field(default_factory=list)  # their `group` attribute shrinks
-    consumers: list[tuple[onnx.NodeProto, str, int, int]] = field(
-        default_factory=list
-    )  # node, weight, axis, hw
-    reshapes: list[tuple[str, int]] = field(default_factory=list)  # (shape init, hw) after a Flatten
-    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,177 +47,9 @@ class PruneReport:
     skipped: tuple[str, ...]
     recalibrated_nodes: int
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         """For the manifest."""
         return {**self.__dict__, "skipped": list(self.skipped)}
-
-
-class _Graph:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.inits = {i.name: i for i in model.graph.initializer}
-        self.producer = {o: n for n in model.graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in model.graph.node:
-            for i in n.input:
-                self.consumers[i].append(n)
-        self.outputs = {o.name for o in model.graph.output}
-        inferred = onnx.shape_inference.infer_shapes(model)
-        self.shapes: dict[str, list[int]] = {}
-        for v in [*inferred.graph.value_info, *inferred.graph.output]:
-            self.shapes[v.name] = [
-                d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim
-            ]
-
-    def const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
-
-    def attr(self, node: onnx.NodeProto, name: str, default: int) -> int:
-        return next((int(a.i) for a in node.attribute if a.name == name), default)
-
-
-def _is_depthwise(g: _Graph, node: onnx.NodeProto) -> bool:
-    w = g.inits.get(node.input[1])
-    return (
-        w is not None
-        and g.attr(node, "group", 1) > 1
-        and w.dims[1] == 1
-        and g.attr(node, "group", 1) == w.dims[0]
-    )
-
-
-def _reduce_axes(g: _Graph, node: onnx.NodeProto) -> list[int] | None:
-    # Opset 18 moved `axes` from an attribute to an input.
-    if len(node.input) > 1 and node.input[1]:
-        axes = g.const(node.input[1])
-        return None if axes is None else [int(a) % 4 for a in axes.ravel()]
-    attr = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-    return None if attr is None else [int(a) % 4 for a in attr]
-
-
-def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
-    """Close the set of tensors sharing ``seed``'s channel axis, forwards and backwards."""
-    group = ChannelGroup(channels)
-    seen: set[str] = set()
-    todo = [seed]
-    flat: dict[str, int] = {}  # flattened tensors in the group -> spatial size per channel
-
-    def fail(why: str) -> None:
-        group.problem = group.problem or why
-
-    while todo:
-        t = todo.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in g.outputs:
-            fail(f"{t} is a graph output")
-        # Backwards: who made this tensor?
-        node = g.producer.get(t)
-        if node is None:
-            fail(f"{t} is a graph input")
-        elif t in flat:
-            pass  # made by the Flatten/Reshape we came through
-        elif node.op_type == "Conv" and not _is_depthwise(g, node):
-            if g.attr(node, "group", 1) != 1:
-                fail(f"grouped conv {node.name}")
-            elif node.input[1] not in group.producers:
-                group.producers.append(node.input[1])
-                if len(node.input) > 2 and node.input[2]:
-                    group.biases.append(node.input[2])
-        elif node.op_type == "Conv":
-            if node not in group.depthwise:
-                group.depthwise.append(node)
-                group.params += [i for i in node.input[1:] if i]
-                todo.append(node.input[0])
-        elif node.op_type in _CHANNELWISE or node.op_type in ("ReduceMean", "ReduceMax"):
-            todo.append(node.input[0])
-        elif node.op_type == "BatchNormalization":
-            group.params += [i for i in node.input[1:5] if i not in group.params]
-            todo.append(node.input[0])
-        elif node.op_type in _BINARY:
-            for i in node.input:
-                c = g.const(i)
-                if c is None:
-                    todo.append(i)
-                elif c.size > 1 and i not in group.params:
-                    if c.size != channels or c.ndim < 3 or c.shape[-3] != channels:
-                        fail(f"{node.name} broadcasts a constant of shape {c.shape}")
-                    group.params.append(i)
-        else:
-            fail(f"{t} is made by {node.op_type} {node.name}")
-        # Forwards: who reads it?
-        for user in g.consumers.get(t, []):
-            op = user.op_type
-            if t in flat:
-                if op == "Gemm" and user.input[0] == t and user.input[1] in g.inits:
-                    axis = 1 if g.attr(user, "transB", 0) else 0
-                    group.consumers.append((user, user.input[1], axis, flat[t]))
-                elif op == "MatMul" and user.input[0] == t and user.input[1] in g.inits:
-                    group.consumers.append((user, user.input[1], 0, flat[t]))
-                else:
-                    fail(f"flattened channels feed {op} {user.name}")
-            elif op == "Conv" and user.input[0] == t:
-                if _is_depthwise(g, user):
-                    todo.append(user.output[0])
-                elif g.attr(user, "group", 1) != 1:
-                    fail(f"grouped conv {user.name}")
-                else:
-                    group.consumers.append((user, user.input[1], 1, 1))
-            elif op in _CHANNELWISE or op == "BatchNormalization" or op in _BINARY:
-                todo.append(user.output[0])
-            elif op in ("ReduceMean", "ReduceMax") and user.input[0] == t:
-                axes = _reduce_axes(g, user)
-                if axes is None or 1 in axes or 0 in axes:
-                    fail(f"{op} {user.name} reduces over channels")
-                elif g.attr(user, "keepdims", 1):
-                    todo.append(user.output[0])
-                elif sorted(axes) == [2, 3]:
-                    flat[user.output[0]] = 1  # (N, C): one feature per channel
-                    todo.append(user.output[0])
-                else:
-                    fail(f"{op} {user.name} drops dims {axes}")
-            elif op in ("Flatten", "Reshape"):
-                shape = g.shapes.get(t)
-                if shape is None or len(shape) != 4 or min(shape[1:]) <= 0:
-                    fail(f"{op} {user.name} of a tensor of unknown shape")
-                    continue
-                hw = shape[2] * shape[3]
-                if op == "Reshape":
-                    target = g.const(user.input[1])
-                    is_flatten = (
-                        target is not None and target.size == 2 and (target[1] == -1 or target[0] in (0, -1))
-                    )
-                    if target is None or not is_flatten:
-                        fail(f"Reshape {user.name} is not a flatten")
-                        continue
-                    if target[1] != -1:
-                        group.reshapes.append((user.input[1], hw))
-                elif g.attr(user, "axis", 1) != 1:
-                    fail(f"Flatten {user.name} on axis != 1")
-                    continue
-                flat[user.output[0]] = hw
-                todo.append(user.output[0])
-            else:
-                fail(f"{t} feeds {op} {user.name}")
-    return group, seen
-
-
-def channel_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
-    """Every group of channels rooted at a (non-depthwise) Conv, prunable or with its ``problem``."""
-    g = _Graph(model)
-    groups: list[ChannelGroup] = []
-    covered: set[str] = set()
-    for node in model.graph.node:
-        if node.op_type != "Conv" or _is_depthwise(g, node) or node.output[0] in covered:
-            continue
-        w = g.inits.get(node.input[1])
-        if w is None:
-            continue
-        group, tensors = _grow(g, node.output[0], int(w.dims[0]))
-        covered |= tensors
-        groups.append(group)
-    return groups
 
 
 def _keep(group: ChannelGroup, arrays: dict[str, np.ndarray], cfg: PruneConfig) -> np.ndarray:
@@ -395,3 +204,39 @@ def prune_unstructured(src: Path, dst: Path, cfg: PruneConfig, *, profile_name: 
         done += 1
     onnx.save(model, str(dst))
     return done
+
+
+class PrunePass(CompressPass[PruneConfig]):
+    """Prune the float model, score it, and run the request's fine-tune hook on a structured result."""
+
+    name = "prune"
+    stage = "float"
+    config = PruneConfig
+
+    def run(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
+        """Write the pruned (and fine-tuned) model; each becomes a scored row."""
+        if config.ratio <= 0:
+            return PassResult(state)
+        ctx.progress(f"pruning {config.ratio:.0%} of channels")
+        pruned = ctx.path("pruned")
+        record: dict[str, Any] = {}
+        if config.kind == "unstructured":
+            sparse = ctx.profile.sparsity.structured_2_4
+            n = prune_unstructured(
+                state.model, pruned, config, profile_name=ctx.profile.name, sparse_2_4=sparse
+            )
+            record["prune"] = {"kind": "2:4", "tensors": n}
+        else:
+            record["prune"] = prune_structured(state.model, pruned, config, ctx.calib or ctx.data).to_dict()
+        trials = [
+            ctx.judge(Trial(f"pruned {config.ratio:.0%}", "prune", pruned, config=dict(config.__dict__)))
+        ]
+        if ctx.finetune is not None:
+            ctx.progress("fine-tuning the pruned model on calibration data")
+            tuned = ctx.path("finetuned")
+            ctx.finetune(pruned, tuned, ctx.calib or ctx.data)
+            load(tuned)  # the hook must leave a readable model behind
+            trials.append(ctx.judge(Trial(f"pruned {config.ratio:.0%} + fine-tuned", "prune", tuned)))
+            record["finetune"] = {"hook": getattr(ctx.finetune, "__qualname__", repr(ctx.finetune))}
+        new = replace(state, model=trials[-1].path or pruned, base=trials[-1])
+        return PassResult(new, tuple(trials), record)

@@ -1,197 +1,306 @@
-"""Quantization with ONNX Runtime's quantizer: dynamic INT8, static INT8 (QDQ or QOperator), FP16.
+"""The quantize pass: build candidates, score each, widen the search only when the budget is missed.
 
-Formats and types are *candidates*, not defaults: ``latency_candidates`` lists the ones worth
-timing on the target's execution provider and ``quality_variants`` the calibration choices worth
-scoring; the pipeline measures them and keeps the fastest that meets the budget.
+Order of escalation: format/type candidates (whose speed depends on the execution provider, so
+they are timed later), then calibration and granularity variants of the best one. When none
+passes, the mixed-precision pass (if the recipe has it) keeps the most sensitive nodes in float.
+Every model built is a Trial in the table.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
-from edgectl.compress.passes.smooth import smooth
+from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
+from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
+from edgectl.compress.quantizer import (
+    QuantConfig,
+    QuantizeMode,
+    QuantMode,
+    float_by_rule,
+    latency_candidates,
+    ort_default,
+    quality_variants,
+    quantize,
+)
+from edgectl.devices import DeviceProfile
 
-QuantMode = Literal["int8-static", "int8-dynamic", "fp16"]
-Calibration = Literal["minmax", "entropy", "percentile"]
+Progress = Callable[[str], None]
+# Samples in the first slice a candidate is scored on before the full evaluation.
+QUICK_SLICE = 8
+# The key under which this pass leaves its search for the passes after it (mixed precision).
+SEARCH_NOTE = "quantize.search"
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """One way to quantize: mode, format, activation/weight types, granularity and calibration."""
+class QuantizeConfig:
+    """The quantization search: which mode, whether to measure format candidates, calibration sample cap."""
 
-    mode: QuantMode = "int8-static"
-    fmt: Literal["QDQ", "QOperator"] = "QDQ"
-    activations: Literal["u8", "s8"] = "u8"
-    weights: Literal["s8", "u8"] = "s8"
-    per_channel: bool = True
-    reduce_range: bool = False
-    calibration: Calibration = "minmax"
+    mode: QuantizeMode = "auto"
+    search: bool = True
+    calibration: Literal["auto", "minmax", "entropy", "percentile"] = "auto"
     calib_samples: int = 64
-    smooth_alpha: float = 0.0  # SmoothQuant migration strength; 0 = off
-    exclude: tuple[str, ...] = ()
-
-    def label(self) -> str:
-        """Short human name for tables, e.g. ``int8-static QDQ U8S8 pc minmax``."""
-        if self.mode == "fp16":
-            text = "fp16"
-        else:
-            types = f"{self.activations}{self.weights}".upper()
-            text = f"{self.mode} {self.fmt} {types}{' pc' if self.per_channel else ''}"
-            text += " rr" if self.reduce_range else ""
-            text += f" {self.calibration}" if self.mode == "int8-static" else ""
-            text += f" smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
-        return text + (f" +{len(self.exclude)} float" if self.exclude else "")
-
-    def as_dict(self) -> dict[str, object]:
-        """For the manifest's recipe record."""
-        out = asdict(self)
-        out["exclude"] = list(self.exclude)
-        return out
-
-    def with_(self, **changes: object) -> QuantConfig:
-        """A copy with some fields changed."""
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
-class _Reader(CalibrationDataReader):  # type: ignore[misc]
-    """Feeds calibration samples to ORT one small batch at a time."""
+@dataclass
+class SearchResult:
+    """Every quantized trial of one search, the best-scoring config, and what the search noticed."""
 
-    def __init__(self, data: SampleSet, batch: int = 8) -> None:
-        self._data = data
-        self._batch = batch
-        self._it: Iterator[dict[str, np.ndarray]] = data.batches(batch)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = self._data.batches(self._batch)
+    base: Path
+    mode: QuantMode
+    step: QuantizeConfig
+    trials: list[Trial] = field(default_factory=list)
+    best: QuantConfig | None = None
+    notes: list[str] = field(default_factory=list)
 
 
-def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None = None) -> None:
-    """Write ``src`` quantized per ``config`` to ``dst``."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool) -> list[QuantMode]:
+    """The concrete modes to try for ``step.mode`` on ``profile``; refuses modes the device cannot run.
 
-    # ORT logs a warning per tensor it leaves in float; the trial table says what happened.
-    logging.getLogger().setLevel(logging.ERROR)
-    qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-    if config.smooth_alpha and config.mode != "fp16":
-        if calib is None:
-            raise BadInputError("SmoothQuant needs calibration data", hint="pass --calib FILE.npz")
-        smoothed = dst.with_name(dst.stem + ".smoothed.onnx")
-        smooth(src, smoothed, calib, alpha=config.smooth_alpha)
-        src = smoothed
-    exclude = list(config.exclude)
-    if config.mode == "fp16":
-        _fp16(src, dst, exclude)
-    elif config.mode == "int8-dynamic":
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            weight_type=qtype[config.weights],
-            nodes_to_exclude=exclude,
-            # Fused contrib ops (SkipLayerNormalization, ...) have no ONNX type inference.
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    ``auto`` is every mode the profile runs (static int8 only with calibration data): which one wins
+    is measured, never guessed from which files were given.
+    """
+    int8_cpu = "CPUExecutionProvider" in profile.providers_for("int8")
+    if step.mode == "none":
+        return []
+    if step.mode == "auto":
+        modes: list[QuantMode] = []
+        if int8_cpu:
+            modes.append("int8-dynamic")
+        if profile.supports("int8") and has_calib:
+            modes.append("int8-static")
+        if profile.supports("fp16"):
+            modes.append("fp16")
+        return modes
+    if step.mode in ("int8-static", "int8-dynamic") and not profile.supports("int8"):
+        raise BadInputError(f"profile {profile.name} has no execution provider that runs int8")
+    if step.mode == "int8-dynamic" and not int8_cpu:
+        raise BadInputError(
+            f"dynamic int8 needs ORT's CPU EP, but {profile.name} runs int8 only on "
+            f"{', '.join(profile.providers_for('int8'))}",
+            hint="use --quantize int8-static with --calib",
         )
-    else:
-        if calib is None:
-            raise BadInputError("static INT8 needs calibration data", hint="pass --calib FILE.npz")
-        reader = _Reader(calib.take(config.calib_samples))
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[config.calibration]
-        # ORT's histogram calibrators print progress to stdout, which --json output must not carry.
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(
-                str(src),
-                str(dst),
-                reader,
-                quant_format=QuantFormat.QDQ if config.fmt == "QDQ" else QuantFormat.QOperator,
-                per_channel=config.per_channel,
-                reduce_range=config.reduce_range,
-                activation_type=qtype[config.activations],
-                weight_type=qtype[config.weights],
-                nodes_to_exclude=exclude,
-                calibrate_method=method,
-                extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
+    if step.mode == "fp16" and not profile.supports("fp16"):
+        raise BadInputError(
+            f"profile {profile.name} has no execution provider with fp16 kernels (ORT's CPU EP would "
+            "insert casts and run slower than fp32)",
+            hint="use --quantize int8-static or int8-dynamic for CPU targets",
+        )
+    if step.mode == "int8-static" and not has_calib:
+        raise BadInputError("--quantize int8-static needs calibration data", hint="pass --calib FILE.npz")
+    return [step.mode]
 
 
-def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = onnx.load(str(src))
-    # keep_io_types: callers keep feeding float32, the agent's V2 server needs no cast.
-    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=exclude or None)
-    onnx.save(half, str(dst))
-
-
-def cpu_has_vnni() -> bool:
-    """True when this x86 CPU has the VNNI int8 dot-product instructions."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-def latency_candidates(mode: QuantMode, *, vnni: bool) -> list[QuantConfig]:
-    """Format/type choices whose speed differs by execution provider and CPU: time them all."""
-    # Without VNNI, u8*s8 products can saturate 16-bit accumulators: 7-bit weights avoid it.
-    rr = not vnni
+def _hint(profile: DeviceProfile, mode: QuantMode) -> QuantConfig:
+    q = profile.quantization
+    fmt: Literal["QDQ", "QOperator"] = "QDQ" if q.format == "qdq" else "QOperator"
     if mode == "int8-dynamic":
-        return [
-            QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=True, reduce_range=rr),
-            QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=False, reduce_range=rr),
-            QuantConfig("int8-dynamic", "QOperator", "u8", "u8", per_channel=False, reduce_range=rr),
-        ]
-    if mode == "int8-static":
-        return [
-            QuantConfig("int8-static", "QDQ", "u8", "s8", reduce_range=rr),
-            QuantConfig("int8-static", "QDQ", "s8", "s8", reduce_range=rr),
-            QuantConfig("int8-static", "QOperator", "u8", "s8", reduce_range=rr),
-        ]
-    return [QuantConfig("fp16", "QDQ")]
+        return QuantConfig(mode, "QOperator", "u8", q.weight_type, q.per_channel, q.reduce_range)
+    return QuantConfig(mode, fmt, q.activation_type, q.weight_type, q.per_channel, q.reduce_range)
 
 
-def quality_variants(base: QuantConfig, *, has_matmul: bool = False) -> list[QuantConfig]:
-    """Choices that mostly move quality, to try when the budget is missed: calibration, SmoothQuant, granularity."""
+def candidates(
+    step: QuantizeConfig, mode: QuantMode, profile: DeviceProfile, *, vnni: bool
+) -> list[QuantConfig]:
+    """The first round: the profile's hint, the measured alternatives, and ORT's defaults for reference."""
+    first = _hint(profile, mode)
+    if mode == "fp16":
+        return [QuantConfig("fp16")]
+    more = latency_candidates(mode, vnni=vnni) if step.search else []
+    if "CPUExecutionProvider" not in profile.providers_for("int8"):
+        more = []  # TensorRT reads only symmetric s8 QDQ: CPU timings of other formats mean nothing there
+    else:
+        more.append(ort_default(mode))
+    calib = "minmax" if step.calibration == "auto" else step.calibration
     out: list[QuantConfig] = []
-    if base.mode == "int8-static":
-        out += [base.with_(calibration=c) for c in ("percentile", "entropy") if c != base.calibration]
-    if base.mode != "fp16" and has_matmul:
-        # Transformer activations have outlier channels: migrate them into the weights.
-        out += [base.with_(per_channel=True, smooth_alpha=a) for a in (0.7, 0.5) if a != base.smooth_alpha]
-    if base.mode != "fp16":
-        out.append(base.with_(per_channel=not base.per_channel))
-        out.append(base.with_(reduce_range=not base.reduce_range))
+    for c in [first, *more]:
+        c = c.with_(calibration=calib, calib_samples=step.calib_samples)
+        if c not in out:
+            out.append(c)
     return out
 
 
-def ort_default(mode: QuantMode) -> QuantConfig:
-    """What plain ``quantize_static`` / ``quantize_dynamic`` do with no options (the baseline users get)."""
-    if mode == "int8-dynamic":
-        return QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=False)
-    return QuantConfig("int8-static", "QDQ", "s8", "s8", per_channel=False)
+class QuantSearch:
+    """Runs the escalating search for one base model against one evaluator and quality gate."""
+
+    def __init__(
+        self, evaluator: Evaluator, calib: SampleSet | None, work: Path, max_drop: float, progress: Progress
+    ) -> None:
+        self.evaluator = evaluator
+        self.calib = calib
+        self.work = work
+        self.gate = QualityGate(max_drop)
+        self.progress = progress
+        self._count = 0
+        # Nodes static int8 leaves float by rule (node -> reason), and the first-slice size for pruning.
+        self.keep_float: dict[str, str] = {}
+        self.first_slice = QUICK_SLICE
+
+    def trial(self, base: Path, config: QuantConfig, stage: str, note: str = "") -> Trial:
+        """Quantize ``base`` per ``config`` and score it."""
+        out = self.work / f"candidate{self._count}.onnx"
+        while out.exists():  # another search may share the folder
+            self._count += 1
+            out = self.work / f"candidate{self._count}.onnx"
+        self.progress(f"{stage}: {config.label()}")
+        trial = Trial(config.label(), stage, config=config.to_dict(), note=note)
+        try:
+            # Dynamic quantization needs no calibration, but SmoothQuant does: fall back to the eval samples.
+            quantize(base, out, config, self.calib or (self.evaluator.data if config.smooth_alpha else None))
+            trial.path = out
+            if not self._hopeless(trial):
+                self.gate.judge(trial, self.evaluator)
+        except BadInputError:
+            raise
+        except Exception as exc:  # a candidate the quantizer or ORT rejects is a failed row, not a crash
+            trial.path, trial.quality, trial.passed = None, None, False
+            trial.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            return trial
+        trial.size_bytes = out.stat().st_size
+        return trial
+
+    def _hopeless(self, trial: Trial) -> bool:
+        """Score on a first small slice; a drop far outside the budget there ends the trial (not timed)."""
+        n = self.first_slice
+        if not n or self.evaluator.data.count < 2 * n:
+            return False
+        assert trial.path is not None
+        quick = self.evaluator.quality(trial.path, samples=n)
+        drop = quick.drop_from(self.evaluator.baseline_on(n))
+        if not self.gate.hopeless(drop):
+            return False
+        trial.quality, trial.drop, trial.passed = quick, drop, False
+        hopeless = f"hopeless: drop {drop:.4f} on the first {n} samples, not evaluated further"
+        trial.note = f"{trial.note}; {hopeless}" if trial.note else hopeless
+        return True
+
+    def run(
+        self,
+        base: Path,
+        step: QuantizeConfig,
+        modes: QuantMode | Sequence[QuantMode],
+        profile: DeviceProfile,
+        *,
+        vnni: bool,
+    ) -> SearchResult:
+        """All trials for ``base`` in every mode; the caller times the passing ones and keeps the fastest."""
+        mode_list: list[QuantMode] = [modes] if isinstance(modes, str) else list(modes)
+        result = SearchResult(base, mode_list[0], step)
+        first: list[QuantConfig] = []
+        for mode in mode_list:
+            for config in candidates(step, mode, profile, vnni=vnni):
+                if mode == "int8-static" and self.keep_float:
+                    config = config.with_(keep_float=tuple(sorted(self.keep_float)))
+                first.append(config)
+        for config in first:
+            default = ort_default(config.mode).with_(
+                calib_samples=step.calib_samples, keep_float=config.keep_float
+            )
+            note = "ORT defaults" if config.mode != "fp16" and config == default else ""
+            result.trials.append(self.trial(base, config, "format", note))
+        scored = [t for t in result.trials if t.quality is not None]
+        if not scored:
+            result.notes.append("no quantized candidate could be built")
+            return result
+        best_trial = max(scored, key=lambda t: t.quality.score if t.quality else -1.0)
+        result.best = QuantConfig(**_config_args(best_trial.config))
+        result.mode = result.best.mode
+        if any(t.passed for t in result.trials) or not step.search:
+            return result
+        model = onnx.load(str(base), load_external_data=False)
+        consts = {i.name for i in model.graph.initializer}
+        has_matmul = any(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
+        for variant in quality_variants(result.best, has_matmul=has_matmul):
+            if step.calibration != "auto" and variant.calibration != result.best.calibration:
+                continue
+            t = self.trial(base, variant, "calibration")
+            result.trials.append(t)
+            if t.passed:
+                self._formats_with(base, first, variant, result)
+                return result
+            if t.quality and best_trial.quality and t.quality.score > best_trial.quality.score:
+                best_trial, result.best = t, variant
+        return result
+
+    def _formats_with(
+        self, base: Path, first: list[QuantConfig], passed: QuantConfig, result: SearchResult
+    ) -> None:
+        """Every format/type candidate again with the calibration and smoothing that passed.
+
+        Which format is fastest depends on the EP and the CPU, not on the quality knobs: without this
+        the first format that passes after smoothing would win unmeasured.
+        """
+        seen = {QuantConfig(**_config_args(t.config)) for t in result.trials if t.config}
+        for config in first:
+            if config.mode != passed.mode:
+                continue  # the knobs that passed belong to one mode
+            c = config.with_(calibration=passed.calibration, smooth_alpha=passed.smooth_alpha)
+            if passed.smooth_alpha:  # smoothing moves outliers into weight rows: per-tensor weights lose them
+                c = c.with_(per_channel=True)
+            if c not in seen:
+                seen.add(c)
+                result.trials.append(self.trial(base, c, "format", f"with {_knobs(passed)}"))
+
+
+class QuantizePass(CompressPass[QuantizeConfig]):
+    """Quantize the float model in every mode the target runs (auto) or the one asked for.
+
+    Every model built becomes a candidate; with ``auto`` the artifact must also be faster than the
+    float model it started from, or nothing is written.
+    """
+
+    name = "quantize"
+    stage = "quantize"
+    config = QuantizeConfig
+
+    def run(self, state: ModelState, config: QuantizeConfig, ctx: PassContext) -> PassResult:
+        """Resolve the modes for the profile, run the search, add its models as candidates."""
+        modes = resolve_modes(config, ctx.profile, has_calib=ctx.calib is not None)
+        record: dict[str, Any] = {
+            "mode": modes[0] if len(modes) == 1 else None,
+            "modes": modes,
+            "vnni": ctx.vnni,
+        }
+        must_beat = state.base if config.mode == "auto" else None
+        if not modes:
+            # Nothing to quantize in: the float model is the only candidate.
+            floats = (state.base,) if state.base is not None else ()
+            return PassResult(replace(state, candidates=state.candidates + floats), (), {"quantize": record})
+        search = QuantSearch(ctx.evaluator, ctx.calib, ctx.work, ctx.gate.max_drop, ctx.progress)
+        if "int8-static" in modes and ctx.calib is not None:
+            search.keep_float = float_by_rule(state.model, ctx.calib)
+            if search.keep_float:
+                record["float_by_rule"] = search.keep_float
+        found = search.run(state.model, config, modes, ctx.profile, vnni=ctx.vnni)
+        if found.notes:
+            record["notes"] = found.notes
+        new = replace(
+            state,
+            candidates=state.candidates + tuple(found.trials),
+            notes={**state.notes, SEARCH_NOTE: (found, search)},
+            must_beat=must_beat,
+        )
+        return PassResult(new, tuple(found.trials), {"quantize": record})
+
+    def finish(self, record: dict[str, Any], chosen: Trial) -> dict[str, Any]:
+        """The mode the artifact's model was quantized in."""
+        mode = chosen.config.get("mode") if chosen.config else None
+        return {"quantize": {**record["quantize"], "mode": mode}}
+
+
+def _knobs(config: QuantConfig) -> str:
+    text = config.calibration if config.mode == "int8-static" else ""
+    return (text + (f" smooth{config.smooth_alpha:g}" if config.smooth_alpha else "")).strip() or "defaults"
+
+
+def _config_args(config: dict[str, object] | None) -> dict[str, Any]:
+    args = dict(config or {})
+    for key in ("exclude", "keep_float"):
+        args[key] = tuple(args.get(key, ()))  # type: ignore[arg-type]
+    return args

@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from edgectl.artifact import TrtEngine
 from edgectl.compress.errors import CompressError
+from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
+from edgectl.devices import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,16 @@ class EngineResult:
     build_on_device: bool
     reason: str
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         """For the manifest."""
         return {**self.__dict__, "path": self.path.name if self.path else None}
+
+    @classmethod
+    def not_in_recipe(cls, profile: DeviceProfile) -> EngineResult:
+        """What the manifest says when the recipe builds no engine for ``profile``."""
+        if profile.engine.tensorrt:
+            return cls(None, None, None, True, "the recipe builds no engine: build it on the device")
+        return cls(None, None, None, False, f"{profile.name} does not use TensorRT")
 
 
 def compute_capability() -> str | None:
@@ -134,3 +144,30 @@ def _add_profile(builder: Any, network: Any, cfg: Any, config: TensorRTConfig) -
 
         profile.set_shape(tensor.name, at(config.min_batch), at(config.opt_batch), at(config.max_batch))
     cfg.add_optimization_profile(profile)
+
+
+# Where the engine lives inside the artifact bundle.
+ENGINE_FILE = "engines/model.engine"
+
+
+class TensorRTPass(CompressPass[TensorRTConfig]):
+    """Build the chosen model's TensorRT engine here, or record that the device must build it."""
+
+    name = "tensorrt"
+    stage = "target"
+    config = TensorRTConfig
+
+    def run(self, state: ModelState, config: TensorRTConfig, ctx: PassContext) -> PassResult:
+        """Build an int8 engine for an int8 model, fp16 otherwise; the engine ships beside the ONNX."""
+        chosen = state.chosen
+        assert chosen is not None and chosen.path is not None, "the target stage runs on the chosen model"
+        ctx.progress("building the TensorRT engine")
+        is_int8 = bool(chosen.config and str(chosen.config.get("mode", "")).startswith("int8"))
+        engine = build_engine(chosen.path, ctx.path("model", ".engine"), config, int8=is_int8)
+        if engine.path is None:
+            return PassResult(state, (), {"tensorrt": engine.to_dict()})
+        built = TrtEngine(
+            ENGINE_FILE, ctx.profile.name, engine.tensorrt_version or "", engine.compute_capability or ""
+        )
+        new = replace(state, files={**state.files, ENGINE_FILE: engine.path}, engines=(*state.engines, built))
+        return PassResult(new, (), {"tensorrt": engine.to_dict()})

@@ -96,6 +96,14 @@ def compress(
     state_dict: Annotated[
         Path | None, typer.Option("--state-dict", help="Weights for a package.module:factory model.")
     ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            help="Quality metric: top1 | cosine | masked-cosine:INPUT | module:function "
+            "(default: top1 with labels, else cosine).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
     """Compress a model for a device: export, clean up, prune, quantize, evaluate, gate, sign.
@@ -115,7 +123,7 @@ def compress(
         plan = Recipe.load(recipe) if recipe else Recipe.from_options(quantize=quantize, prune=prune)
         request = CompressRequest(
             model=model, out_dir=out, profile=_profile_name(profile), recipe=plan, calib=calib, eval=eval_data,
-            max_drop=max_drop, name=name, version=version, sign_key=sign_key, state_dict=state_dict,
+            max_drop=max_drop, name=name, version=version, sign_key=sign_key, state_dict=state_dict, metric=metric,
         )  # fmt: skip
         if as_json:
             result = run(request)
@@ -135,12 +143,20 @@ def compress(
         else:
             err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    rows = [t.as_dict() for t in result.trials]
+    rows = [t.to_dict() for t in result.trials]
     if as_json:
         print_json(
-            {"ok": True, "artifact": str(result.out_dir), "digest": result.digest, "metrics": result.metrics}
+            {
+                "ok": True,
+                "artifact": str(result.out_dir),
+                "digest": result.digest,
+                "metrics": result.metrics,
+                "notes": result.notes,
+            }
         )
         return
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     _show(console, trial_table(rows))
     m = result.metrics
     console.print(
@@ -153,5 +169,5 @@ def compress(
     if m["speedup"] is not None and m["speedup"] < 1.0:
         err_console.print(
             f"[yellow]warning:[/] {result.chosen.name} is slower than the float model on this execution provider; "
-            "--quantize auto would have kept the faster float model"
+            "--quantize auto writes only a model faster than the float one"
         )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgectl.compress.data import SampleSet
+from edgectl.compress.evaluate import Latency
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -156,3 +157,82 @@ def outlier_mlp(path: Path) -> SampleSet:
     x = rng.standard_normal((64, 32)).astype(np.float32)
     x[:, 3] *= 60.0  # one outlier channel, as transformer activations have
     return SampleSet({"x": x}, None, "t")
+
+
+def masked_attention(path: Path, *, dim: int = 32, seed: int = 0) -> Path:
+    """Write a one-head self-attention block with an additive -inf padding mask, as BERT exports have.
+
+    Inputs ``x`` [n, t, dim] (token vectors) and ``mask`` [n, t] (1 = token, 0 = padding); output
+    ``y`` [n, t, dim]. The mask becomes ``Where(mask == 0, -inf, 0)`` added to the scores.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal((dim, dim)) * 0.2).astype(np.float32), name)
+
+    consts = [
+        weight("wq"), weight("wk"), weight("wv"), weight("wo"),
+        numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero_i"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(dim), np.float32), "scale"),
+    ]  # fmt: skip
+    node = helper.make_node
+    nodes = [
+        node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="k_t"),
+        node("MatMul", ["q", "kt"], ["s0"], name="scores"),
+        node("Mul", ["s0", "scale"], ["s1"], name="scale_scores"),
+        node("Equal", ["mask", "zero_i"], ["pad"], name="is_pad"),
+        node("Where", ["pad", "neg_inf", "zero"], ["bias0"], name="mask_bias"),
+        node("Unsqueeze", ["bias0", "axis1"], ["bias"], name="mask_unsqueeze"),
+        node("Add", ["s1", "bias"], ["s2"], name="apply_mask"),
+        node("Softmax", ["s2"], ["p"], axis=-1, name="softmax"),
+        node("MatMul", ["p", "v"], ["c"], name="context"),
+        node("MatMul", ["c", "wo"], ["o"], name="o_proj"),
+        node("Add", ["o", "x"], ["y"], name="residual"),
+    ]
+    graph = helper.make_graph(
+        nodes, "masked_attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", dim]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["n", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", dim])],
+        consts,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def token_samples(
+    count: int, *, seed: int, scale: float = 1.0, tokens: int = 12, dim: int = 32
+) -> dict[str, np.ndarray]:
+    """Token vectors and a padding mask (every sample has 3..tokens real tokens) for ``masked_attention``."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((count, tokens, dim)) * scale).astype(np.float32)
+    lengths = rng.integers(3, tokens + 1, size=count)
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"x": x, "mask": mask}
+
+
+INT8_OPS = ("QLinear", "Integer", "DynamicQuantize", "QuantizeLinear")
+
+
+def cost_model(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+    """A deterministic stand-in for timing: a model with int8 kernels takes half the float's time.
+
+    Unit tests never assert measured speed (a shared host makes it noise); they inject this instead.
+    """
+    import onnx
+
+    out = []
+    for path in models:
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        ms = 0.5 if any(k in op for op in ops for k in INT8_OPS) else 1.0
+        out.append(Latency(ms, ms, 1))
+    return out

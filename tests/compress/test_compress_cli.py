@@ -89,7 +89,8 @@ def test_impossible_budget_writes_nothing_and_shows_the_table(
     ("make", "args", "message"),
     [
         (
-            lambda d: np.savez(d / "x.npz", pixels=np.zeros((4, 1, 8, 8), np.float32)),
+            # Two arrays, neither named after the input: ambiguous (one array alone is accepted).
+            lambda d: np.savez(d / "x.npz", pixels=np.zeros((4, 1, 8, 8), np.float32), more=np.zeros(4)),
             ["--eval", "x.npz"],
             "lacks array",
         ),

@@ -92,8 +92,11 @@ def test_parity_check_catches_a_model_that_differs(tmp_path: Path) -> None:
 
 def test_missing_sample_for_a_forward_argument(tmp_path: Path) -> None:
     assert input_names(Small()) == ["image"]
+    arrays = {"img": np.ones((2, 1, 6, 6), np.float32), "other": np.ones((2, 3), np.float32)}
     with pytest.raises(BadInputError, match="image"):
-        export_module(Small().eval(), {"img": np.ones((2, 1, 6, 6), np.float32)}, tmp_path / "m.onnx")
+        export_module(Small().eval(), arrays, tmp_path / "m.onnx")
+    # One input and one array cannot be ambiguous, whatever the array is called.
+    assert export_module(Small().eval(), {"img": arrays["img"]}, tmp_path / "m.onnx").exporter == "dynamo"
 
 
 def test_a_torch_export_pt2_file_is_exported_with_parity(tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ from edgectl.compress.errors import BadInputError
 from edgectl.compress.evaluate import Evaluator, measure_latency
 from edgectl.compress.graph import cpu_session, model_stats
 from edgectl.compress.passes.cleanup import CleanupConfig, cleanup
-from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, exclusion_steps, rank_nodes
-from edgectl.compress.passes.quantize import QuantConfig, quantize
-from edgectl.compress.recipe import QuantizeStep, Recipe
+from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, exclusion_steps
+from edgectl.compress.passes.quantize import QuantizeConfig
+from edgectl.compress.quantizer import QuantConfig, quantize
+from edgectl.compress.recipe import Recipe
+from edgectl.compress.sensitivity import rank_nodes
 from tests.compress.conftest import outlier_mlp
 
 
@@ -111,7 +113,7 @@ def test_recipe_round_trips_and_rejects_mistakes(tmp_path: Path) -> None:
     recipe = Recipe.from_dict(
         {"passes": ["cleanup", {"prune": {"ratio": 0.25}}, {"quantize": {"mode": "int8-dynamic"}}]}
     )
-    assert recipe.get("prune").ratio == 0.25 and recipe.get("quantize") == QuantizeStep(mode="int8-dynamic")
+    assert recipe.get("prune").ratio == 0.25 and recipe.get("quantize") == QuantizeConfig(mode="int8-dynamic")
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     path = tmp_path / "r.yaml"
     path.write_text("passes:\n  - cleanup\n  - quantize: {mode: fp16, search: false}\n")

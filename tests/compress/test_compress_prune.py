@@ -9,12 +9,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from edgectl.compress.channel_groups import channel_groups
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import PruneRefusedError
 from edgectl.compress.evaluate import Evaluator
 from edgectl.compress.graph import count_params, cpu_session, model_stats
 from edgectl.compress.passes.cleanup import cleanup
-from edgectl.compress.passes.prune import PruneConfig, channel_groups, prune_structured, prune_unstructured
+from edgectl.compress.passes.prune import PruneConfig, prune_structured, prune_unstructured
 
 
 def weights(path: Path) -> dict[str, tuple[int, ...]]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgectl.compress.evaluate import Evaluator
-from edgectl.compress.recipe import QuantizeStep
-from edgectl.compress.search import QuantSearch
+from edgectl.compress.passes.quantize import QuantizeConfig, QuantSearch
 from edgectl.devices import load_profile
 from tests.compress.conftest import outlier_mlp
 
@@ -16,14 +15,14 @@ def test_smoothing_that_passes_is_retried_on_every_format_candidate(tmp_path: Pa
     data = outlier_mlp(src)
     ev = Evaluator(src, data)
     profile = load_profile("x86-cpu-avx2")
-    step = QuantizeStep(mode="int8-dynamic")
+    step = QuantizeConfig(mode="int8-dynamic")
     # A budget the plain candidates miss and SmoothQuant meets, read off a first unbounded run.
     probe = QuantSearch(ev, None, tmp_path / "probe", 1.0, lambda _m: None)
     (tmp_path / "probe").mkdir()
-    plain = probe.run(src, step, "int8-dynamic", profile, None, vnni=False).trials
+    plain = probe.run(src, step, "int8-dynamic", profile, vnni=False).trials
     best_plain = min(t.drop or 0.0 for t in plain if t.stage == "format")
     search = QuantSearch(ev, None, tmp_path, 0.8 * best_plain, lambda _m: None)
-    found = search.run(src, step, "int8-dynamic", profile, None, vnni=False)
+    found = search.run(src, step, "int8-dynamic", profile, vnni=False)
     smoothed = [t for t in found.trials if t.config and t.config["smooth_alpha"]]
     assert any(t.stage == "calibration" and t.passed for t in smoothed)
     retried = [t for t in smoothed if t.stage == "format"]

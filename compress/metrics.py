@@ -1,0 +1,161 @@
+"""Quality metrics: how close a candidate's outputs are to the float model's, as one score.
+
+``--metric`` picks one: ``top1`` (needs labels), ``cosine`` (every output, flattened per sample),
+``masked-cosine:INPUT`` (the first output mean-pooled over the tokens the mask input keeps, what
+sentence-embedding users compare) or ``module:function``, a user's own
+``function(inputs, reference_outputs, outputs) -> float`` where the float model scores best.
+The default is ``top1`` when the evaluation data has labels, else ``cosine``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgectl.compress.errors import BadInputError
+
+UserMetric = Callable[[Mapping[str, np.ndarray], list[np.ndarray], list[np.ndarray]], float]
+
+
+@dataclass(frozen=True)
+class Quality:
+    """A candidate's score in ``metric``'s units, with the worst sample's output cosine for reference."""
+
+    metric: str
+    score: float
+    min_cosine: float
+
+    def drop_from(self, baseline: Quality) -> float:
+        """Absolute drop from the baseline in the metric's units (0.01 = one point)."""
+        return baseline.score - self.score
+
+
+def cosines(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-sample cosine between two output lists (every output flattened and joined)."""
+    count = ref[0].shape[0]
+    r = np.concatenate([o.reshape(count, -1).astype(np.float64) for o in ref], axis=1)
+    g = np.concatenate([o.reshape(count, -1).astype(np.float64) for o in got], axis=1)
+    num = (r * g).sum(axis=1)
+    den = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
+    # Two all-zero outputs are identical; one zero and one not share nothing.
+    same = (den == 0) & (np.abs(r - g).max(axis=1) == 0)
+    cos: np.ndarray = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(same, 1.0, 0.0))
+    return cos
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One quality metric: its name as given, where it comes from, and how it scores outputs."""
+
+    name: str
+    source: str
+    mask_input: str | None = None
+    function: UserMetric | None = None
+
+    def score(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        labels: np.ndarray | None,
+        reference: list[np.ndarray],
+        outputs: list[np.ndarray],
+    ) -> Quality:
+        """Score ``outputs`` against the float model's ``reference`` on these samples."""
+        cos = cosines(reference, outputs)
+        if self.name == "top1":
+            if labels is None:
+                raise BadInputError("--metric top1 needs labels", hint="save labels=... in the --eval npz")
+            pred = outputs[0].reshape(outputs[0].shape[0], -1).argmax(axis=1)
+            return Quality("top1", float((pred == labels).mean()), float(cos.min()))
+        if self.mask_input is not None:
+            pooled = cosines(
+                [_pool(reference[0], inputs[self.mask_input])], [_pool(outputs[0], inputs[self.mask_input])]
+            )
+            return Quality(self.name, float(pooled.mean()), float(pooled.min()))
+        if self.function is not None:
+            return Quality(self.name, self._call(inputs, reference, outputs), float(cos.min()))
+        return Quality("cosine", float(cos.mean()), float(cos.min()))
+
+    def _call(
+        self, inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
+    ) -> float:
+        assert self.function is not None
+        try:
+            value = self.function(dict(inputs), list(reference), list(outputs))
+        except Exception as exc:
+            raise BadInputError(
+                f"--metric {self.name} raised {type(exc).__name__}: {exc}",
+                hint="fix the function: it gets (inputs dict, reference outputs list, outputs list)",
+            ) from exc
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise BadInputError(
+                f"--metric {self.name} returned {type(value).__name__}, not a float",
+                hint="return one number where the float model's own outputs score best",
+            )
+        if not math.isfinite(float(value)):
+            raise BadInputError(
+                f"--metric {self.name} returned {float(value)}", hint="return a finite number"
+            )
+        return float(value)
+
+
+def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the token vectors the mask keeps: ``[n, T, D]`` and ``[n, T]`` -> ``[n, D]``."""
+    weights = (np.asarray(mask) != 0).astype(np.float64)
+    if output.ndim != 3 or weights.shape != output.shape[:2]:
+        raise BadInputError(
+            f"masked-cosine needs a [batch, tokens, dim] first output and a [batch, tokens] mask, "
+            f"got {tuple(output.shape)} and {tuple(weights.shape)}",
+            hint="use --metric cosine, or name the mask input the tokens are counted by",
+        )
+    total = (output.astype(np.float64) * weights[..., None]).sum(axis=1)
+    return np.asarray(total / np.maximum(weights.sum(axis=1, keepdims=True), 1.0))
+
+
+def parse_metric(spec: str | None, *, input_names: Sequence[str], has_labels: bool) -> Metric:
+    """The metric ``--metric`` names (None: top1 with labels, else cosine); bad specs fail here, early."""
+    if spec is None or spec == "auto":
+        return Metric("top1" if has_labels else "cosine", "edgectl built-in")
+    if spec in ("top1", "cosine"):
+        if spec == "top1" and not has_labels:
+            raise BadInputError("--metric top1 needs labels", hint="save labels=... in the --eval npz")
+        return Metric(spec, "edgectl built-in")
+    if spec.startswith("masked-cosine:"):
+        mask = spec.split(":", 1)[1]
+        if mask not in input_names:
+            raise BadInputError(
+                f"--metric {spec}: the model has no input {mask!r}", hint=f"inputs: {', '.join(input_names)}"
+            )
+        return Metric(spec, "edgectl built-in", mask_input=mask)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise BadInputError(
+            f"--metric {spec!r} is not top1, cosine, masked-cosine:INPUT or module:function",
+            hint="e.g. --metric mypkg.quality:pooled_cosine",
+        )
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own import-time error
+        raise BadInputError(
+            f"--metric {spec}: cannot import it ({type(exc).__name__}: {exc})",
+            hint="check the module is on PYTHONPATH and defines the function",
+        ) from exc
+    if not callable(function):
+        raise BadInputError(f"--metric {spec} is a {type(function).__name__}, not a function")
+    return Metric(spec, _source(function), function=function)
+
+
+def _source(function: object) -> str:
+    """Where a user's metric lives, with the digest of its file: what the manifest records."""
+    try:
+        path = Path(inspect.getfile(function))  # type: ignore[arg-type]
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (TypeError, OSError):
+        return getattr(function, "__module__", "unknown")
+    return f"{path.name} sha256:{digest}"

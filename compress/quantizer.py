@@ -1,0 +1,267 @@
+"""Build one quantized model with ONNX Runtime's quantizer: dynamic INT8, static INT8 (QDQ or QOperator), FP16.
+
+Formats and types are *candidates*, not defaults: ``latency_candidates`` lists the ones worth
+timing on the target's execution provider and ``quality_variants`` the calibration choices worth
+scoring; the pipeline measures them and keeps the fastest that meets the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import typing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnxruntime.quantization import CalibrationDataReader
+
+from edgectl.compress.data import SampleSet
+from edgectl.compress.errors import BadInputError
+from edgectl.compress.graph import cpu_session
+from edgectl.compress.passes.smooth import smooth
+from edgectl.devices.facts import parse_cpuinfo
+
+# The concrete modes one model is quantized in, and what a recipe or --quantize may ask for.
+QuantMode = Literal["int8-static", "int8-dynamic", "fp16"]
+QuantizeMode = Literal["auto", "int8-static", "int8-dynamic", "fp16", "none"]
+QUANTIZE_MODES: tuple[str, ...] = typing.get_args(QuantizeMode)
+Calibration = Literal["minmax", "entropy", "percentile"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One way to quantize: mode, format, activation/weight types, granularity and calibration."""
+
+    mode: QuantMode = "int8-static"
+    fmt: Literal["QDQ", "QOperator"] = "QDQ"
+    activations: Literal["u8", "s8"] = "u8"
+    weights: Literal["s8", "u8"] = "s8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    calibration: Calibration = "minmax"
+    calib_samples: int = 64
+    smooth_alpha: float = 0.0  # SmoothQuant migration strength; 0 = off
+    exclude: tuple[str, ...] = ()
+    # Nodes that must stay float whatever the search does (masks, ±inf): see ``float_by_rule``.
+    keep_float: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        """Short human name for tables, e.g. ``int8-static QDQ U8S8 pc minmax``."""
+        if self.mode == "fp16":
+            text = "fp16"
+        else:
+            types = f"{self.activations}{self.weights}".upper()
+            text = f"{self.mode} {self.fmt} {types}{' pc' if self.per_channel else ''}"
+            text += " rr" if self.reduce_range else ""
+            text += f" {self.calibration}" if self.mode == "int8-static" else ""
+            text += f" smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
+        return text + (f" +{len(self.exclude)} float" if self.exclude else "")
+
+    def to_dict(self) -> dict[str, object]:
+        """For the manifest's recipe record."""
+        out = asdict(self)
+        out["exclude"] = list(self.exclude)
+        out["keep_float"] = list(self.keep_float)
+        return out
+
+    def with_(self, **changes: object) -> QuantConfig:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    """Feeds calibration samples to ORT one small batch at a time."""
+
+    def __init__(self, data: SampleSet, batch: int = 8) -> None:
+        self._data = data
+        self._batch = batch
+        self._it: Iterator[dict[str, np.ndarray]] = data.batches(batch)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = self._data.batches(self._batch)
+
+
+def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None = None) -> None:
+    """Write ``src`` quantized per ``config`` to ``dst``."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    # ORT logs a warning per tensor it leaves in float; the trial table says what happened.
+    logging.getLogger().setLevel(logging.ERROR)
+    qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+    if config.smooth_alpha and config.mode != "fp16":
+        if calib is None:
+            raise BadInputError("SmoothQuant needs calibration data", hint="pass --calib FILE.npz")
+        smoothed = dst.with_name(dst.stem + ".smoothed.onnx")
+        smooth(src, smoothed, calib, alpha=config.smooth_alpha)
+        src = smoothed
+    exclude = list(config.exclude) + list(config.keep_float)
+    if config.mode == "fp16":
+        _fp16(src, dst, exclude)
+    elif config.mode == "int8-dynamic":
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            weight_type=qtype[config.weights],
+            nodes_to_exclude=exclude,
+            # Fused contrib ops (SkipLayerNormalization, ...) have no ONNX type inference.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    else:
+        if calib is None:
+            raise BadInputError("static INT8 needs calibration data", hint="pass --calib FILE.npz")
+        reader = _Reader(calib.take(config.calib_samples))
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[config.calibration]
+        op_types = _calibrated_op_types(src, config) if config.keep_float else None
+        # ORT's histogram calibrators print progress to stdout, which --json output must not carry.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(src),
+                str(dst),
+                reader,
+                quant_format=QuantFormat.QDQ if config.fmt == "QDQ" else QuantFormat.QOperator,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=qtype[config.activations],
+                weight_type=qtype[config.weights],
+                nodes_to_exclude=exclude,
+                op_types_to_quantize=op_types,
+                calibrate_method=method,
+                extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+
+
+# Beyond this magnitude a value is a mask or a sentinel (torch's finfo.min), not an activation.
+_HUGE = 1e6
+
+
+def float_by_rule(model_path: Path, calib: SampleSet, *, batch: int = 2) -> dict[str, str]:
+    """Nodes that static int8 must leave in float, each with the reason.
+
+    A node reading or writing a tensor that holds ±inf, NaN or sentinel magnitudes (an additive
+    attention mask) cannot get an int8 range: one such value turns the scale into inf and every
+    other value into zero. The check runs the float model on the calibration samples.
+    """
+    model = onnx.load(str(model_path))
+    inits = {i.name for i in model.graph.initializer}
+    tensors = sorted({o for n in model.graph.node for o in n.output if o} - inits)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in tensors if t not in known])
+    session = cpu_session(probe.SerializeToString(), threads=0)
+    names = [o.name for o in session.get_outputs()]
+    bad: dict[str, str] = {}
+    for feed in calib.take(32).batches(batch):
+        for name, value in zip(names, session.run(None, feed), strict=True):
+            arr = np.asarray(value)
+            if name in bad or arr.dtype.kind != "f" or arr.size == 0:
+                continue
+            finite = np.isfinite(arr)
+            if not finite.all():
+                bad[name] = "holds ±inf/NaN"
+            elif float(np.abs(arr).max()) > _HUGE:
+                bad[name] = f"holds values of {float(np.abs(arr).max()):.3g} (a mask or sentinel)"
+    for graph_input in model.graph.input:  # an input can be the additive mask itself
+        value = calib.inputs.get(graph_input.name)
+        if value is not None and value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad[graph_input.name] = "holds ±inf/NaN"
+    out: dict[str, str] = {}
+    for node in model.graph.node:
+        hit = next((t for t in [*node.input, *node.output] if t in bad), None)
+        if hit is not None and node.name:
+            out[node.name] = f"{node.op_type} touches {hit!r}, which {bad[hit]}: int8 has no range for it"
+    return out
+
+
+def _calibrated_op_types(src: Path, config: QuantConfig) -> list[str]:
+    """Op types to quantize when some nodes stay float by rule: none of theirs.
+
+    ORT's calibrators pick tensors by op type, not by node, and the histogram ones fail on an
+    infinite value; leaving those op types out keeps the offending tensors out of calibration.
+    """
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    model = onnx.load(str(src), load_external_data=False)
+    kept = set(config.keep_float)
+    avoid = {n.op_type for n in model.graph.node if n.name in kept}
+    registry = QDQRegistry if config.fmt == "QDQ" else QLinearOpsRegistry
+    return sorted(set(registry) - avoid)
+
+
+def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # keep_io_types: callers keep feeding float32, the agent's V2 server needs no cast.
+    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=exclude or None)
+    onnx.save(half, str(dst))
+
+
+def cpu_has_vnni() -> bool:
+    """True when this x86 CPU has the VNNI int8 dot-product instructions."""
+    try:
+        _, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def latency_candidates(mode: QuantMode, *, vnni: bool) -> list[QuantConfig]:
+    """Format/type choices whose speed differs by execution provider and CPU: time them all."""
+    # Without VNNI, u8*s8 products can saturate 16-bit accumulators: 7-bit weights avoid it.
+    rr = not vnni
+    if mode == "int8-dynamic":
+        return [
+            QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=True, reduce_range=rr),
+            QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=False, reduce_range=rr),
+            QuantConfig("int8-dynamic", "QOperator", "u8", "u8", per_channel=False, reduce_range=rr),
+        ]
+    if mode == "int8-static":
+        return [
+            QuantConfig("int8-static", "QDQ", "u8", "s8", reduce_range=rr),
+            QuantConfig("int8-static", "QDQ", "s8", "s8", reduce_range=rr),
+            QuantConfig("int8-static", "QOperator", "u8", "s8", reduce_range=rr),
+        ]
+    return [QuantConfig("fp16", "QDQ")]
+
+
+def quality_variants(base: QuantConfig, *, has_matmul: bool = False) -> list[QuantConfig]:
+    """Choices that mostly move quality, to try when the budget is missed: calibration, SmoothQuant, granularity."""
+    out: list[QuantConfig] = []
+    if base.mode == "int8-static":
+        out += [base.with_(calibration=c) for c in ("percentile", "entropy") if c != base.calibration]
+    if base.mode != "fp16" and has_matmul:
+        # Transformer activations have outlier channels: migrate them into the weights.
+        out += [base.with_(per_channel=True, smooth_alpha=a) for a in (0.7, 0.5) if a != base.smooth_alpha]
+    if base.mode != "fp16":
+        out.append(base.with_(per_channel=not base.per_channel))
+        out.append(base.with_(reduce_range=not base.reduce_range))
+    return out
+
+
+def ort_default(mode: QuantMode) -> QuantConfig:
+    """What plain ``quantize_static`` / ``quantize_dynamic`` do with no options (the baseline users get)."""
+    if mode == "int8-dynamic":
+        return QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=False)
+    return QuantConfig("int8-static", "QDQ", "s8", "s8", per_channel=False)

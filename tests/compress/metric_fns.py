@@ -1,0 +1,34 @@
+"""Quality metrics as a user writes them, for ``--metric tests.compress.metric_fns:NAME``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def negative_max_error(
+    inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
+) -> float:
+    """0 for the float model's own outputs, more negative the further a candidate strays."""
+    assert set(inputs) == {"image"} and len(reference) == len(outputs) == 1
+    return -float(np.abs(reference[0] - outputs[0]).max())
+
+
+def explodes(
+    inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
+) -> float:
+    """A metric with a bug."""
+    raise KeyError("logits")
+
+
+def not_a_number(
+    inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
+) -> float:
+    """A metric that divides by zero somewhere."""
+    return float("nan")
+
+
+def a_string(inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]) -> str:
+    """A metric that returns the wrong type."""
+    return "0.99"

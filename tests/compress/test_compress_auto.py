@@ -1,0 +1,133 @@
+"""``--quantize auto`` decides by measurement; transforms and artifacts are never slower than their input.
+
+Real quantizer, real ORT sessions on tiny graphs. Speed is never asserted: where the choice
+depends on it, a deterministic timer (``cost_model`` or a named-file rule) stands in for the clock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgectl.compress.data import SampleSet
+from edgectl.compress.errors import QualityGateError
+from edgectl.compress.evaluate import Evaluator, Latency
+from edgectl.compress.metrics import parse_metric
+from edgectl.compress.pipeline import CompressRequest, run
+from edgectl.compress.quantizer import QuantConfig, float_by_rule, quantize
+from edgectl.compress.recipe import Recipe
+from tests.compress.conftest import cost_model, masked_attention, token_samples
+
+MASK_NODES = {"mask_bias", "mask_unsqueeze", "apply_mask", "softmax"}
+
+
+def _npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def test_auto_tries_dynamic_even_with_calibration_data_and_keeps_the_one_that_fits(tmp_path: Path) -> None:
+    model = masked_attention(tmp_path / "attn.onnx")
+    # Calibration data at a quarter of the real scale: static int8 clips real activations, dynamic
+    # int8 measures each batch and does not care. A careful user's --calib can still mislead static.
+    calib = _npz(tmp_path / "calib.npz", token_samples(32, seed=1, scale=0.25))
+    evals = _npz(tmp_path / "eval.npz", token_samples(32, seed=2))
+    out = tmp_path / "out"
+    result = run(
+        CompressRequest(model=str(model), out_dir=out, recipe=Recipe.from_options(quantize="auto"), calib=calib,
+                        eval=evals, max_drop=0.005, metric="masked-cosine:mask", timer=cost_model)
+    )  # fmt: skip
+    modes = {str(t.config["mode"]) for t in result.trials if t.config and "mode" in t.config}
+    assert modes == {"int8-dynamic", "int8-static"}
+    assert result.chosen.config and result.chosen.config["mode"] == "int8-dynamic"
+    static = [t for t in result.trials if t.config and t.config["mode"] == "int8-static"]
+    assert static and not any(t.passed for t in static)
+    # Far outside the budget on the first slice: scored no further and never timed.
+    assert any("hopeless" in t.note and t.latency is None for t in static)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rules = manifest["recipe"]["quantize"]["float_by_rule"]
+    assert set(rules) == MASK_NODES and all("inf" in why for why in rules.values())
+    assert all(set(t.config["keep_float"]) == MASK_NODES for t in static if t.config)  # type: ignore[arg-type]
+    assert manifest["recipe"]["quantize"]["mode"] == "int8-dynamic"
+    assert manifest["metrics"]["quality_metric"] == "masked-cosine:mask"
+    assert manifest["metrics"]["compressed_quality"] >= 0.995
+
+
+def test_static_calibration_survives_a_minus_inf_mask(tmp_path: Path) -> None:
+    model = masked_attention(tmp_path / "attn.onnx")
+    calib = SampleSet(token_samples(32, seed=1), None, "calib")
+    ev = Evaluator(model, SampleSet(token_samples(32, seed=2), None, "eval"),
+                   metric=parse_metric("masked-cosine:mask", input_names=["x", "mask"], has_labels=False))  # fmt: skip
+    rules = float_by_rule(model, calib)
+    assert set(rules) == MASK_NODES
+    scores = {}
+    for name, config in {
+        "no rule": QuantConfig("int8-static"),
+        "minmax": QuantConfig("int8-static", keep_float=tuple(rules)),
+        "percentile": QuantConfig("int8-static", calibration="percentile", keep_float=tuple(rules)),
+        "entropy": QuantConfig("int8-static", calibration="entropy", keep_float=tuple(rules)),
+    }.items():
+        out = tmp_path / f"{name}.onnx"
+        quantize(model, out, config, calib)
+        scores[name] = ev.quality(out).score
+    # Without the rule the -inf enters an int8 range and the attention falls apart (what users saw).
+    assert scores["no rule"] < 0.9
+    assert min(scores["minmax"], scores["percentile"], scores["entropy"]) > 0.999
+
+
+def test_auto_writes_nothing_when_no_quantized_model_is_faster(tmp_path: Path) -> None:
+    model = masked_attention(tmp_path / "attn.onnx")
+    evals = _npz(tmp_path / "eval.npz", token_samples(32, seed=2))
+
+    def same_speed(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        return [Latency(1.0, 1.0, 1) for _ in models]
+
+    out = tmp_path / "out"
+    request = CompressRequest(model=str(model), out_dir=out, recipe=Recipe.from_options(quantize="auto"),
+                              eval=evals, max_drop=0.02, timer=same_speed)  # fmt: skip
+    with pytest.raises(QualityGateError, match="faster than the float model") as caught:
+        run(request)
+    assert "--quantize none" in str(caught.value.hint)
+    assert caught.value.trials and any(
+        t["passed"] for t in caught.value.trials[1:]
+    )  # it fit, but was no faster
+    assert not out.exists()
+    # Asked for explicitly, the same models are written (the CLI warns that they are not faster).
+    written = run(
+        CompressRequest(model=str(model), out_dir=tmp_path / "dyn", recipe=Recipe.from_options(quantize="int8-dynamic"),
+                        eval=evals, max_drop=0.02, timer=same_speed)
+    )  # fmt: skip
+    assert written.chosen.passed and (tmp_path / "dyn" / "manifest.json").is_file()
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("cleanup_slower", [True, False])
+def test_a_slower_cleanup_is_discarded(
+    tiny_bn_onnx: Path, images: np.ndarray, tmp_path: Path, cleanup_slower: bool
+) -> None:
+    def timer(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        # The rewritten graphs (clean-N.onnx) are "slower" than their input; the shapes-only copy is not.
+        slow = [cleanup_slower and p.name.startswith("clean-") and "shapes" not in p.name for p in models]
+        return [Latency(2.0 if s else 1.0, 2.0 if s else 1.0, 1) for s in slow]
+
+    assert "BatchNormalization" in _ops(tiny_bn_onnx)
+    evals = _npz(tmp_path / "eval.npz", {"image": images})
+    out = tmp_path / "out"
+    run(CompressRequest(model=str(tiny_bn_onnx), out_dir=out, recipe=Recipe.from_options(quantize="none"),
+                        eval=evals, timer=timer))  # fmt: skip
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["cleanup"]
+    assert record["timing"]["input_ms"] == 1.0
+    if cleanup_slower:
+        assert record["kept"] == "input graph (shapes only)" and record["timing"]["full_ms"] == 2.0
+        assert "BatchNormalization" in _ops(out / "model.onnx")  # the BN fold was thrown away
+    else:
+        assert record["kept"] == "full"
+        assert "BatchNormalization" not in _ops(out / "model.onnx")

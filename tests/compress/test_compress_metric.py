@@ -1,0 +1,64 @@
+"""``--metric``: the user's own quality function, the built-ins, and every way a metric can be wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.compress.test_compress_cli import invoke
+
+
+def test_a_users_metric_gates_the_artifact_and_is_recorded(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "eval.npz", image=images)
+    out = tmp_path / "out"
+    spec = "tests.compress.metric_fns:negative_max_error"
+    code, text = invoke(tiny_onnx, "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval",
+                        tmp_path / "eval.npz", "--metric", spec, "--max-drop", "1.0", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["quality_metric"] == spec and metrics["baseline_quality"] == 0.0
+    assert metrics["quality_metric_source"].startswith("metric_fns.py sha256:")
+    assert 0 < metrics["quality_drop"] <= 1.0  # int8 strays from float: the function saw both outputs
+    assert all(t["metric"] == spec for t in metrics["trials"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tests.compress.metric_fns:explodes", "metric_fns:explodes raised KeyError"),
+        ("tests.compress.metric_fns:not_a_number", "metric_fns:not_a_number returned nan"),
+        ("tests.compress.metric_fns:a_string", "metric_fns:a_string returned str, not a float"),
+        ("tests.compress.metric_fns:missing", "metric_fns:missing: cannot import it"),
+        ("no_such_package.metrics:score", "no_such_package.metrics:score: cannot import it"),
+        ("masked-cosine:attention_mask", "the model has no input 'attention_mask'"),
+        ("top1", "--metric top1 needs labels"),
+        ("bleu", "is not top1, cosine, masked-cosine:INPUT or module:function"),
+    ],
+)
+def test_a_bad_metric_is_one_clear_error_and_writes_nothing(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path, spec: str, message: str
+) -> None:
+    np.savez(tmp_path / "eval.npz", image=images)
+    out = tmp_path / "out"
+    code, text = invoke(tiny_onnx, "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval",
+                        tmp_path / "eval.npz", "--metric", spec, "-o", out)  # fmt: skip
+    assert code == 2 and message in " ".join(text.split()), text
+    assert "Traceback" not in text and not out.exists()
+
+
+def test_a_single_array_under_another_name_feeds_the_single_input(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "eval.npz", x=images)  # the model's input is called "image"
+    out = tmp_path / "out"
+    code, text = invoke(tiny_onnx, "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval",
+                        tmp_path / "eval.npz", "--max-drop", "0.05", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    notes = json.loads(text)["notes"]
+    assert notes == ["evaluation file eval.npz: used its only array 'x' for the model input 'image'"]
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["notes"] == notes
