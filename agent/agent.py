@@ -19,7 +19,7 @@ import onnxruntime as ort
 from edgectl.addresses import parse_host_port
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings, InferenceRouter
+from edgectl.agent.burst import BurstSettings
 from edgectl.agent.config import AgentConfig, build_trust, read_credentials
 from edgectl.agent.enroll import device_tls, enroll
 from edgectl.agent.errors import ConfigError
@@ -27,6 +27,7 @@ from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings
 from edgectl.agent.reconcile import Reconciler, ReconcileSettings
+from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.state import StateStore

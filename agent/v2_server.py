@@ -8,6 +8,7 @@ KServe) see the codes and messages they expect.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, NoReturn
@@ -16,8 +17,7 @@ import grpc
 
 import edgectl
 from edgectl.addresses import HostPort, parse_host_port
-from edgectl.agent.burst import InferenceRouter
-from edgectl.agent.codecs import decode_request, v2_datatype
+from edgectl.agent.codecs import decode_request, encode_response, request_headers, v2_datatype
 from edgectl.agent.errors import (
     AgentError,
     BurstUnavailableError,
@@ -27,13 +27,13 @@ from edgectl.agent.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
 )
+from edgectl.agent.router import SERVED_BY, InferCall, InferenceRouter
 from edgectl.agent.serving import ModelRegistry
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 64 << 20
 _CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -73,22 +73,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=ready)
 
     def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        served = self.registry.get(request.name)
-        ok = served is not None and (not request.version or request.version == str(served.model.version))
-        return pb.ModelReadyResponse(ready=ok)
+        return pb.ModelReadyResponse(ready=self.registry.resolve(request.name, request.version) is not None)
 
     def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="edgectl-agent", version=edgectl.__version__, extensions=[])
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            model = self.registry.require(request.name).model
+            model = self.registry.require(request.name, request.version).model
         except ModelNotFoundError as exc:
             _abort_for(context, exc)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[str(model.version)],
+            versions=[m.version for m in self.registry.versions(model.name)],
             platform="onnxruntime_onnx",
             inputs=[
                 tm(name=t.name, datatype=v2_datatype(t.dtype), shape=_dims(t.shape)) for t in model.inputs
@@ -99,16 +97,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        call = InferCall(
+            model=request.model_name,
+            version=request.model_version,
+            request_id=request.id,
+            outputs=[o.name for o in request.outputs],
+            headers=lambda: request_headers(request),
+            decode=lambda: decode_request(request),
+            to_proto=lambda: request,  # forwarded unchanged
+        )
         try:
-            try:
-                feeds = decode_request(request)
-            except InvalidInputError:
-                if self.registry.get(request.model_name) is not None or self.router.burst is None:
-                    raise
-                feeds = None  # not served here: let the burst endpoint judge the request
-            return self.router.infer(request, feeds)
+            result = self.router.infer(call)
         except AgentError as exc:
             _abort_for(context, exc)
+        if result.response is not None:
+            return result.response
+        assert result.outputs is not None and result.served is not None
+        start = time.perf_counter()
+        response = encode_response(
+            result.model, result.version, result.request_id, result.outputs, (), {SERVED_BY: result.served_by}
+        )
+        result.served.stats.output(int((time.perf_counter() - start) * 1e9))
+        return response
 
 
 class V2Server:
@@ -120,8 +130,10 @@ class V2Server:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="v2"),
             options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                # The request byte cap: gRPC refuses a longer message (RESOURCE_EXHAUSTED) from its
+                # length prefix, before reading it.
+                ("grpc.max_send_message_length", servicer.router.limits.max_request_bytes),
+                ("grpc.max_receive_message_length", servicer.router.limits.max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )

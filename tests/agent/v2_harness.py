@@ -11,8 +11,10 @@ from pathlib import Path
 import grpc
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings, InferenceRouter
+from edgectl.agent.burst import BurstSettings
+from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.v2_server import InferenceServicer, V2Server
@@ -31,6 +33,7 @@ class InProcessV2:
         batch: BatchSettings | None = None,
         burst: str | None = None,
         slo_s: float = 0.1,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.model_path = model_path
         self.metrics = AgentMetrics()
@@ -43,7 +46,9 @@ class InProcessV2:
             settings=SessionSettings(intra_op_threads=1),
         )
         self.registry.install(model)
-        self.router = InferenceRouter(self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s))
+        self.router = InferenceRouter(
+            self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s), limits
+        )
         self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
         self.server.start()
         self.channel = grpc.insecure_channel(self.server.address)
