@@ -11,7 +11,7 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -44,6 +44,8 @@ class BurstSettings:
     failure_threshold: int = 3
     reset_after_s: float = 5.0
     local_timeout_s: float = 30.0
+    # TLS (and a bearer token or client certificate) to the endpoint; None: plaintext.
+    credentials: grpc.ChannelCredentials | None = field(default=None, repr=False, compare=False)
 
 
 class CircuitBreaker:
@@ -133,12 +135,12 @@ class BurstClient:
         self.label = f"burst:{settings.target}"
         self.settings = settings
         self.breaker = CircuitBreaker(settings.failure_threshold, settings.reset_after_s)
-        self._channel = grpc.insecure_channel(
-            settings.target,
-            options=[
-                ("grpc.max_send_message_length", 64 << 20),
-                ("grpc.max_receive_message_length", 64 << 20),
-            ],
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.tls = settings.credentials is not None
+        self._channel = (
+            grpc.secure_channel(settings.target, settings.credentials, options=options)
+            if settings.credentials is not None
+            else grpc.insecure_channel(settings.target, options=options)
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
@@ -159,9 +161,15 @@ class BurstClient:
                 self.breaker.success()  # the endpoint works; it said no to this request
                 raise caller_side(f"burst endpoint {self.target}: {code.name} {exc.details()}") from exc
             self.breaker.failure()
-            raise BurstUnavailableError(
-                f"burst endpoint {self.target} failed: {code.name} {exc.details()}"
-            ) from exc
+            why = f"burst endpoint {self.target} failed: {code.name} {exc.details()}"
+            if code == grpc.StatusCode.UNAVAILABLE and self.tls:
+                why += (
+                    " (TLS: is --burst-ca the CA that signed the endpoint's certificate, for this host name?)"
+                )
+            elif code == grpc.StatusCode.UNAUTHENTICATED:
+                why += " (check --burst-token-file / --burst-cert)"
+            log.warning("%s", why)
+            raise BurstUnavailableError(why) from exc
         self.breaker.success()
         return response
 

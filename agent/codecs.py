@@ -122,7 +122,7 @@ def check_inputs(
             raise InvalidInputError(
                 f"input {h.name!r} of model {model!r} must have shape {spec.wire_shape()}, got {list(h.shape)}"
             )
-        count = _element_count(h.shape, h.name)
+        count = element_count(h.shape, h.name)
         if not h.raw:
             if h.size != count:
                 raise InvalidInputError(
@@ -165,14 +165,15 @@ def request_headers(request: pb.ModelInferRequest) -> list[TensorHeader]:
     return out
 
 
-def _element_count(shape: Sequence[int], name: str) -> int:
+def element_count(shape: Sequence[int], name: str) -> int:
     """Elements of ``shape`` (Python ints: a declared 10^12 cannot overflow)."""
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
     return math.prod(shape)
 
 
-def _deserialize_bytes(raw: bytes, count: int, name: str) -> Array:
+def deserialize_bytes(raw: bytes, count: int, name: str) -> Array:
+    """V2 raw BYTES (4-byte little-endian length, then the bytes, per element) as an object array."""
     # Stop at ``count`` elements: a stream of empty elements must not become millions of objects.
     items: list[bytes] = []
     pos = 0
@@ -202,9 +203,9 @@ def serialize_bytes(array: Array) -> bytes:
 
 
 def _decode_raw(raw: bytes, datatype: str, shape: list[int], name: str) -> Array:
-    count = _element_count(shape, name)
+    count = element_count(shape, name)
     if datatype == "BYTES":
-        return _deserialize_bytes(raw, count, name).reshape(shape)
+        return deserialize_bytes(raw, count, name).reshape(shape)
     dtype = numpy_dtype(datatype)
     expected = count * dtype.itemsize
     if len(raw) != expected:
@@ -221,7 +222,7 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
     if field is None:
         raise InvalidInputError(f"input {name!r}: {datatype} has no typed contents field; send raw contents")
     values = getattr(tensor.contents, field)
-    count = _element_count(shape, name)
+    count = element_count(shape, name)
     if len(values) != count:
         raise InvalidInputError(
             f"input {name!r}: {len(values)} values in contents.{field}, expected {count} for shape {shape}"

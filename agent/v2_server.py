@@ -30,6 +30,7 @@ from edgectl.agent.errors import (
 )
 from edgectl.agent.router import SERVED_BY, InferCall, InferenceRouter
 from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.tls import ServingSecurity
 from edgectl.agent.v2_triton import model_config, model_metadata, model_statistics, repository_index
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -150,7 +151,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 class V2Server:
     """A grpc.Server on ``listen`` serving the V2 protocol; ``port`` is the bound port."""
 
-    def __init__(self, servicer: InferenceServicer, listen: str, max_workers: int = 128) -> None:
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        listen: str,
+        max_workers: int = 128,
+        security: ServingSecurity | None = None,
+    ) -> None:
         # A sync gRPC worker is held for the whole request, so the workers bound the requests in
         # flight, and with them the batches the micro-batcher can form while one batch runs.
         self.server = grpc.server(
@@ -162,13 +169,19 @@ class V2Server:
                 ("grpc.max_receive_message_length", servicer.router.limits.max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            interceptors=security.grpc_interceptors() if security is not None else None,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(
             HealthServicer(servicer.is_ready, servicer.registry), self.server
         )
         try:
-            self.port = self.server.add_insecure_port(listen)
+            creds = security.grpc_credentials() if security is not None else None
+            self.port = (
+                self.server.add_secure_port(listen, creds)
+                if creds is not None
+                else self.server.add_insecure_port(listen)
+            )
         except RuntimeError as exc:  # newer grpcio raises instead of returning 0
             raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
         if self.port == 0:

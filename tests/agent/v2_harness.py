@@ -1,4 +1,4 @@
-"""An in-process agent serving stack on one ONNX model: registry, router and a real V2 gRPC server.
+"""An in-process agent serving stack on one ONNX model: registry, router and real V2 gRPC (and HTTP) servers.
 
 Shared by the V2 server tests and ``benchmarks/bench_agent.py``; the agent itself wires the same
 parts in ``edgectl.agent.agent``.
@@ -13,6 +13,7 @@ import grpc
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.burst import BurstSettings
 from edgectl.agent.codecs import RequestLimits
+from edgectl.agent.http_server import HttpV2Server
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings, load_model
@@ -34,6 +35,7 @@ class InProcessV2:
         burst: str | None = None,
         slo_s: float = 0.1,
         limits: RequestLimits | None = None,
+        http: bool = False,
     ) -> None:
         self.model_path = model_path
         self.metrics = AgentMetrics()
@@ -51,10 +53,21 @@ class InProcessV2:
         )
         self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
         self.server.start()
+        self.http = HttpV2Server(self.registry, self.router, "127.0.0.1:0") if http else None
+        if self.http is not None:
+            self.http.start()
         self.channel = grpc.insecure_channel(self.server.address)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
+    @property
+    def url(self) -> str:
+        """http://HOST:PORT of the HTTP server (``http=True``)."""
+        assert self.http is not None
+        return f"http://{self.http.address}"
+
     def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.channel.close()
         self.server.stop(0)
         self.router.close()
