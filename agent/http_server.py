@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 import edgectl
+from edgectl.addresses import HostPort, parse_host_port
 from edgectl.agent.codecs import decode_response, encode_request
 from edgectl.agent.errors import (
     AgentError,
@@ -77,8 +78,8 @@ class HttpV2Server:
         self.registry = registry
         self.router = router
         self._ready = ready
-        self._host, _, port = listen.rpartition(":")
-        self._port = int(port)
+        bind = parse_host_port(listen, what="--http-listen", listen=True)
+        self._host, self._port = bind.host, bind.port
         self._ssl = ssl_context
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="v2-http")
         self.app = web.Application(
@@ -225,7 +226,7 @@ class HttpV2Server:
         sockets = getattr(server, "sockets", None) or []
         if sockets:
             self._port = sockets[0].getsockname()[1]
-        self.address = f"{self._host}:{self._port}"
+        self.address = str(HostPort(self._host, self._port))
 
     def stop(self) -> None:
         """Stop serving and release the port."""
