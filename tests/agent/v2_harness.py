@@ -36,10 +36,11 @@ class InProcessV2:
         slo_s: float = 0.1,
         limits: RequestLimits | None = None,
         http: bool = False,
+        keep_versions: int = 1,
     ) -> None:
         self.model_path = model_path
         self.metrics = AgentMetrics()
-        self.registry = ModelRegistry(batch or BatchSettings(), self.metrics)
+        self.registry = ModelRegistry(batch or BatchSettings(), self.metrics, keep_versions=keep_versions)
         model = load_model(
             model_path,
             name=name,
