@@ -111,10 +111,10 @@ class InferenceRouter:
         served_by = LOCAL
         ok = False
         served = self.registry.resolve(call.model, call.version)
-        if served is not None:
-            check_inputs(call.model, served.model.inputs, call.headers(), self.limits)
         tried_burst = False
         try:
+            if served is not None:
+                check_inputs(call.model, served.model.inputs, call.headers(), self.limits)
             why, predicted = self._route(served)
             if why is not None and self.burst is not None and self.burst.available():
                 tried_burst = True

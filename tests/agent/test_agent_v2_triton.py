@@ -61,6 +61,10 @@ def test_statistics_count_requests_runs_and_failures(served: InProcessV2) -> Non
     assert inf.compute_infer.count == 3 and inf.compute_infer.ns > 0
     assert inf.compute_input.count == 3 and inf.compute_output.count == 3
     assert [(b.batch_size, b.compute_infer.count) for b in s.batch_stats] == [(2, 3)]
+    with pytest.raises(grpc.RpcError):
+        served.stub.ModelInfer(encode_request("mlp", {"x": np.ones((2, 5), np.float32)}))
+    failed = served.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp")).model_stats[0]
+    assert failed.inference_stats.fail.count == 1 and failed.inference_stats.success.count == 3
     all_models = served.stub.ModelStatistics(pb.ModelStatisticsRequest()).model_stats
     assert [m.name for m in all_models] == ["mlp"]
     with pytest.raises(grpc.RpcError) as err:
