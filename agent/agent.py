@@ -19,17 +19,21 @@ import onnxruntime as ort
 from edgectl.addresses import parse_host_port
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings, InferenceRouter
+from edgectl.agent.burst import BurstSettings
+from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.config import AgentConfig, build_trust, read_credentials
 from edgectl.agent.enroll import device_tls, enroll
 from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
+from edgectl.agent.http_server import HttpV2Server
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings
 from edgectl.agent.reconcile import Reconciler, ReconcileSettings
+from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.state import StateStore
+from edgectl.agent.tls import burst_credentials, serving_security
 from edgectl.agent.transports import ArtifactTransport, GrpcTransport, MqttChunkTransport
 from edgectl.agent.v2_server import InferenceServicer, V2Server
 from edgectl.agent.verify import DeviceFit, memory_limit, provider_order
@@ -94,17 +98,25 @@ class Agent:
         self.profile = resolve_profile(config, self.facts)
         self.metrics = AgentMetrics()
         self.registry = ModelRegistry(
-            BatchSettings(config.max_batch_size, config.max_queue_delay_ms / 1000.0), self.metrics
+            BatchSettings(config.max_batch_size, config.max_queue_delay_ms / 1000.0),
+            self.metrics,
+            keep_versions=config.keep_versions,
         )
         self.router = InferenceRouter(
             self.registry,
             self.metrics,
             BurstSettings(
-                target=config.burst, slo_s=config.slo_ms / 1000.0, timeout_s=config.burst_timeout_s
+                target=config.burst,
+                slo_s=config.slo_ms / 1000.0,
+                timeout_s=config.burst_timeout_s,
+                credentials=burst_credentials(
+                    ca=config.burst_ca,
+                    token_file=config.burst_token_file,
+                    cert=config.burst_cert,
+                    key=config.burst_key,
+                ),
             ),
-        )
-        self.server = (
-            V2Server(InferenceServicer(self.registry, self.router), config.listen) if serve else None
+            RequestLimits(max_request_bytes=config.max_request_mib << 20),
         )
         self.fit = DeviceFit(
             self.profile,
@@ -122,11 +134,37 @@ class Agent:
             else:
                 log.info("already enrolled (%s exists); ignoring the enrollment token", config.data_dir)
         self.tls = device_tls(config.data_dir, self.creds)
+        self.server: V2Server | None = None
+        self.http: HttpV2Server | None = None
+        if serve:
+            self._build_listeners()
         if config.serve_only:
             self.trust = self._serve_only_trust()
         else:
             self.trust = build_trust(config, self.creds)
             self._build_fleet_side()
+
+    def _build_listeners(self) -> None:
+        cfg = self.config
+        if cfg.tls_fleet and self.tls is None:
+            raise ConfigError("--tls-fleet needs an enrolled device (no certificate in the data dir)")
+        security = serving_security(
+            cert=cfg.tls_cert,
+            key=cfg.tls_key,
+            client_ca=cfg.tls_client_ca,
+            token_file=cfg.token_file,
+            fleet=(self.tls.cert_pem, self.tls.key_pem) if cfg.tls_fleet and self.tls else None,
+        )
+        servicer = InferenceServicer(self.registry, self.router)
+        self.server = V2Server(servicer, cfg.listen, security=security)
+        if cfg.http_listen:
+            self.http = HttpV2Server(
+                self.registry,
+                self.router,
+                cfg.http_listen,
+                middlewares=security.http_middlewares() if security else (),
+                ssl_context=security.ssl_context(cfg.data_dir / "tls") if security else None,
+            )
 
     @property
     def address(self) -> str:
@@ -219,6 +257,8 @@ class Agent:
             self.reconciler.restore()
         if self.server is not None:
             self.server.start()
+        if self.http is not None:
+            self.http.start()
         if self.reconciler is not None and self.link is not None:
             loop = threading.Thread(
                 target=self.reconciler.run, args=(self._stop,), name="reconcile", daemon=True
@@ -233,6 +273,8 @@ class Agent:
             t.join(5.0)
         if self.link is not None:
             self.link.stop()
+        if self.http is not None:
+            self.http.stop()
         if self.server is not None:
             self.server.stop(1.0)
         self.router.close()
@@ -250,6 +292,8 @@ class Agent:
         self.start()
         log.info("agent %s serving KServe V2 on %s", self.config.device_id or "(serve-only)", self.address)
         print(f"listening {self.address}", flush=True)
+        if self.http is not None:
+            print(f"listening http {self.http.address}", flush=True)
         while not done.wait(1.0):
             pass
         self.stop()

@@ -8,6 +8,13 @@ queue and the worker, which runs queued requests back to back on one hot thread.
 session from one gRPC thread to the next instead left it idle 5 % of the time and slowed each
 run (a 0.85-0.89 throughput ratio against a direct session, 0.95-1.03 through the worker;
 benchmarks/bench_agent.py). The queue and its predicted wait mean the same for every model.
+
+Batching never taxes a lone caller: the front-ends count requests from the moment they arrive
+(``arrive``/``depart``, before decoding), and the worker waits for more rows only while other
+requests are on their way or queued; a request that finds the model idle with nobody else
+around runs at once on its own thread, batching on or off (as Triton's dynamic batcher does not
+wait by default). Callers that overlap (their mean count in flight is above 1.5) do wait:
+there the delay buys batches.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from edgectl.agent.codecs import Array
 from edgectl.agent.errors import BatcherClosedError, InferenceError
 
 RunFn = Callable[[Mapping[str, Array]], dict[str, Array]]
+OVERLAPPING = 1.5
+# on_batch(rows, requests, seconds the run took, seconds its requests waited in the queue, summed)
+OnBatch = Callable[[int, int, float, float], None]
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class MicroBatcher:
         settings: BatchSettings,
         *,
         batchable: bool,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: OnBatch | None = None,
         name: str = "model",
     ) -> None:
         self._run = run
@@ -70,6 +80,13 @@ class MicroBatcher:
         self._closed = False
         # Batches taken (by the worker or a caller running its own request) and not yet finished.
         self._active = 0
+        # Requests between ``arrive`` and ``depart`` (decoding, queued, running), and how many of
+        # them are in a run now: the rest are worth waiting for.
+        self._pending = 0
+        self._running = 0
+        # Mean requests in flight seen by arrivals (EWMA): above ~1.5 callers overlap, so a batch
+        # forms within the delay even when nobody else has arrived yet; a lone caller keeps it at 1.
+        self._concurrency = 1.0
         # Held around every session run: the worker's and the callers' runs never overlap.
         self._run_lock = threading.Lock()
         # Exponentially weighted mean of seconds per batch run, for the predicted wait.
@@ -87,6 +104,21 @@ class MicroBatcher:
         """Nothing queued and nothing running: a request now starts at once."""
         return not (self._queue or self._active)
 
+    def arrive(self) -> None:
+        """A request for this model has arrived (call before decoding it; ``depart`` when done)."""
+        with self._cond:
+            self._pending += 1
+            self._concurrency += 0.125 * (self._pending - self._concurrency)
+
+    def depart(self) -> None:
+        """The request counted by ``arrive`` is answered or refused."""
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def _others_coming(self, taken: int) -> bool:
+        return self._pending - taken - self._running > 0 or self._concurrency > OVERLAPPING
+
     def predicted_wait_s(self) -> float:
         """How long a request submitted now would take to finish at the mean run time: the
         batches ahead of it and its own (the router corrects the bias of this estimate)."""
@@ -101,29 +133,32 @@ class MicroBatcher:
         self._ewma_batch_s += alpha * (elapsed - self._ewma_batch_s)
 
     def run_if_idle(self, feeds: Mapping[str, Array]) -> dict[str, Array] | None:
-        """Run one request on the calling thread if the model is idle and unbatched, else None
-        (then ``submit`` it). Raises BatcherClosedError after ``close``."""
+        """Run one request on the calling thread if the model is idle and no other request is on
+        its way to batch with it, else None (then ``submit`` it). BatcherClosedError after ``close``."""
         with self._cond:
             if self._closed:
                 raise BatcherClosedError("this model was swapped out; retry on the new one")
-            if self._batchable or self._queue or self._active:
+            if self._queue or self._active or (self._batchable and self._others_coming(1)):
                 return None
             self._active += 1
+            self._running += 1
+        rows = int(next(iter(feeds.values())).shape[0]) if self._batchable and feeds else 1
         start = time.perf_counter()
         try:
             with self._run_lock:
                 return self._run(feeds)
         finally:
-            self._finished(1, time.perf_counter() - start)
+            self._finished(rows, 1, time.perf_counter() - start, 0.0)
 
-    def _finished(self, rows: int, elapsed: float) -> None:
+    def _finished(self, rows: int, requests: int, elapsed: float, queued: float) -> None:
         self._observe_run(elapsed)
         with self._cond:
             self._active -= 1
+            self._running -= requests
             self._cond.notify_all()
         # Metrics after the bookkeeping: the next request's run does not wait for them.
         if self._on_batch is not None:
-            self._on_batch(rows, elapsed)
+            self._on_batch(rows, requests, elapsed, queued)
 
     def submit(self, feeds: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """Queue one request; BatcherClosedError after ``close`` (the caller retries on the new model)."""
@@ -161,6 +196,7 @@ class MicroBatcher:
             batch, rows = [first], first.rows
             if not self._batchable:
                 self._active += 1
+                self._running += 1
                 return batch
             deadline = first.enqueued + self.settings.max_queue_delay_s
             while rows < self.settings.max_batch_size:
@@ -171,20 +207,23 @@ class MicroBatcher:
                     rows += fit.rows
                     continue
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self._closed or fit is not None:
+                # Wait only for requests on their way: nobody else around means nothing to wait for.
+                if remaining <= 0 or self._closed or fit is not None or not self._others_coming(len(batch)):
                     break
                 self._cond.wait(remaining)
             self._active += 1
+            self._running += len(batch)
             return batch
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
             start = time.perf_counter()
+            queued = sum(start - p.enqueued for p in batch)
             try:
                 with self._run_lock:
                     self._execute(batch)
             finally:
-                self._finished(sum(p.rows for p in batch), time.perf_counter() - start)
+                self._finished(sum(p.rows for p in batch), len(batch), time.perf_counter() - start, queued)
 
     def _execute(self, batch: list[_Pending]) -> None:
         if len(batch) == 1:

@@ -1,9 +1,8 @@
-"""Local-or-burst routing: overflow and failures go to a remote V2 endpoint behind a circuit breaker.
+"""The burst endpoint: a V2 gRPC client behind a circuit breaker, and the latency model that
+decides when to use it (``edgectl.agent.router`` makes the per-request choice).
 
-A request runs locally unless the local queue's predicted wait exceeds the latency SLO, or the
-model is missing or failing here; then it goes to the configured remote KServe V2 endpoint
-(another agent, Triton, KServe). Routing is decided per request, so traffic fails back by
-itself once local capacity returns. Every response names where it was served.
+Only the endpoint's own trouble (unavailable, timeouts, internal errors) counts against the
+circuit; a caller-side answer such as NOT_FOUND or INVALID_ARGUMENT shows the endpoint works.
 """
 
 from __future__ import annotations
@@ -12,28 +11,24 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
-from edgectl.agent.codecs import Array, encode_response
-from edgectl.agent.errors import (
-    BurstUnavailableError,
-    InferenceError,
-    InvalidInputError,
-    ModelNotFoundError,
-    ModelUnavailableError,
-)
-from edgectl.agent.metrics import AgentMetrics
-from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.errors import BurstUnavailableError, InvalidInputError, ModelNotFoundError
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVED_BY = "served_by"
-LOCAL = "local"
-PROBE_AFTER_BURSTS = 8
+# Answers about the request, not the endpoint: the endpoint is up, the circuit stays closed.
+CALLER_SIDE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidInputError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidInputError,
+    grpc.StatusCode.ALREADY_EXISTS: InvalidInputError,
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +44,8 @@ class BurstSettings:
     failure_threshold: int = 3
     reset_after_s: float = 5.0
     local_timeout_s: float = 30.0
+    # TLS (and a bearer token or client certificate) to the endpoint; None: plaintext.
+    credentials: grpc.ChannelCredentials | None = field(default=None, repr=False, compare=False)
 
 
 class CircuitBreaker:
@@ -138,17 +135,18 @@ class BurstClient:
         self.label = f"burst:{settings.target}"
         self.settings = settings
         self.breaker = CircuitBreaker(settings.failure_threshold, settings.reset_after_s)
-        self._channel = grpc.insecure_channel(
-            settings.target,
-            options=[
-                ("grpc.max_send_message_length", 64 << 20),
-                ("grpc.max_receive_message_length", 64 << 20),
-            ],
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        self.tls = settings.credentials is not None
+        self._channel = (
+            grpc.secure_channel(settings.target, settings.credentials, options=options)
+            if settings.credentials is not None
+            else grpc.insecure_channel(settings.target, options=options)
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     def available(self) -> bool:
-        return self.breaker.allow()
+        """Would a call go out now? (A peek: the half-open trial is taken by ``infer`` itself.)"""
+        return self.breaker.state != "open"
 
     def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """Forward the request unchanged; BurstUnavailableError when the breaker is open or the call fails."""
@@ -158,119 +156,22 @@ class BurstClient:
             response: pb.ModelInferResponse = self._stub.ModelInfer(request, timeout=self.settings.timeout_s)
         except grpc.RpcError as exc:
             code = exc.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                self.breaker.success()  # the endpoint works; the request is bad
-                raise InvalidInputError(f"burst endpoint refused the request: {exc.details()}") from exc
+            caller_side = CALLER_SIDE.get(code)
+            if caller_side is not None:
+                self.breaker.success()  # the endpoint works; it said no to this request
+                raise caller_side(f"burst endpoint {self.target}: {code.name} {exc.details()}") from exc
             self.breaker.failure()
-            raise BurstUnavailableError(
-                f"burst endpoint {self.target} failed: {code.name} {exc.details()}"
-            ) from exc
+            why = f"burst endpoint {self.target} failed: {code.name} {exc.details()}"
+            if code == grpc.StatusCode.UNAVAILABLE and self.tls:
+                why += (
+                    " (TLS: is --burst-ca the CA that signed the endpoint's certificate, for this host name?)"
+                )
+            elif code == grpc.StatusCode.UNAUTHENTICATED:
+                why += " (check --burst-token-file / --burst-cert)"
+            log.warning("%s", why)
+            raise BurstUnavailableError(why) from exc
         self.breaker.success()
         return response
 
     def close(self) -> None:
         self._channel.close()
-
-
-class InferenceRouter:
-    """Decides local or burst for each request and answers with ``served_by`` set."""
-
-    def __init__(self, registry: ModelRegistry, metrics: AgentMetrics, settings: BurstSettings) -> None:
-        self.registry = registry
-        self.metrics = metrics
-        self.settings = settings
-        self.burst = BurstClient(settings) if settings.target else None
-        self._bursts_in_a_row = 0  # approximate under concurrency, which is all a probe needs
-        self._corrections: dict[str, LatencyCorrection] = {}
-
-    def _route(self, name: str) -> tuple[str | None, float]:
-        """(why this request should go to burst, or None to serve it locally; predicted local s)."""
-        if self.burst is None:
-            return None, 0.0
-        served = self.registry.get(name)
-        if served is None:
-            return "model not loaded here", 0.0
-        if served.failing:
-            return "local model is failing", 0.0
-        wait = served.batcher.predicted_wait_s()
-        # The estimate is refreshed only by local runs: after a run of bursts, an idle model gets
-        # one request, so a spike that slowed a few runs cannot keep traffic away for good.
-        if self._bursts_in_a_row >= PROBE_AFTER_BURSTS and served.batcher.idle:
-            return None, wait
-        expected = wait + self._correction(name).margin()
-        limit = self.settings.slo_s * self.settings.headroom
-        if expected > limit:
-            return f"predicted local latency {expected * 1000:.1f} ms exceeds {limit * 1000:.0f} ms", wait
-        return None, wait
-
-    def _correction(self, name: str) -> LatencyCorrection:
-        corr = self._corrections.get(name)
-        if corr is None:
-            corr = self._corrections.setdefault(name, LatencyCorrection())
-        return corr
-
-    def infer(self, request: pb.ModelInferRequest, feeds: dict[str, Array] | None) -> pb.ModelInferResponse:
-        """Serve one request; ``feeds`` are the decoded inputs (None when they could not be decoded here)."""
-        name = request.model_name
-        start = time.perf_counter()
-        served_by = LOCAL
-        ok = False
-        try:
-            why, predicted = self._route(name)
-            if why is not None and self.burst is not None and self.burst.available():
-                try:
-                    response = self._burst(request)
-                    served_by = self.burst.label
-                    self._bursts_in_a_row += 1
-                    ok = True
-                    return response
-                except BurstUnavailableError as exc:
-                    log.info("burst failed, serving locally: %s", exc)
-            self._bursts_in_a_row = 0
-            response = self._local(request, feeds)
-            if self.burst is not None:
-                self._correction(name).observe(predicted, time.perf_counter() - start)
-            ok = True
-            return response
-        except (InferenceError, ModelUnavailableError, ModelNotFoundError) as exc:
-            # The local side cannot serve it: burst is the last resort, when its circuit allows.
-            if self.burst is not None and self.burst.available() and not isinstance(exc, InvalidInputError):
-                response = self._burst(request)
-                served_by = self.burst.label
-                ok = True
-                return response
-            raise
-        finally:
-            self.metrics.observe_request(name, served_by, ok, time.perf_counter() - start)
-
-    def _local(self, request: pb.ModelInferRequest, feeds: dict[str, Array] | None) -> pb.ModelInferResponse:
-        if feeds is None:
-            raise InvalidInputError("the request's inputs could not be decoded")
-        if request.model_version:
-            served = self.registry.require(request.model_name)
-            if request.model_version != str(served.model.version):
-                raise ModelNotFoundError(
-                    f"model {request.model_name!r} version {request.model_version} is not served "
-                    f"(serving version {served.model.version})"
-                )
-        outputs, model = self.registry.infer(request.model_name, feeds, self.settings.local_timeout_s)
-        requested = [o.name for o in request.outputs]
-        unknown = [n for n in requested if n not in outputs]
-        if unknown:
-            raise InvalidInputError(
-                f"model {model.name!r} has no outputs {unknown}; it has {sorted(outputs)}"
-            )
-        return encode_response(
-            model.name, str(model.version), request.id, outputs, requested, {SERVED_BY: LOCAL}
-        )
-
-    def _burst(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        assert self.burst is not None
-        response = self.burst.infer(request)
-        # A remote agent names itself "local": what matters to our caller is that we sent it away.
-        response.parameters[SERVED_BY].string_param = self.burst.label
-        return response
-
-    def close(self) -> None:
-        if self.burst is not None:
-            self.burst.close()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from edgectl.agent.errors import InvalidInputError
+from edgectl.artifact import TensorSpec
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 
 Array = npt.NDArray[np.generic]
@@ -73,16 +75,109 @@ def numpy_dtype(datatype: str) -> np.dtype[np.generic]:
         ) from None
 
 
-def _element_count(shape: Sequence[int], name: str) -> int:
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one inference request, checked before anything of its size is allocated."""
+
+    max_request_bytes: int = 64 << 20
+    # A BYTES element costs a Python object (~40 bytes) however short: count them, not bytes.
+    max_bytes_elements: int = 1 << 20
+    # JSON numbers become Python objects before numpy sees them: large tensors go binary.
+    max_json_bytes: int = 8 << 20
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """What a request says about one input before its data is decoded: name, datatype, shape and
+    how much data it carries (bytes for raw/binary data, values for typed/JSON contents)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    size: int
+    raw: bool = True
+
+
+def check_inputs(
+    model: str, specs: Sequence[TensorSpec], headers: Sequence[TensorHeader], limits: RequestLimits
+) -> None:
+    """Refuse a request whose inputs cannot match the model's signature, from the headers alone:
+    names, datatypes, shapes, element counts and data sizes, before any tensor is decoded."""
+    by_name = {s.name: s for s in specs}
+    seen: set[str] = set()
+    for h in headers:
+        if h.name in seen:
+            raise InvalidInputError(f"input {h.name!r} appears twice")
+        seen.add(h.name)
+    if seen != set(by_name):
+        raise InvalidInputError(f"model {model!r} takes inputs {sorted(by_name)}, got {sorted(seen)}")
+    for h in headers:
+        spec = by_name[h.name]
+        want = v2_datatype(spec.dtype)
+        if h.datatype != want:
+            raise InvalidInputError(
+                f"input {h.name!r} of model {model!r} must be {spec.dtype} (V2 {want}), got {h.datatype}"
+            )
+        if not spec.accepts(h.shape):
+            raise InvalidInputError(
+                f"input {h.name!r} of model {model!r} must have shape {spec.wire_shape()}, got {list(h.shape)}"
+            )
+        count = element_count(h.shape, h.name)
+        if not h.raw:
+            if h.size != count:
+                raise InvalidInputError(
+                    f"input {h.name!r}: {h.size} values, expected {count} for shape {list(h.shape)}"
+                )
+        elif want == "BYTES":
+            if count > limits.max_bytes_elements:
+                raise InvalidInputError(
+                    f"input {h.name!r}: {count} BYTES elements exceed this server's limit of "
+                    f"{limits.max_bytes_elements}; split the request"
+                )
+            if 4 * count > h.size:
+                raise InvalidInputError(
+                    f"input {h.name!r}: {h.size} bytes cannot hold {count} BYTES elements "
+                    "(4-byte length prefix each)"
+                )
+        elif h.size != count * numpy_dtype(want).itemsize:
+            raise InvalidInputError(
+                f"input {h.name!r}: {h.size} bytes of data, expected {count * numpy_dtype(want).itemsize} "
+                f"({want} x shape {list(h.shape)})"
+            )
+
+
+def request_headers(request: pb.ModelInferRequest) -> list[TensorHeader]:
+    """The TensorHeaders of a gRPC request (no tensor data is copied)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input, in order"
+        )
+    out = []
+    for i, t in enumerate(request.inputs):
+        shape = tuple(t.shape)
+        if raw:
+            out.append(TensorHeader(t.name, t.datatype, shape, len(raw[i])))
+            continue
+        field = TYPED_FIELD.get(t.datatype)
+        values = len(getattr(t.contents, field)) if field is not None else 0
+        out.append(TensorHeader(t.name, t.datatype, shape, values, raw=False))
+    return out
+
+
+def element_count(shape: Sequence[int], name: str) -> int:
+    """Elements of ``shape`` (Python ints: a declared 10^12 cannot overflow)."""
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
     return math.prod(shape)
 
 
-def _deserialize_bytes(raw: bytes, count: int, name: str) -> Array:
+def deserialize_bytes(raw: bytes, count: int, name: str) -> Array:
+    """V2 raw BYTES (4-byte little-endian length, then the bytes, per element) as an object array."""
+    # Stop at ``count`` elements: a stream of empty elements must not become millions of objects.
     items: list[bytes] = []
     pos = 0
-    while pos < len(raw):
+    while pos < len(raw) and len(items) <= count:
         if pos + 4 > len(raw):
             raise InvalidInputError(f"input {name!r}: BYTES element length prefix is cut short")
         (length,) = struct.unpack_from("<I", raw, pos)
@@ -91,9 +186,11 @@ def _deserialize_bytes(raw: bytes, count: int, name: str) -> Array:
             raise InvalidInputError(f"input {name!r}: BYTES element runs past the end of the data")
         items.append(raw[pos : pos + length])
         pos += length
-    if len(items) != count:
-        raise InvalidInputError(f"input {name!r}: {len(items)} BYTES elements for a shape of {count}")
-    return np.array(items, dtype=np.object_)
+    if len(items) != count or pos != len(raw):
+        raise InvalidInputError(f"input {name!r}: BYTES data does not hold exactly {count} elements")
+    out = np.empty(count, dtype=np.object_)
+    out[:] = items
+    return out
 
 
 def serialize_bytes(array: Array) -> bytes:
@@ -106,9 +203,9 @@ def serialize_bytes(array: Array) -> bytes:
 
 
 def _decode_raw(raw: bytes, datatype: str, shape: list[int], name: str) -> Array:
-    count = _element_count(shape, name)
+    count = element_count(shape, name)
     if datatype == "BYTES":
-        return _deserialize_bytes(raw, count, name).reshape(shape)
+        return deserialize_bytes(raw, count, name).reshape(shape)
     dtype = numpy_dtype(datatype)
     expected = count * dtype.itemsize
     if len(raw) != expected:
@@ -125,7 +222,7 @@ def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int
     if field is None:
         raise InvalidInputError(f"input {name!r}: {datatype} has no typed contents field; send raw contents")
     values = getattr(tensor.contents, field)
-    count = _element_count(shape, name)
+    count = element_count(shape, name)
     if len(values) != count:
         raise InvalidInputError(
             f"input {name!r}: {len(values)} values in contents.{field}, expected {count} for shape {shape}"

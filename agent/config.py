@@ -37,7 +37,21 @@ class AgentConfig:
     control_plane: str | None = "127.0.0.1:7443"
     data_dir: Path = Path("/var/lib/edgectl")
     listen: str = "127.0.0.1:8001"
+    # V2 over HTTP/REST (Triton's 8000): off unless asked, a device opens no port it does not need.
+    http_listen: str | None = None
+    max_request_mib: int = 64  # larger inference requests are refused before they are read
+    keep_versions: int = 1  # versions of a model name kept live; the newest is the default
+    # TLS and credentials on the inference listeners (gRPC and HTTP).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_fleet: bool = False  # serve with the certificate issued at enrollment (fleet CA)
+    tls_client_ca: Path | None = None  # require client certificates from this CA (mTLS)
+    token_file: Path | None = None  # require "authorization: Bearer <token>" (file 0600)
     burst: str | None = None
+    burst_ca: Path | None = None  # TLS to the burst endpoint, trusting this CA
+    burst_token_file: Path | None = None  # bearer token sent to the burst endpoint (file 0600)
+    burst_cert: Path | None = None  # client certificate for the burst endpoint (mTLS)
+    burst_key: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)
     serve_only: bool = False
     model_dir: Path | None = None
@@ -72,11 +86,25 @@ class AgentConfig:
             raise ConfigError("--serve-only needs --model-dir DIR (an artifact, or a folder of artifacts)")
         if self.transport not in ("auto", "grpc", "mqtt"):
             raise ConfigError(f"--transport must be auto, grpc or mqtt, got {self.transport!r}")
-        for what, value in (("--max-batch-size", self.max_batch_size), ("--slo-ms", self.slo_ms)):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if (self.burst_cert is None) != (self.burst_key is None):
+            raise ConfigError("--burst-cert and --burst-key go together")
+        if self.burst_token_file is not None and self.burst_ca is None and self.burst_cert is None:
+            raise ConfigError(
+                "a burst token is only sent over TLS", hint="add --burst-ca CA.pem (the endpoint's CA)"
+            )
+        for what, value in (
+            ("--max-batch-size", self.max_batch_size),
+            ("--slo-ms", self.slo_ms),
+            ("--max-request-mib", self.max_request_mib),
+            ("--keep-versions", self.keep_versions),
+        ):
             if value <= 0:
                 raise ConfigError(f"{what} must be positive, got {value}")
         addresses = (  # (flag, value, bound here rather than dialled)
             ("--listen", self.listen, True),
+            ("--http-listen", self.http_listen, True),
             ("--metrics", self.metrics_listen, True),
             ("--burst", self.burst, False),
             ("--control-plane", self.control_plane, False),
@@ -94,10 +122,14 @@ class AgentConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
+_PATHS = {
+    "data_dir", "model_dir", "ca_file", "tls_cert", "tls_key", "tls_client_ca", "token_file",
+    "burst_ca", "burst_token_file", "burst_cert", "burst_key",
+}  # fmt: skip
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if name in ("data_dir", "model_dir", "ca_file") and value is not None:
+    if name in _PATHS and value is not None:
         return Path(value).expanduser()
     if name == "trust":
         items = value if isinstance(value, (list, tuple)) else [value]

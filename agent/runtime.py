@@ -78,11 +78,23 @@ class LoadedModel:
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         """Run the session; onnxruntime's run is thread-safe, errors become InferenceError."""
+        feeds = {n: _as_text(n, a) if a.dtype == np.object_ else a for n, a in feeds.items()}
         try:
             values = self.session.run(None, dict(feeds))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument classes
             raise InferenceError(f"model {self.name!r} failed: {exc}") from exc
         return {spec.name: np.asarray(v) for spec, v in zip(self.outputs, values, strict=True)}
+
+
+def _as_text(name: str, array: Array) -> Array:
+    """onnxruntime string tensors hold UTF-8 text (it would str() a bytes object): decode BYTES."""
+    try:
+        items = [v.decode() if isinstance(v, bytes) else v for v in array.ravel()]
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"input {name!r}: this model's strings must be UTF-8 ({exc})") from None
+    out = np.empty(len(items), dtype=np.object_)
+    out[:] = items
+    return out.reshape(array.shape)
 
 
 def _signature(args: Sequence[Any]) -> tuple[TensorSpec, ...]:

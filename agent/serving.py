@@ -1,8 +1,10 @@
-"""The models this agent serves, by name, with hot swap that never fails a request.
+"""The models this agent serves, by name and version, with hot swap that never fails a request.
 
-A swap installs the new model first and only then closes the old one's batcher, which
-finishes everything already queued on the old session; a request that picked the old model
-in the instant between is retried once on the new one.
+Each name keeps its last ``keep_versions`` installed versions live (the newest is the active one,
+which requests without a version reach); a swap installs the new version first and only then
+closes the version that falls out, whose batcher finishes everything already queued on the old
+session. A request that picked a closing version in the instant between is retried once on the
+active one (or fails NOT_FOUND if it asked for that version by number).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from edgectl.agent.batching import BatchSettings, MicroBatcher
 from edgectl.agent.codecs import Array
 from edgectl.agent.errors import BatcherClosedError, InferenceError, ModelNotFoundError
 from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.model_stats import ModelStats
 from edgectl.agent.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -27,18 +30,25 @@ FAILING_COOLDOWN_S = 5.0
 
 
 class ServedModel:
-    """One loaded model with its batcher and health (consecutive failures)."""
+    """One loaded model version with its batcher, statistics and health (consecutive failures)."""
 
     def __init__(self, model: LoadedModel, settings: BatchSettings, metrics: AgentMetrics | None) -> None:
         self.model = model
         self._metrics = metrics
+        self.stats = ModelStats()
         self.batcher = MicroBatcher(
             model.run, settings, batchable=model.batchable, on_batch=self._on_batch, name=model.name
         )
         self._failures = 0
         self._failing_until = 0.0
 
-    def _on_batch(self, rows: int, elapsed: float) -> None:
+    @property
+    def version(self) -> str:
+        """The version as the V2 protocol spells it."""
+        return str(self.model.version)
+
+    def _on_batch(self, rows: int, requests: int, elapsed: float, queued: float) -> None:
+        self.stats.batch(rows, requests, int(elapsed * 1e9), int(queued * 1e9))
         if self._metrics is not None:
             self._metrics.observe_batch(self.model.name, rows, elapsed, self.batcher.queue_depth)
 
@@ -48,6 +58,7 @@ class ServedModel:
         return time.monotonic() < self._failing_until
 
     def record(self, ok: bool) -> None:
+        """Count a local success or failure towards the failing state."""
         if ok:
             self._failures = 0
             return
@@ -55,88 +66,142 @@ class ServedModel:
         if self._failures >= FAILING_AFTER:
             self._failing_until = time.monotonic() + FAILING_COOLDOWN_S
 
-    def infer(self, feeds: Mapping[str, Array], timeout: float | None) -> dict[str, Array]:
-        """Validate, queue, wait; InferenceError on failure or timeout."""
-        self.model.validate(feeds)
-        ran = self.batcher.run_if_idle(feeds)
-        if ran is not None:
-            return ran
-        future = self.batcher.submit(feeds)
-        if self._metrics is not None:
-            self._metrics.set_queue_depth(self.model.name, self.batcher.queue_depth)
+    def infer(
+        self, feeds: Mapping[str, Array], timeout: float | None, *, arrived: bool = False
+    ) -> dict[str, Array]:
+        """Validate, run (at once when alone, else batched), wait; InferenceError on failure or timeout.
+        ``arrived``: the caller already counted this request with ``batcher.arrive()``."""
+        if not arrived:
+            self.batcher.arrive()
         try:
-            result = future.result(timeout)
-        except TimeoutError as exc:
-            raise InferenceError(f"model {self.model.name!r} did not answer within {timeout} s") from exc
-        return result
+            self.model.validate(feeds)
+            ran = self.batcher.run_if_idle(feeds)
+            if ran is not None:
+                return ran
+            future = self.batcher.submit(feeds)
+            if self._metrics is not None:
+                self._metrics.set_queue_depth(self.model.name, self.batcher.queue_depth)
+            try:
+                return future.result(timeout)
+            except TimeoutError as exc:
+                raise InferenceError(f"model {self.model.name!r} did not answer within {timeout} s") from exc
+        finally:
+            if not arrived:
+                self.batcher.depart()
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the registry says about one served model."""
+    """What the registry says about one served model version."""
 
     name: str
     version: int
     digest: str
     provider: str
+    active: bool = True
 
 
 class ModelRegistry:
-    """Serving name -> ServedModel; swaps are atomic for readers."""
+    """Serving name -> live versions (oldest first, the last one active); swaps are atomic for readers."""
 
-    def __init__(self, settings: BatchSettings | None = None, metrics: AgentMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: BatchSettings | None = None,
+        metrics: AgentMetrics | None = None,
+        keep_versions: int = 1,
+    ) -> None:
         self.settings = settings or BatchSettings()
         self.metrics = metrics
-        self._models: dict[str, ServedModel] = {}
+        self.keep_versions = max(1, keep_versions)
+        self._models: dict[str, list[ServedModel]] = {}
         self._lock = threading.Lock()
 
     def install(self, model: LoadedModel) -> None:
-        """Serve ``model`` under its name; the previous one drains in the background."""
+        """Serve ``model`` as the active version of its name; a version beyond ``keep_versions``
+        (or the same version installed again) drains in the background."""
         served = ServedModel(model, self.settings, self.metrics)
         with self._lock:
-            old = self._models.get(model.name)
-            self._models[model.name] = served
+            live = [m for m in self._models.get(model.name, []) if m.model.version != model.version]
+            replaced = [m for m in self._models.get(model.name, []) if m.model.version == model.version]
+            live.append(served)
+            dropped = live[: -self.keep_versions]
+            self._models[model.name] = live[-self.keep_versions :]
         if self.metrics is not None:
             self.metrics.set_active(model.name, model.digest, model.version)
             self.metrics.swaps.labels(model.name).inc()
-        if old is not None:
+        for old in (*replaced, *dropped):
             # Closing waits for the old queue to drain; do not hold up the caller (the reconcile loop).
             threading.Thread(target=old.batcher.close, name=f"drain-{model.name}", daemon=True).start()
         log.info("serving %s version %d (%s) on %s", model.name, model.version, model.digest, model.provider)
 
     def remove(self, name: str) -> None:
+        """Stop serving every version of ``name``."""
         with self._lock:
-            old = self._models.pop(name, None)
-        if old is not None:
-            old.batcher.close()
+            old = self._models.pop(name, [])
+        for m in old:
+            m.batcher.close()
 
     def get(self, name: str) -> ServedModel | None:
+        """The active version of ``name``, or None."""
         with self._lock:
-            return self._models.get(name)
+            live = self._models.get(name)
+            return live[-1] if live else None
 
-    def require(self, name: str) -> ServedModel:
-        served = self.get(name)
-        if served is None:
-            raise ModelNotFoundError(f"model {name!r} is not served here (serving: {self.names() or 'none'})")
-        return served
+    def versions(self, name: str) -> list[ServedModel]:
+        """Every live version of ``name``, oldest first."""
+        with self._lock:
+            return list(self._models.get(name, []))
+
+    def resolve(self, name: str, version: str = "") -> ServedModel | None:
+        """The version asked for (the active one for ""), or None when not served."""
+        if not version:
+            return self.get(name)
+        return next((m for m in self.versions(name) if m.version == version), None)
+
+    def require(self, name: str, version: str = "") -> ServedModel:
+        """``resolve``, or ModelNotFoundError saying what is served."""
+        served = self.resolve(name, version)
+        if served is not None:
+            return served
+        live = self.versions(name)
+        if live and version:
+            raise ModelNotFoundError(
+                f"model {name!r} version {version} is not served "
+                f"(serving versions {', '.join(m.version for m in live)})"
+            )
+        raise ModelNotFoundError(f"model {name!r} is not served here (serving: {self.names() or 'none'})")
 
     def names(self) -> list[str]:
+        """Served model names, sorted."""
         with self._lock:
             return sorted(self._models)
 
-    def info(self) -> list[ModelInfo]:
+    def all_versions(self) -> list[ServedModel]:
+        """Every live version of every name (by name, oldest first)."""
         with self._lock:
-            models = list(self._models.values())
+            return [m for name in sorted(self._models) for m in self._models[name]]
+
+    def info(self) -> list[ModelInfo]:
+        """The active version of each name."""
+        with self._lock:
+            models = [live[-1] for live in self._models.values() if live]
         return [ModelInfo(m.model.name, m.model.version, m.model.digest, m.model.provider) for m in models]
 
     def infer(
-        self, name: str, feeds: Mapping[str, Array], timeout: float | None = None
+        self,
+        name: str,
+        feeds: Mapping[str, Array],
+        timeout: float | None = None,
+        *,
+        version: str = "",
+        arrived: ServedModel | None = None,
     ) -> tuple[dict[str, Array], LoadedModel]:
-        """Run ``feeds`` on the current model of ``name``; a swap in flight is retried, never failed."""
+        """Run ``feeds`` on ``version`` of ``name`` (the active one for ""); a swap in flight is
+        retried, never failed. ``arrived``: the version the caller counted with ``arrive()``."""
         for _ in range(3):
-            served = self.require(name)
+            served = self.require(name, version)
             try:
-                outputs = served.infer(feeds, timeout)
+                outputs = served.infer(feeds, timeout, arrived=served is arrived)
             except BatcherClosedError:
                 continue
             except InferenceError:
@@ -147,8 +212,9 @@ class ModelRegistry:
         raise InferenceError(f"model {name!r} was swapped repeatedly during the request; retry")
 
     def close(self) -> None:
+        """Close every version's batcher."""
         with self._lock:
-            models = list(self._models.values())
+            models = [m for live in self._models.values() for m in live]
             self._models.clear()
         for m in models:
             m.batcher.close()

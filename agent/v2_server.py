@@ -8,16 +8,17 @@ KServe) see the codes and messages they expect.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, NoReturn
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import edgectl
 from edgectl.addresses import HostPort, parse_host_port
-from edgectl.agent.burst import InferenceRouter
-from edgectl.agent.codecs import decode_request, v2_datatype
+from edgectl.agent.codecs import decode_request, encode_response, request_headers
 from edgectl.agent.errors import (
     AgentError,
     BurstUnavailableError,
@@ -27,13 +28,16 @@ from edgectl.agent.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
 )
+from edgectl.agent.router import SERVED_BY, InferCall, InferenceRouter
 from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.tls import ServingSecurity
+from edgectl.agent.v2_triton import model_config, model_metadata, model_statistics, repository_index
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = "inference.GRPCInferenceService"
 
-MAX_MESSAGE = 64 << 20
 _CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -51,10 +55,6 @@ def _abort_for(context: grpc.ServicerContext, exc: AgentError) -> NoReturn:
     raise AssertionError("context.abort always raises")  # for type checkers: abort is NoReturn
 
 
-def _dims(shape: tuple[int | str | None, ...]) -> list[int]:
-    return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService backed by a ModelRegistry and an InferenceRouter."""
 
@@ -68,66 +68,120 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    def is_ready(self) -> bool:
+        """Ready to serve: a model is loaded (or what the agent says)."""
+        return self._ready() if self._ready is not None else bool(self.registry.names())
+
     def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        ready = self._ready() if self._ready is not None else bool(self.registry.names())
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.is_ready())
 
     def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        served = self.registry.get(request.name)
-        ok = served is not None and (not request.version or request.version == str(served.model.version))
-        return pb.ModelReadyResponse(ready=ok)
+        return pb.ModelReadyResponse(ready=self.registry.resolve(request.name, request.version) is not None)
 
     def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="edgectl-agent", version=edgectl.__version__, extensions=[])
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            model = self.registry.require(request.name).model
+            served = self.registry.require(request.name, request.version)
         except ModelNotFoundError as exc:
             _abort_for(context, exc)
-        tm = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[str(model.version)],
-            platform="onnxruntime_onnx",
-            inputs=[
-                tm(name=t.name, datatype=v2_datatype(t.dtype), shape=_dims(t.shape)) for t in model.inputs
-            ],
-            outputs=[
-                tm(name=t.name, datatype=v2_datatype(t.dtype), shape=_dims(t.shape)) for t in model.outputs
-            ],
-        )
+        return model_metadata(self.registry, served)
+
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        try:
+            served = self.registry.require(request.name, request.version)
+        except ModelNotFoundError as exc:
+            _abort_for(context, exc)
+        return pb.ModelConfigResponse(config=model_config(served, self.registry.settings))
+
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        try:
+            if request.name:
+                self.registry.require(request.name, request.version)
+        except ModelNotFoundError as exc:
+            _abort_for(context, exc)
+        return model_statistics(self.registry, request.name, request.version)
+
+    def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        return repository_index(self.registry, request.ready)
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        call = InferCall(
+            model=request.model_name,
+            version=request.model_version,
+            request_id=request.id,
+            outputs=[o.name for o in request.outputs],
+            headers=lambda: request_headers(request),
+            decode=lambda: decode_request(request),
+            to_proto=lambda: request,  # forwarded unchanged
+        )
         try:
-            try:
-                feeds = decode_request(request)
-            except InvalidInputError:
-                if self.registry.get(request.model_name) is not None or self.router.burst is None:
-                    raise
-                feeds = None  # not served here: let the burst endpoint judge the request
-            return self.router.infer(request, feeds)
+            result = self.router.infer(call)
         except AgentError as exc:
             _abort_for(context, exc)
+        if result.response is not None:
+            return result.response
+        assert result.outputs is not None and result.served is not None
+        start = time.perf_counter()
+        response = encode_response(
+            result.model, result.version, result.request_id, result.outputs, (), {SERVED_BY: result.served_by}
+        )
+        result.served.stats.output(int((time.perf_counter() - start) * 1e9))
+        return response
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 on the inference port: SERVING once a model is ready; a service name is
+    a model name (or the V2 service's own name, which means the whole server)."""
+
+    def __init__(self, ready: Callable[[], bool], registry: ModelRegistry) -> None:
+        self._ready = ready
+        self._registry = registry
+
+    def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse
+        if request.service in ("", SERVICE_NAME):
+            return status(status=status.SERVING if self._ready() else status.NOT_SERVING)
+        if self._registry.get(request.service) is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.service!r} is served here")
+        return status(status=status.SERVING)
 
 
 class V2Server:
     """A grpc.Server on ``listen`` serving the V2 protocol; ``port`` is the bound port."""
 
-    def __init__(self, servicer: InferenceServicer, listen: str, max_workers: int = 128) -> None:
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        listen: str,
+        max_workers: int = 128,
+        security: ServingSecurity | None = None,
+    ) -> None:
         # A sync gRPC worker is held for the whole request, so the workers bound the requests in
         # flight, and with them the batches the micro-batcher can form while one batch runs.
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="v2"),
             options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                # The request byte cap: gRPC refuses a longer message (RESOURCE_EXHAUSTED) from its
+                # length prefix, before reading it.
+                ("grpc.max_send_message_length", servicer.router.limits.max_request_bytes),
+                ("grpc.max_receive_message_length", servicer.router.limits.max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            interceptors=security.grpc_interceptors() if security is not None else None,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            HealthServicer(servicer.is_ready, servicer.registry), self.server
+        )
         try:
-            self.port = self.server.add_insecure_port(listen)
+            creds = security.grpc_credentials() if security is not None else None
+            self.port = (
+                self.server.add_secure_port(listen, creds)
+                if creds is not None
+                else self.server.add_insecure_port(listen)
+            )
         except RuntimeError as exc:  # newer grpcio raises instead of returning 0
             raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
         if self.port == 0:

@@ -36,7 +36,40 @@ def run(
     listen: str | None = typer.Option(
         None, envvar="EDGECTL_LISTEN", help="KServe V2 gRPC listen H:P [default 127.0.0.1:8001]"
     ),
+    http_listen: str | None = typer.Option(
+        None,
+        envvar="EDGECTL_HTTP_LISTEN",
+        help="also serve KServe V2 over HTTP/REST on H:P (Triton's 8000) [default off]",
+    ),
+    max_request_mib: int | None = typer.Option(
+        None, help="refuse larger inference requests, MiB [default 64]"
+    ),
+    keep_versions: int | None = typer.Option(
+        None,
+        help="versions of a model kept live, addressable by number; the newest is the default [default 1]",
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, help="serve the inference ports over TLS with this certificate"
+    ),
+    tls_key: Path | None = typer.Option(None, help="private key of --tls-cert (file mode 0600)"),
+    tls_fleet: bool | None = typer.Option(
+        None, "--tls-fleet", help="serve over TLS with the certificate issued at enrollment (fleet CA)"
+    ),
+    tls_client_ca: Path | None = typer.Option(None, help="require client certificates from this CA (mTLS)"),
+    token_file: Path | None = typer.Option(
+        None,
+        envvar="EDGECTL_TOKEN_FILE",
+        help="require this bearer token (file mode 0600) on the inference ports",
+    ),
     burst: str | None = typer.Option(None, envvar="EDGECTL_BURST", help="remote V2 endpoint H:P to burst to"),
+    burst_ca: Path | None = typer.Option(
+        None, help="TLS to the burst endpoint, trusting this CA certificate"
+    ),
+    burst_token_file: Path | None = typer.Option(
+        None, help="bearer token for the burst endpoint, from a file (mode 0600); needs TLS"
+    ),
+    burst_cert: Path | None = typer.Option(None, help="client certificate for the burst endpoint (mTLS)"),
+    burst_key: Path | None = typer.Option(None, help="private key of --burst-cert (file mode 0600)"),
     labels: str | None = typer.Option(
         None, envvar="EDGECTL_LABELS", help="k=v[,k=v] labels this device reports"
     ),
@@ -98,7 +131,19 @@ def run(
         "control_plane": control_plane,
         "data_dir": data_dir,
         "listen": listen,
+        "http_listen": http_listen,
+        "max_request_mib": max_request_mib,
+        "keep_versions": keep_versions,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_fleet": tls_fleet,
+        "tls_client_ca": tls_client_ca,
+        "token_file": token_file,
         "burst": burst,
+        "burst_ca": burst_ca,
+        "burst_token_file": burst_token_file,
+        "burst_cert": burst_cert,
+        "burst_key": burst_key,
         "labels": labels or None,
         "serve_only": serve_only,
         "model_dir": model_dir,

@@ -40,6 +40,12 @@ class GRPCInferenceServiceStub:
     ServerMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ServerMetadataRequest, _grpc_predict_v2_pb2.ServerMetadataResponse]
     ModelMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelMetadataRequest, _grpc_predict_v2_pb2.ModelMetadataResponse]
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]
+    """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
+    perf_analyzer and tritonclient call them. Repository load/unload stay UNIMPLEMENTED.
+    """
+    ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]
+    RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -50,6 +56,12 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     ServerMetadata: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ServerMetadataRequest, _grpc_predict_v2_pb2.ServerMetadataResponse]  # type: ignore[assignment]
     ModelMetadata: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelMetadataRequest, _grpc_predict_v2_pb2.ModelMetadataResponse]  # type: ignore[assignment]
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]  # type: ignore[assignment]
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
+    perf_analyzer and tritonclient call them. Repository load/unload stay UNIMPLEMENTED.
+    """
+    ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
+    RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,5 +105,29 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_predict_v2_pb2.ModelInferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_predict_v2_pb2.ModelInferResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelInferResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _grpc_predict_v2_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelConfigResponse]]:
+        """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
+        perf_analyzer and tritonclient call them. Repository load/unload stay UNIMPLEMENTED.
+        """
+
+    @_abc_1.abstractmethod
+    def ModelStatistics(
+        self,
+        request: _grpc_predict_v2_pb2.ModelStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.ModelStatisticsResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelStatisticsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RepositoryIndex(
+        self,
+        request: _grpc_predict_v2_pb2.RepositoryIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_predict_v2_pb2.RepositoryIndexResponse]]: ...
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -60,6 +60,22 @@ def mlp_model(
     return path
 
 
+def string_model(path: Path) -> Path:
+    """Write an Identity on a string tensor ``s[batch] -> t[batch]`` (a model with a BYTES input)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["t"])],
+        "strings",
+        [helper.make_tensor_value_info("s", TensorProto.STRING, ["batch"])],
+        [helper.make_tensor_value_info("t", TensorProto.STRING, ["batch"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def run_direct(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
     """The reference: a plain onnxruntime CPU session on the same file."""
     opts = ort.SessionOptions()

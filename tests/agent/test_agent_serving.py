@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgectl.agent.agent import Agent
 from edgectl.agent.batching import BatchSettings, MicroBatcher
-from edgectl.agent.burst import PROBE_AFTER_BURSTS, CircuitBreaker, LatencyCorrection
+from edgectl.agent.burst import CircuitBreaker, LatencyCorrection
 from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.router import PROBE_AFTER_BURSTS
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
 from edgectl.broker import MosquittoProcess

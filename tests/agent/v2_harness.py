@@ -1,4 +1,4 @@
-"""An in-process agent serving stack on one ONNX model: registry, router and a real V2 gRPC server.
+"""An in-process agent serving stack on one ONNX model: registry, router and real V2 gRPC (and HTTP) servers.
 
 Shared by the V2 server tests and ``benchmarks/bench_agent.py``; the agent itself wires the same
 parts in ``edgectl.agent.agent``.
@@ -11,8 +11,11 @@ from pathlib import Path
 import grpc
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings, InferenceRouter
+from edgectl.agent.burst import BurstSettings
+from edgectl.agent.codecs import RequestLimits
+from edgectl.agent.http_server import HttpV2Server
 from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.v2_server import InferenceServicer, V2Server
@@ -31,10 +34,13 @@ class InProcessV2:
         batch: BatchSettings | None = None,
         burst: str | None = None,
         slo_s: float = 0.1,
+        limits: RequestLimits | None = None,
+        http: bool = False,
+        keep_versions: int = 1,
     ) -> None:
         self.model_path = model_path
         self.metrics = AgentMetrics()
-        self.registry = ModelRegistry(batch or BatchSettings(), self.metrics)
+        self.registry = ModelRegistry(batch or BatchSettings(), self.metrics, keep_versions=keep_versions)
         model = load_model(
             model_path,
             name=name,
@@ -43,13 +49,26 @@ class InProcessV2:
             settings=SessionSettings(intra_op_threads=1),
         )
         self.registry.install(model)
-        self.router = InferenceRouter(self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s))
+        self.router = InferenceRouter(
+            self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s), limits
+        )
         self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
         self.server.start()
+        self.http = HttpV2Server(self.registry, self.router, "127.0.0.1:0") if http else None
+        if self.http is not None:
+            self.http.start()
         self.channel = grpc.insecure_channel(self.server.address)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
+    @property
+    def url(self) -> str:
+        """http://HOST:PORT of the HTTP server (``http=True``)."""
+        assert self.http is not None
+        return f"http://{self.http.address}"
+
     def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.channel.close()
         self.server.stop(0)
         self.router.close()

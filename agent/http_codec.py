@@ -1,0 +1,198 @@
+"""KServe V2 over HTTP/REST <-> numpy: JSON tensors and Triton's binary tensor data extension.
+
+The HTTP half of the codec seam (``codecs`` holds the datatype tables, the header checks and the
+gRPC half). A request body is a JSON header, optionally followed by raw tensor bytes: the
+``Inference-Header-Content-Length`` header gives the JSON's length, and each input with a
+``binary_data_size`` parameter takes that many bytes, in input order. Binary inputs become numpy
+arrays over slices of the body (no copy); JSON ``data`` is bounded by ``max_json_bytes``.
+Responses carry outputs as JSON ``data`` or, when asked (``binary_data`` on an output,
+``binary_data_output`` on the request), as binary after the JSON header.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgectl.agent.codecs import (
+    Array,
+    RequestLimits,
+    TensorHeader,
+    deserialize_bytes,
+    element_count,
+    numpy_dtype,
+    serialize_bytes,
+    v2_datatype,
+)
+from edgectl.agent.errors import InvalidInputError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True)
+class HttpInput:
+    """One input of an HTTP request: its header and where its data is (a body slice or JSON)."""
+
+    header: TensorHeader
+    offset: int = 0
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """A parsed HTTP infer request (tensors not yet decoded)."""
+
+    request_id: str
+    inputs: tuple[HttpInput, ...]
+    outputs: tuple[str, ...]
+    binary_outputs: frozenset[str]
+    binary_default: bool
+    body: bytes
+
+
+def _flat(values: Any) -> Iterator[Any]:
+    for v in values:
+        if isinstance(v, list):
+            yield from _flat(v)
+        else:
+            yield v
+
+
+def _params(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInputError("'parameters' must be a JSON object")
+    return params
+
+
+def parse_request(body: bytes, header_length: str | None, limits: RequestLimits) -> HttpRequest:
+    """Parse the JSON header and locate every input's data; InvalidInputError says what is wrong."""
+    if header_length is None:
+        hlen = len(body)
+    else:
+        try:
+            hlen = int(header_length)
+        except ValueError:
+            raise InvalidInputError(f"{HEADER_LENGTH} {header_length!r} is not a number") from None
+        if not 0 <= hlen <= len(body):
+            raise InvalidInputError(f"{HEADER_LENGTH} {hlen} runs past the body ({len(body)} bytes)")
+    if hlen > limits.max_json_bytes:
+        raise InvalidInputError(
+            f"JSON part of {hlen} bytes exceeds {limits.max_json_bytes}; send large tensors as binary data"
+        )
+    try:
+        doc = json.loads(body[:hlen])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"request JSON does not parse: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise InvalidInputError("request JSON must be an object with an 'inputs' list")
+    offset = hlen
+    inputs = []
+    for item in doc["inputs"]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInputError("each input must be an object with a 'name'")
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            raise InvalidInputError(f"input {item['name']!r}: 'shape' must be a list of integers")
+        datatype = str(item.get("datatype", ""))
+        size = _params(item).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(body):
+                raise InvalidInputError(
+                    f"input {item['name']!r}: binary_data_size {size} runs past the body ({len(body)} bytes)"
+                )
+            inputs.append(HttpInput(TensorHeader(item["name"], datatype, tuple(shape), size), offset))
+            offset += size
+            continue
+        data = item.get("data")
+        if not isinstance(data, list):
+            raise InvalidInputError(f"input {item['name']!r}: no 'data' list and no binary_data_size")
+        count = sum(1 for _ in _flat(data))
+        inputs.append(
+            HttpInput(TensorHeader(item["name"], datatype, tuple(shape), count, raw=False), data=data)
+        )
+    if offset != len(body):
+        raise InvalidInputError(
+            f"{len(body) - offset} bytes after the last binary input; sizes do not add up"
+        )
+    outputs, binary = [], set()
+    for out in doc.get("outputs") or []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise InvalidInputError("each requested output must be an object with a 'name'")
+        outputs.append(out["name"])
+        if _params(out).get("binary_data"):
+            binary.add(out["name"])
+    return HttpRequest(
+        request_id=str(doc.get("id", "")),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        binary_outputs=frozenset(binary),
+        binary_default=bool(_params(doc).get("binary_data_output", False)),
+        body=body,
+    )
+
+
+def decode_inputs(request: HttpRequest) -> dict[str, Array]:
+    """The inputs as numpy arrays: binary ones are views of the body, JSON ones are converted."""
+    view = memoryview(request.body)
+    out: dict[str, Array] = {}
+    for item in request.inputs:
+        h = item.header
+        count = element_count(h.shape, h.name)
+        if h.raw and h.datatype == "BYTES":
+            out[h.name] = deserialize_bytes(bytes(view[item.offset : item.offset + h.size]), count, h.name)
+        elif h.raw:
+            dtype = numpy_dtype(h.datatype)
+            out[h.name] = np.frombuffer(view, dtype=dtype, count=count, offset=item.offset)
+        elif h.datatype == "BYTES":
+            values = [v.encode() if isinstance(v, str) else v for v in _flat(item.data)]
+            arr = np.empty(len(values), dtype=np.object_)
+            arr[:] = values
+            out[h.name] = arr
+        else:
+            try:
+                out[h.name] = np.asarray(list(_flat(item.data)), dtype=numpy_dtype(h.datatype))
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"input {h.name!r}: data is not {h.datatype}: {exc}") from None
+        out[h.name] = out[h.name].reshape(h.shape)
+    return out
+
+
+def encode_response(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: Mapping[str, Array],
+    binary: Sequence[str] | frozenset[str],
+    parameters: Mapping[str, str],
+) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when all outputs are JSON) of an infer response."""
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "parameters": dict(parameters)}
+    if request_id:
+        doc["id"] = request_id
+    blobs: list[bytes] = []
+    entries = []
+    for name, value in outputs.items():
+        array = np.asarray(value)
+        datatype = v2_datatype(array.dtype)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if name in binary:
+            blob = serialize_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif datatype == "BYTES":
+            entry["data"] = [
+                v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in array.ravel()
+            ]
+        else:
+            entry["data"] = array.ravel().tolist()
+        entries.append(entry)
+    doc["outputs"] = entries
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

@@ -1,0 +1,192 @@
+"""Local-or-burst routing of one inference call, whatever protocol it came in on.
+
+A request runs locally unless the local queue's predicted wait exceeds the latency SLO, or the
+model is missing or failing here; then it goes to the configured remote KServe V2 endpoint
+(another agent, Triton, KServe). Routing is decided per request, so traffic fails back by
+itself once local capacity returns. Inputs are checked against the model's signature from
+their headers before anything is decoded; every result names where it was served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from edgectl.agent.burst import BurstClient, BurstSettings, LatencyCorrection
+from edgectl.agent.codecs import Array, RequestLimits, TensorHeader, check_inputs
+from edgectl.agent.errors import (
+    BurstUnavailableError,
+    InferenceError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
+from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.serving import ModelRegistry, ServedModel
+from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVED_BY = "served_by"
+LOCAL = "local"
+PROBE_AFTER_BURSTS = 8
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """One inference request, protocol-neutral: the front-end supplies how to read its input
+    headers, decode its tensors (after the headers passed) and build a V2 gRPC request (for burst)."""
+
+    model: str
+    version: str
+    request_id: str
+    outputs: Sequence[str]
+    headers: Callable[[], Sequence[TensorHeader]]
+    decode: Callable[[], dict[str, Array]]
+    to_proto: Callable[[], pb.ModelInferRequest]
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """The answer: local outputs (``served`` is the version that ran them) or a burst response."""
+
+    model: str
+    version: str
+    request_id: str
+    served_by: str
+    outputs: dict[str, Array] | None = None
+    served: ServedModel | None = None
+    response: pb.ModelInferResponse | None = None
+
+
+class InferenceRouter:
+    """Decides local or burst for each call; checks inputs before decoding them."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: AgentMetrics,
+        settings: BurstSettings,
+        limits: RequestLimits | None = None,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.settings = settings
+        self.limits = limits or RequestLimits()
+        self.burst = BurstClient(settings) if settings.target else None
+        self._bursts_in_a_row = 0  # approximate under concurrency, which is all a probe needs
+        self._corrections: dict[str, LatencyCorrection] = {}
+
+    def _route(self, served: ServedModel | None) -> tuple[str | None, float]:
+        """(why this request should go to burst, or None to serve it locally; predicted local s)."""
+        if self.burst is None:
+            return None, 0.0
+        if served is None:
+            return "model not loaded here", 0.0
+        if served.failing:
+            return "local model is failing", 0.0
+        wait = served.batcher.predicted_wait_s()
+        # The estimate is refreshed only by local runs: after a run of bursts, an idle model gets
+        # one request, so a spike that slowed a few runs cannot keep traffic away for good.
+        if self._bursts_in_a_row >= PROBE_AFTER_BURSTS and served.batcher.idle:
+            return None, wait
+        expected = wait + self._correction(served.model.name).margin()
+        limit = self.settings.slo_s * self.settings.headroom
+        if expected > limit:
+            return f"predicted local latency {expected * 1000:.1f} ms exceeds {limit * 1000:.0f} ms", wait
+        return None, wait
+
+    def _correction(self, name: str) -> LatencyCorrection:
+        corr = self._corrections.get(name)
+        if corr is None:
+            corr = self._corrections.setdefault(name, LatencyCorrection())
+        return corr
+
+    def infer(self, call: InferCall) -> InferResult:
+        """Serve one call locally or on the burst endpoint; InvalidInputError before any decoding
+        when its inputs cannot fit the model served here."""
+        start = time.perf_counter()
+        served_by = LOCAL
+        ok = False
+        served = self.registry.resolve(call.model, call.version)
+        tried_burst = False
+        try:
+            if served is not None:
+                check_inputs(call.model, served.model.inputs, call.headers(), self.limits)
+            why, predicted = self._route(served)
+            if why is not None and self.burst is not None and self.burst.available():
+                tried_burst = True
+                try:
+                    result = self._burst(call)
+                    served_by = result.served_by
+                    self._bursts_in_a_row += 1
+                    ok = True
+                    return result
+                except (BurstUnavailableError, ModelNotFoundError) as exc:
+                    log.info("burst failed, serving locally: %s", exc)
+            self._bursts_in_a_row = 0
+            result = self._local(call, served)
+            if self.burst is not None:
+                self._correction(call.model).observe(predicted, time.perf_counter() - start)
+            ok = True
+            return result
+        except (InferenceError, ModelUnavailableError, ModelNotFoundError) as exc:
+            # The local side cannot serve it: burst is the last resort, when its circuit allows.
+            if (
+                self.burst is not None
+                and not tried_burst
+                and self.burst.available()
+                and not isinstance(exc, InvalidInputError)
+            ):
+                result = self._burst(call)
+                served_by = result.served_by
+                ok = True
+                return result
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.observe_request(call.model, served_by, ok, elapsed)
+            if served is not None and served_by == LOCAL:
+                served.stats.request(ok, int(elapsed * 1e9))
+
+    def _local(self, call: InferCall, served: ServedModel | None) -> InferResult:
+        if served is None:
+            self.registry.require(call.model, call.version)  # raises, saying what is served
+            raise ModelNotFoundError(f"model {call.model!r} is not served here")
+        served.batcher.arrive()
+        try:
+            t0 = time.perf_counter()
+            feeds = call.decode()
+            served.stats.input(int((time.perf_counter() - t0) * 1e9))
+            outputs, model = self.registry.infer(
+                call.model, feeds, self.settings.local_timeout_s, version=call.version, arrived=served
+            )
+        finally:
+            served.batcher.depart()
+        unknown = [n for n in call.outputs if n not in outputs]
+        if unknown:
+            raise InvalidInputError(
+                f"model {model.name!r} has no outputs {unknown}; it has {sorted(outputs)}"
+            )
+        picked = {n: outputs[n] for n in call.outputs} if call.outputs else outputs
+        return InferResult(model.name, str(model.version), call.request_id, LOCAL, picked, served)
+
+    def _burst(self, call: InferCall) -> InferResult:
+        assert self.burst is not None
+        response = self.burst.infer(call.to_proto())
+        # A remote agent names itself "local": what matters to our caller is that we sent it away.
+        response.parameters[SERVED_BY].string_param = self.burst.label
+        return InferResult(
+            response.model_name or call.model,
+            response.model_version,
+            call.request_id,
+            self.burst.label,
+            response=response,
+        )
+
+    def close(self) -> None:
+        """Close the burst channel."""
+        if self.burst is not None:
+            self.burst.close()

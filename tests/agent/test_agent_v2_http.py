@@ -1,0 +1,182 @@
+"""KServe V2 over HTTP/REST against a real aiohttp server sharing the gRPC server's registry:
+every path, JSON and binary tensors (Triton's extension), errors with their statuses, curl."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgectl.agent.batching import BatchSettings
+from edgectl.agent.http_codec import HEADER_LENGTH
+from tests.agent.onnx_models import mlp_model, run_direct
+from tests.agent.v2_harness import InProcessV2
+
+X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[InProcessV2]:
+    s = InProcessV2(
+        mlp_model(tmp_path / "mlp.onnx", (4, 8, 3)), name="mlp", version=5, batch=BatchSettings(), http=True
+    )
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _call(
+    url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(
+        url, data=body, headers=headers or {}, method="POST" if body is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _json(url: str, doc: Any = None) -> tuple[int, Any]:
+    status, _, body = _call(url, None if doc is None else json.dumps(doc).encode())
+    return status, json.loads(body) if body else None
+
+
+def test_health_metadata_config_stats_index(served: InProcessV2) -> None:
+    u = served.url
+    assert _call(f"{u}/v2/health/live")[0] == 200
+    assert _call(f"{u}/v2/health/ready")[0] == 200
+    assert _json(f"{u}/v2")[1]["name"] == "edgectl-agent"
+    status, meta = _json(f"{u}/v2/models/mlp")
+    assert status == 200 and meta["versions"] == ["5"]
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert _json(f"{u}/v2/models/mlp/versions/5")[0] == 200
+    assert _call(f"{u}/v2/models/mlp/ready")[0] == 200
+    assert _call(f"{u}/v2/models/mlp/versions/4/ready")[0] == 400
+    config = _json(f"{u}/v2/models/mlp/config")[1]
+    assert config["max_batch_size"] == 8 and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert config["input"][0]["dims"] == [4]
+    stats = _json(f"{u}/v2/models/mlp/stats")[1]
+    assert stats["model_stats"][0]["version"] == "5"
+    assert _json(f"{u}/v2/models/stats")[1]["model_stats"][0]["name"] == "mlp"
+    assert _json(f"{u}/v2/repository/index", {})[1] == [
+        {"name": "mlp", "version": "5", "state": "READY", "reason": ""}
+    ]
+    status, err = _json(f"{u}/v2/models/ghost")
+    assert status == 404 and "not served" in err["error"]
+
+
+def test_json_infer_matches_direct_onnxruntime(served: InProcessV2) -> None:
+    doc = {
+        "id": "j1",
+        "inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32", "data": X.ravel().tolist()}],
+    }
+    status, got = _json(f"{served.url}/v2/models/mlp/infer", doc)
+    assert status == 200, got
+    assert got["id"] == "j1" and got["model_version"] == "5" and got["parameters"]["served_by"] == "local"
+    (out,) = got["outputs"]
+    y = np.array(out["data"], np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(y, run_direct(served.model_path, {"x": X})["y"], rtol=1e-5, atol=1e-5)
+
+
+def _binary_request(
+    x: np.ndarray, *, binary_out: bool = True, extra: bytes = b"", size: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    raw = x.tobytes()
+    doc = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": size or len(raw)},
+            }
+        ],
+        "outputs": [{"name": "y", "parameters": {"binary_data": binary_out}}],
+    }
+    header = json.dumps(doc).encode()
+    return header + raw + extra, {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def test_binary_infer_in_and_out(served: InProcessV2) -> None:
+    body, headers = _binary_request(X)
+    status, rheaders, rbody = _call(f"{served.url}/v2/models/mlp/versions/5/infer", body, headers)
+    assert status == 200, rbody
+    hlen = int(rheaders[HEADER_LENGTH])
+    doc = json.loads(rbody[:hlen])
+    assert doc["outputs"][0]["parameters"]["binary_data_size"] == 3 * 3 * 4
+    y = np.frombuffer(rbody[hlen:], np.float32).reshape(3, 3)
+    np.testing.assert_allclose(y, run_direct(served.model_path, {"x": X})["y"], rtol=1e-5, atol=1e-5)
+    # Binary in, JSON out.
+    body, headers = _binary_request(X, binary_out=False)
+    status, rheaders, rbody = _call(f"{served.url}/v2/models/mlp/infer", body, headers)
+    assert status == 200 and HEADER_LENGTH not in rheaders
+    assert len(json.loads(rbody)["outputs"][0]["data"]) == 9
+
+
+@pytest.mark.parametrize(
+    ("what", "make", "status", "needle"),
+    [
+        ("JSON that does not parse", lambda: (b"{nope", {}), 400, "does not parse"),
+        ("header length past the body", lambda: (b"{}", {HEADER_LENGTH: "999"}), 400, "runs past the body"),
+        ("binary size past the body", lambda: _binary_request(X, size=4096), 400, "runs past the body"),
+        ("bytes left over", lambda: _binary_request(X, extra=b"\0" * 8), 400, "do not add up"),
+        ("wrong dtype", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [0, 0, 0, 0]}]}).encode(), {}), 400, "must be float32"),
+        ("10^12 elements", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [250000000000, 4], "datatype": "FP32", "data": [0]}]}).encode(), {}), 400, "expected 1000000000000"),
+        ("BYTES to a float model", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": ["a", "b", "c", "d"]}]}).encode(), {}), 400, "must be float32"),
+    ],
+)  # fmt: skip
+def test_malformed_http_requests_get_their_status(
+    served: InProcessV2, what: str, make: Any, status: int, needle: str
+) -> None:
+    body, headers = make()
+    got, _, rbody = _call(f"{served.url}/v2/models/mlp/infer", body, headers)
+    assert got == status, rbody
+    assert needle in json.loads(rbody)["error"]
+    # Unknown model and version are 404; the server keeps serving.
+    assert _call(f"{served.url}/v2/models/ghost/infer", b"{}")[0] == 404
+    assert _call(f"{served.url}/v2/models/mlp/versions/9/infer", b"{}")[0] == 404
+    assert _call(f"{served.url}/v2/health/ready")[0] == 200
+
+
+def test_request_over_the_byte_cap_is_413(served: InProcessV2) -> None:
+    body = b"0" * ((64 << 20) + 1)
+    assert _call(f"{served.url}/v2/models/mlp/infer", body)[0] == 413
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_reaches_the_rest_paths(served: InProcessV2) -> None:
+    def curl(*args: str) -> tuple[str, str]:
+        out = subprocess.run(
+            ["curl", "-s", "-w", "\n%{http_code}", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        body, _, code = out.rpartition("\n")
+        return code, body
+
+    u = served.url
+    assert curl(f"{u}/v2/health/ready")[0] == "200"
+    assert json.loads(curl(f"{u}/v2/models/mlp")[1])["name"] == "mlp"
+    assert json.loads(curl(f"{u}/v2/models/mlp/config")[1])["name"] == "mlp"
+    assert "model_stats" in json.loads(curl(f"{u}/v2/models/mlp/stats")[1])
+    assert json.loads(curl("-X", "POST", f"{u}/v2/repository/index")[1])[0]["name"] == "mlp"
+    doc = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
+    code, body = curl(
+        "-X", "POST", "-H", "Content-Type: application/json", "-d", doc, f"{u}/v2/models/mlp/infer"
+    )
+    assert code == "200"
+    want = run_direct(served.model_path, {"x": np.array([[1, 2, 3, 4]], np.float32)})["y"]
+    np.testing.assert_allclose(json.loads(body)["outputs"][0]["data"], want.ravel(), rtol=1e-5, atol=1e-5)
