@@ -25,7 +25,7 @@ from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.errors import EdgectlError
-from edgectl.mqtt.wire import DeviceTopics, encode
+from edgectl.mqtt.wire import DeviceTopics, agent_client_id, encode
 from edgectl.ports import free_port
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
@@ -65,8 +65,9 @@ class SecuredFleet:
         return grpc.secure_channel(self.cp.device_address, creds.channel_credentials())
 
     def mqtt(self, username: str, password: str) -> MqttTestClient:
-        return MqttTestClient("127.0.0.1", self.layout.port, username=username, password=password,
-                              tls_ca=str(self.layout.ca_cert))  # fmt: skip
+        # A device's broker login is pinned to its agent's client id.
+        return MqttTestClient("127.0.0.1", self.layout.port, agent_client_id(username), username=username,
+                              password=password, tls_ca=str(self.layout.ca_cert))  # fmt: skip
 
     def enroll(self, device_id: str) -> tuple[fleet_pb2.DeviceCredentials, bytes]:
         """Enroll like an agent does (own key, CSR, TLS without a token); returns (creds, key)."""
