@@ -271,6 +271,16 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
     art = mlp_artifact(fleet.work / "mtls-art", fleet.work, fleet.key, name="mtls")
     with fleet.client(fleet.token(Role.DEPLOYER)) as deployer:
         digest = push_artifact(deployer, art.root).artifact.ref.digest
+        # A device fetches only what is deployed to it (tests/security/test_control_plane_attacks.py):
+        # roll the artifact out to both (offline, so the rollout waits with their desired state set).
+        for device_id in ("cam-a", "cam-b"):
+            deployer.fleet.LabelDevice(fleet_pb2.LabelDeviceRequest(id=device_id, set={"ring": "mtls"}))
+        deployer.rollouts.Create(RP.CreateRolloutRequest(
+            artifact=digest, selector=common_pb2.Selector(match_labels={"ring": "mtls"}),
+            strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=600),
+        ))  # fmt: skip
+    wait_for(lambda: min(fleet.cp.fleet.get(d).generation for d in ("cam-a", "cam-b")) >= 1, 20,
+             what="cam-a's and cam-b's desired state naming the artifact")  # fmt: skip
     assert artifacts.Get(AP.GetArtifactRequest(artifact=digest), timeout=10).ref.digest == digest
     device_rollouts = RP_stub(fleet.device_channel(creds.client_cert_pem, key_pem))
     code, _ = _code(lambda: device_rollouts.List(RP.ListRolloutsRequest(), timeout=10))
