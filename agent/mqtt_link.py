@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgectl.addresses import AddressError, parse_mqtt_url
 from edgectl.agent.errors import ConfigError
-from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, PayloadError, agent_client_id, decode, encode
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class MqttLink:
         # A stable client id: the broker keeps our session (subscriptions, queued QoS 1) across drops.
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"edgectl-agent-{settings.device_id}",
+            client_id=agent_client_id(settings.device_id),
             protocol=mqtt.MQTTv5,
         )
         if settings.username:

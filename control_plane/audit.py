@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -9,6 +10,20 @@ from edgectl.control_plane.store import StateStore
 
 ANONYMOUS = "anonymous"  # until the security issue adds per-caller tokens
 SECRET_FIELDS = frozenset({"token", "password", "mqtt_password", "data", "manifest", "signatures", "csr_pem"})
+# Bounds on one row: a caller (even an anonymous Enroll) must not be able to fill the disk.
+MAX_FIELD_CHARS = 256
+MAX_DETAILS_CHARS = 4096
+
+
+def _bounded(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 32]}...[{len(text)} chars, truncated]"
+
+
+def _bounded_details(details: str) -> str:
+    """Details stay JSON: an oversized one becomes {"truncated": N, "head": "..."}."""
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    return json.dumps({"truncated": len(details), "head": details[: MAX_DETAILS_CHARS // 2]})
 
 
 @dataclass(frozen=True)
@@ -30,11 +45,14 @@ class AuditLog:
         self.store = store
 
     def record(self, identity: str, peer: str, action: str, target: str, details: str, outcome: str) -> None:
+        """Append one entry; every field is bounded, so no caller can make a row large."""
+        row = (time.time(), *map(_bounded, (identity, peer, action, target)), _bounded_details(details),
+               _bounded(outcome))  # fmt: skip
         with self.store.tx() as tx:
             tx.execute(
                 "INSERT INTO audit_log (at, identity, peer, action, target, details, outcome) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), identity, peer, action, target, details, outcome),
+                row,
             )
 
     def entries(

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from edgectl.control_plane.errors import InvalidArgument
 from edgectl.control_plane.store import StateStore
 from edgectl.security.errors import TokenError
-from edgectl.security.tokens import CLOCK_SKEW_S, TOKEN_ID_BYTES, TokenVerifier, is_token_id
+from edgectl.security.tokens import CLOCK_SKEW_S, MAX_TOKEN_TTL_S, TOKEN_ID_BYTES, TokenVerifier, is_token_id
 
-# A revocation named by id alone does not know its token's expiry: keep it for the longest lifetime.
-_UNKNOWN_EXPIRY_S = 400 * 24 * 3600
+# A revocation named by id alone does not know its token's expiry: keep it until any token with
+# that id (issued up to now, plus the clock-skew allowance) must have expired.
+_UNKNOWN_EXPIRY_S = MAX_TOKEN_TTL_S + CLOCK_SKEW_S
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgectl.control_plane.db import Row, Tx
+from edgectl.control_plane.desired import current_models
 from edgectl.control_plane.errors import NotFound
 from edgectl.control_plane.fleet import ModelState
 from edgectl.control_plane.store import dumps, loads
@@ -291,6 +292,14 @@ def events_after(tx: Tx, rollout_id: str, after_seq: int, limit: int = 1000) -> 
         (rollout_id, after_seq, limit),
     )
     return [EventRecord(int(r[0]), r[1], float(r[2]), r[3], int(r[4]), r[5], r[6]) for r in rows]
+
+
+def deployed_digests(tx: Tx, device_id: str) -> set[str]:
+    """Artifacts a device may fetch: what its desired state names, and what rollouts moved it from."""
+    _, models = current_models(tx, device_id)
+    rows = tx.all("SELECT DISTINCT previous_digest FROM rollout_devices WHERE device_id = ? AND previous_digest <> ''",
+                  (device_id,))  # fmt: skip
+    return {m.digest for m in models} | {str(r[0]) for r in rows}
 
 
 def counts(tx: Tx) -> dict[int, int]:

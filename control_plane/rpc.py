@@ -28,6 +28,7 @@ from edgectl.control_plane.errors import (
     StateStoreError,
     Unavailable,
 )
+from edgectl.control_plane.limits import LimitExceeded, StreamLimiter
 from edgectl.errors import EdgectlError
 from edgectl.labels import LabelError
 from edgectl.protos.v1 import common_pb2
@@ -35,6 +36,7 @@ from edgectl.security.grpc_auth import current_identity
 
 log = logging.getLogger(__name__)
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
@@ -85,12 +87,27 @@ def summary(request: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in SECRET_FIELDS}
 
 
-class Hooks:
-    """What ``rpc`` needs from the server: the audit log and the error counter."""
+def stream_owner(context: grpc.ServicerContext) -> tuple[str, bool]:
+    """Whose stream cap a streaming call counts against, and whether it counts in the shared total.
 
-    def __init__(self, audit: AuditLog, count_error: Callable[[str, str], None]) -> None:
+    People (tokens) share the listener's total; a device (mTLS) or an unauthenticated dev-mode
+    caller (keyed by its connection) counts only against its own cap.
+    """
+    who = current_identity()
+    if who is None or who.via in ("none", "anonymous"):
+        return f"peer:{context.peer()}", False
+    return caller(), who.via == "token"
+
+
+class Hooks:
+    """What ``rpc`` needs from the server: the audit log, the error counter and the stream caps."""
+
+    def __init__(
+        self, audit: AuditLog, count_error: Callable[[str, str], None], streams: StreamLimiter | None = None
+    ) -> None:
         self.audit = audit
         self.count_error = count_error
+        self.streams = streams
 
 
 def rpc(
@@ -121,10 +138,20 @@ def rpc(
             @functools.wraps(fn)
             def stream(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 note = Note()
+                owner, shared = stream_owner(context)
+                streams = self.hooks.streams
+                try:
+                    if streams is not None:  # before any work: a stream holds a worker thread
+                        streams.acquire(owner, method, shared)
+                except LimitExceeded as exc:
+                    fail(self, request, context, note, exc)
                 try:
                     yield from fn(self, request, context, note)
                 except Exception as exc:
                     fail(self, request, context, note, exc)
+                finally:
+                    if streams is not None:
+                        streams.release(owner, shared)
 
             return stream
 

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edgectl.addresses import HostPort, parse_host_port, parse_mqtt_url
 from edgectl.artifact import TrustStore, default_trust_store, open_blob_store, public_pem
+from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
@@ -29,6 +30,7 @@ from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.ingest import ChunkServer, FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
+from edgectl.control_plane.limits import FailureBudget, StreamLimiter
 from edgectl.control_plane.metrics import Metrics
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
@@ -61,6 +63,7 @@ SERVICE_NAMES = (
     rollouts_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEVICE_STREAMS = 4  # open streams one device may hold (it downloads one artifact at a time)
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,11 @@ class ControlPlaneConfig:
     auto_register: bool = True  # devices that report without enrolling join the inventory
     tick_seconds: float = 0.25
     leader_interval: float = 1.0
-    workers: int = 32
+    workers: int = 32  # the people listener's pool
+    device_workers: int = 32  # the agents' listener has its own pool: people cannot starve it
+    streams_per_caller: int = 8  # open Watch/Download streams one person may hold
+    enroll_failure_burst: int = 10  # failed Enrolls one peer may make at once ...
+    enroll_failure_refill_s: float = 6.0  # ... and one more every this many seconds
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -174,6 +181,8 @@ class ControlPlane:
         )
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
+        self._device_server: grpc.Server | None = None
+        self.enroll_failures = FailureBudget(config.enroll_failure_burst, config.enroll_failure_refill_s)
         self.port = 0
         self.device_port = 0
         self._stopped = threading.Event()
@@ -211,6 +220,10 @@ class ControlPlane:
             log.exception("cannot check a client certificate", extra={"device": device_id})
             return False
 
+    def _deployed(self, device_id: str) -> set[str]:
+        with self.store.tx() as tx:
+            return rs.deployed_digests(tx, device_id)
+
     def _token_revoked(self, claims: Claims) -> bool:
         try:
             return self.revocations.revoked(claims.token_id)
@@ -222,9 +235,43 @@ class ControlPlane:
     def leading(self) -> bool:
         return self.election.leading.is_set()
 
+    def _grpc_server(
+        self, auth: AuthInterceptor, hooks: Hooks, workers: int, max_rpcs: int | None
+    ) -> grpc.Server:
+        """A gRPC server with every service, its own worker pool and its own stream caps."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            interceptors=[auth],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+            # Past this many calls in flight gRPC answers RESOURCE_EXHAUSTED instead of queueing.
+            maximum_concurrent_rpcs=max_rpcs,
+        )
+        artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(
+            ArtifactServicer(self.artifacts, hooks, self._deployed), server
+        )
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(
+            FleetServicer(self.fleet, hooks, self.bus.clear_device, self.revocations,
+                          self.security.verifier if self.security else None, self.enroll_failures),
+            server,
+        )  # fmt: skip
+        rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(self.rollouts, hooks), server)
+        rollouts_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, hooks), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
+
     def start(self) -> None:
         """Bind the API, connect to the broker and join the leader election; returns at once."""
-        hooks = Hooks(self.audit, lambda method, code: self.metrics.grpc_errors.labels(method, code).inc())
+        count = lambda method, code: self.metrics.grpc_errors.labels(method, code).inc()  # noqa: E731
+        workers = self.config.workers
+        # People share half the pool for streams (unary calls always find a thread); each caller
+        # gets a few. Agents have their own listener and pool, so people cannot starve them.
+        hooks = Hooks(self.audit, count, StreamLimiter(self.config.streams_per_caller, max(1, workers // 2)))
         verifier = self.security.verifier if self.security else None
         auth = AuthInterceptor(
             verifier,
@@ -232,45 +279,25 @@ class ControlPlane:
             token_revoked=self._token_revoked if self.security else None,
             on_denied=self._record_denied,
         )
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),
-            interceptors=[auth],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
-        artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(
-            ArtifactServicer(self.artifacts, hooks), server
-        )
-        fleet_pb2_grpc.add_FleetServiceServicer_to_server(
-            FleetServicer(
-                self.fleet,
-                hooks,
-                self.bus.clear_device,
-                self.revocations,
-                verifier,
-            ),
-            server,
-        )
-        rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(self.rollouts, hooks), server)
-        rollouts_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(self.audit, hooks), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        server = self._grpc_server(auth, hooks, workers, workers * 4)
+        device_server = None
         try:
             people = str(listen_address(self.config.listen, "--listen"))
             if self.security is None:
                 self.port = server.add_insecure_port(people)
             else:
                 self.port = server.add_secure_port(people, self.security.people_credentials())
-                self.device_port = server.add_secure_port(
+                device_hooks = Hooks(self.audit, count, StreamLimiter(DEVICE_STREAMS, 1 << 30))
+                device_server = self._grpc_server(auth, device_hooks, self.config.device_workers, None)
+                self.device_port = device_server.add_secure_port(
                     str(listen_address(self.config.device_listen, "--device-listen")),
                     self.security.device_credentials(),
                 )
         except RuntimeError as exc:
             raise ControlPlaneError(f"cannot listen on {self.config.listen}: {exc}") from exc
+        if device_server is not None:
+            device_server.start()
+            self._device_server = device_server
         server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
@@ -304,8 +331,9 @@ class ControlPlane:
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            self._server.stop(grace).wait(grace + 1)
+        for server in (self._server, self._device_server):
+            if server is not None:
+                server.stop(grace).wait(grace + 1)
         self.election.stop()
         self.chunks.stop()
         self.bus.stop()

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
+
 from edgectl.control_plane import convert
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
-from edgectl.control_plane.errors import InvalidArgument
+from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
 from edgectl.control_plane.fleet import Fleet
+from edgectl.control_plane.limits import FailureBudget, peer_host
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.rpc import Hooks, Note, Servicer, caller, next_token, page, rpc
@@ -27,7 +30,12 @@ from edgectl.protos.v1 import (
     rollouts_pb2,
     rollouts_pb2_grpc,
 )
+from edgectl.security.dynsec import is_reserved
+from edgectl.security.grpc_auth import current_identity
 from edgectl.security.tokens import TokenVerifier
+
+# Enroll is public: every field is bounded before anything else reads it (bytes or characters).
+ENROLL_FIELD_LIMITS = {"device_id": 128, "token": 256, "agent_version": 128, "profile": 128, "csr_pem": 16384}
 
 SNAPSHOT_EVENTS = frozenset(
     {"created", "state_changed", "wave_started", "wave_succeeded", "rollback_started"}
@@ -35,9 +43,24 @@ SNAPSHOT_EVENTS = frozenset(
 
 
 class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
-    def __init__(self, artifacts: ArtifactStore, hooks: Hooks) -> None:
+    def __init__(
+        self, artifacts: ArtifactStore, hooks: Hooks, deployed: Callable[[str], set[str]] | None = None
+    ) -> None:
         self.artifacts = artifacts
         self.hooks = hooks
+        self.deployed = deployed  # device id -> the digests it may fetch (None: no scoping)
+
+    def _for_caller(self, ref: str) -> Any:
+        """Resolve ``ref`` to its record; a device (mTLS) may see only what was deployed to it."""
+        record = self.artifacts.resolve(ref)
+        who = current_identity()
+        device = who.subject if who is not None and who.via == "mtls" else None
+        if self.deployed is not None and device is not None and record.digest not in self.deployed(device):
+            raise PermissionDenied(
+                f"artifact {record.digest} is not deployed to device {device}",
+                hint="a device fetches only what its desired state names (or the version before it)",
+            )
+        return record
 
     @rpc("ArtifactService/PlanUpload", mutating=True)
     def PlanUpload(self, request: artifacts_pb2.PlanUploadRequest, context: Any, note: Note) -> Any:
@@ -83,11 +106,11 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
 
     @rpc("ArtifactService/Get")
     def Get(self, request: artifacts_pb2.GetArtifactRequest, context: Any, note: Note) -> Any:
-        return convert.artifact(self.artifacts.resolve(request.artifact))
+        return convert.artifact(self._for_caller(request.artifact))
 
     @rpc("ArtifactService/Download", streaming=True)
     def Download(self, request: artifacts_pb2.DownloadRequest, context: Any, note: Note) -> Iterator[Any]:
-        digest = self.artifacts.resolve(request.digest).digest
+        digest = self._for_caller(request.digest).digest
         if request.chunks:
             pieces = self.artifacts.download_chunks(digest, list(request.chunks))
         elif request.path:
@@ -114,27 +137,50 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         on_decommission: Callable[[str], None],
         revocations: TokenRevocations,
         verifier: TokenVerifier | None,
+        enroll_failures: FailureBudget | None = None,
     ) -> None:
         self.fleet = fleet
         self.hooks = hooks
         self.on_decommission = on_decommission
         self.revocations = revocations
         self.verifier = verifier
+        self.enroll_failures = enroll_failures
 
     @rpc("FleetService/CreateEnrollmentToken", mutating=True, target="device_id")
     def CreateEnrollmentToken(
         self, request: fleet_pb2.CreateEnrollmentTokenRequest, context: Any, note: Note
     ) -> Any:
+        _not_reserved(request.device_id)
         token = self.fleet.create_token(request.device_id, dict(request.labels), int(request.ttl_seconds))
         return fleet_pb2.EnrollmentToken(
             device_id=token.device_id, token=token.token, expires_at=convert.ts(token.expires_at)
         )
 
+    def Enroll(self, request: fleet_pb2.EnrollRequest, context: Any) -> Any:
+        """Public: a peer that failed too often is held off before any work (and any audit row)."""
+        if self.enroll_failures is not None:
+            peer = peer_host(context.peer())
+            wait = self.enroll_failures.blocked_for(peer)
+            if wait > 0:
+                self.hooks.count_error("/edgectl.v1.FleetService/Enroll", "RESOURCE_EXHAUSTED")
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many failed enrollments from {peer}: try again in {wait:.0f}s")  # fmt: skip
+        return self._enroll(request, context)
+
     @rpc("FleetService/Enroll", mutating=True, target="device_id")
-    def Enroll(self, request: fleet_pb2.EnrollRequest, context: Any, note: Note) -> Any:
-        creds = self.fleet.enroll(
-            request.device_id, request.token, request.agent_version, request.profile, request.csr_pem
-        )
+    def _enroll(self, request: fleet_pb2.EnrollRequest, context: Any, note: Note) -> Any:
+        try:
+            for name, limit in ENROLL_FIELD_LIMITS.items():
+                if len(getattr(request, name)) > limit:
+                    raise InvalidArgument(f"Enroll's {name} is longer than {limit}")
+            _not_reserved(request.device_id)
+            creds = self.fleet.enroll(
+                request.device_id, request.token, request.agent_version, request.profile, request.csr_pem
+            )
+        except (InvalidArgument, PermissionDenied, NotFound):
+            if self.enroll_failures is not None:
+                self.enroll_failures.charge(peer_host(context.peer()))
+            raise
         return fleet_pb2.DeviceCredentials(
             device_id=creds.device_id, mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password,
             trusted_keys=creds.trusted_keys, mqtt_url=creds.mqtt_url, client_cert_pem=creds.client_cert_pem,
@@ -176,6 +222,14 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         note.details["subject"] = done.subject
         return fleet_pb2.RevokeTokenResponse(
             token_id=done.token_id, subject=done.subject, newly_revoked=done.newly_revoked
+        )
+
+
+def _not_reserved(device_id: str) -> None:
+    if is_reserved(device_id):  # the broker's service logins live under that prefix
+        raise InvalidArgument(
+            f"device id {device_id[:64]!r} is reserved (names starting with 'edgectl-' belong to edgectl's services)",
+            hint="pick another device id",
         )
 
 

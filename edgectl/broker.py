@@ -8,6 +8,7 @@ retained desired state must survive a broker restart.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -16,13 +17,40 @@ from pathlib import Path
 
 from edgectl.addresses import MqttUrl
 from edgectl.errors import EdgectlError
+from edgectl.mqtt.wire import MAX_PAYLOAD_BYTES
 from edgectl.ports import free_port, wait_for_port
 
 INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto mosquitto-clients"
+# No packet may exceed what the control plane accepts as a payload: a bigger one is refused
+# (the broker disconnects its sender) before it is stored or fanned out.
+MAX_PACKET_BYTES = MAX_PAYLOAD_BYTES
+UNPRIVILEGED_USERS = ("mosquitto", "nobody")
+# Options whose value is a file the broker reads after it dropped root (copied in by _stage).
+_INPUT_FILES = frozenset({"cafile", "certfile", "keyfile", "password_file", "acl_file", "bridge_cafile",
+                          "bridge_certfile", "bridge_keyfile"})  # fmt: skip
+_OWN_FILES = frozenset({"mosquitto.conf", "mosquitto.log"})  # written by us as root; stay root's
 
 
 class BrokerError(EdgectlError):
     """The broker could not be found, configured or started."""
+
+
+def broker_user(preferred: str | None = None) -> str | None:
+    """The unprivileged user a broker started as root runs as; None when not started as root."""
+    if os.geteuid() != 0:
+        return None
+    for name in (preferred, *UNPRIVILEGED_USERS):
+        if not name or name == "root":
+            continue
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    raise BrokerError(
+        "mosquitto would run as root: no unprivileged user (mosquitto, nobody) exists",
+        hint="create one (useradd --system mosquitto) or start edgectl as a normal user",
+    )
 
 
 def find_mosquitto() -> Path | None:
@@ -43,6 +71,8 @@ class BrokerConfig:
     acl_file: Path | None = None
     persistence: bool = True
     autosave_interval_s: int = 1
+    max_packet_bytes: int = MAX_PACKET_BYTES
+    user: str | None = None  # who a broker started as root becomes (default: mosquitto, else nobody)
     # Lines appended verbatim (TLS listeners, plugins): callers that generate config own them.
     extra_lines: list[str] = field(default_factory=list)
 
@@ -65,10 +95,11 @@ class BrokerConfig:
             # Without it Nagle's algorithm holds each small reply (a PUBACK, then a desired state or a
             # dynamic-security answer) until the peer's delayed ACK: 45 ms against 1-6 ms, measured.
             "set_tcp_nodelay true",
+            f"max_packet_size {self.max_packet_bytes}",
         ]
-        if os.geteuid() == 0:
-            # As root mosquitto drops to its own user, which cannot read our private files.
-            lines.append("user root")
+        user = broker_user(self.user)
+        if user is not None:
+            lines.append(f"user {user}")
         if self.password_file:
             lines.append(f"password_file {self.password_file}")
         if self.acl_file:
@@ -123,13 +154,18 @@ class MosquittoProcess:
         """Write the config and start the broker; returns once it accepts connections."""
         if self.is_running():
             return
-        self.config_path.write_text(self.config.render())
+        text = self.config.render()
+        user = broker_user(self.config.user)
+        if user is not None:
+            text = self._stage(text, user)
+        self.config_path.write_text(text)
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             [str(self.binary), "-c", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=self.config.data_dir,
         )
         log.close()
         if not wait_for_port(self.config.host, self.config.port, timeout):
@@ -137,6 +173,36 @@ class MosquittoProcess:
             self.kill()
             tail = self.log_path.read_text(errors="replace")[-2000:]
             raise BrokerError(f"mosquitto did not start on {self.url} (exit {code}); its log ends:\n{tail}")
+
+    def _stage(self, text: str, user: str) -> str:
+        """Rewrite ``text`` so that mosquitto, once it dropped root for ``user``, reaches its files.
+
+        mosquitto reads certificates and plugin files after dropping root, and the data dir's
+        parents (a 0700 home) may not let ``user`` through. So it runs in its data dir, owned by
+        ``user``, with relative paths: read-only inputs are copied in (0600), and the read-write
+        dynamic-security file moves in, leaving a symlink where its layout keeps it.
+        """
+        data = self.config.data_dir.resolve()
+        inputs = data / "inputs"
+        inputs.mkdir(mode=0o700, exist_ok=True)
+        lines = []
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "persistence_location":
+                line = "persistence_location ./"
+            elif key in _INPUT_FILES and value:
+                copy = inputs / f"{key}-{Path(value).name}"
+                shutil.copyfile(value, copy)
+                os.chmod(copy, 0o600)
+                line = f"{key} {copy.relative_to(data)}"
+            elif key == "plugin_opt_config_file" and value:
+                line = f"{key} {_adopt(Path(value), data).relative_to(data)}"
+            lines.append(line)
+        entry = pwd.getpwnam(user)
+        for path in [data, *data.rglob("*")]:
+            if path.name not in _OWN_FILES and not path.is_symlink():
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        return "\n".join(lines) + "\n"
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM and wait: mosquitto writes its persistence file on the way out."""
@@ -171,3 +237,16 @@ class MosquittoProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _adopt(path: Path, data: Path) -> Path:
+    """Move the file ``path`` resolves to into ``data``, leaving a symlink at ``path``; the new path."""
+    real = path.resolve()
+    if real.parent == data:
+        return real
+    moved = data / real.name
+    shutil.move(str(real), moved)
+    if path.is_symlink():
+        path.unlink()
+    path.symlink_to(moved)
+    return moved

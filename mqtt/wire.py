@@ -20,6 +20,7 @@ TOPIC_ROOT = "edgectl/v1/devices"
 # MQTT wildcards and separators would let one device id address another's subtree.
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+AGENT_CLIENT_ID_PREFIX = "edgectl-agent-"
 
 M = TypeVar("M", bound=Message)
 
@@ -40,6 +41,11 @@ def check_device_id(device_id: str) -> str:
             hint="use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     return device_id
+
+
+def agent_client_id(device_id: str) -> str:
+    """The MQTT client id an agent connects with; the broker pins each device's login to it."""
+    return AGENT_CLIENT_ID_PREFIX + check_device_id(device_id)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgectl.broker import BrokerConfig
-from edgectl.security.dynsec import initial_config, new_password
+from edgectl.security.dynsec import initial_config, new_password, upgrade_config
 from edgectl.security.errors import SecurityError
 from edgectl.security.files import write_private
 from edgectl.security.pki import FleetCA
@@ -114,6 +114,9 @@ def write_broker_files(
     dynsec_path = directory / "dynamic-security.json"
     if creds_path.exists() and dynsec_path.exists():
         password = json.loads(creds_path.read_text())["password"]  # keep devices enrolled so far
+        existing = json.loads(dynsec_path.read_text())
+        if upgrade_config(existing):  # written by an older edgectl: today's ACLs, same identities
+            write_private(dynsec_path, json.dumps(existing, indent=2).encode())
     else:
         password = new_password()
         write_private(

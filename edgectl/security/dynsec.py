@@ -1,10 +1,13 @@
 """Per-device MQTT identities in mosquitto's dynamic-security plugin.
 
-Each device gets a client (username = device id, random password) and its own role whose ACLs
-confine it to ``edgectl/v1/devices/{id}/``: it may subscribe to its desired state and chunk
-data, and publish its reported state, status, events and chunk requests, nothing else. The
-control plane's role is the only writer of desired state. Clients are created, disabled and
-deleted at run time over ``$CONTROL/dynamic-security/v1``, with no broker restart.
+Each device gets a client (username = device id, random password, pinned to the agent's
+client id so that no other login can take over its session) and its own role whose ACLs
+confine it to ``edgectl/v1/devices/{id}/``: it may subscribe to and receive its desired state
+and chunk data, and publish its reported state, status, events and chunk requests, nothing
+else. Receiving is denied by default, so a delivery needs an explicit ACL. The control plane's
+role is the only writer of desired state. Usernames starting with ``edgectl-`` belong to the
+services, never to a device. Clients are created, disabled and deleted at run time over
+``$CONTROL/dynamic-security/v1``, with no broker restart.
 """
 
 from __future__ import annotations
@@ -19,13 +22,22 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edgectl.mqtt.wire import TOPIC_ROOT, DeviceTopics
-from edgectl.security.errors import BrokerAdminError
+from edgectl.mqtt.wire import TOPIC_ROOT, DeviceTopics, agent_client_id
+from edgectl.security.errors import BrokerAdminError, SecurityError
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
 CONTROL_PLANE_ROLE = "edgectl-control-plane"
 ADMIN_ROLE = "edgectl-dynsec-admin"
+# Every service identity (the control plane's login, its roles) starts with this; a device id
+# never may, so enrolling or decommissioning a device cannot replace or delete a service's login.
+RESERVED_PREFIX = "edgectl-"
+DEFAULT_ACL_ACCESS = {
+    "publishClientSend": False,
+    "publishClientReceive": False,  # a delivery needs an explicit ACL, like a subscription
+    "subscribe": False,
+    "unsubscribe": True,
+}
 # Passwords are 256-bit random secrets, so the hash's cost buys nothing against guessing; a
 # low count keeps a fleet's reconnect storm cheap for the broker.
 PBKDF2_ITERATIONS = 1000
@@ -51,6 +63,22 @@ def _acl(acltype: str, topic: str, allow: bool = True) -> dict[str, Any]:
     return {"acltype": acltype, "topic": topic, "priority": 0, "allow": allow}
 
 
+def is_reserved(device_id: str) -> bool:
+    """True for names the broker's service identities use (``edgectl-...``), never a device's."""
+    return device_id.lower().startswith(RESERVED_PREFIX)
+
+
+def check_not_reserved(device_id: str) -> str:
+    """Return ``device_id``, or raise when it could collide with a service identity."""
+    if is_reserved(device_id):
+        raise SecurityError(
+            f"device id {device_id[:64]!r} is reserved: names starting with {RESERVED_PREFIX!r} "
+            "belong to edgectl's own services",
+            hint="pick a device id that does not start with 'edgectl-'",
+        )
+    return device_id
+
+
 def device_role_name(device_id: str) -> str:
     return f"edgectl-device-{device_id}"
 
@@ -61,6 +89,8 @@ def device_acls(device_id: str) -> list[dict[str, Any]]:
     return [
         _acl("subscribeLiteral", t.desired),
         _acl("subscribeLiteral", t.chunk_data),
+        _acl("publishClientReceive", t.desired),
+        _acl("publishClientReceive", t.chunk_data),
         _acl("publishClientSend", t.reported),
         _acl("publishClientSend", t.status),
         _acl("publishClientSend", t.events),
@@ -75,8 +105,9 @@ def control_plane_acls() -> list[dict[str, Any]]:
         _acl("publishClientSend", f"{root}/desired"),
         _acl("publishClientSend", f"{root}/chunks/data"),
         *[
-            _acl("subscribePattern", f"{root}/{kind}")
+            _acl(acltype, f"{root}/{kind}")
             for kind in ("reported", "status", "events", "chunks/request")
+            for acltype in ("subscribePattern", "publishClientReceive")
         ],
     ]
 
@@ -85,7 +116,7 @@ def admin_acls() -> list[dict[str, Any]]:
     """Administering the plugin itself (create/disable/delete clients)."""
     return [
         _acl("publishClientSend", f"{CONTROL_TOPIC}/#"),
-        # The plugin's answers are checked like any delivery; default receive access does not cover them.
+        # The plugin's answers are checked like any delivery, and receiving is denied by default.
         _acl("publishClientReceive", f"{CONTROL_TOPIC}/#"),
         _acl("subscribePattern", f"{CONTROL_TOPIC}/#"),
     ]
@@ -94,12 +125,7 @@ def admin_acls() -> list[dict[str, Any]]:
 def initial_config(control_plane_username: str, control_plane_password: str) -> dict[str, Any]:
     """A dynamic-security.json with the control plane's client and roles, and no devices yet."""
     return {
-        "defaultACLAccess": {
-            "publishClientSend": False,
-            "publishClientReceive": True,
-            "subscribe": False,
-            "unsubscribe": True,
-        },
+        "defaultACLAccess": dict(DEFAULT_ACL_ACCESS),
         "clients": [
             {
                 "username": control_plane_username,
@@ -114,6 +140,31 @@ def initial_config(control_plane_username: str, control_plane_password: str) -> 
             {"rolename": ADMIN_ROLE, "acls": admin_acls()},
         ],
     }
+
+
+def upgrade_config(config: dict[str, Any]) -> bool:
+    """Bring a dynamic-security.json written by an older edgectl to today's rules, in place.
+
+    Receiving becomes deny-by-default, the service and device roles get today's ACLs (a device
+    role's ACLs follow from its name) and each device's client is pinned to its agent's client
+    id, so devices enrolled earlier keep working without re-enrolling. True when anything changed.
+    """
+    before = json.dumps(config, sort_keys=True)
+    config["defaultACLAccess"] = dict(DEFAULT_ACL_ACCESS)
+    prefix = device_role_name("")
+    for role in config.get("roles", []):
+        name = str(role.get("rolename", ""))
+        if name == CONTROL_PLANE_ROLE:
+            role["acls"] = control_plane_acls()
+        elif name == ADMIN_ROLE:
+            role["acls"] = admin_acls()
+        elif name.startswith(prefix):
+            role["acls"] = device_acls(name.removeprefix(prefix))
+    for client in config.get("clients", []):
+        roles = [str(r.get("rolename", "")) for r in client.get("roles", [])]
+        if device_role_name(str(client.get("username", ""))) in roles:
+            client["clientid"] = agent_client_id(str(client["username"]))
+    return json.dumps(config, sort_keys=True) != before
 
 
 @dataclass(frozen=True)
@@ -180,15 +231,18 @@ class DynsecAdmin:
         password = password or new_password()
         self.remove_device(device_id)
         self.run("createRole", rolename=role, acls=device_acls(device_id))
-        self.run("createClient", username=device_id, password=password, roles=[{"rolename": role}])
+        self.run("createClient", username=device_id, password=password, roles=[{"rolename": role}],
+                 clientid=agent_client_id(device_id))  # fmt: skip
         return DeviceIdentity(device_id=device_id, username=device_id, password=password)
 
     def disable_device(self, device_id: str) -> None:
         """Refuse the device's next connection and drop the current one."""
+        check_not_reserved(device_id)
         self.run("disableClient", username=device_id)
 
     def remove_device(self, device_id: str) -> None:
         """Delete the device's client and role; absent ones are fine (idempotent)."""
+        check_not_reserved(device_id)
         for command, fields in (
             ("deleteClient", {"username": device_id}),
             ("deleteRole", {"rolename": device_role_name(device_id)}),

@@ -27,6 +27,9 @@ from edgectl.security.files import write_private
 
 PREFIX = "edgectl"
 CLOCK_SKEW_S = 60
+# No token lives longer: a revocation named by id alone (its expiry unknown) is kept this long,
+# so it outlives every token that id could belong to.
+MAX_TOKEN_TTL_S = 366 * 24 * 3600
 TOKEN_ID_BYTES = 8  # a token's id (its "jti" claim): this many random bytes, in hex
 _TOKEN_ID = re.compile(rf"^[0-9a-f]{{{2 * TOKEN_ID_BYTES}}}$")
 
@@ -106,6 +109,11 @@ class TokenIssuer:
         """A token for ``subject`` with ``role``, valid ``ttl_s`` seconds from ``now`` (default: now)."""
         if ttl_s <= 0:
             raise TokenError("a token's lifetime must be positive")
+        if ttl_s > MAX_TOKEN_TTL_S:
+            raise TokenError(
+                f"a token may live at most {MAX_TOKEN_TTL_S // 86400} days (asked for {ttl_s // 86400})",
+                hint=f"mint a shorter one (--ttl {MAX_TOKEN_TTL_S // 3600}h at most) and renew it before it expires",
+            )
         now = int(time.time() if now is None else now)
         claims = {"sub": subject, "role": role.name.lower(), "iat": now, "exp": now + ttl_s,
                   "jti": secrets.token_hex(TOKEN_ID_BYTES), "kid": self.key_id}  # fmt: skip
@@ -148,6 +156,11 @@ class TokenVerifier:
                             str(claims["jti"]), kid)  # fmt: skip
         except (KeyError, TypeError, ValueError):
             raise TokenError("malformed token claims") from None
+        if expires_at - issued_at > MAX_TOKEN_TTL_S:
+            raise TokenError(
+                f"token for {result.subject} claims a lifetime over {MAX_TOKEN_TTL_S // 86400} days",
+                hint="ask an admin for a new token",
+            )
         if now > expires_at + CLOCK_SKEW_S:
             raise TokenError(f"token for {result.subject} expired", hint="ask an admin for a new token")
         if issued_at > now + CLOCK_SKEW_S:

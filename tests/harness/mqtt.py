@@ -9,6 +9,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -67,9 +68,16 @@ class MqttTestClient:
     ) -> None:
         self.suback.put(reasons)
 
-    def connect(self, timeout: float = 5.0) -> ReasonCode:
-        """Connect and return the CONNACK reason code (check ``.is_failure``)."""
-        self.client.connect(self.host, self.port, keepalive=30, clean_start=True)
+    def connect(self, timeout: float = 5.0, clean_start: bool = True) -> ReasonCode:
+        """Connect and return the CONNACK reason code (check ``.is_failure``).
+
+        ``clean_start=False`` asks for the client id's stored session, as an agent does.
+        """
+        props = None
+        if not clean_start:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 3600
+        self.client.connect(self.host, self.port, keepalive=30, clean_start=clean_start, properties=props)
         self.client.reconnect_delay_set(min_delay=60, max_delay=60)  # tests see each refusal once
         self.client.loop_start()
         return self._connected.get(timeout=timeout)

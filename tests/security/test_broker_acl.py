@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgectl.broker import MosquittoProcess
-from edgectl.mqtt.wire import DeviceTopics
+from edgectl.mqtt.wire import DeviceTopics, agent_client_id
 from edgectl.ports import free_port
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.dynsec import DeviceIdentity, DynsecAdmin
@@ -38,6 +38,7 @@ class SecureFleet:
         return MqttTestClient(
             "127.0.0.1",
             self.layout.port,
+            agent_client_id(identity.device_id) if identity else None,  # a device's login is pinned to it
             tls_ca=str(self.layout.ca_cert),
             **creds,  # type: ignore[arg-type]
         )

@@ -25,7 +25,7 @@ from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.errors import EdgectlError
-from edgectl.mqtt.wire import DeviceTopics, encode
+from edgectl.mqtt.wire import DeviceTopics, agent_client_id, encode
 from edgectl.ports import free_port
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
@@ -65,8 +65,9 @@ class SecuredFleet:
         return grpc.secure_channel(self.cp.device_address, creds.channel_credentials())
 
     def mqtt(self, username: str, password: str) -> MqttTestClient:
-        return MqttTestClient("127.0.0.1", self.layout.port, username=username, password=password,
-                              tls_ca=str(self.layout.ca_cert))  # fmt: skip
+        # A device's broker login is pinned to its agent's client id.
+        return MqttTestClient("127.0.0.1", self.layout.port, agent_client_id(username), username=username,
+                              password=password, tls_ca=str(self.layout.ca_cert))  # fmt: skip
 
     def enroll(self, device_id: str) -> tuple[fleet_pb2.DeviceCredentials, bytes]:
         """Enroll like an agent does (own key, CSR, TLS without a token); returns (creds, key)."""
@@ -270,6 +271,16 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
     art = mlp_artifact(fleet.work / "mtls-art", fleet.work, fleet.key, name="mtls")
     with fleet.client(fleet.token(Role.DEPLOYER)) as deployer:
         digest = push_artifact(deployer, art.root).artifact.ref.digest
+        # A device fetches only what is deployed to it (tests/security/test_control_plane_attacks.py):
+        # roll the artifact out to both (offline, so the rollout waits with their desired state set).
+        for device_id in ("cam-a", "cam-b"):
+            deployer.fleet.LabelDevice(fleet_pb2.LabelDeviceRequest(id=device_id, set={"ring": "mtls"}))
+        deployer.rollouts.Create(RP.CreateRolloutRequest(
+            artifact=digest, selector=common_pb2.Selector(match_labels={"ring": "mtls"}),
+            strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=600),
+        ))  # fmt: skip
+    wait_for(lambda: min(fleet.cp.fleet.get(d).generation for d in ("cam-a", "cam-b")) >= 1, 20,
+             what="cam-a's and cam-b's desired state naming the artifact")  # fmt: skip
     assert artifacts.Get(AP.GetArtifactRequest(artifact=digest), timeout=10).ref.digest == digest
     device_rollouts = RP_stub(fleet.device_channel(creds.client_cert_pem, key_pem))
     code, _ = _code(lambda: device_rollouts.List(RP.ListRolloutsRequest(), timeout=10))
