@@ -26,6 +26,7 @@ from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings
+from edgectl.agent.orders import FleetTrust
 from edgectl.agent.reconcile import Reconciler, ReconcileSettings
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
@@ -185,6 +186,7 @@ class Agent:
             self.registry,
             self.metrics,
             _MqttReporter(self.link),
+            FleetTrust.load(cfg.data_dir, self.creds),
         )
 
     def _serve_local_dir(self) -> None:
