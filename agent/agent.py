@@ -28,6 +28,7 @@ from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.http_server import HttpV2Server
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings
+from edgectl.agent.orders import FleetTrust
 from edgectl.agent.reconcile import Reconciler, ReconcileSettings
 from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings
@@ -223,6 +224,7 @@ class Agent:
             self.registry,
             self.metrics,
             _MqttReporter(self.link),
+            FleetTrust.load(cfg.data_dir, self.creds),
         )
 
     def _serve_local_dir(self) -> None:

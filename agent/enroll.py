@@ -2,7 +2,8 @@
 
 The agent makes its own key (EC P-256) and sends only a CSR, so the private key never leaves
 the device. The control plane answers with a client certificate signed by the fleet CA, a
-random MQTT password (provisioned in the broker), the broker URL and the trusted artifact keys.
+random MQTT password (provisioned in the broker), the broker URL, the trusted artifact keys and
+the fleet key that signs its desired states.
 Enrollment talks to the control plane's people listener (TLS, no client certificate yet),
 checking its certificate against the fleet CA the operator handed over with the token.
 """
@@ -23,6 +24,7 @@ from google.protobuf import json_format
 
 from edgectl.agent.config import CREDENTIALS_FILE, AgentConfig
 from edgectl.agent.errors import ConfigError
+from edgectl.agent.orders import FLEET_KEYS_FILE
 from edgectl.durable import atomic_write
 from edgectl.protos.v1 import fleet_pb2 as fpb
 from edgectl.protos.v1 import fleet_pb2_grpc as fpb_grpc
@@ -86,6 +88,8 @@ def enroll(config: AgentConfig, agent_version: str = "", profile: str = "") -> f
             ) from exc
     if not creds.ca_cert_pem:
         creds.ca_cert_pem = ca_pem
+    # The fleet keys of this enrollment replace any earlier ones (FleetTrust writes them anew).
+    (config.data_dir / FLEET_KEYS_FILE).unlink(missing_ok=True)
     atomic_write(config.data_dir / KEY_FILE, key_pem, 0o600)
     atomic_write(config.data_dir / CREDENTIALS_FILE, json_format.MessageToJson(creds).encode(), 0o600)
     atomic_write(config.data_dir / CA_FILE, bytes(creds.ca_cert_pem), 0o644)

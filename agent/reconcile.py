@@ -28,6 +28,7 @@ from edgectl.agent.engines import choose_engine
 from edgectl.agent.errors import AgentError, FetchError, RefusedError
 from edgectl.agent.fetch import ArtifactFetcher
 from edgectl.agent.metrics import AgentMetrics
+from edgectl.agent.orders import AcceptedOrder, FleetTrust
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.state import AgentState, Installed, ModelSlot, StateStore
@@ -87,6 +88,7 @@ class Reconciler:
         registry: ModelRegistry,
         metrics: AgentMetrics,
         reporter: Reporter,
+        fleet_trust: FleetTrust | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -95,8 +97,13 @@ class Reconciler:
         self.registry = registry
         self.metrics = metrics
         self.reporter = reporter
+        self.fleet_trust = fleet_trust
         self.state: AgentState = store.load()
         self.desired: mpb.DesiredState | None = None
+        self.order: AcceptedOrder | None = None  # the newest order accepted, with its epoch and expiry
+        self.order_refusal = ""  # why the last desired state was refused, until a valid one arrives
+        if fleet_trust is None or not fleet_trust.required:
+            log.warning("no fleet key: desired states are followed unsigned (insecure dev mode)")
         self.inbox: queue.Queue[mpb.DesiredState | str] = queue.Queue()
         self.last_error = ""
         self._retry: dict[str, tuple[float, int]] = {}  # digest -> (next attempt at, attempts)
@@ -169,6 +176,21 @@ class Reconciler:
             self.publish_report()
 
     def _accept(self, desired: mpb.DesiredState) -> None:
+        if self.fleet_trust is not None:
+            last = max((self.state.order_epoch, self.state.observed_generation),
+                       self.order.position if self.order else (0, 0))  # fmt: skip
+            try:
+                order = self.fleet_trust.check(desired, self.settings.device_id, last)
+            except RefusedError as exc:
+                self._refuse_order(str(exc))
+                return
+            if order.expires_at is not None:
+                if order.position > last:
+                    self.order_refusal = ""
+                if self.order is None or order.position >= self.order.position:
+                    self.order, self.desired = order, order.desired
+                return
+            desired = order.desired
         if desired.generation < self.state.observed_generation:
             log.info(
                 "ignoring stale desired state generation %d < %d",
@@ -179,13 +201,21 @@ class Reconciler:
         if self.desired is None or desired.generation >= self.desired.generation:
             self.desired = desired
 
+    def _refuse_order(self, reason: str) -> None:
+        """A desired state that must not be followed: keep the current order, say why."""
+        self.order_refusal = f"desired state refused: {reason}"
+        log.warning("%s", self.order_refusal)
+        self.metrics.refusals.labels("(desired state)").inc()
+        self._event(Kind.EVENT_KIND_REFUSED, "", self.order_refusal)
+
     def reconcile(self) -> None:
         """One pass over the desired models; each converges, is refused, or is scheduled for retry."""
         desired = self.desired
         if desired is None:
             return
-        if desired.generation != self.state.observed_generation:
-            self.state.observed_generation = desired.generation
+        epoch = self.order.epoch if self.order else self.state.order_epoch
+        if (epoch, desired.generation) != (self.state.order_epoch, self.state.observed_generation):
+            self.state.order_epoch, self.state.observed_generation = epoch, desired.generation
             self._retry.clear()
             self.store.save(self.state)
         for dm in desired.models:
@@ -291,7 +321,7 @@ class Reconciler:
             agent_version=edgectl.__version__,
             profile=self.settings.fit.profile.name,
             labels=self.settings.labels,
-            last_error=self.last_error,
+            last_error=self.order_refusal or self._order_expiry() or self.last_error,
             reported_at=now,
             stats=mpb.ServingStats(
                 requests=stats.requests,
@@ -315,8 +345,17 @@ class Reconciler:
                 failure_reason=slot.failure_reason,
             )
             failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
-        rs.health = fpb.DEVICE_HEALTH_DEGRADED if failing or self.last_error else fpb.DEVICE_HEALTH_OK
+        failing |= bool(rs.last_error)
+        rs.health = fpb.DEVICE_HEALTH_DEGRADED if failing else fpb.DEVICE_HEALTH_OK
         return rs
+
+    def _order_expiry(self) -> str:
+        """A freeze shows: the order followed has expired and no fresh one came (control plane gone,
+        or someone withholding its messages). What serves keeps serving."""
+        expires = self.order.expires_at if self.order else None
+        if expires is None or time.time() < expires:
+            return ""
+        return f"the control plane's signed desired state expired {time.time() - expires:.0f} s ago"
 
     def publish_report(self, heartbeat: bool = False) -> None:
         self.reporter.report(self.build_report())

@@ -61,6 +61,7 @@ class AgentState:
 
     observed_generation: int = 0
     models: dict[str, ModelSlot] = field(default_factory=dict)
+    order_epoch: int = 0  # the control-plane epoch of the last signed order (0: unsigned)
 
     def slot(self, name: str) -> ModelSlot:
         """The slot for ``name``, created empty on first use."""
@@ -70,6 +71,7 @@ class AgentState:
         return {
             "format": STATE_FORMAT,
             "observed_generation": self.observed_generation,
+            "order_epoch": self.order_epoch,
             "models": {name: asdict(slot) for name, slot in sorted(self.models.items())},
         }
 
@@ -79,6 +81,7 @@ class AgentState:
             raise AgentError(f"state file has format {obj.get('format')!r}, expected {STATE_FORMAT}")
         return cls(
             observed_generation=int(obj.get("observed_generation", 0)),
+            order_epoch=int(obj.get("order_epoch", 0)),
             models={n: ModelSlot.from_dict(s) for n, s in dict(obj.get("models", {})).items()},
         )
 

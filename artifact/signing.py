@@ -162,6 +162,10 @@ class TrustStore:
     def get(self, kid: str) -> Ed25519PublicKey | None:
         return self._keys.get(kid)
 
+    def remove(self, kid: str) -> None:
+        """Stop trusting key ``kid`` (a retired key after a rotation); unknown ids are ignored."""
+        self._keys.pop(kid, None)
+
     def __contains__(self, kid: object) -> bool:
         return kid in self._keys
 

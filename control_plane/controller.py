@@ -18,14 +18,17 @@ from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.db import Tx
 from edgectl.control_plane.desired import (
     DesiredPublisher,
+    OrderSigner,
     Publication,
     current_models,
+    orders_to_refresh,
     with_model,
     write_desired,
 )
 from edgectl.control_plane.errors import NotFound
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget
+from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +51,43 @@ class RolloutController:
         publisher: DesiredPublisher,
         clock: Callable[[], float] = time.time,
         on_wave_done: Callable[[float], None] | None = None,
+        signer: OrderSigner | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.clock = clock
         self.on_wave_done = on_wave_done or (lambda seconds: None)
+        self.signer = signer
+        self._refreshed_at = float("-inf")
 
     def step_all(self) -> None:
         with self.store.tx() as tx:
             ids = rs.active_ids(tx)
         for rollout_id in ids:
             self.step(rollout_id)
+        self.refresh_orders()
+
+    def refresh_orders(self) -> int:
+        """Re-sign (new counter, new expiry, current fleet key) and republish every order that is
+        past half its lifetime or signed by a retired key; checked at most every tenth of a lifetime."""
+        now = self.clock()
+        if self.signer is None or now - self._refreshed_at < min(60.0, self.signer.ttl_s / 10):
+            return 0
+        self._refreshed_at = now
+        with self.store.tx() as tx:
+            publications = [
+                self._write(tx, device_id, list(state.models), state.rollout_id, now)
+                for device_id, state in orders_to_refresh(tx, self.signer, now)
+            ]
+        if publications:
+            log.info("re-signed desired states", extra={"devices": len(publications)})
+            self.publisher.publish_desired(publications)
+        return len(publications)
+
+    def _write(
+        self, tx: Tx, device_id: str, models: list[mqtt_pb2.DesiredModel], rollout_id: str, now: float
+    ) -> Publication:
+        return write_desired(tx, device_id, models, rollout_id, now, self.signer)
 
     def step(self, rollout_id: str) -> None:
         """Advance one rollout as far as its devices' reports allow, then publish what changed."""
@@ -137,17 +166,18 @@ class RolloutController:
                 )
                 rs.add_event(tx, r.id, "device_skipped", now, idx, progress.device_id, "decommissioned")
                 continue
-            generation, models = current_models(tx, progress.device_id)
+            _, models = current_models(tx, progress.device_id)
             active = live.models.get(r.artifact_name)
             wanted = next((m for m in models if m.name == r.artifact_name), None)
             # What to go back to: what the device serves, else what it was told to serve.
             prev_digest = active.digest if active and active.digest else (wanted.digest if wanted else "")
             prev_version = active.version if active and active.digest else (wanted.version if wanted else 0)
             models = with_model(models, r.artifact_name, r.artifact_digest, r.artifact_version)
-            publications.append(write_desired(tx, progress.device_id, models, r.id, now))
+            publication = self._write(tx, progress.device_id, models, r.id, now)
+            publications.append(publication)
             rs.update_device(
                 tx, r.id, progress.device_id, now, state=rs.D_DESIRED, previous_digest=prev_digest,
-                previous_version=prev_version, deadline=deadline, generation=generation + 1,
+                previous_version=prev_version, deadline=deadline, generation=publication.generation,
             )  # fmt: skip
         rs.update_wave(tx, r.id, idx, state=rs.W_IN_PROGRESS, started_at=now)
         rs.add_event(
@@ -212,7 +242,7 @@ class RolloutController:
                 )
                 continue
             models = with_model(models, r.artifact_name, p.previous_digest, p.previous_version, rollback=True)
-            publications.append(write_desired(tx, p.device_id, models, r.id, now))
+            publications.append(self._write(tx, p.device_id, models, r.id, now))
             back_to = p.previous_digest or "nothing (model removed)"
             rs.update_device(tx, r.id, p.device_id, now, state=rs.D_ROLLED_BACK, reason=f"back to {back_to}")
             rs.add_event(tx, r.id, "device_rolled_back", now, p.wave, p.device_id, f"back to {back_to}")

@@ -11,6 +11,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,9 +137,11 @@ class Fleet:
         mqtt_url: str = "",
         auto_register: bool = True,
         identities: DeviceIdentities | None = None,
+        fleet_keys: Callable[[], list[bytes]] | None = None,
     ) -> None:
         self.store = store
         self.trusted_keys = list(trusted_keys or [])
+        self.fleet_keys = fleet_keys or (lambda: [])  # none: an insecure plane sends unsigned states
         self.mqtt_url = mqtt_url
         self.auto_register = auto_register
         self.identities = identities
@@ -227,7 +230,7 @@ class Fleet:
             raise
         return Credentials(
             device_id, device_id, password, self.trusted_keys, self.mqtt_url,
-            cert.cert_pem if cert else b"", cert.ca_pem if cert else b"",
+            cert.cert_pem if cert else b"", cert.ca_pem if cert else b"", self.fleet_keys(),
         )  # fmt: skip
 
     def certificate_current(self, device_id: str, cert_sha256: str) -> bool:

@@ -42,7 +42,8 @@ def verify_secret(secret: str, stored: str) -> bool:
 
 @dataclass
 class Credentials:
-    """What Enroll hands a device once: its MQTT identity, client certificate and the keys it must trust."""
+    """What Enroll hands a device once: its MQTT identity, client certificate and the keys it must
+    trust (artifact keys, and the fleet keys that sign its desired state)."""
 
     device_id: str
     mqtt_username: str
@@ -51,6 +52,7 @@ class Credentials:
     mqtt_url: str = ""
     client_cert_pem: bytes = b""
     ca_cert_pem: bytes = b""
+    fleet_keys: list[bytes] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

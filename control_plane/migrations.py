@@ -143,6 +143,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 reason TEXT NOT NULL)""",
         ],
     ),
+    (
+        4,
+        "signed desired states: per-device order counters that outlive the device, the store's epoch",
+        [
+            "CREATE TABLE order_counters (device_id TEXT PRIMARY KEY, counter BIGINT NOT NULL)",
+            "INSERT INTO order_counters (device_id, counter) SELECT id, generation FROM devices",
+            "CREATE TABLE fleet_epoch (id INTEGER PRIMARY KEY, epoch BIGINT NOT NULL)",
+            "ALTER TABLE devices ADD COLUMN order_expires_at {float}",
+            "ALTER TABLE devices ADD COLUMN order_key_id TEXT NOT NULL DEFAULT ''",
+        ],
+    ),
 ]
 
 # Replicas that start together take this lock (PostgreSQL) before migrating.

@@ -2,7 +2,8 @@
 
 The directory is the one `edgectl broker config -o DIR` writes: the fleet CA (``ca.crt``,
 ``ca.key``) and the control plane's broker credentials. The control plane adds its token key
-(``token.key``, made on first use) and issues its own gRPC server certificate from the CA at
+(``token.key``) and the fleet key that signs desired states (``fleet-key.pem``), both made on
+first use, and issues its own gRPC server certificate from the CA at
 start. Enrollment signs device CSRs with the CA and provisions the device's MQTT identity in
 mosquitto's dynamic-security plugin over a dedicated admin connection.
 """
@@ -28,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgectl.addresses import parse_mqtt_url
 from edgectl.control_plane.errors import ControlPlaneError, InvalidArgument, Unavailable
+from edgectl.control_plane.fleet_key import FleetKeyring
 from edgectl.control_plane.identity import IssuedCertificate
 from edgectl.security.dynsec import RESPONSE_TOPIC, DynsecAdmin
 from edgectl.security.errors import BrokerAdminError, SecurityError
@@ -163,7 +165,7 @@ class FleetIdentities:
 
 
 class FleetSecurity:
-    """The CA, token key and server certificate of a secured control plane."""
+    """The CA, token key, fleet key and server certificate of a secured control plane."""
 
     def __init__(
         self,
@@ -176,6 +178,7 @@ class FleetSecurity:
         directory.mkdir(parents=True, exist_ok=True)
         self.ca = FleetCA.load_or_create(directory)
         self.issuer = TokenIssuer.load_or_create(directory / TOKEN_KEY_FILE)
+        self.fleet_key = FleetKeyring.load_or_create(directory)
         if tls_cert is not None and tls_key is not None:
             self.server = IssuedCert(tls_cert.read_bytes(), tls_key.read_bytes(), self.ca.cert_pem)
         else:

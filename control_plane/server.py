@@ -26,6 +26,7 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
+from edgectl.control_plane.desired import DEFAULT_ORDER_TTL_S, OrderSigner
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.ingest import ChunkServer, FleetIngest
@@ -91,6 +92,7 @@ class ControlPlaneConfig:
     streams_per_caller: int = 8  # open Watch/Download streams one person may hold
     enroll_failure_burst: int = 10  # failed Enrolls one peer may make at once ...
     enroll_failure_refill_s: float = 6.0  # ... and one more every this many seconds
+    order_ttl_s: float = DEFAULT_ORDER_TTL_S  # a signed desired state expires this long after issue
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -156,7 +158,9 @@ class ControlPlane:
             )
         identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
         device_url = config.device_mqtt_url or parse_mqtt_url(mqtt_url).public()
-        self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities)
+        fleet_key = self.security.fleet_key if self.security else None
+        self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities,
+                           fleet_key.public_pems if fleet_key else None)  # fmt: skip
         self.revocations = TokenRevocations(self.store)
         self.metrics = Metrics(self.store, self.fleet)
         self.bus = FleetBus(
@@ -167,8 +171,9 @@ class ControlPlane:
             ca_file=broker.ca_file if broker else None,
         )
         self.controller = RolloutController(
-            self.store, self.bus, on_wave_done=lambda seconds: self.metrics.wave_seconds.observe(seconds)
-        )
+            self.store, self.bus, on_wave_done=lambda seconds: self.metrics.wave_seconds.observe(seconds),
+            signer=OrderSigner(fleet_key, config.order_ttl_s) if fleet_key else None,
+        )  # fmt: skip
         self.loop = ControllerLoop(self.controller, config.tick_seconds)
         self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake)
         self.audit = AuditLog(self.store)

@@ -184,7 +184,7 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         return fleet_pb2.DeviceCredentials(
             device_id=creds.device_id, mqtt_username=creds.mqtt_username, mqtt_password=creds.mqtt_password,
             trusted_keys=creds.trusted_keys, mqtt_url=creds.mqtt_url, client_cert_pem=creds.client_cert_pem,
-            ca_cert_pem=creds.ca_cert_pem,
+            ca_cert_pem=creds.ca_cert_pem, fleet_keys=creds.fleet_keys,
         )  # fmt: skip
 
     @rpc("FleetService/ListDevices")

@@ -1,4 +1,5 @@
-"""`edgectl control-plane serve`, `token` and `revoke-token`: run a replica, mint and revoke bearer tokens."""
+"""`edgectl control-plane serve`, `token`, `revoke-token` and `rotate-fleet-key`: run a replica, mint and
+revoke bearer tokens, hand the fleet's trust to a new desired-state signing key."""
 
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def control_plane_serve(
     auto_register: bool = typer.Option(
         True, help="add devices that report without enrolling to the inventory"
     ),
+    order_ttl: str = typer.Option(
+        "168h", help="a signed desired state expires this long after issue (re-signed at half of it)"
+    ),
     log_format: str = typer.Option("text", help="text or json (one object per line)"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
@@ -71,11 +75,15 @@ def control_plane_serve(
         raise UsageError(f"--log-format {log_format!r} must be text or json")
     if insecure and security_dir is not None:
         raise UsageError("--insecure and --security-dir contradict each other", hint="pass one of them")
+    order_ttl_s = parse_duration(order_ttl)
+    if order_ttl_s < 2:
+        raise UsageError(f"--order-ttl {order_ttl} is too short", hint="e.g. 168h (a week), 24h")
     configure(log_format, log_level)
     config = ControlPlaneConfig(
         listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
         tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, blobs=blobs, trust=tuple(trust),
         metrics_listen=metrics_listen, device_mqtt_url=device_mqtt, auto_register=auto_register,
+        order_ttl_s=order_ttl_s,
     )  # fmt: skip
     plane = ControlPlane(config)
     plane.start()
@@ -139,6 +147,34 @@ def control_plane_token(
         f"(revoke it with `edgectl control-plane revoke-token --id {token_id}`):"
     )
     print(token)
+
+
+@app.command("rotate-fleet-key")
+def control_plane_rotate_fleet_key(
+    security_dir: Path = typer.Option(
+        ..., envvar="EDGECTL_SECURITY_DIR", help="the control plane's --security-dir (holds fleet-key.pem)"
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Replace the key that signs desired states; agents follow a statement signed by the old key.
+
+    Running replicas pick the new key up on their next signature and re-sign every device's
+    desired state with it. Example: edgectl control-plane rotate-fleet-key --security-dir /etc/edgectl/fleet
+    """
+    from edgectl.control_plane.fleet_key import FLEET_KEY_FILE, FleetKeyring
+
+    if not (security_dir / FLEET_KEY_FILE).exists():
+        raise UsageError(
+            f"{security_dir / FLEET_KEY_FILE} does not exist",
+            hint="start the control plane once with --security-dir, which makes it",
+        )
+    ring = FleetKeyring.load_or_create(security_dir)
+    rotation = ring.rotate()
+    if json_out:
+        print_json({"previous_key_id": rotation.previous_key_id, "key_id": rotation.new_key_id})
+        return
+    console.print(f"fleet key {rotation.previous_key_id} -> {rotation.new_key_id}: desired states are re-signed "
+                  "by the running control plane; agents move their trust when they receive one")  # fmt: skip
 
 
 @app.command("revoke-token")

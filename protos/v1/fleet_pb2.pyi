@@ -230,6 +230,7 @@ class DeviceCredentials(_message.Message):
     CA_CERT_PEM_FIELD_NUMBER: _builtins.int
     TRUSTED_KEYS_FIELD_NUMBER: _builtins.int
     MQTT_URL_FIELD_NUMBER: _builtins.int
+    FLEET_KEYS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     mqtt_username: _builtins.str
     mqtt_password: _builtins.str
@@ -239,6 +240,12 @@ class DeviceCredentials(_message.Message):
     @_builtins.property
     def trusted_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Ed25519 public keys (PEM) the device must trust for artifacts."""
+
+    @_builtins.property
+    def fleet_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Ed25519 public keys (PEM) that sign this fleet's desired states: distinct from the artifact
+        keys; the agent refuses desired states they did not sign.
+        """
 
     def __init__(
         self,
@@ -250,10 +257,11 @@ class DeviceCredentials(_message.Message):
         ca_cert_pem: _builtins.bytes = ...,
         trusted_keys: _abc.Iterable[_builtins.bytes] | None = ...,
         mqtt_url: _builtins.str = ...,
+        fleet_keys: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_cert_pem", b"ca_cert_pem", "client_cert_pem", b"client_cert_pem", "device_id", b"device_id", "mqtt_password", b"mqtt_password", "mqtt_url", b"mqtt_url", "mqtt_username", b"mqtt_username", "trusted_keys", b"trusted_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_cert_pem", b"ca_cert_pem", "client_cert_pem", b"client_cert_pem", "device_id", b"device_id", "fleet_keys", b"fleet_keys", "mqtt_password", b"mqtt_password", "mqtt_url", b"mqtt_url", "mqtt_username", b"mqtt_username", "trusted_keys", b"trusted_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -67,6 +67,8 @@ class DesiredState(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     ISSUED_AT_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    SIGNED_FIELD_NUMBER: _builtins.int
+    KEY_ROTATIONS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """Increases with every change, so an agent ignores a stale retained message."""
@@ -75,6 +77,20 @@ class DesiredState(_message.Message):
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesiredModel]: ...
     @_builtins.property
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def signed(self) -> Global___SignedPayload:
+        """The order itself, signed with the control plane's fleet key: canonical JSON naming the device,
+        a per-device counter (equal to generation) in a control-plane epoch, an expiry, and each model's
+        digest, version and rollback flag. An agent that trusts a fleet key acts on this payload alone
+        (fields 1-5 are a readable copy) and refuses a state that is unsigned, expired or replayed.
+        """
+
+    @_builtins.property
+    def key_rotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignedPayload]:
+        """Statements that move the agents' trust from one fleet key to the next, oldest first, each
+        signed by the key it retires (`edgectl control-plane rotate-fleet-key`).
+        """
+
     def __init__(
         self,
         *,
@@ -83,14 +99,44 @@ class DesiredState(_message.Message):
         models: _abc.Iterable[Global___DesiredModel] | None = ...,
         issued_at: _timestamp_pb2.Timestamp | None = ...,
         rollout_id: _builtins.str = ...,
+        signed: Global___SignedPayload | None = ...,
+        key_rotations: _abc.Iterable[Global___SignedPayload] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "signed", b"signed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at", b"issued_at", "models", b"models", "rollout_id", b"rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at", b"issued_at", "key_rotations", b"key_rotations", "models", b"models", "rollout_id", b"rollout_id", "signed", b"signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
+
+@_typing.final
+class SignedPayload(_message.Message):
+    """Canonical JSON bytes and one Ed25519 signature over exactly those bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    key_id: _builtins.str
+    """The signing key's id: the first 16 hex characters of sha256 over its raw public key."""
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "payload", b"payload", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedPayload: _TypeAlias = SignedPayload  # noqa: Y015
 
 @_typing.final
 class DesiredModel(_message.Message):
