@@ -27,6 +27,7 @@ from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
+from edgectl.control_plane.health_port import serve_health
 from edgectl.control_plane.ingest import ChunkServer, FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
 from edgectl.control_plane.metrics import Metrics
@@ -79,6 +80,7 @@ class ControlPlaneConfig:
     blobs: str = "./blobs"
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
+    health_listen: str | None = None  # plaintext gRPC health only (kubelet probes), HOST:PORT; None: off
     device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
     auto_register: bool = True  # devices that report without enrolling join the inventory
     tick_seconds: float = 0.25
@@ -174,7 +176,9 @@ class ControlPlane:
         )
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
         self.port = 0
+        self.health_port = 0
         self.device_port = 0
         self._stopped = threading.Event()
 
@@ -278,6 +282,9 @@ class ControlPlane:
         if self.config.metrics_listen:
             metrics = listen_address(self.config.metrics_listen, "--metrics-listen")
             self.metrics.serve(metrics.host, metrics.port)
+        if self.config.health_listen:
+            probes = listen_address(self.config.health_listen, "--health-listen")
+            self._health_server, self.health_port = serve_health(self.health, probes.host, probes.port)
         self.bus.start()
         self.chunks.start()
         self.election.start()
@@ -306,6 +313,8 @@ class ControlPlane:
         self.health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
+        if self._health_server is not None:
+            self._health_server.stop(0)
         self.election.stop()
         self.chunks.stop()
         self.bus.stop()

@@ -25,6 +25,7 @@ class StateStore:
         self.url = url
         self.db = Database(url)
         applied = migrate(self.db)
+        self.applied_now = applied  # the versions this open applied (for `control-plane migrate`)
         if applied:
             log.info("state store migrated", extra={"versions": applied, "dialect": self.db.dialect})
 
