@@ -25,6 +25,7 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
+from edgectl.control_plane.db import DEFAULT_POOL_SIZE
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.health_port import serve_health
@@ -77,6 +78,7 @@ class ControlPlaneConfig:
     tls_cert: Path | None = None  # a server certificate of your own (else one issued by the fleet CA)
     tls_key: Path | None = None
     state_url: str = "sqlite:///edgectl.db"
+    db_pool_size: int = DEFAULT_POOL_SIZE  # PostgreSQL connections of this replica (SQLite: one writer)
     blobs: str = "./blobs"
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
@@ -139,7 +141,7 @@ class ControlPlane:
         self.trust = trust if trust is not None else load_trust(config.trust)
         if len(self.trust) == 0:
             log.warning("no trusted signing keys: every artifact upload will be refused (pass --trust)")
-        self.store = StateStore(config.state_url)
+        self.store = StateStore(config.state_url, config.db_pool_size)
         self.blobs = open_blob_store(config.blobs)
         self.artifacts = ArtifactStore(self.store, self.blobs, self.trust)
         keys = [public_pem(self.trust.get(k)) for k in self.trust.key_ids()]  # type: ignore[arg-type]

@@ -54,6 +54,9 @@ def control_plane_serve(
         envvar="EDGECTL_STATE",
         help="sqlite:///FILE or postgresql://USER@HOST/DB (from the environment, a password stays out of argv)",
     ),
+    db_pool_size: int = typer.Option(
+        16, min=1, help="PostgreSQL connections this replica may hold (SQLite keeps one writer)"
+    ),
     blobs: str = typer.Option("./blobs", help="blob store: a directory or s3://bucket/prefix"),
     trust: list[Path] = typer.Option(
         [], help="trusted signing key (PEM file or dir); repeatable; default: yours"
@@ -85,8 +88,9 @@ def control_plane_serve(
     configure(log_format, log_level)
     config = ControlPlaneConfig(
         listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
-        tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, blobs=blobs, trust=tuple(trust),
-        metrics_listen=metrics_listen, health_listen=health_listen, device_mqtt_url=device_mqtt, auto_register=auto_register,
+        tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, db_pool_size=db_pool_size,
+        blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
+        device_mqtt_url=device_mqtt, auto_register=auto_register,
     )  # fmt: skip
     plane = ControlPlane(config)
     plane.start()
