@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: setup broker faketime test lint format proto bench demo clean
+.PHONY: setup broker faketime test lint format proto bench demo clean check-deploy
 
 setup: $(VENV)/.installed broker faketime  ## create .venv, install everything (mosquitto too)
 
@@ -59,6 +59,11 @@ bench: $(VENV)/.installed  ## benchmarks: print ratios measured side by side
 
 demo: setup  ## train, compress, deploy, infer, roll back: all local
 	$(VENV)/bin/edgectl demo
+
+# checkov pins older boto3/botocore/packaging than the dev extra, so it lives in a venv of its own.
+check-deploy: $(VENV)/.installed  ## deployment files: k8s schema, checkov, manifest start, systemd-analyze
+	test -x .venv-checkov/bin/checkov || { python3 -m venv .venv-checkov && .venv-checkov/bin/python -m pip install -q 'checkov==3.3.30'; }
+	EDGECTL_REQUIRE_CHECKOV=1 $(PY) -m pytest -q tests/test_deploy_files.py tests/control_plane/test_cp_deploy_manifest.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

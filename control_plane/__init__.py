@@ -7,7 +7,8 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``servicers``: thin gRPC servicers: validate, convert, call the domain object.
 - ``rpc``: what every servicer call goes through: domain errors to status codes (the one place),
   failure counts, the audit entry of each mutation, the caller's identity, paging.
-- ``store``, ``db``, ``migrations``: SQLite (WAL) or PostgreSQL behind one SQL layer, migrated on start.
+- ``store``, ``db``, ``migrations``: SQLite (WAL, one writer) or pooled PostgreSQL behind one SQL layer,
+  migrated on start (or by ``edgectl control-plane migrate``).
 - ``artifacts``: verified uploads into the blob store, lookups, downloads, deletes.
 - ``fleet``: enrollment, labels, decommissioning, live device state from MQTT.
 - ``identity``: what a device proves itself with: scrypt-hashed passwords, hashed enrollment tokens,
@@ -25,6 +26,7 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``convert``: domain records to protobuf messages and back.
 - ``audit``: the audit log of mutating calls.
 - ``metrics``: Prometheus metrics on a registry of the replica's own.
+- ``health_port``: the health service alone on a plaintext port, for kubelet's gRPC probes.
 - ``logs``: plain-text or JSON-lines logging.
 - ``errors``: the package's named failures, one status code each.
 """

@@ -1,8 +1,10 @@
-"""One SQL connection to SQLite (embedded, WAL) or PostgreSQL (psycopg 3), behind the same API.
+"""SQLite (embedded, WAL, one writer) or PostgreSQL (psycopg 3, a connection pool), behind one API.
 
 SQL is written once with ``?`` placeholders; the PostgreSQL dialect rewrites them to ``%s``.
-Statements therefore never contain a literal ``?`` or ``%``. A transaction holds the
-connection's lock, so the gRPC threads, the MQTT ingest and the controller never interleave.
+Statements therefore never contain a literal ``?`` or ``%``. On SQLite a transaction holds the
+one connection's lock, so transactions run one at a time (SQLite has a single writer anyway).
+On PostgreSQL each transaction borrows a pooled connection, so API calls, the MQTT ingest and
+the controller run concurrently, isolated as they already are across replicas.
 """
 
 from __future__ import annotations
@@ -84,66 +86,99 @@ class Tx:
         return row[0] if row is not None else None
 
 
-class Database:
-    """A serialized connection with transactions; reconnects to PostgreSQL after a lost connection."""
+DEFAULT_POOL_SIZE = 16  # PostgreSQL connections per replica; 3 replicas fit max_connections=100
 
-    def __init__(self, url: str) -> None:
+
+class Database:
+    """Transactions over SQLite's one serialized connection or a PostgreSQL connection pool."""
+
+    def __init__(self, url: str, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.url = StateUrl.parse(url)
         self.dialect: Dialect = self.url.dialect
+        if pool_size < 1:
+            raise StateStoreError(f"the PostgreSQL pool needs at least one connection, not {pool_size}")
+        self.pool_size = pool_size
         self._lock = threading.RLock()
-        self._conn: Any = None
-        self._connect()
-
-    def _connect(self) -> None:
+        self._conn: Any = None  # SQLite
+        self._pool: Any = None  # PostgreSQL
         if self.dialect == "sqlite":
-            path = Path(self.url.target)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-                conn.execute("PRAGMA journal_mode=WAL")
-                # NORMAL is durable across process crashes in WAL mode (fsync at checkpoints).
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA foreign_keys=ON")
-            except sqlite3.Error as exc:
-                raise StateStoreError(f"cannot open SQLite state {path}: {exc}") from exc
-            self._conn = conn
-            return
+            self._open_sqlite()
+        else:
+            self._open_pool()
+
+    def _open_sqlite(self) -> None:
+        path = Path(self.url.target)
         try:
-            import psycopg  # imported here: only PostgreSQL deployments need it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across process crashes in WAL mode (fsync at checkpoints).
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise StateStoreError(f"cannot open SQLite state {path}: {exc}") from exc
+        self._conn = conn
+
+    def _open_pool(self) -> None:
+        try:  # imported here: only PostgreSQL deployments need them
+            import psycopg
+            from psycopg_pool import ConnectionPool, PoolTimeout
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise StateStoreError(
-                "PostgreSQL state needs psycopg", hint="pip install 'edgectl[postgres]'"
+                "PostgreSQL state needs psycopg and psycopg-pool", hint="pip install 'edgectl[postgres]'"
             ) from exc
-        try:
-            self._conn = psycopg.connect(self.url.target, autocommit=True, connect_timeout=10)
+        try:  # one direct connection first: a wrong URL or a down server fails now, with libpq's reason
+            psycopg.connect(self.url.target, connect_timeout=10).close()
         except psycopg.Error as exc:
-            raise StateStoreError(f"cannot connect to PostgreSQL state: {exc}".strip()) from exc
+            raise StateStoreError(
+                f"cannot connect to PostgreSQL state: {exc}".strip(),
+                hint="check the state URL, that PostgreSQL runs and accepts this user",
+            ) from exc
+        pool = ConnectionPool(
+            self.url.target,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={"autocommit": True, "connect_timeout": 10},
+            # A connection is checked as it is lent, so one lost with a database restart is replaced
+            # instead of failing the call that borrowed it.
+            check=ConnectionPool.check_connection,
+            timeout=10,  # waiting for a free connection fails like an unreachable database did
+            name="edgectl-state",
+            open=False,
+        )
+        try:
+            pool.open(wait=True, timeout=15)
+        except (PoolTimeout, psycopg.Error) as exc:
+            pool.close()
+            raise StateStoreError(
+                f"cannot connect to PostgreSQL state: {exc}".strip(),
+                hint="check the state URL, that PostgreSQL runs and accepts this user",
+            ) from exc
+        self._pool = pool
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Tx]:
         """A transaction: committed when the block ends, rolled back when it raises."""
-        with self._lock:
-            if self.dialect == "sqlite":
-                cur = self._conn.cursor()
-                # IMMEDIATE takes the write lock up front, so two processes never deadlock on upgrade.
-                cur.execute("BEGIN IMMEDIATE")
-                try:
-                    yield Tx(cur, self.dialect)
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-                cur.execute("COMMIT")
-                return
-            self._ensure_pg()
-            with self._conn.transaction(), self._conn.cursor() as cur:
+        if self.dialect == "postgresql":
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield Tx(cur, self.dialect)
-
-    def _ensure_pg(self) -> None:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._connect()
+            return
+        with self._lock:
+            cur = self._conn.cursor()
+            # IMMEDIATE takes the write lock up front, so two processes never deadlock on upgrade.
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(cur, self.dialect)
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None

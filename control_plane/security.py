@@ -56,7 +56,7 @@ class BrokerCredentials:
         try:
             data = json.loads(path.read_text())
             url = str(data["url"]).replace("://0.0.0.0:", "://127.0.0.1:")  # a listen address, not a host
-            return cls(url, str(data["username"]), str(data["password"]), data.get("ca"))
+            return cls(url, str(data["username"]), str(data["password"]), _ca_beside(path, data.get("ca")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ControlPlaneError(
                 f"cannot read the broker credentials {path}: {exc}", hint="rerun `edgectl broker config`"
@@ -64,6 +64,21 @@ class BrokerCredentials:
 
     def __repr__(self) -> str:  # never let the password reach a log line
         return f"BrokerCredentials(url={self.url!r}, username={self.username!r}, password='***')"
+
+
+def _ca_beside(credentials: Path, ca: str | None) -> str | None:
+    """The broker CA: as written, else relative to the credentials file, else the ca.crt beside it.
+
+    `edgectl broker config` writes an absolute path; when the directory is copied or mounted
+    elsewhere (a Kubernetes Secret), the CA that travelled with it is the one beside the file.
+    """
+    if not ca:
+        return None
+    written = Path(ca)
+    if not written.is_absolute():
+        return str(credentials.parent / written)
+    beside = credentials.parent / "ca.crt"
+    return str(beside) if not written.exists() and beside.exists() else ca
 
 
 def default_tls_names(listen_hosts: list[str]) -> list[str]:

@@ -26,9 +26,11 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
+from edgectl.control_plane.db import DEFAULT_POOL_SIZE
 from edgectl.control_plane.desired import DEFAULT_ORDER_TTL_S, OrderSigner
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
+from edgectl.control_plane.health_port import serve_health
 from edgectl.control_plane.ingest import ChunkServer, FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
 from edgectl.control_plane.limits import FailureBudget, StreamLimiter
@@ -80,9 +82,11 @@ class ControlPlaneConfig:
     tls_cert: Path | None = None  # a server certificate of your own (else one issued by the fleet CA)
     tls_key: Path | None = None
     state_url: str = "sqlite:///edgectl.db"
+    db_pool_size: int = DEFAULT_POOL_SIZE  # PostgreSQL connections of this replica (SQLite: one writer)
     blobs: str = "./blobs"
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
+    health_listen: str | None = None  # plaintext gRPC health only (kubelet probes), HOST:PORT; None: off
     device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
     auto_register: bool = True  # devices that report without enrolling join the inventory
     tick_seconds: float = 0.25
@@ -146,7 +150,7 @@ class ControlPlane:
         self.trust = trust if trust is not None else load_trust(config.trust)
         if len(self.trust) == 0:
             log.warning("no trusted signing keys: every artifact upload will be refused (pass --trust)")
-        self.store = StateStore(config.state_url)
+        self.store = StateStore(config.state_url, config.db_pool_size)
         self.blobs = open_blob_store(config.blobs)
         self.artifacts = ArtifactStore(self.store, self.blobs, self.trust)
         keys = [public_pem(self.trust.get(k)) for k in self.trust.key_ids()]  # type: ignore[arg-type]
@@ -187,8 +191,10 @@ class ControlPlane:
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self._device_server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
         self.enroll_failures = FailureBudget(config.enroll_failure_burst, config.enroll_failure_refill_s)
         self.port = 0
+        self.health_port = 0
         self.device_port = 0
         self._stopped = threading.Event()
 
@@ -310,6 +316,9 @@ class ControlPlane:
         if self.config.metrics_listen:
             metrics = listen_address(self.config.metrics_listen, "--metrics-listen")
             self.metrics.serve(metrics.host, metrics.port)
+        if self.config.health_listen:
+            probes = listen_address(self.config.health_listen, "--health-listen")
+            self._health_server, self.health_port = serve_health(self.health, probes.host, probes.port)
         self.bus.start()
         self.chunks.start()
         self.election.start()
@@ -339,6 +348,8 @@ class ControlPlane:
         for server in (self._server, self._device_server):
             if server is not None:
                 server.stop(grace).wait(grace + 1)
+        if self._health_server is not None:
+            self._health_server.stop(0)
         self.election.stop()
         self.chunks.stop()
         self.bus.stop()

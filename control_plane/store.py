@@ -12,19 +12,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from edgectl.control_plane.db import Database, Dialect, Tx
+from edgectl.control_plane.db import DEFAULT_POOL_SIZE, Database, Dialect, Tx
 from edgectl.control_plane.migrations import migrate, schema_version
 
 log = logging.getLogger(__name__)
 
 
 class StateStore:
-    """The control plane's durable state: SQLite by default, PostgreSQL for replicas."""
+    """The control plane's durable state: SQLite by default, PostgreSQL (pooled) for replicas."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.url = url
-        self.db = Database(url)
+        self.db = Database(url, pool_size)
         applied = migrate(self.db)
+        self.applied_now = applied  # the versions this open applied (for `control-plane migrate`)
         if applied:
             log.info("state store migrated", extra={"versions": applied, "dialect": self.db.dialect})
 

@@ -2,19 +2,23 @@
 
 Tests that need mosquitto fail loudly in CI (CI=true) when it is missing and skip with the
 install command otherwise. One signing key per session and the trust store holding it serve
-every suite that builds artifacts; the parts' own fixtures live in their folders' conftest.py.
+every suite that builds artifacts; one S3-compatible server (moto's, over real HTTP) serves every
+suite that stores blobs in S3. The parts' own fixtures live in their folders' conftest.py.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from edgectl.artifact import SigningKey, TrustStore
 from edgectl.broker import INSTALL_HINT, BrokerConfig, MosquittoProcess, find_mosquitto
+
+REAL_S3_ENV = "EDGECTL_TEST_S3_ENDPOINT"
 
 
 def require_mosquitto() -> Path:
@@ -50,3 +54,49 @@ def signing_key() -> SigningKey:
 def trust(signing_key: SigningKey) -> TrustStore:
     """A trust store holding exactly the session's signing key."""
     return TrustStore([signing_key.public_key])
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """An S3-compatible HTTP endpoint and the credentials that open it."""
+
+    url: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def client(self) -> object:
+        """A boto3 S3 client for this endpoint."""
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.url, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name=self.region,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Endpoint]:
+    """moto's S3 server over real HTTP on a free loopback port, for the whole session."""
+    pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the dev extra)")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Endpoint(f"http://{host}:{port}", "testing", "testing")
+    finally:
+        server.stop()
+
+
+def real_s3() -> S3Endpoint | None:
+    """The real S3 endpoint named by EDGECTL_TEST_S3_ENDPOINT (+ _ACCESS_KEY, _SECRET_KEY, _REGION)."""
+    url = os.environ.get(REAL_S3_ENV)
+    if not url:
+        return None
+    return S3Endpoint(
+        url,
+        os.environ.get("EDGECTL_TEST_S3_ACCESS_KEY", os.environ.get("AWS_ACCESS_KEY_ID", "")),
+        os.environ.get("EDGECTL_TEST_S3_SECRET_KEY", os.environ.get("AWS_SECRET_ACCESS_KEY", "")),
+        os.environ.get("EDGECTL_TEST_S3_REGION", "us-east-1"),
+    )

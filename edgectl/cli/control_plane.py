@@ -1,5 +1,8 @@
-"""`edgectl control-plane serve`, `token`, `revoke-token` and `rotate-fleet-key`: run a replica, mint and
-revoke bearer tokens, hand the fleet's trust to a new desired-state signing key."""
+"""`edgectl control-plane serve`, `migrate`, `init`, `token`, `revoke-token` and `rotate-fleet-key`.
+
+Run a replica, migrate its state store (a Kubernetes Job), make the secrets replicas share, mint and
+revoke bearer tokens, and hand the fleet's trust to a new desired-state signing key.
+"""
 
 from __future__ import annotations
 
@@ -46,13 +49,23 @@ def control_plane_serve(
         envvar="EDGECTL_MQTT",
         help="broker URL [default: the security dir's broker credentials, else mqtt://127.0.0.1:1883]",
     ),
-    state: str = typer.Option("sqlite:///edgectl.db", help="sqlite:///FILE or postgresql://USER@HOST/DB"),
+    state: str = typer.Option(
+        "sqlite:///edgectl.db",
+        envvar="EDGECTL_STATE",
+        help="sqlite:///FILE or postgresql://USER@HOST/DB (from the environment, a password stays out of argv)",
+    ),
+    db_pool_size: int = typer.Option(
+        16, min=1, help="PostgreSQL connections this replica may hold (SQLite keeps one writer)"
+    ),
     blobs: str = typer.Option("./blobs", help="blob store: a directory or s3://bucket/prefix"),
     trust: list[Path] = typer.Option(
         [], help="trusted signing key (PEM file or dir); repeatable; default: yours"
     ),
     metrics_listen: str | None = typer.Option(
         None, help="Prometheus /metrics on HOST:PORT (port 0: a free one)"
+    ),
+    health_listen: str | None = typer.Option(
+        None, help="plaintext gRPC health service alone on HOST:PORT, for kubelet's gRPC probes"
     ),
     device_mqtt: str = typer.Option("", help="broker URL handed to devices at enrollment (default: --mqtt)"),
     auto_register: bool = typer.Option(
@@ -81,9 +94,9 @@ def control_plane_serve(
     configure(log_format, log_level)
     config = ControlPlaneConfig(
         listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
-        tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, blobs=blobs, trust=tuple(trust),
-        metrics_listen=metrics_listen, device_mqtt_url=device_mqtt, auto_register=auto_register,
-        order_ttl_s=order_ttl_s,
+        tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, db_pool_size=db_pool_size,
+        blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
+        device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
     )  # fmt: skip
     plane = ControlPlane(config)
     plane.start()
@@ -105,6 +118,53 @@ def control_plane_serve(
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     plane.stop()
+
+
+@app.command("migrate")
+def control_plane_migrate(
+    state: str = typer.Option(
+        ..., envvar="EDGECTL_STATE", help="sqlite:///FILE or postgresql://USER@HOST/DB (or EDGECTL_STATE)"
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Apply the state store's schema migrations, then exit (a Kubernetes Job before replicas start).
+
+    Replicas also migrate on start, serialized by a lock; this runs it once, ahead, and fails loudly.
+    Example: EDGECTL_STATE=postgresql://cp@db/edgectl edgectl control-plane migrate
+    """
+    from edgectl.control_plane.store import StateStore
+
+    store = StateStore(state)
+    try:
+        applied, version = store.applied_now, store.schema_version()
+    finally:
+        store.close()
+    if json_out:
+        print_json({"dialect": store.dialect, "applied": applied, "schema_version": version})
+        return
+    done = f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply"
+    console.print(f"{store.dialect} state store at schema version {version} ({done})")
+
+
+@app.command("init")
+def control_plane_init(
+    security_dir: Path = typer.Option(
+        ..., "--security-dir", envvar="EDGECTL_SECURITY_DIR", help="directory to make (kept files are reused)"
+    ),
+) -> None:
+    """Make the fleet CA and token key once, so every replica loads the same ones (e.g. from a Secret).
+
+    Run `edgectl broker config -o DIR` on the same DIR for the broker's files and credentials.
+    Example: edgectl control-plane init --security-dir fleet && kubectl create secret generic edgectl-security --from-file=fleet/
+    """
+    from edgectl.control_plane.security import TOKEN_KEY_FILE
+    from edgectl.security.pki import FleetCA
+    from edgectl.security.tokens import TokenIssuer
+
+    security_dir.mkdir(parents=True, exist_ok=True)
+    FleetCA.load_or_create(security_dir)
+    TokenIssuer.load_or_create(security_dir / TOKEN_KEY_FILE)
+    console.print(f"fleet CA and token key in {security_dir} (ca.crt, ca.key, {TOKEN_KEY_FILE})")
 
 
 @app.command("token")

@@ -22,6 +22,7 @@ from edgectl.artifact import (
     open_blob_store,
 )
 from edgectl.artifact.s3store import S3BlobStore
+from tests.conftest import S3Endpoint, real_s3
 
 boto3 = pytest.importorskip("boto3")
 
@@ -30,44 +31,15 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-def _s3_client(endpoint: str, key: str, secret: str, region: str) -> object:
-    return boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret, region_name=region
-    )
-
-
-def _moto_store(endpoint: str) -> S3BlobStore:
-    client = _s3_client(endpoint, "testing", "testing", "us-east-1")
+def _moto_store(endpoint: S3Endpoint) -> S3BlobStore:
+    client = endpoint.client()
     bucket = f"edgectl-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
     return S3BlobStore(bucket, "blobs", client=client)
 
 
-def _real_store() -> S3BlobStore:
-    endpoint = os.environ.get("EDGECTL_TEST_S3_ENDPOINT")
-    if not endpoint:
-        pytest.skip(
-            "set EDGECTL_TEST_S3_ENDPOINT (+ _ACCESS_KEY, _SECRET_KEY, _BUCKET) to test a real S3 endpoint"
-        )
-    client = _s3_client(
-        endpoint,
-        os.environ.get("EDGECTL_TEST_S3_ACCESS_KEY", os.environ.get("AWS_ACCESS_KEY_ID", "")),
-        os.environ.get("EDGECTL_TEST_S3_SECRET_KEY", os.environ.get("AWS_SECRET_ACCESS_KEY", "")),
-        os.environ.get("EDGECTL_TEST_S3_REGION", "us-east-1"),
-    )
+def _real_store(endpoint: S3Endpoint) -> S3BlobStore:
+    client = endpoint.client()
     bucket = os.environ.get("EDGECTL_TEST_S3_BUCKET", "edgectl-test")
     try:
         client.head_bucket(Bucket=bucket)  # type: ignore[attr-defined]
@@ -77,14 +49,21 @@ def _real_store() -> S3BlobStore:
     return S3BlobStore(bucket, f"edgectl-test/{uuid.uuid4().hex}", client=client)
 
 
-@pytest.fixture(params=["local", "s3-moto", "s3-real"])
+# moto's server always runs; a real endpoint joins when EDGECTL_TEST_S3_ENDPOINT names one (no skips).
+STORES = ["local", "s3-moto", *(["s3-real"] if real_s3() is not None else [])]
+
+
+@pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     if request.param == "local":
         yield LocalBlobStore(tmp_path / "blobs")
         return
-    s3 = (
-        _moto_store(request.getfixturevalue("moto_endpoint")) if request.param == "s3-moto" else _real_store()
-    )
+    if request.param == "s3-moto":
+        s3 = _moto_store(request.getfixturevalue("moto_s3"))
+    else:
+        endpoint = real_s3()
+        assert endpoint is not None
+        s3 = _real_store(endpoint)
     try:
         yield s3
     finally:
@@ -186,7 +165,8 @@ def test_local_layout_and_durability(tmp_path: Path) -> None:
     assert store.gc({d}) == [] and not stale.exists() and store.has(d)
 
 
-def test_open_blob_store_urls(tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_blob_store_urls(tmp_path: Path, moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    moto_endpoint = moto_s3.url
     assert isinstance(open_blob_store(str(tmp_path / "x")), LocalBlobStore)
     assert isinstance(open_blob_store(f"file://{tmp_path / 'y'}"), LocalBlobStore)
     monkeypatch.setenv("EDGECTL_S3_ENDPOINT", moto_endpoint)
@@ -194,7 +174,7 @@ def test_open_blob_store_urls(tmp_path: Path, moto_endpoint: str, monkeypatch: p
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     bucket = f"edgectl-{uuid.uuid4().hex[:12]}"
-    _s3_client(moto_endpoint, "testing", "testing", "us-east-1").create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    moto_s3.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
     s3 = open_blob_store(f"s3://{bucket}/fleet-a")
     assert isinstance(s3, S3BlobStore) and s3.prefix == "fleet-a/"
     d = s3.put(b"over real http")
@@ -204,8 +184,8 @@ def test_open_blob_store_urls(tmp_path: Path, moto_endpoint: str, monkeypatch: p
         S3BlobStore.from_url("s3:///nobucket")
 
 
-def test_s3_many_blobs_paginate(moto_endpoint: str) -> None:
-    s3 = _moto_store(moto_endpoint)
+def test_s3_many_blobs_paginate(moto_s3: S3Endpoint) -> None:
+    s3 = _moto_store(moto_s3)
     s3.page_size = 7  # S3 pages at 1000; a small page proves the continuation logic cheaply
     digests = {s3.put(str(i).encode()) for i in range(30)}
     assert set(s3.iter_digests()) == digests
