@@ -22,6 +22,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.passes.smooth import smooth
+from edgectl.devices import VNNI_FEATURES, cpu_flags
 
 QuantMode = Literal["int8-static", "int8-dynamic", "fp16"]
 Calibration = Literal["minmax", "entropy", "percentile"]
@@ -150,11 +151,7 @@ def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
 
 def cpu_has_vnni() -> bool:
     """True when this x86 CPU has the VNNI int8 dot-product instructions."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool(VNNI_FEATURES & cpu_flags())
 
 
 def latency_candidates(mode: QuantMode, *, vnni: bool) -> list[QuantConfig]:
