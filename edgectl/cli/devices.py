@@ -18,9 +18,9 @@ from edgectl.cli.remote import (
     ServerOpt,
     TokenOpt,
     ago,
-    as_dict,
     connect,
     enum_name,
+    message_to_dict,
 )
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
@@ -53,7 +53,7 @@ def devices_ls(
     with connect(server, token, ca) as client:
         devices = client.call(client.fleet.ListDevices, request).devices
     if json_out:
-        print_json([as_dict(d) for d in devices])
+        print_json([message_to_dict(d) for d in devices])
         return
     table = Table("id", "online", "active", "desired", "health", "last seen", "labels", "error")
     for d in devices:
@@ -87,7 +87,7 @@ def devices_enroll(
     with connect(server, token, ca) as client:
         minted = client.call(client.fleet.CreateEnrollmentToken, request)
     if json_out:
-        print_json(as_dict(minted))
+        print_json(message_to_dict(minted))
         return
     console.print(
         f"enrollment token for {minted.device_id} (one use, expires {minted.expires_at.ToJsonString()}):"
@@ -130,7 +130,7 @@ def devices_label(
             client.fleet.LabelDevice, fleet_pb2.LabelDeviceRequest(id=device_id, set=to_set, remove=remove)
         )
     if json_out:
-        print_json(as_dict(device))
+        print_json(message_to_dict(device))
     else:
         console.print(f"{device.id}: " + ",".join(f"{k}={v}" for k, v in sorted(device.labels.items())))
 
