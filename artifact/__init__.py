@@ -6,6 +6,7 @@ Light on purpose: numpy, cryptography, pyfastcdc and the standard library (boto3
 One job per module (a test keeps this list complete):
 
 - ``manifest``: the manifest schema (frozen dataclasses), versions and anti-rollback order.
+- ``tensors``: the tensor signature (``TensorSpec``) every station shares: name, dtype, shape.
 - ``canonical``: canonical JSON, the one byte encoding of a manifest; digests.
 - ``signing``: Ed25519 signatures over the canonical bytes, key ids, the trust store.
 - ``keystore``: where the user's default signing key and trusted keys live.
