@@ -51,10 +51,6 @@ def _abort_for(context: grpc.ServicerContext, exc: AgentError) -> NoReturn:
     raise AssertionError("context.abort always raises")  # for type checkers: abort is NoReturn
 
 
-def _dims(shape: tuple[int | str | None, ...]) -> list[int]:
-    return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService backed by a ModelRegistry and an InferenceRouter."""
 
@@ -91,10 +87,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             versions=[str(model.version)],
             platform="onnxruntime_onnx",
             inputs=[
-                tm(name=t.name, datatype=v2_datatype(t.dtype), shape=_dims(t.shape)) for t in model.inputs
+                tm(name=t.name, datatype=v2_datatype(t.dtype), shape=t.wire_shape()) for t in model.inputs
             ],
             outputs=[
-                tm(name=t.name, datatype=v2_datatype(t.dtype), shape=_dims(t.shape)) for t in model.outputs
+                tm(name=t.name, datatype=v2_datatype(t.dtype), shape=t.wire_shape()) for t in model.outputs
             ],
         )
 
