@@ -21,6 +21,7 @@ from edgectl.artifact.signing import public_key_path
 from edgectl.broker import BrokerConfig, MosquittoProcess
 from edgectl.client import ControlPlaneClient, resolve_credentials
 from edgectl.endpoints import AgentEndpoint, Endpoints, LocalFleetError
+from edgectl.labels import format_labels
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import fleet_pb2
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
@@ -205,7 +206,7 @@ class LocalFleet:
     ) -> AgentEndpoint:
         argv = _edgectl(
             "agent", "run", "--device-id", device_id, "--data-dir", str(self.data_dir / "agents" / device_id),
-            "--listen", f"127.0.0.1:{port}", "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
+            "--listen", f"127.0.0.1:{port}", "--labels", format_labels(labels),
             "--trust", str(self.data_dir / "trusted"),
         )  # fmt: skip
         if endpoints.secure:

@@ -24,7 +24,7 @@ from edgectl.cli.remote import (
 )
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
-from edgectl.labels import parse_labels, parse_selector
+from edgectl.labels import format_labels, parse_labels, parse_selector
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 
 # -- devices -------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def devices_ls(
             f"{d.active.name}:{d.active.version}" if d.active.digest else "-",
             f"{d.desired.name}:{d.desired.version}" if d.desired.digest else "-",
             enum_name(d.health, fleet_pb2.DeviceHealth, "DEVICE_HEALTH_"), ago(d.last_seen),
-            ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())), d.last_error,
+            format_labels(d.labels), d.last_error,
         )  # fmt: skip
     console.print(table)
 
@@ -132,7 +132,7 @@ def devices_label(
     if json_out:
         print_json(message_to_dict(device))
     else:
-        console.print(f"{device.id}: " + ",".join(f"{k}={v}" for k, v in sorted(device.labels.items())))
+        console.print(f"{device.id}: {format_labels(device.labels)}")
 
 
 @app.command("rm")
