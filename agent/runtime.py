@@ -101,7 +101,7 @@ def _signature(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
     try:
         return tuple(TensorSpec.from_node_arg(a) for a in args)
     except UnsupportedTensorTypeError as exc:
-        raise ModelLoadError(f"{exc}; the V2 server cannot carry it") from exc
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _provider_options(provider: str, settings: SessionSettings) -> dict[str, str]:

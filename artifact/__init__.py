@@ -70,7 +70,7 @@ from edgectl.artifact.manifest import (
     is_newer,
 )
 from edgectl.artifact.signing import Signature, SigningKey, TrustStore, key_id, public_pem, verify_signatures
-from edgectl.artifact.tensors import ONNX_TO_NUMPY, TensorSpec, UnsupportedTensorTypeError
+from edgectl.artifact.tensors import ONNX_TO_NUMPY, TensorSpec, UnsupportedTensorTypeError, dynamic_dim_name
 from edgectl.artifact.verify import (
     VerifiedArtifact,
     VerifiedManifest,
@@ -128,6 +128,7 @@ __all__ = [
     "default_key_path",
     "default_signing_key",
     "default_trust_store",
+    "dynamic_dim_name",
     "ensure_newer",
     "golden_matches",
     "is_digest",

@@ -25,7 +25,7 @@ from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import cpu_session
 from edgectl.compress.passes.smooth import smooth
-from edgectl.devices.facts import parse_cpuinfo
+from edgectl.devices import VNNI_FEATURES, cpu_flags
 
 # The concrete modes one model is quantized in, and what a recipe or --quantize may ask for.
 QuantMode = Literal["int8-static", "int8-dynamic", "fp16"]
@@ -220,11 +220,7 @@ def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
 
 def cpu_has_vnni() -> bool:
     """True when this x86 CPU has the VNNI int8 dot-product instructions."""
-    try:
-        _, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool(VNNI_FEATURES & cpu_flags())
 
 
 def latency_candidates(mode: QuantMode, *, vnni: bool) -> list[QuantConfig]:

@@ -50,7 +50,8 @@ class ModelState:
     failure_reason: str = ""
     previous_digest: str = ""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as the device row keeps it."""
         return {
             "digest": self.digest, "version": self.version, "smoke": self.smoke_test_passed,
             "failed_digest": self.failed_digest, "failure_reason": self.failure_reason,
@@ -58,7 +59,8 @@ class ModelState:
         }  # fmt: skip
 
     @classmethod
-    def from_json(cls, name: str, obj: dict[str, Any]) -> ModelState:
+    def from_dict(cls, name: str, obj: dict[str, Any]) -> ModelState:
+        """The inverse of :meth:`to_dict` for the model ``name``."""
         return cls(
             name, obj.get("digest", ""), int(obj.get("version", 0)), bool(obj.get("smoke", False)),
             obj.get("failed_digest", ""), obj.get("failure_reason", ""), obj.get("previous_digest", ""),
@@ -93,7 +95,7 @@ class DeviceRecord:
 
     @classmethod
     def from_row(cls, row: Row) -> DeviceRecord:
-        models = {k: ModelState.from_json(k, v) for k, v in loads(row[12], {}).items()}
+        models = {k: ModelState.from_dict(k, v) for k, v in loads(row[12], {}).items()}
         return cls(
             row[0], loads(row[1], {}), loads(row[2], {}), float(row[3]),
             float(row[4]) if row[4] is not None else None, bool(row[5]),
@@ -346,7 +348,7 @@ class Fleet:
                 m.failed_digest,
                 m.failure_reason,
                 m.previous_digest,
-            ).to_json()
+            ).to_dict()
             for m in state.models
         }
         stats = {

@@ -74,7 +74,7 @@ class RolloutRecord:
     def from_row(cls, r: Row) -> RolloutRecord:
         return cls(
             r[0], r[1], r[2], int(r[3]), Selector.from_dict(loads(r[4], {})),
-            StrategySpec.from_json(loads(r[5], {})), int(r[6]), int(r[7]), int(r[8]), r[9], int(r[10]),
+            StrategySpec.from_dict(loads(r[5], {})), int(r[6]), int(r[7]), int(r[8]), r[9], int(r[10]),
             float(r[11]) if r[11] is not None else None, float(r[12]), float(r[13]), r[14],
         )  # fmt: skip
 
@@ -147,7 +147,7 @@ def insert(tx: Tx, r: RolloutRecord, sizes: list[int], device_ids: list[str]) ->
     tx.execute(
         f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (r.id, r.artifact_digest, r.artifact_name, r.artifact_version, dumps(r.selector.to_dict()),
-         dumps(r.strategy.to_json()), r.state, r.current_wave, r.failures, r.reason, r.stop_state,
+         dumps(r.strategy.to_dict()), r.state, r.current_wave, r.failures, r.reason, r.stop_state,
          r.stop_deadline, r.created_at, r.updated_at, r.created_by),
     )  # fmt: skip
     tx.executemany(
@@ -245,7 +245,7 @@ def with_live(
         progress = ProgressRecord.from_row(r[:10])
         live = None
         if r[10] is not None:
-            models = {k: ModelState.from_json(k, v) for k, v in loads(r[13], {}).items()}
+            models = {k: ModelState.from_dict(k, v) for k, v in loads(r[13], {}).items()}
             live = LiveDevice(bool(r[11]), int(r[12]), models, loads(r[14], {}), r[15])
         out.append((progress, live))
     return out

@@ -111,7 +111,8 @@ class StrategySpec:
             raise InvalidArgument("offline policy must be FAIL or SKIP")
         return sizes
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as the rollout store keeps it."""
         return {
             "waves": list(self.waves),
             "max_failures": self.max_failures,
@@ -123,7 +124,8 @@ class StrategySpec:
         }
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> StrategySpec:
+    def from_dict(cls, obj: dict[str, Any]) -> StrategySpec:
+        """The inverse of :meth:`to_dict`; fields added later get their defaults."""
         return cls(
             waves=tuple(obj["waves"]),
             max_failures=obj["max_failures"],

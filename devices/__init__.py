@@ -7,7 +7,14 @@ when facts are gathered, so the agent can import it on any Jetson or CPU box.
 from __future__ import annotations
 
 from edgectl.devices.errors import DeviceError, ProfileError
-from edgectl.devices.facts import INT8_CPU_FEATURES, CudaDevice, HostFacts, gather_facts
+from edgectl.devices.facts import (
+    INT8_CPU_FEATURES,
+    VNNI_FEATURES,
+    CudaDevice,
+    HostFacts,
+    cpu_flags,
+    gather_facts,
+)
 from edgectl.devices.matching import Detection, NoMatchingProfile, detect, match_profile
 from edgectl.devices.profile import (
     DeviceProfile,
@@ -24,6 +31,7 @@ from edgectl.devices.profile import (
 
 __all__ = [
     "INT8_CPU_FEATURES",
+    "VNNI_FEATURES",
     "CudaDevice",
     "Detection",
     "DeviceError",
@@ -37,6 +45,7 @@ __all__ = [
     "ProfileError",
     "QuantizationHints",
     "SparsitySupport",
+    "cpu_flags",
     "detect",
     "gather_facts",
     "list_profiles",

@@ -17,6 +17,9 @@ from pathlib import Path
 
 # CPU features that decide how fast int8 runs; the doctor prints them all.
 INT8_CPU_FEATURES = ("avx2", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "asimddp")
+# The x86 int8 dot-product instructions (AVX-512 VNNI, or AVX-VNNI on client cores).
+VNNI_FEATURES = frozenset({"avx512_vnni", "avx_vnni"})
+CPUINFO = Path("/proc/cpuinfo")
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 # cuDeviceGetAttribute ids from cuda.h (CUdevice_attribute).
@@ -173,9 +176,14 @@ def _onnxruntime_facts() -> tuple[str | None, tuple[str, ...], str | None]:
         return None, (), f"onnxruntime is installed but fails to import: {exc}"
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty when it cannot be read)."""
+    return parse_cpuinfo(_read(CPUINFO) or "")[1]
+
+
 def gather_facts() -> HostFacts:
     """Read the running machine's facts: CPU, memory, Jetson, CUDA, TensorRT, onnxruntime."""
-    cpuinfo = _read(Path("/proc/cpuinfo")) or ""
+    cpuinfo = _read(CPUINFO) or ""
     model, flags = parse_cpuinfo(cpuinfo)
     meminfo = _read(Path("/proc/meminfo")) or ""
     tegra = _read(Path("/etc/nv_tegra_release"))

@@ -9,7 +9,6 @@ chunks the server lacks). A token is never sent over plaintext and never printed
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 import tempfile
@@ -25,6 +24,7 @@ from edgectl.artifact.keystore import config_dir
 from edgectl.artifact.manifest import Manifest
 from edgectl.artifact.tarball import safe_members
 from edgectl.artifact.verify import read_unverified
+from edgectl.endpoints import Endpoints
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, fleet_pb2_grpc, rollouts_pb2_grpc
 
@@ -36,7 +36,6 @@ except ImportError:  # Python 3.10: no config file support, the other sources st
 SERVER_ENV = "EDGECTL_SERVER"
 TOKEN_ENV = "EDGECTL_TOKEN"
 CA_ENV = "EDGECTL_CA"
-DATA_DIR_ENV = "EDGECTL_DATA_DIR"
 T = TypeVar("T")
 # Exit codes by gRPC status, so scripts can tell "fix your input" from "try again later".
 EXIT_CODES = {
@@ -59,12 +58,6 @@ class RemoteError(EdgectlError):
         self.exit_code = EXIT_CODES.get(code, 1)
 
 
-def default_data_dir() -> Path:
-    """Where `edgectl up` keeps its state (``$EDGECTL_DATA_DIR`` or ``~/.edgectl``)."""
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".edgectl"
-
-
 def _from_config(key: str = "server") -> str | None:
     path = config_dir() / "config.toml"
     if tomllib is None or not path.is_file():
@@ -77,32 +70,13 @@ def _from_config(key: str = "server") -> str | None:
     return str(value) if value else None
 
 
-def _from_endpoints(data_dir: Path, key: str = "grpc") -> str | None:
-    path = data_dir / "endpoints.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}", hint="restart `edgectl up` or pass --server") from exc
-    value = data.get("control_plane")
-    if isinstance(value, dict):
-        value = value.get(key) or (value.get("address") if key == "grpc" else None)
-    elif key != "grpc":
-        value = None
-    return str(value) if value else None
-
-
 def resolve_server(flag: str | None, data_dir: Path | None = None) -> str:
     """The control plane's HOST:PORT from the flag, env, config file, or `edgectl up`'s endpoints.json."""
-    for found in (
-        flag,
-        os.environ.get(SERVER_ENV),
-        _from_config(),
-        _from_endpoints(data_dir or default_data_dir()),
-    ):
-        if found:
-            return str(parse_host_port(found.removeprefix("grpc://"), what="control plane address"))
+    found = flag or os.environ.get(SERVER_ENV) or _from_config()
+    if not found and (local := Endpoints.find(data_dir)) is not None:
+        found = local.control_plane
+    if found:
+        return str(parse_host_port(found.removeprefix("grpc://"), what="control plane address"))
     raise UsageError(
         "no control plane address",
         hint=f'pass --server HOST:PORT, set {SERVER_ENV}, put server = "HOST:PORT" in '
@@ -144,14 +118,13 @@ def resolve_credentials(
     """Token from the flag, ``EDGECTL_TOKEN``, config.toml or the ``token_file`` `edgectl up`'s
     endpoints.json names; CA from the flag, ``EDGECTL_CA``, config.toml or endpoints.json's ``ca``."""
     found_token = token or os.environ.get(TOKEN_ENV) or _from_config("token")
-    if not found_token:  # `edgectl up` keeps its admin token in a 0600 file that endpoints.json names
-        token_file = _from_endpoints(data_dir or default_data_dir(), "token_file")
-        if token_file and Path(token_file).is_file():
+    ca_path = str(ca) if ca else os.environ.get(CA_ENV) or _from_config("ca")
+    if not found_token or not ca_path:  # `edgectl up`'s endpoints.json names its CA and admin token file
+        local = Endpoints.find(data_dir)
+        token_file = local.token_file if local else None
+        if not found_token and token_file and Path(token_file).is_file():
             found_token = Path(token_file).read_text().strip()
-    ca_path = (
-        str(ca) if ca else os.environ.get(CA_ENV) or _from_config("ca")
-        or _from_endpoints(data_dir or default_data_dir(), "ca")
-    )  # fmt: skip
+        ca_path = ca_path or (local.ca if local else None)
     ca_pem = None
     if ca_path:
         try:

@@ -22,8 +22,9 @@ import numpy as np
 from rich.console import Console
 
 from edgectl.artifact import SigningKey, TrustStore, build_artifact, load_artifact, public_pem
+from edgectl.endpoints import Endpoints
 from edgectl.errors import EdgectlError
-from edgectl.localfleet import Endpoints, LocalFleet
+from edgectl.localfleet import LocalFleet
 
 DEMO_NAME = "digits"
 EDGE_SELECTOR = {"tier": "edge"}

@@ -62,6 +62,11 @@ def parse_labels(text: str | None) -> dict[str, str]:
     return check_labels(labels)
 
 
+def format_labels(labels: Mapping[str, str]) -> str:
+    """``{"site": "lab", "gpu": "orin"}`` -> ``gpu=orin,site=lab``: sorted, and what parse_labels reads back."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 @dataclass(frozen=True)
 class Selector:
     """Devices to target: every label must match (AND), or the id is listed (OR)."""
@@ -90,8 +95,7 @@ class Selector:
         return cls(dict(obj.get("labels", {})), tuple(obj.get("device_ids", [])))
 
     def __str__(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.labels.items())] + [f"id={d}" for d in self.device_ids]
-        return ",".join(parts)
+        return ",".join(filter(None, [format_labels(self.labels), *(f"id={d}" for d in self.device_ids)]))
 
 
 def parse_selector(text: str) -> Selector:

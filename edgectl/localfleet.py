@@ -9,108 +9,26 @@ commands read when no flag or env names a server. Stopping is graceful (SIGTERM,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgectl.artifact import default_key_path, default_signing_key
 from edgectl.artifact.signing import public_key_path
 from edgectl.broker import BrokerConfig, MosquittoProcess
 from edgectl.client import ControlPlaneClient, resolve_credentials
-from edgectl.durable import atomic_write
-from edgectl.errors import EdgectlError
+from edgectl.endpoints import AgentEndpoint, Endpoints, LocalFleetError
+from edgectl.labels import format_labels
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import fleet_pb2
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.files import write_private
 from edgectl.security.tokens import Role, TokenIssuer
 
-ENDPOINTS_FILE = "endpoints.json"
-DATA_DIR_ENV = "EDGECTL_DATA_DIR"
 STOP_GRACE_S = 10.0
-
-
-class LocalFleetError(EdgectlError):
-    """A part of the local fleet did not start or stop."""
-
-
-def default_data_dir() -> Path:
-    """``$EDGECTL_DATA_DIR`` or ``~/.edgectl``: the same place clients look for endpoints.json."""
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".edgectl"
-
-
-@dataclass
-class AgentEndpoint:
-    device_id: str
-    v2: str
-    labels: dict[str, str]
-    pid: int = 0
-
-
-@dataclass
-class Endpoints:
-    """Where a local fleet listens, and how to prove who you are to it; written to endpoints.json.
-
-    ``control_plane`` is the people's listener. When the fleet is secured, ``ca`` is the fleet
-    CA that every server certificate chains to and ``token_file`` a 0600 file with an admin
-    token: edgectl's clients (``edgectl.client.resolve_credentials``) read both from here.
-    """
-
-    mqtt: str
-    control_plane: str
-    agents: list[AgentEndpoint] = field(default_factory=list)
-    cloud: AgentEndpoint | None = None
-    pids: dict[str, int] = field(default_factory=dict)
-    device_grpc: str | None = None
-    ca: str | None = None
-    token_file: str | None = None
-
-    @property
-    def secure(self) -> bool:
-        return self.ca is not None
-
-    def write(self, data_dir: Path) -> Path:
-        raw = {
-            "mqtt": self.mqtt,
-            "control_plane": {
-                "grpc": self.control_plane,
-                "device_grpc": self.device_grpc,
-                "ca": self.ca,
-                "token_file": self.token_file,
-            },
-            "agents": [asdict(a) for a in self.agents],
-            "cloud": asdict(self.cloud) if self.cloud else None,
-            "pids": self.pids,
-        }
-        path = data_dir / ENDPOINTS_FILE
-        atomic_write(path, json.dumps(raw, indent=2, sort_keys=True).encode())
-        return path
-
-    @classmethod
-    def read(cls, data_dir: Path) -> Endpoints:
-        path = data_dir / ENDPOINTS_FILE
-        try:
-            raw = json.loads(path.read_text())
-            cp = raw["control_plane"]
-            cp = cp if isinstance(cp, dict) else {"grpc": cp}
-            agents = [AgentEndpoint(**a) for a in raw.get("agents", [])]
-            cloud = AgentEndpoint(**raw["cloud"]) if raw.get("cloud") else None
-            return cls(raw["mqtt"], cp["grpc"], agents, cloud, raw.get("pids", {}),
-                       cp.get("device_grpc"), cp.get("ca"), cp.get("token_file"))  # fmt: skip
-        except FileNotFoundError:
-            raise LocalFleetError(
-                f"no local fleet at {data_dir}", hint="start one with `edgectl up`"
-            ) from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LocalFleetError(
-                f"{path} is damaged: {exc}", hint="run `edgectl down` then `edgectl up`"
-            ) from exc
 
 
 def _edgectl(*args: str) -> list[str]:
@@ -288,7 +206,7 @@ class LocalFleet:
     ) -> AgentEndpoint:
         argv = _edgectl(
             "agent", "run", "--device-id", device_id, "--data-dir", str(self.data_dir / "agents" / device_id),
-            "--listen", f"127.0.0.1:{port}", "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
+            "--listen", f"127.0.0.1:{port}", "--labels", format_labels(labels),
             "--trust", str(self.data_dir / "trusted"),
         )  # fmt: skip
         if endpoints.secure:
@@ -314,7 +232,7 @@ class LocalFleet:
         self.children.clear()
         if self.broker is not None:
             self.broker.stop()
-        (self.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+        Endpoints.remove(self.data_dir)
 
     def wait(self) -> int:
         """Block until a child dies (returns its name's exit code) or the caller interrupts."""
@@ -364,5 +282,5 @@ def stop_detached(data_dir: Path, grace_s: float = STOP_GRACE_S) -> list[str]:
     for pid in endpoints.pids.values():
         if _alive(pid):
             _kill(pid)
-    (data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+    Endpoints.remove(data_dir)
     return stopped

@@ -75,14 +75,16 @@ class SimSettings:
     ca_file: Path | None = None
     enroll_server: str | None = None  # the control plane's TLS listener for people and enrollment
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, handed to each worker process."""
         d = asdict(self)
         d["root"], d["trust"] = str(self.root), [str(p) for p in self.trust]
         d["ca_file"] = str(self.ca_file) if self.ca_file else None
         return d
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> SimSettings:
+    def from_dict(cls, obj: dict[str, Any]) -> SimSettings:
+        """The inverse of :meth:`to_dict`."""
         return cls(**{
             **obj, "root": Path(obj["root"]), "trust": tuple(Path(p) for p in obj["trust"]),
             "ca_file": Path(obj["ca_file"]) if obj.get("ca_file") else None,
@@ -261,7 +263,7 @@ class FleetSimulator:
         """(Re)start one worker; ``env`` adds variables (a crash point, a clock offset, LD_PRELOAD)."""
         if worker.alive():
             raise SimError(f"worker {worker.index} already runs")
-        spec = {"settings": self.settings.to_json(), "devices": [asdict(d) for d in worker.devices]}
+        spec = {"settings": self.settings.to_dict(), "devices": [asdict(d) for d in worker.devices]}
         worker.spec.write_text(json.dumps(spec))
         worker.ready_file.unlink(missing_ok=True)
         full_env = {**os.environ, **(env or {})}

@@ -70,7 +70,7 @@ def run_worker(spec_path: Path) -> None:
         shift_clock(offset)
     _raise_open_files()
     spec = json.loads(spec_path.read_text())
-    host = AgentHost(SimSettings.from_json(spec["settings"]))
+    host = AgentHost(SimSettings.from_dict(spec["settings"]))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from edgectl.addresses import AddressError, HostPort, MqttUrl, parse_host_port, parse_mqtt_url
 from edgectl.agent.config import load_config
 from edgectl.agent.errors import ConfigError
 from edgectl.broker import BrokerConfig, MosquittoProcess
+from edgectl.cli import app as APP
 from edgectl.client import ControlPlaneClient, resolve_server
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.doctor import check_broker
@@ -113,6 +115,21 @@ def test_client_address_goes_through_the_same_parser(monkeypatch: pytest.MonkeyP
     assert resolve_server("grpc://[::1]:7443") == "[::1]:7443"
     with pytest.raises(AddressError, match="invalid control plane address"):
         resolve_server("cp.lab")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["infer", "--server", "::1:8001", "--model", "m", "--input", "x.npz"],
+        ["devices", "ls", "--server", "cp.lab"],
+        ["broker", "config", "-o", "{tmp}/broker", "--listen", "[::1]"],
+    ],
+)
+def test_cli_commands_refuse_a_bad_address_before_doing_anything(argv: list[str], tmp_path: Path) -> None:
+    result = CliRunner().invoke(APP, [a.format(tmp=tmp_path) for a in argv])
+    assert isinstance(result.exception, AddressError), result.output
+    assert "[::1]:7443" in str(result.exception)
+    assert not (tmp_path / "broker").exists()
 
 
 def test_ipv6_literals_through_a_real_broker_control_plane_and_client(tmp_path: Path) -> None:

@@ -14,14 +14,16 @@ from typer.testing import CliRunner
 from edgectl.agent.config import load_config
 from edgectl.agent.errors import ConfigError
 from edgectl.cli import app as APP
-from edgectl.labels import LabelError, Selector, check_labels, parse_labels, parse_selector
+from edgectl.labels import LabelError, Selector, check_labels, format_labels, parse_labels, parse_selector
 
 SITE_LAB_ID = "site=lab,id=cam-9"
 
 
-def test_labels_parse_and_strip() -> None:
-    assert parse_labels(" site = lab , gpu=orin,, ") == {"site": "lab", "gpu": "orin"}
-    assert parse_labels(None) == {} and parse_labels("") == {}
+def test_labels_parse_and_strip_and_format_back() -> None:
+    labels = parse_labels(" site = lab , gpu=orin,, ")
+    assert labels == {"site": "lab", "gpu": "orin"}
+    assert format_labels(labels) == "gpu=orin,site=lab" and parse_labels(format_labels(labels)) == labels
+    assert parse_labels(None) == {} and parse_labels("") == {} and format_labels({}) == ""
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,7 @@ def test_selector_site_lab_id_cam_9_is_labels_or_ids() -> None:
     assert not selector.matches("cam-1", {"site": "dock"})
     assert not selector.matches("cam-1", {"id": "cam-9"})  # id never matches as a label
     assert str(selector) == SITE_LAB_ID
+    assert str(parse_selector("id=cam-9")) == "id=cam-9" and str(parse_selector("b=2,a=1")) == "a=1,b=2"
     assert Selector.from_dict(selector.to_dict()) == selector
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from edgectl.client import ControlPlaneClient, RemoteError, resolve_credentials
-from edgectl.localfleet import Endpoints, LocalFleetError, stop_detached
+from edgectl.endpoints import Endpoints, LocalFleetError
+from edgectl.localfleet import stop_detached
 from edgectl.protos.v1 import fleet_pb2
 from tests.conftest import require_mosquitto
 

@@ -31,7 +31,9 @@ def run(
         None, envvar="EDGECTL_SERVER", help="control plane gRPC H:P [default 127.0.0.1:7443]"
     ),
     data_dir: Path | None = typer.Option(
-        None, envvar="EDGECTL_DATA_DIR", help="artifacts, chunk store and state [default /var/lib/edgectl]"
+        None,
+        envvar="EDGECTL_AGENT_DATA_DIR",
+        help="artifacts, chunk store and state [default /var/lib/edgectl]",
     ),
     listen: str | None = typer.Option(
         None, envvar="EDGECTL_LISTEN", help="KServe V2 gRPC listen H:P [default 127.0.0.1:8001]"

@@ -24,7 +24,7 @@ from edgectl.artifact.verify import read_unverified, verify_bundle
 from edgectl.cli.output import console as _out
 from edgectl.cli.output import err_console as _err
 from edgectl.cli.output import print_json
-from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, ago, as_dict, connect
+from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, ago, connect, message_to_dict
 from edgectl.client import push_artifact
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.protos.v1 import artifacts_pb2
@@ -185,7 +185,7 @@ def artifact_push(
         result = push_artifact(client, path)
     ref = result.artifact.ref
     if json_out:
-        print_json({"artifact": as_dict(result.artifact.ref), "chunks_sent": result.chunks_sent,
+        print_json({"artifact": message_to_dict(result.artifact.ref), "chunks_sent": result.chunks_sent,
                     "bytes_sent": result.bytes_sent, "already_present": result.already_present})  # fmt: skip
     elif result.already_present:
         _out.print(f"{ref.name}:{ref.version} {ref.digest} is already on the control plane")
@@ -213,7 +213,10 @@ def artifact_ls(
         ).artifacts
     if json_out:
         print_json(
-            [{k: v for k, v in as_dict(a).items() if k not in ("manifest", "signatures")} for a in artifacts]
+            [
+                {k: v for k, v in message_to_dict(a).items() if k not in ("manifest", "signatures")}
+                for a in artifacts
+            ]
         )
         return
     table = Table("name", "version", "digest", "size", "uploaded", "signed by")

@@ -14,8 +14,8 @@ from edgectl.cli.remote import (
     JsonOpt,
     ServerOpt,
     TokenOpt,
-    as_dict,
     connect,
+    message_to_dict,
 )
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.protos.v1 import common_pb2, rollouts_pb2
@@ -45,7 +45,7 @@ def audit_ls(
     with connect(server, token, ca) as client:
         entries = client.call(client.audit.List, request).entries
     if json_out:
-        print_json([as_dict(e) for e in entries])
+        print_json([message_to_dict(e) for e in entries])
         return
     table = Table("when", "who", "from", "action", "target", "outcome")
     for e in entries:

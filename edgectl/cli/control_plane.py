@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from edgectl.cli.output import console, err_console, print_json
-from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, as_dict, connect
+from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, connect, message_to_dict
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
 
@@ -263,7 +263,7 @@ def control_plane_revoke_token(
     with connect(server, token, ca) as client:
         done = client.call(client.fleet.RevokeToken, request)
     if json_out:
-        print_json(as_dict(done))
+        print_json(message_to_dict(done))
         return
     whose = f" of {done.subject}" if done.subject else ""
     state = "revoked" if done.newly_revoked else "was already revoked"

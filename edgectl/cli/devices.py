@@ -18,13 +18,13 @@ from edgectl.cli.remote import (
     ServerOpt,
     TokenOpt,
     ago,
-    as_dict,
     connect,
     enum_name,
+    message_to_dict,
 )
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
-from edgectl.labels import parse_labels, parse_selector
+from edgectl.labels import format_labels, parse_labels, parse_selector
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 
 # -- devices -------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def devices_ls(
     with connect(server, token, ca) as client:
         devices = client.call(client.fleet.ListDevices, request).devices
     if json_out:
-        print_json([as_dict(d) for d in devices])
+        print_json([message_to_dict(d) for d in devices])
         return
     table = Table("id", "online", "active", "desired", "health", "last seen", "labels", "error")
     for d in devices:
@@ -62,7 +62,7 @@ def devices_ls(
             f"{d.active.name}:{d.active.version}" if d.active.digest else "-",
             f"{d.desired.name}:{d.desired.version}" if d.desired.digest else "-",
             enum_name(d.health, fleet_pb2.DeviceHealth, "DEVICE_HEALTH_"), ago(d.last_seen),
-            ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())), d.last_error,
+            format_labels(d.labels), d.last_error,
         )  # fmt: skip
     console.print(table)
 
@@ -87,7 +87,7 @@ def devices_enroll(
     with connect(server, token, ca) as client:
         minted = client.call(client.fleet.CreateEnrollmentToken, request)
     if json_out:
-        print_json(as_dict(minted))
+        print_json(message_to_dict(minted))
         return
     console.print(
         f"enrollment token for {minted.device_id} (one use, expires {minted.expires_at.ToJsonString()}):"
@@ -130,9 +130,9 @@ def devices_label(
             client.fleet.LabelDevice, fleet_pb2.LabelDeviceRequest(id=device_id, set=to_set, remove=remove)
         )
     if json_out:
-        print_json(as_dict(device))
+        print_json(message_to_dict(device))
     else:
-        console.print(f"{device.id}: " + ",".join(f"{k}={v}" for k, v in sorted(device.labels.items())))
+        console.print(f"{device.id}: {format_labels(device.labels)}")
 
 
 @app.command("rm")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from edgectl.addresses import parse_host_port
 from edgectl.errors import UsageError
 
 
@@ -27,6 +28,7 @@ def infer(
     from edgectl.agent.codecs import decode_response, encode_request, response_parameters
     from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
+    target = str(parse_host_port(server, what="--server"))
     try:
         with np.load(input_file, allow_pickle=False) as npz:
             inputs = {k: npz[k] for k in npz.files}
@@ -34,7 +36,7 @@ def infer(
         raise UsageError(
             f"cannot read {input_file}: {exc}", hint="pass an .npz written by numpy.savez"
         ) from exc
-    with grpc.insecure_channel(server) as channel:
+    with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             response = stub.ModelInfer(encode_request(model, inputs), timeout=timeout)

@@ -28,7 +28,7 @@ def connect(server: str | None, token: str | None = None, ca: Path | None = None
     return ControlPlaneClient(resolve_server(server), credentials=resolve_credentials(token, ca))
 
 
-def as_dict(message: Message) -> dict[str, Any]:
+def message_to_dict(message: Message) -> dict[str, Any]:
     """A message as JSON-ready data, with the .proto field names."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 

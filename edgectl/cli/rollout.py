@@ -16,9 +16,9 @@ from edgectl.cli.remote import (
     ServerOpt,
     TokenOpt,
     ago,
-    as_dict,
     connect,
     enum_name,
+    message_to_dict,
     short_digest,
 )
 from edgectl.client import ControlPlaneClient, push_artifact
@@ -89,7 +89,7 @@ def deploy(
         rollout = client.call(client.rollouts.Create, request)
         if not watch:
             if json_out:
-                print_json(as_dict(rollout))
+                print_json(message_to_dict(rollout))
             else:
                 console.print(f"rollout [bold]{rollout.id}[/] created: {_summary(rollout)}")
                 console.print(f"follow it with: edgectl rollout status {rollout.id} --watch")
@@ -100,7 +100,7 @@ def deploy(
 
 def _finish(rollout: rollouts_pb2.Rollout, json_out: bool) -> None:
     if json_out:
-        print_json(as_dict(rollout))
+        print_json(message_to_dict(rollout))
     state = enum_name(rollout.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_")
     if rollout.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
         raise EdgectlError(
@@ -193,7 +193,7 @@ def rollout_ls(
     with connect(server, token, ca) as client:
         rollouts = client.call(client.rollouts.List, rollouts_pb2.ListRolloutsRequest()).rollouts
     if json_out:
-        print_json([as_dict(r) for r in rollouts])
+        print_json([message_to_dict(r) for r in rollouts])
         return
     table = Table("id", "artifact", "state", "wave", "failures", "created", "reason")
     for r in rollouts:
@@ -223,7 +223,7 @@ def rollout_status(
             return
         rollout = client.call(client.rollouts.Get, rollouts_pb2.GetRolloutRequest(id=rollout_id))
     if json_out:
-        print_json(as_dict(rollout))
+        print_json(message_to_dict(rollout))
     else:
         console.print(_rollout_table(rollout, []))
 
@@ -241,7 +241,7 @@ def _action(action: str, summary: str) -> None:
             method = getattr(client.rollouts, action.capitalize())
             rollout = client.call(method, rollouts_pb2.RolloutActionRequest(id=rollout_id, reason=reason))
         if json_out:
-            print_json(as_dict(rollout))
+            print_json(message_to_dict(rollout))
         else:
             console.print(
                 f"rollout {rollout.id}: {enum_name(rollout.state, rollouts_pb2.RolloutState, 'ROLLOUT_STATE_')}"

@@ -65,7 +65,8 @@ def run(
     enrolls itself as an agent does: its own key and CSR, its own broker identity, mTLS.
     """
     from edgectl.agent.config import CREDENTIALS_FILE
-    from edgectl.client import _from_endpoints, default_data_dir, resolve_credentials, resolve_server
+    from edgectl.client import resolve_credentials, resolve_server
+    from edgectl.endpoints import Endpoints
     from edgectl.sim import FleetSimulator, SimError, SimSettings, issue_tokens, make_devices
 
     if devices < 1:
@@ -74,7 +75,7 @@ def run(
     address = resolve_server(server)
     credentials = resolve_credentials(token, ca)
     if device_server is None and server is None:  # `edgectl up`'s endpoints.json names its mTLS listener
-        device_server = _from_endpoints(default_data_dir(), "device_grpc")
+        device_server = local.device_grpc if (local := Endpoints.find()) else None
     ca_file = ca.resolve() if ca else None
     if credentials.ca_pem and ca_file is None:  # the CA came from env, config or endpoints.json
         ca_file = root.resolve() / "fleet-ca.crt"

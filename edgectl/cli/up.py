@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from edgectl.cli.output import console, print_json
-from edgectl.localfleet import Endpoints, LocalFleet, default_data_dir, stop_detached
+from edgectl.endpoints import Endpoints, default_data_dir
+from edgectl.localfleet import LocalFleet, stop_detached
 
 
 def _show(endpoints: Endpoints, data_dir: Path, json_out: bool) -> None:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgectl.addresses import MqttUrl
 from edgectl.broker import BrokerConfig
 from edgectl.security.dynsec import initial_config, new_password, upgrade_config
 from edgectl.security.errors import SecurityError
@@ -77,7 +78,8 @@ class BrokerLayout:
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        """The broker URL clients dial (``mqtts://`` with TLS)."""
+        return MqttUrl(self.host, self.port, self.tls).public()
 
     def broker_config(self, data_dir: Path | None = None) -> BrokerConfig:
         """The BrokerConfig (for MosquittoProcess or a rendered file) that enforces this layout."""

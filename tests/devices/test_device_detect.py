@@ -10,7 +10,16 @@ import sys
 
 import pytest
 
-from edgectl.devices import CudaDevice, HostFacts, NoMatchingProfile, detect, gather_facts, match_profile
+from edgectl.devices import (
+    VNNI_FEATURES,
+    CudaDevice,
+    HostFacts,
+    NoMatchingProfile,
+    cpu_flags,
+    detect,
+    gather_facts,
+    match_profile,
+)
 
 
 def _flags(line: str) -> frozenset[str]:
@@ -202,3 +211,12 @@ def test_devices_imports_and_detects_without_onnxruntime_or_torch() -> None:
     code = "import sys, edgectl.devices; print(sorted({'torch','onnxruntime','onnx'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cpu_flags_is_the_one_reader_and_compress_asks_it() -> None:
+    """devices.cpu_flags() reads this CPU's flags; compress's VNNI question goes through it."""
+    from edgectl.compress.passes.quantize import cpu_has_vnni
+
+    flags = cpu_flags()
+    assert flags == _proc_flags() == gather_facts().cpu_flags
+    assert cpu_has_vnni() == bool(flags & {"avx512_vnni", "avx_vnni"}) == bool(VNNI_FEATURES & flags)
