@@ -32,6 +32,8 @@ from edgectl.artifact.chunking import (
     all_chunk_digests,
     chunk_bytes,
     chunk_file,
+    chunk_locations,
+    chunk_sizes,
     chunks_to_fetch,
     put_file_chunks,
     read_chunk,
@@ -54,6 +56,7 @@ from edgectl.artifact.errors import (
     UntrustedKeyError,
 )
 from edgectl.artifact.golden import golden_matches, read_golden, write_golden
+from edgectl.artifact.integrity import ChunkSource, file_digest_matches, read_verified, verify_chunk
 from edgectl.artifact.keystore import config_dir, default_key_path, default_signing_key, default_trust_store
 from edgectl.artifact.manifest import (
     FORMAT,
@@ -93,6 +96,7 @@ __all__ = [
     "BlobStore",
     "BlobStoreError",
     "ChunkRef",
+    "ChunkSource",
     "DigestMismatchError",
     "FileEntry",
     "GoldenRef",
@@ -121,6 +125,8 @@ __all__ = [
     "canonical_bytes",
     "chunk_bytes",
     "chunk_file",
+    "chunk_locations",
+    "chunk_sizes",
     "chunks_to_fetch",
     "config_dir",
     "created_now",
@@ -128,6 +134,7 @@ __all__ = [
     "default_signing_key",
     "default_trust_store",
     "ensure_newer",
+    "file_digest_matches",
     "golden_matches",
     "is_digest",
     "is_newer",
@@ -141,10 +148,12 @@ __all__ = [
     "read_chunk",
     "read_golden",
     "read_range",
+    "read_verified",
     "reassemble_file",
     "sha256_digest",
     "shared_bytes",
     "verify_bundle",
+    "verify_chunk",
     "verify_manifest",
     "verify_signatures",
     "verify_stream",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from edgectl.artifact import all_chunk_digests
 from edgectl.control_plane import convert
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
@@ -58,7 +59,7 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
         digest = first.header.digest
         note.target = digest
         manifest = self.artifacts.planned_manifest(digest)
-        wanted = {c.digest for f in manifest.files for c in f.chunks}
+        wanted = all_chunk_digests(manifest)
         received = chunks = 0
         for message in request_iterator:
             if message.WhichOneof("body") != "chunk":
