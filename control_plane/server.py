@@ -24,10 +24,11 @@ from edgectl.artifact import TrustStore, default_trust_store, open_blob_store, p
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
+from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
-from edgectl.control_plane.ingest import ChunkServer, FleetIngest
+from edgectl.control_plane.ingest import FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
 from edgectl.control_plane.metrics import Metrics
 from edgectl.control_plane.revocations import TokenRevocations
