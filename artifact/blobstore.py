@@ -46,6 +46,15 @@ def key_for(data: bytes, expected: str | None, expected_size: int | None = None)
     return expected
 
 
+def copy_hashing(stream: BinaryIO, sink: BinaryIO) -> str:
+    """Copy ``stream`` into ``sink`` block by block and return the copy's digest (streams may not fit in memory)."""
+    hasher = hashlib.sha256()
+    while block := stream.read(COPY_BUFSIZE):
+        hasher.update(block)
+        sink.write(block)
+    return DIGEST_PREFIX + hasher.hexdigest()
+
+
 def check_stream_digest(expected: str | None, digest: str) -> None:
     """After a streamed put: refuse the blob unless it hashed to ``expected`` (when one was given)."""
     if expected is not None and digest != expected:
@@ -141,11 +150,7 @@ class LocalBlobStore:
             check_digest(expected)
 
         def write(fh: BinaryIO) -> str:
-            hasher = hashlib.sha256()  # a stream may not fit in memory: hashed as it is copied
-            while block := stream.read(COPY_BUFSIZE):
-                hasher.update(block)
-                fh.write(block)
-            digest = DIGEST_PREFIX + hasher.hexdigest()
+            digest = copy_hashing(stream, fh)
             check_stream_digest(expected, digest)
             return digest
 

@@ -7,14 +7,13 @@ put is atomic, and it is idempotent because the key is the content's digest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlparse
 
-from edgectl.artifact.blobstore import COPY_BUFSIZE, check_digest, check_stream_digest, key_for
+from edgectl.artifact.blobstore import check_digest, check_stream_digest, copy_hashing, key_for
 from edgectl.artifact.canonical import DIGEST_PREFIX
 from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError
 
@@ -81,11 +80,7 @@ class S3BlobStore:
         if expected is not None:
             check_digest(expected)
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX) as spool:
-            hasher = hashlib.sha256()
-            while block := stream.read(COPY_BUFSIZE):
-                hasher.update(block)
-                spool.write(block)
-            digest = DIGEST_PREFIX + hasher.hexdigest()
+            digest = copy_hashing(stream, spool)  # type: ignore[arg-type]
             check_stream_digest(expected, digest)
             if not self.has(digest):
                 spool.seek(0)
