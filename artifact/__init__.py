@@ -9,11 +9,13 @@ One job per module (a test keeps this list complete):
 - ``canonical``: canonical JSON, the one byte encoding of a manifest; digests.
 - ``signing``: Ed25519 signatures over the canonical bytes, key ids, the trust store.
 - ``keystore``: where the user's default signing key and trusted keys live.
-- ``chunking``: content-defined chunking and the chunk-level transfer helpers.
+- ``chunking``: content-defined chunking, a manifest's chunk lists, chunk-level transfer helpers.
+- ``integrity``: ``verify_chunk``, the one check of a chunk's bytes, and the verified file reader.
 - ``builder``: writes a bundle: files, chunks, golden pair, manifest, signature.
 - ``verify``: everything checked before use: signature, manifest, paths, every file.
 - ``paths``: path safety: a bundle path cannot leave the bundle.
 - ``tarball``: the deterministic ``.tar`` form and a reader that refuses unsafe members.
+- ``tensors``: the tensor signature (``TensorSpec``), one model input or output.
 - ``golden``: the byte-deterministic golden input/output pair and its tolerance check.
 - ``blobstore``: content-addressed blob storage: the interface and the local-disk store.
 - ``s3store``: the same interface on S3-compatible object storage (boto3, imported lazily).
