@@ -180,9 +180,10 @@ class MqttChunkResponder:
             )
             client.publish(topic, encode(answer), qos=1)
             return
-        for i, digest in enumerate(req.chunk_digests):
+        wanted = list(dict.fromkeys(req.chunk_digests))  # as the control plane: each chunk once
+        for i, digest in enumerate(wanted):
             data = self.server.chunk_data(digest)
-            last = i == len(req.chunk_digests) - 1
+            last = i == len(wanted) - 1
             client.publish(
                 topic,
                 encode(mpb.ChunkData(request_id=req.request_id, chunk_digest=digest, data=data, last=last)),
