@@ -9,17 +9,18 @@ crash or a dropped stream loses at most the chunk in flight.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgectl.agent.errors import FetchError, InsufficientSpaceError
 from edgectl.agent.transports import ArtifactTransport
-from edgectl.artifact import LocalBlobStore, Manifest, chunks_to_fetch
+from edgectl.artifact import DigestMismatchError, LocalBlobStore, Manifest, chunk_sizes, chunks_to_fetch
+from edgectl.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,25 @@ class FetchReport:
 Progress = Callable[[int, int], None]
 
 
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round on one transport did; the fetch loop decides from these fields alone."""
+
+    transport: str
+    chunks_stored: int
+    bytes_stored: int
+    corrupt: int  # chunks that arrived with the wrong size or digest (refused, never stored)
+    error: str | None  # why the round ended early (a cut stream, a server error), or None
+    gave_up_on: str | None = None  # a chunk refused ``max_bad_per_chunk`` times: the source is bad
+
+    @property
+    def made_progress(self) -> bool:
+        return self.chunks_stored > 0
+
+    @property
+    def resume_at_once(self) -> bool:
+        """It was working before it broke (a cut stream): resume on it without waiting."""
+        return self.made_progress and self.error is not None and self.gave_up_on is None
 
 
 class TokenBucket:
@@ -95,6 +113,7 @@ class ArtifactFetcher:
         store: LocalBlobStore,
         transports: Sequence[ArtifactTransport],
         settings: FetchSettings | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if not transports:
             raise FetchError("no artifact transport configured", hint="pass --control-plane or --mqtt")
@@ -102,6 +121,7 @@ class ArtifactFetcher:
         self.transports = list(transports)
         self.settings = settings or FetchSettings()
         self._preferred: ArtifactTransport | None = None
+        self._rng = rng  # None: a fresh Random per process; tests pass a seeded one
 
     def _ordered(self) -> list[ArtifactTransport]:
         """The transports, the one that last worked first (a broker-only site stays on MQTT)."""
@@ -126,7 +146,7 @@ class ArtifactFetcher:
 
     def check_space(self, manifest: Manifest, root: Path) -> None:
         """Raise InsufficientSpaceError unless the chunks to fetch and the reassembled files fit."""
-        sizes = {c.digest: c.size for f in manifest.files for c in f.chunks}
+        sizes = chunk_sizes(manifest)
         need = sum(sizes[d] for d in self.missing(manifest)) + sum(f.size for f in manifest.files)
         free = shutil.disk_usage(root).free
         if free < need + self.settings.reserve_bytes:
@@ -137,60 +157,93 @@ class ArtifactFetcher:
             )
 
     def fetch(self, digest: str, manifest: Manifest, progress: Progress | None = None) -> FetchReport:
-        """Bring every chunk of ``manifest`` into the store; resumes from whatever is already held."""
-        sizes = {c.digest: c.size for f in manifest.files for c in f.chunks}
+        """Bring every chunk of ``manifest`` into the store; resumes from whatever is already held.
+
+        Up to ``max_rounds`` rounds; each tries the transports in order (the last one that
+        worked first) until one finishes or makes progress. Between rounds the loop waits a
+        jittered backoff, except when a transport broke after making progress (a cut stream).
+        """
+        sizes = chunk_sizes(manifest)
         total = sum(sizes.values())
         todo = self.missing(manifest)
         reused = total - sum(sizes[d] for d in todo)
-        fetched_bytes = fetched_chunks = corrupt = 0
-        bad: dict[str, int] = {}
         throttle = TokenBucket(self.settings.bandwidth_bps, self.settings.bandwidth_burst)
-        used = self.transports[0].name
-        errors: list[str] = []
+        job = _FetchJob(digest, sizes, throttle, progress, done_bytes=reused)
+        backoff = Backoff(self.settings.retry_base_s, self.settings.retry_max_s, rng=self._rng)
+        rounds: list[RoundResult] = []
         for round_no in range(self.settings.max_rounds):
             if not todo:
                 break
             for transport in self._ordered():
-                used = transport.name
-                before = fetched_chunks
-                try:
-                    for start in range(0, len(todo), self.settings.chunks_per_request):
-                        request = todo[start : start + self.settings.chunks_per_request]
-                        wanted = set(request)
-                        for claimed, data in transport.fetch_chunks(digest, request):
-                            if claimed not in wanted:
-                                continue  # not asked for (or a duplicate): never trusted, never stored
-                            throttle.consume(len(data))
-                            if len(data) != sizes[claimed] or _sha(data) != claimed:
-                                corrupt += 1
-                                bad[claimed] = bad.get(claimed, 0) + 1
-                                log.warning(
-                                    "chunk %s from %s is corrupt; fetching it again", claimed, transport.name
-                                )
-                                if bad[claimed] >= self.settings.max_bad_per_chunk:
-                                    raise FetchError(
-                                        f"chunk {claimed} arrived corrupt {bad[claimed]} times from {transport.name}"
-                                    )
-                                continue
-                            self.store.put(data, expected=claimed)
-                            wanted.discard(claimed)
-                            fetched_bytes += len(data)
-                            fetched_chunks += 1
-                            if progress is not None:
-                                progress(reused + fetched_bytes, total)
+                result = self._round(transport, job, todo)
+                rounds.append(result)
+                if result.error is None:
                     self._preferred = transport
-                except FetchError as exc:
-                    errors.append(f"{transport.name}: {exc}")
-                    log.warning("fetch of %s via %s interrupted: %s", digest, transport.name, exc)
                 todo = self.missing(manifest)
-                if not todo or (errors and fetched_chunks > before):
-                    # Done, or it was working before it broke: resume on the same transport.
-                    self._preferred = transport
+                if not todo or result.made_progress:
+                    self._preferred = transport  # done, or it works: stay with it
                     break
-            if todo and not (fetched_chunks and errors and "corrupt" not in errors[-1]):
-                delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2**round_no)
-                time.sleep(delay)
+            last = rounds[-1]
+            if last.made_progress:
+                backoff.reset()
+            if todo and not last.resume_at_once and round_no + 1 < self.settings.max_rounds:
+                time.sleep(backoff.next())
+        fetched = sum(r.chunks_stored for r in rounds)
+        fetched_bytes = sum(r.bytes_stored for r in rounds)
+        corrupt = sum(r.corrupt for r in rounds)
         if todo:
-            last = errors[-1] if errors else "chunks never arrived"
-            raise FetchError(f"{len(todo)} chunks of {digest} still missing after retries ({last})")
-        return FetchReport(digest, total, fetched_bytes, reused, fetched_chunks, corrupt, used)
+            errors = [f"{r.transport}: {r.error}" for r in rounds if r.error is not None]
+            last_error = errors[-1] if errors else "chunks never arrived"
+            raise FetchError(f"{len(todo)} chunks of {digest} still missing after retries ({last_error})")
+        used = rounds[-1].transport if rounds else self.transports[0].name
+        return FetchReport(digest, total, fetched_bytes, reused, fetched, corrupt, used)
+
+    def _round(self, transport: ArtifactTransport, job: _FetchJob, todo: list[str]) -> RoundResult:
+        """Ask ``transport`` for ``todo`` in batches; store each chunk once it passes ``verify_chunk``."""
+        stored = stored_bytes = corrupt = 0
+        try:
+            for start in range(0, len(todo), self.settings.chunks_per_request):
+                request = todo[start : start + self.settings.chunks_per_request]
+                wanted = set(request)
+                for claimed, data in transport.fetch_chunks(job.digest, request):
+                    if claimed not in wanted:
+                        continue  # not asked for (or a duplicate): never trusted, never stored
+                    job.throttle.consume(len(data))
+                    try:
+                        # The one check of this hop: the store verifies size and digest, then writes.
+                        self.store.put(data, expected=claimed, expected_size=job.sizes[claimed])
+                    except DigestMismatchError:
+                        corrupt += 1
+                        job.bad[claimed] = job.bad.get(claimed, 0) + 1
+                        log.warning("chunk %s from %s is corrupt; fetching it again", claimed, transport.name)
+                        if job.bad[claimed] >= self.settings.max_bad_per_chunk:
+                            error = f"chunk {claimed} arrived corrupt {job.bad[claimed]} times"
+                            log.warning("fetch of %s via %s stopped: %s", job.digest, transport.name, error)
+                            return RoundResult(transport.name, stored, stored_bytes, corrupt, error, claimed)
+                        continue
+                    wanted.discard(claimed)
+                    stored += 1
+                    stored_bytes += len(data)
+                    job.done_bytes += len(data)
+                    if job.progress is not None:
+                        job.progress(job.done_bytes, job.total)
+        except FetchError as exc:
+            log.warning("fetch of %s via %s interrupted: %s", job.digest, transport.name, exc)
+            return RoundResult(transport.name, stored, stored_bytes, corrupt, str(exc))
+        return RoundResult(transport.name, stored, stored_bytes, corrupt, None)
+
+
+@dataclass
+class _FetchJob:
+    """What the rounds of one fetch share: sizes, the bandwidth limit, bad-chunk counts, progress."""
+
+    digest: str
+    sizes: dict[str, int]
+    throttle: TokenBucket
+    progress: Progress | None
+    done_bytes: int = 0  # held before the fetch plus stored since: what progress reports
+    bad: dict[str, int] = field(default_factory=dict)  # chunk digest -> corrupt arrivals
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())

@@ -10,11 +10,13 @@ One job per module (a test keeps this list complete):
 - ``canonical``: canonical JSON, the one byte encoding of a manifest; digests.
 - ``signing``: Ed25519 signatures over the canonical bytes, key ids, the trust store.
 - ``keystore``: where the user's default signing key and trusted keys live.
-- ``chunking``: content-defined chunking and the chunk-level transfer helpers.
+- ``chunking``: content-defined chunking, a manifest's chunk lists, chunk-level transfer helpers.
+- ``integrity``: ``verify_chunk``, the one check of a chunk's bytes, and the verified file reader.
 - ``builder``: writes a bundle: files, chunks, golden pair, manifest, signature.
 - ``verify``: everything checked before use: signature, manifest, paths, every file.
 - ``paths``: path safety: a bundle path cannot leave the bundle.
 - ``tarball``: the deterministic ``.tar`` form and a reader that refuses unsafe members.
+- ``tensors``: the tensor signature (``TensorSpec``), one model input or output.
 - ``golden``: the byte-deterministic golden input/output pair and its tolerance check.
 - ``blobstore``: content-addressed blob storage: the interface and the local-disk store.
 - ``s3store``: the same interface on S3-compatible object storage (boto3, imported lazily).
@@ -33,6 +35,8 @@ from edgectl.artifact.chunking import (
     all_chunk_digests,
     chunk_bytes,
     chunk_file,
+    chunk_locations,
+    chunk_sizes,
     chunks_to_fetch,
     put_file_chunks,
     read_chunk,
@@ -55,6 +59,7 @@ from edgectl.artifact.errors import (
     UntrustedKeyError,
 )
 from edgectl.artifact.golden import golden_matches, read_golden, write_golden
+from edgectl.artifact.integrity import ChunkSource, file_digest_matches, read_verified, verify_chunk
 from edgectl.artifact.keystore import config_dir, default_key_path, default_signing_key, default_trust_store
 from edgectl.artifact.manifest import (
     FORMAT,
@@ -94,6 +99,7 @@ __all__ = [
     "BlobStore",
     "BlobStoreError",
     "ChunkRef",
+    "ChunkSource",
     "DigestMismatchError",
     "FileEntry",
     "GoldenRef",
@@ -122,6 +128,8 @@ __all__ = [
     "canonical_bytes",
     "chunk_bytes",
     "chunk_file",
+    "chunk_locations",
+    "chunk_sizes",
     "chunks_to_fetch",
     "config_dir",
     "created_now",
@@ -130,6 +138,7 @@ __all__ = [
     "default_trust_store",
     "dynamic_dim_name",
     "ensure_newer",
+    "file_digest_matches",
     "golden_matches",
     "is_digest",
     "is_newer",
@@ -143,10 +152,12 @@ __all__ = [
     "read_chunk",
     "read_golden",
     "read_range",
+    "read_verified",
     "reassemble_file",
     "sha256_digest",
     "shared_bytes",
     "verify_bundle",
+    "verify_chunk",
     "verify_manifest",
     "verify_signatures",
     "verify_stream",

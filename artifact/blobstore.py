@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from edgectl.artifact.canonical import DIGEST_PREFIX, is_digest
+from edgectl.artifact.canonical import DIGEST_PREFIX, is_digest, sha256_digest
 from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError, DigestMismatchError
+from edgectl.artifact.integrity import verify_chunk
 from edgectl.durable import fsync_dir
 
 COPY_BUFSIZE = 1 << 20
@@ -33,11 +33,41 @@ def check_digest(digest: str) -> str:
     return digest[len(DIGEST_PREFIX) :]
 
 
+def key_for(data: bytes, expected: str | None, expected_size: int | None = None) -> str:
+    """The key ``data`` is stored under: ``expected`` once ``verify_chunk`` passes, else its sha256.
+
+    Either way the bytes are hashed exactly once, so a caller that passes ``expected`` gets the
+    chunk's check and its store in one step (the fetcher and the upload path rely on this).
+    """
+    if expected is None:
+        return sha256_digest(data)
+    check_digest(expected)
+    verify_chunk(data, expected, expected_size)
+    return expected
+
+
+def copy_hashing(stream: BinaryIO, sink: BinaryIO) -> str:
+    """Copy ``stream`` into ``sink`` block by block and return the copy's digest (streams may not fit in memory)."""
+    hasher = hashlib.sha256()
+    while block := stream.read(COPY_BUFSIZE):
+        hasher.update(block)
+        sink.write(block)
+    return DIGEST_PREFIX + hasher.hexdigest()
+
+
+def check_stream_digest(expected: str | None, digest: str) -> None:
+    """After a streamed put: refuse the blob unless it hashed to ``expected`` (when one was given)."""
+    if expected is not None and digest != expected:
+        raise DigestMismatchError(
+            expected, f"received bytes hash to {digest}", expected=expected, actual=digest
+        )
+
+
 @runtime_checkable
 class BlobStore(Protocol):
     """Bytes addressed by their sha256; every implementation behaves the same."""
 
-    def put(self, data: bytes, *, expected: str | None = None) -> str:
+    def put(self, data: bytes, *, expected: str | None = None, expected_size: int | None = None) -> str:
         """Store ``data``; returns its digest. Idempotent. DigestMismatchError if ``expected`` differs."""
         ...
 
@@ -104,25 +134,37 @@ class LocalBlobStore:
         hexd = check_digest(digest)
         return self._objects / hexd[:2] / hexd
 
-    def put(self, data: bytes, *, expected: str | None = None) -> str:
-        return self.put_stream(io.BytesIO(data), expected=expected)
+    def put(self, data: bytes, *, expected: str | None = None, expected_size: int | None = None) -> str:
+        digest = key_for(data, expected, expected_size)
+        if self.path(digest).exists():
+            return digest  # idempotent: same digest, same bytes; keep the first copy
+
+        def write(fh: BinaryIO) -> str:
+            fh.write(data)
+            return digest
+
+        return self._commit(write)
 
     def put_stream(self, stream: BinaryIO, *, expected: str | None = None) -> str:
         if expected is not None:
             check_digest(expected)
-        hasher = hashlib.sha256()
+
+        def write(fh: BinaryIO) -> str:
+            digest = copy_hashing(stream, fh)
+            check_stream_digest(expected, digest)
+            return digest
+
+        return self._commit(write)
+
+    def _commit(self, write: Callable[[BinaryIO], str]) -> str:
+        """Write a blob to a temp file (``write`` returns its digest), fsync, and rename it into place."""
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
-                while block := stream.read(COPY_BUFSIZE):
-                    hasher.update(block)
-                    fh.write(block)
+                digest = write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            digest = DIGEST_PREFIX + hasher.hexdigest()
-            if expected is not None and digest != expected:
-                raise DigestMismatchError(expected, f"received bytes hash to {digest}")
             final = self.path(digest)
             if final.exists():
                 tmp.unlink()  # idempotent: same digest, same bytes; keep the first copy

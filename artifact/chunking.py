@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgectl.artifact.blobstore import BlobStore
-from edgectl.artifact.errors import BlobNotFoundError, DigestMismatchError, TruncatedError
+from edgectl.artifact.errors import BlobNotFoundError, TruncatedError
+from edgectl.artifact.integrity import ChunkSource, read_verified, verify_chunk
 from edgectl.artifact.manifest import ChunkRef, FileEntry, Manifest
 
 if TYPE_CHECKING:
@@ -72,19 +73,31 @@ def chunks_to_fetch(manifest: Manifest, held: Collection[str]) -> list[ChunkRef]
 
     Each digest appears once, in file/offset order, so a fetcher can stream them in order.
     """
-    seen = set(held)
-    out: list[ChunkRef] = []
+    have = set(held)
+    return [c for c, _ in chunk_locations(manifest).values() if c.digest not in have]
+
+
+def chunk_locations(manifest: Manifest) -> dict[str, tuple[ChunkRef, FileEntry]]:
+    """Chunk digest -> (the chunk, its file) at its first occurrence, in file/offset order.
+
+    A chunk shared by two files (or repeated in one) is listed once: it is stored, sent and
+    verified once.
+    """
+    out: dict[str, tuple[ChunkRef, FileEntry]] = {}
     for f in manifest.files:
         for c in f.chunks:
-            if c.digest not in seen:
-                seen.add(c.digest)
-                out.append(c)
+            out.setdefault(c.digest, (c, f))
     return out
 
 
 def all_chunk_digests(manifest: Manifest) -> set[str]:
     """Every chunk digest the manifest refers to (the keep-set for a store's gc)."""
-    return {c.digest for f in manifest.files for c in f.chunks}
+    return set(chunk_locations(manifest))
+
+
+def chunk_sizes(manifest: Manifest) -> dict[str, int]:
+    """Chunk digest -> its size in bytes, each distinct chunk once."""
+    return {d: c.size for d, (c, _) in chunk_locations(manifest).items()}
 
 
 def put_file_chunks(path: Path, entry: FileEntry, store: BlobStore) -> int:
@@ -98,21 +111,29 @@ def put_file_chunks(path: Path, entry: FileEntry, store: BlobStore) -> int:
             data = fh.read(c.size)
             if len(data) != c.size:
                 raise TruncatedError(entry.path, f"file ends before chunk at offset {c.offset}")
-            store.put(data, expected=c.digest)
+            store.put(data, expected=c.digest, expected_size=c.size)
             sent += c.size
     return sent
 
 
+def store_source(store: BlobStore, entry: FileEntry) -> ChunkSource:
+    """Chunks of ``entry`` from ``store``, for ``read_verified``; an absent one is a TruncatedError."""
+
+    def source(chunk: ChunkRef) -> bytes:
+        try:
+            return store.get(chunk.digest)
+        except BlobNotFoundError as exc:
+            raise TruncatedError(
+                entry.path, f"chunk at offset {chunk.offset} ({chunk.digest}) is not held"
+            ) from exc
+
+    return source
+
+
 def read_chunk(store: BlobStore, entry: FileEntry, chunk: ChunkRef) -> bytes:
     """One chunk from the store, verified against the manifest before anyone uses it."""
-    try:
-        data = store.get(chunk.digest)
-    except BlobNotFoundError as exc:
-        raise TruncatedError(
-            entry.path, f"chunk at offset {chunk.offset} ({chunk.digest}) is not held"
-        ) from exc
-    if len(data) != chunk.size or hashlib.sha256(data).hexdigest() != chunk.sha256:
-        raise DigestMismatchError(entry.path, f"chunk at offset {chunk.offset} does not match its sha256")
+    data = store_source(store, entry)(chunk)
+    verify_chunk(data, chunk.digest, chunk.size, path=entry.path, what=f"chunk at offset {chunk.offset}")
     return data
 
 
@@ -137,7 +158,7 @@ def read_range(store: BlobStore, entry: FileEntry, offset: int, length: int) -> 
 
 
 def reassemble_file(store: BlobStore, entry: FileEntry, dest: Path) -> None:
-    """Write ``entry`` to ``dest`` from its chunks, verifying each chunk and the whole file.
+    """Write ``entry`` to ``dest`` from its chunks, verifying each chunk as it is read.
 
     The file appears at ``dest`` only once complete and verified (temp file, fsync, rename).
     """
@@ -145,16 +166,11 @@ def reassemble_file(store: BlobStore, entry: FileEntry, dest: Path) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     tmp = Path(tmp_name)
     try:
-        whole = hashlib.sha256()
         with os.fdopen(fd, "wb") as fh:
-            for c in entry.chunks:
-                data = read_chunk(store, entry, c)
-                whole.update(data)
+            for data in read_verified(entry, store_source(store, entry)):
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if whole.hexdigest() != entry.sha256:
-            raise DigestMismatchError(entry.path, "reassembled file does not match its sha256")
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

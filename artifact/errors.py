@@ -39,11 +39,13 @@ class UntrustedKeyError(SignatureError):
 class DigestMismatchError(ArtifactError):
     """A file's (or chunk's) bytes differ from what the manifest records."""
 
-    def __init__(self, path: str, detail: str) -> None:
+    def __init__(self, path: str, detail: str, *, expected: str = "", actual: str = "") -> None:
         super().__init__(
             f"{path}: {detail}", hint="the bundle was modified or damaged; fetch it again from its source"
         )
         self.path = path
+        self.expected = expected  # the digest the bytes should have had ("" when not known)
+        self.actual = actual  # what they hash to ("" when refused before hashing, e.g. by size)
 
 
 class TruncatedError(ArtifactError):

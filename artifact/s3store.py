@@ -7,26 +7,20 @@ put is atomic, and it is idempotent because the key is the content's digest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlparse
 
-from edgectl.artifact.blobstore import COPY_BUFSIZE, check_digest
+from edgectl.artifact.blobstore import check_digest, check_stream_digest, copy_hashing, key_for
 from edgectl.artifact.canonical import DIGEST_PREFIX
-from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError, DigestMismatchError
+from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError
 
 ENDPOINT_ENV = "EDGECTL_S3_ENDPOINT"
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 # Blobs up to this size are hashed in memory; bigger ones spool to disk first.
 _SPOOL_MAX = 64 << 20
-
-
-def _check_expected(expected: str | None, digest: str) -> None:
-    if expected is not None and check_digest(expected) != check_digest(digest):
-        raise DigestMismatchError(expected, f"received bytes hash to {digest}")
 
 
 class S3BlobStore:
@@ -75,22 +69,19 @@ class S3BlobStore:
         except BotoCoreError as exc:
             raise BlobStoreError(f"S3 {op} on bucket {self.bucket!r} failed: {exc}") from exc
 
-    def put(self, data: bytes, *, expected: str | None = None) -> str:
-        digest = DIGEST_PREFIX + hashlib.sha256(data).hexdigest()
-        _check_expected(expected, digest)
+    def put(self, data: bytes, *, expected: str | None = None, expected_size: int | None = None) -> str:
+        digest = key_for(data, expected, expected_size)
         if not self.has(digest):  # idempotent, and saves the upload when it is already there
             self._call("put_object", None, Key=self.key(digest), Body=data)
         return digest
 
     def put_stream(self, stream: BinaryIO, *, expected: str | None = None) -> str:
         # The key is the digest, so the whole stream must be hashed before the upload can start.
+        if expected is not None:
+            check_digest(expected)
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX) as spool:
-            hasher = hashlib.sha256()
-            while block := stream.read(COPY_BUFSIZE):
-                hasher.update(block)
-                spool.write(block)
-            digest = DIGEST_PREFIX + hasher.hexdigest()
-            _check_expected(expected, digest)
+            digest = copy_hashing(stream, spool)  # type: ignore[arg-type]
+            check_stream_digest(expected, digest)
             if not self.has(digest):
                 spool.seek(0)
                 self._upload(spool, digest)

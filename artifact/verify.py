@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import stat
@@ -30,7 +29,15 @@ from edgectl.artifact.errors import (
     UnlistedFileError,
 )
 from edgectl.artifact.golden import read_golden
-from edgectl.artifact.manifest import MANIFEST_NAME, RESERVED_NAMES, SIGNATURE_NAME, FileEntry, Manifest
+from edgectl.artifact.integrity import read_verified
+from edgectl.artifact.manifest import (
+    MANIFEST_NAME,
+    RESERVED_NAMES,
+    SIGNATURE_NAME,
+    ChunkRef,
+    FileEntry,
+    Manifest,
+)
 from edgectl.artifact.paths import scan_bundle_dir
 from edgectl.artifact.signing import TrustStore, verify_signatures
 from edgectl.artifact.tarball import safe_members
@@ -109,12 +116,12 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes:
 
 
 def verify_stream(entry: FileEntry, stream: IO[bytes], sink: IO[bytes] | None = None) -> None:
-    """Read ``entry``'s bytes chunk by chunk, checking each chunk, the length and the whole digest.
+    """Read ``entry``'s bytes chunk by chunk, checking each chunk (``read_verified``) and the length.
 
     A corrupt chunk is caught when it is read, not after the whole file; ``sink`` gets the bytes.
     """
-    whole = hashlib.sha256()
-    for c in entry.chunks:
+
+    def source(c: ChunkRef) -> bytes:
         try:
             data = _read_exact(stream, c.size)
         except (tarfile.ReadError, EOFError, OSError) as exc:
@@ -122,17 +129,13 @@ def verify_stream(entry: FileEntry, stream: IO[bytes], sink: IO[bytes] | None = 
         if len(data) < c.size:
             got = c.offset + len(data)
             raise TruncatedError(entry.path, f"file ends at byte {got}; manifest says {entry.size}")
-        if hashlib.sha256(data).hexdigest() != c.sha256:
-            raise DigestMismatchError(
-                entry.path, f"chunk at offset {c.offset} (size {c.size}) does not match"
-            )
-        whole.update(data)
+        return data
+
+    for data in read_verified(entry, source):
         if sink is not None:
             sink.write(data)
     if stream.read(1):
         raise DigestMismatchError(entry.path, f"file is longer than the {entry.size} bytes the manifest says")
-    if whole.hexdigest() != entry.sha256:
-        raise DigestMismatchError(entry.path, "file does not match its sha256")
 
 
 def _compare_listing(manifest: Manifest, present: list[str]) -> None:

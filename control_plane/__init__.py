@@ -20,7 +20,8 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``controller``: the leader's wave-by-wave health-gated rollout and automatic rollback.
 - ``desired``: desired state written before it is published, republished on (re)connect.
 - ``bus``: the MQTT connection: retained desired state out, device reports in.
-- ``ingest``: the leader's MQTT loop: batched report ingest, and the chunk server over MQTT.
+- ``ingest``: the leader's MQTT loop: batched report and event ingest.
+- ``chunk_server``: artifact chunks over MQTT for broker-only sites, bounded per request and device.
 - ``leader``: one controller per fleet (PostgreSQL advisory lock, or a file lock for SQLite).
 - ``strategy``: rollout strategies and device selectors, shared with the CLI.
 - ``convert``: domain records to protobuf messages and back.

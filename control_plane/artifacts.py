@@ -7,7 +7,6 @@ sha256. Chunks are blobs keyed by their digest, so a new version stores only wha
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -18,13 +17,18 @@ from edgectl.artifact import (
     BlobStore,
     ChunkRef,
     DigestMismatchError,
+    FileEntry,
     Manifest,
     ManifestError,
     SignatureError,
     TrustStore,
     UntrustedKeyError,
+    all_chunk_digests,
+    chunk_locations,
+    file_digest_matches,
     is_digest,
     missing,
+    sha256_digest,
     verify_manifest,
 )
 from edgectl.control_plane.db import Row, Tx
@@ -128,8 +132,7 @@ class ArtifactStore:
                 "INSERT INTO upload_plans (digest, manifest, signatures, created_at) VALUES (?, ?, ?, ?)",
                 (digest, manifest_bytes, signatures, time.time()),
             )
-        chunks = [c.digest for f in manifest.files for c in f.chunks]
-        return UploadPlan(digest, missing(self.blobs, chunks), False)
+        return UploadPlan(digest, missing(self.blobs, chunk_locations(manifest)), False)
 
     @staticmethod
     def _check_version_free(tx: Tx, manifest: Manifest, digest: str) -> None:
@@ -162,11 +165,12 @@ class ArtifactStore:
                 hint="send only chunks that PlanUpload listed as missing",
             )
         try:
+            # The one check of this hop: the blob store verifies the digest, then writes. No size
+            # check first, so the refusal can say what the bytes hash to (gRPC caps the message).
             self.blobs.put(data, expected=chunk_digest)
         except DigestMismatchError as exc:
-            actual = "sha256:" + hashlib.sha256(data).hexdigest()
             raise InvalidArgument(
-                f"chunk {chunk_digest} arrived as bytes that hash to {actual}",
+                f"chunk {chunk_digest} arrived as bytes that hash to {exc.actual}",
                 hint="the file changed after the manifest was made; rebuild the artifact and push again",
             ) from exc
 
@@ -181,7 +185,7 @@ class ArtifactStore:
             raise FailedPrecondition(f"no upload of {digest} is planned", hint="call PlanUpload first")
         manifest_bytes, signatures = bytes(plan[0]), bytes(plan[1])
         manifest = self.verify(manifest_bytes, signatures)
-        lacking = missing(self.blobs, [c.digest for f in manifest.files for c in f.chunks])
+        lacking = missing(self.blobs, chunk_locations(manifest))
         if lacking:
             raise FailedPrecondition(
                 f"upload of {digest} is incomplete: {len(lacking)} chunk(s) missing",
@@ -216,17 +220,14 @@ class ArtifactStore:
         return list(verify_manifest(manifest_bytes, signatures, self.trust).signers)
 
     def _check_files(self, manifest: Manifest) -> None:
-        # Chunks were checked one by one; a signed but inconsistent manifest is caught only here.
+        # The second look at these bytes, on purpose: chunks were verified one by one as they
+        # arrived; this checks the manifest's file digests against its chunk lists, once, so that
+        # a signed but inconsistent manifest never enters the fleet (devices check chunks only).
         for entry in manifest.files:
-            whole = hashlib.sha256()
-            size = 0
-            for chunk in entry.chunks:
-                data = self.blobs.get(chunk.digest)
-                whole.update(data)
-                size += len(data)
-            if size != entry.size or whole.hexdigest() != entry.sha256:
+            ok, size, sha = file_digest_matches(entry, lambda c: self.blobs.get(c.digest))
+            if not ok:
                 raise InvalidArgument(
-                    f"{entry.path} reassembles to {size} bytes with sha256 {whole.hexdigest()}, "
+                    f"{entry.path} reassembles to {size} bytes with sha256 {sha}, "
                     f"but the manifest says {entry.size} bytes with sha256 {entry.sha256}",
                     hint="the manifest does not describe its files; rebuild the artifact",
                 )
@@ -234,7 +235,7 @@ class ArtifactStore:
     def _discard_plan(self, digest: str, manifest: Manifest) -> None:
         with self.store.tx() as tx:
             tx.execute("DELETE FROM upload_plans WHERE digest = ?", (digest,))
-        self._gc({c.digest for f in manifest.files for c in f.chunks})
+        self._gc(all_chunk_digests(manifest))
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -328,13 +329,17 @@ class ArtifactStore:
                 continue
             data = self.blobs.get(c_digest)
             if offset > c_offset:
+                # A resumed file starts inside a chunk: the piece is a new byte string, so it needs
+                # its own digest for the receiver to check. Whole chunks carry the manifest's.
                 data = data[offset - c_offset :]
                 c_offset = offset
-            yield ChunkOut(path, c_offset, "sha256:" + hashlib.sha256(data).hexdigest(), data)
+                c_digest = sha256_digest(data)
+            yield ChunkOut(path, c_offset, c_digest, data)
 
     def download_chunks(self, digest: str, chunk_digests: list[str]) -> Iterator[ChunkOut]:
         """The listed chunks of the artifact, each whole with its digest; unknown ones are refused first."""
         where = self.chunk_index(digest)
+        chunk_digests = list(dict.fromkeys(chunk_digests))  # a chunk named twice is sent once
         unknown = [d for d in chunk_digests if d not in where]
         if unknown:
             raise InvalidArgument(
@@ -344,19 +349,16 @@ class ArtifactStore:
         return self._chunk_pieces(where, chunk_digests)
 
     def _chunk_pieces(
-        self, where: dict[str, tuple[str, int]], chunk_digests: list[str]
+        self, where: dict[str, tuple[ChunkRef, FileEntry]], chunk_digests: list[str]
     ) -> Iterator[ChunkOut]:
+        # Loaded one at a time as the caller consumes them: a request never holds them all.
         for d in chunk_digests:
-            path, offset = where[d]
-            yield ChunkOut(path, offset, d, self.blobs.get(d))
+            chunk, entry = where[d]
+            yield ChunkOut(entry.path, chunk.offset, d, self.blobs.get(d))
 
-    def chunk_index(self, digest: str) -> dict[str, tuple[str, int]]:
-        """Chunk digest -> (file, offset) of its first occurrence in the artifact."""
-        out: dict[str, tuple[str, int]] = {}
-        for f in self.manifest(digest).files:
-            for c in f.chunks:
-                out.setdefault(c.digest, (f.path, c.offset))
-        return out
+    def chunk_index(self, digest: str) -> dict[str, tuple[ChunkRef, FileEntry]]:
+        """Chunk digest -> (the chunk, its file) at its first occurrence in the artifact."""
+        return chunk_locations(self.manifest(digest))
 
     # -- delete -------------------------------------------------------------------------------
 
@@ -375,7 +377,7 @@ class ArtifactStore:
         with self._lock:
             self._manifests.pop(digest, None)
         manifest = Manifest.from_bytes(record.manifest_bytes)
-        return self._gc({c.digest for f in manifest.files for c in f.chunks})
+        return self._gc(all_chunk_digests(manifest))
 
     @staticmethod
     def _referenced_by(tx: Tx, digest: str) -> list[str]:
@@ -400,7 +402,7 @@ class ArtifactStore:
             manifests += [bytes(r[0]) for r in tx.all("SELECT manifest FROM upload_plans")]
         keep: set[str] = set()
         for raw in manifests:
-            keep.update(c.digest for f in Manifest.from_bytes(raw).files for c in f.chunks)
+            keep |= all_chunk_digests(Manifest.from_bytes(raw))
         freed = 0
         for d in sorted(candidates - keep):
             if self.blobs.has(d):

@@ -133,14 +133,18 @@ class FleetBus:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Queue one message; paho sends it (and, at QoS 1, resends it after a reconnect)."""
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Queue one message; paho sends it (and, at QoS 1, resends it after a reconnect).
+
+        The returned info lets a sender of many large messages wait for each (the chunk server).
+        """
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.PayloadFormatIndicator = 1 if payload else 0
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             self._on_error("publish")
             log.warning("MQTT publish failed", extra={"topic": topic, "rc": info.rc})
+        return info
 
     def publish_desired(self, publications: list[Publication]) -> None:
         for p in publications:

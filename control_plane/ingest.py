@@ -1,104 +1,30 @@
-"""The leader's MQTT loop: drain the bus inbox in batches, store reports, answer chunk requests.
+"""The leader's MQTT loop: drain the bus inbox in batches, store reports and events.
 
 One batch (up to ``BATCH``) becomes one transaction, then the controller is woken. A
 (re)connect marker republishes every stored desired state, which heals a publish lost between
-a commit and a crash. Chunk requests go to their own worker so a big transfer never delays
-health reports.
+a commit and a crash. Chunk requests are handed to the chunk server's own worker
+(``chunk_server.py``) so a big transfer never delays health reports.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 
-from edgectl.artifact import BlobStoreError
-from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.bus import CONNECTED, FleetBus, Inbound
+from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.desired import all_publications
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet, Reported, Status
 from edgectl.control_plane.store import StateStore
-from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode, parse_topic
+from edgectl.mqtt.wire import PayloadError, decode, parse_topic
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
 BATCH = 500
-MAX_CHUNKS_PER_REQUEST = 256
-
-
-class ChunkServer:
-    """Answers ChunkRequests on a device's chunks/data topic, one ChunkData per chunk."""
-
-    def __init__(self, artifacts: ArtifactStore, bus: FleetBus) -> None:
-        self.artifacts = artifacts
-        self.bus = bus
-        self.requests: queue.Queue[tuple[str, mqtt_pb2.ChunkRequest] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="mqtt-chunks", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.requests.put(None)
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while (item := self.requests.get()) is not None:
-            device_id, request = item
-            try:
-                self.answer(device_id, request)
-            except Exception:
-                log.exception("chunk request failed", extra={"device_id": device_id})
-                # Tell the device at once rather than leave it waiting out its idle timeout.
-                failed = mqtt_pb2.ChunkData(
-                    request_id=request.request_id, error="the control plane failed to answer", last=True
-                )
-                with contextlib.suppress(Exception):
-                    self.bus.publish(DeviceTopics(device_id).chunk_data, encode(failed), qos=1)
-
-    def answer(self, device_id: str, request: mqtt_pb2.ChunkRequest) -> None:
-        topic = DeviceTopics(device_id).chunk_data
-        wanted = list(request.chunk_digests)
-        if request.manifest:
-            self._answer_manifest(topic, request)
-            return
-        try:
-            if not wanted:
-                raise ControlPlaneError("the request names no chunks")
-            if len(wanted) > MAX_CHUNKS_PER_REQUEST:
-                raise ControlPlaneError(f"ask for at most {MAX_CHUNKS_PER_REQUEST} chunks per request")
-            pieces = list(self.artifacts.download_chunks(request.artifact_digest, wanted))
-        except (ControlPlaneError, BlobStoreError) as exc:
-            error = mqtt_pb2.ChunkData(request_id=request.request_id, error=str(exc), last=True)
-            self.bus.publish(topic, encode(error), qos=1)
-            return
-        for i, piece in enumerate(pieces):
-            message = mqtt_pb2.ChunkData(
-                request_id=request.request_id,
-                chunk_digest=piece.digest,
-                data=piece.data,
-                last=i == len(pieces) - 1,
-            )
-            self.bus.publish(topic, encode(message), qos=1)
-
-    def _answer_manifest(self, topic: str, request: mqtt_pb2.ChunkRequest) -> None:
-        """The signed manifest, as gRPC's ArtifactService.Get gives it; the agent verifies it."""
-        try:
-            record = self.artifacts.get(request.artifact_digest)
-        except ControlPlaneError as exc:
-            answer = mqtt_pb2.ChunkData(request_id=request.request_id, error=str(exc), last=True)
-        else:
-            answer = mqtt_pb2.ChunkData(
-                request_id=request.request_id,
-                manifest=record.manifest_bytes,
-                signatures=record.signatures,
-                last=True,
-            )
-        self.bus.publish(topic, encode(answer), qos=1)
 
 
 class FleetIngest:

@@ -25,13 +25,14 @@ from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
+from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.db import DEFAULT_POOL_SIZE
 from edgectl.control_plane.desired import DEFAULT_ORDER_TTL_S, OrderSigner
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.health_port import serve_health
-from edgectl.control_plane.ingest import ChunkServer, FleetIngest
+from edgectl.control_plane.ingest import FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
 from edgectl.control_plane.limits import FailureBudget, StreamLimiter
 from edgectl.control_plane.metrics import Metrics

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from edgectl.artifact import all_chunk_digests
 from edgectl.control_plane import convert
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
@@ -81,7 +82,7 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
         digest = first.header.digest
         note.target = digest
         manifest = self.artifacts.planned_manifest(digest)
-        wanted = {c.digest for f in manifest.files for c in f.chunks}
+        wanted = all_chunk_digests(manifest)
         received = chunks = 0
         for message in request_iterator:
             if message.WhichOneof("body") != "chunk":

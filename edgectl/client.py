@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edgectl.addresses import parse_host_port
+from edgectl.artifact.chunking import chunk_locations
 from edgectl.artifact.keystore import config_dir
 from edgectl.artifact.manifest import Manifest
 from edgectl.artifact.tarball import safe_members
@@ -238,17 +239,17 @@ def push_artifact(client: ControlPlaneClient, path: Path) -> PushResult:
         art = client.call(client.artifacts.Get, artifacts_pb2.GetArtifactRequest(artifact=plan.digest))
         return PushResult(art, 0, 0, True)
     manifest = Manifest.from_bytes(manifest_bytes)
-    where = {c.digest: (f.path, c.offset, c.size) for f in manifest.files for c in f.chunks}
+    where = chunk_locations(manifest)
     with tempfile.TemporaryDirectory(prefix="edgectl-push-") as tmp:
         root = _bundle_files(Path(path), Path(tmp))
 
         def requests() -> Iterator[artifacts_pb2.UploadRequest]:
             yield artifacts_pb2.UploadRequest(header=artifacts_pb2.UploadHeader(digest=plan.digest))
             for digest in plan.missing_chunks:
-                rel, offset, size = where[digest]
-                with (root / rel).open("rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read(size)
+                chunk, entry = where[digest]
+                with (root / entry.path).open("rb") as fh:
+                    fh.seek(chunk.offset)
+                    data = fh.read(chunk.size)
                 yield artifacts_pb2.UploadRequest(chunk=artifacts_pb2.ChunkPayload(digest=digest, data=data))
 
         response = client.call(client.artifacts.Upload, requests(), timeout=600)

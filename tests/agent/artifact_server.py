@@ -21,7 +21,14 @@ import grpc
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgectl.artifact import MANIFEST_NAME, SIGNATURE_NAME, LocalBlobStore, Manifest, put_file_chunks
+from edgectl.artifact import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    LocalBlobStore,
+    Manifest,
+    chunk_locations,
+    put_file_chunks,
+)
 from edgectl.artifact.canonical import sha256_digest
 from edgectl.mqtt.wire import ALL_CHUNK_REQUESTS, DeviceTopics, decode, encode, parse_topic
 from edgectl.protos.v1 import artifacts_pb2 as apb
@@ -106,15 +113,13 @@ class ArtifactStoreServer(apb_grpc.ArtifactServiceServicer):
         if found is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown artifact {request.digest}")
         manifest = found[2]
-        where: dict[str, tuple[str, int]] = {}
-        for f in manifest.files:
-            for c in f.chunks:
-                where.setdefault(c.digest, (f.path, c.offset))
+        where = chunk_locations(manifest)
         if request.chunks:
             unknown = [d for d in request.chunks if d not in where]
             if unknown:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chunks not in artifact: {unknown[:3]}")
-            pieces = [(d, *where[d], 0) for d in request.chunks]
+            # As the control plane does: a chunk named twice is sent once.
+            pieces = [(d, where[d][1].path, where[d][0].offset, 0) for d in dict.fromkeys(request.chunks)]
         elif request.path:
             # As the control plane does: the file from ``offset``, the first chunk cut at it.
             entry = next((f for f in manifest.files if f.path == request.path), None)
@@ -175,9 +180,10 @@ class MqttChunkResponder:
             )
             client.publish(topic, encode(answer), qos=1)
             return
-        for i, digest in enumerate(req.chunk_digests):
+        wanted = list(dict.fromkeys(req.chunk_digests))  # as the control plane: each chunk once
+        for i, digest in enumerate(wanted):
             data = self.server.chunk_data(digest)
-            last = i == len(req.chunk_digests) - 1
+            last = i == len(wanted) - 1
             client.publish(
                 topic,
                 encode(mpb.ChunkData(request_id=req.request_id, chunk_digest=digest, data=data, last=last)),

@@ -315,3 +315,17 @@ def test_mqtt_request_for_an_unknown_artifact_gets_one_error_message(
             list(device_end.transport.fetch_chunks(UNKNOWN, _chunks(published.manifest)[:1]))
     assert len(device_end.raw) == 1
     assert device_end.raw[0].error and device_end.raw[0].last
+
+
+def test_a_chunk_named_twice_is_sent_once_over_grpc_and_mqtt(
+    source: ArtifactSource, published: Published, device_end: DeviceEnd
+) -> None:
+    chunks = _chunks(published.manifest)
+    wanted = [chunks[0], chunks[1], chunks[0], chunks[1], chunks[0]]
+    got = list(
+        _stub(source).Download(apb.DownloadRequest(digest=published.digest, chunks=wanted), timeout=30)
+    )
+    assert [c.chunk_digest for c in got] == chunks[:2]
+    pairs = list(device_end.transport.fetch_chunks(published.digest, wanted))
+    assert [d for d, _ in pairs] == chunks[:2]
+    assert [m.last for m in device_end.raw] == [False, True]
