@@ -6,16 +6,32 @@ PIP := $(PY) -m pip
 # Where the machine keeps wheels on disk (the CPU torch build); harmless when absent.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
+# Locked, hashed installs: `make lock` writes these from pyproject.toml and constraints-dev.txt.
+DEV_LOCK := requirements/dev.lock
+AGENT_LOCK := requirements/agent.lock
+UV ?= $(if $(wildcard $(VENV)/bin/uv),$(VENV)/bin/uv,uv)
 
-.PHONY: setup broker faketime test lint format proto bench demo clean check-deploy
+.PHONY: setup broker faketime test lint format proto bench demo clean check-deploy lock
 
 setup: $(VENV)/.installed broker faketime  ## create .venv, install everything (mosquitto too)
 
-$(VENV)/.installed: pyproject.toml setup.py constraints-dev.txt
+# Every third-party package comes from the lock and must match its hash (pip included); edgectl
+# itself is then installed editable on top, with nothing more to fetch.
+$(VENV)/.installed: pyproject.toml setup.py $(DEV_LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(FIND_LINKS) -c constraints-dev.txt -e '.[dev]'
+	$(PIP) install -q $(FIND_LINKS) --require-hashes -r $(DEV_LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# The dev lock is for CI and development machines (CPython 3.11, x86_64 Linux, the CPU torch wheel
+# in /opt/wheels); the agent lock is universal: Jetsons and CPU boxes, any supported Python.
+# Existing pins are kept unless pyproject.toml needs others; `make lock UPGRADE=1` takes the newest.
+LOCK_FLAGS = --generate-hashes -c constraints-dev.txt --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade,)
+lock:  ## regenerate requirements/dev.lock and requirements/agent.lock (pinned, with hashes)
+	@command -v $(UV) >/dev/null || { echo "uv is missing: make setup (or pip install uv)"; exit 1; }
+	$(UV) pip compile -q pyproject.toml requirements/build.in --extra dev $(LOCK_FLAGS) $(FIND_LINKS) \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o $(DEV_LOCK)
+	$(UV) pip compile -q pyproject.toml --extra agent $(LOCK_FLAGS) --universal --python-version 3.10 -o $(AGENT_LOCK)
 
 broker:  ## mosquitto from apt when missing (root), else the command to run
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then \

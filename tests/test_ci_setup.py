@@ -51,3 +51,11 @@ def test_ci_runs_lint_after_setup_and_before_the_suite() -> None:
     ]
     assert "make lint" in steps, steps
     assert steps.index("make setup") < steps.index("make lint") < steps.index("make test"), steps
+
+
+def test_setup_installs_only_from_the_hashed_lock(tmp_path: Path) -> None:
+    installs = [line for line in _dry_run("setup", tmp_path).splitlines() if " install " in line]
+    assert any("--require-hashes -r requirements/dev.lock" in line for line in installs), installs
+    # Anything else pip installs is edgectl itself, with nothing fetched for it.
+    others = [line for line in installs if "--require-hashes" not in line and "apt-get" not in line]
+    assert all("--no-deps" in line and "-e ." in line for line in others), others

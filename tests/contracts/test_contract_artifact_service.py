@@ -27,14 +27,14 @@ from edgectl.agent.transports import GrpcTransport, MqttChunkTransport
 from edgectl.artifact import Manifest, SigningKey, TrustStore, all_chunk_digests, verify_manifest
 from edgectl.artifact.canonical import sha256_digest
 from edgectl.broker import MosquittoProcess
-from edgectl.client import ControlPlaneClient, push_artifact
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.client import push_artifact
 from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.protos.v1 import artifacts_pb2 as apb
 from edgectl.protos.v1 import artifacts_pb2_grpc as apb_grpc
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 from tests.agent.artifact_server import ArtifactStoreServer, MqttChunkResponder
 from tests.agent.onnx_models import mlp_artifact
+from tests.contracts.conftest import RealControlPlane
 
 UNKNOWN = "sha256:" + "0" * 64
 
@@ -65,32 +65,11 @@ class DoubleSource:
         self.server.stop()
 
 
-class ControlPlaneSource:
-    """A real control plane (insecure dev mode, SQLite, local blobs) leading on the test broker."""
-
-    def __init__(self, tmp: Path, broker: MosquittoProcess, trust: TrustStore) -> None:
-        config = ControlPlaneConfig(
-            listen="127.0.0.1:0",
-            insecure=True,
-            mqtt_url=broker.url,
-            state_url=f"sqlite:///{tmp}/cp.db",
-            blobs=str(tmp / "blobs"),
-            tick_seconds=0.1,
-            leader_interval=0.2,
-        )
-        self.cp = ControlPlane(config, trust=trust)
-        self.cp.start()
-        assert self.cp.election.leading.wait(10), "the control plane did not take leadership"
-        assert self.cp.bus.wait_connected(10), "the control plane did not connect to the broker"
-        self.address = self.cp.address
-        self.client = ControlPlaneClient(self.address, timeout=20)
+class ControlPlaneSource(RealControlPlane):
+    """The real control plane; artifacts arrive the way `edgectl artifact push` sends them."""
 
     def publish(self, bundle: Path) -> str:
         return push_artifact(self.client, bundle).artifact.ref.digest
-
-    def close(self) -> None:
-        self.client.close()
-        self.cp.stop(grace=0)
 
 
 @pytest.fixture(params=["double", "control-plane"])

@@ -1,5 +1,7 @@
 """Test devices that speak exactly the MQTT side of docs/protocol.md, many per thread.
 
+tests/contracts/test_contract_device.py holds them to what a real agent does.
+
 Each :class:`SimDevice` has its own paho client and real connection (own client id, Last
 Will, retained status and reports). One :class:`SimLoop` thread drives all their sockets
 through a selector, so a benchmark can run a thousand devices without a thousand threads.
@@ -202,6 +204,8 @@ class SimDevice:
         for want in desired.models:
             current = self.active.get(want.name)
             if current is not None and current.digest == want.digest:
+                # Already running what is desired: an earlier refusal is history (as the agent does).
+                current.failed_digest, current.failure_reason = "", ""
                 continue
             model = mqtt_pb2.ActiveModel(name=want.name)
             if current is not None:
