@@ -9,6 +9,8 @@ One job per module (a test keeps this list complete):
 - ``enroll``: trades a one-time token and a CSR for this device's credentials, kept 0600.
 - ``mqtt_link``: the MQTT v5 link: persistent session, Last Will, thin callbacks into queues.
 - ``reconcile``: the loop desired -> fetch -> verify -> stage -> load -> smoke test -> swap -> report.
+- ``orders``: the check of every desired state: signed by a trusted fleet key, for this device,
+  unexpired and newer than the last accepted; fleet-key rotation.
 - ``fetch``: ``ArtifactFetcher``: the verified manifest first, then only the chunks this device lacks.
 - ``transports``: the two byte sources of a fetch: gRPC from the control plane, or chunks over MQTT.
 - ``verify``: every check between a desired digest and a runnable model, each with a refusal reason.
@@ -18,9 +20,15 @@ One job per module (a test keeps this list complete):
 - ``engines``: TensorRT engines: the artifact's prebuilt one when it fits this GPU, else built and cached.
 - ``serving``: the served models by name, with a hot swap that never fails a request.
 - ``batching``: server-side micro-batching of concurrent requests into one session run.
-- ``burst``: local-or-remote routing per request behind a circuit breaker.
-- ``codecs``: KServe V2 tensors <-> numpy, the one seam that touches proto tensors.
+- ``router``: local-or-burst routing of one call, whatever protocol it came in on; inputs checked first.
+- ``burst``: the burst endpoint's V2 client behind a circuit breaker, and the latency model.
+- ``codecs``: KServe V2 tensors <-> numpy for gRPC, the datatype tables and header checks.
+- ``http_codec``: the HTTP half of the codec: JSON tensors and Triton's binary data extension.
 - ``v2_server``: the KServe V2 gRPC servicer; agent errors to status codes in one place.
+- ``http_server``: KServe V2 over HTTP/REST (aiohttp) beside gRPC, sharing registry and router.
+- ``v2_triton``: Triton's ModelConfig, ModelStatistics and RepositoryIndex, built once for both.
+- ``model_stats``: per model-version serving statistics in Triton's shape.
+- ``tls``: TLS and credentials of the inference listeners and the burst client (0600 files).
 - ``metrics``: Prometheus metrics and the rolling window behind the reported stats.
 - ``errors``: the agent's named failures.
 """
