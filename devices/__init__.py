@@ -2,6 +2,12 @@
 
 Importing this package needs only PyYAML: onnxruntime, tensorrt and CUDA are looked up
 when facts are gathered, so the agent can import it on any Jetson or CPU box.
+One job per module (a test keeps this list complete):
+
+- ``profile``: typed, validated device profiles from the YAML files in ``profiles/``.
+- ``facts``: facts about this machine from the kernel and the driver (CPU flags, CUDA, TensorRT).
+- ``matching``: the profile that fits the machine best, with the reason.
+- ``errors``: bad or unknown device profiles.
 """
 
 from __future__ import annotations
