@@ -315,16 +315,22 @@ class SimFleet:
             self.loop.call_later(1.0, lambda: self._reconnect(device))
 
     def disconnect(self, device_id: str, graceful: bool = False) -> None:
-        """Drop a device's connection: graceful sends DISCONNECT; otherwise the broker fires its Last Will."""
+        """Drop a device's connection. Graceful, as the agent stops: say offline (a clean
+        DISCONNECT fires no Last Will), then DISCONNECT; otherwise the broker fires the Will."""
         device = self.devices[device_id]
 
         def drop() -> None:
-            client, device.client = device.client, None
+            client = device.client
             if client is None:
                 return
-            self.loop.detach(client)
-            if graceful:
+            if graceful and device.connected.is_set():
+                device._publish(
+                    device.topics.status, mqtt_pb2.DeviceStatus(device_id=device_id, online=False)
+                )
                 client.disconnect()
+                client.loop_write()  # flush both on this (the loop's) thread before the socket closes
+            device.client = None
+            self.loop.detach(client)
             sock = client.socket()
             if sock is not None:
                 with contextlib.suppress(KeyError, ValueError):
