@@ -32,7 +32,13 @@ from edgectl.agent.errors import (
 from edgectl.agent.http_codec import HEADER_LENGTH, HttpRequest, decode_inputs, encode_response, parse_request
 from edgectl.agent.router import SERVED_BY, InferCall, InferenceRouter, InferResult
 from edgectl.agent.serving import ModelRegistry
-from edgectl.agent.v2_triton import model_config, model_metadata, model_statistics, repository_index, to_json
+from edgectl.agent.v2_triton import (
+    message_to_triton_dict,
+    model_config,
+    model_metadata,
+    model_statistics,
+    repository_index,
+)
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -122,24 +128,26 @@ class HttpV2Server:
         return self.registry.require(request.match_info["model"], request.match_info.get("version", ""))
 
     async def _metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(to_json(model_metadata(self.registry, self._served(request))))
+        return web.json_response(message_to_triton_dict(model_metadata(self.registry, self._served(request))))
 
     async def _model_ready(self, request: web.Request) -> web.Response:
         found = self.registry.resolve(request.match_info["model"], request.match_info.get("version", ""))
         return web.Response(status=200 if found is not None else 400)
 
     async def _config(self, request: web.Request) -> web.Response:
-        return web.json_response(to_json(model_config(self._served(request), self.registry.settings)))
+        return web.json_response(
+            message_to_triton_dict(model_config(self._served(request), self.registry.settings))
+        )
 
     async def _stats(self, request: web.Request) -> web.Response:
         name = request.match_info.get("model", "")
         version = request.match_info.get("version", "")
         if name:
             self.registry.require(name, version)
-        return web.json_response(to_json(model_statistics(self.registry, name, version)))
+        return web.json_response(message_to_triton_dict(model_statistics(self.registry, name, version)))
 
     async def _index(self, request: web.Request) -> web.Response:
-        return web.json_response(to_json(repository_index(self.registry))["models"])
+        return web.json_response(message_to_triton_dict(repository_index(self.registry))["models"])
 
     async def _infer(self, request: web.Request) -> web.Response:
         name, version = request.match_info["model"], request.match_info.get("version", "")

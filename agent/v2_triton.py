@@ -1,6 +1,6 @@
 """Triton's model-repository views of what the agent serves: ModelConfig, ModelStatistics and
 RepositoryIndex as protobuf messages, built once here and rendered by both front-ends (gRPC
-returns them, HTTP turns them into Triton's JSON with ``to_json``).
+returns them, HTTP turns them into Triton's JSON with ``message_to_triton_dict``).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _fix_ints(message_desc: Any, value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-def to_json(message: Message) -> dict[str, Any]:
+def message_to_triton_dict(message: Message) -> dict[str, Any]:
     """A message as Triton's HTTP API writes it: proto field names, enums by name, integers as numbers."""
     raw = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True

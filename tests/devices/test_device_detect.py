@@ -215,7 +215,7 @@ def test_devices_imports_and_detects_without_onnxruntime_or_torch() -> None:
 
 def test_cpu_flags_is_the_one_reader_and_compress_asks_it() -> None:
     """devices.cpu_flags() reads this CPU's flags; compress's VNNI question goes through it."""
-    from edgectl.compress.passes.quantize import cpu_has_vnni
+    from edgectl.compress.quantizer import cpu_has_vnni
 
     flags = cpu_flags()
     assert flags == _proc_flags() == gather_facts().cpu_flags
