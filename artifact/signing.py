@@ -92,14 +92,17 @@ class SigningKey:
         return pub
 
     @classmethod
-    def load(cls, path: Path) -> SigningKey:
-        """Read a PKCS#8 PEM Ed25519 private key, refusing files others can read (as ssh does)."""
+    def load(cls, path: Path, *, group_readable: bool = False) -> SigningKey:
+        """Read a PKCS#8 PEM Ed25519 private key, refusing files others can read (as ssh does).
+
+        ``group_readable`` lets a service read its key from a Kubernetes Secret volume, which
+        mounts files root:fsGroup with mode 0440; anyone else's access is still refused."""
         try:
             st = path.stat()
             data = path.read_bytes()
         except OSError as exc:
             raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from exc
-        if os.name == "posix" and st.st_mode & 0o077:
+        if os.name == "posix" and st.st_mode & (0o037 if group_readable else 0o077):
             raise KeyFileError(
                 f"signing key {path} is readable by other users (mode {st.st_mode & 0o777:o})",
                 hint=f"run: chmod 600 {path}",

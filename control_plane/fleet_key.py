@@ -67,7 +67,7 @@ class FleetKeyring:
         if stamp == self._stamp:
             return
         try:
-            self._key = SigningKey.load(self.path)
+            self._key = SigningKey.load(self.path, group_readable=True)  # a Secret volume mounts 0440
         except KeyFileError as exc:
             raise ControlPlaneError(str(exc), hint=exc.hint) from exc
         self._rotations = _read_rotations(self.directory / ROTATIONS_FILE)
@@ -118,7 +118,7 @@ class FleetKeyring:
             announced = KeyRotation.from_bytes(bytes(statements[-1].payload)).new_key_id if statements else ""
         except OrderError:
             announced = ""
-        if announced != SigningKey.load(nxt).key_id:
+        if announced != SigningKey.load(nxt, group_readable=True).key_id:
             nxt.unlink()  # a rotation that crashed before its statement: it never happened
             public_key_path(nxt).unlink(missing_ok=True)
             return

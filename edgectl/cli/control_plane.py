@@ -152,11 +152,12 @@ def control_plane_init(
         ..., "--security-dir", envvar="EDGECTL_SECURITY_DIR", help="directory to make (kept files are reused)"
     ),
 ) -> None:
-    """Make the fleet CA and token key once, so every replica loads the same ones (e.g. from a Secret).
+    """Make the fleet CA, token key and fleet (desired-state) key once, so every replica loads the same ones.
 
     Run `edgectl broker config -o DIR` on the same DIR for the broker's files and credentials.
     Example: edgectl control-plane init --security-dir fleet && kubectl create secret generic edgectl-security --from-file=fleet/
     """
+    from edgectl.control_plane.fleet_key import FLEET_KEY_FILE, FleetKeyring
     from edgectl.control_plane.security import TOKEN_KEY_FILE
     from edgectl.security.pki import FleetCA
     from edgectl.security.tokens import TokenIssuer
@@ -164,7 +165,11 @@ def control_plane_init(
     security_dir.mkdir(parents=True, exist_ok=True)
     FleetCA.load_or_create(security_dir)
     TokenIssuer.load_or_create(security_dir / TOKEN_KEY_FILE)
-    console.print(f"fleet CA and token key in {security_dir} (ca.crt, ca.key, {TOKEN_KEY_FILE})")
+    # Replicas must share one desired-state signing key: made here, never per replica.
+    FleetKeyring.load_or_create(security_dir)
+    console.print(
+        f"fleet CA, token key and fleet key in {security_dir} (ca.crt, ca.key, {TOKEN_KEY_FILE}, {FLEET_KEY_FILE})"
+    )
 
 
 @app.command("token")

@@ -46,6 +46,18 @@ def test_save_load_and_permissions(tmp_path: Path) -> None:
         SigningKey.load(tmp_path / "absent.pem")
 
 
+def test_a_service_key_may_be_group_readable_as_a_kubernetes_secret_mounts_it(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    key.save(tmp_path / "fleet-key.pem")
+    os.chmod(tmp_path / "fleet-key.pem", 0o440)  # root:fsGroup 0440, a Secret volume's default
+    assert SigningKey.load(tmp_path / "fleet-key.pem", group_readable=True).key_id == key.key_id
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        SigningKey.load(tmp_path / "fleet-key.pem")  # a user's own key stays ssh-strict
+    os.chmod(tmp_path / "fleet-key.pem", 0o444)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        SigningKey.load(tmp_path / "fleet-key.pem", group_readable=True)  # everyone: never
+
+
 def test_trust_store_from_dir_and_file(tmp_path: Path) -> None:
     a, b = SigningKey.generate(), SigningKey.generate()
     d = tmp_path / "trusted"

@@ -180,7 +180,8 @@ def _secrets(site: Site) -> dict[str, dict[str, bytes]]:
     fleet = site.security_dir
     return {
         "edgectl-security": {name: (fleet / name).read_bytes()
-                             for name in ("ca.crt", "ca.key", "token.key", "control-plane-credentials.json")},
+                             for name in ("ca.crt", "ca.key", "token.key", "control-plane-credentials.json",
+                                          "fleet-key.pem", "fleet-key.pub.pem")},
         "edgectl-db": {"url": site.state_url.encode()},
         "edgectl-s3": {"credentials": f"[default]\naws_access_key_id = {site.s3.access_key}\n"
                                       f"aws_secret_access_key = {site.s3.secret_key}\n".encode()},
