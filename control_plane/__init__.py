@@ -17,7 +17,8 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
   credentials, the broker admin link that provisions device identities.
 - ``revocations``: revoked bearer tokens in the state store, so every replica refuses them.
 - ``fleet_key``: the Ed25519 key that signs every desired state, and the chain of its rotations.
-- ``limits``: per-caller bounds: open streams per identity, failed enrollments per peer.
+- ``limits``: per-caller bounds: open streams per identity, per-peer budgets (failed enrollments,
+  chunk bytes over MQTT).
 - ``rollouts``, ``rollout_store``: operator intent and its persistence (waves, progress, event log).
 - ``controller``: the leader's wave-by-wave health-gated rollout and automatic rollback.
 - ``desired``: desired state written before it is published, republished on (re)connect.

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -25,6 +24,7 @@ from edgectl.artifact import BlobStoreError
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.errors import ControlPlaneError, InvalidArgument
+from edgectl.control_plane.limits import LimitExceeded, PeerBudget
 from edgectl.mqtt.wire import DeviceTopics, encode
 from edgectl.protos.v1 import mqtt_pb2
 
@@ -43,28 +43,6 @@ class ChunkLimits:
     publish_timeout_s: float = 30.0  # a chunk the broker does not take in this time ends the answer
 
 
-class DeviceBudget:
-    """Bytes each device may still pull in the current window (fixed windows per device)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._used: dict[str, tuple[float, int]] = {}  # device -> (window start, bytes charged)
-
-    def charge(self, device_id: str, n: int, limits: ChunkLimits) -> float:
-        """Charge ``n`` bytes to the device; 0.0 when allowed, else the seconds until its window resets."""
-        now = self._clock()
-        start, used = self._used.get(device_id, (now, 0))
-        if now - start >= limits.window_s:
-            start, used = now, 0
-        if used + n > limits.device_bytes_per_window:
-            self._used[device_id] = (start, used)
-            return max(0.0, start + limits.window_s - now)
-        self._used[device_id] = (start, used + n)
-        if len(self._used) > 4096:  # forget devices whose window has passed: memory stays bounded
-            self._used = {d: v for d, v in self._used.items() if now - v[0] < limits.window_s}
-        return 0.0
-
-
 class ChunkServer:
     """Answers ChunkRequests on a device's chunks/data topic from its own worker thread."""
 
@@ -72,9 +50,20 @@ class ChunkServer:
         self.artifacts = artifacts
         self.bus = bus
         self.limits = limits or ChunkLimits()
-        self.budget = DeviceBudget()
         self.requests: queue.Queue[tuple[str, mqtt_pb2.ChunkRequest] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mqtt-chunks", daemon=True)
+
+    @property
+    def limits(self) -> ChunkLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: ChunkLimits) -> None:
+        """New limits start each device's byte budget afresh (a budget is one token per byte)."""
+        self._limits = limits
+        self.budget = PeerBudget(
+            limits.device_bytes_per_window, limits.window_s / max(1, limits.device_bytes_per_window)
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -143,11 +132,12 @@ class ChunkServer:
             raise InvalidArgument(
                 f"the request asks for {size} bytes; ask for at most {limits.max_request_bytes} at once"
             )
-        wait = self.budget.charge(device_id, size, limits)
+        wait = self.budget.take(device_id, size)
         if wait:
-            raise ControlPlaneError(
-                f"device {device_id} used its {limits.device_bytes_per_window} bytes of chunks for "
-                f"this {limits.window_s:.0f} s window; ask again in {wait:.0f} s"
+            when = f"ask again in {wait:.0f} s" if wait != math.inf else "ask for fewer chunks at once"
+            raise LimitExceeded(
+                f"device {device_id} may pull {limits.device_bytes_per_window} bytes of chunks per "
+                f"{limits.window_s:.0f} s window; this request asks for {size}: {when}"
             )
         return wanted
 

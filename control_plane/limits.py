@@ -7,6 +7,7 @@ RESOURCE_EXHAUSTED with what to do instead, before any work is done.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -67,12 +68,13 @@ class _Bucket:
     at: float
 
 
-class FailureBudget:
-    """A token bucket per peer, spent by failures: ``burst`` at once, one back every ``refill_s``.
+class PeerBudget:
+    """A token bucket per peer: ``burst`` tokens at once, one back every ``refill_s``.
 
-    Only failures spend it, so a fleet enrolling hundreds of devices from one host with valid
-    tokens is never slowed; a peer guessing tokens (or sending junk) is held off. The number of
-    peers remembered is bounded, oldest forgotten first.
+    Enrollment spends one per failure only, so a fleet enrolling hundreds of devices from one
+    host with valid tokens is never slowed while a peer guessing tokens is held off; the MQTT
+    chunk server spends one per byte sent to a device. The number of peers remembered is
+    bounded, oldest forgotten first.
     """
 
     def __init__(
@@ -100,17 +102,33 @@ class FailureBudget:
         self._peers.move_to_end(peer)
         return bucket
 
-    def blocked_for(self, peer: str) -> float:
-        """Seconds until ``peer`` may try again (0: now)."""
+    def blocked_for(self, peer: str, need: float = 1.0) -> float:
+        """Seconds until ``peer`` has ``need`` tokens (0: now)."""
         with self._lock:
-            bucket = self._bucket(peer, self._clock())
-            return 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) * self.refill_s
+            return self._wait(self._bucket(peer, self._clock()), need)
 
-    def charge(self, peer: str) -> None:
-        """Spend one failure of ``peer``'s budget."""
+    def charge(self, peer: str, amount: float = 1.0) -> None:
+        """Spend ``amount`` of ``peer``'s budget (never below empty)."""
         with self._lock:
             bucket = self._bucket(peer, self._clock())
-            bucket.tokens = max(0.0, bucket.tokens - 1)
+            bucket.tokens = max(0.0, bucket.tokens - amount)
+
+    def take(self, peer: str, amount: float) -> float:
+        """Spend ``amount`` if ``peer`` has it and return 0, else spend nothing and return the wait.
+
+        The wait is inf for more than the bucket ever holds: no waiting makes that fit.
+        """
+        if amount > self.burst:
+            return math.inf
+        with self._lock:
+            bucket = self._bucket(peer, self._clock())
+            wait = self._wait(bucket, amount)
+            if not wait:
+                bucket.tokens -= amount
+            return wait
+
+    def _wait(self, bucket: _Bucket, need: float) -> float:
+        return 0.0 if bucket.tokens >= need else (need - bucket.tokens) * self.refill_s
 
 
 def peer_host(peer: str) -> str:

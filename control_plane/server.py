@@ -34,7 +34,7 @@ from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.health_port import serve_health
 from edgectl.control_plane.ingest import FleetIngest
 from edgectl.control_plane.leader import LeaderElection, leader_lock_for
-from edgectl.control_plane.limits import FailureBudget, StreamLimiter
+from edgectl.control_plane.limits import PeerBudget, StreamLimiter
 from edgectl.control_plane.metrics import Metrics
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
@@ -193,7 +193,7 @@ class ControlPlane:
         self._server: grpc.Server | None = None
         self._device_server: grpc.Server | None = None
         self._health_server: grpc.Server | None = None
-        self.enroll_failures = FailureBudget(config.enroll_failure_burst, config.enroll_failure_refill_s)
+        self.enroll_failures = PeerBudget(config.enroll_failure_burst, config.enroll_failure_refill_s)
         self.port = 0
         self.health_port = 0
         self.device_port = 0

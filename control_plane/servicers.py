@@ -18,7 +18,7 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
 from edgectl.control_plane.fleet import Fleet
-from edgectl.control_plane.limits import FailureBudget, peer_host
+from edgectl.control_plane.limits import PeerBudget, peer_host
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.rpc import Hooks, Note, Servicer, caller, next_token, page, rpc
@@ -138,7 +138,7 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         on_decommission: Callable[[str], None],
         revocations: TokenRevocations,
         verifier: TokenVerifier | None,
-        enroll_failures: FailureBudget | None = None,
+        enroll_failures: PeerBudget | None = None,
     ) -> None:
         self.fleet = fleet
         self.hooks = hooks
