@@ -1,7 +1,8 @@
-"""Verification before use: signature, canonical manifest, path safety, every file's size and digest.
+"""Verification before use: signature, canonical manifest, path safety, every file's size and chunks.
 
 ``verify_manifest`` is for a manifest received on its own (over gRPC or MQTT, before any file);
-``load_artifact`` checks a whole bundle, directory or ``.tar``, and only then hands it out.
+``load_artifact`` checks a whole bundle, directory or ``.tar``, and only then hands it out. File
+bytes are checked chunk by chunk through ``integrity.read_verified`` (each byte hashed once).
 """
 
 from __future__ import annotations
