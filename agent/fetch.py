@@ -33,6 +33,7 @@ class FetchSettings:
     bandwidth_burst: float | None = None  # bytes the limit lets through at once; None: 1/4 s worth
     chunks_per_request: int = 32
     max_rounds: int = 6
+    # Between rounds: edgectl.backoff.Backoff, a wait drawn from [0, min(max, base * 2**(n-1))].
     retry_base_s: float = 0.2
     retry_max_s: float = 5.0
     max_bad_per_chunk: int = 3
