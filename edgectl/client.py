@@ -37,6 +37,7 @@ except ImportError:  # Python 3.10: no config file support, the other sources st
 SERVER_ENV = "EDGECTL_SERVER"
 TOKEN_ENV = "EDGECTL_TOKEN"
 CA_ENV = "EDGECTL_CA"
+ENROLL_TOKEN_ENV = "EDGECTL_ENROLL_TOKEN"  # an agent's one-time token: env or file, never argv
 T = TypeVar("T")
 # Exit codes by gRPC status, so scripts can tell "fix your input" from "try again later".
 EXIT_CODES = {
