@@ -68,10 +68,18 @@ class DeviceBudget:
 class ChunkServer:
     """Answers ChunkRequests on a device's chunks/data topic from its own worker thread."""
 
-    def __init__(self, artifacts: ArtifactStore, bus: FleetBus, limits: ChunkLimits | None = None) -> None:
+    def __init__(
+        self,
+        artifacts: ArtifactStore,
+        bus: FleetBus,
+        limits: ChunkLimits | None = None,
+        deployed: Callable[[str], set[str]] | None = None,
+    ) -> None:
         self.artifacts = artifacts
         self.bus = bus
         self.limits = limits or ChunkLimits()
+        # device id -> digests it may fetch (a secured fleet, where the broker vouches for the topic's device)
+        self.deployed = deployed
         self.budget = DeviceBudget()
         self.requests: queue.Queue[tuple[str, mqtt_pb2.ChunkRequest] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mqtt-chunks", daemon=True)
@@ -100,6 +108,13 @@ class ChunkServer:
 
     def answer(self, device_id: str, request: mqtt_pb2.ChunkRequest) -> None:
         """Send the manifest or the requested chunks, or one failure answer saying why not."""
+        if self.deployed is not None and request.artifact_digest not in self.deployed(device_id):
+            self._fail(
+                device_id,
+                request,
+                f"artifact {request.artifact_digest[:80]} is not deployed to device {device_id}",
+            )
+            return
         if request.manifest:
             self._answer_manifest(device_id, request)
             return

@@ -182,7 +182,9 @@ class ControlPlane:
         self.loop = ControllerLoop(self.controller, config.tick_seconds)
         self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake)
         self.audit = AuditLog(self.store)
-        self.chunks = ChunkServer(self.artifacts, self.bus)
+        self.chunks = ChunkServer(
+            self.artifacts, self.bus, deployed=self._deployed if self.security else None
+        )
         self.ingest = FleetIngest(
             self.store, self.fleet, self.bus, self.chunks, self.loop.wake, self.metrics.count_mqtt
         )
