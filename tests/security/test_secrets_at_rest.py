@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from edgectl.control_plane.security import BrokerCredentials, FleetSecurity
-from edgectl.localfleet import Endpoints, stop_detached
+from edgectl.endpoints import Endpoints
+from edgectl.localfleet import stop_detached
 from edgectl.security.broker_files import write_broker_files
 from edgectl.security.errors import SecurityError
 from edgectl.security.tokens import Role, TokenIssuer
