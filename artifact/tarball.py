@@ -52,7 +52,7 @@ def write_tar(bundle_dir: Path, tar_path: Path, paths: list[str]) -> Path:
 
 
 def safe_members(tf: tarfile.TarFile, source: str) -> Iterator[tarfile.TarInfo]:
-    """Yield the tar's regular-file members, refusing links, devices, unsafe and duplicate names.
+    """Yield the tar's regular-file members, refusing links, devices, sparse files, unsafe and duplicate names.
 
     Directory entries are skipped (a bundle's directories are implied by its file paths).
     A tar that ends mid-header raises TruncatedError.
@@ -73,6 +73,9 @@ def safe_members(tf: tarfile.TarFile, source: str) -> Iterator[tarfile.TarInfo]:
             continue
         if not member.isreg():
             raise PathEscapeError(name, "only regular files are allowed in a bundle")
+        if member.issparse() or any(k.startswith("GNU.sparse") for k in member.pax_headers):
+            # A sparse member unpacks to its full size (a 1.4 MB tar to 1 GiB); bundles never hold one.
+            raise PathEscapeError(name, "sparse files are not allowed in a bundle")
         check_relpath(name)
         if name in seen:
             # A later duplicate would silently replace what was verified first.

@@ -16,6 +16,7 @@ import math
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -46,10 +47,18 @@ class ChunkLimits:
 class ChunkServer:
     """Answers ChunkRequests on a device's chunks/data topic from its own worker thread."""
 
-    def __init__(self, artifacts: ArtifactStore, bus: FleetBus, limits: ChunkLimits | None = None) -> None:
+    def __init__(
+        self,
+        artifacts: ArtifactStore,
+        bus: FleetBus,
+        limits: ChunkLimits | None = None,
+        deployed: Callable[[str], set[str]] | None = None,
+    ) -> None:
         self.artifacts = artifacts
         self.bus = bus
         self.limits = limits or ChunkLimits()
+        # device id -> digests it may fetch (a secured fleet, where the broker vouches for the topic's device)
+        self.deployed = deployed
         self.requests: queue.Queue[tuple[str, mqtt_pb2.ChunkRequest] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mqtt-chunks", daemon=True)
 
@@ -89,6 +98,13 @@ class ChunkServer:
 
     def answer(self, device_id: str, request: mqtt_pb2.ChunkRequest) -> None:
         """Send the manifest or the requested chunks, or one failure answer saying why not."""
+        if self.deployed is not None and request.artifact_digest not in self.deployed(device_id):
+            self._fail(
+                device_id,
+                request,
+                f"artifact {request.artifact_digest[:80]} is not deployed to device {device_id}",
+            )
+            return
         if request.manifest:
             self._answer_manifest(device_id, request)
             return

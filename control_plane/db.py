@@ -10,6 +10,7 @@ the controller run concurrently, isolated as they already are across replicas.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -110,6 +111,9 @@ class Database:
         path = Path(self.url.target)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Made 0600 before SQLite opens it: its -wal and -shm files copy the database's mode.
+            if str(path) != ":memory:":
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable across process crashes in WAL mode (fsync at checkpoints).

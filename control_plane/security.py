@@ -33,6 +33,7 @@ from edgectl.control_plane.fleet_key import FleetKeyring
 from edgectl.control_plane.identity import IssuedCertificate
 from edgectl.security.dynsec import RESPONSE_TOPIC, DynsecAdmin
 from edgectl.security.errors import BrokerAdminError, SecurityError
+from edgectl.security.files import check_private
 from edgectl.security.grpc_tls import mtls_server_credentials, tls_server_credentials
 from edgectl.security.pki import FleetCA, IssuedCert
 from edgectl.security.tokens import TokenIssuer, TokenVerifier
@@ -53,6 +54,7 @@ class BrokerCredentials:
 
     @classmethod
     def load(cls, path: Path) -> BrokerCredentials:
+        check_private(path, "broker credentials file")
         try:
             data = json.loads(path.read_text())
             url = str(data["url"]).replace("://0.0.0.0:", "://127.0.0.1:")  # a listen address, not a host

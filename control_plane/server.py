@@ -67,6 +67,7 @@ SERVICE_NAMES = (
     rollouts_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+PEOPLE_RPCS_PER_WORKER = 16
 DEVICE_STREAMS = 4  # open streams one device may hold (it downloads one artifact at a time)
 
 
@@ -182,7 +183,9 @@ class ControlPlane:
         self.loop = ControllerLoop(self.controller, config.tick_seconds)
         self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake)
         self.audit = AuditLog(self.store)
-        self.chunks = ChunkServer(self.artifacts, self.bus)
+        self.chunks = ChunkServer(
+            self.artifacts, self.bus, deployed=self._deployed if self.security else None
+        )
         self.ingest = FleetIngest(
             self.store, self.fleet, self.bus, self.chunks, self.loop.wake, self.metrics.count_mqtt
         )
@@ -258,7 +261,6 @@ class ControlPlane:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
-            # Past this many calls in flight gRPC answers RESOURCE_EXHAUSTED instead of queueing.
             maximum_concurrent_rpcs=max_rpcs,
         )
         artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(
@@ -291,7 +293,11 @@ class ControlPlane:
             token_revoked=self._token_revoked if self.security else None,
             on_denied=self._record_denied,
         )
-        server = self._grpc_server(auth, hooks, workers, workers * 4)
+        # Past this many calls in flight people get RESOURCE_EXHAUSTED at once instead of an ever
+        # longer queue; generous, as a fleet's agents enroll here too. In insecure mode agents share
+        # this one listener for everything, so it stays unbounded there.
+        max_rpcs = workers * PEOPLE_RPCS_PER_WORKER if self.security is not None else None
+        server = self._grpc_server(auth, hooks, workers, max_rpcs)
         device_server = None
         try:
             people = str(listen_address(self.config.listen, "--listen"))

@@ -22,7 +22,7 @@ import grpc
 from edgectl.addresses import parse_host_port
 from edgectl.artifact.chunking import chunk_locations
 from edgectl.artifact.keystore import config_dir
-from edgectl.artifact.manifest import Manifest
+from edgectl.artifact.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from edgectl.artifact.tarball import safe_members
 from edgectl.artifact.verify import read_unverified
 from edgectl.endpoints import Endpoints
@@ -37,6 +37,7 @@ except ImportError:  # Python 3.10: no config file support, the other sources st
 SERVER_ENV = "EDGECTL_SERVER"
 TOKEN_ENV = "EDGECTL_TOKEN"
 CA_ENV = "EDGECTL_CA"
+ENROLL_TOKEN_ENV = "EDGECTL_ENROLL_TOKEN"  # an agent's one-time token: env or file, never argv
 T = TypeVar("T")
 # Exit codes by gRPC status, so scripts can tell "fix your input" from "try again later".
 EXIT_CODES = {
@@ -204,13 +205,26 @@ class PushResult:
     already_present: bool
 
 
-def _bundle_files(path: Path, workdir: Path) -> Path:
-    """A directory holding the bundle's files: ``path`` itself, or a .tar unpacked safely into ``workdir``."""
+def _bundle_files(path: Path, workdir: Path, manifest: Manifest) -> Path:
+    """A directory holding the bundle's files: ``path`` itself, or a .tar unpacked safely into ``workdir``.
+
+    Only what the manifest lists is unpacked, each member checked against its listed size before
+    a byte is written: an unlisted, oversized or sparse member fails the push, never the disk.
+    """
     if path.is_dir():
         return path
+    listed = {f.path: f.size for f in manifest.files}
     try:
         with tarfile.open(path, mode="r:") as tf:
             for member in safe_members(tf, path.name):
+                if member.name in (MANIFEST_NAME, SIGNATURE_NAME):
+                    continue  # already read (and size-capped) by read_unverified
+                if listed.get(member.name) != member.size:
+                    what = "is not listed in" if member.name not in listed else "has another size than"
+                    raise UsageError(
+                        f"{path}: member {member.name!r} ({member.size} bytes) {what} the manifest",
+                        hint="push the bundle `edgectl compress` wrote, or its directory",
+                    )
                 src = tf.extractfile(member)
                 if src is None:
                     continue
@@ -241,7 +255,7 @@ def push_artifact(client: ControlPlaneClient, path: Path) -> PushResult:
     manifest = Manifest.from_bytes(manifest_bytes)
     where = chunk_locations(manifest)
     with tempfile.TemporaryDirectory(prefix="edgectl-push-") as tmp:
-        root = _bundle_files(Path(path), Path(tmp))
+        root = _bundle_files(Path(path), Path(tmp), manifest)
 
         def requests() -> Iterator[artifacts_pb2.UploadRequest]:
             yield artifacts_pb2.UploadRequest(header=artifacts_pb2.UploadHeader(digest=plan.digest))

@@ -19,13 +19,13 @@ from pathlib import Path
 from edgectl.artifact import default_key_path, default_signing_key
 from edgectl.artifact.signing import public_key_path
 from edgectl.broker import BrokerConfig, MosquittoProcess
-from edgectl.client import ControlPlaneClient, resolve_credentials
+from edgectl.client import ENROLL_TOKEN_ENV, ControlPlaneClient, resolve_credentials
 from edgectl.endpoints import AgentEndpoint, Endpoints, LocalFleetError
 from edgectl.labels import format_labels
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import fleet_pb2
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
-from edgectl.security.files import write_private
+from edgectl.security.files import PRIVATE_UMASK, write_private
 from edgectl.security.tokens import Role, TokenIssuer
 
 STOP_GRACE_S = 10.0
@@ -58,12 +58,16 @@ class LocalFleet:
         self.endpoints: Endpoints | None = None
         self._log = log
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a part; secrets travel in ``env`` (never argv, which any local user can read)."""
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)  # fmt: skip
+                                    start_new_session=True, env={**os.environ, **(env or {})},
+                                    umask=PRIVATE_UMASK)  # fmt: skip
         self.children[name] = proc
         return proc
 
@@ -180,8 +184,10 @@ class LocalFleet:
         write_private(path, token.encode())
         return path
 
-    def _enrollment(self, device_id: str, labels: dict[str, str], endpoints: Endpoints) -> list[str]:
-        """The agent flags of a secured fleet: a one-time token unless the device already enrolled."""
+    def _enrollment(
+        self, device_id: str, labels: dict[str, str], endpoints: Endpoints
+    ) -> tuple[list[str], dict[str, str]]:
+        """The agent flags and env of a secured fleet: a one-time token (in the env) unless enrolled."""
         from edgectl.agent.config import CREDENTIALS_FILE  # the agent extra, only here
 
         assert endpoints.ca is not None and endpoints.device_grpc is not None
@@ -194,12 +200,12 @@ class LocalFleet:
             endpoints.ca,
         ]
         if (self.data_dir / "agents" / device_id / CREDENTIALS_FILE).exists():
-            return flags
+            return flags, {}
         credentials = resolve_credentials(data_dir=self.data_dir)
         with ControlPlaneClient(endpoints.control_plane, credentials=credentials) as client:
             token = client.call(client.fleet.CreateEnrollmentToken,
                                 fleet_pb2.CreateEnrollmentTokenRequest(device_id=device_id, labels=labels)).token  # fmt: skip
-        return [*flags, "--enroll-token", token, "--enroll-server", endpoints.control_plane]
+        return [*flags, "--enroll-server", endpoints.control_plane], {ENROLL_TOKEN_ENV: token}
 
     def _start_agent(
         self, device_id: str, port: int, labels: dict[str, str], endpoints: Endpoints, burst: str | None
@@ -209,13 +215,15 @@ class LocalFleet:
             "--listen", f"127.0.0.1:{port}", "--labels", format_labels(labels),
             "--trust", str(self.data_dir / "trusted"),
         )  # fmt: skip
+        env: dict[str, str] = {}
         if endpoints.secure:
-            argv += self._enrollment(device_id, labels, endpoints)
+            flags, env = self._enrollment(device_id, labels, endpoints)
+            argv += flags
         else:
             argv += ["--control-plane", endpoints.control_plane, "--mqtt", endpoints.mqtt]
         if burst:
             argv += ["--burst", burst]
-        proc = self._spawn(device_id, argv)
+        proc = self._spawn(device_id, argv, env)
         self._await(device_id, "127.0.0.1", port)
         return AgentEndpoint(device_id=device_id, v2=f"127.0.0.1:{port}", labels=labels, pid=proc.pid)
 

@@ -6,12 +6,35 @@ Heavy imports (onnxruntime, grpc, paho) happen inside the commands, so `edgectl 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from edgectl.client import ENROLL_TOKEN_ENV
+from edgectl.errors import UsageError
+from edgectl.security.files import private_umask
+
 app = typer.Typer(help="Run the device agent (reconcile, verify, serve KServe V2, burst).")
+
+
+def _enroll_token(flag: str | None, path: Path | None) -> str | None:
+    """The one-time token from the env, a file, or (deprecated: any local user reads argv) the flag."""
+    if any(a == "--enroll-token" or a.startswith("--enroll-token=") for a in sys.argv):
+        logging.getLogger("edgectl.agent").warning(
+            "--enroll-token puts the token in the process list (/proc/PID/cmdline); "
+            "set %s or pass --enroll-token-file instead",
+            ENROLL_TOKEN_ENV,
+        )
+    if path is None:
+        return flag
+    if flag:
+        raise UsageError(f"pass the enrollment token once: --enroll-token-file or ${ENROLL_TOKEN_ENV}")
+    try:
+        return path.read_text().strip() or None
+    except OSError as exc:
+        raise UsageError(f"cannot read --enroll-token-file {path}: {exc.strerror}") from exc
 
 
 @app.callback()
@@ -103,8 +126,12 @@ def run(
     metrics_listen: str | None = typer.Option(None, "--metrics", help="serve Prometheus /metrics on H:P"),
     enroll_token: str | None = typer.Option(
         None,
-        envvar="EDGECTL_ENROLL_TOKEN",
-        help="one-time token from `edgectl devices enroll`; used once, when DATA_DIR holds no credentials",
+        envvar=ENROLL_TOKEN_ENV,
+        help=f"one-time token from `edgectl devices enroll`; set it in ${ENROLL_TOKEN_ENV} or use "
+        "--enroll-token-file (as a flag it shows in the process list: deprecated)",
+    ),
+    enroll_token_file: Path | None = typer.Option(
+        None, help="file holding the one-time enrollment token (read once, when DATA_DIR has no credentials)"
     ),
     enroll_server: str | None = typer.Option(
         None, help="control plane's TLS listener H:P for enrollment [default: --control-plane]"
@@ -121,9 +148,10 @@ def run(
 
     Example: edgectl agent run --device-id cam-07 --mqtt mqtt://broker:1883 --control-plane cp:7443 --data-dir /var/lib/edgectl
 
-    Enrolled (secured fleet): edgectl agent run --device-id cam-07 --enroll-token TOKEN --enroll-server cp:7443 --ca-file ca.crt --control-plane cp:7444 --data-dir /var/lib/edgectl
+    Enrolled (secured fleet): EDGECTL_ENROLL_TOKEN=TOKEN edgectl agent run --device-id cam-07 --enroll-server cp:7443 --ca-file ca.crt --control-plane cp:7444 --data-dir /var/lib/edgectl
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    enroll_token = _enroll_token(enroll_token, enroll_token_file)
     from edgectl.agent.agent import Agent
     from edgectl.agent.config import load_config
 
@@ -165,4 +193,5 @@ def run(
         "enroll_server": enroll_server,
         "ca_file": ca_file,
     }
-    Agent(load_config(config, overrides)).run_forever()
+    with private_umask():  # keys, credentials, state and downloads: this device's user only
+        Agent(load_config(config, overrides)).run_forever()

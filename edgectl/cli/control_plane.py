@@ -7,6 +7,7 @@ revoke bearer tokens, and hand the fleet's trust to a new desired-state signing 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,6 +15,7 @@ from edgectl.cli.output import console, err_console, print_json
 from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, connect, message_to_dict
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
+from edgectl.security.files import private_umask
 
 # -- the server ----------------------------------------------------------------------------------
 
@@ -98,7 +100,12 @@ def control_plane_serve(
         blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
         device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
     )  # fmt: skip
-    plane = ControlPlane(config)
+    with private_umask():  # the state store (SQLite + WAL), blobs and keys: this user's only
+        _serve(ControlPlane(config))
+
+
+def _serve(plane: Any) -> None:
+    """Start ``plane``, say where it listens, and serve until SIGINT/SIGTERM."""
     plane.start()
     if plane.security is None:
         err_console.print(

@@ -94,7 +94,7 @@ def devices_enroll(
     )
     console.print(minted.token, style="bold", highlight=False, soft_wrap=True)
     err_console.print(
-        f"on the device: edgectl agent run --device-id {minted.device_id} --enroll-token TOKEN "
+        f"on the device: EDGECTL_ENROLL_TOKEN=TOKEN edgectl agent run --device-id {minted.device_id} "
         "--enroll-server CP_HOST:7443 --ca-file ca.crt --control-plane CP_HOST:7444 --data-dir DIR",
         highlight=False,
         soft_wrap=True,

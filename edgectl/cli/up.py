@@ -11,6 +11,7 @@ from rich.table import Table
 from edgectl.cli.output import console, print_json
 from edgectl.endpoints import Endpoints, default_data_dir
 from edgectl.localfleet import LocalFleet, stop_detached
+from edgectl.security.files import private_umask
 
 
 def _show(endpoints: Endpoints, data_dir: Path, json_out: bool) -> None:
@@ -62,6 +63,13 @@ def up(
 
     Example: edgectl up --agents 3
     """
+    with private_umask():  # every part's state, keys and logs (the children inherit it): this user's only
+        _up(agents, data_dir, detach, json_out, insecure, trust)
+
+
+def _up(
+    agents: int, data_dir: Path | None, detach: bool, json_out: bool, insecure: bool, trust: list[Path]
+) -> None:
     directory = (data_dir or default_data_dir()).resolve()
     fleet = LocalFleet(directory, agents=agents, trust=trust or None, secure=not insecure)
     endpoints = fleet.start()  # stops what it started when it fails or is interrupted

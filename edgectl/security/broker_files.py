@@ -9,11 +9,12 @@ MQTT credentials (0600). Devices are added at enrollment through the plugin's AP
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgectl.addresses import MqttUrl
-from edgectl.broker import BrokerConfig
+from edgectl.broker import BrokerConfig, broker_user
 from edgectl.security.dynsec import initial_config, new_password, upgrade_config
 from edgectl.security.errors import SecurityError
 from edgectl.security.files import write_private
@@ -147,4 +148,19 @@ def write_broker_files(
     )
     layout.broker_config().data_dir.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(layout.broker_config().render())
+    _hand_to_broker(layout)
     return layout
+
+
+def _hand_to_broker(layout: BrokerLayout) -> None:
+    """Generated as root, the config runs mosquitto as an unprivileged user: give it its own files.
+
+    Its key, the dynamic-security file it rewrites and its data dir become that user's (still
+    0600/0700); the CA key, token key and control-plane credentials stay root's alone.
+    """
+    user = broker_user()
+    if user is None:
+        return
+    for path in (layout.server_key, layout.dynsec_file, layout.broker_config().data_dir):
+        if path.exists():
+            shutil.chown(path, user, user)

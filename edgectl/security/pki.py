@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgectl.security.errors import SecurityError
-from edgectl.security.files import write_private, write_public
+from edgectl.security.files import check_private, write_private, write_public
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -107,6 +107,9 @@ class FleetCA:
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> FleetCA:
+        """The CA in these files; its key must be readable by its owner only."""
+        if key_path.exists():
+            check_private(key_path, "fleet CA key")
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgectl.security.errors import TokenError
-from edgectl.security.files import write_private
+from edgectl.security.files import check_private, write_private
 
 PREFIX = "edgectl"
 CLOCK_SKEW_S = 60
@@ -92,6 +92,7 @@ class TokenIssuer:
     def load_or_create(cls, path: Path) -> TokenIssuer:
         """The key at ``path`` (PEM, 0600), made on first use."""
         if path.exists():
+            check_private(path, "token key")
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
                 raise TokenError(f"{path} is not an Ed25519 private key")

@@ -27,7 +27,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, PayloadError, agent_client_id, decode, encode
 from edgectl.protos.v1 import mqtt_pb2
 
 
@@ -287,7 +287,9 @@ class SimFleet:
                 raise TimeoutError(f"{device.device_id} did not connect to {self.host}:{self.port}")
 
     def _connect(self, device: SimDevice) -> None:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device.device_id, protocol=mqtt.MQTTv5)
+        # The agent's own client id: a secured broker pins each device's login to it.
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=agent_client_id(device.device_id),
+                             protocol=mqtt.MQTTv5)  # fmt: skip
         offline = mqtt_pb2.DeviceStatus(device_id=device.device_id, online=False)
         client.will_set(device.topics.status, encode(offline), qos=1, retain=True)
         if device.password is not None:

@@ -7,16 +7,23 @@ broker that keeps root. Each attack is performed for real and has a positive con
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from edgectl.broker import broker_user
 from edgectl.mqtt.wire import MAX_PAYLOAD_BYTES, DeviceTopics, agent_client_id
+from edgectl.ports import free_port, wait_for_port
+from edgectl.security.broker_files import write_broker_files
 from edgectl.security.dynsec import DynsecAdmin, device_role_name
 from edgectl.security.errors import SecurityError
+from tests.conftest import require_mosquitto
 from tests.harness.mqtt import MqttTestClient
 from tests.security.test_broker_acl import NOT_AUTHORIZED, SecureFleet, fleet
 
@@ -105,3 +112,35 @@ def test_oversized_packets_are_refused_and_the_broker_does_not_keep_root(fleet: 
     assert not info.is_published()
     assert watcher.nothing_arrives(1.0)
     device.close()
+
+
+def test_the_standalone_config_runs_unprivileged_and_keeps_enrolled_devices() -> None:
+    """`edgectl broker config` as root, then `mosquitto -c` as the operator would: not root, and it works."""
+    binary = require_mosquitto()
+    base = Path(tempfile.mkdtemp(prefix="edgectl-standalone-"))
+    base.chmod(0o755)  # an operator's /etc/mosquitto/edgectl: a path the broker's user can walk
+    try:
+        layout = write_broker_files(
+            base / "fleet", hostnames=["127.0.0.1"], host="127.0.0.1", port=free_port()
+        )
+        conf = layout.config_file.read_text()
+        assert "user root" not in conf
+        proc = subprocess.Popen([str(binary), "-c", str(layout.config_file)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            assert wait_for_port("127.0.0.1", layout.port, 15)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[2])
+            assert (uid != 0) if os.geteuid() == 0 else (uid == os.geteuid())
+            cp = MqttTestClient("127.0.0.1", layout.port, username=layout.control_plane_username,
+                                password=layout.control_plane_password, tls_ca=str(layout.ca_cert))  # fmt: skip
+            assert not cp.connect(timeout=15).is_failure
+            DynsecAdmin(cp.client).provision_device("dev-standalone")
+            cp.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        users = [c["username"] for c in json.loads(layout.dynsec_file.read_text())["clients"]]
+        assert "dev-standalone" in users  # the unprivileged broker saved what it was told
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

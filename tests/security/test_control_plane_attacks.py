@@ -25,10 +25,12 @@ from edgectl.broker import MosquittoProcess
 from edgectl.client import push_artifact
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.ports import free_port
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import artifacts_pb2_grpc, common_pb2, fleet_pb2, rollouts_pb2_grpc
 from edgectl.protos.v1 import rollouts_pb2 as RP
+from edgectl.protos.v1.mqtt_pb2 import ChunkData, ChunkRequest
 from edgectl.security.broker_files import write_broker_files
 from edgectl.security.errors import TokenError
 from edgectl.security.tokens import MAX_TOKEN_TTL_S, PREFIX, Role
@@ -223,6 +225,22 @@ def test_row13_a_device_fetches_only_what_was_deployed_to_it(
     )
     with fleet.client(fleet.token(Role.VIEWER, "vera")) as person:  # people keep their view of everything
         assert person.artifacts.Get(AP.GetArtifactRequest(artifact=two), timeout=10).ref.digest == two
+
+    # The same over MQTT: chunk requests on the device's own topic (the broker vouches for who it is).
+    creds, topics = deployed["creds"], DeviceTopics("cam-1")
+    mqtt = fleet.mqtt(creds.mqtt_username, creds.mqtt_password)
+    assert not mqtt.connect(timeout=15).is_failure
+    mqtt.subscribe(topics.chunk_data, timeout=15)
+    for digest, request_id in ((one, "mine"), (two, "theirs")):
+        mqtt.publish(topics.chunk_requests, encode(ChunkRequest(request_id=request_id, artifact_digest=digest,
+                                                                 manifest=True)))  # fmt: skip
+        answer = decode(mqtt.expect(15).payload, ChunkData)
+        assert answer.request_id == request_id
+        if digest == one:
+            assert answer.manifest and not answer.error  # positive control
+        else:
+            assert not answer.manifest and "not deployed" in answer.error
+    mqtt.close()
 
 
 def _signed(fleet: SecuredFleet, claims: dict[str, Any]) -> str:
