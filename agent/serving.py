@@ -70,11 +70,13 @@ class ServedModel:
         self, feeds: Mapping[str, Array], timeout: float | None, *, arrived: bool = False
     ) -> dict[str, Array]:
         """Validate, run (at once when alone, else batched), wait; InferenceError on failure or timeout.
-        ``arrived``: the caller already counted this request with ``batcher.arrive()``."""
+        ``arrived``: the caller already counted this request with ``batcher.arrive()`` and checked
+        its inputs against this version's signature (``codecs.check_inputs``)."""
         if not arrived:
             self.batcher.arrive()
         try:
-            self.model.validate(feeds)
+            if not arrived:
+                self.model.validate(feeds)
             ran = self.batcher.run_if_idle(feeds)
             if ran is not None:
                 return ran
