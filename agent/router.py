@@ -129,6 +129,7 @@ class InferenceRouter:
         ok = False
         served = self.registry.resolve(call.model, call.version)
         tried_burst = False
+        decode_ns: list[int] = []  # filled by _local
         try:
             if served is not None:
                 check_inputs(call.model, served.model.inputs, call.headers(), self.limits)
@@ -144,7 +145,7 @@ class InferenceRouter:
                 except (BurstUnavailableError, ModelNotFoundError) as exc:
                     log.info("burst failed, serving locally: %s", exc)
             self._bursts_in_a_row = 0
-            result = self._local(call, served)
+            result = self._local(call, served, decode_ns)
             if self.burst is not None:
                 self._correction(call.model).observe(predicted, time.perf_counter() - start)
             ok = True
@@ -168,9 +169,9 @@ class InferenceRouter:
                 trim_heap()
             self.metrics.observe_request(call.model, served_by, ok, elapsed)
             if served is not None and served_by == LOCAL:
-                served.stats.request(ok, int(elapsed * 1e9))
+                served.stats.request(ok, int(elapsed * 1e9), decode_ns[0] if decode_ns else None)
 
-    def _local(self, call: InferCall, served: ServedModel | None) -> InferResult:
+    def _local(self, call: InferCall, served: ServedModel | None, decode_ns: list[int]) -> InferResult:
         if served is None:
             self.registry.require(call.model, call.version)  # raises, saying what is served
             raise ModelNotFoundError(f"model {call.model!r} is not served here")
@@ -178,7 +179,7 @@ class InferenceRouter:
         try:
             t0 = time.perf_counter()
             feeds = call.decode()
-            served.stats.input(int((time.perf_counter() - t0) * 1e9))
+            decode_ns.append(int((time.perf_counter() - t0) * 1e9))
             outputs, model = self.registry.infer(
                 call.model, feeds, self.settings.local_timeout_s, version=call.version, arrived=served
             )

@@ -200,8 +200,9 @@ class ModelRegistry:
     ) -> tuple[dict[str, Array], LoadedModel]:
         """Run ``feeds`` on ``version`` of ``name`` (the active one for ""); a swap in flight is
         retried, never failed. ``arrived``: the version the caller counted with ``arrive()``."""
-        for _ in range(3):
-            served = self.require(name, version)
+        for attempt in range(3):
+            # The version the caller counted is the one to try first: no second lookup.
+            served = arrived if attempt == 0 and arrived is not None else self.require(name, version)
             try:
                 outputs = served.infer(feeds, timeout, arrived=served is arrived)
             except BatcherClosedError:
