@@ -117,6 +117,24 @@ class ModelRegistry:
         self.keep_versions = max(1, keep_versions)
         self._models: dict[str, list[ServedModel]] = {}
         self._lock = threading.Lock()
+        # Versions swapped out and still finishing their queue: (name, version) -> served.
+        self._draining: dict[tuple[str, str], ServedModel] = {}
+
+    def _drain(self, old: ServedModel) -> None:
+        key = (old.model.name, old.version)
+        with self._lock:
+            self._draining[key] = old
+        try:
+            old.batcher.close()
+        finally:
+            with self._lock:
+                if self._draining.get(key) is old:
+                    del self._draining[key]
+
+    def draining(self) -> list[ServedModel]:
+        """Versions swapped out that are still finishing requests they had queued."""
+        with self._lock:
+            return list(self._draining.values())
 
     def install(self, model: LoadedModel) -> None:
         """Serve ``model`` as the active version of its name; a version beyond ``keep_versions``
@@ -133,7 +151,7 @@ class ModelRegistry:
             self.metrics.swaps.labels(model.name).inc()
         for old in (*replaced, *dropped):
             # Closing waits for the old queue to drain; do not hold up the caller (the reconcile loop).
-            threading.Thread(target=old.batcher.close, name=f"drain-{model.name}", daemon=True).start()
+            threading.Thread(target=self._drain, args=(old,), name=f"drain-{model.name}", daemon=True).start()
         log.info("serving %s version %d (%s) on %s", model.name, model.version, model.digest, model.provider)
 
     def remove(self, name: str) -> None:
