@@ -1,6 +1,7 @@
-"""TLS and credentials on the data path, against real agents: inference over TLS with a bearer
-token (refused without), burst over TLS with a token (refused, with a clear log line, when the
-endpoint's certificate is not trusted), and a burst NOT_FOUND that leaves the breaker closed."""
+"""TLS and credentials on the data path, against real agents (security issue rows 9 and 10):
+inference over TLS with a bearer token (refused without), burst over TLS with a token (refused,
+with a clear log line, when the endpoint's certificate is not trusted), and a burst NOT_FOUND
+that leaves the breaker closed (positive control: UNAVAILABLE opens it)."""
 
 from __future__ import annotations
 
