@@ -123,7 +123,10 @@ def test_unbatched_model_runs_idle_requests_on_the_caller_and_queues_the_rest(tm
         assert batcher.run_if_idle({"x": x}) is not None
     assert threads == ["MainThread"] * 5
 
+    together = threading.Barrier(8)  # the 8 callers start each round together, so they overlap
+
     def infer(_: int) -> object:
+        together.wait(10)
         got = batcher.run_if_idle({"x": x})
         return got if got is not None else batcher.submit({"x": x}).result(10)
 
