@@ -38,7 +38,16 @@ def _pki(tmp_path: Path) -> dict[str, Path]:
     stranger = FleetCA.create("someone else").issue_server(["127.0.0.1"]).write(tmp_path / "other", "server")
     token = tmp_path / "token"
     write_private(token, TOKEN.encode() + b"\n")
-    return {"cert": cert, "key": key, "ca": ca_file, "token": token, "stranger_ca": stranger[2]}
+    client_cert, client_key, _ = ca.issue_client("edge-7").write(tmp_path / "client", "edge")
+    return {
+        "cert": cert,
+        "key": key,
+        "ca": ca_file,
+        "token": token,
+        "stranger_ca": stranger[2],
+        "client_cert": client_cert,
+        "client_key": client_key,
+    }
 
 
 def _tls_stub(address: str, ca: Path, token: str | None) -> tuple[grpc.Channel, Any]:
@@ -195,3 +204,43 @@ def test_a_burst_not_found_leaves_the_breaker_closed_and_unavailable_opens_it(
         with pytest.raises(grpc.RpcError):
             stub.ModelInfer(encode_request("mlp", {"x": X}), timeout=10)
     assert edge.router.burst.breaker.state == "open"
+
+
+def test_burst_with_a_client_certificate_to_an_mtls_endpoint(
+    tmp_path: Path, bundles: Bundles, make_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = _pki(tmp_path)
+    art = bundles.build()
+    cloud = make_agent(
+        serve_only=True,
+        model_dir=art.root,
+        device_id="",
+        data_dir=tmp_path / "mtls-cloud",
+        tls_cert=pki["cert"],
+        tls_key=pki["key"],
+        tls_client_ca=pki["ca"],
+    )
+    edge = _edge(
+        make_agent,
+        bundles,
+        tmp_path / "edge",
+        cloud,
+        burst_ca=pki["ca"],
+        burst_cert=pki["client_cert"],
+        burst_key=pki["client_key"],
+    )
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(edge.address))
+    response = stub.ModelInfer(encode_request("mlp", {"x": X}), timeout=10)
+    assert response_parameters(response)["served_by"] == f"burst:{cloud.address}"
+    np.testing.assert_allclose(
+        decode_response(response)["y"],
+        run_direct(art.root / "model.onnx", {"x": X})["y"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # Without a client certificate the endpoint refuses the handshake; the log says so.
+    bare = _edge(make_agent, bundles, tmp_path / "bare", cloud, burst_ca=pki["ca"])
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(bare.address))
+    with caplog.at_level(logging.WARNING, logger="edgectl.agent.burst"), pytest.raises(grpc.RpcError):
+        stub.ModelInfer(encode_request("mlp", {"x": X}), timeout=10)
+    assert any("burst endpoint" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)
