@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -244,3 +246,47 @@ def test_burst_with_a_client_certificate_to_an_mtls_endpoint(
     with caplog.at_level(logging.WARNING, logger="edgectl.agent.burst"), pytest.raises(grpc.RpcError):
         stub.ModelInfer(encode_request("mlp", {"x": X}), timeout=10)
     assert any("burst endpoint" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)
+
+
+TRITON_TLS_CHILD = """
+import sys
+import numpy as np
+proto, url, ca, token = sys.argv[1:5]
+if proto == "grpc":
+    import tritonclient.grpc as tc
+    client = tc.InferenceServerClient(url=url, ssl=True, root_certificates=ca)
+    headers = {"authorization": f"Bearer {token}"}
+else:
+    import tritonclient.http as tc
+    client = tc.InferenceServerClient(url=url, ssl=True, ssl_options={"ca_certs": ca})
+    headers = {"Authorization": f"Bearer {token}"}
+from tritonclient.utils import InferenceServerException
+x = tc.InferInput("x", [2, 4], "FP32")
+x.set_data_from_numpy(np.ones((2, 4), np.float32))
+print(client.infer("mlp", [x], headers=headers).as_numpy("y").tolist())
+try:
+    client.infer("mlp", [x])
+    print("accepted without a token")
+except InferenceServerException as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_stock_tritonclient_over_tls_with_a_token(
+    proto: str, cloud: tuple[Agent, dict[str, Path], Path]
+) -> None:
+    agent, pki, model = cloud
+    assert agent.http is not None
+    url = agent.address if proto == "grpc" else agent.http.address
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_TLS_CHILD, proto, url, str(pki["ca"]), TOKEN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = proc.stdout.strip().splitlines()
+    want = run_direct(model, {"x": np.ones((2, 4), np.float32)})["y"]
+    np.testing.assert_allclose(np.array(json.loads(first), np.float32), want, rtol=1e-5, atol=1e-5)
+    assert second.startswith("refused:") and "token" in second
