@@ -54,8 +54,20 @@ TYPED_FIELD = {
 }
 
 
+_V2_NAMES: dict[object, str] = {}  # dtype (or its name) -> V2 name: the request path asks every call
+
+
 def v2_datatype(dtype: np.dtype[np.generic] | str) -> str:
     """The V2 datatype name of a numpy dtype (str and bytes arrays are BYTES)."""
+    known = _V2_NAMES.get(dtype)
+    if known is not None:
+        return known
+    name = _v2_datatype(dtype)
+    _V2_NAMES[dtype] = name
+    return name
+
+
+def _v2_datatype(dtype: np.dtype[np.generic] | str) -> str:
     dt = np.dtype(dtype)
     if dt.kind in ("U", "S", "O"):
         return "BYTES"

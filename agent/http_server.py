@@ -9,6 +9,7 @@ never blocks health checks. Agent errors map to HTTP statuses in one place (``_s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -147,7 +148,13 @@ class HttpV2Server:
         return web.json_response(message_to_triton_dict(model_statistics(self.registry, name, version)))
 
     async def _index(self, request: web.Request) -> web.Response:
-        return web.json_response(message_to_triton_dict(repository_index(self.registry))["models"])
+        body = await request.read()
+        try:
+            doc = json.loads(body) if body.strip() else {}
+        except ValueError as exc:
+            raise InvalidInputError(f"request JSON does not parse: {exc}") from None
+        ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
+        return web.json_response(message_to_triton_dict(repository_index(self.registry, ready))["models"])
 
     async def _infer(self, request: web.Request) -> web.Response:
         name, version = request.match_info["model"], request.match_info.get("version", "")
@@ -175,6 +182,7 @@ class HttpV2Server:
             headers=lambda: [i.header for i in parsed.inputs],
             decode=lambda: decode_inputs(parsed),
             to_proto=to_proto,
+            nbytes=len(parsed.body),
         )
         return self.router.infer(call)
 

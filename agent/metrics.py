@@ -59,12 +59,32 @@ class StatsWindow:
         return WindowStats(n, errors / n, p99 * 1000.0, bursts / n, self.window_s)
 
 
+FLUSH_AFTER = 1024
+
+
+class _Flush:
+    """A collector that exports nothing: collecting it applies the queued observations first."""
+
+    def __init__(self, flush: Any) -> None:
+        self._flush = flush
+
+    def collect(self) -> list[Any]:
+        self._flush()
+        return []
+
+
 class AgentMetrics:
     """Every metric the agent exports; ``serve(host, port)`` exposes them over HTTP."""
 
     def __init__(self, window_s: int = 60) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The request path only queues its observations (a deque append); they are applied when
+        # the registry is read, by this collector registered first, or every FLUSH_AFTER of them.
+        # Applied inline, the five locked updates per request cost ~25 us of a ~500 us round trip.
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._flush_lock = threading.Lock()
+        r.register(_Flush(self.flush))
         self.requests = Counter(
             "edgectl_agent_requests", "Inference requests", ["model", "served_by", "outcome"], registry=r
         )
@@ -115,23 +135,42 @@ class AgentMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def flush(self) -> None:
+        """Apply the queued observations to the Prometheus metrics (reading the registry does)."""
+        with self._flush_lock:
+            while self._pending:
+                kind, model, *rest = self._pending.popleft()
+                if kind == "request":
+                    served_by, ok, latency_s = rest
+                    self._child(self.requests, model, served_by, "ok" if ok else "error").inc()
+                    self._child(self.latency, model).observe(latency_s)
+                    if served_by != "local":
+                        self._child(self.burst, model).inc()
+                elif kind == "depth":
+                    self._child(self.queue_depth, model).set(rest[0])
+                else:
+                    rows, seconds, queue_depth = rest
+                    self._child(self.batch_size, model).observe(rows)
+                    self._child(self.run_seconds, model).observe(seconds)
+                    self._child(self.queue_depth, model).set(queue_depth)
+
+    def _queue(self, item: tuple[Any, ...]) -> None:
+        self._pending.append(item)
+        if len(self._pending) >= FLUSH_AFTER:
+            self.flush()
+
     def observe_request(self, model: str, served_by: str, ok: bool, latency_s: float) -> None:
         """One finished request: counters, histogram, and the soak window."""
-        self._child(self.requests, model, served_by, "ok" if ok else "error").inc()
-        self._child(self.latency, model).observe(latency_s)
-        is_burst = served_by != "local"
-        if is_burst:
-            self._child(self.burst, model).inc()
-        self.window.record(latency_s, ok, is_burst)
+        self._queue(("request", model, served_by, ok, latency_s))
+        self.window.record(latency_s, ok, served_by != "local")
 
     def observe_batch(self, model: str, rows: int, seconds: float, queue_depth: int) -> None:
         """One session run of ``rows`` rows that took ``seconds``, and the queue left behind it."""
-        self._child(self.batch_size, model).observe(rows)
-        self._child(self.run_seconds, model).observe(seconds)
-        self._child(self.queue_depth, model).set(queue_depth)
+        self._queue(("batch", model, rows, seconds, queue_depth))
 
     def set_queue_depth(self, model: str, depth: int) -> None:
-        self._child(self.queue_depth, model).set(depth)
+        """The requests waiting for ``model`` now (queued in order with the batch observations)."""
+        self._queue(("depth", model, depth))
 
     def set_active(self, model: str, digest: str, version: int) -> None:
         """The active version gauge: one series per model, the old digest removed."""

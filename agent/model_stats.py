@@ -74,16 +74,14 @@ class ModelStats:
             acc = self._acc[key] = _Acc()
         return acc
 
-    def request(self, ok: bool, total_ns: int) -> None:
-        """One finished local request: its outcome and end-to-end time."""
+    def request(self, ok: bool, total_ns: int, input_ns: int | None = None) -> None:
+        """One finished local request: its outcome, end-to-end time and, when its inputs were
+        decoded, how long that took."""
         with self._lock:
             self._get("success" if ok else "fail").add(total_ns)
+            if input_ns is not None:
+                self._get("compute_input").add(input_ns)
             self._last_ms = int(time.time() * 1000)
-
-    def input(self, ns: int) -> None:
-        """Decoding one request's inputs took ``ns``."""
-        with self._lock:
-            self._get("compute_input").add(ns)
 
     def output(self, ns: int) -> None:
         """Encoding one response's outputs took ``ns``."""

@@ -78,7 +78,8 @@ class LoadedModel:
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         """Run the session; onnxruntime's run is thread-safe, errors become InferenceError."""
-        feeds = {n: _as_text(n, a) if a.dtype == np.object_ else a for n, a in feeds.items()}
+        if any(a.dtype == np.object_ for a in feeds.values()):
+            feeds = {n: _as_text(n, a) if a.dtype == np.object_ else a for n, a in feeds.items()}
         try:
             values = self.session.run(None, dict(feeds))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument classes

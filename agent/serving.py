@@ -70,11 +70,13 @@ class ServedModel:
         self, feeds: Mapping[str, Array], timeout: float | None, *, arrived: bool = False
     ) -> dict[str, Array]:
         """Validate, run (at once when alone, else batched), wait; InferenceError on failure or timeout.
-        ``arrived``: the caller already counted this request with ``batcher.arrive()``."""
+        ``arrived``: the caller already counted this request with ``batcher.arrive()`` and checked
+        its inputs against this version's signature (``codecs.check_inputs``)."""
         if not arrived:
             self.batcher.arrive()
         try:
-            self.model.validate(feeds)
+            if not arrived:
+                self.model.validate(feeds)
             ran = self.batcher.run_if_idle(feeds)
             if ran is not None:
                 return ran
@@ -115,6 +117,24 @@ class ModelRegistry:
         self.keep_versions = max(1, keep_versions)
         self._models: dict[str, list[ServedModel]] = {}
         self._lock = threading.Lock()
+        # Versions swapped out and still finishing their queue: (name, version) -> served.
+        self._draining: dict[tuple[str, str], ServedModel] = {}
+
+    def _drain(self, old: ServedModel) -> None:
+        key = (old.model.name, old.version)
+        with self._lock:
+            self._draining[key] = old
+        try:
+            old.batcher.close()
+        finally:
+            with self._lock:
+                if self._draining.get(key) is old:
+                    del self._draining[key]
+
+    def draining(self) -> list[ServedModel]:
+        """Versions swapped out that are still finishing requests they had queued."""
+        with self._lock:
+            return list(self._draining.values())
 
     def install(self, model: LoadedModel) -> None:
         """Serve ``model`` as the active version of its name; a version beyond ``keep_versions``
@@ -131,7 +151,7 @@ class ModelRegistry:
             self.metrics.swaps.labels(model.name).inc()
         for old in (*replaced, *dropped):
             # Closing waits for the old queue to drain; do not hold up the caller (the reconcile loop).
-            threading.Thread(target=old.batcher.close, name=f"drain-{model.name}", daemon=True).start()
+            threading.Thread(target=self._drain, args=(old,), name=f"drain-{model.name}", daemon=True).start()
         log.info("serving %s version %d (%s) on %s", model.name, model.version, model.digest, model.provider)
 
     def remove(self, name: str) -> None:
@@ -198,8 +218,9 @@ class ModelRegistry:
     ) -> tuple[dict[str, Array], LoadedModel]:
         """Run ``feeds`` on ``version`` of ``name`` (the active one for ""); a swap in flight is
         retried, never failed. ``arrived``: the version the caller counted with ``arrive()``."""
-        for _ in range(3):
-            served = self.require(name, version)
+        for attempt in range(3):
+            # The version the caller counted is the one to try first: no second lookup.
+            served = arrived if attempt == 0 and arrived is not None else self.require(name, version)
             try:
                 outputs = served.infer(feeds, timeout, arrived=served is arrived)
             except BatcherClosedError:

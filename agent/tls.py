@@ -17,6 +17,7 @@ import grpc
 from aiohttp import web
 
 from edgectl.agent.errors import ConfigError
+from edgectl.security.files import write_private, write_public
 
 HEALTH_PREFIXES = ("/grpc.health.v1.Health/", "/v2/health/")
 
@@ -80,9 +81,8 @@ class ServingSecurity:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert, key = workdir / "serving.crt", workdir / "serving.key"
-        cert.write_bytes(self.cert_pem)
-        key.touch(mode=0o600)
-        key.write_bytes(self.key_pem)
+        write_public(cert, self.cert_pem)
+        write_private(key, self.key_pem)
         try:
             ctx.load_cert_chain(cert, key)
         finally:

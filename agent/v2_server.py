@@ -115,6 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             headers=lambda: request_headers(request),
             decode=lambda: decode_request(request),
             to_proto=lambda: request,  # forwarded unchanged
+            nbytes=sum(len(r) for r in request.raw_input_contents),
         )
         try:
             result = self.router.infer(call)

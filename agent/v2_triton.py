@@ -115,11 +115,21 @@ def model_statistics(
 
 
 def repository_index(registry: ModelRegistry, ready_only: bool = False) -> pb.RepositoryIndexResponse:
-    """Every live version: the active one and the ones kept beside it are all READY."""
+    """Every live version (READY) and, unless ``ready_only``, the versions a swap replaced that are
+    still finishing their queued requests (UNAVAILABLE, with the reason)."""
     index = pb.RepositoryIndexResponse.ModelIndex
-    return pb.RepositoryIndexResponse(
+    out = pb.RepositoryIndexResponse(
         models=[index(name=m.model.name, version=m.version, state="READY") for m in registry.all_versions()]
     )
+    if not ready_only:
+        live = {(m.model.name, m.version) for m in registry.all_versions()}
+        for m in registry.draining():
+            if (m.model.name, m.version) not in live:
+                reason = "replaced by a newer version; finishing the requests it had queued"
+                out.models.append(
+                    index(name=m.model.name, version=m.version, state="UNAVAILABLE", reason=reason)
+                )
+    return out
 
 
 _INTS = {descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64}

@@ -51,8 +51,16 @@ def test_a_lone_sequential_caller_never_waits_for_a_batch(tmp_path: Path) -> Non
 def test_overlapping_callers_are_still_batched(tmp_path: Path) -> None:
     registry, metrics, path = _registry(tmp_path)
     xs = [np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32) for i in range(64)]
+    # Callers that overlap: batches form only then (a lone caller never waits), so the 16 threads
+    # start each round together instead of as the pool happens to spawn them.
+    together = threading.Barrier(16)
+
+    def call(x: np.ndarray) -> np.ndarray:
+        together.wait(10)
+        return registry.infer("m", {"x": x}, timeout=10)[0]["y"]
+
     with ThreadPoolExecutor(16) as pool:
-        outs = list(pool.map(lambda x: registry.infer("m", {"x": x}, timeout=10)[0]["y"], xs))
+        outs = list(pool.map(call, xs))
     registry.close()
     for x, y in zip(xs, outs, strict=True):
         np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)

@@ -78,8 +78,16 @@ def test_concurrent_single_requests_are_micro_batched(tmp_path: Path) -> None:
         load_model(path, name="m", version=1, digest="d", settings=SessionSettings(intra_op_threads=1))
     )
     xs = [np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32) for i in range(64)]
+    # Callers that overlap: batches form only then (a lone caller never waits), so the 16 threads
+    # start each round together instead of as the pool happens to spawn them.
+    together = threading.Barrier(16)
+
+    def call(x: np.ndarray) -> np.ndarray:
+        together.wait(10)
+        return registry.infer("m", {"x": x}, timeout=10)[0]["y"]
+
     with ThreadPoolExecutor(16) as pool:
-        outs = list(pool.map(lambda x: registry.infer("m", {"x": x}, timeout=10)[0]["y"], xs))
+        outs = list(pool.map(call, xs))
     registry.close()
     for x, y in zip(xs, outs, strict=True):
         np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
@@ -115,7 +123,10 @@ def test_unbatched_model_runs_idle_requests_on_the_caller_and_queues_the_rest(tm
         assert batcher.run_if_idle({"x": x}) is not None
     assert threads == ["MainThread"] * 5
 
+    together = threading.Barrier(8)  # the 8 callers start each round together, so they overlap
+
     def infer(_: int) -> object:
+        together.wait(10)
         got = batcher.run_if_idle({"x": x})
         return got if got is not None else batcher.submit({"x": x}).result(10)
 

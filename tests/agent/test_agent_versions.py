@@ -16,6 +16,7 @@ from edgectl.agent.codecs import decode_response, encode_request
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.agent.conftest import wait_for
 from tests.agent.onnx_models import mlp_model, run_direct
 from tests.agent.v2_harness import InProcessV2
 
@@ -123,3 +124,37 @@ def test_swaps_under_concurrent_requests_fail_none(tmp_path: Path) -> None:
         served.close()
     assert not failures, failures[:5]
     assert counts[0] > 20
+
+
+def test_a_version_finishing_its_queue_after_a_swap_is_listed_unavailable(tmp_path: Path) -> None:
+    v1 = mlp_model(tmp_path / "v1.onnx", (4, 8, 3), seeds=[1, 2])
+    served = InProcessV2(v1, version=1, http=True, batch=BatchSettings())
+    try:
+        old = _load(v1, 5)
+        gate = threading.Event()
+        run = old.run
+        old.run = lambda feeds: (gate.wait(10), run(feeds))[1]  # type: ignore[method-assign]
+        served.registry.install(old)
+        out: list[np.ndarray] = []
+        caller = threading.Thread(target=lambda: out.append(served.registry.infer("m", {"x": X}, 10)[0]["y"]))
+        caller.start()
+        wait_for(lambda: not served.registry.resolve("m").batcher.idle, what="the request to start")  # type: ignore[union-attr]
+        served.registry.install(_load(v1, 6))  # version 5 drains its request in the background
+        index = served.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
+        assert [(m.version, m.state) for m in index] == [("6", "READY"), ("5", "UNAVAILABLE")]
+        assert "finishing the requests" in index[1].reason
+        ready = served.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models
+        assert [m.version for m in ready] == ["6"]
+        req = urllib.request.Request(
+            f"{served.url}/v2/repository/index", data=b'{"ready": true}', method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert [m["version"] for m in json.loads(resp.read())] == ["6"]
+        gate.set()
+        caller.join(10)
+        np.testing.assert_allclose(out[0], run_direct(v1, {"x": X})["y"], rtol=1e-5, atol=1e-5)  # not failed
+        wait_for(
+            lambda: len(served.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models) == 1, what="drained"
+        )
+    finally:
+        served.close()

@@ -1,12 +1,15 @@
-"""TLS and credentials on the data path, against real agents: inference over TLS with a bearer
-token (refused without), burst over TLS with a token (refused, with a clear log line, when the
-endpoint's certificate is not trusted), and a burst NOT_FOUND that leaves the breaker closed."""
+"""TLS and credentials on the data path, against real agents (security issue rows 9 and 10):
+inference over TLS with a bearer token (refused without), burst over TLS with a token (refused,
+with a clear log line, when the endpoint's certificate is not trusted), and a burst NOT_FOUND
+that leaves the breaker closed (positive control: UNAVAILABLE opens it)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -37,7 +40,16 @@ def _pki(tmp_path: Path) -> dict[str, Path]:
     stranger = FleetCA.create("someone else").issue_server(["127.0.0.1"]).write(tmp_path / "other", "server")
     token = tmp_path / "token"
     write_private(token, TOKEN.encode() + b"\n")
-    return {"cert": cert, "key": key, "ca": ca_file, "token": token, "stranger_ca": stranger[2]}
+    client_cert, client_key, _ = ca.issue_client("edge-7").write(tmp_path / "client", "edge")
+    return {
+        "cert": cert,
+        "key": key,
+        "ca": ca_file,
+        "token": token,
+        "stranger_ca": stranger[2],
+        "client_cert": client_cert,
+        "client_key": client_key,
+    }
 
 
 def _tls_stub(address: str, ca: Path, token: str | None) -> tuple[grpc.Channel, Any]:
@@ -194,3 +206,87 @@ def test_a_burst_not_found_leaves_the_breaker_closed_and_unavailable_opens_it(
         with pytest.raises(grpc.RpcError):
             stub.ModelInfer(encode_request("mlp", {"x": X}), timeout=10)
     assert edge.router.burst.breaker.state == "open"
+
+
+def test_burst_with_a_client_certificate_to_an_mtls_endpoint(
+    tmp_path: Path, bundles: Bundles, make_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = _pki(tmp_path)
+    art = bundles.build()
+    cloud = make_agent(
+        serve_only=True,
+        model_dir=art.root,
+        device_id="",
+        data_dir=tmp_path / "mtls-cloud",
+        tls_cert=pki["cert"],
+        tls_key=pki["key"],
+        tls_client_ca=pki["ca"],
+    )
+    edge = _edge(
+        make_agent,
+        bundles,
+        tmp_path / "edge",
+        cloud,
+        burst_ca=pki["ca"],
+        burst_cert=pki["client_cert"],
+        burst_key=pki["client_key"],
+    )
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(edge.address))
+    response = stub.ModelInfer(encode_request("mlp", {"x": X}), timeout=10)
+    assert response_parameters(response)["served_by"] == f"burst:{cloud.address}"
+    np.testing.assert_allclose(
+        decode_response(response)["y"],
+        run_direct(art.root / "model.onnx", {"x": X})["y"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # Without a client certificate the endpoint refuses the handshake; the log says so.
+    bare = _edge(make_agent, bundles, tmp_path / "bare", cloud, burst_ca=pki["ca"])
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(bare.address))
+    with caplog.at_level(logging.WARNING, logger="edgectl.agent.burst"), pytest.raises(grpc.RpcError):
+        stub.ModelInfer(encode_request("mlp", {"x": X}), timeout=10)
+    assert any("burst endpoint" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records)
+
+
+TRITON_TLS_CHILD = """
+import sys
+import numpy as np
+proto, url, ca, token = sys.argv[1:5]
+if proto == "grpc":
+    import tritonclient.grpc as tc
+    client = tc.InferenceServerClient(url=url, ssl=True, root_certificates=ca)
+    headers = {"authorization": f"Bearer {token}"}
+else:
+    import tritonclient.http as tc
+    client = tc.InferenceServerClient(url=url, ssl=True, ssl_options={"ca_certs": ca})
+    headers = {"Authorization": f"Bearer {token}"}
+from tritonclient.utils import InferenceServerException
+x = tc.InferInput("x", [2, 4], "FP32")
+x.set_data_from_numpy(np.ones((2, 4), np.float32))
+print(client.infer("mlp", [x], headers=headers).as_numpy("y").tolist())
+try:
+    client.infer("mlp", [x])
+    print("accepted without a token")
+except InferenceServerException as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_stock_tritonclient_over_tls_with_a_token(
+    proto: str, cloud: tuple[Agent, dict[str, Path], Path]
+) -> None:
+    agent, pki, model = cloud
+    assert agent.http is not None
+    url = agent.address if proto == "grpc" else agent.http.address
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_TLS_CHILD, proto, url, str(pki["ca"]), TOKEN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = proc.stdout.strip().splitlines()
+    want = run_direct(model, {"x": np.ones((2, 4), np.float32)})["y"]
+    np.testing.assert_allclose(np.array(json.loads(first), np.float32), want, rtol=1e-5, atol=1e-5)
+    assert second.startswith("refused:") and "token" in second

@@ -1,0 +1,298 @@
+"""Serving benchmarks for the V2 front-ends, printed as ratios measured side by side:
+
+1. lone caller: a sequential client's ModelInfer round trip on a tiny model with batching on
+   (defaults) vs off, and vs a bare ``ServerLive`` on the same channel (goals <= 1.1x, <= 1.3x);
+2. protocols: HTTP (binary tensors) vs gRPC throughput on a >= 5 ms model with 4 concurrent
+   clients (goal >= 0.9x), and each protocol's per-request overhead over a direct session;
+3. bad input: an agent process's RSS growth for a 64 MiB request of the wrong dtype and a 60 MiB
+   BYTES request (goal < 64 MiB), refused before decoding.
+
+Load generators run in child processes (their own GIL). ``--quick`` shortens every section.
+Run: python benchmarks/bench_serving.py [--quick] [--only lone|protocols|rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgectl.agent.batching import BatchSettings  # noqa: E402
+from edgectl.agent.codecs import encode_request  # noqa: E402
+from edgectl.artifact import SigningKey, public_pem  # noqa: E402
+from edgectl.ports import free_port, wait_for_port  # noqa: E402
+from edgectl.protos.inference import grpc_predict_v2_pb2 as pb  # noqa: E402
+from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
+from tests.agent.onnx_models import mlp_artifact, mlp_model  # noqa: E402
+from tests.agent.v2_harness import InProcessV2  # noqa: E402
+
+TINY_DIMS = (4, 8, 3)
+MODEL_DIMS = (2048, 8192, 16)  # batch of 8 >= 5 ms single-threaded (see bench_agent.py)
+
+
+def _timed(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def bench_lone(work: Path, quick: bool) -> None:
+    """Sequential round trips from a client in a child process (its own GIL, as a real client):
+    ServerLive, ModelInfer with batching off, ModelInfer with batching on (defaults)."""
+    rounds, n = (3, 300) if quick else (9, 1000)
+    tiny = mlp_model(work / "tiny.onnx", TINY_DIMS)
+    on = InProcessV2(tiny, batch=BatchSettings())
+    off = InProcessV2(tiny, batch=BatchSettings(max_batch_size=1))
+    live, t_on, t_off = [], [], []
+    dim = str(TINY_DIMS[0])
+    for _ in range(rounds):  # interleaved: the host's drift hits all three alike
+        live.append(1 / _run_child("live", on.server.address, "1", str(n), dim, "1"))
+        t_off.append(1 / _run_child("grpc", off.server.address, "1", str(n), dim, "1"))
+        t_on.append(1 / _run_child("grpc", on.server.address, "1", str(n), dim, "1"))
+    on.close()
+    off.close()
+    lv, a, b = statistics.median(live), statistics.median(t_on), statistics.median(t_off)
+    print(
+        f"lone sequential caller (child process), tiny MLP {TINY_DIMS}, {rounds} rounds of {n}: ServerLive "
+        f"{lv * 1e6:.0f} us, ModelInfer batching off {b * 1e6:.0f} us, on (max 8, 2 ms) {a * 1e6:.0f} us; "
+        f"on/off {a / b:.2f}x (goal <= 1.1: {'met' if a / b <= 1.1 else 'MISSED'}), on/ServerLive "
+        f"{a / lv:.2f}x (goal <= 1.3: {'met' if a / lv <= 1.3 else 'MISSED'})"
+    )
+
+
+def _child_load(proto: str, target: str, clients: int, total: int, dim: int, batch: int) -> float:
+    """Requests per second from ``clients`` threads doing sequential requests (runs in a child)."""
+    x = np.random.default_rng(0).standard_normal((batch, dim)).astype(np.float32)
+    done = [0]
+    lock = threading.Lock()
+    if proto == "live":
+        live_stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target))
+
+        def one() -> Callable[[], None]:
+            return lambda: live_stub.ServerLive(pb.ServerLiveRequest(), timeout=60) and None
+
+    elif proto == "grpc":
+        channel = grpc.insecure_channel(target)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        req = encode_request("m", {"x": x})
+
+        def one() -> Callable[[], None]:
+            return lambda: stub.ModelInfer(req, timeout=60) and None
+
+    else:
+        raw = x.tobytes()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ],
+                "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        body = header + raw
+        host, _, port = target.rpartition(":")
+
+        def one() -> Callable[[], None]:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            headers = {
+                "Inference-Header-Content-Length": str(len(header)),
+                "Content-Type": "application/octet-stream",
+            }
+
+            def call() -> None:
+                conn.request("POST", "/v2/models/m/infer", body=body, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+
+            return call
+
+    def worker() -> None:
+        call = one()
+        call()  # warm-up, not counted
+        while True:
+            with lock:
+                if done[0] >= total:
+                    return
+                done[0] += 1
+            call()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return total / (time.perf_counter() - start)
+
+
+def _run_child(*args: str) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "child", *args], capture_output=True, text=True, timeout=600
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip())
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def bench_protocols(work: Path, quick: bool) -> None:
+    """HTTP binary vs gRPC throughput (4 clients, >= 5 ms model) and per-request overhead (tiny model)."""
+    rounds, total = (2, 40) if quick else (5, 100)
+    path = mlp_model(work / "tp.onnx", MODEL_DIMS)
+    ratios, g_rps, h_rps = [], [], []
+    for _ in range(rounds):
+        served = InProcessV2(path, batch=BatchSettings(max_batch_size=1), http=True)
+        assert served.http is not None
+        g = _run_child("grpc", served.server.address, "4", str(total), str(MODEL_DIMS[0]), "8")
+        h = _run_child("http", served.http.address, "4", str(total), str(MODEL_DIMS[0]), "8")
+        served.close()
+        g_rps.append(g)
+        h_rps.append(h)
+        ratios.append(h / g)
+    ratio = statistics.median(ratios)
+    print(
+        f"HTTP binary vs gRPC, MLP {MODEL_DIMS} batch 8, 4 clients, {rounds} rounds of {total}: "
+        f"{statistics.median(h_rps):.1f} vs {statistics.median(g_rps):.1f} req/s = {ratio:.2f}x "
+        f"(rounds {min(ratios):.2f}..{max(ratios):.2f}; goal >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'})"
+    )
+    tiny = mlp_model(work / "tiny.onnx", TINY_DIMS)
+    xt = np.zeros((1, TINY_DIMS[0]), np.float32)
+    direct = _session(tiny)
+    served = InProcessV2(tiny, batch=BatchSettings(), http=True)
+    assert served.http is not None
+    n = 200 if quick else 500
+    d = statistics.median(_timed(lambda: direct.run(None, {"x": xt}), n) for _ in range(3))
+    g = 1 / _run_child("grpc", served.server.address, "1", str(n), str(TINY_DIMS[0]), "1")
+    h = 1 / _run_child("http", served.http.address, "1", str(n), str(TINY_DIMS[0]), "1")
+    served.close()
+    print(
+        f"per-request overhead over a direct session, tiny MLP, one sequential client (child process): "
+        f"gRPC {(g - d) * 1e6:.0f} us, HTTP {(h - d) * 1e6:.0f} us (direct run {d * 1e6:.0f} us)"
+    )
+
+
+def _rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def bench_rss(work: Path, quick: bool) -> None:
+    """An agent process (serve-only) gets a 64 MiB FP64 request for an FP32 model, and a 60 MiB
+    BYTES one: with the default 64 MiB cap (refused by gRPC from the length prefix), and with the
+    cap raised to 96 MiB so they are read and refused by the signature check."""
+    key = SigningKey.generate()
+    art = mlp_artifact(work / "rss-art", work / "models", key, name="m", dims=(4, 8, 3))
+    (work / "rss.pub.pem").write_bytes(public_pem(key.public_key))
+    for cap in ("64", "96"):
+        _rss_run(work, art.root, cap)
+
+
+def _rss_run(work: Path, model_dir: Path, cap_mib: str) -> None:
+    port = free_port()
+    cmd = [
+        sys.executable, "-c", "from edgectl.cli.agent import app; app()", "run", "--serve-only",
+        "--model-dir", str(model_dir), "--trust", str(work / "rss.pub.pem"), "--listen", f"127.0.0.1:{port}",
+        "--profile", "x86-cpu-avx2", "--intra-op-threads", "1", "--max-request-mib", cap_mib, "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not wait_for_port("127.0.0.1", port, 60):
+            raise RuntimeError("the agent did not start")
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 128 << 20)]
+        )
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(encode_request("m", {"x": np.zeros((1, 4), np.float32)}))  # warm
+        wrong = pb.ModelInferRequest(model_name="m")
+        wrong.inputs.add(name="x", datatype="FP64", shape=[(64 << 20) // 32, 4])
+        wrong.raw_input_contents.append(bytes(64 << 20))
+        count = (60 << 20) // 4
+        strings = pb.ModelInferRequest(model_name="m")
+        strings.inputs.add(name="x", datatype="BYTES", shape=[count // 4, 4])
+        strings.raw_input_contents.append(struct.pack("<I", 0) * count)
+        for label, req in (
+            ("64 MiB wrong dtype (FP64 for FP32)", wrong),
+            ("60 MiB BYTES (15.7 M empty elements)", strings),
+        ):
+            before = _rss_kib(proc.pid)
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM)
+            try:
+                stub.ModelInfer(req, timeout=60)
+                outcome = "ACCEPTED"
+            except grpc.RpcError as err:
+                outcome = f"{err.code().name}: {(err.details() or '')[:70]}"
+            time.sleep(0.5)
+            after, peak = _rss_kib(proc.pid), _rss_kib(proc.pid, "VmHWM")
+            growth = (after - before) / 1024
+            ok = stub.ModelInfer(encode_request("m", {"x": np.zeros((1, 4), np.float32)})) is not None
+            print(
+                f"bad input, cap {cap_mib} MiB, {label}: {outcome}; agent RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB "
+                f"(growth {growth:.1f} MiB; goal < 64: {'met' if growth < 64 else 'MISSED'}), peak during the "
+                f"request {peak / 1024:.0f} MiB (gRPC holds the received message); still serving: {ok}"
+            )
+        channel.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+SECTIONS: dict[str, Callable[[Path, bool], None]] = {
+    "lone": bench_lone,
+    "protocols": bench_protocols,
+    "rss": bench_rss,
+}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        proto, target, clients, total, dim, batch = sys.argv[2:8]
+        print(_child_load(proto, target, int(clients), int(total), int(dim), int(batch)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs")
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    print(
+        f"host: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        for name in args.only or SECTIONS:
+            SECTIONS[name](Path(tmp), args.quick)
+
+
+if __name__ == "__main__":
+    main()
