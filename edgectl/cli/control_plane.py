@@ -36,7 +36,7 @@ def control_plane_serve(
     security_dir: Path | None = typer.Option(
         None,
         envvar="EDGECTL_SECURITY_DIR",
-        help="fleet CA, token key, broker credentials: the directory `edgectl broker config -o` wrote",
+        help="fleet CA, token key, broker credentials: the directory `edgectl broker config --out` wrote",
     ),
     insecure: bool = typer.Option(
         False, "--insecure", help="dev mode: plaintext, no authentication, one listener"
@@ -154,7 +154,7 @@ def control_plane_init(
 ) -> None:
     """Make the fleet CA, token key and fleet (desired-state) key once, so every replica loads the same ones.
 
-    Run `edgectl broker config -o DIR` on the same DIR for the broker's files and credentials.
+    Run `edgectl broker config --out DIR` on the same DIR for the broker's files and credentials.
     Example: edgectl control-plane init --security-dir fleet && kubectl create secret generic edgectl-security --from-file=fleet/
     """
     from edgectl.control_plane.fleet_key import FLEET_KEY_FILE, FleetKeyring
