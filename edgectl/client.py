@@ -242,8 +242,11 @@ def _bundle_files(path: Path, workdir: Path) -> Path:
     return workdir
 
 
-def push_artifact(client: ControlPlaneClient, path: Path) -> PushResult:
-    """Upload a bundle (directory or .tar); resumable: only chunks the server lacks are sent."""
+def push_artifact(
+    client: ControlPlaneClient, path: Path, progress: Callable[[int, int], None] | None = None
+) -> PushResult:
+    """Upload a bundle (directory or .tar); resumable: only chunks the server lacks are sent.
+    ``progress(bytes_sent, bytes_to_send)`` is called after each chunk."""
     manifest_bytes, signatures = read_unverified(Path(path))
     if signatures is None:
         raise UsageError(
@@ -261,14 +264,20 @@ def push_artifact(client: ControlPlaneClient, path: Path) -> PushResult:
     with tempfile.TemporaryDirectory(prefix="edgectl-push-") as tmp:
         root = _bundle_files(Path(path), Path(tmp))
 
+        to_send = sum(where[d][0].size for d in plan.missing_chunks)
+
         def requests() -> Iterator[artifacts_pb2.UploadRequest]:
             yield artifacts_pb2.UploadRequest(header=artifacts_pb2.UploadHeader(digest=plan.digest))
+            sent = 0
             for digest in plan.missing_chunks:
                 chunk, entry = where[digest]
                 with (root / entry.path).open("rb") as fh:
                     fh.seek(chunk.offset)
                     data = fh.read(chunk.size)
                 yield artifacts_pb2.UploadRequest(chunk=artifacts_pb2.ChunkPayload(digest=digest, data=data))
+                sent += len(data)
+                if progress is not None:
+                    progress(sent, to_send)
 
         response = client.call(client.artifacts.Upload, requests(), timeout=600)
     return PushResult(response.artifact, int(response.chunks_received), int(response.bytes_received), False)

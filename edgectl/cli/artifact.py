@@ -21,7 +21,7 @@ from edgectl.artifact.keystore import default_trust_store
 from edgectl.artifact.manifest import Manifest
 from edgectl.artifact.signing import TrustStore, decode_signatures
 from edgectl.artifact.verify import read_unverified, verify_bundle
-from edgectl.cli.output import Output, OutputOpt, output_format, print_json, show
+from edgectl.cli.output import Output, OutputOpt, byte_progress, output_format, print_json, show
 from edgectl.cli.output import console as _out
 from edgectl.cli.output import err_console as _err
 from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, ago, connect, message_to_dict
@@ -181,8 +181,11 @@ def artifact_push(
     """
     if not path.exists():
         raise UsageError(f"{path} does not exist", hint="pass an artifact directory or .tar")
-    with connect(server, token, ca) as client:
-        result = push_artifact(client, path)
+    with (
+        connect(server, token, ca) as client,
+        byte_progress(f"pushing {path.name}", not json_out) as progress,
+    ):
+        result = push_artifact(client, path, progress)
     ref = result.artifact.ref
     if json_out:
         print_json({"artifact": message_to_dict(result.artifact.ref), "chunks_sent": result.chunks_sent,

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
 import yaml
 from rich.console import Console
 from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 console = Console()
@@ -49,6 +58,19 @@ def print_json(data: Any) -> None:
 def print_yaml(data: Any) -> None:
     """Machine output: one YAML document on stdout."""
     print(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=True).rstrip())
+
+
+@contextlib.contextmanager
+def byte_progress(what: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for work measured in bytes; yields ``update(done, total)``. Drawn
+    only on a terminal, so pipes and ``-o json`` see nothing of it."""
+    bar = Progress(
+        TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True, disable=not (enabled and err_console.is_terminal),
+    )  # fmt: skip
+    task = bar.add_task(what, total=None)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def show(fmt: Output, data: Any, table: Callable[[bool], Table]) -> None:

@@ -16,6 +16,7 @@ from edgectl.cli.output import (
     Output,
     OutputOpt,
     WatchOpt,
+    byte_progress,
     console,
     output_format,
     print_json,
@@ -87,7 +88,8 @@ def deploy(
     with connect(server, token, ca) as client:
         ref = artifact
         if Path(artifact).exists():
-            pushed = push_artifact(client, Path(artifact))
+            with byte_progress(f"pushing {Path(artifact).name}", enabled=not json_out) as progress:
+                pushed = push_artifact(client, Path(artifact), progress)
             ref = pushed.artifact.ref.digest
             if not json_out:
                 console.print(
