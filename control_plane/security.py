@@ -1,6 +1,6 @@
 """A secured control plane's secrets and identities, loaded from one directory.
 
-The directory is the one `edgectl broker config -o DIR` writes: the fleet CA (``ca.crt``,
+The directory is the one `edgectl broker config --out DIR` writes: the fleet CA (``ca.crt``,
 ``ca.key``) and the control plane's broker credentials. The control plane adds its token key
 (``token.key``) and the fleet key that signs desired states (``fleet-key.pem``), both made on
 first use, and issues its own gRPC server certificate from the CA at

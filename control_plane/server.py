@@ -79,7 +79,9 @@ class ControlPlaneConfig:
     device_listen: str = "127.0.0.1:7444"  # agents: mTLS with fleet-CA client certificates
     mqtt_url: str = ""  # "": the broker credentials' URL in security_dir, else mqtt://127.0.0.1:1883
     insecure: bool = False  # dev mode: plaintext, no authentication, one listener
-    security_dir: Path | None = None  # fleet CA, token key, broker credentials (`edgectl broker config -o`)
+    security_dir: Path | None = (
+        None  # fleet CA, token key, broker credentials (`edgectl broker config --out`)
+    )
     tls_names: tuple[str, ...] = ()  # names the server certificate covers; default: loopback + hostname
     tls_cert: Path | None = None  # a server certificate of your own (else one issued by the fleet CA)
     tls_key: Path | None = None
@@ -127,7 +129,7 @@ def load_security(config: ControlPlaneConfig) -> FleetSecurity | None:
     if config.security_dir is None:
         raise ControlPlaneError(
             "the control plane needs --security-dir DIR (TLS, tokens, fleet CA) or an explicit --insecure",
-            hint="make DIR with `edgectl broker config -o DIR`; --insecure is for a development box only",
+            hint="make DIR with `edgectl broker config --out DIR`; --insecure is for a development box only",
         )
     hosts = [
         listen_address(config.listen, "--listen").host,
@@ -160,7 +162,7 @@ class ControlPlane:
         if self.security is not None and broker is None:
             log.warning(
                 "no broker credentials in the security dir: enrollment issues certificates but cannot "
-                "provision devices' MQTT identities (run `edgectl broker config -o` on that directory)"
+                "provision devices' MQTT identities (run `edgectl broker config --out` on that directory)"
             )
         identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
         device_url = config.device_mqtt_url or parse_mqtt_url(mqtt_url).public()

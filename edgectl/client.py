@@ -21,18 +21,13 @@ import grpc
 
 from edgectl.addresses import parse_host_port
 from edgectl.artifact.chunking import chunk_locations
-from edgectl.artifact.keystore import config_dir
 from edgectl.artifact.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from edgectl.artifact.tarball import safe_members
 from edgectl.artifact.verify import read_unverified
+from edgectl.contexts import CliConfig
 from edgectl.endpoints import Endpoints
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.protos.v1 import artifacts_pb2, artifacts_pb2_grpc, fleet_pb2_grpc, rollouts_pb2_grpc
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10: no config file support, the other sources still work
-    tomllib = None  # type: ignore[assignment]
 
 SERVER_ENV = "EDGECTL_SERVER"
 TOKEN_ENV = "EDGECTL_TOKEN"
@@ -61,15 +56,25 @@ class RemoteError(EdgectlError):
 
 
 def _from_config(key: str = "server") -> str | None:
-    path = config_dir() / "config.toml"
-    if tomllib is None or not path.is_file():
+    """``key`` from config.toml's context in force (``edgectl config use-context``) or its defaults."""
+    return CliConfig.load().value(key)
+
+
+def _config_token() -> str | None:
+    """A token config.toml names, literally or (better) by ``token_file``."""
+    literal = _from_config("token")
+    if literal:
+        return literal
+    token_file = _from_config("token_file")
+    if not token_file:
         return None
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}", hint=f"fix the file or pass --{key}") from exc
-    value = data.get(key) or data.get("control_plane", {}).get(key)
-    return str(value) if value else None
+        return Path(token_file).expanduser().read_text().strip() or None
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read the token file {token_file} named in {CliConfig.path()}: {exc.strerror}",
+            hint="fix token_file with `edgectl config set-context`, or pass --token",
+        ) from exc
 
 
 def resolve_server(flag: str | None, data_dir: Path | None = None) -> str:
@@ -81,8 +86,8 @@ def resolve_server(flag: str | None, data_dir: Path | None = None) -> str:
         return str(parse_host_port(found.removeprefix("grpc://"), what="control plane address"))
     raise UsageError(
         "no control plane address",
-        hint=f'pass --server HOST:PORT, set {SERVER_ENV}, put server = "HOST:PORT" in '
-        f"{config_dir() / 'config.toml'}, or start a local fleet with `edgectl up`",
+        hint=f"pass --server HOST:PORT, set {SERVER_ENV}, name one with `edgectl config set-context NAME "
+        "--server HOST:PORT` (then `edgectl config use-context NAME`), or start a local fleet with `edgectl up`",
     )
 
 
@@ -119,7 +124,7 @@ def resolve_credentials(
 ) -> ClientCredentials:
     """Token from the flag, ``EDGECTL_TOKEN``, config.toml or the ``token_file`` `edgectl up`'s
     endpoints.json names; CA from the flag, ``EDGECTL_CA``, config.toml or endpoints.json's ``ca``."""
-    found_token = token or os.environ.get(TOKEN_ENV) or _from_config("token")
+    found_token = token or os.environ.get(TOKEN_ENV) or _config_token()
     ca_path = str(ca) if ca else os.environ.get(CA_ENV) or _from_config("ca")
     if not found_token or not ca_path:  # `edgectl up`'s endpoints.json names its CA and admin token file
         local = Endpoints.find(data_dir)
@@ -139,6 +144,7 @@ def resolve_credentials(
     return ClientCredentials(token=found_token.strip() if found_token else None, ca_pem=ca_pem)
 
 
+MAX_PAGE = 1000  # the most a control plane returns in one page
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 
 
@@ -168,6 +174,18 @@ class ControlPlaneClient:
             return method(request, timeout=kwargs.pop("timeout", self.timeout), **kwargs)
         except grpc.RpcError as exc:
             raise self.error(exc) from None
+
+    def list_all(self, method: Callable[..., Any], request: Any, items: str, limit: int = 0) -> list[Any]:
+        """Every item a paged List call returns, following ``next_page_token`` (up to ``limit``
+        items when it is > 0); ``request`` must have a ``page`` field."""
+        found: list[Any] = []
+        request.page.page_size = MAX_PAGE if limit <= 0 else min(MAX_PAGE, limit)
+        while True:
+            response = self.call(method, request)
+            found.extend(getattr(response, items))
+            if not response.next_page_token or 0 < limit <= len(found):
+                return found[:limit] if limit > 0 else found
+            request.page.page_token = response.next_page_token
 
     def error(self, exc: grpc.RpcError) -> RemoteError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
@@ -238,8 +256,11 @@ def _bundle_files(path: Path, workdir: Path, manifest: Manifest) -> Path:
     return workdir
 
 
-def push_artifact(client: ControlPlaneClient, path: Path) -> PushResult:
-    """Upload a bundle (directory or .tar); resumable: only chunks the server lacks are sent."""
+def push_artifact(
+    client: ControlPlaneClient, path: Path, progress: Callable[[int, int], None] | None = None
+) -> PushResult:
+    """Upload a bundle (directory or .tar); resumable: only chunks the server lacks are sent.
+    ``progress(bytes_sent, bytes_to_send)`` is called after each chunk."""
     manifest_bytes, signatures = read_unverified(Path(path))
     if signatures is None:
         raise UsageError(
@@ -257,14 +278,20 @@ def push_artifact(client: ControlPlaneClient, path: Path) -> PushResult:
     with tempfile.TemporaryDirectory(prefix="edgectl-push-") as tmp:
         root = _bundle_files(Path(path), Path(tmp), manifest)
 
+        to_send = sum(where[d][0].size for d in plan.missing_chunks)
+
         def requests() -> Iterator[artifacts_pb2.UploadRequest]:
             yield artifacts_pb2.UploadRequest(header=artifacts_pb2.UploadHeader(digest=plan.digest))
+            sent = 0
             for digest in plan.missing_chunks:
                 chunk, entry = where[digest]
                 with (root / entry.path).open("rb") as fh:
                     fh.seek(chunk.offset)
                     data = fh.read(chunk.size)
                 yield artifacts_pb2.UploadRequest(chunk=artifacts_pb2.ChunkPayload(digest=digest, data=data))
+                sent += len(data)
+                if progress is not None:
+                    progress(sent, to_send)
 
         response = client.call(client.artifacts.Upload, requests(), timeout=600)
     return PushResult(response.artifact, int(response.chunks_received), int(response.bytes_received), False)

@@ -122,7 +122,7 @@ def test_client_address_goes_through_the_same_parser(monkeypatch: pytest.MonkeyP
     [
         ["infer", "--server", "::1:8001", "--model", "m", "--input", "x.npz"],
         ["devices", "ls", "--server", "cp.lab"],
-        ["broker", "config", "-o", "{tmp}/broker", "--listen", "[::1]"],
+        ["broker", "config", "--out", "{tmp}/broker", "--listen", "[::1]"],
     ],
 )
 def test_cli_commands_refuse_a_bad_address_before_doing_anything(argv: list[str], tmp_path: Path) -> None:

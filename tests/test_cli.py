@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 COMMANDS = ["compress", "artifact", "deploy", "rollout", "devices", "agent", "control-plane", "up", "demo",
-            "infer", "doctor", "keys", "audit", "broker", "down", "sim"]  # fmt: skip
+            "infer", "doctor", "keys", "audit", "broker", "down", "sim", "config"]  # fmt: skip
 
 
 def edgectl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -116,3 +116,21 @@ def test_a_stub_is_recognised() -> None:
         raise NotImplementedError(x)
 
     assert is_stub(planned) and is_stub(not_yet)
+
+
+def test_every_control_plane_serve_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer.main
+
+    from edgectl.cli import app
+
+    root: Any = typer.main.get_command(app)
+    serve = root.commands["control-plane"].commands["serve"]
+    options = [p for p in serve.params if p.param_type_name == "option" and p.name != "help"]
+    missing = [p.name for p in options if not p.envvar]
+    assert options and missing == [], f"control-plane serve flags without an EDGECTL_* variable: {missing}"
+    assert all(str(p.envvar).startswith("EDGECTL_") for p in options)
+    # The variable really sets the value, as a container's env would.
+    monkeypatch.setenv("EDGECTL_CP_LISTEN", "0.0.0.0:17443")
+    monkeypatch.setenv("EDGECTL_CP_DB_POOL_SIZE", "4")
+    ctx = serve.make_context("serve", [])
+    assert ctx.params["listen"] == "0.0.0.0:17443" and ctx.params["db_pool_size"] == 4

@@ -19,6 +19,7 @@ from edgectl.cli import (
     audit,
     broker,
     compress,
+    config,
     control_plane,
     demo,
     devices,
@@ -30,6 +31,7 @@ from edgectl.cli import (
     up,
 )
 from edgectl.cli.output import err_console
+from edgectl.contexts import CONTEXT_ENV, use_for_this_command
 from edgectl.errors import EdgectlError
 
 app = typer.Typer(
@@ -55,8 +57,12 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="print the version"
     ),
+    context: str | None = typer.Option(
+        None, "--context", help=f"use this context of config.toml for this command (else ${CONTEXT_ENV})"
+    ),
 ) -> None:
     _state["verbose"] = verbose
+    use_for_this_command(context)
 
 
 app.command("compress")(compress.compress)
@@ -70,6 +76,7 @@ app.add_typer(control_plane.app, name="control-plane")
 app.add_typer(agent.app, name="agent")
 app.add_typer(broker.app, name="broker")
 app.add_typer(sim.app, name="sim")
+app.add_typer(config.app, name="config")
 app.command("up")(up.up)
 app.command("down")(up.down)
 app.command("demo")(demo.demo)

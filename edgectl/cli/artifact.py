@@ -21,9 +21,9 @@ from edgectl.artifact.keystore import default_trust_store
 from edgectl.artifact.manifest import Manifest
 from edgectl.artifact.signing import TrustStore, decode_signatures
 from edgectl.artifact.verify import read_unverified, verify_bundle
+from edgectl.cli.output import Output, OutputOpt, byte_progress, output_format, print_json, show
 from edgectl.cli.output import console as _out
 from edgectl.cli.output import err_console as _err
-from edgectl.cli.output import print_json
 from edgectl.cli.remote import CaOpt, JsonOpt, ServerOpt, TokenOpt, ago, connect, message_to_dict
 from edgectl.client import push_artifact
 from edgectl.errors import EdgectlError, UsageError
@@ -181,8 +181,11 @@ def artifact_push(
     """
     if not path.exists():
         raise UsageError(f"{path} does not exist", hint="pass an artifact directory or .tar")
-    with connect(server, token, ca) as client:
-        result = push_artifact(client, path)
+    with (
+        connect(server, token, ca) as client,
+        byte_progress(f"pushing {path.name}", not json_out) as progress,
+    ):
+        result = push_artifact(client, path, progress)
     ref = result.artifact.ref
     if json_out:
         print_json({"artifact": message_to_dict(result.artifact.ref), "chunks_sent": result.chunks_sent,
@@ -198,38 +201,38 @@ def artifact_push(
 @app.command("ls")
 def artifact_ls(
     name: str = typer.Option("", help="only this artifact name"),
+    output: Output | None = OutputOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """List the artifacts on the control plane, newest version first.
+    """List every artifact on the control plane, newest version first (all pages).
 
-    Example: edgectl artifact ls --name digits
+    Example: edgectl artifact ls --name digits -o wide
     """
     with connect(server, token, ca) as client:
-        artifacts = client.call(
-            client.artifacts.List, artifacts_pb2.ListArtifactsRequest(name=name)
-        ).artifacts
-    if json_out:
-        print_json(
-            [
-                {k: v for k, v in message_to_dict(a).items() if k not in ("manifest", "signatures")}
-                for a in artifacts
-            ]
+        artifacts = client.list_all(
+            client.artifacts.List, artifacts_pb2.ListArtifactsRequest(name=name), "artifacts"
         )
-        return
-    table = Table("name", "version", "digest", "size", "uploaded", "signed by")
-    for a in artifacts:
-        table.add_row(
-            a.ref.name,
-            str(a.ref.version),
-            a.ref.digest,
-            str(a.total_size),
-            ago(a.uploaded_at),
-            ",".join(a.key_ids),
+
+    def table(wide: bool) -> Table:
+        out = Table(
+            "name", "version", "digest", "size", "uploaded", "signed by", *(("by", "pinned") if wide else ())
         )
-    _out.print(table)
+        for a in artifacts:
+            row = [a.ref.name, str(a.ref.version), a.ref.digest, str(a.total_size), ago(a.uploaded_at),
+                   ",".join(a.key_ids)]  # fmt: skip
+            if wide:
+                row += [a.uploaded_by or "-", "yes" if a.pinned else "no"]
+            out.add_row(*row)
+        return out
+
+    data = [
+        {k: v for k, v in message_to_dict(a).items() if k not in ("manifest", "signatures")}
+        for a in artifacts
+    ]
+    show(output_format(output, json_out), data, table)
 
 
 @app.command("rm")

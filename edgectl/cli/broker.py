@@ -16,9 +16,7 @@ app = typer.Typer(help="Generate mosquitto configuration for a fleet.")
 
 @app.command("config")
 def broker_config(
-    out: Path = typer.Option(
-        Path("mosquitto"), "-o", "--out", help="output directory (kept files are reused)"
-    ),
+    out: Path = typer.Option(Path("mosquitto"), "--out", help="output directory (kept files are reused)"),
     hostname: list[str] = typer.Option(
         ["localhost", "127.0.0.1"],
         "--hostname",
@@ -34,7 +32,7 @@ def broker_config(
     Devices are confined to edgectl/v1/devices/{their id}/# and the control plane is the only
     writer of desired state. Device identities are added at enrollment, with no restart.
 
-    Example: edgectl broker config -o /etc/mosquitto/edgectl --hostname broker.lab --listen 0.0.0.0:8883
+    Example: edgectl broker config --out /etc/mosquitto/edgectl --hostname broker.lab --listen 0.0.0.0:8883
     """
     listen_at = parse_host_port(listen, what="--listen", default_host="0.0.0.0")
     layout = write_broker_files(

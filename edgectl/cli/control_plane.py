@@ -30,21 +30,31 @@ def _control_plane() -> None:
 @app.command("serve")
 def control_plane_serve(
     listen: str = typer.Option(
-        "127.0.0.1:7443", help="gRPC for people and CI HOST:PORT (TLS + bearer tokens when secured)"
+        "127.0.0.1:7443",
+        help="gRPC for people and CI HOST:PORT (TLS + bearer tokens when secured)",
+        envvar="EDGECTL_CP_LISTEN",
     ),
     device_listen: str = typer.Option(
-        "127.0.0.1:7444", help="gRPC for agents HOST:PORT (mTLS, fleet-CA client certificates)"
+        "127.0.0.1:7444",
+        help="gRPC for agents HOST:PORT (mTLS, fleet-CA client certificates)",
+        envvar="EDGECTL_CP_DEVICE_LISTEN",
     ),
     security_dir: Path | None = typer.Option(
         None,
         envvar="EDGECTL_SECURITY_DIR",
-        help="fleet CA, token key, broker credentials: the directory `edgectl broker config -o` wrote",
+        help="fleet CA, token key, broker credentials: the directory `edgectl broker config --out` wrote",
     ),
     insecure: bool = typer.Option(
-        False, "--insecure", help="dev mode: plaintext, no authentication, one listener"
+        False,
+        "--insecure",
+        help="dev mode: plaintext, no authentication, one listener",
+        envvar="EDGECTL_CP_INSECURE",
     ),
     tls_name: list[str] = typer.Option(
-        [], "--tls-name", help="name/IP the server certificate covers (repeat) [default: loopback, hostname]"
+        [],
+        "--tls-name",
+        help="name/IP the server certificate covers (repeat) [default: loopback, hostname]",
+        envvar="EDGECTL_CP_TLS_NAMES",
     ),
     mqtt: str | None = typer.Option(
         None,
@@ -57,27 +67,42 @@ def control_plane_serve(
         help="sqlite:///FILE or postgresql://USER@HOST/DB (from the environment, a password stays out of argv)",
     ),
     db_pool_size: int = typer.Option(
-        16, min=1, help="PostgreSQL connections this replica may hold (SQLite keeps one writer)"
+        16,
+        min=1,
+        help="PostgreSQL connections this replica may hold (SQLite keeps one writer)",
+        envvar="EDGECTL_CP_DB_POOL_SIZE",
     ),
-    blobs: str = typer.Option("./blobs", help="blob store: a directory or s3://bucket/prefix"),
+    blobs: str = typer.Option(
+        "./blobs", help="blob store: a directory or s3://bucket/prefix", envvar="EDGECTL_BLOBS"
+    ),
     trust: list[Path] = typer.Option(
-        [], help="trusted signing key (PEM file or dir); repeatable; default: yours"
+        [], help="trusted signing key (PEM file or dir); repeatable; default: yours", envvar="EDGECTL_TRUST"
     ),
     metrics_listen: str | None = typer.Option(
-        None, help="Prometheus /metrics on HOST:PORT (port 0: a free one)"
+        None, help="Prometheus /metrics on HOST:PORT (port 0: a free one)", envvar="EDGECTL_CP_METRICS_LISTEN"
     ),
     health_listen: str | None = typer.Option(
-        None, help="plaintext gRPC health service alone on HOST:PORT, for kubelet's gRPC probes"
+        None,
+        help="plaintext gRPC health service alone on HOST:PORT, for kubelet's gRPC probes",
+        envvar="EDGECTL_CP_HEALTH_LISTEN",
     ),
-    device_mqtt: str = typer.Option("", help="broker URL handed to devices at enrollment (default: --mqtt)"),
+    device_mqtt: str = typer.Option(
+        "", help="broker URL handed to devices at enrollment (default: --mqtt)", envvar="EDGECTL_DEVICE_MQTT"
+    ),
     auto_register: bool = typer.Option(
-        True, help="add devices that report without enrolling to the inventory"
+        True,
+        help="add devices that report without enrolling to the inventory",
+        envvar="EDGECTL_CP_AUTO_REGISTER",
     ),
     order_ttl: str = typer.Option(
-        "168h", help="a signed desired state expires this long after issue (re-signed at half of it)"
+        "168h",
+        help="a signed desired state expires this long after issue (re-signed at half of it)",
+        envvar="EDGECTL_CP_ORDER_TTL",
     ),
-    log_format: str = typer.Option("text", help="text or json (one object per line)"),
-    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+    log_format: str = typer.Option(
+        "text", help="text or json (one object per line)", envvar="EDGECTL_LOG_FORMAT"
+    ),
+    log_level: str = typer.Option("info", help="debug, info, warning or error", envvar="EDGECTL_LOG_LEVEL"),
 ) -> None:
     """Serve the gRPC API and drive rollouts over MQTT.
 
@@ -161,7 +186,7 @@ def control_plane_init(
 ) -> None:
     """Make the fleet CA, token key and fleet (desired-state) key once, so every replica loads the same ones.
 
-    Run `edgectl broker config -o DIR` on the same DIR for the broker's files and credentials.
+    Run `edgectl broker config --out DIR` on the same DIR for the broker's files and credentials.
     Example: edgectl control-plane init --security-dir fleet && kubectl create secret generic edgectl-security --from-file=fleet/
     """
     from edgectl.control_plane.fleet_key import FLEET_KEY_FILE, FleetKeyring

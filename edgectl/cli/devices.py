@@ -1,4 +1,4 @@
-"""`edgectl devices ls|enroll|label|rm`: the fleet's devices.
+"""`edgectl devices ls|get|describe|enroll|label|rm`: the fleet's devices.
 
 Thin over :mod:`edgectl.client`: parse flags, make one call, print a table or ``--json``.
 A gRPC failure is one line (``not found: device cam-9 does not exist``) and a non-zero exit.
@@ -6,12 +6,25 @@ A gRPC failure is one line (``not found: device cam-9 does not exist``) and a no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from edgectl.cli.output import console, err_console, print_json
+from edgectl.cli.output import (
+    IntervalOpt,
+    Output,
+    OutputOpt,
+    WatchOpt,
+    console,
+    err_console,
+    output_format,
+    print_json,
+    show,
+    watch,
+)
 from edgectl.cli.remote import (
     CaOpt,
     JsonOpt,
@@ -25,46 +38,141 @@ from edgectl.cli.remote import (
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
 from edgectl.labels import format_labels, parse_labels, parse_selector
-from edgectl.protos.v1 import common_pb2, fleet_pb2
+from edgectl.protos.v1 import common_pb2, fleet_pb2, rollouts_pb2
 
 # -- devices -------------------------------------------------------------------------------------
 
-app = typer.Typer(help="The fleet's devices: ls, enroll, label, rm.")
+app = typer.Typer(help="The fleet's devices: ls, get, describe, enroll, label, rm.")
 
 
-@app.command("ls")
-def devices_ls(
-    selector: str | None = typer.Option(None, "--selector", "-l", help="k=v[,k=v] label selector"),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    ca: Path | None = CaOpt,
-    json_out: bool = JsonOpt,
-) -> None:
-    """List devices with their live state (online, active artifact, health, last seen).
-
-    Example: edgectl devices ls -l site=lab
-    """
+def _selector_request(selector: str | None) -> fleet_pb2.ListDevicesRequest:
     sel = parse_selector(selector) if selector else None
-    request = fleet_pb2.ListDevicesRequest(
+    return fleet_pb2.ListDevicesRequest(
         selector=common_pb2.Selector(match_labels=sel.labels, device_ids=list(sel.device_ids))
         if sel
         else None
     )
-    with connect(server, token, ca) as client:
-        devices = client.call(client.fleet.ListDevices, request).devices
-    if json_out:
-        print_json([message_to_dict(d) for d in devices])
-        return
-    table = Table("id", "online", "active", "desired", "health", "last seen", "labels", "error")
+
+
+def _devices_table(devices: list[fleet_pb2.Device], wide: bool) -> Table:
+    columns = ["id", "online", "active", "desired", "health", "last seen", "labels", "error"]
+    table = Table(*columns, *(("agent", "profile", "enrolled") if wide else ()))
     for d in devices:
-        table.add_row(
+        row = [
             d.id, "yes" if d.online else "[red]no[/]",
             f"{d.active.name}:{d.active.version}" if d.active.digest else "-",
             f"{d.desired.name}:{d.desired.version}" if d.desired.digest else "-",
             enum_name(d.health, fleet_pb2.DeviceHealth, "DEVICE_HEALTH_"), ago(d.last_seen),
             format_labels(d.labels), d.last_error,
-        )  # fmt: skip
+        ]  # fmt: skip
+        if wide:
+            row += [d.agent_version or "-", d.profile or "-", ago(d.enrolled_at)]
+        table.add_row(*row)
+    return table
+
+
+@app.command("ls")
+def devices_ls(
+    selector: str | None = typer.Option(None, "--selector", "-l", help="k=v[,k=v] label selector"),
+    output: Output | None = OutputOpt,
+    watch_: bool = WatchOpt,
+    interval: float = IntervalOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """List every device with its live state (online, active artifact, health, last seen); follows
+    the server's pages, so a fleet of any size is listed whole.
+
+    Example: edgectl devices ls -l site=lab -o wide --watch
+    """
+    fmt = output_format(output, json_out)
+    with connect(server, token, ca) as client:
+
+        def fetch() -> tuple[Any, Callable[[bool], Table]]:
+            devices = client.list_all(client.fleet.ListDevices, _selector_request(selector), "devices")
+            return [message_to_dict(d) for d in devices], lambda wide: _devices_table(devices, wide)
+
+        if watch_:
+            watch(fmt, fetch, interval)
+            return
+        data, table = fetch()
+    show(fmt, data, table)
+
+
+@app.command("get")
+def devices_get(
+    device_id: str = typer.Argument(..., metavar="ID"),
+    output: Output | None = OutputOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """One device, as a one-row table or as JSON/YAML.
+
+    Example: edgectl devices get cam-07 -o yaml
+    """
+    with connect(server, token, ca) as client:
+        device = client.call(client.fleet.GetDevice, fleet_pb2.GetDeviceRequest(id=device_id))
+    show(
+        output_format(output, json_out), message_to_dict(device), lambda wide: _devices_table([device], wide)
+    )
+
+
+@app.command("describe")
+def devices_describe(
+    device_id: str = typer.Argument(..., metavar="ID"),
+    rollouts: int = typer.Option(20, help="how many recent rollouts to search for this device"),
+    output: Output | None = OutputOpt,
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Everything the control plane knows of one device: its live state and labels, what it was
+    told to run by recent rollouts (and what became of it there), and the audit trail naming it.
+
+    Example: edgectl devices describe cam-07
+    """
+    with connect(server, token, ca) as client:
+        device = client.call(client.fleet.GetDevice, fleet_pb2.GetDeviceRequest(id=device_id))
+        recent = client.list_all(
+            client.rollouts.List, rollouts_pb2.ListRolloutsRequest(), "rollouts", limit=rollouts
+        )
+        audit = [
+            e
+            for e in client.list_all(
+                client.audit.List, rollouts_pb2.ListAuditRequest(), "entries", limit=1000
+            )
+            if e.target == device_id
+        ]
+    history = [(r, d) for r in recent for w in r.waves for d in w.devices if d.device_id == device_id]
+    moves = [
+        {"id": r.id, "artifact": f"{r.artifact.name}:{r.artifact.version}",
+         "state": enum_name(d.state, rollouts_pb2.DeviceRolloutState, "DEVICE_ROLLOUT_STATE_"),
+         "reason": d.reason, "updated_at": d.updated_at.ToJsonString()}
+        for r, d in history
+    ]  # fmt: skip
+    data = {
+        "device": message_to_dict(device),
+        "rollouts": moves,
+        "audit": [message_to_dict(e) for e in audit],
+    }
+    fmt = output_format(output, json_out)
+    if fmt in (Output.JSON, Output.YAML):
+        show(fmt, data, lambda wide: Table())
+        return
+    console.print(_devices_table([device], wide=True))
+    table = Table("rollout", "artifact", "state here", "reason", "updated", title="recent rollouts")
+    for row in moves:
+        table.add_row(row["id"], row["artifact"], row["state"], row["reason"], row["updated_at"])
     console.print(table)
+    trail = Table("when", "who", "action", "outcome", title="audit trail")
+    for e in audit:
+        trail.add_row(e.at.ToJsonString(), e.actor.identity, e.action.rsplit("/", 1)[-1], e.outcome)
+    console.print(trail)
 
 
 @app.command("enroll")

@@ -30,7 +30,7 @@ def _keys() -> None:
 def generate(
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Private key file to write (default: edgectl's default key)."),
+        typer.Option("--out", help="Private key file to write (default: edgectl's default key)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,

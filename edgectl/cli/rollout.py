@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import typer
 from rich.table import Table
 
-from edgectl.cli.output import console, print_json
+from edgectl.cli.output import (
+    IntervalOpt,
+    Output,
+    OutputOpt,
+    WatchOpt,
+    byte_progress,
+    console,
+    output_format,
+    print_json,
+    show,
+    watch,
+)
 from edgectl.cli.remote import (
     CaOpt,
     JsonOpt,
@@ -75,7 +88,8 @@ def deploy(
     with connect(server, token, ca) as client:
         ref = artifact
         if Path(artifact).exists():
-            pushed = push_artifact(client, Path(artifact))
+            with byte_progress(f"pushing {Path(artifact).name}", enabled=not json_out) as progress:
+                pushed = push_artifact(client, Path(artifact), progress)
             ref = pushed.artifact.ref.digest
             if not json_out:
                 console.print(
@@ -95,18 +109,26 @@ def deploy(
                 console.print(f"follow it with: edgectl rollout status {rollout.id} --watch")
             return
         final = _watch(client, rollout.id, quiet=json_out)
-    _finish(final, json_out)
+    _finish(final, output_format(None, json_out))
 
 
-def _finish(rollout: rollouts_pb2.Rollout, json_out: bool) -> None:
-    if json_out:
-        print_json(message_to_dict(rollout))
+class RolloutFailedError(EdgectlError):
+    """A rollout the command followed ended other than SUCCEEDED (failed, aborted, rolled back)."""
+
+    exit_code = 5
+
+
+def _finish(rollout: rollouts_pb2.Rollout, fmt: Output) -> None:
+    """Print the rollout's end as ``fmt`` asks; RolloutFailedError (exit 5) unless it succeeded."""
+    machine = fmt in (Output.JSON, Output.YAML)
+    if machine:
+        show(fmt, message_to_dict(rollout), lambda wide: Table())
     state = enum_name(rollout.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_")
     if rollout.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
-        raise EdgectlError(
+        raise RolloutFailedError(
             f"rollout {rollout.id} ended {state}" + (f": {rollout.reason}" if rollout.reason else "")
         )
-    if not json_out:
+    if not machine:
         console.print(f"[green]rollout {rollout.id} succeeded[/]")
 
 
@@ -179,8 +201,28 @@ def _watch(client: ControlPlaneClient, rollout_id: str, quiet: bool = False) -> 
 app = typer.Typer(help="Inspect and steer rollouts: ls, status, pause, resume, abort, rollback.")
 
 
+def _rollouts_table(rollouts: list[rollouts_pb2.Rollout], wide: bool) -> Table:
+    table = Table("id", "artifact", "state", "wave", "failures", "created", "reason",
+                  *(("by", "selector", "strategy") if wide else ()))  # fmt: skip
+    for r in rollouts:
+        row = [
+            r.id, f"{r.artifact.name}:{r.artifact.version}", enum_name(r.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_"),
+            f"{r.current_wave + 1}/{len(r.waves)}", str(r.failures), ago(r.created_at), r.reason,
+        ]  # fmt: skip
+        if wide:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(r.selector.match_labels.items()))
+            ids = ",".join(f"id={d}" for d in r.selector.device_ids)
+            row += [r.created_by or "-", ",".join(x for x in (labels, ids) if x), ",".join(r.strategy.waves)]
+        table.add_row(*row)
+    return table
+
+
 @app.command("ls")
 def rollout_ls(
+    output: Output | None = OutputOpt,
+    watch_: bool = WatchOpt,
+    interval: float = IntervalOpt,
+    limit: int = typer.Option(0, help="at most this many rollouts, newest first (0: all, every page)"),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -188,26 +230,29 @@ def rollout_ls(
 ) -> None:
     """List rollouts, newest first.
 
-    Example: edgectl rollout ls --json
+    Example: edgectl rollout ls -o wide --watch
     """
+    fmt = output_format(output, json_out)
     with connect(server, token, ca) as client:
-        rollouts = client.call(client.rollouts.List, rollouts_pb2.ListRolloutsRequest()).rollouts
-    if json_out:
-        print_json([message_to_dict(r) for r in rollouts])
-        return
-    table = Table("id", "artifact", "state", "wave", "failures", "created", "reason")
-    for r in rollouts:
-        table.add_row(
-            r.id, f"{r.artifact.name}:{r.artifact.version}", enum_name(r.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_"),
-            f"{r.current_wave + 1}/{len(r.waves)}", str(r.failures), ago(r.created_at), r.reason,
-        )  # fmt: skip
-    console.print(table)
+
+        def fetch() -> tuple[Any, Callable[[bool], Table]]:
+            rollouts = client.list_all(
+                client.rollouts.List, rollouts_pb2.ListRolloutsRequest(), "rollouts", limit
+            )
+            return [message_to_dict(r) for r in rollouts], lambda wide: _rollouts_table(rollouts, wide)
+
+        if watch_:
+            watch(fmt, fetch, interval)
+            return
+        data, table = fetch()
+    show(fmt, data, table)
 
 
 @app.command("status")
 def rollout_status(
     rollout_id: str = typer.Argument(..., metavar="ID", help="rollout id"),
-    watch: bool = typer.Option(False, "--watch", "-w", help="follow it live until it ends"),
+    watch_: bool = typer.Option(False, "--watch", "-w", help="follow it live until it ends"),
+    output: Output | None = OutputOpt,
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -217,15 +262,14 @@ def rollout_status(
 
     Example: edgectl rollout status r-1a2b3c4d --watch
     """
+    fmt = output_format(output, json_out)
+    machine = fmt in (Output.JSON, Output.YAML)
     with connect(server, token, ca) as client:
-        if watch:
-            _finish(_watch(client, rollout_id, quiet=json_out), json_out)
+        if watch_:
+            _finish(_watch(client, rollout_id, quiet=machine), fmt)
             return
         rollout = client.call(client.rollouts.Get, rollouts_pb2.GetRolloutRequest(id=rollout_id))
-    if json_out:
-        print_json(message_to_dict(rollout))
-    else:
-        console.print(_rollout_table(rollout, []))
+    show(fmt, message_to_dict(rollout), lambda wide: _rollout_table(rollout, []))
 
 
 def _action(action: str, summary: str) -> None:

@@ -84,7 +84,7 @@ def test_failed_rollout_exits_non_zero(
     sim.connect()
     wait_for(lambda: len(cp.fleet.list_devices()) == 1, 10, what="device registered")
     code, out = run("deploy", str(art.root), "--to", "id=dev-0", "--health-timeout", "5s", "--watch")
-    assert code == 1 and "ended failed" in out and "dev-0: smoke test failed" in out
+    assert code == 5 and "ended failed" in out and "dev-0: smoke test failed" in out
 
 
 def test_errors_are_one_line_with_the_right_exit_code(

@@ -156,7 +156,7 @@ def site(tmp_path: Path, postgres_url: str, moto_s3: S3Endpoint) -> Iterator[Sit
     port = free_port()
     # The recipe in the manifest's header, run as a person would.
     for argv in (["control-plane", "init", "--security-dir", str(fleet)],
-                 ["broker", "config", "-o", str(fleet), "--hostname", "127.0.0.1", "--listen", f"127.0.0.1:{port}"]):  # fmt: skip
+                 ["broker", "config", "--out", str(fleet), "--hostname", "127.0.0.1", "--listen", f"127.0.0.1:{port}"]):  # fmt: skip
         done = subprocess.run([str(EDGECTL), *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
     layout = write_broker_files(

@@ -58,7 +58,7 @@ class ControlPlaneProcess:
         log_level: str = "info",
         security_dir: Path | None = None,
     ) -> None:
-        """Insecure dev mode, or secured with ``security_dir`` (`edgectl broker config -o DIR`):
+        """Insecure dev mode, or secured with ``security_dir`` (`edgectl broker config --out DIR`):
         TLS + tokens on ``address``, mTLS for agents on ``device_address``."""
         self.work = work
         self.port = free_port()

@@ -173,13 +173,13 @@ def test_broker_config_command_writes_a_layout_and_refuses_bad_input(tmp_path: P
     import subprocess
     import sys
 
-    ok = subprocess.run([sys.executable, "-m", "edgectl", "broker", "config", "-o", str(tmp_path / "b"), "--json",
+    ok = subprocess.run([sys.executable, "-m", "edgectl", "broker", "config", "--out", str(tmp_path / "b"), "--json",
                          "--listen", "127.0.0.1:8883"], capture_output=True, text=True)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
     assert out["url"] == "mqtts://127.0.0.1:8883"
     password = json.loads((tmp_path / "b" / "control-plane-credentials.json").read_text())["password"]
     assert password not in ok.stdout  # secrets never in --json output
-    bad = subprocess.run([sys.executable, "-m", "edgectl", "broker", "config", "-o", str(tmp_path / "c"),
+    bad = subprocess.run([sys.executable, "-m", "edgectl", "broker", "config", "--out", str(tmp_path / "c"),
                           "--listen", "nonsense"], capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "invalid --listen" in bad.stderr and "Traceback" not in bad.stderr
