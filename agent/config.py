@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from edgectl.artifact.signing import load_public_key
 from edgectl.labels import LabelError, check_labels, parse_labels
 from edgectl.mqtt.wire import DeviceIdError, check_device_id
 from edgectl.protos.v1 import fleet_pb2 as fpb
+from edgectl.security.files import check_private
 
 CREDENTIALS_FILE = "credentials.json"
 
@@ -183,8 +183,7 @@ def read_credentials(data_dir: Path) -> fpb.DeviceCredentials | None:
         json_format.Parse(path.read_text(), creds, ignore_unknown_fields=True)
     except (OSError, json_format.ParseError) as exc:
         raise ConfigError(f"{path} is not DeviceCredentials JSON: {exc}") from exc
-    if os.name == "posix" and path.stat().st_mode & 0o077:
-        raise ConfigError(f"{path} is readable by other users", hint=f"run: chmod 600 {path}")
+    check_private(path, "device credentials", error=ConfigError)
     return creds
 
 

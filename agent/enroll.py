@@ -11,7 +11,6 @@ checking its certificate against the fleet CA the operator handed over with the 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from edgectl.agent.orders import FLEET_KEYS_FILE
 from edgectl.durable import atomic_write
 from edgectl.protos.v1 import fleet_pb2 as fpb
 from edgectl.protos.v1 import fleet_pb2_grpc as fpb_grpc
+from edgectl.security.files import check_private
 
 log = logging.getLogger(__name__)
 KEY_FILE = "device.key"
@@ -118,8 +118,7 @@ def device_tls(data_dir: Path, creds: fpb.DeviceCredentials | None) -> DeviceTls
     key_path = data_dir / KEY_FILE
     if creds is None or not creds.client_cert_pem or not key_path.is_file():
         return None
-    if os.name == "posix" and key_path.stat().st_mode & 0o077:
-        raise ConfigError(f"{key_path} is readable by other users", hint=f"run: chmod 600 {key_path}")
+    check_private(key_path, "device key", error=ConfigError)
     ca_file = data_dir / CA_FILE
     if not ca_file.is_file():
         atomic_write(ca_file, bytes(creds.ca_cert_pem), 0o644)

@@ -6,7 +6,6 @@ private keys are read from files only their owner can read (0600), never from ar
 from __future__ import annotations
 
 import hmac
-import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import grpc
 from aiohttp import web
 
 from edgectl.agent.errors import ConfigError
-from edgectl.security.files import write_private, write_public
+from edgectl.security.files import check_private, write_private, write_public
 
 HEALTH_PREFIXES = ("/grpc.health.v1.Health/", "/v2/health/")
 
@@ -25,13 +24,10 @@ HEALTH_PREFIXES = ("/grpc.health.v1.Health/", "/v2/health/")
 def read_secret(path: Path, what: str) -> bytes:
     """A secret file's bytes; ConfigError when it is missing or readable by group or others."""
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
+        check_private(path, what, error=ConfigError)
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
-    if os.name == "posix" and mode & 0o077:
-        raise ConfigError(f"{what} {path} is readable by other users", hint=f"run: chmod 600 {path}")
-    return data
 
 
 def read_token(path: Path) -> str:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgectl.artifact.canonical import canonical_bytes, parse_json, sha256_digest
 from edgectl.artifact.errors import KeyFileError, ManifestError, SignatureError, UntrustedKeyError
+from edgectl.security.files import check_private
 
 ALG = "ed25519"
 SIG_FORMAT = "edgectl.sig/v1"
@@ -98,15 +99,10 @@ class SigningKey:
         ``group_readable`` lets a service read its key from a Kubernetes Secret volume, which
         mounts files root:fsGroup with mode 0440; anyone else's access is still refused."""
         try:
-            st = path.stat()
             data = path.read_bytes()
         except OSError as exc:
             raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from exc
-        if os.name == "posix" and st.st_mode & (0o037 if group_readable else 0o077):
-            raise KeyFileError(
-                f"signing key {path} is readable by other users (mode {st.st_mode & 0o777:o})",
-                hint=f"run: chmod 600 {path}",
-            )
+        check_private(path, "signing key", group_readable=group_readable, error=KeyFileError)
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:

@@ -54,7 +54,7 @@ class BrokerCredentials:
 
     @classmethod
     def load(cls, path: Path) -> BrokerCredentials:
-        check_private(path, "broker credentials file")
+        check_private(path, "broker credentials file", group_readable=True)
         try:
             data = json.loads(path.read_text())
             url = str(data["url"]).replace("://0.0.0.0:", "://127.0.0.1:")  # a listen address, not a host

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgectl.durable import atomic_write
+from edgectl.errors import EdgectlError
 from edgectl.security.errors import SecurityError
 
 PRIVATE_UMASK = 0o077
@@ -29,13 +30,23 @@ def private_umask() -> Iterator[None]:
         os.umask(old)
 
 
-def check_private(path: Path, what: str = "key file") -> None:
-    """Raise when ``path`` grants any access to group or others (a secret must be its owner's only)."""
+def check_private(
+    path: Path,
+    what: str = "key file",
+    *,
+    group_readable: bool = False,
+    error: type[EdgectlError] = SecurityError,
+) -> None:
+    """Raise ``error`` when ``path`` grants access beyond its owner, with the ``chmod`` that fixes it.
+
+    The one check of a secret file's mode. ``group_readable`` is for a service's own keys (the
+    control plane's security dir), which a Kubernetes Secret volume mounts root:fsGroup 0440;
+    write access for the group, and any access for everyone else, is refused even then."""
     if os.name != "posix":
         return
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise SecurityError(
+    if mode & (0o037 if group_readable else 0o077):
+        raise error(
             f"{what} {path} is readable by other users (mode {mode:o})", hint=f"run: chmod 600 {path}"
         )
 

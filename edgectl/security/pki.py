@@ -109,7 +109,7 @@ class FleetCA:
     def load(cls, cert_path: Path, key_path: Path) -> FleetCA:
         """The CA in these files; its key must be readable by its owner only."""
         if key_path.exists():
-            check_private(key_path, "fleet CA key")
+            check_private(key_path, "fleet CA key", group_readable=True)
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
