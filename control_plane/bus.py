@@ -23,10 +23,20 @@ from paho.mqtt.properties import Properties
 
 from edgectl.addresses import parse_mqtt_url
 from edgectl.control_plane.desired import Publication
-from edgectl.mqtt.wire import ALL_CHUNK_REQUESTS, ALL_EVENTS, ALL_REPORTED, ALL_STATUS, DeviceTopics
+from edgectl.mqtt.wire import (
+    ALL_CHUNK_REQUESTS,
+    ALL_EVENTS,
+    ALL_REPORTED,
+    ALL_SITE_BRIDGES,
+    ALL_STATUS,
+    DeviceTopics,
+)
 
 log = logging.getLogger(__name__)
-FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_CHUNK_REQUESTS, 1)]
+# Site bridges last: their retained "0" must arrive after the stale retained statuses it overrides.
+FLEET_SUBSCRIPTIONS = [
+    (ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_CHUNK_REQUESTS, 1), (ALL_SITE_BRIDGES, 1),
+]  # fmt: skip
 CONNECTED = "$connected"  # an inbox marker, never a real topic (MQTT topics cannot start with '$' here)
 
 

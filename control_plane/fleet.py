@@ -27,7 +27,7 @@ from edgectl.control_plane.identity import (
 )
 from edgectl.control_plane.store import StateStore, dumps, loads
 from edgectl.labels import Selector, check_labels
-from edgectl.mqtt.wire import DeviceIdError, check_device_id
+from edgectl.mqtt.wire import SITE_LABEL, DeviceIdError, check_device_id
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,14 @@ class Fleet:
                         (int(s.online), int(s.online), s.received_at, device_id),
                     )
         return touched
+
+    def site_offline(self, site: str) -> list[str]:
+        """Mark offline every online device labelled ``site=<site>`` (its site broker lost the center)."""
+        with self.store.tx() as tx:
+            rows = tx.all("SELECT id, labels, reported_labels FROM devices WHERE online = 1")
+            ids = [r[0] for r in rows if {**loads(r[2], {}), **loads(r[1], {})}.get(SITE_LABEL) == site]
+            tx.executemany("UPDATE devices SET online = 0 WHERE id = ? AND online = 1", [(i,) for i in ids])
+        return ids
 
     @staticmethod
     def _write_reported(tx: Tx, obs: Reported) -> None:

@@ -20,7 +20,7 @@ from edgectl.control_plane.desired import all_publications
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet, Reported, Status
 from edgectl.control_plane.store import StateStore
-from edgectl.mqtt.wire import PayloadError, decode, parse_topic
+from edgectl.mqtt.wire import PayloadError, decode, parse_site_bridge, parse_topic
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,11 @@ class FleetIngest:
             if item.topic.startswith("$") or not item.payload:
                 continue  # control markers, and retained messages being cleared
             try:
+                link = parse_site_bridge(item.topic, item.payload)
+                if link is not None:
+                    # In order: what devices said before their site's link fell is stored first.
+                    observations = self._site_link(*link, observations)
+                    continue
                 device_id, kind = parse_topic(item.topic)
                 if kind == "reported":
                     state = decode(item.payload, mqtt_pb2.ReportedState)
@@ -117,6 +122,22 @@ class FleetIngest:
         if observations:
             self.fleet.apply(observations)
             self.wake()
+
+    def _site_link(self, site: str, up: bool, pending: list[Reported | Status]) -> list[Reported | Status]:
+        """A site bridge's link changed: down, every device behind it is offline (their own
+        will stays at the site broker); up, the bridge resends their retained statuses itself."""
+        self.count("site_bridge")
+        if up:
+            log.info("site bridge connected", extra={"site": site})
+            return pending
+        if pending:
+            self.fleet.apply(pending)
+        offline = self.fleet.site_offline(site)
+        log.warning(
+            "site bridge lost: its devices are offline", extra={"site": site, "devices": len(offline)}
+        )
+        self.wake()
+        return []
 
     def republish(self) -> None:
         with self.store.tx() as tx:
