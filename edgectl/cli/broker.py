@@ -68,13 +68,16 @@ def broker_config(
     if bridge_to and site and central_admin:
         from edgectl.addresses import parse_mqtt_url
         from edgectl.security.bridge import central_admin as admin_session
-        from edgectl.security.bridge import include_bridges, provision_bridge, render_bridge, write_bridge
+        from edgectl.security.bridge import provision_bridge, render_bridge, write_bridge
 
         central = parse_mqtt_url(bridge_to)
         with admin_session(central_admin, bridge_to) as admin:
             identity = provision_bridge(admin, site)
         ca = bridge_ca or central_admin.parent / "ca.crt"
         bridge_file = write_bridge(layout.directory, render_bridge(site, central, identity, ca), site)
+    from edgectl.security.bridge import BRIDGE_CONF_DIR, include_bridges
+
+    if (layout.directory / BRIDGE_CONF_DIR).is_dir():  # a site broker stays one when its config is refreshed
         include_bridges(layout)
     files = {
         "mosquitto.conf": layout.config_file,
