@@ -68,12 +68,16 @@ def broker_config(
     if bridge_to and site and central_admin:
         from edgectl.addresses import parse_mqtt_url
         from edgectl.security.bridge import central_admin as admin_session
-        from edgectl.security.bridge import provision_bridge, render_bridge, write_bridge
+        from edgectl.security.bridge import copy_central_ca, provision_bridge, render_bridge, write_bridge
 
         central = parse_mqtt_url(bridge_to)
         with admin_session(central_admin, bridge_to) as admin:
             identity = provision_bridge(admin, site)
-        ca = bridge_ca or central_admin.parent / "ca.crt"
+        ca = (
+            copy_central_ca(layout.directory, bridge_ca or central_admin.parent / "ca.crt")
+            if central.tls
+            else None
+        )
         bridge_file = write_bridge(layout.directory, render_bridge(site, central, identity, ca), site)
     from edgectl.security.bridge import BRIDGE_CONF_DIR, include_bridges
 

@@ -31,7 +31,7 @@ from edgectl.mqtt.wire import (
 from edgectl.security.broker_files import BrokerLayout
 from edgectl.security.dynsec import CONTROL_PLANE_ROLE, DynsecAdmin, new_password
 from edgectl.security.errors import BrokerAdminError, SecurityError
-from edgectl.security.files import write_private
+from edgectl.security.files import write_private, write_public
 
 BRIDGE_CONF_DIR = "conf.d"  # the site broker's mosquitto.conf includes every *.conf in here
 
@@ -71,7 +71,11 @@ def bridge_acls(site: str) -> list[dict[str, Any]]:
     root = f"{TOPIC_ROOT}/+"
     return [
         *[acl("publishClientSend", f"{root}/{kind}") for kind in DEVICE_TO_CENTER],
-        *[acl("subscribePattern", f"{root}/{kind}") for kind in CENTER_TO_DEVICE],
+        *[
+            acl(t, f"{root}/{kind}")
+            for kind in CENTER_TO_DEVICE
+            for t in ("subscribePattern", "publishClientReceive")
+        ],
         acl("publishClientSend", site_bridge_topic(site)),  # its "1", and its will's "0"
     ]
 
@@ -84,14 +88,18 @@ def provision_bridge(admin: DynsecAdmin, site: str, password: str | None = None)
             admin.run(command, **fields)
     admin.run("createRole", rolename=role, acls=bridge_acls(site))
     password = password or new_password()
-    admin.run("createClient", username=username, password=password, roles=[{"rolename": role}])
+    # Pinned to the bridge's client id (render_bridge's remote_clientid), as devices are to theirs.
+    admin.run(
+        "createClient", username=username, password=password, clientid=username, roles=[{"rolename": role}]
+    )
     # The control plane reads every site's link (a broker configured before sites existed lacks it).
-    try:
-        admin.run("addRoleACL", rolename=CONTROL_PLANE_ROLE, acltype="subscribePattern",
-                  topic=ALL_SITE_BRIDGES, priority=0, allow=True)  # fmt: skip
-    except BrokerAdminError as exc:
-        if "already" not in str(exc).lower():
-            raise
+    for acltype in ("subscribePattern", "publishClientReceive"):
+        try:
+            admin.run("addRoleACL", rolename=CONTROL_PLANE_ROLE, acltype=acltype, topic=ALL_SITE_BRIDGES,
+                      priority=0, allow=True)  # fmt: skip
+        except BrokerAdminError as exc:
+            if "already" not in str(exc).lower():
+                raise
     return BridgeIdentity(site, username, password)
 
 
@@ -133,6 +141,20 @@ def write_bridge(directory: Path, text: str, site: str) -> Path:
     path = directory / BRIDGE_CONF_DIR / f"bridge-{check_site(site)}.conf"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, text.encode())
+    return path
+
+
+def copy_central_ca(directory: Path, ca_file: Path) -> Path:
+    """Copy the CA that verifies the central broker into the site's directory, which then travels whole."""
+    try:
+        pem = ca_file.read_bytes()
+    except OSError as exc:
+        raise SecurityError(
+            f"cannot read the central broker's CA {ca_file}: {exc}", hint="pass --bridge-ca"
+        ) from exc
+    path = directory / BRIDGE_CONF_DIR / "central-ca.crt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_public(path, pem)
     return path
 
 

@@ -18,7 +18,7 @@ import pytest
 from edgectl.addresses import parse_mqtt_url
 from edgectl.artifact import SigningKey, TrustStore
 from edgectl.broker import BrokerConfig, MosquittoProcess
-from edgectl.mqtt.wire import DeviceTopics, decode, site_bridge_topic
+from edgectl.mqtt.wire import DeviceTopics, agent_client_id, decode, site_bridge_topic
 from edgectl.ports import free_port
 from edgectl.protos.v1 import mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
@@ -157,11 +157,21 @@ def test_bridge_identity_is_confined_on_the_central_broker(bridged: BridgedSite)
         identity = provision_bridge(admin, "site-b")
         victim = admin.provision_device("victim")
     tls = str(layout.ca_cert)
-    thief = MqttTestClient(
-        "127.0.0.1", layout.port, username=identity.username, password=identity.password, tls_ca=tls
+    thief = MqttTestClient(  # with the client id the bridge's login is pinned to
+        "127.0.0.1",
+        layout.port,
+        identity.username,
+        username=identity.username,
+        password=identity.password,
+        tls_ca=tls,
     )
     device = MqttTestClient(
-        "127.0.0.1", layout.port, "victim", username="victim", password=victim.password, tls_ca=tls
+        "127.0.0.1",
+        layout.port,
+        agent_client_id("victim"),
+        username="victim",
+        password=victim.password,
+        tls_ca=tls,
     )
     center = MqttTestClient("127.0.0.1", layout.port, username=layout.control_plane_username,
                             password=layout.control_plane_password, tls_ca=tls)  # fmt: skip

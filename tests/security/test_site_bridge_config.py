@@ -5,17 +5,20 @@ topic one way only."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edgectl.broker import MosquittoProcess
-from edgectl.mqtt.wire import DeviceTopics, site_bridge_topic
+from edgectl.broker import MosquittoProcess, broker_user
+from edgectl.mqtt.wire import DeviceTopics, agent_client_id, site_bridge_topic
 from edgectl.ports import free_port, wait_for_port
 from edgectl.security.bridge import central_admin
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
@@ -40,14 +43,22 @@ def center(tmp_path: Path) -> Iterator[BrokerLayout]:
         broker.kill()
 
 
-def _client(ca: Path, port: int, username: str, password: str) -> MqttTestClient:
-    client = MqttTestClient("127.0.0.1", port, username=username, password=password, tls_ca=str(ca))
+def _client(
+    ca: Path, port: int, username: str, password: str, client_id: str | None = None
+) -> MqttTestClient:
+    client = MqttTestClient(
+        "127.0.0.1", port, client_id, username=username, password=password, tls_ca=str(ca)
+    )
     assert not client.connect(timeout=10).is_failure, f"{username} could not log in on :{port}"
     return client
 
 
 def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center: BrokerLayout) -> None:
-    site_dir, site_port = tmp_path / "site", free_port()
+    # Installed where the broker's own user reaches it (pytest's tmp dirs are 0700 root when run as
+    # root), and owned by that user, as an installer does; `broker config` writes absolute paths.
+    install = Path(tempfile.mkdtemp(prefix="edgectl-site-"))
+    install.chmod(0o711)
+    site_dir, site_port = install / "site", free_port()
     site_dir.mkdir()
     for name in ("ca.crt", "ca.key"):  # the documented step: the site's certificate from the fleet CA
         shutil.copy2(center.directory / name, site_dir / name)
@@ -66,6 +77,11 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
     assert password not in done.stdout + done.stderr
 
     site_creds = json.loads((site_dir / "control-plane-credentials.json").read_text())
+    user = broker_user()
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for path in [site_dir, *site_dir.rglob("*")]:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
     binary = require_mosquitto()
     log = (tmp_path / "site.log").open("wb")
     site = subprocess.Popen(
@@ -88,7 +104,7 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
         cp_site = _client(site_dir / "ca.crt", site_port, site_creds["username"], site_creds["password"])
         clients.append(cp_site)
         at_site = DynsecAdmin(cp_site.client).provision_device("dev-1", password=at_center.password)
-        device = _client(site_dir / "ca.crt", site_port, "dev-1", at_site.password)
+        device = _client(site_dir / "ca.crt", site_port, "dev-1", at_site.password, agent_client_id("dev-1"))
         clients.append(device)
         topics = DeviceTopics("dev-1")
         device.subscribe(topics.desired)
@@ -101,7 +117,9 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
         assert got.topic == topics.desired and b"generation" in got.payload
 
         # Not the other way: desired state written at the site never reaches the center.
-        center_device = _client(center.ca_cert, center.port, "dev-1", at_center.password)
+        center_device = _client(
+            center.ca_cert, center.port, "dev-1", at_center.password, agent_client_id("dev-1")
+        )
         clients.append(center_device)
         center_device.subscribe(topics.desired)
         assert center_device.expect(5).retain  # the center's own retained desired (positive control)
@@ -121,6 +139,7 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert f"include_dir {site_dir / 'conf.d'}" in (site_dir / "mosquitto.conf").read_text()
+    shutil.rmtree(install)
 
 
 def test_bridge_to_needs_a_site_and_the_central_admin(tmp_path: Path) -> None:
