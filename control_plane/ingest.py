@@ -2,8 +2,8 @@
 
 One batch (up to ``BATCH``) becomes one transaction, then the controller is woken. A
 (re)connect marker republishes every stored desired state, which heals a publish lost between
-a commit and a crash. Chunk requests are handed to the chunk server's own worker
-(``chunk_server.py``) so a big transfer never delays health reports.
+a commit and a crash. Chunk requests never come here: every replica takes them through a
+shared subscription (``chunk_server.py``), so they need no leader and never delay health reports.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 from edgectl.control_plane.bus import CONNECTED, FleetBus, Inbound
-from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.desired import all_publications
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet, Reported, Status
@@ -35,14 +34,12 @@ class FleetIngest:
         store: StateStore,
         fleet: Fleet,
         bus: FleetBus,
-        chunks: ChunkServer,
         wake: Callable[[], None],
         count: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.bus = bus
-        self.chunks = chunks
         self.wake = wake
         self.count = count or (lambda kind: None)
         self._stop = threading.Event()
@@ -109,8 +106,6 @@ class FleetIngest:
                     observations.append(Status(device_id, status.online, now))
                 elif kind == "events":
                     self._event(device_id, decode(item.payload, mqtt_pb2.DeviceEvent))
-                elif kind == "chunks/request":
-                    self.chunks.requests.put((device_id, decode(item.payload, mqtt_pb2.ChunkRequest)))
                 self.count(kind)
             except PayloadError as exc:
                 self.count("bad_payload")

@@ -1,7 +1,7 @@
 """The control plane process: gRPC API, state store, MQTT bus, leader election, controller.
 
-Every replica serves the API; the leader alone subscribes to the fleet's reports, steps
-rollouts and answers MQTT chunk requests. ``ControlPlane.start()`` returns once the API
+Every replica serves the API and answers MQTT chunk requests (a shared subscription: the broker
+gives each to one live replica); the leader alone subscribes to the fleet's reports and steps rollouts. ``ControlPlane.start()`` returns once the API
 listens; ``serve()`` blocks until a signal.
 """
 
@@ -186,11 +186,11 @@ class ControlPlane:
         self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake)
         self.audit = AuditLog(self.store)
         self.chunks = ChunkServer(
-            self.artifacts, self.bus, deployed=self._deployed if self.security else None
-        )
-        self.ingest = FleetIngest(
-            self.store, self.fleet, self.bus, self.chunks, self.loop.wake, self.metrics.count_mqtt
-        )
+            self.artifacts, self.bus, deployed=self._deployed if self.security else None,
+            count=self.metrics.count_mqtt,
+        )  # fmt: skip
+        self.bus.serve_chunk_requests(self.chunks.submit)  # every replica answers, leading or not
+        self.ingest = FleetIngest(self.store, self.fleet, self.bus, self.loop.wake, self.metrics.count_mqtt)
         self.election = LeaderElection(
             leader_lock_for(config.state_url), self._lead, self._follow, interval=config.leader_interval
         )

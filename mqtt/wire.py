@@ -99,6 +99,10 @@ ALL_REPORTED = f"{TOPIC_ROOT}/+/reported"
 ALL_STATUS = f"{TOPIC_ROOT}/+/status"
 ALL_EVENTS = f"{TOPIC_ROOT}/+/events"
 ALL_CHUNK_REQUESTS = f"{TOPIC_ROOT}/+/chunks/request"
+# Every control-plane replica subscribes here; the broker hands each request to one live member,
+# so artifact chunks over MQTT do not wait for a leader.
+CHUNK_SHARE_GROUP = "edgectl-chunks"
+SHARED_CHUNK_REQUESTS = f"$share/{CHUNK_SHARE_GROUP}/{ALL_CHUNK_REQUESTS}"
 ALL_SITE_BRIDGES = f"{SITES_ROOT}/+/bridge"
 # Which way each of a device's topics crosses a site bridge.
 DEVICE_TO_CENTER = ("reported", "status", "events", "chunks/request")

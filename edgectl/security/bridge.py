@@ -29,7 +29,7 @@ from edgectl.mqtt.wire import (
     site_bridge_topic,
 )
 from edgectl.security.broker_files import BrokerLayout
-from edgectl.security.dynsec import CONTROL_PLANE_ROLE, DynsecAdmin, new_password
+from edgectl.security.dynsec import CONTROL_PLANE_ROLE, RESPONSE_TOPIC, DynsecAdmin, new_password
 from edgectl.security.errors import BrokerAdminError, SecurityError
 from edgectl.security.files import write_private, write_public
 
@@ -93,13 +93,18 @@ def provision_bridge(admin: DynsecAdmin, site: str, password: str | None = None)
         "createClient", username=username, password=password, clientid=username, roles=[{"rolename": role}]
     )
     # The control plane reads every site's link (a broker configured before sites existed lacks it).
+    # Changing a role disconnects its clients, this admin session too, so it goes last and its
+    # answer may never come.
+    have = {
+        (a["acltype"], a["topic"])
+        for a in admin.run("getRole", rolename=CONTROL_PLANE_ROLE)["data"]["role"]["acls"]
+    }
     for acltype in ("subscribePattern", "publishClientReceive"):
-        try:
-            admin.run("addRoleACL", rolename=CONTROL_PLANE_ROLE, acltype=acltype, topic=ALL_SITE_BRIDGES,
-                      priority=0, allow=True)  # fmt: skip
-        except BrokerAdminError as exc:
-            if "already" not in str(exc).lower():
-                raise
+        if (acltype, ALL_SITE_BRIDGES) not in have:
+            with contextlib.suppress(BrokerAdminError):
+                admin.run("addRoleACL", rolename=CONTROL_PLANE_ROLE, acltype=acltype, topic=ALL_SITE_BRIDGES,
+                          priority=0, allow=True)  # fmt: skip
+            break  # the session is gone; the next `broker config --bridge-to` adds what is left
     return BridgeIdentity(site, username, password)
 
 
@@ -207,6 +212,14 @@ def central_admin(
             raise SecurityError(
                 f"the central broker at {target.public()} refused the admin login: {refused or 'no answer'}",
                 hint="pass the central broker's control-plane-credentials.json",
+            )
+        # The plugin's answers go only to a subscribed client: wait for the SUBACK before any command.
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.subscribe(RESPONSE_TOPIC, qos=1)
+        if not subscribed.wait(timeout):
+            raise SecurityError(
+                f"the central broker at {target.public()} did not confirm the admin subscription"
             )
         yield DynsecAdmin(client, timeout=timeout)
     finally:
