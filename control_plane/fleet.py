@@ -213,7 +213,7 @@ class Fleet:
         try:
             if self.identities is not None:
                 cert = self.identities.issue_certificate(device_id, csr_pem)
-                self.identities.provision(device_id, password)
+                self.identities.provision(device_id, password, labels.get(SITE_LABEL, ""))
             with self.store.tx() as tx:
                 tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
                 self._ensure_device(tx, device_id, now)
@@ -231,7 +231,7 @@ class Fleet:
                 )
             raise
         return Credentials(
-            device_id, device_id, password, self.trusted_keys, self.mqtt_url,
+            device_id, device_id, password, self.trusted_keys, self._broker_url(labels),
             cert.cert_pem if cert else b"", cert.ca_pem if cert else b"", self.fleet_keys(),
         )  # fmt: skip
 
@@ -288,6 +288,11 @@ class Fleet:
             tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
         return self.get(device_id)
 
+    def _broker_url(self, labels: dict[str, str]) -> str:
+        """The broker an enrolling device is told to use: its site's broker, else the central one."""
+        site = self.identities.broker_url(labels.get(SITE_LABEL, "")) if self.identities else None
+        return site or self.mqtt_url
+
     def decommission(self, device_id: str) -> None:
         """Revoke the device's credentials, then forget it; a tombstone stops auto-registration.
 
@@ -295,8 +300,8 @@ class Fleet:
         fails nothing changes, and a retry is safe because revoking is idempotent.
         """
         if self.identities is not None:
-            self.get(device_id)  # NotFound for a device that is not in the inventory
-            self.identities.revoke(device_id)
+            record = self.get(device_id)  # NotFound for a device that is not in the inventory
+            self.identities.revoke(device_id, record.effective_labels.get(SITE_LABEL, ""))
         with self.store.tx() as tx:
             if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)) == 0:
                 raise NotFound(f"device {device_id} is not in the inventory")

@@ -43,6 +43,7 @@ from edgectl.control_plane.security import (
     BrokerAdminLink,
     FleetIdentities,
     FleetSecurity,
+    SiteBroker,
     cert_fingerprint,
     default_tls_names,
 )
@@ -90,6 +91,7 @@ class ControlPlaneConfig:
     blobs: str = "./blobs"
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
+    site_brokers: tuple[Path, ...] = ()  # site brokers' config dirs: their devices' identities go there too
     health_listen: str | None = None  # plaintext gRPC health only (kubelet probes), HOST:PORT; None: off
     device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
     auto_register: bool = True  # devices that report without enrolling join the inventory
@@ -164,7 +166,9 @@ class ControlPlane:
                 "no broker credentials in the security dir: enrollment issues certificates but cannot "
                 "provision devices' MQTT identities (run `edgectl broker config --out` on that directory)"
             )
-        identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
+        sites = {b.site: b for b in map(SiteBroker.load, config.site_brokers)} if self.security else {}
+        identities = FleetIdentities(self.security.ca, self.admin_link, sites) if self.security else None
+        self.identities = identities
         device_url = config.device_mqtt_url or parse_mqtt_url(mqtt_url).public()
         fleet_key = self.security.fleet_key if self.security else None
         self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities,
@@ -364,6 +368,8 @@ class ControlPlane:
         self.bus.stop()
         if self.admin_link is not None:
             self.admin_link.close()
+        if self.identities is not None:
+            self.identities.close()
         self.metrics.stop()
         self.store.close()
 

@@ -68,7 +68,13 @@ def broker_config(
     if bridge_to and site and central_admin:
         from edgectl.addresses import parse_mqtt_url
         from edgectl.security.bridge import central_admin as admin_session
-        from edgectl.security.bridge import copy_central_ca, provision_bridge, render_bridge, write_bridge
+        from edgectl.security.bridge import (
+            copy_central_ca,
+            provision_bridge,
+            render_bridge,
+            write_bridge,
+            write_site_info,
+        )
 
         central = parse_mqtt_url(bridge_to)
         with admin_session(central_admin, bridge_to) as admin:
@@ -79,6 +85,7 @@ def broker_config(
             else None
         )
         bridge_file = write_bridge(layout.directory, render_bridge(site, central, identity, ca), site)
+        write_site_info(layout, site, hostname[0])
     from edgectl.security.bridge import BRIDGE_CONF_DIR, include_bridges
 
     if (layout.directory / BRIDGE_CONF_DIR).is_dir():  # a site broker stays one when its config is refreshed

@@ -9,6 +9,9 @@ are real agents connected to the site broker only.
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from edgectl.addresses import parse_mqtt_url
+from edgectl.agent.config import CREDENTIALS_FILE
 from edgectl.artifact import SigningKey, TrustStore
 from edgectl.broker import BrokerConfig, MosquittoProcess
 from edgectl.mqtt.wire import DeviceTopics, agent_client_id, decode, site_bridge_topic
 from edgectl.ports import free_port
-from edgectl.protos.v1 import mqtt_pb2
+from edgectl.protos.v1 import fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.bridge import central_admin, provision_bridge, render_bridge
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
@@ -134,7 +138,7 @@ def test_site_partition_devices_keep_serving_center_sees_offline_rollout_converg
         assert {m.digest for s in still.values() for m in s.models if m.name == MODEL} == {d1}
 
         bridged.uplink.heal()
-        assert link.expect(60).payload == b"1"  # the bridge is back (its backoff caps at 30 s)
+        assert link.expect(60).payload == b"1"  # the bridge is back (it retries every 5 s)
         done = rig.wait_done(pending.id, 120)
         assert done.state == RP.ROLLOUT_STATE_SUCCEEDED, done.reason
         outcome = {d.device_id: d.state for w in done.waves for d in w.devices}
@@ -190,3 +194,68 @@ def test_bridge_identity_is_confined_on_the_central_broker(bridged: BridgedSite)
     finally:
         for c in (thief, device, center):
             c.close()
+
+
+def test_enrollment_puts_a_site_device_on_its_site_broker(
+    tmp_path: Path, signing_key: SigningKey, artifacts: Artifacts, trust: TrustStore
+) -> None:
+    """Promise: with the site broker known to the control plane (`--site-broker DIR`), a device
+    labelled site=NAME gets its broker identity on the site broker as well as the center's, is
+    told the site broker's URL at enrollment, and converges through the bridge; decommissioning it
+    removes its identity from the site broker too (its next login there is refused)."""
+    binary = require_mosquitto()
+    center_layout = write_broker_files(tmp_path / "center", hostnames=["127.0.0.1"], host="127.0.0.1",
+                                       port=free_port())  # fmt: skip
+    center = MosquittoProcess(center_layout.broker_config(tmp_path / "center-data"), binary=binary)
+    center.start()
+    site_dir, site_port = tmp_path / "site-s", free_port()
+    site_dir.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        (site_dir / name).write_bytes((center_layout.directory / name).read_bytes())
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "edgectl"), "broker", "config", "-o", str(site_dir), "--hostname",
+         "127.0.0.1", "--listen", f"127.0.0.1:{site_port}", "--bridge-to", f"mqtts://127.0.0.1:{center_layout.port}",
+         "--site", "site-s", "--central-admin", str(center_layout.credentials_file)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    site_layout = write_broker_files(site_dir, hostnames=["127.0.0.1"], host="127.0.0.1", port=site_port)
+    config = site_layout.broker_config(tmp_path / "site-data")  # the bridge inline: staged like the rest
+    config.extra_lines += (site_dir / "conf.d" / "bridge-site-s.conf").read_text().splitlines()
+    site = MosquittoProcess(config, binary=binary)
+    site.start()
+    labels = {**LABELS, "site": "site-s"}
+    rig = FleetRig(tmp_path / "fleet", center, signing_key, security=center_layout, site_brokers=[site_dir])
+    try:
+        d1 = rig.push(artifacts.good(1))
+        sim = rig.simulate(devices=make_devices(2, "sited", labels), per_process=2)  # URLs from enrollment
+        ids = ids_of(sim)
+        rig.wait_all_online(ids)
+        for device_id in ids:
+            creds = json.loads((sim.settings.data_dir(device_id) / CREDENTIALS_FILE).read_text())
+            assert creds["mqttUrl"] == f"mqtts://127.0.0.1:{site_port}", creds["mqttUrl"]
+        r = rig.rollout(f"{MODEL}:1", labels, ["100%"], health_timeout_s=60)
+        assert rig.wait_done(r.id, 120).state == RP.ROLLOUT_STATE_SUCCEEDED
+        assert_fleet_verified(rig, sim, trust, d1)
+
+        gone = ids[0]
+        password = json.loads((sim.settings.data_dir(gone) / CREDENTIALS_FILE).read_text())["mqttPassword"]
+        sim.stop()
+        kept = ids[1]  # positive control: a device's enrollment made its login on the site broker
+        kept_password = json.loads((sim.settings.data_dir(kept) / CREDENTIALS_FILE).read_text())[
+            "mqttPassword"
+        ]
+        login = MqttTestClient("127.0.0.1", site_port, agent_client_id(kept), username=kept, password=kept_password,
+                               tls_ca=str(site_layout.ca_cert))  # fmt: skip
+        assert not login.connect(timeout=10).is_failure
+        login.close()
+        rig.client.fleet.DecommissionDevice(fleet_pb2.DecommissionDeviceRequest(id=gone), timeout=30)
+        for port, ca in ((site_port, site_layout.ca_cert), (center_layout.port, center_layout.ca_cert)):
+            login = MqttTestClient("127.0.0.1", port, agent_client_id(gone), username=gone, password=password,
+                                   tls_ca=str(ca))  # fmt: skip
+            assert login.connect(timeout=10).is_failure, f"the decommissioned device still logs in on :{port}"
+            login.close()
+    finally:
+        rig.close()
+        site.kill()
+        center.kill()
