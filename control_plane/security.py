@@ -54,8 +54,8 @@ class BrokerCredentials:
     ca_file: str | None
 
     @classmethod
-    def load(cls, path: Path) -> BrokerCredentials:
-        check_private(path, "broker credentials file")
+    def load(cls, path: Path, *, group_readable: bool = False) -> BrokerCredentials:
+        check_private(path, "broker credentials file", group_readable=group_readable)
         try:
             data = json.loads(path.read_text())
             url = str(data["url"]).replace("://0.0.0.0:", "://127.0.0.1:")  # a listen address, not a host
@@ -163,7 +163,7 @@ class SiteBroker:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ControlPlaneError(
                 f"{directory} is not a site broker's directory: {exc}",
-                hint="make it with `edgectl broker config -o DIR --bridge-to URL --site NAME ...`",
+                hint="make it with `edgectl broker config --out DIR --bridge-to URL --site NAME ...`",
             ) from exc
         creds = BrokerCredentials.load(directory / BROKER_CREDENTIALS_FILE)
         return cls(
@@ -236,15 +236,18 @@ class FleetSecurity:
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca = FleetCA.load_or_create(directory)
-        self.issuer = TokenIssuer.load_or_create(directory / TOKEN_KEY_FILE)
+        # group_readable: replicas read these from a Kubernetes Secret volume (root:fsGroup 0440).
+        self.ca = FleetCA.load_or_create(directory, group_readable=True)
+        self.issuer = TokenIssuer.load_or_create(directory / TOKEN_KEY_FILE, group_readable=True)
         self.fleet_key = FleetKeyring.load_or_create(directory)
         if tls_cert is not None and tls_key is not None:
             self.server = IssuedCert(tls_cert.read_bytes(), tls_key.read_bytes(), self.ca.cert_pem)
         else:
             self.server = self.ca.issue_server(tls_names)
         creds = directory / BROKER_CREDENTIALS_FILE
-        self.broker_credentials = BrokerCredentials.load(creds) if creds.exists() else None
+        self.broker_credentials = (
+            BrokerCredentials.load(creds, group_readable=True) if creds.exists() else None
+        )
 
     @property
     def verifier(self) -> TokenVerifier:

@@ -29,12 +29,16 @@ def private_umask() -> Iterator[None]:
         os.umask(old)
 
 
-def check_private(path: Path, what: str = "key file") -> None:
-    """Raise when ``path`` grants any access to group or others (a secret must be its owner's only)."""
+def check_private(path: Path, what: str = "key file", *, group_readable: bool = False) -> None:
+    """Raise when ``path`` grants any access to group or others (a secret must be its owner's only).
+
+    ``group_readable``: a service reading its secrets from a Kubernetes Secret volume, which
+    mounts files root:fsGroup 0440; group read is then allowed, anything more is still refused.
+    """
     if os.name != "posix":
         return
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
+    if mode & (0o037 if group_readable else 0o077):
         raise SecurityError(
             f"{what} {path} is readable by other users (mode {mode:o})", hint=f"run: chmod 600 {path}"
         )

@@ -15,11 +15,13 @@ from pathlib import Path
 
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
+from edgectl.control_plane.fleet import Status
 from edgectl.control_plane.leader import FileLeaderLock
 from edgectl.control_plane.server import ControlPlane
 from edgectl.mqtt.wire import SHARED_CHUNK_REQUESTS, DeviceTopics, agent_client_id, decode, encode
 from edgectl.ports import free_port
-from edgectl.protos.v1 import mqtt_pb2
+from edgectl.protos.v1 import common_pb2, mqtt_pb2
+from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.bridge import central_admin
 from edgectl.security.broker_files import write_broker_files
 from edgectl.security.dynsec import CONTROL_PLANE_ROLE
@@ -108,6 +110,15 @@ def test_without_the_shared_subscription_acl_the_leader_still_answers(
         creds = ClientCredentials(token=token, ca_pem=layout.ca_cert.read_bytes())
         with ControlPlaneClient(plane.address, timeout=20, credentials=creds) as client:
             digest = push_artifact(client, build().root).artifact.ref.digest
+            # A secured fleet answers a device only for what is deployed to it: put it in a rollout.
+            plane.fleet.apply([Status("dev-old", True, time.time())])
+            plane.fleet.label("dev-old", {"fleet": "old"}, [])
+            client.rollouts.Create(RP.CreateRolloutRequest(
+                artifact=digest, selector=common_pb2.Selector(match_labels={"fleet": "old"}),
+                strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=300)), timeout=10)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while digest not in plane._deployed("dev-old") and time.monotonic() < deadline:
+            time.sleep(0.1)
         deadline = time.monotonic() + 10
         while not plane.bus._shared_refused and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -211,9 +212,9 @@ def test_enrollment_puts_a_site_device_on_its_site_broker(
     site_dir, site_port = tmp_path / "site-s", free_port()
     site_dir.mkdir()
     for name in ("ca.crt", "ca.key"):
-        (site_dir / name).write_bytes((center_layout.directory / name).read_bytes())
+        shutil.copy2(center_layout.directory / name, site_dir / name)  # modes too: ca.key stays 0600
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "edgectl"), "broker", "config", "-o", str(site_dir), "--hostname",
+        [str(Path(sys.executable).parent / "edgectl"), "broker", "config", "--out", str(site_dir), "--hostname",
          "127.0.0.1", "--listen", f"127.0.0.1:{site_port}", "--bridge-to", f"mqtts://127.0.0.1:{center_layout.port}",
          "--site", "site-s", "--central-admin", str(center_layout.credentials_file)],
         capture_output=True, text=True, timeout=120,

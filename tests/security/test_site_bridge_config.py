@@ -63,7 +63,7 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
     for name in ("ca.crt", "ca.key"):  # the documented step: the site's certificate from the fleet CA
         shutil.copy2(center.directory / name, site_dir / name)
     done = subprocess.run(
-        [str(EDGECTL), "broker", "config", "-o", str(site_dir), "--hostname", "127.0.0.1",
+        [str(EDGECTL), "broker", "config", "--out", str(site_dir), "--hostname", "127.0.0.1",
          "--listen", f"127.0.0.1:{site_port}", "--bridge-to", f"mqtts://127.0.0.1:{center.port}",
          "--site", "site-c", "--central-admin", str(center.credentials_file)],
         capture_output=True, text=True, timeout=120,
@@ -134,7 +134,7 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
         log.close()
     # Refreshing the site's config (new hostnames, say) keeps it a site broker.
     again = subprocess.run(
-        [str(EDGECTL), "broker", "config", "-o", str(site_dir), "--hostname", "site.lan", "--listen", f"127.0.0.1:{site_port}"],
+        [str(EDGECTL), "broker", "config", "--out", str(site_dir), "--hostname", "site.lan", "--listen", f"127.0.0.1:{site_port}"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
@@ -144,7 +144,7 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
 
 def test_bridge_to_needs_a_site_and_the_central_admin(tmp_path: Path) -> None:
     done = subprocess.run(
-        [str(EDGECTL), "broker", "config", "-o", str(tmp_path / "s"), "--bridge-to", "mqtts://center:8883"],
+        [str(EDGECTL), "broker", "config", "--out", str(tmp_path / "s"), "--bridge-to", "mqtts://center:8883"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0 and "--site" in done.stderr and "--central-admin" in done.stderr
