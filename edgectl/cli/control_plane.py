@@ -82,7 +82,10 @@ def control_plane_serve(
         None, help="Prometheus /metrics on HOST:PORT (port 0: a free one)", envvar="EDGECTL_CP_METRICS_LISTEN"
     ),
     site_broker: list[Path] = typer.Option(
-        [], "--site-broker", help="a site broker's config dir (`broker config --bridge-to`); repeat per site"
+        [],
+        "--site-broker",
+        help="a site broker's config dir (`broker config --bridge-to`); repeat per site (env: space-separated)",
+        envvar="EDGECTL_SITE_BROKERS",
     ),
     health_listen: str | None = typer.Option(
         None,
