@@ -23,10 +23,20 @@ from paho.mqtt.properties import Properties
 
 from edgectl.addresses import parse_mqtt_url
 from edgectl.control_plane.desired import Publication
-from edgectl.mqtt.wire import ALL_CHUNK_REQUESTS, ALL_EVENTS, ALL_REPORTED, ALL_STATUS, DeviceTopics
+from edgectl.mqtt.wire import (
+    ALL_CHUNK_REQUESTS,
+    ALL_EVENTS,
+    ALL_REPORTED,
+    ALL_SITE_BRIDGES,
+    ALL_STATUS,
+    SHARED_CHUNK_REQUESTS,
+    DeviceTopics,
+)
 
 log = logging.getLogger(__name__)
-FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_CHUNK_REQUESTS, 1)]
+# Site bridges last: their retained "0" must arrive after the stale retained statuses it overrides.
+# Chunk requests are not here: every replica takes them through a shared subscription.
+FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_SITE_BRIDGES, 1)]
 CONNECTED = "$connected"  # an inbox marker, never a real topic (MQTT topics cannot start with '$' here)
 
 
@@ -55,6 +65,9 @@ class FleetBus:
         self.url = parse_mqtt_url(url)
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self._subscriptions: list[tuple[str, int]] = []
+        self._chunk_sink: Callable[[str, bytes], None] | None = None
+        self._shared_mid: int | None = None
+        self._shared_refused = False  # a broker without the shared subscription's ACL: the leader answers
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._on_error = on_error or (lambda kind: None)
@@ -74,6 +87,7 @@ class FleetBus:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     @property
     def connected(self) -> bool:
@@ -92,10 +106,24 @@ class FleetBus:
         self.client.loop_stop()
         self._connected.clear()
 
+    def serve_chunk_requests(self, sink: Callable[[str, bytes], None]) -> None:
+        """Hand chunk requests to ``sink`` (topic, payload) on every replica, leading or not."""
+        self._chunk_sink = sink
+        if self.connected:
+            self._subscribe_shared(self.client)
+
+    def _subscribe_shared(self, client: Any) -> None:
+        if self._chunk_sink is not None and not self._shared_refused:
+            self._shared_mid = client.subscribe(SHARED_CHUNK_REQUESTS, qos=1)[1]
+
+    def _fleet_subscriptions(self) -> list[tuple[str, int]]:
+        chunks = [(ALL_CHUNK_REQUESTS, 1)] if self._shared_refused or self._chunk_sink is None else []
+        return [*FLEET_SUBSCRIPTIONS[:-1], *chunks, FLEET_SUBSCRIPTIONS[-1]]
+
     def subscribe_fleet(self) -> None:
-        """Receive every device's reports, status, events and chunk requests (the leader's job)."""
+        """Receive every device's reports, status and events (the leader's job)."""
         with self._lock:
-            self._subscriptions = list(FLEET_SUBSCRIPTIONS)
+            self._subscriptions = self._fleet_subscriptions()
         if self.connected:
             self.client.subscribe(self._subscriptions)
             self.inbox.put(Inbound(CONNECTED, b""))
@@ -115,6 +143,7 @@ class FleetBus:
             self._on_error("connect_refused")
             return
         self._connected.set()
+        self._subscribe_shared(client)
         with self._lock:
             subscriptions = list(self._subscriptions)
         if subscriptions:
@@ -128,7 +157,29 @@ class FleetBus:
             log.warning("MQTT connection lost; reconnecting", extra={"reason": str(reason)})
             self._on_error("disconnect")
 
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        if mid != self._shared_mid or not any(r.is_failure for r in reasons):
+            return
+        # An older broker config lacks the ACL for the shared subscription: fall back to the leader
+        # answering (as before), and say what to add.
+        log.warning(
+            "the broker refused the shared chunk-request subscription; only the leader answers chunk "
+            "requests", extra={"subscription": SHARED_CHUNK_REQUESTS, "hint": "grant the control plane's "
+            "role subscribePattern on it (new `edgectl broker config` files have it)"},
+        )  # fmt: skip
+        self._shared_refused = True
+        with self._lock:
+            leading = bool(self._subscriptions)
+            if leading:
+                self._subscriptions = self._fleet_subscriptions()
+        if leading:
+            client.subscribe(ALL_CHUNK_REQUESTS, qos=1)
+
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        sink = self._chunk_sink
+        if sink is not None and msg.topic.endswith("/chunks/request"):
+            sink(msg.topic, bytes(msg.payload))  # any replica answers; the leader's loop is not needed
+            return
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     # -- publishing ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.errors import ControlPlaneError, InvalidArgument
 from edgectl.control_plane.limits import LimitExceeded, PeerBudget
-from edgectl.mqtt.wire import DeviceTopics, encode
+from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode, parse_topic
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ class ChunkServer:
         bus: FleetBus,
         limits: ChunkLimits | None = None,
         deployed: Callable[[str], set[str]] | None = None,
+        count: Callable[[str], None] | None = None,
     ) -> None:
         self.artifacts = artifacts
+        self.count = count or (lambda kind: None)  # the MQTT message counter, as the ingest's
         self.bus = bus
         self.limits = limits or ChunkLimits()
         # device id -> digests it may fetch (a secured fleet, where the broker vouches for the topic's device)
@@ -76,6 +78,18 @@ class ChunkServer:
 
     def start(self) -> None:
         self._thread.start()
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Queue one ChunkRequest as it arrived from the broker (any replica answers; no leader needed)."""
+        try:
+            device_id, kind = parse_topic(topic)
+            if kind != "chunks/request":
+                return
+            self.requests.put((device_id, decode(payload, mqtt_pb2.ChunkRequest)))
+            self.count(kind)
+        except PayloadError as exc:
+            self.count("bad_payload")
+            log.warning("ignored a malformed chunk request", extra={"topic": topic, "error": str(exc)})
 
     def stop(self) -> None:
         self.requests.put(None)

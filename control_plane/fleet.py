@@ -27,7 +27,7 @@ from edgectl.control_plane.identity import (
 )
 from edgectl.control_plane.store import StateStore, dumps, loads
 from edgectl.labels import Selector, check_labels
-from edgectl.mqtt.wire import DeviceIdError, check_device_id
+from edgectl.mqtt.wire import SITE_LABEL, DeviceIdError, check_device_id
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class Fleet:
         try:
             if self.identities is not None:
                 cert = self.identities.issue_certificate(device_id, csr_pem)
-                self.identities.provision(device_id, password)
+                self.identities.provision(device_id, password, labels.get(SITE_LABEL, ""))
             with self.store.tx() as tx:
                 tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
                 self._ensure_device(tx, device_id, now)
@@ -231,7 +231,7 @@ class Fleet:
                 )
             raise
         return Credentials(
-            device_id, device_id, password, self.trusted_keys, self.mqtt_url,
+            device_id, device_id, password, self.trusted_keys, self._broker_url(labels),
             cert.cert_pem if cert else b"", cert.ca_pem if cert else b"", self.fleet_keys(),
         )  # fmt: skip
 
@@ -288,6 +288,11 @@ class Fleet:
             tx.execute("UPDATE devices SET labels = ? WHERE id = ?", (dumps(labels), device_id))
         return self.get(device_id)
 
+    def _broker_url(self, labels: dict[str, str]) -> str:
+        """The broker an enrolling device is told to use: its site's broker, else the central one."""
+        site = self.identities.broker_url(labels.get(SITE_LABEL, "")) if self.identities else None
+        return site or self.mqtt_url
+
     def decommission(self, device_id: str) -> None:
         """Revoke the device's credentials, then forget it; a tombstone stops auto-registration.
 
@@ -295,8 +300,8 @@ class Fleet:
         fails nothing changes, and a retry is safe because revoking is idempotent.
         """
         if self.identities is not None:
-            self.get(device_id)  # NotFound for a device that is not in the inventory
-            self.identities.revoke(device_id)
+            record = self.get(device_id)  # NotFound for a device that is not in the inventory
+            self.identities.revoke(device_id, record.effective_labels.get(SITE_LABEL, ""))
         with self.store.tx() as tx:
             if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)) == 0:
                 raise NotFound(f"device {device_id} is not in the inventory")
@@ -335,6 +340,14 @@ class Fleet:
                         (int(s.online), int(s.online), s.received_at, device_id),
                     )
         return touched
+
+    def site_offline(self, site: str) -> list[str]:
+        """Mark offline every online device labelled ``site=<site>`` (its site broker lost the center)."""
+        with self.store.tx() as tx:
+            rows = tx.all("SELECT id, labels, reported_labels FROM devices WHERE online = 1")
+            ids = [r[0] for r in rows if {**loads(r[2], {}), **loads(r[1], {})}.get(SITE_LABEL) == site]
+            tx.executemany("UPDATE devices SET online = 0 WHERE id = ? AND online = 1", [(i,) for i in ids])
+        return ids
 
     @staticmethod
     def _write_reported(tx: Tx, obs: Reported) -> None:

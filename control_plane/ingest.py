@@ -2,8 +2,8 @@
 
 One batch (up to ``BATCH``) becomes one transaction, then the controller is woken. A
 (re)connect marker republishes every stored desired state, which heals a publish lost between
-a commit and a crash. Chunk requests are handed to the chunk server's own worker
-(``chunk_server.py``) so a big transfer never delays health reports.
+a commit and a crash. Chunk requests never come here: every replica takes them through a
+shared subscription (``chunk_server.py``), so they need no leader and never delay health reports.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable
 
 from edgectl.control_plane.bus import CONNECTED, FleetBus, Inbound
-from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.desired import all_publications
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet, Reported, Status
 from edgectl.control_plane.store import StateStore
-from edgectl.mqtt.wire import PayloadError, decode, parse_topic
+from edgectl.mqtt.wire import PayloadError, decode, parse_site_bridge, parse_topic
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
@@ -35,14 +34,12 @@ class FleetIngest:
         store: StateStore,
         fleet: Fleet,
         bus: FleetBus,
-        chunks: ChunkServer,
         wake: Callable[[], None],
         count: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.bus = bus
-        self.chunks = chunks
         self.wake = wake
         self.count = count or (lambda kind: None)
         self._stop = threading.Event()
@@ -90,6 +87,11 @@ class FleetIngest:
             if item.topic.startswith("$") or not item.payload:
                 continue  # control markers, and retained messages being cleared
             try:
+                link = parse_site_bridge(item.topic, item.payload)
+                if link is not None:
+                    # In order: what devices said before their site's link fell is stored first.
+                    observations = self._site_link(*link, observations)
+                    continue
                 device_id, kind = parse_topic(item.topic)
                 if kind == "reported":
                     state = decode(item.payload, mqtt_pb2.ReportedState)
@@ -104,8 +106,6 @@ class FleetIngest:
                     observations.append(Status(device_id, status.online, now))
                 elif kind == "events":
                     self._event(device_id, decode(item.payload, mqtt_pb2.DeviceEvent))
-                elif kind == "chunks/request":
-                    self.chunks.requests.put((device_id, decode(item.payload, mqtt_pb2.ChunkRequest)))
                 self.count(kind)
             except PayloadError as exc:
                 self.count("bad_payload")
@@ -117,6 +117,22 @@ class FleetIngest:
         if observations:
             self.fleet.apply(observations)
             self.wake()
+
+    def _site_link(self, site: str, up: bool, pending: list[Reported | Status]) -> list[Reported | Status]:
+        """A site bridge's link changed: down, every device behind it is offline (their own
+        will stays at the site broker); up, the bridge resends their retained statuses itself."""
+        self.count("site_bridge")
+        if up:
+            log.info("site bridge connected", extra={"site": site})
+            return pending
+        if pending:
+            self.fleet.apply(pending)
+        offline = self.fleet.site_offline(site)
+        log.warning(
+            "site bridge lost: its devices are offline", extra={"site": site, "devices": len(offline)}
+        )
+        self.wake()
+        return []
 
     def republish(self) -> None:
         with self.store.tx() as tx:

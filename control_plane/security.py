@@ -41,6 +41,7 @@ from edgectl.security.tokens import TokenIssuer, TokenVerifier
 log = logging.getLogger(__name__)
 TOKEN_KEY_FILE = "token.key"
 BROKER_CREDENTIALS_FILE = "control-plane-credentials.json"
+SITE_FILE = "site.json"  # in a site broker's directory: its name and the URL its devices use
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class BrokerCredentials:
     ca_file: str | None
 
     @classmethod
-    def load(cls, path: Path) -> BrokerCredentials:
-        check_private(path, "broker credentials file", group_readable=True)
+    def load(cls, path: Path, *, group_readable: bool = False) -> BrokerCredentials:
+        check_private(path, "broker credentials file", group_readable=group_readable)
         try:
             data = json.loads(path.read_text())
             url = str(data["url"]).replace("://0.0.0.0:", "://127.0.0.1:")  # a listen address, not a host
@@ -145,12 +146,48 @@ class BrokerAdminLink:
             self.client.loop_stop()
 
 
-class FleetIdentities:
-    """Per-device identities of a secured fleet: client certificates and broker users."""
+@dataclass(frozen=True)
+class SiteBroker:
+    """A site broker (`edgectl broker config --bridge-to`): its devices' identities live there too."""
 
-    def __init__(self, ca: FleetCA, broker: BrokerAdminLink | None) -> None:
+    site: str
+    device_url: str  # what its devices are told to connect to; the control plane administers it there
+    link: BrokerAdminLink
+
+    @classmethod
+    def load(cls, directory: Path) -> SiteBroker:
+        """From the site broker's config directory: site.json and its control-plane credentials."""
+        try:
+            info = json.loads((directory / SITE_FILE).read_text())
+            site, url = str(info["site"]), str(info["device_url"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ControlPlaneError(
+                f"{directory} is not a site broker's directory: {exc}",
+                hint="make it with `edgectl broker config --out DIR --bridge-to URL --site NAME ...`",
+            ) from exc
+        creds = BrokerCredentials.load(directory / BROKER_CREDENTIALS_FILE)
+        return cls(
+            site, url, BrokerAdminLink(BrokerCredentials(url, creds.username, creds.password, creds.ca_file))
+        )
+
+
+class FleetIdentities:
+    """Per-device identities of a secured fleet: client certificates and broker users.
+
+    A device labelled ``site=NAME`` of a known site broker gets its broker identity there as
+    well as on the central broker (its bridge relays for it), and is told to use the site broker.
+    """
+
+    def __init__(
+        self, ca: FleetCA, broker: BrokerAdminLink | None, sites: dict[str, SiteBroker] | None = None
+    ) -> None:
         self.ca = ca
         self.broker = broker
+        self.sites = dict(sites or {})
+
+    def broker_url(self, site: str) -> str | None:
+        known = self.sites.get(site)
+        return known.device_url if known else None
 
     def issue_certificate(self, device_id: str, csr_pem: bytes) -> IssuedCertificate | None:
         if not csr_pem:
@@ -164,21 +201,27 @@ class FleetIdentities:
             raise InvalidArgument(str(exc), hint="send a PEM CSR over an EC P-256 key") from exc
         return IssuedCertificate(cert, self.ca.cert_pem, cert_fingerprint(cert))
 
-    def provision(self, device_id: str, password: str) -> None:
-        if self.broker is None:
-            return
-        try:
-            self.broker.admin().provision_device(device_id, password)
-        except BrokerAdminError as exc:
-            raise Unavailable(str(exc), hint=exc.hint) from exc
+    def _links(self, site: str) -> list[BrokerAdminLink]:
+        links = [self.broker] if self.broker is not None else []
+        return links + ([self.sites[site].link] if site in self.sites else [])
 
-    def revoke(self, device_id: str) -> None:
-        if self.broker is None:
-            return
-        try:
-            self.broker.admin().remove_device(device_id)
-        except BrokerAdminError as exc:
-            raise Unavailable(str(exc), hint=exc.hint) from exc
+    def provision(self, device_id: str, password: str, site: str = "") -> None:
+        for link in self._links(site):
+            try:
+                link.admin().provision_device(device_id, password)
+            except BrokerAdminError as exc:
+                raise Unavailable(str(exc), hint=exc.hint) from exc
+
+    def revoke(self, device_id: str, site: str = "") -> None:
+        for link in self._links(site):
+            try:
+                link.admin().remove_device(device_id)
+            except BrokerAdminError as exc:
+                raise Unavailable(str(exc), hint=exc.hint) from exc
+
+    def close(self) -> None:
+        for known in self.sites.values():
+            known.link.close()
 
 
 class FleetSecurity:
@@ -193,15 +236,18 @@ class FleetSecurity:
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca = FleetCA.load_or_create(directory)
-        self.issuer = TokenIssuer.load_or_create(directory / TOKEN_KEY_FILE)
+        # group_readable: replicas read these from a Kubernetes Secret volume (root:fsGroup 0440).
+        self.ca = FleetCA.load_or_create(directory, group_readable=True)
+        self.issuer = TokenIssuer.load_or_create(directory / TOKEN_KEY_FILE, group_readable=True)
         self.fleet_key = FleetKeyring.load_or_create(directory)
         if tls_cert is not None and tls_key is not None:
             self.server = IssuedCert(tls_cert.read_bytes(), tls_key.read_bytes(), self.ca.cert_pem)
         else:
             self.server = self.ca.issue_server(tls_names)
         creds = directory / BROKER_CREDENTIALS_FILE
-        self.broker_credentials = BrokerCredentials.load(creds) if creds.exists() else None
+        self.broker_credentials = (
+            BrokerCredentials.load(creds, group_readable=True) if creds.exists() else None
+        )
 
     @property
     def verifier(self) -> TokenVerifier:

@@ -1,7 +1,7 @@
 """The control plane process: gRPC API, state store, MQTT bus, leader election, controller.
 
-Every replica serves the API; the leader alone subscribes to the fleet's reports, steps
-rollouts and answers MQTT chunk requests. ``ControlPlane.start()`` returns once the API
+Every replica serves the API and answers MQTT chunk requests (a shared subscription: the broker
+gives each to one live replica); the leader alone subscribes to the fleet's reports and steps rollouts. ``ControlPlane.start()`` returns once the API
 listens; ``serve()`` blocks until a signal.
 """
 
@@ -43,6 +43,7 @@ from edgectl.control_plane.security import (
     BrokerAdminLink,
     FleetIdentities,
     FleetSecurity,
+    SiteBroker,
     cert_fingerprint,
     default_tls_names,
 )
@@ -90,6 +91,7 @@ class ControlPlaneConfig:
     blobs: str = "./blobs"
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
+    site_brokers: tuple[Path, ...] = ()  # site brokers' config dirs: their devices' identities go there too
     health_listen: str | None = None  # plaintext gRPC health only (kubelet probes), HOST:PORT; None: off
     device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
     auto_register: bool = True  # devices that report without enrolling join the inventory
@@ -164,7 +166,9 @@ class ControlPlane:
                 "no broker credentials in the security dir: enrollment issues certificates but cannot "
                 "provision devices' MQTT identities (run `edgectl broker config --out` on that directory)"
             )
-        identities = FleetIdentities(self.security.ca, self.admin_link) if self.security else None
+        sites = {b.site: b for b in map(SiteBroker.load, config.site_brokers)} if self.security else {}
+        identities = FleetIdentities(self.security.ca, self.admin_link, sites) if self.security else None
+        self.identities = identities
         device_url = config.device_mqtt_url or parse_mqtt_url(mqtt_url).public()
         fleet_key = self.security.fleet_key if self.security else None
         self.fleet = Fleet(self.store, keys, device_url, config.auto_register, identities,
@@ -186,11 +190,11 @@ class ControlPlane:
         self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake)
         self.audit = AuditLog(self.store)
         self.chunks = ChunkServer(
-            self.artifacts, self.bus, deployed=self._deployed if self.security else None
-        )
-        self.ingest = FleetIngest(
-            self.store, self.fleet, self.bus, self.chunks, self.loop.wake, self.metrics.count_mqtt
-        )
+            self.artifacts, self.bus, deployed=self._deployed if self.security else None,
+            count=self.metrics.count_mqtt,
+        )  # fmt: skip
+        self.bus.serve_chunk_requests(self.chunks.submit)  # every replica answers, leading or not
+        self.ingest = FleetIngest(self.store, self.fleet, self.bus, self.loop.wake, self.metrics.count_mqtt)
         self.election = LeaderElection(
             leader_lock_for(config.state_url), self._lead, self._follow, interval=config.leader_interval
         )
@@ -364,6 +368,8 @@ class ControlPlane:
         self.bus.stop()
         if self.admin_link is not None:
             self.admin_link.close()
+        if self.identities is not None:
+            self.identities.close()
         self.metrics.stop()
         self.store.close()
 

@@ -17,6 +17,10 @@ from google.protobuf.message import Message
 from edgectl.errors import EdgectlError
 
 TOPIC_ROOT = "edgectl/v1/devices"
+# A site broker's bridge announces itself here on the central broker: "1" when its link is up,
+# "0" (its will) when the link to the site is lost, so the devices behind it are offline too.
+SITES_ROOT = "edgectl/v1/sites"
+SITE_LABEL = "site"  # the label naming the site broker a device is behind
 # MQTT wildcards and separators would let one device id address another's subtree.
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -95,6 +99,30 @@ ALL_REPORTED = f"{TOPIC_ROOT}/+/reported"
 ALL_STATUS = f"{TOPIC_ROOT}/+/status"
 ALL_EVENTS = f"{TOPIC_ROOT}/+/events"
 ALL_CHUNK_REQUESTS = f"{TOPIC_ROOT}/+/chunks/request"
+# Every control-plane replica subscribes here; the broker hands each request to one live member,
+# so artifact chunks over MQTT do not wait for a leader.
+CHUNK_SHARE_GROUP = "edgectl-chunks"
+SHARED_CHUNK_REQUESTS = f"$share/{CHUNK_SHARE_GROUP}/{ALL_CHUNK_REQUESTS}"
+ALL_SITE_BRIDGES = f"{SITES_ROOT}/+/bridge"
+# Which way each of a device's topics crosses a site bridge.
+DEVICE_TO_CENTER = ("reported", "status", "events", "chunks/request")
+CENTER_TO_DEVICE = ("desired", "chunks/data")
+
+
+def site_bridge_topic(site: str) -> str:
+    """Where the bridge of ``site`` reports its link: ``edgectl/v1/sites/{site}/bridge``."""
+    return f"{SITES_ROOT}/{check_device_id(site)}/bridge"
+
+
+def parse_site_bridge(topic: str, payload: bytes) -> tuple[str, bool] | None:
+    """``(site, link up)`` for a bridge notification, None for any other topic."""
+    head, sep, rest = topic.partition(SITES_ROOT + "/")
+    site, _, kind = rest.partition("/")
+    if head or not sep or kind != "bridge":
+        return None
+    if payload not in (b"0", b"1"):
+        raise PayloadError(f"bridge notification on {topic!r} is {payload[:16]!r}, not 0 or 1")
+    return check_device_id(site), payload == b"1"
 
 
 def parse_topic(topic: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from edgectl.addresses import parse_host_port
 from edgectl.cli.output import console, print_json
+from edgectl.errors import UsageError
 from edgectl.security.broker_files import write_broker_files
 
 app = typer.Typer(help="Generate mosquitto configuration for a fleet.")
@@ -26,14 +27,35 @@ def broker_config(
     no_tls: bool = typer.Option(False, "--no-tls", help="plain MQTT (only behind another TLS terminator)"),
     plugin: Path | None = typer.Option(None, help="path of mosquitto_dynamic_security.so (found by default)"),
     json_out: bool = typer.Option(False, "--json", help="print the file layout as JSON (no secrets)"),
+    bridge_to: str | None = typer.Option(
+        None, "--bridge-to", help="make this a site broker bridged to the central broker at this URL"
+    ),
+    site: str | None = typer.Option(
+        None, help="the site's name (with --bridge-to); devices there carry site=NAME"
+    ),
+    central_admin: Path | None = typer.Option(
+        None,
+        help="the central broker's control-plane-credentials.json: provisions the bridge's identity there",
+    ),
+    bridge_ca: Path | None = typer.Option(
+        None,
+        help="CA that signed the central broker's certificate [default: the ca.crt beside --central-admin]",
+    ),
 ) -> None:
     """Write a mosquitto config with TLS, per-device identities and ACLs.
 
     Devices are confined to edgectl/v1/devices/{their id}/# and the control plane is the only
     writer of desired state. Device identities are added at enrollment, with no restart.
 
+    With --bridge-to it is a site broker: its devices keep serving through an uplink outage, and
+    a bridge relays their topics to the central broker under an identity provisioned there.
+
     Example: edgectl broker config --out /etc/mosquitto/edgectl --hostname broker.lab --listen 0.0.0.0:8883
+    Site: edgectl broker config --out site-a --bridge-to mqtts://mqtt.example.com:8883 --site site-a --central-admin center/control-plane-credentials.json
     """
+    if bridge_to and not (site and central_admin):
+        raise UsageError("--bridge-to needs --site NAME and --central-admin FILE",
+                         hint="FILE: control-plane-credentials.json of the central broker's config")  # fmt: skip
     listen_at = parse_host_port(listen, what="--listen", default_host="0.0.0.0")
     layout = write_broker_files(
         out.resolve(),
@@ -43,12 +65,39 @@ def broker_config(
         tls=not no_tls,
         plugin=plugin,
     )
+    if bridge_to and site and central_admin:
+        from edgectl.addresses import parse_mqtt_url
+        from edgectl.security.bridge import central_admin as admin_session
+        from edgectl.security.bridge import (
+            copy_central_ca,
+            provision_bridge,
+            render_bridge,
+            write_bridge,
+            write_site_info,
+        )
+
+        central = parse_mqtt_url(bridge_to)
+        with admin_session(central_admin, bridge_to) as admin:
+            identity = provision_bridge(admin, site)
+        ca = (
+            copy_central_ca(layout.directory, bridge_ca or central_admin.parent / "ca.crt")
+            if central.tls
+            else None
+        )
+        bridge_file = write_bridge(layout.directory, render_bridge(site, central, identity, ca), site)
+        write_site_info(layout, site, hostname[0])
+    from edgectl.security.bridge import BRIDGE_CONF_DIR, include_bridges
+
+    if (layout.directory / BRIDGE_CONF_DIR).is_dir():  # a site broker stays one when its config is refreshed
+        include_bridges(layout)
     files = {
         "mosquitto.conf": layout.config_file,
         "dynamic security": layout.dynsec_file,
         "control plane credentials (0600)": layout.credentials_file,
         "fleet CA": layout.ca_cert,
     }
+    if bridge_to:
+        files["bridge to the central broker (0600)"] = bridge_file
     if json_out:
         print_json({"url": layout.url, "files": {k: str(v) for k, v in files.items()}})
         return

@@ -81,6 +81,12 @@ def control_plane_serve(
     metrics_listen: str | None = typer.Option(
         None, help="Prometheus /metrics on HOST:PORT (port 0: a free one)", envvar="EDGECTL_CP_METRICS_LISTEN"
     ),
+    site_broker: list[Path] = typer.Option(
+        [],
+        "--site-broker",
+        help="a site broker's config dir (`broker config --bridge-to`); repeat per site (env: space-separated)",
+        envvar="EDGECTL_SITE_BROKERS",
+    ),
     health_listen: str | None = typer.Option(
         None,
         help="plaintext gRPC health service alone on HOST:PORT, for kubelet's gRPC probes",
@@ -123,6 +129,7 @@ def control_plane_serve(
         listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
         tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, db_pool_size=db_pool_size,
         blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
+        site_brokers=tuple(site_broker),
         device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
     )  # fmt: skip
     with private_umask():  # the state store (SQLite + WAL), blobs and keys: this user's only

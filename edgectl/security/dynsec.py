@@ -22,7 +22,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edgectl.mqtt.wire import TOPIC_ROOT, DeviceTopics, agent_client_id
+from edgectl.mqtt.wire import (
+    ALL_SITE_BRIDGES,
+    SHARED_CHUNK_REQUESTS,
+    TOPIC_ROOT,
+    DeviceTopics,
+    agent_client_id,
+)
 from edgectl.security.errors import BrokerAdminError, SecurityError
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
@@ -109,6 +115,11 @@ def control_plane_acls() -> list[dict[str, Any]]:
             for kind in ("reported", "status", "events", "chunks/request")
             for acltype in ("subscribePattern", "publishClientReceive")
         ],
+        # Chunk requests reach any one replica; the broker checks a shared subscription as written.
+        _acl("subscribePattern", SHARED_CHUNK_REQUESTS),
+        # Site brokers' links (the devices behind a lost one go offline).
+        _acl("subscribePattern", ALL_SITE_BRIDGES),
+        _acl("publishClientReceive", ALL_SITE_BRIDGES),
     ]
 
 

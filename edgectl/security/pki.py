@@ -95,21 +95,21 @@ class FleetCA:
         return cls(cert, key)
 
     @classmethod
-    def load_or_create(cls, directory: Path) -> FleetCA:
+    def load_or_create(cls, directory: Path, *, group_readable: bool = False) -> FleetCA:
         """The CA kept in ``directory`` (``ca.crt`` + ``ca.key``), made on first use."""
         cert_path, key_path = directory / "ca.crt", directory / "ca.key"
         if cert_path.exists() and key_path.exists():
-            return cls.load(cert_path, key_path)
+            return cls.load(cert_path, key_path, group_readable=group_readable)
         ca = cls.create()
         write_private(key_path, _pem_key(ca.key))
         write_public(cert_path, ca.cert_pem)
         return ca
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path) -> FleetCA:
-        """The CA in these files; its key must be readable by its owner only."""
+    def load(cls, cert_path: Path, key_path: Path, *, group_readable: bool = False) -> FleetCA:
+        """The CA in these files; its key must be readable by its owner only (or group, see check_private)."""
         if key_path.exists():
-            check_private(key_path, "fleet CA key", group_readable=True)
+            check_private(key_path, "fleet CA key", group_readable=group_readable)
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)

@@ -89,10 +89,10 @@ class TokenIssuer:
         self.key_id = key_id_of(key.public_key())
 
     @classmethod
-    def load_or_create(cls, path: Path) -> TokenIssuer:
+    def load_or_create(cls, path: Path, *, group_readable: bool = False) -> TokenIssuer:
         """The key at ``path`` (PEM, 0600), made on first use."""
         if path.exists():
-            check_private(path, "token key", group_readable=True)
+            check_private(path, "token key", group_readable=group_readable)
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
                 raise TokenError(f"{path} is not an Ed25519 private key")

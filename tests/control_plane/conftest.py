@@ -110,16 +110,16 @@ def cp_factory(
     def make(
         state_url: str | None = None, trust_store: TrustStore | None = None, **overrides: Any
     ) -> ControlPlane:
-        config = ControlPlaneConfig(
-            listen="127.0.0.1:0",
-            insecure=True,
-            mqtt_url=mosquitto.url,
-            state_url=state_url or f"sqlite:///{tmp_path}/cp.db",
-            blobs=str(tmp_path / "blobs"),
-            tick_seconds=0.1,
-            leader_interval=0.2,
-            **overrides,
-        )
+        settings: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "insecure": True,
+            "mqtt_url": mosquitto.url,
+            "state_url": state_url or f"sqlite:///{tmp_path}/cp.db",
+            "blobs": str(tmp_path / "blobs"),
+            "tick_seconds": 0.1,
+            "leader_interval": 0.2,
+        }
+        config = ControlPlaneConfig(**{**settings, **overrides})  # overrides win (another broker, say)
         cp = ControlPlane(config, trust=trust_store if trust_store is not None else trust)
         cp.start()
         made.append(cp)

@@ -313,12 +313,15 @@ class SlowBroker:
     def issue_certificate(self, device_id: str, csr_pem: bytes) -> IssuedCertificate | None:
         return None
 
-    def provision(self, device_id: str, password: str) -> None:
+    def provision(self, device_id: str, password: str, site: str = "") -> None:
         time.sleep(0.5)
         self.provisioned.append(password)
 
-    def revoke(self, device_id: str) -> None:
+    def revoke(self, device_id: str, site: str = "") -> None:
         pass
+
+    def broker_url(self, site: str) -> str | None:
+        return None
 
 
 def test_a_token_is_spent_once_even_by_concurrent_enrollments(store: StateStore, state_url: str) -> None:
@@ -345,7 +348,7 @@ def test_a_token_is_spent_once_even_by_concurrent_enrollments(store: StateStore,
 
 def test_a_broker_failure_gives_the_token_back(store: StateStore) -> None:
     class DownBroker(SlowBroker):
-        def provision(self, device_id: str, password: str) -> None:
+        def provision(self, device_id: str, password: str, site: str = "") -> None:
             raise Unavailable("cannot reach the broker's admin API")
 
     token = Fleet(store).create_token("cam-2", {"site": "lab"}).token

@@ -57,10 +57,12 @@ class ControlPlaneProcess:
         trust_pem: Path,
         log_level: str = "info",
         security_dir: Path | None = None,
+        site_brokers: Sequence[Path] = (),
     ) -> None:
         """Insecure dev mode, or secured with ``security_dir`` (`edgectl broker config --out DIR`):
-        TLS + tokens on ``address``, mTLS for agents on ``device_address``."""
+        TLS + tokens on ``address``, mTLS for agents on ``device_address``; ``site_brokers``: their dirs."""
         self.work = work
+        self.secured = security_dir is not None
         self.port = free_port()
         self.device_port = free_port()
         self.log = work / "cp.log"
@@ -72,12 +74,14 @@ class ControlPlaneProcess:
             "kw = dict(listen=sys.argv[1], device_listen=sys.argv[2], mqtt_url=sys.argv[3], "
             "state_url=sys.argv[4], blobs=sys.argv[5], trust=(Path(sys.argv[6]),)); "
             "kw.update(security_dir=Path(sys.argv[8])) if sys.argv[8] else kw.update(insecure=True); "
+            "kw.update(site_brokers=tuple(Path(p) for p in sys.argv[9].split(chr(10)) if p)); "
             "names = {f.name for f in dataclasses.fields(ControlPlaneConfig)}; "
             "ControlPlane(ControlPlaneConfig(**{k: v for k, v in kw.items() if k in names})).serve()"
         )
         self.argv = [
             sys.executable, "-c", code, f"127.0.0.1:{self.port}", f"127.0.0.1:{self.device_port}", broker_url,
             f"sqlite:///{work}/cp.db", str(work / "blobs"), str(trust_pem), log_level, str(security_dir or ""),
+            "\n".join(map(str, site_brokers)),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -88,7 +92,7 @@ class ControlPlaneProcess:
     @property
     def device_address(self) -> str:
         """Where agents fetch: the mTLS listener when secured, else the one plaintext listener."""
-        return f"127.0.0.1:{self.device_port}" if self.argv[-1] else self.address
+        return f"127.0.0.1:{self.device_port}" if self.secured else self.address
 
     @property
     def blobs(self) -> Path:
@@ -194,6 +198,7 @@ class FleetRig:
         key: SigningKey,
         log_level: str = "info",
         security: BrokerLayout | None = None,
+        site_brokers: Sequence[Path] = (),
     ) -> None:
         self.work = work
         self.broker = broker
@@ -212,6 +217,7 @@ class FleetRig:
             self.trust_pem,
             log_level,
             security.directory if security else None,
+            site_brokers,
         )
         self.cp.start()
         self.client = ControlPlaneClient(self.cp.address, timeout=60, credentials=self.credentials)
