@@ -1,0 +1,55 @@
+"""The fleet key in a security dir: made once, 0600, shared by replicas, rotated crash-safely."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from edgectl.artifact import SigningKey, TrustStore
+from edgectl.control_plane.fleet_key import (
+    FLEET_KEY_FILE,
+    NEXT_KEY_FILE,
+    ROTATIONS_FILE,
+    FleetKeyring,
+    _write_rotations,
+)
+from edgectl.mqtt.orders import KeyRotation, apply_rotations, sign
+
+
+def test_made_on_first_use_private_and_shared_by_every_replica(tmp_path: Path) -> None:
+    first, second = FleetKeyring.load_or_create(tmp_path), FleetKeyring.load_or_create(tmp_path)
+    assert first.current().key_id == second.current().key_id
+    assert stat.S_IMODE((tmp_path / FLEET_KEY_FILE).stat().st_mode) == 0o600
+    assert first.rotations() == [] and len(first.public_pems()) == 1
+
+
+def test_a_rotation_is_seen_by_a_running_replica_and_followed_by_agents(tmp_path: Path) -> None:
+    running, operator = FleetKeyring.load_or_create(tmp_path), FleetKeyring.load_or_create(tmp_path)
+    old = running.current()
+    rotation = operator.rotate()
+    assert rotation.previous_key_id == old.key_id
+    assert running.current().key_id == rotation.new_key_id  # picked up without a restart
+    assert not (tmp_path / NEXT_KEY_FILE).exists()
+    agent_trust, _ = apply_rotations(running.rotations(), TrustStore([old.public_key]))
+    assert agent_trust.key_ids() == [rotation.new_key_id]
+    second = operator.rotate()
+    agent_trust, _ = apply_rotations(running.rotations(), TrustStore([old.public_key]))
+    assert agent_trust.key_ids() == [second.new_key_id]  # an agent that missed both follows the chain
+
+
+def test_a_rotation_that_crashed_is_finished_or_forgotten(tmp_path: Path) -> None:
+    ring = FleetKeyring.load_or_create(tmp_path)
+    old = ring.current().key_id
+    # Crashed before its statement was written: the next key never became anything.
+    SigningKey.generate().save(tmp_path / NEXT_KEY_FILE)
+    assert FleetKeyring.load_or_create(tmp_path).current().key_id == old
+    assert not (tmp_path / NEXT_KEY_FILE).exists()
+    # Crashed after the statement, before the key became current: the next load finishes it.
+    ring.rotate()
+    nxt = SigningKey.generate()
+    statement = sign(KeyRotation(ring.current().key_id, nxt.public_key, 0).to_bytes(), ring.current())
+    chain = [*ring.rotations(), statement]
+    nxt.save(tmp_path / NEXT_KEY_FILE)
+    _write_rotations(tmp_path / ROTATIONS_FILE, chain)
+    assert FleetKeyring.load_or_create(tmp_path).current().key_id == nxt.key_id
+    assert not (tmp_path / NEXT_KEY_FILE).exists()
