@@ -189,7 +189,13 @@ class ControlPlane:
             self.artifacts, self.bus, deployed=self._deployed if self.security else None
         )
         self.ingest = FleetIngest(
-            self.store, self.fleet, self.bus, self.chunks, self.loop.wake, self.metrics.count_mqtt
+            self.store,
+            self.fleet,
+            self.bus,
+            self.chunks,
+            self.loop.wake,
+            self.metrics.count_mqtt,
+            republish=self.controller.republish_all,
         )
         self.election = LeaderElection(
             leader_lock_for(config.state_url), self._lead, self._follow, interval=config.leader_interval
