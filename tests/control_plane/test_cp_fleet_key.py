@@ -53,3 +53,21 @@ def test_a_rotation_that_crashed_is_finished_or_forgotten(tmp_path: Path) -> Non
     _write_rotations(tmp_path / ROTATIONS_FILE, chain)
     assert FleetKeyring.load_or_create(tmp_path).current().key_id == nxt.key_id
     assert not (tmp_path / NEXT_KEY_FILE).exists()
+
+
+def test_the_commands_refuse_what_cannot_work(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgectl.errors import EdgectlError
+    from tests.control_plane.test_cp_cli import APP
+
+    runner = CliRunner()
+    missing = runner.invoke(APP, ["control-plane", "rotate-fleet-key", "--security-dir", str(tmp_path)])
+    assert isinstance(missing.exception, EdgectlError) and missing.exception.exit_code != 0
+    assert "start the control plane once" in str(missing.exception.hint)
+    assert not (tmp_path / FLEET_KEY_FILE).exists()  # refusing made no key
+    short = runner.invoke(APP, ["control-plane", "serve", "--insecure", "--order-ttl", "1s"])
+    assert isinstance(short.exception, EdgectlError) and "--order-ttl 1s is too short" in str(short.exception)
+    FleetKeyring.load_or_create(tmp_path)
+    rotated = runner.invoke(APP, ["control-plane", "rotate-fleet-key", "--security-dir", str(tmp_path)])
+    assert rotated.exit_code == 0 and "->" in rotated.stdout
