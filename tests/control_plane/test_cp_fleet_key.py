@@ -71,3 +71,43 @@ def test_the_commands_refuse_what_cannot_work(tmp_path: Path) -> None:
     FleetKeyring.load_or_create(tmp_path)
     rotated = runner.invoke(APP, ["control-plane", "rotate-fleet-key", "--security-dir", str(tmp_path)])
     assert rotated.exit_code == 0 and "->" in rotated.stdout
+
+
+def test_signed_orders_count_on_across_decommission_and_restarts_in_one_epoch(
+    state_url: str, tmp_path: Path
+) -> None:
+    """Row 3 at the store, on SQLite and PostgreSQL: a forgotten device's counter is never reused,
+    and the epoch is fixed once, for every replica and restart of the store."""
+    from edgectl.control_plane.desired import OrderSigner, orders_to_refresh, write_desired
+    from edgectl.control_plane.fleet import Fleet
+    from edgectl.control_plane.store import StateStore
+    from edgectl.mqtt.orders import Order, verify
+    from edgectl.mqtt.wire import decode
+    from edgectl.protos.v1 import mqtt_pb2
+
+    ring = FleetKeyring.load_or_create(tmp_path / "security")
+    signer = OrderSigner(ring, ttl_s=100.0)
+    trust = TrustStore([ring.current().public_key])
+    model = mqtt_pb2.DesiredModel(name="m", digest="sha256:" + "ab" * 32, version=1)
+
+    def order(store: StateStore, now: float) -> Order:
+        with store.tx() as tx:
+            Fleet._ensure_device(tx, "cam-1", now)
+            payload = write_desired(tx, "cam-1", [model], "r-1", now, signer).payload
+        return Order.from_bytes(verify(decode(payload, mqtt_pb2.DesiredState).signed, trust))
+
+    store = StateStore(state_url)
+    first, second = order(store, 1000.0), order(store, 1001.0)
+    assert (first.epoch, first.counter, second.counter) == (1000, 1, 2) and second.expires_at == 1101.0
+    Fleet(store).decommission("cam-1")
+    store.close()
+    replica = StateStore(state_url)  # a restart, or another replica of the same store
+    again = order(replica, 5000.0)
+    assert (again.epoch, again.counter) == (1000, 3)
+    with replica.tx() as tx:
+        assert orders_to_refresh(tx, signer, 5000.0) == []  # fresh: nothing to re-sign
+        assert [d for d, _ in orders_to_refresh(tx, signer, 5051.0)] == ["cam-1"]  # past half its life
+    ring.rotate()
+    with replica.tx() as tx:
+        assert [d for d, _ in orders_to_refresh(tx, signer, 5000.0)] == ["cam-1"]  # signed by a retired key
+    replica.close()
