@@ -224,7 +224,7 @@ class Agent:
             self.registry,
             self.metrics,
             _MqttReporter(self.link),
-            FleetTrust.load(cfg.data_dir, self.creds),
+            FleetTrust.load(cfg.data_dir, self.creds, cfg.fleet_key),
         )
 
     def _serve_local_dir(self) -> None:

@@ -56,6 +56,9 @@ class AgentConfig:
     serve_only: bool = False
     model_dir: Path | None = None
     trust: tuple[Path, ...] = ()
+    # Public keys that sign desired states, for a data dir without fleet-keys.json (enrollment
+    # hands them over; this pins them on a device enrolled before desired states were signed).
+    fleet_key: tuple[Path, ...] = ()
     profile: str | None = None  # a profile name or .yaml; None: detect from the host
     heartbeat_s: float = 30.0
     transport: str = "auto"  # auto (gRPC, then MQTT chunks) | grpc | mqtt
@@ -131,7 +134,7 @@ _PATHS = {
 def _coerce(name: str, value: Any) -> Any:
     if name in _PATHS and value is not None:
         return Path(value).expanduser()
-    if name == "trust":
+    if name in ("trust", "fleet_key"):
         items = value if isinstance(value, (list, tuple)) else [value]
         return tuple(Path(v).expanduser() for v in items)
     if name == "labels":

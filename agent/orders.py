@@ -50,8 +50,12 @@ class FleetTrust:
         self.keys = keys
 
     @classmethod
-    def load(cls, data_dir: Path, creds: fpb.DeviceCredentials | None) -> FleetTrust:
-        """``fleet-keys.json``, else the keys enrollment handed over (written there on first use)."""
+    def load(
+        cls, data_dir: Path, creds: fpb.DeviceCredentials | None, seed: tuple[Path, ...] = ()
+    ) -> FleetTrust:
+        """``fleet-keys.json``, else the keys enrollment handed over and the ``seed`` key files
+        (written there on first use). Once the file exists it rules: a flag never brings back a
+        key that a signed rotation retired."""
         path = data_dir / FLEET_KEYS_FILE
         keys = TrustStore()
         try:
@@ -64,6 +68,12 @@ class FleetTrust:
                 return cls(path, keys)
             for i, raw in enumerate(creds.fleet_keys if creds else []):
                 keys.add(load_public_key(bytes(raw), f"credentials.json fleet key {i}"))
+            for key_file in seed:
+                try:
+                    data = key_file.read_bytes()
+                except OSError as exc:
+                    raise ConfigError(f"cannot read --fleet-key {key_file}: {exc.strerror}") from exc
+                keys.add(load_public_key(data, f"--fleet-key {key_file}"))
         except (OSError, ValueError, KeyError, TypeError, KeyFileError) as exc:
             raise ConfigError(
                 f"cannot read the fleet keys {path}: {exc}",

@@ -20,6 +20,7 @@ from edgectl.control_plane.desired import (
     DesiredPublisher,
     OrderSigner,
     Publication,
+    all_publications,
     current_models,
     orders_to_refresh,
     with_model,
@@ -59,6 +60,10 @@ class RolloutController:
         self.on_wave_done = on_wave_done or (lambda seconds: None)
         self.signer = signer
         self._refreshed_at = float("-inf")
+        # Held from a write to its publish, and by republish_all: a republish read before a step's
+        # commit can then never reach the broker after that step's newer order (agents would
+        # refuse the older one as a replay, and it would stay retained).
+        self._publishing = threading.Lock()
 
     def step_all(self) -> None:
         with self.store.tx() as tx:
@@ -74,14 +79,15 @@ class RolloutController:
         if self.signer is None or now - self._refreshed_at < min(60.0, self.signer.ttl_s / 10):
             return 0
         self._refreshed_at = now
-        with self.store.tx() as tx:
-            publications = [
-                self._write(tx, device_id, list(state.models), state.rollout_id, now)
-                for device_id, state in orders_to_refresh(tx, self.signer, now)
-            ]
-        if publications:
-            log.info("re-signed desired states", extra={"devices": len(publications)})
-            self.publisher.publish_desired(publications)
+        with self._publishing:
+            with self.store.tx() as tx:
+                publications = [
+                    self._write(tx, device_id, list(state.models), state.rollout_id, now)
+                    for device_id, state in orders_to_refresh(tx, self.signer, now)
+                ]
+            if publications:
+                log.info("re-signed desired states", extra={"devices": len(publications)})
+                self.publisher.publish_desired(publications)
         return len(publications)
 
     def _write(
@@ -91,6 +97,18 @@ class RolloutController:
 
     def step(self, rollout_id: str) -> None:
         """Advance one rollout as far as its devices' reports allow, then publish what changed."""
+        with self._publishing:
+            self._step(rollout_id)
+
+    def republish_all(self) -> int:
+        """Send every stored desired state again (after a broker reconnect); returns how many."""
+        with self._publishing:
+            with self.store.tx() as tx:
+                publications = all_publications(tx)
+            self.publisher.publish_desired(publications)
+        return len(publications)
+
+    def _step(self, rollout_id: str) -> None:
         now = self.clock()
         publications: list[Publication] = []
         with self.store.tx() as tx:

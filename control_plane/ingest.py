@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 from edgectl.control_plane.bus import CONNECTED, FleetBus, Inbound
-from edgectl.control_plane.desired import all_publications
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet, Reported, Status
 from edgectl.control_plane.store import StateStore
@@ -36,12 +35,15 @@ class FleetIngest:
         bus: FleetBus,
         wake: Callable[[], None],
         count: Callable[[str], None] | None = None,
+        *,
+        republish: Callable[[], int],
     ) -> None:
         self.store = store
         self.fleet = fleet
         self.bus = bus
         self.wake = wake
         self.count = count or (lambda kind: None)
+        self._republish = republish  # the controller's: serialized with its own writes and publishes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -135,10 +137,8 @@ class FleetIngest:
         return []
 
     def republish(self) -> None:
-        with self.store.tx() as tx:
-            publications = all_publications(tx)
-        self.bus.publish_desired(publications)
-        log.info("republished desired state", extra={"devices": len(publications)})
+        count = self._republish()
+        log.info("republished desired state", extra={"devices": count})
 
     @staticmethod
     def _event(device_id: str, event: mqtt_pb2.DeviceEvent) -> None:

@@ -194,7 +194,10 @@ class ControlPlane:
             count=self.metrics.count_mqtt,
         )  # fmt: skip
         self.bus.serve_chunk_requests(self.chunks.submit)  # every replica answers, leading or not
-        self.ingest = FleetIngest(self.store, self.fleet, self.bus, self.loop.wake, self.metrics.count_mqtt)
+        self.ingest = FleetIngest(
+            self.store, self.fleet, self.bus, self.loop.wake, self.metrics.count_mqtt,
+            republish=self.controller.republish_all,
+        )  # fmt: skip
         self.election = LeaderElection(
             leader_lock_for(config.state_url), self._lead, self._follow, interval=config.leader_interval
         )

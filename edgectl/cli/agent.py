@@ -103,6 +103,12 @@ def run(
         None, help="with --serve-only: an artifact, or a folder of artifacts"
     ),
     trust: list[Path] | None = typer.Option(None, help="trusted public key file or folder (repeatable)"),
+    fleet_key: list[Path] | None = typer.Option(
+        None,
+        "--fleet-key",
+        help="public key that signs desired states (repeatable); enrollment hands it over, this pins "
+        "it on a device enrolled before (used while DATA_DIR has no fleet-keys.json)",
+    ),
     profile: str | None = typer.Option(
         None, envvar="EDGECTL_PROFILE", help="device profile name or .yaml [default: detect]"
     ),
@@ -178,6 +184,7 @@ def run(
         "serve_only": serve_only,
         "model_dir": model_dir,
         "trust": tuple(trust) if trust else None,
+        "fleet_key": tuple(fleet_key) if fleet_key else None,
         "profile": profile,
         "transport": transport,
         "bandwidth_limit": bandwidth_limit,

@@ -376,3 +376,20 @@ def _kids(device: Device) -> list[str]:
     from edgectl.artifact.signing import key_id, load_public_key
 
     return sorted(key_id(load_public_key(p.encode(), "fleet-keys.json")) for p in device.trusted_fleet_keys())
+
+
+def test_withheld_orders_show_as_expired_while_the_device_keeps_serving(rig: Rig, device: Device) -> None:
+    """TUF's freeze, detected: when fresh orders stop coming (a broker that withholds them, or a
+    control plane that is down), the agent says its order expired and keeps serving."""
+    device.deploy(1)
+    loop = rig.fleet.cp.loop
+    loop.stop()  # nothing re-signs or republishes from now on: the freeze
+    try:
+        wait_for(lambda: "signed desired state expired" in device.record().last_error, TTL * 2,
+                 what="the agent to report its order expired")  # fmt: skip
+        assert device.serves(1)
+        assert device.agent is not None and device.agent.registry.get(NAME) is not None
+    finally:
+        loop.start()
+    # Positive control: once the control plane re-signs, the report is clean again.
+    wait_for(lambda: not device.record().last_error, TTL * 2, what="a fresh order to clear the report")

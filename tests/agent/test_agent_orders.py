@@ -1,0 +1,64 @@
+"""An agent given a fleet key with --fleet-key (a device enrolled before desired states were
+signed) refuses unsigned states and follows signed ones, over a real broker and artifact server."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from edgectl.agent.agent import Agent
+from edgectl.agent.errors import ConfigError
+from edgectl.agent.orders import FLEET_KEYS_FILE, FleetTrust
+from edgectl.artifact import SigningKey, TrustStore, public_pem
+from edgectl.broker import MosquittoProcess
+from edgectl.mqtt.orders import Order, OrderedModel, sign
+from edgectl.mqtt.wire import encode
+from edgectl.protos.v1 import mqtt_pb2 as mpb
+from tests.agent.artifact_server import ArtifactStoreServer
+from tests.agent.conftest import Bundles, Fleet, agent_config, wait_for
+
+
+def test_a_pinned_fleet_key_refuses_unsigned_states_and_follows_signed_ones(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    key = SigningKey.generate()
+    pub = tmp_path / "fleet.pub.pem"
+    pub.write_bytes(public_pem(key.public_key))
+    d1 = artifact_server.add(bundles.build(version=1).root)
+    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address, fleet_key=(pub,))
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))  # what an insecure plane sends
+    wait_for(lambda: "is unsigned" in getattr(fleet.latest(), "last_error", ""), what="the unsigned refusal")
+    assert not fleet.latest().models  # type: ignore[union-attr]
+
+    now = time.time()
+    order = Order(fleet.device_id, 1, 2, now, now + 60, "r-1", (OrderedModel("mlp", d1, 1),))
+    state = mpb.DesiredState(device_id=fleet.device_id, generation=2)
+    state.signed.CopyFrom(sign(order.to_bytes(), key))
+    fleet.client.publish(fleet.topics.desired, encode(state), retain=True)
+    fleet.wait_serving("mlp", d1)
+    wait_for(lambda: not fleet.latest().last_error, what="the refusal to clear")  # type: ignore[union-attr]
+    kept = agent.config.data_dir / FLEET_KEYS_FILE
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert json.loads(kept.read_text())["keys"] == [pub.read_text()]
+
+
+def test_a_missing_fleet_key_file_is_a_clear_error_and_the_kept_keys_rule(
+    tmp_path: Path, trust_file: Path
+) -> None:
+    config = agent_config(tmp_path, trust_file, fleet_key=(tmp_path / "nope.pem",))
+    with pytest.raises(ConfigError, match="cannot read --fleet-key"):
+        FleetTrust.load(config.data_dir, None, config.fleet_key)
+    # Once the data dir holds its keys (a rotation may have moved them on), a flag adds nothing.
+    kept, flagged = SigningKey.generate(), tmp_path / "old.pub.pem"
+    flagged.write_bytes(public_pem(SigningKey.generate().public_key))
+    FleetTrust(config.data_dir / FLEET_KEYS_FILE, TrustStore([kept.public_key])).save()
+    assert FleetTrust.load(config.data_dir, None, (flagged,)).keys.key_ids() == [kept.key_id]
