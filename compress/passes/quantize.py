@@ -20,10 +20,12 @@ from edgectl.compress.errors import BadInputError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 from edgectl.compress.quantizer import (
+    WEIGHT_ONLY,
     QuantConfig,
     QuantizeMode,
     QuantMode,
     float_by_rule,
+    has_weight_matmul,
     latency_candidates,
     ort_default,
     quality_variants,
@@ -60,7 +62,9 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool) -> list[QuantMode]:
+def resolve_modes(
+    step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool, has_weight_matmul: bool = False
+) -> list[QuantMode]:
     """The concrete modes to try for ``step.mode`` on ``profile``; refuses modes the device cannot run.
 
     ``auto`` is every mode the profile runs (static int8 only with calibration data): which one wins
@@ -75,9 +79,17 @@ def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bo
             modes.append("int8-dynamic")
         if profile.supports("int8") and has_calib:
             modes.append("int8-static")
+        if has_weight_matmul and _runs_matmul_nbits(profile):
+            modes += ["int8-weight", "int4-weight"]
         if profile.supports("fp16"):
             modes.append("fp16")
         return modes
+    if step.mode in WEIGHT_ONLY and not _runs_matmul_nbits(profile):
+        raise BadInputError(
+            f"{step.mode} needs ORT's MatMulNBits kernels (CPU or CUDA EP), and {profile.name} builds TensorRT "
+            "engines, whose parser does not read them",
+            hint="use --quantize int8-static with --calib",
+        )
     if step.mode in ("int8-static", "int8-dynamic") and not profile.supports("int8"):
         raise BadInputError(f"profile {profile.name} has no execution provider that runs int8")
     if step.mode == "int8-dynamic" and not int8_cpu:
@@ -97,6 +109,12 @@ def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bo
     return [step.mode]
 
 
+def _runs_matmul_nbits(profile: DeviceProfile) -> bool:
+    """Whether the target runs ORT's MatMulNBits contrib op (its CPU and CUDA EPs do; TensorRT does not)."""
+    eps = set(profile.execution_providers)
+    return not profile.engine.tensorrt and bool(eps & {"CPUExecutionProvider", "CUDAExecutionProvider"})
+
+
 def _hint(profile: DeviceProfile, mode: QuantMode) -> QuantConfig:
     q = profile.quantization
     fmt: Literal["QDQ", "QOperator"] = "QDQ" if q.format == "qdq" else "QOperator"
@@ -109,9 +127,11 @@ def candidates(
     step: QuantizeConfig, mode: QuantMode, profile: DeviceProfile, *, vnni: bool
 ) -> list[QuantConfig]:
     """The first round: the profile's hint, the measured alternatives, and ORT's defaults for reference."""
-    first = _hint(profile, mode)
     if mode == "fp16":
         return [QuantConfig("fp16")]
+    if mode in WEIGHT_ONLY:
+        return [QuantConfig(mode, "QOperator")]
+    first = _hint(profile, mode)
     more = latency_candidates(mode, vnni=vnni) if step.search else []
     if "CPUExecutionProvider" not in profile.providers_for("int8"):
         more = []  # TensorRT reads only symmetric s8 QDQ: CPU timings of other formats mean nothing there
@@ -202,7 +222,8 @@ class QuantSearch:
             default = ort_default(config.mode).with_(
                 calib_samples=step.calib_samples, keep_float=config.keep_float
             )
-            note = "ORT defaults" if config.mode != "fp16" and config == default else ""
+            int8 = config.mode in ("int8-static", "int8-dynamic")
+            note = "ORT defaults" if int8 and config == default else ""
             result.trials.append(self.trial(base, config, "format", note))
         scored = [t for t in result.trials if t.quality is not None]
         if not scored:
@@ -261,7 +282,12 @@ class QuantizePass(CompressPass[QuantizeConfig]):
 
     def run(self, state: ModelState, config: QuantizeConfig, ctx: PassContext) -> PassResult:
         """Resolve the modes for the profile, run the search, add its models as candidates."""
-        modes = resolve_modes(config, ctx.profile, has_calib=ctx.calib is not None)
+        modes = resolve_modes(
+            config,
+            ctx.profile,
+            has_calib=ctx.calib is not None,
+            has_weight_matmul=has_weight_matmul(state.model),
+        )
         record: dict[str, Any] = {
             "mode": modes[0] if len(modes) == 1 else None,
             "modes": modes,

@@ -71,7 +71,12 @@ def compress(
         str | None, typer.Option("--profile", "-p", help="Target device profile (default: this machine's).")
     ] = None,
     quantize: Annotated[
-        str, typer.Option("--quantize", "-q", help="auto | int8-static | int8-dynamic | fp16 | none")
+        str,
+        typer.Option(
+            "--quantize",
+            "-q",
+            help="auto (measure every mode the profile runs) | int8-static | int8-dynamic | int8-weight | int4-weight | fp16 | none",
+        ),
     ] = "auto",
     prune: Annotated[float, typer.Option("--prune", help="Fraction of channels to remove, 0 to <1.")] = 0.0,
     calib: Annotated[
