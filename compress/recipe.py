@@ -101,14 +101,16 @@ class Recipe:
         return cls.from_dict(data, source=f"recipe {path.name}")
 
     @classmethod
-    def from_options(cls, *, quantize: str = "auto", prune: float = 0.0, tensorrt: bool = False) -> Recipe:
+    def from_options(
+        cls, *, quantize: str = "auto", prune: float = 0.0, tensorrt: bool = False, finetune_epochs: int = 3
+    ) -> Recipe:
         """The recipe the CLI flags describe."""
         if quantize not in QUANTIZE_MODES:
             raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
         quantizing = quantize != "none"
         return cls(
             cleanup=CleanupConfig(),
-            prune=PruneConfig(ratio=prune) if prune else None,
+            prune=PruneConfig(ratio=prune, finetune_epochs=finetune_epochs) if prune else None,
             quantize=QuantizeConfig(mode=quantize) if quantizing else None,  # type: ignore[arg-type]
             mixed_precision=MixedPrecisionConfig() if quantizing else None,
             tensorrt=TensorRTConfig() if tensorrt else None,

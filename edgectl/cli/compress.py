@@ -101,6 +101,17 @@ def compress(
     state_dict: Annotated[
         Path | None, typer.Option("--state-dict", help="Weights for a package.module:factory model.")
     ] = None,
+    train: Annotated[
+        Path | None,
+        typer.Option(
+            "--train",
+            help="Training samples (.npz, one array per input, + optional 'labels'): after --prune, a torch "
+            "model is distilled from the float one to recover accuracy.",
+        ),
+    ] = None,
+    finetune_epochs: Annotated[
+        int, typer.Option("--finetune-epochs", help="At most this many recovery epochs with --train.", min=1)
+    ] = 3,
     metric: Annotated[
         str | None,
         typer.Option(
@@ -125,10 +136,15 @@ def compress(
     from edgectl.compress.recipe import Recipe
 
     try:
-        plan = Recipe.load(recipe) if recipe else Recipe.from_options(quantize=quantize, prune=prune)
+        plan = (
+            Recipe.load(recipe)
+            if recipe
+            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs)
+        )
         request = CompressRequest(
             model=model, out_dir=out, profile=_profile_name(profile), recipe=plan, calib=calib, eval=eval_data,
             max_drop=max_drop, name=name, version=version, sign_key=sign_key, state_dict=state_dict, metric=metric,
+            train=train,
         )  # fmt: skip
         if as_json:
             result = run(request)
