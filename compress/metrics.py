@@ -106,8 +106,13 @@ class Metric:
 
 
 def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean of the token vectors the mask keeps: ``[n, T, D]`` and ``[n, T]`` -> ``[n, D]``."""
+    """Mean of the token vectors the mask keeps: ``[n, T, D]`` and ``[n, T]`` -> ``[n, D]``.
+
+    A ``[n, D]`` output is taken as already pooled.
+    """
     weights = (np.asarray(mask) != 0).astype(np.float64)
+    if output.ndim == 2 and output.shape[0] == weights.shape[0]:
+        return output.astype(np.float64)  # the model pools itself: one vector per sample already
     if output.ndim != 3 or weights.shape != output.shape[:2]:
         raise BadInputError(
             f"masked-cosine needs a [batch, tokens, dim] first output and a [batch, tokens] mask, "
