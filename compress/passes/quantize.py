@@ -229,25 +229,66 @@ class QuantSearch:
         if not scored:
             result.notes.append("no quantized candidate could be built")
             return result
-        best_trial = max(scored, key=lambda t: t.quality.score if t.quality else -1.0)
-        result.best = QuantConfig(**_config_args(best_trial.config))
-        result.mode = result.best.mode
-        if any(t.passed for t in result.trials) or not step.search:
-            return result
-        model = onnx.load(str(base), load_external_data=False)
-        consts = {i.name for i in model.graph.initializer}
-        has_matmul = any(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
-        for variant in quality_variants(result.best, has_matmul=has_matmul):
-            if step.calibration != "auto" and variant.calibration != result.best.calibration:
+        if step.search:
+            model = onnx.load(str(base), load_external_data=False)
+            consts = {i.name for i in model.graph.initializer}
+            has_matmul = any(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
+            for mode in self._worth_escalating(mode_list, result.trials):
+                self._escalate(base, step, mode, first, result, has_matmul=has_matmul)
+        result.best = _best_config(result.trials)
+        result.mode = result.best.mode if result.best else result.mode
+        return result
+
+    def _worth_escalating(self, modes: list[QuantMode], trials: list[Trial]) -> list[QuantMode]:
+        """The int8 modes with no passing candidate whose best is within reach (not hopeless).
+
+        A passing weight-only or fp16 model does not stop the search: an int8 model that passes after
+        smoothing is usually faster. When nothing passed and every mode looked hopeless, the best
+        mode is still escalated: a calibration or smoothing variant may be what it lacked.
+        """
+        out: list[QuantMode] = []
+        for mode in modes:
+            own = [t for t in trials if t.config and t.config.get("mode") == mode and t.quality is not None]
+            reachable = [t for t in own if "hopeless" not in t.note]
+            if (
+                mode in ("int8-static", "int8-dynamic")
+                and own
+                and reachable
+                and not any(t.passed for t in own)
+            ):
+                out.append(mode)
+        if not out and not any(t.passed for t in trials):
+            best = _best_config(trials)
+            if best is not None and best.mode in ("int8-static", "int8-dynamic"):
+                out.append(best.mode)
+        return out
+
+    def _escalate(
+        self,
+        base: Path,
+        step: QuantizeConfig,
+        mode: QuantMode,
+        first: list[QuantConfig],
+        result: SearchResult,
+        *,
+        has_matmul: bool,
+    ) -> None:
+        """Calibration, smoothing and granularity variants of ``mode``'s best config, until one passes."""
+        own = [
+            t for t in result.trials if t.config and t.config.get("mode") == mode and t.quality is not None
+        ]
+        best_trial = max(own, key=lambda t: t.quality.score if t.quality else -1.0)
+        best = QuantConfig(**_config_args(best_trial.config))
+        for variant in quality_variants(best, has_matmul=has_matmul):
+            if step.calibration != "auto" and variant.calibration != best.calibration:
                 continue
             t = self.trial(base, variant, "calibration")
             result.trials.append(t)
             if t.passed:
                 self._formats_with(base, first, variant, result)
-                return result
+                return
             if t.quality and best_trial.quality and t.quality.score > best_trial.quality.score:
-                best_trial, result.best = t, variant
-        return result
+                best_trial, best = t, variant
 
     def _formats_with(
         self, base: Path, first: list[QuantConfig], passed: QuantConfig, result: SearchResult
@@ -318,6 +359,16 @@ class QuantizePass(CompressPass[QuantizeConfig]):
         """The mode the artifact's model was quantized in."""
         mode = chosen.config.get("mode") if chosen.config else None
         return {"quantize": {**record["quantize"], "mode": mode}}
+
+
+def _best_config(trials: list[Trial]) -> QuantConfig | None:
+    """The best-scoring config, preferring int8 weights and activations (what mixed precision can refine)."""
+    scored = [t for t in trials if t.quality is not None and t.config]
+    int8 = [t for t in scored if t.config and t.config.get("mode") in ("int8-static", "int8-dynamic")]
+    pool = int8 or scored
+    if not pool:
+        return None
+    return QuantConfig(**_config_args(max(pool, key=lambda t: t.quality.score if t.quality else -1.0).config))
 
 
 def _knobs(config: QuantConfig) -> str:
