@@ -240,7 +240,7 @@ class QuantSearch:
         return result
 
     def _worth_escalating(self, modes: list[QuantMode], trials: list[Trial]) -> list[QuantMode]:
-        """The int8 modes with no passing candidate whose best is within reach (not hopeless).
+        """The int8 modes with no passing candidate whose best drop is within reach of the budget.
 
         A passing weight-only or fp16 model does not stop the search: an int8 model that passes after
         smoothing is usually faster. When nothing passed and every mode looked hopeless, the best
@@ -249,7 +249,7 @@ class QuantSearch:
         out: list[QuantMode] = []
         for mode in modes:
             own = [t for t in trials if t.config and t.config.get("mode") == mode and t.quality is not None]
-            reachable = [t for t in own if "hopeless" not in t.note]
+            reachable = [t for t in own if t.drop is not None and self.gate.within_reach(t.drop)]
             if (
                 mode in ("int8-static", "int8-dynamic")
                 and own
