@@ -9,6 +9,7 @@ contribution is folded into the consumers' biases on calibration data (``recalib
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,8 @@ class PruneConfig:
     # Recovery training (torch models with --train data): at most this many epochs and seconds.
     finetune_epochs: int = 3
     finetune_seconds: float = 600.0
+    # --prune auto: try these ratios, largest first, and keep the largest that meets the budget.
+    ratios: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,25 @@ class PrunePass(CompressPass[PruneConfig]):
     config = PruneConfig
 
     def run(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
-        """Write the pruned (and fine-tuned) model; each becomes a scored row."""
+        """Write the pruned (and fine-tuned) model; with ``ratios``, the largest ratio that passes."""
+        if not config.ratios:
+            return self._prune(state, config, ctx)
+        started, trials = time.perf_counter(), list[Trial]()
+        result = PassResult(state)
+        for ratio in sorted(config.ratios, reverse=True):
+            result = self._prune(state, replace(config, ratio=ratio, ratios=()), ctx)
+            trials += result.trials
+            if result.state.base is not None and result.state.base.passed:
+                break
+            if time.perf_counter() - started > config.finetune_seconds:
+                ctx.progress("--prune auto: out of time; keeping the smallest ratio tried")
+                break
+        chosen = result.state.base
+        tried = {"tried": sorted(config.ratios, reverse=True), "kept": chosen.name if chosen else None}
+        record = {**result.record, "prune": {**result.record.get("prune", {}), "auto": tried}}
+        return PassResult(result.state, tuple(trials), record)
+
+    def _prune(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
         if config.ratio <= 0:
             return PassResult(state)
         if ctx.train is not None and config.kind == "structured":

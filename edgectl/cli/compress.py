@@ -78,7 +78,13 @@ def compress(
             help="auto (measure every mode the profile runs) | int8-static | int8-dynamic | int8-weight | int4-weight | fp16 | none",
         ),
     ] = "auto",
-    prune: Annotated[float, typer.Option("--prune", help="Fraction of channels to remove, 0 to <1.")] = 0.0,
+    prune: Annotated[
+        str,
+        typer.Option(
+            "--prune",
+            help="Fraction of channels to remove, 0 to <1, or auto (the largest that meets the budget).",
+        ),
+    ] = "0",
     calib: Annotated[
         Path | None, typer.Option("--calib", help="Calibration samples (.npz, one array per input).")
     ] = None,

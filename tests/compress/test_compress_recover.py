@@ -61,3 +61,29 @@ def test_train_arrays_that_do_not_match_the_inputs_are_refused_like_calib(
                         tmp_path / "train.npz", "-o", out)  # fmt: skip
     assert code == 2 and "training file train.npz: array 'image' has 9 on axis 2, the model needs 8" in text
     assert not out.exists()
+
+
+def test_prune_auto_keeps_the_largest_ratio_that_meets_the_budget(
+    digits: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "auto", "--quantize", "none",
+                        "--calib", digits["calib"], "--eval", digits["eval"], "--max-drop", "0.05", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    trials = json.loads(text)["metrics"]["trials"]
+    pruned = [t for t in trials if t["stage"] == "prune"]
+    names = [t["name"] for t in pruned]
+    assert names[0] == "pruned 75%" and names == sorted(names, reverse=True)  # largest first
+    # Every ratio tried before the kept one missed the budget; the kept one is the first that met it.
+    assert all(not t["passed"] for t in pruned[:-1]) and pruned[-1]["passed"]
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["prune"]
+    assert record["auto"] == {"tried": [0.75, 0.5, 0.25], "kept": names[-1]}
+    assert len(pruned) >= 2  # 75 % of the digits CNN's channels cannot stay within 5 points untrained
+
+
+def test_prune_must_be_a_fraction_or_auto(digits: dict[str, Any], tmp_path: Path) -> None:
+    for bad in ("1.5", "half"):
+        code, text = invoke(
+            digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", bad, "-o", tmp_path / "out"
+        )
+        assert code == 2 and "--prune must be a fraction in [0, 1) or auto" in text
