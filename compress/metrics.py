@@ -123,6 +123,13 @@ def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray(total / np.maximum(weights.sum(axis=1, keepdims=True), 1.0))
 
 
+def check_metric_spec(spec: str | None) -> None:
+    """Fail on a malformed or unimportable ``--metric`` before any model is exported or loaded."""
+    if spec is None or spec in ("auto", "top1", "cosine") or spec.startswith("masked-cosine:"):
+        return
+    parse_metric(spec, input_names=(), has_labels=True)
+
+
 def parse_metric(spec: str | None, *, input_names: Sequence[str], has_labels: bool) -> Metric:
     """The metric ``--metric`` names (None: top1 with labels, else cosine); bad specs fail here, early."""
     if spec is None or spec == "auto":

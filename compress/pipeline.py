@@ -23,7 +23,7 @@ from edgectl.compress.data import SampleSet, read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_stats, signature
-from edgectl.compress.metrics import parse_metric
+from edgectl.compress.metrics import check_metric_spec, parse_metric
 from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
 from edgectl.compress.passes.base import (
     CompressPass,
@@ -93,6 +93,7 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
             f"--max-drop must be >= 0, got {req.max_drop}", hint="e.g. --max-drop 0.005 for half a point"
         )
     check_out_dir(req.out_dir)
+    check_metric_spec(req.metric)
     profile = load_profile(req.profile)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
         staged = _Run(req, profile, Path(tmp), progress)
