@@ -8,6 +8,7 @@ scoring; the pipeline measures them and keeps the fastest that meets the budget.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import typing
@@ -96,8 +97,14 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
         self._it = self._data.batches(self._batch)
 
 
-def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None = None) -> None:
-    """Write ``src`` quantized per ``config`` to ``dst``."""
+def quantize(
+    src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None = None, *, cache: Path | None = None
+) -> None:
+    """Write ``src`` quantized per ``config`` to ``dst``.
+
+    ``cache``: a folder where static calibration ranges are kept and reused by later candidates that
+    calibrate the same tensors the same way (ORT >= the version with ``calibration_cache_path``).
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -141,6 +148,7 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
             "percentile": CalibrationMethod.Percentile,
         }[config.calibration]
         op_types = _calibrated_op_types(src, config) if config.keep_float else None
+        reuse = _calibration_cache(cache, src, config, quantize_static)
         # ORT's histogram calibrators print progress to stdout, which --json output must not carry.
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
@@ -156,7 +164,27 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
                 op_types_to_quantize=op_types,
                 calibrate_method=method,
                 extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
+                **reuse,
             )
+
+
+def _calibration_cache(
+    cache: Path | None, src: Path, config: QuantConfig, quantize_static: object
+) -> dict[str, str]:
+    """``calibration_cache_path`` for ``quantize_static`` when it has one: one file per way of calibrating.
+
+    Ranges depend on the model, the method, the samples, the tensors calibrated (the format's op
+    types, the nodes kept float) and smoothing; not on the integer types, granularity or range
+    reduction, so the format candidates of one search share one calibration run.
+    """
+    import inspect
+
+    if cache is None or "calibration_cache_path" not in inspect.signature(quantize_static).parameters:  # type: ignore[arg-type]
+        return {}
+    key = repr((str(src.resolve()), config.fmt, config.calibration, config.calib_samples, config.smooth_alpha,
+                sorted(config.keep_float)))  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"calibration_cache_path": str(cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")}
 
 
 # Beyond this magnitude a value is a mask or a sentinel (torch's finfo.min), not an activation.

@@ -172,7 +172,8 @@ class QuantSearch:
         trial = Trial(config.label(), stage, config=config.to_dict(), note=note)
         try:
             # Dynamic quantization needs no calibration, but SmoothQuant does: fall back to the eval samples.
-            quantize(base, out, config, self.calib or (self.evaluator.data if config.smooth_alpha else None))
+            data = self.calib or (self.evaluator.data if config.smooth_alpha else None)
+            quantize(base, out, config, data, cache=self.work / "calibration-cache")
             trial.path = out
             if not self._hopeless(trial):
                 self.gate.judge(trial, self.evaluator)

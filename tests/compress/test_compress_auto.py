@@ -149,3 +149,27 @@ def test_weight_only_modes_use_matmul_nbits_where_the_target_runs_it(tmp_path: P
         run(CompressRequest(model=str(model), out_dir=tmp_path / "trt", profile="jetson-orin-nano",
                             recipe=Recipe.from_options(quantize="int4-weight"), eval=evals))  # fmt: skip
     assert not (tmp_path / "trt").exists()
+
+
+def test_format_candidates_share_one_calibration_run(tmp_path: Path) -> None:
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        pytest.skip("this onnxruntime cannot reuse calibration ranges: every candidate calibrates")
+    model = masked_attention(tmp_path / "attn.onnx")
+    calib = SampleSet(token_samples(32, seed=1), None, "calib")
+    ev = Evaluator(model, SampleSet(token_samples(32, seed=2), None, "eval"))
+    rules = tuple(float_by_rule(model, calib))
+    configs = [QuantConfig("int8-static", "QDQ", act, "s8", per_channel=pc, keep_float=rules)
+               for act in ("u8", "s8") for pc in (True, False)]  # fmt: skip
+    scores = {}
+    for cache in (None, tmp_path / "cache"):
+        for i, config in enumerate(configs):
+            out = tmp_path / f"{cache is not None}-{i}.onnx"
+            quantize(model, out, config, calib, cache=cache)
+            scores[(cache is not None, i)] = ev.quality(out).score
+    assert all(scores[(True, i)] == scores[(False, i)] for i in range(len(configs)))
+    # Types and granularity do not change the ranges: four candidates, one calibration.
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
