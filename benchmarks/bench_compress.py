@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import models
 from edgectl.compress.data import SampleSet
 from edgectl.compress.evaluate import Evaluator, measure_latency
-from edgectl.compress.passes.cleanup import cleanup
+from edgectl.compress.metrics import parse_metric
 from edgectl.compress.passes.export import export_module
 from edgectl.compress.pipeline import CompressRequest, run
 from edgectl.compress.quantizer import cpu_has_vnni
@@ -144,8 +144,43 @@ def bench_digits(work: Path, rounds: int) -> dict[str, Any]:
                              "x faster": (f.p50_ms / e.p50_ms, ">", 1.0)})})  # fmt: skip
 
 
+def bench_digits_recover(work: Path, rounds: int) -> dict[str, Any]:
+    """4. Digits CNN, --prune 0.5 --quantize int8-static --train: top-1 within 1 pt of float, <= 0.65x PTQ int8 latency."""
+    from edgectl.compress.pipeline import compress_module
+
+    model = models.train_digits_cnn()
+    xtr, ytr, xte, yte = models.digits_data()
+    np.savez(work / "r_calib.npz", image=xtr[:256])
+    np.savez(work / "r_train.npz", image=xtr, labels=ytr)
+    np.savez(work / "r_eval.npz", image=xte, labels=yte)
+    export_module(model, {"image": xtr[:4]}, work / "r_digits.onnx")
+    ptq, _ = _compress(work / "r_digits.onnx", work / "r-ptq", Recipe.from_options(quantize="int8-static"),
+                       work / "r_calib.npz", work / "r_eval.npz", 0.01, "x86-cpu-vnni")  # fmt: skip
+    t0 = time.perf_counter()
+    pruned = compress_module(model, work / "r-pruned", profile="x86-cpu-vnni", calib=work / "r_calib.npz",
+                             eval=work / "r_eval.npz", train=work / "r_train.npz", max_drop=0.01, name="digits",
+                             recipe=Recipe.from_options(quantize="int8-static", prune=0.5, finetune_epochs=5))  # fmt: skip
+    secs = time.perf_counter() - t0
+    rows = [Row("float", work / "r_digits.onnx"), Row(f"edgectl PTQ: {ptq.chosen.name}", ptq.out_dir / "model.onnx"),
+            Row(f"edgectl prune 0.5 + recover + {pruned.chosen.name}", pruned.out_dir / "model.onnx")]  # fmt: skip
+    _measure(
+        rows, Evaluator(work / "r_digits.onnx", SampleSet({"image": xte}, yte, "digits test split")), rounds
+    )
+    f, q, p = rows
+    return _print("digits CNN, prune 50 % + distillation (--train) + int8 static", rows, "top1", {
+        "recovery": json.loads((pruned.out_dir / "manifest.json").read_text())["recipe"]["prune"],
+        "time_to_artifact_s": round(secs, 1),
+        "targets": _targets({"accuracy drop (pt)": (100 * (f.quality - p.quality), "<=", 1.0),
+                             "latency vs PTQ int8": (p.p50_ms / q.p50_ms, "<=", 0.65),
+                             "x float": (f.p50_ms / p.p50_ms, ">=", 1.0)})})  # fmt: skip
+
+
 def bench_minilm(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
-    """2. all-MiniLM-L6-v2 (real weights): mean cosine >= 0.995, min >= 0.98, >= 1.8x faster, >= 3.5x smaller."""
+    """2. all-MiniLM-L6-v2 as a careful user runs it: ``--quantize auto`` with ``--calib`` and a pooled metric.
+
+    Targets: pooled cosine mean >= 0.995 / min >= 0.98 on held-out sentences, >= 3.5x smaller,
+    >= 1.8x float, >= 1.0x ORT dynamic per-channel (the fastest peer near that quality), <= 60 s.
+    """
     model, tok = models.minilm()
     seq = 32 if quick else 64
     calib = models.minilm_samples(tok, 32 if quick else 64, seq_len=seq, seed=1)
@@ -153,33 +188,41 @@ def bench_minilm(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
     np.savez(work / "m_calib.npz", **calib)
     np.savez(work / "m_eval.npz", **ev)
     export_module(model, calib, work / "minilm.onnx")
-    recipe = Recipe.from_dict(
-        {"passes": ["cleanup", {"quantize": {"mode": "int8-dynamic"}}, "mixed_precision"]}
-    )
-    # This CPU is AVX2 without VNNI: the profile says so, and the search times candidates on it.
-    result, secs = _compress(work / "minilm.onnx", work / "minilm-art", recipe, work / "m_calib.npz",
-                             work / "m_eval.npz", 0.005, "x86-cpu-avx2")  # fmt: skip
+    metric = "masked-cosine:attention_mask"  # the pooled sentence embedding, what users compare
+    profile = "x86-cpu-vnni" if cpu_has_vnni() else "x86-cpu-avx2"
+    t0 = time.perf_counter()
+    result = run(CompressRequest(model=str(work / "minilm.onnx"), out_dir=work / "minilm-art", profile=profile,
+                                 recipe=Recipe.from_options(quantize="auto"), calib=work / "m_calib.npz",
+                                 eval=work / "m_eval.npz", max_drop=0.005, metric=metric, name="minilm"))  # fmt: skip
+    secs = time.perf_counter() - t0
     _ort_default(work / "minilm.onnx", work / "m_ort.onnx", "dynamic", None)
-    # The int8 model is built from the fused clean-up graph: the float gets the same graph, and the
-    # speed-up is taken against the faster of the two floats (like for like, not against a slow float).
-    cleanup(work / "minilm.onnx", work / "m_clean.onnx")
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(work / "minilm.onnx"), str(work / "m_ort_pc.onnx"), per_channel=True)
     rows = [Row("float", work / "minilm.onnx"), Row("ORT quantize_dynamic defaults", work / "m_ort.onnx"),
-            Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx"),
-            Row("float after edgectl clean-up", work / "m_clean.onnx")]  # fmt: skip
-    _measure(rows, Evaluator(work / "minilm.onnx", SampleSet(ev, None, "sentences")), rounds)
+            Row("ORT quantize_dynamic per-channel", work / "m_ort_pc.onnx"),
+            Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx")]  # fmt: skip
+    data = SampleSet(ev, None, "sentences")
+    scorer = parse_metric(metric, input_names=list(ev), has_labels=False)
+    _measure(rows, Evaluator(work / "minilm.onnx", data, metric=scorer), rounds)
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
-    f, e = min(rows[0], rows[3], key=lambda r: r.p50_ms), rows[2]
-    return _print("all-MiniLM-L6-v2 sentence embeddings, int8", rows, "mean cos", {
-        "kept_float": manifest["recipe"].get("mixed_precision", {}).get("excluded", []),
-        "fused": manifest["recipe"].get("cleanup", {}).get("fused", {}),
-        "trials (stage: name, mean cos, p50 ms if it passed)": [
+    f, e, per_channel = rows[0], rows[3], rows[2]
+    inside = [r for r in rows[1:3] if f.quality - r.quality <= 0.005]
+    # With no peer inside the budget, the comparison is the peer nearest that quality (ORT per-channel).
+    fastest_peer = min(inside, key=lambda r: r.p50_ms) if inside else per_channel
+    return _print("all-MiniLM-L6-v2, --quantize auto with --calib, pooled-embedding cosine", rows, "pool cos", {
+        "cleanup": {k: manifest["recipe"]["cleanup"].get(k) for k in ("kept", "timing", "fused")},
+        "kept_float_by_rule": sorted(manifest["recipe"].get("quantize", {}).get("float_by_rule", {})),
+        "trials (stage: name, pooled cos, p50 ms if timed)": [
             f"{t.stage}: {t.name}, {t.quality.score if t.quality else float('nan'):.4f}"
             + (f", {t.latency.p50_ms:.2f} ms" if t.latency else "") for t in result.trials],
         "time_to_artifact_s": round(secs, 1),
-        "speedup_vs_exported_float": round(rows[0].p50_ms / e.p50_ms, 3),
-        "targets": _targets({"mean cosine": (e.quality, ">=", 0.995), "min cosine": (e.min_cos, ">=", 0.98),
-                             f"x faster (vs the faster float: {f.name})": (f.p50_ms / e.p50_ms, ">=", 1.8),
-                             "x smaller": (rows[0].size / e.size, ">=", 3.5)})})  # fmt: skip
+        "peers_inside_budget": [r.name for r in inside] or "none",
+        "targets": _targets({"pooled mean cosine": (e.quality, ">=", 0.995), "pooled min cosine": (e.min_cos, ">=", 0.98),
+                             "x float": (f.p50_ms / e.p50_ms, ">=", 1.8),
+                             f"x fastest peer ({fastest_peer.name})": (fastest_peer.p50_ms / e.p50_ms, ">=", 1.0),
+                             "x smaller": (f.size / e.size, ">=", 3.5),
+                             "time to artifact (s)": (secs, "<=", 60.0)})})  # fmt: skip
 
 
 def bench_resnet(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
@@ -219,10 +262,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--only", choices=["digits", "minilm", "resnet"], action="append")
+    parser.add_argument("--only", choices=["digits", "minilm", "resnet", "recover"], action="append")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
-    which = args.only or ["digits", "minilm", "resnet"]
+    which = args.only or ["digits", "minilm", "resnet", "recover"]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "unknown")  # fmt: skip
     print(
@@ -237,6 +280,8 @@ def main() -> None:
             results.append(bench_minilm(work, rounds, args.quick))
         if "resnet" in which:
             results.append(bench_resnet(work, rounds, args.quick))
+        if "recover" in which:
+            results.append(bench_digits_recover(work, rounds))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 

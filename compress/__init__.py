@@ -15,6 +15,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``quantizer``: one quantized model with ORT's quantizer; the modes; nodes kept float by rule.
 - ``sensitivity``: per-node quantization error, the ranking mixed precision keeps float from.
 - ``channel_groups``: which channels structured pruning must remove together.
+- ``recover``: pruning a torch model with Torch-Pruning and distilling it back (``--train``).
 - ``graph``: facts about an ONNX graph (signature, parameters, MACs) and ORT sessions.
 - ``package``: the signed artifact, written atomically.
 - ``digits``: the digits CNN and data the demo and tests train.

@@ -34,6 +34,10 @@ class QualityGate:
         """A drop on a first small slice so far outside the budget that the full evaluation is not worth it."""
         return drop > max(5 * self.max_drop, self.max_drop + 0.05)
 
+    def within_reach(self, drop: float) -> bool:
+        """A drop that calibration, smoothing or granularity variants can plausibly close."""
+        return drop <= 3 * self.max_drop + 0.002
+
     def judge(self, trial: Trial, evaluator: Evaluator) -> Trial:
         """Score ``trial``'s model against the float reference and mark it passed or not."""
         assert trial.path is not None, "only a built model can be judged"

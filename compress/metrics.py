@@ -106,8 +106,13 @@ class Metric:
 
 
 def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean of the token vectors the mask keeps: ``[n, T, D]`` and ``[n, T]`` -> ``[n, D]``."""
+    """Mean of the token vectors the mask keeps: ``[n, T, D]`` and ``[n, T]`` -> ``[n, D]``.
+
+    A ``[n, D]`` output is taken as already pooled.
+    """
     weights = (np.asarray(mask) != 0).astype(np.float64)
+    if output.ndim == 2 and output.shape[0] == weights.shape[0]:
+        return output.astype(np.float64)  # the model pools itself: one vector per sample already
     if output.ndim != 3 or weights.shape != output.shape[:2]:
         raise BadInputError(
             f"masked-cosine needs a [batch, tokens, dim] first output and a [batch, tokens] mask, "
@@ -116,6 +121,13 @@ def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
         )
     total = (output.astype(np.float64) * weights[..., None]).sum(axis=1)
     return np.asarray(total / np.maximum(weights.sum(axis=1, keepdims=True), 1.0))
+
+
+def check_metric_spec(spec: str | None) -> None:
+    """Fail on a malformed or unimportable ``--metric`` before any model is exported or loaded."""
+    if spec is None or spec in ("auto", "top1", "cosine") or spec.startswith("masked-cosine:"):
+        return
+    parse_metric(spec, input_names=(), has_labels=True)
 
 
 def parse_metric(spec: str | None, *, input_names: Sequence[str], has_labels: bool) -> Metric:

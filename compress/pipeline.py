@@ -23,7 +23,7 @@ from edgectl.compress.data import SampleSet, read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_stats, signature
-from edgectl.compress.metrics import parse_metric
+from edgectl.compress.metrics import check_metric_spec, parse_metric
 from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
 from edgectl.compress.passes.base import (
     CompressPass,
@@ -63,6 +63,7 @@ class CompressRequest:
     finetune: FineTune | None = None  # runs after structured pruning (bias recalibration runs always)
     metric: str | None = None  # --metric: top1 | cosine | masked-cosine:INPUT | module:function
     timer: Timer | None = None  # replaces the latency measurement (tests make a model "slower" with it)
+    train: Path | None = None  # --train: samples (+ labels) that recover accuracy after pruning a torch model
 
 
 @dataclass
@@ -92,6 +93,7 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
             f"--max-drop must be >= 0, got {req.max_drop}", hint="e.g. --max-drop 0.005 for half a point"
         )
     check_out_dir(req.out_dir)
+    check_metric_spec(req.metric)
     profile = load_profile(req.profile)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
         staged = _Run(req, profile, Path(tmp), progress)
@@ -113,18 +115,22 @@ class _Run:
     def start(self) -> ModelState:
         """Acquire the float model and its data, score it: the baseline row and the passes' context."""
         req, work = self.req, self.work
-        self.float_path, self.source_sha, export_info = acquire_float_model(
+        source = acquire_float_model(
             req.model, work, self.progress, module=req.module, example=req.example, calib=req.calib,
             eval_set=req.eval, state_dict=req.state_dict,
         )  # fmt: skip
-        self.record["export"] = export_info
+        self.float_path, self.source_sha = source.path, source.source_sha256
+        self.record["export"] = source.info
         self.inputs, self.outputs = signature(load(self.float_path))
         calib = read_samples(req.calib, self.inputs, what="calibration") if req.calib else None
         if req.eval is not None:
             self.data = read_samples(req.eval, self.inputs, what="evaluation")
         else:
             self.data = calib or synthetic_samples(self.inputs, 32)
-        self.notes = sorted({d.note for d in (calib, self.data) if d is not None and d.note})
+        train = read_samples(req.train, self.inputs, what="training") if req.train else None
+        if train is not None and train.labels is None:
+            self.progress("training data has no labels: recovery distils the float model's outputs only")
+        self.notes = sorted({d.note for d in (calib, self.data, train) if d is not None and d.note})
         if self.notes:
             self.record["notes"] = self.notes
         metric = parse_metric(
@@ -135,7 +141,7 @@ class _Run:
         providers, on_target = timing_providers(self.profile)
         self.ctx = PassContext(
             work, self.profile, evaluator, QualityGate(req.max_drop), calib, cpu_has_vnni(), self.progress,
-            req.finetune, req.timer, providers, on_target, req.latency_rounds,
+            req.finetune, req.timer, providers, on_target, req.latency_rounds, train, source.module,
         )  # fmt: skip
         self.baseline = Trial(
             "float (baseline)", "baseline", self.float_path, quality=evaluator.baseline, drop=0.0, passed=True
@@ -355,6 +361,9 @@ def compress_module(
     version: int = 1,
     parent_version: int | None = None,
     finetune: FineTune | None = None,
+    train: Path | None = None,
+    metric: str | None = None,
+    latency_rounds: int = 7,
     progress: Progress | None = None,
 ) -> CompressResult:
     """Python API: compress a ``torch.nn.Module`` into a signed artifact in ``out_dir``.
@@ -368,5 +377,6 @@ def compress_module(
         model=label, out_dir=Path(out_dir), profile=profile, recipe=recipe or Recipe.from_options(),
         calib=calib, eval=eval, max_drop=max_drop, name=label, version=version,
         parent_version=parent_version, sign_key=sign_key, module=module, example=example, finetune=finetune,
+        train=train, metric=metric, latency_rounds=latency_rounds,
     )  # fmt: skip
     return run(request, progress or (lambda _msg: None))

@@ -8,6 +8,7 @@ scoring; the pipeline measures them and keeps the fastest that meets the budget.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import typing
@@ -28,8 +29,12 @@ from edgectl.compress.passes.smooth import smooth
 from edgectl.devices import VNNI_FEATURES, cpu_flags
 
 # The concrete modes one model is quantized in, and what a recipe or --quantize may ask for.
-QuantMode = Literal["int8-static", "int8-dynamic", "fp16"]
-QuantizeMode = Literal["auto", "int8-static", "int8-dynamic", "fp16", "none"]
+QuantMode = Literal["int8-static", "int8-dynamic", "int8-weight", "int4-weight", "fp16"]
+QuantizeMode = Literal["auto", "int8-static", "int8-dynamic", "int8-weight", "int4-weight", "fp16", "none"]
+# Weight-only modes: MatMul weights in blocks of int8/int4 (ORT's MatMulNBits), activations float.
+WEIGHT_ONLY: dict[str, int] = {"int8-weight": 8, "int4-weight": 4}
+# The block of weights that shares one scale in the weight-only modes.
+WEIGHT_BLOCK = 32
 QUANTIZE_MODES: tuple[str, ...] = typing.get_args(QuantizeMode)
 Calibration = Literal["minmax", "entropy", "percentile"]
 
@@ -55,6 +60,8 @@ class QuantConfig:
         """Short human name for tables, e.g. ``int8-static QDQ U8S8 pc minmax``."""
         if self.mode == "fp16":
             text = "fp16"
+        elif self.mode in WEIGHT_ONLY:
+            text = f"{self.mode} MatMulNBits block {WEIGHT_BLOCK}"
         else:
             types = f"{self.activations}{self.weights}".upper()
             text = f"{self.mode} {self.fmt} {types}{' pc' if self.per_channel else ''}"
@@ -90,8 +97,14 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
         self._it = self._data.batches(self._batch)
 
 
-def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None = None) -> None:
-    """Write ``src`` quantized per ``config`` to ``dst``."""
+def quantize(
+    src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None = None, *, cache: Path | None = None
+) -> None:
+    """Write ``src`` quantized per ``config`` to ``dst``.
+
+    ``cache``: a folder where static calibration ranges are kept and reused by later candidates that
+    calibrate the same tensors the same way (ORT >= the version with ``calibration_cache_path``).
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -112,6 +125,8 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
     exclude = list(config.exclude) + list(config.keep_float)
     if config.mode == "fp16":
         _fp16(src, dst, exclude)
+    elif config.mode in WEIGHT_ONLY:
+        _weight_only(src, dst, WEIGHT_ONLY[config.mode], exclude)
     elif config.mode == "int8-dynamic":
         quantize_dynamic(
             str(src),
@@ -133,6 +148,7 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
             "percentile": CalibrationMethod.Percentile,
         }[config.calibration]
         op_types = _calibrated_op_types(src, config) if config.keep_float else None
+        reuse = _calibration_cache(cache, src, config, quantize_static)
         # ORT's histogram calibrators print progress to stdout, which --json output must not carry.
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
@@ -148,7 +164,27 @@ def quantize(src: Path, dst: Path, config: QuantConfig, calib: SampleSet | None 
                 op_types_to_quantize=op_types,
                 calibrate_method=method,
                 extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
+                **reuse,
             )
+
+
+def _calibration_cache(
+    cache: Path | None, src: Path, config: QuantConfig, quantize_static: object
+) -> dict[str, str]:
+    """``calibration_cache_path`` for ``quantize_static`` when it has one: one file per way of calibrating.
+
+    Ranges depend on the model, the method, the samples, the tensors calibrated (the format's op
+    types, the nodes kept float) and smoothing; not on the integer types, granularity or range
+    reduction, so the format candidates of one search share one calibration run.
+    """
+    import inspect
+
+    if cache is None or "calibration_cache_path" not in inspect.signature(quantize_static).parameters:  # type: ignore[arg-type]
+        return {}
+    key = repr((str(src.resolve()), config.fmt, config.calibration, config.calib_samples, config.smooth_alpha,
+                sorted(config.keep_float)))  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"calibration_cache_path": str(cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json")}
 
 
 # Beyond this magnitude a value is a mask or a sentinel (torch's finfo.min), not an activation.
@@ -209,6 +245,27 @@ def _calibrated_op_types(src: Path, config: QuantConfig) -> list[str]:
     return sorted(set(registry) - avoid)
 
 
+def _weight_only(src: Path, dst: Path, bits: int, exclude: list[str]) -> None:
+    """MatMul weights with a constant B as blocked int``bits`` (MatMulNBits), activations float."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    # accuracy_level 4: the CPU kernel quantizes activations to int8 on the fly (VNNI where present).
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True, accuracy_level=4,
+        nodes_to_exclude=exclude,
+    )  # fmt: skip
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def has_weight_matmul(model_path: Path) -> bool:
+    """Whether some MatMul multiplies by a constant 2-D weight: what the weight-only modes quantize."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+    return any(n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
+
+
 def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -239,12 +296,14 @@ def latency_candidates(mode: QuantMode, *, vnni: bool) -> list[QuantConfig]:
             QuantConfig("int8-static", "QDQ", "s8", "s8", reduce_range=rr),
             QuantConfig("int8-static", "QOperator", "u8", "s8", reduce_range=rr),
         ]
-    return [QuantConfig("fp16", "QDQ")]
+    return [QuantConfig(mode, "QOperator")]
 
 
 def quality_variants(base: QuantConfig, *, has_matmul: bool = False) -> list[QuantConfig]:
     """Choices that mostly move quality, to try when the budget is missed: calibration, SmoothQuant, granularity."""
     out: list[QuantConfig] = []
+    if base.mode in WEIGHT_ONLY:
+        return out  # one block size, symmetric: nothing cheap to turn
     if base.mode == "int8-static":
         out += [base.with_(calibration=c) for c in ("percentile", "entropy") if c != base.calibration]
     if base.mode != "fp16" and has_matmul:

@@ -33,6 +33,9 @@ from edgectl.compress.passes.quantize import QuantizeConfig, QuantizePass
 from edgectl.compress.passes.tensorrt import TensorRTConfig, TensorRTPass
 from edgectl.compress.quantizer import QUANTIZE_MODES
 
+# --prune auto tries these, largest first.
+AUTO_PRUNE_RATIOS: tuple[float, ...] = (0.75, 0.5, 0.25)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -101,18 +104,39 @@ class Recipe:
         return cls.from_dict(data, source=f"recipe {path.name}")
 
     @classmethod
-    def from_options(cls, *, quantize: str = "auto", prune: float = 0.0, tensorrt: bool = False) -> Recipe:
-        """The recipe the CLI flags describe."""
+    def from_options(
+        cls,
+        *,
+        quantize: str = "auto",
+        prune: float | str = 0.0,
+        tensorrt: bool = False,
+        finetune_epochs: int = 3,
+    ) -> Recipe:
+        """The recipe the CLI flags describe (``prune="auto"``: the largest of 0.75, 0.5, 0.25 that passes)."""
         if quantize not in QUANTIZE_MODES:
             raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
         quantizing = quantize != "none"
         return cls(
             cleanup=CleanupConfig(),
-            prune=PruneConfig(ratio=prune) if prune else None,
+            prune=_prune_config(prune, finetune_epochs),
             quantize=QuantizeConfig(mode=quantize) if quantizing else None,  # type: ignore[arg-type]
             mixed_precision=MixedPrecisionConfig() if quantizing else None,
             tensorrt=TensorRTConfig() if tensorrt else None,
         )
+
+
+def _prune_config(prune: float | str, epochs: int) -> PruneConfig | None:
+    if prune == "auto":
+        return PruneConfig(ratio=AUTO_PRUNE_RATIOS[0], finetune_epochs=epochs, ratios=AUTO_PRUNE_RATIOS)
+    try:
+        ratio = float(prune)
+    except ValueError:
+        raise BadInputError(f"--prune must be a fraction in [0, 1) or auto, got {prune!r}") from None
+    if not 0.0 <= ratio < 1.0:
+        raise BadInputError(
+            f"--prune must be a fraction in [0, 1) or auto, got {prune!r}", hint="e.g. --prune 0.5"
+        )
+    return PruneConfig(ratio=ratio, finetune_epochs=epochs) if ratio else None
 
 
 def _single(entry: object, source: str) -> tuple[str, Mapping[str, Any] | None]:

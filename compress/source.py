@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,16 @@ from edgectl.compress.data import load_npz
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import load
 from edgectl.compress.package import sha256_file
+
+
+@dataclass(frozen=True)
+class FloatModel:
+    """The float ONNX model, the digest of what the user gave, how it was obtained, and the torch module if any."""
+
+    path: Path
+    source_sha256: str
+    info: dict[str, Any]
+    module: Any = None  # the torch.nn.Module it was exported from: recovery training needs it
 
 
 def acquire_float_model(
@@ -29,14 +40,14 @@ def acquire_float_model(
     calib: Path | None = None,
     eval_set: Path | None = None,
     state_dict: Path | None = None,
-) -> tuple[Path, str, dict[str, Any]]:
-    """The float ONNX model in ``work``, the source digest, and how it was obtained."""
+) -> FloatModel:
+    """The float ONNX model in ``work``, the source digest, how it was obtained, and the torch module."""
     target = work / "float.onnx"
     path = Path(model)
     if module is None and path.is_file() and path.suffix != ".pt2":
         load(path)  # a non-model file fails here with one clear line
         shutil.copyfile(path, target)
-        return target, sha256_file(path), {"source": "onnx"}
+        return FloatModel(target, sha256_file(path), {"source": "onnx"})
     if module is None and not path.is_file() and (":" not in model or model.endswith((".onnx", ".pt2"))):
         raise BadInputError(
             f"model {model} does not exist", hint="pass a .onnx or .pt2 file or package.module:factory"
@@ -70,4 +81,4 @@ def acquire_float_model(
         "parity_min_cosine": report.min_cosine,
         "dynamo_error": report.dynamo_error,
     }
-    return target, digest, info
+    return FloatModel(target, digest, info, module)

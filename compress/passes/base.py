@@ -84,6 +84,9 @@ class PassContext:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     on_target: bool = True
     latency_rounds: int = 7
+    # Recovery after pruning: training samples, and the float torch module when the model came as one.
+    train: SampleSet | None = None
+    torch_model: Any = None
     _counter: itertools.count[int] = field(default_factory=itertools.count)
 
     @property

@@ -64,8 +64,9 @@ class MixedPrecisionPass(CompressPass[MixedPrecisionConfig]):
         found, search = note
         assert isinstance(found, SearchResult) and isinstance(search, QuantSearch)
         best = found.best
-        # The ranking simulates int8; a passing candidate needs no float nodes.
-        if best is None or found.mode == "fp16" or any(t.passed for t in found.trials):
+        # The ranking simulates int8 weights and activations; a passing candidate needs no float nodes.
+        int8 = best is not None and best.mode in ("int8-static", "int8-dynamic")
+        if best is None or not int8 or any(t.passed for t in found.trials):
             return PassResult(state, (), {"mixed_precision": _record([], [], ctx.gate.max_drop)})
         ctx.progress("ranking nodes by sensitivity")
         ranking = rank_nodes(found.base, ctx.calib or ctx.data, best, samples=config.samples)

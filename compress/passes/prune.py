@@ -9,6 +9,7 @@ contribution is folded into the consumers' biases on calibration data (``recalib
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,11 @@ class PruneConfig:
     kind: Literal["structured", "unstructured"] = "structured"
     round_to: int = 8
     recalibrate: bool = True
+    # Recovery training (torch models with --train data): at most this many epochs and seconds.
+    finetune_epochs: int = 3
+    finetune_seconds: float = 600.0
+    # --prune auto: try these ratios, largest first, and keep the largest that meets the budget.
+    ratios: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -214,12 +220,40 @@ class PrunePass(CompressPass[PruneConfig]):
     config = PruneConfig
 
     def run(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
-        """Write the pruned (and fine-tuned) model; each becomes a scored row."""
+        """Write the pruned (and fine-tuned) model; with ``ratios``, the largest ratio that passes."""
+        if not config.ratios:
+            return self._prune(state, config, ctx)
+        started, trials = time.perf_counter(), list[Trial]()
+        result = PassResult(state)
+        for ratio in sorted(config.ratios, reverse=True):
+            result = self._prune(state, replace(config, ratio=ratio, ratios=()), ctx)
+            trials += result.trials
+            if result.state.base is not None and result.state.base.passed:
+                break
+            if time.perf_counter() - started > config.finetune_seconds:
+                ctx.progress("--prune auto: out of time; keeping the smallest ratio tried")
+                break
+        chosen = result.state.base
+        tried = {"tried": sorted(config.ratios, reverse=True), "kept": chosen.name if chosen else None}
+        record = {**result.record, "prune": {**result.record.get("prune", {}), "auto": tried}}
+        return PassResult(result.state, tuple(trials), record)
+
+    def _prune(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
         if config.ratio <= 0:
             return PassResult(state)
+        if ctx.train is not None and config.kind == "structured":
+            if ctx.torch_model is not None:
+                return self._recover(state, config, ctx)
+            ctx.progress("--train needs a PyTorch model: an ONNX input gets bias recalibration only")
         ctx.progress(f"pruning {config.ratio:.0%} of channels")
         pruned = ctx.path("pruned")
         record: dict[str, Any] = {}
+        if ctx.train is not None and config.kind == "structured":
+            record["recovery"] = {
+                "trained": False,
+                "reason": "recovery training needs the model as PyTorch (factory, .pt2 or the Python API); "
+                "an ONNX input gets bias recalibration only",
+            }
         if config.kind == "unstructured":
             sparse = ctx.profile.sparsity.structured_2_4
             n = prune_unstructured(
@@ -240,3 +274,28 @@ class PrunePass(CompressPass[PruneConfig]):
             record["finetune"] = {"hook": getattr(ctx.finetune, "__qualname__", repr(ctx.finetune))}
         new = replace(state, model=trials[-1].path or pruned, base=trials[-1])
         return PassResult(new, tuple(trials), record)
+
+    def _recover(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
+        """Prune the torch model with Torch-Pruning, distil it from the float model, export both rows."""
+        from edgectl.compress.passes.cleanup import CleanupConfig, cleanup
+        from edgectl.compress.passes.export import export_module
+        from edgectl.compress.recover import prune_and_recover
+
+        assert ctx.train is not None
+        names = list(ctx.data.inputs)
+        pruned, recovered, report = prune_and_recover(
+            ctx.torch_model, config.ratio, ctx.train, names, epochs=config.finetune_epochs,
+            time_budget_s=config.finetune_seconds, progress=ctx.progress,
+        )  # fmt: skip
+        trials: list[Trial] = []
+        for label, module in ((f"pruned {config.ratio:.0%} (torch)", pruned), (
+            f"pruned {config.ratio:.0%} + recovered ({report.epochs} epochs distilled)", recovered)):  # fmt: skip
+            exported, out = ctx.path("torch-pruned"), ctx.path("torch-pruned-clean")
+            export_module(module, dict(ctx.train.inputs), exported, names=names)
+            # Same clean-up as the float model had, so like is compared with like.
+            cleanup(exported, out, CleanupConfig(fuse_transformer=False))
+            trials.append(ctx.judge(Trial(label, "prune", out, config=dict(config.__dict__))))
+        record = {"prune": {"kind": "structured (torch)", **report.to_dict()}, "recovery": {"trained": True}}
+        return PassResult(
+            replace(state, model=trials[-1].path or state.model, base=trials[-1]), tuple(trials), record
+        )

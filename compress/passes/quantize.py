@@ -20,10 +20,12 @@ from edgectl.compress.errors import BadInputError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 from edgectl.compress.quantizer import (
+    WEIGHT_ONLY,
     QuantConfig,
     QuantizeMode,
     QuantMode,
     float_by_rule,
+    has_weight_matmul,
     latency_candidates,
     ort_default,
     quality_variants,
@@ -60,7 +62,9 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool) -> list[QuantMode]:
+def resolve_modes(
+    step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool, has_weight_matmul: bool = False
+) -> list[QuantMode]:
     """The concrete modes to try for ``step.mode`` on ``profile``; refuses modes the device cannot run.
 
     ``auto`` is every mode the profile runs (static int8 only with calibration data): which one wins
@@ -75,9 +79,17 @@ def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bo
             modes.append("int8-dynamic")
         if profile.supports("int8") and has_calib:
             modes.append("int8-static")
+        if has_weight_matmul and _runs_matmul_nbits(profile):
+            modes += ["int8-weight", "int4-weight"]
         if profile.supports("fp16"):
             modes.append("fp16")
         return modes
+    if step.mode in WEIGHT_ONLY and not _runs_matmul_nbits(profile):
+        raise BadInputError(
+            f"{step.mode} needs ORT's MatMulNBits kernels (CPU or CUDA EP), and {profile.name} builds TensorRT "
+            "engines, whose parser does not read them",
+            hint="use --quantize int8-static with --calib",
+        )
     if step.mode in ("int8-static", "int8-dynamic") and not profile.supports("int8"):
         raise BadInputError(f"profile {profile.name} has no execution provider that runs int8")
     if step.mode == "int8-dynamic" and not int8_cpu:
@@ -97,6 +109,12 @@ def resolve_modes(step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bo
     return [step.mode]
 
 
+def _runs_matmul_nbits(profile: DeviceProfile) -> bool:
+    """Whether the target runs ORT's MatMulNBits contrib op (its CPU and CUDA EPs do; TensorRT does not)."""
+    eps = set(profile.execution_providers)
+    return not profile.engine.tensorrt and bool(eps & {"CPUExecutionProvider", "CUDAExecutionProvider"})
+
+
 def _hint(profile: DeviceProfile, mode: QuantMode) -> QuantConfig:
     q = profile.quantization
     fmt: Literal["QDQ", "QOperator"] = "QDQ" if q.format == "qdq" else "QOperator"
@@ -109,9 +127,11 @@ def candidates(
     step: QuantizeConfig, mode: QuantMode, profile: DeviceProfile, *, vnni: bool
 ) -> list[QuantConfig]:
     """The first round: the profile's hint, the measured alternatives, and ORT's defaults for reference."""
-    first = _hint(profile, mode)
     if mode == "fp16":
         return [QuantConfig("fp16")]
+    if mode in WEIGHT_ONLY:
+        return [QuantConfig(mode, "QOperator")]
+    first = _hint(profile, mode)
     more = latency_candidates(mode, vnni=vnni) if step.search else []
     if "CPUExecutionProvider" not in profile.providers_for("int8"):
         more = []  # TensorRT reads only symmetric s8 QDQ: CPU timings of other formats mean nothing there
@@ -152,7 +172,8 @@ class QuantSearch:
         trial = Trial(config.label(), stage, config=config.to_dict(), note=note)
         try:
             # Dynamic quantization needs no calibration, but SmoothQuant does: fall back to the eval samples.
-            quantize(base, out, config, self.calib or (self.evaluator.data if config.smooth_alpha else None))
+            data = self.calib or (self.evaluator.data if config.smooth_alpha else None)
+            quantize(base, out, config, data, cache=self.work / "calibration-cache")
             trial.path = out
             if not self._hopeless(trial):
                 self.gate.judge(trial, self.evaluator)
@@ -202,31 +223,73 @@ class QuantSearch:
             default = ort_default(config.mode).with_(
                 calib_samples=step.calib_samples, keep_float=config.keep_float
             )
-            note = "ORT defaults" if config.mode != "fp16" and config == default else ""
+            int8 = config.mode in ("int8-static", "int8-dynamic")
+            note = "ORT defaults" if int8 and config == default else ""
             result.trials.append(self.trial(base, config, "format", note))
         scored = [t for t in result.trials if t.quality is not None]
         if not scored:
             result.notes.append("no quantized candidate could be built")
             return result
-        best_trial = max(scored, key=lambda t: t.quality.score if t.quality else -1.0)
-        result.best = QuantConfig(**_config_args(best_trial.config))
-        result.mode = result.best.mode
-        if any(t.passed for t in result.trials) or not step.search:
-            return result
-        model = onnx.load(str(base), load_external_data=False)
-        consts = {i.name for i in model.graph.initializer}
-        has_matmul = any(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
-        for variant in quality_variants(result.best, has_matmul=has_matmul):
-            if step.calibration != "auto" and variant.calibration != result.best.calibration:
+        if step.search:
+            model = onnx.load(str(base), load_external_data=False)
+            consts = {i.name for i in model.graph.initializer}
+            has_matmul = any(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
+            for mode in self._worth_escalating(mode_list, result.trials):
+                self._escalate(base, step, mode, first, result, has_matmul=has_matmul)
+        result.best = _best_config(result.trials)
+        result.mode = result.best.mode if result.best else result.mode
+        return result
+
+    def _worth_escalating(self, modes: list[QuantMode], trials: list[Trial]) -> list[QuantMode]:
+        """The int8 modes with no passing candidate whose best drop is within reach of the budget.
+
+        A passing weight-only or fp16 model does not stop the search: an int8 model that passes after
+        smoothing is usually faster. When nothing passed and every mode looked hopeless, the best
+        mode is still escalated: a calibration or smoothing variant may be what it lacked.
+        """
+        out: list[QuantMode] = []
+        for mode in modes:
+            own = [t for t in trials if t.config and t.config.get("mode") == mode and t.quality is not None]
+            reachable = [t for t in own if t.drop is not None and self.gate.within_reach(t.drop)]
+            if (
+                mode in ("int8-static", "int8-dynamic")
+                and own
+                and reachable
+                and not any(t.passed for t in own)
+            ):
+                out.append(mode)
+        if not out and not any(t.passed for t in trials):
+            best = _best_config(trials)
+            if best is not None and best.mode in ("int8-static", "int8-dynamic"):
+                out.append(best.mode)
+        return out
+
+    def _escalate(
+        self,
+        base: Path,
+        step: QuantizeConfig,
+        mode: QuantMode,
+        first: list[QuantConfig],
+        result: SearchResult,
+        *,
+        has_matmul: bool,
+    ) -> None:
+        """Calibration, smoothing and granularity variants of ``mode``'s best config, until one passes."""
+        own = [
+            t for t in result.trials if t.config and t.config.get("mode") == mode and t.quality is not None
+        ]
+        best_trial = max(own, key=lambda t: t.quality.score if t.quality else -1.0)
+        best = QuantConfig(**_config_args(best_trial.config))
+        for variant in quality_variants(best, has_matmul=has_matmul):
+            if step.calibration != "auto" and variant.calibration != best.calibration:
                 continue
             t = self.trial(base, variant, "calibration")
             result.trials.append(t)
             if t.passed:
                 self._formats_with(base, first, variant, result)
-                return result
+                return
             if t.quality and best_trial.quality and t.quality.score > best_trial.quality.score:
-                best_trial, result.best = t, variant
-        return result
+                best_trial, best = t, variant
 
     def _formats_with(
         self, base: Path, first: list[QuantConfig], passed: QuantConfig, result: SearchResult
@@ -261,7 +324,12 @@ class QuantizePass(CompressPass[QuantizeConfig]):
 
     def run(self, state: ModelState, config: QuantizeConfig, ctx: PassContext) -> PassResult:
         """Resolve the modes for the profile, run the search, add its models as candidates."""
-        modes = resolve_modes(config, ctx.profile, has_calib=ctx.calib is not None)
+        modes = resolve_modes(
+            config,
+            ctx.profile,
+            has_calib=ctx.calib is not None,
+            has_weight_matmul=has_weight_matmul(state.model),
+        )
         record: dict[str, Any] = {
             "mode": modes[0] if len(modes) == 1 else None,
             "modes": modes,
@@ -292,6 +360,16 @@ class QuantizePass(CompressPass[QuantizeConfig]):
         """The mode the artifact's model was quantized in."""
         mode = chosen.config.get("mode") if chosen.config else None
         return {"quantize": {**record["quantize"], "mode": mode}}
+
+
+def _best_config(trials: list[Trial]) -> QuantConfig | None:
+    """The best-scoring config, preferring int8 weights and activations (what mixed precision can refine)."""
+    scored = [t for t in trials if t.quality is not None and t.config]
+    int8 = [t for t in scored if t.config and t.config.get("mode") in ("int8-static", "int8-dynamic")]
+    pool = int8 or scored
+    if not pool:
+        return None
+    return QuantConfig(**_config_args(max(pool, key=lambda t: t.quality.score if t.quality else -1.0).config))
 
 
 def _knobs(config: QuantConfig) -> str:

@@ -71,9 +71,20 @@ def compress(
         str | None, typer.Option("--profile", "-p", help="Target device profile (default: this machine's).")
     ] = None,
     quantize: Annotated[
-        str, typer.Option("--quantize", "-q", help="auto | int8-static | int8-dynamic | fp16 | none")
+        str,
+        typer.Option(
+            "--quantize",
+            "-q",
+            help="auto (measure every mode the profile runs) | int8-static | int8-dynamic | int8-weight | int4-weight | fp16 | none",
+        ),
     ] = "auto",
-    prune: Annotated[float, typer.Option("--prune", help="Fraction of channels to remove, 0 to <1.")] = 0.0,
+    prune: Annotated[
+        str,
+        typer.Option(
+            "--prune",
+            help="Fraction of channels to remove, 0 to <1, or auto (the largest that meets the budget).",
+        ),
+    ] = "0",
     calib: Annotated[
         Path | None, typer.Option("--calib", help="Calibration samples (.npz, one array per input).")
     ] = None,
@@ -96,6 +107,17 @@ def compress(
     state_dict: Annotated[
         Path | None, typer.Option("--state-dict", help="Weights for a package.module:factory model.")
     ] = None,
+    train: Annotated[
+        Path | None,
+        typer.Option(
+            "--train",
+            help="Training samples (.npz, one array per input, + optional 'labels'): after --prune, a torch "
+            "model is distilled from the float one to recover accuracy.",
+        ),
+    ] = None,
+    finetune_epochs: Annotated[
+        int, typer.Option("--finetune-epochs", help="At most this many recovery epochs with --train.", min=1)
+    ] = 3,
     metric: Annotated[
         str | None,
         typer.Option(
@@ -120,10 +142,15 @@ def compress(
     from edgectl.compress.recipe import Recipe
 
     try:
-        plan = Recipe.load(recipe) if recipe else Recipe.from_options(quantize=quantize, prune=prune)
+        plan = (
+            Recipe.load(recipe)
+            if recipe
+            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs)
+        )
         request = CompressRequest(
             model=model, out_dir=out, profile=_profile_name(profile), recipe=plan, calib=calib, eval=eval_data,
             max_drop=max_drop, name=name, version=version, sign_key=sign_key, state_dict=state_dict, metric=metric,
+            train=train,
         )  # fmt: skip
         if as_json:
             result = run(request)

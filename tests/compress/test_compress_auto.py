@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import QualityGateError
+from edgectl.compress.errors import BadInputError, QualityGateError
 from edgectl.compress.evaluate import Evaluator, Latency
 from edgectl.compress.metrics import parse_metric
 from edgectl.compress.pipeline import CompressRequest, run
@@ -43,7 +43,8 @@ def test_auto_tries_dynamic_even_with_calibration_data_and_keeps_the_one_that_fi
                         eval=evals, max_drop=0.005, metric="masked-cosine:mask", timer=cost_model)
     )  # fmt: skip
     modes = {str(t.config["mode"]) for t in result.trials if t.config and "mode" in t.config}
-    assert modes == {"int8-dynamic", "int8-static"}
+    # Every mode the CPU target runs; the graph has MatMul weights, so the weight-only ones too.
+    assert modes == {"int8-dynamic", "int8-static", "int8-weight", "int4-weight"}
     assert result.chosen.config and result.chosen.config["mode"] == "int8-dynamic"
     static = [t for t in result.trials if t.config and t.config["mode"] == "int8-static"]
     assert static and not any(t.passed for t in static)
@@ -131,3 +132,44 @@ def test_a_slower_cleanup_is_discarded(
     else:
         assert record["kept"] == "full"
         assert "BatchNormalization" not in _ops(out / "model.onnx")
+
+
+def test_weight_only_modes_use_matmul_nbits_where_the_target_runs_it(tmp_path: Path) -> None:
+    model = masked_attention(tmp_path / "attn.onnx")
+    evals = _npz(tmp_path / "eval.npz", token_samples(32, seed=2))
+    result = run(
+        CompressRequest(model=str(model), out_dir=tmp_path / "w4", recipe=Recipe.from_options(quantize="int4-weight"),
+                        eval=evals, max_drop=0.02, latency_rounds=1)
+    )  # fmt: skip
+    assert result.chosen.name == "int4-weight MatMulNBits block 32"
+    ops = _ops(tmp_path / "w4" / "model.onnx")
+    assert "MatMulNBits" in ops and "MatMul" in ops  # q.k and p.v multiply activations: they stay float
+    assert result.metrics["size_ratio"] > 1.0
+    with pytest.raises(BadInputError, match="MatMulNBits kernels"):
+        run(CompressRequest(model=str(model), out_dir=tmp_path / "trt", profile="jetson-orin-nano",
+                            recipe=Recipe.from_options(quantize="int4-weight"), eval=evals))  # fmt: skip
+    assert not (tmp_path / "trt").exists()
+
+
+def test_format_candidates_share_one_calibration_run(tmp_path: Path) -> None:
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        pytest.skip("this onnxruntime cannot reuse calibration ranges: every candidate calibrates")
+    model = masked_attention(tmp_path / "attn.onnx")
+    calib = SampleSet(token_samples(32, seed=1), None, "calib")
+    ev = Evaluator(model, SampleSet(token_samples(32, seed=2), None, "eval"))
+    rules = tuple(float_by_rule(model, calib))
+    configs = [QuantConfig("int8-static", "QDQ", act, "s8", per_channel=pc, keep_float=rules)
+               for act in ("u8", "s8") for pc in (True, False)]  # fmt: skip
+    scores = {}
+    for cache in (None, tmp_path / "cache"):
+        for i, config in enumerate(configs):
+            out = tmp_path / f"{cache is not None}-{i}.onnx"
+            quantize(model, out, config, calib, cache=cache)
+            scores[(cache is not None, i)] = ev.quality(out).score
+    assert all(scores[(True, i)] == scores[(False, i)] for i in range(len(configs)))
+    # Types and granularity do not change the ranges: four candidates, one calibration.
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1

@@ -62,3 +62,21 @@ def test_a_single_array_under_another_name_feeds_the_single_input(
     notes = json.loads(text)["notes"]
     assert notes == ["evaluation file eval.npz: used its only array 'x' for the model input 'image'"]
     assert json.loads((out / "manifest.json").read_text())["recipe"]["notes"] == notes
+
+
+def test_masked_cosine_pools_over_real_tokens_only() -> None:
+    from edgectl.compress.metrics import parse_metric
+    from tests.compress.conftest import token_samples
+
+    inputs = token_samples(16, seed=3)
+    reference = [inputs["x"] * 2.0]
+    noisy = reference[0].copy()
+    noisy[inputs["mask"] == 0] = np.random.default_rng(0).normal(0, 5, (int((inputs["mask"] == 0).sum()), 32))
+    pooled = parse_metric("masked-cosine:mask", input_names=["x", "mask"], has_labels=False)
+    plain = parse_metric("cosine", input_names=["x", "mask"], has_labels=False)
+    # Padding positions are noise: a per-token cosine punishes them, the pooled embedding does not see them.
+    assert pooled.score(inputs, None, reference, [noisy]).score == pytest.approx(1.0)
+    assert plain.score(inputs, None, reference, [noisy]).score < 0.95
+    # A model that pools itself ([n, dim]) is compared as it is.
+    flat = [reference[0].mean(axis=1)]
+    assert pooled.score(inputs, None, flat, [flat[0] * 3]).score == pytest.approx(1.0)

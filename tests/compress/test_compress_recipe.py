@@ -80,3 +80,19 @@ def test_a_new_pass_is_one_class_and_one_recipe_field(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["copy"] == {"label": "my copy"}
     assert manifest["recipe"]["recipe"] == {"passes": [{"copy": {"label": "my copy"}}]}
+
+
+def test_the_quality_gate_is_one_rule_with_its_margins() -> None:
+    from edgectl.compress.evaluate import QualityGate
+
+    gate = QualityGate(0.005)
+    assert gate.admits(0.005) and gate.admits(0.005 + 1e-13) and not gate.admits(0.0051)
+    assert gate.within_reach(0.0068) and not gate.within_reach(
+        0.02
+    )  # smoothing closes the first, not the second
+    assert not gate.hopeless(0.05) and gate.hopeless(0.06)
+    assert (
+        QualityGate(0.0).hopeless(0.051)
+        and QualityGate(0.1).hopeless(0.51)
+        and not QualityGate(0.1).hopeless(0.5)
+    )

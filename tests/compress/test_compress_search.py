@@ -35,3 +35,28 @@ def test_smoothing_that_passes_is_retried_on_every_format_candidate(tmp_path: Pa
     assert {c["reduce_range"] for c in configs} == {True, False}
     labels = [t.name for t in found.trials]
     assert len(labels) == len(set(labels))
+
+
+def test_a_passing_weight_only_model_does_not_stop_the_int8_search(tmp_path: Path) -> None:
+    src = tmp_path / "mlp.onnx"
+    data = outlier_mlp(src)
+    ev = Evaluator(src, data)
+    profile = load_profile("x86-cpu-avx2")
+    step = QuantizeConfig(mode="auto")
+    (tmp_path / "probe").mkdir()
+    probe = QuantSearch(ev, None, tmp_path / "probe", 1.0, lambda _m: None)
+    plain = probe.run(src, step, ["int8-dynamic"], profile, vnni=False).trials
+    budget = 0.8 * min(t.drop or 0.0 for t in plain if t.stage == "format")
+    found = QuantSearch(ev, None, tmp_path, budget, lambda _m: None).run(
+        src, step, ["int8-dynamic", "int8-weight"], profile, vnni=False
+    )
+    weight = [t for t in found.trials if t.config and t.config["mode"] == "int8-weight"]
+    assert weight and weight[0].passed  # activations stay float: the outlier channel costs nothing
+    # The plain int8 candidates missed; the search still tried smoothing on them, and it passed.
+    smoothed = [
+        t
+        for t in found.trials
+        if t.config and t.config["mode"] == "int8-dynamic" and t.config["smooth_alpha"]
+    ]
+    assert any(t.passed for t in smoothed)
+    assert found.best is not None and found.best.mode == "int8-dynamic"

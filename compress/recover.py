@@ -1,0 +1,236 @@
+"""Structured pruning in PyTorch that recovers its accuracy: Torch-Pruning, then knowledge distillation.
+
+For models given as PyTorch (a factory, a ``.pt2`` program, or an ``nn.Module`` through the Python
+API) with ``--train`` data: Torch-Pruning's dependency graph removes ``ratio`` of the channels of
+every prunable group (the classifier head keeps its outputs), then the pruned student is trained
+against the float model as teacher (softened-logit KL, plus cross-entropy where the data has
+labels) for a bounded number of epochs and seconds, on CUDA when there is one. torch is imported
+here and in ``passes/export.py`` only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgectl.compress.data import SampleSet
+from edgectl.compress.errors import BadInputError, PruneRefusedError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What recovery did: the pruner, parameters before and after, epochs, time, device, last loss."""
+
+    pruner: str
+    params_before: int
+    params_after: int
+    epochs: int
+    seconds: float
+    device: str
+    final_loss: float
+    labels_used: bool
+
+    def to_dict(self) -> dict[str, object]:
+        """For the manifest."""
+        return dict(self.__dict__)
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(int(p.numel()) for p in module.parameters())
+
+
+def _heads(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> list[torch.nn.Module]:
+    """Layers whose outputs are the model's outputs (class logits, embedding width): never pruned."""
+    import torch
+
+    with torch.no_grad():
+        out = module(*example)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    widths = {int(o.shape[-1]) for o in outs if isinstance(o, torch.Tensor) and o.ndim >= 1}
+    layers: list[torch.nn.Module] = [
+        m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    heads = [m for m in layers if getattr(m, "out_features", getattr(m, "out_channels", -1)) in widths]
+    return heads or layers[-1:]
+
+
+def prune_torch(
+    module: torch.nn.Module, ratio: float, example: Sequence[torch.Tensor], *, round_to: int = 8
+) -> torch.nn.Module:
+    """A pruned deep copy of ``module``: ``ratio`` of each prunable channel group removed by L2 magnitude."""
+    import torch_pruning as tp
+
+    if not 0.0 < ratio < 1.0:
+        raise PruneRefusedError(f"prune ratio must be in (0, 1), got {ratio}")
+    student = copy.deepcopy(module).eval()
+    try:
+        pruner = tp.pruner.MetaPruner(
+            student, tuple(example), importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio, ignored_layers=_heads(student, example), round_to=round_to,
+        )  # fmt: skip
+        pruner.step()
+    except Exception as exc:  # its dependency tracer raises many types on graphs it cannot follow
+        raise PruneRefusedError(
+            f"Torch-Pruning cannot prune this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            hint="pass the model as ONNX to prune on the graph (bias recalibration instead of training)",
+        ) from exc
+    return student
+
+
+def _loss(
+    student_out: torch.Tensor, teacher_out: torch.Tensor, labels: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    if student_out.ndim == 2 and student_out.shape[-1] > 1:
+        t = temperature
+        kd = F.kl_div(
+            F.log_softmax(student_out / t, dim=-1), F.softmax(teacher_out / t, dim=-1), reduction="batchmean"
+        )
+        kd = kd * t * t
+    else:  # regression or embeddings: match the teacher's outputs
+        kd = F.mse_loss(student_out, teacher_out)
+    if labels is None:
+        return kd
+    return 0.5 * kd + 0.5 * F.cross_entropy(student_out, labels)
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[no-any-return]
+
+
+def recover(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    data: SampleSet,
+    names: Sequence[str],
+    *,
+    epochs: int,
+    time_budget_s: float,
+    progress: Callable[[str], None],
+    lr: float = 1e-3,
+    batch: int = 64,
+    temperature: float = 4.0,
+    seed: int = 0,
+) -> tuple[int, float, str]:
+    """Distil ``teacher`` into ``student`` on ``data``; returns (epochs run, last epoch's loss, device)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # Small batches gain little from more threads, and on a busy host extra threads only spin.
+        torch.set_num_threads(1)
+    try:
+        return _train(
+            student,
+            teacher,
+            data,
+            names,
+            device,
+            epochs,
+            time_budget_s,
+            progress,
+            lr,
+            batch,
+            temperature,
+            seed,
+        )
+    finally:
+        torch.set_num_threads(threads)
+        student.cpu().eval()
+        teacher.cpu()
+
+
+def _train(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    data: SampleSet,
+    names: Sequence[str],
+    device: str,
+    epochs: int,
+    time_budget_s: float,
+    progress: Callable[[str], None],
+    lr: float,
+    batch: int,
+    temperature: float,
+    seed: int,
+) -> tuple[int, float, str]:
+    import torch
+
+    student.to(device).train()
+    teacher = teacher.to(device).eval()
+    inputs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in names]
+    labels = None if data.labels is None else torch.from_numpy(data.labels.astype(np.int64))
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    steps = max(1, math.ceil(data.count / batch))
+    started, done, last = time.perf_counter(), 0, float("nan")
+    for epoch in range(epochs):
+        order = torch.from_numpy(rng.permutation(data.count))
+        total = 0.0
+        for step in range(steps):
+            idx = order[step * batch : (step + 1) * batch]
+            args = [x[idx].to(device) for x in inputs]
+            with torch.no_grad():
+                target = _first(teacher(*args))
+            loss = _loss(
+                _first(student(*args)),
+                target,
+                None if labels is None else labels[idx].to(device),
+                temperature,
+            )
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            total += float(loss.detach())
+            filled = int(20 * (epoch * steps + step + 1) / (epochs * steps))
+            progress(
+                f"recovering [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{epochs} loss {total / (step + 1):.4f}"
+            )
+        done, last = epoch + 1, total / steps
+        if time.perf_counter() - started > time_budget_s:
+            break  # the budget bounds the run; the epochs done so far are kept
+    return done, last, device
+
+
+def prune_and_recover(
+    module: torch.nn.Module,
+    ratio: float,
+    train: SampleSet,
+    names: Sequence[str],
+    *,
+    epochs: int,
+    time_budget_s: float,
+    progress: Callable[[str], None],
+) -> tuple[torch.nn.Module, torch.nn.Module, RecoveryReport]:
+    """Prune ``module`` with Torch-Pruning and distil it back: (pruned, recovered, report)."""
+    import torch
+    import torch_pruning as tp
+
+    missing = [n for n in names if n not in train.inputs]
+    if missing:
+        raise BadInputError(f"{train.source} lacks array(s) for model input(s) {', '.join(missing)}")
+    example = [torch.from_numpy(np.ascontiguousarray(train.inputs[n][:2])) for n in names]
+    teacher = copy.deepcopy(module).eval()
+    progress(f"pruning {ratio:.0%} of channels with Torch-Pruning")
+    pruned = prune_torch(module, ratio, example)
+    student = copy.deepcopy(pruned)
+    started = time.perf_counter()
+    done, loss, device = recover(
+        student, teacher, train, names, epochs=epochs, time_budget_s=time_budget_s, progress=progress
+    )
+    report = RecoveryReport(
+        f"torch-pruning {getattr(tp, '__version__', '?')}", _params(module), _params(student), done,
+        round(time.perf_counter() - started, 2), device, round(loss, 6), train.labels is not None,
+    )  # fmt: skip
+    return pruned, student, report

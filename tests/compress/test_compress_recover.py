@@ -1,0 +1,89 @@
+"""``--train``: structured pruning of a torch model recovers its accuracy by distillation from the float model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgectl.compress.digits import INPUT_NAME, digits_data
+from edgectl.compress.pipeline import compress_module
+from edgectl.compress.recipe import Recipe
+from tests.compress.test_compress_cli import invoke
+
+
+def test_recovery_lifts_the_accuracy_of_a_pruned_cnn(digits: dict[str, Any], tmp_path: Path) -> None:
+    x_train, y_train, _, _ = digits_data()
+    train = tmp_path / "train.npz"
+    np.savez(train, **{INPUT_NAME: x_train, "labels": y_train})  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    result = compress_module(
+        digits["model"], out, profile="x86-cpu-vnni", eval=digits["eval"], train=train, max_drop=0.02,
+        recipe=Recipe.from_options(quantize="none", prune=0.75, finetune_epochs=3), latency_rounds=1,
+    )  # fmt: skip
+    rows = {t.name: t for t in result.trials}
+    pruned, recovered = rows["pruned 75% (torch)"], rows["pruned 75% + recovered (3 epochs distilled)"]
+    assert pruned.quality and recovered.quality and result.baseline.quality
+    # 75 % of the channels gone costs accuracy; three epochs of distillation win most of it back.
+    assert recovered.quality.score > pruned.quality.score + 0.05
+    assert recovered.quality.score >= result.baseline.quality.score - 0.02 and recovered.passed
+    assert result.chosen is recovered
+    assert recovered.params and result.baseline.params and recovered.params < 0.3 * result.baseline.params
+    manifest = json.loads((out / "manifest.json").read_text())
+    prune = manifest["recipe"]["prune"]
+    assert (
+        prune["pruner"].startswith("torch-pruning") and prune["epochs"] == 3 and prune["labels_used"] is True
+    )
+    assert manifest["recipe"]["recovery"]["trained"] is True
+
+
+def test_onnx_input_with_train_gets_recalibration_and_is_told_why(
+    digits: dict[str, Any], tmp_path: Path
+) -> None:
+    x_train, y_train, _, _ = digits_data()
+    np.savez(tmp_path / "train.npz", **{INPUT_NAME: x_train[:64], "labels": y_train[:64]})  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "0.25", "--quantize", "none",
+                        "--train", tmp_path / "train.npz", "--eval", digits["eval"], "--max-drop", "1", "-o", out)  # fmt: skip
+    assert code == 0, text
+    recovery = json.loads((out / "manifest.json").read_text())["recipe"]["recovery"]
+    assert recovery["trained"] is False and "needs the model as PyTorch" in recovery["reason"]
+
+
+def test_train_arrays_that_do_not_match_the_inputs_are_refused_like_calib(
+    digits: dict[str, Any], tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "train.npz", image=np.zeros((8, 1, 9, 9), np.float32))
+    out = tmp_path / "out"
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "0.25", "--train",
+                        tmp_path / "train.npz", "-o", out)  # fmt: skip
+    assert code == 2 and "training file train.npz: array 'image' has 9 on axis 2, the model needs 8" in text
+    assert not out.exists()
+
+
+def test_prune_auto_keeps_the_largest_ratio_that_meets_the_budget(
+    digits: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "auto", "--quantize", "none",
+                        "--calib", digits["calib"], "--eval", digits["eval"], "--max-drop", "0.05", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    trials = json.loads(text)["metrics"]["trials"]
+    pruned = [t for t in trials if t["stage"] == "prune"]
+    names = [t["name"] for t in pruned]
+    assert names[0] == "pruned 75%" and names == sorted(names, reverse=True)  # largest first
+    # Every ratio tried before the kept one missed the budget; the kept one is the first that met it.
+    assert all(not t["passed"] for t in pruned[:-1]) and pruned[-1]["passed"]
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["prune"]
+    assert record["auto"] == {"tried": [0.75, 0.5, 0.25], "kept": names[-1]}
+    assert len(pruned) >= 2  # 75 % of the digits CNN's channels cannot stay within 5 points untrained
+
+
+def test_prune_must_be_a_fraction_or_auto(digits: dict[str, Any], tmp_path: Path) -> None:
+    for bad in ("1.5", "half"):
+        code, text = invoke(
+            digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", bad, "-o", tmp_path / "out"
+        )
+        assert code == 2 and "--prune must be a fraction in [0, 1) or auto" in text
