@@ -14,6 +14,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -91,6 +92,9 @@ class ControlPlaneConfig:
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
     health_listen: str | None = None  # plaintext gRPC health only (kubelet probes), HOST:PORT; None: off
+    console_listen: str | None = (
+        None  # the read-only web console on HOST:PORT (HTTPS when secured); None: off
+    )
     device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
     auto_register: bool = True  # devices that report without enrolling join the inventory
     tick_seconds: float = 0.25
@@ -198,6 +202,7 @@ class ControlPlane:
         self._server: grpc.Server | None = None
         self._device_server: grpc.Server | None = None
         self._health_server: grpc.Server | None = None
+        self.console: Any = None  # edgectl.control_plane.console.ConsoleServer once started
         self.enroll_failures = PeerBudget(config.enroll_failure_burst, config.enroll_failure_refill_s)
         self.port = 0
         self.health_port = 0
@@ -328,6 +333,8 @@ class ControlPlane:
         if self.config.health_listen:
             probes = listen_address(self.config.health_listen, "--health-listen")
             self._health_server, self.health_port = serve_health(self.health, probes.host, probes.port)
+        if self.config.console_listen:
+            self._start_console(listen_address(self.config.console_listen, "--console-listen"))
         self.bus.start()
         self.chunks.start()
         self.election.start()
@@ -336,6 +343,16 @@ class ControlPlane:
             extra={"address": self.address, "devices": self.device_address, "state": self.store.dialect,
                    "secured": self.security is not None},
         )  # fmt: skip
+
+    def _start_console(self, where: HostPort) -> None:
+        """The web console reads the same domain objects in-process; the same tokens let people in."""
+        from edgectl.control_plane.console import ConsoleServer, Sources, tls_context  # aiohttp: only here
+
+        sources = Sources(self.fleet, self.rollouts, self.artifacts, self.audit)
+        tls = tls_context(self.security.server) if self.security else None
+        verifier = self.security.verifier if self.security else None
+        self.console = ConsoleServer(sources, verifier, self._token_revoked, tls)
+        self.console.start(where.host, where.port)
 
     def _lead(self) -> None:
         # The ingest republishes every desired state on the CONNECTED marker that subscribing queues.
@@ -364,6 +381,8 @@ class ControlPlane:
         self.bus.stop()
         if self.admin_link is not None:
             self.admin_link.close()
+        if self.console is not None:
+            self.console.stop()
         self.metrics.stop()
         self.store.close()
 
