@@ -7,10 +7,6 @@ text (no dialog fires, no element is made from them). Screenshots go to docs/img
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +15,16 @@ from typing import Any
 import pytest
 
 from edgectl.agent.enroll import make_key_and_csr
-from edgectl.artifact import SigningKey, public_pem
+from edgectl.artifact import SigningKey
 from edgectl.client import ControlPlaneClient, push_artifact, resolve_credentials
 from edgectl.control_plane.security import TOKEN_KEY_FILE
-from edgectl.endpoints import Endpoints, LocalFleetError
-from edgectl.localfleet import stop_detached
+from edgectl.endpoints import Endpoints
 from edgectl.mqtt.wire import DeviceTopics, agent_client_id, encode
-from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
-from edgectl.protos.v1 import rollouts_pb2 as RP
+from edgectl.protos.v1 import fleet_pb2, mqtt_pb2
 from edgectl.security.tokens import Role, TokenIssuer
 from tests.agent.onnx_models import mlp_artifact
-from tests.conftest import require_mosquitto
 from tests.harness.mqtt import MqttTestClient
+from tests.harness.upfleet import start_rollout, up_fleet
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -40,33 +34,16 @@ HOSTILE_ERROR = "<script>alert(2)</script><svg onload=alert(3)>"
 SHOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
 
 
-def _edgectl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgectl", *args], capture_output=True, text=True,
-                          timeout=180, env=env, stdin=subprocess.DEVNULL)  # fmt: skip
-
-
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[Path, SigningKey]]:
-    """A secured `edgectl up --detach` fleet with two edge agents that trusts a fresh signing key."""
-    require_mosquitto()
+    """A secured `edgectl up` fleet with two edge agents; skipped without chromium or playwright."""
     if not CHROMIUM.exists():
         pytest.skip(
             "Debian's chromium is missing: `make setup` installs it (as root), or apt-get install chromium"
         )
     pytest.importorskip("playwright.sync_api", reason="playwright is missing: `make setup` installs it")
-    key = SigningKey.generate()
-    pub = tmp_path / "test.pub.pem"
-    pub.write_bytes(public_pem(key.public_key))
-    data = tmp_path / "fleet"
-    env = {**os.environ, "EDGECTL_CONFIG_DIR": str(tmp_path / "config"), "EDGECTL_DATA_DIR": str(data)}
-    up = _edgectl("up", "--detach", "--agents", "2", "--data-dir", str(data), "--trust", str(pub), env=env)
-    assert up.returncode == 0, up.stderr
-    assert "web console" in up.stdout
-    try:
-        yield data, key
-    finally:
-        with contextlib.suppress(LocalFleetError):
-            stop_detached(data, grace_s=5)
+    with up_fleet(tmp_path) as got:
+        yield got
 
 
 def _hostile_device(client: ControlPlaneClient, endpoints: Endpoints) -> None:
@@ -138,11 +115,7 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             assert "vic (viewer)" in page.inner_text("[data-testid=who]")
             page.evaluate("() => { window.__noReload = 1; }")
             # the rollout starts after the page loaded: only live updates can show it
-            created = client.call(client.rollouts.Create, RP.CreateRolloutRequest(
-                artifact=digest, selector=common_pb2.Selector(match_labels={"tier": "edge"}),
-                strategy=RP.Strategy(waves=["1", "100%"], health_timeout_seconds=90, soak_seconds=4),
-            ))  # fmt: skip
-            rid = created.id
+            rid = start_rollout(client, digest, {"tier": "edge"}, soak_s=4)
             seen: list[dict[str, Any]] = []
             deadline = time.monotonic() + 150
             shot = False
@@ -182,8 +155,7 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             assert page.locator("#app img, #app script, #app svg[onload]").count() == 0
             page.screenshot(path=str(SHOTS / "console-device.png"), full_page=True)
             page.goto(f"{endpoints.console}#/device/edge-1")
-            page.wait_for_selector("[data-testid=models]")
-            assert "mlp" in page.inner_text("[data-testid=models]")
+            page.wait_for_function("() => document.querySelector('[data-testid=models]')?.textContent.includes('mlp')")
             page.wait_for_timeout(1000)
             assert dialogs == []
             # logging out ends the session: back to the login page

@@ -194,6 +194,7 @@ function watch() {
   if (source) source.close();
   const name = page();
   const live = document.getElementById("live");
+  document.getElementById("app").replaceChildren(el("p", {class: "muted", text: "loading"}));  // never a stale page
   source = new EventSource(`/api/stream?page=${encodeURIComponent(name)}`);
   source.onopen = () => { live.textContent = "live"; live.className = "live on"; };
   source.onmessage = (event) => render(name, JSON.parse(event.data));
