@@ -155,7 +155,9 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             assert page.locator("#app img, #app script, #app svg[onload]").count() == 0
             page.screenshot(path=str(SHOTS / "console-device.png"), full_page=True)
             page.goto(f"{endpoints.console}#/device/edge-1")
-            page.wait_for_function("() => document.querySelector('[data-testid=models]')?.textContent.includes('mlp')")
+            page.wait_for_function(
+                "() => document.querySelector('[data-testid=models]')?.textContent.includes('mlp')"
+            )
             page.wait_for_timeout(1000)
             assert dialogs == []
             # logging out ends the session: back to the login page
