@@ -23,7 +23,14 @@ from paho.mqtt.properties import Properties
 
 from edgectl.addresses import parse_mqtt_url
 from edgectl.control_plane.desired import Publication
-from edgectl.mqtt.wire import ALL_CHUNK_REQUESTS, ALL_EVENTS, ALL_REPORTED, ALL_STATUS, DeviceTopics
+from edgectl.mqtt.wire import (
+    ALL_CHUNK_REQUESTS,
+    ALL_EVENTS,
+    ALL_LOG_RESPONSES,
+    ALL_REPORTED,
+    ALL_STATUS,
+    DeviceTopics,
+)
 
 log = logging.getLogger(__name__)
 FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_CHUNK_REQUESTS, 1)]
@@ -74,6 +81,8 @@ class FleetBus:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # Every replica (not only the leader) hears log answers: the one that asked is waiting.
+        self.on_log_response: Callable[[str, bytes], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -117,6 +126,7 @@ class FleetBus:
         self._connected.set()
         with self._lock:
             subscriptions = list(self._subscriptions)
+        client.subscribe(ALL_LOG_RESPONSES, qos=1)
         if subscriptions:
             client.subscribe(subscriptions)
             self.inbox.put(Inbound(CONNECTED, b""))
@@ -129,6 +139,10 @@ class FleetBus:
             self._on_error("disconnect")
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/logs/response"):
+            if self.on_log_response is not None and msg.payload:
+                self.on_log_response(msg.topic, bytes(msg.payload))
+            return
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     # -- publishing ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.db import DEFAULT_POOL_SIZE
 from edgectl.control_plane.desired import DEFAULT_ORDER_TTL_S, OrderSigner
+from edgectl.control_plane.device_logs import DeviceLogs
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.health_port import serve_health
@@ -192,6 +193,8 @@ class ControlPlane:
         self.chunks = ChunkServer(
             self.artifacts, self.bus, deployed=self._deployed if self.security else None
         )
+        self.device_logs = DeviceLogs(self.bus, self.fleet)
+        self.bus.on_log_response = self.device_logs.on_message
         self.ingest = FleetIngest(
             self.store, self.fleet, self.bus, self.chunks, self.loop.wake, self.metrics.count_mqtt
         )
@@ -275,7 +278,8 @@ class ControlPlane:
         )
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(
             FleetServicer(self.fleet, hooks, self.bus.clear_device, self.revocations,
-                          self.security.verifier if self.security else None, self.enroll_failures),
+                          self.security.verifier if self.security else None, self.enroll_failures,
+                          self.device_logs),
             server,
         )  # fmt: skip
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(self.rollouts, hooks), server)

@@ -86,6 +86,14 @@ class DeviceTopics:
         return f"{self.root}/chunks/data"
 
     @property
+    def logs_request(self) -> str:
+        return f"{self.root}/logs/request"
+
+    @property
+    def logs_response(self) -> str:
+        return f"{self.root}/logs/response"
+
+    @property
     def subtree(self) -> str:
         return f"{self.root}/#"
 
@@ -95,6 +103,7 @@ ALL_REPORTED = f"{TOPIC_ROOT}/+/reported"
 ALL_STATUS = f"{TOPIC_ROOT}/+/status"
 ALL_EVENTS = f"{TOPIC_ROOT}/+/events"
 ALL_CHUNK_REQUESTS = f"{TOPIC_ROOT}/+/chunks/request"
+ALL_LOG_RESPONSES = f"{TOPIC_ROOT}/+/logs/response"
 
 
 def parse_topic(topic: str) -> tuple[str, str]:

@@ -14,17 +14,15 @@ from typing import Any
 
 import pytest
 
-from edgectl.agent.enroll import make_key_and_csr
 from edgectl.artifact import SigningKey
 from edgectl.client import ControlPlaneClient, push_artifact, resolve_credentials
 from edgectl.control_plane.security import TOKEN_KEY_FILE
 from edgectl.endpoints import Endpoints
-from edgectl.mqtt.wire import DeviceTopics, agent_client_id, encode
-from edgectl.protos.v1 import fleet_pb2, mqtt_pb2
+from edgectl.mqtt.wire import DeviceTopics, encode
+from edgectl.protos.v1 import mqtt_pb2
 from edgectl.security.tokens import Role, TokenIssuer
 from tests.agent.onnx_models import mlp_artifact
-from tests.harness.mqtt import MqttTestClient
-from tests.harness.upfleet import start_rollout, up_fleet
+from tests.harness.upfleet import enroll_rogue, start_rollout, up_fleet
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -48,16 +46,7 @@ def fleet(tmp_path: Path) -> Iterator[tuple[Path, SigningKey]]:
 
 def _hostile_device(client: ControlPlaneClient, endpoints: Endpoints) -> None:
     """A compromised device enrolls legitimately, then reports script in its label and error."""
-    token = client.call(client.fleet.CreateEnrollmentToken,
-                        fleet_pb2.CreateEnrollmentTokenRequest(device_id="evil-1")).token  # fmt: skip
-    _key, csr = make_key_and_csr("evil-1")
-    creds = client.call(
-        client.fleet.Enroll, fleet_pb2.EnrollRequest(device_id="evil-1", token=token, csr_pem=csr)
-    )
-    host, port = endpoints.mqtt.rsplit("//", 1)[-1].rsplit(":", 1)
-    mqtt = MqttTestClient(host, int(port), agent_client_id("evil-1"), username=creds.mqtt_username,
-                          password=creds.mqtt_password, tls_ca=endpoints.ca)  # fmt: skip
-    assert not mqtt.connect().is_failure
+    mqtt = enroll_rogue(client, endpoints, "evil-1")
     state = mqtt_pb2.ReportedState(device_id="evil-1", labels={"note": HOSTILE_LABEL}, last_error=HOSTILE_ERROR,
                                    agent_version=HOSTILE_LABEL)  # fmt: skip
     topics = DeviceTopics("evil-1")

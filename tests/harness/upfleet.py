@@ -10,13 +10,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgectl.agent.enroll import make_key_and_csr
 from edgectl.artifact import SigningKey, public_pem
 from edgectl.client import ControlPlaneClient
-from edgectl.endpoints import LocalFleetError
+from edgectl.endpoints import Endpoints, LocalFleetError
 from edgectl.localfleet import stop_detached
-from edgectl.protos.v1 import common_pb2
+from edgectl.mqtt.wire import agent_client_id
+from edgectl.protos.v1 import common_pb2, fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from tests.conftest import require_mosquitto
+from tests.harness.mqtt import MqttTestClient
 
 
 def edgectl(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -66,3 +69,19 @@ def wait_rollout(client: ControlPlaneClient, rollout_id: str, timeout: float = 1
         if r.state not in active or time.monotonic() > deadline:
             return r
         time.sleep(0.5)
+
+
+def enroll_rogue(client: ControlPlaneClient, endpoints: Endpoints, device_id: str) -> MqttTestClient:
+    """A device that enrolls legitimately (admin ``client``) and then speaks MQTT as the test says:
+    the compromised device of attack tests. Returned connected, as that device, to the fleet's broker."""
+    token = client.call(client.fleet.CreateEnrollmentToken,
+                        fleet_pb2.CreateEnrollmentTokenRequest(device_id=device_id)).token  # fmt: skip
+    _key, csr = make_key_and_csr(device_id)
+    creds = client.call(
+        client.fleet.Enroll, fleet_pb2.EnrollRequest(device_id=device_id, token=token, csr_pem=csr)
+    )
+    host, port = endpoints.mqtt.rsplit("//", 1)[-1].rsplit(":", 1)
+    mqtt = MqttTestClient(host, int(port), agent_client_id(device_id), username=creds.mqtt_username,
+                          password=creds.mqtt_password, tls_ca=endpoints.ca)  # fmt: skip
+    assert not mqtt.connect().is_failure
+    return mqtt
