@@ -22,7 +22,6 @@ from edgectl.cli import (
     config,
     control_plane,
     demo,
-    device_logs,
     devices,
     doctor,
     infer,
@@ -71,7 +70,6 @@ app.add_typer(artifact.app, name="artifact", help="Inspect, push, list and remov
 app.add_typer(keys.app, name="keys", help="Manage Ed25519 signing keys.")
 app.command("deploy")(rollout.deploy)
 app.add_typer(rollout.app, name="rollout")
-devices.app.command("logs")(device_logs.devices_logs)
 app.add_typer(devices.app, name="devices")
 app.add_typer(audit.app, name="audit")
 app.add_typer(control_plane.app, name="control-plane")

@@ -1,4 +1,4 @@
-"""`edgectl devices logs ID [--since 10m] [--follow]`: a device's recent log lines, fetched over MQTT.
+"""The work behind `edgectl devices logs ID [--since 10m] [--follow]`: a device's recent lines, over MQTT.
 
 The control plane asks the agent (admin token only; every call is audited); the agent answers
 from its bounded ring of recent lines, secrets already redacted. ``--follow`` asks again every
@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from edgectl.cli.output import err_console
-from edgectl.cli.remote import CaOpt, ServerOpt, TokenOpt, connect
+from edgectl.cli.remote import connect
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
 from edgectl.protos.v1 import fleet_pb2
@@ -32,28 +32,15 @@ def _show(line: fleet_pb2.LogLine, as_json: bool) -> None:
     typer.echo(f"{when} {line.level.upper():<7} {line.logger}: {line.text}")
 
 
-def devices_logs(
-    device_id: str = typer.Argument(..., help="the device's id"),
-    since: str = typer.Option("10m", help="how far back, e.g. 30s, 10m, 2h (the agent keeps a bounded ring)"),
-    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines until Ctrl-C"),
-    lines: int = typer.Option(
-        200, "--lines", "-n", min=1, max=1000, help="at most this many of the newest lines"
-    ),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
-    server: str | None = ServerOpt,
-    token: str | None = TokenOpt,
-    ca: Path | None = CaOpt,
-) -> None:
-    """Print a device's recent log lines, asked of its agent over MQTT (needs an admin token).
-
-    Example: edgectl devices logs cam-07 --since 30m --follow
-    """
+def print_device_logs(device_id: str, since: str, follow: bool, lines: int, as_json: bool,
+                      server: str | None, token: str | None, ca: Path | None) -> None:  # fmt: skip
+    """What `edgectl devices logs` does; Ctrl-C ends ``follow`` with success."""
     seconds = parse_duration(since)
     if seconds <= 0:
         raise UsageError(f"--since {since} must be positive", hint="e.g. --since 10m")
     try:
         _print_logs(device_id, time.time() - seconds, lines, follow, as_json, server, token, ca)
-    except KeyboardInterrupt:  # Ctrl-C ends --follow; that is success
+    except KeyboardInterrupt:
         return
 
 
