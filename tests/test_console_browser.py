@@ -7,6 +7,7 @@ text (no dialog fires, no element is made from them). Screenshots go to docs/img
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 HOSTILE_LABEL = "<img src=x onerror=alert(1)>"
 HOSTILE_ERROR = "<script>alert(2)</script><svg onload=alert(3)>"
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
+# Screenshots land in the test's temp dir; EDGECTL_CONSOLE_SHOTS=1 writes docs/img/ (what the docs show).
+DOC_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "img"
 
 
 @pytest.fixture
@@ -73,6 +75,7 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
     from playwright.sync_api import sync_playwright
 
     data, key = fleet
+    shots = DOC_SHOTS if os.environ.get("EDGECTL_CONSOLE_SHOTS") == "1" else tmp_path
     endpoints = Endpoints.read(data)
     assert endpoints.console and endpoints.console.startswith("https://")
     viewer = TokenIssuer.load_or_create(data / "security" / TOKEN_KEY_FILE).issue("vic", Role.VIEWER)
@@ -91,7 +94,7 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             # no token: the login page
             page.goto(endpoints.console)
             page.wait_for_url("**/login")
-            page.screenshot(path=str(SHOTS / "console-login.png"))
+            page.screenshot(path=str(shots / "console-login.png"))
             page.fill("#token", "edgectl.not.a-token")
             page.click("button[type=submit]")
             page.wait_for_selector("[data-testid=login-error]:has-text('refused')")
@@ -113,7 +116,7 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
                 seen.append(snap)
                 waves = {w[0]: w for w in snap["waves"] if w[0].startswith(f"wave-{rid}-")}
                 if waves and not shot:
-                    page.screenshot(path=str(SHOTS / "console-rollout.png"), full_page=True)
+                    page.screenshot(path=str(shots / "console-rollout.png"), full_page=True)
                     shot = True
                 if all("mlp:v1" in snap["versions"].get(d, "") for d in ("edge-1", "edge-2")):
                     break
@@ -132,17 +135,17 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             page.click("[data-testid=nav-rollouts]")
             page.wait_for_selector(f"[data-testid=wave-{rid}-1][data-state=succeeded]", timeout=60_000)
             assert "edgectl-up" in page.inner_text(f"[data-testid=rollout-{rid}]")
-            page.screenshot(path=str(SHOTS / "console-rollouts.png"), full_page=True)
+            page.screenshot(path=str(shots / "console-rollouts.png"), full_page=True)
             page.click("[data-testid=nav-overview]")
             page.wait_for_selector("[data-testid=versions-edge-1]")
-            page.screenshot(path=str(SHOTS / "console-overview.png"), full_page=True)
+            page.screenshot(path=str(shots / "console-overview.png"), full_page=True)
             # hostile strings are text: shown verbatim, no element made from them, no dialog
             assert HOSTILE_LABEL in page.inner_text("[data-testid=device-evil-1]")
             page.goto(f"{endpoints.console}#/device/evil-1")
             page.wait_for_selector("[data-testid=last-error]")
             assert page.inner_text("[data-testid=last-error]") == HOSTILE_ERROR
             assert page.locator("#app img, #app script, #app svg[onload]").count() == 0
-            page.screenshot(path=str(SHOTS / "console-device.png"), full_page=True)
+            page.screenshot(path=str(shots / "console-device.png"), full_page=True)
             page.goto(f"{endpoints.console}#/device/edge-1")
             page.wait_for_function(
                 "() => document.querySelector('[data-testid=models]')?.textContent.includes('mlp')"

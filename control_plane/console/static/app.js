@@ -1,5 +1,5 @@
 // The fleet console: one EventSource per page, every value rendered as text with DOM APIs.
-// Never innerHTML: labels and errors come from devices and must stay text.
+// Never an HTML string: labels and errors come from devices and must stay text (textContent only).
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
