@@ -141,6 +141,8 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             page.screenshot(path=str(shots / "console-overview.png"), full_page=True)
             # hostile strings are text: shown verbatim, no element made from them, no dialog
             assert HOSTILE_LABEL in page.inner_text("[data-testid=device-evil-1]")
+            # every device row draws its latency sparkline (inline SVG made with DOM APIs)
+            assert page.locator("[data-testid^=device-] svg.spark").count() == 4
             page.goto(f"{endpoints.console}#/device/evil-1")
             page.wait_for_selector("[data-testid=last-error]")
             assert page.inner_text("[data-testid=last-error]") == HOSTILE_ERROR

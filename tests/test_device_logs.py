@@ -8,6 +8,7 @@ one device cannot read another's logs off the broker.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,14 @@ def test_devices_logs_admin_only_audited_bounded_redacted(tmp_path: Path) -> Non
             )
             assert refused.returncode != 0 and not refused.stdout
             assert "needs the admin role" in " ".join(refused.stderr.split()), refused.stderr
+        # --follow keeps asking until Ctrl-C, which ends it with success
+        follow = subprocess.Popen([sys.executable, "-m", "edgectl", "devices", "logs", "edge-1", "--follow", "--json"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert follow.stdout is not None and json.loads(follow.stdout.readline())["logger"]
+        time.sleep(3)  # at least one more ask
+        follow.send_signal(signal.SIGINT)
+        _out, err = follow.communicate(timeout=30)
+        assert follow.returncode == 0, err
         text = edgectl("devices", "logs", "edge-1", "--since", "1h", "-n", "3", env=env)
         assert text.returncode == 0 and len(text.stdout.splitlines()) == 3, text.stdout
         assert "older lines left out" in text.stderr
