@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 
 from edgectl.artifact import SigningKey
@@ -20,6 +22,8 @@ from edgectl.client import ControlPlaneClient, push_artifact, resolve_credential
 from edgectl.control_plane.security import TOKEN_KEY_FILE
 from edgectl.endpoints import Endpoints
 from edgectl.mqtt.wire import DeviceTopics, encode
+from edgectl.protos.inference import grpc_predict_v2_pb2 as v2
+from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from edgectl.protos.v1 import mqtt_pb2
 from edgectl.security.tokens import Role, TokenIssuer
 from tests.agent.onnx_models import mlp_artifact
@@ -42,7 +46,7 @@ def fleet(tmp_path: Path) -> Iterator[tuple[Path, SigningKey]]:
             "Debian's chromium is missing: `make setup` installs it (as root), or apt-get install chromium"
         )
     pytest.importorskip("playwright.sync_api", reason="playwright is missing: `make setup` installs it")
-    with up_fleet(tmp_path) as got:
+    with up_fleet(tmp_path, heartbeat_s=2) as got:
         yield got
 
 
@@ -55,6 +59,21 @@ def _hostile_device(client: ControlPlaneClient, endpoints: Endpoints) -> None:
     mqtt.publish(topics.status, encode(mqtt_pb2.DeviceStatus(device_id="evil-1", online=True)), retain=True)
     mqtt.publish(topics.reported, encode(state), retain=True)
     mqtt.close()
+
+
+def _traffic(addresses: list[str], seconds: float) -> None:
+    """Real KServe V2 requests to the agents, so their reports carry latency for the sparklines."""
+    stubs = [v2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(a)) for a in addresses]
+    rng = np.random.default_rng(1)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for stub in stubs:
+            rows = int(rng.integers(1, 64))
+            x = rng.standard_normal((rows, 4)).astype(np.float32)
+            request = v2.ModelInferRequest(model_name="mlp", raw_input_contents=[x.tobytes()], inputs=[
+                v2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[rows, 4])])  # fmt: skip
+            stub.ModelInfer(request, timeout=10)
+        time.sleep(float(rng.uniform(0.0, 0.05)))
 
 
 def _snapshot(page: Any) -> dict[str, Any]:
@@ -136,8 +155,14 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             page.wait_for_selector(f"[data-testid=wave-{rid}-1][data-state=succeeded]", timeout=60_000)
             assert "edgectl-up" in page.inner_text(f"[data-testid=rollout-{rid}]")
             page.screenshot(path=str(shots / "console-rollouts.png"), full_page=True)
+            # traffic: the devices' next reports carry p99 and the sparklines draw it, live
+            _traffic([a.v2 for a in endpoints.agents], 8.0)
             page.click("[data-testid=nav-overview]")
-            page.wait_for_selector("[data-testid=versions-edge-1]")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('[data-testid=device-edge-1] svg.spark polyline')].length === 1"
+                " && document.querySelector('[data-testid=p99-edge-1]').textContent !== '0.00'",
+                timeout=30_000,
+            )
             page.screenshot(path=str(shots / "console-overview.png"), full_page=True)
             # hostile strings are text: shown verbatim, no element made from them, no dialog
             assert HOSTILE_LABEL in page.inner_text("[data-testid=device-evil-1]")

@@ -34,15 +34,21 @@ def fleet_env(tmp_path: Path, data: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def up_fleet(tmp_path: Path, agents: int = 2) -> Iterator[tuple[Path, SigningKey]]:
-    """(data dir, the key the fleet trusts); everything is stopped afterwards."""
+def up_fleet(tmp_path: Path, agents: int = 2, heartbeat_s: float = 0) -> Iterator[tuple[Path, SigningKey]]:
+    """(data dir, the key the fleet trusts); everything is stopped afterwards.
+
+    ``heartbeat_s`` > 0: every agent reports that often (an agent config file the env names)."""
     require_mosquitto()
     key = SigningKey.generate()
     pub = tmp_path / "test.pub.pem"
     pub.write_bytes(public_pem(key.public_key))
     data = tmp_path / "fleet"
+    env = fleet_env(tmp_path, data)
+    if heartbeat_s > 0:
+        (tmp_path / "agent.yaml").write_text(f"heartbeat_s: {heartbeat_s}\n")
+        env["EDGECTL_AGENT_CONFIG"] = str(tmp_path / "agent.yaml")
     up = edgectl("up", "--detach", "--agents", str(agents), "--data-dir", str(data), "--trust", str(pub),
-                 env=fleet_env(tmp_path, data))  # fmt: skip
+                 env=env)  # fmt: skip
     assert up.returncode == 0, up.stderr
     try:
         yield data, key

@@ -118,7 +118,7 @@ function renderOverview(v) {
     v.devices.map((d) => el("tr", {"data-testid": `device-${d.id}`},
       el("td", {}, deviceLink(d.id)), el("td", {class: d.online ? "ok" : "bad", text: d.online ? "online" : "offline"}),
       el("td", {text: d.health}), el("td", {"data-testid": `versions-${d.id}`, text: d.versions.join(" ")}),
-      el("td", {}, chips(d.labels)), el("td", {text: d.p99_ms.toFixed(2)}), el("td", {}, sparkline(d.spark, 120, 22)),
+      el("td", {}, chips(d.labels)), el("td", {"data-testid": `p99-${d.id}`, text: d.p99_ms.toFixed(2)}), el("td", {}, sparkline(d.spark, 120, 22)),
       el("td", {text: pct(d.burst_share)}), el("td", {text: pct(d.error_rate)}), el("td", {text: when(d.last_seen)}))),
     "devices"));
   if (v.truncated) parts.push(el("p", {class: "muted", text: `and ${v.truncated} more devices`}));
