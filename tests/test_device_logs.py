@@ -30,7 +30,7 @@ def test_devices_logs_admin_only_audited_bounded_redacted(tmp_path: Path) -> Non
     with up_fleet(tmp_path, agents=1) as (data, _key):
         env = fleet_env(tmp_path, data)
         endpoints = Endpoints.read(data)
-        got = edgectl("devices", "logs", "edge-1", "--since", "10m", "--json", env=env, timeout=60)
+        got = edgectl("devices", "logs", "edge-1", "--since", "10m", "-o", "json", env=env, timeout=60)
         assert got.returncode == 0, got.stderr
         lines = [json.loads(ln) for ln in got.stdout.splitlines()]
         assert any("connected to" in ln["text"] for ln in lines), lines[:5]

@@ -267,7 +267,10 @@ def devices_logs(
     lines: int = typer.Option(
         200, "--lines", "-n", min=1, max=1000, help="at most this many of the newest lines"
     ),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+    output: Output | None = typer.Option(
+        None, "--output", "-o", help="text (default) or json (one object per line)", case_sensitive=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help="the same as -o json"),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
@@ -278,4 +281,6 @@ def devices_logs(
     """
     from edgectl.cli.device_logs import print_device_logs
 
-    print_device_logs(device_id, since, follow, lines, as_json, server, token, ca)
+    if output == Output.YAML:
+        raise UsageError("devices logs prints text or JSON lines", hint="use -o json")
+    print_device_logs(device_id, since, follow, lines, as_json or output == Output.JSON, server, token, ca)
