@@ -16,6 +16,7 @@ import logging
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,8 @@ class ConsoleServer:
         self.history = LatencyHistory()
         self.port = 0
         self._streams = 0
+        self._cache: dict[tuple[str, bool], tuple[float, str]] = {}
+        self._locks: dict[tuple[str, bool], asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -181,6 +184,22 @@ class ConsoleServer:
             None, render, self.sources, self.history, page, admin
         )
 
+    async def _shared(self, page: str, viewer: Viewer) -> str:
+        """The page as JSON, computed at most once per interval for every stream watching it:
+        a hundred open consoles cost one store read a second, not a hundred."""
+        key = (page, viewer.role >= Role.ADMIN)
+        if len(self._locks) > 4 * MAX_STREAMS:  # device pages are many: forget idle ones
+            self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            at, data = self._cache.get(key, (0.0, ""))
+            if time.monotonic() - at >= STREAM_INTERVAL_S * 0.9:
+                data = json.dumps(await self._compute(page, viewer), sort_keys=True)
+                if len(self._cache) > 4 * MAX_STREAMS:  # device pages are many: keep the cache small
+                    self._cache.clear()
+                self._cache[key] = (time.monotonic(), data)
+            return data
+
     async def _view(self, request: web.Request) -> web.Response:
         viewer = self._viewer(request)
         if viewer is None:
@@ -209,7 +228,7 @@ class ConsoleServer:
                     await response.write(b"event: auth\ndata: {}\n\n")
                     break
                 try:
-                    data = json.dumps(await self._compute(page, viewer), sort_keys=True)
+                    data = await self._shared(page, viewer)
                 except (KeyError, NotFound) as exc:
                     data = json.dumps({"error": f"no such page: {exc}"})
                 if data != last:
