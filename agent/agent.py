@@ -26,8 +26,7 @@ from edgectl.agent.enroll import device_tls, enroll
 from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.http_server import HttpV2Server
-from edgectl.agent.log_ring import LogRing
-from edgectl.agent.log_ring import install as install_log_ring
+from edgectl.agent.log_ring import process_ring
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings
 from edgectl.agent.orders import FleetTrust
@@ -101,8 +100,7 @@ class Agent:
         self.profile = resolve_profile(config, self.facts)
         self.metrics = AgentMetrics()
         # Recent lines for `edgectl devices logs`: bounded, secrets redacted as they are captured.
-        self.log_ring = LogRing()
-        install_log_ring(self.log_ring)
+        self.log_ring = process_ring()
         self.registry = ModelRegistry(
             BatchSettings(config.max_batch_size, config.max_queue_delay_ms / 1000.0),
             self.metrics,

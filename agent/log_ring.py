@@ -87,8 +87,20 @@ class LogRing(logging.Handler):
         )  # fmt: skip
 
 
-def install(ring: LogRing) -> None:
-    """Attach ``ring`` to the root logger (once), so every module's lines reach it."""
-    root = logging.getLogger()
-    if ring not in root.handlers:
-        root.addHandler(ring)
+_process_ring: LogRing | None = None
+_process_lock = threading.Lock()
+
+
+def process_ring() -> LogRing:
+    """This process's ring, attached to the root logger on first use.
+
+    One per process, not per agent: a simulator runs a hundred agents in one process, and a ring
+    each would copy every line a hundred times (and keep 512 KiB each). With one agent per process,
+    as on a device, it is that agent's log.
+    """
+    global _process_ring
+    with _process_lock:
+        if _process_ring is None:
+            _process_ring = LogRing()
+            logging.getLogger().addHandler(_process_ring)
+        return _process_ring

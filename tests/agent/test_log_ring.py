@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgectl.agent.log_ring import LogRing
+from edgectl.agent.log_ring import LogRing, process_ring
 from edgectl.protos.v1 import mqtt_pb2
 from edgectl.redact import redact
 
@@ -82,3 +82,12 @@ def test_answer_keeps_the_newest_lines_since_a_time_within_its_bounds(logger: lo
     tiny = ring.answer(mqtt_pb2.LogRequest(request_id="r3", max_bytes=1000), "cam-07")
     assert 0 < len(tiny.lines) < 31 and tiny.truncated and tiny.lines[-1].text.startswith("failed")
     assert sum(len(ln.text) for ln in tiny.lines) <= 1000
+
+
+def test_one_ring_per_process_however_many_agents_ask() -> None:
+    """A simulator's hundred agents share one ring: each line is copied once, not once per agent."""
+    first = process_ring()
+    assert process_ring() is first
+    assert sum(1 for h in logging.getLogger().handlers if isinstance(h, LogRing)) == 1
+    logging.getLogger("edgectl.test.shared").warning("shared %d", 7)
+    assert first.lines()[-1].text == "shared 7"
