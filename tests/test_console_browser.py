@@ -155,6 +155,12 @@ def test_console_shows_a_rollout_live_to_a_viewer_and_renders_hostile_strings_as
             page.wait_for_selector(f"[data-testid=wave-{rid}-1][data-state=succeeded]", timeout=60_000)
             assert "edgectl-up" in page.inner_text(f"[data-testid=rollout-{rid}]")
             page.screenshot(path=str(shots / "console-rollouts.png"), full_page=True)
+            # the artifact with its size, lineage and the key that signed it
+            page.click("[data-testid=nav-artifacts]")
+            page.wait_for_selector("[data-testid=artifacts] >> text=mlp:v1")
+            row = page.inner_text("[data-testid=artifacts]")
+            assert digest[:19] in row and key.key_id in row and "KiB" in row
+            page.screenshot(path=str(shots / "console-artifacts.png"), full_page=True)
             # traffic: the devices' next reports carry p99 and the sparklines draw it, live
             _traffic([a.v2 for a in endpoints.agents], 8.0)
             page.click("[data-testid=nav-overview]")
