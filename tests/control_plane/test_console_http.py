@@ -148,3 +148,25 @@ def test_static_files_are_a_fixed_list_and_never_build_html_from_data(console: C
     for name in ("index.html", "login.html"):
         html = (STATIC / name).read_text()
         assert html.count("<script") == html.count('<script src="/static/'), name  # no inline script
+
+
+def test_insecure_mode_shows_the_console_without_login_as_the_api_does(tmp_path: Path) -> None:
+    """With auth off (a development box, `--insecure`), everyone is the anonymous admin, as for the API."""
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    fleet = Fleet(store)
+    artifacts = ArtifactStore(store, open_blob_store(str(tmp_path / "blobs")), TrustStore())
+    server = ConsoleServer(
+        Sources(fleet, Rollouts(store, artifacts, fleet), artifacts, AuditLog(store)), None
+    )
+    url = f"http://127.0.0.1:{server.start('127.0.0.1', 0)}"
+    try:
+        assert call(url + "/")[0] == 200
+        assert json.loads(call(url + "/api/whoami")[2]) == {
+            "subject": "anonymous",
+            "role": "admin",
+            "auth": False,
+        }
+        assert json.loads(call(url + "/api/view?page=overview")[2])["total"] == 0
+    finally:
+        server.stop()
+        store.close()
