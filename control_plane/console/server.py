@@ -121,8 +121,10 @@ class ConsoleServer:
             return None
         return Viewer(claims.subject, claims.role)
 
-    def _viewer(self, request: web.Request) -> Viewer | None:
-        return self.viewer_of(request.cookies.get(COOKIE, ""))
+    async def _viewer(self, request: web.Request) -> Viewer | None:
+        # The revocation check reads the store: off the event loop, like every other read.
+        token = request.cookies.get(COOKIE, "")
+        return await asyncio.get_running_loop().run_in_executor(None, self.viewer_of, token)
 
     async def _login(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY:
@@ -141,12 +143,12 @@ class ConsoleServer:
         response.set_cookie(
             COOKIE, token, httponly=True, samesite="Strict", secure=self.tls is not None, path="/"
         )
-        self._audit(viewer, request, "console/Login")
+        await asyncio.get_running_loop().run_in_executor(None, self._audit, viewer, str(request.remote or ""))
         return response
 
-    def _audit(self, viewer: Viewer, request: web.Request, action: str) -> None:
+    def _audit(self, viewer: Viewer, peer: str) -> None:
         try:
-            self.sources.audit.record(viewer.subject, str(request.remote or ""), action, "", "{}", "OK")
+            self.sources.audit.record(viewer.subject, peer, "console/Login", "", "{}", "OK")
         except Exception:  # the console keeps working when the audit write fails; the log says so
             log.exception("cannot audit a console login")
 
@@ -158,7 +160,7 @@ class ConsoleServer:
     # -- pages ----------------------------------------------------------------------------
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
-        if self._viewer(request) is None:
+        if await self._viewer(request) is None:
             raise web.HTTPSeeOther("/login")
         return web.FileResponse(STATIC / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
@@ -172,7 +174,7 @@ class ConsoleServer:
         return web.FileResponse(STATIC / name, headers={"Content-Type": f"{_FILES[name]}; charset=utf-8"})
 
     async def _whoami(self, request: web.Request) -> web.Response:
-        viewer = self._viewer(request)
+        viewer = await self._viewer(request)
         if viewer is None:
             return web.json_response({"error": "log in with a token"}, status=401)
         return web.json_response({"subject": viewer.subject, "role": viewer.role.name.lower(),
@@ -201,7 +203,7 @@ class ConsoleServer:
             return data
 
     async def _view(self, request: web.Request) -> web.Response:
-        viewer = self._viewer(request)
+        viewer = await self._viewer(request)
         if viewer is None:
             return web.json_response({"error": "log in with a token"}, status=401)
         try:
@@ -210,7 +212,7 @@ class ConsoleServer:
             return web.json_response({"error": f"no such page: {exc}"}, status=404)
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        viewer = self._viewer(request)
+        viewer = await self._viewer(request)
         if viewer is None:
             return web.json_response({"error": "log in with a token"}, status=401)
         if self._streams >= MAX_STREAMS:
@@ -224,7 +226,7 @@ class ConsoleServer:
         last = ""
         try:
             while self._stopping is not None and not self._stopping.is_set():
-                if self._viewer(request) is None:  # expired or revoked while watching
+                if await self._viewer(request) is None:  # expired or revoked while watching
                     await response.write(b"event: auth\ndata: {}\n\n")
                     break
                 try:
