@@ -129,6 +129,8 @@ class ConsoleServer:
     async def _login(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY:
             return web.json_response({"error": "request too large"}, status=413)
+        if request.content_type != "application/json":  # another site's form cannot send this type
+            return web.json_response({"error": "post JSON (Content-Type: application/json)"}, status=415)
         try:
             body = await request.json()
             token = str(body["token"]).strip()

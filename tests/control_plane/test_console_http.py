@@ -68,10 +68,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def call(
-    url: str, cookie: str = "", body: object = None, raw: bytes | None = None
+    url: str,
+    cookie: str = "",
+    body: object = None,
+    raw: bytes | None = None,
+    content_type: str = "application/json",
 ) -> tuple[int, dict[str, str], bytes]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
     if cookie:
         req.add_header("Cookie", f"{COOKIE}={cookie}")
     opener = urllib.request.build_opener(_NoRedirect)
@@ -102,6 +106,8 @@ def test_login_takes_a_viewer_token_and_refuses_bad_expired_and_revoked_ones(con
     assert call(console.url + "/api/login", body={"token": expired})[0] == 401
     assert call(console.url + "/api/login", raw=b"x" * 40_000)[0] == 413
     token = console.issuer.issue("vic", Role.VIEWER)
+    # another site's form (text/plain, no preflight) cannot log a browser in, even with a good token
+    assert call(console.url + "/api/login", body={"token": token}, content_type="text/plain")[0] == 415
     status, headers, body = call(console.url + "/api/login", body={"token": token})
     assert status == 200 and json.loads(body) == {"subject": "vic", "role": "viewer"}
     cookie = headers["Set-Cookie"]
