@@ -102,5 +102,7 @@ def process_ring() -> LogRing:
     with _process_lock:
         if _process_ring is None:
             _process_ring = LogRing()
-            logging.getLogger().addHandler(_process_ring)
+        root = logging.getLogger()
+        if _process_ring not in root.handlers:  # also after a logging set-up replaced the handlers
+            root.addHandler(_process_ring)
         return _process_ring
