@@ -23,6 +23,7 @@ from edgectl.protos.v1 import fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as rp
 
 MAX_DEVICES_SHOWN = 1000  # the overview table; counts and the matrix always cover the whole fleet
+MAX_MATRIX_ROWS = 50  # label pairs in the version-by-label matrix, the most common first
 SPARK_POINTS = 60  # latency samples kept per device for its sparkline
 RECENT_ROLLOUTS = 20
 
@@ -108,14 +109,17 @@ def overview(fleet: Fleet, rollouts: Rollouts, history: LatencyHistory) -> dict[
             labels[pair] += 1
             matrix.setdefault(pair, Counter()).update(served)
     columns = sorted(versions)
+    # The most common label pairs only: a per-device label (a serial number) would give a row per device.
+    shown = sorted(k for k, _n in labels.most_common(MAX_MATRIX_ROWS))
     return {
         "total": len(devices),
         "states": dict(states),
         "versions": dict(versions),
-        "labels": dict(labels),
+        "labels": dict(labels.most_common(MAX_MATRIX_ROWS)),
         "matrix": {
             "columns": columns,
-            "rows": [{"label": k, "counts": [matrix[k][c] for c in columns]} for k in sorted(matrix)],
+            "rows": [{"label": k, "counts": [matrix[k][c] for c in columns]} for k in shown],
+            "rows_left_out": max(0, len(matrix) - MAX_MATRIX_ROWS),
         },
         "devices": [device_row(d, history) for d in devices[:MAX_DEVICES_SHOWN]],
         "truncated": max(0, len(devices) - MAX_DEVICES_SHOWN),

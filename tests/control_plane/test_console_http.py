@@ -126,7 +126,9 @@ def test_views_carry_device_strings_as_data_and_the_audit_trail_only_to_admins(c
     view = json.loads(body)
     [device] = view["devices"]
     assert device["labels"] == {"note": HOSTILE} and device["versions"] == ["det:v3"] and device["online"]
-    assert view["matrix"] == {"columns": ["det:v3"], "rows": [{"label": f"note={HOSTILE}", "counts": [1]}]}
+    assert view["matrix"] == {
+        "columns": ["det:v3"], "rows": [{"label": f"note={HOSTILE}", "counts": [1]}], "rows_left_out": 0
+    }  # fmt: skip
     assert json.loads(call(console.url + "/api/view?page=device/cam-1", cookie=viewer)[2])["p99_ms"] == 12.5
     assert call(console.url + "/api/view?page=device/nope", cookie=viewer)[0] == 404
     assert call(console.url + "/api/view?page=secrets", cookie=viewer)[0] == 404
@@ -176,3 +178,21 @@ def test_insecure_mode_shows_the_console_without_login_as_the_api_does(tmp_path:
     finally:
         server.stop()
         store.close()
+
+
+def test_the_matrix_keeps_the_most_common_labels_when_devices_carry_unique_ones(tmp_path: Path) -> None:
+    from edgectl.control_plane.console.views import MAX_MATRIX_ROWS, LatencyHistory, overview
+
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        fleet = Fleet(store)
+        now = time.time()
+        fleet.apply([Reported(f"d{i}", mqtt_pb2.ReportedState(device_id=f"d{i}", labels={"site": "a", "serial": str(i)}),
+                              now) for i in range(MAX_MATRIX_ROWS + 10)])  # fmt: skip
+        artifacts = ArtifactStore(store, open_blob_store(str(tmp_path / "blobs")), TrustStore())
+        view = overview(fleet, Rollouts(store, artifacts, fleet), LatencyHistory())
+    finally:
+        store.close()
+    rows = view["matrix"]["rows"]
+    assert len(rows) == MAX_MATRIX_ROWS and view["matrix"]["rows_left_out"] == 11
+    assert {"label": "site=a", "counts": [MAX_MATRIX_ROWS + 10]} in rows

@@ -113,6 +113,7 @@ function renderOverview(v) {
       if (n) cell.style.backgroundColor = `rgba(43, 95, 173, ${(0.15 + 0.6 * n / max).toFixed(2)})`;
       return cell;
     }))), "matrix"));
+  if (v.matrix.rows_left_out) parts.push(el("p", {class: "muted", text: `and ${v.matrix.rows_left_out} rarer labels`}));
   parts.push(el("h2", {text: "Devices"}), table(
     ["device", "state", "health", "versions", "labels", "p99 ms", "latency", "burst", "errors", "last seen"],
     v.devices.map((d) => el("tr", {"data-testid": `device-${d.id}`},
