@@ -11,9 +11,9 @@ DEV_LOCK := requirements/dev.lock
 AGENT_LOCK := requirements/agent.lock
 UV ?= $(if $(wildcard $(VENV)/bin/uv),$(VENV)/bin/uv,uv)
 
-.PHONY: setup broker faketime test lint format proto bench demo clean check-deploy lock
+.PHONY: setup broker chromium faketime test lint format proto bench demo clean check-deploy lock
 
-setup: $(VENV)/.installed broker faketime  ## create .venv, install everything (mosquitto too)
+setup: $(VENV)/.installed broker chromium faketime  ## create .venv, install everything (mosquitto, chromium too)
 
 # Every third-party package comes from the lock and must match its hash (pip included); edgectl
 # itself is then installed editable on top, with nothing more to fetch.
@@ -40,6 +40,16 @@ broker:  ## mosquitto from apt when missing (root), else the command to run
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients; \
 	else \
 		echo "mosquitto is missing; run: sudo apt-get install -y mosquitto mosquitto-clients"; exit 1; \
+	fi
+
+# The console's browser test drives Debian's chromium through Playwright (never `playwright install`).
+chromium:  ## Debian's chromium from apt when missing (root), else the command to run
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "chromium: /usr/bin/chromium"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; }; \
+	else \
+		echo "chromium is missing (the console's browser test skips without it); run: sudo apt-get install -y chromium"; \
 	fi
 
 faketime:  ## libfaketime for the clock-skew fault test (optional: the test falls back to an in-process shift)

@@ -8,6 +8,7 @@ One job per module (a test keeps this list complete):
 - ``config``: typed settings: defaults < config file < environment/flags, plus ``credentials.json``.
 - ``enroll``: trades a one-time token and a CSR for this device's credentials, kept 0600.
 - ``mqtt_link``: the MQTT v5 link: persistent session, Last Will, thin callbacks into queues.
+- ``log_ring``: recent log lines in a bounded ring, secrets redacted, for `edgectl devices logs`.
 - ``reconcile``: the loop desired -> fetch -> verify -> stage -> load -> smoke test -> swap -> report.
 - ``orders``: the check of every desired state: signed by a trusted fleet key, for this device,
   unexpired and newer than the last accepted; fleet-key rotation.

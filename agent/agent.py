@@ -26,6 +26,7 @@ from edgectl.agent.enroll import device_tls, enroll
 from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.http_server import HttpV2Server
+from edgectl.agent.log_ring import process_ring
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings
 from edgectl.agent.orders import FleetTrust
@@ -98,6 +99,8 @@ class Agent:
         self.facts = gather_facts()
         self.profile = resolve_profile(config, self.facts)
         self.metrics = AgentMetrics()
+        # Recent lines for `edgectl devices logs`: bounded, secrets redacted as they are captured.
+        self.log_ring = process_ring()
         self.registry = ModelRegistry(
             BatchSettings(config.max_batch_size, config.max_queue_delay_ms / 1000.0),
             self.metrics,
@@ -207,6 +210,7 @@ class Agent:
             on_desired=lambda ds: self.reconciler.submit(ds) if self.reconciler else None,
             on_chunk=mqtt_transport.deliver,
             on_connected=lambda: self.reconciler.request_report() if self.reconciler else None,
+            on_log_request=self._answer_logs,
         )
         self.reconciler = Reconciler(
             ReconcileSettings(
@@ -281,6 +285,12 @@ class Agent:
             self.server.stop(1.0)
         self.router.close()
         self.registry.close()
+
+    def _answer_logs(self, request: mpb.LogRequest) -> None:
+        """Send the recent lines the control plane asked for (only it may publish to our request topic)."""
+        if self.link is not None:
+            answer = self.log_ring.answer(request, self.config.device_id)
+            self.link.publish(self.link.topics.logs_response, answer)
 
     def run_forever(self) -> None:
         """start(), then block until SIGINT/SIGTERM, then stop()."""

@@ -14,6 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from edgectl.build_metrics import add_process_metrics
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -121,6 +123,7 @@ class AgentMetrics:
         )
         self.swaps = Counter("edgectl_agent_swaps", "Model swaps", ["model"], registry=r)
         self.refusals = Counter("edgectl_agent_refusals", "Artifacts refused", ["model"], registry=r)
+        add_process_metrics(r, "agent")
         self.window = StatsWindow(window_s)
         # Read at scrape time, so /metrics shows the current share without waiting for a report.
         self.burst_share.set_function(lambda: self.window.snapshot().burst_share)

@@ -54,12 +54,14 @@ class MqttLink:
         on_desired: Callable[[mpb.DesiredState], None],
         on_chunk: Callable[[mpb.ChunkData], None] | None = None,
         on_connected: Callable[[], None] | None = None,
+        on_log_request: Callable[[mpb.LogRequest], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = DeviceTopics(settings.device_id)
         self._on_desired = on_desired
         self._on_chunk = on_chunk
         self._on_connected = on_connected
+        self._on_log_request = on_log_request
         self.connected = threading.Event()
         try:
             url = parse_mqtt_url(settings.url)
@@ -117,6 +119,8 @@ class MqttLink:
         log.info("connected to %s:%d (session present: %s)", self.host, self.port, flags.session_present)
         client.subscribe(self.topics.desired, qos=1)
         client.subscribe(self.topics.chunk_data, qos=1)
+        if self._on_log_request is not None:
+            client.subscribe(self.topics.logs_request, qos=1)
         self.publish(
             self.topics.status, mpb.DeviceStatus(device_id=self.settings.device_id, online=True), retain=True
         )
@@ -145,6 +149,8 @@ class MqttLink:
                 self._on_desired(desired)
             elif msg.topic == self.topics.chunk_data and self._on_chunk is not None:
                 self._on_chunk(decode(bytes(msg.payload), mpb.ChunkData))
+            elif msg.topic == self.topics.logs_request and self._on_log_request is not None and msg.payload:
+                self._on_log_request(decode(bytes(msg.payload), mpb.LogRequest))
         except PayloadError as exc:
             log.warning("ignoring malformed payload on %s: %s", msg.topic, exc)
         except Exception:  # a bug in a handler must never kill paho's network thread

@@ -30,6 +30,10 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``convert``: domain records to protobuf messages and back.
 - ``audit``: the audit log of mutating calls.
 - ``metrics``: Prometheus metrics on a registry of the replica's own.
+- ``fleet_metrics``: ``edgectl_fleet_*`` aggregates folded from the devices' reported states at scrape time.
+- ``device_logs``: remote diagnostics: a device's recent log lines over MQTT request/response.
+- ``console``: the read-only web console (``--console-listen``): views over the domain objects, an
+  aiohttp server with token login and live updates, static pages built with DOM APIs only.
 - ``health_port``: the health service alone on a plaintext port, for kubelet's gRPC probes.
 - ``logs``: plain-text or JSON-lines logging.
 - ``errors``: the package's named failures, one status code each.

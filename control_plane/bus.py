@@ -26,6 +26,7 @@ from edgectl.control_plane.desired import Publication
 from edgectl.mqtt.wire import (
     ALL_CHUNK_REQUESTS,
     ALL_EVENTS,
+    ALL_LOG_RESPONSES,
     ALL_REPORTED,
     ALL_SITE_BRIDGES,
     ALL_STATUS,
@@ -88,6 +89,8 @@ class FleetBus:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        # Every replica (not only the leader) hears log answers: the one that asked is waiting.
+        self.on_log_response: Callable[[str, bytes], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -146,6 +149,7 @@ class FleetBus:
         self._subscribe_shared(client)
         with self._lock:
             subscriptions = list(self._subscriptions)
+        client.subscribe(ALL_LOG_RESPONSES, qos=1)
         if subscriptions:
             client.subscribe(subscriptions)
             self.inbox.put(Inbound(CONNECTED, b""))
@@ -179,6 +183,10 @@ class FleetBus:
         sink = self._chunk_sink
         if sink is not None and msg.topic.endswith("/chunks/request"):
             sink(msg.topic, bytes(msg.payload))  # any replica answers; the leader's loop is not needed
+            return
+        if msg.topic.endswith("/logs/response"):
+            if self.on_log_response is not None and msg.payload:
+                self.on_log_response(msg.topic, bytes(msg.payload))
             return
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
 

@@ -367,6 +367,7 @@ class Fleet:
         stats = {
             "requests": state.stats.requests, "error_rate": state.stats.error_rate,
             "p99_ms": state.stats.p99_ms, "window_seconds": state.stats.window_seconds,
+            "burst_share": state.stats.burst_share,
         }  # fmt: skip
         seen = obs.received_at
         tx.execute(

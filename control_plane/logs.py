@@ -1,59 +1,7 @@
-"""Structured logs: plain text for people, or one JSON object per line for collectors."""
+"""The control plane's logging set-up: :mod:`edgectl.logs`, which the agent shares."""
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-from datetime import datetime, timezone
-from typing import Any
+from edgectl.logs import JsonFormatter, TextFormatter, configure
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """``{"ts", "level", "logger", "msg", ...extra fields}`` on one line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    """``time level logger: message key=value ...``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
-        base = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        text = f"{base} {extra}" if extra else base
-        return text + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
-
-
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was at set-up: a
-    process that swaps its stderr (a test's CLI runner, a supervisor) never logs into a closed file."""
-
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass  # always the current sys.stderr
-
-
-def configure(fmt: str = "text", level: str = "INFO") -> None:
-    """Send the control plane's logs to stderr in ``text`` or ``json``."""
-    handler = _StderrHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+__all__ = ["JsonFormatter", "TextFormatter", "configure"]

@@ -11,8 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from edgectl.build_metrics import add_process_metrics
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.fleet import Fleet
+from edgectl.control_plane.fleet_metrics import FleetCollector
 from edgectl.control_plane.store import StateStore
 from edgectl.protos.v1 import rollouts_pb2
 
@@ -51,6 +53,8 @@ class Metrics:
     def __init__(self, store: StateStore, fleet: Fleet) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(store, fleet))
+        self.registry.register(FleetCollector(fleet))
+        add_process_metrics(self.registry, "control-plane")
         self.wave_seconds = Histogram(
             "edgectl_wave_duration_seconds", "Time from a wave's start to its success",
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=self.registry,

@@ -14,6 +14,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +30,7 @@ from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.db import DEFAULT_POOL_SIZE
 from edgectl.control_plane.desired import DEFAULT_ORDER_TTL_S, OrderSigner
+from edgectl.control_plane.device_logs import DeviceLogs
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.health_port import serve_health
@@ -93,6 +95,9 @@ class ControlPlaneConfig:
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
     site_brokers: tuple[Path, ...] = ()  # site brokers' config dirs: their devices' identities go there too
     health_listen: str | None = None  # plaintext gRPC health only (kubelet probes), HOST:PORT; None: off
+    console_listen: str | None = (
+        None  # the read-only web console on HOST:PORT (HTTPS when secured); None: off
+    )
     device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
     auto_register: bool = True  # devices that report without enrolling join the inventory
     tick_seconds: float = 0.25
@@ -194,6 +199,8 @@ class ControlPlane:
             count=self.metrics.count_mqtt,
         )  # fmt: skip
         self.bus.serve_chunk_requests(self.chunks.submit)  # every replica answers, leading or not
+        self.device_logs = DeviceLogs(self.bus, self.fleet)
+        self.bus.on_log_response = self.device_logs.on_message
         self.ingest = FleetIngest(
             self.store, self.fleet, self.bus, self.loop.wake, self.metrics.count_mqtt,
             republish=self.controller.republish_all,
@@ -205,6 +212,7 @@ class ControlPlane:
         self._server: grpc.Server | None = None
         self._device_server: grpc.Server | None = None
         self._health_server: grpc.Server | None = None
+        self.console: Any = None  # edgectl.control_plane.console.ConsoleServer once started
         self.enroll_failures = PeerBudget(config.enroll_failure_burst, config.enroll_failure_refill_s)
         self.port = 0
         self.health_port = 0
@@ -277,7 +285,8 @@ class ControlPlane:
         )
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(
             FleetServicer(self.fleet, hooks, self.bus.clear_device, self.revocations,
-                          self.security.verifier if self.security else None, self.enroll_failures),
+                          self.security.verifier if self.security else None, self.enroll_failures,
+                          self.device_logs),
             server,
         )  # fmt: skip
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(self.rollouts, hooks), server)
@@ -335,6 +344,8 @@ class ControlPlane:
         if self.config.health_listen:
             probes = listen_address(self.config.health_listen, "--health-listen")
             self._health_server, self.health_port = serve_health(self.health, probes.host, probes.port)
+        if self.config.console_listen:
+            self._start_console(listen_address(self.config.console_listen, "--console-listen"))
         self.bus.start()
         self.chunks.start()
         self.election.start()
@@ -343,6 +354,16 @@ class ControlPlane:
             extra={"address": self.address, "devices": self.device_address, "state": self.store.dialect,
                    "secured": self.security is not None},
         )  # fmt: skip
+
+    def _start_console(self, where: HostPort) -> None:
+        """The web console reads the same domain objects in-process; the same tokens let people in."""
+        from edgectl.control_plane.console import ConsoleServer, Sources, tls_context  # aiohttp: only here
+
+        sources = Sources(self.fleet, self.rollouts, self.artifacts, self.audit)
+        tls = tls_context(self.security.server) if self.security else None
+        verifier = self.security.verifier if self.security else None
+        self.console = ConsoleServer(sources, verifier, self._token_revoked, tls)
+        self.console.start(where.host, where.port)
 
     def _lead(self) -> None:
         # The ingest republishes every desired state on the CONNECTED marker that subscribing queues.
@@ -373,6 +394,8 @@ class ControlPlane:
             self.admin_link.close()
         if self.identities is not None:
             self.identities.close()
+        if self.console is not None:
+            self.console.stop()
         self.metrics.stop()
         self.store.close()
 

@@ -16,7 +16,8 @@ from edgectl.control_plane import convert
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
-from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
+from edgectl.control_plane.device_logs import DeviceLogs
+from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.limits import PeerBudget, peer_host
 from edgectl.control_plane.revocations import TokenRevocations
@@ -139,8 +140,10 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         revocations: TokenRevocations,
         verifier: TokenVerifier | None,
         enroll_failures: PeerBudget | None = None,
+        device_logs: DeviceLogs | None = None,
     ) -> None:
         self.fleet = fleet
+        self.device_logs = device_logs
         self.hooks = hooks
         self.on_decommission = on_decommission
         self.revocations = revocations
@@ -156,6 +159,15 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         return fleet_pb2.EnrollmentToken(
             device_id=token.device_id, token=token.token, expires_at=convert.ts(token.expires_at)
         )
+
+    @rpc(
+        "FleetService/DeviceLogs", mutating=True, target="device_id"
+    )  # audited: who read which device's logs
+    def DeviceLogs(self, request: fleet_pb2.DeviceLogsRequest, context: Any, note: Note) -> Any:
+        if self.device_logs is None:
+            raise Unavailable("this control plane cannot reach devices for logs (no broker link)")
+        return self.device_logs.fetch(request.device_id, request.since_unix, request.max_lines,
+                                      request.timeout_seconds)  # fmt: skip
 
     def Enroll(self, request: fleet_pb2.EnrollRequest, context: Any) -> Any:
         """Public: a peer that failed too often is held off before any work (and any audit row)."""

@@ -63,6 +63,8 @@ class Endpoints:
     device_grpc: str | None = None
     ca: str | None = None
     token_file: str | None = None
+    console: str | None = None  # the web console's URL
+    metrics: dict[str, str] = field(default_factory=dict)  # part name -> HOST:PORT of its /metrics
 
     @property
     def secure(self) -> bool:
@@ -78,7 +80,9 @@ class Endpoints:
                 "device_grpc": self.device_grpc,
                 "ca": self.ca,
                 "token_file": self.token_file,
+                "console": self.console,
             },
+            "metrics": self.metrics,
             "agents": [asdict(a) for a in self.agents],
             "cloud": asdict(self.cloud) if self.cloud else None,
             "pids": self.pids,
@@ -122,6 +126,8 @@ class Endpoints:
                 cp.get("device_grpc"),
                 cp.get("ca"),
                 cp.get("token_file"),
+                cp.get("console"),
+                {str(k): str(v) for k, v in raw.get("metrics", {}).items()},
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise EndpointsFileError(

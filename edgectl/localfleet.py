@@ -125,7 +125,7 @@ class LocalFleet:
         trusted = self._trusted_dir()
         cp_dir = self.data_dir / "control-plane"
         cp_dir.mkdir(parents=True, exist_ok=True)
-        cp_port, device_port = free_port(), free_port()
+        cp_port, device_port, console_port, metrics_port = free_port(), free_port(), free_port(), free_port()
         if self.secure:
             # The files `edgectl broker config` writes: fleet CA, TLS broker, dynamic-security identities.
             self.layout = write_broker_files(self.data_dir / "security", hostnames=["localhost", "127.0.0.1"],
@@ -146,9 +146,13 @@ class LocalFleet:
         self._spawn("control-plane", _edgectl(
             "control-plane", "serve", *mode, "--listen", f"127.0.0.1:{cp_port}",
             "--state", f"sqlite:///{cp_dir / 'state.db'}", "--blobs", str(cp_dir / "blobs"), "--trust", str(trusted),
+            "--console-listen", f"127.0.0.1:{console_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
         ))  # fmt: skip
         self._await("control-plane", "127.0.0.1", cp_port)
+        self._await("control-plane", "127.0.0.1", console_port)
         endpoints = Endpoints(mqtt=self.broker.url, control_plane=f"127.0.0.1:{cp_port}")
+        endpoints.console = f"{'https' if self.secure else 'http'}://127.0.0.1:{console_port}/"
+        endpoints.metrics["control-plane"] = f"127.0.0.1:{metrics_port}"
         if self.layout is not None:
             endpoints.mqtt = self.layout.url
             endpoints.device_grpc = f"127.0.0.1:{device_port}"
@@ -223,6 +227,9 @@ class LocalFleet:
             argv += ["--control-plane", endpoints.control_plane, "--mqtt", endpoints.mqtt]
         if burst:
             argv += ["--burst", burst]
+        metrics = f"127.0.0.1:{free_port()}"  # on by default: what an operator would scrape
+        argv += ["--metrics", metrics, "--log-format", "json"]
+        endpoints.metrics[device_id] = metrics
         proc = self._spawn(device_id, argv, env)
         self._await(device_id, "127.0.0.1", port)
         return AgentEndpoint(device_id=device_id, v2=f"127.0.0.1:{port}", labels=labels, pid=proc.pid)

@@ -90,6 +90,14 @@ class DeviceTopics:
         return f"{self.root}/chunks/data"
 
     @property
+    def logs_request(self) -> str:
+        return f"{self.root}/logs/request"
+
+    @property
+    def logs_response(self) -> str:
+        return f"{self.root}/logs/response"
+
+    @property
     def subtree(self) -> str:
         return f"{self.root}/#"
 
@@ -99,14 +107,15 @@ ALL_REPORTED = f"{TOPIC_ROOT}/+/reported"
 ALL_STATUS = f"{TOPIC_ROOT}/+/status"
 ALL_EVENTS = f"{TOPIC_ROOT}/+/events"
 ALL_CHUNK_REQUESTS = f"{TOPIC_ROOT}/+/chunks/request"
+ALL_LOG_RESPONSES = f"{TOPIC_ROOT}/+/logs/response"
 # Every control-plane replica subscribes here; the broker hands each request to one live member,
 # so artifact chunks over MQTT do not wait for a leader.
 CHUNK_SHARE_GROUP = "edgectl-chunks"
 SHARED_CHUNK_REQUESTS = f"$share/{CHUNK_SHARE_GROUP}/{ALL_CHUNK_REQUESTS}"
 ALL_SITE_BRIDGES = f"{SITES_ROOT}/+/bridge"
 # Which way each of a device's topics crosses a site bridge.
-DEVICE_TO_CENTER = ("reported", "status", "events", "chunks/request")
-CENTER_TO_DEVICE = ("desired", "chunks/data")
+DEVICE_TO_CENTER = ("reported", "status", "events", "chunks/request", "logs/response")
+CENTER_TO_DEVICE = ("desired", "chunks/data", "logs/request")
 
 
 def site_bridge_topic(site: str) -> str:

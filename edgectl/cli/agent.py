@@ -149,6 +149,7 @@ def run(
         None, "--config", envvar="EDGECTL_AGENT_CONFIG", help="YAML/JSON settings file"
     ),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    log_format: str = typer.Option("text", help="text or json (one object per line, for collectors)"),
 ) -> None:
     """Converge to the desired artifact and serve it over KServe V2.
 
@@ -156,7 +157,11 @@ def run(
 
     Enrolled (secured fleet): EDGECTL_ENROLL_TOKEN=TOKEN edgectl agent run --device-id cam-07 --enroll-server cp:7443 --ca-file ca.crt --control-plane cp:7444 --data-dir /var/lib/edgectl
     """
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edgectl.logs import configure
+
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"--log-format {log_format!r} must be text or json")
+    configure(log_format, log_level)
     enroll_token = _enroll_token(enroll_token, enroll_token_file)
     from edgectl.agent.agent import Agent
     from edgectl.agent.config import load_config

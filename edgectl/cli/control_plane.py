@@ -95,6 +95,11 @@ def control_plane_serve(
     device_mqtt: str = typer.Option(
         "", help="broker URL handed to devices at enrollment (default: --mqtt)", envvar="EDGECTL_DEVICE_MQTT"
     ),
+    console_listen: str | None = typer.Option(
+        None,
+        envvar="EDGECTL_CP_CONSOLE_LISTEN",
+        help="the read-only web console on HOST:PORT (HTTPS + the API's tokens when secured)",
+    ),
     auto_register: bool = typer.Option(
         True,
         help="add devices that report without enrolling to the inventory",
@@ -129,7 +134,7 @@ def control_plane_serve(
         listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
         tls_names=tuple(tls_name), mqtt_url=mqtt or "", state_url=state, db_pool_size=db_pool_size,
         blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
-        site_brokers=tuple(site_broker),
+        site_brokers=tuple(site_broker), console_listen=console_listen,
         device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
     )  # fmt: skip
     with private_umask():  # the state store (SQLite + WAL), blobs and keys: this user's only
@@ -149,6 +154,8 @@ def _serve(plane: Any) -> None:
             f"control plane serving TLS on {plane.address} (tokens), mTLS for agents on {plane.device_address}"
             + (f", metrics on :{plane.metrics.port}" if plane.metrics.port else "")
         )
+    if plane.console is not None:
+        err_console.print(f"console on {plane.console.scheme}://{plane.config.console_listen}")
     import signal
     import threading
 

@@ -257,3 +257,30 @@ def devices_rm(
     with connect(server, token, ca) as client:
         client.call(client.fleet.DecommissionDevice, fleet_pb2.DecommissionDeviceRequest(id=device_id))
     console.print(f"{device_id} decommissioned")
+
+
+@app.command("logs")
+def devices_logs(
+    device_id: str = typer.Argument(..., help="the device's id"),
+    since: str = typer.Option("10m", help="how far back, e.g. 30s, 10m, 2h (the agent keeps a bounded ring)"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines until Ctrl-C"),
+    lines: int = typer.Option(
+        200, "--lines", "-n", min=1, max=1000, help="at most this many of the newest lines"
+    ),
+    output: Output | None = typer.Option(
+        None, "--output", "-o", help="text (default) or json (one object per line)", case_sensitive=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help="the same as -o json"),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+) -> None:
+    """Print a device's recent log lines, asked of its agent over MQTT (admin token; audited).
+
+    Example: edgectl devices logs cam-07 --since 30m --follow
+    """
+    from edgectl.cli.device_logs import print_device_logs
+
+    if output == Output.YAML:
+        raise UsageError("devices logs prints text or JSON lines", hint="use -o json")
+    print_device_logs(device_id, since, follow, lines, as_json or output == Output.JSON, server, token, ca)

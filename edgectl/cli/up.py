@@ -29,6 +29,12 @@ def _show(endpoints: Endpoints, data_dir: Path, json_out: bool) -> None:
     )
     if endpoints.device_grpc:
         table.add_row("control plane for agents (gRPC, mTLS)", endpoints.device_grpc)
+    if endpoints.console:
+        table.add_row(
+            "web console" + (" (HTTPS, log in with a token)" if endpoints.secure else ""), endpoints.console
+        )
+    for part, where in endpoints.metrics.items():
+        table.add_row(f"metrics of {part} (Prometheus)", f"http://{where}/metrics")
     if endpoints.cloud:
         table.add_row("cloud burst endpoint (KServe V2)", endpoints.cloud.v2)
     for agent in endpoints.agents:

@@ -97,6 +97,9 @@ def device_acls(device_id: str) -> list[dict[str, Any]]:
         _acl("subscribeLiteral", t.chunk_data),
         _acl("publishClientReceive", t.desired),
         _acl("publishClientReceive", t.chunk_data),
+        _acl("subscribeLiteral", t.logs_request),
+        _acl("publishClientReceive", t.logs_request),
+        _acl("publishClientSend", t.logs_response),
         _acl("publishClientSend", t.reported),
         _acl("publishClientSend", t.status),
         _acl("publishClientSend", t.events),
@@ -110,9 +113,10 @@ def control_plane_acls() -> list[dict[str, Any]]:
     return [
         _acl("publishClientSend", f"{root}/desired"),
         _acl("publishClientSend", f"{root}/chunks/data"),
+        _acl("publishClientSend", f"{root}/logs/request"),
         *[
             _acl(acltype, f"{root}/{kind}")
-            for kind in ("reported", "status", "events", "chunks/request")
+            for kind in ("reported", "status", "events", "chunks/request", "logs/response")
             for acltype in ("subscribePattern", "publishClientReceive")
         ],
         # Chunk requests reach any one replica; the broker checks a shared subscription as written.

@@ -37,6 +37,7 @@ DEFAULT_POLICY: dict[str, Role | None] = {
     f"{V1}FleetService/LabelDevice": Role.DEPLOYER,
     f"{V1}FleetService/CreateEnrollmentToken": Role.ADMIN,
     f"{V1}FleetService/DecommissionDevice": Role.ADMIN,
+    f"{V1}FleetService/DeviceLogs": Role.ADMIN,  # logs can say more than the inventory does
     f"{V1}RolloutService/Get": Role.VIEWER,
     f"{V1}RolloutService/List": Role.VIEWER,
     f"{V1}RolloutService/Watch": Role.VIEWER,

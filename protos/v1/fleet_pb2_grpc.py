@@ -69,6 +69,11 @@ class FleetServiceStub:
                 request_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.DeviceLogs = channel.unary_unary(
+                '/edgectl.v1.FleetService/DeviceLogs',
+                request_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -120,6 +125,14 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeviceLogs(self, request, context):
+        """A device's recent log lines, asked of its agent over MQTT (admin only, audited, size-bounded,
+        secrets redacted by the agent before they leave it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +170,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenRequest.FromString,
                     response_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'DeviceLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeviceLogs,
+                    request_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +366,33 @@ class FleetService:
             '/edgectl.v1.FleetService/RevokeToken',
             edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenRequest.SerializeToString,
             edgectl_dot_protos_dot_v1_dot_fleet__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeviceLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgectl.v1.FleetService/DeviceLogs',
+            edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsRequest.SerializeToString,
+            edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

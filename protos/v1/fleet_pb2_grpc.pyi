@@ -42,6 +42,10 @@ class FleetServiceStub:
     """Revokes the device's credentials and removes it from the inventory."""
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RevokeTokenRequest, _fleet_pb2.RevokeTokenResponse]
     """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
+    DeviceLogs: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.DeviceLogsRequest, _fleet_pb2.DeviceLogsResponse]
+    """A device's recent log lines, asked of its agent over MQTT (admin only, audited, size-bounded,
+    secrets redacted by the agent before they leave it).
+    """
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -57,6 +61,10 @@ class FleetServiceAsyncStub(FleetServiceStub):
     """Revokes the device's credentials and removes it from the inventory."""
     RevokeToken: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RevokeTokenRequest, _fleet_pb2.RevokeTokenResponse]  # type: ignore[assignment]
     """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
+    DeviceLogs: _aio.UnaryUnaryMultiCallable[_fleet_pb2.DeviceLogsRequest, _fleet_pb2.DeviceLogsResponse]  # type: ignore[assignment]
+    """A device's recent log lines, asked of its agent over MQTT (admin only, audited, size-bounded,
+    secrets redacted by the agent before they leave it).
+    """
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +119,15 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.RevokeTokenResponse, _abc.Awaitable[_fleet_pb2.RevokeTokenResponse]]:
         """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
+
+    @_abc_1.abstractmethod
+    def DeviceLogs(
+        self,
+        request: _fleet_pb2.DeviceLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.DeviceLogsResponse, _abc.Awaitable[_fleet_pb2.DeviceLogsResponse]]:
+        """A device's recent log lines, asked of its agent over MQTT (admin only, audited, size-bounded,
+        secrets redacted by the agent before they leave it).
+        """
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -463,3 +463,64 @@ class ChunkData(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChunkData: _TypeAlias = ChunkData  # noqa: Y015
+
+@_typing.final
+class LogRequest(_message.Message):
+    """edgectl/v1/devices/{id}/logs/request: not retained, QoS 1, the control plane asks for recent lines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_FIELD_NUMBER: _builtins.int
+    MAX_LINES_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    since_unix: _builtins.float
+    max_lines: _builtins.int
+    max_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        since_unix: _builtins.float = ...,
+        max_lines: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "max_lines", b"max_lines", "request_id", b"request_id", "since_unix", b"since_unix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogRequest: _TypeAlias = LogRequest  # noqa: Y015
+
+@_typing.final
+class LogResponse(_message.Message):
+    """edgectl/v1/devices/{id}/logs/response: not retained, QoS 1, the agent's answer to one LogRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    device_id: _builtins.str
+    truncated: _builtins.bool
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.LogLine]: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        lines: _abc.Iterable[_fleet_pb2.LogLine] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "lines", b"lines", "request_id", b"request_id", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogResponse: _TypeAlias = LogResponse  # noqa: Y015

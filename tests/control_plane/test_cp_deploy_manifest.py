@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -265,6 +266,12 @@ def test_manifest_migrates_then_starts_and_answers_its_probes(
         # The bytes went to the bucket, with the credentials file the Secret mounted.
         listed = site.s3.client().list_objects_v2(Bucket="edgectl-artifacts", Prefix="blobs/sha256/")  # type: ignore[attr-defined]
         assert listed.get("KeyCount", 0) > 0
+
+        # The web console answers over HTTPS with the same certificate, and wants a token.
+        console = pod.ports[next(p["containerPort"] for p in container["ports"] if p["name"] == "console")]
+        tls = ssl.create_default_context(cadata=ca_pem.decode())
+        with urllib.request.urlopen(f"https://127.0.0.1:{console}/login", timeout=10, context=tls) as resp:
+            assert resp.status == 200 and b'id="token"' in resp.read()
 
         # Agents' listener is up; the broker took the Secret's credentials (anonymous is off there).
         devices = pod.ports[next(p["containerPort"] for p in container["ports"] if p["name"] == "devices")]
