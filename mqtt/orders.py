@@ -39,6 +39,7 @@ class OrderedModel:
     digest: str
     version: int
     rollback: bool = False
+    window: str = ""  # maintenance window for the swap (edgectl.window); "": at once
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,7 @@ class Order:
                 "issued_at": round(self.issued_at, 3),
                 "expires_at": round(self.expires_at, 3),
                 "rollout_id": self.rollout_id,
-                "models": [
-                    {"name": m.name, "digest": m.digest, "version": m.version, "rollback": m.rollback}
-                    for m in self.models
-                ],
+                "models": [_model_doc(m) for m in self.models],
             }
         )
 
@@ -94,7 +92,9 @@ class Order:
         )
         state.issued_at.FromNanoseconds(int(self.issued_at * 1e9))
         for m in self.models:
-            state.models.add(name=m.name, digest=m.digest, version=m.version, rollback=m.rollback)
+            state.models.add(
+                name=m.name, digest=m.digest, version=m.version, rollback=m.rollback, window=m.window
+            )
         return state
 
     def expired(self, now: float | None = None) -> bool:
@@ -108,6 +108,15 @@ def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+def _model_doc(m: OrderedModel) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": m.name, "digest": m.digest, "version": m.version, "rollback": m.rollback}
+    if m.window:
+        # Only when set: orders without a window keep the bytes they always had, and an agent that
+        # predates windows ignores the key (it swaps at once) instead of failing to parse.
+        doc["window"] = m.window
+    return doc
+
+
 def _model(obj: Any) -> OrderedModel:
     if not isinstance(obj, dict):
         raise TypeError("each model must be an object")
@@ -115,8 +124,9 @@ def _model(obj: Any) -> OrderedModel:
     if digest and not is_digest(digest):
         raise TypeError(f"model digest {digest!r} is not sha256:<64 hex>")
     return OrderedModel(
-        _typed(obj["name"], str), digest, _typed(obj["version"], int), _typed(obj["rollback"], bool)
-    )
+        _typed(obj["name"], str), digest, _typed(obj["version"], int), _typed(obj["rollback"], bool),
+        _typed(obj.get("window", ""), str),
+    )  # fmt: skip
 
 
 def sign(payload: bytes, key: SigningKey) -> mqtt_pb2.SignedPayload:

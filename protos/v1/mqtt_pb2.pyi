@@ -147,6 +147,7 @@ class DesiredModel(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The serving name (KServe V2 model name)."""
     digest: _builtins.str
@@ -157,6 +158,11 @@ class DesiredModel(_message.Message):
     """
     source: _builtins.str
     """Where to download the artifact when it is not the agent's default control plane."""
+    window: _builtins.str
+    """A maintenance window, e.g. "Mon-Fri 01:00-04:00 Europe/Berlin": fetch, verify and stage at
+    once, swap only inside it (edgectl.window). Empty: swap at once. Signed with the order; an
+    agent that predates it ignores it and swaps at once.
+    """
     def __init__(
         self,
         *,
@@ -165,10 +171,11 @@ class DesiredModel(_message.Message):
         version: _builtins.int = ...,
         rollback: _builtins.bool = ...,
         source: _builtins.str = ...,
+        window: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "rollback", b"rollback", "source", b"source", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "rollback", b"rollback", "source", b"source", "version", b"version", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,6 +265,7 @@ class ActiveModel(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     FAILED_DIGEST_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    STAGED_DIGEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     digest: _builtins.str
     version: _builtins.int
@@ -268,6 +276,8 @@ class ActiveModel(_message.Message):
     failed_digest: _builtins.str
     """Set when the agent refused or failed the desired digest, with why."""
     failure_reason: _builtins.str
+    staged_digest: _builtins.str
+    """Fetched, verified and staged, waiting for the desired model's maintenance window to swap."""
     def __init__(
         self,
         *,
@@ -279,10 +289,11 @@ class ActiveModel(_message.Message):
         execution_provider: _builtins.str = ...,
         failed_digest: _builtins.str = ...,
         failure_reason: _builtins.str = ...,
+        staged_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "staged_digest", b"staged_digest", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
