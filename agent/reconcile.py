@@ -16,7 +16,9 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +40,7 @@ from edgectl.backoff import Backoff
 from edgectl.devices import HostFacts
 from edgectl.protos.v1 import fleet_pb2 as fpb
 from edgectl.protos.v1 import mqtt_pb2 as mpb
+from edgectl.window import MaintenanceWindow, WindowError
 
 log = logging.getLogger(__name__)
 Kind = mpb.EventKind
@@ -45,6 +48,8 @@ Kind = mpb.EventKind
 # itself with SIGKILL (a real kill -9, no cleanup) when it reaches that step.
 CRASHPOINT_ENV = "EDGECTL_AGENT_CRASHPOINT"
 STATE_RETRY = "$state"  # the retry timer of a pass that could not write the state file
+WINDOW_RETRY = "$window:"  # + model name: look again when its maintenance window opens
+WINDOW_POLL_S = 30.0
 
 
 def crashpoint(name: str) -> None:
@@ -89,8 +94,15 @@ class Reconciler:
         metrics: AgentMetrics,
         reporter: Reporter,
         fleet_trust: FleetTrust | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: wall time for maintenance windows and order expiry (tests inject one)."""
         self.settings = settings
+        self.clock = clock
+        self._staged: dict[
+            str, tuple[Installed, tuple[str, ...]]
+        ] = {}  # name -> verified on disk, not serving
+        self._waiting: dict[str, str] = {}  # name -> digest staged and waiting for its window
         self.store = store
         self.artifacts = artifacts
         self.fetcher = fetcher
@@ -180,7 +192,7 @@ class Reconciler:
             last = max((self.state.order_epoch, self.state.observed_generation),
                        self.order.position if self.order else (0, 0))  # fmt: skip
             try:
-                order = self.fleet_trust.check(desired, self.settings.device_id, last)
+                order = self.fleet_trust.check(desired, self.settings.device_id, last, self.clock())
             except RefusedError as exc:
                 self._refuse_order(str(exc))
                 return
@@ -218,6 +230,11 @@ class Reconciler:
             self.state.order_epoch, self.state.observed_generation = epoch, desired.generation
             self._retry.clear()
             self.store.save(self.state)
+        wanted = {dm.name for dm in desired.models}
+        for name in [n for n in self._staged if n not in wanted]:  # no longer desired: nothing to swap
+            self._staged.pop(name)
+            self._waiting.pop(name, None)
+            self._retry.pop(WINDOW_RETRY + name, None)
         for dm in desired.models:
             self._converge(dm, desired.generation)
         self.publish_report()
@@ -225,6 +242,8 @@ class Reconciler:
     def _converge(self, dm: mpb.DesiredModel, generation: int) -> None:
         slot = self.state.slot(dm.name)
         if slot.active is not None and slot.active.digest == dm.digest:
+            self._retry.pop(WINDOW_RETRY + dm.name, None)
+            self._waiting.pop(dm.name, None)
             if slot.failed_digest:
                 slot.failed_digest = slot.failure_reason = ""
                 self.store.save(self.state)
@@ -235,8 +254,20 @@ class Reconciler:
         if retry is not None and retry[0] > time.monotonic():
             return
         try:
-            self._install(dm, slot)
+            window = self._window(dm)
+            staged = self._staged.get(dm.name)
+            if staged is None or staged[0].digest != dm.digest:
+                staged = self._staged[dm.name] = self._stage(dm, slot)
+            if window is not None and not window.contains(self.clock()):
+                self._wait_for_window(dm, window)
+                return
+            self._retry.pop(WINDOW_RETRY + dm.name, None)
+            self._waiting.pop(dm.name, None)
+            del self._staged[dm.name]
+            self._activate(dm, slot, *staged)
         except RefusedError as exc:
+            self._staged.pop(dm.name, None)
+            self._waiting.pop(dm.name, None)
             self._refused.add((dm.digest, generation))
             self._retry.pop(dm.digest, None)
             slot.failed_digest, slot.failure_reason = dm.digest, str(exc)
@@ -253,7 +284,36 @@ class Reconciler:
             log.warning("%s", self.last_error)
             self._event(Kind.EVENT_KIND_FAILED, dm.digest, f"{exc}; retrying in {delay:.0f} s")
 
+    @staticmethod
+    def _window(dm: mpb.DesiredModel) -> MaintenanceWindow | None:
+        if not dm.window:
+            return None
+        try:
+            return MaintenanceWindow.parse(dm.window)
+        except WindowError as exc:
+            # e.g. a time zone this device's tzdata lacks: never swap at a time nobody chose.
+            raise RefusedError(f"cannot honour the maintenance window: {exc}") from exc
+
+    def _wait_for_window(self, dm: mpb.DesiredModel, window: MaintenanceWindow) -> None:
+        """Staged and verified; the swap waits. Look again when it opens, and at least every
+        WINDOW_POLL_S, so a clock that jumps (NTP, a test's clock) is noticed soon."""
+        now = self.clock()
+        opens = window.next_open(now)
+        delay = min(max(opens - now, 0.0), WINDOW_POLL_S)
+        self._retry[WINDOW_RETRY + dm.name] = (time.monotonic() + delay, 0)
+        if self._waiting.get(dm.name) != dm.digest:
+            self._waiting[dm.name] = dm.digest
+            when = datetime.fromtimestamp(opens, timezone.utc).isoformat(timespec="seconds")
+            message = f"staged {dm.name} version {dm.version}; swapping in the window {window} (opens {when})"
+            log.info("%s", message)
+            self._event(Kind.EVENT_KIND_STAGED, dm.digest, message)
+
     def _install(self, dm: mpb.DesiredModel, slot: ModelSlot) -> None:
+        """Stage and activate at once (no window)."""
+        self._activate(dm, slot, *self._stage(dm, slot))
+
+    def _stage(self, dm: mpb.DesiredModel, slot: ModelSlot) -> tuple[Installed, tuple[str, ...]]:
+        """Fetch, verify and install on disk (not serving yet); returns it and the providers that fit."""
         digest = dm.digest
         self._event(Kind.EVENT_KIND_FETCH_STARTED, digest, f"fetching {dm.name} version {dm.version or '?'}")
         manifest_bytes, signatures, _ = self.fetcher.get_manifest(digest)
@@ -279,6 +339,13 @@ class Reconciler:
             digest,
             f"fetched {report.bytes_fetched} bytes, reused {report.bytes_reused} of {report.bytes_total}",
         )
+        return installed, providers
+
+    def _activate(
+        self, dm: mpb.DesiredModel, slot: ModelSlot, installed: Installed, providers: tuple[str, ...]
+    ) -> None:
+        """Load, smoke-test and swap a staged artifact in; then commit the state file."""
+        digest = dm.digest
         crashpoint("before-swap")
         model_provider = self._load(installed, providers)
         crashpoint("after-swap-before-commit")
@@ -291,7 +358,8 @@ class Reconciler:
         crashpoint("after-commit")
         self._event(Kind.EVENT_KIND_SWAPPED, digest, f"serving {dm.name} version {installed.version}")
         self.last_error = ""
-        self.artifacts.gc([i for s in self.state.models.values() for i in (s.active, s.previous) if i])
+        keep = [i for s in self.state.models.values() for i in (s.active, s.previous) if i]
+        self.artifacts.gc(keep + [staged for staged, _ in self._staged.values()])  # staged: waiting to swap
 
     def _load(self, installed: Installed, providers: tuple[str, ...] | None = None) -> str:
         """Verify, load, smoke-test and install one artifact into the registry; returns its EP."""
@@ -343,6 +411,7 @@ class Reconciler:
                 execution_provider=served.model.provider if served else "",
                 failed_digest=slot.failed_digest,
                 failure_reason=slot.failure_reason,
+                staged_digest=self._waiting.get(name, ""),
             )
             failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
         failing |= bool(rs.last_error)
@@ -353,9 +422,10 @@ class Reconciler:
         """A freeze shows: the order followed has expired and no fresh one came (control plane gone,
         or someone withholding its messages). What serves keeps serving."""
         expires = self.order.expires_at if self.order else None
-        if expires is None or time.time() < expires:
+        now = self.clock()
+        if expires is None or now < expires:
             return ""
-        return f"the control plane's signed desired state expired {time.time() - expires:.0f} s ago"
+        return f"the control plane's signed desired state expired {now - expires:.0f} s ago"
 
     def publish_report(self, heartbeat: bool = False) -> None:
         self.reporter.report(self.build_report())
