@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +32,7 @@ from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.orders import AcceptedOrder, FleetTrust
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.staging import Staged, SwapWindows
 from edgectl.agent.state import AgentState, Installed, ModelSlot, StateStore
 from edgectl.agent.verify import DeviceFit, check_fit, check_identity, check_rollback, verify_signed
 from edgectl.artifact import ArtifactError
@@ -40,7 +40,6 @@ from edgectl.backoff import Backoff
 from edgectl.devices import HostFacts
 from edgectl.protos.v1 import fleet_pb2 as fpb
 from edgectl.protos.v1 import mqtt_pb2 as mpb
-from edgectl.window import MaintenanceWindow, WindowError
 
 log = logging.getLogger(__name__)
 Kind = mpb.EventKind
@@ -49,7 +48,6 @@ Kind = mpb.EventKind
 CRASHPOINT_ENV = "EDGECTL_AGENT_CRASHPOINT"
 STATE_RETRY = "$state"  # the retry timer of a pass that could not write the state file
 WINDOW_RETRY = "$window:"  # + model name: look again when its maintenance window opens
-WINDOW_POLL_S = 30.0
 
 
 def crashpoint(name: str) -> None:
@@ -99,10 +97,7 @@ class Reconciler:
         """``clock``: wall time for maintenance windows and order expiry (tests inject one)."""
         self.settings = settings
         self.clock = clock
-        self._staged: dict[
-            str, tuple[Installed, tuple[str, ...]]
-        ] = {}  # name -> verified on disk, not serving
-        self._waiting: dict[str, str] = {}  # name -> digest staged and waiting for its window
+        self.swaps = SwapWindows(clock)  # staged artifacts waiting for a maintenance window
         self.store = store
         self.artifacts = artifacts
         self.fetcher = fetcher
@@ -230,10 +225,8 @@ class Reconciler:
             self.state.order_epoch, self.state.observed_generation = epoch, desired.generation
             self._retry.clear()
             self.store.save(self.state)
-        wanted = {dm.name for dm in desired.models}
-        for name in [n for n in self._staged if n not in wanted]:  # no longer desired: nothing to swap
-            self._staged.pop(name)
-            self._waiting.pop(name, None)
+        for name in set(self.swaps.names()) - {dm.name for dm in desired.models}:
+            self.swaps.forget(name)
             self._retry.pop(WINDOW_RETRY + name, None)
         for dm in desired.models:
             self._converge(dm, desired.generation)
@@ -243,7 +236,7 @@ class Reconciler:
         slot = self.state.slot(dm.name)
         if slot.active is not None and slot.active.digest == dm.digest:
             self._retry.pop(WINDOW_RETRY + dm.name, None)
-            self._waiting.pop(dm.name, None)
+            self.swaps.forget(dm.name)
             if slot.failed_digest:
                 slot.failed_digest = slot.failure_reason = ""
                 self.store.save(self.state)
@@ -254,20 +247,19 @@ class Reconciler:
         if retry is not None and retry[0] > time.monotonic():
             return
         try:
-            window = self._window(dm)
-            staged = self._staged.get(dm.name)
-            if staged is None or staged[0].digest != dm.digest:
-                staged = self._staged[dm.name] = self._stage(dm, slot)
-            if window is not None and not window.contains(self.clock()):
-                self._wait_for_window(dm, window)
+            window = self.swaps.window(dm)
+            staged = self.swaps.staged(dm) or self.swaps.put(dm.name, self._stage(dm, slot))
+            wait = self.swaps.wait(dm, window)
+            if wait is not None:  # downloaded and verified; the swap waits for the window
+                self._retry[WINDOW_RETRY + dm.name] = (time.monotonic() + wait.delay_s, 0)
+                if wait.message:
+                    self._event(Kind.EVENT_KIND_STAGED, dm.digest, wait.message)
                 return
             self._retry.pop(WINDOW_RETRY + dm.name, None)
-            self._waiting.pop(dm.name, None)
-            del self._staged[dm.name]
-            self._activate(dm, slot, *staged)
+            self.swaps.forget(dm.name)
+            self._activate(dm, slot, staged.installed, staged.providers)
         except RefusedError as exc:
-            self._staged.pop(dm.name, None)
-            self._waiting.pop(dm.name, None)
+            self.swaps.forget(dm.name)
             self._refused.add((dm.digest, generation))
             self._retry.pop(dm.digest, None)
             slot.failed_digest, slot.failure_reason = dm.digest, str(exc)
@@ -284,35 +276,7 @@ class Reconciler:
             log.warning("%s", self.last_error)
             self._event(Kind.EVENT_KIND_FAILED, dm.digest, f"{exc}; retrying in {delay:.0f} s")
 
-    @staticmethod
-    def _window(dm: mpb.DesiredModel) -> MaintenanceWindow | None:
-        if not dm.window:
-            return None
-        try:
-            return MaintenanceWindow.parse(dm.window)
-        except WindowError as exc:
-            # e.g. a time zone this device's tzdata lacks: never swap at a time nobody chose.
-            raise RefusedError(f"cannot honour the maintenance window: {exc}") from exc
-
-    def _wait_for_window(self, dm: mpb.DesiredModel, window: MaintenanceWindow) -> None:
-        """Staged and verified; the swap waits. Look again when it opens, and at least every
-        WINDOW_POLL_S, so a clock that jumps (NTP, a test's clock) is noticed soon."""
-        now = self.clock()
-        opens = window.next_open(now)
-        delay = min(max(opens - now, 0.0), WINDOW_POLL_S)
-        self._retry[WINDOW_RETRY + dm.name] = (time.monotonic() + delay, 0)
-        if self._waiting.get(dm.name) != dm.digest:
-            self._waiting[dm.name] = dm.digest
-            when = datetime.fromtimestamp(opens, timezone.utc).isoformat(timespec="seconds")
-            message = f"staged {dm.name} version {dm.version}; swapping in the window {window} (opens {when})"
-            log.info("%s", message)
-            self._event(Kind.EVENT_KIND_STAGED, dm.digest, message)
-
-    def _install(self, dm: mpb.DesiredModel, slot: ModelSlot) -> None:
-        """Stage and activate at once (no window)."""
-        self._activate(dm, slot, *self._stage(dm, slot))
-
-    def _stage(self, dm: mpb.DesiredModel, slot: ModelSlot) -> tuple[Installed, tuple[str, ...]]:
+    def _stage(self, dm: mpb.DesiredModel, slot: ModelSlot) -> Staged:
         """Fetch, verify and install on disk (not serving yet); returns it and the providers that fit."""
         digest = dm.digest
         self._event(Kind.EVENT_KIND_FETCH_STARTED, digest, f"fetching {dm.name} version {dm.version or '?'}")
@@ -339,7 +303,7 @@ class Reconciler:
             digest,
             f"fetched {report.bytes_fetched} bytes, reused {report.bytes_reused} of {report.bytes_total}",
         )
-        return installed, providers
+        return Staged(installed, providers)
 
     def _activate(
         self, dm: mpb.DesiredModel, slot: ModelSlot, installed: Installed, providers: tuple[str, ...]
@@ -359,7 +323,7 @@ class Reconciler:
         self._event(Kind.EVENT_KIND_SWAPPED, digest, f"serving {dm.name} version {installed.version}")
         self.last_error = ""
         keep = [i for s in self.state.models.values() for i in (s.active, s.previous) if i]
-        self.artifacts.gc(keep + [staged for staged, _ in self._staged.values()])  # staged: waiting to swap
+        self.artifacts.gc(keep + self.swaps.keep())
 
     def _load(self, installed: Installed, providers: tuple[str, ...] | None = None) -> str:
         """Verify, load, smoke-test and install one artifact into the registry; returns its EP."""
@@ -411,7 +375,7 @@ class Reconciler:
                 execution_provider=served.model.provider if served else "",
                 failed_digest=slot.failed_digest,
                 failure_reason=slot.failure_reason,
-                staged_digest=self._waiting.get(name, ""),
+                staged_digest=self.swaps.waiting_digest(name),
             )
             failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
         failing |= bool(rs.last_error)
