@@ -3,6 +3,7 @@ and an injected clock for the control plane (start times, maintenance windows, d
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -250,3 +251,44 @@ def test_continuous_rollout_may_start_before_any_device_matches(
         with pytest.raises(grpc.RpcError) as err:
             client.rollouts.Create(one_shot, timeout=10)
         assert "--continuous" in err.value.details()
+
+
+def test_cli_deploy_flags_and_resume(
+    cp: ControlPlane, sim: SimFleet, build: BuildFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.control_plane.test_cp_cli import run
+
+    monkeypatch.setenv("EDGECTL_SERVER", cp.address)
+    with ControlPlaneClient(cp.address, timeout=20) as client:
+        new = client_push(client, build(version=1))
+    _devices(sim, ["c-1", "c-2"])
+    wait_for(lambda: len(cp.fleet.list_devices()) == 2, 10, what="devices registered")
+    code, out = run("deploy", "digits", "--to", "role=cam", "--window", "Mon-Fri 25:00-26:00")
+    assert code == 2 and "does not exist" in out
+    code, out = run("deploy", "digits", "--to", "role=cam", "--start-at", "tomorrow")
+    assert code != 0 and "ISO 8601" in out
+    code, out = run(
+        "deploy", "digits", "--to", "role=cam", "--strategy", "1,100%", "--continuous", "--start-at", "+1h",
+        "--window", "Sat,Sun 22:00-02:00 UTC", "--pause-after-wave", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    doc = json.loads(out)
+    strategy = doc["strategy"]
+    assert strategy["continuous"] and strategy["window"] == "Sat,Sun 22:00-02:00 UTC"
+    assert strategy["pause_after_waves"] == [1] and "start_at" in strategy
+    assert doc["state"] == "ROLLOUT_STATE_PENDING"
+    code, out = run("rollout", "abort", doc["id"])
+    assert code == 0 and "aborted" in out
+    # --continuous --watch returns once the initial waves are done and the rollout follows
+    code, out = run(
+        "deploy", "digits", "--to", "role=cam", "--strategy", "1,100%", "--continuous",
+        "--pause-after-wave", "1", "--health-timeout", "5s", "--json",
+    )  # fmt: skip
+    rollout_id = json.loads(out)["id"]
+    wait_for(lambda: cp.rollouts.get(rollout_id).rollout.state == rs.PAUSED, 15, what="paused after wave 1")
+    code, out = run("rollout", "resume", rollout_id)
+    assert code == 0 and "running" in out
+    code, out = run("rollout", "status", rollout_id, "--watch", "--json")
+    assert code == 0, out
+    assert json.loads(out)["waves"][-1]["state"] == "WAVE_STATE_IN_PROGRESS"
+    assert set(sim.digests("digits").values()) == {new}
