@@ -208,6 +208,29 @@ def test_continuous_rollout_follows_late_devices_and_label_changes(
         assert ("device_joined", "late-1") in kinds and ("device_failed", "late-bad") in kinds
         assert ("device_rolled_back", "late-bad") in kinds
 
+        # three joiners at once (slow ones): moved one at a time, each judged before the next moves
+        trio = ["late-x", "late-y", "late-z"]
+        for i in trio:
+            sim.add(i, {"role": "cam"}, delay=0.3)
+        sim.connect(trio)
+        wait_for(lambda: len(plane.fleet.list_devices()) == 8, 10, what="three more registered")
+        for i in trio:
+            plane.fleet.label(i, {"site": "lab"}, [])
+        wait_for(
+            lambda: all(sim.digests("digits").get(i) == new for i in trio), 20, what="the trio converged"
+        )
+        wait_for(lambda: all(_states(client, rollout.id).get(i) == RP.DEVICE_ROLLOUT_STATE_HEALTHY for i in trio),
+                 10, what="the trio judged healthy")  # fmt: skip
+        steps = [
+            (k, d)
+            for k, d in _kinds(plane, rollout.id)
+            if d in trio and k in ("device_moving", "device_healthy")
+        ]
+        assert [k for k, _ in steps] == ["device_moving", "device_healthy"] * 3, steps
+        assert all(steps[i][1] == steps[i + 1][1] for i in range(0, 6, 2)), (
+            "each judged before the next moved"
+        )
+
         # removing the label: the device goes back to what it ran before; a new label brings it back
         plane.fleet.label("dev-b", {}, ["site"])
         wait_for(lambda: sim.digests("digits")["dev-b"] == old, 15, what="dev-b back on the old version")
@@ -223,7 +246,7 @@ def test_continuous_rollout_follows_late_devices_and_label_changes(
         aborted = client.rollouts.Abort(RP.RolloutActionRequest(id=rollout.id), timeout=10)
         assert aborted.state == RP.ROLLOUT_STATE_ABORTED
         _devices(sim, ["after-abort"], old)
-        wait_for(lambda: len(plane.fleet.list_devices()) == 6, 10, what="registered")
+        wait_for(lambda: len(plane.fleet.list_devices()) == 9, 10, what="registered")
         plane.fleet.label("after-abort", {"site": "lab"}, [])
         threading.Event().wait(1.0)
         assert sim.digests("digits")["after-abort"] == old, "an aborted rollout follows no more"
