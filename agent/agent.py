@@ -98,7 +98,7 @@ class Agent:
         grpc_options: Sequence[tuple[str, Any]] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``clock``: wall time for maintenance windows and order expiry (tests inject one)."""
+        """``clock``: wall time for maintenance windows (tests inject one; order expiry stays real)."""
         self.config = config
         self.clock = clock
         self._grpc_options = tuple(grpc_options)

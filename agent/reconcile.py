@@ -94,9 +94,8 @@ class Reconciler:
         fleet_trust: FleetTrust | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``clock``: wall time for maintenance windows and order expiry (tests inject one)."""
+        """``clock``: wall time for maintenance windows (tests inject one; order expiry stays real)."""
         self.settings = settings
-        self.clock = clock
         self.swaps = SwapWindows(clock)  # staged artifacts waiting for a maintenance window
         self.store = store
         self.artifacts = artifacts
@@ -187,7 +186,7 @@ class Reconciler:
             last = max((self.state.order_epoch, self.state.observed_generation),
                        self.order.position if self.order else (0, 0))  # fmt: skip
             try:
-                order = self.fleet_trust.check(desired, self.settings.device_id, last, self.clock())
+                order = self.fleet_trust.check(desired, self.settings.device_id, last)
             except RefusedError as exc:
                 self._refuse_order(str(exc))
                 return
@@ -386,10 +385,9 @@ class Reconciler:
         """A freeze shows: the order followed has expired and no fresh one came (control plane gone,
         or someone withholding its messages). What serves keeps serving."""
         expires = self.order.expires_at if self.order else None
-        now = self.clock()
-        if expires is None or now < expires:
+        if expires is None or time.time() < expires:
             return ""
-        return f"the control plane's signed desired state expired {now - expires:.0f} s ago"
+        return f"the control plane's signed desired state expired {time.time() - expires:.0f} s ago"
 
     def publish_report(self, heartbeat: bool = False) -> None:
         self.reporter.report(self.build_report())

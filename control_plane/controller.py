@@ -187,6 +187,8 @@ class RolloutController:
             if verdict.soak_started:
                 rs.update_device(tx, r.id, progress.device_id, now, healthy_since=now)
             if verdict.state == rs.D_DESIRED:
+                if verdict.reason != progress.reason:  # e.g. "staged, waiting for ..." for `rollout status`
+                    rs.update_device(tx, r.id, progress.device_id, now, reason=verdict.reason)
                 continue
             rs.update_device(tx, r.id, progress.device_id, now, state=verdict.state, reason=verdict.reason)
             kinds: dict[int, str] = {rs.D_HEALTHY: "device_healthy", rs.D_FAILED: "device_failed"}
@@ -260,6 +262,7 @@ class RolloutController:
         # A failure counts only once the device has seen this desired state, not from an old report.
         if model and model.failed_digest == r.artifact_digest and live.observed_generation >= p.generation:
             return Verdict(rs.D_FAILED, model.failure_reason or "the device refused the artifact")
+        waiting = model is not None and model.staged_digest == r.artifact_digest
         if p.deadline is not None and now >= p.deadline:
             if not live.online:
                 if s.offline_policy == OFFLINE_SKIP:
@@ -268,7 +271,7 @@ class RolloutController:
                     )
                 return Verdict(rs.D_FAILED, f"offline: no healthy report within {s.health_timeout_s}s")
             return Verdict(rs.D_FAILED, f"not healthy within the {s.health_timeout_s}s health timeout")
-        return Verdict(rs.D_DESIRED)
+        return Verdict(rs.D_DESIRED, f"staged, waiting for the window {s.window}" if waiting else "")
 
     # -- moving back --------------------------------------------------------------------------
 
