@@ -224,9 +224,12 @@ class Reconciler:
             self.state.order_epoch, self.state.observed_generation = epoch, desired.generation
             self._retry.clear()
             self.store.save(self.state)
-        for name in set(self.swaps.names()) - {dm.name for dm in desired.models}:
+        wanted = {dm.name for dm in desired.models}
+        for name in set(self.swaps.names()) - wanted:
             self.swaps.forget(name)
             self._retry.pop(WINDOW_RETRY + name, None)
+        for name in sorted(set(self.state.models) - wanted) if desired.exclusive else ():
+            self._drop(name)
         for dm in desired.models:
             self._converge(dm, desired.generation)
         self.publish_report()
@@ -274,6 +277,16 @@ class Reconciler:
             self.last_error = f"{dm.name}: {exc} (retry in {delay:.0f} s)"
             log.warning("%s", self.last_error)
             self._event(Kind.EVENT_KIND_FAILED, dm.digest, f"{exc}; retrying in {delay:.0f} s")
+
+    def _drop(self, name: str) -> None:
+        """An exclusive order no longer names ``name`` (e.g. its device left a continuous rollout's
+        selector and ran nothing before): stop serving it. The state file is written after, so a crash in
+        between serves it again on restart and drops it on the next pass."""
+        self.registry.remove(name)
+        del self.state.models[name]
+        self.store.save(self.state)
+        log.info("stopped serving %s: the desired state no longer names it", name)
+        self._event(Kind.EVENT_KIND_SWAPPED, "", f"stopped serving {name}: no longer desired")
 
     def _stage(self, dm: mpb.DesiredModel, slot: ModelSlot) -> Staged:
         """Fetch, verify and install on disk (not serving yet); returns it and the providers that fit."""

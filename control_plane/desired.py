@@ -109,6 +109,7 @@ def write_desired(
         models=sorted(models, key=lambda m: m.name),
         issued_at=issued,
         rollout_id=rollout_id,
+        exclusive=True,  # the stored models are everything this device should serve
     )
     expires_at, key_id = None, ""
     if signer is not None:
@@ -116,6 +117,7 @@ def write_desired(
         order = Order(
             device_id, fleet_epoch(tx, now), generation, now, expires_at, rollout_id,
             tuple(OrderedModel(m.name, m.digest, m.version, m.rollback, m.window) for m in state.models),
+            exclusive=True,
         )  # fmt: skip
         key = signer.keyring.current()
         key_id = key.key_id

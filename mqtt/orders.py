@@ -53,11 +53,14 @@ class Order:
     expires_at: float
     rollout_id: str
     models: tuple[OrderedModel, ...]
+    exclusive: bool = False  # the models are all the device serves: any other name stops
 
     def to_bytes(self) -> bytes:
         """The canonical bytes that are signed."""
+        extra = {"exclusive": True} if self.exclusive else {}  # absent when unset: the old bytes
         return canonical_bytes(
             {
+                **extra,
                 "format": ORDER_FORMAT,
                 "device_id": self.device_id,
                 "epoch": self.epoch,
@@ -80,7 +83,7 @@ class Order:
             return cls(
                 _typed(doc["device_id"], str), _typed(doc["epoch"], int), _typed(doc["counter"], int),
                 float(_typed(doc["issued_at"], (int, float))), float(_typed(doc["expires_at"], (int, float))),
-                _typed(doc["rollout_id"], str), models,
+                _typed(doc["rollout_id"], str), models, _typed(doc.get("exclusive", False), bool),
             )  # fmt: skip
         except (ArtifactError, KeyError, TypeError) as exc:
             raise OrderError(f"signed order is malformed: {exc}") from exc
@@ -88,7 +91,10 @@ class Order:
     def to_desired(self) -> mqtt_pb2.DesiredState:
         """The DesiredState this order means, built from the signed fields only."""
         state = mqtt_pb2.DesiredState(
-            device_id=self.device_id, generation=self.counter, rollout_id=self.rollout_id
+            device_id=self.device_id,
+            generation=self.counter,
+            rollout_id=self.rollout_id,
+            exclusive=self.exclusive,
         )
         state.issued_at.FromNanoseconds(int(self.issued_at * 1e9))
         for m in self.models:

@@ -69,10 +69,16 @@ class DesiredState(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     SIGNED_FIELD_NUMBER: _builtins.int
     KEY_ROTATIONS_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """Increases with every change, so an agent ignores a stale retained message."""
     rollout_id: _builtins.str
+    exclusive: _builtins.bool
+    """Set by control planes that list every model the device must serve: the agent stops serving any
+    other name (a device sent back to "nothing", e.g. when it leaves a continuous rollout's selector).
+    Unset (older control planes), a name missing from models keeps serving. Signed with the order.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesiredModel]: ...
     @_builtins.property
@@ -101,10 +107,11 @@ class DesiredState(_message.Message):
         rollout_id: _builtins.str = ...,
         signed: Global___SignedPayload | None = ...,
         key_rotations: _abc.Iterable[Global___SignedPayload] | None = ...,
+        exclusive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "signed", b"signed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at", b"issued_at", "key_rotations", b"key_rotations", "models", b"models", "rollout_id", b"rollout_id", "signed", b"signed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "exclusive", b"exclusive", "generation", b"generation", "issued_at", b"issued_at", "key_rotations", b"key_rotations", "models", b"models", "rollout_id", b"rollout_id", "signed", b"signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
