@@ -20,10 +20,9 @@ from edgectl.control_plane.desired import Publication
 if TYPE_CHECKING:
     from edgectl.control_plane.controller import RolloutController
 
-# Matching the selector reads every device row: at most this often per rollout (wall clock, not the
-# rollout clock, since it paces work and decides nothing).
+# Matching the selector reads every device row: at most this often per rollout (monotonic time, not
+# the rollout clock, since it paces work and decides nothing).
 SCAN_INTERVAL_S = 0.5
-_last_scan: dict[str, float] = {}
 
 
 def follow(
@@ -49,9 +48,9 @@ def follow(
     if r.state == rs.PAUSED:
         return publications
     tick = time.monotonic()
-    if tick - _last_scan.get(r.id, float("-inf")) < SCAN_INTERVAL_S:
+    if tick - ctrl.scanned_at.get(r.id, float("-inf")) < SCAN_INTERVAL_S:
         return publications + _next(ctrl, tx, r, idx, now, None)
-    _last_scan[r.id] = tick
+    ctrl.scanned_at[r.id] = tick
     matching = rs.matching_devices(tx, r.selector)
     rows = {p.device_id: p for p in rs.devices(tx, r.id)}
     for p in rows.values():
