@@ -65,7 +65,7 @@ class RolloutController:
         # commit can then never reach the broker after that step's newer order (agents would
         # refuse the older one as a replay, and it would stay retained).
         self._publishing = threading.Lock()
-        self.scanned_at: dict[str, float] = {}  # continuous rollout id -> last selector scan (monotonic)
+        self.scan_due: dict[str, float] = {}  # continuous rollout id -> next selector scan (monotonic)
 
     def step_all(self) -> None:
         with self.store.tx() as tx:

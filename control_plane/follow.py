@@ -20,9 +20,11 @@ from edgectl.control_plane.desired import Publication
 if TYPE_CHECKING:
     from edgectl.control_plane.controller import RolloutController
 
-# Matching the selector reads every device row: at most this often per rollout (monotonic time, not
-# the rollout clock, since it paces work and decides nothing).
+# Matching the selector reads every device row (about 80 ms for 10,000 devices on SQLite): at most
+# every SCAN_INTERVAL_S per rollout, and never more than a tenth of the leader's time (monotonic
+# time, not the rollout clock: it paces work and decides nothing).
 SCAN_INTERVAL_S = 0.5
+SCAN_SHARE = 0.1
 
 
 def follow(
@@ -48,10 +50,11 @@ def follow(
     if r.state == rs.PAUSED:
         return publications
     tick = time.monotonic()
-    if tick - ctrl.scanned_at.get(r.id, float("-inf")) < SCAN_INTERVAL_S:
+    if tick < ctrl.scan_due.get(r.id, float("-inf")):
         return publications + _next(ctrl, tx, r, idx, now, None)
-    ctrl.scanned_at[r.id] = tick
     matching = rs.matching_devices(tx, r.selector)
+    took = time.monotonic() - tick
+    ctrl.scan_due[r.id] = tick + max(SCAN_INTERVAL_S, took / SCAN_SHARE)
     rows = {p.device_id: p for p in rs.devices(tx, r.id)}
     for p in rows.values():
         if p.device_id in matching:
