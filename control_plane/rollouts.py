@@ -96,6 +96,12 @@ class Rollouts:
         )  # fmt: skip
         with self.store.tx() as tx:
             busy = rs.busy_devices(tx)
+            # A continuous rollout also holds the devices its selector matches but has not moved yet.
+            for other in (rs.get(tx, i) for i in rs.active_ids(tx)):
+                if other.strategy.continuous:
+                    busy.update(
+                        {d.id: other.id for d in targets if other.selector.matches(d.id, d.effective_labels)}
+                    )
             clash = sorted(d.id for d in targets if d.id in busy)
             if clash:
                 raise FailedPrecondition(

@@ -239,14 +239,30 @@ def test_continuous_rollout_follows_late_devices_and_label_changes(
         plane.fleet.label("dev-b", {"site": "lab"}, [])
         wait_for(lambda: sim.digests("digits")["dev-b"] == new, 15, what="dev-b following again")
 
-        # a new rollout to those devices is refused while the continuous one holds them; abort ends it
+        # a new rollout to those devices is refused while the continuous one holds them, even to a
+        # device it has not reached yet (labelled a moment ago); abort ends it
         with pytest.raises(grpc.RpcError) as err:
             client.rollouts.Create(request_, timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and rollout.id in err.value.details()
+        client.rollouts.Pause(RP.RolloutActionRequest(id=rollout.id), timeout=10)  # paused: no joins
+        _devices(sim, ["not-yet"], old)
+        wait_for(lambda: len(plane.fleet.list_devices()) == 9, 10, what="registered")
+        plane.fleet.label("not-yet", {"site": "lab"}, [])
+        threading.Event().wait(0.6)
+        assert "not-yet" not in _states(client, rollout.id)
+        one = RP.CreateRolloutRequest(
+            artifact="digits:2", selector=common_pb2.Selector(device_ids=["not-yet"]),
+            strategy=RP.Strategy(waves=["100%"]),
+        )  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            client.rollouts.Create(one, timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and rollout.id in err.value.details()
+        client.rollouts.Resume(RP.RolloutActionRequest(id=rollout.id), timeout=10)
+        wait_for(lambda: sim.digests("digits")["not-yet"] == new, 15, what="not-yet joined once resumed")
         aborted = client.rollouts.Abort(RP.RolloutActionRequest(id=rollout.id), timeout=10)
         assert aborted.state == RP.ROLLOUT_STATE_ABORTED
         _devices(sim, ["after-abort"], old)
-        wait_for(lambda: len(plane.fleet.list_devices()) == 9, 10, what="registered")
+        wait_for(lambda: len(plane.fleet.list_devices()) == 10, 10, what="registered")
         plane.fleet.label("after-abort", {"site": "lab"}, [])
         threading.Event().wait(1.0)
         assert sim.digests("digits")["after-abort"] == old, "an aborted rollout follows no more"
