@@ -74,7 +74,8 @@ def follow(
             # Skipped while offline (or decommissioned and enrolled again): it is back, so it joins.
             rs.update_device(tx, r.id, device_id, now, wave=idx, state=rs.D_PENDING, reason="")
     size = len(rs.devices(tx, r.id, idx))
-    rs.update_wave(tx, r.id, idx, size=size)
+    if size != wave.size:
+        rs.update_wave(tx, r.id, idx, size=size)
     return publications + _next(ctrl, tx, r, idx, now, matching)
 
 

@@ -331,3 +331,25 @@ def test_cli_deploy_flags_and_resume(
     assert code == 0, out
     assert json.loads(out)["waves"][-1]["state"] == "WAVE_STATE_IN_PROGRESS"
     assert set(sim.digests("digits").values()) == {new}
+
+
+def test_rollouts_stored_before_these_options_load_with_their_defaults(state_url: str) -> None:
+    """No schema change: the options live in the strategy JSON, so a row an older release wrote
+    (without them) reads back as a one-shot, immediate rollout with no window, on both stores."""
+    from edgectl.control_plane.store import StateStore
+
+    store = StateStore(state_url)
+    old_strategy = {"waves": ["1", "100%"], "max_failures": "0", "health_timeout_s": 60}
+    with store.tx() as tx:
+        tx.execute(
+            "INSERT INTO rollouts (id, artifact_digest, artifact_name, artifact_version, selector, strategy, "
+            "state, created_at, updated_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("r-old", "sha256:" + "a" * 64, "digits", 1, json.dumps({"labels": {"site": "lab"}, "device_ids": []}),
+             json.dumps(old_strategy), rs.SUCCEEDED, 1.0, 1.0, "ci"),
+        )  # fmt: skip
+        record = rs.get(tx, "r-old")
+    spec = record.strategy
+    assert (spec.continuous, spec.start_at, spec.window, spec.pause_after_waves) == (False, 0.0, "", ())
+    round_trip = type(spec).from_dict(spec.to_dict())
+    assert round_trip == spec
+    store.close()
