@@ -305,7 +305,7 @@ def test_cli_deploy_flags_and_resume(
     code, out = run("deploy", "digits", "--to", "role=cam", "--window", "Mon-Fri 25:00-26:00")
     assert code == 2 and "does not exist" in out
     code, out = run("deploy", "digits", "--to", "role=cam", "--start-at", "tomorrow")
-    assert code != 0 and "ISO 8601" in out
+    assert code == 2 and "ISO 8601" in out
     code, out = run(
         "deploy", "digits", "--to", "role=cam", "--strategy", "1,100%", "--continuous", "--start-at", "+1h",
         "--window", "Sat,Sun 22:00-02:00 UTC", "--pause-after-wave", "1", "--json",
