@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -91,9 +92,16 @@ class Agent:
     """
 
     def __init__(
-        self, config: AgentConfig, *, serve: bool = True, grpc_options: Sequence[tuple[str, Any]] = ()
+        self,
+        config: AgentConfig,
+        *,
+        serve: bool = True,
+        grpc_options: Sequence[tuple[str, Any]] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: wall time for maintenance windows (tests inject one; order expiry stays real)."""
         self.config = config
+        self.clock = clock
         self._grpc_options = tuple(grpc_options)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.facts = gather_facts()
@@ -229,6 +237,7 @@ class Agent:
             self.metrics,
             _MqttReporter(self.link),
             FleetTrust.load(cfg.data_dir, self.creds, cfg.fleet_key),
+            clock=self.clock,
         )
 
     def _serve_local_dir(self) -> None:

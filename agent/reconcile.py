@@ -16,6 +16,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,7 @@ from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.orders import AcceptedOrder, FleetTrust
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.staging import Staged, SwapWindows
 from edgectl.agent.state import AgentState, Installed, ModelSlot, StateStore
 from edgectl.agent.verify import DeviceFit, check_fit, check_identity, check_rollback, verify_signed
 from edgectl.artifact import ArtifactError
@@ -45,6 +47,7 @@ Kind = mpb.EventKind
 # itself with SIGKILL (a real kill -9, no cleanup) when it reaches that step.
 CRASHPOINT_ENV = "EDGECTL_AGENT_CRASHPOINT"
 STATE_RETRY = "$state"  # the retry timer of a pass that could not write the state file
+WINDOW_RETRY = "$window:"  # + model name: look again when its maintenance window opens
 
 
 def crashpoint(name: str) -> None:
@@ -89,8 +92,11 @@ class Reconciler:
         metrics: AgentMetrics,
         reporter: Reporter,
         fleet_trust: FleetTrust | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: wall time for maintenance windows (tests inject one; order expiry stays real)."""
         self.settings = settings
+        self.swaps = SwapWindows(clock)  # staged artifacts waiting for a maintenance window
         self.store = store
         self.artifacts = artifacts
         self.fetcher = fetcher
@@ -218,6 +224,12 @@ class Reconciler:
             self.state.order_epoch, self.state.observed_generation = epoch, desired.generation
             self._retry.clear()
             self.store.save(self.state)
+        wanted = {dm.name for dm in desired.models}
+        for name in set(self.swaps.names()) - wanted:
+            self.swaps.forget(name)
+            self._retry.pop(WINDOW_RETRY + name, None)
+        for name in sorted(set(self.state.models) - wanted) if desired.exclusive else ():
+            self._drop(name)
         for dm in desired.models:
             self._converge(dm, desired.generation)
         self.publish_report()
@@ -225,6 +237,8 @@ class Reconciler:
     def _converge(self, dm: mpb.DesiredModel, generation: int) -> None:
         slot = self.state.slot(dm.name)
         if slot.active is not None and slot.active.digest == dm.digest:
+            self._retry.pop(WINDOW_RETRY + dm.name, None)
+            self.swaps.forget(dm.name)
             if slot.failed_digest:
                 slot.failed_digest = slot.failure_reason = ""
                 self.store.save(self.state)
@@ -235,8 +249,19 @@ class Reconciler:
         if retry is not None and retry[0] > time.monotonic():
             return
         try:
-            self._install(dm, slot)
+            window = self.swaps.window(dm)
+            staged = self.swaps.staged(dm) or self.swaps.put(dm.name, self._stage(dm, slot))
+            wait = self.swaps.wait(dm, window)
+            if wait is not None:  # downloaded and verified; the swap waits for the window
+                self._retry[WINDOW_RETRY + dm.name] = (time.monotonic() + wait.delay_s, 0)
+                if wait.message:
+                    self._event(Kind.EVENT_KIND_STAGED, dm.digest, wait.message)
+                return
+            self._retry.pop(WINDOW_RETRY + dm.name, None)
+            self.swaps.forget(dm.name)
+            self._activate(dm, slot, staged.installed, staged.providers)
         except RefusedError as exc:
+            self.swaps.forget(dm.name)
             self._refused.add((dm.digest, generation))
             self._retry.pop(dm.digest, None)
             slot.failed_digest, slot.failure_reason = dm.digest, str(exc)
@@ -253,7 +278,18 @@ class Reconciler:
             log.warning("%s", self.last_error)
             self._event(Kind.EVENT_KIND_FAILED, dm.digest, f"{exc}; retrying in {delay:.0f} s")
 
-    def _install(self, dm: mpb.DesiredModel, slot: ModelSlot) -> None:
+    def _drop(self, name: str) -> None:
+        """An exclusive order no longer names ``name`` (e.g. its device left a continuous rollout's
+        selector and ran nothing before): stop serving it. The state file is written after, so a crash in
+        between serves it again on restart and drops it on the next pass."""
+        self.registry.remove(name)
+        del self.state.models[name]
+        self.store.save(self.state)
+        log.info("stopped serving %s: the desired state no longer names it", name)
+        self._event(Kind.EVENT_KIND_SWAPPED, "", f"stopped serving {name}: no longer desired")
+
+    def _stage(self, dm: mpb.DesiredModel, slot: ModelSlot) -> Staged:
+        """Fetch, verify and install on disk (not serving yet); returns it and the providers that fit."""
         digest = dm.digest
         self._event(Kind.EVENT_KIND_FETCH_STARTED, digest, f"fetching {dm.name} version {dm.version or '?'}")
         manifest_bytes, signatures, _ = self.fetcher.get_manifest(digest)
@@ -279,6 +315,13 @@ class Reconciler:
             digest,
             f"fetched {report.bytes_fetched} bytes, reused {report.bytes_reused} of {report.bytes_total}",
         )
+        return Staged(installed, providers)
+
+    def _activate(
+        self, dm: mpb.DesiredModel, slot: ModelSlot, installed: Installed, providers: tuple[str, ...]
+    ) -> None:
+        """Load, smoke-test and swap a staged artifact in; then commit the state file."""
+        digest = dm.digest
         crashpoint("before-swap")
         model_provider = self._load(installed, providers)
         crashpoint("after-swap-before-commit")
@@ -291,7 +334,8 @@ class Reconciler:
         crashpoint("after-commit")
         self._event(Kind.EVENT_KIND_SWAPPED, digest, f"serving {dm.name} version {installed.version}")
         self.last_error = ""
-        self.artifacts.gc([i for s in self.state.models.values() for i in (s.active, s.previous) if i])
+        keep = [i for s in self.state.models.values() for i in (s.active, s.previous) if i]
+        self.artifacts.gc(keep + self.swaps.keep())
 
     def _load(self, installed: Installed, providers: tuple[str, ...] | None = None) -> str:
         """Verify, load, smoke-test and install one artifact into the registry; returns its EP."""
@@ -343,6 +387,7 @@ class Reconciler:
                 execution_provider=served.model.provider if served else "",
                 failed_digest=slot.failed_digest,
                 failure_reason=slot.failure_reason,
+                staged_digest=self.swaps.waiting_digest(name),
             )
             failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
         failing |= bool(rs.last_error)

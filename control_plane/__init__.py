@@ -21,6 +21,7 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
   chunk bytes over MQTT).
 - ``rollouts``, ``rollout_store``: operator intent and its persistence (waves, progress, event log).
 - ``controller``: the leader's wave-by-wave health-gated rollout and automatic rollback.
+- ``follow``: a continuous rollout after its waves: late joiners one by one, leavers sent back.
 - ``desired``: desired state written before it is published, republished on (re)connect.
 - ``bus``: the MQTT connection: retained desired state out, device reports in.
 - ``ingest``: the leader's MQTT loop: batched report and event ingest.

@@ -27,8 +27,9 @@ from edgectl.control_plane.desired import (
     write_desired,
 )
 from edgectl.control_plane.errors import NotFound
+from edgectl.control_plane.follow import follow
 from edgectl.control_plane.store import StateStore
-from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget
+from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget, parse_window
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class RolloutController:
         # commit can then never reach the broker after that step's newer order (agents would
         # refuse the older one as a replay, and it would stay retained).
         self._publishing = threading.Lock()
+        self.scan_due: dict[str, float] = {}  # continuous rollout id -> next selector scan (monotonic)
 
     def step_all(self) -> None:
         with self.store.tx() as tx:
@@ -113,6 +115,8 @@ class RolloutController:
         publications: list[Publication] = []
         with self.store.tx() as tx:
             r = rs.get(tx, rollout_id)
+            if r.state == rs.PENDING and now < r.strategy.start_at:
+                return  # scheduled: --start-at has not come yet
             if r.state == rs.PENDING:
                 rs.update(tx, r.id, now, state=rs.RUNNING)
                 rs.add_event(tx, r.id, "state_changed", now, message="RUNNING")
@@ -129,23 +133,17 @@ class RolloutController:
     def _advance(self, tx: Tx, r: rs.RolloutRecord, now: float) -> list[Publication]:
         waves = rs.waves(tx, r.id)
         wave = waves[r.current_wave]
+        if r.strategy.continuous and wave.idx == len(waves) - 1:
+            return follow(self, tx, r, wave, now)
         if wave.state == rs.W_PENDING:
-            return [] if r.state == rs.PAUSED else self._start_wave(tx, r, wave.idx, now)
-        failures = r.failures
-        for progress, live in rs.with_live(tx, r.id, (rs.D_DESIRED,), wave.idx):
-            verdict = self._judge(r, progress, live, now)
-            if verdict.soak_started:
-                rs.update_device(tx, r.id, progress.device_id, now, healthy_since=now)
-            if verdict.state == rs.D_DESIRED:
-                continue
-            rs.update_device(tx, r.id, progress.device_id, now, state=verdict.state, reason=verdict.reason)
-            kinds: dict[int, str] = {rs.D_HEALTHY: "device_healthy", rs.D_FAILED: "device_failed"}
-            kind = kinds.get(verdict.state, "device_skipped")
-            rs.add_event(tx, r.id, kind, now, wave.idx, progress.device_id, verdict.reason)
-            failures += verdict.state == rs.D_FAILED
+            if r.state == rs.PAUSED or now < r.strategy.start_at:
+                return []
+            return self._start_wave(tx, r, wave.idx, now)
+        failures = r.failures + self.judge_wave(tx, r, wave.idx, now).count(rs.D_FAILED)
         if failures != r.failures:
             rs.update(tx, r.id, now, failures=failures)
-        targets = sum(w.size for w in waves)
+        # A continuous rollout's last wave is its followers': the budget covers the initial set only.
+        targets = sum(w.size for w in (waves[:-1] if r.strategy.continuous else waves))
         budget = failure_budget(r.strategy.max_failures, targets)
         if failures > budget:
             rs.update_wave(tx, r.id, wave.idx, state=rs.W_FAILED, finished_at=now)
@@ -170,13 +168,38 @@ class RolloutController:
             rs.add_event(tx, r.id, "state_changed", now, message="SUCCEEDED" + (f": {note}" if note else ""))
             return []
         rs.update(tx, r.id, now, current_wave=wave.idx + 1)
+        if wave.idx + 1 in r.strategy.pause_after_waves and r.state == rs.RUNNING:
+            reason = f"paused after wave {wave.idx + 1}: check it, then `edgectl rollout resume {r.id}`"
+            rs.update(tx, r.id, now, state=rs.PAUSED, reason=reason)
+            rs.add_event(tx, r.id, "state_changed", now, wave.idx, message=f"PAUSED: {reason}")
+            return []
         if r.state == rs.PAUSED:
             return []
-        return self._start_wave(tx, rs.get(tx, r.id), wave.idx + 1, now)
+        r = rs.get(tx, r.id)
+        if r.strategy.continuous and wave.idx + 2 == len(waves):
+            return follow(self, tx, r, waves[-1], now)
+        return self._start_wave(tx, r, wave.idx + 1, now)
+
+    def judge_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[int]:
+        """Judge every device of wave ``idx`` still waiting; returns the verdicts that were final."""
+        final: list[int] = []
+        for progress, live in rs.with_live(tx, r.id, (rs.D_DESIRED,), idx):
+            verdict = self._judge(r, progress, live, now)
+            if verdict.soak_started:
+                rs.update_device(tx, r.id, progress.device_id, now, healthy_since=now)
+            if verdict.state == rs.D_DESIRED:
+                if verdict.reason != progress.reason:  # e.g. "staged, waiting for ..." for `rollout status`
+                    rs.update_device(tx, r.id, progress.device_id, now, reason=verdict.reason)
+                continue
+            rs.update_device(tx, r.id, progress.device_id, now, state=verdict.state, reason=verdict.reason)
+            kinds: dict[int, str] = {rs.D_HEALTHY: "device_healthy", rs.D_FAILED: "device_failed"}
+            kind = kinds.get(verdict.state, "device_skipped")
+            rs.add_event(tx, r.id, kind, now, idx, progress.device_id, verdict.reason)
+            final.append(verdict.state)
+        return final
 
     def _start_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[Publication]:
         publications: list[Publication] = []
-        deadline = now + r.strategy.health_timeout_s
         for progress, live in rs.with_live(tx, r.id, (rs.D_PENDING,), idx):
             if live is None:
                 rs.update_device(
@@ -184,24 +207,36 @@ class RolloutController:
                 )
                 rs.add_event(tx, r.id, "device_skipped", now, idx, progress.device_id, "decommissioned")
                 continue
-            _, models = current_models(tx, progress.device_id)
-            active = live.models.get(r.artifact_name)
-            wanted = next((m for m in models if m.name == r.artifact_name), None)
-            # What to go back to: what the device serves, else what it was told to serve.
-            prev_digest = active.digest if active and active.digest else (wanted.digest if wanted else "")
-            prev_version = active.version if active and active.digest else (wanted.version if wanted else 0)
-            models = with_model(models, r.artifact_name, r.artifact_digest, r.artifact_version)
-            publication = self._write(tx, progress.device_id, models, r.id, now)
-            publications.append(publication)
-            rs.update_device(
-                tx, r.id, progress.device_id, now, state=rs.D_DESIRED, previous_digest=prev_digest,
-                previous_version=prev_version, deadline=deadline, generation=publication.generation,
-            )  # fmt: skip
+            publications.append(self.move_device(tx, r, progress.device_id, live, now))
         rs.update_wave(tx, r.id, idx, state=rs.W_IN_PROGRESS, started_at=now)
         rs.add_event(
             tx, r.id, "wave_started", now, idx, message=f"{len(publications)} device(s) told to move"
         )
         return publications
+
+    def move_device(
+        self, tx: Tx, r: rs.RolloutRecord, device_id: str, live: rs.LiveDevice, now: float
+    ) -> Publication:
+        """Tell one device to run the rollout's artifact and start its health clock."""
+        window = parse_window(r.strategy.window)
+        # Inside a maintenance window the device swaps only once it opens: the clock starts then.
+        deadline = (window.next_open(now) if window else now) + r.strategy.health_timeout_s
+        _, models = current_models(tx, device_id)
+        active = live.models.get(r.artifact_name)
+        wanted = next((m for m in models if m.name == r.artifact_name), None)
+        # What to go back to: what the device serves, else what it was told to serve.
+        prev_digest = active.digest if active and active.digest else (wanted.digest if wanted else "")
+        prev_version = active.version if active and active.digest else (wanted.version if wanted else 0)
+        models = with_model(
+            models, r.artifact_name, r.artifact_digest, r.artifact_version, window=r.strategy.window
+        )
+        publication = self._write(tx, device_id, models, r.id, now)
+        rs.update_device(
+            tx, r.id, device_id, now, state=rs.D_DESIRED, previous_digest=prev_digest,
+            previous_version=prev_version, deadline=deadline, generation=publication.generation,
+            healthy_since=None,
+        )  # fmt: skip
+        return publication
 
     def _judge(
         self, r: rs.RolloutRecord, p: rs.ProgressRecord, live: rs.LiveDevice | None, now: float
@@ -228,6 +263,7 @@ class RolloutController:
         # A failure counts only once the device has seen this desired state, not from an old report.
         if model and model.failed_digest == r.artifact_digest and live.observed_generation >= p.generation:
             return Verdict(rs.D_FAILED, model.failure_reason or "the device refused the artifact")
+        waiting = model is not None and model.staged_digest == r.artifact_digest
         if p.deadline is not None and now >= p.deadline:
             if not live.online:
                 if s.offline_policy == OFFLINE_SKIP:
@@ -236,7 +272,7 @@ class RolloutController:
                     )
                 return Verdict(rs.D_FAILED, f"offline: no healthy report within {s.health_timeout_s}s")
             return Verdict(rs.D_FAILED, f"not healthy within the {s.health_timeout_s}s health timeout")
-        return Verdict(rs.D_DESIRED)
+        return Verdict(rs.D_DESIRED, f"staged, waiting for the window {s.window}" if waiting else "")
 
     # -- moving back --------------------------------------------------------------------------
 
@@ -248,22 +284,9 @@ class RolloutController:
             if live is None:
                 rs.update_device(tx, r.id, p.device_id, now, state=rs.D_SKIPPED, reason="decommissioned")
                 continue
-            try:
-                _, models = current_models(tx, p.device_id)
-            except NotFound:
-                continue
-            wanted = next((m for m in models if m.name == r.artifact_name), None)
-            if wanted is None or wanted.digest != r.artifact_digest:
-                # A later rollout moved it on; going back would undo that one.
-                rs.update_device(
-                    tx, r.id, p.device_id, now, state=rs.D_SKIPPED, reason="moved on by a later rollout"
-                )
-                continue
-            models = with_model(models, r.artifact_name, p.previous_digest, p.previous_version, rollback=True)
-            publications.append(self._write(tx, p.device_id, models, r.id, now))
-            back_to = p.previous_digest or "nothing (model removed)"
-            rs.update_device(tx, r.id, p.device_id, now, state=rs.D_ROLLED_BACK, reason=f"back to {back_to}")
-            rs.add_event(tx, r.id, "device_rolled_back", now, p.wave, p.device_id, f"back to {back_to}")
+            publication = self.send_back(tx, r, p, now)
+            if publication is not None:
+                publications.append(publication)
         if publications or r.stop_deadline is None:
             rs.update(tx, r.id, now, stop_deadline=now + r.strategy.health_timeout_s)
             return publications
@@ -280,6 +303,28 @@ class RolloutController:
         rs.update(tx, r.id, now, state=final, reason=r.reason + note)
         rs.add_event(tx, r.id, "state_changed", now, message=f"{rs.state_name(final)}: {r.reason}{note}")
         return []
+
+    def send_back(
+        self, tx: Tx, r: rs.RolloutRecord, p: rs.ProgressRecord, now: float, why: str = ""
+    ) -> Publication | None:
+        """Move one device back to what it ran before this rollout (ROLLED_BACK); None when a later
+        rollout already moved it on (SKIPPED: going back would undo that one) or it is gone."""
+        try:
+            _, models = current_models(tx, p.device_id)
+        except NotFound:
+            return None
+        wanted = next((m for m in models if m.name == r.artifact_name), None)
+        if wanted is None or wanted.digest != r.artifact_digest:
+            rs.update_device(
+                tx, r.id, p.device_id, now, state=rs.D_SKIPPED, reason="moved on by a later rollout"
+            )
+            return None
+        models = with_model(models, r.artifact_name, p.previous_digest, p.previous_version, rollback=True)
+        publication = self._write(tx, p.device_id, models, r.id, now)
+        back_to = f"{why}back to {p.previous_digest or 'nothing (model removed)'}"
+        rs.update_device(tx, r.id, p.device_id, now, state=rs.D_ROLLED_BACK, reason=back_to)
+        rs.add_event(tx, r.id, "device_rolled_back", now, p.wave, p.device_id, back_to)
+        return publication
 
     @staticmethod
     def _is_back(r: rs.RolloutRecord, p: rs.ProgressRecord, live: rs.LiveDevice) -> bool:

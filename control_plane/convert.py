@@ -85,6 +85,10 @@ def strategy_from(msg: rollouts_pb2.Strategy) -> StrategySpec:
         max_error_rate=msg.max_error_rate,
         max_p99_ms=msg.max_p99_ms,
         offline_policy=int(msg.offline_policy or OFFLINE_FAIL),
+        continuous=msg.continuous,
+        start_at=seconds(msg.start_at) if msg.HasField("start_at") else 0.0,
+        window=msg.window.strip(),
+        pause_after_waves=tuple(sorted(set(msg.pause_after_waves))),
     )
 
 
@@ -97,6 +101,10 @@ def strategy_to(spec: StrategySpec) -> rollouts_pb2.Strategy:
         max_error_rate=spec.max_error_rate,
         max_p99_ms=spec.max_p99_ms,
         offline_policy=spec.offline_policy,  # type: ignore[arg-type]
+        continuous=spec.continuous,
+        start_at=ts(spec.start_at) if spec.start_at else None,
+        window=spec.window,
+        pause_after_waves=list(spec.pause_after_waves),
     )
 
 

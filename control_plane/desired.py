@@ -109,13 +109,15 @@ def write_desired(
         models=sorted(models, key=lambda m: m.name),
         issued_at=issued,
         rollout_id=rollout_id,
+        exclusive=True,  # the stored models are everything this device should serve
     )
     expires_at, key_id = None, ""
     if signer is not None:
         expires_at = now + signer.ttl_s
         order = Order(
             device_id, fleet_epoch(tx, now), generation, now, expires_at, rollout_id,
-            tuple(OrderedModel(m.name, m.digest, m.version, m.rollback) for m in state.models),
+            tuple(OrderedModel(m.name, m.digest, m.version, m.rollback, m.window) for m in state.models),
+            exclusive=True,
         )  # fmt: skip
         key = signer.keyring.current()
         key_id = key.key_id
@@ -141,12 +143,20 @@ def orders_to_refresh(tx: Tx, signer: OrderSigner, now: float) -> list[tuple[str
 
 
 def with_model(
-    models: list[mqtt_pb2.DesiredModel], name: str, digest: str, version: int, rollback: bool = False
+    models: list[mqtt_pb2.DesiredModel],
+    name: str,
+    digest: str,
+    version: int,
+    rollback: bool = False,
+    window: str = "",
 ) -> list[mqtt_pb2.DesiredModel]:
-    """``models`` with the entry for serving name ``name`` replaced (or added); an empty digest removes it."""
+    """``models`` with the entry for serving name ``name`` replaced (or added); an empty digest removes
+    it. ``window``: swap only inside this maintenance window (a rollback never waits for one)."""
     out = [m for m in models if m.name != name]
     if digest:
-        out.append(mqtt_pb2.DesiredModel(name=name, digest=digest, version=version, rollback=rollback))
+        out.append(
+            mqtt_pb2.DesiredModel(name=name, digest=digest, version=version, rollback=rollback, window=window)
+        )
     return out
 
 

@@ -49,13 +49,14 @@ class ModelState:
     failed_digest: str = ""
     failure_reason: str = ""
     previous_digest: str = ""
+    staged_digest: str = ""  # downloaded and verified, waiting for its maintenance window
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as the device row keeps it."""
         return {
             "digest": self.digest, "version": self.version, "smoke": self.smoke_test_passed,
             "failed_digest": self.failed_digest, "failure_reason": self.failure_reason,
-            "previous_digest": self.previous_digest,
+            "previous_digest": self.previous_digest, "staged_digest": self.staged_digest,
         }  # fmt: skip
 
     @classmethod
@@ -64,6 +65,7 @@ class ModelState:
         return cls(
             name, obj.get("digest", ""), int(obj.get("version", 0)), bool(obj.get("smoke", False)),
             obj.get("failed_digest", ""), obj.get("failure_reason", ""), obj.get("previous_digest", ""),
+            obj.get("staged_digest", ""),
         )  # fmt: skip
 
 
@@ -361,6 +363,7 @@ class Fleet:
                 m.failed_digest,
                 m.failure_reason,
                 m.previous_digest,
+                m.staged_digest,
             ).to_dict()
             for m in state.models
         }

@@ -166,6 +166,31 @@ def insert(tx: Tx, r: RolloutRecord, sizes: list[int], device_ids: list[str]) ->
     )
 
 
+def matching_devices(tx: Tx, selector: Selector) -> dict[str, bool]:
+    """Device id -> online, for every device the selector matches now (a continuous rollout's scan).
+
+    The labels matched are the fleet's effective labels: the agent's own, overridden by the operator's.
+    """
+    out: dict[str, bool] = {}
+    for r in tx.all("SELECT id, labels, reported_labels, online FROM devices ORDER BY id"):
+        if selector.matches(r[0], {**loads(r[2], {}), **loads(r[1], {})}):
+            out[str(r[0])] = bool(r[3])
+    return out
+
+
+def add_device(tx: Tx, rollout_id: str, device_id: str, wave: int, now: float) -> None:
+    """A device that joined a continuous rollout's selector, pending in ``wave``."""
+    tx.execute(
+        "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, updated_at) VALUES (?, ?, ?, ?, ?)",
+        (rollout_id, device_id, wave, D_PENDING, now),
+    )
+
+
+def remove_device(tx: Tx, rollout_id: str, device_id: str) -> None:
+    """Forget a device that left a continuous rollout's selector (the event log keeps its history)."""
+    tx.execute("DELETE FROM rollout_devices WHERE rollout_id = ? AND device_id = ?", (rollout_id, device_id))
+
+
 def get(tx: Tx, rollout_id: str) -> RolloutRecord:
     row = tx.one(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?", (rollout_id,))
     if row is None:

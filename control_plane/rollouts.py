@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
@@ -20,6 +21,23 @@ from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import StrategySpec, failure_budget
 from edgectl.labels import Selector
+
+# A --start-at this far in the past is a mistake (a typo, a stale script), not "now".
+START_AT_SLACK_S = 300.0
+
+
+def _plan(s: StrategySpec) -> str:
+    """The schedule part of the "created" event, e.g. ", starts 2026-12-01 01:00 UTC, pauses after 1"."""
+    parts = []
+    if s.start_at:
+        parts.append(f"starts {datetime.fromtimestamp(s.start_at, timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    if s.window:
+        parts.append(f"swaps only in {s.window}")
+    if s.pause_after_waves:
+        parts.append(f"pauses after wave {', '.join(map(str, s.pause_after_waves))}")
+    if s.continuous:
+        parts.append("then follows the selector")
+    return "".join(f", {p}" for p in parts)
 
 
 class Rollouts:
@@ -31,8 +49,10 @@ class Rollouts:
         artifacts: ArtifactStore,
         fleet: Fleet,
         wake: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.artifacts = artifacts
         self.fleet = fleet
         self._wake = wake or (lambda: None)
@@ -51,35 +71,50 @@ class Rollouts:
             raise InvalidArgument(
                 "the device selector is empty", hint="select devices by labels (site=lab) or ids (id=cam-07)"
             )
-        strategy.validate(1)  # syntax first: a bad strategy is reported even when no device matches
+        strategy.validate(
+            1, syntax_only=True
+        )  # syntax first: a bad strategy is reported even when no device matches
+        now = self.clock()
+        if strategy.start_at and strategy.start_at < now - START_AT_SLACK_S:
+            raise InvalidArgument(
+                f"the start time is {now - strategy.start_at:.0f} s in the past",
+                hint="give a future time, e.g. --start-at +2h, or leave --start-at out to start now",
+            )
         artifact = self.artifacts.resolve(artifact_ref)
         self.artifacts.check_trusted(artifact)
         targets = self.fleet.list_devices(selector)
-        if not targets:
+        if not targets and not strategy.continuous:
             raise FailedPrecondition(
-                f"selector {selector} matches no device", hint="check labels with `edgectl devices ls`"
+                f"selector {selector} matches no device",
+                hint="check labels with `edgectl devices ls`, or deploy --continuous to wait for devices",
             )
         sizes = strategy.validate(len(targets))
         targets.sort(key=lambda d: (not d.online, d.id))
-        now = time.time()
         record = rs.RolloutRecord(
             "r-" + secrets.token_hex(4), artifact.digest, artifact.name, artifact.version, selector, strategy,
             rs.PENDING, 0, 0, "", 0, None, now, now, created_by,
         )  # fmt: skip
         with self.store.tx() as tx:
             busy = rs.busy_devices(tx)
+            # A continuous rollout also holds the devices its selector matches but has not moved yet.
+            for other in (rs.get(tx, i) for i in rs.active_ids(tx)):
+                if other.strategy.continuous:
+                    busy.update(
+                        {d.id: other.id for d in targets if other.selector.matches(d.id, d.effective_labels)}
+                    )
             clash = sorted(d.id for d in targets if d.id in busy)
             if clash:
                 raise FailedPrecondition(
                     f"{len(clash)} selected device(s) are already in rollout {busy[clash[0]]} (e.g. {clash[0]})",
                     hint=f"wait for it to finish, or abort it: edgectl rollout abort {busy[clash[0]]}",
                 )
-            rs.insert(tx, record, sizes, [d.id for d in targets])
+            # A continuous rollout's extra, last wave holds the devices that match later.
+            rs.insert(tx, record, sizes + [0] * strategy.continuous, [d.id for d in targets])
             budget = failure_budget(strategy.max_failures, len(targets))
             rs.add_event(
                 tx, record.id, "created", now,
                 message=f"{artifact.name}:{artifact.version} to {len(targets)} device(s) in {len(sizes)} wave(s), "
-                f"failure budget {budget}",
+                f"failure budget {budget}{_plan(strategy)}",
             )  # fmt: skip
             view = rs.view(tx, record.id)
         self._notify()
@@ -126,7 +161,7 @@ class Rollouts:
     def _transition(
         self, rollout_id: str, allowed: tuple[int, ...], target: int, reason: str
     ) -> rs.RolloutView:
-        now = time.time()
+        now = self.clock()
         with self.store.tx() as tx:
             current = rs.get(tx, rollout_id)
             if current.state not in allowed:

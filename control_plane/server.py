@@ -11,6 +11,8 @@ import json
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +155,13 @@ def load_security(config: ControlPlaneConfig) -> FleetSecurity | None:
 class ControlPlane:
     """One replica of the control plane, assembled from its parts."""
 
-    def __init__(self, config: ControlPlaneConfig, trust: TrustStore | None = None) -> None:
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        trust: TrustStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock``: the rollouts' time (schedules, windows, deadlines); tests inject one."""
         self.config = config
         self.security = load_security(config)
         broker = self.security.broker_credentials if self.security else None
@@ -189,10 +197,10 @@ class ControlPlane:
         )
         self.controller = RolloutController(
             self.store, self.bus, on_wave_done=lambda seconds: self.metrics.wave_seconds.observe(seconds),
-            signer=OrderSigner(fleet_key, config.order_ttl_s) if fleet_key else None,
+            signer=OrderSigner(fleet_key, config.order_ttl_s) if fleet_key else None, clock=clock,
         )  # fmt: skip
         self.loop = ControllerLoop(self.controller, config.tick_seconds)
-        self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake)
+        self.rollouts = Rollouts(self.store, self.artifacts, self.fleet, wake=self.loop.wake, clock=clock)
         self.audit = AuditLog(self.store)
         self.chunks = ChunkServer(
             self.artifacts, self.bus, deployed=self._deployed if self.security else None,

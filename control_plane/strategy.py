@@ -6,12 +6,14 @@ Pure functions over plain values, shared by the server (validating requests) and
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from edgectl.control_plane.errors import InvalidArgument
+from edgectl.window import MaintenanceWindow, WindowError
 
 _WAVE_RE = re.compile(r"^(\d+)(%?)$")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
@@ -85,6 +87,31 @@ def parse_duration(text: str) -> float:
     return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
 
 
+def parse_start_at(text: str, now: float) -> float:
+    """``+2h`` / ``+30m`` (from ``now``) or ISO 8601 (``2026-12-01T02:00+01:00``; without an offset,
+    the local time of the machine parsing it) into epoch seconds."""
+    text = text.strip()
+    if text.startswith("+"):
+        return now + parse_duration(text[1:])
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"start time {text!r} is neither ISO 8601 nor relative",
+            hint="e.g. --start-at +2h or --start-at 2026-12-01T02:00+01:00",
+        ) from exc
+
+
+def parse_window(text: str) -> MaintenanceWindow | None:
+    """The maintenance window a strategy names (None for none), as an InvalidArgument when bad."""
+    if not text.strip():
+        return None
+    try:
+        return MaintenanceWindow.parse(text)
+    except WindowError as exc:
+        raise InvalidArgument(str(exc.args[0]), hint=exc.hint) from exc
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """A validated rollout strategy, as stored with the rollout."""
@@ -96,10 +123,28 @@ class StrategySpec:
     max_error_rate: float = 0.0
     max_p99_ms: float = 0.0
     offline_policy: int = OFFLINE_FAIL
+    continuous: bool = False  # keep following the selector after the waves
+    start_at: float = 0.0  # epoch seconds; 0: at once
+    window: str = ""  # maintenance window for swaps (edgectl.window); "": any time
+    pause_after_waves: tuple[int, ...] = ()  # 1-based waves after which the rollout pauses
 
-    def validate(self, targets: int) -> list[int]:
-        """Check every field against ``targets`` devices; returns the wave sizes."""
-        sizes = wave_sizes(list(self.waves), targets)
+    def validate(self, targets: int, syntax_only: bool = False) -> list[int]:
+        """Check every field against ``targets`` devices; returns the wave sizes.
+
+        A continuous rollout may start with no device: it waits for the first to match.
+        ``syntax_only`` skips what depends on how many waves the targets make."""
+        sizes = [] if self.continuous and targets == 0 else wave_sizes(list(self.waves), targets)
+        parse_window(self.window)
+        # Pausing after the last wave only means something when the rollout goes on following.
+        last = len(sizes) if self.continuous else len(sizes) - 1
+        for n in self.pause_after_waves:
+            if n < 1 or (sizes and not syntax_only and n > last):
+                raise InvalidArgument(
+                    f"--pause-after-wave {n}: this rollout has {len(sizes)} wave(s)",
+                    hint=f"pick a wave from 1 to {last}"
+                    if last
+                    else "a single wave has nothing to pause before",
+                )
         failure_budget(self.max_failures, targets)
         if self.health_timeout_s <= 0:
             raise InvalidArgument("health timeout must be positive", hint="e.g. --health-timeout 2m")
@@ -121,6 +166,10 @@ class StrategySpec:
             "max_error_rate": self.max_error_rate,
             "max_p99_ms": self.max_p99_ms,
             "offline_policy": self.offline_policy,
+            "continuous": self.continuous,
+            "start_at": self.start_at,
+            "window": self.window,
+            "pause_after_waves": list(self.pause_after_waves),
         }
 
     @classmethod
@@ -134,4 +183,8 @@ class StrategySpec:
             max_error_rate=float(obj.get("max_error_rate", 0.0)),
             max_p99_ms=float(obj.get("max_p99_ms", 0.0)),
             offline_policy=int(obj.get("offline_policy", OFFLINE_FAIL)),
+            continuous=bool(obj.get("continuous", False)),
+            start_at=float(obj.get("start_at", 0.0)),
+            window=str(obj.get("window", "")),
+            pause_after_waves=tuple(int(n) for n in obj.get("pause_after_waves", ())),
         )

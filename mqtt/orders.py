@@ -39,6 +39,7 @@ class OrderedModel:
     digest: str
     version: int
     rollback: bool = False
+    window: str = ""  # maintenance window for the swap (edgectl.window); "": at once
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,14 @@ class Order:
     expires_at: float
     rollout_id: str
     models: tuple[OrderedModel, ...]
+    exclusive: bool = False  # the models are all the device serves: any other name stops
 
     def to_bytes(self) -> bytes:
         """The canonical bytes that are signed."""
+        extra = {"exclusive": True} if self.exclusive else {}  # absent when unset: the old bytes
         return canonical_bytes(
             {
+                **extra,
                 "format": ORDER_FORMAT,
                 "device_id": self.device_id,
                 "epoch": self.epoch,
@@ -64,10 +68,7 @@ class Order:
                 "issued_at": round(self.issued_at, 3),
                 "expires_at": round(self.expires_at, 3),
                 "rollout_id": self.rollout_id,
-                "models": [
-                    {"name": m.name, "digest": m.digest, "version": m.version, "rollback": m.rollback}
-                    for m in self.models
-                ],
+                "models": [_model_doc(m) for m in self.models],
             }
         )
 
@@ -82,7 +83,7 @@ class Order:
             return cls(
                 _typed(doc["device_id"], str), _typed(doc["epoch"], int), _typed(doc["counter"], int),
                 float(_typed(doc["issued_at"], (int, float))), float(_typed(doc["expires_at"], (int, float))),
-                _typed(doc["rollout_id"], str), models,
+                _typed(doc["rollout_id"], str), models, _typed(doc.get("exclusive", False), bool),
             )  # fmt: skip
         except (ArtifactError, KeyError, TypeError) as exc:
             raise OrderError(f"signed order is malformed: {exc}") from exc
@@ -90,11 +91,16 @@ class Order:
     def to_desired(self) -> mqtt_pb2.DesiredState:
         """The DesiredState this order means, built from the signed fields only."""
         state = mqtt_pb2.DesiredState(
-            device_id=self.device_id, generation=self.counter, rollout_id=self.rollout_id
+            device_id=self.device_id,
+            generation=self.counter,
+            rollout_id=self.rollout_id,
+            exclusive=self.exclusive,
         )
         state.issued_at.FromNanoseconds(int(self.issued_at * 1e9))
         for m in self.models:
-            state.models.add(name=m.name, digest=m.digest, version=m.version, rollback=m.rollback)
+            state.models.add(
+                name=m.name, digest=m.digest, version=m.version, rollback=m.rollback, window=m.window
+            )
         return state
 
     def expired(self, now: float | None = None) -> bool:
@@ -108,6 +114,15 @@ def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+def _model_doc(m: OrderedModel) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": m.name, "digest": m.digest, "version": m.version, "rollback": m.rollback}
+    if m.window:
+        # Only when set: orders without a window keep the bytes they always had, and an agent that
+        # predates windows ignores the key (it swaps at once) instead of failing to parse.
+        doc["window"] = m.window
+    return doc
+
+
 def _model(obj: Any) -> OrderedModel:
     if not isinstance(obj, dict):
         raise TypeError("each model must be an object")
@@ -115,8 +130,9 @@ def _model(obj: Any) -> OrderedModel:
     if digest and not is_digest(digest):
         raise TypeError(f"model digest {digest!r} is not sha256:<64 hex>")
     return OrderedModel(
-        _typed(obj["name"], str), digest, _typed(obj["version"], int), _typed(obj["rollback"], bool)
-    )
+        _typed(obj["name"], str), digest, _typed(obj["version"], int), _typed(obj["rollback"], bool),
+        _typed(obj.get("window", ""), str),
+    )  # fmt: skip
 
 
 def sign(payload: bytes, key: SigningKey) -> mqtt_pb2.SignedPayload:

@@ -35,7 +35,7 @@ from edgectl.cli.remote import (
     short_digest,
 )
 from edgectl.client import ControlPlaneClient, push_artifact
-from edgectl.control_plane.strategy import parse_duration
+from edgectl.control_plane.strategy import parse_duration, parse_start_at, parse_window
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.labels import parse_selector
 from edgectl.protos.v1 import common_pb2, rollouts_pb2
@@ -59,8 +59,31 @@ def deploy(
         0.0, help="fail a device whose p99 latency (ms) exceeds this during the soak"
     ),
     offline: str = typer.Option("fail", help="a device offline past the timeout: fail or skip"),
+    continuous: bool = typer.Option(
+        False,
+        "--continuous",
+        help="after the waves, keep following the selector: devices that match later get the model, "
+        "devices that stop matching go back to what they ran before",
+    ),
+    start_at: str = typer.Option(
+        "", "--start-at", help="start later: +2h, +30m or ISO 8601 (2026-12-01T02:00+01:00)"
+    ),
+    window: str = typer.Option(
+        "",
+        "--window",
+        help='devices swap only inside this window, e.g. "Mon-Fri 01:00-04:00 Europe/Berlin" '
+        "(they download at once)",
+    ),
+    pause_after_wave: list[int] = typer.Option(
+        [],
+        "--pause-after-wave",
+        help="pause after wave N (1-based) until `edgectl rollout resume`; repeatable",
+    ),
     watch: bool = typer.Option(
-        False, "--watch", "-w", help="follow the rollout live; exit 0 only on success"
+        False,
+        "--watch",
+        "-w",
+        help="follow the rollout live; exit 0 only on success (with --continuous: once it follows)",
     ),
     server: str | None = ServerOpt,
     token: str | None = TokenOpt,
@@ -70,9 +93,11 @@ def deploy(
     """Roll an artifact out to the devices a selector picks, in gated waves.
 
     Example: edgectl deploy digits:3 --to site=lab --strategy 1,10%,50%,100% --max-failures 1 --watch
+    Example: edgectl deploy digits:3 --to site=lab --continuous --window "Mon-Fri 01:00-04:00 Europe/Berlin"
     """
     if offline not in ("fail", "skip"):
         raise UsageError(f"--offline {offline!r} must be fail or skip")
+    parse_window(window)  # a typo fails here, before anything is pushed
     spec = rollouts_pb2.Strategy(
         waves=[w.strip() for w in strategy.split(",") if w.strip()],
         max_failures=max_failures,
@@ -83,7 +108,12 @@ def deploy(
         offline_policy=rollouts_pb2.OFFLINE_POLICY_SKIP
         if offline == "skip"
         else rollouts_pb2.OFFLINE_POLICY_FAIL,
+        continuous=continuous,
+        window=window.strip(),
+        pause_after_waves=pause_after_wave,
     )
+    if start_at:
+        spec.start_at.FromNanoseconds(int(parse_start_at(start_at, time.time()) * 1e9))
     selector = parse_selector(to)
     with connect(server, token, ca) as client:
         ref = artifact
@@ -106,6 +136,9 @@ def deploy(
                 print_json(message_to_dict(rollout))
             else:
                 console.print(f"rollout [bold]{rollout.id}[/] created: {_summary(rollout)}")
+                if rollout.strategy.HasField("start_at"):
+                    starts = rollout.strategy.start_at.ToDatetime().isoformat(timespec="seconds")
+                    console.print(f"it starts at {starts} UTC (until then it is PENDING)")
                 console.print(f"follow it with: edgectl rollout status {rollout.id} --watch")
             return
         final = _watch(client, rollout.id, quiet=json_out)
@@ -118,12 +151,27 @@ class RolloutFailedError(EdgectlError):
     exit_code = 5
 
 
+def _following(r: rollouts_pb2.Rollout) -> bool:
+    """A continuous rollout whose initial waves are done: it runs on, following its selector."""
+    return (
+        r.strategy.continuous
+        and r.state == rollouts_pb2.ROLLOUT_STATE_RUNNING
+        and bool(r.waves)
+        and r.waves[-1].state == rollouts_pb2.WAVE_STATE_IN_PROGRESS
+    )
+
+
 def _finish(rollout: rollouts_pb2.Rollout, fmt: Output) -> None:
-    """Print the rollout's end as ``fmt`` asks; RolloutFailedError (exit 5) unless it succeeded."""
+    """Print the rollout's end as ``fmt`` asks; RolloutFailedError (exit 5) unless it succeeded
+    (or, continuous, follows its selector once its waves are done)."""
     machine = fmt in (Output.JSON, Output.YAML)
     if machine:
         show(fmt, message_to_dict(rollout), lambda wide: Table())
     state = enum_name(rollout.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_")
+    if _following(rollout):
+        if not machine:
+            console.print(f"[green]rollout {rollout.id}: waves done, following its selector[/]")
+        return
     if rollout.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
         raise RolloutFailedError(
             f"rollout {rollout.id} ended {state}" + (f": {rollout.reason}" if rollout.reason else "")
@@ -187,6 +235,9 @@ def _watch(client: ControlPlaneClient, rollout_id: str, quiet: bool = False) -> 
             for event in stream:
                 where = f" {event.device_id}" if event.device_id else ""
                 events.append(f"#{event.sequence} {event.kind}{where} {event.message}".rstrip())
+                if event.kind == "following":
+                    stream.cancel()
+                    break  # a continuous rollout never ends on its own: its waves are done
                 if time.monotonic() - last_draw > 0.25 or event.HasField("rollout"):
                     rollout = client.call(client.rollouts.Get, get)
                     live.update(_rollout_table(rollout, events))
@@ -299,8 +350,14 @@ def _action(action: str, summary: str) -> None:
 
 for _name, _summary_text in [
     ("pause", "Pause a rollout: the current wave finishes, the next does not start."),
-    ("resume", "Resume a paused rollout."),
-    ("abort", "Stop a rollout; devices already moved keep the new artifact."),
+    (
+        "resume",
+        "Resume a paused rollout (paused by hand or by deploy --pause-after-wave): the next wave starts.",
+    ),
+    (
+        "abort",
+        "Stop a rollout (a continuous one stops following); devices already moved keep the new artifact.",
+    ),
     ("rollback", "Stop a rollout and move every moved device back to its previous artifact."),
 ]:
     _action(_name, _summary_text)

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from edgectl.protos.v1 import fleet_pb2 as edgectl_dot_protos_dot_v1_dot_fleet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gectl/protos/v1/mqtt.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1d\x65\x64gectl/protos/v1/fleet.proto\"\xff\x01\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.edgectl.v1.DesiredModel\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrollout_id\x18\x05 \x01(\t\x12)\n\x06signed\x18\x06 \x01(\x0b\x32\x19.edgectl.v1.SignedPayload\x12\x30\n\rkey_rotations\x18\x07 \x03(\x0b\x32\x19.edgectl.v1.SignedPayload\"C\n\rSignedPayload\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"_\n\x0c\x44\x65siredModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08rollback\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\"\x8e\x03\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1b\n\x13observed_generation\x18\x02 \x01(\x03\x12\'\n\x06models\x18\x03 \x03(\x0b\x32\x17.edgectl.v1.ActiveModel\x12(\n\x06health\x18\x04 \x01(\x0e\x32\x18.edgectl.v1.DeviceHealth\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x35\n\x06labels\x18\x07 \x03(\x0b\x32%.edgectl.v1.ReportedState.LabelsEntry\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12/\n\x0breported_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05stats\x18\n \x01(\x0b\x32\x18.edgectl.v1.ServingStats\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\x0b\x41\x63tiveModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x19\n\x11smoke_test_passed\x18\x04 \x01(\x08\x12\x17\n\x0fprevious_digest\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x15\n\rfailed_digest\x18\x07 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x08 \x01(\t\"q\n\x0cServingStats\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x12\n\nerror_rate\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x13\n\x0b\x62urst_share\x18\x04 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x03\"Y\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb7\x01\n\x0b\x44\x65viceEvent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.edgectl.v1.EventKind\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbytes_done\x18\x06 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x03\"d\n\x0c\x43hunkRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x02 \x01(\t\x12\x15\n\rchunk_digests\x18\x03 \x03(\t\x12\x10\n\x08manifest\x18\x04 \x01(\x08\"\x86\x01\n\tChunkData\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hunk_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08manifest\x18\x06 \x01(\x0c\x12\x12\n\nsignatures\x18\x07 \x01(\x0c\"Z\n\nLogRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsince_unix\x18\x02 \x01(\x01\x12\x11\n\tmax_lines\x18\x03 \x01(\r\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"k\n\x0bLogResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.edgectl.v1.LogLine\x12\x11\n\ttruncated\x18\x04 \x01(\x08*\xad\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_FETCH_STARTED\x10\x01\x12\x1d\n\x19\x45VENT_KIND_FETCH_PROGRESS\x10\x02\x12\x17\n\x13\x45VENT_KIND_VERIFIED\x10\x03\x12\x15\n\x11\x45VENT_KIND_STAGED\x10\x04\x12 \n\x1c\x45VENT_KIND_SMOKE_TEST_PASSED\x10\x05\x12\x16\n\x12\x45VENT_KIND_SWAPPED\x10\x06\x12\x16\n\x12\x45VENT_KIND_REFUSED\x10\x07\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x08\x12\x18\n\x14\x45VENT_KIND_HEARTBEAT\x10\t\x12\x14\n\x10\x45VENT_KIND_BURST\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gectl/protos/v1/mqtt.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1d\x65\x64gectl/protos/v1/fleet.proto\"\x92\x02\n\x0c\x44\x65siredState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.edgectl.v1.DesiredModel\x12-\n\tissued_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrollout_id\x18\x05 \x01(\t\x12)\n\x06signed\x18\x06 \x01(\x0b\x32\x19.edgectl.v1.SignedPayload\x12\x30\n\rkey_rotations\x18\x07 \x03(\x0b\x32\x19.edgectl.v1.SignedPayload\x12\x11\n\texclusive\x18\x08 \x01(\x08\"C\n\rSignedPayload\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"o\n\x0c\x44\x65siredModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08rollback\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06window\x18\x06 \x01(\t\"\x8e\x03\n\rReportedState\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1b\n\x13observed_generation\x18\x02 \x01(\x03\x12\'\n\x06models\x18\x03 \x03(\x0b\x32\x17.edgectl.v1.ActiveModel\x12(\n\x06health\x18\x04 \x01(\x0e\x32\x18.edgectl.v1.DeviceHealth\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x35\n\x06labels\x18\x07 \x03(\x0b\x32%.edgectl.v1.ReportedState.LabelsEntry\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12/\n\x0breported_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05stats\x18\n \x01(\x0b\x32\x18.edgectl.v1.ServingStats\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd2\x01\n\x0b\x41\x63tiveModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x19\n\x11smoke_test_passed\x18\x04 \x01(\x08\x12\x17\n\x0fprevious_digest\x18\x05 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x15\n\rfailed_digest\x18\x07 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x08 \x01(\t\x12\x15\n\rstaged_digest\x18\t \x01(\t\"q\n\x0cServingStats\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x12\n\nerror_rate\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x13\n\x0b\x62urst_share\x18\x04 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x03\"Y\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb7\x01\n\x0b\x44\x65viceEvent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.edgectl.v1.EventKind\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbytes_done\x18\x06 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x03\"d\n\x0c\x43hunkRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x02 \x01(\t\x12\x15\n\rchunk_digests\x18\x03 \x03(\t\x12\x10\n\x08manifest\x18\x04 \x01(\x08\"\x86\x01\n\tChunkData\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hunk_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08manifest\x18\x06 \x01(\x0c\x12\x12\n\nsignatures\x18\x07 \x01(\x0c\"Z\n\nLogRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsince_unix\x18\x02 \x01(\x01\x12\x11\n\tmax_lines\x18\x03 \x01(\r\x12\x11\n\tmax_bytes\x18\x04 \x01(\r\"k\n\x0bLogResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\"\n\x05lines\x18\x03 \x03(\x0b\x32\x13.edgectl.v1.LogLine\x12\x11\n\ttruncated\x18\x04 \x01(\x08*\xad\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_FETCH_STARTED\x10\x01\x12\x1d\n\x19\x45VENT_KIND_FETCH_PROGRESS\x10\x02\x12\x17\n\x13\x45VENT_KIND_VERIFIED\x10\x03\x12\x15\n\x11\x45VENT_KIND_STAGED\x10\x04\x12 \n\x1c\x45VENT_KIND_SMOKE_TEST_PASSED\x10\x05\x12\x16\n\x12\x45VENT_KIND_SWAPPED\x10\x06\x12\x16\n\x12\x45VENT_KIND_REFUSED\x10\x07\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x08\x12\x18\n\x14\x45VENT_KIND_HEARTBEAT\x10\t\x12\x14\n\x10\x45VENT_KIND_BURST\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTEDSTATE_LABELSENTRY']._loaded_options = None
   _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTKIND']._serialized_start=1956
-  _globals['_EVENTKIND']._serialized_end=2257
+  _globals['_EVENTKIND']._serialized_start=2014
+  _globals['_EVENTKIND']._serialized_end=2315
   _globals['_DESIREDSTATE']._serialized_start=109
-  _globals['_DESIREDSTATE']._serialized_end=364
-  _globals['_SIGNEDPAYLOAD']._serialized_start=366
-  _globals['_SIGNEDPAYLOAD']._serialized_end=433
-  _globals['_DESIREDMODEL']._serialized_start=435
-  _globals['_DESIREDMODEL']._serialized_end=530
-  _globals['_REPORTEDSTATE']._serialized_start=533
-  _globals['_REPORTEDSTATE']._serialized_end=931
-  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_start=886
-  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_end=931
-  _globals['_ACTIVEMODEL']._serialized_start=934
-  _globals['_ACTIVEMODEL']._serialized_end=1121
-  _globals['_SERVINGSTATS']._serialized_start=1123
-  _globals['_SERVINGSTATS']._serialized_end=1236
-  _globals['_DEVICESTATUS']._serialized_start=1238
-  _globals['_DEVICESTATUS']._serialized_end=1327
-  _globals['_DEVICEEVENT']._serialized_start=1330
-  _globals['_DEVICEEVENT']._serialized_end=1513
-  _globals['_CHUNKREQUEST']._serialized_start=1515
-  _globals['_CHUNKREQUEST']._serialized_end=1615
-  _globals['_CHUNKDATA']._serialized_start=1618
-  _globals['_CHUNKDATA']._serialized_end=1752
-  _globals['_LOGREQUEST']._serialized_start=1754
-  _globals['_LOGREQUEST']._serialized_end=1844
-  _globals['_LOGRESPONSE']._serialized_start=1846
-  _globals['_LOGRESPONSE']._serialized_end=1953
+  _globals['_DESIREDSTATE']._serialized_end=383
+  _globals['_SIGNEDPAYLOAD']._serialized_start=385
+  _globals['_SIGNEDPAYLOAD']._serialized_end=452
+  _globals['_DESIREDMODEL']._serialized_start=454
+  _globals['_DESIREDMODEL']._serialized_end=565
+  _globals['_REPORTEDSTATE']._serialized_start=568
+  _globals['_REPORTEDSTATE']._serialized_end=966
+  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_start=921
+  _globals['_REPORTEDSTATE_LABELSENTRY']._serialized_end=966
+  _globals['_ACTIVEMODEL']._serialized_start=969
+  _globals['_ACTIVEMODEL']._serialized_end=1179
+  _globals['_SERVINGSTATS']._serialized_start=1181
+  _globals['_SERVINGSTATS']._serialized_end=1294
+  _globals['_DEVICESTATUS']._serialized_start=1296
+  _globals['_DEVICESTATUS']._serialized_end=1385
+  _globals['_DEVICEEVENT']._serialized_start=1388
+  _globals['_DEVICEEVENT']._serialized_end=1571
+  _globals['_CHUNKREQUEST']._serialized_start=1573
+  _globals['_CHUNKREQUEST']._serialized_end=1673
+  _globals['_CHUNKDATA']._serialized_start=1676
+  _globals['_CHUNKDATA']._serialized_end=1810
+  _globals['_LOGREQUEST']._serialized_start=1812
+  _globals['_LOGREQUEST']._serialized_end=1902
+  _globals['_LOGRESPONSE']._serialized_start=1904
+  _globals['_LOGRESPONSE']._serialized_end=2011
 # @@protoc_insertion_point(module_scope)

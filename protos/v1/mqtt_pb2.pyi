@@ -69,10 +69,16 @@ class DesiredState(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     SIGNED_FIELD_NUMBER: _builtins.int
     KEY_ROTATIONS_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     generation: _builtins.int
     """Increases with every change, so an agent ignores a stale retained message."""
     rollout_id: _builtins.str
+    exclusive: _builtins.bool
+    """Set by control planes that list every model the device must serve: the agent stops serving any
+    other name (a device sent back to "nothing", e.g. when it leaves a continuous rollout's selector).
+    Unset (older control planes), a name missing from models keeps serving. Signed with the order.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___DesiredModel]: ...
     @_builtins.property
@@ -101,10 +107,11 @@ class DesiredState(_message.Message):
         rollout_id: _builtins.str = ...,
         signed: Global___SignedPayload | None = ...,
         key_rotations: _abc.Iterable[Global___SignedPayload] | None = ...,
+        exclusive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "signed", b"signed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "generation", b"generation", "issued_at", b"issued_at", "key_rotations", b"key_rotations", "models", b"models", "rollout_id", b"rollout_id", "signed", b"signed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "exclusive", b"exclusive", "generation", b"generation", "issued_at", b"issued_at", "key_rotations", b"key_rotations", "models", b"models", "rollout_id", b"rollout_id", "signed", b"signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -147,6 +154,7 @@ class DesiredModel(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The serving name (KServe V2 model name)."""
     digest: _builtins.str
@@ -157,6 +165,11 @@ class DesiredModel(_message.Message):
     """
     source: _builtins.str
     """Where to download the artifact when it is not the agent's default control plane."""
+    window: _builtins.str
+    """A maintenance window, e.g. "Mon-Fri 01:00-04:00 Europe/Berlin": fetch, verify and stage at
+    once, swap only inside it (edgectl.window). Empty: swap at once. Signed with the order; an
+    agent that predates it ignores it and swaps at once.
+    """
     def __init__(
         self,
         *,
@@ -165,10 +178,11 @@ class DesiredModel(_message.Message):
         version: _builtins.int = ...,
         rollback: _builtins.bool = ...,
         source: _builtins.str = ...,
+        window: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "rollback", b"rollback", "source", b"source", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "rollback", b"rollback", "source", b"source", "version", b"version", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,6 +272,7 @@ class ActiveModel(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     FAILED_DIGEST_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    STAGED_DIGEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     digest: _builtins.str
     version: _builtins.int
@@ -268,6 +283,8 @@ class ActiveModel(_message.Message):
     failed_digest: _builtins.str
     """Set when the agent refused or failed the desired digest, with why."""
     failure_reason: _builtins.str
+    staged_digest: _builtins.str
+    """Fetched, verified and staged, waiting for the desired model's maintenance window to swap."""
     def __init__(
         self,
         *,
@@ -279,10 +296,11 @@ class ActiveModel(_message.Message):
         execution_provider: _builtins.str = ...,
         failed_digest: _builtins.str = ...,
         failure_reason: _builtins.str = ...,
+        staged_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "staged_digest", b"staged_digest", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

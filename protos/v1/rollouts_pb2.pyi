@@ -125,6 +125,10 @@ class Strategy(_message.Message):
     MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
     MAX_P99_MS_FIELD_NUMBER: _builtins.int
     OFFLINE_POLICY_FIELD_NUMBER: _builtins.int
+    CONTINUOUS_FIELD_NUMBER: _builtins.int
+    START_AT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    PAUSE_AFTER_WAVES_FIELD_NUMBER: _builtins.int
     max_failures: _builtins.str
     """Failure budget: "3" devices or "5%" of the targeted devices."""
     health_timeout_seconds: _builtins.int
@@ -134,9 +138,26 @@ class Strategy(_message.Message):
     max_error_rate: _builtins.float
     max_p99_ms: _builtins.float
     offline_policy: Global___OfflinePolicy.ValueType
+    continuous: _builtins.bool
+    """Keep following the selector after the waves: a device that enrolls later or gets matching
+    labels is moved on its own (one at a time, judged like any device; a failure is rolled back),
+    and a device that stops matching goes back to what it ran before (docs/operations.md).
+    """
+    window: _builtins.str
+    """Devices may fetch and stage at any time but swap only inside this window, e.g.
+    "Mon-Fri 01:00-04:00 Europe/Berlin" (edgectl.window). Empty: swap at once.
+    """
     @_builtins.property
     def waves(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Cumulative wave sizes, e.g. ["1", "10%", "50%", "100%"]."""
+
+    @_builtins.property
+    def start_at(self) -> _timestamp_pb2.Timestamp:
+        """Do not start before this time (unset: at once); the rollout stays PENDING until then."""
+
+    @_builtins.property
+    def pause_after_waves(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Pause (state PAUSED) after each of these waves (1-based) succeeds, for `edgectl rollout resume`."""
 
     def __init__(
         self,
@@ -148,10 +169,14 @@ class Strategy(_message.Message):
         max_error_rate: _builtins.float = ...,
         max_p99_ms: _builtins.float = ...,
         offline_policy: Global___OfflinePolicy.ValueType = ...,
+        continuous: _builtins.bool = ...,
+        start_at: _timestamp_pb2.Timestamp | None = ...,
+        window: _builtins.str = ...,
+        pause_after_waves: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_at", b"start_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_timeout_seconds", b"health_timeout_seconds", "max_error_rate", b"max_error_rate", "max_failures", b"max_failures", "max_p99_ms", b"max_p99_ms", "offline_policy", b"offline_policy", "soak_seconds", b"soak_seconds", "waves", b"waves"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continuous", b"continuous", "health_timeout_seconds", b"health_timeout_seconds", "max_error_rate", b"max_error_rate", "max_failures", b"max_failures", "max_p99_ms", b"max_p99_ms", "offline_policy", b"offline_policy", "pause_after_waves", b"pause_after_waves", "soak_seconds", b"soak_seconds", "start_at", b"start_at", "waves", b"waves", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

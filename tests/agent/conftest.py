@@ -188,8 +188,9 @@ def agent_config(tmp_path: Path, trust_file: Path, **kw: Any) -> AgentConfig:
 def make_agent(tmp_path: Path, trust_file: Path) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def _make(serve: bool = True, **kw: Any) -> Agent:
-        agent = Agent(agent_config(tmp_path, trust_file, **kw), serve=serve)
+    def _make(serve: bool = True, clock: Callable[[], float] | None = None, **kw: Any) -> Agent:
+        extra: dict[str, Any] = {"clock": clock} if clock else {}
+        agent = Agent(agent_config(tmp_path, trust_file, **kw), serve=serve, **extra)
         agent.start()
         agents.append(agent)
         return agent

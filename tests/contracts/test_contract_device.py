@@ -267,6 +267,19 @@ def test_a_rollback_returns_the_device_to_the_previous_version(setup: Setup) -> 
     assert setup.wire.desired[-1].models[0].rollback  # the downgrade was asked for as a rollback
 
 
+def test_rolling_back_a_first_install_stops_serving_the_model(setup: Setup) -> None:
+    """The way back from a device's first version is no version: the exclusive desired state no
+    longer names the model, the device stops serving it, and the rollback is confirmed."""
+    first = setup.rollout(setup.v1)
+    assert first.state == RP.ROLLOUT_STATE_SUCCEEDED
+    setup.cp.client.rollouts.Rollback(RP.RolloutActionRequest(id=first.id), timeout=10)
+    back = setup.wait_done(first.id)
+    assert back.state == RP.ROLLOUT_STATE_ROLLED_BACK and "did not confirm" not in back.reason, back.reason
+    setup.wire.drain()
+    assert setup.wire.desired[-1].exclusive and not setup.wire.desired[-1].models
+    wait_for(lambda: setup.wire.model() is None, 20, what="a report without the model")
+
+
 def test_a_device_that_stops_cleanly_is_seen_offline(setup: Setup) -> None:
     setup.device.stop()
     wait_for(lambda: not setup.seen().online, 15, what="the control plane to see the device offline")

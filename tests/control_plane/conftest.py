@@ -108,8 +108,9 @@ def cp_factory(
     made: list[ControlPlane] = []
 
     def make(
-        state_url: str | None = None, trust_store: TrustStore | None = None, **overrides: Any
-    ) -> ControlPlane:
+        state_url: str | None = None, trust_store: TrustStore | None = None,
+        clock: Callable[[], float] | None = None, **overrides: Any,
+    ) -> ControlPlane:  # fmt: skip
         settings: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "insecure": True,
@@ -120,7 +121,11 @@ def cp_factory(
             "leader_interval": 0.2,
         }
         config = ControlPlaneConfig(**{**settings, **overrides})  # overrides win (another broker, say)
-        cp = ControlPlane(config, trust=trust_store if trust_store is not None else trust)
+        cp = ControlPlane(
+            config,
+            trust=trust_store if trust_store is not None else trust,
+            **({"clock": clock} if clock else {}),
+        )
         cp.start()
         made.append(cp)
         return cp

@@ -201,6 +201,8 @@ class SimDevice:
     def apply(self, desired: mqtt_pb2.DesiredState) -> None:
         if desired.generation < self.highest_generation:
             return
+        for name in set(self.active) - {m.name for m in desired.models} if desired.exclusive else ():
+            del self.active[name]  # an exclusive order no longer names it: the agent stops serving it
         for want in desired.models:
             current = self.active.get(want.name)
             if current is not None and current.digest == want.digest:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +97,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 class Device:
     """One enrolled agent, driven through the control plane's API like an operator would."""
 
-    def __init__(self, rig: Rig, device_id: str, data_dir: Path) -> None:
+    def __init__(
+        self, rig: Rig, device_id: str, data_dir: Path, clock: Callable[[], float] = time.time
+    ) -> None:
         self.rig, self.id, self.data_dir = rig, device_id, data_dir
+        self.clock = clock  # the agent's wall clock for maintenance windows
         self.topics = DeviceTopics(device_id)
         self.agent: Agent | None = None
         self.start()
@@ -114,7 +117,7 @@ class Device:
             heartbeat_s=1.0, intra_op_threads=1, transport="grpc", control_plane=fleet.cp.device_address,
             enroll_server=fleet.cp.address, enroll_token=token, ca_file=fleet.layout.ca_cert,
         ).validate()  # fmt: skip
-        self.agent = Agent(config)
+        self.agent = Agent(config, clock=self.clock)
         self.agent.start()
         wait_for(lambda: self.record().online, 20, what=f"{self.id} online")
 
