@@ -39,6 +39,9 @@ class FetchSettings:
     max_bad_per_chunk: int = 3
     # Space left free after the download and the reassembled files (logs, other apps).
     reserve_bytes: int = 64 << 20
+    # How long a fallback stays first once it took over; then the configured first transport is
+    # tried again (presigned URLs after one failed S3 GET). None: until the fallback itself fails.
+    sticky_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,10 +125,18 @@ class ArtifactFetcher:
         self.transports = list(transports)
         self.settings = settings or FetchSettings()
         self._preferred: ArtifactTransport | None = None
+        self._preferred_since = 0.0
         self._rng = rng  # None: a fresh Random per process; tests pass a seeded one
+
+    def _prefer(self, transport: ArtifactTransport) -> None:
+        if transport is not self._preferred:
+            self._preferred, self._preferred_since = transport, time.monotonic()
 
     def _ordered(self) -> list[ArtifactTransport]:
         """The transports, the one that last worked first (a broker-only site stays on MQTT)."""
+        sticky = self.settings.sticky_s
+        if sticky is not None and time.monotonic() - self._preferred_since > sticky:
+            self._preferred = None  # the configured order again: the first transport gets a new try
         first = self._preferred
         return [first, *(t for t in self.transports if t is not first)] if first else list(self.transports)
 
@@ -135,7 +146,7 @@ class ArtifactFetcher:
         for t in self._ordered():
             try:
                 manifest, sigs = t.get_manifest(digest)
-                self._preferred = t
+                self._prefer(t)
                 return manifest, sigs, t.name
             except FetchError as exc:
                 errors.append(f"{t.name}: {exc}")
@@ -179,10 +190,10 @@ class ArtifactFetcher:
                 result = self._round(transport, job, todo)
                 rounds.append(result)
                 if result.error is None:
-                    self._preferred = transport
+                    self._prefer(transport)
                 todo = self.missing(manifest)
                 if not todo or result.made_progress:
-                    self._preferred = transport  # done, or it works: stay with it
+                    self._prefer(transport)  # done, or it works: stay with it
                     break
             last = rounds[-1]
             if last.made_progress:
