@@ -213,9 +213,11 @@ class ArtifactFetcher:
     def _round(self, transport: ArtifactTransport, job: _FetchJob, todo: list[str]) -> RoundResult:
         """Ask ``transport`` for ``todo`` in batches; store each chunk once it passes ``verify_chunk``."""
         stored = stored_bytes = corrupt = 0
+        # A transport may take bigger batches (presigned URLs: one control-plane call per batch).
+        batch = max(self.settings.chunks_per_request, getattr(transport, "max_batch", 0))
         try:
-            for start in range(0, len(todo), self.settings.chunks_per_request):
-                request = todo[start : start + self.settings.chunks_per_request]
+            for start in range(0, len(todo), batch):
+                request = todo[start : start + batch]
                 wanted = set(request)
                 for claimed, data in transport.fetch_chunks(job.digest, request):
                     if claimed not in wanted:

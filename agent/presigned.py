@@ -33,6 +33,9 @@ class PresignedTransport:
     """Manifest over gRPC, chunk bytes by presigned HTTP(S) GET from the blob store."""
 
     name = "presigned"
+    # Chunks per fetcher batch: one GetChunkUrls answers them all (a 50 MB artifact in one call),
+    # where a gRPC stream is kept to the fetcher's default batch.
+    max_batch = 512
 
     def __init__(
         self,
@@ -59,7 +62,6 @@ class PresignedTransport:
         if time.monotonic() < self._not_offered_until:
             raise UrlsNotOfferedError("the control plane hands out no chunk URLs (its blob store is local)")
         todo = list(chunks)
-        resigned = False
         while todo:
             try:
                 urls = self.control_plane.chunk_urls(digest, todo)
@@ -67,14 +69,13 @@ class PresignedTransport:
                 self._not_offered_until = time.monotonic() + NOT_OFFERED_S
                 log.info("control plane offers no chunk URLs; fetching through it instead")
                 raise
-            for u in urls:
+            for fetched, u in enumerate(urls):
                 try:
                     data = self._get(u.url, u.size)
                 except _Expired:
-                    if resigned:
+                    if not fetched:
                         raise FetchError(f"the blob store refuses freshly signed URLs for {digest}") from None
-                    resigned = True  # a slow link outlived the URLs: sign the rest again, once
-                    break
+                    break  # a slow link outlived these URLs: sign the rest again
                 todo.remove(u.chunk_digest)
                 yield u.chunk_digest, data
             else:

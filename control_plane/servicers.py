@@ -16,7 +16,7 @@ from edgectl.control_plane import convert
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
-from edgectl.control_plane.chunk_urls import DEFAULT_URL_TTL_S, chunk_urls
+from edgectl.control_plane.chunk_urls import DEFAULT_URL_TTL_S, ChunkUrlSigner
 from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.limits import PeerBudget, peer_host
@@ -55,7 +55,7 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
         self.artifacts = artifacts
         self.hooks = hooks
         self.deployed = deployed  # device id -> the digests it may fetch (None: no scoping)
-        self.url_ttl_s = url_ttl_s  # how long a presigned chunk URL works
+        self.signer = ChunkUrlSigner(artifacts, url_ttl_s)  # presigned chunk URLs (s3:// blobs)
 
     def _for_caller(self, ref: str) -> Any:
         """Resolve ``ref`` to its record; a device (mTLS) may see only what was deployed to it."""
@@ -134,7 +134,7 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
         # The same scoping as Download: a URL is the bytes, so a device gets URLs only for what
         # its desired state names (or the version before it).
         digest = self._for_caller(request.digest).digest
-        signed = chunk_urls(self.artifacts, digest, list(request.chunks), self.url_ttl_s)
+        signed = self.signer.urls(digest, list(request.chunks))
         return artifacts_pb2.GetChunkUrlsResponse(
             urls=[artifacts_pb2.ChunkUrl(chunk_digest=u.digest, url=u.url, size=u.size) for u in signed.urls],
             expires_at=convert.ts(signed.expires_at),

@@ -57,9 +57,11 @@ class ControlPlaneProcess:
         trust_pem: Path,
         log_level: str = "info",
         security_dir: Path | None = None,
+        blobs: str | None = None,
     ) -> None:
         """Insecure dev mode, or secured with ``security_dir`` (`edgectl broker config --out DIR`):
-        TLS + tokens on ``address``, mTLS for agents on ``device_address``."""
+        TLS + tokens on ``address``, mTLS for agents on ``device_address``. ``blobs``: the blob
+        store URL (default: a directory in ``work``; ``s3://...`` reads its endpoint from the env)."""
         self.work = work
         self.port = free_port()
         self.device_port = free_port()
@@ -77,7 +79,7 @@ class ControlPlaneProcess:
         )
         self.argv = [
             sys.executable, "-c", code, f"127.0.0.1:{self.port}", f"127.0.0.1:{self.device_port}", broker_url,
-            f"sqlite:///{work}/cp.db", str(work / "blobs"), str(trust_pem), log_level, str(security_dir or ""),
+            f"sqlite:///{work}/cp.db", blobs or str(work / "blobs"), str(trust_pem), log_level, str(security_dir or ""),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -194,6 +196,7 @@ class FleetRig:
         key: SigningKey,
         log_level: str = "info",
         security: BrokerLayout | None = None,
+        blobs: str | None = None,
     ) -> None:
         self.work = work
         self.broker = broker
@@ -212,6 +215,7 @@ class FleetRig:
             self.trust_pem,
             log_level,
             security.directory if security else None,
+            blobs,
         )
         self.cp.start()
         self.client = ControlPlaneClient(self.cp.address, timeout=60, credentials=self.credentials)
