@@ -9,6 +9,7 @@ bytes between the device and the bucket.
 from __future__ import annotations
 
 import contextlib
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -279,3 +280,32 @@ def test_a_local_disk_store_serves_through_download_and_plain_http_urls_need_con
         with urllib.request.urlopen(answer.urls[0].url, timeout=10) as resp:
             assert resp.headers.get("Cache-Control") == IMMUTABLE
             assert len(resp.read()) == answer.urls[0].size == chunk_sizes(v1.manifest)[chunk]
+
+
+def test_a_fallback_to_download_is_not_for_good_and_every_device_gets_the_same_url(
+    tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey,
+    bucket: Bucket, proxy: TcpProxy,
+) -> None:  # fmt: skip
+    with _plane(tmp_path, mosquitto, trust, bucket.url) as plane:
+        v1 = _push(plane, tmp_path, signing_key, 1, (1, 2, 3))
+        v2 = _push(plane, tmp_path, signing_key, 2, (1, 2, 4))
+        grpc_transport = GrpcTransport(plane.address, timeout_s=10)
+        f = ArtifactFetcher(
+            LocalBlobStore(tmp_path / "device-chunks"),
+            [
+                PresignedTransport(grpc_transport, allow_http=True, timeout_s=2, resume_tries=0),
+                grpc_transport,
+            ],
+            FetchSettings(retry_base_s=0.05, retry_max_s=0.2, sticky_s=0.5),
+        )
+        proxy.cut()  # the bucket is unreachable from the device: Download carries the bytes
+        assert _fetch(f, v1).transport == "grpc"
+        proxy.heal()
+        time.sleep(0.6)  # past sticky_s: the presigned transport gets its turn again
+        assert (_fetch(f, v2).transport, proxy.injected.downstream_bytes > 0) == ("presigned", True)
+        # One URL per chunk per window, whoever asks: a cache in front of the bucket sees one key.
+        chunk = sorted(all_chunk_digests(v1.manifest))[:1]
+        first = plane.client.artifacts.GetChunkUrls(apb.GetChunkUrlsRequest(digest=v1.digest, chunks=chunk))
+        time.sleep(1.1)  # a fresh signature would carry another X-Amz-Date
+        again = plane.client.artifacts.GetChunkUrls(apb.GetChunkUrlsRequest(digest=v1.digest, chunks=chunk))
+        assert first.urls[0].url == again.urls[0].url and first.expires_at == again.expires_at
