@@ -15,7 +15,6 @@ import http.client
 import logging
 import ssl
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,8 +50,7 @@ class PresignedTransport:
         self.timeout_s = timeout_s  # per socket operation: a stalled body counts as cut
         self.resume_tries = resume_tries  # Range resumes of one chunk before the round gives up
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        # No cookies, no auth handlers; proxies from the environment as any HTTP client honours.
-        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+        self._pool = _Connections(context, timeout_s)
         self._not_offered_until = 0.0
 
     def get_manifest(self, digest: str) -> tuple[bytes, bytes]:
@@ -92,9 +90,15 @@ class PresignedTransport:
         got = bytearray()
         failures = 0
         while True:
-            request = urllib.request.Request(url, headers={"Range": f"bytes={len(got)}-"} if got else {})
             try:
-                with self._opener.open(request, timeout=self.timeout_s) as resp:
+                resp = self._pool.get(url, {"Range": f"bytes={len(got)}-"} if got else {})
+                try:
+                    if resp.status == 403:
+                        raise _Expired()
+                    if resp.status == 416 and got:
+                        return bytes(got)  # nothing past what arrived: the fetcher judges its size
+                    if resp.status not in (200, 206):
+                        raise FetchError(f"blob store answered HTTP {resp.status} {resp.reason} for a chunk")
                     if got and not _resumes_at(resp, len(got)):
                         got.clear()  # the server ignored the range: take the whole object again
                     while len(got) <= size:
@@ -106,13 +110,10 @@ class PresignedTransport:
                         # http.client reads a closed socket as a short body, not as an error.
                         raise ConnectionResetError(f"the body stopped {resp.length} bytes short")
                     return bytes(got)
-            except urllib.error.HTTPError as exc:
-                if exc.code == 403:
-                    raise _Expired() from exc
-                if exc.code == 416 and got:
-                    return bytes(got)  # nothing past what arrived: the fetcher judges its size
-                raise FetchError(f"blob store answered HTTP {exc.code} {exc.reason} for a chunk") from exc
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                finally:
+                    self._pool.release(url, resp)
+            except (http.client.HTTPException, OSError) as exc:
+                self._pool.drop(url)
                 failures += 1
                 if failures > self.resume_tries:
                     raise FetchError(f"blob store GET failed {failures} times: {exc}") from exc
@@ -120,6 +121,54 @@ class PresignedTransport:
 
     def close(self) -> None:
         """Nothing to release: the gRPC channel belongs to the GrpcTransport it shares."""
+
+
+class _Connections:
+    """One kept-alive connection per origin: one TCP (and TLS) handshake per bucket, not per chunk.
+
+    An HTTPS proxy from the environment (``https_proxy``, ``no_proxy``) is used through CONNECT,
+    as other HTTP clients do. The transport fetches one chunk at a time, so there is no lock.
+    """
+
+    def __init__(self, context: ssl.SSLContext, timeout_s: float) -> None:
+        self._context = context
+        self._timeout_s = timeout_s
+        self._open: dict[str, http.client.HTTPConnection] = {}
+
+    def get(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        """Send a GET of ``url`` on its origin's connection (opened if needed) and return the answer."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        conn = self._open.get(origin)
+        if conn is None:
+            conn = self._open[origin] = self._connect(parts.scheme, parts.hostname or "", parts.port)
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+        return conn.getresponse()
+
+    def _connect(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+        if scheme == "http":
+            return http.client.HTTPConnection(host, port, timeout=self._timeout_s)
+        proxy = urllib.request.getproxies().get("https")
+        if proxy and not urllib.request.proxy_bypass(host):
+            p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            conn = http.client.HTTPSConnection(
+                p.hostname or "", p.port or 3128, timeout=self._timeout_s, context=self._context
+            )
+            conn.set_tunnel(host, port or 443)
+            return conn
+        return http.client.HTTPSConnection(host, port, timeout=self._timeout_s, context=self._context)
+
+    def release(self, url: str, resp: http.client.HTTPResponse) -> None:
+        """After an answer: keep the connection only if the answer was read to its end."""
+        if not resp.isclosed():  # http.client closes an answer read to its end
+            self.drop(url)  # unread bytes (an error body, an oversized object) would poison the next GET
+
+    def drop(self, url: str) -> None:
+        """Close the origin's connection (cut, stale or unusable); the next GET opens a new one."""
+        parts = urlsplit(url)
+        conn = self._open.pop(f"{parts.scheme}://{parts.netloc}", None)
+        if conn is not None:
+            conn.close()
 
 
 class _Expired(Exception):

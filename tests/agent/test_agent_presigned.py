@@ -9,6 +9,9 @@ bytes between the device and the bucket.
 from __future__ import annotations
 
 import contextlib
+import socket
+import ssl
+import threading
 import time
 import urllib.request
 import uuid
@@ -40,6 +43,7 @@ from edgectl.client import push_artifact
 from edgectl.protos.v1 import artifacts_pb2 as apb
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
+from edgectl.security.pki import FleetCA
 from tests.agent.conftest import agent_config, wait_for
 from tests.agent.onnx_models import mlp_artifact
 from tests.conftest import S3Endpoint
@@ -309,3 +313,78 @@ def test_a_fallback_to_download_is_not_for_good_and_every_device_gets_the_same_u
         time.sleep(1.1)  # a fresh signature would carry another X-Amz-Date
         again = plane.client.artifacts.GetChunkUrls(apb.GetChunkUrlsRequest(digest=v1.digest, chunks=chunk))
         assert first.urls[0].url == again.urls[0].url and first.expires_at == again.expires_at
+
+
+class TlsFront:
+    """HTTPS in front of moto (which speaks plain HTTP): a certificate from a CA of the test's own."""
+
+    def __init__(self, target: str, cert: Path, key: Path) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError):
+            client.close()  # the device refused our certificate: nothing to relay
+            return
+        upstream = socket.create_connection(self.target)
+        threading.Thread(target=_pipe, args=(upstream, tls), daemon=True).start()
+        _pipe(tls, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_https_urls_are_checked_against_the_configured_ca(
+    tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey,
+    bucket: Bucket, moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    cert, key, ca = FleetCA.create("blob store test CA").issue_server(["localhost"]).write(tmp_path, "s3")
+    front = TlsFront(moto_s3.url, cert, key)
+    monkeypatch.setenv(PUBLIC_ENDPOINT_ENV, f"https://localhost:{front.port}")
+    try:
+        with _plane(tmp_path, mosquitto, trust, bucket.url) as plane:
+            v1 = _push(plane, tmp_path, signing_key, 1, (1, 2, 3))
+            grpc_transport = GrpcTransport(plane.address, timeout_s=10)
+
+            def fetcher(where: str, ca_file: Path | None) -> ArtifactFetcher:
+                presigned = PresignedTransport(grpc_transport, ca_file=ca_file, timeout_s=5, resume_tries=0)
+                return ArtifactFetcher(
+                    LocalBlobStore(tmp_path / where), [presigned], FetchSettings(max_rounds=1)
+                )
+
+            # The system's CAs do not know this bucket's certificate: refused, nothing fetched.
+            with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+                _fetch(fetcher("untrusted", None), v1)
+            assert not list((tmp_path / "untrusted").glob("sha256/*/*"))
+            # Positive control: the same URLs over HTTPS with --blob-ca.
+            report = _fetch(fetcher("trusted", ca), v1)
+            assert (report.transport, report.bytes_fetched) == ("presigned", v1.size)
+    finally:
+        front.close()
