@@ -39,8 +39,9 @@ class FetchSettings:
     max_bad_per_chunk: int = 3
     # Space left free after the download and the reassembled files (logs, other apps).
     reserve_bytes: int = 64 << 20
-    # How long a fallback stays first once it took over; then the configured first transport is
-    # tried again (presigned URLs after one failed S3 GET). None: until the fallback itself fails.
+    # How long a fallback stays first once it took over from a transport that declared itself
+    # better (``prefer_over``); then that one is tried again (presigned URLs after one failed
+    # S3 GET). None: until the fallback itself fails.
     sticky_s: float | None = None
 
 
@@ -135,8 +136,14 @@ class ArtifactFetcher:
     def _ordered(self) -> list[ArtifactTransport]:
         """The transports, the one that last worked first (a broker-only site stays on MQTT)."""
         sticky = self.settings.sticky_s
-        if sticky is not None and time.monotonic() - self._preferred_since > sticky:
-            self._preferred = None  # the configured order again: the first transport gets a new try
+        # Only a fallback some transport declared itself better than (``prefer_over``: presigned
+        # URLs over gRPC Download) gives way after ``sticky_s``; a broker-only site stays on MQTT.
+        if (
+            sticky is not None
+            and time.monotonic() - self._preferred_since > sticky
+            and any(getattr(t, "prefer_over", None) is self._preferred for t in self.transports)
+        ):
+            self._preferred = None  # the configured order again: the better one gets a new try
         first = self._preferred
         return [first, *(t for t in self.transports if t is not first)] if first else list(self.transports)
 

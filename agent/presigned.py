@@ -46,6 +46,7 @@ class PresignedTransport:
         resume_tries: int = 3,
     ) -> None:
         self.control_plane = control_plane
+        self.prefer_over = control_plane  # after a fallback to Download, the fetcher tries URLs again
         self.allow_http = allow_http  # plaintext URLs (a LAN object store); HTTPS otherwise
         self.timeout_s = timeout_s  # per socket operation: a stalled body counts as cut
         self.resume_tries = resume_tries  # Range resumes of one chunk before the round gives up
