@@ -14,7 +14,8 @@ One job per module (a test keeps this list complete):
 - ``orders``: the check of every desired state: signed by a trusted fleet key, for this device,
   unexpired and newer than the last accepted; fleet-key rotation.
 - ``fetch``: ``ArtifactFetcher``: the verified manifest first, then only the chunks this device lacks.
-- ``transports``: the two byte sources of a fetch: gRPC from the control plane, or chunks over MQTT.
+- ``transports``: byte sources of a fetch: gRPC from the control plane, or chunks over MQTT.
+- ``presigned``: the third: chunks by presigned blob-store URL (HTTP(S) GET, Range resume).
 - ``verify``: every check between a desired digest and a runnable model, each with a refusal reason.
 - ``artifacts``: bundles on the device's disk: chunk store, staging, installed artifacts, gc.
 - ``state``: ``state.json``, the atomically replaced commit point of every swap.

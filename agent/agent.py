@@ -31,6 +31,7 @@ from edgectl.agent.log_ring import process_ring
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings
 from edgectl.agent.orders import FleetTrust
+from edgectl.agent.presigned import PresignedTransport
 from edgectl.agent.reconcile import Reconciler, ReconcileSettings
 from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings
@@ -46,6 +47,7 @@ from edgectl.protos.v1 import mqtt_pb2 as mpb
 
 log = logging.getLogger(__name__)
 DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
+PRESIGNED_RETRY_S = 300.0  # after falling back to gRPC Download, try presigned URLs again this much later
 
 
 class _MqttReporter:
@@ -195,15 +197,26 @@ class Agent:
         transports: list[ArtifactTransport] = []
         if cfg.transport in ("auto", "grpc") and cfg.control_plane:
             credentials = self.tls.grpc_credentials() if self.tls else None
-            transports.append(
-                GrpcTransport(cfg.control_plane, credentials=credentials, options=self._grpc_options)
+            grpc_transport = GrpcTransport(
+                cfg.control_plane, credentials=credentials, options=self._grpc_options
             )
+            if cfg.blob_urls != "off":  # bytes from the blob store when offered; Download otherwise
+                transports.append(
+                    PresignedTransport(grpc_transport, allow_http=cfg.blob_urls == "any", ca_file=cfg.blob_ca)
+                )
+            transports.append(grpc_transport)
         if cfg.transport in ("auto", "mqtt"):
             transports.append(mqtt_transport)
+        presigned = any(isinstance(t, PresignedTransport) for t in transports)
         fetcher = ArtifactFetcher(
             artifacts.chunks,
             transports,
-            FetchSettings(bandwidth_bps=cfg.bandwidth_limit, reserve_bytes=cfg.min_free_disk_mib << 20),
+            FetchSettings(
+                bandwidth_bps=cfg.bandwidth_limit,
+                reserve_bytes=cfg.min_free_disk_mib << 20,
+                # A fallback to Download (a failed S3 GET) is not for good: URLs get a new try.
+                sticky_s=PRESIGNED_RETRY_S if presigned else None,
+            ),
         )
         self.link = MqttLink(
             MqttSettings(

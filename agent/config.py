@@ -62,6 +62,10 @@ class AgentConfig:
     profile: str | None = None  # a profile name or .yaml; None: detect from the host
     heartbeat_s: float = 30.0
     transport: str = "auto"  # auto (gRPC, then MQTT chunks) | grpc | mqtt
+    # With auto/grpc: chunks by presigned blob-store URL when the control plane offers them
+    # (https only | any: plain http too, for a LAN object store | off), else through gRPC.
+    blob_urls: str = "https"
+    blob_ca: Path | None = None  # CA of the blob store's HTTPS; None: the system's CAs
     bandwidth_limit: float | None = None  # bytes per second (--max-bandwidth)
     min_free_disk_mib: int = 64  # a download that would leave less free space is not started
     max_batch_size: int = 8
@@ -89,6 +93,8 @@ class AgentConfig:
             raise ConfigError("--serve-only needs --model-dir DIR (an artifact, or a folder of artifacts)")
         if self.transport not in ("auto", "grpc", "mqtt"):
             raise ConfigError(f"--transport must be auto, grpc or mqtt, got {self.transport!r}")
+        if self.blob_urls not in ("https", "any", "off"):
+            raise ConfigError(f"--blob-urls must be https, any or off, got {self.blob_urls!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         if (self.burst_cert is None) != (self.burst_key is None):
@@ -127,7 +133,7 @@ class AgentConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
 _PATHS = {
     "data_dir", "model_dir", "ca_file", "tls_cert", "tls_key", "tls_client_ca", "token_file",
-    "burst_ca", "burst_token_file", "burst_cert", "burst_key",
+    "burst_ca", "burst_token_file", "burst_cert", "burst_key", "blob_ca",
 }  # fmt: skip
 
 

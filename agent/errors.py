@@ -47,6 +47,10 @@ class FetchError(AgentError):
     """An artifact could not be fetched (network, server, disk); retried with backoff."""
 
 
+class UrlsNotOfferedError(FetchError):
+    """The control plane hands out no chunk URLs (a local-disk blob store): use Download."""
+
+
 class InsufficientSpaceError(FetchError):
     """The data dir lacks the free space the download needs."""
 

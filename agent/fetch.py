@@ -39,6 +39,10 @@ class FetchSettings:
     max_bad_per_chunk: int = 3
     # Space left free after the download and the reassembled files (logs, other apps).
     reserve_bytes: int = 64 << 20
+    # How long a fallback stays first once it took over from a transport that declared itself
+    # better (``prefer_over``); then that one is tried again (presigned URLs after one failed
+    # S3 GET). None: until the fallback itself fails.
+    sticky_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,24 @@ class ArtifactFetcher:
         self.transports = list(transports)
         self.settings = settings or FetchSettings()
         self._preferred: ArtifactTransport | None = None
+        self._preferred_since = 0.0
         self._rng = rng  # None: a fresh Random per process; tests pass a seeded one
+
+    def _prefer(self, transport: ArtifactTransport) -> None:
+        if transport is not self._preferred:
+            self._preferred, self._preferred_since = transport, time.monotonic()
 
     def _ordered(self) -> list[ArtifactTransport]:
         """The transports, the one that last worked first (a broker-only site stays on MQTT)."""
+        sticky = self.settings.sticky_s
+        # Only a fallback some transport declared itself better than (``prefer_over``: presigned
+        # URLs over gRPC Download) gives way after ``sticky_s``; a broker-only site stays on MQTT.
+        if (
+            sticky is not None
+            and time.monotonic() - self._preferred_since > sticky
+            and any(getattr(t, "prefer_over", None) is self._preferred for t in self.transports)
+        ):
+            self._preferred = None  # the configured order again: the better one gets a new try
         first = self._preferred
         return [first, *(t for t in self.transports if t is not first)] if first else list(self.transports)
 
@@ -135,7 +153,7 @@ class ArtifactFetcher:
         for t in self._ordered():
             try:
                 manifest, sigs = t.get_manifest(digest)
-                self._preferred = t
+                self._prefer(t)
                 return manifest, sigs, t.name
             except FetchError as exc:
                 errors.append(f"{t.name}: {exc}")
@@ -179,10 +197,10 @@ class ArtifactFetcher:
                 result = self._round(transport, job, todo)
                 rounds.append(result)
                 if result.error is None:
-                    self._preferred = transport
+                    self._prefer(transport)
                 todo = self.missing(manifest)
                 if not todo or result.made_progress:
-                    self._preferred = transport  # done, or it works: stay with it
+                    self._prefer(transport)  # done, or it works: stay with it
                     break
             last = rounds[-1]
             if last.made_progress:
@@ -202,9 +220,11 @@ class ArtifactFetcher:
     def _round(self, transport: ArtifactTransport, job: _FetchJob, todo: list[str]) -> RoundResult:
         """Ask ``transport`` for ``todo`` in batches; store each chunk once it passes ``verify_chunk``."""
         stored = stored_bytes = corrupt = 0
+        # A transport may take bigger batches (presigned URLs: one control-plane call per batch).
+        batch = max(self.settings.chunks_per_request, getattr(transport, "max_batch", 0))
         try:
-            for start in range(0, len(todo), self.settings.chunks_per_request):
-                request = todo[start : start + self.settings.chunks_per_request]
+            for start in range(0, len(todo), batch):
+                request = todo[start : start + batch]
                 wanted = set(request)
                 for claimed, data in transport.fetch_chunks(job.digest, request):
                     if claimed not in wanted:

@@ -1,7 +1,8 @@
-"""The two ways an agent gets artifact bytes: gRPC from the control plane, or chunks over MQTT.
+"""How an agent gets artifact bytes: gRPC from the control plane, or chunks over MQTT.
 
-Both implement ``ArtifactTransport``: the manifest with its signatures, then chunks by digest.
-Neither checks anything; ``ArtifactFetcher`` verifies every byte they hand over.
+Each implements ``ArtifactTransport``: the manifest with its signatures, then chunks by digest.
+None checks anything; ``ArtifactFetcher`` verifies every byte they hand over. The third way,
+chunks straight from the blob store by presigned URL, is ``presigned.PresignedTransport``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from edgectl.agent.errors import FetchError
+from edgectl.agent.errors import FetchError, UrlsNotOfferedError
 from edgectl.protos.v1 import artifacts_pb2 as apb
 from edgectl.protos.v1 import artifacts_pb2_grpc as apb_grpc
 from edgectl.protos.v1 import mqtt_pb2 as mpb
@@ -71,6 +72,21 @@ class GrpcTransport:
                 f"control plane {self.target}: Get {digest}: {exc.code().name} {exc.details()}"
             ) from exc
         return bytes(art.manifest), bytes(art.signatures)
+
+    def chunk_urls(self, digest: str, chunks: list[str]) -> list[apb.ChunkUrl]:
+        """Presigned blob-store URLs for ``chunks``; UrlsNotOfferedError when the store has none."""
+        try:
+            answer = self._stub.GetChunkUrls(
+                apb.GetChunkUrlsRequest(digest=digest, chunks=chunks), timeout=self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            # FAILED_PRECONDITION: a local-disk blob store; UNIMPLEMENTED: an older control plane.
+            offered = exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED)
+            error = FetchError if offered else UrlsNotOfferedError
+            raise error(
+                f"control plane {self.target}: GetChunkUrls {digest}: {exc.code().name} {exc.details()}"
+            ) from exc
+        return list(answer.urls)
 
     def fetch_chunks(self, digest: str, chunks: list[str]) -> Iterator[tuple[str, bytes]]:
         # The fetcher asks for a bounded batch of chunks per call, so one generous deadline

@@ -25,7 +25,7 @@ One job per module (a test keeps this list complete):
 
 from __future__ import annotations
 
-from edgectl.artifact.blobstore import BlobStore, LocalBlobStore, missing, open_blob_store
+from edgectl.artifact.blobstore import BlobStore, LocalBlobStore, UrlBlobStore, missing, open_blob_store
 from edgectl.artifact.builder import Artifact, add_signatures, build_artifact, created_now
 from edgectl.artifact.canonical import canonical_bytes, is_digest, parse_canonical, sha256_digest
 from edgectl.artifact.chunking import (
@@ -120,6 +120,7 @@ __all__ = [
     "UnlistedFileError",
     "UnsupportedTensorTypeError",
     "UntrustedKeyError",
+    "UrlBlobStore",
     "VerifiedArtifact",
     "VerifiedManifest",
     "add_signatures",

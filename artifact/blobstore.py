@@ -108,6 +108,15 @@ class BlobStore(Protocol):
         ...
 
 
+@runtime_checkable
+class UrlBlobStore(Protocol):
+    """A blob store whose blobs devices may GET over HTTP(S) directly (S3 presigned URLs)."""
+
+    def presign_get(self, digest: str, ttl_s: int) -> str:
+        """A credential-free URL that answers the blob's bytes for ``ttl_s`` seconds."""
+        ...
+
+
 def _check_range(offset: int, length: int) -> None:
     if offset < 0 or length < 0:
         raise BlobStoreError(f"invalid byte range offset={offset} length={length}")

@@ -18,6 +18,11 @@ from edgectl.artifact.canonical import DIGEST_PREFIX
 from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError
 
 ENDPOINT_ENV = "EDGECTL_S3_ENDPOINT"
+# Where devices reach the bucket, when not where the control plane does (a CDN, another name).
+PUBLIC_ENDPOINT_ENV = "EDGECTL_S3_PUBLIC_ENDPOINT"
+# An object's bytes never change (its key is their digest): any cache may keep them for good.
+IMMUTABLE = "public, max-age=31536000, immutable"
+MAX_URL_TTL_S = 7 * 24 * 3600  # SigV4's own limit on a presigned URL
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 # Blobs up to this size are hashed in memory; bigger ones spool to disk first.
 _SPOOL_MAX = 64 << 20
@@ -27,13 +32,21 @@ class S3BlobStore:
     """A BlobStore over one bucket and key prefix."""
 
     def __init__(
-        self, bucket: str, prefix: str = "", *, client: Any = None, endpoint_url: str | None = None
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any = None,
+        endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
     ) -> None:
         if client is None:
             import boto3  # lazy: see the module docstring
 
             client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get(ENDPOINT_ENV) or None)
         self._s3 = client
+        self._public_endpoint = public_endpoint_url or os.environ.get(PUBLIC_ENDPOINT_ENV) or None
+        self._presigner: Any = None
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         # Keys per list page and per DeleteObjects call (S3 caps both at 1000).
@@ -113,6 +126,43 @@ class S3BlobStore:
         )
         # InvalidRange (416): the offset is at or past the end, which read() semantics make empty.
         return b"" if resp is None else cast(bytes, resp["Body"].read())
+
+    def presign_get(self, digest: str, ttl_s: int) -> str:
+        """A URL that GETs the blob for ``ttl_s`` seconds with no credentials (a SigV4 query string).
+
+        Signing is local arithmetic (no request to S3), so it costs microseconds per URL.
+        """
+        if not 1 <= ttl_s <= MAX_URL_TTL_S:
+            raise BlobStoreError(f"a presigned URL lives 1 s to 7 days, not {ttl_s} s")
+        params = {"Bucket": self.bucket, "Key": self.key(digest), "ResponseCacheControl": IMMUTABLE}
+        try:
+            return cast(
+                str, self._signer().generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s)
+            )
+        except Exception as exc:  # botocore raises several unrelated types here (no credentials, ...)
+            raise BlobStoreError(
+                f"cannot presign a URL for bucket {self.bucket!r}: {exc}",
+                hint="give the control plane S3 credentials (AWS_ACCESS_KEY_ID/...) or an IAM role",
+            ) from exc
+
+    def _signer(self) -> Any:
+        """The client that signs URLs: SigV4 (botocore may default to SigV2 for presigning), aimed
+        at the public endpoint when there is one, with the store client's own credentials."""
+        if self._presigner is None:
+            import boto3
+            from botocore.config import Config
+
+            creds = self._s3._request_signer._credentials  # the store's (possibly injected) credentials
+            self._presigner = boto3.client(
+                "s3",
+                endpoint_url=self._public_endpoint or self._s3.meta.endpoint_url,
+                region_name=self._s3.meta.region_name,
+                aws_access_key_id=creds.access_key if creds else None,
+                aws_secret_access_key=creds.secret_key if creds else None,
+                aws_session_token=creds.token if creds else None,
+                config=Config(signature_version="s3v4"),
+            )
+        return self._presigner
 
     def has(self, digest: str) -> bool:
         try:

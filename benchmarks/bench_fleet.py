@@ -10,11 +10,18 @@ control plane's CPU seconds, and the ratio to copying the same bytes over loopba
     python benchmarks/bench_fleet.py              # 500 devices, 5 MB
     python benchmarks/bench_fleet.py --quick      # 50 devices, 5 MB
     python benchmarks/bench_fleet.py --devices 200 --size-mb 2 --per-process 50
+    python benchmarks/bench_fleet.py --quick --blobs s3   # blobs in S3 (moto's server): agents GET
+                                                          # chunks by presigned URL, not through gRPC
+
+With ``--blobs s3`` the bucket is moto's S3 server in this process, reached by the agents through
+a counting TCP proxy (the URLs are signed for it), so the bytes each device pulled from the blob
+store are counted as well as what it exchanged with the control plane.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shutil
@@ -33,7 +40,33 @@ sys.path.insert(0, str(REPO))  # for tests.harness
 from edgectl.artifact import SigningKey  # noqa: E402
 from edgectl.broker import BrokerConfig, MosquittoProcess  # noqa: E402
 from edgectl.protos.v1 import rollouts_pb2  # noqa: E402
+from tests.faults.proxy import TcpProxy  # noqa: E402
 from tests.harness.fleet import FleetRig, sized_artifact, wait_for  # noqa: E402
+
+
+class S3Site:
+    """moto's S3 server on a free port, one bucket, and the counting proxy devices reach it through."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per GET otherwise
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.proxy = TcpProxy(host, port)
+        os.environ.update({
+            "EDGECTL_S3_ENDPOINT": f"http://{host}:{port}", "EDGECTL_S3_PUBLIC_ENDPOINT": f"http://{self.proxy.address}",
+            "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+        })  # fmt: skip
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
+        self.url = "s3://bench/fleet"
+
+    def close(self) -> None:
+        self.proxy.close()
+        self.server.stop()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -94,6 +127,9 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=5.0)
     parser.add_argument("--per-process", type=int, default=125, help="agents per worker process")
     parser.add_argument("--quick", action="store_true", help="50 devices")
+    parser.add_argument(
+        "--blobs", choices=["local", "s3"], default="local", help="the control plane's blob store"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally) on SIGTERM too
     n = 50 if args.quick else args.devices
@@ -101,21 +137,35 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgectl-bench-fleet-"))
     broker = MosquittoProcess(BrokerConfig(data_dir=work / "broker", extra_lines=["max_connections -1"]))
     broker.start()
-    rig = FleetRig(work / "fleet", broker, SigningKey.generate(), log_level="warning")
+    s3 = S3Site() if args.blobs == "s3" else None
+    rig = FleetRig(
+        work / "fleet", broker, SigningKey.generate(), log_level="warning", blobs=s3.url if s3 else None
+    )
     try:
         art = sized_artifact(work, rig.key, 1, size)
         artifact_bytes = sum(f.size for f in art.manifest.files)
         digest = rig.push(art)
         t0 = time.monotonic()
         sim = rig.simulate(
-            n, labels={"fleet": "bench"}, per_process=args.per_process, prefix="bench", heartbeat_s=30.0
+            n,
+            labels={"fleet": "bench"},
+            per_process=args.per_process,
+            prefix="bench",
+            heartbeat_s=30.0,
+            blob_urls="any",  # moto serves plain HTTP; with a local store the agents fall back to gRPC
         )
         ids = [d.device_id for d in sim.devices]
         rig.wait_all_online(ids, timeout=600)
         start_s = time.monotonic() - t0
         _, grpc_sent0, grpc_recv0 = socket_bytes(rig.cp.port)
         _, mqtt_sent0, mqtt_recv0 = socket_bytes(broker.port)
+        # The idle rate first (ticks, election, heartbeats), so that what the rollout itself costs
+        # per device can be told from what the control plane spends anyway over the wall time.
+        idle0, idle_t0 = cpu_seconds(rig.cp.proc.pid), time.monotonic()  # type: ignore[union-attr]
+        time.sleep(5)
+        idle_rate = (cpu_seconds(rig.cp.proc.pid) - idle0) / (time.monotonic() - idle_t0)  # type: ignore[union-attr]
         cpu0 = cpu_seconds(rig.cp.proc.pid)  # type: ignore[union-attr]
+        blob0 = s3.proxy.injected.downstream_bytes if s3 else 0
         t1 = time.monotonic()
         rollout = rig.rollout(f"{art.manifest.name}:{art.manifest.version}", {"fleet": "bench"},
                               ["1", "10%", "50%", "100%"], health_timeout_s=600)  # fmt: skip
@@ -131,10 +181,11 @@ def main() -> None:
         copy_s = loopback_copy_seconds(n * artifact_bytes, artifact_bytes)
         grpc_per = (grpc_sent - grpc_sent0 + grpc_recv - grpc_recv0) / n
         mqtt_per = (mqtt_sent - mqtt_sent0 + mqtt_recv - mqtt_recv0) / n
+        blob_per = ((s3.proxy.injected.downstream_bytes if s3 else 0) - blob0) / n
         state = rollouts_pb2.RolloutState.Name(final.state)
         workers = len(sim.workers)
         print(f"fleet rollout: {n} real agents in {workers} processes, artifact {artifact_bytes / 1e6:.2f} MB, "
-              f"waves 1,10%,50%,100%: {state} ({serving} serving)")  # fmt: skip
+              f"blobs {args.blobs}, waves 1,10%,50%,100%: {state} ({serving} serving)")  # fmt: skip
         print(f"  agents' memory (RSS, all workers): {rss:6.0f} MB  ({rss / n:.1f} MB per device)")
         print(f"  enroll + start + online:        {start_s:8.1f} s")
         print(f"  rollout wall time:              {wall:8.1f} s")
@@ -142,7 +193,13 @@ def main() -> None:
             f"  bytes on the wire per device:   {grpc_per / 1e6:8.2f} MB gRPC ({conns} connections to the "
             f"control plane) + {mqtt_per / 1e3:.1f} kB MQTT  ({grpc_per / artifact_bytes:.3f} x the artifact)"
         )
+        if s3:
+            print(f"  blob store -> device (presigned): {blob_per / 1e6:6.2f} MB per device  "
+                  f"({blob_per / artifact_bytes:.3f} x the artifact; HTTP headers included)")  # fmt: skip
         print(f"  control-plane CPU:              {cpu:8.1f} s  ({cpu / n * 1000:.1f} ms per device)")
+        busy = cpu - idle_rate * wall
+        print(f"  ... above its idle rate:        {busy:8.2f} s  ({busy / n * 1000:.1f} ms per device; "
+              f"idle {idle_rate * 1000:.0f} ms/s)")  # fmt: skip
         print(f"  loopback copy of {n} x {artifact_bytes / 1e6:.1f} MB:  {copy_s:8.2f} s  (the limit)")
         print(f"  rollout / loopback copy:        {wall / copy_s:8.1f} x")
         if final.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
@@ -150,6 +207,8 @@ def main() -> None:
     finally:
         rig.close()
         broker.stop()
+        if s3:
+            s3.close()
         shutil.rmtree(work, ignore_errors=True)  # N data dirs with the artifact twice each
 
 

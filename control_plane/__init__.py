@@ -10,6 +10,7 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``store``, ``db``, ``migrations``: SQLite (WAL, one writer) or pooled PostgreSQL behind one SQL layer,
   migrated on start (or by ``edgectl control-plane migrate``).
 - ``artifacts``: verified uploads into the blob store, lookups, downloads, deletes.
+- ``chunk_urls``: presigned blob-store URLs for chunks (S3), so bytes bypass the control plane.
 - ``fleet``: enrollment, labels, decommissioning, live device state from MQTT.
 - ``identity``: what a device proves itself with: scrypt-hashed passwords, hashed enrollment tokens,
   the ``DeviceIdentities`` interface that issues and revokes certificates.

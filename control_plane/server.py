@@ -29,6 +29,7 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.chunk_server import ChunkServer
+from edgectl.control_plane.chunk_urls import DEFAULT_URL_TTL_S
 from edgectl.control_plane.controller import ControllerLoop, RolloutController
 from edgectl.control_plane.db import DEFAULT_POOL_SIZE
 from edgectl.control_plane.desired import DEFAULT_ORDER_TTL_S, OrderSigner
@@ -93,6 +94,7 @@ class ControlPlaneConfig:
     state_url: str = "sqlite:///edgectl.db"
     db_pool_size: int = DEFAULT_POOL_SIZE  # PostgreSQL connections of this replica (SQLite: one writer)
     blobs: str = "./blobs"
+    blob_url_ttl_s: int = DEFAULT_URL_TTL_S  # presigned chunk URLs (s3:// blobs) work this long
     trust: tuple[Path, ...] = ()  # trusted public keys (files or dirs); empty: the user's default trust
     metrics_listen: str | None = None  # HOST:PORT, port 0 for a free one; None: off
     site_brokers: tuple[Path, ...] = ()  # site brokers' config dirs: their devices' identities go there too
@@ -289,7 +291,7 @@ class ControlPlane:
             maximum_concurrent_rpcs=max_rpcs,
         )
         artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(
-            ArtifactServicer(self.artifacts, hooks, self._deployed), server
+            ArtifactServicer(self.artifacts, hooks, self._deployed, self.config.blob_url_ttl_s), server
         )
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(
             FleetServicer(self.fleet, hooks, self.bus.clear_device, self.revocations,

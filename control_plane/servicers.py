@@ -16,6 +16,7 @@ from edgectl.control_plane import convert
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
+from edgectl.control_plane.chunk_urls import DEFAULT_URL_TTL_S, ChunkUrlSigner
 from edgectl.control_plane.device_logs import DeviceLogs
 from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from edgectl.control_plane.fleet import Fleet
@@ -46,11 +47,16 @@ SNAPSHOT_EVENTS = frozenset(
 
 class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
     def __init__(
-        self, artifacts: ArtifactStore, hooks: Hooks, deployed: Callable[[str], set[str]] | None = None
+        self,
+        artifacts: ArtifactStore,
+        hooks: Hooks,
+        deployed: Callable[[str], set[str]] | None = None,
+        url_ttl_s: int = DEFAULT_URL_TTL_S,
     ) -> None:
         self.artifacts = artifacts
         self.hooks = hooks
         self.deployed = deployed  # device id -> the digests it may fetch (None: no scoping)
+        self.signer = ChunkUrlSigner(artifacts, url_ttl_s)  # presigned chunk URLs (s3:// blobs)
 
     def _for_caller(self, ref: str) -> Any:
         """Resolve ``ref`` to its record; a device (mTLS) may see only what was deployed to it."""
@@ -123,6 +129,17 @@ class ArtifactServicer(Servicer, artifacts_pb2_grpc.ArtifactServiceServicer):
             yield artifacts_pb2.DownloadChunk(
                 path=p.path, offset=p.offset, chunk_digest=p.digest, data=p.data
             )
+
+    @rpc("ArtifactService/GetChunkUrls")
+    def GetChunkUrls(self, request: artifacts_pb2.GetChunkUrlsRequest, context: Any, note: Note) -> Any:
+        # The same scoping as Download: a URL is the bytes, so a device gets URLs only for what
+        # its desired state names (or the version before it).
+        digest = self._for_caller(request.digest).digest
+        signed = self.signer.urls(digest, list(request.chunks))
+        return artifacts_pb2.GetChunkUrlsResponse(
+            urls=[artifacts_pb2.ChunkUrl(chunk_digest=u.digest, url=u.url, size=u.size) for u in signed.urls],
+            expires_at=convert.ts(signed.expires_at),
+        )
 
     @rpc("ArtifactService/Delete", mutating=True, target="digest")
     def Delete(self, request: artifacts_pb2.DeleteArtifactRequest, context: Any, note: Note) -> Any:

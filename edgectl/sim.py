@@ -67,6 +67,7 @@ class SimSettings:
     profile: str = "x86-cpu-avx2"
     heartbeat_s: float = 30.0
     transport: str = "auto"
+    blob_urls: str = "https"  # the agent's --blob-urls: presigned chunk URLs (https | any | off)
     serve: bool = False
     min_free_disk_mib: int | None = None  # the agent's --min-free-disk-mib; None: its default
     bandwidth_bps: float | None = None  # each device's download limit (the agent's --max-bandwidth)
@@ -153,7 +154,7 @@ class AgentHost:
             control_plane=device.control_plane or s.control_plane, data_dir=s.data_dir(device.device_id),
             listen="127.0.0.1:0", labels=dict(device.labels), trust=s.trust, profile=s.profile,
             heartbeat_s=s.heartbeat_s, transport=s.transport, bandwidth_limit=s.bandwidth_bps,
-            intra_op_threads=1,  # hundreds of sessions in a process: one thread each
+            blob_urls=s.blob_urls, intra_op_threads=1,  # hundreds of sessions in a process: one thread each
         )  # fmt: skip
         if s.min_free_disk_mib is not None:
             values["min_free_disk_mib"] = s.min_free_disk_mib

@@ -113,6 +113,12 @@ def run(
         None, envvar="EDGECTL_PROFILE", help="device profile name or .yaml [default: detect]"
     ),
     transport: str | None = typer.Option(None, help="artifact transport: auto | grpc | mqtt"),
+    blob_urls: str | None = typer.Option(
+        None, help="chunks by presigned blob-store URL when offered: https | any (http too) | off"
+    ),
+    blob_ca: Path | None = typer.Option(
+        None, help="CA file for the blob store's HTTPS [default: system CAs]"
+    ),
     bandwidth_limit: float | None = typer.Option(
         None, "--max-bandwidth", "--bandwidth-limit", help="artifact download limit, bytes per second"
     ),
@@ -192,6 +198,8 @@ def run(
         "fleet_key": tuple(fleet_key) if fleet_key else None,
         "profile": profile,
         "transport": transport,
+        "blob_urls": blob_urls,
+        "blob_ca": blob_ca,
         "bandwidth_limit": bandwidth_limit,
         "min_free_disk_mib": min_free_disk_mib,
         "max_batch_size": max_batch_size,

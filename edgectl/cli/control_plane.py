@@ -75,6 +75,11 @@ def control_plane_serve(
     blobs: str = typer.Option(
         "./blobs", help="blob store: a directory or s3://bucket/prefix", envvar="EDGECTL_BLOBS"
     ),
+    blob_url_ttl: str = typer.Option(
+        "5m",
+        help="with s3:// blobs, devices GET chunks by presigned URLs that work this long",
+        envvar="EDGECTL_CP_BLOB_URL_TTL",
+    ),
     trust: list[Path] = typer.Option(
         [], help="trusted signing key (PEM file or dir); repeatable; default: yours", envvar="EDGECTL_TRUST"
     ),
@@ -129,6 +134,9 @@ def control_plane_serve(
     order_ttl_s = parse_duration(order_ttl)
     if order_ttl_s < 2:
         raise UsageError(f"--order-ttl {order_ttl} is too short", hint="e.g. 168h (a week), 24h")
+    blob_url_ttl_s = parse_duration(blob_url_ttl)
+    if not 10 <= blob_url_ttl_s <= 7 * 24 * 3600:
+        raise UsageError(f"--blob-url-ttl {blob_url_ttl} must be 10s to 7 days", hint="e.g. 5m")
     configure(log_format, log_level)
     config = ControlPlaneConfig(
         listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
@@ -136,6 +144,7 @@ def control_plane_serve(
         blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
         site_brokers=tuple(site_broker), console_listen=console_listen,
         device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
+        blob_url_ttl_s=int(blob_url_ttl_s),
     )  # fmt: skip
     with private_umask():  # the state store (SQLite + WAL), blobs and keys: this user's only
         _serve(ControlPlane(config))

@@ -28,6 +28,7 @@ DEFAULT_POLICY: dict[str, Role | None] = {
     f"{V1}FleetService/Enroll": PUBLIC,  # the one-time token is the credential
     f"{V1}ArtifactService/Get": Role.DEVICE,
     f"{V1}ArtifactService/Download": Role.DEVICE,
+    f"{V1}ArtifactService/GetChunkUrls": Role.DEVICE,
     f"{V1}ArtifactService/List": Role.VIEWER,
     f"{V1}ArtifactService/PlanUpload": Role.DEPLOYER,
     f"{V1}ArtifactService/Upload": Role.DEPLOYER,

@@ -338,6 +338,85 @@ class DownloadChunk(_message.Message):
 Global___DownloadChunk: _TypeAlias = DownloadChunk  # noqa: Y015
 
 @_typing.final
+class GetChunkUrlsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Chunks of that artifact, by digest; each must be listed in its manifest."""
+
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+        chunks: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChunkUrlsRequest: _TypeAlias = GetChunkUrlsRequest  # noqa: Y015
+
+@_typing.final
+class ChunkUrl(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_DIGEST_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    chunk_digest: _builtins.str
+    url: _builtins.str
+    """An HTTP(S) GET of this URL answers the chunk's bytes (Range requests allowed)."""
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        chunk_digest: _builtins.str = ...,
+        url: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_digest", b"chunk_digest", "size", b"size", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkUrl: _TypeAlias = ChunkUrl  # noqa: Y015
+
+@_typing.final
+class GetChunkUrlsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URLS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkUrl]:
+        """In request order, each chunk once."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The URLs stop working after this; ask again for the chunks still missing."""
+
+    def __init__(
+        self,
+        *,
+        urls: _abc.Iterable[Global___ChunkUrl] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "urls", b"urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChunkUrlsResponse: _TypeAlias = GetChunkUrlsResponse  # noqa: Y015
+
+@_typing.final
 class DeleteArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -59,6 +59,11 @@ class ArtifactServiceStub:
                 request_serializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.DownloadChunk.FromString,
                 _registered_method=True)
+        self.GetChunkUrls = channel.unary_unary(
+                '/edgectl.v1.ArtifactService/GetChunkUrls',
+                request_serializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.GetChunkUrlsRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.GetChunkUrlsResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/edgectl.v1.ArtifactService/Delete',
                 request_serializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.DeleteArtifactRequest.SerializeToString,
@@ -106,6 +111,16 @@ class ArtifactServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetChunkUrls(self, request, context):
+        """Short-lived HTTPS URLs for chunks, straight from the blob store (S3 presigned GETs): the
+        bytes then never pass through the control plane. A chunk's URL names its object by digest,
+        so what it serves never changes and any HTTP cache may keep it. FAILED_PRECONDITION when
+        the blob store cannot hand out URLs (the local-disk store): use Download instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
         """Refused with FAILED_PRECONDITION while a rollout or a device references the artifact.
         """
@@ -140,6 +155,11 @@ def add_ArtifactServiceServicer_to_server(servicer, server):
                     servicer.Download,
                     request_deserializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.DownloadRequest.FromString,
                     response_serializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.DownloadChunk.SerializeToString,
+            ),
+            'GetChunkUrls': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetChunkUrls,
+                    request_deserializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.GetChunkUrlsRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_v1_dot_artifacts__pb2.GetChunkUrlsResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -282,6 +302,33 @@ class ArtifactService:
             '/edgectl.v1.ArtifactService/Download',
             edgectl_dot_protos_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
             edgectl_dot_protos_dot_v1_dot_artifacts__pb2.DownloadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChunkUrls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgectl.v1.ArtifactService/GetChunkUrls',
+            edgectl_dot_protos_dot_v1_dot_artifacts__pb2.GetChunkUrlsRequest.SerializeToString,
+            edgectl_dot_protos_dot_v1_dot_artifacts__pb2.GetChunkUrlsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,12 @@ class ArtifactServiceStub:
     """Streams an artifact's bytes: one file from an offset, or an explicit list of chunks
     (delta updates: a device asks only for the chunks it does not hold).
     """
+    GetChunkUrls: _grpc.UnaryUnaryMultiCallable[_artifacts_pb2.GetChunkUrlsRequest, _artifacts_pb2.GetChunkUrlsResponse]
+    """Short-lived HTTPS URLs for chunks, straight from the blob store (S3 presigned GETs): the
+    bytes then never pass through the control plane. A chunk's URL names its object by digest,
+    so what it serves never changes and any HTTP cache may keep it. FAILED_PRECONDITION when
+    the blob store cannot hand out URLs (the local-disk store): use Download instead.
+    """
     Delete: _grpc.UnaryUnaryMultiCallable[_artifacts_pb2.DeleteArtifactRequest, _artifacts_pb2.DeleteArtifactResponse]
     """Refused with FAILED_PRECONDITION while a rollout or a device references the artifact."""
 
@@ -66,6 +72,12 @@ class ArtifactServiceAsyncStub(ArtifactServiceStub):
     Download: _aio.UnaryStreamMultiCallable[_artifacts_pb2.DownloadRequest, _artifacts_pb2.DownloadChunk]  # type: ignore[assignment]
     """Streams an artifact's bytes: one file from an offset, or an explicit list of chunks
     (delta updates: a device asks only for the chunks it does not hold).
+    """
+    GetChunkUrls: _aio.UnaryUnaryMultiCallable[_artifacts_pb2.GetChunkUrlsRequest, _artifacts_pb2.GetChunkUrlsResponse]  # type: ignore[assignment]
+    """Short-lived HTTPS URLs for chunks, straight from the blob store (S3 presigned GETs): the
+    bytes then never pass through the control plane. A chunk's URL names its object by digest,
+    so what it serves never changes and any HTTP cache may keep it. FAILED_PRECONDITION when
+    the blob store cannot hand out URLs (the local-disk store): use Download instead.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_artifacts_pb2.DeleteArtifactRequest, _artifacts_pb2.DeleteArtifactResponse]  # type: ignore[assignment]
     """Refused with FAILED_PRECONDITION while a rollout or a device references the artifact."""
@@ -114,6 +126,18 @@ class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_artifacts_pb2.DownloadChunk], _abc.AsyncIterator[_artifacts_pb2.DownloadChunk]]:
         """Streams an artifact's bytes: one file from an offset, or an explicit list of chunks
         (delta updates: a device asks only for the chunks it does not hold).
+        """
+
+    @_abc_1.abstractmethod
+    def GetChunkUrls(
+        self,
+        request: _artifacts_pb2.GetChunkUrlsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_artifacts_pb2.GetChunkUrlsResponse, _abc.Awaitable[_artifacts_pb2.GetChunkUrlsResponse]]:
+        """Short-lived HTTPS URLs for chunks, straight from the blob store (S3 presigned GETs): the
+        bytes then never pass through the control plane. A chunk's URL names its object by digest,
+        so what it serves never changes and any HTTP cache may keep it. FAILED_PRECONDITION when
+        the blob store cannot hand out URLs (the local-disk store): use Download instead.
         """
 
     @_abc_1.abstractmethod

@@ -10,8 +10,10 @@ import pytest
 
 from edgectl.agent.errors import FetchError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings, RoundResult
+from edgectl.agent.presigned import PresignedTransport
 from edgectl.agent.transports import GrpcTransport
 from edgectl.artifact import LocalBlobStore
+from edgectl.ports import free_port
 from tests.agent.artifact_server import ArtifactStoreServer
 from tests.agent.conftest import Bundles
 
@@ -91,3 +93,22 @@ def test_round_results_say_when_to_resume_at_once() -> None:
     assert not RoundResult("grpc", 0, 0, 0, "UNAVAILABLE").resume_at_once  # no progress: back off
     assert not RoundResult("grpc", 3, 900, 2, "x arrived corrupt 2 times", gave_up_on="x").resume_at_once
     assert not RoundResult("mqtt", 3, 900, 0, None).resume_at_once  # ended cleanly, chunks missing
+
+
+def test_a_fallback_gives_way_after_sticky_s_only_to_a_transport_that_prefers_itself_over_it(
+    tmp_path: Path, artifact_server: ArtifactStoreServer, bundles: Bundles
+) -> None:
+    art = bundles.build(version=1)
+    digest = artifact_server.add(art.root)
+    dead = GrpcTransport(f"127.0.0.1:{free_port()}", timeout_s=1)  # a control plane out of reach
+    urls = PresignedTransport(dead, allow_http=True, timeout_s=1)
+    last_resort = GrpcTransport(artifact_server.address, timeout_s=5)  # stands in for MQTT chunks
+    f = ArtifactFetcher(LocalBlobStore(tmp_path / "chunks"), [urls, dead, last_resort],
+                        FetchSettings(retry_base_s=0.05, sticky_s=0.2))  # fmt: skip
+    assert f.get_manifest(digest)[2] == "grpc" and f.fetch(digest, art.manifest).transport == "grpc"
+    time.sleep(0.3)
+    assert f._ordered()[0] is last_resort, "a broker-only site went back to a control plane it cannot reach"
+    # The same fallback taken from the presigned transport's own control plane gives way.
+    f._prefer(dead)
+    time.sleep(0.3)
+    assert f._ordered()[0] is urls

@@ -21,15 +21,17 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class RealControlPlane:
-    """A real control plane (insecure dev mode, SQLite, local blobs) leading on the test broker."""
+    """A real control plane (insecure dev mode, SQLite, local blobs unless told) leading on the test broker."""
 
-    def __init__(self, tmp: Path, broker: MosquittoProcess, trust: TrustStore) -> None:
+    def __init__(
+        self, tmp: Path, broker: MosquittoProcess, trust: TrustStore, blobs: str | None = None
+    ) -> None:
         config = ControlPlaneConfig(
             listen="127.0.0.1:0",
             insecure=True,
             mqtt_url=broker.url,
             state_url=f"sqlite:///{tmp}/cp.db",
-            blobs=str(tmp / "blobs"),
+            blobs=blobs or str(tmp / "blobs"),
             tick_seconds=0.1,
             leader_interval=0.2,
         )

@@ -58,9 +58,12 @@ class ControlPlaneProcess:
         log_level: str = "info",
         security_dir: Path | None = None,
         site_brokers: Sequence[Path] = (),
+        blobs: str | None = None,
     ) -> None:
         """Insecure dev mode, or secured with ``security_dir`` (`edgectl broker config --out DIR`):
-        TLS + tokens on ``address``, mTLS for agents on ``device_address``; ``site_brokers``: their dirs."""
+        TLS + tokens on ``address``, mTLS for agents on ``device_address``; ``site_brokers``: their dirs.
+        ``blobs``: the blob store URL (default: a directory in ``work``; ``s3://...`` reads its endpoint
+        from the env)."""
         self.work = work
         self.secured = security_dir is not None
         self.port = free_port()
@@ -80,7 +83,7 @@ class ControlPlaneProcess:
         )
         self.argv = [
             sys.executable, "-c", code, f"127.0.0.1:{self.port}", f"127.0.0.1:{self.device_port}", broker_url,
-            f"sqlite:///{work}/cp.db", str(work / "blobs"), str(trust_pem), log_level, str(security_dir or ""),
+            f"sqlite:///{work}/cp.db", blobs or str(work / "blobs"), str(trust_pem), log_level, str(security_dir or ""),
             "\n".join(map(str, site_brokers)),
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
@@ -199,6 +202,7 @@ class FleetRig:
         log_level: str = "info",
         security: BrokerLayout | None = None,
         site_brokers: Sequence[Path] = (),
+        blobs: str | None = None,
     ) -> None:
         self.work = work
         self.broker = broker
@@ -218,6 +222,7 @@ class FleetRig:
             log_level,
             security.directory if security else None,
             site_brokers,
+            blobs,
         )
         self.cp.start()
         self.client = ControlPlaneClient(self.cp.address, timeout=60, credentials=self.credentials)

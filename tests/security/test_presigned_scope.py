@@ -1,0 +1,115 @@
+"""Presigned chunk URLs are the bytes, so they follow the device's artifact scope (row 13 for URLs).
+
+A real secured control plane keeps its blobs in moto's S3 server; an enrolled device calls over
+mTLS, as its agent does. It gets URLs for the artifact its desired state names, and they open
+the chunks (the positive control); for any other artifact it gets PERMISSION_DENIED and no URL.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from edgectl.artifact import Manifest, SigningKey, TrustStore, all_chunk_digests, sha256_digest
+from edgectl.broker import MosquittoProcess
+from edgectl.client import push_artifact
+from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.ports import free_port
+from edgectl.protos.v1 import artifacts_pb2 as AP
+from edgectl.protos.v1 import artifacts_pb2_grpc, common_pb2, fleet_pb2
+from edgectl.protos.v1 import rollouts_pb2 as RP
+from edgectl.security.broker_files import write_broker_files
+from edgectl.security.tokens import Role
+from tests.agent.onnx_models import mlp_artifact
+from tests.conftest import S3Endpoint, require_mosquitto
+from tests.security.test_secure_fleet import SecuredFleet
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[SecuredFleet]:
+    for name, value in (
+        ("EDGECTL_S3_ENDPOINT", moto_s3.url),
+        ("AWS_ACCESS_KEY_ID", moto_s3.access_key),
+        ("AWS_SECRET_ACCESS_KEY", moto_s3.secret_key),
+        ("AWS_DEFAULT_REGION", moto_s3.region),
+    ):
+        monkeypatch.setenv(name, value)  # fmt: skip
+    bucket = f"scope-{uuid.uuid4().hex[:12]}"
+    moto_s3.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    binary = require_mosquitto()
+    layout = write_broker_files(tmp_path / "fleet", hostnames=["localhost", "127.0.0.1"], host="127.0.0.1",
+                                port=free_port())  # fmt: skip
+    broker = MosquittoProcess(layout.broker_config(), binary=binary)
+    broker.start()
+    key = SigningKey.generate()
+    config = ControlPlaneConfig(
+        listen="127.0.0.1:0", device_listen="127.0.0.1:0", security_dir=layout.directory,
+        state_url=f"sqlite:///{tmp_path}/cp.db", blobs=f"s3://{bucket}/fleet", tick_seconds=0.1,
+        leader_interval=0.2, blob_url_ttl_s=60,
+    )  # fmt: skip
+    cp = ControlPlane(config, trust=TrustStore([key.public_key]))
+    cp.start()
+    try:
+        assert cp.election.leading.wait(10) and cp.bus.wait_connected(10)
+        yield SecuredFleet(layout, broker, cp, key, tmp_path)
+    finally:
+        cp.stop(grace=0)
+        broker.kill()
+
+
+def _code(fn: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details() or ""
+
+
+def test_a_device_gets_chunk_urls_only_for_what_was_deployed_to_it(fleet: SecuredFleet) -> None:
+    creds, key_pem = fleet.enroll("cam-1")
+    with fleet.client(fleet.token(Role.ADMIN, "admin")) as admin:
+        admin.fleet.LabelDevice(fleet_pb2.LabelDeviceRequest(id="cam-1", set={"ring": "s3"}))
+    digests, manifests = {}, {}
+    with fleet.client(fleet.token(Role.DEPLOYER, "ci")) as deployer:
+        for name in ("one", "two"):
+            seeds = (1, 2) if name == "one" else (7, 8)  # two shares no weights with one
+            art = mlp_artifact(fleet.work / f"art-{name}", fleet.work, fleet.key, name=name, seeds=seeds)
+            digests[name] = push_artifact(deployer, art.root).artifact.ref.digest
+            manifests[name] = Manifest.from_bytes((art.root / "manifest.json").read_bytes())
+        deployer.rollouts.Create(RP.CreateRolloutRequest(
+            artifact=digests["one"], selector=common_pb2.Selector(match_labels={"ring": "s3"}),
+            strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=600),
+        ))  # fmt: skip
+    deadline = time.monotonic() + 20
+    while fleet.cp.fleet.get("cam-1").generation < 1:  # the desired state names `one`
+        assert time.monotonic() < deadline, "the rollout never wrote cam-1's desired state"
+        time.sleep(0.1)
+    device = artifacts_pb2_grpc.ArtifactServiceStub(fleet.device_channel(creds.client_cert_pem, key_pem))
+    # Positive control: URLs for the deployed artifact, and each opens exactly its chunk.
+    one = sorted(all_chunk_digests(manifests["one"]))
+    answer = device.GetChunkUrls(AP.GetChunkUrlsRequest(digest=digests["one"], chunks=one), timeout=10)
+    assert [u.chunk_digest for u in answer.urls] == one
+    assert time.time() < answer.expires_at.seconds <= time.time() + 61
+    for u in answer.urls:
+        assert "X-Amz-Credential" in u.url and fleet.cp.security is not None
+        with urllib.request.urlopen(u.url, timeout=10) as resp:
+            assert sha256_digest(resp.read()) == u.chunk_digest
+    # The attack: URLs for an artifact never deployed to this device, by digest (its real chunks).
+    two = sorted(all_chunk_digests(manifests["two"]))
+    code, message = _code(
+        lambda: device.GetChunkUrls(AP.GetChunkUrlsRequest(digest=digests["two"], chunks=two), timeout=10)
+    )
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "not deployed" in message
+    # Nor by naming the deployed artifact and another's chunks: only the manifest's chunks are signed.
+    only_two = sorted(set(two) - set(one))[0]
+    code, _ = _code(
+        lambda: device.GetChunkUrls(
+            AP.GetChunkUrlsRequest(digest=digests["one"], chunks=[only_two]), timeout=10
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
