@@ -53,11 +53,22 @@ def _client(
     return client
 
 
-def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center: BrokerLayout) -> None:
+@pytest.fixture
+def install() -> Iterator[Path]:
+    """A directory the broker's own user can reach (removed afterwards, whatever happens)."""
+    path = Path(tempfile.mkdtemp(prefix="edgectl-site-"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_generated_site_broker_bridges_each_topic_one_way(
+    tmp_path: Path, center: BrokerLayout, install: Path
+) -> None:
     # Installed where the broker's own user reaches it (pytest's tmp dirs are 0700 root when run as
     # root), and owned by that user, as an installer does; `broker config` writes absolute paths.
-    install = Path(tempfile.mkdtemp(prefix="edgectl-site-"))
-    install.chmod(0o711)
     site_dir, site_port = install / "site", free_port()
     site_dir.mkdir()
     for name in ("ca.crt", "ca.key"):  # the documented step: the site's certificate from the fleet CA
@@ -139,7 +150,6 @@ def test_generated_site_broker_bridges_each_topic_one_way(tmp_path: Path, center
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert f"include_dir {site_dir / 'conf.d'}" in (site_dir / "mosquitto.conf").read_text()
-    shutil.rmtree(install)
 
 
 def test_bridge_to_needs_a_site_and_the_central_admin(tmp_path: Path) -> None:
