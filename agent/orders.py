@@ -110,7 +110,7 @@ class FleetTrust:
                 f"states signed by fleet key {', '.join(self.keys.key_ids())}"
             )
         try:
-            self._rotate(list(desired.key_rotations))
+            self._rotate(list(desired.key_rotations), desired.signed.key_id)
             order = Order.from_bytes(verify(desired.signed, self.keys))
         except OrderError as exc:
             raise RefusedError(str(exc)) from exc
@@ -136,11 +136,13 @@ class FleetTrust:
                 raise RefusedError(f"{m.name}: a signed rollback must name the version it returns to")
         return AcceptedOrder(order.to_desired(), order.epoch, order.expires_at)
 
-    def _rotate(self, rotations: list[mpb.SignedPayload]) -> None:
-        if not rotations:
+    def _rotate(self, rotations: list[mpb.SignedPayload], signer: str) -> None:
+        """Follow the rotation chain only to trust the key that signed this order: trust never
+        moves to a key this device has not seen sign one."""
+        if not rotations or signer in self.keys:
             return
         keys, added = apply_rotations(rotations, self.keys)
-        if added:
+        if added and signer in keys:
             self.keys = keys
             self.save()
             log.warning("fleet key rotated: now trusting %s", ", ".join(self.keys.key_ids()))

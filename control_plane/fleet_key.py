@@ -10,11 +10,14 @@ the new file on its next signature, and the controller re-signs every device's o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 FLEET_KEY_FILE = "fleet-key.pem"
 NEXT_KEY_FILE = "fleet-key-next.pem"
 ROTATIONS_FILE = "fleet-key-rotations.json"
+LOCK_FILE = "fleet-key.lock"
 
 
 class FleetKeyring:
@@ -70,8 +74,14 @@ class FleetKeyring:
             self._key = SigningKey.load(self.path, group_readable=True)  # a Secret volume mounts 0440
         except KeyFileError as exc:
             raise ControlPlaneError(str(exc), hint=exc.hint) from exc
-        self._rotations = _read_rotations(self.directory / ROTATIONS_FILE)
+        # Only the chain up to the key that signs: a statement already written for a key that is
+        # not current yet (a rotation in progress elsewhere) must not reach agents before it is.
+        self._rotations = _chain_to(_read_rotations(self.directory / ROTATIONS_FILE), self._key.key_id)
         self._stamp = stamp
+        pub = public_key_path(self.path)
+        with contextlib.suppress(OSError):  # the public half operators hand out stays in step
+            if not pub.exists() or pub.read_bytes() != public_pem(self._key.public_key):
+                atomic_write(pub, public_pem(self._key.public_key), 0o644)
 
     def current(self) -> SigningKey:
         """The key that signs orders now."""
@@ -92,12 +102,13 @@ class FleetKeyring:
 
     def rotate(self, now: float | None = None) -> KeyRotation:
         """Make a new fleet key and the statement, signed by the current one, that hands trust over."""
-        with self._lock:
+        with self._lock, _exclusive(self.directory / LOCK_FILE):
             self._reload()
             assert self._key is not None
             old, new = self._key, SigningKey.generate()
             nxt = self.directory / NEXT_KEY_FILE
-            nxt.unlink(missing_ok=True)
+            nxt.unlink(missing_ok=True)  # left by a rotation that crashed before its statement
+            public_key_path(nxt).unlink(missing_ok=True)
             new.save(nxt)
             rotation = KeyRotation(old.key_id, new.public_key, now if now is not None else time.time())
             statements = [*self._rotations, sign(rotation.to_bytes(), old)]
@@ -110,20 +121,43 @@ class FleetKeyring:
             return rotation
 
     def _finish_rotation(self) -> None:
+        """Make the next key current once its statement is durable. Any replica may do it (the
+        rotating command, or a replica after that command crashed); a next key whose statement
+        is not written yet belongs to a rotation in progress and is left alone."""
         nxt = self.directory / NEXT_KEY_FILE
         if not nxt.exists():
             return
         statements = _read_rotations(self.directory / ROTATIONS_FILE)
         try:
             announced = KeyRotation.from_bytes(bytes(statements[-1].payload)).new_key_id if statements else ""
-        except OrderError:
-            announced = ""
-        if announced != SigningKey.load(nxt, group_readable=True).key_id:
-            nxt.unlink()  # a rotation that crashed before its statement: it never happened
-            public_key_path(nxt).unlink(missing_ok=True)
+            pending = SigningKey.load(nxt, group_readable=True).key_id
+        except (OrderError, KeyFileError, OSError):
+            return  # half-written, or moved away by another process just now
+        if announced != pending:
             return
-        os.replace(public_key_path(nxt), public_key_path(self.path))
-        os.replace(nxt, self.path)
+        with contextlib.suppress(FileNotFoundError):  # another process finished it first
+            os.replace(nxt, self.path)
+        public_key_path(nxt).unlink(missing_ok=True)
+
+
+def _chain_to(statements: list[mqtt_pb2.SignedPayload], key_id: str) -> list[mqtt_pb2.SignedPayload]:
+    """The statements up to the one that hands trust to ``key_id`` (none for the first key)."""
+    for i, signed in enumerate(statements):
+        with contextlib.suppress(OrderError):
+            if KeyRotation.from_bytes(bytes(signed.payload)).new_key_id == key_id:
+                return statements[: i + 1]
+    return []
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes, so two rotations never interleave."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _read_rotations(path: Path) -> list[mqtt_pb2.SignedPayload]:

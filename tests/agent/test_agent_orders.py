@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgectl.agent.agent import Agent
-from edgectl.agent.errors import ConfigError
+from edgectl.agent.errors import ConfigError, RefusedError
 from edgectl.agent.orders import FLEET_KEYS_FILE, FleetTrust
 from edgectl.artifact import SigningKey, TrustStore, public_pem
 from edgectl.broker import MosquittoProcess
@@ -62,3 +62,27 @@ def test_a_missing_fleet_key_file_is_a_clear_error_and_the_kept_keys_rule(
     flagged.write_bytes(public_pem(SigningKey.generate().public_key))
     FleetTrust(config.data_dir / FLEET_KEYS_FILE, TrustStore([kept.public_key])).save()
     assert FleetTrust.load(config.data_dir, None, (flagged,)).keys.key_ids() == [kept.key_id]
+
+
+def test_trust_moves_along_a_rotation_only_to_a_key_that_signed_an_order(tmp_path: Path) -> None:
+    from edgectl.mqtt.orders import KeyRotation
+
+    old, new = SigningKey.generate(), SigningKey.generate()
+    trust = FleetTrust(tmp_path / FLEET_KEYS_FILE, TrustStore([old.public_key]))
+    chain = [sign(KeyRotation(old.key_id, new.public_key, time.time()).to_bytes(), old)]
+
+    def state(key: SigningKey, counter: int) -> mpb.DesiredState:
+        now = time.time()
+        out = mpb.DesiredState(device_id="dev-1", generation=counter, key_rotations=chain)
+        out.signed.CopyFrom(sign(Order("dev-1", 1, counter, now, now + 60, "", ()).to_bytes(), key))
+        return out
+
+    # The chain announced ahead of the key that signs (a rotation still in progress): no move.
+    assert trust.check(state(old, 1), "dev-1", (0, 0)).desired.generation == 1
+    assert trust.keys.key_ids() == [old.key_id]
+    # Signed by the announced key: trust moves, and is kept.
+    assert trust.check(state(new, 2), "dev-1", (1, 1)).desired.generation == 2
+    assert trust.keys.key_ids() == [new.key_id]
+    assert FleetTrust.load(tmp_path, None).keys.key_ids() == [new.key_id]
+    with pytest.raises(RefusedError, match="does not trust"):
+        trust.check(state(old, 3), "dev-1", (1, 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from edgectl.artifact import SigningKey, TrustStore
+from edgectl.artifact import SigningKey, TrustStore, public_pem
 from edgectl.control_plane.fleet_key import (
     FLEET_KEY_FILE,
     NEXT_KEY_FILE,
@@ -37,21 +37,61 @@ def test_a_rotation_is_seen_by_a_running_replica_and_followed_by_agents(tmp_path
     assert agent_trust.key_ids() == [second.new_key_id]  # an agent that missed both follows the chain
 
 
+def test_a_replica_signing_while_the_operator_rotates_never_loses_the_next_key(tmp_path: Path) -> None:
+    """The race that bricked a fleet: a replica reloading between the next key's write and its
+    statement took it for a crashed rotation and deleted it, so agents moved to a key nobody had."""
+    import threading
+
+    running, operator = FleetKeyring.load_or_create(tmp_path), FleetKeyring.load_or_create(tmp_path)
+    first = running.current()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def sign_all_the_time() -> None:
+        while not stop.is_set():
+            try:
+                running.current()
+                running.rotations()
+            except Exception as exc:  # a replica that cannot sign is a failure too
+                failures.append(exc)
+                return
+
+    reader = threading.Thread(target=sign_all_the_time)
+    reader.start()
+    try:
+        rotations = [operator.rotate() for _ in range(25)]
+    finally:
+        stop.set()
+        reader.join()
+    assert failures == []
+    assert running.current().key_id == rotations[-1].new_key_id
+    agent_trust, _ = apply_rotations(running.rotations(), TrustStore([first.public_key]))
+    assert agent_trust.key_ids() == [rotations[-1].new_key_id]
+
+
 def test_a_rotation_that_crashed_is_finished_or_forgotten(tmp_path: Path) -> None:
     ring = FleetKeyring.load_or_create(tmp_path)
     old = ring.current().key_id
-    # Crashed before its statement was written: the next key never became anything.
-    SigningKey.generate().save(tmp_path / NEXT_KEY_FILE)
-    assert FleetKeyring.load_or_create(tmp_path).current().key_id == old
+    # Crashed before its statement was written (or still writing it): the next key is not
+    # current and not announced; the next rotation starts over from the current key.
+    stray = SigningKey.generate()
+    stray.save(tmp_path / NEXT_KEY_FILE)
+    reloaded = FleetKeyring.load_or_create(tmp_path)
+    assert reloaded.current().key_id == old and reloaded.rotations() == []
+    restarted = reloaded.rotate()
+    assert restarted.previous_key_id == old and restarted.new_key_id != stray.key_id
     assert not (tmp_path / NEXT_KEY_FILE).exists()
-    # Crashed after the statement, before the key became current: the next load finishes it.
-    ring.rotate()
+    # Crashed after the statement, before the key became current: the next load finishes it,
+    # and until then no replica hands out the statement for a key that does not sign yet.
     nxt = SigningKey.generate()
     statement = sign(KeyRotation(ring.current().key_id, nxt.public_key, 0).to_bytes(), ring.current())
     chain = [*ring.rotations(), statement]
-    nxt.save(tmp_path / NEXT_KEY_FILE)
     _write_rotations(tmp_path / ROTATIONS_FILE, chain)
-    assert FleetKeyring.load_or_create(tmp_path).current().key_id == nxt.key_id
+    assert len(FleetKeyring(tmp_path).rotations()) == len(chain) - 1  # announced, not yet current
+    nxt.save(tmp_path / NEXT_KEY_FILE)
+    finished = FleetKeyring.load_or_create(tmp_path)
+    assert finished.current().key_id == nxt.key_id and len(finished.rotations()) == len(chain)
+    assert (tmp_path / "fleet-key.pub.pem").read_bytes() == public_pem(nxt.public_key)
     assert not (tmp_path / NEXT_KEY_FILE).exists()
 
 
