@@ -8,15 +8,9 @@ bytes between the device and the bucket.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import ssl
-import threading
 import time
+import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,128 +19,44 @@ import pytest
 
 from edgectl.agent.agent import Agent
 from edgectl.agent.errors import FetchError, UrlsNotOfferedError
-from edgectl.agent.fetch import ArtifactFetcher, FetchReport, FetchSettings
+from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.presigned import PresignedTransport
-from edgectl.agent.transports import ArtifactTransport, GrpcTransport
+from edgectl.agent.transports import GrpcTransport
 from edgectl.artifact import (
     LocalBlobStore,
-    Manifest,
     SigningKey,
     TrustStore,
     all_chunk_digests,
     chunk_sizes,
     public_pem,
 )  # fmt: skip
-from edgectl.artifact.s3store import IMMUTABLE, PUBLIC_ENDPOINT_ENV
+from edgectl.artifact.s3store import IMMUTABLE
 from edgectl.broker import MosquittoProcess
-from edgectl.client import push_artifact
 from edgectl.protos.v1 import artifacts_pb2 as apb
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
-from edgectl.security.pki import FleetCA
 from tests.agent.conftest import agent_config, wait_for
-from tests.agent.onnx_models import mlp_artifact
-from tests.conftest import S3Endpoint
+from tests.agent.presigned_rig import Bucket, bucket, fetch, make_fetcher, plane_on, proxy, push
 from tests.contracts.conftest import RealControlPlane
 from tests.faults.proxy import TcpProxy
 
-DIMS = (64, 1024, 512, 8)  # ~2.3 MB of weights: several chunks
-
-
-@dataclass
-class Bucket:
-    """A fresh bucket on the session's moto server; the control plane keeps blobs under ``fleet/``."""
-
-    name: str
-    s3: Any  # a boto3 client with the bucket's credentials (the device never has them)
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.name}/fleet"
-
-    def key(self, digest: str) -> str:
-        return f"fleet/sha256/{digest.removeprefix('sha256:')}"
-
-
-@pytest.fixture
-def bucket(moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Bucket:
-    monkeypatch.setenv("EDGECTL_S3_ENDPOINT", moto_s3.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", moto_s3.region)
-    made = Bucket(f"presign-{uuid.uuid4().hex[:12]}", moto_s3.client())
-    made.s3.create_bucket(Bucket=made.name)
-    return made
-
-
-@pytest.fixture
-def proxy(moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> Iterator[TcpProxy]:
-    """The device's path to the bucket: URLs are signed for this proxy (the public endpoint)."""
-    host, port = moto_s3.url.removeprefix("http://").rsplit(":", 1)
-    made = TcpProxy(host, int(port))
-    monkeypatch.setenv(PUBLIC_ENDPOINT_ENV, f"http://{made.address}")
-    yield made
-    made.close()
-
-
-@contextlib.contextmanager
-def _plane(tmp: Path, broker: MosquittoProcess, trust: TrustStore, blobs: str) -> Iterator[RealControlPlane]:
-    made = RealControlPlane(tmp / "cp", broker, trust, blobs=blobs)
-    try:
-        yield made
-    finally:
-        made.close()
-
-
-@dataclass
-class Built:
-    digest: str
-    manifest: Manifest
-
-    @property
-    def size(self) -> int:
-        return sum(chunk_sizes(self.manifest).values())
-
-
-def _push(plane: RealControlPlane, tmp: Path, key: SigningKey, version: int, seeds: tuple[int, ...]) -> Built:
-    art = mlp_artifact(tmp / f"v{version}", tmp / "models", key, version=version, dims=DIMS, seeds=seeds)
-    digest = push_artifact(plane.client, art.root).artifact.ref.digest
-    return Built(digest, Manifest.from_bytes((art.root / "manifest.json").read_bytes()))
-
-
-def _fetcher(
-    tmp: Path, plane: RealControlPlane, *, allow_http: bool = True, fallback: bool = True
-) -> ArtifactFetcher:
-    grpc_transport = GrpcTransport(plane.address, timeout_s=10)
-    transports: list[ArtifactTransport] = [
-        PresignedTransport(grpc_transport, allow_http=allow_http, timeout_s=5)
-    ]
-    if fallback:
-        transports.append(grpc_transport)
-    return ArtifactFetcher(
-        LocalBlobStore(tmp / "device-chunks"), transports, FetchSettings(retry_base_s=0.05, retry_max_s=0.2)
-    )
-
-
-def _fetch(f: ArtifactFetcher, built: Built) -> FetchReport:
-    f.get_manifest(built.digest)
-    return f.fetch(built.digest, built.manifest)
+__all__ = ["bucket", "proxy"]  # fixtures, used by name
 
 
 def test_chunks_come_from_the_bucket_and_a_delta_moves_only_what_changed(
     tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey,
     bucket: Bucket, proxy: TcpProxy,
 ) -> None:  # fmt: skip
-    with _plane(tmp_path, mosquitto, trust, bucket.url) as plane:
-        v1 = _push(plane, tmp_path, signing_key, 1, (1, 2, 3))
-        v2 = _push(plane, tmp_path, signing_key, 2, (1, 2, 4))  # only the last layer differs
-        f = _fetcher(tmp_path, plane, fallback=False)  # URLs only: no byte can come through gRPC
-        first = _fetch(f, v1)
+    with plane_on(tmp_path, mosquitto, trust, bucket.url) as plane:
+        v1 = push(plane, tmp_path, signing_key, 1, (1, 2, 3))
+        v2 = push(plane, tmp_path, signing_key, 2, (1, 2, 4))  # only the last layer differs
+        f = make_fetcher(tmp_path, plane, fallback=False)  # URLs only: no byte can come through gRPC
+        first = fetch(f, v1)
         assert (first.transport, first.bytes_fetched, first.corrupt_chunks) == ("presigned", v1.size, 0)
         wire_first = proxy.injected.downstream_bytes
         # Bytes on the wire per device vs the artifact: the bodies plus one response header each.
         assert v1.size <= wire_first <= 1.01 * v1.size, (wire_first, v1.size)
-        second = _fetch(f, v2)
+        second = fetch(f, v2)
         changed = all_chunk_digests(v2.manifest) - all_chunk_digests(v1.manifest)
         changed_bytes = sum(chunk_sizes(v2.manifest)[d] for d in changed)
         assert 0 < changed_bytes < v2.size / 2, "the delta fixture must change a small part"
@@ -166,14 +76,14 @@ def test_a_cut_body_resumes_with_a_range_request(
     tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey,
     bucket: Bucket, proxy: TcpProxy,
 ) -> None:  # fmt: skip
-    with _plane(tmp_path, mosquitto, trust, bucket.url) as plane:
-        v1 = _push(plane, tmp_path, signing_key, 1, (1, 2, 3))
-        f = _fetcher(tmp_path, plane, fallback=False)
+    with plane_on(tmp_path, mosquitto, trust, bucket.url) as plane:
+        v1 = push(plane, tmp_path, signing_key, 1, (1, 2, 3))
+        f = make_fetcher(tmp_path, plane, fallback=False)
         sizes = [chunk_sizes(v1.manifest)[d] for d in f.missing(v1.manifest)]  # in the order of the GETs
         big = next(i for i, n in enumerate(sizes) if n >= 128 << 10)
         first = sizes[big]
         proxy.truncate_after = sum(sizes[:big]) + first // 2  # mid-body of the first big chunk
-        report = _fetch(f, v1)
+        report = fetch(f, v1)
         assert proxy.injected.truncated == 1
         assert (report.transport, report.bytes_fetched, report.corrupt_chunks) == ("presigned", v1.size, 0)
         # Resumed where it broke: had the chunk started over, its first half would cross the wire twice.
@@ -186,9 +96,9 @@ def test_a_tampered_object_in_the_bucket_is_refused_and_nothing_is_installed(
 ) -> None:  # fmt: skip
     trust_file = tmp_path / "trusted.pub.pem"
     trust_file.write_bytes(public_pem(signing_key.public_key))
-    with _plane(tmp_path, mosquitto, trust, bucket.url) as plane:
-        v1 = _push(plane, tmp_path, signing_key, 1, (1, 2, 3))
-        v2 = _push(plane, tmp_path, signing_key, 2, (1, 2, 4))
+    with plane_on(tmp_path, mosquitto, trust, bucket.url) as plane:
+        v1 = push(plane, tmp_path, signing_key, 1, (1, 2, 3))
+        v2 = push(plane, tmp_path, signing_key, 2, (1, 2, 4))
         config = agent_config(
             tmp_path / "device", trust_file, device_id="s3-dev", mqtt=mosquitto.url,
             control_plane=plane.address, labels={"ring": "s3"}, blob_urls="any",
@@ -252,8 +162,8 @@ def _online(plane: RealControlPlane) -> bool:
 def test_a_local_disk_store_serves_through_download_and_plain_http_urls_need_consent(
     tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey, bucket: Bucket,
 ) -> None:  # fmt: skip
-    with _plane(tmp_path / "local", mosquitto, trust, str(tmp_path / "blobs")) as plane:
-        v1 = _push(plane, tmp_path / "local", signing_key, 1, (1, 2, 3))
+    with plane_on(tmp_path / "local", mosquitto, trust, str(tmp_path / "blobs")) as plane:
+        v1 = push(plane, tmp_path / "local", signing_key, 1, (1, 2, 3))
         with pytest.raises(grpc.RpcError) as info:
             plane.client.artifacts.GetChunkUrls(
                 apb.GetChunkUrlsRequest(digest=v1.digest, chunks=sorted(all_chunk_digests(v1.manifest))),
@@ -262,18 +172,18 @@ def test_a_local_disk_store_serves_through_download_and_plain_http_urls_need_con
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Download" in (
             info.value.details() or ""
         )
-        f = _fetcher(tmp_path / "local", plane)
-        report = _fetch(f, v1)
+        f = make_fetcher(tmp_path / "local", plane)
+        report = fetch(f, v1)
         assert (report.transport, report.bytes_fetched) == ("grpc", v1.size)
         presigned = f.transports[0]
         with pytest.raises(UrlsNotOfferedError):  # remembered: no second question for a while
             list(presigned.fetch_chunks(v1.digest, sorted(all_chunk_digests(v1.manifest))[:1]))
-    with _plane(tmp_path / "s3", mosquitto, trust, bucket.url) as plane:
-        v1 = _push(plane, tmp_path / "s3", signing_key, 1, (1, 2, 3))
-        https_only = _fetch(_fetcher(tmp_path / "s3", plane, allow_http=False), v1)
+    with plane_on(tmp_path / "s3", mosquitto, trust, bucket.url) as plane:
+        v1 = push(plane, tmp_path / "s3", signing_key, 1, (1, 2, 3))
+        https_only = fetch(make_fetcher(tmp_path / "s3", plane, allow_http=False), v1)
         assert (https_only.transport, https_only.bytes_fetched) == ("grpc", v1.size)
         with pytest.raises(FetchError, match="only https"):
-            _fetch(_fetcher(tmp_path / "s3-only", plane, allow_http=False, fallback=False), v1)
+            fetch(make_fetcher(tmp_path / "s3-only", plane, allow_http=False, fallback=False), v1)
         # The URL itself: the object named by its digest, answered with a cache-forever header.
         chunk = sorted(all_chunk_digests(v1.manifest))[0]
         answer = plane.client.artifacts.GetChunkUrls(
@@ -290,9 +200,9 @@ def test_a_fallback_to_download_is_not_for_good_and_every_device_gets_the_same_u
     tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey,
     bucket: Bucket, proxy: TcpProxy,
 ) -> None:  # fmt: skip
-    with _plane(tmp_path, mosquitto, trust, bucket.url) as plane:
-        v1 = _push(plane, tmp_path, signing_key, 1, (1, 2, 3))
-        v2 = _push(plane, tmp_path, signing_key, 2, (1, 2, 4))
+    with plane_on(tmp_path, mosquitto, trust, bucket.url) as plane:
+        v1 = push(plane, tmp_path, signing_key, 1, (1, 2, 3))
+        v2 = push(plane, tmp_path, signing_key, 2, (1, 2, 4))
         grpc_transport = GrpcTransport(plane.address, timeout_s=10)
         f = ArtifactFetcher(
             LocalBlobStore(tmp_path / "device-chunks"),
@@ -303,88 +213,13 @@ def test_a_fallback_to_download_is_not_for_good_and_every_device_gets_the_same_u
             FetchSettings(retry_base_s=0.05, retry_max_s=0.2, sticky_s=0.5),
         )
         proxy.cut()  # the bucket is unreachable from the device: Download carries the bytes
-        assert _fetch(f, v1).transport == "grpc"
+        assert fetch(f, v1).transport == "grpc"
         proxy.heal()
         time.sleep(0.6)  # past sticky_s: the presigned transport gets its turn again
-        assert (_fetch(f, v2).transport, proxy.injected.downstream_bytes > 0) == ("presigned", True)
+        assert (fetch(f, v2).transport, proxy.injected.downstream_bytes > 0) == ("presigned", True)
         # One URL per chunk per window, whoever asks: a cache in front of the bucket sees one key.
         chunk = sorted(all_chunk_digests(v1.manifest))[:1]
         first = plane.client.artifacts.GetChunkUrls(apb.GetChunkUrlsRequest(digest=v1.digest, chunks=chunk))
         time.sleep(1.1)  # a fresh signature would carry another X-Amz-Date
         again = plane.client.artifacts.GetChunkUrls(apb.GetChunkUrlsRequest(digest=v1.digest, chunks=chunk))
         assert first.urls[0].url == again.urls[0].url and first.expires_at == again.expires_at
-
-
-class TlsFront:
-    """HTTPS in front of moto (which speaks plain HTTP): a certificate from a CA of the test's own."""
-
-    def __init__(self, target: str, cert: Path, key: Path) -> None:
-        host, port = target.removeprefix("http://").rsplit(":", 1)
-        self.target = (host, int(port))
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(cert, key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            tls = self.context.wrap_socket(client, server_side=True)
-        except (OSError, ssl.SSLError):
-            client.close()  # the device refused our certificate: nothing to relay
-            return
-        upstream = socket.create_connection(self.target)
-        threading.Thread(target=_pipe, args=(upstream, tls), daemon=True).start()
-        _pipe(tls, upstream)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.close()
-
-
-def test_https_urls_are_checked_against_the_configured_ca(
-    tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey,
-    bucket: Bucket, moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    cert, key, ca = FleetCA.create("blob store test CA").issue_server(["localhost"]).write(tmp_path, "s3")
-    front = TlsFront(moto_s3.url, cert, key)
-    monkeypatch.setenv(PUBLIC_ENDPOINT_ENV, f"https://localhost:{front.port}")
-    try:
-        with _plane(tmp_path, mosquitto, trust, bucket.url) as plane:
-            v1 = _push(plane, tmp_path, signing_key, 1, (1, 2, 3))
-            grpc_transport = GrpcTransport(plane.address, timeout_s=10)
-
-            def fetcher(where: str, ca_file: Path | None) -> ArtifactFetcher:
-                presigned = PresignedTransport(grpc_transport, ca_file=ca_file, timeout_s=5, resume_tries=0)
-                return ArtifactFetcher(
-                    LocalBlobStore(tmp_path / where), [presigned], FetchSettings(max_rounds=1)
-                )
-
-            # The system's CAs do not know this bucket's certificate: refused, nothing fetched.
-            with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
-                _fetch(fetcher("untrusted", None), v1)
-            assert not list((tmp_path / "untrusted").glob("sha256/*/*"))
-            # Positive control: the same URLs over HTTPS with --blob-ca.
-            report = _fetch(fetcher("trusted", ca), v1)
-            assert (report.transport, report.bytes_fetched) == ("presigned", v1.size)
-    finally:
-        front.close()
