@@ -13,6 +13,7 @@ import queue
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -278,6 +279,25 @@ def test_rolling_back_a_first_install_stops_serving_the_model(setup: Setup) -> N
     setup.wire.drain()
     assert setup.wire.desired[-1].exclusive and not setup.wire.desired[-1].models
     wait_for(lambda: setup.wire.model() is None, 20, what="a report without the model")
+
+
+def test_a_closed_maintenance_window_stages_and_keeps_the_running_version(setup: Setup) -> None:
+    assert setup.rollout(setup.v1).state == RP.ROLLOUT_STATE_SUCCEEDED
+    # A window on a weekday three days from today (UTC): closed now, whatever the hour.
+    day = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[(datetime.now(timezone.utc).weekday() + 3) % 7]
+    request = RP.CreateRolloutRequest(
+        artifact=setup.v2, selector=SELECTOR,
+        strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=60, window=f"{day} 01:00-02:00 UTC"),
+    )  # fmt: skip
+    setup.cp.client.rollouts.Create(request, timeout=10)
+    model = wait_for(lambda: _staged(setup, setup.v2), 30, what="v2 reported staged")
+    assert model.digest == setup.v1 and model.smoke_test_passed  # still serving v1
+    assert setup.seen().active.digest == setup.v1
+
+
+def _staged(s: Setup, digest: str) -> mqtt_pb2.ActiveModel | None:
+    model = s.wire.model()
+    return model if model is not None and model.staged_digest == digest else None
 
 
 def test_a_device_that_stops_cleanly_is_seen_offline(setup: Setup) -> None:

@@ -7,7 +7,10 @@ Will, retained status and reports). One :class:`SimLoop` thread drives all their
 through a selector, so a benchmark can run a thousand devices without a thousand threads.
 A device "applies" a desired model instantly (or after ``delay``): it reports the digest active
 with ``smoke_test_passed``, or, for a digest in ``bad_digests``, keeps the old one and reports
-``failed_digest`` with a reason. It refuses a downgrade without ``rollback: true``.
+``failed_digest`` with a reason. It refuses a downgrade without ``rollback: true``. A model
+with a maintenance window that is closed is reported as ``staged_digest`` and swapped once the
+window opens (``windows=False`` plays an agent that predates windows and swaps at once); an
+exclusive desired state that no longer names a model stops it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgectl.mqtt.wire import DeviceTopics, PayloadError, agent_client_id, decode, encode
 from edgectl.protos.v1 import mqtt_pb2
+from edgectl.window import MaintenanceWindow
+
+WINDOW_POLL_S = 30.0  # as the agent: look again at least this often while a window is closed
 
 
 class SimLoop:
@@ -163,6 +169,8 @@ class SimDevice:
     connected: threading.Event = field(default_factory=threading.Event)
     client: Any = None
     password: str | None = field(default=None, repr=False)  # MQTT username is the device id
+    windows: bool = True  # honour maintenance windows; False plays an agent that predates them
+    clock: Callable[[], float] = time.time  # the wall clock windows are read on
 
     @property
     def topics(self) -> DeviceTopics:
@@ -207,13 +215,18 @@ class SimDevice:
             current = self.active.get(want.name)
             if current is not None and current.digest == want.digest:
                 # Already running what is desired: an earlier refusal is history (as the agent does).
-                current.failed_digest, current.failure_reason = "", ""
+                current.failed_digest, current.failure_reason, current.staged_digest = "", "", ""
                 continue
             model = mqtt_pb2.ActiveModel(name=want.name)
             if current is not None:
                 model.CopyFrom(current)
-                model.failed_digest, model.failure_reason = "", ""
-            if want.digest in self.bad_digests:
+                model.failed_digest, model.failure_reason, model.staged_digest = "", "", ""
+            opens = self._window_opens(want)
+            if opens is not None:
+                # Staged at once, swapped only inside the window (as the agent does): look again then.
+                model.staged_digest = want.digest
+                self.loop.call_later(min(opens, WINDOW_POLL_S), lambda: self.apply(desired))
+            elif want.digest in self.bad_digests:
                 model.failed_digest = want.digest
                 model.failure_reason = "smoke test failed: outputs differ from golden (simulated)"
             elif (
@@ -235,6 +248,15 @@ class SimDevice:
             self.active[want.name] = model
         self.observed_generation = desired.generation
         self.report()
+
+    def _window_opens(self, want: mqtt_pb2.DesiredModel) -> float | None:
+        """Seconds until ``want``'s maintenance window opens; None when it may swap now (or when this
+        device plays an agent that predates windows)."""
+        if not want.window or not self.windows:
+            return None
+        window = MaintenanceWindow.parse(want.window)
+        now = self.clock()
+        return None if window.contains(now) else window.next_open(now) - now
 
     def report(self) -> None:
         state = mqtt_pb2.ReportedState(

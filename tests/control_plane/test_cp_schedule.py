@@ -65,6 +65,10 @@ def _get(client: ControlPlaneClient, rollout_id: str) -> RP.Rollout:
     return client.rollouts.Get(RP.GetRolloutRequest(id=rollout_id), timeout=10)
 
 
+def _reasons(client: ControlPlaneClient, rollout_id: str) -> dict[str, str]:
+    return {d.device_id: d.reason for w in _get(client, rollout_id).waves for d in w.devices}
+
+
 def _states(client: ControlPlaneClient, rollout_id: str) -> dict[str, int]:
     return {d.device_id: d.state for w in _get(client, rollout_id).waves for d in w.devices}
 
@@ -136,14 +140,16 @@ def test_window_rides_in_the_signed_order_and_moves_the_deadline(
     plane = _plane(cp_factory, clock)
     with ControlPlaneClient(plane.address, timeout=20) as client:
         new = client_push(client, build(version=1))
-        _devices(sim, ["old-agent"])
+        sim.add("old-agent", {"role": "cam"}).windows = False  # an agent that predates windows
+        sim.connect(["old-agent"])
         sim.add("silent", {"role": "cam"}, delay=3600)  # accepts, never answers in time
-        sim.connect(["silent"])
-        wait_for(lambda: len(plane.fleet.list_devices()) == 2, 10, what="devices registered")
+        sim.add("new-agent", {"role": "cam"}).clock = clock  # honours the window, on the same clock
+        sim.connect(["silent", "new-agent"])
+        wait_for(lambda: len(plane.fleet.list_devices()) == 3, 10, what="devices registered")
         window = "Mon-Fri 01:00-04:00 Europe/Berlin"
         request = RP.CreateRolloutRequest(
             artifact="digits", selector=common_pb2.Selector(match_labels={"role": "cam"}),
-            strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=60, window=window, max_failures="1"),
+            strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=60, window=window, max_failures="2"),
         )  # fmt: skip
         rollout = client.rollouts.Create(request, timeout=10)
         wait_for(lambda: sim.digests("digits").get("old-agent") == new, 10, what="the old agent swapped")
@@ -154,14 +160,20 @@ def test_window_rides_in_the_signed_order_and_moves_the_deadline(
         assert progress["silent"].deadline == NEXT_OPEN + 60
         wait_for(lambda: _states(client, rollout.id).get("old-agent") == RP.DEVICE_ROLLOUT_STATE_HEALTHY, 10,
                  what="the old agent judged healthy")  # fmt: skip
+        # a device that honours the window stages, keeps its version, and the control plane says why
+        wait_for(
+            lambda: plane.fleet.get("new-agent").models["digits"].staged_digest == new, 10, what="staged"
+        )
+        assert sim.digests("digits")["new-agent"] == ""
+        wait_for(lambda: "waiting for the window" in _reasons(client, rollout.id)["new-agent"], 10,
+                 what="the wait shown")  # fmt: skip
         clock.advance(3600)  # past now + the timeout, still before the window: no verdict yet
         threading.Event().wait(1.0)
         assert _states(client, rollout.id)["silent"] == RP.DEVICE_ROLLOUT_STATE_DESIRED
         clock.advance(NEXT_OPEN + 61 - clock())
         wait_for(lambda: _states(client, rollout.id)["silent"] == RP.DEVICE_ROLLOUT_STATE_FAILED, 10,
                  what="the silent device failed once the window and its timeout passed")  # fmt: skip
-        reason = {d.device_id: d.reason for w in _get(client, rollout.id).waves for d in w.devices}["silent"]
-        assert "health timeout" in reason
+        assert "health timeout" in _reasons(client, rollout.id)["silent"]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
