@@ -61,6 +61,21 @@ def _ort_default(src: Path, dst: Path, mode: str, calib: SampleSet | None) -> No
     quantize_static(str(src), str(dst), Reader())
 
 
+def _ort_by_hand(src: Path, dst: Path, calib: SampleSet) -> None:
+    """ORT static int8 as a careful user configures it for x86: QOperator, U8S8, per-channel weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.it = iter(calib.batches(8))
+
+        def get_next(self) -> Any:
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+
+
 def _measure(rows: list[Row], ev: Evaluator, rounds: int) -> None:
     for r in rows:
         q = ev.quality(r.path)
@@ -240,21 +255,28 @@ def bench_resnet(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
     _ort_default(
         work / "resnet18.onnx", work / "r_ort.onnx", "static", SampleSet({"image": images[:16]}, None, "c")
     )
+    # The best format a careful user picks by hand on an x86 CPU: QOperator U8S8 per-channel.
+    _ort_by_hand(work / "resnet18.onnx", work / "r_hand.onnx", SampleSet({"image": images[:16]}, None, "c"))
     rows = [Row("float", work / "resnet18.onnx"), Row("ORT quantize_static defaults", work / "r_ort.onnx"),
             Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx"),
-            Row("edgectl: 50% channels pruned (float)", pruned.out_dir / "model.onnx")]  # fmt: skip
+            Row("edgectl: 50% channels pruned (float)", pruned.out_dir / "model.onnx"),
+            Row("ORT QOperator U8S8 per-channel (by hand)", work / "r_hand.onnx")]  # fmt: skip
     _measure(
         rows,
         Evaluator(work / "resnet18.onnx", SampleSet({"image": images[16:]}, None, "random images")),
         rounds,
     )
     f, q, p = rows[0], rows[2], rows[3]
+    peers = [r for r in (rows[1], rows[4]) if f.quality - r.quality <= 0.01] or [rows[4]]
+    fastest_peer = min(peers, key=lambda r: r.p50_ms)
     return _print(f"ResNet-18 shape (random weights, {size}x{size})", rows, "mean cos", {
         "vnni": cpu_has_vnni(), "pruned_macs_ratio": round(pruned.metrics["baseline_macs"] / pruned.metrics["macs"], 2),
         "time_to_artifact_s": round(secs, 1), "time_to_pruned_artifact_s": round(psecs, 1),
         "targets": _targets({f"int8 x faster ({'VNNI' if cpu_has_vnni() else 'no VNNI: target is for VNNI'})":
                              (f.p50_ms / q.p50_ms, ">=", 2.5), "int8 output cosine": (q.quality, ">=", 0.99),
-                             "pruned x faster": (f.p50_ms / p.p50_ms, ">=", 1.8)})})  # fmt: skip
+                             "pruned x faster": (f.p50_ms / p.p50_ms, ">=", 1.8),
+                             f"int8 x fastest peer inside the budget ({fastest_peer.name})":
+                             (fastest_peer.p50_ms / q.p50_ms, ">=", 1.0)})})  # fmt: skip
 
 
 def main() -> None:

@@ -173,3 +173,19 @@ def test_format_candidates_share_one_calibration_run(tmp_path: Path) -> None:
     assert all(scores[(True, i)] == scores[(False, i)] for i in range(len(configs)))
     # Types and granularity do not change the ranges: four candidates, one calibration.
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+
+def test_cleanup_is_not_judged_by_timings_off_the_target(
+    tiny_bn_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    def cleanup_slower(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        return [Latency(2.0 if p.name.startswith("clean-") else 1.0, 2.0, 1) for p in models]
+
+    evals = _npz(tmp_path / "eval.npz", {"image": images})
+    out = tmp_path / "out"
+    # x86-gpu runs on CUDA first; this machine has no CUDA EP, so CPU timings prove nothing there.
+    run(CompressRequest(model=str(tiny_bn_onnx), out_dir=out, profile="x86-gpu", recipe=Recipe.from_options(quantize="none"),
+                        eval=evals, timer=cleanup_slower))  # fmt: skip
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["cleanup"]
+    assert record["kept"] == "full" and record["timing"].startswith("not timed")
+    assert "BatchNormalization" not in _ops(out / "model.onnx")
