@@ -238,6 +238,13 @@ def test_enrollment_puts_a_site_device_on_its_site_broker(
         r = rig.rollout(f"{MODEL}:1", labels, ["100%"], health_timeout_s=60)
         assert rig.wait_done(r.id, 120).state == RP.ROLLOUT_STATE_SUCCEEDED
         assert_fleet_verified(rig, sim, trust, d1)
+        # remote diagnostics cross the bridge both ways: an answer at all (else UNAVAILABLE after the
+        # timeout) means the request reached the site's agent and its lines came back; simulated agents
+        # log at WARNING, so the lines themselves may be none
+        logs = rig.client.fleet.DeviceLogs(
+            fleet_pb2.DeviceLogsRequest(device_id=ids[1], timeout_seconds=15), timeout=40
+        )
+        assert not logs.truncated and all(line.at > 0 for line in logs.lines)
 
         gone = ids[0]
         password = json.loads((sim.settings.data_dir(gone) / CREDENTIALS_FILE).read_text())["mqttPassword"]
