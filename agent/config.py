@@ -71,6 +71,8 @@ class AgentConfig:
     max_batch_size: int = 8
     max_queue_delay_ms: float = 2.0
     slo_ms: float = 100.0
+    # Input drift (PSI against the artifact's calibration summary) at which a DRIFT event is raised.
+    drift_threshold: float = 0.25
     burst_timeout_s: float = 2.0
     intra_op_threads: int = 0
     memory_limit_mib: int | None = None
@@ -106,6 +108,7 @@ class AgentConfig:
         for what, value in (
             ("--max-batch-size", self.max_batch_size),
             ("--slo-ms", self.slo_ms),
+            ("--drift-threshold", self.drift_threshold),
             ("--max-request-mib", self.max_request_mib),
             ("--keep-versions", self.keep_versions),
         ):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from edgectl.build_metrics import add_process_metrics
 
@@ -73,6 +75,26 @@ class _Flush:
     def collect(self) -> list[Any]:
         self._flush()
         return []
+
+
+DriftSource = Callable[[], Iterable[tuple[str, str, float]]]
+
+
+class _DriftCollector:
+    """``edgectl_agent_drift_score{model,version}``, computed from the live sketches when scraped."""
+
+    def __init__(self, source: DriftSource) -> None:
+        self._source = source
+
+    def collect(self) -> list[Any]:
+        family = GaugeMetricFamily(
+            "edgectl_agent_drift_score",
+            "Input drift (PSI, worst feature) of live requests against the calibration set",
+            labels=["model", "version"],
+        )
+        for model, version, score in self._source():
+            family.add_metric([model, version], score)
+        return [family]
 
 
 class AgentMetrics:
@@ -182,6 +204,10 @@ class AgentMetrics:
             self.active_version.remove(model, old)
         self.active_version.labels(model, digest).set(version)
         self._active[model] = digest
+
+    def watch_drift(self, source: DriftSource) -> None:
+        """Export the drift scores ``source`` yields (name, version, PSI) at every scrape."""
+        self.registry.register(_DriftCollector(source))
 
     def stats(self) -> WindowStats:
         return self.window.snapshot()

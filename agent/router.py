@@ -180,6 +180,8 @@ class InferenceRouter:
             t0 = time.perf_counter()
             feeds = call.decode()
             decode_ns.append(int((time.perf_counter() - t0) * 1e9))
+            if served.drift is not None:
+                served.drift.observe(feeds)  # a bounded sample: a few us per request
             outputs, model = self.registry.infer(
                 call.model, feeds, self.settings.local_timeout_s, version=call.version, arrived=served
             )

@@ -130,6 +130,9 @@ def run(
     slo_ms: float | None = typer.Option(
         None, help="latency SLO, ms: requests predicted to take over 0.8x it burst [default 100]"
     ),
+    drift_threshold: float | None = typer.Option(
+        None, help="input drift (PSI vs. the calibration set) that raises a DRIFT event [default 0.25]"
+    ),
     heartbeat_s: float | None = typer.Option(
         None, "--heartbeat", help="seconds between heartbeats [default 30]"
     ),
@@ -205,6 +208,7 @@ def run(
         "max_batch_size": max_batch_size,
         "max_queue_delay_ms": max_queue_delay_ms,
         "slo_ms": slo_ms,
+        "drift_threshold": drift_threshold,
         "heartbeat_s": heartbeat_s,
         "intra_op_threads": intra_op_threads,
         "memory_limit_mib": memory_limit_mib,
