@@ -35,6 +35,8 @@ MAX_INPUTS = 64
 # Per request: at most this many rows of a [batch, F] input, or values of any other input.
 SAMPLE_ROWS = 8
 SAMPLE_VALUES = 64
+# Requests whose samples wait to be binned together (bounded memory: <= 64 x 64 values per input).
+FLUSH_EVERY = 64
 # Calibration values used to place edges (a quantile over more adds cost, not accuracy).
 _MAX_CALIB_VALUES = 1 << 20
 # PSI above this is a "major shift" by the usual rule of thumb (0.1 minor, 0.25 major).
@@ -216,27 +218,33 @@ class _Compiled:
         self.flat_edges = edges[0, : len(summary.features[0].edges)].copy()
         self.offsets = np.arange(self.nfeat) * self.width
 
-    def bins(self, arr: Array, turn: int) -> Array | None:
-        """Flat bin indices (feature * width + bin) of a bounded sample of ``arr``; None if it does not fit."""
+    def sample(self, arr: Array, turn: int) -> Array | None:
+        """A bounded copy of what ``arr`` says about this input's features; None if it does not fit."""
         if self.kind == "lengths":
             if arr.ndim < 2 or arr.shape[0] == 0:
                 return None
-            rows = arr[:: max(1, arr.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS]
-            return np.searchsorted(self.flat_edges, _lengths(rows), side="right")
+            return _lengths(arr[:: max(1, arr.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS])
         if self.nfeat > 1:
             if arr.ndim != 2 or arr.shape[1] != self.nfeat or arr.shape[0] == 0:
                 return None
-            rows = arr[:: max(1, arr.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS]
-            # One comparison for every column at once: bin = how many of its edges are <= the value.
-            idx: Array = (rows[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
-            return np.asarray(idx + self.offsets).ravel()
+            return np.array(arr[:: max(1, arr.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS])
         flat = arr.reshape(-1)
         if flat.size == 0:
             return None
         step = max(1, flat.size // SAMPLE_VALUES)
         # A start that moves with each request, so a fixed stride does not always hit the same pixels.
-        sample = flat[(turn * 7919) % step :: step][:SAMPLE_VALUES]
-        return np.searchsorted(self.flat_edges, sample, side="right")
+        return np.array(flat[(turn * 7919) % step :: step][:SAMPLE_VALUES])
+
+    def counts(self, samples: list[Array]) -> Array:
+        """Bin counts (feature * width + bin) of many requests' samples at once."""
+        size = self.nfeat * self.width
+        if self.nfeat > 1:
+            rows = np.concatenate(samples)
+            # One comparison for every column at once: bin = how many of its edges are <= the value.
+            idx: Array = (rows[:, :, None] >= self.edges[None, :, :]).sum(axis=2) + self.offsets
+            return np.bincount(idx.ravel(), minlength=size)
+        values = np.concatenate(samples)
+        return np.bincount(np.searchsorted(self.flat_edges, values, side="right"), minlength=size)
 
 
 @dataclass
@@ -267,6 +275,8 @@ class LiveSketch:
         self._ring: collections.deque[_Bucket] = collections.deque(maxlen=buckets)
         self._lock = threading.Lock()
         self._turn = 0
+        self._pending: list[list[Array]] = [[] for _ in self._inputs]
+        self._unbinned = 0
         self._current = self._new_bucket()
         self._alarmed = False
 
@@ -274,26 +284,39 @@ class LiveSketch:
         return _Bucket(self._clock(), 0, [np.zeros(c.nfeat * c.width, np.int64) for c in self._inputs])
 
     def observe(self, feeds: Mapping[str, Array]) -> None:
-        """Count one request's inputs (a bounded sample of each) into the current bucket."""
+        """Keep a bounded sample of one request's inputs; they are binned in batches (``FLUSH_EVERY``
+        requests at a time), so a request pays for a slice copy, not for numpy's per-call overhead."""
         self._turn += 1  # racy under threads; it only moves a sampling offset
         found = []
         for i, c in enumerate(self._inputs):
-            idx = c.bins(feeds[c.name], self._turn) if c.name in feeds else None
-            if idx is not None:
-                found.append((i, np.bincount(idx, minlength=c.nfeat * c.width)))
+            got = c.sample(feeds[c.name], self._turn) if c.name in feeds else None
+            if got is not None:
+                found.append((i, got))
         with self._lock:
-            cur = self._current
-            for i, counts in found:
-                cur.counts[i] += counts
-            cur.requests += 1
-            if cur.requests >= self.bucket_requests:
-                self._ring.append(cur)
+            for i, got in found:
+                self._pending[i].append(got)
+            self._current.requests += 1
+            self._unbinned += 1
+            if self._current.requests >= self.bucket_requests:
+                self._flush()
+                self._ring.append(self._current)
                 self._current = self._new_bucket()
+            elif self._unbinned >= FLUSH_EVERY:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Bin the pending samples into the current bucket (caller holds the lock)."""
+        for i, c in enumerate(self._inputs):
+            if self._pending[i]:
+                self._current.counts[i] += c.counts(self._pending[i])
+                self._pending[i] = []
+        self._unbinned = 0
 
     def score(self) -> DriftScore | None:
         """PSI over the window (the worst feature), or None before ``bucket_requests`` requests."""
         cutoff = self._clock() - self.window_s
         with self._lock:
+            self._flush()
             while self._ring and self._ring[0].started < cutoff:
                 self._ring.popleft()
             buckets = [*self._ring, self._current]

@@ -19,6 +19,7 @@ from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.v2_server import InferenceServicer, V2Server
+from edgectl.artifact import DriftSummary
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
@@ -37,6 +38,7 @@ class InProcessV2:
         limits: RequestLimits | None = None,
         http: bool = False,
         keep_versions: int = 1,
+        input_summary: DriftSummary | None = None,
     ) -> None:
         self.model_path = model_path
         self.metrics = AgentMetrics()
@@ -48,6 +50,7 @@ class InProcessV2:
             digest="sha256:" + "0" * 64,
             settings=SessionSettings(intra_op_threads=1),
         )
+        model.input_summary = input_summary  # what an artifact's manifest would carry
         self.registry.install(model)
         self.router = InferenceRouter(
             self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s), limits

@@ -5,14 +5,15 @@ in-distribution traffic raises no alarm)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BuildFn
 
 from edgectl.artifact import (
     MANIFEST_NAME,
+    Artifact,
     DriftSummary,
     LiveSketch,
     Manifest,
@@ -23,6 +24,8 @@ from edgectl.artifact import (
     summarize_inputs,
 )
 from edgectl.artifact.drift import DEFAULT_THRESHOLD, MAX_BINS, psi
+
+BuildFn = Callable[..., Artifact]
 
 
 def _tokens(rng: np.random.Generator, n: int, mean_len: float) -> np.ndarray:
