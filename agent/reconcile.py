@@ -376,6 +376,10 @@ class Reconciler:
                 window_seconds=stats.window_s,
             ),
         )
+        budget = self.metrics.budget()
+        if budget is not None:
+            rs.stats.burst_cost, rs.stats.burst_held_back = budget.cost, budget.held_back
+            rs.stats.burst_budget = budget.budget or 0.0
         failing = False
         for name, slot in sorted(self.state.models.items()):
             served = self.registry.get(name)

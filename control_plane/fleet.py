@@ -379,6 +379,9 @@ class Fleet:
             "requests": state.stats.requests, "error_rate": state.stats.error_rate,
             "p99_ms": state.stats.p99_ms, "window_seconds": state.stats.window_seconds,
             "burst_share": state.stats.burst_share,
+            # Burst spending this budget period (0 from agents without a price or that predate it).
+            "burst_cost": state.stats.burst_cost, "burst_budget": state.stats.burst_budget,
+            "burst_held_back": state.stats.burst_held_back,
         }  # fmt: skip
         seen = obs.received_at
         tx.execute(

@@ -332,11 +332,20 @@ class ServingStats(_message.Message):
     P99_MS_FIELD_NUMBER: _builtins.int
     BURST_SHARE_FIELD_NUMBER: _builtins.int
     WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    BURST_COST_FIELD_NUMBER: _builtins.int
+    BURST_BUDGET_FIELD_NUMBER: _builtins.int
+    BURST_HELD_BACK_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     error_rate: _builtins.float
     p99_ms: _builtins.float
     burst_share: _builtins.float
     window_seconds: _builtins.int
+    burst_cost: _builtins.float
+    """Burst cost in the current budget period (agent --burst-price-*), the budget (0: none), and the
+    requests kept local or refused this period because it was spent. Older agents leave them unset.
+    """
+    burst_budget: _builtins.float
+    burst_held_back: _builtins.int
     def __init__(
         self,
         *,
@@ -345,10 +354,13 @@ class ServingStats(_message.Message):
         p99_ms: _builtins.float = ...,
         burst_share: _builtins.float = ...,
         window_seconds: _builtins.int = ...,
+        burst_cost: _builtins.float = ...,
+        burst_budget: _builtins.float = ...,
+        burst_held_back: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_budget", b"burst_budget", "burst_cost", b"burst_cost", "burst_held_back", b"burst_held_back", "burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

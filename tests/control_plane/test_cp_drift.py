@@ -63,3 +63,15 @@ def test_latest_drift_score_is_stored_and_shown(
 
     sim.loop.run_sync(lower)
     wait_for(lambda: cp.fleet.get("dev-new").models["mlp"].drift == pytest.approx(0.05), 10, what="new score")
+
+
+def test_burst_cost_is_kept_with_the_serving_stats(cp: ControlPlane, sim: SimFleet) -> None:
+    sim.add("dev-b")
+    sim.connect()
+    wait_for(lambda: cp.fleet.list_devices(), 10, what="device registered")
+    state = mqtt_pb2.ReportedState(device_id="dev-b", observed_generation=0, health=1)
+    state.stats.burst_cost, state.stats.burst_budget, state.stats.burst_held_back = 0.3, 0.3, 42
+    device = sim.devices["dev-b"]
+    sim.loop.run_sync(lambda: device._publish(device.topics.reported, state))
+    wait_for(lambda: cp.fleet.get("dev-b").stats.get("burst_held_back") == 42, 10, what="burst stats")
+    assert cp.fleet.get("dev-b").stats["burst_cost"] == pytest.approx(0.3)
