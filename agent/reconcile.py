@@ -404,22 +404,12 @@ class Reconciler:
         """Fill the model's drift fields, and raise a DRIFT event when its score crosses the threshold."""
         if served is None or served.drift is None:
             return
-        score = served.drift.score()
-        if score is None:
-            return
-        active.drift_score, active.drift_requests, active.drift_feature = (
-            score.score,
-            score.requests,
-            score.feature,
-        )
-        if served.drift.alarm(self.settings.drift_threshold) is not None:
+        score, threshold = served.drift.score(), self.settings.drift_threshold
+        if score is not None:
+            active.drift_score, active.drift_requests, active.drift_feature = score.score, score.requests, score.feature  # fmt: skip
+        if score is not None and served.drift.alarm(threshold) is not None:
             self._event(
-                Kind.EVENT_KIND_DRIFT,
-                served.model.digest,
-                f"model {served.model.name} version {served.version}: input drift PSI {score.score:.2f} on "
-                f"{score.feature} over the last {score.requests} requests (threshold "
-                f"{self.settings.drift_threshold}); compare live inputs with the calibration set, or "
-                "recompress with --calib data like today's traffic",
+                Kind.EVENT_KIND_DRIFT, served.model.digest, score.describe(served.model.name, threshold)
             )
 
     def _order_expiry(self) -> str:

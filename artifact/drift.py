@@ -202,6 +202,14 @@ class DriftScore:
     requests: int
     feature: str
 
+    def describe(self, model: str, threshold: float) -> str:
+        """One line for the DRIFT event: what drifted, how far, and what to do."""
+        return (
+            f"model {model}: input drift PSI {self.score:.2f} on {self.feature} over the last "
+            f"{self.requests} requests (threshold {threshold}); compare live inputs with the "
+            "calibration set, or recompress with --calib data like today's traffic"
+        )
+
 
 class _Compiled:
     """One input's bins as padded arrays, ready for counting."""
