@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings
+from edgectl.agent.burst import BurstCost, BurstSettings
 from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.http_server import HttpV2Server
 from edgectl.agent.metrics import AgentMetrics
@@ -39,6 +39,7 @@ class InProcessV2:
         http: bool = False,
         keep_versions: int = 1,
         input_summary: DriftSummary | None = None,
+        cost: BurstCost | None = None,
     ) -> None:
         self.model_path = model_path
         self.metrics = AgentMetrics()
@@ -53,7 +54,10 @@ class InProcessV2:
         model.input_summary = input_summary  # what an artifact's manifest would carry
         self.registry.install(model)
         self.router = InferenceRouter(
-            self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s), limits
+            self.registry,
+            self.metrics,
+            BurstSettings(target=burst, slo_s=slo_s, cost=cost or BurstCost()),
+            limits,
         )
         self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
         self.server.start()
