@@ -228,6 +228,8 @@ class _Compiled:
 
     def sample(self, arr: Array, turn: int) -> Array | None:
         """A bounded copy of what ``arr`` says about this input's features; None if it does not fit."""
+        if arr.dtype.kind not in "iubf":
+            return None  # nothing to bin (and a drift watch must never fail a request)
         if self.kind == "lengths":
             if arr.ndim < 2 or arr.shape[0] == 0:
                 return None

@@ -122,6 +122,16 @@ def test_longer_token_sequences_are_flagged() -> None:
     assert score is not None and score.feature == "input_ids length"
 
 
+def test_inputs_that_do_not_fit_the_summary_are_skipped_not_failed() -> None:
+    sketch = LiveSketch(summarize_inputs(_calib(np.random.default_rng(5))))
+    for _ in range(300):
+        sketch.observe(
+            {"x": np.zeros((1, 3), np.float32), "image": np.array(["a"]), "input_ids": np.zeros(4)}
+        )
+    score = sketch.score()
+    assert score is not None and score.feature == ""  # requests counted, nothing binned
+
+
 def test_a_day_of_in_distribution_traffic_raises_no_alarm() -> None:
     rng = np.random.default_rng(4)
     now = [0.0]
