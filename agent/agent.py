@@ -20,7 +20,7 @@ import onnxruntime as ort
 from edgectl.addresses import parse_host_port
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings
+from edgectl.agent.burst import BurstCost, BurstSettings
 from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.config import AgentConfig, build_trust, read_credentials
 from edgectl.agent.enroll import device_tls, enroll
@@ -128,6 +128,13 @@ class Agent:
                     token_file=config.burst_token_file,
                     cert=config.burst_cert,
                     key=config.burst_key,
+                ),
+                cost=BurstCost(
+                    per_1k_requests=config.burst_price_per_1k,
+                    per_second=config.burst_price_per_second,
+                    budget=config.burst_budget,
+                    period_s=config.burst_budget_period_s,
+                    when_spent="refuse" if config.burst_when_spent == "refuse" else "local",
                 ),
             ),
             RequestLimits(max_request_bytes=config.max_request_mib << 20),
@@ -240,6 +247,7 @@ class Agent:
                 facts=self.facts,
                 labels=dict(cfg.labels),
                 heartbeat_s=cfg.heartbeat_s,
+                drift_threshold=cfg.drift_threshold,
                 intra_op_threads=cfg.intra_op_threads,
                 engine_cache_dir=cfg.data_dir / "engine-cache",
             ),

@@ -133,6 +133,7 @@ def load_and_smoke_test(artifact: VerifiedArtifact, settings: SessionSettings) -
         )
     except ModelLoadError as exc:
         raise RefusedError(f"model does not load: {exc}") from exc
+    model.input_summary = m.input_summary
     inputs, expected = artifact.golden()
     try:
         model.validate(inputs)

@@ -11,11 +11,19 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 
-from edgectl.agent.errors import BurstUnavailableError, InvalidInputError, ModelNotFoundError
+from edgectl.agent.errors import (
+    BudgetExhaustedError,
+    BurstBudgetSpentError,
+    BurstUnavailableError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -29,6 +37,121 @@ CALLER_SIDE = {
     grpc.StatusCode.OUT_OF_RANGE: InvalidInputError,
     grpc.StatusCode.ALREADY_EXISTS: InvalidInputError,
 }
+
+
+NANO = 1_000_000_000  # costs are kept in integer billionths of a currency unit: exact sums
+
+
+@dataclass(frozen=True)
+class BurstCost:
+    """What the burst endpoint costs and how much of it one device may spend per period."""
+
+    per_1k_requests: float = 0.0  # price of 1,000 requests sent to the endpoint
+    per_second: float = 0.0  # price of one second of endpoint time (each burst call's duration)
+    budget: float | None = None  # per device and period; None: no limit (cost is still counted)
+    period_s: float = 3600.0  # budgets reset at multiples of this (wall clock, UTC)
+    when_spent: Literal["local", "refuse"] = "local"  # then serve locally, or refuse RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class BudgetSnapshot:
+    """This period's burst spending: cost so far, the budget (None: none), requests kept from burst."""
+
+    cost: float
+    budget: float | None
+    requests: int
+    held_back: int
+    period_start: float
+
+
+class BurstBudget:
+    """Counts burst cost per period and says whether one more burst fits the budget.
+
+    A burst's request price is reserved before the call (under a lock, so concurrent callers can
+    never overshoot it); its time price is added when the call returns, so with per-second
+    pricing the budget can be passed by at most the calls already in flight.
+    """
+
+    def __init__(self, cost: BurstCost, clock: Callable[[], float] = time.time) -> None:
+        self.cost = cost
+        self._clock = clock
+        self._per_request = round(cost.per_1k_requests * NANO / 1000)
+        self._budget = None if cost.budget is None else round(cost.budget * NANO)
+        self._lock = threading.Lock()
+        self._period = self._period_of(clock())
+        self._spent = 0
+        self._requests = 0
+        self._held_back = 0
+        self.total = 0.0  # all periods, for the cumulative metric
+
+    def _period_of(self, now: float) -> float:
+        return now - now % self.cost.period_s
+
+    def _roll(self) -> None:
+        period = self._period_of(self._clock())
+        if period != self._period:
+            self._period, self._spent, self._requests, self._held_back = period, 0, 0, 0
+
+    def _spent_now(self) -> bool:
+        return self._budget is not None and (
+            self._spent + self._per_request > self._budget or self._spent >= self._budget
+        )
+
+    def hold_back(self) -> bool:
+        """True (and counted) when the budget is spent and spent means "serve locally": the router
+        then keeps the request here without trying the endpoint."""
+        if self._budget is None or self.cost.when_spent != "local":
+            return False
+        with self._lock:
+            self._roll()
+            if self._spent_now():
+                self._held_back += 1
+                return True
+            return False
+
+    def reserve(self) -> None:
+        """Charge one burst request, or raise (BurstBudgetSpentError: serve locally;
+        BudgetExhaustedError: refuse) when it would pass this period's budget."""
+        with self._lock:
+            self._roll()
+            if self._spent_now():
+                self._held_back += 1
+                left = self.cost.period_s - (self._clock() - self._period)
+                why = (
+                    f"the burst budget of {self.cost.budget} per {self.cost.period_s:.0f} s is spent "
+                    f"({self._requests} requests this period; it resets in {left:.0f} s)"
+                )
+                if self.cost.when_spent == "refuse":
+                    raise BudgetExhaustedError(why + ": retry later, or raise --burst-budget")
+                raise BurstBudgetSpentError(why + ": serving locally")
+            self._spent += self._per_request
+            self._requests += 1
+            self.total += self._per_request / NANO
+
+    def refund(self) -> None:
+        """Give back one reserved request that was never sent (same period only)."""
+        with self._lock:
+            if self._requests > 0 and self._period == self._period_of(self._clock()):
+                self._spent -= self._per_request
+                self._requests -= 1
+                self.total -= self._per_request / NANO
+
+    def charge_time(self, seconds: float) -> None:
+        """Add the endpoint-time price of one finished burst call."""
+        nano = round(self.cost.per_second * seconds * NANO)
+        if nano:
+            with self._lock:
+                self._roll()
+                self._spent += nano
+                self.total += nano / NANO
+
+    def snapshot(self) -> BudgetSnapshot:
+        """This period's numbers."""
+        with self._lock:
+            self._roll()
+            return BudgetSnapshot(
+                self._spent / NANO, self.cost.budget, self._requests, self._held_back, self._period
+            )
 
 
 @dataclass(frozen=True)
@@ -46,6 +169,8 @@ class BurstSettings:
     local_timeout_s: float = 30.0
     # TLS (and a bearer token or client certificate) to the endpoint; None: plaintext.
     credentials: grpc.ChannelCredentials | None = field(default=None, repr=False, compare=False)
+    cost: BurstCost = BurstCost()
+    clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)  # budget periods
 
 
 class CircuitBreaker:
@@ -143,6 +268,7 @@ class BurstClient:
             else grpc.insecure_channel(settings.target, options=options)
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self.budget = BurstBudget(settings.cost, settings.clock)
 
     def available(self) -> bool:
         """Would a call go out now? (A peek: the half-open trial is taken by ``infer`` itself.)"""
@@ -150,11 +276,15 @@ class BurstClient:
 
     def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """Forward the request unchanged; BurstUnavailableError when the breaker is open or the call fails."""
+        self.budget.reserve()  # charged even if the call then fails: the budget is never overspent
         if not self.breaker.allow():
+            self.budget.refund()  # nothing was sent
             raise BurstUnavailableError(f"burst endpoint {self.target} is open-circuited after failures")
+        start = time.monotonic()
         try:
             response: pb.ModelInferResponse = self._stub.ModelInfer(request, timeout=self.settings.timeout_s)
         except grpc.RpcError as exc:
+            self.budget.charge_time(time.monotonic() - start)
             code = exc.code()
             caller_side = CALLER_SIDE.get(code)
             if caller_side is not None:
@@ -170,6 +300,7 @@ class BurstClient:
                 why += " (check --burst-token-file / --burst-cert)"
             log.warning("%s", why)
             raise BurstUnavailableError(why) from exc
+        self.budget.charge_time(time.monotonic() - start)
         self.breaker.success()
         return response
 

@@ -52,6 +52,12 @@ class AgentConfig:
     burst_token_file: Path | None = None  # bearer token sent to the burst endpoint (file 0600)
     burst_cert: Path | None = None  # client certificate for the burst endpoint (mTLS)
     burst_key: Path | None = None
+    # What the burst endpoint costs, and the per-device budget per period (None: unlimited).
+    burst_price_per_1k: float = 0.0
+    burst_price_per_second: float = 0.0
+    burst_budget: float | None = None
+    burst_budget_period_s: float = 3600.0
+    burst_when_spent: str = "local"  # local (serve/queue here) | refuse (RESOURCE_EXHAUSTED)
     labels: dict[str, str] = field(default_factory=dict)
     serve_only: bool = False
     model_dir: Path | None = None
@@ -71,6 +77,8 @@ class AgentConfig:
     max_batch_size: int = 8
     max_queue_delay_ms: float = 2.0
     slo_ms: float = 100.0
+    # Input drift (PSI against the artifact's calibration summary) at which a DRIFT event is raised.
+    drift_threshold: float = 0.25
     burst_timeout_s: float = 2.0
     intra_op_threads: int = 0
     memory_limit_mib: int | None = None
@@ -95,6 +103,22 @@ class AgentConfig:
             raise ConfigError(f"--transport must be auto, grpc or mqtt, got {self.transport!r}")
         if self.blob_urls not in ("https", "any", "off"):
             raise ConfigError(f"--blob-urls must be https, any or off, got {self.blob_urls!r}")
+        if self.burst_when_spent not in ("local", "refuse"):
+            raise ConfigError(f"--burst-when-spent must be local or refuse, got {self.burst_when_spent!r}")
+        for what, price in (
+            ("--burst-price-per-1k", self.burst_price_per_1k),
+            ("--burst-price-per-second", self.burst_price_per_second),
+            ("--burst-budget", self.burst_budget or 0.0),
+        ):
+            if price < 0:
+                raise ConfigError(f"{what} cannot be negative, got {price}")
+        if self.burst_budget_period_s <= 0:
+            raise ConfigError(f"--burst-budget-period must be positive, got {self.burst_budget_period_s}")
+        if self.burst_budget is not None and not (self.burst_price_per_1k or self.burst_price_per_second):
+            raise ConfigError(
+                "--burst-budget needs a price to count against it",
+                hint="add --burst-price-per-1k and/or --burst-price-per-second",
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
         if (self.burst_cert is None) != (self.burst_key is None):
@@ -106,6 +130,7 @@ class AgentConfig:
         for what, value in (
             ("--max-batch-size", self.max_batch_size),
             ("--slo-ms", self.slo_ms),
+            ("--drift-threshold", self.drift_threshold),
             ("--max-request-mib", self.max_request_mib),
             ("--keep-versions", self.keep_versions),
         ):

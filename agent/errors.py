@@ -68,3 +68,11 @@ class SmokeTestError(RefusedError):
 
 class BurstUnavailableError(AgentError):
     """The burst endpoint is not configured, its circuit is open, or the call failed."""
+
+
+class BurstBudgetSpentError(BurstUnavailableError):
+    """This period's burst budget is spent and the agent serves locally instead (the router falls back)."""
+
+
+class BudgetExhaustedError(AgentError):
+    """This period's burst budget is spent and the agent is set to refuse what would burst (RESOURCE_EXHAUSTED)."""

@@ -24,6 +24,7 @@ from edgectl.addresses import HostPort, parse_host_port
 from edgectl.agent.codecs import decode_response, encode_request
 from edgectl.agent.errors import (
     AgentError,
+    BudgetExhaustedError,
     BurstUnavailableError,
     ConfigError,
     InvalidInputError,
@@ -49,6 +50,7 @@ _STATUS: list[tuple[type[AgentError], int]] = [
     (ModelNotFoundError, 404),
     (ModelUnavailableError, 503),
     (BurstUnavailableError, 503),
+    (BudgetExhaustedError, 429),
 ]
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
+from edgectl.agent.burst import BudgetSnapshot
 from edgectl.build_metrics import add_process_metrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -75,6 +78,49 @@ class _Flush:
         return []
 
 
+DriftSource = Callable[[], Iterable[tuple[str, str, float]]]
+
+
+class _DriftCollector:
+    """``edgectl_agent_drift_score{model,version}``, computed from the live sketches when scraped."""
+
+    def __init__(self, source: DriftSource) -> None:
+        self._source = source
+
+    def collect(self) -> list[Any]:
+        family = GaugeMetricFamily(
+            "edgectl_agent_drift_score",
+            "Input drift (PSI, worst feature) of live requests against the calibration set",
+            labels=["model", "version"],
+        )
+        for model, version, score in self._source():
+            family.add_metric([model, version], score)
+        return [family]
+
+
+class _BudgetCollector:
+    """The burst budget's period numbers, read when scraped."""
+
+    def __init__(self, source: Callable[[], BudgetSnapshot]) -> None:
+        self._source = source
+
+    def collect(self) -> list[Any]:
+        snap = self._source()
+        cost = GaugeMetricFamily("edgectl_agent_burst_cost", "Burst cost spent in the current budget period")
+        cost.add_metric([], snap.cost)
+        held = GaugeMetricFamily(
+            "edgectl_agent_burst_held_back",
+            "Requests kept from burst this period because the budget is spent",
+        )
+        held.add_metric([], snap.held_back)
+        out = [cost, held]
+        if snap.budget is not None:
+            budget = GaugeMetricFamily("edgectl_agent_burst_budget", "Burst budget per period")
+            budget.add_metric([], snap.budget)
+            out.append(budget)
+        return out
+
+
 class AgentMetrics:
     """Every metric the agent exports; ``serve(host, port)`` exposes them over HTTP."""
 
@@ -130,6 +176,7 @@ class AgentMetrics:
         self._active: dict[str, str] = {}
         # labels() validates and locks on every call; the request path reuses the children instead.
         self._children: dict[tuple[object, ...], Any] = {}
+        self._budget_source: Callable[[], BudgetSnapshot] | None = None
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -182,6 +229,19 @@ class AgentMetrics:
             self.active_version.remove(model, old)
         self.active_version.labels(model, digest).set(version)
         self._active[model] = digest
+
+    def watch_budget(self, source: Callable[[], BudgetSnapshot]) -> None:
+        """Export the burst budget ``source`` reports at every scrape; ``budget()`` reads it too."""
+        self._budget_source = source
+        self.registry.register(_BudgetCollector(source))
+
+    def budget(self) -> BudgetSnapshot | None:
+        """This period's burst spending, or None when the agent has no burst endpoint."""
+        return self._budget_source() if self._budget_source is not None else None
+
+    def watch_drift(self, source: DriftSource) -> None:
+        """Export the drift scores ``source`` yields (name, version, PSI) at every scrape."""
+        self.registry.register(_DriftCollector(source))
 
     def stats(self) -> WindowStats:
         return self.window.snapshot()

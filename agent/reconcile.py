@@ -31,7 +31,7 @@ from edgectl.agent.fetch import ArtifactFetcher
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.orders import AcceptedOrder, FleetTrust
 from edgectl.agent.runtime import SessionSettings
-from edgectl.agent.serving import ModelRegistry
+from edgectl.agent.serving import ModelRegistry, ServedModel
 from edgectl.agent.staging import Staged, SwapWindows
 from edgectl.agent.state import AgentState, Installed, ModelSlot, StateStore
 from edgectl.agent.verify import DeviceFit, check_fit, check_identity, check_rollback, verify_signed
@@ -77,6 +77,7 @@ class ReconcileSettings:
     engine_cache_dir: Path | None = None
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
+    drift_threshold: float = 0.25
 
 
 class Reconciler:
@@ -375,6 +376,10 @@ class Reconciler:
                 window_seconds=stats.window_s,
             ),
         )
+        budget = self.metrics.budget()
+        if budget is not None:
+            rs.stats.burst_cost, rs.stats.burst_held_back = budget.cost, budget.held_back
+            rs.stats.burst_budget = budget.budget or 0.0
         failing = False
         for name, slot in sorted(self.state.models.items()):
             served = self.registry.get(name)
@@ -390,9 +395,22 @@ class Reconciler:
                 staged_digest=self.swaps.waiting_digest(name),
             )
             failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
+            self._report_drift(rs.models[-1], served)
         failing |= bool(rs.last_error)
         rs.health = fpb.DEVICE_HEALTH_DEGRADED if failing else fpb.DEVICE_HEALTH_OK
         return rs
+
+    def _report_drift(self, active: mpb.ActiveModel, served: ServedModel | None) -> None:
+        """Fill the model's drift fields, and raise a DRIFT event when its score crosses the threshold."""
+        if served is None or served.drift is None:
+            return
+        score, threshold = served.drift.score(), self.settings.drift_threshold
+        if score is not None:
+            active.drift_score, active.drift_requests, active.drift_feature = score.score, score.requests, score.feature  # fmt: skip
+        if score is not None and served.drift.alarm(threshold) is not None:
+            self._event(
+                Kind.EVENT_KIND_DRIFT, served.model.digest, score.describe(served.model.name, threshold)
+            )
 
     def _order_expiry(self) -> str:
         """A freeze shows: the order followed has expired and no fresh one came (control plane gone,

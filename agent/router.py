@@ -93,11 +93,21 @@ class InferenceRouter:
         self.settings = settings
         self.limits = limits or RequestLimits()
         self.burst = BurstClient(settings) if settings.target else None
+        if self.burst is not None:
+            burst = self.burst
+            metrics.watch_budget(lambda: burst.budget.snapshot())  # late-bound: the budget may be replaced
         self._bursts_in_a_row = 0  # approximate under concurrency, which is all a probe needs
         self._corrections: dict[str, LatencyCorrection] = {}
 
     def _route(self, served: ServedModel | None) -> tuple[str | None, float]:
         """(why this request should go to burst, or None to serve it locally; predicted local s)."""
+        why, wait = self._route_by_latency(served)
+        # A spent burst budget (set to "serve locally") keeps the request here: queue, don't pay.
+        if why is not None and self.burst is not None and self.burst.budget.hold_back():
+            return None, wait
+        return why, wait
+
+    def _route_by_latency(self, served: ServedModel | None) -> tuple[str | None, float]:
         if self.burst is None:
             return None, 0.0
         if served is None:
@@ -180,6 +190,8 @@ class InferenceRouter:
             t0 = time.perf_counter()
             feeds = call.decode()
             decode_ns.append(int((time.perf_counter() - t0) * 1e9))
+            if served.drift is not None:
+                served.drift.observe(feeds)  # a bounded sample: a few us per request
             outputs, model = self.registry.infer(
                 call.model, feeds, self.settings.local_timeout_s, version=call.version, arrived=served
             )

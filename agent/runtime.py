@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from edgectl.agent.codecs import Array
 from edgectl.agent.errors import InferenceError, InvalidInputError, ModelLoadError
-from edgectl.artifact import TensorSpec, UnsupportedTensorTypeError
+from edgectl.artifact import DriftSummary, TensorSpec, UnsupportedTensorTypeError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class LoadedModel:
     outputs: tuple[TensorSpec, ...]
     provider: str
     fallback_reasons: tuple[str, ...] = ()
+    # The artifact's calibration-input summary (drift reference); None for artifacts without one.
+    input_summary: DriftSummary | None = None
 
     @property
     def batchable(self) -> bool:

@@ -21,6 +21,7 @@ from edgectl.agent.errors import BatcherClosedError, InferenceError, ModelNotFou
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.model_stats import ModelStats
 from edgectl.agent.runtime import LoadedModel
+from edgectl.artifact import LiveSketch
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class ServedModel:
         self.model = model
         self._metrics = metrics
         self.stats = ModelStats()
+        summary = model.input_summary
+        # Live inputs against the artifact's calibration summary; None when it carries none.
+        self.drift = LiveSketch(summary) if summary is not None and summary.inputs else None
         self.batcher = MicroBatcher(
             model.run, settings, batchable=model.batchable, on_batch=self._on_batch, name=model.name
         )
@@ -119,6 +123,8 @@ class ModelRegistry:
         self._lock = threading.Lock()
         # Versions swapped out and still finishing their queue: (name, version) -> served.
         self._draining: dict[tuple[str, str], ServedModel] = {}
+        if metrics is not None:
+            metrics.watch_drift(self.drift_scores)
 
     def _drain(self, old: ServedModel) -> None:
         key = (old.model.name, old.version)
@@ -231,6 +237,15 @@ class ModelRegistry:
             served.record(True)
             return outputs, served.model
         raise InferenceError(f"model {name!r} was swapped repeatedly during the request; retry")
+
+    def drift_scores(self) -> list[tuple[str, str, float]]:
+        """(name, version, PSI) of every live version that has a drift score yet."""
+        out = []
+        for m in self.all_versions():
+            score = m.drift.score() if m.drift is not None else None
+            if score is not None:
+                out.append((m.model.name, m.version, score.score))
+        return out
 
     def close(self) -> None:
         """Close every version's batcher."""

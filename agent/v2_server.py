@@ -21,6 +21,7 @@ from edgectl.addresses import HostPort, parse_host_port
 from edgectl.agent.codecs import decode_request, encode_response, request_headers
 from edgectl.agent.errors import (
     AgentError,
+    BudgetExhaustedError,
     BurstUnavailableError,
     ConfigError,
     InferenceError,
@@ -43,6 +44,7 @@ _CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (BurstUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (BudgetExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InferenceError, grpc.StatusCode.INTERNAL),
 ]
 

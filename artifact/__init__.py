@@ -20,6 +20,7 @@ One job per module (a test keeps this list complete):
 - ``golden``: the byte-deterministic golden input/output pair and its tolerance check.
 - ``blobstore``: content-addressed blob storage: the interface and the local-disk store.
 - ``s3store``: the same interface on S3-compatible object storage (boto3, imported lazily).
+- ``drift``: the calibration inputs' summary, the live sketch of served inputs, and PSI between them.
 - ``errors``: the named failure of every check.
 """
 
@@ -44,6 +45,7 @@ from edgectl.artifact.chunking import (
     reassemble_file,
     shared_bytes,
 )
+from edgectl.artifact.drift import DriftSummary, LiveSketch, summarize_inputs
 from edgectl.artifact.errors import (
     ArtifactError,
     BlobNotFoundError,
@@ -101,9 +103,11 @@ __all__ = [
     "ChunkRef",
     "ChunkSource",
     "DigestMismatchError",
+    "DriftSummary",
     "FileEntry",
     "GoldenRef",
     "KeyFileError",
+    "LiveSketch",
     "LocalBlobStore",
     "Manifest",
     "ManifestError",
@@ -157,6 +161,7 @@ __all__ = [
     "reassemble_file",
     "sha256_digest",
     "shared_bytes",
+    "summarize_inputs",
     "verify_bundle",
     "verify_chunk",
     "verify_manifest",

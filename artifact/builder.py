@@ -22,6 +22,7 @@ import numpy.typing as npt
 import edgectl
 from edgectl.artifact.canonical import DIGEST_PREFIX, canonical_bytes, is_hex64, sha256_digest
 from edgectl.artifact.chunking import chunk_file
+from edgectl.artifact.drift import DriftSummary
 from edgectl.artifact.errors import ManifestError
 from edgectl.artifact.golden import write_golden
 from edgectl.artifact.keystore import default_signing_key
@@ -106,11 +107,13 @@ def build_artifact(
     golden_min_cosine: float | None = None,
     created: str | None = None,
     host: str | None = None,
+    input_summary: DriftSummary | None = None,
 ) -> Artifact:
     """Build and sign a bundle in ``out_dir`` (new or empty) from ``files`` (bundle path -> source file).
 
     ``files`` must hold ``model_file`` and every engine's file; ``golden.npz`` is written here.
-    Without ``signing_key`` the user's default key is used (made on first use).
+    Without ``signing_key`` the user's default key is used (made on first use). ``input_summary``
+    (``summarize_inputs`` of the calibration data) lets agents score input drift.
     """
     _prepare_out(out_dir)
     golden = GoldenRef("golden.npz", golden_atol, golden_rtol, golden_min_cosine)
@@ -144,6 +147,7 @@ def build_artifact(
         trt_engines=tuple(sorted(trt_engines, key=lambda e: e.file)),
         engine_build_on_device=engine_build_on_device,
         files=entries,
+        input_summary=input_summary,
     )
     manifest_bytes = manifest.to_bytes()
     key = signing_key or default_signing_key()

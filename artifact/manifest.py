@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 from edgectl.artifact.canonical import canonical_bytes, is_hex64, parse_canonical, sha256_digest
+from edgectl.artifact.drift import DriftSummary
 from edgectl.artifact.errors import ManifestError, RollbackError
 from edgectl.artifact.paths import check_relpath
 from edgectl.artifact.tensors import TensorSpec
@@ -238,6 +239,8 @@ class Manifest:
     parent_version: int | None = None
     trt_engines: tuple[TrtEngine, ...] = ()
     engine_build_on_device: bool = True
+    # The calibration inputs' distribution (artifact/drift.py); absent from older manifests.
+    input_summary: DriftSummary | None = None
     format: str = field(default=FORMAT)
 
     def __post_init__(self) -> None:
@@ -287,7 +290,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain JSON values, ready for canonical encoding."""
-        return {
+        out: dict[str, Any] = {
             "format": self.format,
             "name": self.name,
             "version": self.version,
@@ -307,6 +310,10 @@ class Manifest:
             "engine_build_on_device": self.engine_build_on_device,
             "files": [f.to_dict() for f in self.files],
         }
+        if self.input_summary is not None:
+            # Written only when present, so a manifest without one keeps its bytes and its digest.
+            out["input_summary"] = self.input_summary.to_dict()
+        return out
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes: what is hashed, signed and written as manifest.json."""
@@ -358,6 +365,7 @@ class Manifest:
             trt_engines=tuple(TrtEngine.from_dict(e) for e in engines),
             engine_build_on_device=_req(obj, "engine_build_on_device", bool, w),
             files=tuple(FileEntry.from_dict(f) for f in files),
+            input_summary=DriftSummary.from_dict(obj["input_summary"]) if "input_summary" in obj else None,
         )
 
     @classmethod

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # the test helpers (artifact server, ONNX builder
 from loadgen import pinned, run_load  # noqa: E402  (benchmarks/, the script's own folder)
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
+from edgectl.agent.burst import BurstCost  # noqa: E402
 from edgectl.agent.codecs import encode_request  # noqa: E402
 from edgectl.agent.fetch import ArtifactFetcher  # noqa: E402
 from edgectl.agent.transports import GrpcTransport  # noqa: E402
@@ -142,6 +143,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
 # Burst needs spare CPU for the load generator, the local agent and the cloud endpoint on one box:
 # a weight-bound model keeps request rates (and Python overheads) low and batches well in the cloud.
 SLO_DIMS = (4096, 16384, 16)
+PRICE_PER_1K = 0.40  # an example price of the burst endpoint, per 1,000 requests
 CLOUD_QUEUE_DELAY_MS = 5
 
 
@@ -229,7 +231,8 @@ def bench_burst(work: Path, quick: bool) -> None:
     restore = _pin_this_process(edge_cpus)
     port = free_port()
     cloud = _cloud_endpoint(work, port, other_cpus)
-    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": [], "budget": []}
+    budgets: list[int] = []
     slos: list[float] = []
     rates: list[float] = []
     try:
@@ -243,8 +246,19 @@ def bench_burst(work: Path, quick: bool) -> None:
             rate = 2.0 / per
             slos.append(slo_s)
             rates.append(rate)
-            for label, target in (("off", None), ("on", f"127.0.0.1:{port}")):
-                served = InProcessV2(path, batch=BatchSettings(max_batch_size=1), burst=target, slo_s=slo_s)
+            # A budget that binds: a quarter of the requests may burst (about half would).
+            budget_requests = int(rate * seconds / 4)
+            budgets.append(budget_requests)
+            priced = BurstCost(per_1k_requests=PRICE_PER_1K)
+            capped = BurstCost(per_1k_requests=PRICE_PER_1K, budget=PRICE_PER_1K * budget_requests / 1000)
+            for label, target, cost in (
+                ("off", None, BurstCost()),
+                ("on", f"127.0.0.1:{port}", priced),
+                ("budget", f"127.0.0.1:{port}", capped),
+            ):
+                served = InProcessV2(
+                    path, batch=BatchSettings(max_batch_size=1), burst=target, slo_s=slo_s, cost=cost
+                )
                 runs[label].append(
                     run_load(
                         [
@@ -258,6 +272,10 @@ def bench_burst(work: Path, quick: bool) -> None:
                         other_cpus,
                     )
                 )
+                spent = served.router.burst.budget.snapshot() if served.router.burst else None
+                runs[label][-1]["cost"] = spent.cost if spent else 0.0
+                runs[label][-1]["bursts"] = spent.requests if spent else 0
+                runs[label][-1]["held_back"] = spent.held_back if spent else 0
                 served.close()
     finally:
         cloud.terminate()
@@ -274,6 +292,18 @@ def bench_burst(work: Path, quick: bool) -> None:
             if label == "off"
             else f" (goal >= 99% and 0 errors: {'met' if within >= 0.99 and not errors else 'MISSED'})"
         )
+        cost = statistics.median(g["cost"] for g in got)
+        if label == "budget":
+            # Where the budget bound (requests were held back), bursts must stop within 1 % of it.
+            ok = all(
+                g["bursts"] <= b and (g["bursts"] >= 0.99 * b or not g["held_back"])
+                for g, b in zip(got, budgets, strict=True)
+            )
+            bursts = ", ".join(f"{g['bursts']:.0f}/{b}" for g, b in zip(got, budgets, strict=True))
+            goal = (
+                f" (bursts/budget per round {bursts}: SLO not a goal while it binds; stop within 1% "
+                f"of the budget: {'met' if ok else 'MISSED'})"
+            )
         print(
             f"SLO {slo_s * 1000:.0f} ms at 2x local capacity ({rate:.0f} req/s; medians of per-round "
             f"measurements), MLP {SLO_DIMS}, burst {label}, "
@@ -281,7 +311,8 @@ def bench_burst(work: Path, quick: bool) -> None:
             f"{rounds_text}), {errors} errors, burst share {share:.1%}{goal}; "
             f"p99 local {statistics.median(g['p99_local'] for g in got) * 1000:.0f} ms, burst p50/p99 "
             f"{statistics.median(g['p50_burst'] for g in got) * 1000:.0f}/"
-            f"{statistics.median(g['p99_burst'] for g in got) * 1000:.0f} ms"
+            f"{statistics.median(g['p99_burst'] for g in got) * 1000:.0f} ms; burst cost "
+            f"{cost:.4f} at {PRICE_PER_1K} per 1,000"
         )
 
 

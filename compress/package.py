@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgectl.artifact import Artifact, SigningKey, TensorSpec, TrtEngine, build_artifact
+from edgectl.artifact import Artifact, DriftSummary, SigningKey, TensorSpec, TrtEngine, build_artifact
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import cpu_session
 
@@ -92,6 +92,7 @@ def write_artifact(
     engines: Sequence[TrtEngine] = (),
     parent_version: int | None = None,
     sign_key: Path | None = None,
+    input_summary: DriftSummary | None = None,
 ) -> Artifact:
     """Build and sign the bundle for ``model`` (plus ``files``, e.g. engines) into ``out_dir``.
 
@@ -124,6 +125,7 @@ def write_artifact(
             engine_build_on_device=not engines,
             # Same model on another CPU can round int8 differently; the outputs must still agree closely.
             golden_min_cosine=0.999 if quantized else None,
+            input_summary=input_summary,
         )
         if out_dir.exists():
             out_dir.rmdir()  # checked empty above

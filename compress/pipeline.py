@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgectl.artifact import TensorSpec
+from edgectl.artifact import TensorSpec, summarize_inputs
 from edgectl.compress.data import SampleSet, read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
@@ -123,6 +123,8 @@ class _Run:
         self.record["export"] = source.info
         self.inputs, self.outputs = signature(load(self.float_path))
         calib = read_samples(req.calib, self.inputs, what="calibration") if req.calib else None
+        # What agents compare live inputs against (drift); only real calibration data qualifies.
+        self.input_summary = summarize_inputs(calib.inputs) if calib else None
         if req.eval is not None:
             self.data = read_samples(req.eval, self.inputs, what="evaluation")
         else:
@@ -251,7 +253,7 @@ class _Run:
             version=req.version, inputs=self.inputs, outputs=self.outputs, golden_feed=self.data.feed(0),
             recipe=self.record, profile=self.profile.name, metrics=metrics, source_sha256=self.source_sha,
             quantized=chosen not in self.float_trials, files=state.files, engines=state.engines,
-            parent_version=req.parent_version, sign_key=req.sign_key,
+            parent_version=req.parent_version, sign_key=req.sign_key, input_summary=self.input_summary,
         )  # fmt: skip
         for t in self.trials:
             t.path = None  # the temporary folder is about to go

@@ -48,6 +48,7 @@ def device(record: DeviceRecord) -> fleet_pb2.Device:
         agent_version=record.agent_version,
         profile=record.profile,
         last_error=record.last_error,
+        drift={m.name: m.drift for m in record.models.values() if m.drift is not None},
     )
     if active is not None and active.digest:
         out.active.CopyFrom(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -50,14 +51,18 @@ class ModelState:
     failure_reason: str = ""
     previous_digest: str = ""
     staged_digest: str = ""  # downloaded and verified, waiting for its maintenance window
+    drift: float | None = None  # the latest input drift score (PSI); None: the agent reports none
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as the device row keeps it."""
-        return {
+        out: dict[str, Any] = {
             "digest": self.digest, "version": self.version, "smoke": self.smoke_test_passed,
             "failed_digest": self.failed_digest, "failure_reason": self.failure_reason,
             "previous_digest": self.previous_digest, "staged_digest": self.staged_digest,
         }  # fmt: skip
+        if self.drift is not None:
+            out["drift"] = self.drift
+        return out
 
     @classmethod
     def from_dict(cls, name: str, obj: dict[str, Any]) -> ModelState:
@@ -66,6 +71,7 @@ class ModelState:
             name, obj.get("digest", ""), int(obj.get("version", 0)), bool(obj.get("smoke", False)),
             obj.get("failed_digest", ""), obj.get("failure_reason", ""), obj.get("previous_digest", ""),
             obj.get("staged_digest", ""),
+            float(obj["drift"]) if obj.get("drift") is not None else None,
         )  # fmt: skip
 
 
@@ -364,6 +370,8 @@ class Fleet:
                 m.failure_reason,
                 m.previous_digest,
                 m.staged_digest,
+                # drift_requests == 0: no score yet, or an agent or artifact without drift support.
+                m.drift_score if m.drift_requests > 0 and math.isfinite(m.drift_score) else None,
             ).to_dict()
             for m in state.models
         }
@@ -371,6 +379,9 @@ class Fleet:
             "requests": state.stats.requests, "error_rate": state.stats.error_rate,
             "p99_ms": state.stats.p99_ms, "window_seconds": state.stats.window_seconds,
             "burst_share": state.stats.burst_share,
+            # Burst spending this budget period (0 from agents without a price or that predate it).
+            "burst_cost": state.stats.burst_cost, "burst_budget": state.stats.burst_budget,
+            "burst_held_back": state.stats.burst_held_back,
         }  # fmt: skip
         seen = obs.received_at
         tx.execute(

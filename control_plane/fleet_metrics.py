@@ -24,8 +24,11 @@ FLEET_METRICS = (
     "edgectl_fleet_devices", "edgectl_fleet_devices_by_version", "edgectl_fleet_devices_by_health",
     "edgectl_fleet_requests_per_second", "edgectl_fleet_errors_per_second", "edgectl_fleet_error_rate",
     "edgectl_fleet_p99_ms", "edgectl_fleet_burst_share", "edgectl_fleet_devices_with_errors",
-    "edgectl_fleet_devices_refusing",
+    "edgectl_fleet_devices_refusing", "edgectl_fleet_drift", "edgectl_fleet_devices_drifting",
+    "edgectl_fleet_burst_cost",
 )  # fmt: skip
+# PSI from which a device counts as drifting (the agents' default --drift-threshold).
+DRIFTING = 0.25
 
 
 def _health(value: int) -> str:
@@ -54,6 +57,10 @@ class FleetCollector(Collector):
             ("edgectl_fleet_burst_share", "Share of the online devices' requests sent to burst", []),
             ("edgectl_fleet_devices_with_errors", "Devices reporting a last error", []),
             ("edgectl_fleet_devices_refusing", "Devices that refused or failed a desired model", []),
+            ("edgectl_fleet_drift", "Devices' latest input drift (PSI) per model: the worst and the median",
+             ["model", "aggregate"]),
+            ("edgectl_fleet_devices_drifting", f"Devices whose latest drift score is >= {DRIFTING}", ["model"]),
+            ("edgectl_fleet_burst_cost", "Burst cost of the current budget period, summed over devices", []),
         )}  # fmt: skip
         try:
             devices = self.fleet.list_devices()
@@ -67,7 +74,13 @@ class FleetCollector(Collector):
         rps = eps = bursts = 0.0
         p99s: list[float] = []
         with_errors = refusing = 0
+        drift: dict[str, list[float]] = {}
+        burst_cost = 0.0
         for d in devices:
+            for m in d.models.values():
+                if m.drift is not None:
+                    drift.setdefault(m.name, []).append(m.drift)
+            burst_cost += float(d.stats.get("burst_cost", 0.0)) if d.stats else 0.0
             states["online" if d.online else "offline"] += 1
             health[_health(d.health)] += 1
             for m in d.models.values():
@@ -98,4 +111,9 @@ class FleetCollector(Collector):
         g["edgectl_fleet_burst_share"].add_metric([], bursts / rps if rps else 0.0)
         g["edgectl_fleet_devices_with_errors"].add_metric([], with_errors)
         g["edgectl_fleet_devices_refusing"].add_metric([], refusing)
+        for model, scores in sorted(drift.items()):
+            g["edgectl_fleet_drift"].add_metric([model, "max"], max(scores))
+            g["edgectl_fleet_drift"].add_metric([model, "median"], statistics.median(scores))
+            g["edgectl_fleet_devices_drifting"].add_metric([model], sum(s >= DRIFTING for s in scores))
+        g["edgectl_fleet_burst_cost"].add_metric([], burst_cost)
         yield from g.values()

@@ -75,6 +75,28 @@ def test_fleet_aggregates_fold_reported_states(tmp_path: Path) -> None:
     assert value(s, "edgectl_fleet_p99_ms", aggregate="max") == 30.0
     assert value(s, "edgectl_fleet_p99_ms", aggregate="median") == 20.0
     assert value(s, "edgectl_fleet_devices_with_errors") == 1
+    assert ("edgectl_fleet_burst_cost", ()) in s and not any(k[0] == "edgectl_fleet_drift" for k in s)
+
+
+def test_fleet_drift_and_burst_cost_from_reports(tmp_path: Path) -> None:
+    """Per-model drift (worst, median, devices past the alarm level) and the fleet's burst cost;
+    a device whose agent reports no drift is left out, not counted as 0."""
+    reports = [_report(d, 1, 60, 5.0, 0.1, 0.0) for d in ("a", "b", "c", "old")]
+    for r, score in zip(reports, (0.05, 0.1, 0.6), strict=False):
+        r.state.models[0].drift_score, r.state.models[0].drift_requests = score, 1000
+    for r, cost in zip(reports, (0.1, 0.2, 0.0, 0.0), strict=True):
+        r.state.stats.burst_cost = cost
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        fleet = Fleet(store)
+        fleet.apply([*reports, *(Status(d, True, time.time()) for d in ("a", "b", "c", "old"))])
+        s = parse(generate_latest(Metrics(store, fleet).registry).decode())
+    finally:
+        store.close()
+    assert value(s, "edgectl_fleet_drift", model="det", aggregate="max") == 0.6
+    assert value(s, "edgectl_fleet_drift", model="det", aggregate="median") == 0.1
+    assert value(s, "edgectl_fleet_devices_drifting", model="det") == 1
+    assert abs(value(s, "edgectl_fleet_burst_cost") - 0.3) < 1e-9
     assert value(s, "edgectl_build_info", component="control-plane",
                  version=__import__("edgectl").__version__,
                  python=__import__("platform").python_version()) == 1  # fmt: skip

@@ -95,6 +95,19 @@ def run(
     ),
     burst_cert: Path | None = typer.Option(None, help="client certificate for the burst endpoint (mTLS)"),
     burst_key: Path | None = typer.Option(None, help="private key of --burst-cert (file mode 0600)"),
+    burst_price_per_1k: float | None = typer.Option(None, help="price of 1,000 burst requests [default 0]"),
+    burst_price_per_second: float | None = typer.Option(
+        None, help="price of one second of burst endpoint time [default 0]"
+    ),
+    burst_budget: float | None = typer.Option(
+        None, help="burst spending allowed per period on this device, in the prices' unit [default none]"
+    ),
+    burst_budget_period: float | None = typer.Option(
+        None, help="seconds per budget period, aligned to the clock [default 3600]"
+    ),
+    burst_when_spent: str | None = typer.Option(
+        None, help="once the budget is spent: local (serve/queue here) or refuse (RESOURCE_EXHAUSTED)"
+    ),
     labels: str | None = typer.Option(
         None, envvar="EDGECTL_LABELS", help="k=v[,k=v] labels this device reports"
     ),
@@ -129,6 +142,9 @@ def run(
     max_queue_delay_ms: float | None = typer.Option(None, help="longest wait to fill a batch [default 2]"),
     slo_ms: float | None = typer.Option(
         None, help="latency SLO, ms: requests predicted to take over 0.8x it burst [default 100]"
+    ),
+    drift_threshold: float | None = typer.Option(
+        None, help="input drift (PSI vs. the calibration set) that raises a DRIFT event [default 0.25]"
     ),
     heartbeat_s: float | None = typer.Option(
         None, "--heartbeat", help="seconds between heartbeats [default 30]"
@@ -191,6 +207,11 @@ def run(
         "burst_token_file": burst_token_file,
         "burst_cert": burst_cert,
         "burst_key": burst_key,
+        "burst_price_per_1k": burst_price_per_1k,
+        "burst_price_per_second": burst_price_per_second,
+        "burst_budget": burst_budget,
+        "burst_budget_period_s": burst_budget_period,
+        "burst_when_spent": burst_when_spent,
         "labels": labels or None,
         "serve_only": serve_only,
         "model_dir": model_dir,
@@ -205,6 +226,7 @@ def run(
         "max_batch_size": max_batch_size,
         "max_queue_delay_ms": max_queue_delay_ms,
         "slo_ms": slo_ms,
+        "drift_threshold": drift_threshold,
         "heartbeat_s": heartbeat_s,
         "intra_op_threads": intra_op_threads,
         "memory_limit_mib": memory_limit_mib,

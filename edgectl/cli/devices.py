@@ -13,6 +13,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from edgectl.artifact.drift import DEFAULT_THRESHOLD as DRIFT_ALARM
 from edgectl.cli.output import (
     IntervalOpt,
     Output,
@@ -54,9 +55,19 @@ def _selector_request(selector: str | None) -> fleet_pb2.ListDevicesRequest:
     )
 
 
+def _drift(d: fleet_pb2.Device) -> str:
+    """Each model's latest input drift score (PSI), red from 0.25 (a major shift), "-" for none."""
+    if not d.drift:
+        return "-"
+    return ",".join(
+        f"{name}=[red]{v:.2f}[/]" if v >= DRIFT_ALARM else f"{name}={v:.2f}"
+        for name, v in sorted(d.drift.items())
+    )
+
+
 def _devices_table(devices: list[fleet_pb2.Device], wide: bool) -> Table:
     columns = ["id", "online", "active", "desired", "health", "last seen", "labels", "error"]
-    table = Table(*columns, *(("agent", "profile", "enrolled") if wide else ()))
+    table = Table(*columns, *(("agent", "profile", "enrolled", "drift") if wide else ()))
     for d in devices:
         row = [
             d.id, "yes" if d.online else "[red]no[/]",
@@ -66,7 +77,7 @@ def _devices_table(devices: list[fleet_pb2.Device], wide: bool) -> Table:
             format_labels(d.labels), d.last_error,
         ]  # fmt: skip
         if wide:
-            row += [d.agent_version or "-", d.profile or "-", ago(d.enrolled_at)]
+            row += [d.agent_version or "-", d.profile or "-", ago(d.enrolled_at), _drift(d)]
         table.add_row(*row)
     return table
 

@@ -64,6 +64,26 @@ class Device(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DriftEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ONLINE_FIELD_NUMBER: _builtins.int
@@ -75,6 +95,7 @@ class Device(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     online: _builtins.bool
     health: Global___DeviceHealth.ValueType
@@ -91,6 +112,10 @@ class Device(_message.Message):
     def last_seen(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def drift(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Serving name -> the latest input drift score (PSI) the device reported; absent: none yet."""
+
     def __init__(
         self,
         *,
@@ -105,10 +130,11 @@ class Device(_message.Message):
         profile: _builtins.str = ...,
         last_error: _builtins.str = ...,
         enrolled_at: _timestamp_pb2.Timestamp | None = ...,
+        drift: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "desired", b"desired", "enrolled_at", b"enrolled_at", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "agent_version", b"agent_version", "desired", b"desired", "enrolled_at", b"enrolled_at", "health", b"health", "id", b"id", "labels", b"labels", "last_error", b"last_error", "last_seen", b"last_seen", "online", b"online", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "agent_version", b"agent_version", "desired", b"desired", "drift", b"drift", "enrolled_at", b"enrolled_at", "health", b"health", "id", b"id", "labels", b"labels", "last_error", b"last_error", "last_seen", b"last_seen", "online", b"online", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

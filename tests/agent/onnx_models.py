@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgectl.artifact import Artifact, SigningKey, TensorSpec, build_artifact
+from edgectl.artifact import Artifact, DriftSummary, SigningKey, TensorSpec, build_artifact
 
 
 def mlp_model(
@@ -98,6 +98,7 @@ def mlp_artifact(
     precision: str = "fp32",
     target_profile: str = "x86-cpu-avx2",
     parent_version: int | None = None,
+    input_summary: DriftSummary | None = None,
 ) -> Artifact:
     """Build and sign an artifact around an MLP; ``golden_outputs`` overrides the true outputs (bad model)."""
     model = mlp_model(work / f"{name}-v{version}-{out_dir.name}.onnx", dims, seeds)
@@ -121,4 +122,5 @@ def mlp_artifact(
         signing_key=key,
         created="2024-05-01T12:00:00Z",
         host="test",
+        input_summary=input_summary,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.burst import BurstSettings
+from edgectl.agent.burst import BurstCost, BurstSettings
 from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.http_server import HttpV2Server
 from edgectl.agent.metrics import AgentMetrics
@@ -19,6 +19,7 @@ from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.v2_server import InferenceServicer, V2Server
+from edgectl.artifact import DriftSummary
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
@@ -37,6 +38,8 @@ class InProcessV2:
         limits: RequestLimits | None = None,
         http: bool = False,
         keep_versions: int = 1,
+        input_summary: DriftSummary | None = None,
+        cost: BurstCost | None = None,
     ) -> None:
         self.model_path = model_path
         self.metrics = AgentMetrics()
@@ -48,9 +51,13 @@ class InProcessV2:
             digest="sha256:" + "0" * 64,
             settings=SessionSettings(intra_op_threads=1),
         )
+        model.input_summary = input_summary  # what an artifact's manifest would carry
         self.registry.install(model)
         self.router = InferenceRouter(
-            self.registry, self.metrics, BurstSettings(target=burst, slo_s=slo_s), limits
+            self.registry,
+            self.metrics,
+            BurstSettings(target=burst, slo_s=slo_s, cost=cost or BurstCost()),
+            limits,
         )
         self.server = V2Server(InferenceServicer(self.registry, self.router), "127.0.0.1:0")
         self.server.start()

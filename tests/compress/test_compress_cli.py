@@ -52,6 +52,10 @@ def test_compress_digits_int8_end_to_end(digits: dict[str, Path], tmp_path: Path
     assert manifest.recipe["cleanup"]["fused"] == {}  # a CNN has no transformer patterns
     assert manifest.recipe["tensorrt"]["build_on_device"] is False
     assert manifest.engine_build_on_device
+    # The calibration inputs' summary rides in the signed manifest, for the agents' drift score.
+    summary = manifest.input_summary
+    assert summary is not None and [i.name for i in summary.inputs] == ["image"]
+    assert summary.inputs[0].count == np.load(digits["calib"])["image"].shape[0]
 
 
 def test_compress_factory_with_pruning_and_rich_table(digits: dict[str, Path], tmp_path: Path) -> None:
