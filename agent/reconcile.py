@@ -25,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgectl
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
+from edgectl.agent.canary import TrialPlan, TrialReport, Trials
 from edgectl.agent.engines import choose_engine
 from edgectl.agent.errors import AgentError, FetchError, RefusedError
 from edgectl.agent.fetch import ArtifactFetcher
@@ -79,6 +80,25 @@ class ReconcileSettings:
     retry_max_s: float = 60.0
 
 
+def on_trial(dm: mpb.DesiredModel) -> bool:
+    """True when the order asks to run ``dm`` as a canary or shadow beside the current version."""
+    return dm.canary_percent > 0 or dm.shadow
+
+
+def fill_trial(out: mpb.TrialStats, report: TrialReport) -> None:
+    """Copy a trial's measurements into the reported state."""
+    out.mode, out.canary_percent = report.mode, report.percent
+    out.current_version, out.candidate_version = int(report.current), int(report.candidate)
+    out.compared, out.agreement = report.compared, report.agreement or 0.0
+    out.agreement_kind = report.agreement_kind
+    out.background_runs, out.background_skipped = report.background_runs, report.background_skipped
+    for v in report.versions:
+        out.versions.add(
+            version=int(v.version), requests=v.requests, errors=v.errors,
+            p50_ms=v.p50_ms, p95_ms=v.p95_ms, p99_ms=v.p99_ms,
+        )  # fmt: skip
+
+
 class Reconciler:
     """Owns the state file, the installed artifacts and every swap of the registry."""
 
@@ -93,10 +113,12 @@ class Reconciler:
         reporter: Reporter,
         fleet_trust: FleetTrust | None = None,
         clock: Callable[[], float] = time.time,
+        trials: Trials | None = None,
     ) -> None:
         """``clock``: wall time for maintenance windows (tests inject one; order expiry stays real)."""
         self.settings = settings
         self.swaps = SwapWindows(clock)  # staged artifacts waiting for a maintenance window
+        self.trials = trials
         self.store = store
         self.artifacts = artifacts
         self.fetcher = fetcher
@@ -232,6 +254,7 @@ class Reconciler:
             self._drop(name)
         for dm in desired.models:
             self._converge(dm, desired.generation)
+            self._trial(dm)
         self.publish_report()
 
     def _converge(self, dm: mpb.DesiredModel, generation: int) -> None:
@@ -248,6 +271,9 @@ class Reconciler:
         retry = self._retry.get(dm.digest)
         if retry is not None and retry[0] > time.monotonic():
             return
+        if on_trial(dm) and slot.active is not None:
+            # The version served now stays live beside the candidate (beyond keep_versions).
+            self.registry.pin(dm.name, slot.active.version)
         try:
             window = self.swaps.window(dm)
             staged = self.swaps.staged(dm) or self.swaps.put(dm.name, self._stage(dm, slot))
@@ -277,6 +303,29 @@ class Reconciler:
             self.last_error = f"{dm.name}: {exc} (retry in {delay:.0f} s)"
             log.warning("%s", self.last_error)
             self._event(Kind.EVENT_KIND_FAILED, dm.digest, f"{exc}; retrying in {delay:.0f} s")
+
+    def _trial(self, dm: mpb.DesiredModel) -> None:
+        """Put ``dm`` on trial beside the previous version once it serves, or end its trial: an
+        order without the trial fields promotes the candidate (the previous version drains)."""
+        if self.trials is None:
+            return
+        slot = self.state.slot(dm.name)
+        active, previous = slot.active, slot.previous
+        if (
+            on_trial(dm)
+            and active is not None
+            and active.digest == dm.digest
+            and previous is not None
+            and previous.version != active.version
+            and self.registry.resolve(dm.name, str(previous.version)) is not None
+        ):
+            self.registry.pin(dm.name, previous.version)
+            plan = TrialPlan(str(active.version), str(previous.version), dm.canary_percent, dm.shadow)
+            self.trials.set(dm.name, plan)
+            return
+        if self.trials.plan(dm.name) is not None or on_trial(dm):
+            self.trials.set(dm.name, None)
+            self.registry.pin(dm.name, None)
 
     def _drop(self, name: str) -> None:
         """An exclusive order no longer names ``name`` (e.g. its device left a continuous rollout's
@@ -389,6 +438,9 @@ class Reconciler:
                 failure_reason=slot.failure_reason,
                 staged_digest=self.swaps.waiting_digest(name),
             )
+            report = self.trials.report(name) if self.trials is not None else None
+            if report is not None:
+                fill_trial(rs.models[-1].trial, report)
             failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
         failing |= bool(rs.last_error)
         rs.health = fpb.DEVICE_HEALTH_DEGRADED if failing else fpb.DEVICE_HEALTH_OK

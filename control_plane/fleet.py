@@ -50,14 +50,19 @@ class ModelState:
     failure_reason: str = ""
     previous_digest: str = ""
     staged_digest: str = ""  # downloaded and verified, waiting for its maintenance window
+    # A candidate on trial beside the previous version, as ``trial_dict`` writes it (None: none).
+    trial: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as the device row keeps it."""
-        return {
+        out = {
             "digest": self.digest, "version": self.version, "smoke": self.smoke_test_passed,
             "failed_digest": self.failed_digest, "failure_reason": self.failure_reason,
             "previous_digest": self.previous_digest, "staged_digest": self.staged_digest,
         }  # fmt: skip
+        if self.trial is not None:
+            out["trial"] = self.trial
+        return out
 
     @classmethod
     def from_dict(cls, name: str, obj: dict[str, Any]) -> ModelState:
@@ -65,8 +70,24 @@ class ModelState:
         return cls(
             name, obj.get("digest", ""), int(obj.get("version", 0)), bool(obj.get("smoke", False)),
             obj.get("failed_digest", ""), obj.get("failure_reason", ""), obj.get("previous_digest", ""),
-            obj.get("staged_digest", ""),
+            obj.get("staged_digest", ""), obj.get("trial"),
         )  # fmt: skip
+
+
+def trial_dict(trial: mqtt_pb2.TrialStats) -> dict[str, Any]:
+    """A reported trial as the device row keeps it (``agreement`` None until something was compared)."""
+    return {
+        "mode": trial.mode, "canary_percent": trial.canary_percent,
+        "current_version": trial.current_version, "candidate_version": trial.candidate_version,
+        "compared": trial.compared, "agreement": trial.agreement if trial.compared else None,
+        "agreement_kind": trial.agreement_kind, "background_runs": trial.background_runs,
+        "background_skipped": trial.background_skipped,
+        "versions": {
+            str(v.version): {"requests": v.requests, "errors": v.errors, "p50_ms": v.p50_ms,
+                             "p95_ms": v.p95_ms, "p99_ms": v.p99_ms}
+            for v in trial.versions
+        },
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -364,6 +385,7 @@ class Fleet:
                 m.failure_reason,
                 m.previous_digest,
                 m.staged_digest,
+                trial_dict(m.trial) if m.HasField("trial") else None,
             ).to_dict()
             for m in state.models
         }
