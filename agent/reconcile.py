@@ -271,6 +271,9 @@ class Reconciler:
         retry = self._retry.get(dm.digest)
         if retry is not None and retry[0] > time.monotonic():
             return
+        if self.trials is not None and self.trials.plan(dm.name) is not None:
+            # A trial's versions may go with this install: stop splitting before they do.
+            self.trials.set(dm.name, None)
         if on_trial(dm) and slot.active is not None:
             # The version served now stays live beside the candidate (beyond keep_versions).
             self.registry.pin(dm.name, slot.active.version)

@@ -136,6 +136,8 @@ class InferenceRouter:
         trial_io: list[tuple[dict[str, Array], dict[str, Array]]] = []  # filled by _local
         pick = self.trials.pick(call.model, call.version) if self.trials is not None else call.version
         served = self.registry.resolve(call.model, pick)
+        if served is None and pick != call.version:  # the trial's version went in a swap just now
+            served = self.registry.resolve(call.model, call.version)
         tried_burst = False
         decode_ns: list[int] = []  # filled by _local
         try:

@@ -27,12 +27,15 @@ from edgectl.control_plane.desired import (
     write_desired,
 )
 from edgectl.control_plane.errors import NotFound
+from edgectl.control_plane.fleet import ModelState
 from edgectl.control_plane.follow import follow
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget, parse_window
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
+# Agreement counts as known once this many output rows were compared on the device.
+MIN_TRIAL_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class RolloutController:
         self.on_wave_done = on_wave_done or (lambda seconds: None)
         self.signer = signer
         self._refreshed_at = float("-inf")
+        self._promotions: list[Publication] = []  # trial devices promoted by the step in progress
         # Held from a write to its publish, and by republish_all: a republish read before a step's
         # commit can then never reach the broker after that step's newer order (agents would
         # refuse the older one as a replay, and it would stay retained).
@@ -113,6 +117,7 @@ class RolloutController:
     def _step(self, rollout_id: str) -> None:
         now = self.clock()
         publications: list[Publication] = []
+        self._promotions = []  # what judge_wave promotes in this transaction (lost if it rolls back)
         with self.store.tx() as tx:
             r = rs.get(tx, rollout_id)
             if r.state == rs.PENDING and now < r.strategy.start_at:
@@ -125,6 +130,8 @@ class RolloutController:
                 publications = self._advance(tx, r, now)
             elif r.state == rs.ROLLING_BACK:
                 publications = self._roll_back(tx, r, now)
+        publications = self._promotions + publications
+        self._promotions = []
         if publications:
             self.publisher.publish_desired(publications)
 
@@ -180,6 +187,25 @@ class RolloutController:
             return follow(self, tx, r, waves[-1], now)
         return self._start_wave(tx, r, wave.idx + 1, now)
 
+    def _promote(
+        self, tx: Tx, r: rs.RolloutRecord, p: rs.ProgressRecord, wave: int, now: float
+    ) -> list[Publication]:
+        """A device that passed its trial: the same digest without the trial fields, so the
+        candidate becomes its only active version and the previous one drains."""
+        _, models = current_models(tx, p.device_id)
+        wanted = next((m for m in models if m.name == r.artifact_name), None)
+        if (
+            wanted is None
+            or wanted.digest != r.artifact_digest
+            or not (wanted.canary_percent or wanted.shadow)
+        ):
+            return []
+        models = with_model(models, r.artifact_name, r.artifact_digest, r.artifact_version)
+        rs.add_event(
+            tx, r.id, "device_promoted", now, wave, p.device_id, "candidate is now the active version"
+        )
+        return [self._write(tx, p.device_id, models, r.id, now)]
+
     def judge_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[int]:
         """Judge every device of wave ``idx`` still waiting; returns the verdicts that were final."""
         final: list[int] = []
@@ -196,6 +222,8 @@ class RolloutController:
             kind = kinds.get(verdict.state, "device_skipped")
             rs.add_event(tx, r.id, kind, now, idx, progress.device_id, verdict.reason)
             final.append(verdict.state)
+            if verdict.state == rs.D_HEALTHY and r.strategy.trial:
+                self._promotions.extend(self._promote(tx, r, progress, idx, now))
         return final
 
     def _start_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[Publication]:
@@ -227,9 +255,12 @@ class RolloutController:
         # What to go back to: what the device serves, else what it was told to serve.
         prev_digest = active.digest if active and active.digest else (wanted.digest if wanted else "")
         prev_version = active.version if active and active.digest else (wanted.version if wanted else 0)
+        # A trial needs a current version to run beside (and one that is not already this artifact).
+        trial = r.strategy.trial and prev_digest not in ("", r.artifact_digest)
         models = with_model(
-            models, r.artifact_name, r.artifact_digest, r.artifact_version, window=r.strategy.window
-        )
+            models, r.artifact_name, r.artifact_digest, r.artifact_version, window=r.strategy.window,
+            canary_percent=r.strategy.canary_percent if trial else 0.0, shadow=r.strategy.shadow and trial,
+        )  # fmt: skip
         publication = self._write(tx, device_id, models, r.id, now)
         rs.update_device(
             tx, r.id, device_id, now, state=rs.D_DESIRED, previous_digest=prev_digest,
@@ -257,6 +288,10 @@ class RolloutController:
                 return Verdict(
                     rs.D_FAILED, f"p99 latency {p99:.1f} ms above {s.max_p99_ms:.1f} ms during soak"
                 )
+            if s.trial and p.previous_digest not in ("", r.artifact_digest):
+                trial_verdict = self._judge_trial(r, p, model, now)
+                if trial_verdict is not None:
+                    return trial_verdict
             if p.healthy_since is None:
                 return Verdict(rs.D_DESIRED, soak_started=True)
             return Verdict(rs.D_HEALTHY) if now - p.healthy_since >= s.soak_s else Verdict(rs.D_DESIRED)
@@ -273,6 +308,49 @@ class RolloutController:
                 return Verdict(rs.D_FAILED, f"offline: no healthy report within {s.health_timeout_s}s")
             return Verdict(rs.D_FAILED, f"not healthy within the {s.health_timeout_s}s health timeout")
         return Verdict(rs.D_DESIRED, f"staged, waiting for the window {s.window}" if waiting else "")
+
+    @staticmethod
+    def _judge_trial(
+        r: rs.RolloutRecord, p: rs.ProgressRecord, model: ModelState, now: float
+    ) -> Verdict | None:
+        """The trial's gate: None to go on soaking, D_DESIRED while the measurements are not yet
+        known (an agent too old to report them fails at the health timeout), or D_FAILED."""
+        s, trial = r.strategy, model.trial or {}
+        versions = trial.get("versions", {})
+        current = versions.get(str(trial.get("current_version", "")), {})
+        candidate = versions.get(str(trial.get("candidate_version", "")), {})
+        agreement = trial.get("agreement")
+        known = (
+            trial.get("candidate_version") == r.artifact_version
+            and int(trial.get("compared", 0)) >= MIN_TRIAL_ROWS
+            and agreement is not None
+            and float(current.get("p99_ms", 0.0)) > 0
+            and float(candidate.get("p99_ms", 0.0)) > 0
+        )
+        if not known:
+            if p.deadline is not None and now >= p.deadline:
+                why = "no trial report" if not trial else f"{trial.get('compared', 0)} row(s) compared"
+                return Verdict(
+                    rs.D_FAILED,
+                    f"agreement and per-version p99 not known within the {s.health_timeout_s}s health timeout "
+                    f"({why}; is the agent older than canary/shadow, or serving no traffic?)",
+                )
+            return Verdict(rs.D_DESIRED)
+        assert agreement is not None
+        kind = trial.get("agreement_kind", "")
+        if s.min_agreement and float(agreement) < s.min_agreement:
+            return Verdict(
+                rs.D_FAILED,
+                f"candidate agrees with the current version on {float(agreement):.3f} ({kind}, "
+                f"{trial.get('compared')} rows), below {s.min_agreement:.3f}",
+            )
+        p99_current, p99_candidate = float(current["p99_ms"]), float(candidate["p99_ms"])
+        if s.max_p99_ratio and p99_candidate > s.max_p99_ratio * p99_current:
+            return Verdict(
+                rs.D_FAILED,
+                f"candidate p99 {p99_candidate:.2f} ms above {s.max_p99_ratio:g} x current p99 {p99_current:.2f} ms",
+            )
+        return None
 
     # -- moving back --------------------------------------------------------------------------
 
