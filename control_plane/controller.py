@@ -47,6 +47,25 @@ class Verdict:
     soak_started: bool = False
 
 
+def _trial_summary(r: rs.RolloutRecord, live: rs.LiveDevice | None) -> str:
+    """What the device measured of the candidate, for the promotion event."""
+    model = live.models.get(r.artifact_name) if live else None
+    trial = (model.trial if model else None) or {}
+    versions = trial.get("versions", {})
+    p99 = [
+        float(versions.get(str(trial.get(k)), {}).get("p99_ms", 0.0))
+        for k in ("candidate_version", "current_version")
+    ]
+    agreement = trial.get("agreement")
+    measured = (
+        f": {trial.get('mode')} agreement {float(agreement):.3f} ({trial.get('agreement_kind')}, "
+        f"{trial.get('compared')} rows), p99 {p99[0]:.2f} ms vs {p99[1]:.2f} ms current"
+        if agreement is not None
+        else ""
+    )
+    return f"candidate is now the active version{measured}"
+
+
 class RolloutController:
     """Steps every active rollout; ``step_all`` is called by the leader loop and by tests."""
 
@@ -188,7 +207,13 @@ class RolloutController:
         return self._start_wave(tx, r, wave.idx + 1, now)
 
     def _promote(
-        self, tx: Tx, r: rs.RolloutRecord, p: rs.ProgressRecord, wave: int, now: float
+        self,
+        tx: Tx,
+        r: rs.RolloutRecord,
+        p: rs.ProgressRecord,
+        live: rs.LiveDevice | None,
+        wave: int,
+        now: float,
     ) -> list[Publication]:
         """A device that passed its trial: the same digest without the trial fields, so the
         candidate becomes its only active version and the previous one drains."""
@@ -201,9 +226,7 @@ class RolloutController:
         ):
             return []
         models = with_model(models, r.artifact_name, r.artifact_digest, r.artifact_version)
-        rs.add_event(
-            tx, r.id, "device_promoted", now, wave, p.device_id, "candidate is now the active version"
-        )
+        rs.add_event(tx, r.id, "device_promoted", now, wave, p.device_id, _trial_summary(r, live))
         return [self._write(tx, p.device_id, models, r.id, now)]
 
     def judge_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[int]:
@@ -223,7 +246,7 @@ class RolloutController:
             rs.add_event(tx, r.id, kind, now, idx, progress.device_id, verdict.reason)
             final.append(verdict.state)
             if verdict.state == rs.D_HEALTHY and r.strategy.trial:
-                self._promotions.extend(self._promote(tx, r, progress, idx, now))
+                self._promotions.extend(self._promote(tx, r, progress, live, idx, now))
         return final
 
     def _start_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[Publication]:

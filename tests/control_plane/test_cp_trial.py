@@ -15,13 +15,19 @@ import pytest
 from typer.testing import CliRunner
 
 from edgectl.agent.agent import Agent
-from edgectl.artifact import SigningKey, public_pem
+from edgectl.agent.errors import RefusedError
+from edgectl.agent.orders import FleetTrust
+from edgectl.artifact import SigningKey, TrustStore, public_pem
 from edgectl.broker import MosquittoProcess
 from edgectl.cli import app as APP
 from edgectl.client import ControlPlaneClient, push_artifact
+from edgectl.control_plane.desired import OrderSigner, with_model, write_desired
 from edgectl.control_plane.errors import InvalidArgument
+from edgectl.control_plane.fleet_key import FleetKeyring
 from edgectl.control_plane.server import ControlPlane
+from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import StrategySpec
+from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import common_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from tests.agent.conftest import V2Client, agent_config, wait_for
@@ -139,7 +145,9 @@ def test_a_disagreeing_canary_is_rolled_back_before_the_next_wave_and_an_agreein
             min_agreement=0.95, max_p99_ratio=50.0,
         )  # fmt: skip
         assert good.state == RP.ROLLOUT_STATE_SUCCEEDED, good.reason
-        promoted = [e.device_id for e in _events(client, good.id) if e.kind == "device_promoted"]
+        promotions = [e for e in _events(client, good.id) if e.kind == "device_promoted"]
+        promoted = [e.device_id for e in promotions]
+        assert all("shadow agreement 1.000 (top1" in e.message for e in promotions), promotions
         assert sorted(promoted) == ["trial-1", "trial-2"]
         for agent in agents:
             wait_for(lambda a=agent: _versions(a) == ["2"], 30, what="the candidate promoted, v1 drained")
@@ -217,3 +225,32 @@ def test_deploy_flags_reach_the_stored_strategy(
     strategy = listed[0].strategy
     assert (strategy.canary_traffic_percent, strategy.shadow) == (10.0, False)
     assert (strategy.min_agreement, strategy.max_p99_ratio, strategy.soak_seconds) == (0.98, 1.5, 60)
+
+
+def test_the_trial_mode_an_agent_follows_is_the_signed_one_not_the_readable_copy(tmp_path: Path) -> None:
+    """An attacker who can publish on the desired topic edits the readable copy of a signed order
+    (fields 1-5) to put the device on a 100 % canary, or to drop a shadow: the agent acts on the
+    signed payload alone. Positive control: the control plane's own trial order is followed."""
+    store = StateStore(f"sqlite:///{tmp_path}/state.db")
+    signer = OrderSigner(FleetKeyring.load_or_create(tmp_path / "security"))
+    with store.tx() as tx:
+        tx.execute("INSERT INTO devices (id, created_at) VALUES (?, ?)", ("dev-t", time.time()))
+        models = with_model([], "mlp", "sha256:" + "b" * 64, 2, shadow=True)
+        published = write_desired(tx, "dev-t", models, "r-1", signer=signer)
+    trust = FleetTrust(tmp_path / "agent-keys.json", TrustStore([signer.keyring.current().public_key]))
+    state = decode(published.payload, mqtt_pb2.DesiredState)
+    followed = trust.check(state, "dev-t", (0, 0)).desired.models[0]
+    assert (followed.shadow, followed.canary_percent) == (True, 0.0)  # the control plane's order
+
+    forged = mqtt_pb2.DesiredState()
+    forged.CopyFrom(state)
+    forged.models[0].shadow, forged.models[0].canary_percent = False, 100.0
+    followed = trust.check(forged, "dev-t", (0, 0)).desired.models[0]
+    assert (followed.shadow, followed.canary_percent) == (True, 0.0)  # the edit changed nothing
+
+    tampered = mqtt_pb2.DesiredState()
+    tampered.CopyFrom(state)
+    tampered.signed.payload = tampered.signed.payload.replace(b'"shadow":true', b'"shadow":false')
+    assert tampered.signed.payload != state.signed.payload
+    with pytest.raises(RefusedError, match="does not verify"):
+        trust.check(tampered, "dev-t", (0, 0))
