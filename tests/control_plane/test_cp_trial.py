@@ -21,12 +21,16 @@ from edgectl.artifact import SigningKey, TrustStore, public_pem
 from edgectl.broker import MosquittoProcess
 from edgectl.cli import app as APP
 from edgectl.client import ControlPlaneClient, push_artifact
+from edgectl.control_plane import rollout_store as rs
+from edgectl.control_plane.controller import RolloutController
 from edgectl.control_plane.desired import OrderSigner, with_model, write_desired
 from edgectl.control_plane.errors import InvalidArgument
+from edgectl.control_plane.fleet import ModelState
 from edgectl.control_plane.fleet_key import FleetKeyring
 from edgectl.control_plane.server import ControlPlane
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import StrategySpec
+from edgectl.labels import Selector
 from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import common_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
@@ -254,3 +258,44 @@ def test_the_trial_mode_an_agent_follows_is_the_signed_one_not_the_readable_copy
     assert tampered.signed.payload != state.signed.payload
     with pytest.raises(RefusedError, match="does not verify"):
         trust.check(tampered, "dev-t", (0, 0))
+
+
+def _record(**strategy: float | bool) -> rs.RolloutRecord:
+    spec = StrategySpec(waves=("100%",), soak_s=10, health_timeout_s=60, **strategy)  # type: ignore[arg-type]
+    return rs.RolloutRecord(
+        "r", "sha256:" + "c" * 64, "mlp", 2, Selector(), spec, rs.RUNNING, 0, 0, "", 0, None, 0.0, 0.0, ""
+    )
+
+
+def _progress(deadline: float = 100.0) -> rs.ProgressRecord:
+    return rs.ProgressRecord("d", 0, rs.D_DESIRED, "sha256:" + "a" * 64, 1, "", 0.0, deadline, None, 1)
+
+
+def _model(agreement: float | None, compared: int = 100, p99: tuple[float, float] = (2.0, 2.0)) -> ModelState:
+    trial = {
+        "mode": "canary", "current_version": 1, "candidate_version": 2, "compared": compared,
+        "agreement": agreement, "agreement_kind": "top1",
+        "versions": {"1": {"p99_ms": p99[0]}, "2": {"p99_ms": p99[1]}},
+    }  # fmt: skip
+    return ModelState("mlp", "sha256:" + "c" * 64, 2, True, trial=trial)
+
+
+@pytest.mark.parametrize(
+    ("model", "now", "state", "reason"),
+    [
+        (_model(0.95), 50.0, None, ""),  # at the bound: passes, the soak goes on
+        (_model(0.949), 50.0, rs.D_FAILED, "0.949 (top1, 100 rows), below 0.950"),
+        (_model(1.0, p99=(2.0, 3.1)), 50.0, rs.D_FAILED, "above 1.5 x current p99 2.00 ms"),
+        (_model(1.0, p99=(2.0, 3.0)), 50.0, None, ""),
+        (_model(0.0, compared=19), 50.0, rs.D_DESIRED, ""),  # too few rows: not yet known
+        (_model(0.0, compared=19), 100.0, rs.D_FAILED, "19 row(s) compared"),
+        (ModelState("mlp", "sha256:" + "c" * 64, 2, True), 50.0, rs.D_DESIRED, ""),  # an older agent
+        (ModelState("mlp", "sha256:" + "c" * 64, 2, True), 100.0, rs.D_FAILED, "no trial report"),
+    ],
+)
+def test_the_trial_gate_at_its_bounds(model: ModelState, now: float, state: int | None, reason: str) -> None:
+    verdict = RolloutController._judge_trial(
+        _record(canary_percent=10.0, min_agreement=0.95, max_p99_ratio=1.5), _progress(), model, now
+    )
+    assert (verdict.state if verdict else None) == state
+    assert reason in (verdict.reason if verdict else "")
