@@ -30,6 +30,8 @@ import numpy as np
 from edgectl.agent.codecs import Array
 from edgectl.agent.errors import AgentError
 from edgectl.agent.serving import ModelRegistry, ServedModel
+from edgectl.agent.state import Installed
+from edgectl.protos.v1 import mqtt_pb2 as mpb
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,25 @@ class _Job:
     reference: Mapping[str, Array]  # the current version's outputs on the same feeds
 
 
+def on_trial(dm: mpb.DesiredModel) -> bool:
+    """True when the order asks to run ``dm`` as a canary or shadow beside the current version."""
+    return dm.canary_percent > 0 or dm.shadow
+
+
+def fill_trial(out: mpb.TrialStats, report: TrialReport) -> None:
+    """Copy a trial's measurements into the reported state."""
+    out.mode, out.canary_percent = report.mode, report.percent
+    out.current_version, out.candidate_version = int(report.current), int(report.candidate)
+    out.compared, out.agreement = report.compared, report.agreement or 0.0
+    out.agreement_kind = report.agreement_kind
+    out.background_runs, out.background_skipped = report.background_runs, report.background_skipped
+    for v in report.versions:
+        out.versions.add(
+            version=int(v.version), requests=v.requests, errors=v.errors,
+            p50_ms=v.p50_ms, p95_ms=v.p95_ms, p99_ms=v.p99_ms,
+        )  # fmt: skip
+
+
 def compare(current: Mapping[str, Array], candidate: Mapping[str, Array]) -> tuple[str, int, float]:
     """(kind, rows compared, rows agreeing or summed cosine) over the outputs both have."""
     names = sorted(set(current) & set(candidate))
@@ -183,6 +204,25 @@ class Trials:
             if plan is not None and self._worker is None:
                 self._worker = threading.Thread(target=self._run, name="canary-shadow", daemon=True)
                 self._worker.start()
+
+    def follow(self, dm: mpb.DesiredModel, active: Installed | None, previous: Installed | None) -> None:
+        """Put ``dm`` on trial beside the previous version once it serves, or end its trial: an
+        order without the trial fields promotes the candidate (the previous version drains)."""
+        if (
+            on_trial(dm)
+            and active is not None
+            and active.digest == dm.digest
+            and previous is not None
+            and previous.version != active.version
+            and self.registry.resolve(dm.name, str(previous.version)) is not None
+        ):
+            self.registry.pin(dm.name, previous.version)
+            self.set(
+                dm.name, TrialPlan(str(active.version), str(previous.version), dm.canary_percent, dm.shadow)
+            )
+        elif self.plan(dm.name) is not None or on_trial(dm):
+            self.set(dm.name, None)
+            self.registry.pin(dm.name, None)
 
     def plan(self, name: str) -> TrialPlan | None:
         """The plan ``name`` is on, or None."""

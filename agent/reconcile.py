@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgectl
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
-from edgectl.agent.canary import TrialPlan, TrialReport, Trials
+from edgectl.agent.canary import Trials, fill_trial, on_trial
 from edgectl.agent.engines import choose_engine
 from edgectl.agent.errors import AgentError, FetchError, RefusedError
 from edgectl.agent.fetch import ArtifactFetcher
@@ -78,25 +78,6 @@ class ReconcileSettings:
     engine_cache_dir: Path | None = None
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
-
-
-def on_trial(dm: mpb.DesiredModel) -> bool:
-    """True when the order asks to run ``dm`` as a canary or shadow beside the current version."""
-    return dm.canary_percent > 0 or dm.shadow
-
-
-def fill_trial(out: mpb.TrialStats, report: TrialReport) -> None:
-    """Copy a trial's measurements into the reported state."""
-    out.mode, out.canary_percent = report.mode, report.percent
-    out.current_version, out.candidate_version = int(report.current), int(report.candidate)
-    out.compared, out.agreement = report.compared, report.agreement or 0.0
-    out.agreement_kind = report.agreement_kind
-    out.background_runs, out.background_skipped = report.background_runs, report.background_skipped
-    for v in report.versions:
-        out.versions.add(
-            version=int(v.version), requests=v.requests, errors=v.errors,
-            p50_ms=v.p50_ms, p95_ms=v.p95_ms, p99_ms=v.p99_ms,
-        )  # fmt: skip
 
 
 class Reconciler:
@@ -254,7 +235,9 @@ class Reconciler:
             self._drop(name)
         for dm in desired.models:
             self._converge(dm, desired.generation)
-            self._trial(dm)
+            if self.trials is not None:  # start, keep or end dm's canary / shadow trial
+                slot = self.state.slot(dm.name)
+                self.trials.follow(dm, slot.active, slot.previous)
         self.publish_report()
 
     def _converge(self, dm: mpb.DesiredModel, generation: int) -> None:
@@ -307,34 +290,13 @@ class Reconciler:
             log.warning("%s", self.last_error)
             self._event(Kind.EVENT_KIND_FAILED, dm.digest, f"{exc}; retrying in {delay:.0f} s")
 
-    def _trial(self, dm: mpb.DesiredModel) -> None:
-        """Put ``dm`` on trial beside the previous version once it serves, or end its trial: an
-        order without the trial fields promotes the candidate (the previous version drains)."""
-        if self.trials is None:
-            return
-        slot = self.state.slot(dm.name)
-        active, previous = slot.active, slot.previous
-        if (
-            on_trial(dm)
-            and active is not None
-            and active.digest == dm.digest
-            and previous is not None
-            and previous.version != active.version
-            and self.registry.resolve(dm.name, str(previous.version)) is not None
-        ):
-            self.registry.pin(dm.name, previous.version)
-            plan = TrialPlan(str(active.version), str(previous.version), dm.canary_percent, dm.shadow)
-            self.trials.set(dm.name, plan)
-            return
-        if self.trials.plan(dm.name) is not None or on_trial(dm):
-            self.trials.set(dm.name, None)
-            self.registry.pin(dm.name, None)
-
     def _drop(self, name: str) -> None:
         """An exclusive order no longer names ``name`` (e.g. its device left a continuous rollout's
         selector and ran nothing before): stop serving it. The state file is written after, so a crash in
         between serves it again on restart and drops it on the next pass."""
         self.registry.remove(name)
+        if self.trials is not None:
+            self.trials.set(name, None)
         del self.state.models[name]
         self.store.save(self.state)
         log.info("stopped serving %s: the desired state no longer names it", name)

@@ -179,6 +179,7 @@ class ModelRegistry:
         """Stop serving every version of ``name``."""
         with self._lock:
             old = self._models.pop(name, [])
+            self._pinned.pop(name, None)
         for m in old:
             m.batcher.close()
 

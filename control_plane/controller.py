@@ -27,15 +27,13 @@ from edgectl.control_plane.desired import (
     write_desired,
 )
 from edgectl.control_plane.errors import NotFound
-from edgectl.control_plane.fleet import ModelState
 from edgectl.control_plane.follow import follow
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget, parse_window
+from edgectl.control_plane.trial_gate import judge_trial, trial_summary
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
-# Agreement counts as known once this many output rows were compared on the device.
-MIN_TRIAL_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -45,25 +43,6 @@ class Verdict:
     state: int  # a device rollout state, or D_DESIRED to keep waiting
     reason: str = ""
     soak_started: bool = False
-
-
-def _trial_summary(r: rs.RolloutRecord, live: rs.LiveDevice | None) -> str:
-    """What the device measured of the candidate, for the promotion event."""
-    model = live.models.get(r.artifact_name) if live else None
-    trial = (model.trial if model else None) or {}
-    versions = trial.get("versions", {})
-    p99 = [
-        float(versions.get(str(trial.get(k)), {}).get("p99_ms", 0.0))
-        for k in ("candidate_version", "current_version")
-    ]
-    agreement = trial.get("agreement")
-    measured = (
-        f": {trial.get('mode')} agreement {float(agreement):.3f} ({trial.get('agreement_kind')}, "
-        f"{trial.get('compared')} rows), p99 {p99[0]:.2f} ms vs {p99[1]:.2f} ms current"
-        if agreement is not None
-        else ""
-    )
-    return f"candidate is now the active version{measured}"
 
 
 class RolloutController:
@@ -226,7 +205,7 @@ class RolloutController:
         ):
             return []
         models = with_model(models, r.artifact_name, r.artifact_digest, r.artifact_version)
-        rs.add_event(tx, r.id, "device_promoted", now, wave, p.device_id, _trial_summary(r, live))
+        rs.add_event(tx, r.id, "device_promoted", now, wave, p.device_id, trial_summary(r, live))
         return [self._write(tx, p.device_id, models, r.id, now)]
 
     def judge_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[int]:
@@ -312,9 +291,9 @@ class RolloutController:
                     rs.D_FAILED, f"p99 latency {p99:.1f} ms above {s.max_p99_ms:.1f} ms during soak"
                 )
             if s.trial and p.previous_digest not in ("", r.artifact_digest):
-                trial_verdict = self._judge_trial(r, p, model, now)
+                trial_verdict = judge_trial(r, p, model, now)
                 if trial_verdict is not None:
-                    return trial_verdict
+                    return Verdict(*trial_verdict)
             if p.healthy_since is None:
                 return Verdict(rs.D_DESIRED, soak_started=True)
             return Verdict(rs.D_HEALTHY) if now - p.healthy_since >= s.soak_s else Verdict(rs.D_DESIRED)
@@ -331,49 +310,6 @@ class RolloutController:
                 return Verdict(rs.D_FAILED, f"offline: no healthy report within {s.health_timeout_s}s")
             return Verdict(rs.D_FAILED, f"not healthy within the {s.health_timeout_s}s health timeout")
         return Verdict(rs.D_DESIRED, f"staged, waiting for the window {s.window}" if waiting else "")
-
-    @staticmethod
-    def _judge_trial(
-        r: rs.RolloutRecord, p: rs.ProgressRecord, model: ModelState, now: float
-    ) -> Verdict | None:
-        """The trial's gate: None to go on soaking, D_DESIRED while the measurements are not yet
-        known (an agent too old to report them fails at the health timeout), or D_FAILED."""
-        s, trial = r.strategy, model.trial or {}
-        versions = trial.get("versions", {})
-        current = versions.get(str(trial.get("current_version", "")), {})
-        candidate = versions.get(str(trial.get("candidate_version", "")), {})
-        agreement = trial.get("agreement")
-        known = (
-            trial.get("candidate_version") == r.artifact_version
-            and int(trial.get("compared", 0)) >= MIN_TRIAL_ROWS
-            and agreement is not None
-            and float(current.get("p99_ms", 0.0)) > 0
-            and float(candidate.get("p99_ms", 0.0)) > 0
-        )
-        if not known:
-            if p.deadline is not None and now >= p.deadline:
-                why = "no trial report" if not trial else f"{trial.get('compared', 0)} row(s) compared"
-                return Verdict(
-                    rs.D_FAILED,
-                    f"agreement and per-version p99 not known within the {s.health_timeout_s}s health timeout "
-                    f"({why}; is the agent older than canary/shadow, or serving no traffic?)",
-                )
-            return Verdict(rs.D_DESIRED)
-        assert agreement is not None
-        kind = trial.get("agreement_kind", "")
-        if s.min_agreement and float(agreement) < s.min_agreement:
-            return Verdict(
-                rs.D_FAILED,
-                f"candidate agrees with the current version on {float(agreement):.3f} ({kind}, "
-                f"{trial.get('compared')} rows), below {s.min_agreement:.3f}",
-            )
-        p99_current, p99_candidate = float(current["p99_ms"]), float(candidate["p99_ms"])
-        if s.max_p99_ratio and p99_candidate > s.max_p99_ratio * p99_current:
-            return Verdict(
-                rs.D_FAILED,
-                f"candidate p99 {p99_candidate:.2f} ms above {s.max_p99_ratio:g} x current p99 {p99_current:.2f} ms",
-            )
-        return None
 
     # -- moving back --------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from edgectl.broker import MosquittoProcess
 from edgectl.cli import app as APP
 from edgectl.client import ControlPlaneClient, push_artifact
 from edgectl.control_plane import rollout_store as rs
-from edgectl.control_plane.controller import RolloutController
 from edgectl.control_plane.desired import OrderSigner, with_model, write_desired
 from edgectl.control_plane.errors import InvalidArgument
 from edgectl.control_plane.fleet import ModelState
@@ -30,6 +29,7 @@ from edgectl.control_plane.fleet_key import FleetKeyring
 from edgectl.control_plane.server import ControlPlane
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import StrategySpec
+from edgectl.control_plane.trial_gate import judge_trial
 from edgectl.labels import Selector
 from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import common_pb2, mqtt_pb2
@@ -294,8 +294,8 @@ def _model(agreement: float | None, compared: int = 100, p99: tuple[float, float
     ],
 )
 def test_the_trial_gate_at_its_bounds(model: ModelState, now: float, state: int | None, reason: str) -> None:
-    verdict = RolloutController._judge_trial(
+    verdict = judge_trial(
         _record(canary_percent=10.0, min_agreement=0.95, max_p99_ratio=1.5), _progress(), model, now
     )
-    assert (verdict.state if verdict else None) == state
-    assert reason in (verdict.reason if verdict else "")
+    assert (verdict[0] if verdict else None) == state
+    assert reason in (verdict[1] if verdict else "")
