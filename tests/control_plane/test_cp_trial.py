@@ -136,6 +136,11 @@ def test_a_disagreeing_canary_is_rolled_back_before_the_next_wave_and_an_agreein
         )  # fmt: skip
         assert bad.state == RP.ROLLOUT_STATE_FAILED, bad.reason
         assert "agrees with the current version on" in bad.reason and "below 0.950" in bad.reason
+        events = _events(client, bad.id)
+        started = next(e.at.ToNanoseconds() for e in events if e.kind == "wave_started")
+        failed = next(e.at.ToNanoseconds() for e in events if e.kind == "device_failed")
+        print(f"disagreeing canary failed {(failed - started) / 1e9:.1f} s after its wave started")
+        assert (failed - started) / 1e9 < 30  # known and judged well inside the health timeout
         states = {d.device_id: d.state for w in bad.waves for d in w.devices}
         assert states["trial-2"] == RP.DEVICE_ROLLOUT_STATE_SKIPPED  # the next wave never moved
         wait_for(lambda: _versions(agents[0]) == ["1"], 30, what="trial-1 back on v1 alone")
@@ -149,7 +154,13 @@ def test_a_disagreeing_canary_is_rolled_back_before_the_next_wave_and_an_agreein
             min_agreement=0.95, max_p99_ratio=50.0,
         )  # fmt: skip
         assert good.state == RP.ROLLOUT_STATE_SUCCEEDED, good.reason
-        promotions = [e for e in _events(client, good.id) if e.kind == "device_promoted"]
+        events = _events(client, good.id)
+        promotions = [e for e in events if e.kind == "device_promoted"]
+        started = next(e.at.ToNanoseconds() for e in events if e.kind == "wave_started")
+        print(
+            f"agreeing shadow: first device promoted {(promotions[0].at.ToNanoseconds() - started) / 1e9:.1f} s "
+            f"after its wave started (soak 2 s): {promotions[0].message}"
+        )
         promoted = [e.device_id for e in promotions]
         assert all("shadow agreement 1.000 (top1" in e.message for e in promotions), promotions
         assert sorted(promoted) == ["trial-1", "trial-2"]
