@@ -214,8 +214,12 @@ def _finish(rollout: rollouts_pb2.Rollout, fmt: Output) -> None:
 
 def _summary(r: rollouts_pb2.Rollout) -> str:
     devices = sum(len(w.devices) for w in r.waves)
+    s = r.strategy
+    trial = (
+        f" as a {s.canary_traffic_percent:g}% canary" if s.canary_traffic_percent else " in shadow" * s.shadow
+    )
     return (
-        f"{r.artifact.name}:{r.artifact.version} to {devices} device(s) in {len(r.waves)} wave(s), "
+        f"{r.artifact.name}:{r.artifact.version} to {devices} device(s) in {len(r.waves)} wave(s){trial}, "
         f"{enum_name(r.state, rollouts_pb2.RolloutState, 'ROLLOUT_STATE_')}"
     )
 

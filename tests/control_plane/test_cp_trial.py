@@ -233,9 +233,10 @@ def test_deploy_flags_reach_the_stored_strategy(
     )
     assert bad.exit_code != 0 and "at most 100%" in f"{bad.output}{bad.exception}"
     args = ["deploy", digest, "--to", "site=trial", "--canary-traffic", "10%", "--soak", "1m",
-            "--min-agreement", "0.98", "--max-p99-ratio", "1.5", "--server", cp.address, "--json"]  # fmt: skip
+            "--min-agreement", "0.98", "--max-p99-ratio", "1.5", "--server", cp.address]  # fmt: skip
     ok = runner.invoke(APP, args)
     assert ok.exit_code == 0, ok.output
+    assert "as a 10% canary" in " ".join(ok.output.split())  # rich wraps at the terminal width
     listed = client.rollouts.List(RP.ListRolloutsRequest(), timeout=10).rollouts
     strategy = listed[0].strategy
     assert (strategy.canary_traffic_percent, strategy.shadow) == (10.0, False)
