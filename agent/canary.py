@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +31,7 @@ from edgectl.agent.codecs import Array
 from edgectl.agent.errors import AgentError
 from edgectl.agent.serving import ModelRegistry, ServedModel
 from edgectl.agent.state import Installed
+from edgectl.artifact import ArtifactError
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -205,17 +206,33 @@ class Trials:
                 self._worker = threading.Thread(target=self._run, name="canary-shadow", daemon=True)
                 self._worker.start()
 
-    def follow(self, dm: mpb.DesiredModel, active: Installed | None, previous: Installed | None) -> None:
+    def follow(
+        self,
+        dm: mpb.DesiredModel,
+        active: Installed | None,
+        previous: Installed | None,
+        load_current: Callable[[Installed], object] | None = None,
+    ) -> None:
         """Put ``dm`` on trial beside the previous version once it serves, or end its trial: an
-        order without the trial fields promotes the candidate (the previous version drains)."""
-        if (
+        order without the trial fields promotes the candidate (the previous version drains).
+        ``load_current`` brings the previous version back beside the candidate when it is not
+        live (the agent restarted mid-trial and restored only the active one)."""
+        wanted = (
             on_trial(dm)
             and active is not None
             and active.digest == dm.digest
             and previous is not None
             and previous.version != active.version
-            and self.registry.resolve(dm.name, str(previous.version)) is not None
-        ):
+        )
+        if wanted and previous is not None and self.registry.resolve(dm.name, str(previous.version)) is None:
+            try:
+                if load_current is not None:
+                    load_current(previous)
+            except (AgentError, ArtifactError) as exc:
+                log.warning(
+                    "cannot load %s version %d beside the candidate: %s", dm.name, previous.version, exc
+                )
+        if wanted and active and previous and self.registry.resolve(dm.name, str(previous.version)):
             self.registry.pin(dm.name, previous.version)
             self.set(
                 dm.name, TrialPlan(str(active.version), str(previous.version), dm.canary_percent, dm.shadow)

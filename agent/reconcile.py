@@ -237,7 +237,7 @@ class Reconciler:
             self._converge(dm, desired.generation)
             if self.trials is not None:  # start, keep or end dm's canary / shadow trial
                 slot = self.state.slot(dm.name)
-                self.trials.follow(dm, slot.active, slot.previous)
+                self.trials.follow(dm, slot.active, slot.previous, lambda i: self._load(i, pinned=True))
         self.publish_report()
 
     def _converge(self, dm: mpb.DesiredModel, generation: int) -> None:
@@ -351,7 +351,9 @@ class Reconciler:
         keep = [i for s in self.state.models.values() for i in (s.active, s.previous) if i]
         self.artifacts.gc(keep + self.swaps.keep())
 
-    def _load(self, installed: Installed, providers: tuple[str, ...] | None = None) -> str:
+    def _load(
+        self, installed: Installed, providers: tuple[str, ...] | None = None, pinned: bool = False
+    ) -> str:
         """Verify, load, smoke-test and install one artifact into the registry; returns its EP."""
         artifact = self.artifacts.load(installed)
         engine = choose_engine(artifact, self.settings.fit.profile, self.settings.facts)
@@ -365,7 +367,7 @@ class Reconciler:
         )
         model = load_and_smoke_test(artifact, session)
         # The swap: new requests go to the new session at once; queued ones finish on the old.
-        self.registry.install(model)
+        (self.registry.install_pinned if pinned else self.registry.install)(model)
         return model.provider
 
     # -- reporting ----------------------------------------------------------------------------

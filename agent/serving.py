@@ -160,6 +160,18 @@ class ModelRegistry:
             threading.Thread(target=self._drain, args=(old,), name=f"drain-{model.name}", daemon=True).start()
         log.info("serving %s version %d (%s) on %s", model.name, model.version, model.digest, model.provider)
 
+    def install_pinned(self, model: LoadedModel) -> None:
+        """Serve ``model`` beside the active version, as the oldest and pinned (the current version of
+        a trial brought back after a restart); the active version stays what it was."""
+        served = ServedModel(model, self.settings, self.metrics)
+        with self._lock:
+            live = self._models.get(model.name, [])
+            if any(m.model.version == model.version for m in live):
+                served.batcher.close()
+                return
+            self._pinned[model.name] = model.version
+            self._models[model.name] = [served, *live]
+
     def pin(self, name: str, version: int | None) -> None:
         """Keep ``version`` of ``name`` live beyond ``keep_versions`` (None: unpin, and drain what
         then falls outside ``keep_versions``)."""

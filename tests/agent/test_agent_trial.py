@@ -98,3 +98,32 @@ def test_an_order_with_an_impossible_canary_percentage_is_malformed() -> None:
     doc["models"][0]["canary_percent"] = 150
     with pytest.raises(OrderError, match="canary_percent"):
         Order.from_bytes(canonical_bytes(doc))
+
+
+def test_a_restart_mid_trial_brings_the_current_version_back_and_the_trial_goes_on(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent,
+) -> None:  # type: ignore[no-untyped-def]
+    v1 = bundles.build(version=1, dims=DIMS, seeds=[1, 2])
+    v2 = bundles.build(version=2, dims=DIMS, seeds=[1, 2])
+    d1, d2 = artifact_server.add(v1.root), artifact_server.add(v2.root)
+    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+    fleet.wait_serving("mlp", d1)
+    fleet.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2, canary_percent=50.0))
+    wait_for(lambda: agent.trials.plan("mlp") is not None, what="the trial to start")
+    agent.stop()
+
+    again: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)  # same data dir
+    wait_for(lambda: again.trials.plan("mlp") is not None, what="the trial to resume after the restart")
+    assert sorted(m.version for m in again.registry.versions("mlp")) == ["1", "2"]
+    assert again.registry.get("mlp").version == "2"  # type: ignore[union-attr]  # still the candidate
+    client = V2Client(again.address)
+    try:
+        versions = _traffic(client, 40)
+    finally:
+        client.close()
+    assert versions.count("2") == 20 and versions.count("1") == 20
