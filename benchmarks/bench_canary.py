@@ -29,13 +29,14 @@ sys.path.insert(0, str(ROOT))
 from loadgen import run_load  # noqa: E402  (benchmarks/, the script's own folder)
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
-from edgectl.agent.canary import TrialPlan, Trials  # noqa: E402
+from edgectl.agent.canary import TrialPlan, Trials, TrialSettings  # noqa: E402
 from edgectl.agent.codecs import encode_request  # noqa: E402
 from edgectl.agent.runtime import SessionSettings, load_model  # noqa: E402
 from tests.agent.onnx_models import mlp_model  # noqa: E402
 from tests.agent.v2_harness import InProcessV2  # noqa: E402
 
 DIMS = (256, 1024, 1024, 10)
+SETTINGS = TrialSettings()  # --cpu-share replaces it
 
 
 def _stack(work: Path) -> tuple[InProcessV2, Trials]:
@@ -48,7 +49,7 @@ def _stack(work: Path) -> tuple[InProcessV2, Trials]:
             v2, name="m", version=2, digest="sha256:" + "2" * 64, settings=SessionSettings(intra_op_threads=1)
         )
     )
-    trials = Trials(served.registry)
+    trials = Trials(served.registry, SETTINGS)
     served.router.trials = trials
     return served, trials
 
@@ -124,10 +125,13 @@ def bench_shadow(work: Path, quick: bool) -> None:
 
 
 def main() -> None:
+    global SETTINGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--shadow-only", action="store_true", help="only the shadow section")
+    parser.add_argument("--cpu-share", type=float, default=SETTINGS.cpu_share, help="background CPU budget")
     args = parser.parse_args()
+    SETTINGS = TrialSettings(cpu_share=args.cpu_share)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.shadow_only:
