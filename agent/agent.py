@@ -21,6 +21,7 @@ from edgectl.addresses import parse_host_port
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.burst import BurstCost, BurstSettings
+from edgectl.agent.canary import Trials
 from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.config import AgentConfig, build_trust, read_credentials
 from edgectl.agent.enroll import device_tls, enroll
@@ -139,6 +140,9 @@ class Agent:
             ),
             RequestLimits(max_request_bytes=config.max_request_mib << 20),
         )
+        # Canary / shadow trials that signed orders ask for; the router's hook consults them.
+        self.trials = Trials(self.registry)
+        self.router.trials = self.trials
         self.fit = DeviceFit(
             self.profile,
             tuple(ort.get_available_providers()),
@@ -259,6 +263,7 @@ class Agent:
             _MqttReporter(self.link),
             FleetTrust.load(cfg.data_dir, self.creds, cfg.fleet_key),
             clock=self.clock,
+            trials=self.trials,
         )
 
     def _serve_local_dir(self) -> None:
@@ -314,6 +319,7 @@ class Agent:
         if self.server is not None:
             self.server.stop(1.0)
         self.router.close()
+        self.trials.close()
         self.registry.close()
 
     def _answer_logs(self, request: mpb.LogRequest) -> None:

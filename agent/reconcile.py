@@ -25,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import edgectl
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
+from edgectl.agent.canary import Trials, fill_trial, on_trial
 from edgectl.agent.engines import choose_engine
 from edgectl.agent.errors import AgentError, FetchError, RefusedError
 from edgectl.agent.fetch import ArtifactFetcher
@@ -94,10 +95,12 @@ class Reconciler:
         reporter: Reporter,
         fleet_trust: FleetTrust | None = None,
         clock: Callable[[], float] = time.time,
+        trials: Trials | None = None,
     ) -> None:
         """``clock``: wall time for maintenance windows (tests inject one; order expiry stays real)."""
         self.settings = settings
         self.swaps = SwapWindows(clock)  # staged artifacts waiting for a maintenance window
+        self.trials = trials
         self.store = store
         self.artifacts = artifacts
         self.fetcher = fetcher
@@ -233,6 +236,9 @@ class Reconciler:
             self._drop(name)
         for dm in desired.models:
             self._converge(dm, desired.generation)
+            if self.trials is not None:  # start, keep or end dm's canary / shadow trial
+                slot = self.state.slot(dm.name)
+                self.trials.follow(dm, slot.active, slot.previous, lambda i: self._load(i, pinned=True))
         self.publish_report()
 
     def _converge(self, dm: mpb.DesiredModel, generation: int) -> None:
@@ -249,6 +255,12 @@ class Reconciler:
         retry = self._retry.get(dm.digest)
         if retry is not None and retry[0] > time.monotonic():
             return
+        if self.trials is not None and self.trials.plan(dm.name) is not None:
+            # A trial's versions may go with this install: stop splitting before they do.
+            self.trials.set(dm.name, None)
+        if on_trial(dm) and slot.active is not None:
+            # The version served now stays live beside the candidate (beyond keep_versions).
+            self.registry.pin(dm.name, slot.active.version)
         try:
             window = self.swaps.window(dm)
             staged = self.swaps.staged(dm) or self.swaps.put(dm.name, self._stage(dm, slot))
@@ -284,6 +296,8 @@ class Reconciler:
         selector and ran nothing before): stop serving it. The state file is written after, so a crash in
         between serves it again on restart and drops it on the next pass."""
         self.registry.remove(name)
+        if self.trials is not None:
+            self.trials.set(name, None)
         del self.state.models[name]
         self.store.save(self.state)
         log.info("stopped serving %s: the desired state no longer names it", name)
@@ -338,7 +352,9 @@ class Reconciler:
         keep = [i for s in self.state.models.values() for i in (s.active, s.previous) if i]
         self.artifacts.gc(keep + self.swaps.keep())
 
-    def _load(self, installed: Installed, providers: tuple[str, ...] | None = None) -> str:
+    def _load(
+        self, installed: Installed, providers: tuple[str, ...] | None = None, pinned: bool = False
+    ) -> str:
         """Verify, load, smoke-test and install one artifact into the registry; returns its EP."""
         artifact = self.artifacts.load(installed)
         engine = choose_engine(artifact, self.settings.fit.profile, self.settings.facts)
@@ -352,7 +368,7 @@ class Reconciler:
         )
         model = load_and_smoke_test(artifact, session)
         # The swap: new requests go to the new session at once; queued ones finish on the old.
-        self.registry.install(model)
+        (self.registry.install_pinned if pinned else self.registry.install)(model)
         return model.provider
 
     # -- reporting ----------------------------------------------------------------------------
@@ -394,6 +410,9 @@ class Reconciler:
                 failure_reason=slot.failure_reason,
                 staged_digest=self.swaps.waiting_digest(name),
             )
+            report = self.trials.report(name) if self.trials is not None else None
+            if report is not None:
+                fill_trial(rs.models[-1].trial, report)
             failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
             self._report_drift(rs.models[-1], served)
         failing |= bool(rs.last_error)

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgectl.agent.burst import BurstClient, BurstSettings, LatencyCorrection
 from edgectl.agent.codecs import Array, RequestLimits, TensorHeader, check_inputs
@@ -29,6 +29,9 @@ from edgectl.agent.errors import (
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.serving import ModelRegistry, ServedModel
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
+
+if TYPE_CHECKING:
+    from edgectl.agent.canary import Trials
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ class InferenceRouter:
             metrics.watch_budget(lambda: burst.budget.snapshot())  # late-bound: the budget may be replaced
         self._bursts_in_a_row = 0  # approximate under concurrency, which is all a probe needs
         self._corrections: dict[str, LatencyCorrection] = {}
+        self.trials: Trials | None = None  # canary/shadow hook, set by the agent
 
     def _route(self, served: ServedModel | None) -> tuple[str | None, float]:
         """(why this request should go to burst, or None to serve it locally; predicted local s)."""
@@ -137,7 +141,13 @@ class InferenceRouter:
         start = time.perf_counter()
         served_by = LOCAL
         ok = False
-        served = self.registry.resolve(call.model, call.version)
+        # Canary/shadow hook (edgectl.agent.canary): a call that names no version may go to a
+        # candidate on trial; every local answer is shown to the trial after it is sent.
+        trial_io: list[tuple[dict[str, Array], dict[str, Array]]] = []  # filled by _local
+        pick = self.trials.pick(call.model, call.version) if self.trials is not None else call.version
+        served = self.registry.resolve(call.model, pick)
+        if served is None and pick != call.version:  # the trial's version went in a swap just now
+            served = self.registry.resolve(call.model, call.version)
         tried_burst = False
         decode_ns: list[int] = []  # filled by _local
         try:
@@ -155,7 +165,7 @@ class InferenceRouter:
                 except (BurstUnavailableError, ModelNotFoundError) as exc:
                     log.info("burst failed, serving locally: %s", exc)
             self._bursts_in_a_row = 0
-            result = self._local(call, served, decode_ns)
+            result = self._local(call, served, decode_ns, trial_io)
             if self.burst is not None:
                 self._correction(call.model).observe(predicted, time.perf_counter() - start)
             ok = True
@@ -180,8 +190,17 @@ class InferenceRouter:
             self.metrics.observe_request(call.model, served_by, ok, elapsed)
             if served is not None and served_by == LOCAL:
                 served.stats.request(ok, int(elapsed * 1e9), decode_ns[0] if decode_ns else None)
+                if self.trials is not None:  # canary/shadow hook
+                    io = trial_io[0] if trial_io else (None, None)
+                    self.trials.done(call.model, served, ok, elapsed, *io)
 
-    def _local(self, call: InferCall, served: ServedModel | None, decode_ns: list[int]) -> InferResult:
+    def _local(
+        self,
+        call: InferCall,
+        served: ServedModel | None,
+        decode_ns: list[int],
+        trial_io: list[tuple[dict[str, Array], dict[str, Array]]] | None = None,
+    ) -> InferResult:
         if served is None:
             self.registry.require(call.model, call.version)  # raises, saying what is served
             raise ModelNotFoundError(f"model {call.model!r} is not served here")
@@ -195,6 +214,8 @@ class InferenceRouter:
             outputs, model = self.registry.infer(
                 call.model, feeds, self.settings.local_timeout_s, version=call.version, arrived=served
             )
+            if trial_io is not None and self.trials is not None:
+                trial_io.append((feeds, outputs))
         finally:
             served.batcher.depart()
         unknown = [n for n in call.outputs if n not in outputs]

@@ -125,6 +125,8 @@ class ModelRegistry:
         self._draining: dict[tuple[str, str], ServedModel] = {}
         if metrics is not None:
             metrics.watch_drift(self.drift_scores)
+        # name -> a version kept live beyond keep_versions (the current one while a candidate is on trial).
+        self._pinned: dict[str, int] = {}
 
     def _drain(self, old: ServedModel) -> None:
         key = (old.model.name, old.version)
@@ -150,8 +152,12 @@ class ModelRegistry:
             live = [m for m in self._models.get(model.name, []) if m.model.version != model.version]
             replaced = [m for m in self._models.get(model.name, []) if m.model.version == model.version]
             live.append(served)
-            dropped = live[: -self.keep_versions]
-            self._models[model.name] = live[-self.keep_versions :]
+            pinned = self._pinned.get(model.name)
+            older = live[: -self.keep_versions]
+            dropped = [m for m in older if m.model.version != pinned]
+            self._models[model.name] = [m for m in older if m.model.version == pinned] + live[
+                -self.keep_versions :
+            ]
         if self.metrics is not None:
             self.metrics.set_active(model.name, model.digest, model.version)
             self.metrics.swaps.labels(model.name).inc()
@@ -160,10 +166,38 @@ class ModelRegistry:
             threading.Thread(target=self._drain, args=(old,), name=f"drain-{model.name}", daemon=True).start()
         log.info("serving %s version %d (%s) on %s", model.name, model.version, model.digest, model.provider)
 
+    def install_pinned(self, model: LoadedModel) -> None:
+        """Serve ``model`` beside the active version, as the oldest and pinned (the current version of
+        a trial brought back after a restart); the active version stays what it was."""
+        served = ServedModel(model, self.settings, self.metrics)
+        with self._lock:
+            live = self._models.get(model.name, [])
+            if any(m.model.version == model.version for m in live):
+                served.batcher.close()
+                return
+            self._pinned[model.name] = model.version
+            self._models[model.name] = [served, *live]
+
+    def pin(self, name: str, version: int | None) -> None:
+        """Keep ``version`` of ``name`` live beyond ``keep_versions`` (None: unpin, and drain what
+        then falls outside ``keep_versions``)."""
+        with self._lock:
+            if version is not None:
+                self._pinned[name] = version
+                return
+            self._pinned.pop(name, None)
+            live = self._models.get(name, [])
+            dropped = live[: -self.keep_versions]
+            if dropped:
+                self._models[name] = live[-self.keep_versions :]
+        for old in dropped:
+            threading.Thread(target=self._drain, args=(old,), name=f"drain-{name}", daemon=True).start()
+
     def remove(self, name: str) -> None:
         """Stop serving every version of ``name``."""
         with self._lock:
             old = self._models.pop(name, [])
+            self._pinned.pop(name, None)
         for m in old:
             m.batcher.close()
 

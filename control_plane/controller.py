@@ -30,6 +30,7 @@ from edgectl.control_plane.errors import NotFound
 from edgectl.control_plane.follow import follow
 from edgectl.control_plane.store import StateStore
 from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget, parse_window
+from edgectl.control_plane.trial_gate import judge_trial, trial_summary
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class RolloutController:
         self.on_wave_done = on_wave_done or (lambda seconds: None)
         self.signer = signer
         self._refreshed_at = float("-inf")
+        self._promotions: list[Publication] = []  # trial devices promoted by the step in progress
         # Held from a write to its publish, and by republish_all: a republish read before a step's
         # commit can then never reach the broker after that step's newer order (agents would
         # refuse the older one as a replay, and it would stay retained).
@@ -113,6 +115,7 @@ class RolloutController:
     def _step(self, rollout_id: str) -> None:
         now = self.clock()
         publications: list[Publication] = []
+        self._promotions = []  # what judge_wave promotes in this transaction (lost if it rolls back)
         with self.store.tx() as tx:
             r = rs.get(tx, rollout_id)
             if r.state == rs.PENDING and now < r.strategy.start_at:
@@ -125,6 +128,8 @@ class RolloutController:
                 publications = self._advance(tx, r, now)
             elif r.state == rs.ROLLING_BACK:
                 publications = self._roll_back(tx, r, now)
+        publications = self._promotions + publications
+        self._promotions = []
         if publications:
             self.publisher.publish_desired(publications)
 
@@ -180,6 +185,29 @@ class RolloutController:
             return follow(self, tx, r, waves[-1], now)
         return self._start_wave(tx, r, wave.idx + 1, now)
 
+    def _promote(
+        self,
+        tx: Tx,
+        r: rs.RolloutRecord,
+        p: rs.ProgressRecord,
+        live: rs.LiveDevice | None,
+        wave: int,
+        now: float,
+    ) -> list[Publication]:
+        """A device that passed its trial: the same digest without the trial fields, so the
+        candidate becomes its only active version and the previous one drains."""
+        _, models = current_models(tx, p.device_id)
+        wanted = next((m for m in models if m.name == r.artifact_name), None)
+        if (
+            wanted is None
+            or wanted.digest != r.artifact_digest
+            or not (wanted.canary_percent or wanted.shadow)
+        ):
+            return []
+        models = with_model(models, r.artifact_name, r.artifact_digest, r.artifact_version)
+        rs.add_event(tx, r.id, "device_promoted", now, wave, p.device_id, trial_summary(r, live))
+        return [self._write(tx, p.device_id, models, r.id, now)]
+
     def judge_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[int]:
         """Judge every device of wave ``idx`` still waiting; returns the verdicts that were final."""
         final: list[int] = []
@@ -196,6 +224,8 @@ class RolloutController:
             kind = kinds.get(verdict.state, "device_skipped")
             rs.add_event(tx, r.id, kind, now, idx, progress.device_id, verdict.reason)
             final.append(verdict.state)
+            if verdict.state == rs.D_HEALTHY and r.strategy.trial:
+                self._promotions.extend(self._promote(tx, r, progress, live, idx, now))
         return final
 
     def _start_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[Publication]:
@@ -227,9 +257,12 @@ class RolloutController:
         # What to go back to: what the device serves, else what it was told to serve.
         prev_digest = active.digest if active and active.digest else (wanted.digest if wanted else "")
         prev_version = active.version if active and active.digest else (wanted.version if wanted else 0)
+        # A trial needs a current version to run beside (and one that is not already this artifact).
+        trial = r.strategy.trial and prev_digest not in ("", r.artifact_digest)
         models = with_model(
-            models, r.artifact_name, r.artifact_digest, r.artifact_version, window=r.strategy.window
-        )
+            models, r.artifact_name, r.artifact_digest, r.artifact_version, window=r.strategy.window,
+            canary_percent=r.strategy.canary_percent if trial else 0.0, shadow=r.strategy.shadow and trial,
+        )  # fmt: skip
         publication = self._write(tx, device_id, models, r.id, now)
         rs.update_device(
             tx, r.id, device_id, now, state=rs.D_DESIRED, previous_digest=prev_digest,
@@ -257,6 +290,10 @@ class RolloutController:
                 return Verdict(
                     rs.D_FAILED, f"p99 latency {p99:.1f} ms above {s.max_p99_ms:.1f} ms during soak"
                 )
+            if s.trial and p.previous_digest not in ("", r.artifact_digest):
+                trial_verdict = judge_trial(r, p, model, now)
+                if trial_verdict is not None:
+                    return Verdict(*trial_verdict)
             if p.healthy_since is None:
                 return Verdict(rs.D_DESIRED, soak_started=True)
             return Verdict(rs.D_HEALTHY) if now - p.healthy_since >= s.soak_s else Verdict(rs.D_DESIRED)

@@ -90,6 +90,10 @@ def strategy_from(msg: rollouts_pb2.Strategy) -> StrategySpec:
         start_at=seconds(msg.start_at) if msg.HasField("start_at") else 0.0,
         window=msg.window.strip(),
         pause_after_waves=tuple(sorted(set(msg.pause_after_waves))),
+        canary_percent=msg.canary_traffic_percent,
+        shadow=msg.shadow,
+        min_agreement=msg.min_agreement,
+        max_p99_ratio=msg.max_p99_ratio,
     )
 
 
@@ -106,6 +110,10 @@ def strategy_to(spec: StrategySpec) -> rollouts_pb2.Strategy:
         start_at=ts(spec.start_at) if spec.start_at else None,
         window=spec.window,
         pause_after_waves=list(spec.pause_after_waves),
+        canary_traffic_percent=spec.canary_percent,
+        shadow=spec.shadow,
+        min_agreement=spec.min_agreement,
+        max_p99_ratio=spec.max_p99_ratio,
     )
 
 

@@ -116,7 +116,8 @@ def write_desired(
         expires_at = now + signer.ttl_s
         order = Order(
             device_id, fleet_epoch(tx, now), generation, now, expires_at, rollout_id,
-            tuple(OrderedModel(m.name, m.digest, m.version, m.rollback, m.window) for m in state.models),
+            tuple(OrderedModel(m.name, m.digest, m.version, m.rollback, m.window, m.canary_percent, m.shadow)
+                  for m in state.models),
             exclusive=True,
         )  # fmt: skip
         key = signer.keyring.current()
@@ -149,14 +150,19 @@ def with_model(
     version: int,
     rollback: bool = False,
     window: str = "",
+    canary_percent: float = 0.0,
+    shadow: bool = False,
 ) -> list[mqtt_pb2.DesiredModel]:
     """``models`` with the entry for serving name ``name`` replaced (or added); an empty digest removes
-    it. ``window``: swap only inside this maintenance window (a rollback never waits for one)."""
+    it. ``window``: swap only inside this maintenance window (a rollback never waits for one).
+    ``canary_percent``/``shadow`` put the digest on trial beside what the device serves."""
     out = [m for m in models if m.name != name]
     if digest:
-        out.append(
-            mqtt_pb2.DesiredModel(name=name, digest=digest, version=version, rollback=rollback, window=window)
+        entry = mqtt_pb2.DesiredModel(
+            name=name, digest=digest, version=version, rollback=rollback, window=window
         )
+        entry.canary_percent, entry.shadow = canary_percent, shadow
+        out.append(entry)
     return out
 
 

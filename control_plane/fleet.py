@@ -52,6 +52,8 @@ class ModelState:
     previous_digest: str = ""
     staged_digest: str = ""  # downloaded and verified, waiting for its maintenance window
     drift: float | None = None  # the latest input drift score (PSI); None: the agent reports none
+    # A candidate on trial beside the previous version, as ``trial_dict`` writes it (None: none).
+    trial: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as the device row keeps it."""
@@ -62,6 +64,8 @@ class ModelState:
         }  # fmt: skip
         if self.drift is not None:
             out["drift"] = self.drift
+        if self.trial is not None:
+            out["trial"] = self.trial
         return out
 
     @classmethod
@@ -72,7 +76,24 @@ class ModelState:
             obj.get("failed_digest", ""), obj.get("failure_reason", ""), obj.get("previous_digest", ""),
             obj.get("staged_digest", ""),
             float(obj["drift"]) if obj.get("drift") is not None else None,
+            obj.get("trial"),
         )  # fmt: skip
+
+
+def trial_dict(trial: mqtt_pb2.TrialStats) -> dict[str, Any]:
+    """A reported trial as the device row keeps it (``agreement`` None until something was compared)."""
+    return {
+        "mode": trial.mode, "canary_percent": trial.canary_percent,
+        "current_version": trial.current_version, "candidate_version": trial.candidate_version,
+        "compared": trial.compared, "agreement": trial.agreement if trial.compared else None,
+        "agreement_kind": trial.agreement_kind, "background_runs": trial.background_runs,
+        "background_skipped": trial.background_skipped,
+        "versions": {
+            str(v.version): {"requests": v.requests, "errors": v.errors, "p50_ms": v.p50_ms,
+                             "p95_ms": v.p95_ms, "p99_ms": v.p99_ms}
+            for v in trial.versions
+        },
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -372,6 +393,7 @@ class Fleet:
                 m.staged_digest,
                 # drift_requests == 0: no score yet, or an agent or artifact without drift support.
                 m.drift_score if m.drift_requests > 0 and math.isfinite(m.drift_score) else None,
+                trial_dict(m.trial) if m.HasField("trial") else None,
             ).to_dict()
             for m in state.models
         }

@@ -127,6 +127,38 @@ class StrategySpec:
     start_at: float = 0.0  # epoch seconds; 0: at once
     window: str = ""  # maintenance window for swaps (edgectl.window); "": any time
     pause_after_waves: tuple[int, ...] = ()  # 1-based waves after which the rollout pauses
+    # On-device trial (canary / shadow) and its soak gate; see protos/v1/rollouts.proto Strategy.
+    canary_percent: float = 0.0
+    shadow: bool = False
+    min_agreement: float = 0.0
+    max_p99_ratio: float = 0.0
+
+    @property
+    def trial(self) -> bool:
+        """True when devices run the artifact as a canary or shadow before it becomes active."""
+        return self.canary_percent > 0 or self.shadow
+
+    def _validate_trial(self) -> None:
+        if not 0 <= self.canary_percent <= 100:
+            raise InvalidArgument(f"canary traffic {self.canary_percent}% must be between 0% and 100%")
+        if self.canary_percent and self.shadow:
+            raise InvalidArgument("choose --canary-traffic or --shadow, not both")
+        if not 0 <= self.min_agreement <= 1:
+            raise InvalidArgument(
+                f"min agreement {self.min_agreement} must be between 0 and 1", hint="e.g. 0.95"
+            )
+        if self.max_p99_ratio < 0:
+            raise InvalidArgument("max p99 ratio must not be negative", hint="e.g. 1.5")
+        if (self.min_agreement or self.max_p99_ratio) and not self.trial:
+            raise InvalidArgument(
+                "--min-agreement and --max-p99-ratio compare a candidate with the current version",
+                hint="add --canary-traffic 10% or --shadow",
+            )
+        if self.trial and self.soak_s <= 0:
+            raise InvalidArgument(
+                "a canary or shadow rollout needs a soak window to measure the candidate in",
+                hint="add e.g. --soak 5m",
+            )
 
     def validate(self, targets: int, syntax_only: bool = False) -> list[int]:
         """Check every field against ``targets`` devices; returns the wave sizes.
@@ -154,6 +186,7 @@ class StrategySpec:
             raise InvalidArgument(f"max error rate {self.max_error_rate} must be between 0 and 1")
         if self.offline_policy not in (OFFLINE_FAIL, OFFLINE_SKIP):
             raise InvalidArgument("offline policy must be FAIL or SKIP")
+        self._validate_trial()
         return sizes
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +203,10 @@ class StrategySpec:
             "start_at": self.start_at,
             "window": self.window,
             "pause_after_waves": list(self.pause_after_waves),
+            "canary_percent": self.canary_percent,
+            "shadow": self.shadow,
+            "min_agreement": self.min_agreement,
+            "max_p99_ratio": self.max_p99_ratio,
         }
 
     @classmethod
@@ -187,4 +224,8 @@ class StrategySpec:
             start_at=float(obj.get("start_at", 0.0)),
             window=str(obj.get("window", "")),
             pause_after_waves=tuple(int(n) for n in obj.get("pause_after_waves", ())),
+            canary_percent=float(obj.get("canary_percent", 0.0)),
+            shadow=bool(obj.get("shadow", False)),
+            min_agreement=float(obj.get("min_agreement", 0.0)),
+            max_p99_ratio=float(obj.get("max_p99_ratio", 0.0)),
         )

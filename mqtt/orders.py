@@ -40,6 +40,9 @@ class OrderedModel:
     version: int
     rollback: bool = False
     window: str = ""  # maintenance window for the swap (edgectl.window); "": at once
+    # On-device trial beside the version served now (see DesiredModel in protos/v1/mqtt.proto).
+    canary_percent: float = 0.0
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,9 @@ class Order:
         state.issued_at.FromNanoseconds(int(self.issued_at * 1e9))
         for m in self.models:
             state.models.add(
-                name=m.name, digest=m.digest, version=m.version, rollback=m.rollback, window=m.window
-            )
+                name=m.name, digest=m.digest, version=m.version, rollback=m.rollback, window=m.window,
+                canary_percent=m.canary_percent, shadow=m.shadow,
+            )  # fmt: skip
         return state
 
     def expired(self, now: float | None = None) -> bool:
@@ -120,6 +124,11 @@ def _model_doc(m: OrderedModel) -> dict[str, Any]:
         # Only when set: orders without a window keep the bytes they always had, and an agent that
         # predates windows ignores the key (it swaps at once) instead of failing to parse.
         doc["window"] = m.window
+    # The trial keys likewise appear only when set (an agent that predates them swaps at once).
+    if m.canary_percent:
+        doc["canary_percent"] = m.canary_percent
+    if m.shadow:
+        doc["shadow"] = True
     return doc
 
 
@@ -129,9 +138,12 @@ def _model(obj: Any) -> OrderedModel:
     digest = _typed(obj["digest"], str)
     if digest and not is_digest(digest):
         raise TypeError(f"model digest {digest!r} is not sha256:<64 hex>")
+    percent = float(_typed(obj.get("canary_percent", 0), (int, float)))
+    if not 0 <= percent <= 100:
+        raise TypeError(f"canary_percent {percent} is not between 0 and 100")
     return OrderedModel(
         _typed(obj["name"], str), digest, _typed(obj["version"], int), _typed(obj["rollback"], bool),
-        _typed(obj.get("window", ""), str),
+        _typed(obj.get("window", ""), str), percent, _typed(obj.get("shadow", False), bool),
     )  # fmt: skip
 
 

@@ -79,6 +79,21 @@ def deploy(
         "--pause-after-wave",
         help="pause after wave N (1-based) until `edgectl rollout resume`; repeatable",
     ),
+    canary_traffic: str = typer.Option(
+        "",
+        "--canary-traffic",
+        help="run the artifact beside the current version on each device, answering P%",
+        show_default=False,
+    ),
+    shadow: bool = typer.Option(
+        False, "--shadow", help="run every request also on the artifact, the current version answering"
+    ),
+    min_agreement: float = typer.Option(
+        0.0, help="canary/shadow: fail a device whose candidate agrees less (top-1 or cosine, 0..1)"
+    ),
+    max_p99_ratio: float = typer.Option(
+        0.0, help="canary/shadow: fail a device whose candidate p99 exceeds this x the current p99"
+    ),
     watch: bool = typer.Option(
         False,
         "--watch",
@@ -111,6 +126,10 @@ def deploy(
         continuous=continuous,
         window=window.strip(),
         pause_after_waves=pause_after_wave,
+        canary_traffic_percent=_percent(canary_traffic, "--canary-traffic"),
+        shadow=shadow,
+        min_agreement=min_agreement,
+        max_p99_ratio=max_p99_ratio,
     )
     if start_at:
         spec.start_at.FromNanoseconds(int(parse_start_at(start_at, time.time()) * 1e9))
@@ -143,6 +162,19 @@ def deploy(
             return
         final = _watch(client, rollout.id, quiet=json_out)
     _finish(final, output_format(None, json_out))
+
+
+def _percent(text: str, flag: str) -> float:
+    """``10%`` or ``10`` as 10.0 ("" is 0); UsageError for anything else."""
+    if not text.strip():
+        return 0.0
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a percentage (e.g. 10%)") from None
+    if not 0 < value <= 100:
+        raise UsageError(f"{flag} {text!r} must be above 0% and at most 100%")
+    return value
 
 
 class RolloutFailedError(EdgectlError):
@@ -182,8 +214,12 @@ def _finish(rollout: rollouts_pb2.Rollout, fmt: Output) -> None:
 
 def _summary(r: rollouts_pb2.Rollout) -> str:
     devices = sum(len(w.devices) for w in r.waves)
+    s = r.strategy
+    trial = (
+        f" as a {s.canary_traffic_percent:g}% canary" if s.canary_traffic_percent else " in shadow" * s.shadow
+    )
     return (
-        f"{r.artifact.name}:{r.artifact.version} to {devices} device(s) in {len(r.waves)} wave(s), "
+        f"{r.artifact.name}:{r.artifact.version} to {devices} device(s) in {len(r.waves)} wave(s){trial}, "
         f"{enum_name(r.state, rollouts_pb2.RolloutState, 'ROLLOUT_STATE_')}"
     )
 

@@ -40,8 +40,6 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_FAILED: _EventKind.ValueType  # 8
     EVENT_KIND_HEARTBEAT: _EventKind.ValueType  # 9
     EVENT_KIND_BURST: _EventKind.ValueType  # 10
-    EVENT_KIND_DRIFT: _EventKind.ValueType  # 20
-    """A model's drift score crossed the agent's threshold (raised once; re-armed below half of it)."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -56,8 +54,6 @@ EVENT_KIND_REFUSED: EventKind.ValueType  # 7
 EVENT_KIND_FAILED: EventKind.ValueType  # 8
 EVENT_KIND_HEARTBEAT: EventKind.ValueType  # 9
 EVENT_KIND_BURST: EventKind.ValueType  # 10
-EVENT_KIND_DRIFT: EventKind.ValueType  # 20
-"""A model's drift score crossed the agent's threshold (raised once; re-armed below half of it)."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -159,6 +155,8 @@ class DesiredModel(_message.Message):
     ROLLBACK_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    CANARY_PERCENT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The serving name (KServe V2 model name)."""
     digest: _builtins.str
@@ -174,6 +172,13 @@ class DesiredModel(_message.Message):
     once, swap only inside it (edgectl.window). Empty: swap at once. Signed with the order; an
     agent that predates it ignores it and swaps at once.
     """
+    canary_percent: _builtins.float
+    """On-device trial (canary / shadow) of this digest beside the version the device serves now,
+    which stays live: the candidate answers canary_percent % of the requests that name no
+    version, or with shadow none, every request also running on it in the background. Both
+    are in the signed order; an order without them makes the digest the only active version.
+    """
+    shadow: _builtins.bool
     def __init__(
         self,
         *,
@@ -183,10 +188,12 @@ class DesiredModel(_message.Message):
         rollback: _builtins.bool = ...,
         source: _builtins.str = ...,
         window: _builtins.str = ...,
+        canary_percent: _builtins.float = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "rollback", b"rollback", "source", b"source", "version", b"version", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_percent", b"canary_percent", "digest", b"digest", "name", b"name", "rollback", b"rollback", "shadow", b"shadow", "source", b"source", "version", b"version", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,9 +284,7 @@ class ActiveModel(_message.Message):
     FAILED_DIGEST_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     STAGED_DIGEST_FIELD_NUMBER: _builtins.int
-    DRIFT_SCORE_FIELD_NUMBER: _builtins.int
-    DRIFT_REQUESTS_FIELD_NUMBER: _builtins.int
-    DRIFT_FEATURE_FIELD_NUMBER: _builtins.int
+    TRIAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     digest: _builtins.str
     version: _builtins.int
@@ -292,13 +297,10 @@ class ActiveModel(_message.Message):
     failure_reason: _builtins.str
     staged_digest: _builtins.str
     """Fetched, verified and staged, waiting for the desired model's maintenance window to swap."""
-    drift_score: _builtins.float
-    """Input drift of the active version against its artifact's calibration summary: PSI of the
-    worst feature over the agent's rolling window, the requests that window holds (0: no score
-    yet, or an artifact without a summary) and which feature it was. Older agents leave them unset.
-    """
-    drift_requests: _builtins.int
-    drift_feature: _builtins.str
+    @_builtins.property
+    def trial(self) -> Global___TrialStats:
+        """Set while this digest is on trial beside the previous version (older agents never set it)."""
+
     def __init__(
         self,
         *,
@@ -311,17 +313,105 @@ class ActiveModel(_message.Message):
         failed_digest: _builtins.str = ...,
         failure_reason: _builtins.str = ...,
         staged_digest: _builtins.str = ...,
-        drift_score: _builtins.float = ...,
-        drift_requests: _builtins.int = ...,
-        drift_feature: _builtins.str = ...,
+        trial: Global___TrialStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trial", b"trial"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "drift_feature", b"drift_feature", "drift_requests", b"drift_requests", "drift_score", b"drift_score", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "staged_digest", b"staged_digest", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "staged_digest", b"staged_digest", "trial", b"trial", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActiveModel: _TypeAlias = ActiveModel  # noqa: Y015
+
+@_typing.final
+class TrialStats(_message.Message):
+    """A candidate on trial, as measured on the device since the trial began."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    CANARY_PERCENT_FIELD_NUMBER: _builtins.int
+    CURRENT_VERSION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    COMPARED_FIELD_NUMBER: _builtins.int
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    AGREEMENT_KIND_FIELD_NUMBER: _builtins.int
+    BACKGROUND_RUNS_FIELD_NUMBER: _builtins.int
+    BACKGROUND_SKIPPED_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """"canary" or "shadow"."""
+    canary_percent: _builtins.float
+    current_version: _builtins.int
+    candidate_version: _builtins.int
+    compared: _builtins.int
+    """Output rows compared between the two versions on the same input (0: agreement not yet known)."""
+    agreement: _builtins.float
+    """Top-1 agreement (classifier outputs) or mean output cosine (otherwise), in [0, 1] (cosine: [-1, 1])."""
+    agreement_kind: _builtins.str
+    """"top1" or "cosine"."""
+    background_runs: _builtins.int
+    """Background runs done, and skipped (queue full, CPU share spent, or a version busy)."""
+    background_skipped: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStats]: ...
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        canary_percent: _builtins.float = ...,
+        current_version: _builtins.int = ...,
+        candidate_version: _builtins.int = ...,
+        compared: _builtins.int = ...,
+        agreement: _builtins.float = ...,
+        agreement_kind: _builtins.str = ...,
+        background_runs: _builtins.int = ...,
+        background_skipped: _builtins.int = ...,
+        versions: _abc.Iterable[Global___VersionStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "agreement_kind", b"agreement_kind", "background_runs", b"background_runs", "background_skipped", b"background_skipped", "canary_percent", b"canary_percent", "candidate_version", b"candidate_version", "compared", b"compared", "current_version", b"current_version", "mode", b"mode", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrialStats: _TypeAlias = TrialStats  # noqa: Y015
+
+@_typing.final
+class VersionStats(_message.Message):
+    """One version's traffic while on trial: requests it ran, errors and latency percentiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P95_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    requests: _builtins.int
+    errors: _builtins.int
+    p50_ms: _builtins.float
+    p95_ms: _builtins.float
+    p99_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        p50_ms: _builtins.float = ...,
+        p95_ms: _builtins.float = ...,
+        p99_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "requests", b"requests", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionStats: _TypeAlias = VersionStats  # noqa: Y015
 
 @_typing.final
 class ServingStats(_message.Message):
@@ -332,20 +422,11 @@ class ServingStats(_message.Message):
     P99_MS_FIELD_NUMBER: _builtins.int
     BURST_SHARE_FIELD_NUMBER: _builtins.int
     WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
-    BURST_COST_FIELD_NUMBER: _builtins.int
-    BURST_BUDGET_FIELD_NUMBER: _builtins.int
-    BURST_HELD_BACK_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     error_rate: _builtins.float
     p99_ms: _builtins.float
     burst_share: _builtins.float
     window_seconds: _builtins.int
-    burst_cost: _builtins.float
-    """Burst cost in the current budget period (agent --burst-price-*), the budget (0: none), and the
-    requests kept local or refused this period because it was spent. Older agents leave them unset.
-    """
-    burst_budget: _builtins.float
-    burst_held_back: _builtins.int
     def __init__(
         self,
         *,
@@ -354,13 +435,10 @@ class ServingStats(_message.Message):
         p99_ms: _builtins.float = ...,
         burst_share: _builtins.float = ...,
         window_seconds: _builtins.int = ...,
-        burst_cost: _builtins.float = ...,
-        burst_budget: _builtins.float = ...,
-        burst_held_back: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_budget", b"burst_budget", "burst_cost", b"burst_cost", "burst_held_back", b"burst_held_back", "burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,51 +26,51 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from edgectl.protos.v1 import common_pb2 as edgectl_dot_protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n edgectl/protos/v1/rollouts.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1e\x65\x64gectl/protos/v1/common.proto\"\xb1\x02\n\x08Strategy\x12\r\n\x05waves\x18\x01 \x03(\t\x12\x14\n\x0cmax_failures\x18\x02 \x01(\t\x12\x1e\n\x16health_timeout_seconds\x18\x03 \x01(\x03\x12\x14\n\x0csoak_seconds\x18\x04 \x01(\x03\x12\x16\n\x0emax_error_rate\x18\x05 \x01(\x01\x12\x12\n\nmax_p99_ms\x18\x06 \x01(\x01\x12\x31\n\x0eoffline_policy\x18\x07 \x01(\x0e\x32\x19.edgectl.v1.OfflinePolicy\x12\x12\n\ncontinuous\x18\x08 \x01(\x08\x12,\n\x08start_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06window\x18\n \x01(\t\x12\x19\n\x11pause_after_waves\x18\x0b \x03(\x05\"\xab\x01\n\x0e\x44\x65viceProgress\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.edgectl.v1.DeviceRolloutState\x12\x17\n\x0fprevious_digest\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x01\n\x04Wave\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.edgectl.v1.WaveState\x12+\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1a.edgectl.v1.DeviceProgress\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x03\n\x07Rollout\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12&\n\x08selector\x18\x03 \x01(\x0b\x32\x14.edgectl.v1.Selector\x12&\n\x08strategy\x18\x04 \x01(\x0b\x32\x14.edgectl.v1.Strategy\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.edgectl.v1.RolloutState\x12\x1f\n\x05waves\x18\x06 \x03(\x0b\x32\x10.edgectl.v1.Wave\x12\x14\n\x0c\x63urrent_wave\x18\x07 \x01(\x05\x12\x10\n\x08\x66\x61ilures\x18\x08 \x01(\x05\x12\x0e\n\x06reason\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0c \x01(\t\"x\n\x14\x43reateRolloutRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\x12&\n\x08selector\x18\x02 \x01(\x0b\x32\x14.edgectl.v1.Selector\x12&\n\x08strategy\x18\x03 \x01(\x0b\x32\x14.edgectl.v1.Strategy\"\x1f\n\x11GetRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\"_\n\x13ListRolloutsRequest\x12\x1e\n\x04page\x18\x01 \x01(\x0b\x32\x10.edgectl.v1.Page\x12(\n\x06states\x18\x02 \x03(\x0e\x32\x18.edgectl.v1.RolloutState\"V\n\x14ListRolloutsResponse\x12%\n\x08rollouts\x18\x01 \x03(\x0b\x32\x13.edgectl.v1.Rollout\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x13WatchRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xc2\x01\n\x0cRolloutEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04wave\x18\x05 \x01(\x05\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12$\n\x07rollout\x18\x08 \x01(\x0b\x32\x13.edgectl.v1.Rollout\"2\n\x14RolloutActionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa4\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.edgectl.v1.Actor\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\"h\n\x10ListAuditRequest\x12\x1e\n\x04page\x18\x01 \x01(\x0b\x32\x10.edgectl.v1.Page\x12$\n\x05range\x18\x02 \x01(\x0b\x32\x15.edgectl.v1.TimeRange\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\"U\n\x11ListAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.edgectl.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8e\x02\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_STATE_PENDING\x10\x01\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x02\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x03\x12\x1b\n\x17ROLLOUT_STATE_SUCCEEDED\x10\x04\x12\x18\n\x14ROLLOUT_STATE_FAILED\x10\x05\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x06\x12\x1e\n\x1aROLLOUT_STATE_ROLLING_BACK\x10\x07\x12\x1d\n\x19ROLLOUT_STATE_ROLLED_BACK\x10\x08*\x8c\x01\n\tWaveState\x12\x1a\n\x16WAVE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WAVE_STATE_PENDING\x10\x01\x12\x1a\n\x16WAVE_STATE_IN_PROGRESS\x10\x02\x12\x18\n\x14WAVE_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11WAVE_STATE_FAILED\x10\x04*\x89\x02\n\x12\x44\x65viceRolloutState\x12$\n DEVICE_ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_PENDING\x10\x01\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_DESIRED\x10\x02\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_HEALTHY\x10\x03\x12\x1f\n\x1b\x44\x45VICE_ROLLOUT_STATE_FAILED\x10\x04\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_SKIPPED\x10\x05\x12$\n DEVICE_ROLLOUT_STATE_ROLLED_BACK\x10\x06*a\n\rOfflinePolicy\x12\x1e\n\x1aOFFLINE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13OFFLINE_POLICY_FAIL\x10\x01\x12\x17\n\x13OFFLINE_POLICY_SKIP\x10\x02\x32\xa1\x04\n\x0eRolloutService\x12?\n\x06\x43reate\x12 .edgectl.v1.CreateRolloutRequest\x1a\x13.edgectl.v1.Rollout\x12\x39\n\x03Get\x12\x1d.edgectl.v1.GetRolloutRequest\x1a\x13.edgectl.v1.Rollout\x12I\n\x04List\x12\x1f.edgectl.v1.ListRolloutsRequest\x1a .edgectl.v1.ListRolloutsResponse\x12\x44\n\x05Watch\x12\x1f.edgectl.v1.WatchRolloutRequest\x1a\x18.edgectl.v1.RolloutEvent0\x01\x12>\n\x05Pause\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout\x12?\n\x06Resume\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout\x12>\n\x05\x41\x62ort\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout\x12\x41\n\x08Rollback\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout2S\n\x0c\x41uditService\x12\x43\n\x04List\x12\x1c.edgectl.v1.ListAuditRequest\x1a\x1d.edgectl.v1.ListAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n edgectl/protos/v1/rollouts.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1e\x65\x64gectl/protos/v1/common.proto\"\x8f\x03\n\x08Strategy\x12\r\n\x05waves\x18\x01 \x03(\t\x12\x14\n\x0cmax_failures\x18\x02 \x01(\t\x12\x1e\n\x16health_timeout_seconds\x18\x03 \x01(\x03\x12\x14\n\x0csoak_seconds\x18\x04 \x01(\x03\x12\x16\n\x0emax_error_rate\x18\x05 \x01(\x01\x12\x12\n\nmax_p99_ms\x18\x06 \x01(\x01\x12\x31\n\x0eoffline_policy\x18\x07 \x01(\x0e\x32\x19.edgectl.v1.OfflinePolicy\x12\x12\n\ncontinuous\x18\x08 \x01(\x08\x12,\n\x08start_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06window\x18\n \x01(\t\x12\x19\n\x11pause_after_waves\x18\x0b \x03(\x05\x12\x1e\n\x16\x63\x61nary_traffic_percent\x18\x14 \x01(\x01\x12\x0e\n\x06shadow\x18\x15 \x01(\x08\x12\x15\n\rmin_agreement\x18\x16 \x01(\x01\x12\x15\n\rmax_p99_ratio\x18\x17 \x01(\x01\"\xab\x01\n\x0e\x44\x65viceProgress\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.edgectl.v1.DeviceRolloutState\x12\x17\n\x0fprevious_digest\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x01\n\x04Wave\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.edgectl.v1.WaveState\x12+\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x1a.edgectl.v1.DeviceProgress\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x03\n\x07Rollout\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x08\x61rtifact\x18\x02 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12&\n\x08selector\x18\x03 \x01(\x0b\x32\x14.edgectl.v1.Selector\x12&\n\x08strategy\x18\x04 \x01(\x0b\x32\x14.edgectl.v1.Strategy\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.edgectl.v1.RolloutState\x12\x1f\n\x05waves\x18\x06 \x03(\x0b\x32\x10.edgectl.v1.Wave\x12\x14\n\x0c\x63urrent_wave\x18\x07 \x01(\x05\x12\x10\n\x08\x66\x61ilures\x18\x08 \x01(\x05\x12\x0e\n\x06reason\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0c \x01(\t\"x\n\x14\x43reateRolloutRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\x12&\n\x08selector\x18\x02 \x01(\x0b\x32\x14.edgectl.v1.Selector\x12&\n\x08strategy\x18\x03 \x01(\x0b\x32\x14.edgectl.v1.Strategy\"\x1f\n\x11GetRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\"_\n\x13ListRolloutsRequest\x12\x1e\n\x04page\x18\x01 \x01(\x0b\x32\x10.edgectl.v1.Page\x12(\n\x06states\x18\x02 \x03(\x0e\x32\x18.edgectl.v1.RolloutState\"V\n\x14ListRolloutsResponse\x12%\n\x08rollouts\x18\x01 \x03(\x0b\x32\x13.edgectl.v1.Rollout\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x13WatchRolloutRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xc2\x01\n\x0cRolloutEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04wave\x18\x05 \x01(\x05\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12$\n\x07rollout\x18\x08 \x01(\x0b\x32\x13.edgectl.v1.Rollout\"2\n\x14RolloutActionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa4\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x11.edgectl.v1.Actor\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\"h\n\x10ListAuditRequest\x12\x1e\n\x04page\x18\x01 \x01(\x0b\x32\x10.edgectl.v1.Page\x12$\n\x05range\x18\x02 \x01(\x0b\x32\x15.edgectl.v1.TimeRange\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\"U\n\x11ListAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.edgectl.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x8e\x02\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_STATE_PENDING\x10\x01\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x02\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x03\x12\x1b\n\x17ROLLOUT_STATE_SUCCEEDED\x10\x04\x12\x18\n\x14ROLLOUT_STATE_FAILED\x10\x05\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x06\x12\x1e\n\x1aROLLOUT_STATE_ROLLING_BACK\x10\x07\x12\x1d\n\x19ROLLOUT_STATE_ROLLED_BACK\x10\x08*\x8c\x01\n\tWaveState\x12\x1a\n\x16WAVE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WAVE_STATE_PENDING\x10\x01\x12\x1a\n\x16WAVE_STATE_IN_PROGRESS\x10\x02\x12\x18\n\x14WAVE_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11WAVE_STATE_FAILED\x10\x04*\x89\x02\n\x12\x44\x65viceRolloutState\x12$\n DEVICE_ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_PENDING\x10\x01\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_DESIRED\x10\x02\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_HEALTHY\x10\x03\x12\x1f\n\x1b\x44\x45VICE_ROLLOUT_STATE_FAILED\x10\x04\x12 \n\x1c\x44\x45VICE_ROLLOUT_STATE_SKIPPED\x10\x05\x12$\n DEVICE_ROLLOUT_STATE_ROLLED_BACK\x10\x06*a\n\rOfflinePolicy\x12\x1e\n\x1aOFFLINE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13OFFLINE_POLICY_FAIL\x10\x01\x12\x17\n\x13OFFLINE_POLICY_SKIP\x10\x02\x32\xa1\x04\n\x0eRolloutService\x12?\n\x06\x43reate\x12 .edgectl.v1.CreateRolloutRequest\x1a\x13.edgectl.v1.Rollout\x12\x39\n\x03Get\x12\x1d.edgectl.v1.GetRolloutRequest\x1a\x13.edgectl.v1.Rollout\x12I\n\x04List\x12\x1f.edgectl.v1.ListRolloutsRequest\x1a .edgectl.v1.ListRolloutsResponse\x12\x44\n\x05Watch\x12\x1f.edgectl.v1.WatchRolloutRequest\x1a\x18.edgectl.v1.RolloutEvent0\x01\x12>\n\x05Pause\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout\x12?\n\x06Resume\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout\x12>\n\x05\x41\x62ort\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout\x12\x41\n\x08Rollback\x12 .edgectl.v1.RolloutActionRequest\x1a\x13.edgectl.v1.Rollout2S\n\x0c\x41uditService\x12\x43\n\x04List\x12\x1c.edgectl.v1.ListAuditRequest\x1a\x1d.edgectl.v1.ListAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgectl.protos.v1.rollouts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLLOUTSTATE']._serialized_start=2201
-  _globals['_ROLLOUTSTATE']._serialized_end=2471
-  _globals['_WAVESTATE']._serialized_start=2474
-  _globals['_WAVESTATE']._serialized_end=2614
-  _globals['_DEVICEROLLOUTSTATE']._serialized_start=2617
-  _globals['_DEVICEROLLOUTSTATE']._serialized_end=2882
-  _globals['_OFFLINEPOLICY']._serialized_start=2884
-  _globals['_OFFLINEPOLICY']._serialized_end=2981
+  _globals['_ROLLOUTSTATE']._serialized_start=2295
+  _globals['_ROLLOUTSTATE']._serialized_end=2565
+  _globals['_WAVESTATE']._serialized_start=2568
+  _globals['_WAVESTATE']._serialized_end=2708
+  _globals['_DEVICEROLLOUTSTATE']._serialized_start=2711
+  _globals['_DEVICEROLLOUTSTATE']._serialized_end=2976
+  _globals['_OFFLINEPOLICY']._serialized_start=2978
+  _globals['_OFFLINEPOLICY']._serialized_end=3075
   _globals['_STRATEGY']._serialized_start=114
-  _globals['_STRATEGY']._serialized_end=419
-  _globals['_DEVICEPROGRESS']._serialized_start=422
-  _globals['_DEVICEPROGRESS']._serialized_end=593
-  _globals['_WAVE']._serialized_start=596
-  _globals['_WAVE']._serialized_end=797
-  _globals['_ROLLOUT']._serialized_start=800
-  _globals['_ROLLOUT']._serialized_end=1190
-  _globals['_CREATEROLLOUTREQUEST']._serialized_start=1192
-  _globals['_CREATEROLLOUTREQUEST']._serialized_end=1312
-  _globals['_GETROLLOUTREQUEST']._serialized_start=1314
-  _globals['_GETROLLOUTREQUEST']._serialized_end=1345
-  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1347
-  _globals['_LISTROLLOUTSREQUEST']._serialized_end=1442
-  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=1444
-  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=1530
-  _globals['_WATCHROLLOUTREQUEST']._serialized_start=1532
-  _globals['_WATCHROLLOUTREQUEST']._serialized_end=1589
-  _globals['_ROLLOUTEVENT']._serialized_start=1592
-  _globals['_ROLLOUTEVENT']._serialized_end=1786
-  _globals['_ROLLOUTACTIONREQUEST']._serialized_start=1788
-  _globals['_ROLLOUTACTIONREQUEST']._serialized_end=1838
-  _globals['_AUDITENTRY']._serialized_start=1841
-  _globals['_AUDITENTRY']._serialized_end=2005
-  _globals['_LISTAUDITREQUEST']._serialized_start=2007
-  _globals['_LISTAUDITREQUEST']._serialized_end=2111
-  _globals['_LISTAUDITRESPONSE']._serialized_start=2113
-  _globals['_LISTAUDITRESPONSE']._serialized_end=2198
-  _globals['_ROLLOUTSERVICE']._serialized_start=2984
-  _globals['_ROLLOUTSERVICE']._serialized_end=3529
-  _globals['_AUDITSERVICE']._serialized_start=3531
-  _globals['_AUDITSERVICE']._serialized_end=3614
+  _globals['_STRATEGY']._serialized_end=513
+  _globals['_DEVICEPROGRESS']._serialized_start=516
+  _globals['_DEVICEPROGRESS']._serialized_end=687
+  _globals['_WAVE']._serialized_start=690
+  _globals['_WAVE']._serialized_end=891
+  _globals['_ROLLOUT']._serialized_start=894
+  _globals['_ROLLOUT']._serialized_end=1284
+  _globals['_CREATEROLLOUTREQUEST']._serialized_start=1286
+  _globals['_CREATEROLLOUTREQUEST']._serialized_end=1406
+  _globals['_GETROLLOUTREQUEST']._serialized_start=1408
+  _globals['_GETROLLOUTREQUEST']._serialized_end=1439
+  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1441
+  _globals['_LISTROLLOUTSREQUEST']._serialized_end=1536
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=1538
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=1624
+  _globals['_WATCHROLLOUTREQUEST']._serialized_start=1626
+  _globals['_WATCHROLLOUTREQUEST']._serialized_end=1683
+  _globals['_ROLLOUTEVENT']._serialized_start=1686
+  _globals['_ROLLOUTEVENT']._serialized_end=1880
+  _globals['_ROLLOUTACTIONREQUEST']._serialized_start=1882
+  _globals['_ROLLOUTACTIONREQUEST']._serialized_end=1932
+  _globals['_AUDITENTRY']._serialized_start=1935
+  _globals['_AUDITENTRY']._serialized_end=2099
+  _globals['_LISTAUDITREQUEST']._serialized_start=2101
+  _globals['_LISTAUDITREQUEST']._serialized_end=2205
+  _globals['_LISTAUDITRESPONSE']._serialized_start=2207
+  _globals['_LISTAUDITRESPONSE']._serialized_end=2292
+  _globals['_ROLLOUTSERVICE']._serialized_start=3078
+  _globals['_ROLLOUTSERVICE']._serialized_end=3623
+  _globals['_AUDITSERVICE']._serialized_start=3625
+  _globals['_AUDITSERVICE']._serialized_end=3708
 # @@protoc_insertion_point(module_scope)

@@ -129,6 +129,10 @@ class Strategy(_message.Message):
     START_AT_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     PAUSE_AFTER_WAVES_FIELD_NUMBER: _builtins.int
+    CANARY_TRAFFIC_PERCENT_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    MIN_AGREEMENT_FIELD_NUMBER: _builtins.int
+    MAX_P99_RATIO_FIELD_NUMBER: _builtins.int
     max_failures: _builtins.str
     """Failure budget: "3" devices or "5%" of the targeted devices."""
     health_timeout_seconds: _builtins.int
@@ -147,6 +151,16 @@ class Strategy(_message.Message):
     """Devices may fetch and stage at any time but swap only inside this window, e.g.
     "Mon-Fri 01:00-04:00 Europe/Berlin" (edgectl.window). Empty: swap at once.
     """
+    canary_traffic_percent: _builtins.float
+    """On-device trial: each device runs the new artifact beside its current version, the candidate
+    answering canary_traffic_percent % of the requests, or (shadow) none, every request also
+    running on it. The soak gate then requires agreement >= min_agreement and
+    p99(candidate) <= max_p99_ratio x p99(current) (0 = not checked); a device that passes is
+    promoted (the candidate becomes its only active version), one that fails is rolled back.
+    """
+    shadow: _builtins.bool
+    min_agreement: _builtins.float
+    max_p99_ratio: _builtins.float
     @_builtins.property
     def waves(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Cumulative wave sizes, e.g. ["1", "10%", "50%", "100%"]."""
@@ -173,10 +187,14 @@ class Strategy(_message.Message):
         start_at: _timestamp_pb2.Timestamp | None = ...,
         window: _builtins.str = ...,
         pause_after_waves: _abc.Iterable[_builtins.int] | None = ...,
+        canary_traffic_percent: _builtins.float = ...,
+        shadow: _builtins.bool = ...,
+        min_agreement: _builtins.float = ...,
+        max_p99_ratio: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_at", b"start_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continuous", b"continuous", "health_timeout_seconds", b"health_timeout_seconds", "max_error_rate", b"max_error_rate", "max_failures", b"max_failures", "max_p99_ms", b"max_p99_ms", "offline_policy", b"offline_policy", "pause_after_waves", b"pause_after_waves", "soak_seconds", b"soak_seconds", "start_at", b"start_at", "waves", b"waves", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_traffic_percent", b"canary_traffic_percent", "continuous", b"continuous", "health_timeout_seconds", b"health_timeout_seconds", "max_error_rate", b"max_error_rate", "max_failures", b"max_failures", "max_p99_ms", b"max_p99_ms", "max_p99_ratio", b"max_p99_ratio", "min_agreement", b"min_agreement", "offline_policy", b"offline_policy", "pause_after_waves", b"pause_after_waves", "shadow", b"shadow", "soak_seconds", b"soak_seconds", "start_at", b"start_at", "waves", b"waves", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

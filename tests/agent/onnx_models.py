@@ -25,8 +25,10 @@ def mlp_model(
     seeds: Sequence[int] | None = None,
     *,
     batch: bool = True,
+    negate: bool = False,
 ) -> Path:
-    """Write an MLP ``dims[0] -> ... -> dims[-1]`` (Relu between layers) to ``path``."""
+    """Write an MLP ``dims[0] -> ... -> dims[-1]`` (Relu between layers) to ``path``; ``negate``
+    flips the sign of its outputs (a classifier whose top-1 is almost always wrong)."""
     seeds = list(seeds) if seeds is not None else list(range(len(dims) - 1))
     nodes, inits = [], []
     prev = "x"
@@ -38,7 +40,10 @@ def mlp_model(
         last = i == len(dims) - 2
         mm, out = f"mm{i}", "y" if last else f"h{i}"
         nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [mm]))
-        if last:
+        if last and negate:
+            nodes.append(helper.make_node("Add", [mm, f"b{i}"], ["pos"]))
+            nodes.append(helper.make_node("Neg", ["pos"], [out]))
+        elif last:
             nodes.append(helper.make_node("Add", [mm, f"b{i}"], [out]))
         else:
             nodes.append(helper.make_node("Add", [mm, f"b{i}"], [f"a{i}"]))
@@ -99,9 +104,10 @@ def mlp_artifact(
     target_profile: str = "x86-cpu-avx2",
     parent_version: int | None = None,
     input_summary: DriftSummary | None = None,
+    negate: bool = False,
 ) -> Artifact:
     """Build and sign an artifact around an MLP; ``golden_outputs`` overrides the true outputs (bad model)."""
-    model = mlp_model(work / f"{name}-v{version}-{out_dir.name}.onnx", dims, seeds)
+    model = mlp_model(work / f"{name}-v{version}-{out_dir.name}.onnx", dims, seeds, negate=negate)
     x = np.random.default_rng(100).standard_normal((2, dims[0])).astype(np.float32)
     outputs = golden_outputs if golden_outputs is not None else run_direct(model, {"x": x})
     return build_artifact(
