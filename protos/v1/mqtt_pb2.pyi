@@ -40,6 +40,8 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_FAILED: _EventKind.ValueType  # 8
     EVENT_KIND_HEARTBEAT: _EventKind.ValueType  # 9
     EVENT_KIND_BURST: _EventKind.ValueType  # 10
+    EVENT_KIND_DRIFT: _EventKind.ValueType  # 20
+    """A model's drift score crossed the agent's threshold (raised once; re-armed below half of it)."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -54,6 +56,8 @@ EVENT_KIND_REFUSED: EventKind.ValueType  # 7
 EVENT_KIND_FAILED: EventKind.ValueType  # 8
 EVENT_KIND_HEARTBEAT: EventKind.ValueType  # 9
 EVENT_KIND_BURST: EventKind.ValueType  # 10
+EVENT_KIND_DRIFT: EventKind.ValueType  # 20
+"""A model's drift score crossed the agent's threshold (raised once; re-armed below half of it)."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -284,6 +288,9 @@ class ActiveModel(_message.Message):
     FAILED_DIGEST_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     STAGED_DIGEST_FIELD_NUMBER: _builtins.int
+    DRIFT_SCORE_FIELD_NUMBER: _builtins.int
+    DRIFT_REQUESTS_FIELD_NUMBER: _builtins.int
+    DRIFT_FEATURE_FIELD_NUMBER: _builtins.int
     TRIAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     digest: _builtins.str
@@ -297,6 +304,13 @@ class ActiveModel(_message.Message):
     failure_reason: _builtins.str
     staged_digest: _builtins.str
     """Fetched, verified and staged, waiting for the desired model's maintenance window to swap."""
+    drift_score: _builtins.float
+    """Input drift of the active version against its artifact's calibration summary: PSI of the
+    worst feature over the agent's rolling window, the requests that window holds (0: no score
+    yet, or an artifact without a summary) and which feature it was. Older agents leave them unset.
+    """
+    drift_requests: _builtins.int
+    drift_feature: _builtins.str
     @_builtins.property
     def trial(self) -> Global___TrialStats:
         """Set while this digest is on trial beside the previous version (older agents never set it)."""
@@ -313,11 +327,14 @@ class ActiveModel(_message.Message):
         failed_digest: _builtins.str = ...,
         failure_reason: _builtins.str = ...,
         staged_digest: _builtins.str = ...,
+        drift_score: _builtins.float = ...,
+        drift_requests: _builtins.int = ...,
+        drift_feature: _builtins.str = ...,
         trial: Global___TrialStats | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["trial", b"trial"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "staged_digest", b"staged_digest", "trial", b"trial", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "drift_feature", b"drift_feature", "drift_requests", b"drift_requests", "drift_score", b"drift_score", "execution_provider", b"execution_provider", "failed_digest", b"failed_digest", "failure_reason", b"failure_reason", "name", b"name", "previous_digest", b"previous_digest", "smoke_test_passed", b"smoke_test_passed", "staged_digest", b"staged_digest", "trial", b"trial", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,11 +439,20 @@ class ServingStats(_message.Message):
     P99_MS_FIELD_NUMBER: _builtins.int
     BURST_SHARE_FIELD_NUMBER: _builtins.int
     WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    BURST_COST_FIELD_NUMBER: _builtins.int
+    BURST_BUDGET_FIELD_NUMBER: _builtins.int
+    BURST_HELD_BACK_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     error_rate: _builtins.float
     p99_ms: _builtins.float
     burst_share: _builtins.float
     window_seconds: _builtins.int
+    burst_cost: _builtins.float
+    """Burst cost in the current budget period (agent --burst-price-*), the budget (0: none), and the
+    requests kept local or refused this period because it was spent. Older agents leave them unset.
+    """
+    burst_budget: _builtins.float
+    burst_held_back: _builtins.int
     def __init__(
         self,
         *,
@@ -435,10 +461,13 @@ class ServingStats(_message.Message):
         p99_ms: _builtins.float = ...,
         burst_share: _builtins.float = ...,
         window_seconds: _builtins.int = ...,
+        burst_cost: _builtins.float = ...,
+        burst_budget: _builtins.float = ...,
+        burst_held_back: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_budget", b"burst_budget", "burst_cost", b"burst_cost", "burst_held_back", b"burst_held_back", "burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
