@@ -10,6 +10,7 @@ One job per module (a test keeps this list complete):
 - ``mqtt_link``: the MQTT v5 link: persistent session, Last Will, thin callbacks into queues.
 - ``log_ring``: recent log lines in a bounded ring, secrets redacted, for `edgectl devices logs`.
 - ``reconcile``: the loop desired -> fetch -> verify -> stage -> load -> smoke test -> swap -> report.
+- ``report``: what the agent tells the control plane: its reported state and its events.
 - ``staging``: swaps that wait for a maintenance window: staged on disk, swapped when it opens.
 - ``orders``: the check of every desired state: signed by a trusted fleet key, for this device,
   unexpired and newer than the last accepted; fleet-key rotation.

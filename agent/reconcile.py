@@ -19,27 +19,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
-import edgectl
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
-from edgectl.agent.canary import Trials, fill_trial, on_trial
+from edgectl.agent.canary import Trials, on_trial
 from edgectl.agent.engines import choose_engine
 from edgectl.agent.errors import AgentError, FetchError, RefusedError
 from edgectl.agent.fetch import ArtifactFetcher
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.orders import AcceptedOrder, FleetTrust
+from edgectl.agent.report import Reporter, StateReports
 from edgectl.agent.runtime import SessionSettings
-from edgectl.agent.serving import ModelRegistry, ServedModel
+from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.staging import Staged, SwapWindows
 from edgectl.agent.state import AgentState, Installed, ModelSlot, StateStore
 from edgectl.agent.verify import DeviceFit, check_fit, check_identity, check_rollback, verify_signed
 from edgectl.artifact import ArtifactError
 from edgectl.backoff import Backoff
 from edgectl.devices import HostFacts
-from edgectl.protos.v1 import fleet_pb2 as fpb
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 
 log = logging.getLogger(__name__)
@@ -55,14 +51,6 @@ def crashpoint(name: str) -> None:
     """SIGKILL this process at ``name`` when the environment asks for it (tests only)."""
     if os.environ.get(CRASHPOINT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class Reporter(Protocol):
-    """Where reported state and events go (the MQTT link, or nowhere when serving only)."""
-
-    def report(self, state: mpb.ReportedState) -> None: ...
-
-    def event(self, event: mpb.DeviceEvent) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,6 +95,8 @@ class Reconciler:
         self.registry = registry
         self.metrics = metrics
         self.reporter = reporter
+        self.reports = StateReports(settings.device_id, settings.fit.profile.name, settings.labels,
+                                    settings.drift_threshold, metrics, registry, reporter)  # fmt: skip
         self.fleet_trust = fleet_trust
         self.state: AgentState = store.load()
         self.desired: mpb.DesiredState | None = None
@@ -373,63 +363,9 @@ class Reconciler:
 
     # -- reporting ----------------------------------------------------------------------------
     def build_report(self) -> mpb.ReportedState:
-        stats = self.metrics.stats()
-        now = Timestamp()
-        now.GetCurrentTime()
-        rs = mpb.ReportedState(
-            device_id=self.settings.device_id,
-            observed_generation=self.state.observed_generation,
-            agent_version=edgectl.__version__,
-            profile=self.settings.fit.profile.name,
-            labels=self.settings.labels,
-            last_error=self.order_refusal or self._order_expiry() or self.last_error,
-            reported_at=now,
-            stats=mpb.ServingStats(
-                requests=stats.requests,
-                error_rate=stats.error_rate,
-                p99_ms=stats.p99_ms,
-                burst_share=stats.burst_share,
-                window_seconds=stats.window_s,
-            ),
-        )
-        budget = self.metrics.budget()
-        if budget is not None:
-            rs.stats.burst_cost, rs.stats.burst_held_back = budget.cost, budget.held_back
-            rs.stats.burst_budget = budget.budget or 0.0
-        failing = False
-        for name, slot in sorted(self.state.models.items()):
-            served = self.registry.get(name)
-            rs.models.add(
-                name=name,
-                digest=slot.active.digest if slot.active else "",
-                version=slot.active.version if slot.active else 0,
-                smoke_test_passed=slot.smoke_test_passed and served is not None,
-                previous_digest=slot.previous.digest if slot.previous else "",
-                execution_provider=served.model.provider if served else "",
-                failed_digest=slot.failed_digest,
-                failure_reason=slot.failure_reason,
-                staged_digest=self.swaps.waiting_digest(name),
-            )
-            report = self.trials.report(name) if self.trials is not None else None
-            if report is not None:
-                fill_trial(rs.models[-1].trial, report)
-            failing |= bool(slot.failed_digest) or (slot.active is not None and served is None)
-            self._report_drift(rs.models[-1], served)
-        failing |= bool(rs.last_error)
-        rs.health = fpb.DEVICE_HEALTH_DEGRADED if failing else fpb.DEVICE_HEALTH_OK
-        return rs
-
-    def _report_drift(self, active: mpb.ActiveModel, served: ServedModel | None) -> None:
-        """Fill the model's drift fields, and raise a DRIFT event when its score crosses the threshold."""
-        if served is None or served.drift is None:
-            return
-        score, threshold = served.drift.score(), self.settings.drift_threshold
-        if score is not None:
-            active.drift_score, active.drift_requests, active.drift_feature = score.score, score.requests, score.feature  # fmt: skip
-        if score is not None and served.drift.alarm(threshold) is not None:
-            self._event(
-                Kind.EVENT_KIND_DRIFT, served.model.digest, score.describe(served.model.name, threshold)
-            )
+        """What this device runs now, as the control plane reads it."""
+        last_error = self.order_refusal or self._order_expiry() or self.last_error
+        return self.reports.build(self.state, self.swaps, self.trials, last_error)
 
     def _order_expiry(self) -> str:
         """A freeze shows: the order followed has expired and no fresh one came (control plane gone,
@@ -447,16 +383,4 @@ class Reconciler:
     def _event(
         self, kind: mpb.EventKind.ValueType, digest: str, message: str, done: int = 0, total: int = 0
     ) -> None:
-        now = Timestamp()
-        now.GetCurrentTime()
-        self.reporter.event(
-            mpb.DeviceEvent(
-                device_id=self.settings.device_id,
-                kind=kind,
-                digest=digest,
-                message=message,
-                at=now,
-                bytes_done=done,
-                bytes_total=total,
-            )
-        )
+        self.reports.event(kind, digest, message, done, total)
