@@ -14,14 +14,15 @@ import sys
 import tarfile
 from pathlib import Path
 
-from edgectl.client import ControlPlaneClient, resolve_credentials
+from edgectl.client import ControlPlaneClient, push_artifact, resolve_credentials
 from edgectl.control_plane.security import TOKEN_KEY_FILE
 from edgectl.endpoints import Endpoints
 from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.protos.v1 import fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.tokens import Role, TokenIssuer
-from tests.harness.upfleet import edgectl, enroll_rogue, fleet_env, up_fleet
+from tests.agent.onnx_models import mlp_artifact
+from tests.harness.upfleet import edgectl, enroll_rogue, fleet_env, start_rollout, up_fleet, wait_rollout
 
 SECRET_TOKEN = "edgectl.c2VjcmV0Y2xhaW1z.c2lnbmF0dXJlc2ln"
 ANY_TOKEN = re.compile(r"edgectl\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
@@ -38,9 +39,16 @@ def _members(path: Path) -> dict[str, str]:
 
 
 def test_devices_bundle_admin_only_redacted_offline_is_an_error(tmp_path: Path) -> None:
-    with up_fleet(tmp_path, agents=1) as (data, _key):
+    with up_fleet(tmp_path, agents=1) as (data, key):
         env = fleet_env(tmp_path, data)
         endpoints = Endpoints.read(data)
+        art = mlp_artifact(tmp_path / "art", tmp_path / "models", key, version=1)
+        with ControlPlaneClient(
+            endpoints.control_plane, credentials=resolve_credentials(data_dir=data)
+        ) as client:
+            digest = push_artifact(client, art.root).artifact.ref.digest
+            done = wait_rollout(client, start_rollout(client, digest, {"tier": "edge"}))
+            assert done.state == RP.ROLLOUT_STATE_SUCCEEDED, done
         out = tmp_path / "b" / "edge-1.tar.gz"
         got = edgectl("devices", "bundle", "edge-1", "--out", str(out), env=env, timeout=90)
         assert got.returncode == 0, got.stderr
@@ -56,6 +64,8 @@ def test_devices_bundle_admin_only_redacted_offline_is_an_error(tmp_path: Path) 
         assert not [k for k in config if re.search("token|key|passw|credential", k)], sorted(config)
         assert agent["versions"]["agent"] and agent["versions"]["python"] and agent["versions"]["onnxruntime"]
         assert agent["versions"]["os"]
+        served = {(m["name"], m["version"], m["digest"], m["active"]) for m in agent["versions"]["models"]}
+        assert ("mlp", 1, digest, True) in served, agent["versions"]
         assert agent["doctor"]["mqtt"]["reachable"] is True and agent["doctor"]["cpu"]["arch"]
         assert "connected to" in files["logs.txt"]
         for text in files.values():
