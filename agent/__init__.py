@@ -9,6 +9,7 @@ One job per module (a test keeps this list complete):
 - ``enroll``: trades a one-time token and a CSR for this device's credentials, kept 0600.
 - ``mqtt_link``: the MQTT v5 link: persistent session, Last Will, thin callbacks into queues.
 - ``log_ring``: recent log lines in a bounded ring, secrets redacted, for `edgectl devices logs`.
+- ``diagnostics``: the agent's half of `edgectl devices bundle`: config without secrets, versions, doctor.
 - ``reconcile``: the loop desired -> fetch -> verify -> stage -> load -> smoke test -> swap -> report.
 - ``report``: what the agent tells the control plane: its reported state and its events.
 - ``staging``: swaps that wait for a maintenance window: staged on disk, swapped when it opens.

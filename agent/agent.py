@@ -7,6 +7,7 @@ in the background, and losing either never touches what is served.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -24,6 +25,7 @@ from edgectl.agent.burst import BurstCost, BurstSettings
 from edgectl.agent.canary import Trials
 from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.config import AgentConfig, build_trust, read_credentials
+from edgectl.agent.diagnostics import bundle_json
 from edgectl.agent.enroll import device_tls, enroll
 from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
@@ -324,9 +326,27 @@ class Agent:
 
     def _answer_logs(self, request: mpb.LogRequest) -> None:
         """Send the recent lines the control plane asked for (only it may publish to our request topic)."""
-        if self.link is not None:
-            answer = self.log_ring.answer(request, self.config.device_id)
-            self.link.publish(self.link.topics.logs_response, answer)
+        if self.link is None:
+            return
+        if not request.bundle:
+            self.link.publish(
+                self.link.topics.logs_response, self.log_ring.answer(request, self.config.device_id)
+            )
+            return
+        # a bundle runs the doctor's checks: off paho's network thread, which must not block
+        threading.Thread(target=self._answer_bundle, args=(request,), name="bundle", daemon=True).start()
+
+    def _answer_bundle(self, request: mpb.LogRequest) -> None:
+        link = self.link
+        if link is None:
+            return
+        answer = self.log_ring.answer(request, self.config.device_id)
+        try:
+            answer.bundle_json = bundle_json(self.config, self.registry, link.connected.is_set())
+        except Exception:  # a bundle that cannot be built must not take the logs with it
+            log.exception("support bundle failed")
+            answer.bundle_json = json.dumps({"error": "the agent could not build its bundle; see logs.txt"})
+        link.publish(link.topics.logs_response, answer)
 
     def run_forever(self) -> None:
         """start(), then block until SIGINT/SIGTERM, then stop()."""

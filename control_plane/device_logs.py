@@ -8,6 +8,7 @@ answer there, and the answer must name that device. Answers are bounded and reda
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
@@ -16,12 +17,13 @@ from edgectl.control_plane.errors import InvalidArgument, Unavailable
 from edgectl.control_plane.fleet import Fleet
 from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode, parse_topic
 from edgectl.protos.v1 import fleet_pb2, mqtt_pb2
-from edgectl.redact import redact
+from edgectl.redact import redact, redact_settings
 
 DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 30.0
 MAX_LINES = 1000
 MAX_BYTES = 256 * 1024  # what one answer may carry to the caller, whatever the agent sent
+MAX_BUNDLE_BYTES = 96 * 1024  # a support bundle's JSON (config, versions, doctor), beside the lines
 MAX_PENDING = 64  # requests waiting for an answer at once, on this replica
 
 
@@ -57,9 +59,11 @@ class DeviceLogs:
         waiter.done.set()
 
     def fetch(
-        self, device_id: str, since_unix: float, max_lines: int, timeout_s: float
+        self, device_id: str, since_unix: float, max_lines: int, timeout_s: float, bundle: bool = False
     ) -> fleet_pb2.DeviceLogsResponse:
-        """The device's lines at or after ``since_unix`` (newest ``max_lines``); Unavailable if it does not answer."""
+        """The device's lines at or after ``since_unix`` (newest ``max_lines``); Unavailable if it does not answer.
+
+        ``bundle``: its support bundle too (``bundle_json``), checked, bounded and redacted here again."""
         if max_lines < 0 or since_unix < 0 or timeout_s < 0:
             raise InvalidArgument("since, max lines and timeout must not be negative")
         self.fleet.get(device_id)  # NotFound for a device that is not in the inventory
@@ -69,7 +73,8 @@ class DeviceLogs:
             )
         timeout = min(timeout_s or DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
         request = mqtt_pb2.LogRequest(request_id=uuid.uuid4().hex, since_unix=since_unix,
-                                      max_lines=min(max_lines or MAX_LINES, MAX_LINES), max_bytes=MAX_BYTES)  # fmt: skip
+                                      max_lines=min(max_lines or MAX_LINES, MAX_LINES), max_bytes=MAX_BYTES,
+                                      bundle=bundle)  # fmt: skip
         waiter = _Waiter(device_id)
         with self._lock:
             if len(self._waiting) >= MAX_PENDING:
@@ -85,7 +90,10 @@ class DeviceLogs:
         finally:
             with self._lock:
                 self._waiting.pop(request.request_id, None)
-        return self._bounded(waiter.answer, request.max_lines)
+        out = self._bounded(waiter.answer, request.max_lines)
+        if bundle:
+            out.bundle_json = _checked_bundle(device_id, waiter.answer.bundle_json)
+        return out
 
     @staticmethod
     def _bounded(answer: mqtt_pb2.LogResponse, max_lines: int) -> fleet_pb2.DeviceLogsResponse:
@@ -105,3 +113,23 @@ class DeviceLogs:
         out.truncated = out.truncated or len(lines) < len(answer.lines)
         out.lines.extend(reversed(kept))
         return out
+
+
+def _checked_bundle(device_id: str, text: str) -> str:
+    """The device's bundle as a JSON object, secrets dropped again: a device's word is not trusted."""
+    if not text:
+        raise Unavailable(
+            f"device {device_id} answered without a support bundle",
+            hint="its agent predates `devices bundle`: upgrade it, or use `edgectl devices logs`",
+        )
+    if len(text) > MAX_BUNDLE_BYTES:
+        return json.dumps(
+            {"error": f"the device's bundle was over {MAX_BUNDLE_BYTES} bytes and was left out"}
+        )
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        return json.dumps({"error": "the device's bundle was not a JSON object and was left out"})
+    return json.dumps(redact_settings(parsed), sort_keys=True)

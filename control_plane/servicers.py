@@ -184,7 +184,7 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         if self.device_logs is None:
             raise Unavailable("this control plane cannot reach devices for logs (no broker link)")
         return self.device_logs.fetch(request.device_id, request.since_unix, request.max_lines,
-                                      request.timeout_seconds)  # fmt: skip
+                                      request.timeout_seconds, bundle=request.bundle)  # fmt: skip
 
     def Enroll(self, request: fleet_pb2.EnrollRequest, context: Any) -> Any:
         """Public: a peer that failed too often is held off before any work (and any audit row)."""

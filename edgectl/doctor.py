@@ -169,8 +169,10 @@ def _mqtt_handshake(
     return BrokerCheck(url, True, "MQTT v5 CONNECT accepted (CONNACK success)", ms)
 
 
-def run_doctor(broker_url: str | None) -> DoctorReport:
-    """Gather every check; ``broker_url`` defaults to $EDGECTL_MQTT, else mqtt://127.0.0.1:1883."""
+def run_doctor(broker_url: str | None, broker: BrokerCheck | None = None) -> DoctorReport:
+    """Gather every check; ``broker_url`` defaults to $EDGECTL_MQTT, else mqtt://127.0.0.1:1883.
+
+    ``broker``: the broker's state as the caller already knows it (a running agent), instead of a connect."""
     url = broker_url or os.environ.get("EDGECTL_MQTT") or DEFAULT_MQTT_URL
     facts = gather_facts()
     try:
@@ -188,5 +190,5 @@ def run_doctor(broker_url: str | None) -> DoctorReport:
         profile_reason=reason,
         cpu_int8_features=facts.int8_features(),
         torch=_package("torch", "only compress needs it: pip install 'edgectl[compress]'"),
-        mqtt=check_broker(url),
+        mqtt=broker if broker is not None else check_broker(url),
     )

@@ -43,7 +43,7 @@ from edgectl.protos.v1 import common_pb2, fleet_pb2, rollouts_pb2
 
 # -- devices -------------------------------------------------------------------------------------
 
-app = typer.Typer(help="The fleet's devices: ls, get, describe, enroll, label, rm.")
+app = typer.Typer(help="The fleet's devices: ls, get, describe, enroll, label, rm, logs, bundle.")
 
 
 def _selector_request(selector: str | None) -> fleet_pb2.ListDevicesRequest:
@@ -148,17 +148,36 @@ def devices_describe(
     Example: edgectl devices describe cam-07
     """
     with connect(server, token, ca) as client:
-        device = client.call(client.fleet.GetDevice, fleet_pb2.GetDeviceRequest(id=device_id))
-        recent = client.list_all(
-            client.rollouts.List, rollouts_pb2.ListRolloutsRequest(), "rollouts", limit=rollouts
-        )
-        audit = [
-            e
-            for e in client.list_all(
-                client.audit.List, rollouts_pb2.ListAuditRequest(), "entries", limit=1000
-            )
-            if e.target == device_id
-        ]
+        device, data = describe_data(client, device_id, rollouts)
+    moves, audit = data["rollouts"], data["audit"]
+    fmt = output_format(output, json_out)
+    if fmt in (Output.JSON, Output.YAML):
+        show(fmt, data, lambda wide: Table())
+        return
+    console.print(_devices_table([device], wide=True))
+    table = Table("rollout", "artifact", "state here", "reason", "updated", title="recent rollouts")
+    for row in moves:
+        table.add_row(row["id"], row["artifact"], row["state"], row["reason"], row["updated_at"])
+    console.print(table)
+    trail = Table("when", "who", "action", "outcome", title="audit trail")
+    for e in audit:
+        actor = e.get("actor", {}).get("identity", "")
+        trail.add_row(e.get("at", ""), actor, e.get("action", "").rsplit("/", 1)[-1], e.get("outcome", ""))
+    console.print(trail)
+
+
+def describe_data(client: Any, device_id: str, rollouts: int) -> tuple[fleet_pb2.Device, dict[str, Any]]:
+    """What `devices describe` shows: the device, and as JSON-ready data it, its recent rollouts and
+    the audit trail naming it (`devices bundle` writes the same as device.json)."""
+    device = client.call(client.fleet.GetDevice, fleet_pb2.GetDeviceRequest(id=device_id))
+    recent = client.list_all(
+        client.rollouts.List, rollouts_pb2.ListRolloutsRequest(), "rollouts", limit=rollouts
+    )
+    audit = [
+        e
+        for e in client.list_all(client.audit.List, rollouts_pb2.ListAuditRequest(), "entries", limit=1000)
+        if e.target == device_id
+    ]
     history = [(r, d) for r in recent for w in r.waves for d in w.devices if d.device_id == device_id]
     moves = [
         {"id": r.id, "artifact": f"{r.artifact.name}:{r.artifact.version}",
@@ -171,19 +190,7 @@ def devices_describe(
         "rollouts": moves,
         "audit": [message_to_dict(e) for e in audit],
     }
-    fmt = output_format(output, json_out)
-    if fmt in (Output.JSON, Output.YAML):
-        show(fmt, data, lambda wide: Table())
-        return
-    console.print(_devices_table([device], wide=True))
-    table = Table("rollout", "artifact", "state here", "reason", "updated", title="recent rollouts")
-    for row in moves:
-        table.add_row(row["id"], row["artifact"], row["state"], row["reason"], row["updated_at"])
-    console.print(table)
-    trail = Table("when", "who", "action", "outcome", title="audit trail")
-    for e in audit:
-        trail.add_row(e.at.ToJsonString(), e.actor.identity, e.action.rsplit("/", 1)[-1], e.outcome)
-    console.print(trail)
+    return device, data
 
 
 @app.command("enroll")
@@ -295,3 +302,23 @@ def devices_logs(
     if output == Output.YAML:
         raise UsageError("devices logs prints text or JSON lines", hint="use -o json")
     print_device_logs(device_id, since, follow, lines, as_json or output == Output.JSON, server, token, ca)
+
+
+@app.command("bundle")
+def devices_bundle(
+    device_id: str = typer.Argument(..., help="the device's id"),
+    out: Path | None = typer.Option(
+        None, "--out", help="the .tar.gz to write (default: bundle-ID-TIMESTAMP.tar.gz here)"
+    ),
+    server: str | None = ServerOpt,
+    token: str | None = TokenOpt,
+    ca: Path | None = CaOpt,
+) -> None:
+    """Write a support bundle for one device: device.json (what `devices describe` knows), agent.json
+    (its config without secrets, versions, doctor report) and logs.txt (admin token; audited).
+
+    Example: edgectl devices bundle cam-07 --out cam-07.tar.gz
+    """
+    from edgectl.cli.device_bundle import write_bundle
+
+    write_bundle(device_id, out, server, token, ca)

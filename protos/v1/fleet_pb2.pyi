@@ -532,6 +532,7 @@ class DeviceLogsRequest(_message.Message):
     SINCE_UNIX_FIELD_NUMBER: _builtins.int
     MAX_LINES_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     since_unix: _builtins.float
     """Lines at or after this Unix time (0: every line the agent still keeps)."""
@@ -539,6 +540,8 @@ class DeviceLogsRequest(_message.Message):
     """At most this many of the newest lines (0: the server's cap)."""
     timeout_seconds: _builtins.float
     """Seconds to wait for the agent's answer (0: the server's default)."""
+    bundle: _builtins.bool
+    """Also the agent's support bundle (config without secrets, versions, doctor), as bundle_json."""
     def __init__(
         self,
         *,
@@ -546,10 +549,11 @@ class DeviceLogsRequest(_message.Message):
         since_unix: _builtins.float = ...,
         max_lines: _builtins.int = ...,
         timeout_seconds: _builtins.float = ...,
+        bundle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "max_lines", b"max_lines", "since_unix", b"since_unix", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "device_id", b"device_id", "max_lines", b"max_lines", "since_unix", b"since_unix", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,8 +565,11 @@ class DeviceLogsResponse(_message.Message):
 
     LINES_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     truncated: _builtins.bool
     """True when older matching lines were left out to stay within the size bounds."""
+    bundle_json: _builtins.str
+    """With DeviceLogsRequest.bundle: one JSON object, bounded and redacted by the control plane too."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogLine]: ...
     def __init__(
@@ -570,10 +577,11 @@ class DeviceLogsResponse(_message.Message):
         *,
         lines: _abc.Iterable[Global___LogLine] | None = ...,
         truncated: _builtins.bool = ...,
+        bundle_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_json", b"bundle_json", "lines", b"lines", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

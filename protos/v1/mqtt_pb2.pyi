@@ -628,10 +628,13 @@ class LogRequest(_message.Message):
     SINCE_UNIX_FIELD_NUMBER: _builtins.int
     MAX_LINES_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     since_unix: _builtins.float
     max_lines: _builtins.int
     max_bytes: _builtins.int
+    bundle: _builtins.bool
+    """Also a support bundle (`edgectl devices bundle`): config without secrets, versions, doctor."""
     def __init__(
         self,
         *,
@@ -639,10 +642,11 @@ class LogRequest(_message.Message):
         since_unix: _builtins.float = ...,
         max_lines: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
+        bundle: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "max_lines", b"max_lines", "request_id", b"request_id", "since_unix", b"since_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "max_bytes", b"max_bytes", "max_lines", b"max_lines", "request_id", b"request_id", "since_unix", b"since_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,9 +662,12 @@ class LogResponse(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     device_id: _builtins.str
     truncated: _builtins.bool
+    bundle_json: _builtins.str
+    """When the request asked for a bundle: one JSON object (config without secrets, versions, doctor)."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.LogLine]: ...
     def __init__(
@@ -670,10 +677,11 @@ class LogResponse(_message.Message):
         device_id: _builtins.str = ...,
         lines: _abc.Iterable[_fleet_pb2.LogLine] | None = ...,
         truncated: _builtins.bool = ...,
+        bundle_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "lines", b"lines", "request_id", b"request_id", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_json", b"bundle_json", "device_id", b"device_id", "lines", b"lines", "request_id", b"request_id", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
