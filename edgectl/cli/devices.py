@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import typer
 from rich.table import Table
 
@@ -36,6 +37,7 @@ from edgectl.cli.remote import (
     enum_name,
     message_to_dict,
 )
+from edgectl.client import RemoteError
 from edgectl.control_plane.strategy import parse_duration
 from edgectl.errors import UsageError
 from edgectl.labels import format_labels, parse_labels, parse_selector
@@ -159,6 +161,9 @@ def devices_describe(
     for row in moves:
         table.add_row(row["id"], row["artifact"], row["state"], row["reason"], row["updated_at"])
     console.print(table)
+    if audit is None:
+        console.print("audit trail: not shown (reading the audit log needs the admin role)")
+        return
     trail = Table("when", "who", "action", "outcome", title="audit trail")
     for e in audit:
         actor = e.get("actor", {}).get("identity", "")
@@ -173,11 +178,13 @@ def describe_data(client: Any, device_id: str, rollouts: int) -> tuple[fleet_pb2
     recent = client.list_all(
         client.rollouts.List, rollouts_pb2.ListRolloutsRequest(), "rollouts", limit=rollouts
     )
-    audit = [
-        e
-        for e in client.list_all(client.audit.List, rollouts_pb2.ListAuditRequest(), "entries", limit=1000)
-        if e.target == device_id
-    ]
+    try:
+        entries = client.list_all(client.audit.List, rollouts_pb2.ListAuditRequest(), "entries", limit=1000)
+        audit: list[Any] | None = [e for e in entries if e.target == device_id]
+    except RemoteError as exc:
+        if exc.code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            raise
+        audit = None  # the audit log is an admin's to read: a viewer still gets the rest
     history = [(r, d) for r in recent for w in r.waves for d in w.devices if d.device_id == device_id]
     moves = [
         {"id": r.id, "artifact": f"{r.artifact.name}:{r.artifact.version}",
@@ -188,7 +195,7 @@ def describe_data(client: Any, device_id: str, rollouts: int) -> tuple[fleet_pb2
     data = {
         "device": message_to_dict(device),
         "rollouts": moves,
-        "audit": [message_to_dict(e) for e in audit],
+        "audit": [message_to_dict(e) for e in audit] if audit is not None else None,
     }
     return device, data
 

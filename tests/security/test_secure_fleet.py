@@ -23,6 +23,7 @@ from edgectl.agent.enroll import make_key_and_csr
 from edgectl.artifact import SigningKey, TrustStore
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
+from edgectl.control_plane.fleet import Status
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.errors import EdgectlError
 from edgectl.mqtt.wire import DeviceTopics, agent_client_id, encode
@@ -176,6 +177,16 @@ def test_token_command_and_cli_credentials(fleet: SecuredFleet, monkeypatch: pyt
     base = ["rollout", "ls", "--server", fleet.cp.address, "--ca", str(fleet.layout.ca_cert), "--json"]
     listed = runner.invoke(APP, base, env={"EDGECTL_TOKEN": token})
     assert listed.exit_code == 0 and json.loads(listed.stdout) == [] and token not in listed.output
+    # A viewer describes a device without the audit trail, which is an admin's to read.
+    fleet.cp.fleet.apply([Status("bob-cam", True, time.time())])
+    described = runner.invoke(
+        APP, ["devices", "describe", "bob-cam", *base[2:-1], "-o", "json"], env={"EDGECTL_TOKEN": token}
+    )
+    assert described.exit_code == 0, described.output
+    assert (
+        json.loads(described.stdout)["device"]["id"] == "bob-cam"
+        and json.loads(described.stdout)["audit"] is None
+    )
     refused = runner.invoke(APP, base).exception
     assert isinstance(refused, EdgectlError) and refused.exit_code == 8
     assert "control-plane token" in str(refused.hint)
