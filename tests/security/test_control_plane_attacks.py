@@ -20,24 +20,18 @@ import grpc
 import pytest
 
 from edgectl.agent.enroll import make_key_and_csr
-from edgectl.artifact import SigningKey, TrustStore
-from edgectl.broker import MosquittoProcess
 from edgectl.client import push_artifact
 from edgectl.control_plane.revocations import TokenRevocations
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.mqtt.wire import DeviceTopics, decode, encode
-from edgectl.ports import free_port
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import artifacts_pb2_grpc, common_pb2, fleet_pb2, rollouts_pb2_grpc
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.protos.v1.mqtt_pb2 import ChunkData, ChunkRequest
-from edgectl.security.broker_files import write_broker_files
 from edgectl.security.errors import TokenError
 from edgectl.security.tokens import MAX_TOKEN_TTL_S, PREFIX, Role
 from tests.agent.onnx_models import mlp_artifact
-from tests.conftest import require_mosquitto
 from tests.harness.mqtt import MqttTestClient
-from tests.security.test_secure_fleet import SecuredFleet
+from tests.security.conftest import SecuredFleet, secured_fleet
 
 ENROLL_BURST = 4
 ENROLL_REFILL_S = 1.0
@@ -45,26 +39,10 @@ ENROLL_REFILL_S = 1.0
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredFleet]:
-    binary = require_mosquitto()
     work = tmp_path_factory.mktemp("attacks")
-    layout = write_broker_files(work / "fleet", hostnames=["localhost", "127.0.0.1"], host="127.0.0.1",
-                                port=free_port())  # fmt: skip
-    broker = MosquittoProcess(layout.broker_config(), binary=binary)
-    broker.start()
-    key = SigningKey.generate()
-    config = ControlPlaneConfig(
-        listen="127.0.0.1:0", device_listen="127.0.0.1:0", security_dir=layout.directory,
-        state_url=f"sqlite:///{work}/cp.db", blobs=str(work / "blobs"), tick_seconds=0.1, leader_interval=0.2,
-        enroll_failure_burst=ENROLL_BURST, enroll_failure_refill_s=ENROLL_REFILL_S,
-    )  # fmt: skip
-    cp = ControlPlane(config, trust=TrustStore([key.public_key]))
-    cp.start()
-    try:
-        assert cp.election.leading.wait(10) and cp.bus.wait_connected(10)
-        yield SecuredFleet(layout, broker, cp, key, work)
-    finally:
-        cp.stop(grace=0)
-        broker.kill()
+    overrides = {"enroll_failure_burst": ENROLL_BURST, "enroll_failure_refill_s": ENROLL_REFILL_S}
+    with secured_fleet(work, **overrides) as fleet:
+        yield fleet
 
 
 @pytest.fixture(scope="module")

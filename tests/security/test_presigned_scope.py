@@ -17,19 +17,15 @@ from typing import Any
 import grpc
 import pytest
 
-from edgectl.artifact import Manifest, SigningKey, TrustStore, all_chunk_digests, sha256_digest
-from edgectl.broker import MosquittoProcess
+from edgectl.artifact import Manifest, all_chunk_digests, sha256_digest
 from edgectl.client import push_artifact
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
-from edgectl.ports import free_port
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import artifacts_pb2_grpc, common_pb2, fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
-from edgectl.security.broker_files import write_broker_files
 from edgectl.security.tokens import Role
 from tests.agent.onnx_models import mlp_artifact
-from tests.conftest import S3Endpoint, require_mosquitto
-from tests.security.test_secure_fleet import SecuredFleet
+from tests.conftest import S3Endpoint
+from tests.security.conftest import SecuredFleet, secured_fleet
 
 
 @pytest.fixture
@@ -43,25 +39,8 @@ def fleet(tmp_path: Path, moto_s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setenv(name, value)  # fmt: skip
     bucket = f"scope-{uuid.uuid4().hex[:12]}"
     moto_s3.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
-    binary = require_mosquitto()
-    layout = write_broker_files(tmp_path / "fleet", hostnames=["localhost", "127.0.0.1"], host="127.0.0.1",
-                                port=free_port())  # fmt: skip
-    broker = MosquittoProcess(layout.broker_config(), binary=binary)
-    broker.start()
-    key = SigningKey.generate()
-    config = ControlPlaneConfig(
-        listen="127.0.0.1:0", device_listen="127.0.0.1:0", security_dir=layout.directory,
-        state_url=f"sqlite:///{tmp_path}/cp.db", blobs=f"s3://{bucket}/fleet", tick_seconds=0.1,
-        leader_interval=0.2, blob_url_ttl_s=60,
-    )  # fmt: skip
-    cp = ControlPlane(config, trust=TrustStore([key.public_key]))
-    cp.start()
-    try:
-        assert cp.election.leading.wait(10) and cp.bus.wait_connected(10)
-        yield SecuredFleet(layout, broker, cp, key, tmp_path)
-    finally:
-        cp.stop(grace=0)
-        broker.kill()
+    with secured_fleet(tmp_path, blobs=f"s3://{bucket}/fleet", blob_url_ttl_s=60) as fleet:
+        yield fleet
 
 
 def _code(fn: Any) -> tuple[grpc.StatusCode, str]:

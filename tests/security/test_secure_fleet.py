@@ -11,7 +11,6 @@ import stat
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,94 +19,28 @@ import pytest
 from typer.testing import CliRunner
 
 from edgectl.agent.enroll import make_key_and_csr
-from edgectl.artifact import SigningKey, TrustStore
-from edgectl.broker import MosquittoProcess
+from edgectl.artifact import TrustStore
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
 from edgectl.control_plane.fleet import Status
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.errors import EdgectlError
-from edgectl.mqtt.wire import DeviceTopics, agent_client_id, encode
-from edgectl.ports import free_port
+from edgectl.mqtt.wire import DeviceTopics, encode
 from edgectl.protos.v1 import artifacts_pb2 as AP
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
-from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.pki import FleetCA, certificate_identity
 from edgectl.security.tokens import Role, TokenIssuer
 from tests.agent.onnx_models import mlp_artifact
-from tests.conftest import require_mosquitto
 from tests.control_plane.sim_device import wait_for
-from tests.harness.mqtt import MqttTestClient
+from tests.security.conftest import SecuredFleet, secured_fleet
 
 NOT_AUTHORIZED = 0x87
 
 
-@dataclass
-class SecuredFleet:
-    layout: BrokerLayout
-    broker: MosquittoProcess
-    cp: ControlPlane
-    key: SigningKey
-    work: Path
-
-    @property
-    def ca_pem(self) -> bytes:
-        return self.layout.ca_cert.read_bytes()
-
-    def token(self, role: Role, subject: str = "tester", **kw: Any) -> str:
-        assert self.cp.security is not None
-        return self.cp.security.issuer.issue(subject, role, **kw)
-
-    def client(self, token: str | None = None) -> ControlPlaneClient:
-        return ControlPlaneClient(self.cp.address, 20, ClientCredentials(token=token, ca_pem=self.ca_pem))
-
-    def device_channel(self, cert_pem: bytes, key_pem: bytes) -> grpc.Channel:
-        creds = ClientCredentials(ca_pem=self.ca_pem, client_cert_pem=cert_pem, client_key_pem=key_pem)
-        return grpc.secure_channel(self.cp.device_address, creds.channel_credentials())
-
-    def mqtt(self, username: str, password: str) -> MqttTestClient:
-        # A device's broker login is pinned to its agent's client id.
-        return MqttTestClient("127.0.0.1", self.layout.port, agent_client_id(username), username=username,
-                              password=password, tls_ca=str(self.layout.ca_cert))  # fmt: skip
-
-    def enroll(self, device_id: str) -> tuple[fleet_pb2.DeviceCredentials, bytes]:
-        """Enroll like an agent does (own key, CSR, TLS without a token); returns (creds, key)."""
-        with self.client(self.token(Role.ADMIN, "admin")) as admin:
-            token = admin.fleet.CreateEnrollmentToken(
-                fleet_pb2.CreateEnrollmentTokenRequest(device_id=device_id)
-            )
-        key_pem, csr_pem = make_key_and_csr(device_id)
-        with self.client() as anonymous:
-            creds = anonymous.fleet.Enroll(
-                fleet_pb2.EnrollRequest(device_id=device_id, token=token.token, csr_pem=csr_pem), timeout=20
-            )
-        return creds, key_pem
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredFleet]:
-    binary = require_mosquitto()
-    work = tmp_path_factory.mktemp("secured")
-    layout = write_broker_files(work / "fleet", hostnames=["localhost", "127.0.0.1"], host="127.0.0.1",
-                                port=free_port())  # fmt: skip
-    broker = MosquittoProcess(layout.broker_config(), binary=binary)
-    broker.start()
-    key = SigningKey.generate()
-    config = ControlPlaneConfig(
-        listen="127.0.0.1:0", device_listen="127.0.0.1:0", security_dir=layout.directory,
-        state_url=f"sqlite:///{work}/cp.db", blobs=str(work / "blobs"), tick_seconds=0.1, leader_interval=0.2,
-        metrics_listen="127.0.0.1:0",
-    )  # fmt: skip
-    cp = ControlPlane(config, trust=TrustStore([key.public_key]))
-    cp.start()
-    try:
-        assert cp.security is not None and cp.election.leading.wait(10) and cp.bus.wait_connected(10), (
-            "the control plane did not lead or reach the secured broker with its credentials"
-        )
-        yield SecuredFleet(layout, broker, cp, key, work)
-    finally:
-        cp.stop(grace=0)
-        broker.kill()
+    with secured_fleet(tmp_path_factory.mktemp("secured"), metrics_listen="127.0.0.1:0") as fleet:
+        yield fleet
 
 
 def _code(fn: Any) -> tuple[grpc.StatusCode, str]:

@@ -22,24 +22,19 @@ from typer.testing import CliRunner
 from edgectl.agent.agent import Agent
 from edgectl.agent.config import AgentConfig
 from edgectl.agent.orders import FLEET_KEYS_FILE
-from edgectl.artifact import SigningKey, TrustStore
-from edgectl.broker import MosquittoProcess
+from edgectl.artifact import SigningKey
 from edgectl.client import push_artifact
 from edgectl.control_plane.fleet_key import FLEET_KEY_FILE
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.mqtt.orders import KeyRotation, Order, OrderedModel, sign
 from edgectl.mqtt.wire import DeviceTopics, decode, encode
-from edgectl.ports import free_port
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 from edgectl.protos.v1 import rollouts_pb2 as RP
-from edgectl.security.broker_files import write_broker_files
 from edgectl.security.tokens import Role
 from tests.agent.onnx_models import mlp_artifact
-from tests.conftest import require_mosquitto
 from tests.control_plane.sim_device import wait_for
 from tests.harness.mqtt import MqttTestClient
-from tests.security.test_secure_fleet import SecuredFleet
+from tests.security.conftest import SecuredFleet, secured_fleet
 
 TTL = 6.0  # seconds a signed order lives; the controller re-signs at half of it
 NAME = "signed-mlp"
@@ -65,33 +60,15 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    binary = require_mosquitto()
     work = tmp_path_factory.mktemp("signed")
-    layout = write_broker_files(work / "fleet", hostnames=["localhost", "127.0.0.1"], host="127.0.0.1",
-                                port=free_port())  # fmt: skip
-    broker = MosquittoProcess(layout.broker_config(), binary=binary)
-    broker.start()
-    key = SigningKey.generate()
-    config = ControlPlaneConfig(
-        listen="127.0.0.1:0", device_listen="127.0.0.1:0", security_dir=layout.directory,
-        state_url=f"sqlite:///{work}/cp.db", blobs=str(work / "blobs"), tick_seconds=0.1, leader_interval=0.2,
-        order_ttl_s=TTL,
-    )  # fmt: skip
-    cp = ControlPlane(config, trust=TrustStore([key.public_key]))
-    cp.start()
-    try:
-        assert cp.election.leading.wait(10) and cp.bus.wait_connected(10)
-        fleet = SecuredFleet(layout, broker, cp, key, work)
+    with secured_fleet(work, order_ttl_s=TTL) as fleet:
         digests = {}
         with fleet.client(fleet.token(Role.DEPLOYER, "ci")) as deployer:
             for version in (1, 2, 3):
-                art = mlp_artifact(work / f"art-{version}", work, key, name=NAME, version=version,
+                art = mlp_artifact(work / f"art-{version}", work, fleet.key, name=NAME, version=version,
                                    seeds=[version, 10 + version])  # fmt: skip
                 digests[version] = push_artifact(deployer, art.root).artifact.ref.digest
         yield Rig(fleet, digests)
-    finally:
-        cp.stop(grace=0)
-        broker.kill()
 
 
 class Device:
