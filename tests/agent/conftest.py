@@ -6,9 +6,11 @@ reported state and events are read back from it.
 
 from __future__ import annotations
 
-import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,14 +21,15 @@ import pytest
 from edgectl.agent.agent import Agent
 from edgectl.agent.codecs import decode_response, encode_request, response_parameters
 from edgectl.agent.config import AgentConfig
+from edgectl.agent.serving import ModelRegistry
 from edgectl.artifact import Artifact, SigningKey, public_pem
 from edgectl.broker import MosquittoProcess
-from edgectl.mqtt.wire import DeviceTopics, decode, encode
+from edgectl.mqtt.wire import DeviceTopics, encode
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 from tests.agent.artifact_server import ArtifactStoreServer
-from tests.agent.onnx_models import mlp_artifact
-from tests.harness.mqtt import MqttTestClient
+from tests.agent.onnx_models import mlp_artifact, run_direct
+from tests.harness.mqtt import MqttTestClient, drain_decoded
 
 T = TypeVar("T")
 
@@ -102,17 +105,10 @@ class Fleet:
         self.client.publish(self.topics.desired, encode(ds), retain=True)
 
     def drain(self) -> None:
-        while True:
-            try:
-                msg = self.client.messages.get_nowait()
-            except queue.Empty:
-                return
-            if msg.topic == self.topics.reported:
-                self.reported.append(decode(msg.payload, mpb.ReportedState))
-            elif msg.topic == self.topics.events:
-                self.events.append(decode(msg.payload, mpb.DeviceEvent))
-            elif msg.topic == self.topics.status:
-                self.status.append(decode(msg.payload, mpb.DeviceStatus))
+        t = self.topics
+        drain_decoded(self.client, {t.reported: (mpb.ReportedState, self.reported),
+                                    t.events: (mpb.DeviceEvent, self.events),
+                                    t.status: (mpb.DeviceStatus, self.status)})  # fmt: skip
 
     def latest(self) -> mpb.ReportedState | None:
         self.drain()
@@ -198,3 +194,66 @@ def make_agent(tmp_path: Path, trust_file: Path) -> Iterator[Callable[..., Agent
     yield _make
     for a in agents:
         a.stop()
+
+
+@dataclass(frozen=True)
+class AgentRig:
+    """One device's world: the real broker, the artifact server, the control plane's view of the
+    device, signed bundles, and agents wired to that broker and server."""
+
+    broker: MosquittoProcess
+    server: ArtifactStoreServer
+    fleet: Fleet
+    bundles: Bundles
+    make_agent: Callable[..., Agent]
+
+    def agent(self, serve: bool = True, **kw: Any) -> Agent:
+        """Start an agent on this broker and artifact server (``kw`` overrides either, or any setting)."""
+        settings: dict[str, Any] = {"mqtt": self.broker.url, "control_plane": self.server.address, **kw}
+        return self.make_agent(serve=serve, **settings)
+
+
+@pytest.fixture
+def rig(
+    mosquitto: MosquittoProcess,
+    artifact_server: ArtifactStoreServer,
+    fleet: Fleet,
+    bundles: Bundles,
+    make_agent: Callable[..., Agent],
+) -> AgentRig:
+    return AgentRig(mosquitto, artifact_server, fleet, bundles, make_agent)
+
+
+class FakeClock:
+    """The agent's wall clock (for maintenance windows), moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def set(self, now: float) -> None:
+        with self._lock:
+            self.now = now
+
+
+def infer_overlapping(registry: ModelRegistry, path: Path, requests: int = 64, callers: int = 16) -> None:
+    """Send ``requests`` one-row calls to model ``m`` from ``callers`` threads, close ``registry``,
+    and check every answer against onnxruntime run directly on ``path``."""
+    xs = [np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32) for i in range(requests)]
+    # Callers that overlap: batches form only then (a lone caller never waits), so the threads
+    # start each round together instead of as the pool happens to spawn them.
+    together = threading.Barrier(callers)
+
+    def call(x: np.ndarray) -> np.ndarray:
+        together.wait(10)
+        return registry.infer("m", {"x": x}, timeout=10)[0]["y"]
+
+    with ThreadPoolExecutor(callers) as pool:
+        outs = list(pool.map(call, xs))
+    registry.close()
+    for x, y in zip(xs, outs, strict=True):
+        np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)

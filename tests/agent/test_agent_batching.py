@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from edgectl.agent.batching import BatchSettings
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
+from tests.agent.conftest import infer_overlapping
 from tests.agent.onnx_models import mlp_model, run_direct
 
 DELAY_S = 0.05  # long enough that waiting for a batch would show in every round trip
@@ -50,19 +50,6 @@ def test_a_lone_sequential_caller_never_waits_for_a_batch(tmp_path: Path) -> Non
 
 def test_overlapping_callers_are_still_batched(tmp_path: Path) -> None:
     registry, metrics, path = _registry(tmp_path)
-    xs = [np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32) for i in range(64)]
-    # Callers that overlap: batches form only then (a lone caller never waits), so the 16 threads
-    # start each round together instead of as the pool happens to spawn them.
-    together = threading.Barrier(16)
-
-    def call(x: np.ndarray) -> np.ndarray:
-        together.wait(10)
-        return registry.infer("m", {"x": x}, timeout=10)[0]["y"]
-
-    with ThreadPoolExecutor(16) as pool:
-        outs = list(pool.map(call, xs))
-    registry.close()
-    for x, y in zip(xs, outs, strict=True):
-        np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    infer_overlapping(registry, path)
     runs = metrics.registry.get_sample_value("edgectl_agent_batch_size_count", {"model": "m"})
     assert runs is not None and runs < 40, f"{runs} session runs for 64 requests"

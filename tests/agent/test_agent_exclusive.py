@@ -6,11 +6,9 @@ from __future__ import annotations
 import threading
 
 from edgectl.agent.agent import Agent
-from edgectl.broker import MosquittoProcess
 from edgectl.mqtt.wire import encode
 from edgectl.protos.v1 import mqtt_pb2 as mpb
-from tests.agent.artifact_server import ArtifactStoreServer
-from tests.agent.conftest import Bundles, Fleet, wait_for
+from tests.agent.conftest import AgentRig, Fleet, wait_for
 
 
 def _publish(fleet: Fleet, exclusive: bool, *models: mpb.DesiredModel) -> None:
@@ -21,32 +19,26 @@ def _publish(fleet: Fleet, exclusive: bool, *models: mpb.DesiredModel) -> None:
     fleet.client.publish(fleet.topics.desired, encode(state), retain=True)
 
 
-def test_only_an_exclusive_order_stops_a_model_it_no_longer_names(
-    mosquitto: MosquittoProcess,
-    artifact_server: ArtifactStoreServer,
-    fleet: Fleet,
-    bundles: Bundles,
-    make_agent,
-) -> None:  # type: ignore[no-untyped-def]
-    a = artifact_server.add(bundles.build(name="alpha", version=1, dims=(4, 8, 3), seeds=[1, 2]).root)
-    b = artifact_server.add(bundles.build(name="beta", version=1, dims=(4, 8, 3), seeds=[3, 4]).root)
-    agent: Agent = make_agent(serve=False, mqtt=mosquitto.url, control_plane=artifact_server.address)
-    _publish(fleet, True, mpb.DesiredModel(name="alpha", digest=a, version=1),
+def test_only_an_exclusive_order_stops_a_model_it_no_longer_names(rig: AgentRig) -> None:
+    a = rig.server.add(rig.bundles.build(name="alpha", version=1, dims=(4, 8, 3), seeds=[1, 2]).root)
+    b = rig.server.add(rig.bundles.build(name="beta", version=1, dims=(4, 8, 3), seeds=[3, 4]).root)
+    agent: Agent = rig.agent(serve=False)
+    _publish(rig.fleet, True, mpb.DesiredModel(name="alpha", digest=a, version=1),
              mpb.DesiredModel(name="beta", digest=b, version=1))  # fmt: skip
-    fleet.wait_serving("alpha", a)
-    fleet.wait_serving("beta", b)
+    rig.fleet.wait_serving("alpha", a)
+    rig.fleet.wait_serving("beta", b)
 
     # an older control plane's state without beta: beta keeps serving (the documented rule)
-    _publish(fleet, False, mpb.DesiredModel(name="alpha", digest=a, version=1))
-    wait_for(lambda: (fleet.latest() or mpb.ReportedState()).observed_generation == fleet.generation, 20,
+    _publish(rig.fleet, False, mpb.DesiredModel(name="alpha", digest=a, version=1))
+    wait_for(lambda: (rig.fleet.latest() or mpb.ReportedState()).observed_generation == rig.fleet.generation, 20,
              "the non-exclusive state observed")  # fmt: skip
     threading.Event().wait(0.3)
     assert agent.registry.get("beta") is not None
-    assert {m.name for m in fleet.latest().models} == {"alpha", "beta"}  # type: ignore[union-attr]
+    assert {m.name for m in rig.fleet.latest().models} == {"alpha", "beta"}  # type: ignore[union-attr]
 
     # an exclusive state without beta: beta stops, alpha is untouched
-    _publish(fleet, True, mpb.DesiredModel(name="alpha", digest=a, version=1))
-    wait_for(lambda: {m.name for m in (fleet.latest() or mpb.ReportedState()).models} == {"alpha"}, 20,
+    _publish(rig.fleet, True, mpb.DesiredModel(name="alpha", digest=a, version=1))
+    wait_for(lambda: {m.name for m in (rig.fleet.latest() or mpb.ReportedState()).models} == {"alpha"}, 20,
              "beta dropped")  # fmt: skip
     assert agent.registry.get("beta") is None and agent.registry.get("alpha") is not None
     assert "beta" not in agent.reconciler.state.models  # type: ignore[union-attr]

@@ -12,10 +12,9 @@ from edgectl.agent.agent import Agent
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings, TokenBucket
 from edgectl.agent.transports import GrpcTransport
 from edgectl.artifact import LocalBlobStore, Manifest
-from edgectl.broker import MosquittoProcess
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 from tests.agent.artifact_server import ArtifactStoreServer
-from tests.agent.conftest import Bundles, Fleet, V2Client, wait_for
+from tests.agent.conftest import AgentRig, Bundles, V2Client, wait_for
 
 K = mpb.EventKind
 
@@ -51,36 +50,32 @@ def test_limited_fetch_takes_at_least_its_bytes_over_the_limit(
     assert elapsed >= floor, f"{report.bytes_fetched} bytes in {elapsed:.3f} s under a {rate:.0f} B/s limit"
 
 
-def test_download_is_not_started_without_the_free_space_it_needs(
-    mosquitto: MosquittoProcess,
-    artifact_server: ArtifactStoreServer,
-    fleet: Fleet,
-    bundles: Bundles,
-    make_agent,
-) -> None:  # type: ignore[no-untyped-def]
-    v1, v2 = bundles.build(version=1), bundles.build(version=2, seeds=[3, 4])
-    d1, d2 = artifact_server.add(v1.root), artifact_server.add(v2.root)
-    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address)
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
-    fleet.wait_serving("mlp", d1)
-    served_before = artifact_server.served_bytes
+def test_download_is_not_started_without_the_free_space_it_needs(rig: AgentRig) -> None:
+    v1, v2 = rig.bundles.build(version=1), rig.bundles.build(version=2, seeds=[3, 4])
+    d1, d2 = rig.server.add(v1.root), rig.server.add(v2.root)
+    agent: Agent = rig.agent()
+    rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+    rig.fleet.wait_serving("mlp", d1)
+    served_before = rig.server.served_bytes
 
     # Ask for more headroom than the disk has: the agent must not start the download.
     free_mib = shutil.disk_usage(agent.config.data_dir).free >> 20
     assert agent.reconciler is not None
     fetcher = agent.reconciler.fetcher
     fetcher.settings = FetchSettings(reserve_bytes=(free_mib + 1024) << 20)
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2))
-    wait_for(lambda: K.EVENT_KIND_FAILED in fleet.event_kinds(d2), what="a FAILED event for the space check")
-    failed = [e for e in fleet.events if e.digest == d2 and e.kind == K.EVENT_KIND_FAILED]
+    rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2))
+    wait_for(
+        lambda: K.EVENT_KIND_FAILED in rig.fleet.event_kinds(d2), what="a FAILED event for the space check"
+    )
+    failed = [e for e in rig.fleet.events if e.digest == d2 and e.kind == K.EVENT_KIND_FAILED]
     assert "MiB free" in failed[0].message and "reserve" in failed[0].message, failed[0].message
-    rs = wait_for(lambda: (r := fleet.latest()) is not None and "MiB free" in r.last_error and r)
+    rs = wait_for(lambda: (r := rig.fleet.latest()) is not None and "MiB free" in r.last_error and r)
     assert rs.models[0].digest == d1 and rs.models[0].smoke_test_passed
-    assert artifact_server.served_bytes == served_before  # not one chunk was downloaded
+    assert rig.server.served_bytes == served_before  # not one chunk was downloaded
     client = V2Client(agent.address)
     assert client.infer("mlp", np.zeros((1, 4), np.float32))[2] == "1"  # still serving the old version
 
     # Space returns (the operator freed some): the next retry converges.
     fetcher.settings = FetchSettings()
-    fleet.wait_serving("mlp", d2, timeout=30)
+    rig.fleet.wait_serving("mlp", d2, timeout=30)
     client.close()

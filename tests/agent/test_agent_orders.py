@@ -14,38 +14,33 @@ from edgectl.agent.agent import Agent
 from edgectl.agent.errors import ConfigError, RefusedError
 from edgectl.agent.orders import FLEET_KEYS_FILE, FleetTrust
 from edgectl.artifact import SigningKey, TrustStore, public_pem
-from edgectl.broker import MosquittoProcess
 from edgectl.mqtt.orders import Order, OrderedModel, sign
 from edgectl.mqtt.wire import encode
 from edgectl.protos.v1 import mqtt_pb2 as mpb
-from tests.agent.artifact_server import ArtifactStoreServer
-from tests.agent.conftest import Bundles, Fleet, agent_config, wait_for
+from tests.agent.conftest import AgentRig, agent_config, wait_for
 
 
 def test_a_pinned_fleet_key_refuses_unsigned_states_and_follows_signed_ones(
-    mosquitto: MosquittoProcess,
-    artifact_server: ArtifactStoreServer,
-    fleet: Fleet,
-    bundles: Bundles,
-    make_agent,  # type: ignore[no-untyped-def]
-    tmp_path: Path,
+    rig: AgentRig, tmp_path: Path
 ) -> None:
     key = SigningKey.generate()
     pub = tmp_path / "fleet.pub.pem"
     pub.write_bytes(public_pem(key.public_key))
-    d1 = artifact_server.add(bundles.build(version=1).root)
-    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address, fleet_key=(pub,))
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))  # what an insecure plane sends
-    wait_for(lambda: "is unsigned" in getattr(fleet.latest(), "last_error", ""), what="the unsigned refusal")
-    assert not fleet.latest().models  # type: ignore[union-attr]
+    d1 = rig.server.add(rig.bundles.build(version=1).root)
+    agent: Agent = rig.agent(fleet_key=(pub,))
+    rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))  # what an insecure plane sends
+    wait_for(
+        lambda: "is unsigned" in getattr(rig.fleet.latest(), "last_error", ""), what="the unsigned refusal"
+    )
+    assert not rig.fleet.latest().models  # type: ignore[union-attr]
 
     now = time.time()
-    order = Order(fleet.device_id, 1, 2, now, now + 60, "r-1", (OrderedModel("mlp", d1, 1),))
-    state = mpb.DesiredState(device_id=fleet.device_id, generation=2)
+    order = Order(rig.fleet.device_id, 1, 2, now, now + 60, "r-1", (OrderedModel("mlp", d1, 1),))
+    state = mpb.DesiredState(device_id=rig.fleet.device_id, generation=2)
     state.signed.CopyFrom(sign(order.to_bytes(), key))
-    fleet.client.publish(fleet.topics.desired, encode(state), retain=True)
-    fleet.wait_serving("mlp", d1)
-    wait_for(lambda: not fleet.latest().last_error, what="the refusal to clear")  # type: ignore[union-attr]
+    rig.fleet.client.publish(rig.fleet.topics.desired, encode(state), retain=True)
+    rig.fleet.wait_serving("mlp", d1)
+    wait_for(lambda: not rig.fleet.latest().last_error, what="the refusal to clear")  # type: ignore[union-attr]
     kept = agent.config.data_dir / FLEET_KEYS_FILE
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert json.loads(kept.read_text())["keys"] == [pub.read_text()]

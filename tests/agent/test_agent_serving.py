@@ -21,11 +21,10 @@ from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.router import PROBE_AFTER_BURSTS
 from edgectl.agent.runtime import SessionSettings, load_model
 from edgectl.agent.serving import ModelRegistry
-from edgectl.broker import MosquittoProcess
 from edgectl.ports import free_port, wait_for_port
 from edgectl.protos.v1 import mqtt_pb2 as mpb
-from tests.agent.artifact_server import ArtifactStoreServer, MqttChunkResponder
-from tests.agent.conftest import Bundles, Fleet, V2Client, wait_for
+from tests.agent.artifact_server import MqttChunkResponder
+from tests.agent.conftest import AgentRig, Bundles, V2Client, infer_overlapping, wait_for
 from tests.agent.onnx_models import mlp_model, run_direct
 
 
@@ -77,20 +76,7 @@ def test_concurrent_single_requests_are_micro_batched(tmp_path: Path) -> None:
     registry.install(
         load_model(path, name="m", version=1, digest="d", settings=SessionSettings(intra_op_threads=1))
     )
-    xs = [np.random.default_rng(i).standard_normal((1, 32)).astype(np.float32) for i in range(64)]
-    # Callers that overlap: batches form only then (a lone caller never waits), so the 16 threads
-    # start each round together instead of as the pool happens to spawn them.
-    together = threading.Barrier(16)
-
-    def call(x: np.ndarray) -> np.ndarray:
-        together.wait(10)
-        return registry.infer("m", {"x": x}, timeout=10)[0]["y"]
-
-    with ThreadPoolExecutor(16) as pool:
-        outs = list(pool.map(call, xs))
-    registry.close()
-    for x, y in zip(xs, outs, strict=True):
-        np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    infer_overlapping(registry, path)
     hist = metrics.registry.get_sample_value("edgectl_agent_batch_size_count", {"model": "m"})
     rows = metrics.registry.get_sample_value("edgectl_agent_batch_size_sum", {"model": "m"})
     assert rows == 64 and hist is not None and hist < 40, f"{hist} session runs for 64 requests"
@@ -198,20 +184,14 @@ def test_burst_on_missing_or_overloaded_model_then_fail_back_and_breaker(
     client.close()
 
 
-def test_broker_only_site_fetches_chunks_over_mqtt(
-    mosquitto: MosquittoProcess,
-    artifact_server: ArtifactStoreServer,
-    fleet: Fleet,
-    bundles: Bundles,
-    make_agent,
-) -> None:  # type: ignore[no-untyped-def]
-    v1 = bundles.build(version=1, dims=(64, 512, 8))
-    d1 = artifact_server.add(v1.root)
-    responder = MqttChunkResponder(artifact_server, mosquitto.host, mosquitto.port)
+def test_broker_only_site_fetches_chunks_over_mqtt(rig: AgentRig) -> None:
+    v1 = rig.bundles.build(version=1, dims=(64, 512, 8))
+    d1 = rig.server.add(v1.root)
+    responder = MqttChunkResponder(rig.server, rig.broker.host, rig.broker.port)
     try:
-        make_agent(mqtt=mosquitto.url, control_plane=None, transport="mqtt")
-        fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
-        fleet.wait_serving("mlp", d1)
+        rig.agent(control_plane=None, transport="mqtt")
+        rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+        rig.fleet.wait_serving("mlp", d1)
         assert responder.requests and all(r.artifact_digest == d1 for r in responder.requests)
     finally:
         responder.close()

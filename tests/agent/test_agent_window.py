@@ -10,94 +10,66 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from edgectl.agent.agent import Agent
-from edgectl.broker import MosquittoProcess
 from edgectl.mqtt.orders import Order, OrderedModel
 from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import mqtt_pb2 as mpb
-from tests.agent.artifact_server import ArtifactStoreServer
-from tests.agent.conftest import Bundles, Fleet, V2Client
+from tests.agent.conftest import AgentRig, FakeClock, V2Client
 
 K = mpb.EventKind
 BERLIN = ZoneInfo("Europe/Berlin")
 WINDOW = "Mon-Fri 01:00-04:00 Europe/Berlin"
 
 
-class FakeClock:
-    """The agent's wall clock, moved by the test."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def set(self, now: float) -> None:
-        with self._lock:
-            self.now = now
-
-
-def test_staged_at_once_swapped_only_inside_the_window(
-    mosquitto: MosquittoProcess,
-    artifact_server: ArtifactStoreServer,
-    fleet: Fleet,
-    bundles: Bundles,
-    make_agent,
-) -> None:  # type: ignore[no-untyped-def]
+def test_staged_at_once_swapped_only_inside_the_window(rig: AgentRig) -> None:
     clock = FakeClock(datetime(2026, 12, 1, 12, 0, tzinfo=BERLIN).timestamp())  # Tuesday noon: closed
-    v1 = bundles.build(version=1, dims=(4, 8, 3), seeds=[1, 2])
-    v2 = bundles.build(version=2, dims=(4, 8, 3), seeds=[1, 3])
-    d1, d2 = artifact_server.add(v1.root), artifact_server.add(v2.root)
-    agent: Agent = make_agent(mqtt=mosquitto.url, control_plane=artifact_server.address, clock=clock)
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
-    fleet.wait_serving("mlp", d1)
+    v1 = rig.bundles.build(version=1, dims=(4, 8, 3), seeds=[1, 2])
+    v2 = rig.bundles.build(version=2, dims=(4, 8, 3), seeds=[1, 3])
+    d1, d2 = rig.server.add(v1.root), rig.server.add(v2.root)
+    agent: Agent = rig.agent(clock=clock)
+    rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1))
+    rig.fleet.wait_serving("mlp", d1)
 
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2, window=WINDOW))
-    staged = fleet.wait_model("mlp", lambda m: m.staged_digest == d2)
+    rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=d2, version=2, window=WINDOW))
+    staged = rig.fleet.wait_model("mlp", lambda m: m.staged_digest == d2)
     assert staged.digest == d1 and staged.smoke_test_passed, "v1 keeps serving while v2 waits"
     assert (agent.config.data_dir / "artifacts" / d2.removeprefix("sha256:")).is_dir(), "downloaded now"
-    kinds = fleet.event_kinds(d2)
+    kinds = rig.fleet.event_kinds(d2)
     assert K.EVENT_KIND_VERIFIED in kinds and K.EVENT_KIND_STAGED in kinds
     assert K.EVENT_KIND_SWAPPED not in kinds
     client = V2Client(agent.address)
     x = np.ones((1, 4), dtype=np.float32)
     assert client.infer("mlp", x)[2] == "1"
-    served_bytes = artifact_server.served_bytes
+    served_bytes = rig.server.served_bytes
 
     # another pass (a reconnect, a heartbeat) while still closed: still no swap, nothing fetched again
     clock.set(datetime(2026, 12, 1, 23, 59, tzinfo=BERLIN).timestamp())
     agent.reconciler.request_report()  # type: ignore[union-attr]
     threading.Event().wait(0.5)
-    assert fleet.latest().models[0].digest == d1  # type: ignore[union-attr]
+    assert rig.fleet.latest().models[0].digest == d1  # type: ignore[union-attr]
 
     # Wednesday 01:30 Berlin: inside the window, the staged copy swaps in without another download
     clock.set(datetime(2026, 12, 2, 1, 30, tzinfo=BERLIN).timestamp())
     agent.reconciler.request_report()  # type: ignore[union-attr]
-    swapped = fleet.wait_serving("mlp", d2)
+    swapped = rig.fleet.wait_serving("mlp", d2)
     assert swapped.staged_digest == "" and swapped.previous_digest == d1
-    assert artifact_server.served_bytes == served_bytes
+    assert rig.server.served_bytes == served_bytes
     assert client.infer("mlp", x)[2] == "2"
 
     # a rollback order carries no window: it swaps at once, even outside one
     clock.set(datetime(2026, 12, 2, 12, 0, tzinfo=BERLIN).timestamp())
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1, rollback=True))
-    fleet.wait_serving("mlp", d1)
+    rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1, rollback=True))
+    rig.fleet.wait_serving("mlp", d1)
     client.close()
 
 
-def test_a_window_the_device_cannot_read_is_refused_not_ignored(
-    mosquitto: MosquittoProcess,
-    artifact_server: ArtifactStoreServer,
-    fleet: Fleet,
-    bundles: Bundles,
-    make_agent,
-) -> None:  # type: ignore[no-untyped-def]
-    v1 = bundles.build(version=1, dims=(4, 8, 3), seeds=[1, 2])
-    d1 = artifact_server.add(v1.root)
-    make_agent(serve=False, mqtt=mosquitto.url, control_plane=artifact_server.address)
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=d1, version=1, window="Mon 01:00-02:00 Mars/Olympus"))
-    refused = fleet.wait_model("mlp", lambda m: m.failed_digest == d1)
+def test_a_window_the_device_cannot_read_is_refused_not_ignored(rig: AgentRig) -> None:
+    v1 = rig.bundles.build(version=1, dims=(4, 8, 3), seeds=[1, 2])
+    d1 = rig.server.add(v1.root)
+    rig.agent(serve=False)
+    rig.fleet.desire(
+        mpb.DesiredModel(name="mlp", digest=d1, version=1, window="Mon 01:00-02:00 Mars/Olympus")
+    )
+    refused = rig.fleet.wait_model("mlp", lambda m: m.failed_digest == d1)
     assert "Mars/Olympus" in refused.failure_reason and not refused.digest
 
 

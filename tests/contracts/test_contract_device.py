@@ -9,7 +9,6 @@ the simulation cannot pass a control-plane test with behaviour no real device ha
 
 from __future__ import annotations
 
-import queue
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,13 +23,13 @@ from edgectl.agent.agent import Agent
 from edgectl.artifact import Artifact, SigningKey, TrustStore, public_pem
 from edgectl.broker import MosquittoProcess
 from edgectl.client import push_artifact
-from edgectl.mqtt.wire import DeviceTopics, decode
+from edgectl.mqtt.wire import DeviceTopics
 from edgectl.protos.v1 import common_pb2, fleet_pb2, mqtt_pb2, rollouts_pb2
 from tests.agent.conftest import agent_config, wait_for
 from tests.agent.onnx_models import mlp_artifact
 from tests.contracts.conftest import RealControlPlane
 from tests.control_plane.sim_device import SimFleet
-from tests.harness.mqtt import MqttTestClient
+from tests.harness.mqtt import MqttTestClient, drain_decoded
 
 RP = rollouts_pb2
 DEVICE = "dut-1"
@@ -110,19 +109,10 @@ class Wire:
     desired: list[mqtt_pb2.DesiredState] = field(default_factory=list)
 
     def drain(self) -> None:
-        while True:
-            try:
-                msg = self.client.messages.get_nowait()
-            except queue.Empty:
-                return
-            if not msg.payload:
-                continue
-            if msg.topic == self.topics.reported:
-                self.reported.append(decode(msg.payload, mqtt_pb2.ReportedState))
-            elif msg.topic == self.topics.status:
-                self.status.append(decode(msg.payload, mqtt_pb2.DeviceStatus))
-            elif msg.topic == self.topics.desired:
-                self.desired.append(decode(msg.payload, mqtt_pb2.DesiredState))
+        t = self.topics
+        drain_decoded(self.client, {t.reported: (mqtt_pb2.ReportedState, self.reported),
+                                    t.status: (mqtt_pb2.DeviceStatus, self.status),
+                                    t.desired: (mqtt_pb2.DesiredState, self.desired)})  # fmt: skip
 
     def model(self, name: str = "mlp") -> mqtt_pb2.ActiveModel | None:
         self.drain()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from edgectl.mqtt.wire import decode
 
 
 @dataclass(frozen=True)
@@ -104,3 +107,16 @@ class MqttTestClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def drain_decoded(client: MqttTestClient, sinks: Mapping[str, tuple[type[Any], list[Any]]]) -> None:
+    """Decode each message waiting on ``client`` whose topic is in ``sinks`` into that topic's list
+    (as its message type); other topics, and empty payloads (a retained message cleared), are passed over."""
+    while True:
+        try:
+            msg = client.messages.get_nowait()
+        except queue.Empty:
+            return
+        sink = sinks.get(msg.topic)
+        if sink is not None and msg.payload:
+            sink[1].append(decode(msg.payload, sink[0]))
