@@ -4,6 +4,7 @@ secured fleet (a real mosquitto plus a secured control plane) the attack tests s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from edgectl.client import ClientCredentials, ControlPlaneClient
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.mqtt.wire import agent_client_id
 from edgectl.ports import free_port
-from edgectl.protos.v1 import fleet_pb2
+from edgectl.protos.v1 import common_pb2, fleet_pb2
+from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.tokens import Role
 from tests.agent.conftest import bundles, make_agent, trust_file
@@ -72,6 +74,22 @@ class SecuredFleet:
                 fleet_pb2.EnrollRequest(device_id=device_id, token=token.token, csr_pem=csr_pem), timeout=20
             )
         return creds, key_pem
+
+    def roll_out(self, device_id: str, digest: str, ring: str) -> str:
+        """Label ``device_id`` into ``ring``, roll ``digest`` out to that ring (its health wait long)
+        and wait until the device's desired state names it; returns the rollout's id."""
+        with self.client(self.token(Role.ADMIN, "admin")) as admin:
+            admin.fleet.LabelDevice(fleet_pb2.LabelDeviceRequest(id=device_id, set={"ring": ring}))
+        with self.client(self.token(Role.DEPLOYER, "ci")) as deployer:
+            rollout = deployer.rollouts.Create(RP.CreateRolloutRequest(
+                artifact=digest, selector=common_pb2.Selector(match_labels={"ring": ring}),
+                strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=600),
+            ))  # fmt: skip
+        deadline = time.monotonic() + 20
+        while self.cp.fleet.get(device_id).generation < 1:
+            assert time.monotonic() < deadline, f"the rollout never wrote {device_id}'s desired state"
+            time.sleep(0.1)
+        return str(rollout.id)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from edgectl.client import push_artifact
 from edgectl.control_plane.revocations import TokenRevocations
 from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.protos.v1 import artifacts_pb2 as AP
-from edgectl.protos.v1 import artifacts_pb2_grpc, common_pb2, fleet_pb2, rollouts_pb2_grpc
+from edgectl.protos.v1 import artifacts_pb2_grpc, fleet_pb2, rollouts_pb2_grpc
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.protos.v1.mqtt_pb2 import ChunkData, ChunkRequest
 from edgectl.security.errors import TokenError
@@ -49,22 +49,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredFleet]:
 def deployed(fleet: SecuredFleet) -> dict[str, Any]:
     """cam-1 enrolled (offline), artifact ``one`` rolled out to it (the rollout waits), ``two`` never."""
     creds, key_pem = fleet.enroll("cam-1")
-    with fleet.client(fleet.token(Role.ADMIN, "admin")) as admin:
-        admin.fleet.LabelDevice(fleet_pb2.LabelDeviceRequest(id="cam-1", set={"ring": "attack"}))
     digests = {}
     with fleet.client(fleet.token(Role.DEPLOYER, "ci")) as deployer:
         for name in ("one", "two"):
             art = mlp_artifact(fleet.work / f"art-{name}", fleet.work, fleet.key, name=name)
             digests[name] = push_artifact(deployer, art.root).artifact.ref.digest
-        rollout = deployer.rollouts.Create(RP.CreateRolloutRequest(
-            artifact=digests["one"], selector=common_pb2.Selector(match_labels={"ring": "attack"}),
-            strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=600),
-        ))  # fmt: skip
-    deadline = time.monotonic() + 20
-    while fleet.cp.fleet.get("cam-1").generation < 1:  # the desired state names `one`
-        assert time.monotonic() < deadline, "the rollout never wrote cam-1's desired state"
-        time.sleep(0.1)
-    return {"creds": creds, "key": key_pem, "digests": digests, "rollout": rollout.id}
+    rollout = fleet.roll_out("cam-1", digests["one"], ring="attack")  # the desired state names `one`
+    return {"creds": creds, "key": key_pem, "digests": digests, "rollout": rollout}
 
 
 def _code(fn: Any) -> tuple[grpc.StatusCode, str]:

@@ -20,8 +20,7 @@ import pytest
 from edgectl.artifact import Manifest, all_chunk_digests, sha256_digest
 from edgectl.client import push_artifact
 from edgectl.protos.v1 import artifacts_pb2 as AP
-from edgectl.protos.v1 import artifacts_pb2_grpc, common_pb2, fleet_pb2
-from edgectl.protos.v1 import rollouts_pb2 as RP
+from edgectl.protos.v1 import artifacts_pb2_grpc
 from edgectl.security.tokens import Role
 from tests.agent.onnx_models import mlp_artifact
 from tests.conftest import S3Endpoint
@@ -51,8 +50,6 @@ def _code(fn: Any) -> tuple[grpc.StatusCode, str]:
 
 def test_a_device_gets_chunk_urls_only_for_what_was_deployed_to_it(fleet: SecuredFleet) -> None:
     creds, key_pem = fleet.enroll("cam-1")
-    with fleet.client(fleet.token(Role.ADMIN, "admin")) as admin:
-        admin.fleet.LabelDevice(fleet_pb2.LabelDeviceRequest(id="cam-1", set={"ring": "s3"}))
     digests, manifests = {}, {}
     with fleet.client(fleet.token(Role.DEPLOYER, "ci")) as deployer:
         for name in ("one", "two"):
@@ -60,14 +57,7 @@ def test_a_device_gets_chunk_urls_only_for_what_was_deployed_to_it(fleet: Secure
             art = mlp_artifact(fleet.work / f"art-{name}", fleet.work, fleet.key, name=name, seeds=seeds)
             digests[name] = push_artifact(deployer, art.root).artifact.ref.digest
             manifests[name] = Manifest.from_bytes((art.root / "manifest.json").read_bytes())
-        deployer.rollouts.Create(RP.CreateRolloutRequest(
-            artifact=digests["one"], selector=common_pb2.Selector(match_labels={"ring": "s3"}),
-            strategy=RP.Strategy(waves=["100%"], health_timeout_seconds=600),
-        ))  # fmt: skip
-    deadline = time.monotonic() + 20
-    while fleet.cp.fleet.get("cam-1").generation < 1:  # the desired state names `one`
-        assert time.monotonic() < deadline, "the rollout never wrote cam-1's desired state"
-        time.sleep(0.1)
+    fleet.roll_out("cam-1", digests["one"], ring="s3")  # the desired state names `one`
     device = artifacts_pb2_grpc.ArtifactServiceStub(fleet.device_channel(creds.client_cert_pem, key_pem))
     # Positive control: URLs for the deployed artifact, and each opens exactly its chunk.
     one = sorted(all_chunk_digests(manifests["one"]))

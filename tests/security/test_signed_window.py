@@ -18,27 +18,12 @@ from edgectl.mqtt.orders import Order
 from edgectl.protos.v1 import common_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.tokens import Role
+from tests.agent.conftest import FakeClock
 from tests.control_plane.sim_device import wait_for
 from tests.security.test_signed_desired import NAME, TTL, Device, Rig, rig  # noqa: F401  (rig: fixture)
 
 BERLIN = ZoneInfo("Europe/Berlin")
 WINDOW = "Mon-Fri 01:00-04:00 Europe/Berlin"
-
-
-class FakeClock:
-    """The agent's window clock, moved by the test."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def set(self, now: float) -> None:
-        with self._lock:
-            self.now = now
 
 
 def test_signed_window_is_staged_then_swapped_inside_it(
