@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from edgectl.artifact import (
@@ -338,15 +338,23 @@ class ArtifactStore:
 
     def download_chunks(self, digest: str, chunk_digests: list[str]) -> Iterator[ChunkOut]:
         """The listed chunks of the artifact, each whole with its digest; unknown ones are refused first."""
+        wanted, where = self.requested_chunks(digest, chunk_digests)
+        return self._chunk_pieces(where, wanted)
+
+    def requested_chunks(
+        self, digest: str, chunk_digests: Iterable[str]
+    ) -> tuple[list[str], dict[str, tuple[ChunkRef, FileEntry]]]:
+        """(the asked chunks once each, in the asked order; the artifact's chunk index); refuses
+        with InvalidArgument, before any chunk is read, a chunk the artifact does not have."""
         where = self.chunk_index(digest)
-        chunk_digests = list(dict.fromkeys(chunk_digests))  # a chunk named twice is sent once
-        unknown = [d for d in chunk_digests if d not in where]
+        wanted = list(dict.fromkeys(chunk_digests))  # a chunk named twice is served once
+        unknown = [d for d in wanted if d not in where]
         if unknown:
             raise InvalidArgument(
                 f"{len(unknown)} requested chunk(s) are not part of artifact {digest}, e.g. {unknown[0]}",
                 hint="ask only for chunks the manifest lists",
             )
-        return self._chunk_pieces(where, chunk_digests)
+        return wanted, where
 
     def _chunk_pieces(
         self, where: dict[str, tuple[ChunkRef, FileEntry]], chunk_digests: list[str]

@@ -148,15 +148,7 @@ class ChunkServer:
             raise InvalidArgument("the request names no chunks")
         if len(request.chunk_digests) > limits.max_chunks:
             raise InvalidArgument(f"ask for at most {limits.max_chunks} chunks per request")
-        wanted = list(dict.fromkeys(request.chunk_digests))  # each chunk once, in the asked order
-        where = self.artifacts.chunk_index(request.artifact_digest)
-        unknown = [d for d in wanted if d not in where]
-        if unknown:
-            raise InvalidArgument(
-                f"{len(unknown)} requested chunk(s) are not part of artifact {request.artifact_digest}, "
-                f"e.g. {unknown[0]}",
-                hint="ask only for chunks the manifest lists",
-            )
+        wanted, where = self.artifacts.requested_chunks(request.artifact_digest, request.chunk_digests)
         size = sum(where[d][0].size for d in wanted)
         if size > limits.max_request_bytes:
             raise InvalidArgument(

@@ -72,14 +72,7 @@ class ChunkUrlSigner:
                 f"GetChunkUrls takes at most {MAX_CHUNKS_PER_CALL} chunks per call, got {len(chunks)}",
                 hint="ask in batches",
             )
-        where = self.artifacts.chunk_index(digest)
-        wanted = list(dict.fromkeys(chunks))  # a chunk named twice is signed once
-        unknown = [d for d in wanted if d not in where]
-        if unknown:
-            raise InvalidArgument(
-                f"{len(unknown)} requested chunk(s) are not part of artifact {digest}, e.g. {unknown[0]}",
-                hint="ask only for chunks the manifest lists",
-            )
+        wanted, where = self.artifacts.requested_chunks(digest, chunks)  # a chunk named twice is signed once
         signed = [self._url(store, d) for d in wanted]
         return ChunkUrls(
             tuple(ChunkUrl(d, url, where[d][0].size) for d, (url, _) in zip(wanted, signed, strict=True)),
