@@ -15,13 +15,11 @@ Run: python benchmarks/bench_agent.py
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test helpers (artifact server, ONNX builders) are shared
 
 from loadgen import pinned, run_load  # noqa: E402  (benchmarks/, the script's own folder)
+from sections import run_sections  # noqa: E402
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
 from edgectl.agent.burst import BurstCost  # noqa: E402
@@ -325,18 +324,7 @@ SECTIONS: dict[str, Callable[[Path, bool], None]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (CI smoke)")
-    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
-    args = parser.parse_args()
-    load = os.getloadavg()
-    print(
-        f"host: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
-    )
-    with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
-        work = Path(tmp)
-        for name in args.only or SECTIONS:
-            SECTIONS[name](work, args.quick)
+    run_sections(__doc__.splitlines()[0], SECTIONS, "bench-agent-", quick_help="short runs (CI smoke)")
 
 
 if __name__ == "__main__":

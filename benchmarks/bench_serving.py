@@ -13,15 +13,12 @@ Run: python benchmarks/bench_serving.py [--quick] [--only lone|protocols|rss]
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
-import os
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +30,8 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sections import run_sections  # noqa: E402  (benchmarks/, the script's own folder)
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
 from edgectl.agent.codecs import encode_request  # noqa: E402
@@ -281,17 +280,7 @@ def main() -> None:
         proto, target, clients, total, dim, batch = sys.argv[2:8]
         print(_child_load(proto, target, int(clients), int(total), int(dim), int(batch)))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs")
-    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
-    args = parser.parse_args()
-    load = os.getloadavg()
-    print(
-        f"host: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
-    )
-    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        for name in args.only or SECTIONS:
-            SECTIONS[name](Path(tmp), args.quick)
+    run_sections(__doc__.splitlines()[0], SECTIONS, "bench-serving-")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+"""The command line every sectioned benchmark shares: ``--quick`` and ``--only``, the host's load
+printed first (numbers from a loaded host read differently), each section in one temporary folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+
+def run_sections(
+    description: str,
+    sections: Mapping[str, Callable[[Path, bool], None]],
+    prefix: str,
+    quick_help: str = "short runs",
+) -> None:
+    """Parse ``--quick``/``--only``, print the host's cores and load, run the chosen sections."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--only", choices=sections, action="append", help="run only these sections")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    print(
+        f"host: {os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)"
+    )
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for name in args.only or sections:
+            sections[name](Path(tmp), args.quick)
