@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,14 @@ def cpu_session(path: Path | bytes, *, threads: int = 1, providers: tuple[str, .
     opts.log_severity_level = 3
     target = str(path) if isinstance(path, Path) else path
     return ort.InferenceSession(target, opts, providers=list(providers) or ["CPUExecutionProvider"])
+
+
+def probe_session(model: onnx.ModelProto, tensors: Iterable[str]) -> tuple[Any, list[str]]:
+    """A CPU session on a copy of ``model`` that also outputs the intermediate ``tensors``, and the
+    names of its outputs in the order ``run`` returns them."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in tensors if t not in known])
+    session = cpu_session(probe.SerializeToString(), threads=0)
+    return session, [o.name for o in session.get_outputs()]

@@ -19,12 +19,11 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
-from edgectl.compress.graph import cpu_session
+from edgectl.compress.graph import probe_session
 from edgectl.compress.passes.smooth import smooth
 from edgectl.devices import VNNI_FEATURES, cpu_flags
 
@@ -201,12 +200,7 @@ def float_by_rule(model_path: Path, calib: SampleSet, *, batch: int = 2) -> dict
     model = onnx.load(str(model_path))
     inits = {i.name for i in model.graph.initializer}
     tensors = sorted({o for n in model.graph.node for o in n.output if o} - inits)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in tensors if t not in known])
-    session = cpu_session(probe.SerializeToString(), threads=0)
-    names = [o.name for o in session.get_outputs()]
+    session, names = probe_session(model, tensors)
     bad: dict[str, str] = {}
     for feed in calib.take(32).batches(batch):
         for name, value in zip(names, session.run(None, feed), strict=True):

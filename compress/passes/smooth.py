@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgectl.compress.data import SampleSet
-from edgectl.compress.graph import cpu_session
+from edgectl.compress.graph import probe_session
 
 
 def smooth(src: Path, dst: Path, data: SampleSet, *, alpha: float = 0.5, samples: int = 32) -> int:
@@ -32,12 +32,7 @@ def smooth(src: Path, dst: Path, data: SampleSet, *, alpha: float = 0.5, samples
     if not acts:
         onnx.save(model, str(dst))
         return 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend([helper.make_empty_tensor_value_info(x) for x in acts if x not in known])
-    session = cpu_session(probe.SerializeToString(), threads=0)
-    names = [o.name for o in session.get_outputs()]
+    session, names = probe_session(model, acts)
     amax: dict[str, np.ndarray] = {}
     for feed in data.take(samples).batches(8):
         for name, value in zip(names, session.run(None, feed), strict=True):
