@@ -224,22 +224,6 @@ def rig(
     return AgentRig(mosquitto, artifact_server, fleet, bundles, make_agent)
 
 
-class FakeClock:
-    """The agent's wall clock (for maintenance windows), moved by the test."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def set(self, now: float) -> None:
-        with self._lock:
-            self.now = now
-
-
 def infer_overlapping(registry: ModelRegistry, path: Path, requests: int = 64, callers: int = 16) -> None:
     """Send ``requests`` one-row calls to model ``m`` from ``callers`` threads, close ``registry``,
     and check every answer against onnxruntime run directly on ``path``."""

@@ -13,7 +13,8 @@ from edgectl.agent.agent import Agent
 from edgectl.mqtt.orders import Order, OrderedModel
 from edgectl.mqtt.wire import decode
 from edgectl.protos.v1 import mqtt_pb2 as mpb
-from tests.agent.conftest import AgentRig, FakeClock, V2Client
+from tests.agent.conftest import AgentRig, V2Client
+from tests.harness.clock import FakeClock
 
 K = mpb.EventKind
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -20,27 +20,12 @@ from edgectl.control_plane.server import ControlPlane
 from edgectl.protos.v1 import common_pb2, mqtt_pb2, rollouts_pb2
 from tests.control_plane.conftest import BuildFn
 from tests.control_plane.sim_device import SimFleet, wait_for
+from tests.harness.clock import FakeClock
 
 RP = rollouts_pb2
 # A Tuesday, 12:00 in Berlin: outside a 01:00-04:00 window that next opens Wednesday 01:00.
 TUESDAY_NOON = datetime(2026, 12, 1, 12, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
 NEXT_OPEN = datetime(2026, 12, 2, 1, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
-
-
-class FakeClock:
-    """The control plane's clock, moved by the test."""
-
-    def __init__(self, now: float) -> None:
-        self._now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += seconds
 
 
 def _plane(

@@ -18,8 +18,8 @@ from edgectl.mqtt.orders import Order
 from edgectl.protos.v1 import common_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.tokens import Role
-from tests.agent.conftest import FakeClock
 from tests.control_plane.sim_device import wait_for
+from tests.harness.clock import FakeClock
 from tests.security.test_signed_desired import NAME, TTL, Device, Rig, rig  # noqa: F401  (rig: fixture)
 
 BERLIN = ZoneInfo("Europe/Berlin")
