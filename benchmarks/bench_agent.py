@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test helpers (artifact server, ONNX builders) are shared
 
 from loadgen import pinned, run_load  # noqa: E402  (benchmarks/, the script's own folder)
-from sections import run_sections  # noqa: E402
+from sections import run_sections, timed  # noqa: E402
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
 from edgectl.agent.burst import BurstCost  # noqa: E402
@@ -50,13 +49,6 @@ def session(path: Path) -> ort.InferenceSession:
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def timed(fn: Callable[[], None], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
 
 
 def bench_delta(work: Path, quick: bool) -> None:

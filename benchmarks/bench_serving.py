@@ -31,7 +31,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sections import run_sections  # noqa: E402  (benchmarks/, the script's own folder)
+from sections import run_sections, timed  # noqa: E402  (benchmarks/, the script's own folder)
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
 from edgectl.agent.codecs import encode_request  # noqa: E402
@@ -44,13 +44,6 @@ from tests.agent.v2_harness import InProcessV2  # noqa: E402
 
 TINY_DIMS = (4, 8, 3)
 MODEL_DIMS = (2048, 8192, 16)  # batch of 8 >= 5 ms single-threaded (see bench_agent.py)
-
-
-def _timed(fn: Callable[[], object], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
 
 
 def bench_lone(work: Path, quick: bool) -> None:
@@ -191,7 +184,7 @@ def bench_protocols(work: Path, quick: bool) -> None:
     served = InProcessV2(tiny, batch=BatchSettings(), http=True)
     assert served.http is not None
     n = 200 if quick else 500
-    d = statistics.median(_timed(lambda: direct.run(None, {"x": xt}), n) for _ in range(3))
+    d = statistics.median(timed(lambda: direct.run(None, {"x": xt}), n) for _ in range(3))
     g = 1 / _run_child("grpc", served.server.address, "1", str(n), str(TINY_DIMS[0]), "1")
     h = 1 / _run_child("http", served.http.address, "1", str(n), str(TINY_DIMS[0]), "1")
     served.close()

@@ -1,11 +1,13 @@
-"""The command line every sectioned benchmark shares: ``--quick`` and ``--only``, the host's load
-printed first (numbers from a loaded host read differently), each section in one temporary folder."""
+"""What the sectioned benchmarks share: the command line (``--quick`` and ``--only``, the host's
+load printed first since numbers from a loaded host read differently, each section in one
+temporary folder) and the mean-time-per-call timer."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -28,3 +30,11 @@ def run_sections(
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         for name in args.only or sections:
             sections[name](Path(tmp), args.quick)
+
+
+def timed(fn: Callable[[], object], n: int) -> float:
+    """Mean seconds per call of ``fn`` over ``n`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
