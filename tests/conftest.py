@@ -9,7 +9,7 @@ suite that stores blobs in S3. The parts' own fixtures live in their folders' co
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import pytest
 
 from edgectl.artifact import SigningKey, TrustStore
 from edgectl.broker import INSTALL_HINT, BrokerConfig, MosquittoProcess, find_mosquitto
+from edgectl.ports import free_port
+from edgectl.security.broker_files import BrokerLayout, write_broker_files
 
 REAL_S3_ENV = "EDGECTL_TEST_S3_ENDPOINT"
 
@@ -30,6 +32,18 @@ def require_mosquitto() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return binary
+
+
+def start_secured_broker(
+    folder: Path, data_dir: Path | None = None, hostnames: Sequence[str] = ("127.0.0.1",)
+) -> tuple[BrokerLayout, MosquittoProcess]:
+    """Write `edgectl broker config`'s files (TLS, dynamic security) under ``folder`` for a free port
+    on 127.0.0.1 and start mosquitto on them; the caller kills the broker."""
+    binary = require_mosquitto()
+    layout = write_broker_files(folder, hostnames=list(hostnames), host="127.0.0.1", port=free_port())
+    broker = MosquittoProcess(layout.broker_config(data_dir), binary=binary)
+    broker.start()
+    return layout, broker
 
 
 @pytest.fixture

@@ -19,15 +19,13 @@ from edgectl.control_plane.fleet import Status
 from edgectl.control_plane.leader import FileLeaderLock
 from edgectl.control_plane.server import ControlPlane
 from edgectl.mqtt.wire import SHARED_CHUNK_REQUESTS, DeviceTopics, agent_client_id, decode, encode
-from edgectl.ports import free_port
 from edgectl.protos.v1 import common_pb2, mqtt_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.bridge import central_admin
-from edgectl.security.broker_files import write_broker_files
 from edgectl.security.dynsec import CONTROL_PLANE_ROLE
 from edgectl.security.errors import BrokerAdminError
 from edgectl.security.tokens import Role, TokenIssuer
-from tests.conftest import require_mosquitto
+from tests.conftest import start_secured_broker
 from tests.control_plane.conftest import BuildFn
 from tests.harness.mqtt import MqttTestClient
 
@@ -89,12 +87,7 @@ def test_without_the_shared_subscription_acl_the_leader_still_answers(
     """A broker configured before shared subscriptions (its control-plane role lacks the ACL)
     refuses them: the control plane falls back to the leader answering, as it did, instead of
     nobody answering."""
-    binary = require_mosquitto()
-    layout = write_broker_files(
-        tmp_path / "fleet", hostnames=["127.0.0.1"], host="127.0.0.1", port=free_port()
-    )
-    broker = MosquittoProcess(layout.broker_config(tmp_path / "broker-data"), binary=binary)
-    broker.start()
+    layout, broker = start_secured_broker(tmp_path / "fleet", tmp_path / "broker-data")
     try:
         # Make it an old broker's config. The plugin drops the role's clients on a change, this
         # admin session too, so no answer comes.

@@ -30,7 +30,7 @@ from edgectl.protos.v1 import rollouts_pb2 as RP
 from edgectl.security.bridge import central_admin, provision_bridge, render_bridge
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.sim import make_devices
-from tests.conftest import require_mosquitto
+from tests.conftest import require_mosquitto, start_secured_broker
 from tests.faults.conftest import LABELS, MODEL, Artifacts, assert_fleet_verified, ids_of
 from tests.faults.proxy import TcpProxy
 from tests.harness.fleet import FleetRig, wait_for
@@ -51,11 +51,7 @@ class BridgedSite:
 @pytest.fixture
 def bridged(tmp_path: Path) -> Iterator[BridgedSite]:
     binary = require_mosquitto()
-    layout = write_broker_files(
-        tmp_path / "center", hostnames=["127.0.0.1"], host="127.0.0.1", port=free_port()
-    )
-    center = MosquittoProcess(layout.broker_config(tmp_path / "center-data"), binary=binary)
-    center.start()
+    layout, center = start_secured_broker(tmp_path / "center", tmp_path / "center-data")
     uplink = TcpProxy("127.0.0.1", layout.port)
     with central_admin(layout.credentials_file) as admin:
         identity = provision_bridge(admin, SITE)
@@ -205,10 +201,7 @@ def test_enrollment_puts_a_site_device_on_its_site_broker(
     told the site broker's URL at enrollment, and converges through the bridge; decommissioning it
     removes its identity from the site broker too (its next login there is refused)."""
     binary = require_mosquitto()
-    center_layout = write_broker_files(tmp_path / "center", hostnames=["127.0.0.1"], host="127.0.0.1",
-                                       port=free_port())  # fmt: skip
-    center = MosquittoProcess(center_layout.broker_config(tmp_path / "center-data"), binary=binary)
-    center.start()
+    center_layout, center = start_secured_broker(tmp_path / "center", tmp_path / "center-data")
     site_dir, site_port = tmp_path / "site-s", free_port()
     site_dir.mkdir()
     for name in ("ca.crt", "ca.key"):

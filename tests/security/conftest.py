@@ -19,13 +19,12 @@ from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient
 from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
 from edgectl.mqtt.wire import agent_client_id
-from edgectl.ports import free_port
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP
-from edgectl.security.broker_files import BrokerLayout, write_broker_files
+from edgectl.security.broker_files import BrokerLayout
 from edgectl.security.tokens import Role
 from tests.agent.conftest import bundles, make_agent, trust_file
-from tests.conftest import require_mosquitto
+from tests.conftest import start_secured_broker
 from tests.control_plane.conftest import postgres_url
 from tests.harness.mqtt import MqttTestClient
 
@@ -96,11 +95,7 @@ class SecuredFleet:
 def secured_fleet(work: Path, **overrides: Any) -> Iterator[SecuredFleet]:
     """Start a broker on fresh certificates and a secured control plane (SQLite and blobs under
     ``work``; ``overrides`` are extra ControlPlaneConfig fields); stop both on exit."""
-    binary = require_mosquitto()
-    layout = write_broker_files(work / "fleet", hostnames=["localhost", "127.0.0.1"], host="127.0.0.1",
-                                port=free_port())  # fmt: skip
-    broker = MosquittoProcess(layout.broker_config(), binary=binary)
-    broker.start()
+    layout, broker = start_secured_broker(work / "fleet", hostnames=("localhost", "127.0.0.1"))
     key = SigningKey.generate()
     settings: dict[str, Any] = {
         "state_url": f"sqlite:///{work}/cp.db", "blobs": str(work / "blobs"), "tick_seconds": 0.1,

@@ -17,10 +17,9 @@ import pytest
 
 from edgectl.broker import MosquittoProcess
 from edgectl.mqtt.wire import DeviceTopics, agent_client_id
-from edgectl.ports import free_port
 from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.dynsec import DeviceIdentity, DynsecAdmin
-from tests.conftest import require_mosquitto
+from tests.conftest import start_secured_broker
 from tests.harness.mqtt import MqttTestClient
 
 NOT_AUTHORIZED = 0x87
@@ -46,11 +45,7 @@ class SecureFleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[SecureFleet]:
-    binary = require_mosquitto()
-    layout = write_broker_files(tmp_path / "broker", hostnames=["localhost", "127.0.0.1"],
-                                host="127.0.0.1", port=free_port())  # fmt: skip
-    broker = MosquittoProcess(layout.broker_config(), binary=binary)
-    broker.start()
+    layout, broker = start_secured_broker(tmp_path / "broker", hostnames=("localhost", "127.0.0.1"))
     cp = MqttTestClient("127.0.0.1", layout.port, username=layout.control_plane_username,
                         password=layout.control_plane_password, tls_ca=str(layout.ca_cert))  # fmt: skip
     assert not cp.connect(timeout=15).is_failure

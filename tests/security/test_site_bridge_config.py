@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from edgectl.broker import MosquittoProcess, broker_user
+from edgectl.broker import broker_user
 from edgectl.mqtt.wire import DeviceTopics, agent_client_id, site_bridge_topic
 from edgectl.ports import free_port, wait_for_port
 from edgectl.security.bridge import central_admin
-from edgectl.security.broker_files import BrokerLayout, write_broker_files
+from edgectl.security.broker_files import BrokerLayout
 from edgectl.security.dynsec import DynsecAdmin
-from tests.conftest import require_mosquitto
+from tests.conftest import require_mosquitto, start_secured_broker
 from tests.harness.mqtt import MqttTestClient
 
 EDGECTL = Path(sys.executable).parent / "edgectl"
@@ -31,12 +31,7 @@ EDGECTL = Path(sys.executable).parent / "edgectl"
 
 @pytest.fixture
 def center(tmp_path: Path) -> Iterator[BrokerLayout]:
-    binary = require_mosquitto()
-    layout = write_broker_files(
-        tmp_path / "center", hostnames=["127.0.0.1"], host="127.0.0.1", port=free_port()
-    )
-    broker = MosquittoProcess(layout.broker_config(tmp_path / "center-data"), binary=binary)
-    broker.start()
+    layout, broker = start_secured_broker(tmp_path / "center", tmp_path / "center-data")
     try:
         yield layout
     finally:
