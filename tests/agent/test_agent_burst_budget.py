@@ -20,10 +20,8 @@ from edgectl.agent.agent import Agent
 from edgectl.agent.burst import BurstBudget
 from edgectl.agent.config import AgentConfig
 from edgectl.agent.errors import ConfigError
-from edgectl.broker import MosquittoProcess
 from edgectl.protos.v1 import mqtt_pb2 as mpb
-from tests.agent.artifact_server import ArtifactStoreServer
-from tests.agent.conftest import Bundles, Fleet, V2Client, wait_for
+from tests.agent.conftest import AgentRig, Bundles, V2Client, wait_for
 
 B = 300  # requests per hour
 X = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
@@ -95,22 +93,15 @@ def test_bursting_stops_at_the_budget_then_refuses_until_the_next_period(
     assert edge.router.burst.budget.snapshot().requests >= 4  # type: ignore[union-attr]
 
 
-def test_spent_budget_serves_locally_and_the_cost_is_reported(
-    mosquitto: MosquittoProcess,
-    artifact_server: ArtifactStoreServer,
-    fleet: Fleet,
-    bundles: Bundles,
-    make_agent,
-) -> None:  # type: ignore[no-untyped-def]
-    art = bundles.build(version=1)
-    digest = artifact_server.add(art.root)
-    cloud: Agent = make_agent(serve_only=True, model_dir=art.root, device_id="")
-    edge: Agent = make_agent(
-        mqtt=mosquitto.url, control_plane=artifact_server.address, burst=cloud.address,
-        burst_price_per_1k=1.0, burst_budget=B / 1000, data_dir=bundles.tmp / "edge",
-    )  # fmt: skip
-    fleet.desire(mpb.DesiredModel(name="mlp", digest=digest, version=1))
-    fleet.wait_serving("mlp", digest)
+def test_spent_budget_serves_locally_and_the_cost_is_reported(rig: AgentRig) -> None:
+    art = rig.bundles.build(version=1)
+    digest = rig.server.add(art.root)
+    cloud: Agent = rig.make_agent(serve_only=True, model_dir=art.root, device_id="")
+    edge: Agent = rig.agent(
+        burst=cloud.address, burst_price_per_1k=1.0, burst_budget=B / 1000, data_dir=rig.bundles.tmp / "edge"
+    )
+    rig.fleet.desire(mpb.DesiredModel(name="mlp", digest=digest, version=1))
+    rig.fleet.wait_serving("mlp", digest)
     now = [1_000_000.0]
     _overload_with_clock(edge, now)
     seen = _fire(edge.address, B + 60)
@@ -119,7 +110,7 @@ def test_spent_budget_serves_locally_and_the_cost_is_reported(
     assert 0 < held <= 60  # the rest were the agent's idle probes, local anyway
 
     def spent() -> mpb.ReportedState | None:
-        rs = fleet.latest()
+        rs = rig.fleet.latest()
         return rs if rs is not None and rs.stats.burst_held_back == held else None
 
     rs = wait_for(spent, 20, "a report with the spent budget")
