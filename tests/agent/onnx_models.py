@@ -57,6 +57,11 @@ def mlp_model(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [first, dims[-1]])],
         inits,
     )
+    return _save(graph, path)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    """Write ``graph`` as a checked opset-17 model (IR 8, what the agent's onnxruntime loads) to ``path``."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -73,12 +78,7 @@ def string_model(path: Path) -> Path:
         [helper.make_tensor_value_info("s", TensorProto.STRING, ["batch"])],
         [helper.make_tensor_value_info("t", TensorProto.STRING, ["batch"])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def run_direct(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
