@@ -24,13 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test helpers (artifact server, ONNX builders) are shared
 
 from loadgen import pinned, run_load  # noqa: E402  (benchmarks/, the script's own folder)
-from sections import run_sections, timed  # noqa: E402
+from sections import direct_session, run_sections, timed  # noqa: E402
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
 from edgectl.agent.burst import BurstCost  # noqa: E402
@@ -42,13 +41,6 @@ from edgectl.ports import free_port, wait_for_port  # noqa: E402
 from tests.agent.artifact_server import ArtifactStoreServer  # noqa: E402
 from tests.agent.onnx_models import mlp_artifact, mlp_model  # noqa: E402
 from tests.agent.v2_harness import InProcessV2  # noqa: E402
-
-
-def session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def bench_delta(work: Path, quick: bool) -> None:
@@ -86,7 +78,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
     rounds, total, batch, clients = (3, 40, 8, 4) if quick else (15, 100, 8, 4)
     path = mlp_model(work / "tp.onnx", MODEL_DIMS)
     x = np.random.default_rng(0).standard_normal((batch, MODEL_DIMS[0])).astype(np.float32)
-    direct = session(path)
+    direct = direct_session(path)
     direct.run(None, {"x": x})
     ratios, direct_rps, v2_rps, busy = [], [], [], []
     for _ in range(rounds):  # interleaved pairs of about equal length; the ratio is taken per pair
@@ -115,7 +107,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
     # Per-request overhead: one client, sequential round trips, on a model that computes ~nothing.
     tiny = mlp_model(work / "tiny.onnx", TINY_DIMS)
     xt = np.zeros((1, TINY_DIMS[0]), np.float32)
-    direct = session(tiny)
+    direct = direct_session(tiny)
     served = InProcessV2(tiny, batch=BatchSettings(max_batch_size=1))
     request = encode_request("m", {"x": xt})
     n = 100 if quick else 300

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sections import run_sections, timed  # noqa: E402  (benchmarks/, the script's own folder)
+from sections import direct_session, run_sections, timed  # noqa: E402  (benchmarks/, the script's own folder)
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
 from edgectl.agent.codecs import encode_request  # noqa: E402
@@ -151,13 +150,6 @@ def _run_child(*args: str) -> float:
     return float(out.stdout.strip())
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def bench_protocols(work: Path, quick: bool) -> None:
     """HTTP binary vs gRPC throughput (4 clients, >= 5 ms model) and per-request overhead (tiny model)."""
     rounds, total = (2, 40) if quick else (5, 100)
@@ -180,7 +172,7 @@ def bench_protocols(work: Path, quick: bool) -> None:
     )
     tiny = mlp_model(work / "tiny.onnx", TINY_DIMS)
     xt = np.zeros((1, TINY_DIMS[0]), np.float32)
-    direct = _session(tiny)
+    direct = direct_session(tiny)
     served = InProcessV2(tiny, batch=BatchSettings(), http=True)
     assert served.http is not None
     n = 200 if quick else 500

@@ -1,6 +1,6 @@
 """What the sectioned benchmarks share: the command line (``--quick`` and ``--only``, the host's
 load printed first since numbers from a loaded host read differently, each section in one
-temporary folder) and the mean-time-per-call timer."""
+temporary folder), the mean-time-per-call timer and the direct onnxruntime session compared against."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import onnxruntime as ort
 
 
 def run_sections(
@@ -38,3 +40,11 @@ def timed(fn: Callable[[], object], n: int) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - start) / n
+
+
+def direct_session(path: Path) -> ort.InferenceSession:
+    """A plain single-threaded onnxruntime CPU session: the baseline the served numbers are compared to."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
