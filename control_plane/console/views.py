@@ -196,7 +196,7 @@ def device_page(fleet: Fleet, rollouts: Rollouts, history: LatencyHistory, devic
     history.observe([d], prune=False)
     row = device_row(d, history)
     row["models"] = [{"name": m.name, "version": m.version, "digest": m.digest, "smoke_test_passed": m.smoke_test_passed,
-                      "failed_digest": m.failed_digest, "failure_reason": m.failure_reason}
+                      "failed_digest": m.failed_digest, "failure_reason": m.failure_reason, "drift": m.drift}
                      for m in sorted(d.models.values(), key=lambda m: m.name)]  # fmt: skip
     mine = [e for view in rollouts.list_rollouts([], 0, RECENT_ROLLOUTS)
             for e in rollouts.events_after(view.rollout.id, 0) if e.device_id == device_id]  # fmt: skip

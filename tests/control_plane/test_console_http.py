@@ -41,7 +41,8 @@ def console(tmp_path: Path) -> Iterator[Console]:
     fleet = Fleet(store)
     now = time.time()
     state = mqtt_pb2.ReportedState(device_id="cam-1", labels={"note": HOSTILE}, last_error="</script><b>x</b>",
-                                   models=[mqtt_pb2.ActiveModel(name="det", digest="sha256:" + "a" * 64, version=3)],
+                                   models=[mqtt_pb2.ActiveModel(name="det", digest="sha256:" + "a" * 64, version=3,
+                                                                drift_score=0.31, drift_requests=1000)],
                                    stats=mqtt_pb2.ServingStats(requests=10, p99_ms=12.5, window_seconds=60))  # fmt: skip
     fleet.apply([Reported("cam-1", state, now), Status("cam-1", True, now)])
     artifacts = ArtifactStore(store, open_blob_store(str(tmp_path / "blobs")), TrustStore())
@@ -129,7 +130,8 @@ def test_views_carry_device_strings_as_data_and_the_audit_trail_only_to_admins(c
     assert view["matrix"] == {
         "columns": ["det:v3"], "rows": [{"label": f"note={HOSTILE}", "counts": [1]}], "rows_left_out": 0
     }  # fmt: skip
-    assert json.loads(call(console.url + "/api/view?page=device/cam-1", cookie=viewer)[2])["p99_ms"] == 12.5
+    page = json.loads(call(console.url + "/api/view?page=device/cam-1", cookie=viewer)[2])
+    assert page["p99_ms"] == 12.5 and page["models"][0]["drift"] == 0.31  # the device's input drift
     assert call(console.url + "/api/view?page=device/nope", cookie=viewer)[0] == 404
     assert call(console.url + "/api/view?page=secrets", cookie=viewer)[0] == 404
     assert json.loads(call(console.url + "/api/view?page=rollouts", cookie=viewer)[2])["audit"] is None

@@ -138,9 +138,10 @@ function renderDevice(d) {
     el("p", {}, "last error: ", el("span", {class: d.last_error ? "bad" : "muted", "data-testid": "last-error",
                                               text: d.last_error || "none"})),
     el("h2", {text: "Latency (p99 per report)"}), sparkline(d.spark, 480, 80),
-    el("h2", {text: "Models"}), table(["name", "version", "digest", "smoke test", "refused"], d.models.map((m) =>
+    el("h2", {text: "Models"}), table(["name", "version", "digest", "smoke test", "input drift (PSI)", "refused"], d.models.map((m) =>
       el("tr", {}, el("td", {text: m.name}), el("td", {text: `v${m.version}`}), el("td", {text: m.digest.slice(0, 19)}),
          el("td", {text: m.smoke_test_passed ? "passed" : "not passed"}),
+         el("td", {text: m.drift === null || m.drift === undefined ? "-" : m.drift.toFixed(3)}),
          el("td", {text: m.failed_digest ? `${m.failed_digest.slice(0, 19)}: ${m.failure_reason}` : ""}))), "models"),
     el("h2", {text: "Recent rollout events"}), table(["at", "rollout", "event", "message"], d.events.map((e) =>
       el("tr", {}, el("td", {text: when(e.at)}), el("td", {text: e.rollout}), el("td", {text: e.kind}),
