@@ -12,6 +12,7 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``artifacts``: verified uploads into the blob store, lookups, downloads, deletes.
 - ``chunk_urls``: presigned blob-store URLs for chunks (S3), so bytes bypass the control plane.
 - ``fleet``: enrollment, labels, decommissioning, live device state from MQTT.
+- ``device_state``: what is known of one device: its record, its models, the MQTT observations (data only).
 - ``identity``: what a device proves itself with: scrypt-hashed passwords, hashed enrollment tokens,
   the ``DeviceIdentities`` interface that issues and revokes certificates.
 - ``security``: a secured replica's secrets from one directory: fleet CA, token key, TLS

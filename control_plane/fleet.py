@@ -13,10 +13,16 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from edgectl.control_plane.db import Row, Tx
+from edgectl.control_plane.db import Tx
+from edgectl.control_plane.device_state import (
+    DEVICE_COLUMNS,
+    DeviceRecord,
+    ModelState,
+    Reported,
+    Status,
+    trial_dict,
+)
 from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
 from edgectl.control_plane.identity import (
     Credentials,
@@ -29,126 +35,9 @@ from edgectl.control_plane.identity import (
 from edgectl.control_plane.store import StateStore, dumps, loads
 from edgectl.labels import Selector, check_labels
 from edgectl.mqtt.wire import SITE_LABEL, DeviceIdError, check_device_id
-from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
 DEFAULT_TOKEN_TTL_S = 3600
-_DEVICE_COLUMNS = (
-    "id, labels, reported_labels, created_at, enrolled_at, online, last_seen, agent_version, profile, "
-    "health, last_error, observed_generation, models, stats, generation, desired"
-)
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """One serving name as a device reports it."""
-
-    name: str
-    digest: str
-    version: int
-    smoke_test_passed: bool
-    failed_digest: str = ""
-    failure_reason: str = ""
-    previous_digest: str = ""
-    staged_digest: str = ""  # downloaded and verified, waiting for its maintenance window
-    drift: float | None = None  # the latest input drift score (PSI); None: the agent reports none
-    # A candidate on trial beside the previous version, as ``trial_dict`` writes it (None: none).
-    trial: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, as the device row keeps it."""
-        out: dict[str, Any] = {
-            "digest": self.digest, "version": self.version, "smoke": self.smoke_test_passed,
-            "failed_digest": self.failed_digest, "failure_reason": self.failure_reason,
-            "previous_digest": self.previous_digest, "staged_digest": self.staged_digest,
-        }  # fmt: skip
-        if self.drift is not None:
-            out["drift"] = self.drift
-        if self.trial is not None:
-            out["trial"] = self.trial
-        return out
-
-    @classmethod
-    def from_dict(cls, name: str, obj: dict[str, Any]) -> ModelState:
-        """The inverse of :meth:`to_dict` for the model ``name``."""
-        return cls(
-            name, obj.get("digest", ""), int(obj.get("version", 0)), bool(obj.get("smoke", False)),
-            obj.get("failed_digest", ""), obj.get("failure_reason", ""), obj.get("previous_digest", ""),
-            obj.get("staged_digest", ""),
-            float(obj["drift"]) if obj.get("drift") is not None else None,
-            obj.get("trial"),
-        )  # fmt: skip
-
-
-def trial_dict(trial: mqtt_pb2.TrialStats) -> dict[str, Any]:
-    """A reported trial as the device row keeps it (``agreement`` None until something was compared)."""
-    return {
-        "mode": trial.mode, "canary_percent": trial.canary_percent,
-        "current_version": trial.current_version, "candidate_version": trial.candidate_version,
-        "compared": trial.compared, "agreement": trial.agreement if trial.compared else None,
-        "agreement_kind": trial.agreement_kind, "background_runs": trial.background_runs,
-        "background_skipped": trial.background_skipped,
-        "versions": {
-            str(v.version): {"requests": v.requests, "errors": v.errors, "p50_ms": v.p50_ms,
-                             "p95_ms": v.p95_ms, "p99_ms": v.p99_ms}
-            for v in trial.versions
-        },
-    }  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    """A device of the inventory with its last reported state."""
-
-    id: str
-    labels: dict[str, str]
-    reported_labels: dict[str, str]
-    created_at: float
-    enrolled_at: float | None
-    online: bool
-    last_seen: float | None
-    agent_version: str
-    profile: str
-    health: int
-    last_error: str
-    observed_generation: int
-    models: dict[str, ModelState]
-    stats: dict[str, float]
-    generation: int
-    desired: str
-
-    @property
-    def effective_labels(self) -> dict[str, str]:
-        """What selectors match: the agent's own labels, overridden by the operator's."""
-        return {**self.reported_labels, **self.labels}
-
-    @classmethod
-    def from_row(cls, row: Row) -> DeviceRecord:
-        models = {k: ModelState.from_dict(k, v) for k, v in loads(row[12], {}).items()}
-        return cls(
-            row[0], loads(row[1], {}), loads(row[2], {}), float(row[3]),
-            float(row[4]) if row[4] is not None else None, bool(row[5]),
-            float(row[6]) if row[6] is not None else None, row[7], row[8], int(row[9]), row[10],
-            int(row[11]), models, loads(row[13], {}), int(row[14]), row[15],
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Reported:
-    """A decoded ReportedState from a device's reported topic."""
-
-    device_id: str
-    state: mqtt_pb2.ReportedState
-    received_at: float
-
-
-@dataclass(frozen=True)
-class Status:
-    """A decoded DeviceStatus (online, or the Last Will's offline)."""
-
-    device_id: str
-    online: bool
-    received_at: float
 
 
 def _device_id(device_id: str) -> str:
@@ -288,7 +177,7 @@ class Fleet:
 
     def get(self, device_id: str) -> DeviceRecord:
         with self.store.tx() as tx:
-            row = tx.one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ?", (device_id,))
+            row = tx.one(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?", (device_id,))
         if row is None:
             raise NotFound(
                 f"device {device_id} is not in the inventory", hint="list devices with `edgectl devices ls`"
@@ -300,7 +189,7 @@ class Fleet:
     ) -> list[DeviceRecord]:
         """Devices sorted by id; an empty or absent selector lists them all."""
         with self.store.tx() as tx:
-            rows = tx.all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY id")
+            rows = tx.all(f"SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id")
         devices = [DeviceRecord.from_row(r) for r in rows]
         if selector is not None and not selector.empty:
             devices = [d for d in devices if selector.matches(d.id, d.effective_labels)]

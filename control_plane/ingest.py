@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 
 from edgectl.control_plane.bus import CONNECTED, FleetBus, Inbound
+from edgectl.control_plane.device_state import Reported, Status
 from edgectl.control_plane.errors import ControlPlaneError
-from edgectl.control_plane.fleet import Fleet, Reported, Status
+from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.store import StateStore
 from edgectl.mqtt.wire import PayloadError, decode, parse_site_bridge, parse_topic
 from edgectl.protos.v1 import mqtt_pb2

@@ -11,8 +11,8 @@ from typing import Any
 
 from edgectl.control_plane.db import Row, Tx
 from edgectl.control_plane.desired import current_models
+from edgectl.control_plane.device_state import ModelState
 from edgectl.control_plane.errors import NotFound
-from edgectl.control_plane.fleet import ModelState
 from edgectl.control_plane.store import dumps, loads
 from edgectl.control_plane.strategy import StrategySpec
 from edgectl.labels import Selector

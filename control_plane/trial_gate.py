@@ -9,7 +9,7 @@ current version, and lets the soak run otherwise; the controller promotes a devi
 from __future__ import annotations
 
 from edgectl.control_plane import rollout_store as rs
-from edgectl.control_plane.fleet import ModelState
+from edgectl.control_plane.device_state import ModelState
 
 # Agreement counts as known once this many output rows were compared on the device.
 MIN_TRIAL_ROWS = 20

@@ -12,7 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgectl.client import ControlPlaneClient, push_artifact, resolve_credentials
-from edgectl.control_plane.fleet import Fleet, Reported, Status
+from edgectl.control_plane.device_state import Reported, Status
+from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.metrics import Metrics
 from edgectl.control_plane.store import StateStore
 from edgectl.endpoints import Endpoints

@@ -17,7 +17,8 @@ from edgectl.artifact import Manifest
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
-from edgectl.control_plane.fleet import DeviceRecord, Fleet
+from edgectl.control_plane.device_state import DeviceRecord
+from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.protos.v1 import fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as rp

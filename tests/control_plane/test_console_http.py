@@ -18,7 +18,8 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.console import ConsoleServer, Sources
 from edgectl.control_plane.console.server import COOKIE, STATIC
-from edgectl.control_plane.fleet import Fleet, Reported, Status
+from edgectl.control_plane.device_state import Reported, Status
+from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.rollouts import Rollouts
 from edgectl.control_plane.store import StateStore
 from edgectl.protos.v1 import mqtt_pb2

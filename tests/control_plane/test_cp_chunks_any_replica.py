@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
-from edgectl.control_plane.fleet import Status
+from edgectl.control_plane.device_state import Status
 from edgectl.control_plane.leader import FileLeaderLock
 from edgectl.control_plane.server import ControlPlane
 from edgectl.mqtt.wire import SHARED_CHUNK_REQUESTS, DeviceTopics, agent_client_id, decode, encode

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from edgectl.cli import app as APP
 from edgectl.contexts import CliConfig
-from edgectl.control_plane.fleet import Status
+from edgectl.control_plane.device_state import Status
 from edgectl.control_plane.server import ControlPlane
 from edgectl.errors import EdgectlError
 

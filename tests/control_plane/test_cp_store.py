@@ -15,6 +15,7 @@ from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.controller import RolloutController
 from edgectl.control_plane.desired import Publication
+from edgectl.control_plane.device_state import Reported, Status
 from edgectl.control_plane.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -22,7 +23,7 @@ from edgectl.control_plane.errors import (
     PermissionDenied,
     Unavailable,
 )
-from edgectl.control_plane.fleet import Fleet, Reported, Status
+from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.identity import IssuedCertificate, verify_secret
 from edgectl.control_plane.migrations import MIGRATIONS, migrate
 from edgectl.control_plane.revocations import Revocation, TokenRevocations

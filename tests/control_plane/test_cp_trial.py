@@ -23,8 +23,8 @@ from edgectl.cli import app as APP
 from edgectl.client import ControlPlaneClient, push_artifact
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.desired import OrderSigner, with_model, write_desired
+from edgectl.control_plane.device_state import ModelState
 from edgectl.control_plane.errors import InvalidArgument
-from edgectl.control_plane.fleet import ModelState
 from edgectl.control_plane.fleet_key import FleetKeyring
 from edgectl.control_plane.server import ControlPlane
 from edgectl.control_plane.store import StateStore
