@@ -2,7 +2,8 @@
 
 Imported as ``edgectl.control_plane``. One job per module (a test keeps this list complete):
 
-- ``server``: assembles a replica (``ControlPlane``, ``ControlPlaneConfig``): listeners, store, bus, leader.
+- ``config``: a replica's settings (`control-plane serve`'s flags) and the start-up checks that read them.
+- ``server``: assembles a replica (``ControlPlane``): listeners, store, bus, leader.
 - ``__main__``: ``python -m edgectl.control_plane serve``, the same command as ``edgectl control-plane serve``.
 - ``servicers``: thin gRPC servicers: validate, convert, call the domain object.
 - ``rpc``: what every servicer call goes through: domain errors to status codes (the one place),

@@ -13,7 +13,8 @@ from edgectl.agent.errors import ConfigError
 from edgectl.broker import BrokerConfig, MosquittoProcess
 from edgectl.cli import app as APP
 from edgectl.client import ControlPlaneClient, resolve_server
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.control_plane.config import ControlPlaneConfig
+from edgectl.control_plane.server import ControlPlane
 from edgectl.doctor import check_broker
 from edgectl.protos.v1 import fleet_pb2
 from tests.conftest import require_mosquitto

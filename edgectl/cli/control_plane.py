@@ -124,8 +124,9 @@ def control_plane_serve(
 
     Example: edgectl control-plane serve --security-dir /etc/edgectl/fleet --listen 0.0.0.0:7443 --device-listen 0.0.0.0:7444 --tls-name cp.lab --state postgresql://cp@db/edgectl
     """
+    from edgectl.control_plane.config import ControlPlaneConfig
     from edgectl.control_plane.logs import configure
-    from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+    from edgectl.control_plane.server import ControlPlane
 
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format {log_format!r} must be text or json")

@@ -9,7 +9,8 @@ import pytest
 from edgectl.artifact import TrustStore
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ControlPlaneClient
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.control_plane.config import ControlPlaneConfig
+from edgectl.control_plane.server import ControlPlane
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ import pytest
 from edgectl.artifact import Artifact, SigningKey, TensorSpec, TrustStore, build_artifact
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ControlPlaneClient, push_artifact
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.control_plane.config import ControlPlaneConfig
+from edgectl.control_plane.server import ControlPlane
 from tests.control_plane.sim_device import SimFleet
 
 PG_URL = os.environ.get("EDGECTL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")

@@ -72,7 +72,7 @@ class ControlPlaneProcess:
         # The server directly (not through the CLI): the same ControlPlane `control-plane serve` runs.
         code = (
             "import dataclasses, sys; from pathlib import Path; from edgectl.control_plane.logs import configure; "
-            "from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig; "
+            "from edgectl.control_plane.config import ControlPlaneConfig; from edgectl.control_plane.server import ControlPlane; "
             "configure('text', sys.argv[7]); "
             "kw = dict(listen=sys.argv[1], device_listen=sys.argv[2], mqtt_url=sys.argv[3], "
             "state_url=sys.argv[4], blobs=sys.argv[5], trust=(Path(sys.argv[6]),)); "

@@ -17,7 +17,8 @@ from edgectl.agent.enroll import make_key_and_csr
 from edgectl.artifact import SigningKey, TrustStore
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ClientCredentials, ControlPlaneClient
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.control_plane.config import ControlPlaneConfig
+from edgectl.control_plane.server import ControlPlane
 from edgectl.mqtt.wire import agent_client_id
 from edgectl.protos.v1 import common_pb2, fleet_pb2
 from edgectl.protos.v1 import rollouts_pb2 as RP

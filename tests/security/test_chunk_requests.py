@@ -20,7 +20,8 @@ from edgectl.artifact import LocalBlobStore, SigningKey, TensorSpec, TrustStore,
 from edgectl.broker import MosquittoProcess
 from edgectl.client import ControlPlaneClient, push_artifact
 from edgectl.control_plane.chunk_server import ChunkLimits
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.control_plane.config import ControlPlaneConfig
+from edgectl.control_plane.server import ControlPlane
 from edgectl.mqtt.wire import DeviceTopics, decode, encode
 from edgectl.protos.v1 import mqtt_pb2
 from tests.harness.mqtt import MqttTestClient

@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 from edgectl.agent.enroll import make_key_and_csr
 from edgectl.artifact import TrustStore
 from edgectl.client import ClientCredentials, ControlPlaneClient, push_artifact
+from edgectl.control_plane.config import ControlPlaneConfig
 from edgectl.control_plane.device_state import Status
-from edgectl.control_plane.server import ControlPlane, ControlPlaneConfig
+from edgectl.control_plane.server import ControlPlane
 from edgectl.errors import EdgectlError
 from edgectl.mqtt.wire import DeviceTopics, encode
 from edgectl.protos.v1 import artifacts_pb2 as AP
