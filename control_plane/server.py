@@ -28,7 +28,8 @@ from edgectl.control_plane.audit import AuditLog
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.config import ControlPlaneConfig, listen_address, load_security, load_trust
-from edgectl.control_plane.controller import ControllerLoop, RolloutController
+from edgectl.control_plane.controller import RolloutController
+from edgectl.control_plane.controller_loop import ControllerLoop
 from edgectl.control_plane.desired import OrderSigner
 from edgectl.control_plane.device_logs import DeviceLogs
 from edgectl.control_plane.errors import ControlPlaneError
