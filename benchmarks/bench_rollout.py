@@ -171,6 +171,8 @@ def main() -> None:
         broker_connected, _ = memory_mib(broker.pid)
         before = sim.messages()
         cpu_before = cpu_seconds(cp.pid)
+        broker_cpu_before = cpu_seconds(broker.pid)
+        devices_cpu_before = sum(cpu_seconds(p) for p in sim.pids())
         t0 = time.monotonic()
         rollout = client.rollouts.Create(
             rollouts_pb2.CreateRolloutRequest(
@@ -187,6 +189,8 @@ def main() -> None:
             pass
         done_s = time.monotonic() - t0
         cpu = cpu_seconds(cp.pid) - cpu_before
+        broker_cpu = cpu_seconds(broker.pid) - broker_cpu_before
+        devices_cpu = sum(cpu_seconds(p) for p in sim.pids()) - devices_cpu_before
         final = client.rollouts.Get(rollouts_pb2.GetRolloutRequest(id=rollout.id))
         after = sim.messages()
         broker_now, broker_peak = memory_mib(broker.pid)
@@ -205,7 +209,13 @@ def main() -> None:
             f"{broker_connected:.1f}, peak {broker_peak:.1f}; "
             f"{(broker_connected - broker_idle) * 1024 / n:.1f} KiB per connected device)"
         )
-        print(f"  device processes:               {len(sim.children):8d}  ({args.per_process} devices each)")
+        print(
+            f"  broker (mosquitto) CPU:         {broker_cpu:8.2f} s  ({broker_cpu * 1000 / n:.2f} ms per device)"
+        )
+        print(
+            f"  device processes:               {len(sim.children):8d}  ({args.per_process} devices each; "
+            f"{devices_cpu:.2f} s CPU in the rollout)"
+        )
         print(f"  host load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if final.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
             raise SystemExit(f"rollout ended {state_name}: {final.reason}")
