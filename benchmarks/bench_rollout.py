@@ -43,6 +43,9 @@ from edgectl.security.tokens import Role, TokenIssuer  # noqa: E402
 from tests.control_plane.sim_device import wait_for  # noqa: E402
 from tests.harness.mqtt import MqttTestClient  # noqa: E402
 
+# A PostgreSQL 15 backend publishes its counters within 10 s of going idle (PGSTAT_IDLE_INTERVAL).
+PG_STATS_FLUSH_S = 11.0
+
 
 def raise_open_files(needed: int) -> int:
     """Lift the soft RLIMIT_NOFILE toward the hard limit: every device is a socket here and in mosquitto."""
@@ -67,6 +70,22 @@ def memory_mib(pid: int) -> tuple[float, float]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
     )
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def pg_writes(url: str) -> tuple[int, int]:
+    """Commits and rows written (inserted + updated + deleted) so far in ``url``'s database.
+
+    PostgreSQL's own counters (pg_stat_database), so they count every client of that database:
+    give the benchmark a database nobody else writes to."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted FROM pg_stat_database "
+            "WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def build(out: Path, key: SigningKey, version: int) -> Path:
@@ -163,16 +182,21 @@ def main() -> None:
         )  # fmt: skip
         sim.connect(timeout=300)
 
-        def inventory() -> int:  # a page holds at most 1,000 devices: follow next_page_token
-            return len(client.list_all(client.fleet.ListDevices, fleet_pb2.ListDevicesRequest(), "devices"))
+        def online() -> int:  # a page holds at most 1,000 devices: list_all follows next_page_token
+            devices = client.list_all(client.fleet.ListDevices, fleet_pb2.ListDevicesRequest(), "devices")
+            return sum(1 for d in devices if d.online)  # a reused database lists last run's devices too
 
-        wait_for(lambda: inventory() == n, 300, interval=2.0, what=f"{n} devices in the inventory")
+        wait_for(lambda: online() == n, 300, interval=2.0, what=f"{n} devices online in the inventory")
         connect_s = time.monotonic() - started
         broker_connected, _ = memory_mib(broker.pid)
         before = sim.messages()
         cpu_before = cpu_seconds(cp.pid)
         broker_cpu_before = cpu_seconds(broker.pid)
         devices_cpu_before = sum(cpu_seconds(p) for p in sim.pids())
+        on_postgres = state.startswith(("postgresql://", "postgres://"))
+        if on_postgres:
+            time.sleep(PG_STATS_FLUSH_S)  # let every backend publish what it has counted so far
+            pg_before = pg_writes(state)
         t0 = time.monotonic()
         rollout = client.rollouts.Create(
             rollouts_pb2.CreateRolloutRequest(
@@ -194,6 +218,9 @@ def main() -> None:
         final = client.rollouts.Get(rollouts_pb2.GetRolloutRequest(id=rollout.id))
         after = sim.messages()
         broker_now, broker_peak = memory_mib(broker.pid)
+        if on_postgres:
+            time.sleep(PG_STATS_FLUSH_S)
+            pg_after = pg_writes(state)
         state_name = rollouts_pb2.RolloutState.Name(final.state)
         how = "TLS, own broker identities, secured CP" if args.secure else "plaintext, --insecure CP"
         print(
@@ -213,9 +240,15 @@ def main() -> None:
             f"  broker (mosquitto) CPU:         {broker_cpu:8.2f} s  ({broker_cpu * 1000 / n:.2f} ms per device)"
         )
         print(
-            f"  device processes:               {len(sim.children):8d}  ({args.per_process} devices each; "
+            f"  device processes:               {len(sim.children):8d}  (at most {args.per_process} devices each; "
             f"{devices_cpu:.2f} s CPU in the rollout)"
         )
+        if on_postgres:
+            commits, rows = pg_after[0] - pg_before[0], pg_after[1] - pg_before[1]
+            print(
+                f"  PostgreSQL writes:              {rows:8d} rows in {commits} commits  "
+                f"({rows / n:.2f} rows per device; {rows / done_s:.0f} rows/s over the rollout)"
+            )
         print(f"  host load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if final.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:
             raise SystemExit(f"rollout ended {state_name}: {final.reason}")
