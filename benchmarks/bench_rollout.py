@@ -4,7 +4,9 @@ Starts a throwaway mosquitto, the control plane as its own process (so its CPU i
 alone, from /proc), and N simulated devices with one real MQTT connection each, spread over
 child processes of --per-process devices (benchmarks/thin_fleet.py: no process holds more than
 its open-file limit), then rolls v2 out in waves 1,10%,50%,100% and prints the numbers, with the
-broker's memory (mosquitto's RSS, from /proc).
+broker's memory (mosquitto's RSS, from /proc); then every device re-reports once, as a heartbeat
+does, and the control plane's CPU for that round is printed (the steady-state cost). On
+PostgreSQL it also prints the rows written (pg_stat_database: give it a database of its own).
 
     python benchmarks/bench_rollout.py              # 1000 devices
     python benchmarks/bench_rollout.py --devices 10000
@@ -70,6 +72,19 @@ def memory_mib(pid: int) -> tuple[float, float]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
     )
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def wait_idle(pid: int, quiet: float = 0.05, timeout: float = 120.0) -> float:
+    """Wait until ``pid`` uses under ``quiet`` s of CPU in a second; return its CPU seconds then."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_seconds(pid)
+        if now - last < quiet:
+            return now
+        last = now
+    raise SystemExit(f"process {pid} still busy after {timeout:.0f} s")
 
 
 def pg_writes(url: str) -> tuple[int, int]:
@@ -222,6 +237,16 @@ def main() -> None:
             time.sleep(PG_STATS_FLUSH_S)
             pg_after = pg_writes(state)
         state_name = rollouts_pb2.RolloutState.Name(final.state)
+        # One heartbeat round (an agent re-reports every 30 s by default): what steady state costs.
+        beat_pg_before = pg_writes(state) if on_postgres else (0, 0)
+        beat_cpu_before = cpu_seconds(cp.pid)
+        t1 = time.monotonic()
+        beats = sim.heartbeat()
+        beat_cpu = wait_idle(cp.pid) - beat_cpu_before
+        beat_s = time.monotonic() - t1
+        if on_postgres:
+            time.sleep(PG_STATS_FLUSH_S)
+            beat_rows = pg_writes(state)[1] - beat_pg_before[1]
         how = "TLS, own broker identities, secured CP" if args.secure else "plaintext, --insecure CP"
         print(
             f"rollout of {n} simulated devices (real MQTT connections, {how}), waves 1,10%,50%,100%: {state_name}"
@@ -242,6 +267,11 @@ def main() -> None:
         print(
             f"  device processes:               {len(sim.children):8d}  (at most {args.per_process} devices each; "
             f"{devices_cpu:.2f} s CPU in the rollout)"
+        )
+        print(
+            f"  one heartbeat round:            {beat_cpu:8.2f} s  control-plane CPU for {beats} reports "
+            f"({beat_cpu * 1000 / beats:.2f} ms each; absorbed in {beat_s:.1f} s)"
+            + (f", {beat_rows / beats:.2f} rows written each" if on_postgres else "")
         )
         if on_postgres:
             commits, rows = pg_after[0] - pg_before[0], pg_after[1] - pg_before[1]

@@ -109,6 +109,10 @@ class ThinFleet:
         """Desired states received plus messages published, over every device."""
         return sum(r["n"] for r in self._ask({"op": "messages"}))
 
+    def heartbeat(self) -> int:
+        """Every device publishes its reported state again, as an agent's heartbeat does."""
+        return sum(r["n"] for r in self._ask({"op": "report"}))
+
     def close(self) -> None:
         """Every device disconnects cleanly (says offline), then the children exit."""
         for child in self.children:
@@ -139,6 +143,12 @@ def _tail(path: Path, n: int = 3000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return "(no log)"
+
+
+def _report_all(devices: dict[str, Any]) -> int:
+    for device in devices.values():
+        device.report()
+    return len(devices)
 
 
 def run_child(spec_path: Path) -> None:
@@ -176,6 +186,8 @@ def run_child(spec_path: Path) -> None:
                 n = sim.snapshot(lambda d, m=name, g=digest: sum(1 for x in d.values() if x.digest(m) == g))
             elif op == "messages":
                 n = sim.snapshot(lambda d: sum(x.desired_received + x.published for x in d.values()))
+            elif op == "report":
+                n = sim.snapshot(_report_all)
             elif op == "close":
                 break
             else:
