@@ -204,14 +204,14 @@ def main() -> None:
         wait_for(lambda: online() == n, 300, interval=2.0, what=f"{n} devices online in the inventory")
         connect_s = time.monotonic() - started
         broker_connected, _ = memory_mib(broker.pid)
-        before = sim.messages()
-        cpu_before = cpu_seconds(cp.pid)
-        broker_cpu_before = cpu_seconds(broker.pid)
-        devices_cpu_before = sum(cpu_seconds(p) for p in sim.pids())
         on_postgres = state.startswith(("postgresql://", "postgres://"))
         if on_postgres:
             time.sleep(PG_STATS_FLUSH_S)  # let every backend publish what it has counted so far
             pg_before = pg_writes(state)
+        before = sim.messages()
+        cpu_before = cpu_seconds(cp.pid)  # after the wait above, so the rollout is not charged for it
+        broker_cpu_before = cpu_seconds(broker.pid)
+        devices_cpu_before = sum(cpu_seconds(p) for p in sim.pids())
         t0 = time.monotonic()
         rollout = client.rollouts.Create(
             rollouts_pb2.CreateRolloutRequest(
