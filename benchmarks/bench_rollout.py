@@ -169,7 +169,11 @@ def main() -> None:
     broker.start()
     if args.secure:
         t = time.monotonic()
-        passwords = provision(layout, ids)
+        try:
+            passwords = provision(layout, ids)
+        except BaseException:  # Ctrl-C included: mosquitto would outlive the benchmark
+            broker.stop()
+            raise
         print(f"  ({n} broker identities provisioned in {time.monotonic() - t:.1f} s, not counted below)")
     key = SigningKey.generate()
     (work / "trusted.pem").write_bytes(public_pem(key.public_key))
