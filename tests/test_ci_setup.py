@@ -6,6 +6,7 @@ Makefile's dependency graph as a fresh machine (no venv yet) would see it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,8 +20,16 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU 
 
 def _dry_run(target: str, tmp_path: Path) -> str:
     venv = tmp_path / "fresh-venv"  # absent: as on a machine that never ran `make setup`
+    # Run as a top-level make even inside `make test`: the outer make's MAKEFLAGS/MAKELEVEL would
+    # otherwise make this one print "Entering/Leaving directory" lines around the plan.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     return result.stdout
 
