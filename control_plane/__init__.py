@@ -11,6 +11,7 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``store``, ``db``, ``migrations``: SQLite (WAL, one writer) or pooled PostgreSQL behind one SQL layer,
   migrated on start (or by ``edgectl control-plane migrate``).
 - ``artifacts``: verified uploads into the blob store, lookups, downloads, deletes.
+- ``artifact_records``: what is kept of an artifact, an upload plan, a piece of a download (data only).
 - ``chunk_urls``: presigned blob-store URLs for chunks (S3), so bytes bypass the control plane.
 - ``fleet``: enrollment, labels, decommissioning, live device state from MQTT.
 - ``device_state``: what is known of one device: its record, its models, the MQTT observations (data only).

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from edgectl.artifact import (
     BlobStore,
@@ -31,57 +30,13 @@ from edgectl.artifact import (
     sha256_digest,
     verify_manifest,
 )
-from edgectl.control_plane.db import Row, Tx
+from edgectl.control_plane.artifact_records import ARTIFACT_COLUMNS, ArtifactRecord, ChunkOut, UploadPlan
+from edgectl.control_plane.db import Tx
 from edgectl.control_plane.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from edgectl.control_plane.store import StateStore, dumps, loads
+from edgectl.control_plane.store import StateStore, dumps
 
 log = logging.getLogger(__name__)
 ACTIVE_ROLLOUT_STATES = (1, 2, 3, 7)  # pending, running, paused, rolling back
-_COLUMNS = (
-    "digest, name, version, manifest, signatures, total_size, uploaded_at, uploaded_by, key_ids, pinned"
-)
-
-
-@dataclass(frozen=True)
-class ArtifactRecord:
-    """A committed artifact as the store holds it."""
-
-    digest: str
-    name: str
-    version: int
-    manifest_bytes: bytes
-    signatures: bytes
-    total_size: int
-    uploaded_at: float
-    uploaded_by: str
-    key_ids: tuple[str, ...]
-    pinned: bool
-
-    @classmethod
-    def from_row(cls, row: Row) -> ArtifactRecord:
-        return cls(
-            row[0], row[1], int(row[2]), bytes(row[3]), bytes(row[4]), int(row[5]), float(row[6]),
-            row[7], tuple(loads(row[8], [])), bool(row[9]),
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class UploadPlan:
-    """What PlanUpload answers: the artifact's digest and the chunks the store still lacks."""
-
-    digest: str
-    missing_chunks: list[str]
-    already_complete: bool
-
-
-@dataclass(frozen=True)
-class ChunkOut:
-    """One piece of a download: where it sits in which file, its sha256, its bytes."""
-
-    path: str
-    offset: int
-    digest: str
-    data: bytes
 
 
 class ArtifactStore:
@@ -177,7 +132,7 @@ class ArtifactStore:
     def commit_upload(self, digest: str, uploaded_by: str) -> ArtifactRecord:
         """Accept the planned artifact once every file reassembles to its size and sha256."""
         with self.store.tx() as tx:
-            row = tx.one(f"SELECT {_COLUMNS} FROM artifacts WHERE digest = ?", (digest,))
+            row = tx.one(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE digest = ?", (digest,))
             if row is not None:
                 return ArtifactRecord.from_row(row)
             plan = tx.one("SELECT manifest, signatures FROM upload_plans WHERE digest = ?", (digest,))
@@ -206,7 +161,7 @@ class ArtifactStore:
                 return self.get(digest)
             self._check_version_free(tx, manifest, digest)
             tx.execute(
-                f"INSERT INTO artifacts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO artifacts ({ARTIFACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.digest, record.name, record.version, record.manifest_bytes, record.signatures,
                  record.total_size, record.uploaded_at, record.uploaded_by, dumps(list(record.key_ids)), 0),
             )  # fmt: skip
@@ -241,7 +196,7 @@ class ArtifactStore:
 
     def get(self, digest: str) -> ArtifactRecord:
         with self.store.tx() as tx:
-            row = tx.one(f"SELECT {_COLUMNS} FROM artifacts WHERE digest = ?", (digest,))
+            row = tx.one(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE digest = ?", (digest,))
         if row is None:
             raise NotFound(
                 f"artifact {digest} is not in the catalogue", hint="list them with `edgectl artifact ls`"
@@ -256,10 +211,12 @@ class ArtifactStore:
         with self.store.tx() as tx:
             if ref.startswith("sha256:"):
                 if is_digest(ref):
-                    rows = tx.all(f"SELECT {_COLUMNS} FROM artifacts WHERE digest = ?", (ref,))
+                    rows = tx.all(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE digest = ?", (ref,))
                 else:
                     rows = [
-                        r for r in tx.all(f"SELECT {_COLUMNS} FROM artifacts") if str(r[0]).startswith(ref)
+                        r
+                        for r in tx.all(f"SELECT {ARTIFACT_COLUMNS} FROM artifacts")
+                        if str(r[0]).startswith(ref)
                     ]
                     if len(rows) > 1:
                         raise InvalidArgument(
@@ -269,14 +226,14 @@ class ArtifactStore:
                 name, sep, version = ref.rpartition(":")
                 if sep and version.isdigit():
                     rows = tx.all(
-                        f"SELECT {_COLUMNS} FROM artifacts WHERE name = ? AND version = ?",
+                        f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE name = ? AND version = ?",
                         (name, int(version)),
                     )
                 elif sep:
                     raise InvalidArgument(f"artifact {ref!r}: the version after ':' must be a number")
                 else:
                     rows = tx.all(
-                        f"SELECT {_COLUMNS} FROM artifacts WHERE name = ? ORDER BY version DESC LIMIT 1",
+                        f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE name = ? ORDER BY version DESC LIMIT 1",
                         (ref,),
                     )
         if not rows:
@@ -289,12 +246,12 @@ class ArtifactStore:
         with self.store.tx() as tx:
             if name:
                 rows = tx.all(
-                    f"SELECT {_COLUMNS} FROM artifacts WHERE name = ? ORDER BY name, version DESC LIMIT ? OFFSET ?",
+                    f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE name = ? ORDER BY name, version DESC LIMIT ? OFFSET ?",
                     (name, limit, offset),
                 )
             else:
                 rows = tx.all(
-                    f"SELECT {_COLUMNS} FROM artifacts ORDER BY name, version DESC LIMIT ? OFFSET ?",
+                    f"SELECT {ARTIFACT_COLUMNS} FROM artifacts ORDER BY name, version DESC LIMIT ? OFFSET ?",
                     (limit, offset),
                 )
         return [ArtifactRecord.from_row(r) for r in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgectl.control_plane import rollout_store as rs
-from edgectl.control_plane.artifacts import ArtifactRecord
+from edgectl.control_plane.artifact_records import ArtifactRecord
 from edgectl.control_plane.audit import AuditRecord
 from edgectl.control_plane.device_state import DeviceRecord
 from edgectl.control_plane.strategy import DEFAULT_HEALTH_TIMEOUT_S, OFFLINE_FAIL, StrategySpec
