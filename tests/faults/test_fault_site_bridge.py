@@ -219,8 +219,11 @@ def test_enrollment_puts_a_site_device_on_its_site_broker(
     site = MosquittoProcess(config, binary=binary)
     site.start()
     labels = {**LABELS, "site": "site-s"}
-    rig = FleetRig(tmp_path / "fleet", center, signing_key, security=center_layout, site_brokers=[site_dir])
-    try:
+    rig: FleetRig | None = None
+    try:  # the brokers are stopped even when the control plane fails to start
+        rig = FleetRig(
+            tmp_path / "fleet", center, signing_key, security=center_layout, site_brokers=[site_dir]
+        )
         d1 = rig.push(artifacts.good(1))
         sim = rig.simulate(devices=make_devices(2, "sited", labels), per_process=2)  # URLs from enrollment
         ids = ids_of(sim)
@@ -257,6 +260,7 @@ def test_enrollment_puts_a_site_device_on_its_site_broker(
             assert login.connect(timeout=10).is_failure, f"the decommissioned device still logs in on :{port}"
             login.close()
     finally:
-        rig.close()
+        if rig is not None:
+            rig.close()
         site.kill()
         center.kill()
