@@ -190,7 +190,7 @@ class ControlPlaneClient:
     def error(self, exc: grpc.RpcError) -> RemoteError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.UNAVAILABLE and not self.reachable():
             return RemoteError(
                 code, f"control plane at {self.address} is unreachable ({details})",
                 hint="start it with `edgectl control-plane serve` or `edgectl up`, or pass --server; "
@@ -202,6 +202,15 @@ class ControlPlaneClient:
                 hint=f"pass --token or set {TOKEN_ENV}; an admin mints one with `edgectl control-plane token`",
             )  # fmt: skip
         return RemoteError(code, details)
+
+    def reachable(self, timeout: float = 1.0) -> bool:
+        """True when the channel connects: an UNAVAILABLE from a reachable control plane is its own
+        answer (a device that did not reply), not a wrong address or CA."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
 
     def close(self) -> None:
         self.channel.close()

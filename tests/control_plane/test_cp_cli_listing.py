@@ -107,3 +107,12 @@ def test_audit_ls_follows_pages_up_to_its_limit(fleet_cp: ControlPlane) -> None:
     assert code == 0 and len(json.loads(out)) == 3
     code, out = run("audit", "ls", "--limit", "0", "-o", "json")
     assert code == 0 and len(json.loads(out)) >= 5
+
+
+def test_a_device_that_does_not_answer_is_not_called_an_unreachable_control_plane(
+    fleet_cp: ControlPlane,
+) -> None:
+    # dev-0001 is in the inventory and online, but no agent answers its logs request.
+    code, out = run("devices", "logs", "dev-0001", "-n", "5")
+    assert code == 9 and "dev-0001" in out, out  # UNAVAILABLE: try again later ...
+    assert "unreachable" not in out, out  # ... but the control plane answered: no "check --server" hint
