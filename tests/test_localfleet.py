@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,16 +110,27 @@ def test_up_in_the_foreground_stops_cleanly_on_ctrl_c(tmp_path: Path, env: dict[
                             env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     assert proc.stdout is not None
+    lines: list[str] = []
+    errors: list[str] = []
+    # Threads read both pipes: select() on a pipe misses lines the text reader has already buffered,
+    # which left the wait spinning until its deadline although `up` had said it was ready.
+    readers = [
+        threading.Thread(target=lambda out=out, pipe=pipe: out.extend(iter(pipe.readline, "")), daemon=True)
+        for out, pipe in ((lines, proc.stdout), (errors, proc.stderr))
+    ]
+    for reader in readers:
+        reader.start()
     try:
         deadline = time.monotonic() + 120
-        printed = ""
-        while "Ctrl-C stops the fleet" not in printed:  # up says so once everything is up
-            assert time.monotonic() < deadline and proc.poll() is None, printed
-            if select.select([proc.stdout], [], [], 1.0)[0]:
-                printed += proc.stdout.readline()
+        while "Ctrl-C stops the fleet" not in "".join(lines):  # up says so once everything is up
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            time.sleep(0.2)
         endpoints = Endpoints.read(data)
         proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        for reader in readers:
+            reader.join(timeout=10)
+        err = "".join(errors)
     finally:
         if proc.poll() is None:
             proc.kill()
