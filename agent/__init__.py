@@ -26,7 +26,8 @@ One job per module (a test keeps this list complete):
 - ``serving``: the served models by name, with a hot swap that never fails a request.
 - ``batching``: server-side micro-batching of concurrent requests into one session run.
 - ``router``: local-or-burst routing of one call, whatever protocol it came in on; inputs checked first.
-- ``canary``: a candidate version on trial beside the current one: canary split, shadow runs, agreement.
+- ``canary``: a candidate version on trial beside the current one: the traffic split, tallies, report.
+- ``shadow``: background runs of the other version on answered inputs, CPU-bounded; their agreement.
 - ``burst``: the burst endpoint's V2 client behind a circuit breaker, and the latency model.
 - ``codecs``: KServe V2 tensors <-> numpy for gRPC, the datatype tables and header checks.
 - ``http_codec``: the HTTP half of the codec: JSON tensors and Triton's binary data extension.

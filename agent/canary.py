@@ -4,32 +4,24 @@ While a model name is *on trial* (its signed order carries a canary percentage o
 flag), requests that name no version are split between the current version and the candidate
 by a counter (exactly P of every 100, so a test can count it), or, in shadow mode, all answered
 by the current version while a copy runs on the candidate in the background. Each comparison of
-the two versions' outputs on the same input feeds the agreement: top-1 agreement for classifier
-outputs (``[batch, classes]`` floats), mean cosine otherwise.
-
-Background runs go through one worker with a bounded queue and a CPU budget (a token bucket
-worth ``cpu_share`` of one core): when the queue is full, the budget spent, or either version
-has requests waiting, the run is skipped and counted; the answer the caller gets never waits.
+the two versions' outputs on the same input feeds the agreement. The background runs, their CPU
+bound and the comparison itself are ``shadow``'s; this module keeps the split, the per-version
+tallies and the report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from edgectl.agent.codecs import Array
 from edgectl.agent.errors import AgentError
 from edgectl.agent.serving import ModelRegistry, ServedModel
+from edgectl.agent.shadow import ShadowJob, ShadowWorker, compare
 from edgectl.agent.state import Installed
 from edgectl.artifact import ArtifactError
 from edgectl.protos.v1 import mqtt_pb2 as mpb
@@ -38,9 +30,6 @@ log = logging.getLogger(__name__)
 
 MODE_CANARY = "canary"
 MODE_SHADOW = "shadow"
-KIND_TOP1 = "top1"
-KIND_COSINE = "cosine"
-BACKGROUND_NICE = 19
 
 
 @dataclass(frozen=True)
@@ -122,15 +111,6 @@ class _Trial:
         return t
 
 
-@dataclass(frozen=True)
-class _Job:
-    name: str
-    trial: _Trial
-    version: str  # the version to run in the background
-    feeds: Mapping[str, Array]
-    reference: Mapping[str, Array]  # the current version's outputs on the same feeds
-
-
 def on_trial(dm: mpb.DesiredModel) -> bool:
     """True when the order asks to run ``dm`` as a canary or shadow beside the current version."""
     return dm.canary_percent > 0 or dm.shadow
@@ -150,28 +130,6 @@ def fill_trial(out: mpb.TrialStats, report: TrialReport) -> None:
         )  # fmt: skip
 
 
-def compare(current: Mapping[str, Array], candidate: Mapping[str, Array]) -> tuple[str, int, float]:
-    """(kind, rows compared, rows agreeing or summed cosine) over the outputs both have."""
-    names = sorted(set(current) & set(candidate))
-    pairs = [(np.asarray(current[n]), np.asarray(candidate[n])) for n in names]
-    pairs = [(a, b) for a, b in pairs if a.shape == b.shape and a.dtype.kind == "f" and a.size]
-    if not pairs:
-        return KIND_COSINE, 0, 0.0
-    if all(a.ndim == 2 and a.shape[1] > 1 for a, _ in pairs):
-        a, b = pairs[0]
-        return KIND_TOP1, a.shape[0], float(np.count_nonzero(a.argmax(1) == b.argmax(1)))
-    rows = pairs[0][0].shape[0] if pairs[0][0].ndim else 1
-    same = [(a, b) for a, b in pairs if (a.shape[0] if a.ndim else 1) == rows]
-    x: np.ndarray = np.concatenate([a.reshape(rows, -1) for a, _ in same], axis=1).astype(np.float64)
-    y: np.ndarray = np.concatenate([b.reshape(rows, -1) for _, b in same], axis=1).astype(np.float64)
-    dots: np.ndarray = np.einsum("ij,ij->i", x, y)
-    norms: np.ndarray = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    # Two all-zero rows agree exactly; one zero row against a non-zero one does not.
-    equal: np.ndarray = np.all(x == y, axis=1).astype(np.float64)
-    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), equal)
-    return KIND_COSINE, rows, float(np.sum(cos))
-
-
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -187,10 +145,12 @@ class Trials:
         self.settings = settings or TrialSettings()
         self._trials: dict[str, _Trial] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max(1, self.settings.queue_size))
-        self._tokens = self.settings.cpu_share
-        self._refilled = time.monotonic()
-        self._worker: threading.Thread | None = None
+        self.worker = ShadowWorker(
+            registry,
+            queue_size=self.settings.queue_size,
+            cpu_share=self.settings.cpu_share,
+            timeout_s=self.settings.timeout_s,
+        )
 
     # -- plans (the reconcile loop) ------------------------------------------------------------
     def set(self, name: str, plan: TrialPlan | None) -> None:
@@ -202,9 +162,8 @@ class Trials:
             elif old is None or old.plan != plan:
                 self._trials[name] = _Trial(plan, self.settings.latency_window)
                 log.info("%s on trial: %s", name, plan)
-            if plan is not None and self._worker is None:
-                self._worker = threading.Thread(target=self._run, name="canary-shadow", daemon=True)
-                self._worker.start()
+        if plan is not None:
+            self.worker.start()
 
     def follow(
         self,
@@ -282,10 +241,10 @@ class Trials:
         if not ok or feeds is None or outputs is None:
             return
         if version == plan.current and plan.shadow:
-            self._offer(_Job(name, trial, plan.candidate, feeds, outputs))
+            self._offer(name, trial, plan.candidate, feeds, outputs)
         elif version == plan.candidate:
             # The candidate answered: run the current version on the same input to compare.
-            self._offer(_Job(name, trial, plan.current, feeds, outputs))
+            self._offer(name, trial, plan.current, feeds, outputs)
 
     @staticmethod
     def _count(trial: _Trial, version: str, ok: bool, elapsed_s: float) -> None:
@@ -295,70 +254,34 @@ class Trials:
             t.errors += not ok
             t.latencies_ms.append(elapsed_s * 1000.0)
 
-    def _offer(self, job: _Job) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            with job.trial.lock:
-                job.trial.skipped += 1
+    def _offer(
+        self, name: str, trial: _Trial, version: str, feeds: Mapping[str, Array], answer: Mapping[str, Array]
+    ) -> None:
+        """Hand the other version's run on ``feeds`` to the worker; ``answer`` is what was sent."""
+        plan = trial.plan
 
-    # -- the background worker -------------------------------------------------------------------
-    def _budget(self) -> bool:
-        now = time.monotonic()
-        share = self.settings.cpu_share
-        self._tokens = min(share, self._tokens + (now - self._refilled) * share)
-        self._refilled = now
-        return self._tokens > 0
-
-    def _run(self) -> None:
-        # Linux schedules threads on their own nice value: background runs (ORT runs in the calling
-        # thread when the version is idle) yield the CPU to the threads that answer requests.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-        while True:
-            job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                self._background(job)
-            except Exception:  # a comparison must never take the worker down
-                log.exception("background run for %s failed", job.name if job else "?")
-            finally:
-                self._queue.task_done()
-
-    def _background(self, job: _Job) -> None:
-        trial, plan = job.trial, job.trial.plan
-        other = self.registry.resolve(job.name, job.version)
-        current = self.registry.resolve(job.name, plan.current)
-        busy = any(m is None or not m.batcher.idle for m in (other, current))
-        if busy or not self._budget() or self._trials.get(job.name) is not trial:
+        def skip() -> None:
             with trial.lock:
                 trial.skipped += 1
-            return
-        start = time.perf_counter()
-        try:
-            outputs, _ = self.registry.infer(
-                job.name, job.feeds, self.settings.timeout_s, version=job.version
-            )
-            ok = True
-        except AgentError as exc:
-            log.info("background run on %s version %s failed: %s", job.name, job.version, exc)
-            outputs, ok = {}, False
-        elapsed = time.perf_counter() - start
-        self._tokens -= elapsed
-        if job.version == plan.candidate:  # shadow: the candidate's only traffic is this
-            self._count(trial, job.version, ok, elapsed)
-        if not ok:
-            return
-        reference, other_out = (
-            (job.reference, outputs) if job.version == plan.candidate else (outputs, job.reference)
-        )
-        kind, rows, agreed = compare(reference, other_out)
-        with trial.lock:
-            trial.runs += 1
-            trial.compared += rows
-            trial.agreed += agreed
-            trial.kind = kind
+
+        def finish(outputs: dict[str, Array] | None, elapsed: float) -> None:
+            if version == plan.candidate:  # shadow: the candidate's only traffic is this
+                self._count(trial, version, outputs is not None, elapsed)
+            if outputs is None:
+                return
+            current, candidate = (answer, outputs) if version == plan.candidate else (outputs, answer)
+            kind, rows, agreed = compare(current, candidate)
+            with trial.lock:
+                trial.runs += 1
+                trial.compared += rows
+                trial.agreed += agreed
+                trial.kind = kind
+
+        def wanted() -> bool:
+            return self._trials.get(name) is trial
+
+        watch = (plan.current, plan.candidate)
+        self.worker.offer(ShadowJob(name, version, watch, feeds, finish, skip, wanted))
 
     # -- reporting -------------------------------------------------------------------------------
     def report(self, name: str) -> TrialReport | None:
@@ -385,18 +308,10 @@ class Trials:
 
     def idle(self) -> bool:
         """True when no background run is queued (tests wait on it)."""
-        return self._queue.unfinished_tasks == 0
+        return self.worker.idle()
 
     def close(self) -> None:
-        """Stop the worker (queued runs are dropped)."""
+        """End every trial and stop the worker (queued runs are dropped)."""
         with self._lock:
             self._trials.clear()
-            worker, self._worker = self._worker, None
-        if worker is not None:
-            while True:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._queue.put(None)
-            worker.join(timeout=10)
+        self.worker.close()

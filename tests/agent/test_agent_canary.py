@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.canary import KIND_COSINE, KIND_TOP1, TrialPlan, Trials, TrialSettings, compare
+from edgectl.agent.canary import TrialPlan, Trials, TrialSettings
 from edgectl.agent.codecs import encode_request
 from edgectl.agent.runtime import SessionSettings, load_model
+from edgectl.agent.shadow import KIND_COSINE, KIND_TOP1, compare
 from tests.agent.conftest import wait_for
 from tests.agent.onnx_models import mlp_model
 from tests.agent.v2_harness import InProcessV2
