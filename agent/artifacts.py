@@ -133,7 +133,10 @@ def load_and_smoke_test(artifact: VerifiedArtifact, settings: SessionSettings) -
         )
     except ModelLoadError as exc:
         raise RefusedError(f"model does not load: {exc}") from exc
-    model.input_summary = m.input_summary
+    try:
+        model.input_summary = artifact.input_summary()
+    except ManifestError as exc:
+        raise RefusedError(f"the calibration summary cannot be read: {exc}") from exc
     inputs, expected = artifact.golden()
     try:
         model.validate(inputs)

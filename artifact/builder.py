@@ -22,7 +22,7 @@ import numpy.typing as npt
 import edgectl
 from edgectl.artifact.canonical import DIGEST_PREFIX, canonical_bytes, is_hex64, sha256_digest
 from edgectl.artifact.chunking import chunk_file
-from edgectl.artifact.drift import DriftSummary
+from edgectl.artifact.drift import SUMMARY_FILE, DriftSummary
 from edgectl.artifact.errors import ManifestError
 from edgectl.artifact.golden import write_golden
 from edgectl.artifact.keystore import default_signing_key
@@ -113,21 +113,26 @@ def build_artifact(
 
     ``files`` must hold ``model_file`` and every engine's file; ``golden.npz`` is written here.
     Without ``signing_key`` the user's default key is used (made on first use). ``input_summary``
-    (``summarize_inputs`` of the calibration data) lets agents score input drift.
+    (``summarize_inputs`` of the calibration data) lets agents score input drift; it is written
+    as the bundle file ``input_summary.json``, so the manifest lists and signs it like the model.
     """
     _prepare_out(out_dir)
     golden = GoldenRef("golden.npz", golden_atol, golden_rtol, golden_min_cosine)
     sources = dict(files)
     for rel in sources:
         check_relpath(rel)
-        if rel in RESERVED_NAMES or rel == golden.file:
+        if rel in RESERVED_NAMES or rel in (golden.file, SUMMARY_FILE):
             raise ManifestError(f"{rel!r} is written by build_artifact; do not pass it in files")
     for rel, src in sorted(sources.items()):
         dest = out_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)  # a copy, never a link: the bundle must not alias outside files
     write_golden(out_dir / golden.file, golden_inputs, golden_outputs, input_signature, output_signature)
-    entries = tuple(chunk_file(out_dir / rel, rel) for rel in sorted([*sources, golden.file]))
+    written = [golden.file]
+    if input_summary is not None:
+        (out_dir / SUMMARY_FILE).write_bytes(input_summary.to_bytes())
+        written.append(SUMMARY_FILE)
+    entries = tuple(chunk_file(out_dir / rel, rel) for rel in sorted([*sources, *written]))
     manifest = Manifest(
         name=name,
         version=version,
@@ -147,7 +152,6 @@ def build_artifact(
         trt_engines=tuple(sorted(trt_engines, key=lambda e: e.file)),
         engine_build_on_device=engine_build_on_device,
         files=entries,
-        input_summary=input_summary,
     )
     manifest_bytes = manifest.to_bytes()
     key = signing_key or default_signing_key()

@@ -1,6 +1,9 @@
 """Input drift against the calibration set: the summary compress stores, the agent's live sketch, PSI.
 
-``summarize_inputs`` turns calibration arrays (sample axis first) into a ``DriftSummary``: per input
+``summarize_inputs`` turns calibration arrays (sample axis first) into a ``DriftSummary``, which the
+bundle carries as its own file, ``input_summary.json`` (listed in the signed manifest's ``files``
+like the model, so the signature covers it; agents that predate it ignore a file they do not
+use, where they refuse a manifest field they do not know). Per input
 either one histogram of all its values, one per column for a ``[batch, F]`` input with F <= 16
 ("features"), or, for integer inputs (token ids, attention masks), the distribution of the number
 of non-zero entries per sample (sequence length). Bin edges are the calibration data's own
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,9 +30,11 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edgectl.artifact.canonical import canonical_bytes
 from edgectl.artifact.errors import ManifestError
 
 SUMMARY_FORMAT = "edgectl.input-summary/v1"
+SUMMARY_FILE = "input_summary.json"
 MAX_BINS = 16
 MAX_FEATURES = 16
 MAX_INPUTS = 64
@@ -109,7 +115,7 @@ class InputSummary:
 
 @dataclass(frozen=True)
 class DriftSummary:
-    """What the calibration inputs looked like; stored in the manifest's ``input_summary``."""
+    """What the calibration inputs looked like; stored in the bundle as ``SUMMARY_FILE``."""
 
     inputs: tuple[InputSummary, ...]
 
@@ -125,6 +131,22 @@ class DriftSummary:
         if not isinstance(inputs, list) or len(inputs) > MAX_INPUTS:
             raise ManifestError(f"input_summary.inputs must be a list of at most {MAX_INPUTS} inputs")
         return cls(tuple(InputSummary.from_dict(i) for i in inputs))
+
+    def to_bytes(self) -> bytes:
+        """The canonical JSON written as ``SUMMARY_FILE``."""
+        return canonical_bytes(self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DriftSummary | None:
+        """Parse ``SUMMARY_FILE``; None for a summary format of a newer edgectl (no drift watch here,
+        the model still serves); ManifestError for a malformed one."""
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(f"{SUMMARY_FILE} is not JSON: {exc}") from exc
+        if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"] != SUMMARY_FORMAT:
+            return None
+        return cls.from_dict(obj)
 
 
 def _round(x: float) -> float:

@@ -3,16 +3,22 @@
 The manifest is the artifact: it names every file with its size, sha256 and chunk list, so a
 signature over its canonical bytes covers the whole bundle. Versions are positive integers that
 only grow (``is_newer``), so anti-rollback is one comparison.
+
+Forward compatibility: a top-level field this edgectl does not know is an optional extension
+from a newer one. It is kept verbatim in ``extensions`` (so the bytes re-encode exactly and the
+signature still covers it) and otherwise ignored. A change an older reader must not ignore
+changes ``format`` instead, which older readers refuse by name. New data that agents of earlier
+releases must be able to skip goes into a file of the bundle (``files`` lists it, digest and all),
+not into a new field: releases before this rule refuse any unknown field.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, cast
 
 from edgectl.artifact.canonical import canonical_bytes, is_hex64, parse_canonical, sha256_digest
-from edgectl.artifact.drift import DriftSummary
 from edgectl.artifact.errors import ManifestError, RollbackError
 from edgectl.artifact.paths import check_relpath
 from edgectl.artifact.tensors import TensorSpec
@@ -239,15 +245,18 @@ class Manifest:
     parent_version: int | None = None
     trt_engines: tuple[TrtEngine, ...] = ()
     engine_build_on_device: bool = True
-    # The calibration inputs' distribution (artifact/drift.py); absent from older manifests.
-    input_summary: DriftSummary | None = None
     format: str = field(default=FORMAT)
+    # Top-level fields of a newer edgectl, kept verbatim (signed, re-encoded) and not acted on.
+    extensions: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Cross-field checks that the per-field parsing cannot see."""
+        known = set(_KNOWN_FIELDS) & set(self.extensions)
+        if known:
+            raise ManifestError(f"extensions may not hold the manifest's own fields {sorted(known)}")
         if self.format != FORMAT:
             raise ManifestError(f"unsupported artifact format {self.format!r} (this edgectl reads {FORMAT})")
         if not _NAME_RE.match(self.name):
@@ -291,6 +300,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain JSON values, ready for canonical encoding."""
         out: dict[str, Any] = {
+            **self.extensions,
             "format": self.format,
             "name": self.name,
             "version": self.version,
@@ -310,9 +320,6 @@ class Manifest:
             "engine_build_on_device": self.engine_build_on_device,
             "files": [f.to_dict() for f in self.files],
         }
-        if self.input_summary is not None:
-            # Written only when present, so a manifest without one keeps its bytes and its digest.
-            out["input_summary"] = self.input_summary.to_dict()
         return out
 
     def to_bytes(self) -> bytes:
@@ -365,7 +372,7 @@ class Manifest:
             trt_engines=tuple(TrtEngine.from_dict(e) for e in engines),
             engine_build_on_device=_req(obj, "engine_build_on_device", bool, w),
             files=tuple(FileEntry.from_dict(f) for f in files),
-            input_summary=DriftSummary.from_dict(obj["input_summary"]) if "input_summary" in obj else None,
+            extensions={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
         )
 
     @classmethod
@@ -373,6 +380,12 @@ class Manifest:
         """Parse canonical manifest bytes; the result re-encodes to exactly ``data``."""
         manifest = cls.from_dict(parse_canonical(data))
         if manifest.to_bytes() != data:
-            # Unknown fields would vanish on re-encoding: refuse rather than sign what we cannot see.
+            # A nested field we do not know would vanish on re-encoding: refuse rather than accept
+            # bytes we cannot reproduce (top-level ones are kept in ``extensions``).
             raise ManifestError("manifest has fields this edgectl does not know; upgrade edgectl to read it")
         return manifest
+
+
+# The top-level fields this edgectl reads (each is a dataclass field of the same name); any other
+# is an extension (see the module docstring).
+_KNOWN_FIELDS = frozenset(f.name for f in fields(Manifest)) - {"extensions"}

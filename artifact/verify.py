@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgectl.artifact.canonical import sha256_digest
+from edgectl.artifact.drift import SUMMARY_FILE, DriftSummary
 from edgectl.artifact.errors import (
     DigestMismatchError,
     ManifestError,
@@ -92,6 +93,12 @@ class VerifiedArtifact:
         """The golden (inputs, outputs) keyed by tensor name."""
         m = self.manifest
         return read_golden(self.path(m.golden.file), m.inputs, m.outputs)
+
+    def input_summary(self) -> DriftSummary | None:
+        """The calibration inputs' summary the bundle carries (``drift.SUMMARY_FILE``), or None."""
+        if SUMMARY_FILE not in {f.path for f in self.manifest.files}:
+            return None
+        return DriftSummary.from_bytes(self.path(SUMMARY_FILE).read_bytes())
 
     def engine_for(self, device_class: str, trt_version: str, compute_capability: str) -> Path | None:
         """The prebuilt TensorRT engine for exactly this platform, or None (build on device)."""

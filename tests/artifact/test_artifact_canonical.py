@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -93,11 +94,19 @@ def test_manifest_round_trip(recipe: dict[str, Any], metrics: Any) -> None:
     assert m.to_bytes() == data and m.digest == sha256_digest(data)
 
 
-def test_unknown_field_is_refused() -> None:
+def test_unknown_top_level_field_is_kept_verbatim_and_a_nested_one_refused() -> None:
     doc = _minimal_manifest()
-    doc["surprise"] = 1
+    doc["surprise"] = {"from": "a newer edgectl", "n": [1, 2.5]}
+    data = canonical_bytes(doc)
+    m = Manifest.from_bytes(data)
+    # Kept, so the bytes (and the digest every signature is over) are exactly what was signed.
+    assert m.extensions == {"surprise": doc["surprise"]} and m.to_bytes() == data
+    doc = _minimal_manifest()
+    doc["golden"]["surprise"] = 1
     with pytest.raises(ManifestError, match="does not know"):
         Manifest.from_bytes(canonical_bytes(doc))
+    with pytest.raises(ManifestError, match="own fields"):
+        dataclasses.replace(Manifest.from_dict(_minimal_manifest()), extensions={"name": "x"})
 
 
 @pytest.mark.parametrize(

@@ -14,16 +14,16 @@ import pytest
 from edgectl.artifact import (
     MANIFEST_NAME,
     Artifact,
+    DigestMismatchError,
     DriftSummary,
     LiveSketch,
-    Manifest,
     ManifestError,
     TrustStore,
     canonical_bytes,
     load_artifact,
     summarize_inputs,
 )
-from edgectl.artifact.drift import DEFAULT_THRESHOLD, MAX_BINS, psi
+from edgectl.artifact.drift import DEFAULT_THRESHOLD, MAX_BINS, SUMMARY_FILE, psi
 
 BuildFn = Callable[..., Artifact]
 
@@ -61,21 +61,30 @@ def test_summary_shape_and_bounds() -> None:
         summarize_inputs({"x": np.zeros((4, 2))}, bins=MAX_BINS + 1)
 
 
-def test_summary_is_signed_in_the_manifest_and_old_manifests_stay_valid(
+def test_summary_is_a_signed_bundle_file_and_bundles_without_one_stay_valid(
     tmp_path: Path, build: BuildFn, trust: TrustStore
 ) -> None:
     summary = summarize_inputs({"input": np.random.default_rng(1).random((64, 3, 4, 4)).astype(np.float32)})
     with_summary = build(tmp_path / "a", input_summary=summary)
     loaded = load_artifact(with_summary.root, trust)
-    assert loaded.manifest.input_summary == summary
+    assert loaded.input_summary() == summary
+    assert SUMMARY_FILE in {f.path for f in loaded.manifest.files}  # its digest is in the signed manifest
+    assert b"input_summary" not in (with_summary.root / MANIFEST_NAME).read_bytes().replace(
+        SUMMARY_FILE.encode(), b""
+    ), "the manifest names the file only; no field of its own"
     without = build(tmp_path / "b")
-    raw = (without.root / MANIFEST_NAME).read_bytes()
-    assert b"input_summary" not in raw and Manifest.from_bytes(raw).input_summary is None
-    # A summary that breaks its bounds is refused like any other schema error.
-    bad = json.loads((with_summary.root / MANIFEST_NAME).read_bytes())
-    bad["input_summary"]["inputs"][0]["features"][0]["probs"][0] += 0.5
+    assert load_artifact(without.root, trust).input_summary() is None
+    # The signature covers the file: one changed byte and the bundle is refused.
+    path = with_summary.root / SUMMARY_FILE
+    path.write_bytes(path.read_bytes().replace(b'"count":64', b'"count":65'))
+    with pytest.raises(DigestMismatchError):
+        load_artifact(with_summary.root, trust)
+    # A summary that breaks its bounds is refused like any other schema error; a newer format is skipped.
+    bad = summary.to_dict()
+    bad["inputs"][0]["features"][0]["probs"][0] += 0.5
     with pytest.raises(ManifestError, match="sum to 1"):
-        Manifest.from_bytes(canonical_bytes(bad))
+        DriftSummary.from_bytes(canonical_bytes(bad))
+    assert DriftSummary.from_bytes(canonical_bytes({"format": "edgectl.input-summary/v9"})) is None
 
 
 def test_psi_is_zero_for_the_same_shares_and_grows_with_a_shift() -> None:

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from edgectl.artifact import default_trust_store, verify_bundle
+from edgectl.artifact import default_trust_store, load_artifact, verify_bundle
 from edgectl.cli.compress import compress
 
 app = typer.Typer()
@@ -52,8 +52,8 @@ def test_compress_digits_int8_end_to_end(digits: dict[str, Path], tmp_path: Path
     assert manifest.recipe["cleanup"]["fused"] == {}  # a CNN has no transformer patterns
     assert manifest.recipe["tensorrt"]["build_on_device"] is False
     assert manifest.engine_build_on_device
-    # The calibration inputs' summary rides in the signed manifest, for the agents' drift score.
-    summary = manifest.input_summary
+    # The calibration inputs' summary rides in the bundle, signed, for the agents' drift score.
+    summary = load_artifact(out, default_trust_store()).input_summary()
     assert summary is not None and [i.name for i in summary.inputs] == ["image"]
     assert summary.inputs[0].count == np.load(digits["calib"])["image"].shape[0]
 
