@@ -41,8 +41,10 @@ MAX_INPUTS = 64
 # Per request: at most this many rows of a [batch, F] input, or values of any other input.
 SAMPLE_ROWS = 8
 SAMPLE_VALUES = 64
-# Requests whose samples wait to be binned together (bounded memory: <= 64 x 64 values per input).
+# Requests whose inputs wait to be sampled and binned together, and the largest input kept whole
+# meanwhile (bounded memory: <= 64 x 4 KiB per input; a larger one is sampled at once).
 FLUSH_EVERY = 64
+KEEP_BYTES = 4096
 # Calibration values used to place edges (a quantile over more adds cost, not accuracy).
 _MAX_CALIB_VALUES = 1 << 20
 # PSI above this is a "major shift" by the usual rule of thumb (0.1 minor, 0.25 major).
@@ -307,7 +309,7 @@ class LiveSketch:
         self._ring: collections.deque[_Bucket] = collections.deque(maxlen=buckets)
         self._lock = threading.Lock()
         self._turn = 0
-        self._pending: list[list[Array]] = [[] for _ in self._inputs]
+        self._pending: list[list[tuple[Array, int]]] = [[] for _ in self._inputs]
         self._unbinned = 0
         self._current = self._new_bucket()
         self._alarmed = False
@@ -316,17 +318,23 @@ class LiveSketch:
         return _Bucket(self._clock(), 0, [np.zeros(c.nfeat * c.width, np.int64) for c in self._inputs])
 
     def observe(self, feeds: Mapping[str, Array]) -> None:
-        """Keep a bounded sample of one request's inputs; they are binned in batches (``FLUSH_EVERY``
-        requests at a time), so a request pays for a slice copy, not for numpy's per-call overhead."""
+        """Note one request's inputs; they are sampled and binned in batches (``FLUSH_EVERY`` requests
+        at a time), so a request pays for a list append, not for numpy's per-call overhead. A small
+        input is kept by reference until then (decoded request tensors are not written to); a
+        large one is sampled into a bounded copy at once, so held memory stays bounded."""
         self._turn += 1  # racy under threads; it only moves a sampling offset
-        found = []
-        for i, c in enumerate(self._inputs):
-            got = c.sample(feeds[c.name], self._turn) if c.name in feeds else None
-            if got is not None:
-                found.append((i, got))
+        turn = self._turn
         with self._lock:
-            for i, got in found:
-                self._pending[i].append(got)
+            for i, c in enumerate(self._inputs):
+                arr = feeds.get(c.name)
+                if arr is None:
+                    continue
+                if arr.nbytes <= KEEP_BYTES:
+                    self._pending[i].append((arr, turn))
+                else:
+                    got = c.sample(arr, turn)
+                    if got is not None:
+                        self._pending[i].append((got, 0))
             self._current.requests += 1
             self._unbinned += 1
             if self._current.requests >= self.bucket_requests:
@@ -337,10 +345,14 @@ class LiveSketch:
                 self._flush()
 
     def _flush(self) -> None:
-        """Bin the pending samples into the current bucket (caller holds the lock)."""
+        """Sample and bin the pending inputs into the current bucket (caller holds the lock)."""
         for i, c in enumerate(self._inputs):
             if self._pending[i]:
-                self._current.counts[i] += c.counts(self._pending[i])
+                # turn 0 marks a sample taken at observe time; else the request's input itself.
+                got = [a if turn == 0 else c.sample(a, turn) for a, turn in self._pending[i]]
+                samples = [g for g in got if g is not None]
+                if samples:
+                    self._current.counts[i] += c.counts(samples)
                 self._pending[i] = []
         self._unbinned = 0
 
