@@ -82,6 +82,7 @@ class ShadowWorker:
         self._tokens = cpu_share
         self._refilled = time.monotonic()
         self._lock = threading.Lock()
+        self._budget_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -92,17 +93,27 @@ class ShadowWorker:
                 self._thread.start()
 
     def offer(self, job: ShadowJob) -> None:
-        """Queue ``job``, or count it skipped when the queue is full; never blocks."""
+        """Queue ``job``, or count it skipped; never blocks. Under load the skip is decided here, on
+        the request's thread, from two cheap looks (queues, budget): a busy box does not even wake
+        the worker, whose every wake-up would take the GIL from the threads serving requests."""
+        if self._busy(job) or not self._budget():
+            job.skip()
+            return
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             job.skip()
 
     def _budget(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.cpu_share, self._tokens + (now - self._refilled) * self.cpu_share)
-        self._refilled = now
-        return self._tokens > 0
+        with self._budget_lock:
+            now = time.monotonic()
+            self._tokens = min(self.cpu_share, self._tokens + (now - self._refilled) * self.cpu_share)
+            self._refilled = now
+            return self._tokens > 0
+
+    def _spend(self, seconds: float) -> None:
+        with self._budget_lock:
+            self._tokens -= seconds
 
     def _busy(self, job: ShadowJob) -> bool:
         """A request of a watched version is queued or running (a cheap look, no lock)."""
@@ -140,7 +151,7 @@ class ShadowWorker:
             log.info("background run on %s version %s failed: %s", job.name, job.version, exc)
             outputs = None
         elapsed = time.perf_counter() - start
-        self._tokens -= elapsed
+        self._spend(elapsed)
         job.finish(outputs, elapsed)
 
     def idle(self) -> bool:
