@@ -13,7 +13,7 @@ from edgectl.agent.batching import BatchSettings
 from edgectl.agent.canary import TrialPlan, Trials, TrialSettings
 from edgectl.agent.codecs import encode_request
 from edgectl.agent.runtime import SessionSettings, load_model
-from edgectl.agent.shadow import KIND_COSINE, KIND_TOP1, compare
+from edgectl.agent.shadow import KIND_COSINE, KIND_TOP1, ShadowJob, ShadowWorker, compare
 from tests.agent.conftest import wait_for
 from tests.agent.onnx_models import mlp_model
 from tests.agent.v2_harness import InProcessV2
@@ -141,3 +141,31 @@ def test_compare_top1_for_classifiers_and_cosine_otherwise() -> None:
     assert (kind, rows) == (KIND_COSINE, 2) and abs(total - 2.0) < 1e-9
     kind, rows, total = compare({"y": vec}, {"y": -vec})
     assert abs(total + 2.0) < 1e-9
+
+
+def test_a_run_that_cannot_go_ahead_is_skipped_when_offered_without_waking_the_worker(tmp_path: Path) -> None:
+    served, trials = _stack(tmp_path, negate=False)
+    worker = ShadowWorker(served.registry, queue_size=4, cpu_share=1.0, timeout_s=5.0)
+    skipped: list[str] = []
+    ran: list[float] = []
+    try:
+        x = {"x": RNG.standard_normal((1, 4)).astype(np.float32)}
+
+        def job(watch: tuple[str, ...]) -> ShadowJob:
+            return ShadowJob(
+                "m", "2", watch, x, lambda out, s: ran.append(s), lambda: skipped.append("x"), lambda: True
+            )
+
+        worker.offer(job(("1", "9")))  # version 9 is not served: never run beside it
+        assert skipped == ["x"] and worker.idle()  # counted at once; nothing queued
+        worker.start()
+        spent = ShadowWorker(served.registry, queue_size=4, cpu_share=0.0, timeout_s=5.0)  # no CPU budget
+        spent.offer(job(("1", "2")))
+        assert skipped == ["x", "x"] and spent.idle()
+        worker.offer(job(("1", "2")))  # both idle, budget left: queued and run
+        wait_for(lambda: len(ran) == 1 and worker.idle(), what="the run")
+        assert len(skipped) == 2
+    finally:
+        worker.close()
+        trials.close()
+        served.close()
