@@ -51,7 +51,7 @@ class InProcessV2:
             digest="sha256:" + "0" * 64,
             settings=SessionSettings(intra_op_threads=1),
         )
-        model.input_summary = input_summary  # what an artifact's manifest would carry
+        model.input_summary = input_summary  # what an artifact's input_summary.json would carry
         self.registry.install(model)
         self.router = InferenceRouter(
             self.registry,
