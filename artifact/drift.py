@@ -235,6 +235,20 @@ class DriftScore:
         )
 
 
+def _held_bytes(arr: Array) -> int:
+    """The bytes a reference to ``arr`` keeps alive: its whole buffer, which for a tensor decoded from
+    an HTTP body (Triton's binary extension) is the body with every other input in it."""
+    base: object = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, np.ndarray):
+        return int(base.nbytes)
+    try:
+        return memoryview(base).nbytes  # type: ignore[arg-type]
+    except TypeError:
+        return 1 << 62  # unknown: never kept
+
+
 class _Compiled:
     """One input's bins as padded arrays, ready for counting."""
 
@@ -319,9 +333,10 @@ class LiveSketch:
 
     def observe(self, feeds: Mapping[str, Array]) -> None:
         """Note one request's inputs; they are sampled and binned in batches (``FLUSH_EVERY`` requests
-        at a time), so a request pays for a list append, not for numpy's per-call overhead. A small
-        input is kept by reference until then (decoded request tensors are not written to); a
-        large one is sampled into a bounded copy at once, so held memory stays bounded."""
+        at a time), so a request pays for a list append, not for numpy's per-call overhead. An input
+        whose whole buffer is small is kept by reference until then (decoded request tensors are
+        not written to); any other is sampled into a bounded copy at once, so held memory stays
+        bounded (<= ``FLUSH_EVERY`` x ``KEEP_BYTES`` per input)."""
         self._turn += 1  # racy under threads; it only moves a sampling offset
         turn = self._turn
         with self._lock:
@@ -329,7 +344,7 @@ class LiveSketch:
                 arr = feeds.get(c.name)
                 if arr is None:
                     continue
-                if arr.nbytes <= KEEP_BYTES:
+                if _held_bytes(arr) <= KEEP_BYTES:
                     self._pending[i].append((arr, turn))
                 else:
                     got = c.sample(arr, turn)

@@ -4,7 +4,9 @@ in-distribution traffic raises no alarm)."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,3 +161,21 @@ def test_a_day_of_in_distribution_traffic_raises_no_alarm() -> None:
     now[0] += 2 * 3600
     s = sketch.score()
     assert s is None or s.requests < sketch.bucket_requests * 2
+
+
+def test_a_small_tensor_viewing_a_large_buffer_does_not_keep_the_buffer_alive() -> None:
+    """Inputs wait for the batch flush by reference only when their whole buffer is small: a tensor
+    decoded from an HTTP body is a view of the body, every other input included."""
+    rng = np.random.default_rng(6)
+    sketch = LiveSketch(summarize_inputs(_calib(rng)))
+    body = np.zeros(1 << 20, np.float32)  # stands in for a request body holding a large input
+    seen = weakref.ref(body)
+    sketch.observe({"x": body[:4].reshape(1, 4)})
+    small = rng.standard_normal((1, 4)).astype(np.float32)
+    sketch.observe({"x": small})
+    del body
+    gc.collect()
+    assert seen() is None, "the sketch holds the whole body until its next flush"
+    for _ in range(300):
+        sketch.observe(_live(rng))  # type: ignore[arg-type]
+    assert sketch.score() is not None
