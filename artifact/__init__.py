@@ -20,7 +20,8 @@ One job per module (a test keeps this list complete):
 - ``golden``: the byte-deterministic golden input/output pair and its tolerance check.
 - ``blobstore``: content-addressed blob storage: the interface and the local-disk store.
 - ``s3store``: the same interface on S3-compatible object storage (boto3, imported lazily).
-- ``drift``: the calibration inputs' summary, the live sketch of served inputs, and PSI between them.
+- ``drift``: the calibration inputs' summary (``input_summary.json`` in the bundle), as compress writes it.
+- ``live_sketch``: the device side of drift: live inputs counted into the summary's bins, PSI.
 - ``errors``: the named failure of every check.
 """
 
@@ -45,7 +46,7 @@ from edgectl.artifact.chunking import (
     reassemble_file,
     shared_bytes,
 )
-from edgectl.artifact.drift import DriftSummary, LiveSketch, summarize_inputs
+from edgectl.artifact.drift import DriftSummary, summarize_inputs
 from edgectl.artifact.errors import (
     ArtifactError,
     BlobNotFoundError,
@@ -63,6 +64,7 @@ from edgectl.artifact.errors import (
 from edgectl.artifact.golden import golden_matches, read_golden, write_golden
 from edgectl.artifact.integrity import ChunkSource, file_digest_matches, read_verified, verify_chunk
 from edgectl.artifact.keystore import config_dir, default_key_path, default_signing_key, default_trust_store
+from edgectl.artifact.live_sketch import LiveSketch
 from edgectl.artifact.manifest import (
     FORMAT,
     MANIFEST_NAME,

@@ -1,4 +1,4 @@
-"""Input drift against the calibration set: the summary compress stores, the agent's live sketch, PSI.
+"""Input drift, the calibration side: the summary of the calibration inputs that compress stores.
 
 ``summarize_inputs`` turns calibration arrays (sample axis first) into a ``DriftSummary``, which the
 bundle carries as its own file, ``input_summary.json`` (listed in the signed manifest's ``files``
@@ -11,19 +11,15 @@ quantiles, so each bin holds about 1/16 of it and PSI is equally sensitive every
 at most 16 bins per feature, 16 features per input and 64 inputs (<= 16,384 edges, about 200 KB
 of JSON at worst; a 4-feature input is ~1 KB).
 
-``LiveSketch`` counts live requests into the same bins (a bounded sample of each request's
-values, ``np.searchsorted``), over a rolling window of request buckets, and scores it with PSI,
-the worst feature's. Numpy only: compress writes the summary, the agent reads it.
+Numpy only: compress writes the summary, the agent reads it (``live_sketch`` counts live
+requests into the same bins).
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import json
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,17 +34,8 @@ SUMMARY_FILE = "input_summary.json"
 MAX_BINS = 16
 MAX_FEATURES = 16
 MAX_INPUTS = 64
-# Per request: at most this many rows of a [batch, F] input, or values of any other input.
-SAMPLE_ROWS = 8
-SAMPLE_VALUES = 64
-# Requests whose inputs wait to be sampled and binned together, and the largest input kept whole
-# meanwhile (bounded memory: <= 64 x 4 KiB per input; a larger one is sampled at once).
-FLUSH_EVERY = 64
-KEEP_BYTES = 4096
 # Calibration values used to place edges (a quantile over more adds cost, not accuracy).
 _MAX_CALIB_VALUES = 1 << 20
-# PSI above this is a "major shift" by the usual rule of thumb (0.1 minor, 0.25 major).
-DEFAULT_THRESHOLD = 0.25
 Kind = Literal["values", "lengths"]
 Array = npt.NDArray[Any]
 
@@ -171,7 +158,7 @@ def _sketch(values: Array, bins: int) -> FeatureSketch:
     return FeatureSketch(edges, tuple(probs))
 
 
-def _lengths(arr: Array) -> Array:
+def lengths(arr: Array) -> Array:
     """Non-zero entries per sample: the token count of padded ids or an attention mask."""
     return np.asarray(np.count_nonzero(arr.reshape(arr.shape[0], -1), axis=1))
 
@@ -199,210 +186,10 @@ def summarize_inputs(inputs: Mapping[str, Array], bins: int = MAX_BINS) -> Drift
             continue
         kind, nfeat = plan
         if kind == "lengths":
-            feats: tuple[FeatureSketch, ...] = (_sketch(_lengths(arr), bins),)
+            feats: tuple[FeatureSketch, ...] = (_sketch(lengths(arr), bins),)
         elif nfeat > 1:
             feats = tuple(_sketch(arr[:, j], bins) for j in range(nfeat))
         else:
             feats = (_sketch(arr, bins),)
         out.append(InputSummary(name, kind, feats, int(arr.shape[0])))
     return DriftSummary(tuple(out))
-
-
-def psi(expected: Array, observed_counts: Array) -> float:
-    """Population stability index of observed bin counts against expected shares (both smoothed
-    so an empty bin costs a bounded amount instead of infinity)."""
-    e = np.maximum(np.asarray(expected, dtype=np.float64), 1e-4)
-    e = e / e.sum()
-    c = np.asarray(observed_counts, dtype=np.float64)
-    o = (c + 0.5) / (c.sum() + 0.5 * c.size)
-    return float(np.sum((o - e) * np.log(o / e)))
-
-
-@dataclass(frozen=True)
-class DriftScore:
-    """The window's PSI (worst feature), the requests it covers and which feature was worst."""
-
-    score: float
-    requests: int
-    feature: str
-
-    def describe(self, model: str, threshold: float) -> str:
-        """One line for the DRIFT event: what drifted, how far, and what to do."""
-        return (
-            f"model {model}: input drift PSI {self.score:.2f} on {self.feature} over the last "
-            f"{self.requests} requests (threshold {threshold}); compare live inputs with the "
-            "calibration set, or recompress with --calib data like today's traffic"
-        )
-
-
-def _held_bytes(arr: Array) -> int:
-    """The bytes a reference to ``arr`` keeps alive: its whole buffer, which for a tensor decoded from
-    an HTTP body (Triton's binary extension) is the body with every other input in it."""
-    base: object = arr
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if isinstance(base, np.ndarray):
-        return int(base.nbytes)
-    try:
-        return memoryview(base).nbytes  # type: ignore[arg-type]
-    except TypeError:
-        return 1 << 62  # unknown: never kept
-
-
-class _Compiled:
-    """One input's bins as padded arrays, ready for counting."""
-
-    def __init__(self, summary: InputSummary) -> None:
-        self.name, self.kind, self.nfeat = summary.name, summary.kind, len(summary.features)
-        self.width = MAX_BINS
-        edges = np.full((self.nfeat, MAX_BINS - 1), np.inf)
-        self.expected: list[Array] = []
-        for j, f in enumerate(summary.features):
-            edges[j, : len(f.edges)] = f.edges
-            self.expected.append(np.asarray(f.probs, dtype=np.float64))
-        self.edges = edges
-        self.flat_edges = edges[0, : len(summary.features[0].edges)].copy()
-        self.offsets = np.arange(self.nfeat) * self.width
-
-    def sample(self, arr: Array, turn: int) -> Array | None:
-        """A bounded copy of what ``arr`` says about this input's features; None if it does not fit."""
-        if arr.dtype.kind not in "iubf":
-            return None  # nothing to bin (and a drift watch must never fail a request)
-        if self.kind == "lengths":
-            if arr.ndim < 2 or arr.shape[0] == 0:
-                return None
-            return _lengths(arr[:: max(1, arr.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS])
-        if self.nfeat > 1:
-            if arr.ndim != 2 or arr.shape[1] != self.nfeat or arr.shape[0] == 0:
-                return None
-            return np.array(arr[:: max(1, arr.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS])
-        flat = arr.reshape(-1)
-        if flat.size == 0:
-            return None
-        step = max(1, flat.size // SAMPLE_VALUES)
-        # A start that moves with each request, so a fixed stride does not always hit the same pixels.
-        return np.array(flat[(turn * 7919) % step :: step][:SAMPLE_VALUES])
-
-    def counts(self, samples: list[Array]) -> Array:
-        """Bin counts (feature * width + bin) of many requests' samples at once."""
-        size = self.nfeat * self.width
-        if self.nfeat > 1:
-            rows = np.concatenate(samples)
-            # One comparison for every column at once: bin = how many of its edges are <= the value.
-            idx: Array = (rows[:, :, None] >= self.edges[None, :, :]).sum(axis=2) + self.offsets
-            return np.bincount(idx.ravel(), minlength=size)
-        values = np.concatenate(samples)
-        return np.bincount(np.searchsorted(self.flat_edges, values, side="right"), minlength=size)
-
-
-@dataclass
-class _Bucket:
-    started: float
-    requests: int
-    counts: list[Array]
-
-
-class LiveSketch:
-    """Rolling live-input histograms of one served model version, scored with PSI.
-
-    The window is the last ``buckets`` buckets of ``bucket_requests`` requests each, dropping
-    buckets older than ``window_s``; ``clock`` is injectable so tests can simulate a day.
-    """
-
-    def __init__(
-        self,
-        summary: DriftSummary,
-        *,
-        bucket_requests: int = 250,
-        buckets: int = 4,
-        window_s: float = 3600.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._inputs = [_Compiled(i) for i in summary.inputs]
-        self.bucket_requests, self.window_s, self._clock = bucket_requests, window_s, clock
-        self._ring: collections.deque[_Bucket] = collections.deque(maxlen=buckets)
-        self._lock = threading.Lock()
-        self._turn = 0
-        self._pending: list[list[tuple[Array, int]]] = [[] for _ in self._inputs]
-        self._unbinned = 0
-        self._current = self._new_bucket()
-        self._alarmed = False
-
-    def _new_bucket(self) -> _Bucket:
-        return _Bucket(self._clock(), 0, [np.zeros(c.nfeat * c.width, np.int64) for c in self._inputs])
-
-    def observe(self, feeds: Mapping[str, Array]) -> None:
-        """Note one request's inputs; they are sampled and binned in batches (``FLUSH_EVERY`` requests
-        at a time), so a request pays for a list append, not for numpy's per-call overhead. An input
-        whose whole buffer is small is kept by reference until then (decoded request tensors are
-        not written to); any other is sampled into a bounded copy at once, so held memory stays
-        bounded (<= ``FLUSH_EVERY`` x ``KEEP_BYTES`` per input)."""
-        self._turn += 1  # racy under threads; it only moves a sampling offset
-        turn = self._turn
-        with self._lock:
-            for i, c in enumerate(self._inputs):
-                arr = feeds.get(c.name)
-                if arr is None:
-                    continue
-                if _held_bytes(arr) <= KEEP_BYTES:
-                    self._pending[i].append((arr, turn))
-                else:
-                    got = c.sample(arr, turn)
-                    if got is not None:
-                        self._pending[i].append((got, 0))
-            self._current.requests += 1
-            self._unbinned += 1
-            if self._current.requests >= self.bucket_requests:
-                self._flush()
-                self._ring.append(self._current)
-                self._current = self._new_bucket()
-            elif self._unbinned >= FLUSH_EVERY:
-                self._flush()
-
-    def _flush(self) -> None:
-        """Sample and bin the pending inputs into the current bucket (caller holds the lock)."""
-        for i, c in enumerate(self._inputs):
-            if self._pending[i]:
-                # turn 0 marks a sample taken at observe time; else the request's input itself.
-                got = [a if turn == 0 else c.sample(a, turn) for a, turn in self._pending[i]]
-                samples = [g for g in got if g is not None]
-                if samples:
-                    self._current.counts[i] += c.counts(samples)
-                self._pending[i] = []
-        self._unbinned = 0
-
-    def score(self) -> DriftScore | None:
-        """PSI over the window (the worst feature), or None before ``bucket_requests`` requests."""
-        cutoff = self._clock() - self.window_s
-        with self._lock:
-            self._flush()
-            while self._ring and self._ring[0].started < cutoff:
-                self._ring.popleft()
-            buckets = [*self._ring, self._current]
-            total = [sum(b.counts[i] for b in buckets) for i in range(len(self._inputs))]
-        requests = sum(b.requests for b in buckets)
-        if requests < self.bucket_requests or not self._inputs:
-            return None
-        worst = DriftScore(0.0, requests, "")
-        for c, counts in zip(self._inputs, total, strict=True):
-            for j, expected in enumerate(c.expected):
-                seen = np.asarray(counts)[j * c.width : j * c.width + expected.size]
-                if seen.sum() == 0:
-                    continue
-                value = psi(expected, seen)
-                if value > worst.score:
-                    label = c.name if c.nfeat == 1 else f"{c.name}[{j}]"
-                    worst = DriftScore(value, requests, label + (" length" if c.kind == "lengths" else ""))
-        return worst
-
-    def alarm(self, threshold: float = DEFAULT_THRESHOLD) -> DriftScore | None:
-        """The score when it has just crossed ``threshold`` (once; re-armed below half of it)."""
-        current = self.score()
-        if current is None:
-            return None
-        if current.score >= threshold and not self._alarmed:
-            self._alarmed = True
-            return current
-        if current.score < threshold / 2:
-            self._alarmed = False
-        return None

@@ -14,7 +14,7 @@ import grpc
 import typer
 from rich.table import Table
 
-from edgectl.artifact.drift import DEFAULT_THRESHOLD as DRIFT_ALARM
+from edgectl.artifact.live_sketch import DEFAULT_THRESHOLD as DRIFT_ALARM
 from edgectl.cli.output import (
     IntervalOpt,
     Output,

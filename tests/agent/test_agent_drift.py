@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgectl.agent.agent import Agent
 from edgectl.artifact import summarize_inputs
-from edgectl.artifact.drift import DEFAULT_THRESHOLD
+from edgectl.artifact.live_sketch import DEFAULT_THRESHOLD
 from edgectl.ports import free_port
 from edgectl.protos.v1 import mqtt_pb2 as mpb
 from tests.agent.conftest import AgentRig, V2Client

@@ -25,7 +25,8 @@ from edgectl.artifact import (
     load_artifact,
     summarize_inputs,
 )
-from edgectl.artifact.drift import DEFAULT_THRESHOLD, MAX_BINS, SUMMARY_FILE, psi
+from edgectl.artifact.drift import MAX_BINS, SUMMARY_FILE
+from edgectl.artifact.live_sketch import DEFAULT_THRESHOLD, psi
 
 BuildFn = Callable[..., Artifact]
 
