@@ -115,6 +115,17 @@ def control_plane_serve(
         help="a signed desired state expires this long after issue (re-signed at half of it)",
         envvar="EDGECTL_CP_ORDER_TTL",
     ),
+    fleet_burst_budget: float | None = typer.Option(
+        None,
+        help="the whole fleet's burst budget per period, in the agents' --burst-price-* currency; "
+        "agents get shares of it as grants and stop bursting when it is spent",
+        envvar="EDGECTL_CP_FLEET_BURST_BUDGET",
+    ),
+    fleet_burst_period: str = typer.Option(
+        "1h",
+        help="the fleet burst budget's period (e.g. 1h, 24h); periods start at its multiples, UTC",
+        envvar="EDGECTL_CP_FLEET_BURST_PERIOD",
+    ),
     log_format: str = typer.Option(
         "text", help="text or json (one object per line)", envvar="EDGECTL_LOG_FORMAT"
     ),
@@ -145,7 +156,8 @@ def control_plane_serve(
         blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
         site_brokers=tuple(site_broker), console_listen=console_listen,
         device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
-        blob_url_ttl_s=int(blob_url_ttl_s),
+        blob_url_ttl_s=int(blob_url_ttl_s), fleet_burst_budget=fleet_burst_budget,
+        fleet_burst_period_s=parse_duration(fleet_burst_period),
     )  # fmt: skip
     with private_umask():  # the state store (SQLite + WAL), blobs and keys: this user's only
         _serve(ControlPlane(config))
