@@ -15,8 +15,9 @@ import pytest
 from edgectl.agent.burst import BurstBudget, BurstCost
 from edgectl.agent.errors import BudgetExhaustedError
 from edgectl.agent.fleet_grant import FleetAllowance
-from edgectl.control_plane.burst_grants import FleetBurstBudget, GrantLedger
+from edgectl.control_plane.burst_grants import BurstGrants, FleetBurstBudget, GrantLedger
 from edgectl.control_plane.errors import InvalidArgument
+from edgectl.mqtt.wire import DeviceTopics
 from edgectl.protos.v1 import mqtt_pb2
 
 PRICE = 1.0  # per 1,000 requests: one request costs 0.001
@@ -155,3 +156,13 @@ def test_budget_settings_are_checked() -> None:
         FleetBurstBudget(-1.0)
     with pytest.raises(InvalidArgument, match="whole number of seconds"):
         FleetBurstBudget(1.0, period_s=0.5)
+
+
+def test_without_a_fleet_budget_grants_agents_still_hold_are_cleared_once() -> None:
+    sent: list[tuple[str, bytes]] = []
+    grants = BurstGrants(None, lambda topic, payload: sent.append((topic, payload)))
+    holding = mqtt_pb2.ReportedState(stats=mqtt_pb2.ServingStats(burst_session="s1", burst_grant_period=3600))
+    grants.observe("dev-0", holding)
+    grants.observe("dev-0", holding)
+    grants.observe("dev-1", mqtt_pb2.ReportedState(stats=mqtt_pb2.ServingStats(burst_session="s2")))
+    assert sent == [(DeviceTopics("dev-0").burst_grant, b"")]  # an empty retained grant: no fleet budget
