@@ -63,6 +63,7 @@ class _Device:
     sunk: int = 0  # earlier sessions' commitment this period: granted or spent, whichever is more
     last_chunk: int = 0
     legacy: int = 0  # the reported cost of an agent that takes no grants
+    told_spent: bool = False  # sent "nothing left" to this session this period: once is enough
 
 
 class GrantLedger:
@@ -94,6 +95,7 @@ class GrantLedger:
             if d.session or not current:  # a new run of the agent: what the last one held is sunk
                 d.sunk += max(d.granted, d.spent)
                 d.granted = d.spent = d.last_chunk = 0
+                d.told_spent = False
             else:  # first sight (a new leader): adopt what the agent holds for this period
                 d.granted = d.last_chunk = round(stats.burst_grant * NANO)
                 d.spent = round(stats.burst_grant_spent * NANO)
@@ -108,8 +110,9 @@ class GrantLedger:
         free = self._limit - self.committed()
         takers = max(1, sum(1 for x in self._devices.values() if x.session))
         chunk = max(free // (2 * takers), min(free, round(self._limit * MIN_SHARE)))
-        if chunk <= 0 and d.granted:
+        if chunk <= 0 and (d.granted or d.told_spent):
             return None  # nothing left to give: the allowance it holds is its last
+        d.told_spent = chunk <= 0
         d.granted = max(d.granted, d.spent) + max(chunk, 0)
         d.last_chunk = max(chunk, 0)
         return self._message(device_id, d, exhausted=free - chunk <= 0)
@@ -136,6 +139,7 @@ class GrantLedger:
         self.period = period
         for d in self._devices.values():
             d.granted = d.spent = d.sunk = d.last_chunk = d.legacy = 0
+            d.told_spent = False
         takers = [(i, d) for i, d in sorted(self._devices.items()) if d.session]
         out = []
         for device_id, d in takers:
@@ -266,8 +270,12 @@ def budget_status(
 class BurstBudgetCollector(Collector):
     """edgectl_fleet_burst_budget_*: the fleet budget, what is spent and granted of it this period."""
 
-    def __init__(self, list_devices: Callable[[], list[DeviceRecord]], budget: FleetBurstBudget | None,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self,
+        list_devices: Callable[[], list[DeviceRecord]],
+        budget: FleetBurstBudget | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.list_devices = list_devices
         self.budget = budget
         self.clock = clock
@@ -278,13 +286,14 @@ class BurstBudgetCollector(Collector):
         except Exception:
             log.exception("burst budget metrics could not read the state store")
             return
+        used = status.spent / status.budget if status.budget else 0.0
         for name, text, value in (
             ("limit", "The fleet's burst budget per period (0: none)", status.budget),
             ("spent", "Burst cost the devices reported this period", status.spent),
             ("granted", "Allowances granted this period (the most the fleet may spend)", status.granted),
-            ("used_ratio", "Spent this period / the budget", status.spent / status.budget if status.budget else 0.0),
-            ("period_start_seconds", "Start of the current budget period (unix time)", status.period_start.seconds),
-        ):  # fmt: skip
+            ("used_ratio", "Spent this period / the budget", used),
+            ("period_start_seconds", "Start of the current period (unix time)", status.period_start.seconds),
+        ):
             g = GaugeMetricFamily(f"edgectl_fleet_burst_budget_{name}", text)
             g.add_metric([], value)
             yield g

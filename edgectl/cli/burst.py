@@ -15,11 +15,10 @@ from edgectl.protos.v1 import fleet_pb2
 def _table(status: fleet_pb2.BurstBudgetStatus, wide: bool) -> Table:
     table = Table("device", "online", "cost", "share", "granted", "grants", title=_title(status))
     for d in status.devices:
-        table.add_row(
-            d.device_id, "yes" if d.online else "[red]no[/]", f"{d.cost:g}", f"{100 * d.share:.1f}%",
-            f"{d.granted:g}" if d.follows_grants else "-",
-            "yes" if d.follows_grants else "[yellow]no[/] (older agent: its own budget only)",
-        )  # fmt: skip
+        online = "yes" if d.online else "[red]no[/]"
+        granted = f"{d.granted:g}" if d.follows_grants else "-"
+        grants = "yes" if d.follows_grants else "[yellow]no[/] (older agent: its own budget only)"
+        table.add_row(d.device_id, online, f"{d.cost:g}", f"{100 * d.share:.1f}%", granted, grants)
     return table
 
 

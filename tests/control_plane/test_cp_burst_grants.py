@@ -166,3 +166,17 @@ def test_without_a_fleet_budget_grants_agents_still_hold_are_cleared_once() -> N
     grants.observe("dev-0", holding)
     grants.observe("dev-1", mqtt_pb2.ReportedState(stats=mqtt_pb2.ServingStats(burst_session="s2")))
     assert sent == [(DeviceTopics("dev-0").burst_grant, b"")]  # an empty retained grant: no fleet budget
+
+
+def test_a_device_arriving_after_the_budget_is_spent_is_told_so_once() -> None:
+    ledger = GrantLedger(FleetBurstBudget(0.5, 3600), clock=lambda: 1_000_000.0)
+    assert (
+        ledger.observe("old", mqtt_pb2.ServingStats(burst_cost=0.5)) is None
+    )  # all of it, by an older agent
+    stats = mqtt_pb2.ServingStats(burst_session="s-late")
+    grant = ledger.observe("late", stats)
+    assert grant is not None and grant.allowance == 0 and grant.exhausted
+    late = FleetAllowance(session="s-late")
+    late.apply(grant)
+    assert late.blocks(1)  # it may not burst at all
+    assert ledger.observe("late", stats) is None  # its heartbeats do not resend the same answer
