@@ -64,6 +64,7 @@ class BudgetSnapshot:
     held_back: int
     period_start: float
     grant: GrantSnapshot | None = None  # the fleet budget's side, when the agent can take grants
+    request_price: float = 0.0  # one burst request's price
 
 
 class BurstBudget:
@@ -171,7 +172,13 @@ class BurstBudget:
             self._roll()
             grant = self.fleet.snapshot() if self.fleet is not None else None
             return BudgetSnapshot(
-                self._spent / NANO, self.cost.budget, self._requests, self._held_back, self._period, grant
+                self._spent / NANO,
+                self.cost.budget,
+                self._requests,
+                self._held_back,
+                self._period,
+                grant,
+                self._per_request / NANO,
             )
 
 

@@ -79,6 +79,7 @@ class StateReports:
                 g = budget.grant
                 rs.stats.burst_session, rs.stats.burst_grant_period = g.session, g.period_start
                 rs.stats.burst_grant, rs.stats.burst_grant_spent = g.allowance, g.spent
+                rs.stats.burst_request_price = budget.request_price
         failing = False
         for name, slot in sorted(state.models.items()):
             served = self.registry.get(name)

@@ -160,6 +160,7 @@ class GrantRelay:
             burst_grant_period=g.period_start,
             burst_grant=g.allowance,
             burst_grant_spent=g.spent,
+            burst_request_price=PRICE_PER_1K / 1000,
         )
         grant = self.ledger.observe("edge", stats)
         if grant is not None:

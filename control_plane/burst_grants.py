@@ -63,6 +63,7 @@ class _Device:
     sunk: int = 0  # earlier sessions' commitment this period: granted or spent, whichever is more
     last_chunk: int = 0
     legacy: int = 0  # the reported cost of an agent that takes no grants
+    price: int = 0  # one request's price on this device (0: unknown, an agent without request pricing)
     told_spent: bool = False  # sent "nothing left" to this session this period: once is enough
 
 
@@ -87,6 +88,7 @@ class GrantLedger:
     def observe(self, device_id: str, stats: mqtt_pb2.ServingStats) -> mqtt_pb2.BurstGrant | None:
         """Take one device's reported spending; a grant to send it when it needs one."""
         d = self._devices.setdefault(device_id, _Device())
+        d.price = max(0, round(stats.burst_request_price * NANO))
         if not stats.burst_session:
             d.legacy = round(stats.burst_cost * NANO)  # its own period: the best count we have
             return None
@@ -110,12 +112,14 @@ class GrantLedger:
         free = self._limit - self.committed()
         takers = max(1, sum(1 for x in self._devices.values() if x.session))
         chunk = max(free // (2 * takers), min(free, round(self._limit * MIN_SHARE)))
+        if d.price and free >= d.price:  # whole requests: a fraction of one could never be spent
+            chunk = min(max(chunk - chunk % d.price, d.price), free - free % d.price)
         if chunk <= 0 and (d.granted or d.told_spent):
             return None  # nothing left to give: the allowance it holds is its last
         d.told_spent = chunk <= 0
         d.granted = max(d.granted, d.spent) + max(chunk, 0)
         d.last_chunk = max(chunk, 0)
-        return self._message(device_id, d, exhausted=free - chunk <= 0)
+        return self._message(device_id, d, exhausted=free - chunk < max(d.price, 1))
 
     def _message(self, device_id: str, d: _Device, exhausted: bool) -> mqtt_pb2.BurstGrant:
         now = Timestamp()

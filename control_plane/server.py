@@ -7,6 +7,7 @@ listens; ``serve()`` blocks until a signal.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -141,9 +142,9 @@ class ControlPlane:
         if config.fleet_burst_budget is not None:
             budget = FleetBurstBudget(config.fleet_burst_budget, config.fleet_burst_period_s)
         self.burst_budget = budget
-        self.grants = BurstGrants(budget, lambda topic, payload: self.bus.publish(topic, payload, retain=True),
-                                  clock=clock)  # fmt: skip
-        self.metrics.registry.register(BurstBudgetCollector(self.fleet.list_devices, budget, clock))
+        self.grants = BurstGrants(budget, functools.partial(self.bus.publish, retain=True), clock=clock)
+        if budget is not None:  # one more read of the devices per scrape, only when there is a budget
+            self.metrics.registry.register(BurstBudgetCollector(self.fleet.list_devices, budget, clock))
         self.ingest = FleetIngest(
             self.store, self.fleet, self.bus, self.loop.wake, self.metrics.count_mqtt,
             republish=self.controller.republish_all, on_reported=self.grants.observe,

@@ -446,6 +446,7 @@ class ServingStats(_message.Message):
     BURST_GRANT_PERIOD_FIELD_NUMBER: _builtins.int
     BURST_GRANT_FIELD_NUMBER: _builtins.int
     BURST_GRANT_SPENT_FIELD_NUMBER: _builtins.int
+    BURST_REQUEST_PRICE_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     error_rate: _builtins.float
     p99_ms: _builtins.float
@@ -465,6 +466,8 @@ class ServingStats(_message.Message):
     burst_grant_period: _builtins.int
     burst_grant: _builtins.float
     burst_grant_spent: _builtins.float
+    burst_request_price: _builtins.float
+    """The agent's price of one burst request (--burst-price-per-1k / 1000): grants come in whole requests."""
     def __init__(
         self,
         *,
@@ -480,10 +483,11 @@ class ServingStats(_message.Message):
         burst_grant_period: _builtins.int = ...,
         burst_grant: _builtins.float = ...,
         burst_grant_spent: _builtins.float = ...,
+        burst_request_price: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_budget", b"burst_budget", "burst_cost", b"burst_cost", "burst_grant", b"burst_grant", "burst_grant_period", b"burst_grant_period", "burst_grant_spent", b"burst_grant_spent", "burst_held_back", b"burst_held_back", "burst_session", b"burst_session", "burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_budget", b"burst_budget", "burst_cost", b"burst_cost", "burst_grant", b"burst_grant", "burst_grant_period", b"burst_grant_period", "burst_grant_spent", b"burst_grant_spent", "burst_held_back", b"burst_held_back", "burst_request_price", b"burst_request_price", "burst_session", b"burst_session", "burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

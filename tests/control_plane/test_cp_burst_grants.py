@@ -45,6 +45,7 @@ class Device:
         stats = mqtt_pb2.ServingStats(
             burst_session=g.session, burst_grant_period=g.period_start, burst_grant=g.allowance,
             burst_grant_spent=g.spent, burst_cost=self.budget.snapshot().cost,
+            burst_request_price=self.budget.snapshot().request_price,
         )  # fmt: skip
         self.outbox.append((self.step, stats))
 
@@ -93,6 +94,7 @@ def test_three_devices_never_pass_the_fleet_budget_and_stop_within_1_percent(lag
     run(ledger, devices, 2 * B, lag)
     total = sum(d.bursts for d in devices)
     assert B * 0.99 <= total <= B, (total, [d.bursts for d in devices])
+    assert total == B  # grants in whole requests: none is left as an unspendable fraction
     assert ledger.committed() <= ledger._limit
     # All stop: nothing more is granted and every device refuses.
     assert not any(d.burst_once() for d in devices)

@@ -188,6 +188,7 @@ def test_three_agents_stop_within_1_percent_of_the_fleet_budget_and_the_next_per
     assert "burst cost" in wide and "%)" in wide
     metrics = generate_latest(plane.metrics.registry).decode()
     assert "edgectl_fleet_burst_budget_limit 0.6" in metrics and "edgectl_fleet_burst_budget_spent" in metrics
+    assert "edgectl_agent_burst_grant_spent" in generate_latest(agents[0].metrics.registry).decode()
 
     # The next period (the control plane's clock): fresh grants, and every agent bursts again.
     now[0] += 3600
