@@ -8,7 +8,10 @@ agent cannot spend its previous run's grant again, and a new period grants afres
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +185,21 @@ def test_a_device_arriving_after_the_budget_is_spent_is_told_so_once() -> None:
     late.apply(grant)
     assert late.blocks(1)  # it may not burst at all
     assert ledger.observe("late", stats) is None  # its heartbeats do not resend the same answer
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fleet-burst-budget", "-1"], "0 or more"),
+        (["--fleet-burst-budget", "5", "--fleet-burst-period", "500ms"], "whole number of seconds"),
+        (["--fleet-burst-budget", "5", "--fleet-burst-period", "soon"], "duration 'soon' is not understood"),
+    ],
+)
+def test_serve_refuses_a_bad_fleet_budget_with_one_clear_line(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    # Checked before anything is opened or bound (nothing is written to the working directory).
+    cmd = [sys.executable, "-m", "edgectl", "control-plane", "serve", "--insecure", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode not in (0, 1) and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
