@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgectl.agent.burst import BurstBudget, BurstCost
-from edgectl.agent.errors import BudgetExhaustedError
+from edgectl.agent.errors import BudgetExhaustedError, BurstBudgetSpentError
 from edgectl.agent.fleet_grant import FleetAllowance
 from edgectl.control_plane.burst_grants import BurstGrants, FleetBurstBudget, GrantLedger
 from edgectl.control_plane.errors import InvalidArgument
@@ -154,6 +154,24 @@ def test_no_grant_means_no_fleet_limit_and_an_empty_grant_lifts_it() -> None:
         budget.reserve()
     allowance.apply(None)  # the control plane dropped its fleet budget
     budget.reserve()
+
+
+def test_a_spent_grant_under_when_spent_local_keeps_requests_here() -> None:
+    allowance = FleetAllowance(session="s1")
+    budget = BurstBudget(BurstCost(per_1k_requests=PRICE, when_spent="local"), fleet=allowance)
+    grant = mqtt_pb2.BurstGrant(
+        session="s1", period_start=3600, period_s=3600, allowance=0.002, exhausted=True, fleet_budget=0.5
+    )
+    allowance.apply(grant)
+    assert not budget.hold_back()
+    budget.reserve()
+    budget.reserve()  # the two requests granted
+    assert budget.hold_back()  # the router serves the next one locally without trying the endpoint
+    with pytest.raises(
+        BurstBudgetSpentError, match=r"fleet burst budget of 0\.5 per 3600 s is spent: serving locally"
+    ):
+        budget.reserve()
+    assert budget.snapshot().held_back == 2 and budget.snapshot().grant.spent == pytest.approx(0.002)  # type: ignore[union-attr]
 
 
 def test_budget_settings_are_checked() -> None:
