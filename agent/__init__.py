@@ -29,6 +29,7 @@ One job per module (a test keeps this list complete):
 - ``canary``: a candidate version on trial beside the current one: the traffic split, tallies, report.
 - ``shadow``: background runs of the other version on answered inputs, CPU-bounded; their agreement.
 - ``burst``: the burst endpoint's V2 client behind a circuit breaker, and the latency model.
+- ``fleet_grant``: this agent run's grant of the fleet's burst budget, from the control plane.
 - ``codecs``: KServe V2 tensors <-> numpy for gRPC, the datatype tables and header checks.
 - ``http_codec``: the HTTP half of the codec: JSON tensors and Triton's binary data extension.
 - ``v2_server``: the KServe V2 gRPC servicer; agent errors to status codes in one place.

@@ -29,6 +29,7 @@ from edgectl.agent.diagnostics import bundle_json
 from edgectl.agent.enroll import device_tls, enroll
 from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
+from edgectl.agent.fleet_grant import FleetAllowance
 from edgectl.agent.http_server import HttpV2Server
 from edgectl.agent.log_ring import process_ring
 from edgectl.agent.metrics import AgentMetrics
@@ -119,6 +120,10 @@ class Agent:
             self.metrics,
             keep_versions=config.keep_versions,
         )
+        # The fleet budget's grants reach the burst budget through this; half spent, report at once.
+        self.fleet_allowance = FleetAllowance(
+            on_low=lambda: self.reconciler.request_report() if self.reconciler else None
+        )
         self.router = InferenceRouter(
             self.registry,
             self.metrics,
@@ -139,6 +144,7 @@ class Agent:
                     period_s=config.burst_budget_period_s,
                     when_spent="refuse" if config.burst_when_spent == "refuse" else "local",
                 ),
+                fleet=self.fleet_allowance,
             ),
             RequestLimits(max_request_bytes=config.max_request_mib << 20),
         )
@@ -245,6 +251,7 @@ class Agent:
             on_chunk=mqtt_transport.deliver,
             on_connected=lambda: self.reconciler.request_report() if self.reconciler else None,
             on_log_request=self._answer_logs,
+            on_grant=self.fleet_allowance.apply,
         )
         self.reconciler = Reconciler(
             ReconcileSettings(

@@ -24,6 +24,7 @@ from edgectl.agent.errors import (
     InvalidInputError,
     ModelNotFoundError,
 )
+from edgectl.agent.fleet_grant import FleetAllowance, GrantSnapshot
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -62,6 +63,8 @@ class BudgetSnapshot:
     requests: int
     held_back: int
     period_start: float
+    grant: GrantSnapshot | None = None  # the fleet budget's side, when the agent can take grants
+    request_price: float = 0.0  # one burst request's price
 
 
 class BurstBudget:
@@ -72,9 +75,12 @@ class BurstBudget:
     pricing the budget can be passed by at most the calls already in flight.
     """
 
-    def __init__(self, cost: BurstCost, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cost: BurstCost, clock: Callable[[], float] = time.time, fleet: FleetAllowance | None = None
+    ) -> None:
         self.cost = cost
         self._clock = clock
+        self.fleet = fleet  # this device's grant of the fleet's budget, when the control plane sets one
         self._per_request = round(cost.per_1k_requests * NANO / 1000)
         self._budget = None if cost.budget is None else round(cost.budget * NANO)
         self._lock = threading.Lock()
@@ -93,14 +99,26 @@ class BurstBudget:
             self._period, self._spent, self._requests, self._held_back = period, 0, 0, 0
 
     def _spent_now(self) -> bool:
+        return self._own_spent() or self._fleet_spent()
+
+    def _own_spent(self) -> bool:
         return self._budget is not None and (
             self._spent + self._per_request > self._budget or self._spent >= self._budget
         )
 
+    def _fleet_spent(self) -> bool:
+        return self.fleet is not None and self.fleet.blocks(self._per_request)
+
+    def _add(self, nano: int) -> None:
+        self._spent += nano
+        self.total += nano / NANO
+        if self.fleet is not None:
+            self.fleet.charge(nano)
+
     def hold_back(self) -> bool:
         """True (and counted) when the budget is spent and spent means "serve locally": the router
         then keeps the request here without trying the endpoint."""
-        if self._budget is None or self.cost.when_spent != "local":
+        if (self._budget is None and self.fleet is None) or self.cost.when_spent != "local":
             return False
         with self._lock:
             self._roll()
@@ -114,7 +132,7 @@ class BurstBudget:
         BudgetExhaustedError: refuse) when it would pass this period's budget."""
         with self._lock:
             self._roll()
-            if self._spent_now():
+            if self._own_spent():
                 self._held_back += 1
                 left = self.cost.period_s - (self._clock() - self._period)
                 why = (
@@ -124,17 +142,21 @@ class BurstBudget:
                 if self.cost.when_spent == "refuse":
                     raise BudgetExhaustedError(why + ": retry later, or raise --burst-budget")
                 raise BurstBudgetSpentError(why + ": serving locally")
-            self._spent += self._per_request
+            if self.fleet is not None and self._fleet_spent():
+                self._held_back += 1
+                why = self.fleet.describe()
+                if self.cost.when_spent == "refuse":
+                    raise BudgetExhaustedError(why + ": retry later (the next period restores it)")
+                raise BurstBudgetSpentError(why + ": serving locally")
             self._requests += 1
-            self.total += self._per_request / NANO
+            self._add(self._per_request)
 
     def refund(self) -> None:
         """Give back one reserved request that was never sent (same period only)."""
         with self._lock:
             if self._requests > 0 and self._period == self._period_of(self._clock()):
-                self._spent -= self._per_request
                 self._requests -= 1
-                self.total -= self._per_request / NANO
+                self._add(-self._per_request)
 
     def charge_time(self, seconds: float) -> None:
         """Add the endpoint-time price of one finished burst call."""
@@ -142,15 +164,21 @@ class BurstBudget:
         if nano:
             with self._lock:
                 self._roll()
-                self._spent += nano
-                self.total += nano / NANO
+                self._add(nano)
 
     def snapshot(self) -> BudgetSnapshot:
         """This period's numbers."""
         with self._lock:
             self._roll()
+            grant = self.fleet.snapshot() if self.fleet is not None else None
             return BudgetSnapshot(
-                self._spent / NANO, self.cost.budget, self._requests, self._held_back, self._period
+                self._spent / NANO,
+                self.cost.budget,
+                self._requests,
+                self._held_back,
+                self._period,
+                grant,
+                self._per_request / NANO,
             )
 
 
@@ -170,6 +198,8 @@ class BurstSettings:
     # TLS (and a bearer token or client certificate) to the endpoint; None: plaintext.
     credentials: grpc.ChannelCredentials | None = field(default=None, repr=False, compare=False)
     cost: BurstCost = BurstCost()
+    # This device's grant of the fleet's budget (edgectl.agent.fleet_grant); None: no fleet side.
+    fleet: FleetAllowance | None = field(default=None, repr=False, compare=False)
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)  # budget periods
 
 
@@ -268,7 +298,7 @@ class BurstClient:
             else grpc.insecure_channel(settings.target, options=options)
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self.budget = BurstBudget(settings.cost, settings.clock)
+        self.budget = BurstBudget(settings.cost, settings.clock, settings.fleet)
 
     def available(self) -> bool:
         """Would a call go out now? (A peek: the half-open trial is taken by ``infer`` itself.)"""

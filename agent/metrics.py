@@ -118,6 +118,18 @@ class _BudgetCollector:
             budget = GaugeMetricFamily("edgectl_agent_burst_budget", "Burst budget per period")
             budget.add_metric([], snap.budget)
             out.append(budget)
+        if snap.grant is not None and snap.grant.period_start:  # the fleet budget's grant, when one is held
+            for name, text, value in (
+                (
+                    "grant",
+                    "This agent run's share of the fleet burst budget this period",
+                    snap.grant.allowance,
+                ),
+                ("grant_spent", "Burst cost spent of the fleet budget's grant", snap.grant.spent),
+            ):
+                family = GaugeMetricFamily(f"edgectl_agent_burst_{name}", text)
+                family.add_metric([], value)
+                out.append(family)
         return out
 
 

@@ -55,6 +55,7 @@ class MqttLink:
         on_chunk: Callable[[mpb.ChunkData], None] | None = None,
         on_connected: Callable[[], None] | None = None,
         on_log_request: Callable[[mpb.LogRequest], None] | None = None,
+        on_grant: Callable[[mpb.BurstGrant | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = DeviceTopics(settings.device_id)
@@ -62,6 +63,7 @@ class MqttLink:
         self._on_chunk = on_chunk
         self._on_connected = on_connected
         self._on_log_request = on_log_request
+        self._on_grant = on_grant  # fleet burst budget grants (None: an empty one, no fleet budget)
         self.connected = threading.Event()
         try:
             url = parse_mqtt_url(settings.url)
@@ -121,6 +123,8 @@ class MqttLink:
         client.subscribe(self.topics.chunk_data, qos=1)
         if self._on_log_request is not None:
             client.subscribe(self.topics.logs_request, qos=1)
+        if self._on_grant is not None:
+            client.subscribe(self.topics.burst_grant, qos=1)
         self.publish(
             self.topics.status, mpb.DeviceStatus(device_id=self.settings.device_id, online=True), retain=True
         )
@@ -151,6 +155,12 @@ class MqttLink:
                 self._on_chunk(decode(bytes(msg.payload), mpb.ChunkData))
             elif msg.topic == self.topics.logs_request and self._on_log_request is not None and msg.payload:
                 self._on_log_request(decode(bytes(msg.payload), mpb.LogRequest))
+            elif msg.topic == self.topics.burst_grant and self._on_grant is not None:
+                grant = decode(bytes(msg.payload), mpb.BurstGrant) if msg.payload else None
+                if grant is not None and grant.device_id and grant.device_id != self.settings.device_id:
+                    log.warning("ignoring a burst grant addressed to %s", grant.device_id)
+                    return
+                self._on_grant(grant)  # a lock and a few assignments: fine on paho's thread
         except PayloadError as exc:
             log.warning("ignoring malformed payload on %s: %s", msg.topic, exc)
         except Exception:  # a bug in a handler must never kill paho's network thread

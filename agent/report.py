@@ -75,6 +75,11 @@ class StateReports:
         if budget is not None:
             rs.stats.burst_cost, rs.stats.burst_held_back = budget.cost, budget.held_back
             rs.stats.burst_budget = budget.budget or 0.0
+            if budget.grant is not None:  # what the control plane's fleet budget needs to refill grants
+                g = budget.grant
+                rs.stats.burst_session, rs.stats.burst_grant_period = g.session, g.period_start
+                rs.stats.burst_grant, rs.stats.burst_grant_spent = g.allowance, g.spent
+                rs.stats.burst_request_price = budget.request_price
         failing = False
         for name, slot in sorted(state.models.items()):
             served = self.registry.get(name)

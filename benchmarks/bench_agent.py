@@ -4,7 +4,9 @@
 2. V2 serving throughput vs a direct onnxruntime session, same model and batch (goal >= 0.9
    for a >= 5 ms model), and the per-request overhead on a tiny model;
 3. micro-batching gain for concurrent single-item requests (goal >= 3x);
-4. SLO attainment at twice the local capacity, burst on vs off (goal >= 99 % with burst, no errors).
+4. SLO attainment at twice the local capacity, burst on vs off (goal >= 99 % with burst, no errors),
+   and its cost, also under a device budget and under a fleet budget of the same size (grants from
+   the control plane's ledger, refilled through a relay that adds a broker's lag each way).
 
 ORT runs single-threaded (intra_op_num_threads=1) on both sides of every comparison; timed sections
 are interleaved and the median of rounds is reported. Load generators run in a child process (their
@@ -20,6 +22,8 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,9 +39,12 @@ from edgectl.agent.batching import BatchSettings  # noqa: E402
 from edgectl.agent.burst import BurstCost  # noqa: E402
 from edgectl.agent.codecs import encode_request  # noqa: E402
 from edgectl.agent.fetch import ArtifactFetcher  # noqa: E402
+from edgectl.agent.fleet_grant import FleetAllowance  # noqa: E402
 from edgectl.agent.transports import GrpcTransport  # noqa: E402
 from edgectl.artifact import LocalBlobStore, Manifest, SigningKey, public_pem  # noqa: E402
+from edgectl.control_plane.burst_grants import FleetBurstBudget, GrantLedger  # noqa: E402
 from edgectl.ports import free_port, wait_for_port  # noqa: E402
+from edgectl.protos.v1 import mqtt_pb2  # noqa: E402
 from tests.agent.artifact_server import ArtifactStoreServer  # noqa: E402
 from tests.agent.onnx_models import mlp_artifact, mlp_model  # noqa: E402
 from tests.agent.v2_harness import InProcessV2  # noqa: E402
@@ -128,6 +135,48 @@ def bench_throughput(work: Path, quick: bool) -> None:
 SLO_DIMS = (4096, 16384, 16)
 PRICE_PER_1K = 0.40  # an example price of the burst endpoint, per 1,000 requests
 CLOUD_QUEUE_DELAY_MS = 5
+GRANT_LAG_S = 0.02  # each way: agent report -> control plane, grant -> agent (a loaded broker)
+
+
+class GrantRelay:
+    """The control plane's side of a fleet budget for one device, in process: the agent's "half
+    spent" reports go to a GrantLedger and its grants come back, each ``GRANT_LAG_S`` late."""
+
+    def __init__(self, amount: float) -> None:
+        self.ledger = GrantLedger(FleetBurstBudget(amount, 86400))
+        self.wanted = threading.Event()
+        self.allowance = FleetAllowance(on_low=self.wanted.set)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._exchange()  # the agent's first report at connect, and its first grant
+        self._thread.start()
+
+    def _exchange(self) -> None:
+        g = self.allowance.snapshot()
+        stats = mqtt_pb2.ServingStats(
+            burst_session=g.session,
+            burst_grant_period=g.period_start,
+            burst_grant=g.allowance,
+            burst_grant_spent=g.spent,
+            burst_request_price=PRICE_PER_1K / 1000,
+        )
+        grant = self.ledger.observe("edge", stats)
+        if grant is not None:
+            self.allowance.apply(grant)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.wanted.wait(0.1):
+                self.wanted.clear()
+                time.sleep(GRANT_LAG_S)
+                self._exchange()
+                time.sleep(GRANT_LAG_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _pin_this_process(cpus: set[int]) -> set[int]:
@@ -214,7 +263,7 @@ def bench_burst(work: Path, quick: bool) -> None:
     restore = _pin_this_process(edge_cpus)
     port = free_port()
     cloud = _cloud_endpoint(work, port, other_cpus)
-    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": [], "budget": []}
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": [], "budget": [], "fleet budget": []}
     budgets: list[int] = []
     slos: list[float] = []
     rates: list[float] = []
@@ -238,10 +287,16 @@ def bench_burst(work: Path, quick: bool) -> None:
                 ("off", None, BurstCost()),
                 ("on", f"127.0.0.1:{port}", priced),
                 ("budget", f"127.0.0.1:{port}", capped),
+                ("fleet budget", f"127.0.0.1:{port}", priced),
             ):
                 served = InProcessV2(
                     path, batch=BatchSettings(max_batch_size=1), burst=target, slo_s=slo_s, cost=cost
                 )
+                relay = None
+                if label == "fleet budget" and served.router.burst is not None:
+                    relay = GrantRelay(PRICE_PER_1K * budget_requests / 1000)
+                    served.router.burst.budget.fleet = relay.allowance
+                    relay.start()
                 runs[label].append(
                     run_load(
                         [
@@ -259,6 +314,8 @@ def bench_burst(work: Path, quick: bool) -> None:
                 runs[label][-1]["cost"] = spent.cost if spent else 0.0
                 runs[label][-1]["bursts"] = spent.requests if spent else 0
                 runs[label][-1]["held_back"] = spent.held_back if spent else 0
+                if relay is not None:
+                    relay.stop()
                 served.close()
     finally:
         cloud.terminate()
@@ -276,7 +333,7 @@ def bench_burst(work: Path, quick: bool) -> None:
             else f" (goal >= 99% and 0 errors: {'met' if within >= 0.99 and not errors else 'MISSED'})"
         )
         cost = statistics.median(g["cost"] for g in got)
-        if label == "budget":
+        if label in ("budget", "fleet budget"):
             # Where the budget bound (requests were held back), bursts must stop within 1 % of it.
             ok = all(
                 g["bursts"] <= b and (g["bursts"] >= 0.99 * b or not g["held_back"])

@@ -54,6 +54,10 @@ class ControlPlaneConfig:
     enroll_failure_burst: int = 10  # failed Enrolls one peer may make at once ...
     enroll_failure_refill_s: float = 6.0  # ... and one more every this many seconds
     order_ttl_s: float = DEFAULT_ORDER_TTL_S  # a signed desired state expires this long after issue
+    # The whole fleet's burst budget per period, in the agents' --burst-price-* currency (None: none);
+    # agents get shares of it as grants (control_plane/burst_grants.py).
+    fleet_burst_budget: float | None = None
+    fleet_burst_period_s: float = 3600.0
     extra: dict[str, str] = field(default_factory=dict)
 
 

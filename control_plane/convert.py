@@ -49,6 +49,7 @@ def device(record: DeviceRecord) -> fleet_pb2.Device:
         profile=record.profile,
         last_error=record.last_error,
         drift={m.name: m.drift for m in record.models.values() if m.drift is not None},
+        burst_cost=float((record.stats or {}).get("burst_cost", 0.0)),
     )
     if active is not None and active.digest:
         out.active.CopyFrom(

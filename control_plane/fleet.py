@@ -293,6 +293,9 @@ class Fleet:
             # Burst spending this budget period (0 from agents without a price or that predate it).
             "burst_cost": state.stats.burst_cost, "burst_budget": state.stats.burst_budget,
             "burst_held_back": state.stats.burst_held_back,
+            # The fleet budget's grant (control_plane/burst_grants.py); unset by older agents.
+            "burst_session": state.stats.burst_session, "burst_grant_period": state.stats.burst_grant_period,
+            "burst_grant": state.stats.burst_grant, "burst_grant_spent": state.stats.burst_grant_spent,
         }  # fmt: skip
         seen = obs.received_at
         tx.execute(

@@ -38,6 +38,7 @@ class FleetIngest:
         count: Callable[[str], None] | None = None,
         *,
         republish: Callable[[], int],
+        on_reported: Callable[[str, mqtt_pb2.ReportedState], None] | None = None,
     ) -> None:
         self.store = store
         self.fleet = fleet
@@ -45,6 +46,7 @@ class FleetIngest:
         self.wake = wake
         self.count = count or (lambda kind: None)
         self._republish = republish  # the controller's: serialized with its own writes and publishes
+        self.on_reported = on_reported  # the fleet burst budget's grants (burst_grants.py)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -104,6 +106,8 @@ class FleetIngest:
                     if item.retained and state.HasField("reported_at"):
                         seen = min(now, state.reported_at.ToNanoseconds() / 1e9)
                     observations.append(Reported(device_id, state, seen))
+                    if self.on_reported is not None:
+                        self.on_reported(device_id, state)
                 elif kind == "status":
                     status = decode(item.payload, mqtt_pb2.DeviceStatus)
                     observations.append(Status(device_id, status.online, now))

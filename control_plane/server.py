@@ -7,6 +7,7 @@ listens; ``serve()`` blocks until a signal.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -25,6 +26,12 @@ from edgectl.artifact import TrustStore, open_blob_store, public_pem
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.audit import AuditLog
+from edgectl.control_plane.burst_grants import (
+    BurstBudgetCollector,
+    BurstGrants,
+    FleetBurstBudget,
+    budget_status,
+)
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.chunk_server import ChunkServer
 from edgectl.control_plane.config import ControlPlaneConfig, listen_address, load_security, load_trust
@@ -130,9 +137,17 @@ class ControlPlane:
         self.bus.serve_chunk_requests(self.chunks.submit)  # every replica answers, leading or not
         self.device_logs = DeviceLogs(self.bus, self.fleet)
         self.bus.on_log_response = self.device_logs.on_message
+        # The fleet's burst budget: grants out to agents, refilled from their reports (the leader's).
+        budget = None
+        if config.fleet_burst_budget is not None:
+            budget = FleetBurstBudget(config.fleet_burst_budget, config.fleet_burst_period_s)
+        self.burst_budget = budget
+        self.grants = BurstGrants(budget, functools.partial(self.bus.publish, retain=True), clock=clock)
+        if budget is not None:  # one more read of the devices per scrape, only when there is a budget
+            self.metrics.registry.register(BurstBudgetCollector(self.fleet.list_devices, budget, clock))
         self.ingest = FleetIngest(
             self.store, self.fleet, self.bus, self.loop.wake, self.metrics.count_mqtt,
-            republish=self.controller.republish_all,
+            republish=self.controller.republish_all, on_reported=self.grants.observe,
         )  # fmt: skip
         self.election = LeaderElection(
             leader_lock_for(config.state_url), self._lead, self._follow, interval=config.leader_interval
@@ -215,7 +230,7 @@ class ControlPlane:
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(
             FleetServicer(self.fleet, hooks, self.bus.clear_device, self.revocations,
                           self.security.verifier if self.security else None, self.enroll_failures,
-                          self.device_logs),
+                          self.device_logs, self._burst_status),
             server,
         )  # fmt: skip
         rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(self.rollouts, hooks), server)
@@ -294,8 +309,12 @@ class ControlPlane:
         self.console = ConsoleServer(sources, verifier, self._token_revoked, tls)
         self.console.start(where.host, where.port)
 
+    def _burst_status(self) -> fleet_pb2.BurstBudgetStatus:
+        return budget_status(self.fleet.list_devices(), self.burst_budget, self.grants.clock())
+
     def _lead(self) -> None:
         # The ingest republishes every desired state on the CONNECTED marker that subscribing queues.
+        self.grants.start()
         self.ingest.start()
         self.bus.subscribe_fleet()
         self.loop.start()
@@ -304,6 +323,7 @@ class ControlPlane:
         self.loop.stop()
         self.bus.unsubscribe_fleet()
         self.ingest.stop()
+        self.grants.stop()
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving and release leadership (another replica may take over)."""

@@ -158,8 +158,10 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
         verifier: TokenVerifier | None,
         enroll_failures: PeerBudget | None = None,
         device_logs: DeviceLogs | None = None,
+        burst_status: Callable[[], fleet_pb2.BurstBudgetStatus] | None = None,
     ) -> None:
         self.fleet = fleet
+        self.burst_status = burst_status
         self.device_logs = device_logs
         self.hooks = hooks
         self.on_decommission = on_decommission
@@ -225,6 +227,12 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
             devices=[convert.device(d) for d in devices],
             next_page_token=next_token(offset, limit, len(devices)),
         )
+
+    @rpc("FleetService/GetBurstBudget")
+    def GetBurstBudget(self, request: fleet_pb2.GetBurstBudgetRequest, context: Any, note: Note) -> Any:
+        if self.burst_status is None:
+            raise Unavailable("this control plane does not keep burst budgets")
+        return self.burst_status()
 
     @rpc("FleetService/GetDevice")
     def GetDevice(self, request: fleet_pb2.GetDeviceRequest, context: Any, note: Note) -> Any:

@@ -98,6 +98,10 @@ class DeviceTopics:
         return f"{self.root}/logs/response"
 
     @property
+    def burst_grant(self) -> str:
+        return f"{self.root}/burst/grant"
+
+    @property
     def subtree(self) -> str:
         return f"{self.root}/#"
 
@@ -115,7 +119,7 @@ SHARED_CHUNK_REQUESTS = f"$share/{CHUNK_SHARE_GROUP}/{ALL_CHUNK_REQUESTS}"
 ALL_SITE_BRIDGES = f"{SITES_ROOT}/+/bridge"
 # Which way each of a device's topics crosses a site bridge.
 DEVICE_TO_CENTER = ("reported", "status", "events", "chunks/request", "logs/response")
-CENTER_TO_DEVICE = ("desired", "chunks/data", "logs/request")
+CENTER_TO_DEVICE = ("desired", "chunks/data", "logs/request", "burst/grant")
 
 
 def site_bridge_topic(site: str) -> str:

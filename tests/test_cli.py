@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 COMMANDS = ["compress", "artifact", "deploy", "rollout", "devices", "agent", "control-plane", "up", "demo",
-            "infer", "doctor", "keys", "audit", "broker", "down", "sim", "config"]  # fmt: skip
+            "infer", "doctor", "keys", "audit", "broker", "down", "sim", "config", "burst"]  # fmt: skip
 
 
 def edgectl(*args: str) -> subprocess.CompletedProcess[str]:

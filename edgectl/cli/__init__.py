@@ -18,6 +18,7 @@ from edgectl.cli import (
     artifact,
     audit,
     broker,
+    burst,
     compress,
     config,
     control_plane,
@@ -82,6 +83,7 @@ app.command("down")(up.down)
 app.command("demo")(demo.demo)
 app.command("infer")(infer.infer)
 app.command("doctor")(doctor.doctor)
+app.command("burst")(burst.burst)
 
 
 def main() -> None:

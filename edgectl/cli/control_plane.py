@@ -115,6 +115,17 @@ def control_plane_serve(
         help="a signed desired state expires this long after issue (re-signed at half of it)",
         envvar="EDGECTL_CP_ORDER_TTL",
     ),
+    fleet_burst_budget: float | None = typer.Option(
+        None,
+        help="the whole fleet's burst budget per period, in the agents' --burst-price-* currency; "
+        "agents get shares of it as grants and stop bursting when it is spent",
+        envvar="EDGECTL_CP_FLEET_BURST_BUDGET",
+    ),
+    fleet_burst_period: str = typer.Option(
+        "1h",
+        help="the fleet burst budget's period (e.g. 1h, 24h); periods start at its multiples, UTC",
+        envvar="EDGECTL_CP_FLEET_BURST_PERIOD",
+    ),
     log_format: str = typer.Option(
         "text", help="text or json (one object per line)", envvar="EDGECTL_LOG_FORMAT"
     ),
@@ -124,6 +135,7 @@ def control_plane_serve(
 
     Example: edgectl control-plane serve --security-dir /etc/edgectl/fleet --listen 0.0.0.0:7443 --device-listen 0.0.0.0:7444 --tls-name cp.lab --state postgresql://cp@db/edgectl
     """
+    from edgectl.control_plane.burst_grants import FleetBurstBudget
     from edgectl.control_plane.config import ControlPlaneConfig
     from edgectl.control_plane.logs import configure
     from edgectl.control_plane.server import ControlPlane
@@ -138,6 +150,9 @@ def control_plane_serve(
     blob_url_ttl_s = parse_duration(blob_url_ttl)
     if not 10 <= blob_url_ttl_s <= 7 * 24 * 3600:
         raise UsageError(f"--blob-url-ttl {blob_url_ttl} must be 10s to 7 days", hint="e.g. 5m")
+    fleet_burst_period_s = parse_duration(fleet_burst_period)
+    if fleet_burst_budget is not None:  # a bad budget fails before anything is opened
+        FleetBurstBudget(fleet_burst_budget, fleet_burst_period_s)
     configure(log_format, log_level)
     config = ControlPlaneConfig(
         listen=listen, device_listen=device_listen, insecure=insecure, security_dir=security_dir,
@@ -145,7 +160,8 @@ def control_plane_serve(
         blobs=blobs, trust=tuple(trust), metrics_listen=metrics_listen, health_listen=health_listen,
         site_brokers=tuple(site_broker), console_listen=console_listen,
         device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
-        blob_url_ttl_s=int(blob_url_ttl_s),
+        blob_url_ttl_s=int(blob_url_ttl_s), fleet_burst_budget=fleet_burst_budget,
+        fleet_burst_period_s=fleet_burst_period_s,
     )  # fmt: skip
     with private_umask():  # the state store (SQLite + WAL), blobs and keys: this user's only
         _serve(ControlPlane(config))

@@ -67,9 +67,17 @@ def _drift(d: fleet_pb2.Device) -> str:
     )
 
 
+def _burst(d: fleet_pb2.Device, fleet_cost: float) -> str:
+    """The device's burst cost this period and its share of the listed devices' cost."""
+    if not d.burst_cost:
+        return "-"
+    return f"{d.burst_cost:g} ({100 * d.burst_cost / fleet_cost:.0f}%)"
+
+
 def _devices_table(devices: list[fleet_pb2.Device], wide: bool) -> Table:
     columns = ["id", "online", "active", "desired", "health", "last seen", "labels", "error"]
-    table = Table(*columns, *(("agent", "profile", "enrolled", "drift") if wide else ()))
+    table = Table(*columns, *(("agent", "profile", "enrolled", "drift", "burst cost") if wide else ()))
+    fleet_cost = sum(d.burst_cost for d in devices)
     for d in devices:
         row = [
             d.id, "yes" if d.online else "[red]no[/]",
@@ -79,7 +87,13 @@ def _devices_table(devices: list[fleet_pb2.Device], wide: bool) -> Table:
             format_labels(d.labels), d.last_error,
         ]  # fmt: skip
         if wide:
-            row += [d.agent_version or "-", d.profile or "-", ago(d.enrolled_at), _drift(d)]
+            row += [
+                d.agent_version or "-",
+                d.profile or "-",
+                ago(d.enrolled_at),
+                _drift(d),
+                _burst(d, fleet_cost),
+            ]
         table.add_row(*row)
     return table
 

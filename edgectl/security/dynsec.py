@@ -99,6 +99,8 @@ def device_acls(device_id: str) -> list[dict[str, Any]]:
         _acl("publishClientReceive", t.chunk_data),
         _acl("subscribeLiteral", t.logs_request),
         _acl("publishClientReceive", t.logs_request),
+        _acl("subscribeLiteral", t.burst_grant),
+        _acl("publishClientReceive", t.burst_grant),
         _acl("publishClientSend", t.logs_response),
         _acl("publishClientSend", t.reported),
         _acl("publishClientSend", t.status),
@@ -114,6 +116,7 @@ def control_plane_acls() -> list[dict[str, Any]]:
         _acl("publishClientSend", f"{root}/desired"),
         _acl("publishClientSend", f"{root}/chunks/data"),
         _acl("publishClientSend", f"{root}/logs/request"),
+        _acl("publishClientSend", f"{root}/burst/grant"),
         *[
             _acl(acltype, f"{root}/{kind}")
             for kind in ("reported", "status", "events", "chunks/request", "logs/response")

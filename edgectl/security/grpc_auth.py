@@ -35,6 +35,7 @@ DEFAULT_POLICY: dict[str, Role | None] = {
     f"{V1}ArtifactService/Delete": Role.ADMIN,
     f"{V1}FleetService/ListDevices": Role.VIEWER,
     f"{V1}FleetService/GetDevice": Role.VIEWER,
+    f"{V1}FleetService/GetBurstBudget": Role.VIEWER,
     f"{V1}FleetService/LabelDevice": Role.DEPLOYER,
     f"{V1}FleetService/CreateEnrollmentToken": Role.ADMIN,
     f"{V1}FleetService/DecommissionDevice": Role.ADMIN,

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from edgectl.protos.v1 import common_pb2 as edgectl_dot_protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64gectl/protos/v1/fleet.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1e\x65\x64gectl/protos/v1/common.proto\"\xf8\x03\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x06labels\x18\x02 \x03(\x0b\x32\x1e.edgectl.v1.Device.LabelsEntry\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\'\n\x06\x61\x63tive\x18\x04 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12(\n\x07\x64\x65sired\x18\x05 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12(\n\x06health\x18\x06 \x01(\x0e\x32\x18.edgectl.v1.DeviceHealth\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05\x64rift\x18\x14 \x03(\x0b\x32\x1d.edgectl.v1.Device.DriftEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nDriftEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbb\x01\n\x1c\x43reateEnrollmentTokenRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x44\n\x06labels\x18\x02 \x03(\x0b\x32\x34.edgectl.v1.CreateEnrollmentTokenRequest.LabelsEntry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x0f\x45nrollmentToken\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"j\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0f\n\x07profile\x18\x05 \x01(\t\"\xbe\x01\n\x11\x44\x65viceCredentials\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rmqtt_username\x18\x02 \x01(\t\x12\x15\n\rmqtt_password\x18\x03 \x01(\t\x12\x17\n\x0f\x63lient_cert_pem\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63\x61_cert_pem\x18\x05 \x01(\x0c\x12\x14\n\x0ctrusted_keys\x18\x06 \x03(\x0c\x12\x10\n\x08mqtt_url\x18\x07 \x01(\t\x12\x12\n\nfleet_keys\x18\x08 \x03(\x0c\"\\\n\x12ListDevicesRequest\x12&\n\x08selector\x18\x01 \x01(\x0b\x32\x14.edgectl.v1.Selector\x12\x1e\n\x04page\x18\x02 \x01(\x0b\x32\x10.edgectl.v1.Page\"S\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.edgectl.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetDeviceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x92\x01\n\x12LabelDeviceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x34\n\x03set\x18\x02 \x03(\x0b\x32\'.edgectl.v1.LabelDeviceRequest.SetEntry\x12\x0e\n\x06remove\x18\x03 \x03(\t\x1a*\n\x08SetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x19\x44\x65\x63ommissionDeviceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65\x63ommissionDeviceResponse\"E\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"O\n\x13RevokeTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x15\n\rnewly_revoked\x18\x03 \x01(\x08\"B\n\x07LogLine\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0e\n\x06logger\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"v\n\x11\x44\x65viceLogsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nsince_unix\x18\x02 \x01(\x01\x12\x11\n\tmax_lines\x18\x03 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06\x62undle\x18\x05 \x01(\x08\"`\n\x12\x44\x65viceLogsResponse\x12\"\n\x05lines\x18\x01 \x03(\x0b\x32\x13.edgectl.v1.LogLine\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x13\n\x0b\x62undle_json\x18\x03 \x01(\t*z\n\x0c\x44\x65viceHealth\x12\x1d\n\x19\x44\x45VICE_HEALTH_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45VICE_HEALTH_OK\x10\x01\x12\x1a\n\x16\x44\x45VICE_HEALTH_DEGRADED\x10\x02\x12\x19\n\x15\x44\x45VICE_HEALTH_FAILING\x10\x03\x32\x86\x05\n\x0c\x46leetService\x12^\n\x15\x43reateEnrollmentToken\x12(.edgectl.v1.CreateEnrollmentTokenRequest\x1a\x1b.edgectl.v1.EnrollmentToken\x12\x42\n\x06\x45nroll\x12\x19.edgectl.v1.EnrollRequest\x1a\x1d.edgectl.v1.DeviceCredentials\x12N\n\x0bListDevices\x12\x1e.edgectl.v1.ListDevicesRequest\x1a\x1f.edgectl.v1.ListDevicesResponse\x12=\n\tGetDevice\x12\x1c.edgectl.v1.GetDeviceRequest\x1a\x12.edgectl.v1.Device\x12\x41\n\x0bLabelDevice\x12\x1e.edgectl.v1.LabelDeviceRequest\x1a\x12.edgectl.v1.Device\x12\x63\n\x12\x44\x65\x63ommissionDevice\x12%.edgectl.v1.DecommissionDeviceRequest\x1a&.edgectl.v1.DecommissionDeviceResponse\x12N\n\x0bRevokeToken\x12\x1e.edgectl.v1.RevokeTokenRequest\x1a\x1f.edgectl.v1.RevokeTokenResponse\x12K\n\nDeviceLogs\x12\x1d.edgectl.v1.DeviceLogsRequest\x1a\x1e.edgectl.v1.DeviceLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64gectl/protos/v1/fleet.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1e\x65\x64gectl/protos/v1/common.proto\"\x8c\x04\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x06labels\x18\x02 \x03(\x0b\x32\x1e.edgectl.v1.Device.LabelsEntry\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\'\n\x06\x61\x63tive\x18\x04 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12(\n\x07\x64\x65sired\x18\x05 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12(\n\x06health\x18\x06 \x01(\x0e\x32\x18.edgectl.v1.DeviceHealth\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05\x64rift\x18\x14 \x03(\x0b\x32\x1d.edgectl.v1.Device.DriftEntry\x12\x12\n\nburst_cost\x18\x15 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nDriftEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbb\x01\n\x1c\x43reateEnrollmentTokenRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x44\n\x06labels\x18\x02 \x03(\x0b\x32\x34.edgectl.v1.CreateEnrollmentTokenRequest.LabelsEntry\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x0f\x45nrollmentToken\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"j\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x0f\n\x07profile\x18\x05 \x01(\t\"\xbe\x01\n\x11\x44\x65viceCredentials\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rmqtt_username\x18\x02 \x01(\t\x12\x15\n\rmqtt_password\x18\x03 \x01(\t\x12\x17\n\x0f\x63lient_cert_pem\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63\x61_cert_pem\x18\x05 \x01(\x0c\x12\x14\n\x0ctrusted_keys\x18\x06 \x03(\x0c\x12\x10\n\x08mqtt_url\x18\x07 \x01(\t\x12\x12\n\nfleet_keys\x18\x08 \x03(\x0c\"\\\n\x12ListDevicesRequest\x12&\n\x08selector\x18\x01 \x01(\x0b\x32\x14.edgectl.v1.Selector\x12\x1e\n\x04page\x18\x02 \x01(\x0b\x32\x10.edgectl.v1.Page\"S\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.edgectl.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10GetDeviceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x92\x01\n\x12LabelDeviceRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x34\n\x03set\x18\x02 \x03(\x0b\x32\'.edgectl.v1.LabelDeviceRequest.SetEntry\x12\x0e\n\x06remove\x18\x03 \x03(\t\x1a*\n\x08SetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x19\x44\x65\x63ommissionDeviceRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65\x63ommissionDeviceResponse\"E\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"O\n\x13RevokeTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x15\n\rnewly_revoked\x18\x03 \x01(\x08\"B\n\x07LogLine\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0e\n\x06logger\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"v\n\x11\x44\x65viceLogsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nsince_unix\x18\x02 \x01(\x01\x12\x11\n\tmax_lines\x18\x03 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06\x62undle\x18\x05 \x01(\x08\"`\n\x12\x44\x65viceLogsResponse\x12\"\n\x05lines\x18\x01 \x03(\x0b\x32\x13.edgectl.v1.LogLine\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x13\n\x0b\x62undle_json\x18\x03 \x01(\t\"\x17\n\x15GetBurstBudgetRequest\"\xbb\x01\n\x11\x42urstBudgetStatus\x12\x0e\n\x06\x62udget\x18\x01 \x01(\x01\x12\x16\n\x0eperiod_seconds\x18\x02 \x01(\x03\x12\x30\n\x0cperiod_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05spent\x18\x04 \x01(\x01\x12\x0f\n\x07granted\x18\x05 \x01(\x01\x12,\n\x07\x64\x65vices\x18\x06 \x03(\x0b\x32\x1b.edgectl.v1.DeviceBurstCost\"z\n\x0f\x44\x65viceBurstCost\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x01\x12\x0f\n\x07granted\x18\x03 \x01(\x01\x12\r\n\x05share\x18\x04 \x01(\x01\x12\x16\n\x0e\x66ollows_grants\x18\x05 \x01(\x08\x12\x0e\n\x06online\x18\x06 \x01(\x08*z\n\x0c\x44\x65viceHealth\x12\x1d\n\x19\x44\x45VICE_HEALTH_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45VICE_HEALTH_OK\x10\x01\x12\x1a\n\x16\x44\x45VICE_HEALTH_DEGRADED\x10\x02\x12\x19\n\x15\x44\x45VICE_HEALTH_FAILING\x10\x03\x32\xda\x05\n\x0c\x46leetService\x12^\n\x15\x43reateEnrollmentToken\x12(.edgectl.v1.CreateEnrollmentTokenRequest\x1a\x1b.edgectl.v1.EnrollmentToken\x12\x42\n\x06\x45nroll\x12\x19.edgectl.v1.EnrollRequest\x1a\x1d.edgectl.v1.DeviceCredentials\x12N\n\x0bListDevices\x12\x1e.edgectl.v1.ListDevicesRequest\x1a\x1f.edgectl.v1.ListDevicesResponse\x12=\n\tGetDevice\x12\x1c.edgectl.v1.GetDeviceRequest\x1a\x12.edgectl.v1.Device\x12\x41\n\x0bLabelDevice\x12\x1e.edgectl.v1.LabelDeviceRequest\x1a\x12.edgectl.v1.Device\x12\x63\n\x12\x44\x65\x63ommissionDevice\x12%.edgectl.v1.DecommissionDeviceRequest\x1a&.edgectl.v1.DecommissionDeviceResponse\x12N\n\x0bRevokeToken\x12\x1e.edgectl.v1.RevokeTokenRequest\x1a\x1f.edgectl.v1.RevokeTokenResponse\x12K\n\nDeviceLogs\x12\x1d.edgectl.v1.DeviceLogsRequest\x1a\x1e.edgectl.v1.DeviceLogsResponse\x12R\n\x0eGetBurstBudget\x12!.edgectl.v1.GetBurstBudgetRequest\x1a\x1d.edgectl.v1.BurstBudgetStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,48 +41,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEENROLLMENTTOKENREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LABELDEVICEREQUEST_SETENTRY']._loaded_options = None
   _globals['_LABELDEVICEREQUEST_SETENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICEHEALTH']._serialized_start=2078
-  _globals['_DEVICEHEALTH']._serialized_end=2200
+  _globals['_DEVICEHEALTH']._serialized_start=2437
+  _globals['_DEVICEHEALTH']._serialized_end=2559
   _globals['_DEVICE']._serialized_start=111
-  _globals['_DEVICE']._serialized_end=615
-  _globals['_DEVICE_LABELSENTRY']._serialized_start=524
-  _globals['_DEVICE_LABELSENTRY']._serialized_end=569
-  _globals['_DEVICE_DRIFTENTRY']._serialized_start=571
-  _globals['_DEVICE_DRIFTENTRY']._serialized_end=615
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=618
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=805
-  _globals['_CREATEENROLLMENTTOKENREQUEST_LABELSENTRY']._serialized_start=524
-  _globals['_CREATEENROLLMENTTOKENREQUEST_LABELSENTRY']._serialized_end=569
-  _globals['_ENROLLMENTTOKEN']._serialized_start=807
-  _globals['_ENROLLMENTTOKEN']._serialized_end=906
-  _globals['_ENROLLREQUEST']._serialized_start=908
-  _globals['_ENROLLREQUEST']._serialized_end=1014
-  _globals['_DEVICECREDENTIALS']._serialized_start=1017
-  _globals['_DEVICECREDENTIALS']._serialized_end=1207
-  _globals['_LISTDEVICESREQUEST']._serialized_start=1209
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1301
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1303
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1386
-  _globals['_GETDEVICEREQUEST']._serialized_start=1388
-  _globals['_GETDEVICEREQUEST']._serialized_end=1418
-  _globals['_LABELDEVICEREQUEST']._serialized_start=1421
-  _globals['_LABELDEVICEREQUEST']._serialized_end=1567
-  _globals['_LABELDEVICEREQUEST_SETENTRY']._serialized_start=1525
-  _globals['_LABELDEVICEREQUEST_SETENTRY']._serialized_end=1567
-  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_start=1569
-  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_end=1608
-  _globals['_DECOMMISSIONDEVICERESPONSE']._serialized_start=1610
-  _globals['_DECOMMISSIONDEVICERESPONSE']._serialized_end=1638
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1640
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1709
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=1711
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=1790
-  _globals['_LOGLINE']._serialized_start=1792
-  _globals['_LOGLINE']._serialized_end=1858
-  _globals['_DEVICELOGSREQUEST']._serialized_start=1860
-  _globals['_DEVICELOGSREQUEST']._serialized_end=1978
-  _globals['_DEVICELOGSRESPONSE']._serialized_start=1980
-  _globals['_DEVICELOGSRESPONSE']._serialized_end=2076
-  _globals['_FLEETSERVICE']._serialized_start=2203
-  _globals['_FLEETSERVICE']._serialized_end=2849
+  _globals['_DEVICE']._serialized_end=635
+  _globals['_DEVICE_LABELSENTRY']._serialized_start=544
+  _globals['_DEVICE_LABELSENTRY']._serialized_end=589
+  _globals['_DEVICE_DRIFTENTRY']._serialized_start=591
+  _globals['_DEVICE_DRIFTENTRY']._serialized_end=635
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=638
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=825
+  _globals['_CREATEENROLLMENTTOKENREQUEST_LABELSENTRY']._serialized_start=544
+  _globals['_CREATEENROLLMENTTOKENREQUEST_LABELSENTRY']._serialized_end=589
+  _globals['_ENROLLMENTTOKEN']._serialized_start=827
+  _globals['_ENROLLMENTTOKEN']._serialized_end=926
+  _globals['_ENROLLREQUEST']._serialized_start=928
+  _globals['_ENROLLREQUEST']._serialized_end=1034
+  _globals['_DEVICECREDENTIALS']._serialized_start=1037
+  _globals['_DEVICECREDENTIALS']._serialized_end=1227
+  _globals['_LISTDEVICESREQUEST']._serialized_start=1229
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1321
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1323
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1406
+  _globals['_GETDEVICEREQUEST']._serialized_start=1408
+  _globals['_GETDEVICEREQUEST']._serialized_end=1438
+  _globals['_LABELDEVICEREQUEST']._serialized_start=1441
+  _globals['_LABELDEVICEREQUEST']._serialized_end=1587
+  _globals['_LABELDEVICEREQUEST_SETENTRY']._serialized_start=1545
+  _globals['_LABELDEVICEREQUEST_SETENTRY']._serialized_end=1587
+  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_start=1589
+  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_end=1628
+  _globals['_DECOMMISSIONDEVICERESPONSE']._serialized_start=1630
+  _globals['_DECOMMISSIONDEVICERESPONSE']._serialized_end=1658
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1660
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1729
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=1731
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=1810
+  _globals['_LOGLINE']._serialized_start=1812
+  _globals['_LOGLINE']._serialized_end=1878
+  _globals['_DEVICELOGSREQUEST']._serialized_start=1880
+  _globals['_DEVICELOGSREQUEST']._serialized_end=1998
+  _globals['_DEVICELOGSRESPONSE']._serialized_start=2000
+  _globals['_DEVICELOGSRESPONSE']._serialized_end=2096
+  _globals['_GETBURSTBUDGETREQUEST']._serialized_start=2098
+  _globals['_GETBURSTBUDGETREQUEST']._serialized_end=2121
+  _globals['_BURSTBUDGETSTATUS']._serialized_start=2124
+  _globals['_BURSTBUDGETSTATUS']._serialized_end=2311
+  _globals['_DEVICEBURSTCOST']._serialized_start=2313
+  _globals['_DEVICEBURSTCOST']._serialized_end=2435
+  _globals['_FLEETSERVICE']._serialized_start=2562
+  _globals['_FLEETSERVICE']._serialized_end=3292
 # @@protoc_insertion_point(module_scope)

@@ -96,12 +96,15 @@ class Device(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    BURST_COST_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     online: _builtins.bool
     health: Global___DeviceHealth.ValueType
     agent_version: _builtins.str
     profile: _builtins.str
     last_error: _builtins.str
+    burst_cost: _builtins.float
+    """Burst cost the device reported for its current budget period (0: none, or an agent without prices)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -131,10 +134,11 @@ class Device(_message.Message):
         last_error: _builtins.str = ...,
         enrolled_at: _timestamp_pb2.Timestamp | None = ...,
         drift: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        burst_cost: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "desired", b"desired", "enrolled_at", b"enrolled_at", "last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "agent_version", b"agent_version", "desired", b"desired", "drift", b"drift", "enrolled_at", b"enrolled_at", "health", b"health", "id", b"id", "labels", b"labels", "last_error", b"last_error", "last_seen", b"last_seen", "online", b"online", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "agent_version", b"agent_version", "burst_cost", b"burst_cost", "desired", b"desired", "drift", b"drift", "enrolled_at", b"enrolled_at", "health", b"health", "id", b"id", "labels", b"labels", "last_error", b"last_error", "last_seen", b"last_seen", "online", b"online", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -586,3 +590,94 @@ class DeviceLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceLogsResponse: _TypeAlias = DeviceLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetBurstBudgetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBurstBudgetRequest: _TypeAlias = GetBurstBudgetRequest  # noqa: Y015
+
+@_typing.final
+class BurstBudgetStatus(_message.Message):
+    """Summed from the devices' reported states, so every replica gives the same answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    budget: _builtins.float
+    """The fleet's budget per period (0: no fleet budget; costs are still summed)."""
+    period_seconds: _builtins.int
+    spent: _builtins.float
+    """Burst cost reported this period, and the allowances granted (what devices may spend at most)."""
+    granted: _builtins.float
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceBurstCost]: ...
+    def __init__(
+        self,
+        *,
+        budget: _builtins.float = ...,
+        period_seconds: _builtins.int = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        spent: _builtins.float = ...,
+        granted: _builtins.float = ...,
+        devices: _abc.Iterable[Global___DeviceBurstCost] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "devices", b"devices", "granted", b"granted", "period_seconds", b"period_seconds", "period_start", b"period_start", "spent", b"spent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BurstBudgetStatus: _TypeAlias = BurstBudgetStatus  # noqa: Y015
+
+@_typing.final
+class DeviceBurstCost(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    FOLLOWS_GRANTS_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    cost: _builtins.float
+    granted: _builtins.float
+    share: _builtins.float
+    """This device's part of the fleet's cost this period, in [0, 1]."""
+    follows_grants: _builtins.bool
+    """False for agents that predate fleet grants: only their own --burst-budget bounds them."""
+    online: _builtins.bool
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        cost: _builtins.float = ...,
+        granted: _builtins.float = ...,
+        share: _builtins.float = ...,
+        follows_grants: _builtins.bool = ...,
+        online: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "device_id", b"device_id", "follows_grants", b"follows_grants", "granted", b"granted", "online", b"online", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceBurstCost: _TypeAlias = DeviceBurstCost  # noqa: Y015

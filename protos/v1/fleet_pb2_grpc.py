@@ -74,6 +74,11 @@ class FleetServiceStub:
                 request_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsRequest.SerializeToString,
                 response_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsResponse.FromString,
                 _registered_method=True)
+        self.GetBurstBudget = channel.unary_unary(
+                '/edgectl.v1.FleetService/GetBurstBudget',
+                request_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.GetBurstBudgetRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.BurstBudgetStatus.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -133,6 +138,13 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBurstBudget(self, request, context):
+        """The fleet's burst budget this period (`--fleet-burst-budget`): spent and granted, per device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +187,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.DeviceLogs,
                     request_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsRequest.FromString,
                     response_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsResponse.SerializeToString,
+            ),
+            'GetBurstBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBurstBudget,
+                    request_deserializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.GetBurstBudgetRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_v1_dot_fleet__pb2.BurstBudgetStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -393,6 +410,33 @@ class FleetService:
             '/edgectl.v1.FleetService/DeviceLogs',
             edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsRequest.SerializeToString,
             edgectl_dot_protos_dot_v1_dot_fleet__pb2.DeviceLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBurstBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgectl.v1.FleetService/GetBurstBudget',
+            edgectl_dot_protos_dot_v1_dot_fleet__pb2.GetBurstBudgetRequest.SerializeToString,
+            edgectl_dot_protos_dot_v1_dot_fleet__pb2.BurstBudgetStatus.FromString,
             options,
             channel_credentials,
             insecure,

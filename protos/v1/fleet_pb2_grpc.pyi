@@ -46,6 +46,8 @@ class FleetServiceStub:
     """A device's recent log lines, asked of its agent over MQTT (admin only, audited, size-bounded,
     secrets redacted by the agent before they leave it).
     """
+    GetBurstBudget: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetBurstBudgetRequest, _fleet_pb2.BurstBudgetStatus]
+    """The fleet's burst budget this period (`--fleet-burst-budget`): spent and granted, per device."""
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -65,6 +67,8 @@ class FleetServiceAsyncStub(FleetServiceStub):
     """A device's recent log lines, asked of its agent over MQTT (admin only, audited, size-bounded,
     secrets redacted by the agent before they leave it).
     """
+    GetBurstBudget: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetBurstBudgetRequest, _fleet_pb2.BurstBudgetStatus]  # type: ignore[assignment]
+    """The fleet's burst budget this period (`--fleet-burst-budget`): spent and granted, per device."""
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -129,5 +133,13 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         """A device's recent log lines, asked of its agent over MQTT (admin only, audited, size-bounded,
         secrets redacted by the agent before they leave it).
         """
+
+    @_abc_1.abstractmethod
+    def GetBurstBudget(
+        self,
+        request: _fleet_pb2.GetBurstBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.BurstBudgetStatus, _abc.Awaitable[_fleet_pb2.BurstBudgetStatus]]:
+        """The fleet's burst budget this period (`--fleet-burst-budget`): spent and granted, per device."""
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

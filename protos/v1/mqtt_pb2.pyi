@@ -442,6 +442,11 @@ class ServingStats(_message.Message):
     BURST_COST_FIELD_NUMBER: _builtins.int
     BURST_BUDGET_FIELD_NUMBER: _builtins.int
     BURST_HELD_BACK_FIELD_NUMBER: _builtins.int
+    BURST_SESSION_FIELD_NUMBER: _builtins.int
+    BURST_GRANT_PERIOD_FIELD_NUMBER: _builtins.int
+    BURST_GRANT_FIELD_NUMBER: _builtins.int
+    BURST_GRANT_SPENT_FIELD_NUMBER: _builtins.int
+    BURST_REQUEST_PRICE_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     error_rate: _builtins.float
     p99_ms: _builtins.float
@@ -453,6 +458,16 @@ class ServingStats(_message.Message):
     """
     burst_budget: _builtins.float
     burst_held_back: _builtins.int
+    burst_session: _builtins.str
+    """The fleet budget's side (control plane --fleet-burst-budget): this agent run's session id, the
+    period of the grant it spends against (unix seconds; 0: no grant held), the allowance granted
+    to this session in that period and what it spent of it. Older agents leave them unset.
+    """
+    burst_grant_period: _builtins.int
+    burst_grant: _builtins.float
+    burst_grant_spent: _builtins.float
+    burst_request_price: _builtins.float
+    """The agent's price of one burst request (--burst-price-per-1k / 1000): grants come in whole requests."""
     def __init__(
         self,
         *,
@@ -464,14 +479,68 @@ class ServingStats(_message.Message):
         burst_cost: _builtins.float = ...,
         burst_budget: _builtins.float = ...,
         burst_held_back: _builtins.int = ...,
+        burst_session: _builtins.str = ...,
+        burst_grant_period: _builtins.int = ...,
+        burst_grant: _builtins.float = ...,
+        burst_grant_spent: _builtins.float = ...,
+        burst_request_price: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_budget", b"burst_budget", "burst_cost", b"burst_cost", "burst_held_back", b"burst_held_back", "burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst_budget", b"burst_budget", "burst_cost", b"burst_cost", "burst_grant", b"burst_grant", "burst_grant_period", b"burst_grant_period", "burst_grant_spent", b"burst_grant_spent", "burst_held_back", b"burst_held_back", "burst_request_price", b"burst_request_price", "burst_session", b"burst_session", "burst_share", b"burst_share", "error_rate", b"error_rate", "p99_ms", b"p99_ms", "requests", b"requests", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServingStats: _TypeAlias = ServingStats  # noqa: Y015
+
+@_typing.final
+class BurstGrant(_message.Message):
+    """edgectl/v1/devices/{id}/burst/grant: retained, QoS 1, written by the control plane only. The
+    share of the fleet's burst budget this device's agent run (session) may spend in the period:
+    allowance is cumulative (it only grows within a period and session) and bounds the agent's burst
+    cost on top of its own --burst-budget. A grant for another session (an earlier run of the agent)
+    allows nothing; an empty payload removes the fleet budget. Agents that predate it never subscribe.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_S_FIELD_NUMBER: _builtins.int
+    ALLOWANCE_FIELD_NUMBER: _builtins.int
+    FLEET_BUDGET_FIELD_NUMBER: _builtins.int
+    EXHAUSTED_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    session: _builtins.str
+    period_start: _builtins.int
+    period_s: _builtins.int
+    allowance: _builtins.float
+    fleet_budget: _builtins.float
+    """The fleet's budget for the period, and whether all of it is granted (nothing more will come)."""
+    exhausted: _builtins.bool
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        session: _builtins.str = ...,
+        period_start: _builtins.int = ...,
+        period_s: _builtins.int = ...,
+        allowance: _builtins.float = ...,
+        fleet_budget: _builtins.float = ...,
+        exhausted: _builtins.bool = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowance", b"allowance", "device_id", b"device_id", "exhausted", b"exhausted", "fleet_budget", b"fleet_budget", "issued_at", b"issued_at", "period_s", b"period_s", "period_start", b"period_start", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BurstGrant: _TypeAlias = BurstGrant  # noqa: Y015
 
 @_typing.final
 class DeviceStatus(_message.Message):

@@ -171,6 +171,7 @@ class SimDevice:
     password: str | None = field(default=None, repr=False)  # MQTT username is the device id
     windows: bool = True  # honour maintenance windows; False plays an agent that predates them
     clock: Callable[[], float] = time.time  # the wall clock windows are read on
+    stats: mqtt_pb2.ServingStats | None = None  # serving stats to report (None: none, as before)
 
     @property
     def topics(self) -> DeviceTopics:
@@ -268,6 +269,8 @@ class SimDevice:
             profile="x86-cpu-avx2",
             labels=self.labels,
         )
+        if self.stats is not None:
+            state.stats.CopyFrom(self.stats)
         state.reported_at.GetCurrentTime()
         self._publish(self.topics.reported, state)
 
