@@ -17,10 +17,7 @@ Run: python benchmarks/bench_agent.py
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test helpers (artifact server, ONNX builders) are shared
 
-from loadgen import pinned, run_load  # noqa: E402  (benchmarks/, the script's own folder)
+from cloud import cloud_endpoint, pin_this_process, split_cpus  # noqa: E402
+from loadgen import run_load  # noqa: E402  (benchmarks/, the script's own folder)
 from sections import direct_session, run_sections, timed  # noqa: E402
 
 from edgectl.agent.batching import BatchSettings  # noqa: E402
@@ -41,9 +39,9 @@ from edgectl.agent.codecs import encode_request  # noqa: E402
 from edgectl.agent.fetch import ArtifactFetcher  # noqa: E402
 from edgectl.agent.fleet_grant import FleetAllowance  # noqa: E402
 from edgectl.agent.transports import GrpcTransport  # noqa: E402
-from edgectl.artifact import LocalBlobStore, Manifest, SigningKey, public_pem  # noqa: E402
+from edgectl.artifact import LocalBlobStore, Manifest, SigningKey  # noqa: E402
 from edgectl.control_plane.burst_grants import FleetBurstBudget, GrantLedger  # noqa: E402
-from edgectl.ports import free_port, wait_for_port  # noqa: E402
+from edgectl.ports import free_port  # noqa: E402
 from edgectl.protos.v1 import mqtt_pb2  # noqa: E402
 from tests.agent.artifact_server import ArtifactStoreServer  # noqa: E402
 from tests.agent.onnx_models import mlp_artifact, mlp_model  # noqa: E402
@@ -134,7 +132,6 @@ def bench_throughput(work: Path, quick: bool) -> None:
 # a weight-bound model keeps request rates (and Python overheads) low and batches well in the cloud.
 SLO_DIMS = (4096, 16384, 16)
 PRICE_PER_1K = 0.40  # an example price of the burst endpoint, per 1,000 requests
-CLOUD_QUEUE_DELAY_MS = 5
 GRANT_LAG_S = 0.02  # each way: agent report -> control plane, grant -> agent (a loaded broker)
 
 
@@ -179,15 +176,6 @@ class GrantRelay:
         self._thread.join(5)
 
 
-def _pin_this_process(cpus: set[int]) -> set[int]:
-    """Pin every thread of this process (gRPC's own included) to ``cpus``; returns the old set."""
-    old = os.sched_getaffinity(0)
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(tid), cpus)
-    return old
-
-
 def bench_batching(work: Path, quick: bool) -> None:
     """The same server with batching off and on, many concurrent single-item clients."""
     path = mlp_model(work / "batch.onnx", MODEL_DIMS)
@@ -209,60 +197,16 @@ def bench_batching(work: Path, quick: bool) -> None:
     )
 
 
-def _cloud_endpoint(work: Path, port: int, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
-    key = SigningKey.generate()
-    art = mlp_artifact(work / "cloud-art", work / "models", key, name="m", dims=SLO_DIMS)
-    (work / "cloud.pub.pem").write_bytes(public_pem(key.public_key))
-    cmd = "from edgectl.cli.agent import app; app()"
-    proc = subprocess.Popen(
-        pinned(
-            [
-                sys.executable,
-                "-c",
-                cmd,
-                "run",
-                "--serve-only",
-                "--model-dir",
-                str(art.root),
-                "--trust",
-                str(work / "cloud.pub.pem"),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--profile",
-                "x86-cpu-avx2",
-                "--intra-op-threads",
-                "1",
-                "--max-batch-size",
-                "16",
-                # A cloud endpoint is tuned for throughput: it waits a little longer to fill batches.
-                "--max-queue-delay-ms",
-                str(CLOUD_QUEUE_DELAY_MS),
-                "--log-level",
-                "warning",
-            ],
-            cpus,
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    if not wait_for_port("127.0.0.1", port, 60):
-        proc.kill()
-        raise RuntimeError("the cloud endpoint did not start")
-    return proc
-
-
 def bench_burst(work: Path, quick: bool) -> None:
     path = mlp_model(work / "slo.onnx", SLO_DIMS)
     seconds, rounds = (4.0, 1) if quick else (10.0, 3)
     req = encode_request("m", {"x": np.zeros((1, SLO_DIMS[0]), np.float32)})
     # On one host the "cloud" would steal the edge's cores: the edge agent (this process) gets CPU 0,
     # the cloud endpoint and the load generator CPU 1, as if they were other machines.
-    edge_cpus, other_cpus = {0}, {1}
-    if len(os.sched_getaffinity(0)) < 2:
-        edge_cpus = other_cpus = set(os.sched_getaffinity(0))
-    restore = _pin_this_process(edge_cpus)
+    edge_cpus, other_cpus = split_cpus()
+    restore = pin_this_process(edge_cpus)
     port = free_port()
-    cloud = _cloud_endpoint(work, port, other_cpus)
+    cloud = cloud_endpoint(work, port, SLO_DIMS, other_cpus)
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": [], "budget": [], "fleet budget": []}
     budgets: list[int] = []
     slos: list[float] = []
@@ -320,7 +264,7 @@ def bench_burst(work: Path, quick: bool) -> None:
     finally:
         cloud.terminate()
         cloud.wait(10)
-        _pin_this_process(restore)
+        pin_this_process(restore)
     slo_s, rate = statistics.median(slos), statistics.median(rates)
     for label, got in runs.items():
         within = statistics.median(g["within"] for g in got)
