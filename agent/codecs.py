@@ -110,52 +110,95 @@ class TensorHeader:
     raw: bool = True
 
 
-def check_inputs(
-    model: str, specs: Sequence[TensorSpec], headers: Sequence[TensorHeader], limits: RequestLimits
-) -> None:
-    """Refuse a request whose inputs cannot match the model's signature, from the headers alone:
-    names, datatypes, shapes, element counts and data sizes, before any tensor is decoded."""
-    by_name = {s.name: s for s in specs}
-    seen: set[str] = set()
-    for h in headers:
-        if h.name in seen:
-            raise InvalidInputError(f"input {h.name!r} appears twice")
-        seen.add(h.name)
-    if seen != set(by_name):
-        raise InvalidInputError(f"model {model!r} takes inputs {sorted(by_name)}, got {sorted(seen)}")
-    for h in headers:
-        spec = by_name[h.name]
-        want = v2_datatype(spec.dtype)
-        if h.datatype != want:
-            raise InvalidInputError(
-                f"input {h.name!r} of model {model!r} must be {spec.dtype} (V2 {want}), got {h.datatype}"
-            )
-        if not spec.accepts(h.shape):
-            raise InvalidInputError(
-                f"input {h.name!r} of model {model!r} must have shape {spec.wire_shape()}, got {list(h.shape)}"
-            )
-        count = element_count(h.shape, h.name)
-        if not h.raw:
-            if h.size != count:
-                raise InvalidInputError(
-                    f"input {h.name!r}: {h.size} values, expected {count} for shape {list(h.shape)}"
+class InputTable:
+    """A model version's inputs as the request path checks them, worked out once when the version
+    is installed: each name's V2 datatype, item size and shape pattern."""
+
+    def __init__(self, model: str, specs: Sequence[TensorSpec]) -> None:
+        self.model = model
+        self.specs = {s.name: s for s in specs}
+        self._names = set(self.specs)
+        self.datatypes = {s.name: v2_datatype(s.dtype) for s in specs}
+        # name -> (V2 datatype, numpy dtype, rank, the fixed dims as (index, size)); empty for a model
+        # with a BYTES input, whose requests always take the general path (elements counted, not sized).
+        self._exact: dict[str, tuple[str, np.dtype[np.generic], int, tuple[tuple[int, int], ...]]] = {}
+        if "BYTES" not in self.datatypes.values():
+            self._exact = {
+                s.name: (
+                    self.datatypes[s.name],
+                    numpy_dtype(self.datatypes[s.name]),
+                    len(s.shape),
+                    tuple((i, d) for i, d in enumerate(s.shape) if isinstance(d, int)),
                 )
-        elif want == "BYTES":
-            if count > limits.max_bytes_elements:
+                for s in specs
+            }
+
+    def check(self, headers: Sequence[TensorHeader], limits: RequestLimits) -> None:
+        """Refuse a request whose inputs cannot match the model's signature, from the headers alone:
+        names, datatypes, shapes, element counts and data sizes, before any tensor is decoded."""
+        model = self.model
+        seen: set[str] = set()
+        for h in headers:
+            if h.name in seen:
+                raise InvalidInputError(f"input {h.name!r} appears twice")
+            seen.add(h.name)
+        if seen != self._names:
+            raise InvalidInputError(f"model {model!r} takes inputs {sorted(self._names)}, got {sorted(seen)}")
+        for h in headers:
+            spec, want = self.specs[h.name], self.datatypes[h.name]
+            if h.datatype != want:
                 raise InvalidInputError(
-                    f"input {h.name!r}: {count} BYTES elements exceed this server's limit of "
-                    f"{limits.max_bytes_elements}; split the request"
+                    f"input {h.name!r} of model {model!r} must be {spec.dtype} (V2 {want}), got {h.datatype}"
                 )
-            if 4 * count > h.size:
+            if not spec.accepts(h.shape):
                 raise InvalidInputError(
-                    f"input {h.name!r}: {h.size} bytes cannot hold {count} BYTES elements "
-                    "(4-byte length prefix each)"
+                    f"input {h.name!r} of model {model!r} must have shape {spec.wire_shape()}, got {list(h.shape)}"
                 )
-        elif h.size != count * numpy_dtype(want).itemsize:
-            raise InvalidInputError(
-                f"input {h.name!r}: {h.size} bytes of data, expected {count * numpy_dtype(want).itemsize} "
-                f"({want} x shape {list(h.shape)})"
-            )
+            count = element_count(h.shape, h.name)
+            if not h.raw:
+                if h.size != count:
+                    raise InvalidInputError(
+                        f"input {h.name!r}: {h.size} values, expected {count} for shape {list(h.shape)}"
+                    )
+            elif want == "BYTES":
+                if count > limits.max_bytes_elements:
+                    raise InvalidInputError(
+                        f"input {h.name!r}: {count} BYTES elements exceed this server's limit of "
+                        f"{limits.max_bytes_elements}; split the request"
+                    )
+                if 4 * count > h.size:
+                    raise InvalidInputError(
+                        f"input {h.name!r}: {h.size} bytes cannot hold {count} BYTES elements "
+                        "(4-byte length prefix each)"
+                    )
+            elif h.size != count * numpy_dtype(want).itemsize:
+                raise InvalidInputError(
+                    f"input {h.name!r}: {h.size} bytes of data, expected {count * numpy_dtype(want).itemsize} "
+                    f"({want} x shape {list(h.shape)})"
+                )
+
+    def decode_exact(self, request: pb.ModelInferRequest) -> dict[str, Array] | None:
+        """The inputs of a gRPC request with raw contents that fits the signature exactly, as numpy
+        views of the received bytes (no copy); None for anything else (typed contents, BYTES, any
+        mismatch), which then goes through ``check`` and ``decode_request`` to be served or
+        refused with its reason. Each input is checked before it is viewed."""
+        raw, inputs = request.raw_input_contents, request.inputs
+        if len(raw) != len(inputs) or len(inputs) != len(self.specs):
+            return None
+        out: dict[str, Array] = {}
+        for tensor, data in zip(inputs, raw, strict=True):
+            name = tensor.name
+            want = self._exact.get(name)
+            if want is None or name in out or tensor.datatype != want[0] or tensor.HasField("contents"):
+                return None
+            _, dtype, rank, fixed = want
+            shape = tuple(tensor.shape)
+            if len(shape) != rank or any(shape[i] != d for i, d in fixed) or min(shape, default=0) < 0:
+                return None
+            if len(data) != math.prod(shape) * dtype.itemsize:
+                return None
+            out[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        return out
 
 
 def request_headers(request: pb.ModelInferRequest) -> list[TensorHeader]:
@@ -277,15 +320,13 @@ def encode_response(
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
     for key, value in (parameters or {}).items():
         response.parameters[key].string_param = value
-    names = list(requested) if requested else list(outputs)
-    for name in names:
+    raw = response.raw_output_contents
+    for name in requested or outputs:
         array = np.asarray(outputs[name])
         datatype = v2_datatype(array.dtype)
-        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        if datatype == "BYTES":
-            response.raw_output_contents.append(serialize_bytes(array))
-        else:
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        # tobytes() writes C order whatever the array's layout: no ascontiguousarray copy first.
+        raw.append(serialize_bytes(array) if datatype == "BYTES" else array.tobytes())
     return response
 
 
