@@ -110,6 +110,28 @@ class TensorHeader:
     raw: bool = True
 
 
+class _ShapePattern:
+    """The shapes a signature's shape admits, checked with little Python: the usual patterns (all
+    dims fixed, or a free first dimension and the rest fixed) are one tuple comparison."""
+
+    def __init__(self, dims: Sequence[int | str]) -> None:
+        self.rank = len(dims)
+        self.fixed = tuple((i, d) for i, d in enumerate(dims) if isinstance(d, int))
+        sizes = tuple(d for _, d in self.fixed)
+        self.whole = sizes if len(sizes) == self.rank else None
+        self.tail = sizes if self.rank and len(sizes) == self.rank - 1 and isinstance(dims[0], str) else None
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Same rank, every fixed dim equal, no negative dim."""
+        if self.whole is not None:
+            return shape == self.whole
+        if len(shape) != self.rank:
+            return False
+        if self.tail is not None:
+            return shape[1:] == self.tail and shape[0] >= 0
+        return all(shape[i] == d for i, d in self.fixed) and min(shape) >= 0
+
+
 class InputTable:
     """A model version's inputs as the request path checks them, worked out once when the version
     is installed: each name's V2 datatype, item size and shape pattern."""
@@ -119,17 +141,12 @@ class InputTable:
         self.specs = {s.name: s for s in specs}
         self._names = set(self.specs)
         self.datatypes = {s.name: v2_datatype(s.dtype) for s in specs}
-        # name -> (V2 datatype, numpy dtype, rank, the fixed dims as (index, size)); empty for a model
-        # with a BYTES input, whose requests always take the general path (elements counted, not sized).
-        self._exact: dict[str, tuple[str, np.dtype[np.generic], int, tuple[tuple[int, int], ...]]] = {}
+        # name -> (V2 datatype, numpy dtype, shape pattern); empty for a model with a BYTES input,
+        # whose requests always take the general path (elements counted, not sized).
+        self._exact: dict[str, tuple[str, np.dtype[np.generic], _ShapePattern]] = {}
         if "BYTES" not in self.datatypes.values():
             self._exact = {
-                s.name: (
-                    self.datatypes[s.name],
-                    numpy_dtype(self.datatypes[s.name]),
-                    len(s.shape),
-                    tuple((i, d) for i, d in enumerate(s.shape) if isinstance(d, int)),
-                )
+                s.name: (self.datatypes[s.name], numpy_dtype(self.datatypes[s.name]), _ShapePattern(s.shape))
                 for s in specs
             }
 
@@ -191,9 +208,9 @@ class InputTable:
             want = self._exact.get(name)
             if want is None or name in out or tensor.datatype != want[0] or tensor.HasField("contents"):
                 return None
-            _, dtype, rank, fixed = want
+            _, dtype, pattern = want
             shape = tuple(tensor.shape)
-            if len(shape) != rank or any(shape[i] != d for i, d in fixed) or min(shape, default=0) < 0:
+            if not pattern.fits(shape):
                 return None
             if len(data) != math.prod(shape) * dtype.itemsize:
                 return None

@@ -68,7 +68,8 @@ class InferCall:
     headers: Callable[[], Sequence[TensorHeader]]
     decode: Callable[[], dict[str, Array]]
     to_proto: Callable[[], pb.ModelInferRequest]
-    nbytes: int = 0  # the request's tensor bytes as received
+    # The request's tensor bytes as received; asked only when it failed (to hand a large one's heap back).
+    nbytes: Callable[[], int] = lambda: 0
     decode_exact: Callable[[InputTable], dict[str, Array] | None] | None = None
 
 
@@ -109,6 +110,8 @@ class InferenceRouter:
 
     def _route(self, served: ServedModel | None) -> tuple[str | None, float]:
         """(why this request should go to burst, or None to serve it locally; predicted local s)."""
+        if self.burst is None:
+            return None, 0.0
         why, wait = self._route_by_latency(served)
         # A spent burst budget (set to "serve locally") keeps the request here: queue, don't pay.
         if why is not None and self.burst is not None and self.burst.budget.hold_back():
@@ -195,7 +198,7 @@ class InferenceRouter:
             raise
         finally:
             elapsed = time.perf_counter() - start
-            if not ok and call.nbytes >= TRIM_AFTER_BYTES:
+            if not ok and call.nbytes() >= TRIM_AFTER_BYTES:
                 trim_heap()
             self.metrics.observe_request(call.model, served_by, ok, elapsed)
             if served is not None and served_by == LOCAL:
