@@ -3,7 +3,9 @@ grpc.health.v1, against a real server."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -12,10 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.codecs import encode_request
+from edgectl.agent.codecs import decode_response, encode_request
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import model_config_pb2 as mc
-from tests.agent.onnx_models import mlp_model
+from tests.agent.onnx_models import mlp_model, run_direct
 from tests.agent.v2_harness import InProcessV2
 
 
@@ -84,3 +86,50 @@ def test_repository_index_and_health(served: InProcessV2) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     served.registry.remove("mlp")  # nothing served: a probe must say so
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _stats(served: InProcessV2) -> pb.ModelStatistics:
+    return served.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp")).model_stats[0]
+
+
+def test_a_lone_caller_runs_inline_and_overlapping_callers_share_runs(tmp_path: Path) -> None:
+    """Told apart by ModelStatistics, not by timing: a sequential caller's requests each run alone,
+    never queued (the inline path on the gRPC thread), even with a long batching delay; callers
+    that overlap are queued and batched."""
+    path = mlp_model(tmp_path / "mlp.onnx", (4, 8, 3))
+    served = InProcessV2(path, name="mlp", batch=BatchSettings(max_batch_size=8, max_queue_delay_s=0.05))
+    try:
+        for i in range(20):
+            x = np.full((1, 4), i, np.float32)
+            got = decode_response(served.stub.ModelInfer(encode_request("mlp", {"x": x})))["y"]
+            np.testing.assert_allclose(got, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+        lone = _stats(served)
+        assert [(b.batch_size, b.compute_infer.count) for b in lone.batch_stats] == [(1, 20)]
+        assert (lone.inference_stats.queue.count, lone.inference_stats.queue.ns) == (20, 0)
+        assert lone.inference_stats.compute_input.count == 20  # decoded in the one-pass path
+
+        callers, rounds = 16, 4
+        together = threading.Barrier(callers)
+        xs = [
+            np.random.default_rng(i).standard_normal((1, 4)).astype(np.float32)
+            for i in range(callers * rounds)
+        ]
+
+        def call(x: np.ndarray) -> np.ndarray:
+            together.wait(10)
+            return decode_response(served.stub.ModelInfer(encode_request("mlp", {"x": x}), timeout=30))["y"]
+
+        with ThreadPoolExecutor(callers) as pool:
+            outs = list(pool.map(call, xs))
+        for x, y in zip(xs, outs, strict=True):
+            np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+        both = _stats(served)
+        runs = both.execution_count - lone.execution_count
+        assert both.inference_count - lone.inference_count == callers * rounds
+        assert runs < callers * rounds // 2, (
+            f"{runs} session runs for {callers * rounds} overlapping requests"
+        )
+        assert max(b.batch_size for b in both.batch_stats) > 1
+        assert both.inference_stats.queue.ns > 0  # batched requests waited in the queue
+    finally:
+        served.close()
