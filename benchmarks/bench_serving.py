@@ -1,7 +1,8 @@
 """Serving benchmarks for the V2 front-ends, printed as ratios measured side by side:
 
 1. lone caller: a sequential client's ModelInfer round trip on a tiny model with batching on
-   (defaults) vs off, and vs a bare ``ServerLive`` on the same channel (goals <= 1.1x, <= 1.3x);
+   (defaults) vs off, and vs a bare ``ServerLive`` on the same channel (goals <= 1.1x, <= 1.3x),
+   for a raw gRPC stub and for the stock ``tritonclient.grpc`` (``lone_client.py``);
 2. protocols: HTTP (binary tensors) vs gRPC throughput on a >= 5 ms model with 4 concurrent
    clients (goal >= 0.9x), and each protocol's per-request overhead over a direct session;
 3. bad input: an agent process's RSS growth for a 64 MiB request of the wrong dtype and a 60 MiB
@@ -57,20 +58,16 @@ def bench_lone(work: Path, quick: bool) -> None:
     on = InProcessV2(tiny, batch=BatchSettings())
     off = InProcessV2(tiny, batch=BatchSettings(max_batch_size=1))
     for client in ("stub", "tritonclient"):
-        got = [
-            json.loads(
-                _child_stdout(LONE_CLIENT, client, on.server.address, off.server.address, str(blocks), str(n))
-            )
-            for _ in range(runs)
-        ]
+        args = (on.server.address, off.server.address, str(blocks), str(n), str(TINY_DIMS[0]))
+        got = [json.loads(_child_stdout(LONE_CLIENT, client, *args)) for _ in range(runs)]
         live = [g["live"] for g in got]
         on_live = [g["on"] / g["live"] for g in got]
         on_off = [g["on"] / g["off"] for g in got]
         print(
             f"lone sequential caller, {client} (child process), tiny MLP {TINY_DIMS}, {runs} runs of "
-            f"{blocks} interleaved blocks x {n}: ServerLive {_span(live, 'us', 1e0)}, ModelInfer "
-            f"batching off {_span([g['off'] for g in got], 'us', 1e0)}, on (max 8, 2 ms) "
-            f"{_span([g['on'] for g in got], 'us', 1e0)}; on/ServerLive {_span(on_live, 'x')} "
+            f"{blocks} interleaved blocks x {n}: ServerLive {_span(live, 'us')}, ModelInfer "
+            f"batching off {_span([g['off'] for g in got], 'us')}, on (max 8, 2 ms) "
+            f"{_span([g['on'] for g in got], 'us')}; on/ServerLive {_span(on_live, 'x')} "
             f"(goal <= 1.3: {_met(max(on_live) <= 1.3)}), on/off {_span(on_off, 'x')} "
             f"(goal <= 1.1: {_met(max(on_off) <= 1.1)})"
         )
@@ -78,10 +75,10 @@ def bench_lone(work: Path, quick: bool) -> None:
     off.close()
 
 
-def _span(values: list[float], unit: str, scale: float = 0.0) -> str:
-    """``a..b unit`` over runs (per-call medians in us when ``scale`` is set, else ratios)."""
-    if scale:
-        return f"{min(values):.0f}..{max(values):.0f} {unit}"
+def _span(values: list[float], unit: str) -> str:
+    """``a..b`` over runs: microseconds (``unit`` "us") or ratios (``unit`` "x")."""
+    if unit == "us":
+        return f"{min(values):.0f}..{max(values):.0f} us"
     return f"{min(values):.2f}..{max(values):.2f}{unit}"
 
 

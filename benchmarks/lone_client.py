@@ -1,7 +1,7 @@
 """The lone sequential caller of ``bench_serving.py``, run in a child process of its own.
 
-``python lone_client.py stub|tritonclient ON OFF BLOCKS N`` calls ServerLive on ON's channel and
-ModelInfer (tiny MLP, input ``x`` of 1x4 FP32) on ON and OFF, in BLOCKS blocks of N calls that take
+``python lone_client.py stub|tritonclient ON OFF BLOCKS N [DIM]`` calls ServerLive on ON's channel
+and ModelInfer (model ``m``, input ``x`` of 1 x DIM FP32, output ``y``; DIM 4 by default) on ON and OFF, in BLOCKS blocks of N calls that take
 turns (each block rotates who goes first), and prints the per-call median microseconds of each
 as JSON. tritonclient registers the same ``inference.*`` protobuf names as edgectl's protos, so
 this script imports only the client it is asked for.
@@ -19,10 +19,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-DIM = 4
 
-
-def stub_calls(on: str, off: str) -> dict[str, Callable[[], object]]:
+def stub_calls(on: str, off: str, dim: int) -> dict[str, Callable[[], object]]:
     """A raw gRPC stub sending one prebuilt request (the floor a client can reach)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from edgectl.agent.codecs import encode_request
@@ -31,7 +29,7 @@ def stub_calls(on: str, off: str) -> dict[str, Callable[[], object]]:
 
     stub_on = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(on))
     stub_off = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(off))
-    request = encode_request("m", {"x": np.zeros((1, DIM), np.float32)}, outputs=["y"])
+    request = encode_request("m", {"x": np.zeros((1, dim), np.float32)}, outputs=["y"])
     live = pb.ServerLiveRequest()
     return {
         "live": lambda: stub_on.ServerLive(live, timeout=60),
@@ -40,13 +38,13 @@ def stub_calls(on: str, off: str) -> dict[str, Callable[[], object]]:
     }
 
 
-def tritonclient_calls(on: str, off: str) -> dict[str, Callable[[], object]]:
+def tritonclient_calls(on: str, off: str, dim: int) -> dict[str, Callable[[], object]]:
     """The stock ``tritonclient.grpc`` client, as a Triton user calls it."""
     import tritonclient.grpc as tc
 
     client_on, client_off = tc.InferenceServerClient(on), tc.InferenceServerClient(off)
-    tensor = tc.InferInput("x", [1, DIM], "FP32")
-    tensor.set_data_from_numpy(np.zeros((1, DIM), np.float32))
+    tensor = tc.InferInput("x", [1, dim], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, dim), np.float32))
     wanted = [tc.InferRequestedOutput("y")]
     return {
         "live": lambda: client_on.is_server_live(),
@@ -74,7 +72,8 @@ def measure(calls: dict[str, Callable[[], object]], blocks: int, n: int) -> dict
 
 def main() -> None:
     client, on, off, blocks, n = sys.argv[1:6]
-    calls = stub_calls(on, off) if client == "stub" else tritonclient_calls(on, off)
+    dim = int(sys.argv[6]) if len(sys.argv) > 6 else 4
+    calls = stub_calls(on, off, dim) if client == "stub" else tritonclient_calls(on, off, dim)
     print(json.dumps(measure(calls, int(blocks), int(n))))
 
 
