@@ -214,7 +214,8 @@ class InputTable:
                 return None
             if len(data) != math.prod(shape) * dtype.itemsize:
                 return None
-            out[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+            # A read-only view of the received bytes: one call (frombuffer + reshape cost ~5x more).
+            out[name] = np.ndarray(shape, dtype, data)
         return out
 
 
@@ -284,7 +285,7 @@ def _decode_raw(raw: bytes, datatype: str, shape: list[int], name: str) -> Array
         raise InvalidInputError(
             f"input {name!r}: {len(raw)} bytes of raw data, expected {expected} ({datatype} x shape {shape})"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.ndarray(shape, dtype, raw)  # a read-only view of ``raw``, whose size was just checked
 
 
 def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int]) -> Array:
