@@ -79,7 +79,9 @@ class MicroBatcher:
         # One lock, two conditions: the worker waits on ``_cond`` (work to take, rows to batch);
         # ``close`` waits on ``_drained``. A finished run then wakes nobody who has nothing to do
         # (waking the idle worker on every request cost ~50 us of GIL hand-offs).
-        lock = threading.Lock()
+        # Bookkeeping that waits for nobody takes the lock itself (``_lock``): a Condition's
+        # ``with`` goes through Python-level __enter__/__exit__, four times per request.
+        self._lock = lock = threading.Lock()
         self._cond = threading.Condition(lock)
         self._drained = threading.Condition(lock)
         self._filling = False  # the worker waits for more rows of a batch
@@ -112,13 +114,13 @@ class MicroBatcher:
 
     def arrive(self) -> None:
         """A request for this model has arrived (call before decoding it; ``depart`` when done)."""
-        with self._cond:
+        with self._lock:
             self._pending += 1
             self._concurrency += 0.125 * (self._pending - self._concurrency)
 
     def depart(self) -> None:
         """The request counted by ``arrive`` is answered or refused."""
-        with self._cond:
+        with self._lock:
             self._pending -= 1
             if self._filling:
                 self._cond.notify()
@@ -142,7 +144,7 @@ class MicroBatcher:
     def run_if_idle(self, feeds: Mapping[str, Array]) -> dict[str, Array] | None:
         """Run one request on the calling thread if the model is idle and no other request is on
         its way to batch with it, else None (then ``submit`` it). BatcherClosedError after ``close``."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise BatcherClosedError("this model was swapped out; retry on the new one")
             if self._queue or self._active or (self._batchable and self._others_coming(1)):
@@ -159,7 +161,7 @@ class MicroBatcher:
 
     def _finished(self, rows: int, requests: int, elapsed: float, queued: float) -> None:
         self._observe_run(elapsed)
-        with self._cond:
+        with self._lock:
             self._active -= 1
             self._running -= requests
             if self._closed:

@@ -110,52 +110,113 @@ class TensorHeader:
     raw: bool = True
 
 
-def check_inputs(
-    model: str, specs: Sequence[TensorSpec], headers: Sequence[TensorHeader], limits: RequestLimits
-) -> None:
-    """Refuse a request whose inputs cannot match the model's signature, from the headers alone:
-    names, datatypes, shapes, element counts and data sizes, before any tensor is decoded."""
-    by_name = {s.name: s for s in specs}
-    seen: set[str] = set()
-    for h in headers:
-        if h.name in seen:
-            raise InvalidInputError(f"input {h.name!r} appears twice")
-        seen.add(h.name)
-    if seen != set(by_name):
-        raise InvalidInputError(f"model {model!r} takes inputs {sorted(by_name)}, got {sorted(seen)}")
-    for h in headers:
-        spec = by_name[h.name]
-        want = v2_datatype(spec.dtype)
-        if h.datatype != want:
-            raise InvalidInputError(
-                f"input {h.name!r} of model {model!r} must be {spec.dtype} (V2 {want}), got {h.datatype}"
-            )
-        if not spec.accepts(h.shape):
-            raise InvalidInputError(
-                f"input {h.name!r} of model {model!r} must have shape {spec.wire_shape()}, got {list(h.shape)}"
-            )
-        count = element_count(h.shape, h.name)
-        if not h.raw:
-            if h.size != count:
+class _ShapePattern:
+    """The shapes a signature's shape admits, checked with little Python: the usual patterns (all
+    dims fixed, or a free first dimension and the rest fixed) are one tuple comparison."""
+
+    def __init__(self, dims: Sequence[int | str]) -> None:
+        self.rank = len(dims)
+        self.fixed = tuple((i, d) for i, d in enumerate(dims) if isinstance(d, int))
+        sizes = tuple(d for _, d in self.fixed)
+        self.whole = sizes if len(sizes) == self.rank else None
+        self.tail = sizes if self.rank and len(sizes) == self.rank - 1 and isinstance(dims[0], str) else None
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Same rank, every fixed dim equal, no negative dim."""
+        if self.whole is not None:
+            return shape == self.whole
+        if len(shape) != self.rank:
+            return False
+        if self.tail is not None:
+            return shape[1:] == self.tail and shape[0] >= 0
+        return all(shape[i] == d for i, d in self.fixed) and min(shape) >= 0
+
+
+class InputTable:
+    """A model version's inputs as the request path checks them, worked out once when the version
+    is installed: each name's V2 datatype, item size and shape pattern."""
+
+    def __init__(self, model: str, specs: Sequence[TensorSpec]) -> None:
+        self.model = model
+        self.specs = {s.name: s for s in specs}
+        self._names = set(self.specs)
+        self.datatypes = {s.name: v2_datatype(s.dtype) for s in specs}
+        # name -> (V2 datatype, numpy dtype, shape pattern); empty for a model with a BYTES input,
+        # whose requests always take the general path (elements counted, not sized).
+        self._exact: dict[str, tuple[str, np.dtype[np.generic], _ShapePattern]] = {}
+        if "BYTES" not in self.datatypes.values():
+            self._exact = {
+                s.name: (self.datatypes[s.name], numpy_dtype(self.datatypes[s.name]), _ShapePattern(s.shape))
+                for s in specs
+            }
+
+    def check(self, headers: Sequence[TensorHeader], limits: RequestLimits) -> None:
+        """Refuse a request whose inputs cannot match the model's signature, from the headers alone:
+        names, datatypes, shapes, element counts and data sizes, before any tensor is decoded."""
+        model = self.model
+        seen: set[str] = set()
+        for h in headers:
+            if h.name in seen:
+                raise InvalidInputError(f"input {h.name!r} appears twice")
+            seen.add(h.name)
+        if seen != self._names:
+            raise InvalidInputError(f"model {model!r} takes inputs {sorted(self._names)}, got {sorted(seen)}")
+        for h in headers:
+            spec, want = self.specs[h.name], self.datatypes[h.name]
+            if h.datatype != want:
                 raise InvalidInputError(
-                    f"input {h.name!r}: {h.size} values, expected {count} for shape {list(h.shape)}"
+                    f"input {h.name!r} of model {model!r} must be {spec.dtype} (V2 {want}), got {h.datatype}"
                 )
-        elif want == "BYTES":
-            if count > limits.max_bytes_elements:
+            if not spec.accepts(h.shape):
                 raise InvalidInputError(
-                    f"input {h.name!r}: {count} BYTES elements exceed this server's limit of "
-                    f"{limits.max_bytes_elements}; split the request"
+                    f"input {h.name!r} of model {model!r} must have shape {spec.wire_shape()}, got {list(h.shape)}"
                 )
-            if 4 * count > h.size:
+            count = element_count(h.shape, h.name)
+            if not h.raw:
+                if h.size != count:
+                    raise InvalidInputError(
+                        f"input {h.name!r}: {h.size} values, expected {count} for shape {list(h.shape)}"
+                    )
+            elif want == "BYTES":
+                if count > limits.max_bytes_elements:
+                    raise InvalidInputError(
+                        f"input {h.name!r}: {count} BYTES elements exceed this server's limit of "
+                        f"{limits.max_bytes_elements}; split the request"
+                    )
+                if 4 * count > h.size:
+                    raise InvalidInputError(
+                        f"input {h.name!r}: {h.size} bytes cannot hold {count} BYTES elements "
+                        "(4-byte length prefix each)"
+                    )
+            elif h.size != count * numpy_dtype(want).itemsize:
                 raise InvalidInputError(
-                    f"input {h.name!r}: {h.size} bytes cannot hold {count} BYTES elements "
-                    "(4-byte length prefix each)"
+                    f"input {h.name!r}: {h.size} bytes of data, expected {count * numpy_dtype(want).itemsize} "
+                    f"({want} x shape {list(h.shape)})"
                 )
-        elif h.size != count * numpy_dtype(want).itemsize:
-            raise InvalidInputError(
-                f"input {h.name!r}: {h.size} bytes of data, expected {count * numpy_dtype(want).itemsize} "
-                f"({want} x shape {list(h.shape)})"
-            )
+
+    def decode_exact(self, request: pb.ModelInferRequest) -> dict[str, Array] | None:
+        """The inputs of a gRPC request with raw contents that fits the signature exactly, as numpy
+        views of the received bytes (no copy); None for anything else (typed contents, BYTES, any
+        mismatch), which then goes through ``check`` and ``decode_request`` to be served or
+        refused with its reason. Each input is checked before it is viewed."""
+        raw, inputs = request.raw_input_contents, request.inputs
+        if len(raw) != len(inputs) or len(inputs) != len(self.specs):
+            return None
+        out: dict[str, Array] = {}
+        for tensor, data in zip(inputs, raw, strict=True):
+            name = tensor.name
+            want = self._exact.get(name)
+            if want is None or name in out or tensor.datatype != want[0] or tensor.HasField("contents"):
+                return None
+            _, dtype, pattern = want
+            shape = tuple(tensor.shape)
+            if not pattern.fits(shape):
+                return None
+            if len(data) != math.prod(shape) * dtype.itemsize:
+                return None
+            # A read-only view of the received bytes: one call (frombuffer + reshape cost ~5x more).
+            out[name] = np.ndarray(shape, dtype, data)
+        return out
 
 
 def request_headers(request: pb.ModelInferRequest) -> list[TensorHeader]:
@@ -224,7 +285,7 @@ def _decode_raw(raw: bytes, datatype: str, shape: list[int], name: str) -> Array
         raise InvalidInputError(
             f"input {name!r}: {len(raw)} bytes of raw data, expected {expected} ({datatype} x shape {shape})"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.ndarray(shape, dtype, raw)  # a read-only view of ``raw``, whose size was just checked
 
 
 def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int]) -> Array:
@@ -277,15 +338,13 @@ def encode_response(
     response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
     for key, value in (parameters or {}).items():
         response.parameters[key].string_param = value
-    names = list(requested) if requested else list(outputs)
-    for name in names:
+    raw = response.raw_output_contents
+    for name in requested or outputs:
         array = np.asarray(outputs[name])
         datatype = v2_datatype(array.dtype)
-        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        if datatype == "BYTES":
-            response.raw_output_contents.append(serialize_bytes(array))
-        else:
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        # tobytes() writes C order whatever the array's layout: no ascontiguousarray copy first.
+        raw.append(serialize_bytes(array) if datatype == "BYTES" else array.tobytes())
     return response
 
 

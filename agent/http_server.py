@@ -184,7 +184,7 @@ class HttpV2Server:
             headers=lambda: [i.header for i in parsed.inputs],
             decode=lambda: decode_inputs(parsed),
             to_proto=to_proto,
-            nbytes=len(parsed.body),
+            nbytes=lambda: len(parsed.body),
         )
         return self.router.infer(call)
 

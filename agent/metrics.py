@@ -7,6 +7,7 @@ process without clashing.
 from __future__ import annotations
 
 import collections
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -65,6 +66,24 @@ class StatsWindow:
 
 
 FLUSH_AFTER = 1024
+# Agents whose queued observations passed FLUSH_AFTER, for the one flusher thread of the process:
+# applying 1024 of them (~3 ms) on the request that crossed the mark made that request's latency.
+_TO_FLUSH: queue.SimpleQueue[AgentMetrics] = queue.SimpleQueue()
+_FLUSHER: list[threading.Thread] = []
+_FLUSHER_LOCK = threading.Lock()
+
+
+def _flush_in_background(metrics: AgentMetrics) -> None:
+    with _FLUSHER_LOCK:
+        if not _FLUSHER:
+            _FLUSHER.append(threading.Thread(target=_flusher, name="metrics-flush", daemon=True))
+            _FLUSHER[0].start()
+    _TO_FLUSH.put(metrics)
+
+
+def _flusher() -> None:
+    while True:
+        _TO_FLUSH.get().flush()
 
 
 class _Flush:
@@ -140,10 +159,12 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         # The request path only queues its observations (a deque append); they are applied when
-        # the registry is read, by this collector registered first, or every FLUSH_AFTER of them.
+        # the registry is read, by this collector registered first, or every FLUSH_AFTER of them
+        # by the flusher thread.
         # Applied inline, the five locked updates per request cost ~25 us of a ~500 us round trip.
         self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self._flush_lock = threading.Lock()
+        self._flush_asked = False  # a background flush is queued and has not started yet
         r.register(_Flush(self.flush))
         self.requests = Counter(
             "edgectl_agent_requests", "Inference requests", ["model", "served_by", "outcome"], registry=r
@@ -200,6 +221,7 @@ class AgentMetrics:
     def flush(self) -> None:
         """Apply the queued observations to the Prometheus metrics (reading the registry does)."""
         with self._flush_lock:
+            self._flush_asked = False
             while self._pending:
                 kind, model, *rest = self._pending.popleft()
                 if kind == "request":
@@ -218,8 +240,9 @@ class AgentMetrics:
 
     def _queue(self, item: tuple[Any, ...]) -> None:
         self._pending.append(item)
-        if len(self._pending) >= FLUSH_AFTER:
-            self.flush()
+        if len(self._pending) >= FLUSH_AFTER and not self._flush_asked:
+            self._flush_asked = True
+            _flush_in_background(self)
 
     def observe_request(self, model: str, served_by: str, ok: bool, latency_s: float) -> None:
         """One finished request: counters, histogram, and the soak window."""

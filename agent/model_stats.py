@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -57,62 +57,62 @@ class _Acc:
         return Duration(self.count, self.ns)
 
 
-@dataclass
 class ModelStats:
     """Thread-safe accumulators for one model version."""
 
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _last_ms: int = 0
-    _rows: int = 0
-    _runs: int = 0
-    _acc: dict[str, _Acc] = field(default_factory=dict)
-    _batches: dict[int, _Acc] = field(default_factory=dict)
-
-    def _get(self, key: str) -> _Acc:
-        acc = self._acc.get(key)
-        if acc is None:
-            acc = self._acc[key] = _Acc()
-        return acc
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._rows = 0
+        self._runs = 0
+        # One attribute per counter: the request path updates them with no lookups by name.
+        self._success, self._fail, self._queue = _Acc(), _Acc(), _Acc()
+        self._input, self._infer, self._output = _Acc(), _Acc(), _Acc()
+        self._batches: dict[int, _Acc] = {}
 
     def request(self, ok: bool, total_ns: int, input_ns: int | None = None) -> None:
         """One finished local request: its outcome, end-to-end time and, when its inputs were
         decoded, how long that took."""
         with self._lock:
-            self._get("success" if ok else "fail").add(total_ns)
+            acc = self._success if ok else self._fail
+            acc.count += 1
+            acc.ns += total_ns
             if input_ns is not None:
-                self._get("compute_input").add(input_ns)
+                self._input.count += 1
+                self._input.ns += input_ns
             self._last_ms = int(time.time() * 1000)
 
     def output(self, ns: int) -> None:
         """Encoding one response's outputs took ``ns``."""
         with self._lock:
-            self._get("compute_output").add(ns)
+            self._output.count += 1
+            self._output.ns += ns
 
     def batch(self, rows: int, requests: int, run_ns: int, queue_ns: int) -> None:
         """One session run of ``rows`` rows for ``requests`` requests that waited ``queue_ns`` in all."""
         with self._lock:
             self._rows += rows
             self._runs += 1
-            self._get("queue").add(queue_ns, requests)
-            self._get("compute_infer").add(run_ns * requests, requests)
+            self._queue.add(queue_ns, requests)
+            self._infer.add(run_ns * requests, requests)
             acc = self._batches.get(rows)
             if acc is None:
                 acc = self._batches[rows] = _Acc()
-            acc.add(run_ns)
+            acc.count += 1
+            acc.ns += run_ns
 
     def snapshot(self) -> StatsSnapshot:
         """A consistent copy of every counter."""
         with self._lock:
-            get = {k: v.frozen() for k, v in self._acc.items()}
             return StatsSnapshot(
                 last_inference_ms=self._last_ms,
                 inference_count=self._rows,
                 execution_count=self._runs,
-                success=get.get("success", Duration()),
-                fail=get.get("fail", Duration()),
-                queue=get.get("queue", Duration()),
-                compute_input=get.get("compute_input", Duration()),
-                compute_infer=get.get("compute_infer", Duration()),
-                compute_output=get.get("compute_output", Duration()),
+                success=self._success.frozen(),
+                fail=self._fail.frozen(),
+                queue=self._queue.frozen(),
+                compute_input=self._input.frozen(),
+                compute_infer=self._infer.frozen(),
+                compute_output=self._output.frozen(),
                 batches=tuple(BatchStats(k, v.frozen()) for k, v in sorted(self._batches.items())),
             )

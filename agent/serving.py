@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from edgectl.agent.batching import BatchSettings, MicroBatcher
-from edgectl.agent.codecs import Array
+from edgectl.agent.codecs import Array, InputTable
 from edgectl.agent.errors import BatcherClosedError, InferenceError, ModelNotFoundError
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.model_stats import ModelStats
@@ -37,6 +37,7 @@ class ServedModel:
         self.model = model
         self._metrics = metrics
         self.stats = ModelStats()
+        self.inputs = InputTable(model.name, model.inputs)
         summary = model.input_summary
         # Live inputs against the artifact's calibration summary; None when it carries none.
         self.drift = LiveSketch(summary) if summary is not None and summary.inputs else None
@@ -75,7 +76,7 @@ class ServedModel:
     ) -> dict[str, Array]:
         """Validate, run (at once when alone, else batched), wait; InferenceError on failure or timeout.
         ``arrived``: the caller already counted this request with ``batcher.arrive()`` and checked
-        its inputs against this version's signature (``codecs.check_inputs``)."""
+        its inputs against this version's signature (``self.inputs``)."""
         if not arrived:
             self.batcher.arrive()
         try:

@@ -117,7 +117,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             headers=lambda: request_headers(request),
             decode=lambda: decode_request(request),
             to_proto=lambda: request,  # forwarded unchanged
-            nbytes=sum(len(r) for r in request.raw_input_contents),
+            nbytes=lambda: sum(map(len, request.raw_input_contents)),
+            decode_exact=lambda table: table.decode_exact(request),
         )
         try:
             result = self.router.infer(call)

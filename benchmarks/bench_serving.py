@@ -1,7 +1,8 @@
 """Serving benchmarks for the V2 front-ends, printed as ratios measured side by side:
 
 1. lone caller: a sequential client's ModelInfer round trip on a tiny model with batching on
-   (defaults) vs off, and vs a bare ``ServerLive`` on the same channel (goals <= 1.1x, <= 1.3x);
+   (defaults) vs off, and vs a bare ``ServerLive`` on the same channel (goals <= 1.1x, <= 1.3x),
+   for a raw gRPC stub and for the stock ``tritonclient.grpc`` (``lone_client.py``);
 2. protocols: HTTP (binary tensors) vs gRPC throughput on a >= 5 ms model with 4 concurrent
    clients (goal >= 0.9x), and each protocol's per-request overhead over a direct session;
 3. bad input: an agent process's RSS growth for a 64 MiB request of the wrong dtype and a 60 MiB
@@ -42,31 +43,47 @@ from tests.agent.onnx_models import mlp_artifact, mlp_model  # noqa: E402
 from tests.agent.v2_harness import InProcessV2  # noqa: E402
 
 TINY_DIMS = (4, 8, 3)
+# The lone caller's client: a script of its own, since tritonclient registers the same protobuf names as ours.
+LONE_CLIENT = Path(__file__).with_name("lone_client.py")
 MODEL_DIMS = (2048, 8192, 16)  # batch of 8 >= 5 ms single-threaded (see bench_agent.py)
 
 
 def bench_lone(work: Path, quick: bool) -> None:
-    """Sequential round trips from a client in a child process (its own GIL, as a real client):
-    ServerLive, ModelInfer with batching off, ModelInfer with batching on (defaults)."""
-    rounds, n = (3, 300) if quick else (9, 1000)
+    """Sequential round trips from one client in a child process (its own GIL, as a real client):
+    ServerLive, ModelInfer with batching off and ModelInfer with batching on (defaults), in blocks
+    that take turns, so the host's drift hits all three alike; per-call medians. Both with a raw
+    gRPC stub sending a prebuilt request and with the stock ``tritonclient.grpc`` client."""
+    runs, blocks, n = (2, 10, 40) if quick else (3, 30, 60)
     tiny = mlp_model(work / "tiny.onnx", TINY_DIMS)
     on = InProcessV2(tiny, batch=BatchSettings())
     off = InProcessV2(tiny, batch=BatchSettings(max_batch_size=1))
-    live, t_on, t_off = [], [], []
-    dim = str(TINY_DIMS[0])
-    for _ in range(rounds):  # interleaved: the host's drift hits all three alike
-        live.append(1 / _run_child("live", on.server.address, "1", str(n), dim, "1"))
-        t_off.append(1 / _run_child("grpc", off.server.address, "1", str(n), dim, "1"))
-        t_on.append(1 / _run_child("grpc", on.server.address, "1", str(n), dim, "1"))
+    for client in ("stub", "tritonclient"):
+        args = (on.server.address, off.server.address, str(blocks), str(n), str(TINY_DIMS[0]))
+        got = [json.loads(_child_stdout(LONE_CLIENT, client, *args)) for _ in range(runs)]
+        live = [g["live"] for g in got]
+        on_live = [g["on"] / g["live"] for g in got]
+        on_off = [g["on"] / g["off"] for g in got]
+        print(
+            f"lone sequential caller, {client} (child process), tiny MLP {TINY_DIMS}, {runs} runs of "
+            f"{blocks} interleaved blocks x {n}: ServerLive {_span(live, 'us')}, ModelInfer "
+            f"batching off {_span([g['off'] for g in got], 'us')}, on (max 8, 2 ms) "
+            f"{_span([g['on'] for g in got], 'us')}; on/ServerLive {_span(on_live, 'x')} "
+            f"(goal <= 1.3: {_met(max(on_live) <= 1.3)}), on/off {_span(on_off, 'x')} "
+            f"(goal <= 1.1: {_met(max(on_off) <= 1.1)})"
+        )
     on.close()
     off.close()
-    lv, a, b = statistics.median(live), statistics.median(t_on), statistics.median(t_off)
-    print(
-        f"lone sequential caller (child process), tiny MLP {TINY_DIMS}, {rounds} rounds of {n}: ServerLive "
-        f"{lv * 1e6:.0f} us, ModelInfer batching off {b * 1e6:.0f} us, on (max 8, 2 ms) {a * 1e6:.0f} us; "
-        f"on/off {a / b:.2f}x (goal <= 1.1: {'met' if a / b <= 1.1 else 'MISSED'}), on/ServerLive "
-        f"{a / lv:.2f}x (goal <= 1.3: {'met' if a / lv <= 1.3 else 'MISSED'})"
-    )
+
+
+def _span(values: list[float], unit: str) -> str:
+    """``a..b`` over runs: microseconds (``unit`` "us") or ratios (``unit`` "x")."""
+    if unit == "us":
+        return f"{min(values):.0f}..{max(values):.0f} us"
+    return f"{min(values):.2f}..{max(values):.2f}{unit}"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
 
 def _child_load(proto: str, target: str, clients: int, total: int, dim: int, batch: int) -> float:
@@ -141,13 +158,19 @@ def _child_load(proto: str, target: str, clients: int, total: int, dim: int, bat
     return total / (time.perf_counter() - start)
 
 
+def _run_child_json(*args: str) -> dict[str, float]:
+    return dict(json.loads(_child_stdout(*args)))
+
+
 def _run_child(*args: str) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "child", *args], capture_output=True, text=True, timeout=600
-    )
+    return float(_child_stdout(__file__, "child", *args))
+
+
+def _child_stdout(script: str | Path, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip())
+    return out.stdout.strip()
 
 
 def bench_protocols(work: Path, quick: bool) -> None:

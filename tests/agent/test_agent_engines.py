@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from edgectl.agent.engines import choose_engine
+from edgectl.agent.errors import InferenceError
 from edgectl.agent.runtime import CPU, TENSORRT, SessionSettings, load_model
 from edgectl.artifact import SigningKey, TrustStore, load_artifact
 from edgectl.devices import CudaDevice, HostFacts, load_profile
@@ -87,3 +88,28 @@ def test_engine_choice_says_why_it_builds_on_the_device(
     assert choice.prebuilt is None and "builds one and caches it" in choice.reason
     choice = choose_engine(artifact, load_profile("x86-cpu-avx2"), gpu_host)
     assert choice.prebuilt is None and "does not use TensorRT" in choice.reason
+
+
+def test_a_run_that_fails_in_the_bound_session_is_repeated_through_the_public_api(tmp_path: Path) -> None:
+    """Runs go to onnxruntime's bound C++ session (skipping InferenceSession.run's per-call checks);
+    one that fails there is repeated through InferenceSession.run, whose own failure handling
+    (retry on the next execution provider) thus still applies, and whose error is the one raised."""
+    path = mlp_model(tmp_path / "m.onnx", (4, 8, 3))
+    model = load_model(path, name="m", version=1, digest="d", settings=SessionSettings(intra_op_threads=1))
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(
+        model.run({"x": x})["y"], run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5
+    )
+    public = model.session.run
+    through_public: list[object] = []
+
+    def watched(*args: object, **kw: object) -> object:
+        through_public.append(args[0])
+        return public(*args, **kw)  # type: ignore[arg-type]
+
+    model.session.run = watched  # type: ignore[method-assign]
+    model.run({"x": x})
+    assert through_public == []  # the bound session answered
+    with pytest.raises(InferenceError, match="failed"):
+        model.run({"x": np.ones((2, 5), np.float32)})  # unvalidated on purpose: onnxruntime refuses it
+    assert through_public == [["y"]]  # repeated once through the public API

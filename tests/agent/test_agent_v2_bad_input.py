@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.codecs import RequestLimits, decode_response, encode_request
+from edgectl.agent.codecs import InputTable, RequestLimits, decode_response, encode_request
+from edgectl.artifact import TensorSpec
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from tests.agent.onnx_models import mlp_model, run_direct, string_model
 from tests.agent.v2_harness import InProcessV2
@@ -149,3 +150,41 @@ def test_bytes_tensors_round_trip_and_their_element_count_is_capped(strings: InP
     with pytest.raises(grpc.RpcError) as err:
         strings.stub.ModelInfer(req)
     assert "exactly 2 elements" in (err.value.details() or "")
+
+
+REFUSED = [c for c in CASES if c[2] == grpc.StatusCode.INVALID_ARGUMENT]
+
+
+@pytest.mark.parametrize(("what", "make"), [(c[0], c[1]) for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_the_one_pass_decoder_declines_every_malformed_request(
+    what: str, make: Callable[[], pb.ModelInferRequest]
+) -> None:
+    """The gRPC fast path (check and view in one pass) accepts only exact fits: everything else
+    goes to the header check, which refuses with the reason the test above reads."""
+    table = InputTable("mlp", (TensorSpec("x", "float32", ("batch", 4)),))
+    assert table.decode_exact(make()) is None
+
+
+def test_the_one_pass_decoder_views_exact_fits_without_copying() -> None:
+    specs = (TensorSpec("a", "float32", ("batch", 2, 3)), TensorSpec("b", "int64", (2,)))
+    table = InputTable("two", specs)
+    a = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+    b = np.array([7, -1], np.int64)
+    req = encode_request("two", {"b": b, "a": a})  # order need not follow the signature
+    got = table.decode_exact(req)
+    assert got is not None and set(got) == {"a", "b"}
+    np.testing.assert_array_equal(got["a"], a)
+    np.testing.assert_array_equal(got["b"], b)
+    assert got["a"].base is not None and not got["a"].flags.writeable  # a view of the received bytes
+    for bad in (
+        {"a": a, "b": np.array([7, -1, 3], np.int64)},  # a fixed dim differs
+        {"a": a.reshape(2, 3, 2), "b": b},  # trailing dims swapped
+        {"a": a},  # an input missing
+        {"a": a.astype(np.float64), "b": b},  # wrong datatype
+    ):
+        assert table.decode_exact(encode_request("two", bad)) is None
+    assert (
+        table.decode_exact(encode_request("two", {"a": a, "b": b}, typed=True)) is None
+    )  # typed: general path
+    strings = InputTable("s", (TensorSpec("s", "object", ("batch",)),))
+    assert strings.decode_exact(encode_request("s", {"s": np.array([b"x"], np.object_)})) is None

@@ -3,6 +3,7 @@ grpc.health.v1, against a real server."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.codecs import encode_request
+from edgectl.agent.codecs import decode_response, encode_request
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import model_config_pb2 as mc
-from tests.agent.onnx_models import mlp_model
+from tests.agent.onnx_models import mlp_model, run_direct
 from tests.agent.v2_harness import InProcessV2
 
 
@@ -84,3 +85,48 @@ def test_repository_index_and_health(served: InProcessV2) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     served.registry.remove("mlp")  # nothing served: a probe must say so
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _stats(served: InProcessV2) -> pb.ModelStatistics:
+    return served.stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp")).model_stats[0]
+
+
+def test_a_lone_caller_runs_inline_and_overlapping_callers_share_runs(tmp_path: Path) -> None:
+    """Told apart by ModelStatistics, not by timing: a sequential caller's requests each run alone,
+    never queued (the inline path on the gRPC thread), even with a long batching delay; requests
+    that arrive while the model is busy are queued and batched."""
+    dim = 512
+    path = mlp_model(tmp_path / "mlp.onnx", (dim, 4096, 3))
+    served = InProcessV2(path, name="mlp", batch=BatchSettings(max_batch_size=8, max_queue_delay_s=0.05))
+    try:
+        for i in range(20):
+            x = np.full((1, dim), i / 20, np.float32)
+            got = decode_response(served.stub.ModelInfer(encode_request("mlp", {"x": x})))["y"]
+            np.testing.assert_allclose(got, run_direct(path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+        lone = _stats(served)
+        assert [(b.batch_size, b.compute_infer.count) for b in lone.batch_stats] == [(1, 20)]
+        assert (lone.inference_stats.queue.count, lone.inference_stats.queue.ns) == (20, 0)
+        assert lone.inference_stats.compute_input.count == 20  # decoded in the one-pass path
+
+        # Keep the model busy with one long request (512 rows), then send single-row requests:
+        # they find it running, queue, and leave the queue in batches.
+        busy = served.stub.ModelInfer.future(encode_request("mlp", {"x": np.ones((512, dim), np.float32)}))
+        batcher = served.registry.get("mlp").batcher  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while batcher.idle and not busy.done() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        n = 64
+        xs = [np.random.default_rng(i).standard_normal((1, dim)).astype(np.float32) for i in range(n)]
+        requests = [encode_request("mlp", {"x": x}) for x in xs]
+        pending = [served.stub.ModelInfer.future(r, timeout=60) for r in requests]
+        busy.result(60)
+        for x, call in zip(xs, pending, strict=True):
+            y = decode_response(call.result())["y"]
+            np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+        both = _stats(served)
+        singles = [(b.batch_size, b.compute_infer.count) for b in both.batch_stats if b.batch_size <= 8]
+        assert sum(size * runs for size, runs in singles) == 20 + n
+        assert max(size for size, _ in singles) > 1, f"no batch formed: {singles}"
+        assert both.inference_stats.queue.ns > 0  # batched requests waited in the queue
+    finally:
+        served.close()
