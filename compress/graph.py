@@ -111,6 +111,12 @@ def model_stats(path: Path, feed: dict[str, np.ndarray]) -> ModelStats:
     return ModelStats(path.stat().st_size, count_params(model), count_macs(model, feed))
 
 
+def model_params(path: Path) -> int:
+    """Weight elements of the model file at ``path``, read from the initializers' dims only."""
+    model = onnx.load(str(path), load_external_data=False)
+    return count_params(model)
+
+
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """All initializers as numpy arrays, by name."""
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
