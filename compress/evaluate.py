@@ -30,9 +30,13 @@ class QualityGate:
         """Whether a drop (in the metric's units) is inside the budget."""
         return drop <= self.max_drop + 1e-12  # a drop exactly at the budget must not fail on rounding
 
-    def hopeless(self, drop: float) -> bool:
-        """A drop on a first small slice so far outside the budget that the full evaluation is not worth it."""
-        return drop > max(5 * self.max_drop, self.max_drop + 0.05)
+    def hopeless(self, drop: float, *, continuous: bool = False) -> bool:
+        """A drop on a first small slice so far outside the budget that the full evaluation is not worth it.
+
+        Five budgets, and for a stepped metric (top-1: one sample of a small slice is a big step) at
+        least five points more than the budget; a continuous one (a cosine) needs one point more.
+        """
+        return drop > max(5 * self.max_drop, self.max_drop + (0.01 if continuous else 0.05))
 
     def within_reach(self, drop: float) -> bool:
         """A drop that calibration, smoothing or granularity variants can plausibly close."""

@@ -200,7 +200,10 @@ class QuantSearch:
         """Score on a first small slice; a drop far outside the budget there ends the trial (not timed)."""
         assert trial.path is not None
         n = self.first_slice
-        quality, drop, stopped = self.evaluator.staged_quality(trial.path, n, self.gate.hopeless)
+        continuous = self.evaluator.scorer.continuous
+        quality, drop, stopped = self.evaluator.staged_quality(
+            trial.path, n, lambda d: self.gate.hopeless(d, continuous=continuous)
+        )
         trial.quality, trial.drop = quality, drop
         trial.passed = False if stopped else self.gate.admits(drop)
         if stopped:
@@ -236,7 +239,12 @@ class QuantSearch:
             lead = leads.get(config.mode)
             if lead is not None and any(lead is t for t in self._cut):
                 # Formats and types move speed, not a drop this far outside the budget: not built.
-                result.trials.append(_skipped(config, lead, note))
+                result.trials.append(_skipped(config, lead, note, "was hopeless"))
+                continue
+            finer = _finer_failed(config, result.trials)
+            if finer is not None:
+                # Per-channel scales fit each channel at least as well as one scale for the tensor.
+                result.trials.append(_skipped(config, finer, note, "(per-channel) missed the budget"))
                 continue
             result.trials.append(self.trial(base, config, "format", note))
             leads.setdefault(config.mode, result.trials[-1])
@@ -387,9 +395,17 @@ def _best_config(trials: list[Trial]) -> QuantConfig | None:
     return QuantConfig(**_config_args(max(pool, key=lambda t: t.quality.score if t.quality else -1.0).config))
 
 
-def _skipped(config: QuantConfig, lead: Trial, note: str) -> Trial:
-    """The row of a format candidate not built because its mode's first candidate was hopeless."""
-    why = f"skipped: {lead.name} was hopeless (drop {lead.drop or 0.0:.4f} on the first slice)"
+def _finer_failed(config: QuantConfig, trials: list[Trial]) -> Trial | None:
+    """For a per-tensor config, its per-channel twin when that one was scored and missed the budget."""
+    if config.per_channel or config.mode not in ("int8-static", "int8-dynamic"):
+        return None
+    twin = config.with_(per_channel=True).to_dict()
+    return next((t for t in trials if t.config == twin and t.quality is not None and not t.passed), None)
+
+
+def _skipped(config: QuantConfig, other: Trial, note: str, why: str) -> Trial:
+    """The row of a format candidate not built because ``other`` showed it cannot pass."""
+    why = f"skipped: {other.name} {why} (drop {other.drop or 0.0:.4f})"
     return Trial(
         config.label(),
         "format",

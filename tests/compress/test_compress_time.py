@@ -104,3 +104,20 @@ def test_u8u8_is_a_dynamic_candidate_only_without_vnni() -> None:
 
     assert types(vnni=True) == {"u8s8"}
     assert types(vnni=False) == {"u8s8", "u8u8"}
+
+
+def test_per_tensor_is_not_built_when_per_channel_missed_the_budget(tmp_path: Path) -> None:
+    model = masked_attention(tmp_path / "attn.onnx")
+    metric = parse_metric("masked-cosine:mask", input_names=["x", "mask"], has_labels=False)
+    ev = Evaluator(model, SampleSet(token_samples(32, seed=2), None, "tokens"), metric=metric)
+    # A budget no int8 model meets, far from hopeless: the per-channel candidate is scored in full.
+    search = QuantSearch(ev, None, tmp_path, 1e-7, lambda _m: None)
+    step = QuantizeConfig(mode="int8-dynamic")
+    found = search.run(model, step, "int8-dynamic", load_profile("x86-cpu-vnni"), vnni=True)
+    formats = [t for t in found.trials if t.stage == "format"]
+    pc = [t for t in formats if t.config and t.config["per_channel"]]
+    per_tensor = [t for t in formats if t.config and not t.config["per_channel"]]
+    assert pc and all(t.quality is not None and not t.passed for t in pc)
+    assert per_tensor and all(t.path is None and t.quality is None for t in per_tensor)
+    assert all("skipped" in t.note and "per-channel" in t.note for t in per_tensor)
+    assert any("ORT defaults" in t.note for t in per_tensor)  # the peer's row says what it would have been
