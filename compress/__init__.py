@@ -11,6 +11,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``source``: where the float model comes from (ONNX file, ``.pt2``, factory, ``nn.Module``).
 - ``data``: calibration and evaluation ``.npz`` files, checked against the model's inputs.
 - ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).
+- ``clock``: wall and CPU seconds per stage of one run (the report's time breakdown).
 - ``evaluate``: the evaluator every model goes through, the quality gate, interleaved latency.
 - ``quantizer``: one quantized model with ORT's quantizer; the modes; nodes kept float by rule.
 - ``sensitivity``: per-node quantization error, the ranking mixed precision keeps float from.

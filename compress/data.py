@@ -44,6 +44,11 @@ class SampleSet:
         labels = None if self.labels is None else self.labels[:count]
         return SampleSet({k: v[:count] for k, v in self.inputs.items()}, labels, self.source, self.note)
 
+    def part(self, start: int, stop: int | None = None) -> SampleSet:
+        """Samples ``start`` up to ``stop`` (the end if None), labels alike."""
+        labels = None if self.labels is None else self.labels[start:stop]
+        return SampleSet({k: v[start:stop] for k, v in self.inputs.items()}, labels, self.source, self.note)
+
     def feed(self, index: int = 0) -> dict[str, np.ndarray]:
         """One sample as a batch of one: what latency is measured on."""
         return {k: v[index : index + 1] for k, v in self.inputs.items()}

@@ -8,7 +8,7 @@ round by round, so a noisy neighbour or a clock change hits every candidate alik
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,13 @@ class QualityGate:
         """Whether a drop (in the metric's units) is inside the budget."""
         return drop <= self.max_drop + 1e-12  # a drop exactly at the budget must not fail on rounding
 
-    def hopeless(self, drop: float) -> bool:
-        """A drop on a first small slice so far outside the budget that the full evaluation is not worth it."""
-        return drop > max(5 * self.max_drop, self.max_drop + 0.05)
+    def hopeless(self, drop: float, *, continuous: bool = False) -> bool:
+        """A drop on a first small slice so far outside the budget that the full evaluation is not worth it.
+
+        Five budgets, and for a stepped metric (top-1: one sample of a small slice is a big step) at
+        least five points more than the budget; a continuous one (a cosine) needs one point more.
+        """
+        return drop > max(5 * self.max_drop, self.max_drop + (0.01 if continuous else 0.05))
 
     def within_reach(self, drop: float) -> bool:
         """A drop that calibration, smoothing or granularity variants can plausibly close."""
@@ -54,6 +58,8 @@ class Latency:
     p50_ms: float
     p90_ms: float
     runs: int
+    # Timing stopped before the last round: clearly slower than the fastest candidate (``out_of_race``).
+    stopped_early: bool = False
 
 
 def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndarray]:
@@ -108,6 +114,27 @@ class Evaluator:
         count = None if samples is None or samples >= self.data.count else samples
         return self._score(self.outputs(model, samples=count), count)
 
+    def staged_quality(
+        self, model: Path, first: int, stop: Callable[[float], bool]
+    ) -> tuple[Quality, float, bool]:
+        """Score on the first ``first`` samples and, unless ``stop(drop there)``, on all of them.
+
+        One session serves both and the first slice's outputs are kept, so the full score costs
+        only the remaining samples. Returns the quality, its drop, and whether it stopped early.
+        """
+        if not first or self.data.count < 2 * first:
+            quality = self.quality(model)
+            return quality, quality.drop_from(self.baseline), False
+        session = cpu_session(model, threads=0, providers=self.providers)
+        head = run_model(session, self.data.take(first), batch=self._batch)
+        quick = self._score(head, first)
+        drop = quick.drop_from(self.baseline_on(first))
+        if stop(drop):
+            return quick, drop, True
+        tail = run_model(session, self.data.part(first), batch=self._batch)
+        quality = self._score([np.concatenate([h, t], axis=0) for h, t in zip(head, tail, strict=True)])
+        return quality, quality.drop_from(self.baseline), False
+
     def baseline_on(self, samples: int) -> Quality:
         """The float model's own quality on the first ``samples`` samples."""
         count = min(samples, self.data.count)
@@ -120,6 +147,10 @@ class Evaluator:
         )
 
 
+# A candidate slower than the leader by more than this in every round so far is out of the race.
+CLEARLY_SLOWER = 0.10
+
+
 def measure_latency(
     models: Sequence[Path],
     feed: dict[str, np.ndarray],
@@ -127,11 +158,15 @@ def measure_latency(
     rounds: int = 7,
     round_s: float = 0.15,
     providers: tuple[str, ...] = (),
+    racing: Sequence[bool] | None = None,
+    min_rounds: int = 3,
 ) -> list[Latency]:
     """Time each model on ``feed`` with one intra-op thread, interleaved over ``rounds`` rounds.
 
     Each round runs every model ``n`` times (``n`` sized so a round lasts about ``round_s`` per model),
-    rotating the order so no model always runs first after another's cache footprint.
+    rotating the order so no model always runs first after another's cache footprint. With
+    ``racing`` (one flag per model), a model ``out_of_race`` finds clearly slower than the fastest
+    racer stops being timed, and timing ends when only that racer is left.
     """
     sessions = [cpu_session(m, threads=1, providers=providers) for m in models]
     iters: list[int] = []
@@ -142,15 +177,56 @@ def measure_latency(
         s.run(None, feed)
         iters.append(max(2, min(200, int(round_s / max(time.perf_counter() - t0, 1e-6)))))
     samples: list[list[float]] = [[] for _ in sessions]
+    per_round: list[list[float]] = [[] for _ in sessions]
+    active = [True] * len(sessions)
     for r in range(rounds):
         order = list(range(len(sessions)))
         order = order[r % len(order) :] + order[: r % len(order)]
-        for i in order:
+        for i in (i for i in order if active[i]):
+            this_round = []
             for _ in range(iters[i]):
                 t0 = time.perf_counter()
                 sessions[i].run(None, feed)
-                samples[i].append((time.perf_counter() - t0) * 1000.0)
-    return [Latency(float(np.percentile(s, 50)), float(np.percentile(s, 90)), len(s)) for s in samples]
+                this_round.append((time.perf_counter() - t0) * 1000.0)
+            samples[i] += this_round
+            per_round[i].append(float(np.median(this_round)))
+        if racing is not None and r + 1 < rounds:
+            for i in out_of_race(per_round, racing, active, min_rounds=min_rounds):
+                active[i] = False
+            if sum(active) < 2:
+                break  # every comparison is decided: the fastest racer's rounds so far are its timing
+    return [
+        Latency(float(np.percentile(s, 50)), float(np.percentile(s, 90)), len(s), stopped_early=not a)
+        for s, a in zip(samples, active, strict=True)
+    ]
+
+
+def out_of_race(
+    per_round: Sequence[Sequence[float]],
+    racing: Sequence[bool],
+    active: Sequence[bool],
+    *,
+    min_rounds: int = 3,
+    margin: float = CLEARLY_SLOWER,
+) -> list[int]:
+    """The models to stop timing, by a paired test over at least ``min_rounds`` rounds (the same
+    rounds saw the same load): racers slower than the fastest racer by more than ``margin`` in every
+    round, and references (the models to beat) slower than it by as much: the decision is made.
+    """
+    live = [i for i, (r, a) in enumerate(zip(racing, active, strict=True)) if r and a]
+    if not live:
+        return []
+    leader = min(live, key=lambda i: float(np.median(per_round[i])))
+    out = []
+    for i in (i for i, a in enumerate(active) if a):
+        if len(live) < 2 and racing[i]:
+            continue
+        mine, best = per_round[i], per_round[leader]
+        if i == leader or len(mine) < min_rounds or len(mine) != len(best):
+            continue
+        if all(m > (1 + margin) * b for m, b in zip(mine, best, strict=True)):
+            out.append(i)
+    return out
 
 
 @dataclass

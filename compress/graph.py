@@ -60,10 +60,23 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
 
 
+# Initializers up to this many elements are kept in the graph shape inference reads (shape constants).
+_SMALL_CONSTANT = 64
+
+
 def _shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of every tensor for this feed, by ONNX shape inference on fixed inputs."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    # Weights matter to inference by their shapes only: as typed inputs they are not serialized
+    # through the checker (a 90 MB model costs seconds). Small constants stay: shapes are computed from them.
+    big = [i for i in fixed.graph.initializer if int(np.prod(i.dims)) > _SMALL_CONSTANT]
+    named = {i.name for i in fixed.graph.input}  # before IR 4, initializers are inputs too
+    for init in (i for i in big if i.name not in named):
+        fixed.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    keep = [i for i in fixed.graph.initializer if int(np.prod(i.dims)) <= _SMALL_CONSTANT]
+    del fixed.graph.initializer[:]
+    fixed.graph.initializer.extend(keep)
     for value in fixed.graph.input:
         if value.name in feed:
             dims = value.type.tensor_type.shape.dim
@@ -80,7 +93,7 @@ def _shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, tu
         dims = value.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = tuple(d.dim_value for d in dims)
-    for init in graph.initializer:
+    for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
 
@@ -109,6 +122,12 @@ def model_stats(path: Path, feed: dict[str, np.ndarray]) -> ModelStats:
     """Size, parameters and MACs of the model file at ``path``."""
     model = onnx.load(str(path))
     return ModelStats(path.stat().st_size, count_params(model), count_macs(model, feed))
+
+
+def model_params(path: Path) -> int:
+    """Weight elements of the model file at ``path``, read from the initializers' dims only."""
+    model = onnx.load(str(path), load_external_data=False)
+    return count_params(model)
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -59,6 +59,12 @@ class Metric:
     mask_input: str | None = None
     function: UserMetric | None = None
 
+    @property
+    def continuous(self) -> bool:
+        """Whether the score moves smoothly with the outputs (a cosine), so a few samples estimate it well;
+        top-1 moves in steps of one sample, and a user's function may too."""
+        return self.function is None and self.name != "top1"
+
     def score(
         self,
         inputs: Mapping[str, np.ndarray],

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from edgectl.artifact import TensorSpec, summarize_inputs
+from edgectl.compress.clock import StageClock
 from edgectl.compress.data import SampleSet, read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
-from edgectl.compress.graph import load, model_stats, signature
+from edgectl.compress.graph import load, model_params, model_stats, signature
 from edgectl.compress.metrics import check_metric_spec, parse_metric
 from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
 from edgectl.compress.passes.base import (
@@ -78,6 +79,9 @@ class CompressResult:
     metrics: dict[str, Any]
     seconds: float
     notes: list[str] = field(default_factory=list)  # how the inputs were read, for the user
+    stages: list[dict[str, object]] = field(
+        default_factory=list
+    )  # wall/CPU seconds per stage (the report's breakdown)
 
     @property
     def rows(self) -> list[dict[str, object]]:
@@ -111,14 +115,17 @@ class _Run:
         self.trials: list[Trial] = []
         self.record: dict[str, Any] = {"recipe": req.recipe.to_dict()}
         self.ran: list[CompressPass[Any]] = []
+        self.clock = StageClock()
 
     def start(self) -> ModelState:
         """Acquire the float model and its data, score it: the baseline row and the passes' context."""
         req, work = self.req, self.work
-        source = acquire_float_model(
-            req.model, work, self.progress, module=req.module, example=req.example, calib=req.calib,
-            eval_set=req.eval, state_dict=req.state_dict,
-        )  # fmt: skip
+        clock = self.clock
+        with clock.stage("acquire (load or export)"):
+            source = acquire_float_model(
+                req.model, work, self.progress, module=req.module, example=req.example, calib=req.calib,
+                eval_set=req.eval, state_dict=req.state_dict,
+            )  # fmt: skip
         self.float_path, self.source_sha = source.path, source.source_sha256
         self.record["export"] = source.info
         self.inputs, self.outputs = signature(load(self.float_path))
@@ -139,11 +146,12 @@ class _Run:
             req.metric, input_names=[i.name for i in self.inputs], has_labels=self.data.labels is not None
         )
         self.progress("scoring the float model")
-        evaluator = Evaluator(self.float_path, self.data, metric=metric)
+        with clock.stage("float reference outputs"):
+            evaluator = Evaluator(self.float_path, self.data, metric=metric)
         providers, on_target = timing_providers(self.profile)
         self.ctx = PassContext(
             work, self.profile, evaluator, QualityGate(req.max_drop), calib, cpu_has_vnni(), self.progress,
-            req.finetune, req.timer, providers, on_target, req.latency_rounds, train, source.module,
+            req.finetune, req.timer, providers, on_target, req.latency_rounds, train, source.module, clock,
         )  # fmt: skip
         self.baseline = Trial(
             "float (baseline)", "baseline", self.float_path, quality=evaluator.baseline, drop=0.0, passed=True
@@ -155,7 +163,8 @@ class _Run:
         """Every pass of ``stage`` in recipe order, each on the state the one before left."""
         for kind, config in self.req.recipe.passes():
             if kind.stage == stage:
-                result = kind.run(state, config, self.ctx)
+                with self.clock.stage(f"{kind.name} pass"):
+                    result = kind.run(state, config, self.ctx)
                 state = result.state
                 self.trials += result.trials
                 self.record.update(result.record)
@@ -165,7 +174,8 @@ class _Run:
     def settle_float(self, state: ModelState) -> ModelState:
         """Score the float model the quantize stage starts from; without a quantize pass it is the only candidate."""
         if state.base is None:
-            self.trials.append(self.ctx.judge(Trial("cleaned float", "cleanup", state.model)))
+            with self.clock.stage("score cleaned float"):
+                self.trials.append(self.ctx.judge(Trial("cleaned float", "cleanup", state.model)))
             state = dataclasses.replace(state, base=self.trials[-1])
         self.float_trials = list(self.trials)
         if not any(kind.stage == "quantize" for kind, _ in self.req.recipe.passes()):
@@ -181,15 +191,16 @@ class _Run:
             if t.path is not None and (t.passed or t is self.baseline or t is state.must_beat)
         ]
         self.progress(f"timing {len(timed)} models (1 thread, interleaved)")
-        for t, lat in zip(timed, self.ctx.time([t.path for t in timed if t.path]), strict=True):
-            t.latency = lat
-        float_macs = model_stats(self.float_path, feed).macs
-        macs_after_float_passes = model_stats(state.model, feed).macs
-        for t in self.trials:
-            if t.path is not None:
-                stats = model_stats(t.path, feed)
-                t.size_bytes, t.params = stats.size_bytes, stats.params
-                t.macs = float_macs if t is self.baseline else macs_after_float_passes
+        # The baseline and the model to beat are references (timed every round); the others race.
+        racing = [t is not self.baseline and t is not state.must_beat for t in timed]
+        with self.clock.stage("time candidates"):
+            for t, lat in zip(timed, self.ctx.time([t.path for t in timed if t.path], racing), strict=True):
+                t.latency = lat
+                if lat.stopped_early:
+                    early = f"timed {lat.runs} runs: clearly slower than the fastest, stopped early"
+                    t.note = f"{t.note}; {early}" if t.note else early
+        with self.clock.stage("model stats"):
+            self._stats(state, feed)
         passing = [t for t in state.candidates if t.passed]
         if not passing:
             scored = [t for t in state.candidates if t.quality is not None]
@@ -209,6 +220,19 @@ class _Run:
         chosen = _choose(passing)
         chosen.note = (chosen.note + "; " if chosen.note else "") + "chosen"
         return dataclasses.replace(state, chosen=chosen)
+
+    def _stats(self, state: ModelState, feed: dict[str, np.ndarray]) -> None:
+        """Size and parameters of every row; MACs of the float model and of the graph the quantize stage
+        started from (quantization keeps a graph's MACs, so the rows share it: counted twice, not per row)."""
+        float_macs = model_stats(self.float_path, feed).macs
+        macs_after_float_passes = (
+            float_macs if state.model == self.float_path else model_stats(state.model, feed).macs
+        )
+        for t in self.trials:
+            if t.path is not None:
+                t.size_bytes = t.path.stat().st_size
+                t.params = model_params(t.path) if t.latency or t is state.chosen else None
+                t.macs = float_macs if t is self.baseline else macs_after_float_passes
 
     def _faster_than_float(self, state: ModelState, passing: list[Trial]) -> list[Trial]:
         """Where a pass promised a speed-up (auto), only candidates faster than the float model remain."""
@@ -247,14 +271,17 @@ class _Run:
             time.perf_counter() - started,
             self.ctx.providers,
         )
+        # The manifest's breakdown ends here; the report's also has the writing.
+        metrics["stage_seconds"] = self.clock.to_list()
         self.progress("writing the artifact")
-        artifact = write_artifact(
-            req.out_dir, model=chosen.path, name=artifact_name(req.name or Path(req.model.split(":")[0]).stem),
-            version=req.version, inputs=self.inputs, outputs=self.outputs, golden_feed=self.data.feed(0),
-            recipe=self.record, profile=self.profile.name, metrics=metrics, source_sha256=self.source_sha,
-            quantized=chosen not in self.float_trials, files=state.files, engines=state.engines,
-            parent_version=req.parent_version, sign_key=req.sign_key, input_summary=self.input_summary,
-        )  # fmt: skip
+        with self.clock.stage("write and sign artifact"):
+            artifact = write_artifact(
+                req.out_dir, model=chosen.path, name=artifact_name(req.name or Path(req.model.split(":")[0]).stem),
+                version=req.version, inputs=self.inputs, outputs=self.outputs, golden_feed=self.data.feed(0),
+                recipe=self.record, profile=self.profile.name, metrics=metrics, source_sha256=self.source_sha,
+                quantized=chosen not in self.float_trials, files=state.files, engines=state.engines,
+                parent_version=req.parent_version, sign_key=req.sign_key, input_summary=self.input_summary,
+            )  # fmt: skip
         for t in self.trials:
             t.path = None  # the temporary folder is about to go
         return CompressResult(
@@ -266,6 +293,7 @@ class _Run:
             metrics,
             time.perf_counter() - started,
             self.notes,
+            self.clock.to_list(),
         )
 
 

@@ -279,11 +279,17 @@ def latency_candidates(mode: QuantMode, *, vnni: bool) -> list[QuantConfig]:
     # Without VNNI, u8*s8 products can saturate 16-bit accumulators: 7-bit weights avoid it.
     rr = not vnni
     if mode == "int8-dynamic":
-        return [
+        out = [
             QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=True, reduce_range=rr),
             QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=False, reduce_range=rr),
-            QuantConfig("int8-dynamic", "QOperator", "u8", "u8", per_channel=False, reduce_range=rr),
         ]
+        if not vnni:
+            # VNNI's dot product (vpdpbusd) takes u8 x s8: U8U8 leaves that fast path and is not worth
+            # building and scoring there. Without VNNI it avoids the 16-bit saturation and can win.
+            out.append(
+                QuantConfig("int8-dynamic", "QOperator", "u8", "u8", per_channel=False, reduce_range=rr)
+            )
+        return out
     if mode == "int8-static":
         return [
             QuantConfig("int8-static", "QDQ", "u8", "s8", reduce_range=rr),

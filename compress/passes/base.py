@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import numpy as np
 
 from edgectl.artifact import TrtEngine
+from edgectl.compress.clock import StageClock
 from edgectl.compress.data import SampleSet
 from edgectl.compress.evaluate import Evaluator, Latency, QualityGate, Trial, measure_latency
 from edgectl.devices import DeviceProfile
@@ -87,6 +88,8 @@ class PassContext:
     # Recovery after pruning: training samples, and the float torch module when the model came as one.
     train: SampleSet | None = None
     torch_model: Any = None
+    # Wall and CPU seconds per stage of the run (the report's breakdown).
+    clock: StageClock = field(default_factory=StageClock)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -98,12 +101,18 @@ class PassContext:
         """A fresh file name in the scratch folder: passes never overwrite one another's models."""
         return self.work / f"{stem}-{next(self._counter)}{suffix}"
 
-    def time(self, models: Sequence[Path]) -> list[Latency]:
-        """Latency of ``models`` on one sample, interleaved, on the target's execution providers."""
+    def time(self, models: Sequence[Path], racing: Sequence[bool] | None = None) -> list[Latency]:
+        """Latency of ``models`` on one sample, interleaved, on the target's execution providers.
+
+        ``racing``: which models compete (a clearly slower one stops being timed early); the others
+        are references, timed every round. None: every model is timed every round.
+        """
         feed = self.data.feed(0)
         if self.timer is not None:
             return self.timer(models, feed)
-        return measure_latency(models, feed, rounds=self.latency_rounds, providers=self.providers)
+        return measure_latency(
+            models, feed, rounds=self.latency_rounds, providers=self.providers, racing=racing
+        )
 
     def judge(self, trial: Trial) -> Trial:
         """Score ``trial`` against the float model and mark it passed or not (the one gate)."""

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import onnx
 
+from edgectl.compress.clock import StageClock
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
@@ -150,9 +151,16 @@ class QuantSearch:
     """Runs the escalating search for one base model against one evaluator and quality gate."""
 
     def __init__(
-        self, evaluator: Evaluator, calib: SampleSet | None, work: Path, max_drop: float, progress: Progress
+        self,
+        evaluator: Evaluator,
+        calib: SampleSet | None,
+        work: Path,
+        max_drop: float,
+        progress: Progress,
+        clock: StageClock | None = None,
     ) -> None:
         self.evaluator = evaluator
+        self.clock = clock or StageClock()
         self.calib = calib
         self.work = work
         self.gate = QualityGate(max_drop)
@@ -161,6 +169,7 @@ class QuantSearch:
         # Nodes static int8 leaves float by rule (node -> reason), and the first-slice size for pruning.
         self.keep_float: dict[str, str] = {}
         self.first_slice = QUICK_SLICE
+        self._cut: list[Trial] = []  # trials stopped on the first slice
 
     def trial(self, base: Path, config: QuantConfig, stage: str, note: str = "") -> Trial:
         """Quantize ``base`` per ``config`` and score it."""
@@ -173,10 +182,11 @@ class QuantSearch:
         try:
             # Dynamic quantization needs no calibration, but SmoothQuant does: fall back to the eval samples.
             data = self.calib or (self.evaluator.data if config.smooth_alpha else None)
-            quantize(base, out, config, data, cache=self.work / "calibration-cache")
+            with self.clock.stage(f"quantize: build {config.mode}"):
+                quantize(base, out, config, data, cache=self.work / "calibration-cache")
             trial.path = out
-            if not self._hopeless(trial):
-                self.gate.judge(trial, self.evaluator)
+            with self.clock.stage("quantize: score candidates"):
+                self._score(trial)
         except BadInputError:
             raise
         except Exception as exc:  # a candidate the quantizer or ORT rejects is a failed row, not a crash
@@ -186,20 +196,20 @@ class QuantSearch:
         trial.size_bytes = out.stat().st_size
         return trial
 
-    def _hopeless(self, trial: Trial) -> bool:
+    def _score(self, trial: Trial) -> None:
         """Score on a first small slice; a drop far outside the budget there ends the trial (not timed)."""
-        n = self.first_slice
-        if not n or self.evaluator.data.count < 2 * n:
-            return False
         assert trial.path is not None
-        quick = self.evaluator.quality(trial.path, samples=n)
-        drop = quick.drop_from(self.evaluator.baseline_on(n))
-        if not self.gate.hopeless(drop):
-            return False
-        trial.quality, trial.drop, trial.passed = quick, drop, False
-        hopeless = f"hopeless: drop {drop:.4f} on the first {n} samples, not evaluated further"
-        trial.note = f"{trial.note}; {hopeless}" if trial.note else hopeless
-        return True
+        n = self.first_slice
+        continuous = self.evaluator.scorer.continuous
+        quality, drop, stopped = self.evaluator.staged_quality(
+            trial.path, n, lambda d: self.gate.hopeless(d, continuous=continuous)
+        )
+        trial.quality, trial.drop = quality, drop
+        trial.passed = False if stopped else self.gate.admits(drop)
+        if stopped:
+            self._cut.append(trial)
+            hopeless = f"hopeless: drop {drop:.4f} on the first {n} samples, not evaluated further"
+            trial.note = f"{trial.note}; {hopeless}" if trial.note else hopeless
 
     def run(
         self,
@@ -219,13 +229,25 @@ class QuantSearch:
                 if mode == "int8-static" and self.keep_float:
                     config = config.with_(keep_float=tuple(sorted(self.keep_float)))
                 first.append(config)
+        leads: dict[str, Trial] = {}  # each mode's first candidate: the profile's hint, per-channel
         for config in first:
             default = ort_default(config.mode).with_(
                 calib_samples=step.calib_samples, keep_float=config.keep_float
             )
             int8 = config.mode in ("int8-static", "int8-dynamic")
             note = "ORT defaults" if int8 and config == default else ""
+            lead = leads.get(config.mode)
+            if lead is not None and any(lead is t for t in self._cut):
+                # Formats and types move speed, not a drop this far outside the budget: not built.
+                result.trials.append(_skipped(config, lead, note, "was hopeless"))
+                continue
+            finer = _finer_failed(config, result.trials)
+            if finer is not None:
+                # Per-channel scales fit each channel at least as well as one scale for the tensor.
+                result.trials.append(_skipped(config, finer, note, "(per-channel) missed the budget"))
+                continue
             result.trials.append(self.trial(base, config, "format", note))
+            leads.setdefault(config.mode, result.trials[-1])
         scored = [t for t in result.trials if t.quality is not None]
         if not scored:
             result.notes.append("no quantized candidate could be built")
@@ -340,9 +362,10 @@ class QuantizePass(CompressPass[QuantizeConfig]):
             # Nothing to quantize in: the float model is the only candidate.
             floats = (state.base,) if state.base is not None else ()
             return PassResult(replace(state, candidates=state.candidates + floats), (), {"quantize": record})
-        search = QuantSearch(ctx.evaluator, ctx.calib, ctx.work, ctx.gate.max_drop, ctx.progress)
+        search = QuantSearch(ctx.evaluator, ctx.calib, ctx.work, ctx.gate.max_drop, ctx.progress, ctx.clock)
         if "int8-static" in modes and ctx.calib is not None:
-            search.keep_float = float_by_rule(state.model, ctx.calib)
+            with ctx.clock.stage("quantize: find nodes kept float"):
+                search.keep_float = float_by_rule(state.model, ctx.calib)
             if search.keep_float:
                 record["float_by_rule"] = search.keep_float
         found = search.run(state.model, config, modes, ctx.profile, vnni=ctx.vnni)
@@ -370,6 +393,26 @@ def _best_config(trials: list[Trial]) -> QuantConfig | None:
     if not pool:
         return None
     return QuantConfig(**_config_args(max(pool, key=lambda t: t.quality.score if t.quality else -1.0).config))
+
+
+def _finer_failed(config: QuantConfig, trials: list[Trial]) -> Trial | None:
+    """For a per-tensor config, its per-channel twin when that one was scored and missed the budget."""
+    if config.per_channel or config.mode not in ("int8-static", "int8-dynamic"):
+        return None
+    twin = config.with_(per_channel=True).to_dict()
+    return next((t for t in trials if t.config == twin and t.quality is not None and not t.passed), None)
+
+
+def _skipped(config: QuantConfig, other: Trial, note: str, why: str) -> Trial:
+    """The row of a format candidate not built because ``other`` showed it cannot pass."""
+    why = f"skipped: {other.name} {why} (drop {other.drop or 0.0:.4f})"
+    return Trial(
+        config.label(),
+        "format",
+        config=config.to_dict(),
+        passed=False,
+        note=f"{note}; {why}" if note else why,
+    )
 
 
 def _knobs(config: QuantConfig) -> str:

@@ -179,6 +179,7 @@ def compress(
                 "digest": result.digest,
                 "metrics": result.metrics,
                 "notes": result.notes,
+                "stages": result.stages,
             }
         )
         return
@@ -193,6 +194,11 @@ def compress(
         f"{m['speedup']}x faster, {m['size_ratio']}x smaller, in {result.seconds:.1f}s",
         highlight=False,
     )
+    from edgectl.compress.clock import breakdown_lines
+
+    console.print("where the time went (wall, share, CPU):", highlight=False)
+    for line in breakdown_lines(result.stages, result.seconds):
+        console.print(f"  {line}", highlight=False)
     if m["speedup"] is not None and m["speedup"] < 1.0:
         err_console.print(
             f"[yellow]warning:[/] {result.chosen.name} is slower than the float model on this execution provider; "

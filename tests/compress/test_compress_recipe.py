@@ -96,3 +96,10 @@ def test_the_quality_gate_is_one_rule_with_its_margins() -> None:
         and QualityGate(0.1).hopeless(0.51)
         and not QualityGate(0.1).hopeless(0.5)
     )
+    # A cosine moves smoothly: five budgets (and a point over the budget) is already far enough.
+    assert (
+        QualityGate(0.005).hopeless(0.026, continuous=True)
+        and not QualityGate(0.005).hopeless(0.024, continuous=True)
+        and not QualityGate(0.0).hopeless(0.009, continuous=True)
+        and QualityGate(0.0).hopeless(0.011, continuous=True)
+    )

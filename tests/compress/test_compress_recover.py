@@ -73,12 +73,12 @@ def test_prune_auto_keeps_the_largest_ratio_that_meets_the_budget(
     trials = json.loads(text)["metrics"]["trials"]
     pruned = [t for t in trials if t["stage"] == "prune"]
     names = [t["name"] for t in pruned]
-    assert names[0] == "pruned 75%" and names == sorted(names, reverse=True)  # largest first
+    assert names[0] == "pruned 88%" and names == sorted(names, reverse=True)  # largest first
     # Every ratio tried before the kept one missed the budget; the kept one is the first that met it.
     assert all(not t["passed"] for t in pruned[:-1]) and pruned[-1]["passed"]
     record = json.loads((out / "manifest.json").read_text())["recipe"]["prune"]
-    assert record["auto"] == {"tried": [0.75, 0.5, 0.25], "kept": names[-1]}
-    assert len(pruned) >= 2  # 75 % of the digits CNN's channels cannot stay within 5 points untrained
+    assert record["auto"] == {"tried": [0.875, 0.75, 0.5, 0.25], "kept": names[-1]}
+    assert len(pruned) >= 2  # 7/8 of the digits CNN's channels cannot stay within 5 points untrained
 
 
 def test_prune_must_be_a_fraction_or_auto(digits: dict[str, Any], tmp_path: Path) -> None:
@@ -87,3 +87,22 @@ def test_prune_must_be_a_fraction_or_auto(digits: dict[str, Any], tmp_path: Path
             digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", bad, "-o", tmp_path / "out"
         )
         assert code == 2 and "--prune must be a fraction in [0, 1) or auto" in text
+
+
+def test_torch_pruning_keeps_channel_counts_on_multiples_of_round_to(digits: dict[str, Any]) -> None:
+    import torch
+
+    from edgectl.compress.recover import prune_torch
+
+    x_train, _, _, _ = digits_data()
+    example = [torch.from_numpy(x_train[:2])]
+    for ratio, round_to in ((0.5, 8), (0.6, 8), (0.875, 8), (0.6, 16)):
+        pruned = prune_torch(digits["model"], ratio, example, round_to=round_to)
+        widths = [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+                  for m in pruned.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]  # fmt: skip
+        # Every pruned layer keeps a multiple of round_to (int8 kernels work in blocks); the head keeps 10.
+        assert widths[-1] == 10 and all(w % round_to == 0 and w > 0 for w in widths[:-1]), (ratio, widths)
+        assert sum(widths[:-1]) < sum(
+            m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+            for m in digits["model"].modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+        ) - 10  # fmt: skip
