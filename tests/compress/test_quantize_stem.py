@@ -1,0 +1,101 @@
+"""The image stem under static int8: padded to 4 channels (same outputs), or kept float; real ORT sessions."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgectl.compress.data import SampleSet
+from edgectl.compress.graph import cpu_session
+from edgectl.compress.metrics import cosines
+from edgectl.compress.passes.cleanup import cleanup
+from edgectl.compress.passes.stem import float_stem_nodes, pad_stem_channels, stem_convs
+from edgectl.compress.quantizer import QuantConfig, quantize, stem_variants
+from tests.compress.conftest import outlier_mlp
+
+
+def ops(path: Path) -> Counter[str]:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = cpu_session(path)
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
+
+
+@pytest.fixture(scope="module")
+def residual(residual_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stem") / "residual.clean.onnx"
+    cleanup(residual_onnx, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return np.random.default_rng(3).standard_normal((24, 3, 16, 16)).astype(np.float32)
+
+
+def test_the_stem_is_the_conv_reading_the_image(residual: Path, tiny_onnx: Path) -> None:
+    model = onnx.load(str(residual))
+    stems = stem_convs(model)
+    assert len(stems) == 1 and stems[0].input[0] == model.graph.input[0].name
+    kept = float_stem_nodes(model)
+    assert [n.op_type for n in model.graph.node if n.name in kept] == ["Conv", "Relu"]
+    assert len(stem_convs(onnx.load(str(tiny_onnx)))) == 1  # a 1-channel image is a stem too
+
+
+def test_no_stem_in_a_model_without_an_image_conv(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.onnx"
+    outlier_mlp(path)
+    assert stem_convs(onnx.load(str(path))) == []
+    assert stem_variants(path, [QuantConfig("int8-static", "QOperator")]) == []
+
+
+@pytest.mark.parametrize("fixture,channels", [("residual", 3), ("tiny_onnx", 1)])
+def test_padding_the_stem_keeps_every_output(
+    fixture: str, channels: int, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    src: Path = request.getfixturevalue(fixture)
+    side = 16 if channels == 3 else 8
+    x = np.random.default_rng(0).standard_normal((4, channels, side, side)).astype(np.float32)
+    dst = tmp_path / "padded.onnx"
+    assert pad_stem_channels(src, dst) == 1
+    padded = onnx.load(str(dst))
+    onnx.checker.check_model(padded)
+    conv = stem_convs(padded)
+    assert conv == []  # the conv now reads the Pad's output, not the image
+    weights = {i.name: i for i in padded.graph.initializer}
+    first = next(n for n in padded.graph.node if n.op_type == "Conv")
+    assert weights[first.input[1]].dims[1] == 4 and ops(dst)["Pad"] == 1
+    np.testing.assert_allclose(run(dst, x), run(src, x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_aligned_stem_is_not_padded(tmp_path: Path, residual: Path, rgb: np.ndarray) -> None:
+    once = tmp_path / "once.onnx"
+    pad_stem_channels(residual, once)
+    assert pad_stem_channels(once, tmp_path / "twice.onnx") == 0  # already 4 channels, no stem left
+    variants = stem_variants(
+        residual, [QuantConfig("int8-static", "QDQ"), QuantConfig("int8-static", "QOperator")]
+    )
+    assert [(v.fmt, v.stem) for v in variants] == [("QOperator", "pad"), ("QOperator", "float")]
+
+
+@pytest.mark.parametrize("stem", ["pad", "float"])
+def test_stem_variants_quantize_and_track_float(
+    stem: str, residual: Path, rgb: np.ndarray, tmp_path: Path
+) -> None:
+    dst = tmp_path / f"{stem}.onnx"
+    config = QuantConfig("int8-static", "QOperator", "u8", "s8", per_channel=True, stem=stem)  # type: ignore[arg-type]
+    quantize(residual, dst, config, SampleSet({"image": rgb[:16]}, None, "calib"))
+    counts = ops(dst)
+    if stem == "float":
+        assert counts["Conv"] == 1 and counts["QLinearConv"] >= 3  # only the stem stays float
+    else:
+        assert counts["Conv"] == 0 and counts["Pad"] == 1
+    assert "float-stem" in config.label() or "stem-pad4" in config.label()
+    cos = cosines([run(residual, rgb[16:])], [run(dst, rgb[16:])])
+    assert float(cos.mean()) > 0.98
