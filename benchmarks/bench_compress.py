@@ -61,14 +61,15 @@ def _measure(rows: list[Row], ev: Evaluator, rounds: int) -> None:
 
 def _print(title: str, rows: list[Row], metric: str, extra: dict[str, Any]) -> dict[str, Any]:
     base, ort = rows[0], rows[1]
+    width = max(34, *(len(r.name) for r in rows))
     print(f"\n== {title}")
     print(
-        f"{'model':34} {metric:>8} {'min cos':>8} {'p50 ms':>9} {'x float':>8} {'x ORT':>7} {'MB':>8} {'smaller':>8}"
+        f"{'model':{width}} {metric:>8} {'min cos':>8} {'p50 ms':>9} {'x float':>8} {'x ORT':>7} {'MB':>8} {'smaller':>8}"
     )
     out: dict[str, Any] = {"title": title, **extra, "rows": []}
     for r in rows:
         print(
-            f"{r.name:34} {r.quality:8.4f} {r.min_cos:8.4f} {r.p50_ms:9.3f} {base.p50_ms / r.p50_ms:7.2f}x "
+            f"{r.name:{width}} {r.quality:8.4f} {r.min_cos:8.4f} {r.p50_ms:9.3f} {base.p50_ms / r.p50_ms:7.2f}x "
             f"{ort.p50_ms / r.p50_ms:6.2f}x {r.size / 1e6:8.3f} {base.size / r.size:7.2f}x"
         )
         out["rows"].append({"name": r.name, metric: r.quality, "min_cos": r.min_cos, "p50_ms": r.p50_ms,
