@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def ops(path: Path) -> Counter[str]:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-def run(path: Path, x: np.ndarray) -> np.ndarray:
+def infer(path: Path, x: np.ndarray) -> np.ndarray:
     session = cpu_session(path)
     return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
 
@@ -71,7 +72,7 @@ def test_padding_the_stem_keeps_every_output(
     weights = {i.name: i for i in padded.graph.initializer}
     first = next(n for n in padded.graph.node if n.op_type == "Conv")
     assert weights[first.input[1]].dims[1] == 4 and ops(dst)["Pad"] == 1
-    np.testing.assert_allclose(run(dst, x), run(src, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(infer(dst, x), infer(src, x), rtol=1e-5, atol=1e-5)
 
 
 def test_an_aligned_stem_is_not_padded(tmp_path: Path, residual: Path, rgb: np.ndarray) -> None:
@@ -97,5 +98,34 @@ def test_stem_variants_quantize_and_track_float(
     else:
         assert counts["Conv"] == 0 and counts["Pad"] == 1
     assert "float-stem" in config.label() or "stem-pad4" in config.label()
-    cos = cosines([run(residual, rgb[16:])], [run(dst, rgb[16:])])
+    cos = cosines([infer(residual, rgb[16:])], [infer(dst, rgb[16:])])
+    assert float(cos.mean()) > 0.98
+
+
+def test_the_pipeline_times_the_stem_candidates_and_the_artifact_keeps_the_3_channel_input(
+    residual_onnx: Path, rgb: np.ndarray, tmp_path: Path
+) -> None:
+    from edgectl.compress.evaluate import Latency
+    from edgectl.compress.pipeline import CompressRequest, run
+    from edgectl.compress.recipe import Recipe
+
+    def pad_is_fastest(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        # Deterministic stand-in for the clock: a model with the stem's Pad is the fastest.
+        return [Latency(1.0 if ops(m)["Pad"] else 2.0, 2.0, 10) for m in models]
+
+    np.savez(tmp_path / "calib.npz", image=rgb[:16])
+    np.savez(tmp_path / "eval.npz", image=rgb[16:])
+    out = tmp_path / "art"
+    result = run(
+        CompressRequest(model=str(residual_onnx), out_dir=out, recipe=Recipe.from_options(quantize="int8-static"),
+                        calib=tmp_path / "calib.npz", eval=tmp_path / "eval.npz", max_drop=0.02, timer=pad_is_fastest)
+    )  # fmt: skip
+    stems = {
+        t.config.get("stem") for t in result.trials if t.config and t.config.get("mode") == "int8-static"
+    }
+    assert {"int8", "pad", "float"} <= stems
+    assert result.chosen.config and result.chosen.config["stem"] == "pad"
+    session = cpu_session(out / "model.onnx")
+    assert session.get_inputs()[0].shape[1] == 3  # the padding is inside the graph, not the user's problem
+    cos = cosines([infer(residual_onnx, rgb[16:])], [infer(out / "model.onnx", rgb[16:])])
     assert float(cos.mean()) > 0.98
