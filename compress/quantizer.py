@@ -25,7 +25,7 @@ from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import probe_session
 from edgectl.compress.passes.smooth import smooth
-from edgectl.compress.passes.stem import float_stem_nodes, pad_stem_channels, stem_convs
+from edgectl.compress.passes.stem import float_stem_nodes, pad_stem_channels, quantize_before_pad, stem_convs
 from edgectl.devices import VNNI_FEATURES, cpu_flags
 
 # The concrete modes one model is quantized in, and what a recipe or --quantize may ask for.
@@ -177,6 +177,8 @@ def quantize(
                 extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
                 **reuse,
             )
+        if config.stem == "pad":
+            quantize_before_pad(dst)  # pad the u8 image, not the float one
 
 
 def _calibration_cache(

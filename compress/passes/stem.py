@@ -7,6 +7,7 @@ only when timed faster on the target:
 
 - ``pad``: zero-pad the image to a multiple of 4 channels (one Pad node, zero weights for the new
   channels): the output is the same, the int8 kernel gets aligned 4-byte groups (what VNNI multiplies).
+  After quantization the Pad moves behind the image's QuantizeLinear (``quantize_before_pad``).
 - ``float``: leave the stem conv and its activation in float (ORT's NCHWc kernel), quantize after it.
 """
 
@@ -112,3 +113,46 @@ def pad_stem_channels(src: Path, dst: Path) -> int:
 
 def _padded(channels: int) -> int:
     return -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
+
+
+def quantize_before_pad(path: Path) -> int:
+    """In a quantized model, move each stem Pad after the QuantizeLinear it feeds; returns how many.
+
+    ORT's quantizer leaves the Pad on the graph input in float and quantizes its output; padding the
+    quantized image instead (with the zero point, which is the quantized 0.0) moves a quarter of the
+    bytes and gives the same tensor.
+    """
+    model = onnx.load(str(path))
+    graph_inputs = {i.name for i in model.graph.input}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    moved = 0
+    for pad in [n for n in model.graph.node if n.op_type == "Pad" and n.input[0] in graph_inputs]:
+        after = users.get(pad.output[0], [])
+        if (
+            len(after) != 1
+            or after[0].op_type != "QuantizeLinear"
+            or pad.output[0] in outputs
+            or len(pad.input) > 2
+        ):
+            continue
+        quant = after[0]
+        if len(quant.input) < 3:
+            continue  # no zero point input: nothing to pad the quantized image with
+        quantized = quant.output[0]
+        quant.input[0], quant.output[0] = pad.input[0], f"{pad.input[0]}_quantized_unpadded"
+        pad.input[0] = quant.output[0]
+        pad.input.append(quant.input[2])  # constant_value: the zero point, i.e. a quantized 0.0
+        pad.output[0] = quantized
+        nodes = list(model.graph.node)
+        nodes.remove(quant)
+        nodes.insert(nodes.index(pad), quant)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        moved += 1
+    if moved:
+        onnx.save(model, str(path))
+    return moved

@@ -85,6 +85,27 @@ def test_an_aligned_stem_is_not_padded(tmp_path: Path, residual: Path, rgb: np.n
     assert [(v.fmt, v.stem) for v in variants] == [("QOperator", "pad"), ("QOperator", "float")]
 
 
+def test_padding_the_quantized_image_gives_the_same_model_output(
+    residual: Path, rgb: np.ndarray, tmp_path: Path
+) -> None:
+    import shutil
+
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from edgectl.compress.passes.stem import quantize_before_pad
+    from edgectl.compress.quantizer import _Reader
+
+    padded, before, after = tmp_path / "padded.onnx", tmp_path / "float_pad.onnx", tmp_path / "u8_pad.onnx"
+    pad_stem_channels(residual, padded)
+    quantize_static(str(padded), str(before), _Reader(SampleSet({"image": rgb[:16]}, None, "c")),
+                    quant_format=QuantFormat.QOperator, per_channel=True)  # fmt: skip
+    shutil.copy(before, after)
+    assert quantize_before_pad(after) == 1
+    assert quantize_before_pad(after) == 0  # the Pad no longer reads the graph input
+    onnx.checker.check_model(onnx.load(str(after)))
+    np.testing.assert_array_equal(infer(after, rgb[16:]), infer(before, rgb[16:]))
+
+
 @pytest.mark.parametrize("stem", ["pad", "float"])
 def test_stem_variants_quantize_and_track_float(
     stem: str, residual: Path, rgb: np.ndarray, tmp_path: Path
@@ -97,6 +118,8 @@ def test_stem_variants_quantize_and_track_float(
         assert counts["Conv"] == 1 and counts["QLinearConv"] >= 3  # only the stem stays float
     else:
         assert counts["Conv"] == 0 and counts["Pad"] == 1
+        first, second = onnx.load(str(dst)).graph.node[:2]
+        assert (first.op_type, second.op_type) == ("QuantizeLinear", "Pad")  # the u8 image is padded
     assert "float-stem" in config.label() or "stem-pad4" in config.label()
     cos = cosines([infer(residual, rgb[16:])], [infer(dst, rgb[16:])])
     assert float(cos.mean()) > 0.98
