@@ -129,6 +129,7 @@ def quantize_before_pad(path: Path) -> int:
         for name in node.input:
             users.setdefault(name, []).append(node)
     outputs = {o.name for o in model.graph.output}
+    scalars = {i.name: len(i.dims) == 0 for i in model.graph.initializer}
     moved = 0
     for pad in [n for n in model.graph.node if n.op_type == "Pad" and n.input[0] in graph_inputs]:
         after = users.get(pad.output[0], [])
@@ -136,12 +137,12 @@ def quantize_before_pad(path: Path) -> int:
             len(after) != 1
             or after[0].op_type != "QuantizeLinear"
             or pad.output[0] in outputs
-            or len(pad.input) > 2
+            or len(pad.input) != 2  # pads as an input (opset >= 11), no constant value of its own
         ):
             continue
         quant = after[0]
-        if len(quant.input) < 3:
-            continue  # no zero point input: nothing to pad the quantized image with
+        if len(quant.input) < 3 or scalars.get(quant.input[2]) is not True:
+            continue  # the quantized image is padded with the zero point: one, per tensor
         quantized = quant.output[0]
         quant.input[0], quant.output[0] = pad.input[0], f"{pad.input[0]}_quantized_unpadded"
         pad.input[0] = quant.output[0]
