@@ -152,3 +152,17 @@ def test_the_pipeline_times_the_stem_candidates_and_the_artifact_keeps_the_3_cha
     assert session.get_inputs()[0].shape[1] == 3  # the padding is inside the graph, not the user's problem
     cos = cosines([infer(residual_onnx, rgb[16:])], [infer(out / "model.onnx", rgb[16:])])
     assert float(cos.mean()) > 0.98
+
+
+def test_within_timing_noise_the_smaller_file_wins_but_a_few_bytes_do_not_beat_speed() -> None:
+    from edgectl.compress.evaluate import Latency, Trial
+    from edgectl.compress.pipeline import _choose
+
+    def trial(name: str, ms: float, size: int) -> Trial:
+        return Trial(name, "format", latency=Latency(ms, ms, 10), size_bytes=size)
+
+    plain, padded = trial("plain", 1.02, 1_000_000), trial("stem-pad4", 1.00, 1_000_600)
+    assert _choose([plain, padded]).name == "stem-pad4"  # the same weights, 600 bytes more: speed decides
+    int4 = trial("int4", 1.025, 400_000)
+    assert _choose([plain, padded, int4]).name == "int4"  # within 3 % and 2.5x smaller
+    assert _choose([plain, padded, trial("slow int4", 1.2, 400_000)]).name == "stem-pad4"
