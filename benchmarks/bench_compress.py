@@ -2,13 +2,17 @@
 
 Run: ``python benchmarks/bench_compress.py`` (``--quick`` for a short run). Every ratio is timed
 single-threaded (intra_op_num_threads=1), interleaved, median of rounds: two threads swing the same
-ratio by +-30 %. Nothing is downloaded: digits ship with scikit-learn, MiniLM with its package.
+ratio by +-30 %. A run's time is the CPU time of the thread ORT runs on (``measure_latency``): on a
+shared host the wall clock mostly measures the neighbours. Peers: ORT's quantizer (defaults and
+the format a careful user picks by hand) and NNCF PTQ (``benchmarks/compress_peers.py``).
+Nothing is downloaded: digits ship with scikit-learn, MiniLM with its package.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import models
+from benchmarks import cnns, models
+from benchmarks.compress_peers import nncf_ptq, nncf_unavailable, ort_by_hand, ort_default
 from edgectl.compress.clock import breakdown_lines
 from edgectl.compress.data import SampleSet
 from edgectl.compress.evaluate import Evaluator, measure_latency
@@ -43,40 +48,6 @@ class Row:
     size: int = 0
 
 
-def _ort_default(src: Path, dst: Path, mode: str, calib: SampleSet | None) -> None:
-    """What a user gets from ORT with no options: plain quantize_dynamic / quantize_static."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
-
-    if mode == "dynamic":
-        quantize_dynamic(str(src), str(dst))
-        return
-    assert calib is not None
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.it = iter(calib.batches(8))
-
-        def get_next(self) -> Any:
-            return next(self.it, None)
-
-    quantize_static(str(src), str(dst), Reader())
-
-
-def _ort_by_hand(src: Path, dst: Path, calib: SampleSet) -> None:
-    """ORT static int8 as a careful user configures it for x86: QOperator, U8S8, per-channel weights."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.it = iter(calib.batches(8))
-
-        def get_next(self) -> Any:
-            return next(self.it, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
-
-
 def _measure(rows: list[Row], ev: Evaluator, rounds: int) -> None:
     for r in rows:
         q = ev.quality(r.path)
@@ -91,14 +62,15 @@ def _measure(rows: list[Row], ev: Evaluator, rounds: int) -> None:
 
 def _print(title: str, rows: list[Row], metric: str, extra: dict[str, Any]) -> dict[str, Any]:
     base, ort = rows[0], rows[1]
+    width = max(34, *(len(r.name) for r in rows))
     print(f"\n== {title}")
     print(
-        f"{'model':34} {metric:>8} {'min cos':>8} {'p50 ms':>9} {'x float':>8} {'x ORT':>7} {'MB':>8} {'smaller':>8}"
+        f"{'model':{width}} {metric:>8} {'min cos':>8} {'p50 ms':>9} {'x float':>8} {'x ORT':>7} {'MB':>8} {'smaller':>8}"
     )
     out: dict[str, Any] = {"title": title, **extra, "rows": []}
     for r in rows:
         print(
-            f"{r.name:34} {r.quality:8.4f} {r.min_cos:8.4f} {r.p50_ms:9.3f} {base.p50_ms / r.p50_ms:7.2f}x "
+            f"{r.name:{width}} {r.quality:8.4f} {r.min_cos:8.4f} {r.p50_ms:9.3f} {base.p50_ms / r.p50_ms:7.2f}x "
             f"{ort.p50_ms / r.p50_ms:6.2f}x {r.size / 1e6:8.3f} {base.size / r.size:7.2f}x"
         )
         out["rows"].append({"name": r.name, metric: r.quality, "min_cos": r.min_cos, "p50_ms": r.p50_ms,
@@ -150,7 +122,7 @@ def bench_digits(work: Path, rounds: int) -> dict[str, Any]:
     result, secs = _compress(work / "digits.onnx", work / "digits-art", Recipe.from_options(quantize="int8-static"),
                              work / "d_calib.npz", work / "d_eval.npz", 0.005, "x86-cpu-vnni")  # fmt: skip
     data = SampleSet({"image": xte}, yte, "digits test split")
-    _ort_default(
+    ort_default(
         work / "digits.onnx", work / "d_ort.onnx", "static", SampleSet({"image": xtr[:256]}, None, "c")
     )
     rows = [Row("float", work / "digits.onnx"), Row("ORT quantize_static defaults", work / "d_ort.onnx"),
@@ -228,7 +200,7 @@ def bench_minilm(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
                                  recipe=Recipe.from_options(quantize="auto"), calib=work / "m_calib.npz",
                                  eval=work / "m_eval.npz", max_drop=0.005, metric=metric, name="minilm"))  # fmt: skip
     secs = time.perf_counter() - t0
-    _ort_default(work / "minilm.onnx", work / "m_ort.onnx", "dynamic", None)
+    ort_default(work / "minilm.onnx", work / "m_ort.onnx", "dynamic", None)
     from onnxruntime.quantization import quantize_dynamic
 
     quantize_dynamic(str(work / "minilm.onnx"), str(work / "m_ort_pc.onnx"), per_channel=True)
@@ -271,22 +243,25 @@ def bench_resnet(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
                              work / "r_calib.npz", work / "r_eval.npz", 0.01, "x86-cpu-vnni")  # fmt: skip
     pruned, psecs = _compress(work / "resnet18.onnx", work / "resnet-pruned", Recipe.from_options(quantize="none", prune=0.5),
                               work / "r_calib.npz", work / "r_eval.npz", 1.0, "x86-cpu-vnni")  # fmt: skip
-    _ort_default(
+    ort_default(
         work / "resnet18.onnx", work / "r_ort.onnx", "static", SampleSet({"image": images[:16]}, None, "c")
     )
     # The best format a careful user picks by hand on an x86 CPU: QOperator U8S8 per-channel.
-    _ort_by_hand(work / "resnet18.onnx", work / "r_hand.onnx", SampleSet({"image": images[:16]}, None, "c"))
+    ort_by_hand(work / "resnet18.onnx", work / "r_hand.onnx", SampleSet({"image": images[:16]}, None, "c"))
     rows = [Row("float", work / "resnet18.onnx"), Row("ORT quantize_static defaults", work / "r_ort.onnx"),
             Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx"),
             Row("edgectl: 50% channels pruned (float)", pruned.out_dir / "model.onnx"),
             Row("ORT QOperator U8S8 per-channel (by hand)", work / "r_hand.onnx")]  # fmt: skip
+    if nncf_unavailable() is None:
+        nncf_ptq(work / "resnet18.onnx", work / "r_nncf.onnx", SampleSet({"image": images[:16]}, None, "c"))
+        rows.append(Row("NNCF PTQ (CPU)", work / "r_nncf.onnx"))
     _measure(
         rows,
         Evaluator(work / "resnet18.onnx", SampleSet({"image": images[16:]}, None, "random images")),
         rounds,
     )
     f, q, p = rows[0], rows[2], rows[3]
-    peers = [r for r in (rows[1], rows[4]) if f.quality - r.quality <= 0.01] or [rows[4]]
+    peers = [r for r in (rows[1], *rows[4:]) if f.quality - r.quality <= 0.01] or [rows[4]]
     fastest_peer = min(peers, key=lambda r: r.p50_ms)
     return _print(f"ResNet-18 shape (random weights, {size}x{size})", rows, "mean cos", {
         "vnni": cpu_has_vnni(), "pruned_macs_ratio": round(pruned.metrics["baseline_macs"] / pruned.metrics["macs"], 2),
@@ -298,20 +273,64 @@ def bench_resnet(work: Path, rounds: int, quick: bool) -> dict[str, Any]:
                              (fastest_peer.p50_ms / q.p50_ms, ">=", 1.0)})})  # fmt: skip
 
 
+def bench_cnn_int8(work: Path, rounds: int, quick: bool) -> list[dict[str, Any]]:
+    """5. Static int8 on three CNN shapes of our own against every peer, in the same interleaved rounds.
+
+    Target: output cosine >= 0.99 and speed >= 1.0x the fastest peer with cosine >= 0.99 (moonshot 1.25x).
+    """
+    skipped = nncf_unavailable()
+    if skipped:
+        print(f"\nNNCF PTQ skipped: {skipped}")
+    out = []
+    for name, (_, side) in cnns.CNNS.items():
+        images = (
+            np.random.default_rng(0).standard_normal((48 if quick else 80, 3, side, side)).astype(np.float32)
+        )
+        calib, held_out = SampleSet({"image": images[:16]}, None, "random images"), images[16:]
+        slug = name.split()[0].replace("-", "")
+        src = work / f"cnn_{slug}.onnx"
+        export_module(cnns.build(name), {"image": images[:2]}, src)
+        np.savez(work / f"{slug}_calib.npz", image=images[:16])
+        np.savez(work / f"{slug}_eval.npz", image=held_out)
+        result, secs = _compress(src, work / f"{slug}-art", Recipe.from_options(quantize="int8-static"),
+                                 work / f"{slug}_calib.npz", work / f"{slug}_eval.npz", 0.01, "x86-cpu-vnni")  # fmt: skip
+        ort_default(src, work / f"{slug}_ort.onnx", "static", calib)
+        ort_by_hand(src, work / f"{slug}_hand.onnx", calib)
+        rows = [Row("float", src), Row("ORT quantize_static defaults", work / f"{slug}_ort.onnx"),
+                Row("ORT QOperator U8S8 per-channel (by hand)", work / f"{slug}_hand.onnx")]  # fmt: skip
+        if not skipped:
+            nncf_ptq(src, work / f"{slug}_nncf.onnx", calib)
+            rows.append(Row("NNCF PTQ (CPU)", work / f"{slug}_nncf.onnx"))
+        rows.append(Row(f"edgectl: {result.chosen.name}", result.out_dir / "model.onnx"))
+        _measure(rows, Evaluator(src, SampleSet({"image": held_out}, None, "random images")), rounds)
+        f, e, peers = rows[0], rows[-1], rows[1:-1]
+        inside = [r for r in peers if r.quality >= 0.99]
+        fastest = min(inside or peers, key=lambda r: r.p50_ms)
+        out.append(_print(f"CNN int8 static: {name} ({side}x{side}, random weights)", rows, "mean cos", {
+            "peer_cosines": {r.name: round(r.quality, 4) for r in peers},
+            "fastest_peer_inside_cos_0.99": fastest.name if inside else "none (nearest shown)",
+            "time_to_artifact_s": round(secs, 1),
+            "targets": _targets({"int8 output cosine": (e.quality, ">=", 0.99),
+                                 f"x fastest peer ({fastest.name})": (fastest.p50_ms / e.p50_ms, ">=", 1.0),
+                                 "moonshot x fastest peer": (fastest.p50_ms / e.p50_ms, ">=", 1.25),
+                                 "x float": (f.p50_ms / e.p50_ms, ">", 1.0)})}))  # fmt: skip
+    return out
+
+
 def main() -> None:
-    """Run the three benchmarks and print their tables (and a JSON summary with --json)."""
+    """Run the benchmarks and print their tables (and a JSON summary with --json)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--only", choices=["digits", "minilm", "resnet", "recover"], action="append")
+    parser.add_argument("--only", choices=["digits", "minilm", "resnet", "cnn", "recover"], action="append")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
-    which = args.only or ["digits", "minilm", "resnet", "recover"]
+    which = args.only or ["digits", "minilm", "resnet", "cnn", "recover"]
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "unknown")  # fmt: skip
-    print(
-        f"CPU: {cpu}; VNNI: {cpu_has_vnni()}; timings: 1 intra-op thread, interleaved, median, {rounds} rounds"
-    )
+    load = os.getloadavg()
+    print(f"CPU: {cpu}; VNNI: {cpu_has_vnni()}; load average {load[0]:.1f} on {os.cpu_count()} cores; timings: "
+          f"1 intra-op thread, CPU time of the calling thread, interleaved, median, {rounds} rounds")  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory(prefix="edgectl-bench-") as tmp:
         work = Path(tmp)
@@ -321,6 +340,8 @@ def main() -> None:
             results.append(bench_minilm(work, rounds, args.quick))
         if "resnet" in which:
             results.append(bench_resnet(work, rounds, args.quick))
+        if "cnn" in which:
+            results += bench_cnn_int8(work, rounds, args.quick)
         if "recover" in which:
             results.append(bench_digits_recover(work, rounds))
     if args.json:

@@ -311,12 +311,18 @@ def timing_providers(profile: DeviceProfile) -> tuple[tuple[str, ...], bool]:
 
 
 def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
-    """The fastest passing model; within ``tie`` (timing noise) of it, the smallest file wins."""
+    """The fastest passing model; within ``tie`` (timing noise) of it, the smallest file wins.
+
+    Files within 1 % of the smallest size are the same size (one set of weights in another layout, a
+    padded stem): among those the fastest wins, not the one a few bytes smaller.
+    """
     fastest = min(t.latency.p50_ms for t in passing if t.latency) if any(t.latency for t in passing) else None
     if fastest is None:
         return passing[0]
     close = [t for t in passing if t.latency and t.latency.p50_ms <= fastest * (1 + tie)]
-    return min(close, key=lambda t: (t.size_bytes or 0, t.latency.p50_ms if t.latency else 0.0))
+    smallest = min(t.size_bytes or 0 for t in close)
+    same_size = [t for t in close if (t.size_bytes or 0) <= smallest * 1.01]
+    return min(same_size, key=lambda t: t.latency.p50_ms if t.latency else 0.0)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -12,7 +12,7 @@ import hashlib
 import io
 import logging
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,7 @@ from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import probe_session
 from edgectl.compress.passes.smooth import smooth
+from edgectl.compress.passes.stem import float_stem_nodes, pad_stem_channels, quantize_before_pad, stem_convs
 from edgectl.devices import VNNI_FEATURES, cpu_flags
 
 # The concrete modes one model is quantized in, and what a recipe or --quantize may ask for.
@@ -36,6 +37,9 @@ WEIGHT_ONLY: dict[str, int] = {"int8-weight": 8, "int4-weight": 4}
 WEIGHT_BLOCK = 32
 QUANTIZE_MODES: tuple[str, ...] = typing.get_args(QuantizeMode)
 Calibration = Literal["minmax", "entropy", "percentile"]
+# How static int8 treats an image CNN's stem conv (``passes/stem.py``): as it is, its input padded
+# to 4 channels, or kept float.
+Stem = Literal["int8", "pad", "float"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     # Nodes that must stay float whatever the search does (masks, ±inf): see ``float_by_rule``.
     keep_float: tuple[str, ...] = ()
+    stem: Stem = "int8"
 
     def label(self) -> str:
         """Short human name for tables, e.g. ``int8-static QDQ U8S8 pc minmax``."""
@@ -67,6 +72,7 @@ class QuantConfig:
             text += " rr" if self.reduce_range else ""
             text += f" {self.calibration}" if self.mode == "int8-static" else ""
             text += f" smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
+            text += {"int8": "", "pad": " stem-pad4", "float": " float-stem"}[self.stem]
         return text + (f" +{len(self.exclude)} float" if self.exclude else "")
 
     def to_dict(self) -> dict[str, object]:
@@ -122,6 +128,12 @@ def quantize(
         smooth(src, smoothed, calib, alpha=config.smooth_alpha)
         src = smoothed
     exclude = list(config.exclude) + list(config.keep_float)
+    if config.stem == "pad":
+        padded = dst.with_name(dst.stem + ".stem.onnx")
+        pad_stem_channels(src, padded)
+        src = padded
+    elif config.stem == "float":
+        exclude += float_stem_nodes(onnx.load(str(src), load_external_data=False))
     if config.mode == "fp16":
         _fp16(src, dst, exclude)
     elif config.mode in WEIGHT_ONLY:
@@ -165,6 +177,8 @@ def quantize(
                 extra_options={"CalibPercentile": 99.99, "DefaultTensorType": onnx.TensorProto.FLOAT},
                 **reuse,
             )
+        if config.stem == "pad":
+            quantize_before_pad(dst)  # pad the u8 image, not the float one
 
 
 def _calibration_cache(
@@ -297,6 +311,29 @@ def latency_candidates(mode: QuantMode, *, vnni: bool) -> list[QuantConfig]:
             QuantConfig("int8-static", "QOperator", "u8", "s8", reduce_range=rr),
         ]
     return [QuantConfig(mode, "QOperator")]
+
+
+def stem_variants(model_path: Path, configs: Sequence[QuantConfig]) -> list[QuantConfig]:
+    """The image stem padded to 4 channels, and kept float, on one of ``configs``: more candidates to time.
+
+    Only for models with a stem (a conv reading a <= 4-channel image) and a static U8 candidate (what
+    MLAS's NHWC int8 conv runs), preferably QOperator U8S8 per-channel; which is fastest is measured.
+    """
+    static = [c for c in configs if c.mode == "int8-static" and c.activations == "u8" and c.stem == "int8"]
+    if not static:
+        return []
+    model = onnx.load(str(model_path), load_external_data=False)
+    stems = stem_convs(model)
+    if not stems:
+        return []
+    base = next(
+        (c for c in static if c.fmt == "QOperator" and c.weights == "s8" and c.per_channel), static[0]
+    )
+    weights = {i.name: i for i in model.graph.initializer}
+    out = [base.with_(stem="float")]
+    if any(weights[n.input[1]].dims[1] % 4 for n in stems):
+        out.insert(0, base.with_(stem="pad"))
+    return out
 
 
 def quality_variants(base: QuantConfig, *, has_matmul: bool = False) -> list[QuantConfig]:

@@ -31,6 +31,7 @@ from edgectl.compress.quantizer import (
     ort_default,
     quality_variants,
     quantize,
+    stem_variants,
 )
 from edgectl.devices import DeviceProfile
 
@@ -229,6 +230,8 @@ class QuantSearch:
                 if mode == "int8-static" and self.keep_float:
                     config = config.with_(keep_float=tuple(sorted(self.keep_float)))
                 first.append(config)
+        if step.search and "CPUExecutionProvider" in profile.providers_for("int8"):
+            first += stem_variants(base, first)  # image CNNs: the stem's layout, timed like the formats
         leads: dict[str, Trial] = {}  # each mode's first candidate: the profile's hint, per-channel
         for config in first:
             default = ort_default(config.mode).with_(
