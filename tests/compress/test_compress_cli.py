@@ -168,3 +168,18 @@ def test_onnx_with_its_weights_in_a_data_file(digits: dict[str, Path], tmp_path:
     )
     assert code == 2 and "not a readable ONNX model" in text and "m.onnx.data" in text, text
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_log_gets_stage_lines_and_an_unwrapped_digest(digits: dict[str, Path], tmp_path: Path) -> None:
+    """Not on a terminal (CI, a log file) the spinner is replaced by one line per stage, and the
+    digest stays on the 'wrote' line whatever the width."""
+    out = tmp_path / "a"
+    code, text = invoke(
+        digits["onnx"], "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval", digits["eval"],
+        "--max-drop", "0.05", "-o", out,
+    )  # fmt: skip
+    assert code == 0, text
+    stages = [line for line in text.splitlines() if line.startswith("compress [")]
+    assert any("scoring the float model" in s for s in stages) and any("timing" in s for s in stages), text
+    digest = verify_bundle(out, default_trust_store()).digest
+    assert any(line.startswith(f"wrote {out}") and digest in line for line in text.splitlines()), text
