@@ -183,3 +183,18 @@ def test_a_log_gets_stage_lines_and_an_unwrapped_digest(digits: dict[str, Path],
     assert any("scoring the float model" in s for s in stages) and any("timing" in s for s in stages), text
     digest = verify_bundle(out, default_trust_store()).digest
     assert any(line.startswith(f"wrote {out}") and digest in line for line in text.splitlines()), text
+
+
+def test_a_shape_hint_names_no_exporter_symbols() -> None:
+    """The dynamo exporter names a free batch dim 's10'; the hint says (N, 16) instead."""
+    from edgectl.artifact import TensorSpec
+    from edgectl.compress.data import check_samples
+    from edgectl.compress.errors import BadInputError
+
+    inputs = [TensorSpec("meta", "float32", ("s10", 16, "s7"))]
+    with pytest.raises(BadInputError) as err:
+        check_samples(
+            {"meta": np.zeros((4, 8, 3), np.float32)}, None, inputs, source="calibration file c.npz"
+        )
+    assert "has 8 on axis 1, the model needs 16" in str(err.value)
+    assert err.value.hint == "reshape the samples to (N, 16, any)"
