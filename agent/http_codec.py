@@ -160,7 +160,7 @@ def _json_array(name: str, datatype: str, data: Any) -> Array:
                 f"got {_json_kind_name(found)}"
             )
         if found.size and dtype.kind in "iu":
-            info = np.iinfo(dtype)
+            info = np.iinfo(dtype.name)
             if found.min() < info.min or found.max() > info.max:
                 raise InvalidInputError(f"input {name!r}: a value is out of the range of {datatype}")
         return found.astype(dtype, copy=False)
@@ -178,7 +178,7 @@ def _json_kind_fits(found: str, want: str) -> bool:
 
 def _json_kind_name(found: np.ndarray) -> str:
     if found.dtype.kind == "O":
-        return "null or mixed values"
+        return "null, objects, mixed or out-of-range values"
     return {"b": "booleans", "f": "fractional numbers", "U": "strings"}.get(
         found.dtype.kind, str(found.dtype)
     )
