@@ -96,7 +96,7 @@ def parse_request(body: bytes, header_length: str | None, limits: RequestLimits)
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInputError("each input must be an object with a 'name'")
         shape = item.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):  # bool is not a dim
             raise InvalidInputError(f"input {item['name']!r}: 'shape' must be a list of integers")
         datatype = str(item.get("datatype", ""))
         size = _params(item).get("binary_data_size")
@@ -119,20 +119,68 @@ def parse_request(body: bytes, header_length: str | None, limits: RequestLimits)
         raise InvalidInputError(
             f"{len(body) - offset} bytes after the last binary input; sizes do not add up"
         )
+    requested = doc.get("outputs") or []
+    if not isinstance(requested, list):
+        raise InvalidInputError("'outputs' must be a list of objects with a 'name'")
+    binary_default = bool(_params(doc).get("binary_data_output", False))
     outputs, binary = [], set()
-    for out in doc.get("outputs") or []:
+    for out in requested:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInputError("each requested output must be an object with a 'name'")
+        params = _params(out)
+        if params.get("classification"):
+            raise InvalidInputError(
+                f"output {out['name']!r}: the classification extension is not served; "
+                "request the output itself and take its top-k"
+            )
         outputs.append(out["name"])
-        if _params(out).get("binary_data"):
+        # An output's own binary_data overrides the request's binary_data_output (Triton's rule).
+        if params.get("binary_data", binary_default):
             binary.add(out["name"])
     return HttpRequest(
         request_id=str(doc.get("id", "")),
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         binary_outputs=frozenset(binary),
-        binary_default=bool(_params(doc).get("binary_data_output", False)),
+        binary_default=binary_default and not outputs,
         body=body,
+    )
+
+
+def _json_array(name: str, datatype: str, data: Any) -> Array:
+    """JSON ``data`` as an array of ``datatype``: numbers only (no null, strings or objects),
+    booleans only for BOOL, integers only for the integer types; nothing is silently coerced."""
+    dtype = numpy_dtype(datatype)
+    try:
+        found = np.asarray(list(_flat(data)))
+        if found.size and not _json_kind_fits(found.dtype.kind, dtype.kind):
+            kinds = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+            raise InvalidInputError(
+                f"input {name!r}: data must be {kinds.get(dtype.kind, datatype)} for {datatype}, "
+                f"got {_json_kind_name(found)}"
+            )
+        if found.size and dtype.kind in "iu":
+            info = np.iinfo(dtype.name)
+            if found.min() < info.min or found.max() > info.max:
+                raise InvalidInputError(f"input {name!r}: a value is out of the range of {datatype}")
+        return found.astype(dtype, copy=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"input {name!r}: data is not {datatype}: {exc}") from None
+
+
+def _json_kind_fits(found: str, want: str) -> bool:
+    if want == "b":
+        return found == "b"
+    if want in "iu":
+        return found in "iu"
+    return found in "iuf"
+
+
+def _json_kind_name(found: np.ndarray) -> str:
+    if found.dtype.kind == "O":
+        return "null, objects, mixed or out-of-range values"
+    return {"b": "booleans", "f": "fractional numbers", "U": "strings"}.get(
+        found.dtype.kind, str(found.dtype)
     )
 
 
@@ -154,10 +202,7 @@ def decode_inputs(request: HttpRequest) -> dict[str, Array]:
             arr[:] = values
             out[h.name] = arr
         else:
-            try:
-                out[h.name] = np.asarray(list(_flat(item.data)), dtype=numpy_dtype(h.datatype))
-            except (TypeError, ValueError) as exc:
-                raise InvalidInputError(f"input {h.name!r}: data is not {h.datatype}: {exc}") from None
+            out[h.name] = _json_array(h.name, h.datatype, item.data)
         out[h.name] = out[h.name].reshape(h.shape)
     return out
 

@@ -68,6 +68,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except AgentError as exc:
         return _error(_status(exc), str(exc))
+    except web.HTTPException:
+        raise  # aiohttp's own answers: unknown path 404, wrong method 405, body too large 413
+    except Exception as exc:  # a bug, not the caller's fault: a V2 error body, and the trace in the log
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 class HttpV2Server:
@@ -155,7 +160,11 @@ class HttpV2Server:
             doc = json.loads(body) if body.strip() else {}
         except ValueError as exc:
             raise InvalidInputError(f"request JSON does not parse: {exc}") from None
-        ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
+        if not isinstance(doc, dict):
+            raise InvalidInputError("repository index request must be a JSON object")
+        ready = doc.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInputError(f"'ready' must be true or false, got {ready!r}")
         return web.json_response(message_to_triton_dict(repository_index(self.registry, ready))["models"])
 
     async def _infer(self, request: web.Request) -> web.Response:

@@ -74,6 +74,15 @@ def load_npz(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], np.ndarra
     return arrays, labels
 
 
+def _shape_hint(shape: Sequence[int | str]) -> str:
+    """A model input's shape as a user writes it: samples on N, other free dims as 'any'
+    (an exporter's symbol such as 's10' means nothing to the user)."""
+    dims = [
+        str(d) if isinstance(d, int) and d > 0 else ("N" if i == 0 else "any") for i, d in enumerate(shape)
+    ]
+    return f"({', '.join(dims)})"
+
+
 def check_samples(
     arrays: Mapping[str, np.ndarray],
     labels: np.ndarray | None,
@@ -115,7 +124,7 @@ def check_samples(
             if axis > 0 and isinstance(want, int) and want > 0 and got != want:
                 raise BadInputError(
                     f"{source}: array {info.name!r} has {got} on axis {axis}, the model needs {want}",
-                    hint=f"reshape the samples to {info.shape}",
+                    hint=f"reshape the samples to {_shape_hint(info.shape)}",
                 )
         counts.add(arr.shape[0])
     if len(counts) != 1 or 0 in counts:

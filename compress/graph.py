@@ -30,13 +30,24 @@ def load(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError ... for a non-model
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise BadInputError(
-            f"{path} is not a readable ONNX model ({type(exc).__name__})",
+            f"{path} is not a readable ONNX model ({type(exc).__name__}{': ' + detail if detail else ''})",
             hint="pass a .onnx file, a .pt2 torch.export file or package.module:factory",
         ) from exc
     if not model.graph.node:
         raise BadInputError(f"{path} holds no ONNX graph", hint="pass a .onnx file exported from your model")
     return model
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any initializer keeps its bytes in a file beside the graph (loaded without them)."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer) or any(
+        a.t.data_location == onnx.TensorProto.EXTERNAL
+        for n in model.graph.node
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.TENSOR
+    )
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -83,6 +83,14 @@ def prune_torch(
             f"Torch-Pruning cannot prune this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
             hint="pass the model as ONNX to prune on the graph (bias recalibration instead of training)",
         ) from exc
+    if _params(student) >= _params(module):
+        # Torch-Pruning follows nn.Module layers; a torch.export program's unlifted module has
+        # none it can see, so it "prunes" nothing and the table would claim a ratio never applied.
+        raise PruneRefusedError(
+            f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}",
+            hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
+            "can be pruned, or as ONNX to prune on the graph",
+        )
     return student
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from edgectl.compress.data import load_npz
 from edgectl.compress.errors import BadInputError
-from edgectl.compress.graph import load
+from edgectl.compress.graph import load, uses_external_data
 from edgectl.compress.package import sha256_file
 
 
@@ -28,6 +29,26 @@ class FloatModel:
     source_sha256: str
     info: dict[str, Any]
     module: Any = None  # the torch.nn.Module it was exported from: recovery training needs it
+
+
+def _copy_onnx(path: Path, target: Path) -> FloatModel:
+    """Copy an ONNX file into the work folder, weights included.
+
+    torch.onnx.export's default (dynamo) exporter writes the weights beside the graph
+    (``model.onnx.data``): copying the graph alone would lose them, so such a model is written
+    back as one self-contained file (or with its data file beside it past protobuf's 2 GiB),
+    and its digest is that of the whole model.
+    """
+    model = load(path)  # a non-model file, or a missing weights file, fails here with one clear line
+    if not uses_external_data(onnx.load(str(path), load_external_data=False)):
+        shutil.copyfile(path, target)
+        return FloatModel(target, sha256_file(path), {"source": "onnx"})
+    try:
+        big = model.ByteSize() > 2**31 - 2**20
+    except ValueError:  # protobuf may refuse to size a message past 2 GiB
+        big = True
+    onnx.save_model(model, str(target), save_as_external_data=big, location=target.name + ".data")
+    return FloatModel(target, sha256_file(target), {"source": "onnx", "external_data": True})
 
 
 def acquire_float_model(
@@ -45,9 +66,7 @@ def acquire_float_model(
     target = work / "float.onnx"
     path = Path(model)
     if module is None and path.is_file() and path.suffix != ".pt2":
-        load(path)  # a non-model file fails here with one clear line
-        shutil.copyfile(path, target)
-        return FloatModel(target, sha256_file(path), {"source": "onnx"})
+        return _copy_onnx(path, target)
     if module is None and not path.is_file() and (":" not in model or model.endswith((".onnx", ".pt2"))):
         raise BadInputError(
             f"model {model} does not exist", hint="pass a .onnx or .pt2 file or package.module:factory"

@@ -7,6 +7,8 @@ Example:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,6 +45,18 @@ def trial_table(rows: list[dict[str, Any]], *, baseline: dict[str, Any] | None =
             _fmt(smaller, ".2f") + ("x" if smaller else ""), ok, r.get("note", ""),
         )  # fmt: skip
     return table
+
+
+def _stage_printer() -> Callable[[str], None]:
+    """Stage lines with the time since the start, for stderr that is not a terminal."""
+    start = time.monotonic()
+
+    def show(msg: str) -> None:
+        err_console.print(
+            f"compress [{time.monotonic() - start:5.1f}s] {msg}", highlight=False, soft_wrap=True
+        )
+
+    return show
 
 
 def _show(target: Console, table: Table) -> None:
@@ -154,6 +168,8 @@ def compress(
         )  # fmt: skip
         if as_json:
             result = run(request)
+        elif not err_console.is_terminal:
+            result = run(request, _stage_printer())  # a log or CI: one line per stage, not a spinner
         else:
             with err_console.status("compressing", spinner="dots") as status:
                 result = run(request, lambda msg: status.update(f"[bold]compress[/] {msg}"))
@@ -193,6 +209,7 @@ def compress(
         f"(float {m['baseline_quality']:.4f}, drop {m['quality_drop']:+.4f} <= {m['max_drop']}), "
         f"{m['speedup']}x faster, {m['size_ratio']}x smaller, in {result.seconds:.1f}s",
         highlight=False,
+        soft_wrap=True,  # the digest stays on its line for scripts that read it
     )
     from edgectl.compress.clock import breakdown_lines
 
@@ -202,5 +219,6 @@ def compress(
     if m["speedup"] is not None and m["speedup"] < 1.0:
         err_console.print(
             f"[yellow]warning:[/] {result.chosen.name} is slower than the float model on this execution provider; "
-            "--quantize auto writes only a model faster than the float one"
+            "--quantize auto writes only a model faster than the float one",
+            soft_wrap=True,
         )

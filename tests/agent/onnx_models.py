@@ -81,6 +81,18 @@ def string_model(path: Path) -> Path:
     return _save(graph, path)
 
 
+def int_model(path: Path) -> Path:
+    """Write ``ids[batch, 2] (int64) -> out = ids + 1`` (a model with an integer input)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["ids", "one"], ["out"])],
+        "ints",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2])],
+        [helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", 2])],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")],
+    )
+    return _save(graph, path)
+
+
 def run_direct(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
     """The reference: a plain onnxruntime CPU session on the same file."""
     opts = ort.SessionOptions()

@@ -17,7 +17,7 @@ import pytest
 
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.http_codec import HEADER_LENGTH
-from tests.agent.onnx_models import mlp_model, run_direct
+from tests.agent.onnx_models import int_model, mlp_model, run_direct
 from tests.agent.v2_harness import InProcessV2
 
 X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
@@ -134,6 +134,12 @@ def test_binary_infer_in_and_out(served: InProcessV2) -> None:
         ("wrong dtype", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [0, 0, 0, 0]}]}).encode(), {}), 400, "must be float32"),
         ("10^12 elements", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [250000000000, 4], "datatype": "FP32", "data": [0]}]}).encode(), {}), 400, "expected 1000000000000"),
         ("BYTES to a float model", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": ["a", "b", "c", "d"]}]}).encode(), {}), 400, "must be float32"),
+        ("a bool as a dimension", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [True, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}).encode(), {}), 400, "list of integers"),
+        ("null in JSON data", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, None, 0, 0]}]}).encode(), {}), 400, "must be numbers for FP32"),
+        ("booleans as FP32", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [True, False, True, True]}]}).encode(), {}), 400, "got booleans"),
+        ("strings as FP32", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ["1", "2", "3", "4"]}]}).encode(), {}), 400, "got strings"),
+        ("'outputs' not a list", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}], "outputs": "y"}).encode(), {}), 400, "'outputs' must be a list"),
+        ("classification asked", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}], "outputs": [{"name": "y", "parameters": {"classification": 2}}]}).encode(), {}), 400, "classification extension is not served"),
     ],
 )  # fmt: skip
 def test_malformed_http_requests_get_their_status(
@@ -180,3 +186,53 @@ def test_curl_reaches_the_rest_paths(served: InProcessV2) -> None:
     assert code == "200"
     want = run_direct(served.model_path, {"x": np.array([[1, 2, 3, 4]], np.float32)})["y"]
     np.testing.assert_allclose(json.loads(body)["outputs"][0]["data"], want.ravel(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_outputs_binary_data_false_overrides_binary_data_output(served: InProcessV2) -> None:
+    """Triton's rule: the request's binary_data_output is the default, an output's binary_data wins."""
+    doc = {
+        "inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32", "data": X.ravel().tolist()}],
+        "parameters": {"binary_data_output": True},
+        "outputs": [{"name": "y", "parameters": {"binary_data": False}}],
+    }
+    status, headers, body = _call(f"{served.url}/v2/models/mlp/infer", json.dumps(doc).encode())
+    assert status == 200 and HEADER_LENGTH not in headers, body
+    (out,) = json.loads(body)["outputs"]
+    want = run_direct(served.model_path, {"x": X})["y"]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]), want, rtol=1e-5, atol=1e-5
+    )
+    # binary_data_output alone, outputs not named: every output binary.
+    doc = {"inputs": doc["inputs"], "parameters": {"binary_data_output": True}}
+    status, headers, body = _call(f"{served.url}/v2/models/mlp/infer", json.dumps(doc).encode())
+    assert status == 200 and int(headers[HEADER_LENGTH]) < len(body)
+
+
+def test_integer_json_data_is_checked_not_coerced(tmp_path: Path) -> None:
+    """A fractional number or an out-of-range value for an integer input is a 400, not truncated."""
+    s = InProcessV2(
+        int_model(tmp_path / "int.onnx"), name="ints", version=1, batch=BatchSettings(), http=True
+    )
+    try:
+        url = f"{s.url}/v2/models/ints/infer"
+
+        def infer(data: list[Any]) -> tuple[int, Any]:
+            return _json(
+                url, {"inputs": [{"name": "ids", "shape": [1, 2], "datatype": "INT64", "data": data}]}
+            )
+
+        status, got = infer([3, 4])
+        assert status == 200 and got["outputs"][0]["data"] == [4, 5], got
+        status, got = infer([3.5, 4])
+        assert status == 400 and "must be integers for INT64, got fractional numbers" in got["error"]
+        status, got = infer([2**70, 4])
+        assert status == 400 and "INT64" in got["error"]
+        assert _call(f"{s.url}/v2/health/ready")[0] == 200
+    finally:
+        s.close()
+
+
+def test_repository_index_ready_must_be_a_boolean(served: InProcessV2) -> None:
+    status, err = _json(f"{served.url}/v2/repository/index", {"ready": "false"})
+    assert status == 400 and "'ready' must be true or false" in err["error"]
+    assert _json(f"{served.url}/v2/repository/index", {"ready": False})[0] == 200

@@ -140,3 +140,61 @@ def test_existing_output_is_not_overwritten(digits: dict[str, Path], tmp_path: P
     (out / "keep.txt").write_text("mine")
     code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "-o", out)
     assert code == 2 and "not empty" in text and (out / "keep.txt").read_text() == "mine"
+
+
+def test_onnx_with_its_weights_in_a_data_file(digits: dict[str, Path], tmp_path: Path) -> None:
+    """torch.onnx.export's default (dynamo) exporter writes ``model.onnx`` + ``model.onnx.data``:
+    both must travel into the artifact, and a missing data file is one clear line, exit 2."""
+    import onnx
+
+    src = tmp_path / "src"
+    src.mkdir()
+    model = onnx.load(str(digits["onnx"]))
+    onnx.save_model(
+        model, str(src / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0
+    )
+    assert (src / "m.onnx.data").stat().st_size > (src / "m.onnx").stat().st_size
+    out = tmp_path / "out"
+    code, text = invoke(
+        src / "m.onnx", "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval", digits["eval"],
+        "--max-drop", "0.05", "-o", out, "--json",
+    )  # fmt: skip
+    assert code == 0, text
+    assert json.loads(text)["metrics"]["baseline_quality"] > 0.8  # the real weights, not zeros
+    verify_bundle(out, default_trust_store())
+    (src / "m.onnx.data").unlink()
+    code, text = invoke(
+        src / "m.onnx", "--profile", "x86-cpu-vnni", "--eval", digits["eval"], "-o", tmp_path / "o2"
+    )
+    assert code == 2 and "not a readable ONNX model" in text and "m.onnx.data" in text, text
+    assert not (tmp_path / "o2").exists()
+
+
+def test_a_log_gets_stage_lines_and_an_unwrapped_digest(digits: dict[str, Path], tmp_path: Path) -> None:
+    """Not on a terminal (CI, a log file) the spinner is replaced by one line per stage, and the
+    digest stays on the 'wrote' line whatever the width."""
+    out = tmp_path / "a"
+    code, text = invoke(
+        digits["onnx"], "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval", digits["eval"],
+        "--max-drop", "0.05", "-o", out,
+    )  # fmt: skip
+    assert code == 0, text
+    stages = [line for line in text.splitlines() if line.startswith("compress [")]
+    assert any("scoring the float model" in s for s in stages) and any("timing" in s for s in stages), text
+    digest = verify_bundle(out, default_trust_store()).digest
+    assert any(line.startswith(f"wrote {out}") and digest in line for line in text.splitlines()), text
+
+
+def test_a_shape_hint_names_no_exporter_symbols() -> None:
+    """The dynamo exporter names a free batch dim 's10'; the hint says (N, 16) instead."""
+    from edgectl.artifact import TensorSpec
+    from edgectl.compress.data import check_samples
+    from edgectl.compress.errors import BadInputError
+
+    inputs = [TensorSpec("meta", "float32", ("s10", 16, "s7"))]
+    with pytest.raises(BadInputError) as err:
+        check_samples(
+            {"meta": np.zeros((4, 8, 3), np.float32)}, None, inputs, source="calibration file c.npz"
+        )
+    assert "has 8 on axis 1, the model needs 16" in str(err.value)
+    assert err.value.hint == "reshape the samples to (N, 16, any)"

@@ -167,3 +167,26 @@ def json_manifest(folder: Path) -> dict[str, object]:
     import json
 
     return json.loads((folder / "manifest.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_torch_pruning_that_removes_nothing_is_refused_not_reported_as_done() -> None:
+    """A torch.export program's module hides its layers from Torch-Pruning: it used to 'prune 50%'
+    nothing, and the table and manifest said pruned 50% with the same parameter count."""
+    import torch
+
+    from edgectl.compress.recover import prune_torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(16, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 4),
+    )
+    x = torch.randn(2, 16)
+    pruned = prune_torch(net, 0.5, [x])  # the nn.Module itself: its hidden layers shrink
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in net.parameters())
+    program = torch.export.export(net.eval(), (x,)).module()
+    with pytest.raises(PruneRefusedError, match="found no channel it could remove"):
+        prune_torch(program, 0.5, [x])
