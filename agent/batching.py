@@ -20,6 +20,7 @@ there the delay buys batches.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ import numpy as np
 from edgectl.agent.codecs import Array
 from edgectl.agent.errors import BatcherClosedError, InferenceError
 
+log = logging.getLogger(__name__)
 RunFn = Callable[[Mapping[str, Array]], dict[str, Array]]
 OVERLAPPING = 1.5
 # on_batch(rows, requests, seconds the run took, seconds its requests waited in the queue, summed)
@@ -46,7 +48,7 @@ class BatchSettings:
     max_queue: int = 1024
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes *this* request, never compares numpy inputs
 class _Pending:
     feeds: Mapping[str, Array]
     rows: int
@@ -234,6 +236,11 @@ class MicroBatcher:
             try:
                 with self._run_lock:
                     self._execute(batch)
+            except Exception as exc:  # a bug here must fail this batch, never stop the worker
+                log.exception("%s failed a batch", self._worker.name)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(InferenceError(f"batch failed: {exc}"))
             finally:
                 self._finished(sum(p.rows for p in batch), len(batch), time.perf_counter() - start, queued)
 
@@ -245,8 +252,8 @@ class MicroBatcher:
             except Exception as exc:
                 item.future.set_exception(exc)
             return
-        feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
         try:
+            feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
             outputs = self._run(feeds)
         except Exception as exc:
             for p in batch:

@@ -324,3 +324,47 @@ def test_an_idle_local_model_gets_a_probe_after_a_run_of_bursts(bundles: Bundles
     burst = f"burst:{cloud.address}"
     want = ([burst] * PROBE_AFTER_BURSTS + ["local"]) * 2
     assert routes == want
+
+
+def test_overlapping_requests_of_different_sequence_lengths_all_get_answers(tmp_path: Path) -> None:
+    """A dynamic sequence axis: queued requests whose trailing shapes differ are batched apart, and
+    taking one out of the queue never compares another's numpy inputs (that killed the worker)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgectl.agent.codecs import decode_response, encode_request
+    from tests.agent.v2_harness import InProcessV2
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "seq.onnx"))
+    served = InProcessV2(tmp_path / "seq.onnx", name="seq", batch=BatchSettings())
+    errors: list[str] = []
+
+    def caller(seed: int) -> int:
+        rng, answered = np.random.default_rng(seed), 0
+        for _ in range(30):
+            x = rng.standard_normal((1, int(rng.integers(2, 12)), 4)).astype(np.float32)
+            try:
+                y = decode_response(served.stub.ModelInfer(encode_request("seq", {"x": x}), timeout=10))["y"]
+            except Exception as exc:  # a hung or failed request is the failure
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return answered
+            np.testing.assert_allclose(y, 2 * x)
+            answered += 1
+        return answered
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            answered = sum(pool.map(caller, range(6)))
+    finally:
+        served.close()
+    assert not errors, errors[:3]
+    assert answered == 180
