@@ -46,7 +46,25 @@ def generate(out_root: Path) -> Path:
         *[f"edgectl/protos/{rel.as_posix()}" for rel in proto_files()],
     ]  # fmt: skip
     subprocess.run(cmd, check=True, env=env)
+    for module in sorted((stage / "inference").glob("*_pb2.py")):
+        use_private_pool(module)
     return stage
+
+
+def use_private_pool(module: Path) -> None:
+    """Register a V2 module's descriptors in ``protos/inference/_pool.py``'s pool, not the default.
+
+    tritonclient defines the same ``inference.*`` names in the default pool (other file names), so
+    both could not be imported in one process; a pool of our own keeps them apart.
+    """
+    text = module.read_text()
+    default = "_descriptor_pool.Default().AddSerializedFile("
+    marker = "# @@protoc_insertion_point(imports)\n"
+    if text.count(default) != 1 or marker not in text:
+        raise SystemExit(f"{module.name}: protoc's output changed shape; update use_private_pool()")
+    text = text.replace(default, "_V2_POOL.AddSerializedFile(")
+    text = text.replace(marker, marker + "from edgectl.protos.inference._pool import V2_POOL as _V2_POOL\n")
+    module.write_text(text)
 
 
 def generated_files(root: Path) -> list[Path]:

@@ -1,8 +1,9 @@
 """The stock tritonclient (grpc and http) calling every method it has for what the agent serves,
 against a real agent on free ports; outputs compared to a direct onnxruntime run.
 
-tritonclient registers the same ``inference.*`` protobuf names as ours, so it runs in a child
-process, one per protocol.
+These run the client in a child process, one per protocol, as a user's separate program would;
+the last test imports tritonclient beside the agent in one process (its ``inference.*`` protobuf
+names are ours too: our V2 modules keep them in a descriptor pool of their own).
 """
 
 from __future__ import annotations
@@ -117,3 +118,25 @@ def test_stock_tritonclient_every_method(
     assert int(stats["inference_count"]) == 2 + 3 + 1
     assert "[-1, 4]" in out["bad"]
     assert "not served" in out["ghost"]
+
+
+def test_tritonclient_and_the_agent_in_one_process(
+    bundles: Bundles, make_agent: Callable[..., Agent]
+) -> None:
+    """A user's own test starts an agent and calls it with the stock client in the same process
+    (both register ``inference.DataType`` and friends: this used to fail at import)."""
+    import tritonclient.grpc as tc
+
+    art = bundles.build(version=1)
+    agent = make_agent(serve_only=True, model_dir=art.root, device_id="")
+    client = tc.InferenceServerClient(url=agent.address)
+    try:
+        assert client.is_model_ready("mlp")
+        assert client.get_model_config("mlp").config.name == "mlp"
+        x = np.random.default_rng(7).standard_normal((3, 4)).astype(np.float32)
+        inp = tc.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        got = client.infer("mlp", [inp]).as_numpy("y")
+    finally:
+        client.close()
+    np.testing.assert_allclose(got, run_direct(art.root / "model.onnx", {"x": x})["y"], rtol=1e-5, atol=1e-5)
