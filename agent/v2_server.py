@@ -49,6 +49,11 @@ _CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
 ]
 
 
+_NO_CLASSIFICATION = (
+    "output {!r}: the classification extension is not served; request the output itself and take its top-k"
+)
+
+
 def _abort_for(context: grpc.ServicerContext, exc: AgentError) -> NoReturn:
     for cls, code in _CODES:
         if isinstance(exc, cls):
@@ -109,11 +114,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return repository_index(self.registry, request.ready)
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        outputs = []
+        for o in request.outputs:
+            if "classification" in o.parameters:  # answering with the raw tensor would mislead
+                _abort_for(context, InvalidInputError(_NO_CLASSIFICATION.format(o.name)))
+            outputs.append(o.name)
         call = InferCall(
             model=request.model_name,
             version=request.model_version,
             request_id=request.id,
-            outputs=[o.name for o in request.outputs],
+            outputs=outputs,
             headers=lambda: request_headers(request),
             decode=lambda: decode_request(request),
             to_proto=lambda: request,  # forwarded unchanged

@@ -137,6 +137,12 @@ def test_tritonclient_and_the_agent_in_one_process(
         inp = tc.InferInput("x", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         got = client.infer("mlp", [inp]).as_numpy("y")
+        # Triton's classification extension is refused, not answered with the raw tensor.
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="classification extension is not served"):
+            client.infer("mlp", [inp], outputs=[tc.InferRequestedOutput("y", class_count=2)])
+        assert client.is_server_live()
     finally:
         client.close()
     np.testing.assert_allclose(got, run_direct(art.root / "model.onnx", {"x": x})["y"], rtol=1e-5, atol=1e-5)
