@@ -178,8 +178,15 @@ class _Run:
                 self.trials.append(self.ctx.judge(Trial("cleaned float", "cleanup", state.model)))
             state = dataclasses.replace(state, base=self.trials[-1])
         self.float_trials = list(self.trials)
-        if not any(kind.stage == "quantize" for kind, _ in self.req.recipe.passes()):
-            state = dataclasses.replace(state, candidates=(state.base,)) if state.base else state
+        passes = [kind for kind, _ in self.req.recipe.passes()]
+        if not any(kind.stage == "quantize" for kind in passes) and state.base:
+            candidates: tuple[Trial, ...] = (state.base,)
+            pruned = any(kind.name == "prune" for kind in passes)
+            if self.ctx.on_target and state.base.path != self.baseline.path and not pruned:
+                # The clean-up was kept on one measurement; the final timing on the target decides
+                # again, so a clean-up that timed slower there ships the model as it was given.
+                candidates += (self.baseline,)
+            state = dataclasses.replace(state, candidates=candidates)
         return state
 
     def choose(self, state: ModelState) -> ModelState:
