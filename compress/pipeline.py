@@ -181,8 +181,8 @@ class _Run:
         passes = [kind for kind, _ in self.req.recipe.passes()]
         if not any(kind.stage == "quantize" for kind in passes) and state.base:
             candidates: tuple[Trial, ...] = (state.base,)
-            pruned = any(kind.name == "prune" for kind in passes)
-            if self.ctx.on_target and state.base.path != self.baseline.path and not pruned:
+            only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
+            if self.ctx.on_target and state.base.path != self.baseline.path and only_cleanup:
                 # The clean-up was kept on one measurement; the final timing on the target decides
                 # again, so a clean-up that timed slower there ships the model as it was given.
                 candidates += (self.baseline,)
