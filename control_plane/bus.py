@@ -37,7 +37,9 @@ from edgectl.mqtt.wire import (
 log = logging.getLogger(__name__)
 # Site bridges last: their retained "0" must arrive after the stale retained statuses it overrides.
 # Chunk requests are not here: every replica takes them through a shared subscription.
-FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_SITE_BRIDGES, 1)]
+# Events at QoS 0: the leader only logs failures (reports carry what it decides on), so a lost one
+# costs nothing, and the broker then wants no PUBACK for the busiest topic of a rollout.
+FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 0), (ALL_SITE_BRIDGES, 1)]
 CONNECTED = "$connected"  # an inbox marker, never a real topic (MQTT topics cannot start with '$' here)
 
 
@@ -64,7 +66,9 @@ class FleetBus:
         ca_file: str | None = None,
     ) -> None:
         self.url = parse_mqtt_url(url)
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.inbox: queue.SimpleQueue[Inbound] = (
+            queue.SimpleQueue()
+        )  # paho's thread puts, without locks in Python
         self._subscriptions: list[tuple[str, int]] = []
         self._chunk_sink: Callable[[str, bytes], None] | None = None
         self._shared_mid: int | None = None
