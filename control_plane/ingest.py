@@ -45,7 +45,7 @@ class FleetIngest:
         store: StateStore,
         fleet: Fleet,
         bus: FleetBus,
-        wake: Callable[[], None],
+        wake: Callable[[set[str]], None],
         count: Callable[[str], None] | None = None,
         *,
         republish: Callable[[], int],
@@ -129,8 +129,7 @@ class FleetIngest:
             except ControlPlaneError as exc:
                 log.warning("ignored an MQTT message", extra={"topic": item.topic, "error": str(exc)})
         if observations:
-            self.fleet.apply(observations)
-            self.wake()
+            self.wake(self.fleet.apply(observations))
 
     def _site_link(self, site: str, up: bool, pending: list[Reported | Status]) -> list[Reported | Status]:
         """A site bridge's link changed: down, every device behind it is offline (their own
@@ -140,12 +139,12 @@ class FleetIngest:
             log.info("site bridge connected", extra={"site": site})
             return pending
         if pending:
-            self.fleet.apply(pending)
+            self.wake(self.fleet.apply(pending))
         offline = self.fleet.site_offline(site)
         log.warning(
             "site bridge lost: its devices are offline", extra={"site": site, "devices": len(offline)}
         )
-        self.wake()
+        self.wake(set(offline))
         return []
 
     def republish(self) -> None:

@@ -1,9 +1,11 @@
-"""The leader's MQTT ingest: reports are stored and wake the controller; events are read by
-kind, and only failures are decoded and logged, so an old agent's progress every second costs little."""
+"""The leader's MQTT ingest: reports are stored and wake the controller with the devices that
+reported; events are read by kind, and only failures are decoded and logged, so an old agent's
+progress event every second costs little."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -34,7 +36,7 @@ class Rig:
             store,
             self.fleet,
             bus,
-            lambda: self.woken.append(set()),
+            self.woken.append,
             lambda kind: self.counts.update([kind]),
             republish=lambda: 0,
         )
@@ -63,7 +65,7 @@ def test_an_old_agents_progress_every_second_is_counted_not_logged(
             (DeviceTopics("cam-1").reported, encode(state)),
         )
     assert rig.counts["events"] == 61 and rig.counts["reported"] == 1
-    assert rig.woken == [set()]
+    assert rig.woken == [{"cam-1"}]
     device = rig.fleet.get("cam-1")
     assert device.observed_generation == 3 and device.models["digits"].version == 2
     logged = [r for r in caplog.records if r.getMessage() == "device event"]
@@ -75,3 +77,12 @@ def test_a_malformed_event_is_counted_as_such(store: StateStore) -> None:
     rig.feed((DeviceTopics("cam-1").events, b"not json"), (DeviceTopics("cam-1").events, b'{"kind": []}'))
     assert rig.counts["bad_payload"] == 1 and rig.counts["events"] == 1  # a list for a kind: not ours to log
     assert rig.woken == []
+
+
+def test_reports_of_a_batch_wake_the_controller_with_those_devices_only(store: StateStore) -> None:
+    rig = Rig(store)
+    rig.feed(*[(DeviceTopics(f"d{i}").status, encode(mqtt_pb2.DeviceStatus(online=True))) for i in range(3)])
+    rig.feed((DeviceTopics("d1").reported, encode(mqtt_pb2.ReportedState(device_id="d1"))))
+    assert rig.woken == [{"d0", "d1", "d2"}, {"d1"}]
+    assert all(rig.fleet.get(f"d{i}").online for i in range(3))
+    assert time.time() - (rig.fleet.get("d1").last_seen or 0) < 60
