@@ -37,9 +37,10 @@ from edgectl.mqtt.wire import (
 log = logging.getLogger(__name__)
 # Site bridges last: their retained "0" must arrive after the stale retained statuses it overrides.
 # Chunk requests are not here: every replica takes them through a shared subscription.
-# Events at QoS 0: the leader only logs failures (reports carry what it decides on), so a lost one
-# costs nothing, and the broker then wants no PUBACK for the busiest topic of a rollout.
-FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 0), (ALL_SITE_BRIDGES, 1)]
+FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_SITE_BRIDGES, 1)]
+# Events only when asked (--device-events), at QoS 0: the leader just logs failures (reports carry
+# what it decides on), so a lost one costs a log line, and the busiest topic of a rollout wants no PUBACK.
+EVENTS_SUBSCRIPTION = (ALL_EVENTS, 0)
 CONNECTED = "$connected"  # an inbox marker, never a real topic (MQTT topics cannot start with '$' here)
 
 
@@ -64,8 +65,10 @@ class FleetBus:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        device_events: bool = False,
     ) -> None:
         self.url = parse_mqtt_url(url)
+        self.device_events = device_events
         self.inbox: queue.SimpleQueue[Inbound] = (
             queue.SimpleQueue()
         )  # paho's thread puts, without locks in Python
@@ -125,10 +128,11 @@ class FleetBus:
 
     def _fleet_subscriptions(self) -> list[tuple[str, int]]:
         chunks = [(ALL_CHUNK_REQUESTS, 1)] if self._shared_refused or self._chunk_sink is None else []
-        return [*FLEET_SUBSCRIPTIONS[:-1], *chunks, FLEET_SUBSCRIPTIONS[-1]]
+        events = [EVENTS_SUBSCRIPTION] if self.device_events else []
+        return [*FLEET_SUBSCRIPTIONS[:-1], *events, *chunks, FLEET_SUBSCRIPTIONS[-1]]
 
     def subscribe_fleet(self) -> None:
-        """Receive every device's reports, status and events (the leader's job)."""
+        """Receive every device's reports and status, and events when asked (the leader's job)."""
         with self._lock:
             self._subscriptions = self._fleet_subscriptions()
         if self.connected:

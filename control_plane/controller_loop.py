@@ -17,7 +17,7 @@ class ControllerLoop:
     """Runs ``step_all`` whenever woken (a report arrived, an operator acted) or every ``interval``,
     at most once per ``min_gap`` seconds: reports come in bursts, and one step judges a whole burst."""
 
-    def __init__(self, controller: RolloutController, interval: float = 0.25, min_gap: float = 0.1) -> None:
+    def __init__(self, controller: RolloutController, interval: float = 0.25, min_gap: float = 0.25) -> None:
         self.controller = controller
         self.interval = interval
         self.min_gap = min(min_gap, interval)

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgectl.control_plane.bus import FleetBus, Inbound
+from edgectl.broker import MosquittoProcess
+from edgectl.control_plane.bus import CONNECTED, FleetBus, Inbound
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.ingest import FleetIngest
 from edgectl.control_plane.store import StateStore
 from edgectl.mqtt.wire import DeviceTopics, encode
 from edgectl.protos.v1 import mqtt_pb2
+from tests.harness.mqtt import MqttTestClient
 
 
 @pytest.fixture
@@ -86,3 +88,27 @@ def test_reports_of_a_batch_wake_the_controller_with_those_devices_only(store: S
     assert rig.woken == [{"d0", "d1", "d2"}, {"d1"}]
     assert all(rig.fleet.get(f"d{i}").online for i in range(3))
     assert time.time() - (rig.fleet.get("d1").last_seen or 0) < 60
+
+
+@pytest.mark.parametrize("device_events", [False, True])
+def test_the_leader_hears_events_only_when_asked(mosquitto: MosquittoProcess, device_events: bool) -> None:
+    bus = FleetBus(mosquitto.url, device_events=device_events)
+    bus.start()
+    device = MqttTestClient(mosquitto.host, mosquitto.port)
+    try:
+        assert bus.wait_connected(10) and not device.connect().is_failure
+        bus.subscribe_fleet()
+        assert bus.inbox.get(timeout=5).topic == CONNECTED
+        time.sleep(0.5)  # the subscriptions reach the broker
+        device.publish(*_event("cam-1", mqtt_pb2.EVENT_KIND_FAILED, "no space left"))
+        device.publish(DeviceTopics("cam-1").reported, encode(mqtt_pb2.ReportedState(device_id="cam-1")))
+        got = [bus.inbox.get(timeout=5).topic]  # QoS 1 from one client: in order
+        time.sleep(0.3)
+        while not bus.inbox.empty():
+            got.append(bus.inbox.get_nowait().topic)
+        assert [t.rsplit("/", 1)[1] for t in got] == (
+            ["events", "reported"] if device_events else ["reported"]
+        )
+    finally:
+        device.close()
+        bus.stop()
