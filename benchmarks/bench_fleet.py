@@ -209,7 +209,8 @@ def main() -> None:
         time.sleep(0.5)  # the last messages reach the counter
         counter.counting = False
         counter.close()
-        to_cp = sum(v for k, v in counter.counts.items() if k != "desired")
+        sent = sum(v for k, v in counter.counts.items() if k != "desired")
+        to_cp = counter.counts["reported"] + counter.counts["status"]  # events only with --device-events
         conns, grpc_sent, grpc_recv = socket_bytes(rig.cp.port)
         _, mqtt_sent, mqtt_recv = socket_bytes(broker.port)
         wait_for(lambda: sum(v == digest for v in rig.serving(art.manifest.name).values()) == n,
@@ -235,8 +236,8 @@ def main() -> None:
             print(f"  blob store -> device (presigned): {blob_per / 1e6:6.2f} MB per device  "
                   f"({blob_per / artifact_bytes:.3f} x the artifact; HTTP headers included)")  # fmt: skip
         kinds = ", ".join(f"{k} {v / n:.1f}" for k, v in sorted(counter.counts.items()) if k != "desired")
-        print(f"  MQTT messages per device:       {to_cp / n:8.1f} to the control plane ({kinds}), "
-              f"{counter.counts['desired'] / n:.1f} desired from it")  # fmt: skip
+        print(f"  MQTT messages per device:       {sent / n:8.1f} sent ({kinds}); the control plane "
+              f"received {to_cp / n:.1f} (reports, status) and sent {counter.counts['desired'] / n:.1f}")  # fmt: skip
         print(f"  control-plane CPU:              {cpu:8.2f} s  ({cpu / n * 1000:.2f} ms per device)")
         busy = cpu - idle_rate * wall
         print(f"  ... above its idle rate:        {busy:8.2f} s  ({busy / n * 1000:.2f} ms per device; "
