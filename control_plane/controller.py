@@ -73,27 +73,32 @@ class RolloutController:
         # those moved by the step in progress, judged again by the next whatever they report.
         self._reported: set[str] | None = None
         self._moved: set[str] = set()
-        self._full_due = float("-inf")  # monotonic: when every waiting device is judged again
+        self._full_at = float("-inf")  # monotonic: when every waiting device was last judged
         self.full_judge_s = FULL_JUDGE_S
 
     def step_all(self, reported: set[str] | None = None) -> None:
         """Step every active rollout. ``reported``: the devices whose reports arrived since the last
-        call (None: anything may have changed). Only those, devices due by the clock, and, every
-        ``full_judge_s``, every waiting device are judged, so a step costs what changed, not the fleet."""
+        call (None: anything may have changed). Only those, those just moved and, every
+        ``full_judge_s``, every waiting device (the health deadlines and soaks passed with them) are
+        judged, so a step costs what changed, not the fleet; reports of devices that no rollout waits
+        on (heartbeats) cause no step."""
         tick = time.monotonic()
-        if reported is None or tick >= self._full_due:
-            self._reported, self._full_due = None, tick + self.full_judge_s
+        if reported is None or tick >= self._full_at + self.full_judge_s:
+            self._reported, self._full_at = None, tick
         else:
             self._reported = reported | self._moved
         self._moved = set()
         try:
             with self.store.tx() as tx:
                 ids = rs.active_ids(tx)
+                # Reports of devices no rollout waits on (heartbeats, mostly) change no verdict: no step.
+                if self._reported is not None and not rs.any_waiting(tx, self._reported):
+                    ids = []
             for rollout_id in ids:
                 self.step(rollout_id)
             self.refresh_orders()
         except BaseException:
-            self._full_due = float("-inf")  # what a failed step would have judged is judged next time
+            self._full_at = float("-inf")  # what a failed step would have judged is judged next time
             raise
 
     def refresh_orders(self) -> int:

@@ -264,6 +264,21 @@ def any_device(tx: Tx, rollout_id: str, wave: int, states: tuple[int, ...]) -> b
     )
 
 
+def any_waiting(tx: Tx, device_ids: Collection[str]) -> bool:
+    """Whether an active rollout waits for a verdict on any of ``device_ids`` (DESIRED)."""
+    ids, marks = sorted(device_ids), ", ".join("?" for _ in ACTIVE)
+    for i in range(0, len(ids), 500):  # bound the statement's parameters
+        part = ids[i : i + 500]
+        row = tx.one(
+            f"SELECT 1 FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id WHERE d.state = ? "
+            f"AND r.state IN ({marks}) AND d.device_id IN ({', '.join('?' for _ in part)}) LIMIT 1",
+            (D_DESIRED, *ACTIVE, *part),
+        )
+        if row is not None:
+            return True
+    return False
+
+
 def waiting(
     tx: Tx, rollout_id: str, wave: int, now: float, reported: Collection[str] | None
 ) -> list[tuple[ProgressRecord, LiveDevice | None]]:

@@ -222,7 +222,7 @@ def test_a_step_judges_who_reported_and_who_is_due_by_the_clock(
     fleet, rollouts, _, recorder, _old, _new = _setup_rollout(store, tmp_path, trust, build, 4)
     now = [1000.0]
     controller = RolloutController(store, recorder, clock=lambda: now[0])
-    controller.full_judge_s = 3600.0  # no periodic look at every device within this test
+    controller.full_judge_s = 3600.0  # no periodic look at every device until said
     spec = StrategySpec(("100%",), max_failures="100%", health_timeout_s=60)
     rid = rollouts.create("digits:2", Selector({"site": "lab"}), spec, "t").rollout.id
 
@@ -236,8 +236,11 @@ def test_a_step_judges_who_reported_and_who_is_due_by_the_clock(
     controller.step_all({"dev-01"})  # ...but only dev-01's report is said to have arrived
     assert judged("device_healthy") == {"dev-01"}
     controller.step_all(set())
-    assert judged("device_healthy") == {"dev-01"}  # nothing reported, nothing due: nobody judged
-    now[0] += 61  # the health deadline passed: every waiting device is due by the clock
+    assert judged("device_healthy") == {"dev-01"}  # nothing reported: no step at all
+    controller.step_all({"dev-99"})
+    assert judged("device_healthy") == {"dev-01"}  # a device no rollout waits on: no step either
+    now[0] += 61  # the health deadline passed: due by the clock, judged at the next full look
+    controller.full_judge_s = 0.0
     controller.step_all(set())
     assert judged("device_healthy") == {"dev-00", "dev-01", "dev-02"}
     assert judged("device_failed") == {"dev-03"}
