@@ -159,6 +159,13 @@ def main() -> None:
     parser.add_argument(
         "--blobs", choices=["local", "s3"], default="local", help="the control plane's blob store"
     )
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=30.0,
+        help="seconds the idle rate is sampled before the rollout: one heartbeat period (30 s) sees every "
+        "device's heartbeat once, a shorter sample a varying share of them",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally) on SIGTERM too
     n = 50 if args.quick else args.devices
@@ -191,7 +198,7 @@ def main() -> None:
         # The idle rate first (ticks, election, heartbeats), so that what the rollout itself costs
         # per device can be told from what the control plane spends anyway over the wall time.
         idle0, idle_t0 = cpu_seconds(rig.cp.proc.pid), time.monotonic()  # type: ignore[union-attr]
-        time.sleep(5)
+        time.sleep(args.idle_s)
         idle_rate = (cpu_seconds(rig.cp.proc.pid) - idle0) / (time.monotonic() - idle_t0)  # type: ignore[union-attr]
         counter = MessageCounter(broker.host, broker.port)
         time.sleep(0.5)  # subscribed before the rollout starts
