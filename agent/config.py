@@ -67,6 +67,8 @@ class AgentConfig:
     fleet_key: tuple[Path, ...] = ()
     profile: str | None = None  # a profile name or .yaml; None: detect from the host
     heartbeat_s: float = 30.0
+    # A download reports FETCH_PROGRESS at its quarter marks, at most once per this many seconds.
+    progress_interval_s: float = 10.0
     transport: str = "auto"  # auto (gRPC, then MQTT chunks) | grpc | mqtt
     # With auto/grpc: chunks by presigned blob-store URL when the control plane offers them
     # (https only | any: plain http too, for a LAN object store | off), else through gRPC.
@@ -112,6 +114,8 @@ class AgentConfig:
         ):
             if price < 0:
                 raise ConfigError(f"{what} cannot be negative, got {price}")
+        if self.progress_interval_s < 0:
+            raise ConfigError(f"--progress-interval cannot be negative, got {self.progress_interval_s}")
         if self.burst_budget_period_s <= 0:
             raise ConfigError(f"--burst-budget-period must be positive, got {self.burst_budget_period_s}")
         if self.burst_budget is not None and not (self.burst_price_per_1k or self.burst_price_per_second):

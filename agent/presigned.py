@@ -1,7 +1,8 @@
 """Chunks straight from the blob store: the control plane signs URLs, the agent GETs them.
 
 ``PresignedTransport`` asks the control plane (over the same gRPC channel, mTLS) for short-lived
-URLs of the chunks it lacks, then fetches each over HTTP(S) with the standard library. A cut
+URLs of the chunks it lacks (they come with the manifest, in one call, from a control plane that
+offers them there; GetChunkUrls otherwise, and for what the manifest answer left out), then fetches each over HTTP(S) with the standard library. A cut
 connection resumes with a ``Range`` request from the last byte received (the object is
 immutable: its key is the chunk's digest), an expired URL is signed again, and the device never
 holds bucket credentials. Like every transport it checks nothing: ``ArtifactFetcher`` verifies
@@ -22,10 +23,12 @@ from urllib.parse import urlsplit
 
 from edgectl.agent.errors import FetchError, UrlsNotOfferedError
 from edgectl.agent.transports import GrpcTransport
+from edgectl.protos.v1 import artifacts_pb2 as apb
 
 log = logging.getLogger(__name__)
 READ_BLOCK = 1 << 16
-NOT_OFFERED_S = 600.0  # after "no URLs here", ask again this much later (a store can move to S3)
+NOT_OFFERED_S = 600.0
+OFFER_MARGIN_S = 30.0  # URLs from a manifest answer with less life left are signed afresh  # after "no URLs here", ask again this much later (a store can move to S3)
 
 
 class PresignedTransport:
@@ -53,32 +56,55 @@ class PresignedTransport:
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         self._pool = _Connections(context, timeout_s)
         self._not_offered_until = 0.0
+        # (artifact digest, chunk digest -> URL, expiry in epoch seconds) from the last manifest answer
+        self._offered: tuple[str, dict[str, apb.ChunkUrl], float] | None = None
 
     def get_manifest(self, digest: str) -> tuple[bytes, bytes]:
-        return self.control_plane.get_manifest(digest)
+        # One call for the manifest and the chunks' URLs (a control plane that offers none, older
+        # or with local blobs, answers the manifest alone, and fetch_chunks asks GetChunkUrls).
+        art = self.control_plane.get_artifact(digest, want_chunk_urls=True)
+        if art.chunk_urls:
+            expires = art.chunk_urls_expire_at.ToSeconds()
+            self._offered = (digest, {u.chunk_digest: u for u in art.chunk_urls}, expires)
+        return bytes(art.manifest), bytes(art.signatures)
+
+    def _offered_for(self, digest: str) -> dict[str, apb.ChunkUrl]:
+        """The URLs the manifest answer of ``digest`` carried, unless they are about to expire."""
+        offered = self._offered
+        if offered is None or offered[0] != digest or offered[2] - time.time() < OFFER_MARGIN_S:
+            return {}
+        return offered[1]
 
     def fetch_chunks(self, digest: str, chunks: list[str]) -> Iterator[tuple[str, bytes]]:
-        if time.monotonic() < self._not_offered_until:
-            raise UrlsNotOfferedError("the control plane hands out no chunk URLs (its blob store is local)")
         todo = list(chunks)
+        offered = self._offered_for(digest)
+        if not offered and time.monotonic() < self._not_offered_until:
+            raise UrlsNotOfferedError("the control plane hands out no chunk URLs (its blob store is local)")
         while todo:
-            try:
-                urls = self.control_plane.chunk_urls(digest, todo)
-            except UrlsNotOfferedError:
-                self._not_offered_until = time.monotonic() + NOT_OFFERED_S
-                log.info("control plane offers no chunk URLs; fetching through it instead")
-                raise
+            fresh = not offered  # signed for this request, not carried over from the manifest answer
+            if offered:
+                urls = [offered[c] for c in todo if c in offered]
+                offered = {}
+            else:
+                try:
+                    urls = self.control_plane.chunk_urls(digest, todo)
+                except UrlsNotOfferedError:
+                    self._not_offered_until = time.monotonic() + NOT_OFFERED_S
+                    log.info("control plane offers no chunk URLs; fetching through it instead")
+                    raise
             for fetched, u in enumerate(urls):
                 try:
                     data = self._get(u.url, u.size)
                 except _Expired:
-                    if not fetched:
+                    if fresh and not fetched:
                         raise FetchError(f"the blob store refuses freshly signed URLs for {digest}") from None
+                    self._offered = None  # sign the rest afresh, in this round and the next
                     break  # a slow link outlived these URLs: sign the rest again
                 todo.remove(u.chunk_digest)
                 yield u.chunk_digest, data
             else:
-                return
+                if fresh:
+                    return
 
     def _get(self, url: str, size: int) -> bytes:
         """The object's bytes (at most ``size`` + 1: a longer one is refused by the fetcher anyway)."""

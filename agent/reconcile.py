@@ -27,7 +27,7 @@ from edgectl.agent.errors import AgentError, FetchError, RefusedError
 from edgectl.agent.fetch import ArtifactFetcher
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.orders import AcceptedOrder, FleetTrust
-from edgectl.agent.report import Reporter, StateReports
+from edgectl.agent.report import FetchProgress, Reporter, StateReports
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.staging import Staged, SwapWindows
@@ -67,6 +67,7 @@ class ReconcileSettings:
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
     drift_threshold: float = 0.25
+    progress_interval_s: float = 10.0  # FETCH_PROGRESS at quarter marks, at most this often
 
 
 class Reconciler:
@@ -304,11 +305,10 @@ class Reconciler:
         providers = check_fit(vm.manifest, self.settings.fit)
         self._event(Kind.EVENT_KIND_VERIFIED, digest, f"signed by {', '.join(vm.signers)}")
         self.fetcher.check_space(vm.manifest, self.artifacts.data_dir)
-        last = [0.0]
+        milestones = FetchProgress(self.settings.progress_interval_s)
 
         def progress(done: int, total: int) -> None:
-            if time.monotonic() - last[0] >= 1.0 or done == total:
-                last[0] = time.monotonic()
+            if milestones.due(done, total):
                 self._event(Kind.EVENT_KIND_FETCH_PROGRESS, digest, "downloading", done, total)
 
         report = self.fetcher.fetch(digest, vm.manifest, progress)

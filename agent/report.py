@@ -3,6 +3,8 @@ canary trials, input drift) and its events. The reconcile loop decides; this mod
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,6 +27,35 @@ class Reporter(Protocol):
     def report(self, state: mpb.ReportedState) -> None: ...
 
     def event(self, event: mpb.DeviceEvent) -> None: ...
+
+
+class FetchProgress:
+    """Which moments of a download become FETCH_PROGRESS events: each quarter of the artifact
+    crossed, but no sooner than ``interval_s`` after the previous one (or the fetch's start). A
+    fetch so sends at most three whatever the artifact's size, a quick one none; its end is the
+    STAGED event. Every event is a message the control plane receives, so this keeps its cost per
+    device flat as artifacts grow."""
+
+    STEPS = 4
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last = clock()
+        self._step = 0
+
+    def due(self, done: int, total: int) -> bool:
+        """True when ``done`` of ``total`` bytes should be reported now."""
+        if total <= 0 or done >= total:
+            return False
+        step = done * self.STEPS // total
+        if step <= self._step:
+            return False
+        now = self._clock()
+        if now - self._last < self.interval_s:
+            return False  # the quarter is reported at the first call after the interval, if still due
+        self._step, self._last = step, now
+        return True
 
 
 class StateReports:

@@ -65,13 +65,20 @@ class GrpcTransport:
         self._stub = apb_grpc.ArtifactServiceStub(self._channel)
 
     def get_manifest(self, digest: str) -> tuple[bytes, bytes]:
+        art = self.get_artifact(digest)
+        return bytes(art.manifest), bytes(art.signatures)
+
+    def get_artifact(self, digest: str, want_chunk_urls: bool = False) -> apb.Artifact:
+        """The artifact's record (manifest, signatures); with ``want_chunk_urls`` also its chunks'
+        presigned URLs where the control plane offers them (none from an older one)."""
+        request = apb.GetArtifactRequest(artifact=digest, want_chunk_urls=want_chunk_urls)
         try:
-            art = self._stub.Get(apb.GetArtifactRequest(artifact=digest), timeout=self.timeout_s)
+            art: apb.Artifact = self._stub.Get(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise FetchError(
                 f"control plane {self.target}: Get {digest}: {exc.code().name} {exc.details()}"
             ) from exc
-        return bytes(art.manifest), bytes(art.signatures)
+        return art
 
     def chunk_urls(self, digest: str, chunks: list[str]) -> list[apb.ChunkUrl]:
         """Presigned blob-store URLs for ``chunks``; UrlsNotOfferedError when the store has none."""

@@ -21,6 +21,7 @@ store are counted as well as what it exchanged with the control plane.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for tests.harness
@@ -67,6 +69,33 @@ class S3Site:
     def close(self) -> None:
         self.proxy.close()
         self.server.stop()
+
+
+class MessageCounter:
+    """Counts the fleet's MQTT messages by kind (the last topic level: reported, events, desired,
+    status) off the broker, as a second subscriber: what the control plane receives and sends."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.counting = False
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="bench-counter", protocol=mqtt.MQTTv5
+        )
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.subscribe("edgectl/v1/devices/+/+", qos=0)  # not retained replays: see _on_message
+        self.client.loop_start()
+
+    def _on_message(self, client: object, userdata: object, msg: Any) -> None:
+        if self.counting and not msg.retain:
+            self.counts[msg.topic.rsplit("/", 1)[1]] += 1
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -130,6 +159,13 @@ def main() -> None:
     parser.add_argument(
         "--blobs", choices=["local", "s3"], default="local", help="the control plane's blob store"
     )
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=30.0,
+        help="seconds the idle rate is sampled before the rollout: one heartbeat period (30 s) sees every "
+        "device's heartbeat once, a shorter sample a varying share of them",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally) on SIGTERM too
     n = 50 if args.quick else args.devices
@@ -162,16 +198,26 @@ def main() -> None:
         # The idle rate first (ticks, election, heartbeats), so that what the rollout itself costs
         # per device can be told from what the control plane spends anyway over the wall time.
         idle0, idle_t0 = cpu_seconds(rig.cp.proc.pid), time.monotonic()  # type: ignore[union-attr]
-        time.sleep(5)
+        time.sleep(args.idle_s)
         idle_rate = (cpu_seconds(rig.cp.proc.pid) - idle0) / (time.monotonic() - idle_t0)  # type: ignore[union-attr]
+        counter = MessageCounter(broker.host, broker.port)
+        time.sleep(0.5)  # subscribed before the rollout starts
+        counter.counting = True
         cpu0 = cpu_seconds(rig.cp.proc.pid)  # type: ignore[union-attr]
         blob0 = s3.proxy.injected.downstream_bytes if s3 else 0
         t1 = time.monotonic()
         rollout = rig.rollout(f"{art.manifest.name}:{art.manifest.version}", {"fleet": "bench"},
                               ["1", "10%", "50%", "100%"], health_timeout_s=600)  # fmt: skip
-        final = rig.wait_done(rollout.id, timeout=1800)
+        # Polled every 2 s, as a person watching would: each Get lists every device of the rollout,
+        # and what the watcher costs is not what the rollout costs.
+        final = rig.wait_done(rollout.id, timeout=1800, interval=2.0)
         wall = time.monotonic() - t1
         cpu = cpu_seconds(rig.cp.proc.pid) - cpu0  # type: ignore[union-attr]
+        time.sleep(0.5)  # the last messages reach the counter
+        counter.counting = False
+        counter.close()
+        sent = sum(v for k, v in counter.counts.items() if k != "desired")
+        to_cp = counter.counts["reported"] + counter.counts["status"]  # events only with --device-events
         conns, grpc_sent, grpc_recv = socket_bytes(rig.cp.port)
         _, mqtt_sent, mqtt_recv = socket_bytes(broker.port)
         wait_for(lambda: sum(v == digest for v in rig.serving(art.manifest.name).values()) == n,
@@ -196,9 +242,12 @@ def main() -> None:
         if s3:
             print(f"  blob store -> device (presigned): {blob_per / 1e6:6.2f} MB per device  "
                   f"({blob_per / artifact_bytes:.3f} x the artifact; HTTP headers included)")  # fmt: skip
-        print(f"  control-plane CPU:              {cpu:8.1f} s  ({cpu / n * 1000:.1f} ms per device)")
+        kinds = ", ".join(f"{k} {v / n:.1f}" for k, v in sorted(counter.counts.items()) if k != "desired")
+        print(f"  MQTT messages per device:       {sent / n:8.1f} sent ({kinds}); the control plane "
+              f"received {to_cp / n:.1f} (reports, status) and sent {counter.counts['desired'] / n:.1f}")  # fmt: skip
+        print(f"  control-plane CPU:              {cpu:8.2f} s  ({cpu / n * 1000:.2f} ms per device)")
         busy = cpu - idle_rate * wall
-        print(f"  ... above its idle rate:        {busy:8.2f} s  ({busy / n * 1000:.1f} ms per device; "
+        print(f"  ... above its idle rate:        {busy:8.2f} s  ({busy / n * 1000:.2f} ms per device; "
               f"idle {idle_rate * 1000:.0f} ms/s)")  # fmt: skip
         print(f"  loopback copy of {n} x {artifact_bytes / 1e6:.1f} MB:  {copy_s:8.2f} s  (the limit)")
         print(f"  rollout / loopback copy:        {wall / copy_s:8.1f} x")

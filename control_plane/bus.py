@@ -37,7 +37,10 @@ from edgectl.mqtt.wire import (
 log = logging.getLogger(__name__)
 # Site bridges last: their retained "0" must arrive after the stale retained statuses it overrides.
 # Chunk requests are not here: every replica takes them through a shared subscription.
-FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_EVENTS, 1), (ALL_SITE_BRIDGES, 1)]
+FLEET_SUBSCRIPTIONS = [(ALL_REPORTED, 1), (ALL_STATUS, 1), (ALL_SITE_BRIDGES, 1)]
+# Events only when asked (--device-events), at QoS 0: the leader just logs failures (reports carry
+# what it decides on), so a lost one costs a log line, and the busiest topic of a rollout wants no PUBACK.
+EVENTS_SUBSCRIPTION = (ALL_EVENTS, 0)
 CONNECTED = "$connected"  # an inbox marker, never a real topic (MQTT topics cannot start with '$' here)
 
 
@@ -62,9 +65,13 @@ class FleetBus:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        device_events: bool = False,
     ) -> None:
         self.url = parse_mqtt_url(url)
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.device_events = device_events
+        self.inbox: queue.SimpleQueue[Inbound] = (
+            queue.SimpleQueue()
+        )  # paho's thread puts, without locks in Python
         self._subscriptions: list[tuple[str, int]] = []
         self._chunk_sink: Callable[[str, bytes], None] | None = None
         self._shared_mid: int | None = None
@@ -121,10 +128,11 @@ class FleetBus:
 
     def _fleet_subscriptions(self) -> list[tuple[str, int]]:
         chunks = [(ALL_CHUNK_REQUESTS, 1)] if self._shared_refused or self._chunk_sink is None else []
-        return [*FLEET_SUBSCRIPTIONS[:-1], *chunks, FLEET_SUBSCRIPTIONS[-1]]
+        events = [EVENTS_SUBSCRIPTION] if self.device_events else []
+        return [*FLEET_SUBSCRIPTIONS[:-1], *events, *chunks, FLEET_SUBSCRIPTIONS[-1]]
 
     def subscribe_fleet(self) -> None:
-        """Receive every device's reports, status and events (the leader's job)."""
+        """Receive every device's reports and status, and events when asked (the leader's job)."""
         with self._lock:
             self._subscriptions = self._fleet_subscriptions()
         if self.connected:

@@ -8,7 +8,9 @@ the chunk's digest, so a URL can only ever serve those bytes: HTTP caches may ke
 
 A chunk's URL names nothing about the device, so every device asking within the same window
 gets the same URL (``ChunkUrlSigner``): signing costs once per chunk per half-TTL, not once per
-device, and a cache in front of the bucket sees one URL per chunk, not one per device.
+device, and a cache in front of the bucket sees one URL per chunk, not one per device. The same
+URLs ride along with the manifest (``ChunkUrlSigner.offered``) when a device asks for them there,
+which spares each device its second gRPC call.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from edgectl.artifact import BlobStoreError, UrlBlobStore
+from edgectl.artifact import BlobStoreError, ChunkRef, FileEntry, UrlBlobStore
 from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 DEFAULT_URL_TTL_S = 300
 MAX_CHUNKS_PER_CALL = 1024  # bounds one call's signing work and answer size (~1 KiB per URL)
 MAX_CACHED = 100_000  # cached URLs (~1 KiB each) before the expired ones are dropped
+MAX_OFFERS = 1_000  # artifacts whose offered URLs are kept before the expired ones are dropped
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ChunkUrlSigner:
         self.artifacts = artifacts
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[str, float]] = {}  # chunk digest -> (url, expires at)
+        self._offers: dict[str, ChunkUrls] = {}  # artifact digest -> the URLs a manifest answer carries
         self._lock = threading.Lock()
         self.signed = 0  # URLs signed so far (the cache's misses)
 
@@ -73,6 +77,33 @@ class ChunkUrlSigner:
                 hint="ask in batches",
             )
         wanted, where = self.artifacts.requested_chunks(digest, chunks)  # a chunk named twice is signed once
+        return self._signed(store, wanted, where)
+
+    def offered(self, digest: str) -> ChunkUrls | None:
+        """URLs for the committed artifact ``digest``'s chunks (its first MAX_CHUNKS_PER_CALL), or
+        None when the blob store hands out none: what a manifest answer carries, so that a device
+        needs no second call. A device that needs chunks past these asks GetChunkUrls for them."""
+        store = self.artifacts.blobs
+        if not isinstance(store, UrlBlobStore):
+            return None
+        # Every device of a rollout asks for the same artifact: its answer is kept (the same object,
+        # so that callers may keep what they built from it) while its URLs would be reused anyway.
+        now = time.time()
+        with self._lock:
+            kept = self._offers.get(digest)
+        if kept is not None and kept.expires_at - now >= self.ttl_s / 2:
+            return kept
+        where = self.artifacts.chunk_index(digest)
+        made = self._signed(store, list(where)[:MAX_CHUNKS_PER_CALL], where)
+        with self._lock:
+            if len(self._offers) >= MAX_OFFERS:
+                self._offers = {k: v for k, v in self._offers.items() if v.expires_at > now}
+            self._offers[digest] = made
+        return made
+
+    def _signed(
+        self, store: UrlBlobStore, wanted: list[str], where: dict[str, tuple[ChunkRef, FileEntry]]
+    ) -> ChunkUrls:
         signed = [self._url(store, d) for d in wanted]
         return ChunkUrls(
             tuple(ChunkUrl(d, url, where[d][0].size) for d, (url, _) in zip(wanted, signed, strict=True)),

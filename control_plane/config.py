@@ -46,6 +46,9 @@ class ControlPlaneConfig:
     )
     device_mqtt_url: str = ""  # the broker URL handed to devices at enrollment (default: mqtt_url)
     auto_register: bool = True  # devices that report without enrolling join the inventory
+    # Subscribe to every device's events and log their failures. Off: reports carry every failure
+    # the controller acts on, and an event is a message per device the leader need not receive.
+    device_events: bool = False
     tick_seconds: float = 0.25
     leader_interval: float = 1.0
     workers: int = 32  # the people listener's pool

@@ -34,6 +34,7 @@ from edgectl.control_plane.trial_gate import judge_trial, trial_summary
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
+FULL_JUDGE_S = 2.0  # every waiting device is judged at least this often, reported or not
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,37 @@ class RolloutController:
         # refuse the older one as a replay, and it would stay retained).
         self._publishing = threading.Lock()
         self.scan_due: dict[str, float] = {}  # continuous rollout id -> next selector scan (monotonic)
+        # Devices a step judges besides those due by the clock (None: every waiting device), and
+        # those moved by the step in progress, judged again by the next whatever they report.
+        self._reported: set[str] | None = None
+        self._moved: set[str] = set()
+        self._full_at = float("-inf")  # monotonic: when every waiting device was last judged
+        self.full_judge_s = FULL_JUDGE_S
 
-    def step_all(self) -> None:
-        with self.store.tx() as tx:
-            ids = rs.active_ids(tx)
-        for rollout_id in ids:
-            self.step(rollout_id)
-        self.refresh_orders()
+    def step_all(self, reported: set[str] | None = None) -> None:
+        """Step every active rollout. ``reported``: the devices whose reports arrived since the last
+        call (None: anything may have changed). Only those, those just moved and, every
+        ``full_judge_s``, every waiting device (the health deadlines and soaks passed with them) are
+        judged, so a step costs what changed, not the fleet; reports of devices that no rollout waits
+        on (heartbeats) cause no step."""
+        tick = time.monotonic()
+        if reported is None or tick >= self._full_at + self.full_judge_s:
+            self._reported, self._full_at = None, tick
+        else:
+            self._reported = reported | self._moved
+        self._moved = set()
+        try:
+            with self.store.tx() as tx:
+                ids = rs.active_ids(tx)
+                # Reports of devices no rollout waits on (heartbeats, mostly) change no verdict: no step.
+                if self._reported is not None and not rs.any_waiting(tx, self._reported):
+                    ids = []
+            for rollout_id in ids:
+                self.step(rollout_id)
+            self.refresh_orders()
+        except BaseException:
+            self._full_at = float("-inf")  # what a failed step would have judged is judged next time
+            raise
 
     def refresh_orders(self) -> int:
         """Re-sign (new counter, new expiry, current fleet key) and republish every order that is
@@ -160,7 +185,7 @@ class RolloutController:
             )
             rs.add_event(tx, r.id, "rollback_started", now, wave.idx, message=reason)
             return self._roll_back(tx, rs.get(tx, r.id), now)
-        if rs.devices(tx, r.id, wave.idx, (rs.D_PENDING, rs.D_DESIRED)):
+        if rs.any_device(tx, r.id, wave.idx, (rs.D_PENDING, rs.D_DESIRED)):
             return []
         rs.update_wave(tx, r.id, wave.idx, state=rs.W_SUCCEEDED, finished_at=now)
         self.on_wave_done(now - (wave.started_at or now))
@@ -211,7 +236,7 @@ class RolloutController:
     def judge_wave(self, tx: Tx, r: rs.RolloutRecord, idx: int, now: float) -> list[int]:
         """Judge every device of wave ``idx`` still waiting; returns the verdicts that were final."""
         final: list[int] = []
-        for progress, live in rs.with_live(tx, r.id, (rs.D_DESIRED,), idx):
+        for progress, live in rs.waiting(tx, r.id, idx, now, self._reported):
             verdict = self._judge(r, progress, live, now)
             if verdict.soak_started:
                 rs.update_device(tx, r.id, progress.device_id, now, healthy_since=now)
@@ -264,6 +289,7 @@ class RolloutController:
             canary_percent=r.strategy.canary_percent if trial else 0.0, shadow=r.strategy.shadow and trial,
         )  # fmt: skip
         publication = self._write(tx, device_id, models, r.id, now)
+        self._moved.add(device_id)
         rs.update_device(
             tx, r.id, device_id, now, state=rs.D_DESIRED, previous_digest=prev_digest,
             previous_version=prev_version, deadline=deadline, generation=publication.generation,

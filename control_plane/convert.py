@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.artifact_records import ArtifactRecord
 from edgectl.control_plane.audit import AuditRecord
+from edgectl.control_plane.chunk_urls import ChunkUrls
 from edgectl.control_plane.device_state import DeviceRecord
 from edgectl.control_plane.strategy import DEFAULT_HEALTH_TIMEOUT_S, OFFLINE_FAIL, StrategySpec
 from edgectl.labels import Selector
@@ -36,6 +37,10 @@ def artifact(record: ArtifactRecord) -> artifacts_pb2.Artifact:
         key_ids=list(record.key_ids),
         pinned=record.pinned,
     )
+
+
+def chunk_urls(signed: ChunkUrls) -> list[artifacts_pb2.ChunkUrl]:
+    return [artifacts_pb2.ChunkUrl(chunk_digest=u.digest, url=u.url, size=u.size) for u in signed.urls]
 
 
 def device(record: DeviceRecord) -> fleet_pb2.Device:

@@ -239,10 +239,12 @@ class Fleet:
             else:
                 status[obs.device_id] = obs
         touched: set[str] = set()
+        ids = sorted(set(reported) | set(status))
         with self.store.tx() as tx:
-            known = {r[0] for r in tx.all("SELECT id FROM devices")}
-            dead = {r[0] for r in tx.all("SELECT id FROM tombstones")}
-            for device_id in sorted(set(reported) | set(status)):
+            # Only the batch's devices are looked up: what a batch costs must not grow with the fleet.
+            known = _existing(tx, "devices", ids)
+            dead = _existing(tx, "tombstones", [i for i in ids if i not in known])
+            for device_id in ids:
                 if device_id not in known:
                     if not self.auto_register or device_id in dead:
                         continue
@@ -313,3 +315,13 @@ class Fleet:
         for online, n in rows:
             out["online" if online else "offline"] += int(n)
         return out
+
+
+def _existing(tx: Tx, table: str, ids: list[str]) -> set[str]:
+    """Which of ``ids`` have a row in ``table`` (devices or tombstones), in chunks of 500 parameters."""
+    found: set[str] = set()
+    for i in range(0, len(ids), 500):
+        part = ids[i : i + 500]
+        marks = ", ".join("?" for _ in part)
+        found.update(str(r[0]) for r in tx.all(f"SELECT id FROM {table} WHERE id IN ({marks})", part))
+    return found

@@ -19,11 +19,22 @@ from edgectl.control_plane.device_state import Reported, Status
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.store import StateStore
-from edgectl.mqtt.wire import PayloadError, decode, parse_site_bridge, parse_topic
+from edgectl.mqtt.wire import PayloadError, decode, parse_site_bridge, parse_topic, peek
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
 BATCH = 500
+# The events the control plane acts on (it logs them); the rest (progress, heartbeats, stages) are
+# for people watching the broker, so only their kind is read. proto3 JSON may name or number it.
+_LOGGED_EVENTS = frozenset(
+    name_or_number
+    for kind in (mqtt_pb2.EVENT_KIND_FAILED, mqtt_pb2.EVENT_KIND_REFUSED)
+    for name_or_number in (mqtt_pb2.EventKind.Name(kind), int(kind))
+)
+
+
+def _logged(kind: object) -> bool:
+    return isinstance(kind, (str, int)) and kind in _LOGGED_EVENTS
 
 
 class FleetIngest:
@@ -34,7 +45,7 @@ class FleetIngest:
         store: StateStore,
         fleet: Fleet,
         bus: FleetBus,
-        wake: Callable[[], None],
+        wake: Callable[[set[str]], None],
         count: Callable[[str], None] | None = None,
         *,
         republish: Callable[[], int],
@@ -111,7 +122,7 @@ class FleetIngest:
                 elif kind == "status":
                     status = decode(item.payload, mqtt_pb2.DeviceStatus)
                     observations.append(Status(device_id, status.online, now))
-                elif kind == "events":
+                elif kind == "events" and _logged(peek(item.payload, "kind")):
                     self._event(device_id, decode(item.payload, mqtt_pb2.DeviceEvent))
                 self.count(kind)
             except PayloadError as exc:
@@ -122,8 +133,7 @@ class FleetIngest:
             except ControlPlaneError as exc:
                 log.warning("ignored an MQTT message", extra={"topic": item.topic, "error": str(exc)})
         if observations:
-            self.fleet.apply(observations)
-            self.wake()
+            self.wake(self.fleet.apply(observations))
 
     def _site_link(self, site: str, up: bool, pending: list[Reported | Status]) -> list[Reported | Status]:
         """A site bridge's link changed: down, every device behind it is offline (their own
@@ -133,12 +143,12 @@ class FleetIngest:
             log.info("site bridge connected", extra={"site": site})
             return pending
         if pending:
-            self.fleet.apply(pending)
+            self.wake(self.fleet.apply(pending))
         offline = self.fleet.site_offline(site)
         log.warning(
             "site bridge lost: its devices are offline", extra={"site": site, "devices": len(offline)}
         )
-        self.wake()
+        self.wake(set(offline))
         return []
 
     def republish(self) -> None:
@@ -147,12 +157,11 @@ class FleetIngest:
 
     @staticmethod
     def _event(device_id: str, event: mqtt_pb2.DeviceEvent) -> None:
-        if event.kind in (mqtt_pb2.EVENT_KIND_FAILED, mqtt_pb2.EVENT_KIND_REFUSED):
-            log.warning(
-                "device event",
-                extra={
-                    "device_id": device_id,
-                    "kind": mqtt_pb2.EventKind.Name(event.kind),
-                    "detail": event.message,
-                },
-            )
+        log.warning(
+            "device event",
+            extra={
+                "device_id": device_id,
+                "kind": mqtt_pb2.EventKind.Name(event.kind),
+                "detail": event.message,
+            },
+        )

@@ -6,6 +6,7 @@ records it commit together: after a crash the log holds each step once, or not a
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,10 +252,68 @@ def devices(
     return [ProgressRecord.from_row(r) for r in tx.all(sql + " ORDER BY wave, device_id", params)]
 
 
-def with_live(
-    tx: Tx, rollout_id: str, states: tuple[int, ...], wave: int | None = None
+def any_device(tx: Tx, rollout_id: str, wave: int, states: tuple[int, ...]) -> bool:
+    """Whether wave ``wave`` still has a device in one of ``states`` (without reading them all)."""
+    marks = ", ".join("?" for _ in states)
+    return (
+        tx.one(
+            f"SELECT 1 FROM rollout_devices WHERE rollout_id = ? AND wave = ? AND state IN ({marks}) LIMIT 1",
+            (rollout_id, wave, *states),
+        )
+        is not None
+    )
+
+
+def any_waiting(tx: Tx, device_ids: Collection[str]) -> bool:
+    """Whether an active rollout waits for a verdict on any of ``device_ids`` (DESIRED)."""
+    ids, marks = sorted(device_ids), ", ".join("?" for _ in ACTIVE)
+    for i in range(0, len(ids), 500):  # bound the statement's parameters
+        part = ids[i : i + 500]
+        row = tx.one(
+            f"SELECT 1 FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id WHERE d.state = ? "
+            f"AND r.state IN ({marks}) AND d.device_id IN ({', '.join('?' for _ in part)}) LIMIT 1",
+            (D_DESIRED, *ACTIVE, *part),
+        )
+        if row is not None:
+            return True
+    return False
+
+
+def waiting(
+    tx: Tx, rollout_id: str, wave: int, now: float, reported: Collection[str] | None
 ) -> list[tuple[ProgressRecord, LiveDevice | None]]:
-    """Progress rows joined with their device's live state in one query (None: decommissioned)."""
+    """The wave's devices waiting for a verdict (DESIRED) whose verdict may have changed: each one
+    when ``reported`` is None; else those that reported since (``reported``), whose health deadline
+    passed, whose soak runs, or that were decommissioned. A step so costs what changed, not the wave."""
+    if reported is None:
+        return with_live(tx, rollout_id, (D_DESIRED,), wave)
+    rows = with_live(
+        tx,
+        rollout_id,
+        (D_DESIRED,),
+        wave,
+        "p.deadline <= ? OR p.healthy_since IS NOT NULL OR d.id IS NULL",
+        [now],
+    )
+    ids = sorted(set(reported) - {p.device_id for p, _ in rows})
+    for i in range(0, len(ids), 500):  # bound the statement's parameters
+        part = ids[i : i + 500]
+        rows += with_live(
+            tx, rollout_id, (D_DESIRED,), wave, f"p.device_id IN ({', '.join('?' for _ in part)})", part
+        )
+    return sorted(rows, key=lambda row: row[0].device_id)
+
+
+def with_live(
+    tx: Tx,
+    rollout_id: str,
+    states: tuple[int, ...],
+    wave: int | None = None,
+    where: str = "",
+    where_params: Sequence[Any] = (),
+) -> list[tuple[ProgressRecord, LiveDevice | None]]:
+    """Progress rows joined with their device's live state in one query (None: decommissioned);
+    ``where``: a further condition on ``p`` (progress) and ``d`` (device), with its parameters."""
     cols = ", ".join(f"p.{c.strip()}" for c in _DEVICE_COLUMNS.split(","))
     sql = (
         f"SELECT {cols}, d.id, d.online, d.observed_generation, d.models, d.stats, d.desired "
@@ -265,6 +324,9 @@ def with_live(
     if wave is not None:
         sql += " AND p.wave = ?"
         params.append(wave)
+    if where:
+        sql += f" AND ({where})"
+        params.extend(where_params)
     out: list[tuple[ProgressRecord, LiveDevice | None]] = []
     for r in tx.all(sql + " ORDER BY p.device_id", params):
         progress = ProgressRecord.from_row(r[:10])

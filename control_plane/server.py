@@ -122,6 +122,7 @@ class ControlPlane:
             username=broker.username if broker else None,
             password=broker.password if broker else None,
             ca_file=broker.ca_file if broker else None,
+            device_events=config.device_events,
         )
         self.controller = RolloutController(
             self.store, self.bus, on_wave_done=lambda seconds: self.metrics.wave_seconds.observe(seconds),

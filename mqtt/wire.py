@@ -7,9 +7,10 @@ stays readable and a malformed payload is one :class:`PayloadError`, never a cra
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -164,3 +165,18 @@ def decode(payload: bytes, message_type: type[M]) -> M:
     except (UnicodeDecodeError, json_format.ParseError) as exc:
         raise PayloadError(f"not a {message_type.DESCRIPTOR.full_name} payload: {exc}") from exc
     return message
+
+
+def peek(payload: bytes, json_name: str) -> Any:
+    """One top-level field of a proto3-JSON payload (its JSON name; None when absent), read without
+    building the message: for a reader that acts on few messages of a busy topic, e.g. on an
+    event's ``kind``, and decodes only those."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PayloadError(f"not a JSON payload: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise PayloadError(f"not a JSON object payload: {type(obj).__name__}")
+    return obj.get(json_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgectl.mqtt.wire import DeviceIdError, DeviceTopics, PayloadError, decode, encode, parse_topic
+from edgectl.mqtt.wire import DeviceIdError, DeviceTopics, PayloadError, decode, encode, parse_topic, peek
 from edgectl.protos.v1 import mqtt_pb2
 
 
@@ -44,3 +44,16 @@ def test_unknown_fields_from_newer_peers_are_ignored() -> None:
 def test_topic_outside_the_tree_is_refused() -> None:
     with pytest.raises(PayloadError):
         parse_topic("other/v1/devices/x/desired")
+
+
+def test_peek_reads_one_field_as_the_full_decode_would() -> None:
+    event = mqtt_pb2.DeviceEvent(device_id="d", kind=mqtt_pb2.EVENT_KIND_FAILED, message="no space")
+    assert peek(encode(event), "kind") == "EVENT_KIND_FAILED"
+    assert peek(encode(event), "bytesDone") is None  # proto3 JSON leaves defaults out
+    assert peek(b'{"kind": 7}', "kind") == 7  # a peer may number an enum
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xfe", b"not json", b"[1,2]", b"3", b"x" * (4 * 1024 * 1024 + 1)])
+def test_peek_refuses_what_is_no_json_object(payload: bytes) -> None:
+    with pytest.raises(PayloadError):
+        peek(payload, "kind")

@@ -149,6 +149,11 @@ def run(
     heartbeat_s: float | None = typer.Option(
         None, "--heartbeat", help="seconds between heartbeats [default 30]"
     ),
+    progress_interval_s: float | None = typer.Option(
+        None,
+        "--progress-interval",
+        help="a download reports its progress at 25/50/75 %, at most once per this many seconds [default 10]",
+    ),
     intra_op_threads: int | None = typer.Option(None, help="onnxruntime threads per session (0: all cores)"),
     memory_limit_mib: int | None = typer.Option(None, help="memory for models, MiB [default: the profile's]"),
     metrics_listen: str | None = typer.Option(None, "--metrics", help="serve Prometheus /metrics on H:P"),
@@ -228,6 +233,7 @@ def run(
         "slo_ms": slo_ms,
         "drift_threshold": drift_threshold,
         "heartbeat_s": heartbeat_s,
+        "progress_interval_s": progress_interval_s,
         "intra_op_threads": intra_op_threads,
         "memory_limit_mib": memory_limit_mib,
         "metrics_listen": metrics_listen,

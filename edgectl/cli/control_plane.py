@@ -110,6 +110,12 @@ def control_plane_serve(
         help="add devices that report without enrolling to the inventory",
         envvar="EDGECTL_CP_AUTO_REGISTER",
     ),
+    device_events: bool = typer.Option(
+        False,
+        help="also receive every device's events (progress, stages) and log their failures; off, the "
+        "control plane reads reports only, which carry every failure it acts on",
+        envvar="EDGECTL_CP_DEVICE_EVENTS",
+    ),
     order_ttl: str = typer.Option(
         "168h",
         help="a signed desired state expires this long after issue (re-signed at half of it)",
@@ -161,7 +167,7 @@ def control_plane_serve(
         site_brokers=tuple(site_broker), console_listen=console_listen,
         device_mqtt_url=device_mqtt, auto_register=auto_register, order_ttl_s=order_ttl_s,
         blob_url_ttl_s=int(blob_url_ttl_s), fleet_burst_budget=fleet_burst_budget,
-        fleet_burst_period_s=fleet_burst_period_s,
+        fleet_burst_period_s=fleet_burst_period_s, device_events=device_events,
     )  # fmt: skip
     with private_umask():  # the state store (SQLite + WAL), blobs and keys: this user's only
         _serve(ControlPlane(config))

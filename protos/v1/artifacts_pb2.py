@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from edgectl.protos.v1 import common_pb2 as edgectl_dot_protos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!edgectl/protos/v1/artifacts.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1e\x65\x64gectl/protos/v1/common.proto\"\xd1\x01\n\x08\x41rtifact\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12\x10\n\x08manifest\x18\x02 \x01(\x0c\x12\x12\n\nsignatures\x18\x03 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\x12/\n\x0buploaded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0buploaded_by\x18\x06 \x01(\t\x12\x0f\n\x07key_ids\x18\x07 \x03(\t\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\"9\n\x11PlanUploadRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x12\n\nsignatures\x18\x02 \x01(\x0c\"V\n\x12PlanUploadResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0emissing_chunks\x18\x02 \x03(\t\x12\x18\n\x10\x61lready_complete\x18\x03 \x01(\x08\"\x1e\n\x0cUploadHeader\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\",\n\x0c\x43hunkPayload\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"n\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.edgectl.v1.UploadHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.edgectl.v1.ChunkPayloadH\x00\x42\x06\n\x04\x62ody\"i\n\x0eUploadResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.edgectl.v1.Artifact\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x17\n\x0f\x63hunks_received\x18\x03 \x01(\x03\"D\n\x14ListArtifactsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x04page\x18\x02 \x01(\x0b\x32\x10.edgectl.v1.Page\"Y\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.edgectl.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x12GetArtifactRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\"O\n\x0f\x44ownloadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x03(\t\"Q\n\rDownloadChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x14\n\x0c\x63hunk_digest\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"5\n\x13GetChunkUrlsRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\t\";\n\x08\x43hunkUrl\x12\x14\n\x0c\x63hunk_digest\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\"j\n\x14GetChunkUrlsResponse\x12\"\n\x04urls\x18\x01 \x03(\x0b\x32\x14.edgectl.v1.ChunkUrl\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x15\x44\x65leteArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"-\n\x16\x44\x65leteArtifactResponse\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x03\x32\x95\x04\n\x0f\x41rtifactService\x12K\n\nPlanUpload\x12\x1d.edgectl.v1.PlanUploadRequest\x1a\x1e.edgectl.v1.PlanUploadResponse\x12\x41\n\x06Upload\x12\x19.edgectl.v1.UploadRequest\x1a\x1a.edgectl.v1.UploadResponse(\x01\x12K\n\x04List\x12 .edgectl.v1.ListArtifactsRequest\x1a!.edgectl.v1.ListArtifactsResponse\x12;\n\x03Get\x12\x1e.edgectl.v1.GetArtifactRequest\x1a\x14.edgectl.v1.Artifact\x12\x44\n\x08\x44ownload\x12\x1b.edgectl.v1.DownloadRequest\x1a\x19.edgectl.v1.DownloadChunk0\x01\x12Q\n\x0cGetChunkUrls\x12\x1f.edgectl.v1.GetChunkUrlsRequest\x1a .edgectl.v1.GetChunkUrlsResponse\x12O\n\x06\x44\x65lete\x12!.edgectl.v1.DeleteArtifactRequest\x1a\".edgectl.v1.DeleteArtifactResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!edgectl/protos/v1/artifacts.proto\x12\nedgectl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1e\x65\x64gectl/protos/v1/common.proto\"\xb5\x02\n\x08\x41rtifact\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.edgectl.v1.ArtifactRef\x12\x10\n\x08manifest\x18\x02 \x01(\x0c\x12\x12\n\nsignatures\x18\x03 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x03\x12/\n\x0buploaded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0buploaded_by\x18\x06 \x01(\t\x12\x0f\n\x07key_ids\x18\x07 \x03(\t\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12(\n\nchunk_urls\x18\t \x03(\x0b\x32\x14.edgectl.v1.ChunkUrl\x12\x38\n\x14\x63hunk_urls_expire_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x11PlanUploadRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x12\n\nsignatures\x18\x02 \x01(\x0c\"V\n\x12PlanUploadResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x16\n\x0emissing_chunks\x18\x02 \x03(\t\x12\x18\n\x10\x61lready_complete\x18\x03 \x01(\x08\"\x1e\n\x0cUploadHeader\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\",\n\x0c\x43hunkPayload\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"n\n\rUploadRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.edgectl.v1.UploadHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.edgectl.v1.ChunkPayloadH\x00\x42\x06\n\x04\x62ody\"i\n\x0eUploadResponse\x12&\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x14.edgectl.v1.Artifact\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x17\n\x0f\x63hunks_received\x18\x03 \x01(\x03\"D\n\x14ListArtifactsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x04page\x18\x02 \x01(\x0b\x32\x10.edgectl.v1.Page\"Y\n\x15ListArtifactsResponse\x12\'\n\tartifacts\x18\x01 \x03(\x0b\x32\x14.edgectl.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x12GetArtifactRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\x12\x17\n\x0fwant_chunk_urls\x18\x02 \x01(\x08\"O\n\x0f\x44ownloadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x03(\t\"Q\n\rDownloadChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x14\n\x0c\x63hunk_digest\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"5\n\x13GetChunkUrlsRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\t\";\n\x08\x43hunkUrl\x12\x14\n\x0c\x63hunk_digest\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\"j\n\x14GetChunkUrlsResponse\x12\"\n\x04urls\x18\x01 \x03(\x0b\x32\x14.edgectl.v1.ChunkUrl\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x15\x44\x65leteArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"-\n\x16\x44\x65leteArtifactResponse\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x03\x32\x95\x04\n\x0f\x41rtifactService\x12K\n\nPlanUpload\x12\x1d.edgectl.v1.PlanUploadRequest\x1a\x1e.edgectl.v1.PlanUploadResponse\x12\x41\n\x06Upload\x12\x19.edgectl.v1.UploadRequest\x1a\x1a.edgectl.v1.UploadResponse(\x01\x12K\n\x04List\x12 .edgectl.v1.ListArtifactsRequest\x1a!.edgectl.v1.ListArtifactsResponse\x12;\n\x03Get\x12\x1e.edgectl.v1.GetArtifactRequest\x1a\x14.edgectl.v1.Artifact\x12\x44\n\x08\x44ownload\x12\x1b.edgectl.v1.DownloadRequest\x1a\x19.edgectl.v1.DownloadChunk0\x01\x12Q\n\x0cGetChunkUrls\x12\x1f.edgectl.v1.GetChunkUrlsRequest\x1a .edgectl.v1.GetChunkUrlsResponse\x12O\n\x06\x44\x65lete\x12!.edgectl.v1.DeleteArtifactRequest\x1a\".edgectl.v1.DeleteArtifactResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,39 +34,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgectl.protos.v1.artifacts
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ARTIFACT']._serialized_start=115
-  _globals['_ARTIFACT']._serialized_end=324
-  _globals['_PLANUPLOADREQUEST']._serialized_start=326
-  _globals['_PLANUPLOADREQUEST']._serialized_end=383
-  _globals['_PLANUPLOADRESPONSE']._serialized_start=385
-  _globals['_PLANUPLOADRESPONSE']._serialized_end=471
-  _globals['_UPLOADHEADER']._serialized_start=473
-  _globals['_UPLOADHEADER']._serialized_end=503
-  _globals['_CHUNKPAYLOAD']._serialized_start=505
-  _globals['_CHUNKPAYLOAD']._serialized_end=549
-  _globals['_UPLOADREQUEST']._serialized_start=551
-  _globals['_UPLOADREQUEST']._serialized_end=661
-  _globals['_UPLOADRESPONSE']._serialized_start=663
-  _globals['_UPLOADRESPONSE']._serialized_end=768
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=770
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=838
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=840
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=929
-  _globals['_GETARTIFACTREQUEST']._serialized_start=931
-  _globals['_GETARTIFACTREQUEST']._serialized_end=969
-  _globals['_DOWNLOADREQUEST']._serialized_start=971
-  _globals['_DOWNLOADREQUEST']._serialized_end=1050
-  _globals['_DOWNLOADCHUNK']._serialized_start=1052
-  _globals['_DOWNLOADCHUNK']._serialized_end=1133
-  _globals['_GETCHUNKURLSREQUEST']._serialized_start=1135
-  _globals['_GETCHUNKURLSREQUEST']._serialized_end=1188
-  _globals['_CHUNKURL']._serialized_start=1190
-  _globals['_CHUNKURL']._serialized_end=1249
-  _globals['_GETCHUNKURLSRESPONSE']._serialized_start=1251
-  _globals['_GETCHUNKURLSRESPONSE']._serialized_end=1357
-  _globals['_DELETEARTIFACTREQUEST']._serialized_start=1359
-  _globals['_DELETEARTIFACTREQUEST']._serialized_end=1398
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=1400
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1445
-  _globals['_ARTIFACTSERVICE']._serialized_start=1448
-  _globals['_ARTIFACTSERVICE']._serialized_end=1981
+  _globals['_ARTIFACT']._serialized_end=424
+  _globals['_PLANUPLOADREQUEST']._serialized_start=426
+  _globals['_PLANUPLOADREQUEST']._serialized_end=483
+  _globals['_PLANUPLOADRESPONSE']._serialized_start=485
+  _globals['_PLANUPLOADRESPONSE']._serialized_end=571
+  _globals['_UPLOADHEADER']._serialized_start=573
+  _globals['_UPLOADHEADER']._serialized_end=603
+  _globals['_CHUNKPAYLOAD']._serialized_start=605
+  _globals['_CHUNKPAYLOAD']._serialized_end=649
+  _globals['_UPLOADREQUEST']._serialized_start=651
+  _globals['_UPLOADREQUEST']._serialized_end=761
+  _globals['_UPLOADRESPONSE']._serialized_start=763
+  _globals['_UPLOADRESPONSE']._serialized_end=868
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=870
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=938
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=940
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1029
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1031
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1094
+  _globals['_DOWNLOADREQUEST']._serialized_start=1096
+  _globals['_DOWNLOADREQUEST']._serialized_end=1175
+  _globals['_DOWNLOADCHUNK']._serialized_start=1177
+  _globals['_DOWNLOADCHUNK']._serialized_end=1258
+  _globals['_GETCHUNKURLSREQUEST']._serialized_start=1260
+  _globals['_GETCHUNKURLSREQUEST']._serialized_end=1313
+  _globals['_CHUNKURL']._serialized_start=1315
+  _globals['_CHUNKURL']._serialized_end=1374
+  _globals['_GETCHUNKURLSRESPONSE']._serialized_start=1376
+  _globals['_GETCHUNKURLSRESPONSE']._serialized_end=1482
+  _globals['_DELETEARTIFACTREQUEST']._serialized_start=1484
+  _globals['_DELETEARTIFACTREQUEST']._serialized_end=1523
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=1525
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1570
+  _globals['_ARTIFACTSERVICE']._serialized_start=1573
+  _globals['_ARTIFACTSERVICE']._serialized_end=2106
 # @@protoc_insertion_point(module_scope)

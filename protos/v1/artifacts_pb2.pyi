@@ -32,6 +32,8 @@ class Artifact(_message.Message):
     UPLOADED_BY_FIELD_NUMBER: _builtins.int
     KEY_IDS_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
+    CHUNK_URLS_FIELD_NUMBER: _builtins.int
+    CHUNK_URLS_EXPIRE_AT_FIELD_NUMBER: _builtins.int
     manifest: _builtins.bytes
     """The canonical manifest bytes (their sha256 is ref.digest) and its detached signatures."""
     signatures: _builtins.bytes
@@ -46,6 +48,15 @@ class Artifact(_message.Message):
     def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Signing key ids, for listing without parsing the signatures."""
 
+    @_builtins.property
+    def chunk_urls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkUrl]:
+        """Only in a Get answer that asked for them (want_chunk_urls) from an s3:// blob store: presigned
+        URLs of the artifact's chunks (at most 1024, each once), so a device needs no GetChunkUrls
+        call; empty otherwise (an older control plane, a local-disk store): ask GetChunkUrls.
+        """
+
+    @_builtins.property
+    def chunk_urls_expire_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -57,10 +68,12 @@ class Artifact(_message.Message):
         uploaded_by: _builtins.str = ...,
         key_ids: _abc.Iterable[_builtins.str] | None = ...,
         pinned: _builtins.bool = ...,
+        chunk_urls: _abc.Iterable[Global___ChunkUrl] | None = ...,
+        chunk_urls_expire_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "uploaded_at", b"uploaded_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_urls_expire_at", b"chunk_urls_expire_at", "ref", b"ref", "uploaded_at", b"uploaded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_ids", b"key_ids", "manifest", b"manifest", "pinned", b"pinned", "ref", b"ref", "signatures", b"signatures", "total_size", b"total_size", "uploaded_at", b"uploaded_at", "uploaded_by", b"uploaded_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_urls", b"chunk_urls", "chunk_urls_expire_at", b"chunk_urls_expire_at", "key_ids", b"key_ids", "manifest", b"manifest", "pinned", b"pinned", "ref", b"ref", "signatures", b"signatures", "total_size", b"total_size", "uploaded_at", b"uploaded_at", "uploaded_by", b"uploaded_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,16 +274,20 @@ class GetArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
+    WANT_CHUNK_URLS_FIELD_NUMBER: _builtins.int
     artifact: _builtins.str
     """A digest, or "name:version", or "name" (the newest version)."""
+    want_chunk_urls: _builtins.bool
+    """Also answer the chunks' presigned URLs (Artifact.chunk_urls), scoped as GetChunkUrls is."""
     def __init__(
         self,
         *,
         artifact: _builtins.str = ...,
+        want_chunk_urls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "want_chunk_urls", b"want_chunk_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

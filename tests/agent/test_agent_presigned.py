@@ -223,3 +223,42 @@ def test_a_fallback_to_download_is_not_for_good_and_every_device_gets_the_same_u
         time.sleep(1.1)  # a fresh signature would carry another X-Amz-Date
         again = plane.client.artifacts.GetChunkUrls(apb.GetChunkUrlsRequest(digest=v1.digest, chunks=chunk))
         assert first.urls[0].url == again.urls[0].url and first.expires_at == again.expires_at
+
+
+class CountingGrpcTransport(GrpcTransport):
+    """The agent's gRPC transport, counting GetChunkUrls calls; ``old_answers`` makes every manifest
+    answer one without URLs, as a control plane from before ``want_chunk_urls`` gives (it ignores
+    the field it does not know, so its answer is exactly the one to a request without it)."""
+
+    def __init__(self, address: str, old_answers: bool) -> None:
+        super().__init__(address, timeout_s=10)
+        self.old_answers = old_answers
+        self.url_calls = 0
+
+    def get_artifact(self, digest: str, want_chunk_urls: bool = False) -> apb.Artifact:
+        return super().get_artifact(digest, want_chunk_urls and not self.old_answers)
+
+    def chunk_urls(self, digest: str, chunks: list[str]) -> list[apb.ChunkUrl]:
+        self.url_calls += 1
+        return super().chunk_urls(digest, chunks)
+
+
+@pytest.mark.parametrize("old_answers", [False, True], ids=["one-call", "older-control-plane"])
+def test_the_manifest_answer_carries_the_urls_and_an_answer_without_them_falls_back(
+    tmp_path: Path, mosquitto: MosquittoProcess, trust: TrustStore, signing_key: SigningKey,
+    bucket: Bucket, old_answers: bool,
+) -> None:  # fmt: skip
+    with plane_on(tmp_path, mosquitto, trust, bucket.url) as plane:
+        v1 = push(plane, tmp_path, signing_key, 1, (1, 2, 3))
+        rpc = CountingGrpcTransport(plane.address, old_answers)
+        f = ArtifactFetcher(
+            LocalBlobStore(tmp_path / "device-chunks"),
+            [PresignedTransport(rpc, allow_http=True, timeout_s=5)],
+            FetchSettings(max_rounds=1),
+        )
+        report = fetch(f, v1)
+        assert (report.transport, report.bytes_fetched, report.corrupt_chunks) == ("presigned", v1.size, 0)
+        assert rpc.url_calls == (1 if old_answers else 0)
+        # An older agent asks without the field and gets the manifest alone, as before.
+        art = plane.client.artifacts.Get(apb.GetArtifactRequest(artifact=v1.digest), timeout=10)
+        assert not art.chunk_urls and not art.HasField("chunk_urls_expire_at") and art.manifest

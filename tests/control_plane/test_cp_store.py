@@ -216,6 +216,37 @@ def test_rollout_moves_in_waves_and_logs_each_step_once(
         rollouts.pause(rid)
 
 
+def test_a_step_judges_who_reported_and_who_is_due_by_the_clock(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    fleet, rollouts, _, recorder, _old, _new = _setup_rollout(store, tmp_path, trust, build, 4)
+    now = [1000.0]
+    controller = RolloutController(store, recorder, clock=lambda: now[0])
+    controller.full_judge_s = 3600.0  # no periodic look at every device until said
+    spec = StrategySpec(("100%",), max_failures="100%", health_timeout_s=60)
+    rid = rollouts.create("digits:2", Selector({"site": "lab"}), spec, "t").rollout.id
+
+    def judged(kind: str) -> set[str]:
+        return {e.device_id for e in rollouts.events_after(rid, 0) if e.kind == kind}
+
+    controller.step_all()  # all four moved
+    controller.step_all(set())  # those moved are judged once more: none has answered yet
+    recorder.sent = [p for p in recorder.sent if p.device_id != "dev-03"]  # dev-03 never answers
+    _answer(fleet, recorder)  # three serve the new version now...
+    controller.step_all({"dev-01"})  # ...but only dev-01's report is said to have arrived
+    assert judged("device_healthy") == {"dev-01"}
+    controller.step_all(set())
+    assert judged("device_healthy") == {"dev-01"}  # nothing reported: no step at all
+    controller.step_all({"dev-99"})
+    assert judged("device_healthy") == {"dev-01"}  # a device no rollout waits on: no step either
+    now[0] += 61  # the health deadline passed: due by the clock, judged at the next full look
+    controller.full_judge_s = 0.0
+    controller.step_all(set())
+    assert judged("device_healthy") == {"dev-00", "dev-01", "dev-02"}
+    assert judged("device_failed") == {"dev-03"}
+    assert rollouts.get(rid).rollout.state == rs.SUCCEEDED  # within the budget of 100 %
+
+
 def test_failed_wave_rolls_back_moved_devices(
     store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
 ) -> None:

@@ -319,8 +319,9 @@ class FleetRig:
     def get(self, rollout_id: str) -> RP.Rollout:
         return self.client.rollouts.Get(RP.GetRolloutRequest(id=rollout_id), timeout=10)
 
-    def wait_done(self, rollout_id: str, timeout: float = 180.0) -> RP.Rollout:
-        """The rollout once it reached a final state (polls, so it survives a control-plane restart)."""
+    def wait_done(self, rollout_id: str, timeout: float = 180.0, interval: float = 0.5) -> RP.Rollout:
+        """The rollout once it reached a final state (polls every ``interval`` s, so it survives a
+        control-plane restart)."""
         final = (RP.ROLLOUT_STATE_SUCCEEDED, RP.ROLLOUT_STATE_FAILED, RP.ROLLOUT_STATE_ROLLED_BACK,
                  RP.ROLLOUT_STATE_ABORTED)  # fmt: skip
 
@@ -331,7 +332,7 @@ class FleetRig:
                 return None
             return r if r.state in final else None
 
-        return wait_for(done, timeout, what=f"rollout {rollout_id} to finish", interval=0.5)
+        return wait_for(done, timeout, what=f"rollout {rollout_id} to finish", interval=interval)
 
     def close(self) -> None:
         for sim in self.sims:

@@ -82,3 +82,12 @@ def test_a_device_gets_chunk_urls_only_for_what_was_deployed_to_it(fleet: Secure
         )
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # The manifest answer that carries the URLs (want_chunk_urls) is scoped the same way: the
+    # deployed artifact's chunks, each once, and nothing, not even the manifest, for another.
+    art = device.Get(AP.GetArtifactRequest(artifact=digests["one"], want_chunk_urls=True), timeout=10)
+    assert sorted(u.chunk_digest for u in art.chunk_urls) == one
+    assert {u.url for u in art.chunk_urls} == {u.url for u in answer.urls}  # the same signed URLs
+    code, message = _code(
+        lambda: device.Get(AP.GetArtifactRequest(artifact=digests["two"], want_chunk_urls=True), timeout=10)
+    )
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "not deployed" in message
