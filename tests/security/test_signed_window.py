@@ -48,6 +48,9 @@ def test_signed_window_is_staged_then_swapped_inside_it(
                 return got.waves[0].devices[0]
 
             # the order names the window inside the signed bytes, not only in the readable copy
+            # The first wave is published by the controller's next step (a tick, not inside Create).
+            wait_for(lambda: Order.from_bytes(device.retained_desired().signed.payload).models[0].digest
+                     == rig.digests[2], 10, what="the wave's order published")  # fmt: skip
             signed = Order.from_bytes(device.retained_desired().signed.payload)
             assert [(m.digest, m.window) for m in signed.models] == [(rig.digests[2], WINDOW)]
             wait_for(lambda: device.record().models[NAME].staged_digest == rig.digests[2], 30,
