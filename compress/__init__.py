@@ -8,7 +8,8 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``passes``: one pass per file (``cleanup``, ``prune``, ``quantize``, ``mixed_precision``,
   ``tensorrt``), each ``run(state, config, ctx) -> PassResult`` (``passes/base.py``); ``export``,
   ``smooth`` and ``stem`` are the torch exporter, SmoothQuant and the image-stem rewrites (padded to
-  4 channels or kept float) the stages and passes call.
+  4 channels or kept float) the stages and passes call; ``quant_modes`` is what the quantize pass
+  may try on a target (its config, the modes a profile runs, each mode's first candidates).
 - ``source``: where the float model comes from (ONNX file, ``.pt2``, factory, ``nn.Module``).
 - ``data``: calibration and evaluation ``.npz`` files, checked against the model's inputs.
 - ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).
@@ -19,6 +20,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``channel_groups``: which channels structured pruning must remove together.
 - ``recover``: pruning a torch model with Torch-Pruning and distilling it back (``--train``).
 - ``graph``: facts about an ONNX graph (signature, parameters, MACs) and ORT sessions.
+- ``outcome``: what a run measured, as the manifest's ``metrics`` carry it.
 - ``package``: the signed artifact, written atomically.
 - ``digits``: the digits CNN and data the demo and tests train.
 - ``errors``: the package's named failures, each with an exit code.

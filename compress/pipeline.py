@@ -20,11 +20,12 @@ import numpy as np
 
 from edgectl.artifact import TensorSpec, summarize_inputs
 from edgectl.compress.clock import StageClock
-from edgectl.compress.data import SampleSet, read_samples, synthetic_samples
+from edgectl.compress.data import read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_params, model_stats, signature
 from edgectl.compress.metrics import check_metric_spec, parse_metric
+from edgectl.compress.outcome import artifact_metrics
 from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
 from edgectl.compress.passes.base import (
     CompressPass,
@@ -268,13 +269,13 @@ class _Run:
         self.record.setdefault("tensorrt", EngineResult.not_in_recipe(self.profile).to_dict())
         self.record["chosen"] = chosen.config
         req = self.req
-        metrics = _metrics(
+        metrics = artifact_metrics(
             self.baseline,
             chosen,
             self.trials,
             self.ctx.evaluator,
             self.data,
-            req,
+            req.max_drop,
             time.perf_counter() - started,
             self.ctx.providers,
         )
@@ -330,58 +331,6 @@ def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
     smallest = min(t.size_bytes or 0 for t in close)
     same_size = [t for t in close if (t.size_bytes or 0) <= smallest * 1.01]
     return min(same_size, key=lambda t: t.latency.p50_ms if t.latency else 0.0)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if not a or not b else round(a / b, 4)
-
-
-def _metrics(
-    baseline: Trial,
-    chosen: Trial,
-    trials: list[Trial],
-    ev: Evaluator,
-    data: SampleSet,
-    req: CompressRequest,
-    seconds: float,
-    providers: tuple[str, ...],
-) -> dict[str, Any]:
-    import platform
-
-    assert baseline.quality and chosen.quality
-    b_lat, c_lat = baseline.latency, chosen.latency
-    floats = [t.latency.p50_ms for t in trials if t.latency and t.stage in ("baseline", "cleanup")]
-    best_float = min(floats, default=None)
-    return {
-        # The artifact format's well-known keys first (flat numbers), then the details.
-        "quality_metric": ev.metric,
-        "quality_metric_source": ev.scorer.source,
-        "baseline_quality": round(baseline.quality.score, 6),
-        "compressed_quality": round(chosen.quality.score, 6),
-        "quality_drop": round(chosen.drop or 0.0, 6),
-        "max_drop": req.max_drop,
-        "min_cosine": round(chosen.quality.min_cosine, 6),
-        "eval_samples": data.count,
-        "eval_data": data.source,
-        "baseline_latency_ms": b_lat.p50_ms if b_lat else None,
-        "latency_ms": c_lat.p50_ms if c_lat else None,
-        "baseline_latency_p90_ms": b_lat.p90_ms if b_lat else None,
-        "latency_p90_ms": c_lat.p90_ms if c_lat else None,
-        "speedup": _ratio(b_lat.p50_ms if b_lat else None, c_lat.p50_ms if c_lat else None),
-        # Like for like: the float graph after the same clean-up the compressed model had, when faster.
-        "speedup_vs_best_float": _ratio(best_float, c_lat.p50_ms if c_lat else None),
-        "latency_measured_on": f"{', '.join(providers)}, intra_op_num_threads=1, batch 1, interleaved, "
-        f"{platform.machine()}{' VNNI' if cpu_has_vnni() else ''}",
-        "baseline_size_bytes": baseline.size_bytes,
-        "size_bytes": chosen.size_bytes,
-        "size_ratio": _ratio(baseline.size_bytes, chosen.size_bytes),
-        "baseline_macs": baseline.macs,
-        "macs": chosen.macs,
-        "baseline_params": baseline.params,
-        "params": chosen.params,
-        "trials": [t.to_dict() for t in trials],
-        "time_to_artifact_s": round(seconds, 2),
-    }
 
 
 def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
