@@ -29,7 +29,8 @@ from edgectl.compress.passes.base import CompressPass
 from edgectl.compress.passes.cleanup import CleanupConfig, CleanupPass
 from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass
 from edgectl.compress.passes.prune import PruneConfig, PrunePass
-from edgectl.compress.passes.quantize import QuantizeConfig, QuantizePass
+from edgectl.compress.passes.quant_modes import QuantizeConfig
+from edgectl.compress.passes.quantize import QuantizePass
 from edgectl.compress.passes.tensorrt import TensorRTConfig, TensorRTPass
 from edgectl.compress.quantizer import QUANTIZE_MODES
 

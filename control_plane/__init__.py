@@ -25,6 +25,7 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
   chunk bytes over MQTT).
 - ``rollouts``, ``rollout_store``: operator intent and its persistence (waves, progress, event log).
 - ``controller``: the leader's wave-by-wave health-gated rollout and automatic rollback.
+- ``verdict``: what one device's reported state means for its rollout (healthy, failed, skipped, waiting).
 - ``controller_loop``: the leader's thread that steps every active rollout when woken or on each tick.
 - ``trial_gate``: the soak gate of a canary or shadow rollout (agreement, p99 ratio, not yet known).
 - ``follow``: a continuous rollout after its waves: late joiners one by one, leavers sent back.

@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from edgectl.control_plane import rollout_store as rs
 from edgectl.control_plane.db import Tx
@@ -29,21 +28,13 @@ from edgectl.control_plane.desired import (
 from edgectl.control_plane.errors import NotFound
 from edgectl.control_plane.follow import follow
 from edgectl.control_plane.store import StateStore
-from edgectl.control_plane.strategy import OFFLINE_SKIP, failure_budget, parse_window
-from edgectl.control_plane.trial_gate import judge_trial, trial_summary
+from edgectl.control_plane.strategy import failure_budget, parse_window
+from edgectl.control_plane.trial_gate import trial_summary
+from edgectl.control_plane.verdict import judge_device
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
 FULL_JUDGE_S = 2.0  # every waiting device is judged at least this often, reported or not
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What a device's reported state means for the rollout right now."""
-
-    state: int  # a device rollout state, or D_DESIRED to keep waiting
-    reason: str = ""
-    soak_started: bool = False
 
 
 class RolloutController:
@@ -237,7 +228,7 @@ class RolloutController:
         """Judge every device of wave ``idx`` still waiting; returns the verdicts that were final."""
         final: list[int] = []
         for progress, live in rs.waiting(tx, r.id, idx, now, self._reported):
-            verdict = self._judge(r, progress, live, now)
+            verdict = judge_device(r, progress, live, now)
             if verdict.soak_started:
                 rs.update_device(tx, r.id, progress.device_id, now, healthy_since=now)
             if verdict.state == rs.D_DESIRED:
@@ -296,46 +287,6 @@ class RolloutController:
             healthy_since=None,
         )  # fmt: skip
         return publication
-
-    def _judge(
-        self, r: rs.RolloutRecord, p: rs.ProgressRecord, live: rs.LiveDevice | None, now: float
-    ) -> Verdict:
-        if live is None:
-            return Verdict(rs.D_SKIPPED, "decommissioned during the rollout")
-        s = r.strategy
-        model = live.models.get(r.artifact_name)
-        if model and model.digest == r.artifact_digest and model.smoke_test_passed:
-            if s.soak_s <= 0:
-                return Verdict(rs.D_HEALTHY)
-            error_rate, p99 = float(live.stats.get("error_rate", 0.0)), float(live.stats.get("p99_ms", 0.0))
-            if s.max_error_rate and error_rate > s.max_error_rate:
-                return Verdict(
-                    rs.D_FAILED, f"error rate {error_rate:.3f} above {s.max_error_rate:.3f} during soak"
-                )
-            if s.max_p99_ms and p99 > s.max_p99_ms:
-                return Verdict(
-                    rs.D_FAILED, f"p99 latency {p99:.1f} ms above {s.max_p99_ms:.1f} ms during soak"
-                )
-            if s.trial and p.previous_digest not in ("", r.artifact_digest):
-                trial_verdict = judge_trial(r, p, model, now)
-                if trial_verdict is not None:
-                    return Verdict(*trial_verdict)
-            if p.healthy_since is None:
-                return Verdict(rs.D_DESIRED, soak_started=True)
-            return Verdict(rs.D_HEALTHY) if now - p.healthy_since >= s.soak_s else Verdict(rs.D_DESIRED)
-        # A failure counts only once the device has seen this desired state, not from an old report.
-        if model and model.failed_digest == r.artifact_digest and live.observed_generation >= p.generation:
-            return Verdict(rs.D_FAILED, model.failure_reason or "the device refused the artifact")
-        waiting = model is not None and model.staged_digest == r.artifact_digest
-        if p.deadline is not None and now >= p.deadline:
-            if not live.online:
-                if s.offline_policy == OFFLINE_SKIP:
-                    return Verdict(
-                        rs.D_SKIPPED, f"offline for the whole {s.health_timeout_s}s health timeout"
-                    )
-                return Verdict(rs.D_FAILED, f"offline: no healthy report within {s.health_timeout_s}s")
-            return Verdict(rs.D_FAILED, f"not healthy within the {s.health_timeout_s}s health timeout")
-        return Verdict(rs.D_DESIRED, f"staged, waiting for the window {s.window}" if waiting else "")
 
     # -- moving back --------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from edgectl.compress.evaluate import Evaluator, measure_latency
 from edgectl.compress.graph import cpu_session, model_stats
 from edgectl.compress.passes.cleanup import CleanupConfig, cleanup
 from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, exclusion_steps
-from edgectl.compress.passes.quantize import QuantizeConfig
+from edgectl.compress.passes.quant_modes import QuantizeConfig
 from edgectl.compress.quantizer import QuantConfig, quantize
 from edgectl.compress.recipe import Recipe
 from edgectl.compress.sensitivity import rank_nodes

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgectl.compress.evaluate import Evaluator
-from edgectl.compress.passes.quantize import QuantizeConfig, QuantSearch
+from edgectl.compress.passes.quant_modes import QuantizeConfig
+from edgectl.compress.passes.quantize import QuantSearch
 from edgectl.devices import load_profile
 from tests.compress.conftest import outlier_mlp
 

@@ -15,7 +15,8 @@ from edgectl.compress.clock import StageClock, breakdown_lines
 from edgectl.compress.data import SampleSet
 from edgectl.compress.evaluate import Evaluator, measure_latency, out_of_race
 from edgectl.compress.metrics import parse_metric
-from edgectl.compress.passes.quantize import QuantizeConfig, QuantSearch
+from edgectl.compress.passes.quant_modes import QuantizeConfig
+from edgectl.compress.passes.quantize import QuantSearch
 from edgectl.compress.quantizer import QuantConfig, latency_candidates, quantize
 from edgectl.devices import load_profile
 from tests.compress.conftest import masked_attention, token_samples
