@@ -23,7 +23,6 @@ from tests.faults.conftest import (
     assert_fleet_verified,
     deploy,
     ids_of,
-    wave_started,
 )
 from tests.harness.fleet import FleetRig, wait_for
 
@@ -136,15 +135,18 @@ def test_artifact_deleted_from_blob_store_during_rollout(
     rig.wait_all_online(ids_of(sim))
     assert deploy(rig, 1).state == RP.ROLLOUT_STATE_SUCCEEDED
     assert_fleet_verified(rig, sim, trust, d1)
-    r = rig.rollout(f"{MODEL}:2", LABELS, ["1", "100%"], health_timeout_s=8)
+    # Paused after wave 1, so the bytes vanish after the first device fetched them and before any
+    # other device asks: without the pause a loaded host let wave 2 fetch first (a race, not a promise).
+    r = rig.rollout(f"{MODEL}:2", LABELS, ["1", "100%"], health_timeout_s=8, pause_after_waves=[1])
     with pytest.raises(grpc.RpcError) as refused:
         rig.client.artifacts.Delete(artifacts_pb2.DeleteArtifactRequest(digest=d2), timeout=10)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    wait_for(lambda: wave_started(rig, r.id, 1), 60, what="wave 2 to start", interval=0.02)
+    wait_for(lambda: rig.get(r.id).state == RP.ROLLOUT_STATE_PAUSED, 60, what="wave 1 to succeed")
     blobs = LocalBlobStore(rig.cp.blobs)
     old = {c.digest for f in artifacts.good(1).manifest.files for c in f.chunks}
     for chunk in {c.digest for f in new.manifest.files for c in f.chunks} - old:
         blobs.delete(chunk)
+    rig.client.rollouts.Resume(RP.RolloutActionRequest(id=r.id), timeout=10)
     final = rig.wait_done(r.id, 90)
     assert final.state == RP.ROLLOUT_STATE_FAILED, final.reason
     moved = [d for d in final.waves[0].devices]
