@@ -106,7 +106,10 @@ class Rewritten:
 def rewrite(src: Path, dst: Path, feed: dict[str, np.ndarray], config: LayoutConfig) -> Rewritten:
     """Write ``src`` with the rewrites ``config`` asks for to ``dst`` (only when something changed)."""
     model = onnx.load(str(src))
-    layout = write_channels_last(model, probe(model, feed)) if config.channels_last else LayoutReport()
+    layout = LayoutReport()
+    # The probe runs the model once with every tensor as an output: only where there is a conv to move.
+    if config.channels_last and any(n.op_type == "QLinearConv" for n in model.graph.node):
+        layout = write_channels_last(model, probe(model, feed))
     folded = fold_dequantize(model) if config.fold_dequantize else 0
     done = Rewritten(layout, folded)
     if done.changed:
