@@ -239,7 +239,8 @@ class ChannelsLast:
         order = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel()
         for user, (index, axis) in zip(users, [w for w in weights if w is not None], strict=True):
             weight = numpy_helper.to_array(self.inits[user.input[index]])
-            name_rows = f"{user.input[index]}_nhwc_rows"
+            # Named by the order: a weight shared by two flattens of other shapes gets two copies.
+            name_rows = f"{user.input[index]}_rows_hwc{h}x{w}x{c}"
             user.input[index] = self._add_init(np.take(weight, order, axis=axis), name_rows)
             self.report.weights_permuted += 1
         self.report.flattens_kept += 1
@@ -252,9 +253,10 @@ class ChannelsLast:
         out, inp = self._shape(node.output[0]), self._shape(node.input[0])
         if node.op_type != "Reshape" or len(out) != 2 or node.input[1] not in self.inits:
             return False
-        target = numpy_helper.to_array(self.inits[node.input[1]])
-        copies_channels = _attr(node, "allowzero") == 0 and int(target[1]) == 0
-        return target.size == 2 and out[0] == inp[0] and not copies_channels
+        target = numpy_helper.to_array(self.inits[node.input[1]]).ravel()
+        if target.size != 2 or not inp or out[0] != inp[0]:
+            return False
+        return _attr(node, "allowzero") != 0 or int(target[1]) != 0  # a 0 would copy the channel count
 
     def _weight_rows(self, node: onnx.NodeProto) -> tuple[int, int] | None:
         """(input index, axis) of the reduction rows of a matrix product's constant 2-D weight, else None."""

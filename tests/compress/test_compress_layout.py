@@ -97,6 +97,25 @@ def test_the_digits_shape_runs_without_a_transpose_and_gives_the_same_integers(
         np.testing.assert_array_equal(a, b)  # batch 32, probed on batch 1
 
 
+@pytest.mark.parametrize("shape", [(-1, 512), (0, 512), (1, 512)])
+def test_a_reshape_into_the_classifier_is_absorbed_like_a_flatten(
+    shape: tuple[int, int], tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    q = int8(tiny_onnx, tmp_path / "q.onnx", images[:16])
+    model = onnx.load(str(q))
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    del flatten.attribute[:]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(shape, np.int64), "flat_shape"))
+    flatten.input.append("flat_shape")
+    onnx.save(model, str(q))
+    x = images[16:17] if shape[0] == 1 else images[16:]
+    out = tmp_path / "nhwc.onnx"
+    report = rewrite(q, out, {"image": images[:1]}, ONLY_NHWC).layout
+    assert report.weights_permuted == 1 and report.transposes == 0 and ops(out)["Reshape"] == 2
+    np.testing.assert_array_equal(run_all(out, x)[0], run_all(q, x)[0])
+
+
 def test_residual_adds_depthwise_convs_and_global_pooling_stay_exact(
     residual_onnx: Path, rgb: np.ndarray, tmp_path: Path
 ) -> None:
