@@ -132,12 +132,12 @@ class ChannelsLast:
         if any(len(self._shape(node.input[i])) != 4 for i in ins):
             return False
         if op == "QLinearConv":
-            return node.domain in ("", "ai.onnx", MS_DOMAIN) and self.facts.dtypes[node.input[0]] in _INT8
+            return node.domain in ("", "ai.onnx", MS_DOMAIN) and self.facts.dtypes.get(node.input[0]) in _INT8
         if op == "MaxPool":  # NhwcMaxPool has no Indices output and no column-major storage
             return (
                 len([o for o in node.output if o]) == 1
                 and _attr(node, "storage_order") == 0
-                and self.facts.dtypes[node.input[0]] in _INT8
+                and self.facts.dtypes.get(node.input[0]) in _INT8
             )
         if node.domain != MS_DOMAIN:
             return False
