@@ -6,10 +6,11 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
   package) and the Python API (``run``, ``compress_module``); it knows no pass by name.
 - ``recipe``: the recipe, a dataclass with one optional typed config per pass, in run order.
 - ``passes``: one pass per file (``cleanup``, ``prune``, ``quantize``, ``mixed_precision``,
-  ``tensorrt``), each ``run(state, config, ctx) -> PassResult`` (``passes/base.py``); ``export``,
-  ``smooth`` and ``stem`` are the torch exporter, SmoothQuant and the image-stem rewrites (padded to
-  4 channels or kept float) the stages and passes call; ``quant_modes`` is what the quantize pass
-  may try on a target (its config, the modes a profile runs, each mode's first candidates).
+  ``layout``, ``tensorrt``), each ``run(state, config, ctx) -> PassResult`` (``passes/base.py``);
+  ``export``, ``smooth``, ``stem`` and ``channels_last`` are the torch exporter, SmoothQuant, the
+  image-stem rewrites (padded to 4 channels or kept float) and the NHWC rewrite of int8 graphs the
+  stages and passes call; ``quant_modes`` is what the quantize pass may try on a target (its
+  config, the modes a profile runs, each mode's first candidates).
 - ``source``: where the float model comes from (ONNX file, ``.pt2``, factory, ``nn.Module``).
 - ``data``: calibration and evaluation ``.npz`` files, checked against the model's inputs.
 - ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).

@@ -7,6 +7,7 @@ YAML form (each entry names one pass; parameters are optional; order is the run 
       - prune: {ratio: 0.5}
       - quantize: {mode: auto}
       - mixed_precision: {max_float_fraction: 0.25}
+      - layout: {channels_last: true}
       - tensorrt: {precision: auto}
 
 Adding a pass: write ``passes/<name>.py`` (a config dataclass and a ``CompressPass``) and add one
@@ -27,6 +28,7 @@ import yaml
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.passes.base import CompressPass
 from edgectl.compress.passes.cleanup import CleanupConfig, CleanupPass
+from edgectl.compress.passes.layout import LayoutConfig, LayoutPass
 from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass
 from edgectl.compress.passes.prune import PruneConfig, PrunePass
 from edgectl.compress.passes.quant_modes import QuantizeConfig
@@ -52,6 +54,7 @@ class Recipe:
     mixed_precision: MixedPrecisionConfig | None = field(
         default=None, metadata={"pass": MixedPrecisionPass()}
     )
+    layout: LayoutConfig | None = field(default=None, metadata={"pass": LayoutPass()})
     tensorrt: TensorRTConfig | None = field(default=None, metadata={"pass": TensorRTPass()})
 
     def __post_init__(self) -> None:
@@ -123,6 +126,7 @@ class Recipe:
             prune=_prune_config(prune, finetune_epochs),
             quantize=QuantizeConfig(mode=quantize) if quantizing else None,  # type: ignore[arg-type]
             mixed_precision=MixedPrecisionConfig() if quantizing else None,
+            layout=LayoutConfig() if quantizing else None,  # skips itself where int8 is not on ORT's CPU EP
             tensorrt=TensorRTConfig() if tensorrt else None,
         )
 

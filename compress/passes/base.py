@@ -114,6 +114,15 @@ class PassContext:
             models, feed, rounds=self.latency_rounds, providers=self.providers, racing=racing
         )
 
+    def keep_not_slower(self, reference: Path, rewrites: Sequence[Path]) -> tuple[int | None, list[float]]:
+        """Time ``reference`` and its ``rewrites`` interleaved on the target: the index of the fastest
+        rewrite not slower than the reference (within SAME_SPEED), or None; and every p50 in ms,
+        the reference's first. A rewrite ORT would have made better at load is dropped this way."""
+        timings = self.time([reference, *rewrites], [False, *(True for _ in rewrites)])
+        p50 = [t.p50_ms for t in timings]
+        kept = [i for i, ms in enumerate(p50[1:]) if ms <= p50[0] * (1 + SAME_SPEED)]
+        return min(kept, key=lambda i: p50[1 + i], default=None), p50
+
     def judge(self, trial: Trial) -> Trial:
         """Score ``trial`` against the float model and mark it passed or not (the one gate)."""
         return self.gate.judge(trial, self.evaluator)

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from onnx import shape_inference
 
-from edgectl.compress.passes.base import SAME_SPEED, CompressPass, ModelState, PassContext, PassResult
+from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 
 # ORT's quantization tools look for this mark to know a model was pre-processed.
 _PRE_PROCESS_KEY = "onnx.quant.pre_process"
@@ -184,18 +184,12 @@ class CleanupPass(CompressPass[CleanupConfig]):
         elif config.optimize or tried[0][2].fused:
             with ctx.clock.stage("cleanup: time rewrites"):
                 # The input is the reference; of the rewrites only the fastest can be kept.
-                timings = ctx.time([state.model, *(p for _, p, _ in tried)], [False, *(True for _ in tried)])
-            before = timings[0].p50_ms
-            measured = {"input_ms": round(before, 4)}
-            for (label, _, _), lat in zip(tried, timings[1:], strict=True):
-                measured[f"{label}_ms"] = round(lat.p50_ms, 4)
-            kept = [
-                (t, lat)
-                for t, lat in zip(tried, timings[1:], strict=True)
-                if lat.p50_ms <= before * (1 + SAME_SPEED)
-            ]
-            if kept:
-                (label, out, report), _ = min(kept, key=lambda k: k[1].p50_ms)
+                kept, p50 = ctx.keep_not_slower(state.model, [p for _, p, _ in tried])
+            measured = {"input_ms": round(p50[0], 4)}
+            for (label, _, _), ms in zip(tried, p50[1:], strict=True):
+                measured[f"{label}_ms"] = round(ms, 4)
+            if kept is not None:
+                label, out, report = tried[kept]
                 record = {**report.to_dict(), "kept": label, "timing": measured}
             else:
                 # No rewrite pays: keep the input's graph, with only the metadata later passes need.
