@@ -184,6 +184,20 @@ def _json_kind_name(found: np.ndarray) -> str:
     )
 
 
+def _json_strings(name: str, data: Any) -> list[bytes]:
+    """JSON ``data`` of a BYTES input: strings only (a number, null or object is not a string, and
+    is not silently turned into one)."""
+    values = []
+    for v in _flat(data):
+        if not isinstance(v, str):
+            raise InvalidInputError(
+                f"input {name!r}: BYTES data must be JSON strings, got {json.dumps(v)[:40]}; "
+                "send other bytes as binary data"
+            )
+        values.append(v.encode())
+    return values
+
+
 def decode_inputs(request: HttpRequest) -> dict[str, Array]:
     """The inputs as numpy arrays: binary ones are views of the body, JSON ones are converted."""
     view = memoryview(request.body)
@@ -197,7 +211,7 @@ def decode_inputs(request: HttpRequest) -> dict[str, Array]:
             dtype = numpy_dtype(h.datatype)
             out[h.name] = np.frombuffer(view, dtype=dtype, count=count, offset=item.offset)
         elif h.datatype == "BYTES":
-            values = [v.encode() if isinstance(v, str) else v for v in _flat(item.data)]
+            values = _json_strings(h.name, item.data)
             arr = np.empty(len(values), dtype=np.object_)
             arr[:] = values
             out[h.name] = arr
