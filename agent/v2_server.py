@@ -35,6 +35,8 @@ from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.tls import ServingSecurity
 from edgectl.agent.v2_triton import (
     EXTENSIONS,
+    SHARED_MEMORY_REGION,
+    in_shared_memory,
     model_config,
     model_metadata,
     model_statistics,
@@ -150,10 +152,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield pb.ModelStreamInferResponse(infer_response=response)
 
     def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        for i in request.inputs:
+            if SHARED_MEMORY_REGION in i.parameters:
+                raise in_shared_memory("input", i.name, i.parameters[SHARED_MEMORY_REGION].string_param)
         outputs = []
         for o in request.outputs:
             if "classification" in o.parameters:  # answering with the raw tensor would mislead
                 raise InvalidInputError(_NO_CLASSIFICATION.format(o.name))
+            if SHARED_MEMORY_REGION in o.parameters:
+                raise in_shared_memory("output", o.name, o.parameters[SHARED_MEMORY_REGION].string_param)
             outputs.append(o.name)
         call = InferCall(
             model=request.model_name,

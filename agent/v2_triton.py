@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.codecs import v2_datatype
-from edgectl.agent.errors import NotServedError
+from edgectl.agent.errors import InvalidInputError, NotServedError
 from edgectl.agent.model_stats import Duration
 from edgectl.agent.serving import ModelRegistry, ServedModel
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
@@ -43,6 +43,19 @@ _NOT_SERVED = {
 }
 # What the server metadata lists: Triton's names of the extensions served here.
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+
+
+# A tensor parameter of Triton's shared-memory extension: the tensor's bytes are in that region.
+SHARED_MEMORY_REGION = "shared_memory_region"
+
+
+def in_shared_memory(kind: str, name: str, region: object) -> InvalidInputError:
+    """The refusal of a request whose input or output names a shared-memory region: serving it from
+    the request body would leave the caller reading a region nobody wrote."""
+    return InvalidInputError(
+        f"{kind} {name!r} names shared memory region {region!r}, and shared memory is not served by "
+        "the edgectl agent: send the tensors in the request and read the outputs from the response"
+    )
 
 
 def not_served(extension: str) -> NotServedError:

@@ -90,6 +90,32 @@ def test_unserved_extensions_answer_not_implemented_with_the_reason(
         client.close()
 
 
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_tensors_in_shared_memory_are_refused_not_ignored(proto: str, served: tuple[Agent, Path]) -> None:
+    """An output asked into a shared-memory region used to be answered in the body: the caller
+    then read a region nobody wrote. Inputs said "0 values" instead of why."""
+    agent, _ = served
+    assert agent.http is not None
+    module: Any = tg if proto == "grpc" else th
+    client = module.InferenceServerClient(agent.address if proto == "grpc" else agent.http.address)
+    in_shm = module.InferInput("x", [2, 4], "FP32")
+    in_shm.set_shared_memory("inputs", 32)
+    out_shm = module.InferRequestedOutput("y")
+    out_shm.set_shared_memory("outputs", 24)
+    want_status = "StatusCode.INVALID_ARGUMENT" if proto == "grpc" else "400"
+    try:
+        for inputs, outputs, needle in (
+            ([in_shm], None, "input 'x' names shared memory region 'inputs'"),
+            ([_input(module, _x(2))], [out_shm], "output 'y' names shared memory region 'outputs'"),
+        ):
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("mlp", inputs, outputs=outputs)
+            assert str(caught.value.status()) == want_status
+            assert needle in caught.value.message() and "not served" in caught.value.message()
+    finally:
+        client.close()
+
+
 def test_http_refusals_have_the_json_error_body(served: tuple[Agent, Path]) -> None:
     agent, _ = served
     assert agent.http is not None
