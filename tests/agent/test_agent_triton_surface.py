@@ -25,7 +25,8 @@ from tritonclient.utils import InferenceServerException
 from edgectl.agent.agent import Agent
 from edgectl.security.files import write_private
 from tests.agent.conftest import Bundles
-from tests.agent.onnx_models import run_direct
+from tests.agent.onnx_models import add_model, run_direct
+from tests.agent.v2_harness import InProcessV2
 
 
 def _x(rows: int, seed: int = 0) -> np.ndarray:
@@ -114,6 +115,35 @@ def test_tensors_in_shared_memory_are_refused_not_ignored(proto: str, served: tu
             assert needle in caught.value.message() and "not served" in caught.value.message()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_inputs_of_a_batched_model_must_share_the_batch_size(proto: str, tmp_path: Path) -> None:
+    """Triton refuses inputs whose first dimensions differ when max_batch_size > 0; served, they
+    broadcast alone, and stacked with another caller's rows they fail or misalign its batch."""
+    served = InProcessV2(add_model(tmp_path / "add.onnx"), name="add", http=True)
+    assert served.http is not None
+    module: Any = tg if proto == "grpc" else th
+    client = module.InferenceServerClient(served.server.address if proto == "grpc" else served.http.address)
+
+    def inputs(rows_a: int, rows_b: int) -> list[Any]:
+        out = []
+        for name, rows in (("a", rows_a), ("b", rows_b)):
+            inp = module.InferInput(name, [rows, 3], "FP32")
+            inp.set_data_from_numpy(np.full((rows, 3), rows, np.float32))
+            out.append(inp)
+        return out
+
+    try:
+        assert client.get_model_config("add", **({"as_json": True} if proto == "grpc" else {}))
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("add", inputs(2, 1))
+        assert str(caught.value.status()) in ("StatusCode.INVALID_ARGUMENT", "400")
+        assert "one batch size" in caught.value.message() and "'a' 2, 'b' 1" in caught.value.message()
+        np.testing.assert_array_equal(client.infer("add", inputs(2, 2)).as_numpy("sum"), np.full((2, 3), 4))
+    finally:
+        client.close()
+        served.close()
 
 
 def test_http_refusals_have_the_json_error_body(served: tuple[Agent, Path]) -> None:
