@@ -8,6 +8,7 @@ KServe) see the codes and messages they expect.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -61,6 +62,9 @@ _CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
 # A stream request that asks for it gets this flag on its (only) response, as Triton sets it.
 _FINAL_ASKED = "triton_enable_empty_final_response"
 _FINAL = "triton_final_response"
+# An open stream holds a server worker while it waits for its next request, open or idle: the
+# streams get at most half of V2Server's workers, so unary calls and health checks keep theirs.
+MAX_STREAMS = 64
 
 
 _NO_CLASSIFICATION = (
@@ -80,11 +84,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService backed by a ModelRegistry and an InferenceRouter."""
 
     def __init__(
-        self, registry: ModelRegistry, router: InferenceRouter, ready: Callable[[], bool] | None = None
+        self,
+        registry: ModelRegistry,
+        router: InferenceRouter,
+        ready: Callable[[], bool] | None = None,
+        *,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
         self.registry = registry
         self.router = router
         self._ready = ready
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -140,6 +151,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Triton's bidirectional stream: one answer per request, in order; a failed request
         answers with its error message and the stream goes on."""
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} ModelStreamInfer streams are open, the most this agent serves at "
+                "once; close one, or send ModelInfer requests",
+            )
+        try:
+            yield from self._stream(requests)
+        finally:
+            self._streams.release()
+
+    def _stream(self, requests: Iterator[pb.ModelInferRequest]) -> Iterator[pb.ModelStreamInferResponse]:
         for request in requests:
             try:
                 response = self._infer(request)

@@ -23,9 +23,10 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from edgectl.agent.agent import Agent
+from edgectl.agent.v2_server import InferenceServicer, V2Server
 from edgectl.security.files import write_private
 from tests.agent.conftest import Bundles
-from tests.agent.onnx_models import add_model, run_direct
+from tests.agent.onnx_models import add_model, mlp_model, run_direct
 from tests.agent.v2_harness import InProcessV2
 
 
@@ -215,6 +216,31 @@ def test_grpc_aio_stream_infer(served: tuple[Agent, Path]) -> None:
     assert [rid for rid, _ in got] == ["s0", "s1", "s2"]
     for i, (_, y) in enumerate(got):
         np.testing.assert_allclose(y, run_direct(model, {"x": _x(1, i)})["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_open_streams_leave_workers_for_unary_calls(tmp_path: Path) -> None:
+    """Each open stream holds a server worker while it waits: unbounded, idle streams took every
+    worker and ModelInfer and health checks timed out. Streams past the cap are refused."""
+    served = InProcessV2(mlp_model(tmp_path / "mlp.onnx"), name="mlp")
+    server = V2Server(InferenceServicer(served.registry, served.router, max_streams=2), "127.0.0.1:0")
+    server.start()
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    clients = [tg.InferenceServerClient(server.address) for _ in range(3)]
+    try:
+        for client in clients:
+            client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        result, error = answers.get(timeout=20)  # the third stream, refused when it opens
+        assert result is None and "RESOURCE_EXHAUSTED" in str(error.status())
+        assert "2 ModelStreamInfer streams are open" in error.message()
+        assert answers.empty()
+        y = clients[0].infer("mlp", [_input(tg, _x(1))], client_timeout=10).as_numpy("y")
+        np.testing.assert_allclose(y, run_direct(served.model_path, {"x": _x(1)})["y"], rtol=1e-5, atol=1e-5)
+    finally:
+        for client in clients:
+            client.stop_stream()
+            client.close()
+        server.stop(0)
+        served.close()
 
 
 def test_grpc_stream_without_the_token_is_refused_at_once(
