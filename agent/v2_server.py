@@ -273,8 +273,10 @@ class V2Server:
             options=[
                 # The request byte cap: gRPC refuses a longer message (RESOURCE_EXHAUSTED) from its
                 # length prefix, before reading it.
-                ("grpc.max_send_message_length", servicer.router.limits.max_request_bytes),
                 ("grpc.max_receive_message_length", servicer.router.limits.max_request_bytes),
+                # Responses are not capped (as over HTTP, and as Triton sends them): a model may
+                # answer an accepted request with more bytes than it took in.
+                ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
             ],
             interceptors=security.grpc_interceptors() if security is not None else None,

@@ -23,10 +23,11 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from edgectl.agent.agent import Agent
+from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.v2_server import InferenceServicer, V2Server
 from edgectl.security.files import write_private
 from tests.agent.conftest import Bundles
-from tests.agent.onnx_models import add_model, mlp_model, run_direct
+from tests.agent.onnx_models import add_model, mlp_model, run_direct, tile_model
 from tests.agent.v2_harness import InProcessV2
 
 
@@ -145,6 +146,24 @@ def test_inputs_of_a_batched_model_must_share_the_batch_size(proto: str, tmp_pat
     finally:
         client.close()
         served.close()
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_a_response_larger_than_the_request_cap_is_sent(proto: str, tmp_path: Path) -> None:
+    """The request cap bounds what the agent reads; gRPC applied it to responses too, and a 32 kB
+    request answered with 8 MB failed RESOURCE_EXHAUSTED "Sent message larger than max"."""
+    limits = RequestLimits(max_request_bytes=1 << 20)
+    served = InProcessV2(tile_model(tmp_path / "tile.onnx"), name="tile", http=True, limits=limits)
+    assert served.http is not None
+    module: Any = tg if proto == "grpc" else th
+    client = module.InferenceServerClient(served.server.address if proto == "grpc" else served.http.address)
+    x = np.random.default_rng(3).standard_normal((2000, 4)).astype(np.float32)
+    try:
+        y = client.infer("tile", [_input(module, x)]).as_numpy("y")
+    finally:
+        client.close()
+        served.close()
+    np.testing.assert_array_equal(y, np.tile(x, (1, 256)))
 
 
 def test_http_refusals_have_the_json_error_body(served: tuple[Agent, Path]) -> None:
