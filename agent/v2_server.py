@@ -62,8 +62,8 @@ _CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
 # A stream request that asks for it gets this flag on its (only) response, as Triton sets it.
 _FINAL_ASKED = "triton_enable_empty_final_response"
 _FINAL = "triton_final_response"
-# An open stream holds a server worker while it waits for its next request, open or idle: the
-# streams get at most half of V2Server's workers, so unary calls and health checks keep theirs.
+# An open stream holds a server worker while it waits for its next request: streams are capped,
+# and V2Server adds a worker per stream to its pool, so unary calls and health checks keep theirs.
 MAX_STREAMS = 64
 
 
@@ -267,9 +267,11 @@ class V2Server:
         security: ServingSecurity | None = None,
     ) -> None:
         # A sync gRPC worker is held for the whole request, so the workers bound the requests in
-        # flight, and with them the batches the micro-batcher can form while one batch runs.
+        # flight, and with them the batches the micro-batcher can form while one batch runs. Open
+        # streams hold workers of their own, on top of ``max_workers``.
+        workers = max_workers + servicer.max_streams
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="v2"),
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="v2"),
             options=[
                 # The request byte cap: gRPC refuses a longer message (RESOURCE_EXHAUSTED) from its
                 # length prefix, before reading it.

@@ -239,9 +239,11 @@ def test_grpc_aio_stream_infer(served: tuple[Agent, Path]) -> None:
 
 def test_open_streams_leave_workers_for_unary_calls(tmp_path: Path) -> None:
     """Each open stream holds a server worker while it waits: unbounded, idle streams took every
-    worker and ModelInfer and health checks timed out. Streams past the cap are refused."""
+    worker and ModelInfer and health checks timed out. Streams past the cap are refused, and the
+    open ones hold workers on top of the server's own."""
     served = InProcessV2(mlp_model(tmp_path / "mlp.onnx"), name="mlp")
-    server = V2Server(InferenceServicer(served.registry, served.router, max_streams=2), "127.0.0.1:0")
+    servicer = InferenceServicer(served.registry, served.router, max_streams=2)
+    server = V2Server(servicer, "127.0.0.1:0", max_workers=1)  # streams get workers on top of this one
     server.start()
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     clients = [tg.InferenceServerClient(server.address) for _ in range(3)]
