@@ -31,6 +31,10 @@ class ModelUnavailableError(AgentError):
     """The model exists but cannot serve right now: loading, failing, or overloaded (UNAVAILABLE)."""
 
 
+class NotServedError(AgentError):
+    """A Triton extension the agent does not serve, such as shared memory or model control (UNIMPLEMENTED)."""
+
+
 class ModelLoadError(AgentError):
     """onnxruntime could not create a session for the model on any execution provider."""
 

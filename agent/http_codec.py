@@ -29,6 +29,7 @@ from edgectl.agent.codecs import (
     v2_datatype,
 )
 from edgectl.agent.errors import InvalidInputError
+from edgectl.agent.v2_triton import SHARED_MEMORY_REGION, in_shared_memory
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -99,7 +100,10 @@ def parse_request(body: bytes, header_length: str | None, limits: RequestLimits)
         if not isinstance(shape, list) or not all(type(d) is int for d in shape):  # bool is not a dim
             raise InvalidInputError(f"input {item['name']!r}: 'shape' must be a list of integers")
         datatype = str(item.get("datatype", ""))
-        size = _params(item).get("binary_data_size")
+        params = _params(item)
+        if SHARED_MEMORY_REGION in params:
+            raise in_shared_memory("input", item["name"], params[SHARED_MEMORY_REGION])
+        size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(body):
                 raise InvalidInputError(
@@ -128,6 +132,8 @@ def parse_request(body: bytes, header_length: str | None, limits: RequestLimits)
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInputError("each requested output must be an object with a 'name'")
         params = _params(out)
+        if SHARED_MEMORY_REGION in params:
+            raise in_shared_memory("output", out["name"], params[SHARED_MEMORY_REGION])
         if params.get("classification"):
             raise InvalidInputError(
                 f"output {out['name']!r}: the classification extension is not served; "
@@ -184,6 +190,20 @@ def _json_kind_name(found: np.ndarray) -> str:
     )
 
 
+def _json_strings(name: str, data: Any) -> list[bytes]:
+    """JSON ``data`` of a BYTES input: strings only (a number, null or object is not a string, and
+    is not silently turned into one)."""
+    values = []
+    for v in _flat(data):
+        if not isinstance(v, str):
+            raise InvalidInputError(
+                f"input {name!r}: BYTES data must be JSON strings, got {json.dumps(v)[:40]}; "
+                "send other bytes as binary data"
+            )
+        values.append(v.encode())
+    return values
+
+
 def decode_inputs(request: HttpRequest) -> dict[str, Array]:
     """The inputs as numpy arrays: binary ones are views of the body, JSON ones are converted."""
     view = memoryview(request.body)
@@ -197,7 +217,7 @@ def decode_inputs(request: HttpRequest) -> dict[str, Array]:
             dtype = numpy_dtype(h.datatype)
             out[h.name] = np.frombuffer(view, dtype=dtype, count=count, offset=item.offset)
         elif h.datatype == "BYTES":
-            values = [v.encode() if isinstance(v, str) else v for v in _flat(item.data)]
+            values = _json_strings(h.name, item.data)
             arr = np.empty(len(values), dtype=np.object_)
             arr[:] = values
             out[h.name] = arr

@@ -30,15 +30,18 @@ from edgectl.agent.errors import (
     InvalidInputError,
     ModelNotFoundError,
     ModelUnavailableError,
+    NotServedError,
 )
 from edgectl.agent.http_codec import HEADER_LENGTH, HttpRequest, decode_inputs, encode_response, parse_request
 from edgectl.agent.router import SERVED_BY, InferCall, InferenceRouter, InferResult
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.v2_triton import (
+    EXTENSIONS,
     message_to_triton_dict,
     model_config,
     model_metadata,
     model_statistics,
+    not_served,
     repository_index,
 )
 
@@ -51,7 +54,17 @@ _STATUS: list[tuple[type[AgentError], int]] = [
     (ModelUnavailableError, 503),
     (BurstUnavailableError, 503),
     (BudgetExhaustedError, 429),
+    (NotServedError, 501),
 ]
+# Triton's REST paths of the extensions not served here (every method), and which extension each is.
+_NOT_SERVED_PATHS = {
+    "/v2/repository/models/{model}/{action:load|unload}": "model_repository",
+    "/v2/systemsharedmemory{rest:(/.*)?}": "system_shared_memory",
+    "/v2/cudasharedmemory{rest:(/.*)?}": "cuda_shared_memory",
+    "/v2/trace/setting": "trace",
+    "/v2/models/{model}/trace/setting": "trace",
+    "/v2/logging": "logging",
+}
 
 
 def _status(exc: AgentError) -> int:
@@ -68,8 +81,19 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except AgentError as exc:
         return _error(_status(exc), str(exc))
-    except web.HTTPException:
-        raise  # aiohttp's own answers: unknown path 404, wrong method 405, body too large 413
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own refusals (unknown path 404, wrong method 405, body too large 413) with the
+        # V2 error body: Triton's clients parse every error body as JSON.
+        default = f"{exc.status}: {exc.reason}"
+        message = (
+            exc.text if exc.text and exc.text != default else f"{exc.reason}: {request.method} {request.path}"
+        )
+        response = _error(exc.status, message)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception as exc:  # a bug, not the caller's fault: a V2 error body, and the trace in the log
         log.exception("HTTP %s %s failed", request.method, request.path)
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -118,6 +142,8 @@ class HttpV2Server:
             r.add_get(base + "/config", self._config)
             r.add_get(base + "/stats", self._stats)
             r.add_post(base + "/infer", self._infer)
+        for path, extension in _NOT_SERVED_PATHS.items():
+            r.add_route("*", path, self._not_served(extension))
 
     def is_ready(self) -> bool:
         """Ready to serve: a model is loaded (or what the agent says)."""
@@ -130,7 +156,16 @@ class HttpV2Server:
         return web.Response(status=200 if self.is_ready() else 400)
 
     async def _server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "edgectl-agent", "version": edgectl.__version__, "extensions": []})
+        return web.json_response(
+            {"name": "edgectl-agent", "version": edgectl.__version__, "extensions": list(EXTENSIONS)}
+        )
+
+    @staticmethod
+    def _not_served(extension: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            raise not_served(extension)
+
+        return handler
 
     def _served(self, request: web.Request) -> Any:
         return self.registry.require(request.match_info["model"], request.match_info.get("version", ""))

@@ -126,14 +126,18 @@ class _TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        # A streaming call is refused when it opens: a unary refusal would first wait for a
+        # request, holding a server worker for a caller without the token.
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith(HEALTH_PREFIXES):
             return continuation(details)
         metadata = dict(details.invocation_metadata or ())
+        handler = continuation(details)
         if self._check(metadata.get("authorization")):
-            return continuation(details)
-        return self._deny
+            return handler
+        return self._deny_stream if handler is not None and handler.request_streaming else self._deny
 
 
 def serving_security(

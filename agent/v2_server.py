@@ -8,8 +8,9 @@ KServe) see the codes and messages they expect.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, NoReturn
 
@@ -28,11 +29,21 @@ from edgectl.agent.errors import (
     InvalidInputError,
     ModelNotFoundError,
     ModelUnavailableError,
+    NotServedError,
 )
 from edgectl.agent.router import SERVED_BY, InferCall, InferenceRouter
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.tls import ServingSecurity
-from edgectl.agent.v2_triton import model_config, model_metadata, model_statistics, repository_index
+from edgectl.agent.v2_triton import (
+    EXTENSIONS,
+    SHARED_MEMORY_REGION,
+    in_shared_memory,
+    model_config,
+    model_metadata,
+    model_statistics,
+    not_served,
+    repository_index,
+)
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -46,7 +57,14 @@ _CODES: list[tuple[type[AgentError], grpc.StatusCode]] = [
     (BurstUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (BudgetExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InferenceError, grpc.StatusCode.INTERNAL),
+    (NotServedError, grpc.StatusCode.UNIMPLEMENTED),
 ]
+# A stream request that asks for it gets this flag on its (only) response, as Triton sets it.
+_FINAL_ASKED = "triton_enable_empty_final_response"
+_FINAL = "triton_final_response"
+# An open stream holds a server worker while it waits for its next request: streams are capped,
+# and V2Server adds a worker per stream to its pool, so unary calls and health checks keep theirs.
+MAX_STREAMS = 64
 
 
 _NO_CLASSIFICATION = (
@@ -66,11 +84,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService backed by a ModelRegistry and an InferenceRouter."""
 
     def __init__(
-        self, registry: ModelRegistry, router: InferenceRouter, ready: Callable[[], bool] | None = None
+        self,
+        registry: ModelRegistry,
+        router: InferenceRouter,
+        ready: Callable[[], bool] | None = None,
+        *,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
         self.registry = registry
         self.router = router
         self._ready = ready
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -86,7 +111,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.registry.resolve(request.name, request.version) is not None)
 
     def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="edgectl-agent", version=edgectl.__version__, extensions=[])
+        return pb.ServerMetadataResponse(
+            name="edgectl-agent", version=edgectl.__version__, extensions=EXTENSIONS
+        )
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
@@ -114,10 +141,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return repository_index(self.registry, request.ready)
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        try:
+            return self._infer(request)
+        except AgentError as exc:
+            _abort_for(context, exc)
+
+    def ModelStreamInfer(
+        self, requests: Iterator[pb.ModelInferRequest], context: Any
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        """Triton's bidirectional stream: one answer per request, in order; a failed request
+        answers with its error message and the stream goes on."""
+        if not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} ModelStreamInfer streams are open, the most this agent serves at "
+                "once; close one, or send ModelInfer requests",
+            )
+        try:
+            yield from self._stream(requests)
+        finally:
+            self._streams.release()
+
+    def _stream(self, requests: Iterator[pb.ModelInferRequest]) -> Iterator[pb.ModelStreamInferResponse]:
+        for request in requests:
+            try:
+                response = self._infer(request)
+            except AgentError as exc:
+                yield pb.ModelStreamInferResponse(error_message=str(exc))
+                continue
+            asked = request.parameters.get(_FINAL_ASKED)
+            if asked is not None and asked.bool_param:
+                response.parameters[_FINAL].bool_param = True
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
+    def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        for i in request.inputs:
+            if SHARED_MEMORY_REGION in i.parameters:
+                raise in_shared_memory("input", i.name, i.parameters[SHARED_MEMORY_REGION].string_param)
         outputs = []
         for o in request.outputs:
             if "classification" in o.parameters:  # answering with the raw tensor would mislead
-                _abort_for(context, InvalidInputError(_NO_CLASSIFICATION.format(o.name)))
+                raise InvalidInputError(_NO_CLASSIFICATION.format(o.name))
+            if SHARED_MEMORY_REGION in o.parameters:
+                raise in_shared_memory("output", o.name, o.parameters[SHARED_MEMORY_REGION].string_param)
             outputs.append(o.name)
         call = InferCall(
             model=request.model_name,
@@ -130,10 +196,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             nbytes=lambda: sum(map(len, request.raw_input_contents)),
             decode_exact=lambda table: table.decode_exact(request),
         )
-        try:
-            result = self.router.infer(call)
-        except AgentError as exc:
-            _abort_for(context, exc)
+        result = self.router.infer(call)
         if result.response is not None:
             return result.response
         assert result.outputs is not None and result.served is not None
@@ -143,6 +206,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         result.served.stats.output(int((time.perf_counter() - start) * 1e9))
         return response
+
+    # Triton's extensions that are not served: UNIMPLEMENTED with what to do instead.
+    def RepositoryModelLoad(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("model_repository"))
+
+    def RepositoryModelUnload(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("model_repository"))
+
+    def SystemSharedMemoryStatus(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("system_shared_memory"))
+
+    def SystemSharedMemoryRegister(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("system_shared_memory"))
+
+    def SystemSharedMemoryUnregister(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("system_shared_memory"))
+
+    def CudaSharedMemoryStatus(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("cuda_shared_memory"))
+
+    def CudaSharedMemoryRegister(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("cuda_shared_memory"))
+
+    def CudaSharedMemoryUnregister(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("cuda_shared_memory"))
+
+    def TraceSetting(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("trace"))
+
+    def LogSettings(self, request: pb.UnservedRequest, context: Any) -> pb.UnservedResponse:
+        _abort_for(context, not_served("logging"))
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -173,14 +267,18 @@ class V2Server:
         security: ServingSecurity | None = None,
     ) -> None:
         # A sync gRPC worker is held for the whole request, so the workers bound the requests in
-        # flight, and with them the batches the micro-batcher can form while one batch runs.
+        # flight, and with them the batches the micro-batcher can form while one batch runs. Open
+        # streams hold workers of their own, on top of ``max_workers``.
+        workers = max_workers + servicer.max_streams
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="v2"),
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="v2"),
             options=[
                 # The request byte cap: gRPC refuses a longer message (RESOURCE_EXHAUSTED) from its
                 # length prefix, before reading it.
-                ("grpc.max_send_message_length", servicer.router.limits.max_request_bytes),
                 ("grpc.max_receive_message_length", servicer.router.limits.max_request_bytes),
+                # Responses are not capped (as over HTTP, and as Triton sends them): a model may
+                # answer an accepted request with more bytes than it took in.
+                ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
             ],
             interceptors=security.grpc_interceptors() if security is not None else None,

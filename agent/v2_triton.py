@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.codecs import v2_datatype
+from edgectl.agent.errors import InvalidInputError, NotServedError
 from edgectl.agent.model_stats import Duration
 from edgectl.agent.serving import ModelRegistry, ServedModel
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
@@ -20,6 +21,47 @@ from edgectl.protos.inference import model_config_pb2 as mc
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+# Triton's extensions the agent answers "not served" (gRPC UNIMPLEMENTED, HTTP 501, as Triton
+# answers what it does not support), each with what to do instead.
+_NOT_SERVED = {
+    "model_repository": (
+        "loading and unloading models",
+        "the control plane decides what it runs (deploy with a rollout, or --serve-only another --model-dir)",
+    ),
+    "system_shared_memory": (
+        "system shared memory",
+        "send the tensors in the request (raw contents over gRPC, binary data over HTTP)",
+    ),
+    "cuda_shared_memory": (
+        "CUDA shared memory",
+        "send the tensors in the request (raw contents over gRPC, binary data over HTTP)",
+    ),
+    "trace": ("tracing", "the model statistics and the agent's --metrics endpoint show where time goes"),
+    "logging": ("changing log settings", "start the agent with --log-level"),
+}
+# What the server metadata lists: Triton's names of the extensions served here.
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+
+
+# A tensor parameter of Triton's shared-memory extension: the tensor's bytes are in that region.
+SHARED_MEMORY_REGION = "shared_memory_region"
+
+
+def in_shared_memory(kind: str, name: str, region: object) -> InvalidInputError:
+    """The refusal of a request whose input or output names a shared-memory region: serving it from
+    the request body would leave the caller reading a region nobody wrote."""
+    return InvalidInputError(
+        f"{kind} {name!r} names shared memory region {region!r}, and shared memory is not served by "
+        "the edgectl agent: send the tensors in the request and read the outputs from the response"
+    )
+
+
+def not_served(extension: str) -> NotServedError:
+    """The error for a call of a Triton extension the agent does not serve."""
+    what, instead = _NOT_SERVED[extension]
+    return NotServedError(f"{what} is not served by the edgectl agent: {instead}")
 
 
 def _data_type(dtype: str) -> mc.DataType.ValueType:

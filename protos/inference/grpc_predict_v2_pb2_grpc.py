@@ -64,6 +64,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStreamInfer = channel.stream_stream(
+                '/inference.GRPCInferenceService/ModelStreamInfer',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
+                _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
                 request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelConfigRequest.SerializeToString,
@@ -78,6 +83,56 @@ class GRPCInferenceServiceStub:
                 '/inference.GRPCInferenceService/RepositoryIndex',
                 request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.RepositoryIndexRequest.SerializeToString,
                 response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.RepositoryModelLoad = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryModelLoad',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.RepositoryModelUnload = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryModelUnload',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.SystemSharedMemoryStatus = channel.unary_unary(
+                '/inference.GRPCInferenceService/SystemSharedMemoryStatus',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.SystemSharedMemoryRegister = channel.unary_unary(
+                '/inference.GRPCInferenceService/SystemSharedMemoryRegister',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.SystemSharedMemoryUnregister = channel.unary_unary(
+                '/inference.GRPCInferenceService/SystemSharedMemoryUnregister',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.CudaSharedMemoryStatus = channel.unary_unary(
+                '/inference.GRPCInferenceService/CudaSharedMemoryStatus',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.CudaSharedMemoryRegister = channel.unary_unary(
+                '/inference.GRPCInferenceService/CudaSharedMemoryRegister',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.CudaSharedMemoryUnregister = channel.unary_unary(
+                '/inference.GRPCInferenceService/CudaSharedMemoryUnregister',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.TraceSetting = channel.unary_unary(
+                '/inference.GRPCInferenceService/TraceSetting',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+                _registered_method=True)
+        self.LogSettings = channel.unary_unary(
+                '/inference.GRPCInferenceService/LogSettings',
+                request_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+                response_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
                 _registered_method=True)
 
 
@@ -120,10 +175,16 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ModelConfig(self, request, context):
+    def ModelStreamInfer(self, request_iterator, context):
         """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
-        perf_analyzer and tritonclient call them. Repository load/unload stay UNIMPLEMENTED.
+        perf_analyzer and tritonclient call them.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -135,6 +196,69 @@ class GRPCInferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RepositoryIndex(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryModelLoad(self, request, context):
+        """Declared so that Triton's clients get UNIMPLEMENTED with the reason, not "Method not found":
+        the control plane decides what runs, and tensors travel in the request. The agent refuses
+        them without reading the request, so it declares none of their fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryModelUnload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SystemSharedMemoryStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SystemSharedMemoryRegister(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SystemSharedMemoryUnregister(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CudaSharedMemoryStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CudaSharedMemoryRegister(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CudaSharedMemoryUnregister(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TraceSetting(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogSettings(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +297,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
                     response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
             ),
+            'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModelStreamInfer,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.SerializeToString,
+            ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
                     request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelConfigRequest.FromString,
@@ -187,6 +316,56 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.RepositoryIndex,
                     request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.RepositoryIndexRequest.FromString,
                     response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryModelLoad,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryModelUnload,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'SystemSharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SystemSharedMemoryStatus,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'SystemSharedMemoryRegister': grpc.unary_unary_rpc_method_handler(
+                    servicer.SystemSharedMemoryRegister,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'SystemSharedMemoryUnregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.SystemSharedMemoryUnregister,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'CudaSharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.CudaSharedMemoryStatus,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'CudaSharedMemoryRegister': grpc.unary_unary_rpc_method_handler(
+                    servicer.CudaSharedMemoryRegister,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'CudaSharedMemoryUnregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.CudaSharedMemoryUnregister,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'TraceSetting': grpc.unary_unary_rpc_method_handler(
+                    servicer.TraceSetting,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
+            ),
+            'LogSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogSettings,
+                    request_deserializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.FromString,
+                    response_serializer=edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +541,33 @@ class GRPCInferenceService:
             _registered_method=True)
 
     @staticmethod
+    def ModelStreamInfer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inference.GRPCInferenceService/ModelStreamInfer',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ModelConfig(request,
             target,
             options=(),
@@ -432,6 +638,276 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/RepositoryIndex',
             edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.RepositoryIndexRequest.SerializeToString,
             edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryModelLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryModelLoad',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryModelUnload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryModelUnload',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SystemSharedMemoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/SystemSharedMemoryStatus',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SystemSharedMemoryRegister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/SystemSharedMemoryRegister',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SystemSharedMemoryUnregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/SystemSharedMemoryUnregister',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CudaSharedMemoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/CudaSharedMemoryStatus',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CudaSharedMemoryRegister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/CudaSharedMemoryRegister',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CudaSharedMemoryUnregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/CudaSharedMemoryUnregister',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceSetting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/TraceSetting',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/LogSettings',
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedRequest.SerializeToString,
+            edgectl_dot_protos_dot_inference_dot_grpc__predict__v2__pb2.UnservedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,12 +40,27 @@ class GRPCInferenceServiceStub:
     ServerMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ServerMetadataRequest, _grpc_predict_v2_pb2.ServerMetadataResponse]
     ModelMetadata: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelMetadataRequest, _grpc_predict_v2_pb2.ModelMetadataResponse]
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]
-    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]
+    ModelStreamInfer: _grpc.StreamStreamMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelStreamInferResponse]
     """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
-    perf_analyzer and tritonclient call them. Repository load/unload stay UNIMPLEMENTED.
+    perf_analyzer and tritonclient call them.
     """
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]
     ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]
     RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]
+    RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    """Declared so that Triton's clients get UNIMPLEMENTED with the reason, not "Method not found":
+    the control plane decides what runs, and tensors travel in the request. The agent refuses
+    them without reading the request, so it declares none of their fields.
+    """
+    RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    SystemSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    SystemSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    SystemSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    CudaSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    CudaSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    CudaSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    TraceSetting: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
+    LogSettings: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -56,12 +71,27 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     ServerMetadata: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ServerMetadataRequest, _grpc_predict_v2_pb2.ServerMetadataResponse]  # type: ignore[assignment]
     ModelMetadata: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelMetadataRequest, _grpc_predict_v2_pb2.ModelMetadataResponse]  # type: ignore[assignment]
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]  # type: ignore[assignment]
-    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    ModelStreamInfer: _aio.StreamStreamMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelStreamInferResponse]  # type: ignore[assignment]
     """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
-    perf_analyzer and tritonclient call them. Repository load/unload stay UNIMPLEMENTED.
+    perf_analyzer and tritonclient call them.
     """
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]  # type: ignore[assignment]
     ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelStatisticsRequest, _grpc_predict_v2_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
     RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
+    RepositoryModelLoad: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    """Declared so that Triton's clients get UNIMPLEMENTED with the reason, not "Method not found":
+    the control plane decides what runs, and tensors travel in the request. The agent refuses
+    them without reading the request, so it declares none of their fields.
+    """
+    RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    SystemSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    SystemSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    SystemSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    CudaSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    CudaSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    CudaSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    TraceSetting: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
+    LogSettings: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.UnservedRequest, _grpc_predict_v2_pb2.UnservedResponse]  # type: ignore[assignment]
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -107,14 +137,21 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_grpc_predict_v2_pb2.ModelInferResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelInferResponse]]: ...
 
     @_abc_1.abstractmethod
+    def ModelStreamInfer(
+        self,
+        request_iterator: _MaybeAsyncIterator[_grpc_predict_v2_pb2.ModelInferRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_grpc_predict_v2_pb2.ModelStreamInferResponse], _abc.AsyncIterator[_grpc_predict_v2_pb2.ModelStreamInferResponse]]:
+        """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
+        perf_analyzer and tritonclient call them.
+        """
+
+    @_abc_1.abstractmethod
     def ModelConfig(
         self,
         request: _grpc_predict_v2_pb2.ModelConfigRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_grpc_predict_v2_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelConfigResponse]]:
-        """Triton's extensions of the service (grpc_service.proto), same names and field numbers:
-        perf_analyzer and tritonclient call them. Repository load/unload stay UNIMPLEMENTED.
-        """
+    ) -> _typing.Union[_grpc_predict_v2_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelConfigResponse]]: ...
 
     @_abc_1.abstractmethod
     def ModelStatistics(
@@ -129,5 +166,79 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_predict_v2_pb2.RepositoryIndexRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_predict_v2_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_predict_v2_pb2.RepositoryIndexResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RepositoryModelLoad(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]:
+        """Declared so that Triton's clients get UNIMPLEMENTED with the reason, not "Method not found":
+        the control plane decides what runs, and tensors travel in the request. The agent refuses
+        them without reading the request, so it declares none of their fields.
+        """
+
+    @_abc_1.abstractmethod
+    def RepositoryModelUnload(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryStatus(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryRegister(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryUnregister(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryStatus(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryRegister(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryUnregister(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TraceSetting(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def LogSettings(
+        self,
+        request: _grpc_predict_v2_pb2.UnservedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.UnservedResponse, _abc.Awaitable[_grpc_predict_v2_pb2.UnservedResponse]]: ...
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -93,6 +93,32 @@ def int_model(path: Path) -> Path:
     return _save(graph, path)
 
 
+def add_model(path: Path) -> Path:
+    """Write ``a[batch, 3] + b[batch, 3] -> sum[batch, 3]`` (two batched inputs)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"])],
+        "add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 3]),
+        ],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", 3])],
+    )
+    return _save(graph, path)
+
+
+def tile_model(path: Path, times: int = 256) -> Path:
+    """Write ``x[batch, 4] -> y[batch, 4 * times]`` (x repeated): a response ``times`` the request."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "reps"], ["y"])],
+        "tile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4 * times])],
+        [numpy_helper.from_array(np.array([1, times], np.int64), "reps")],
+    )
+    return _save(graph, path)
+
+
 def run_direct(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
     """The reference: a plain onnxruntime CPU session on the same file."""
     opts = ort.SessionOptions()

@@ -17,7 +17,7 @@ import pytest
 
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.http_codec import HEADER_LENGTH
-from tests.agent.onnx_models import int_model, mlp_model, run_direct
+from tests.agent.onnx_models import int_model, mlp_model, run_direct, string_model
 from tests.agent.v2_harness import InProcessV2
 
 X = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
@@ -153,6 +153,22 @@ def test_malformed_http_requests_get_their_status(
     assert _call(f"{served.url}/v2/models/ghost/infer", b"{}")[0] == 404
     assert _call(f"{served.url}/v2/models/mlp/versions/9/infer", b"{}")[0] == 404
     assert _call(f"{served.url}/v2/health/ready")[0] == 200
+
+
+def test_json_bytes_data_must_be_strings(tmp_path: Path) -> None:
+    """A number, null or object in a BYTES input's JSON data is refused, not served as its repr."""
+    s = InProcessV2(string_model(tmp_path / "s.onnx"), name="s", http=True)
+    try:
+        url = f"{s.url}/v2/models/s/infer"
+        for data in ([1, 2], ["a", None], [{"b64": "YQ=="}, "b"]):
+            doc = {"inputs": [{"name": "s", "shape": [2], "datatype": "BYTES", "data": data}]}
+            status, body = _json(url, doc)
+            assert status == 400 and "must be JSON strings" in body["error"], (data, body)
+        doc = {"inputs": [{"name": "s", "shape": [2], "datatype": "BYTES", "data": ["a", "wörld"]}]}
+        status, body = _json(url, doc)
+        assert status == 200 and body["outputs"][0]["data"] == ["a", "wörld"]
+    finally:
+        s.close()
 
 
 def test_request_over_the_byte_cap_is_413(served: InProcessV2) -> None:
