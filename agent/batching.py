@@ -58,6 +58,11 @@ class _Pending:
 
 
 def _trailing_key(feeds: Mapping[str, Array]) -> tuple[object, ...]:
+    """What requests must share to be stacked along the first dimension. A request whose inputs
+    disagree on that dimension (a model whose free first dimensions are not one batch: points and
+    queries, or an input that broadcasts) matches no other request, so it runs alone."""
+    if len({a.shape[0] if a.ndim else None for a in feeds.values()}) > 1:
+        return (object(),)
     return tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items()))
 
 

@@ -136,10 +136,8 @@ class InputTable:
     """A model version's inputs as the request path checks them, worked out once when the version
     is installed: each name's V2 datatype, item size and shape pattern."""
 
-    def __init__(self, model: str, specs: Sequence[TensorSpec], *, batched: bool = False) -> None:
+    def __init__(self, model: str, specs: Sequence[TensorSpec]) -> None:
         self.model = model
-        # Requests are stacked along the first dimension: every input must have the same count.
-        self.batched = batched
         self.specs = {s.name: s for s in specs}
         self._names = set(self.specs)
         self.datatypes = {s.name: v2_datatype(s.dtype) for s in specs}
@@ -195,11 +193,6 @@ class InputTable:
                     f"input {h.name!r}: {h.size} bytes of data, expected {count * numpy_dtype(want).itemsize} "
                     f"({want} x shape {list(h.shape)})"
                 )
-        if self.batched and len({h.shape[0] for h in headers}) > 1:
-            sizes = ", ".join(f"{h.name!r} {h.shape[0]}" for h in headers)
-            raise InvalidInputError(
-                f"inputs of model {model!r} must have one batch size (first dimension), got {sizes}"
-            )
 
     def decode_exact(self, request: pb.ModelInferRequest) -> dict[str, Array] | None:
         """The inputs of a gRPC request with raw contents that fits the signature exactly, as numpy
@@ -223,8 +216,6 @@ class InputTable:
                 return None
             # A read-only view of the received bytes: one call (frombuffer + reshape cost ~5x more).
             out[name] = np.ndarray(shape, dtype, data)
-        if self.batched and len(out) > 1 and len({a.shape[0] for a in out.values()}) > 1:
-            return None
         return out
 
 

@@ -37,7 +37,7 @@ class ServedModel:
         self.model = model
         self._metrics = metrics
         self.stats = ModelStats()
-        self.inputs = InputTable(model.name, model.inputs, batched=model.batchable)
+        self.inputs = InputTable(model.name, model.inputs)
         summary = model.input_summary
         # Live inputs against the artifact's calibration summary; None when it carries none.
         self.drift = LiveSketch(summary) if summary is not None and summary.inputs else None
