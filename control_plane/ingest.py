@@ -19,6 +19,7 @@ from edgectl.control_plane.device_state import Reported, Status
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.store import StateStore
+from edgectl.logs import name_os_thread
 from edgectl.mqtt.wire import PayloadError, decode, parse_site_bridge, parse_topic, peek
 from edgectl.protos.v1 import mqtt_pb2
 
@@ -74,6 +75,7 @@ class FleetIngest:
             self._thread = None
 
     def _run(self) -> None:
+        name_os_thread()
         while not self._stop.is_set():
             try:
                 first = self.bus.inbox.get(timeout=0.5)
