@@ -223,8 +223,11 @@ def main() -> None:
         # The idle rate first (ticks, election, heartbeats), so that what the rollout itself costs
         # per device can be told from what the control plane spends anyway over the wall time.
         idle0, idle_t0 = cpu_seconds(rig.cp.proc.pid), time.monotonic()  # type: ignore[union-attr]
+        idle_threads0 = thread_cpu(rig.cp.proc.pid)  # type: ignore[union-attr]
         time.sleep(args.idle_s)
-        idle_rate = (cpu_seconds(rig.cp.proc.pid) - idle0) / (time.monotonic() - idle_t0)  # type: ignore[union-attr]
+        idle_dt = time.monotonic() - idle_t0
+        idle_rate = (cpu_seconds(rig.cp.proc.pid) - idle0) / idle_dt  # type: ignore[union-attr]
+        idle_threads = by_thread_kind(idle_threads0, thread_cpu(rig.cp.proc.pid))  # type: ignore[union-attr]
         counter = MessageCounter(broker.host, broker.port)
         time.sleep(0.5)  # subscribed before the rollout starts
         counter.counting = True
@@ -282,6 +285,11 @@ def main() -> None:
         print(
             "  ... by thread (ms per device):  "
             + ", ".join(f"{k} {v / n * 1000:.2f}" for k, v in top if v > 0)
+        )
+        idle_top = sorted(idle_threads.items(), key=lambda kv: -kv[1])
+        print(
+            "  idle rate by thread (ms/s):     "
+            + ", ".join(f"{k} {v / idle_dt * 1000:.1f}" for k, v in idle_top if v > 0)
         )
         print(f"  load average (1 min) at the rollout's start / end: {load0:.1f} / {load1:.1f}")
         print(f"  loopback copy of {n} x {artifact_bytes / 1e6:.1f} MB:  {copy_s:8.2f} s  (the limit)")
