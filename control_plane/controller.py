@@ -68,7 +68,7 @@ class RolloutController:
         self._reported: set[str] | None = None
         self._moved: set[str] = set()
         self._full_at = float("-inf")  # monotonic: when every waiting device was last judged
-        self._looked_at = float("-inf")  # monotonic: when the devices due by the clock were
+        self._looked_at = float("-inf")  # monotonic: when those due by the clock were last judged
         self.full_judge_s = FULL_JUDGE_S
         self.clock_look_s = CLOCK_LOOK_S
 
@@ -101,7 +101,8 @@ class RolloutController:
                 self.step(rollout_id)
             self.refresh_orders()
         except BaseException:
-            self._full_at = self._looked_at = float("-inf")  # judged next time: what a failed step would have
+            # What a failed step would have judged is judged next time.
+            self._full_at = self._looked_at = float("-inf")
             raise
 
     def refresh_orders(self) -> int:

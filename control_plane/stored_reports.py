@@ -16,6 +16,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,9 @@ class StoredReport:
 class StoredReports:
     """The last report stored per device, and the last-seen times not yet written."""
 
-    def __init__(self, flush_s: float = LAST_SEEN_FLUSH_S, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, flush_s: float = LAST_SEEN_FLUSH_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.flush_s = flush_s
         self._clock = clock
         self._lock = threading.Lock()  # the ingest thread, and stop() from another
