@@ -8,6 +8,8 @@ until its next report); every report that changes the row is committed before th
 is woken, as before. The flush writes a device's last-seen time only while its row still holds
 what this leader stored (see :meth:`Fleet.touch`); a row changed by someone else (re-enrolled,
 decommissioned, another leader) is reported back, forgotten here, and written in full again.
+What it holds: the decoded report and its row per device, a few KB (1.4 KB of Python objects for
+a one-model report, plus the message), so some 300 MB for 100,000 devices.
 """
 
 from __future__ import annotations
