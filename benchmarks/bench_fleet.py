@@ -104,6 +104,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Thread id -> (its OS name, user + system CPU seconds) of a live process, from /proc."""
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
+def by_thread_kind(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds spent between two ``thread_cpu`` samples, by kind of thread: the control plane
+    names its own (``grpc_3`` -> ``grpc``); gRPC's C-core names its; the rest keep the process's name."""
+    spent: collections.Counter[str] = collections.Counter()
+    for tid, (name, cpu) in after.items():
+        kind = re.sub(r"[_-]?\d+$", "", name) or name
+        spent[kind] += cpu - before.get(tid, (name, 0.0))[1]
+    return dict(spent)
+
+
 def socket_bytes(port: int) -> tuple[int, int, int]:
     """(connections, bytes sent, bytes received) summed over established TCP sockets on local ``port``."""
     out = subprocess.run(
@@ -198,12 +223,17 @@ def main() -> None:
         # The idle rate first (ticks, election, heartbeats), so that what the rollout itself costs
         # per device can be told from what the control plane spends anyway over the wall time.
         idle0, idle_t0 = cpu_seconds(rig.cp.proc.pid), time.monotonic()  # type: ignore[union-attr]
+        idle_threads0 = thread_cpu(rig.cp.proc.pid)  # type: ignore[union-attr]
         time.sleep(args.idle_s)
-        idle_rate = (cpu_seconds(rig.cp.proc.pid) - idle0) / (time.monotonic() - idle_t0)  # type: ignore[union-attr]
+        idle_dt = time.monotonic() - idle_t0
+        idle_rate = (cpu_seconds(rig.cp.proc.pid) - idle0) / idle_dt  # type: ignore[union-attr]
+        idle_threads = by_thread_kind(idle_threads0, thread_cpu(rig.cp.proc.pid))  # type: ignore[union-attr]
         counter = MessageCounter(broker.host, broker.port)
         time.sleep(0.5)  # subscribed before the rollout starts
         counter.counting = True
         cpu0 = cpu_seconds(rig.cp.proc.pid)  # type: ignore[union-attr]
+        threads0 = thread_cpu(rig.cp.proc.pid)  # type: ignore[union-attr]
+        load0 = os.getloadavg()[0]
         blob0 = s3.proxy.injected.downstream_bytes if s3 else 0
         t1 = time.monotonic()
         rollout = rig.rollout(f"{art.manifest.name}:{art.manifest.version}", {"fleet": "bench"},
@@ -213,6 +243,8 @@ def main() -> None:
         final = rig.wait_done(rollout.id, timeout=1800, interval=2.0)
         wall = time.monotonic() - t1
         cpu = cpu_seconds(rig.cp.proc.pid) - cpu0  # type: ignore[union-attr]
+        threads = by_thread_kind(threads0, thread_cpu(rig.cp.proc.pid))  # type: ignore[union-attr]
+        load1 = os.getloadavg()[0]
         time.sleep(0.5)  # the last messages reach the counter
         counter.counting = False
         counter.close()
@@ -249,6 +281,17 @@ def main() -> None:
         busy = cpu - idle_rate * wall
         print(f"  ... above its idle rate:        {busy:8.2f} s  ({busy / n * 1000:.2f} ms per device; "
               f"idle {idle_rate * 1000:.0f} ms/s)")  # fmt: skip
+        top = sorted(threads.items(), key=lambda kv: -kv[1])
+        print(
+            "  ... by thread (ms per device):  "
+            + ", ".join(f"{k} {v / n * 1000:.2f}" for k, v in top if v > 0)
+        )
+        idle_top = sorted(idle_threads.items(), key=lambda kv: -kv[1])
+        print(
+            "  idle rate by thread (ms/s):     "
+            + ", ".join(f"{k} {v / idle_dt * 1000:.1f}" for k, v in idle_top if v > 0)
+        )
+        print(f"  load average (1 min) at the rollout's start / end: {load0:.1f} / {load1:.1f}")
         print(f"  loopback copy of {n} x {artifact_bytes / 1e6:.1f} MB:  {copy_s:8.2f} s  (the limit)")
         print(f"  rollout / loopback copy:        {wall / copy_s:8.1f} x")
         if final.state != rollouts_pb2.ROLLOUT_STATE_SUCCEEDED:

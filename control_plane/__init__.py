@@ -32,6 +32,8 @@ Imported as ``edgectl.control_plane``. One job per module (a test keeps this lis
 - ``desired``: desired state written before it is published, republished on (re)connect.
 - ``bus``: the MQTT connection: retained desired state out, device reports in.
 - ``ingest``: the leader's MQTT loop: batched report and event ingest.
+- ``stored_reports``: the last report stored per device, so an unchanged heartbeat is not decoded or
+  written; last-seen times written in bulk.
 - ``burst_grants``: the fleet's burst budget: shares granted to agents, refilled as they spend.
 - ``chunk_server``: artifact chunks over MQTT for broker-only sites, bounded per request and device.
 - ``leader``: one controller per fleet (PostgreSQL advisory lock, or a file lock for SQLite).

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from edgectl.control_plane.device_state import DeviceRecord
 from edgectl.control_plane.errors import InvalidArgument
+from edgectl.logs import name_os_thread
 from edgectl.mqtt.wire import DeviceTopics, encode
 from edgectl.protos.v1 import fleet_pb2, mqtt_pb2
 
@@ -222,6 +223,7 @@ class BurstGrants:
         self._thread.start()
 
     def _run(self) -> None:
+        name_os_thread()
         while not self._stop.wait(self.tick_s):
             try:
                 self.tick()

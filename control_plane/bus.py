@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from edgectl.addresses import parse_mqtt_url
 from edgectl.control_plane.desired import Publication
+from edgectl.logs import name_os_thread
 from edgectl.mqtt.wire import (
     ALL_CHUNK_REQUESTS,
     ALL_EVENTS,
@@ -153,6 +154,7 @@ class FleetBus:
             log.warning("MQTT connection refused", extra={"reason": str(reason)})
             self._on_error("connect_refused")
             return
+        name_os_thread("mqtt-network")  # paho's thread (for per-thread CPU: top -H)
         self._connected.set()
         self._subscribe_shared(client)
         with self._lock:

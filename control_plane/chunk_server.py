@@ -26,6 +26,7 @@ from edgectl.control_plane.artifacts import ArtifactStore
 from edgectl.control_plane.bus import FleetBus
 from edgectl.control_plane.errors import ControlPlaneError, InvalidArgument
 from edgectl.control_plane.limits import LimitExceeded, PeerBudget
+from edgectl.logs import name_os_thread
 from edgectl.mqtt.wire import DeviceTopics, PayloadError, decode, encode, parse_topic
 from edgectl.protos.v1 import mqtt_pb2
 
@@ -96,6 +97,7 @@ class ChunkServer:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        name_os_thread()
         while (item := self.requests.get()) is not None:
             device_id, request = item
             try:

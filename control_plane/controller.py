@@ -34,7 +34,10 @@ from edgectl.control_plane.verdict import judge_device
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
-FULL_JUDGE_S = 2.0  # every waiting device is judged at least this often, reported or not
+CLOCK_LOOK_S = 2.0  # devices due by the clock (health deadline passed, soak running) are judged this often
+# Every waiting device is judged at least this often, reported or not: a backstop, since a verdict
+# changes only with a report (which wakes the controller with its device) or with the clock.
+FULL_JUDGE_S = 30.0
 
 
 class RolloutController:
@@ -65,31 +68,41 @@ class RolloutController:
         self._reported: set[str] | None = None
         self._moved: set[str] = set()
         self._full_at = float("-inf")  # monotonic: when every waiting device was last judged
+        self._looked_at = float("-inf")  # monotonic: when those due by the clock were last judged
         self.full_judge_s = FULL_JUDGE_S
+        self.clock_look_s = CLOCK_LOOK_S
 
     def step_all(self, reported: set[str] | None = None) -> None:
         """Step every active rollout. ``reported``: the devices whose reports arrived since the last
-        call (None: anything may have changed). Only those, those just moved and, every
-        ``full_judge_s``, every waiting device (the health deadlines and soaks passed with them) are
-        judged, so a step costs what changed, not the fleet; reports of devices that no rollout waits
-        on (heartbeats) cause no step."""
+        call (None: anything may have changed). Only those, those just moved, every ``clock_look_s``
+        those due by the clock (health deadline passed, soak running) and every ``full_judge_s`` every
+        waiting device are judged, so a step costs what changed, not the fleet; reports of devices
+        that no rollout waits on (heartbeats) cause no step, and a tick with nothing to judge no
+        transaction."""
         tick = time.monotonic()
+        clock_look = tick >= self._looked_at + self.clock_look_s
+        if clock_look:
+            self._looked_at = tick
         if reported is None or tick >= self._full_at + self.full_judge_s:
-            self._reported, self._full_at = None, tick
+            self._reported, self._full_at, clock_look = None, tick, True
         else:
             self._reported = reported | self._moved
         self._moved = set()
         try:
+            if not clock_look and not self._reported:
+                self.refresh_orders()  # nothing reported, nothing due: no transaction
+                return
             with self.store.tx() as tx:
                 ids = rs.active_ids(tx)
                 # Reports of devices no rollout waits on (heartbeats, mostly) change no verdict: no step.
-                if self._reported is not None and not rs.any_waiting(tx, self._reported):
+                if not clock_look and not rs.any_waiting(tx, self._reported or ()):
                     ids = []
             for rollout_id in ids:
                 self.step(rollout_id)
             self.refresh_orders()
         except BaseException:
-            self._full_at = float("-inf")  # what a failed step would have judged is judged next time
+            # What a failed step would have judged is judged next time.
+            self._full_at = self._looked_at = float("-inf")
             raise
 
     def refresh_orders(self) -> int:

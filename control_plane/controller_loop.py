@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 
 from edgectl.control_plane.controller import RolloutController
+from edgectl.logs import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ControllerLoop:
         self._thread.start()
 
     def _run(self) -> None:
+        name_os_thread()
         last = float("-inf")
         while not self._stop.is_set():
             self._wake.wait(self.interval)

@@ -4,11 +4,13 @@ inventory's behaviour is :mod:`edgectl.control_plane.fleet`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 from edgectl.control_plane.db import Row
-from edgectl.control_plane.store import loads
+from edgectl.control_plane.store import dumps, loads
 from edgectl.protos.v1 import mqtt_pb2
 
 DEVICE_COLUMNS = (
@@ -111,6 +113,19 @@ class DeviceRecord:
         )  # fmt: skip
 
 
+class ReportRow(NamedTuple):
+    """The columns of a device's row that its reported state sets (all but ``last_seen``)."""
+
+    reported_labels: str
+    agent_version: str
+    profile: str
+    health: int
+    last_error: str
+    observed_generation: int
+    models: str
+    stats: str
+
+
 @dataclass(frozen=True)
 class Reported:
     """A decoded ReportedState from a device's reported topic."""
@@ -118,6 +133,57 @@ class Reported:
     device_id: str
     state: mqtt_pb2.ReportedState
     received_at: float
+
+    @cached_property
+    def row(self) -> ReportRow:
+        """What this report writes into the device's row (built once: ingest keeps it to compare)."""
+        return report_row(self.state)
+
+
+def report_row(state: mqtt_pb2.ReportedState) -> ReportRow:
+    """The device row's columns as ``state`` sets them: models and stats as the row's JSON."""
+    models = {
+        m.name: ModelState(
+            m.name,
+            m.digest,
+            m.version,
+            m.smoke_test_passed,
+            m.failed_digest,
+            m.failure_reason,
+            m.previous_digest,
+            m.staged_digest,
+            # drift_requests == 0: no score yet, or an agent or artifact without drift support.
+            m.drift_score if m.drift_requests > 0 and math.isfinite(m.drift_score) else None,
+            trial_dict(m.trial) if m.HasField("trial") else None,
+        ).to_dict()
+        for m in state.models
+    }
+    stats = {
+        "requests": state.stats.requests,
+        "error_rate": state.stats.error_rate,
+        "p99_ms": state.stats.p99_ms,
+        "window_seconds": state.stats.window_seconds,
+        "burst_share": state.stats.burst_share,
+        # Burst spending this budget period (0 from agents without a price or that predate it).
+        "burst_cost": state.stats.burst_cost,
+        "burst_budget": state.stats.burst_budget,
+        "burst_held_back": state.stats.burst_held_back,
+        # The fleet budget's grant (control_plane/burst_grants.py); unset by older agents.
+        "burst_session": state.stats.burst_session,
+        "burst_grant_period": state.stats.burst_grant_period,
+        "burst_grant": state.stats.burst_grant,
+        "burst_grant_spent": state.stats.burst_grant_spent,
+    }
+    return ReportRow(
+        dumps(dict(state.labels)),
+        state.agent_version,
+        state.profile,
+        int(state.health),
+        state.last_error,
+        state.observed_generation,
+        dumps(models),
+        dumps(stats),
+    )
 
 
 @dataclass(frozen=True)

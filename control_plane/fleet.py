@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -18,10 +17,9 @@ from edgectl.control_plane.db import Tx
 from edgectl.control_plane.device_state import (
     DEVICE_COLUMNS,
     DeviceRecord,
-    ModelState,
     Reported,
+    ReportRow,
     Status,
-    trial_dict,
 )
 from edgectl.control_plane.errors import InvalidArgument, NotFound, PermissionDenied
 from edgectl.control_plane.identity import (
@@ -271,41 +269,29 @@ class Fleet:
 
     @staticmethod
     def _write_reported(tx: Tx, obs: Reported) -> None:
-        state = obs.state
-        models = {
-            m.name: ModelState(
-                m.name,
-                m.digest,
-                m.version,
-                m.smoke_test_passed,
-                m.failed_digest,
-                m.failure_reason,
-                m.previous_digest,
-                m.staged_digest,
-                # drift_requests == 0: no score yet, or an agent or artifact without drift support.
-                m.drift_score if m.drift_requests > 0 and math.isfinite(m.drift_score) else None,
-                trial_dict(m.trial) if m.HasField("trial") else None,
-            ).to_dict()
-            for m in state.models
-        }
-        stats = {
-            "requests": state.stats.requests, "error_rate": state.stats.error_rate,
-            "p99_ms": state.stats.p99_ms, "window_seconds": state.stats.window_seconds,
-            "burst_share": state.stats.burst_share,
-            # Burst spending this budget period (0 from agents without a price or that predate it).
-            "burst_cost": state.stats.burst_cost, "burst_budget": state.stats.burst_budget,
-            "burst_held_back": state.stats.burst_held_back,
-            # The fleet budget's grant (control_plane/burst_grants.py); unset by older agents.
-            "burst_session": state.stats.burst_session, "burst_grant_period": state.stats.burst_grant_period,
-            "burst_grant": state.stats.burst_grant, "burst_grant_spent": state.stats.burst_grant_spent,
-        }  # fmt: skip
-        seen = obs.received_at
         tx.execute(
             "UPDATE devices SET reported_labels = ?, agent_version = ?, profile = ?, health = ?, last_error = ?, "
             "observed_generation = ?, models = ?, stats = ?, last_seen = ? WHERE id = ?",
-            (dumps(dict(state.labels)), state.agent_version, state.profile, int(state.health), state.last_error,
-             state.observed_generation, dumps(models), dumps(stats), seen, obs.device_id),
-        )  # fmt: skip
+            (*obs.row, obs.received_at, obs.device_id),
+        )
+
+    def touch(self, seen: dict[str, tuple[float, ReportRow]]) -> list[str]:
+        """Advance the last-seen time of devices whose reports changed nothing else, in one
+        transaction; returns those whose row no longer holds that report (re-enrolled,
+        decommissioned, or written by another leader since), which were left as they are."""
+        stale: list[str] = []
+        with self.store.tx() as tx:
+            for device_id, (at, row) in sorted(seen.items()):
+                changed = tx.execute(
+                    "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? "
+                    "ELSE last_seen END WHERE id = ? AND reported_labels = ? AND agent_version = ? "
+                    "AND profile = ? AND health = ? AND last_error = ? AND observed_generation = ? "
+                    "AND models = ? AND stats = ?",
+                    (at, at, device_id, *row),
+                )
+                if changed == 0:
+                    stale.append(device_id)
+        return stale
 
     def counts(self) -> dict[str, int]:
         """Devices by state for metrics: online, offline."""

@@ -1,6 +1,10 @@
 """The leader's MQTT loop: drain the bus inbox in batches, store reports and events.
 
-One batch (up to ``BATCH``) becomes one transaction, then the controller is woken. A
+A batch is what arrives within ``COALESCE_S`` of its first message (up to ``BATCH``), so a busy
+fleet's reports share a transaction; it becomes one transaction, then the controller is woken
+for the devices whose rows changed. A report that changes nothing but its timestamp (a
+heartbeat) is neither decoded nor written: its last-seen time is written in bulk later
+(``stored_reports.py`` says what a crash loses). A
 (re)connect marker republishes every stored desired state, which heals a publish lost between
 a commit and a crash. Chunk requests never come here: every replica takes them through a
 shared subscription (``chunk_server.py``), so they need no leader and never delay health reports.
@@ -19,11 +23,24 @@ from edgectl.control_plane.device_state import Reported, Status
 from edgectl.control_plane.errors import ControlPlaneError
 from edgectl.control_plane.fleet import Fleet
 from edgectl.control_plane.store import StateStore
-from edgectl.mqtt.wire import PayloadError, decode, parse_site_bridge, parse_topic, peek
+from edgectl.control_plane.stored_reports import StoredReports, report_key
+from edgectl.logs import name_os_thread
+from edgectl.mqtt.wire import (
+    PayloadError,
+    decode,
+    from_json,
+    load_json,
+    parse_site_bridge,
+    parse_topic,
+    peek,
+)
 from edgectl.protos.v1 import mqtt_pb2
 
 log = logging.getLogger(__name__)
 BATCH = 500
+# How long a batch waits for more after its first message: the latency a report may gain before
+# it is stored, bought back many times over by the controller's own 0.25 s gap between steps.
+COALESCE_S = 0.05
 # The events the control plane acts on (it logs them); the rest (progress, heartbeats, stages) are
 # for people watching the broker, so only their kind is read. proto3 JSON may name or number it.
 _LOGGED_EVENTS = frozenset(
@@ -58,11 +75,13 @@ class FleetIngest:
         self.count = count or (lambda kind: None)
         self._republish = republish  # the controller's: serialized with its own writes and publishes
         self.on_reported = on_reported  # the fleet burst budget's grants (burst_grants.py)
+        self.reports = StoredReports()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._stop.clear()
+        self.reports.clear()  # another leader may have written since this replica last led
         self._thread = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
         self._thread.start()
 
@@ -72,17 +91,30 @@ class FleetIngest:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        try:
+            self.flush_seen()
+        except Exception:
+            log.exception("could not write the last-seen times of unchanged reports")
 
     def _run(self) -> None:
+        name_os_thread()
         while not self._stop.is_set():
             try:
+                if self.reports.due():
+                    self.flush_seen()
                 first = self.bus.inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
+            except Exception:
+                log.exception("could not write the last-seen times of unchanged reports")
+                self.count("ingest_error")
+                time.sleep(0.5)
+                continue
             batch = [first]
-            while len(batch) < BATCH:
+            until = time.monotonic() + COALESCE_S
+            while len(batch) < BATCH and batch[-1].topic != "$stop":
                 try:
-                    batch.append(self.bus.inbox.get_nowait())
+                    batch.append(self.bus.inbox.get(timeout=max(0.0, until - time.monotonic())))
                 except queue.Empty:
                     break
             try:
@@ -95,6 +127,7 @@ class FleetIngest:
     def handle(self, batch: list[Inbound]) -> None:
         """Decode and store one batch; republish desired state after a (re)connect."""
         observations: list[Reported | Status] = []
+        keys: dict[str, bytes] = {}  # device -> the key of its report in this batch
         now = time.time()
         for item in batch:
             if item.topic == CONNECTED:
@@ -106,17 +139,26 @@ class FleetIngest:
                 link = parse_site_bridge(item.topic, item.payload)
                 if link is not None:
                     # In order: what devices said before their site's link fell is stored first.
-                    observations = self._site_link(*link, observations)
+                    observations = self._site_link(*link, observations, keys)
                     continue
                 device_id, kind = parse_topic(item.topic)
                 if kind == "reported":
-                    state = decode(item.payload, mqtt_pb2.ReportedState)
-                    # Seen now, by our clock (a device's clock may be days off); a retained replay
-                    # was sent earlier, and only the device's own timestamp says when.
-                    seen = now
-                    if item.retained and state.HasField("reported_at"):
-                        seen = min(now, state.reported_at.ToNanoseconds() / 1e9)
-                    observations.append(Reported(device_id, state, seen))
+                    obj = load_json(item.payload)
+                    key = report_key(obj)
+                    # A retained replay is always stored: it comes once, when this leader subscribes.
+                    same = None if item.retained or device_id in keys else self.reports.same(device_id, key)
+                    if same is not None:
+                        self.reports.seen(device_id, now)
+                        state = same.observation.state
+                    else:
+                        state = from_json(obj, mqtt_pb2.ReportedState)
+                        # Seen now, by our clock (a device's clock may be days off); a retained replay
+                        # was sent earlier, and only the device's own timestamp says when.
+                        seen = now
+                        if item.retained and state.HasField("reported_at"):
+                            seen = min(now, state.reported_at.ToNanoseconds() / 1e9)
+                        observations.append(Reported(device_id, state, seen))
+                        keys[device_id] = key
                     if self.on_reported is not None:
                         self.on_reported(device_id, state)
                 elif kind == "status":
@@ -133,9 +175,37 @@ class FleetIngest:
             except ControlPlaneError as exc:
                 log.warning("ignored an MQTT message", extra={"topic": item.topic, "error": str(exc)})
         if observations:
-            self.wake(self.fleet.apply(observations))
+            self._apply(observations, keys)
 
-    def _site_link(self, site: str, up: bool, pending: list[Reported | Status]) -> list[Reported | Status]:
+    def _apply(self, observations: list[Reported | Status], keys: dict[str, bytes]) -> None:
+        """Store observations, remember the reports stored, wake the controller for what changed."""
+        touched = self.fleet.apply(observations)
+        for obs in observations:  # the batch's last report per device is the one stored
+            if isinstance(obs, Reported) and obs.device_id in touched and obs.device_id in keys:
+                self.reports.stored(keys[obs.device_id], obs)
+        self.wake(touched)
+
+    def flush_seen(self) -> None:
+        """Write the pending last-seen times; a row that no longer holds its device's stored
+        report gets that report written again, in full (it is the device's latest)."""
+        pending = self.reports.take_seen()
+        if not pending:
+            return
+        stale = self.fleet.touch(pending)
+        again: list[Reported | Status] = []
+        keys: dict[str, bytes] = {}
+        for device_id in stale:
+            stored = self.reports.forget(device_id)
+            if stored is not None:
+                again.append(Reported(device_id, stored.observation.state, pending[device_id][0]))
+                keys[device_id] = stored.key
+        if again:
+            log.info("rewrote reports whose rows changed elsewhere", extra={"devices": len(again)})
+            self._apply(again, keys)
+
+    def _site_link(
+        self, site: str, up: bool, pending: list[Reported | Status], keys: dict[str, bytes]
+    ) -> list[Reported | Status]:
         """A site bridge's link changed: down, every device behind it is offline (their own
         will stays at the site broker); up, the bridge resends their retained statuses itself."""
         self.count("site_bridge")
@@ -143,7 +213,7 @@ class FleetIngest:
             log.info("site bridge connected", extra={"site": site})
             return pending
         if pending:
-            self.wake(self.fleet.apply(pending))
+            self._apply(pending, keys)
         offline = self.fleet.site_offline(site)
         log.warning(
             "site bridge lost: its devices are offline", extra={"site": site, "devices": len(offline)}

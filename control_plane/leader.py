@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgectl.control_plane.db import StateUrl
+from edgectl.logs import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class LeaderElection:
         self._thread.start()
 
     def _run(self) -> None:
+        name_os_thread()
         while not self._stop.is_set():
             if not self.leading.is_set():
                 if self.lock.try_acquire():

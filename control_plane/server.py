@@ -57,6 +57,7 @@ from edgectl.control_plane.security import (
 )
 from edgectl.control_plane.servicers import ArtifactServicer, AuditServicer, FleetServicer, RolloutServicer
 from edgectl.control_plane.store import StateStore
+from edgectl.logs import name_os_thread
 from edgectl.protos.v1 import (
     artifacts_pb2,
     artifacts_pb2_grpc,
@@ -217,7 +218,9 @@ class ControlPlane:
     ) -> grpc.Server:
         """A gRPC server with every service, its own worker pool and its own stream caps."""
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="grpc", initializer=name_os_thread
+            ),
             interceptors=[auth],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -5,9 +5,11 @@ Shared by the control plane and the agent (both take ``--log-format text|json``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import threading
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,3 +62,15 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def name_os_thread(name: str = "") -> None:
+    """Give the calling thread's OS name its Python name (at most 15 bytes on Linux), so that
+    ``top -H`` and /proc/PID/task/*/comm tell a process's threads apart; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # only here: a process that never names a thread never loads it
+
+    label = (name or threading.current_thread().name).encode()[:15]
+    with contextlib.suppress(OSError, AttributeError):  # a libc without prctl: the names stay
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(label), 0, 0, 0)  # PR_SET_NAME

@@ -171,6 +171,11 @@ def peek(payload: bytes, json_name: str) -> Any:
     """One top-level field of a proto3-JSON payload (its JSON name; None when absent), read without
     building the message: for a reader that acts on few messages of a busy topic, e.g. on an
     event's ``kind``, and decodes only those."""
+    return load_json(payload).get(json_name)
+
+
+def load_json(payload: bytes) -> dict[str, Any]:
+    """A payload's JSON object, not yet a message (json's C parser: cheap next to :func:`from_json`)."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
@@ -179,4 +184,14 @@ def peek(payload: bytes, json_name: str) -> Any:
         raise PayloadError(f"not a JSON payload: {exc}") from exc
     if not isinstance(obj, dict):
         raise PayloadError(f"not a JSON object payload: {type(obj).__name__}")
-    return obj.get(json_name)
+    return obj
+
+
+def from_json(obj: dict[str, Any], message_type: type[M]) -> M:
+    """The message a :func:`load_json` object holds; unknown fields are ignored, as :func:`decode` does."""
+    message = message_type()
+    try:
+        json_format.ParseDict(obj, message, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise PayloadError(f"not a {message_type.DESCRIPTOR.full_name} payload: {exc}") from exc
+    return message

@@ -112,3 +112,64 @@ def test_the_leader_hears_events_only_when_asked(mosquitto: MosquittoProcess, de
     finally:
         device.close()
         bus.stop()
+
+
+def _report(device_id: str, digest: str = "1", requests: int = 0) -> tuple[str, bytes]:
+    """A heartbeat-like report: a fresh timestamp every time, the rest as given."""
+    state = mqtt_pb2.ReportedState(device_id=device_id, observed_generation=3, agent_version="0.9")
+    state.models.add(name="digits", digest="sha256:" + digest * 64, version=2, smoke_test_passed=True)
+    state.stats.requests = requests
+    state.reported_at.GetCurrentTime()
+    return DeviceTopics(device_id).reported, encode(state)
+
+
+def _last_seen(store: StateStore, device_id: str) -> float:
+    with store.tx() as tx:
+        return float(tx.scalar("SELECT last_seen FROM devices WHERE id = ?", (device_id,)))
+
+
+def test_a_report_that_changes_nothing_is_not_written_until_the_last_seen_flush(store: StateStore) -> None:
+    rig = Rig(store)
+    rig.feed(_report("cam-1"))
+    first = _last_seen(store, "cam-1")
+    time.sleep(0.01)
+    rig.feed(_report("cam-1"))  # only its timestamp is new: no transaction, no controller step
+    assert rig.woken == [{"cam-1"}] and rig.counts["reported"] == 2
+    assert _last_seen(store, "cam-1") == first
+    rig.ingest.flush_seen()
+    assert _last_seen(store, "cam-1") > first
+    rig.feed(_report("cam-1", requests=5))  # anything else that changed is written at once
+    assert rig.woken == [{"cam-1"}, {"cam-1"}]
+    assert rig.fleet.get("cam-1").stats["requests"] == 5
+
+
+def test_a_row_changed_elsewhere_gets_the_stored_report_back_at_the_flush(store: StateStore) -> None:
+    rig = Rig(store)
+    rig.feed(_report("cam-1", digest="1"))
+    with store.tx() as tx:  # e.g. decommissioned and enrolled again through another replica
+        tx.execute("UPDATE devices SET models = ? WHERE id = ?", ("{}", "cam-1"))
+    rig.feed(_report("cam-1", digest="1"))
+    assert rig.fleet.get("cam-1").models == {}  # not yet: the report looked unchanged
+    rig.ingest.flush_seen()
+    assert rig.fleet.get("cam-1").models["digits"].digest == "sha256:" + "1" * 64
+    assert rig.woken == [{"cam-1"}, {"cam-1"}]
+
+
+def test_a_new_term_as_leader_writes_the_first_report_in_full(store: StateStore) -> None:
+    rig = Rig(store)
+    rig.feed(_report("cam-1", digest="1"))
+    with store.tx() as tx:  # another leader stored a newer report, then this replica leads again
+        tx.execute("UPDATE devices SET models = ? WHERE id = ?", ("{}", "cam-1"))
+    rig.ingest.start()
+    rig.ingest.stop()
+    rig.feed(_report("cam-1", digest="1"))
+    assert rig.fleet.get("cam-1").models["digits"].version == 2
+
+
+def test_a_decommissioned_device_is_not_brought_back_by_the_flush(store: StateStore) -> None:
+    rig = Rig(store)
+    rig.feed(_report("cam-1"))
+    rig.fleet.decommission("cam-1")
+    rig.feed(_report("cam-1"))
+    rig.ingest.flush_seen()
+    assert [d.id for d in rig.fleet.list_devices()] == []

@@ -247,6 +247,34 @@ def test_a_step_judges_who_reported_and_who_is_due_by_the_clock(
     assert rollouts.get(rid).rollout.state == rs.SUCCEEDED  # within the budget of 100 %
 
 
+def test_the_clock_look_judges_devices_past_their_deadline_and_the_full_look_every_waiting_one(
+    store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
+) -> None:
+    fleet, rollouts, _, recorder, _old, _new = _setup_rollout(store, tmp_path, trust, build, 3)
+    now = [1000.0]
+    controller = RolloutController(store, recorder, clock=lambda: now[0])
+    spec = StrategySpec(("100%",), max_failures="100%", health_timeout_s=60)
+    rid = rollouts.create("digits:2", Selector({"site": "lab"}), spec, "t").rollout.id
+
+    def judged(kind: str) -> set[str]:
+        return {e.device_id for e in rollouts.events_after(rid, 0) if e.kind == kind}
+
+    controller.step_all()  # all three moved
+    controller.full_judge_s, controller.clock_look_s = 3600.0, 0.0  # a look by the clock on every call
+    controller.step_all(set())  # those moved are judged once more: none has answered yet
+    recorder.sent = [p for p in recorder.sent if p.device_id != "dev-02"]  # dev-02 never answers
+    _answer(fleet, recorder)  # dev-00 and dev-01 serve the new version, unannounced
+    controller.step_all(set())
+    assert judged("device_healthy") == set()  # nothing reported and no deadline passed: not judged
+    controller.full_judge_s = 0.0
+    controller.step_all(set())  # the full look judges every waiting device
+    assert judged("device_healthy") == {"dev-00", "dev-01"} and judged("device_failed") == set()
+    controller.full_judge_s = 3600.0
+    now[0] += 61
+    controller.step_all(set())  # dev-02's deadline passed: the clock look judges it
+    assert judged("device_failed") == {"dev-02"}
+
+
 def test_failed_wave_rolls_back_moved_devices(
     store: StateStore, tmp_path: Path, trust: TrustStore, build: Callable[..., Artifact]
 ) -> None:
