@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,21 @@ def state_of(cp: ControlPlane) -> dict[str, Any]:
     with cp.store.tx() as tx:
         rows = {t: tx.all(f"SELECT * FROM {t} ORDER BY 1") for t in tables}
     return {"blobs": sorted(cp.blobs.iter_digests()), **rows}
+
+
+def settled_state(cp: ControlPlane, quiet_s: float = 0.5, timeout: float = 15.0) -> dict[str, Any]:
+    """``state_of`` once devices stopped changing it: connected devices' first reports arrive
+    after they register (the ingest gathers a batch for up to 50 ms), and the state a bad request
+    must leave alone is the one after them."""
+    deadline = time.monotonic() + timeout
+    last = state_of(cp)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = state_of(cp)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the control plane's state kept changing for {timeout} s")
 
 
 def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
@@ -145,7 +161,7 @@ def test_bad_rollout_requests_say_what_to_fix_and_change_nothing(
     sim.add("dev-2", {"site": "lab"})
     sim.connect()
     wait_for(lambda: len(cp.fleet.list_devices()) == 2, 10, what="devices registered")
-    before = state_of(cp)
+    before = settled_state(cp)
     lab = common_pb2.Selector(match_labels={"site": "lab"})
     cases = [
         (RP.CreateRolloutRequest(artifact="nosuch:4", selector=lab), grpc.StatusCode.NOT_FOUND, "artifact push"),
