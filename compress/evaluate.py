@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgectl.compress.data import SampleSet
+from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import cpu_session
 from edgectl.compress.metrics import Metric, Quality, parse_metric
 
@@ -68,7 +69,13 @@ def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndar
     for feed in data.batches(batch):
         outs = session.run(None, feed)
         parts.append([np.asarray(o) for o in outs])
-    return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+    if len(parts) == 1:
+        return parts[0]
+    # A scalar output (a shape, a count) has no sample axis: the first batch's stands for all.
+    return [
+        np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i]
+        for i in range(len(parts[0]))
+    ]
 
 
 class Evaluator:
@@ -90,7 +97,16 @@ class Evaluator:
             None, input_names=list(data.inputs), has_labels=data.labels is not None
         )
         # Scoring uses every core: only the latency comparison needs one thread.
-        self._reference = run_model(cpu_session(reference, threads=0, providers=providers), data, batch=batch)
+        session = cpu_session(reference, threads=0, providers=providers)
+        try:
+            self._reference = run_model(session, data, batch=batch)
+        except Exception as exc:  # ORT's errors have no common base; any of them means the same here
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(
+                f"the float model fails on the {data.source}: {first}",
+                hint="check the samples' shapes against the model's inputs; an export traced at one shape "
+                "may need dynamic axes (torch.onnx.export(..., dynamic_axes=...))",
+            ) from exc
         # A user's metric is called here first: one that cannot score the float model fails before any work.
         self.baseline = self._score(self._reference)
 
@@ -100,6 +116,7 @@ class Evaluator:
         return self.scorer.name
 
     def _score(self, outputs: Sequence[np.ndarray], count: int | None = None) -> Quality:
+        count = None if count is None else self.data.aligned(count)
         data = self.data if count is None else self.data.take(count)
         reference = self._reference if count is None else [r[:count] for r in self._reference]
         return self.scorer.score(data.inputs, data.labels, reference, list(outputs))
@@ -122,6 +139,7 @@ class Evaluator:
         One session serves both and the first slice's outputs are kept, so the full score costs
         only the remaining samples. Returns the quality, its drop, and whether it stopped early.
         """
+        first = self.data.aligned(first) if first else 0
         if not first or self.data.count < 2 * first:
             quality = self.quality(model)
             return quality, quality.drop_from(self.baseline), False
@@ -137,7 +155,7 @@ class Evaluator:
 
     def baseline_on(self, samples: int) -> Quality:
         """The float model's own quality on the first ``samples`` samples."""
-        count = min(samples, self.data.count)
+        count = self.data.aligned(min(samples, self.data.count))
         return self._score([r[:count] for r in self._reference], count)
 
     def latency(self, models: Sequence[Path], *, rounds: int = 7, round_s: float = 0.15) -> list[Latency]:
