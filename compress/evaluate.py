@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import BadInputError
+from edgectl.compress.errors import BadInputError, describe
 from edgectl.compress.graph import cpu_session
 from edgectl.compress.metrics import Metric, Quality, parse_metric
 
@@ -101,9 +101,8 @@ class Evaluator:
         try:
             self._reference = run_model(session, data, batch=batch)
         except Exception as exc:  # ORT's errors have no common base; any of them means the same here
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise BadInputError(
-                f"the float model fails on the {data.source}: {first}",
+                f"the float model fails on the {data.source}: {describe(exc)}",
                 hint="check the samples' shapes against the model's inputs; an export traced at one shape "
                 "may need dynamic axes (torch.onnx.export(..., dynamic_axes=...))",
             ) from exc

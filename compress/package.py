@@ -19,14 +19,10 @@ import onnx
 
 from edgectl.artifact import Artifact, DriftSummary, SigningKey, TensorSpec, TrtEngine, build_artifact
 from edgectl.compress.errors import BadInputError
-from edgectl.compress.graph import cpu_session
+from edgectl.compress.graph import INT8_COMPUTE_OPS, cpu_session
 
 # Nodes that carry the weights and FLOPs; the precision map lists these (quantized forms included).
 _COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Attention", "LSTM", "GRU"}
-_INT8_OPS = {
-    "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
-    "QAttention", "DynamicQuantizeLSTM", "MatMulIntegerToFloat",
-}  # fmt: skip
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -61,7 +57,7 @@ def precision_map(model_path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for node in model.graph.node:
         base = node.op_type
-        if base in _INT8_OPS:
+        if base in INT8_COMPUTE_OPS:
             out[node.name.removesuffix("_quant")] = "int8"
         elif base in _COMPUTE:
             fed = [produced_by.get(i) for i in node.input]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import BadInputError, PruneRefusedError
+from edgectl.compress.errors import BadInputError, PruneRefusedError, describe
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ def prune_torch(
         pruner.step()
     except Exception as exc:  # its dependency tracer raises many types on graphs it cannot follow
         raise PruneRefusedError(
-            f"Torch-Pruning cannot prune this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            f"Torch-Pruning cannot prune this model ({describe(exc, 200)})",
             hint="pass the model as ONNX to prune on the graph (bias recalibration instead of training)",
         ) from exc
     if _params(student) >= _params(module):

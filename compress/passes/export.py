@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from edgectl.compress.errors import BadInputError, ExportError, ParityError
+from edgectl.compress.errors import BadInputError, ExportError, ParityError, describe
 from edgectl.compress.graph import cpu_session
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def export_module(
             _dynamo(program if program is not None else module, args, names, outputs, out, cfg)
             exporter = "dynamo"
         except Exception as exc:  # the dynamo exporter raises many types; all mean "try the other one"
-            dynamo_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            dynamo_error = describe(exc)
             if cfg.exporter == "dynamo":
                 raise ExportError(f"dynamo export failed: {dynamo_error}") from exc
     if exporter != "dynamo":

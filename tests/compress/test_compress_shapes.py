@@ -71,3 +71,32 @@ def test_a_float_model_that_fails_on_the_samples_is_a_clear_error(tmp_path: Path
     assert code == 2, text
     assert "the float model fails on the evaluation file data.npz" in text
     assert not (tmp_path / "art").exists()
+
+
+def test_an_already_quantized_model_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from edgectl.compress.data import SampleSet
+    from edgectl.compress.quantizer import _Reader
+
+    x = np.random.default_rng(2).standard_normal((16, 16)).astype(np.float32)
+    qdq = tmp_path / "qdq.onnx"
+    quantize_static(
+        str(_mlp(tmp_path / "float.onnx", "n")), str(qdq), _Reader(SampleSet({"x": x}, None, "c")),
+        quant_format=QuantFormat.QDQ,
+    )  # fmt: skip
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x)
+    code, text = invoke(qdq, "--profile", "x86-cpu-vnni", "--calib", data, "-o", tmp_path / "art")
+    assert code == 2, text
+    assert "quantized already" in text and "QuantizeLinear" in text and "--quantize none" in text
+    assert not (tmp_path / "art").exists()
+    code, text = invoke(qdq, "--profile", "x86-cpu-vnni", "--quantize", "none", "-o", tmp_path / "art")
+    assert code == 0, text
+
+
+def test_a_foreign_exception_is_described_in_one_line_even_without_a_message() -> None:
+    from edgectl.compress.errors import describe
+
+    assert describe(AssertionError()) == "AssertionError"
+    assert describe(RuntimeError("first\nsecond")) == "RuntimeError: first"
