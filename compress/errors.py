@@ -35,6 +35,7 @@ class QualityGateError(CompressError):
     def __init__(self, message: str, *, hint: str | None = None, trials: list[dict[str, object]]) -> None:
         super().__init__(message, hint=hint)
         self.trials = trials
+        self.notes: list[str] = []  # what the run told the user about its inputs (an array renamed)
 
 
 def describe(exc: BaseException, limit: int = 300) -> str:

@@ -102,9 +102,13 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
     profile = load_profile(req.profile)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
         staged = _Run(req, profile, Path(tmp), progress)
-        state = staged.run_stage("float", staged.start())
-        state = staged.run_stage("quantize", staged.settle_float(state))
-        state = staged.run_stage("target", staged.choose(state))
+        try:
+            state = staged.run_stage("float", staged.start())
+            state = staged.run_stage("quantize", staged.settle_float(state))
+            state = staged.run_stage("target", staged.choose(state))
+        except QualityGateError as exc:
+            exc.notes = staged.notes  # how the inputs were read matters most when nothing passed
+            raise
         return staged.package(state, started)
 
 
@@ -117,6 +121,7 @@ class _Run:
         self.record: dict[str, Any] = {"recipe": req.recipe.to_dict()}
         self.ran: list[CompressPass[Any]] = []
         self.clock = StageClock()
+        self.notes: list[str] = []
 
     def start(self) -> ModelState:
         """Acquire the float model and its data, score it: the baseline row and the passes' context."""
