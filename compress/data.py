@@ -138,8 +138,17 @@ def check_samples(
                     f"{source}: array {info.name!r} has {got} on axis {axis}, the model needs {want}",
                     hint=f"reshape the samples to {_shape_hint(info.shape)}",
                 )
+        if arr.dtype.kind in "fc" and np.isnan(arr).any():
+            # ±inf can be an additive mask; NaN is never an input, and it poisons scores and ranges alike.
+            bad = int(np.isnan(arr).reshape(arr.shape[0], -1).any(axis=1).sum()) if arr.ndim else 1
+            raise BadInputError(
+                f"{source}: array {info.name!r} holds NaN in {bad} of {arr.shape[0] if arr.ndim else 1} samples",
+                hint="drop or fix those samples (numpy.isnan(x).any(axis=...) finds them)",
+            )
         counts.add(arr.shape[0])
-    if len(counts) != 1 or 0 in counts:
+    if counts == {0}:
+        raise BadInputError(f"{source} holds no samples", hint="save at least one sample per input on axis 0")
+    if len(counts) != 1:
         raise BadInputError(f"{source}: input arrays disagree on the sample count {sorted(counts)}")
     batch = fixed_batch(inputs)
     if batch > 1 and next(iter(counts)) % batch:

@@ -106,6 +106,14 @@ class Evaluator:
                 hint="check the samples' shapes against the model's inputs; an export traced at one shape "
                 "may need dynamic axes (torch.onnx.export(..., dynamic_axes=...))",
             ) from exc
+        nan = [i for i, o in enumerate(self._reference) if o.dtype.kind in "fc" and np.isnan(o).any()]
+        if nan:
+            # Every comparison with NaN fails alike: each candidate would "match" the float model.
+            raise BadInputError(
+                f"the float model outputs NaN on the {data.source} (output {nan[0]}): no candidate can be "
+                "compared with it",
+                hint="check the samples are what the model expects (scale, dtype, token ids in range)",
+            )
         # A user's metric is called here first: one that cannot score the float model fails before any work.
         self.baseline = self._score(self._reference)
 

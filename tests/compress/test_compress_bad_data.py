@@ -1,0 +1,54 @@
+"""Data no comparison can be made on is refused before any artifact: NaN samples, NaN float outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.compress.test_compress_cli import invoke
+from tests.compress.test_compress_shapes import _mlp
+
+
+def test_nan_calibration_samples_are_refused_not_quantized_into_a_nan_model(tmp_path: Path) -> None:
+    # Without --eval the calibration samples are scored too: NaN outputs "matched" and a model with NaN
+    # scales was signed and written.
+    x = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    x[3, 5] = np.nan
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=x)
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--calib", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "calibration file calib.npz: array 'x' holds NaN in 1 of 16 samples" in text
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_empty_sample_file_says_so(tmp_path: Path) -> None:
+    data = tmp_path / "empty.npz"
+    np.savez(data, x=np.zeros((0, 16), np.float32))
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--eval", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "evaluation file empty.npz holds no samples" in text
+
+
+def test_a_float_model_that_outputs_nan_on_the_samples_is_refused(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["l"]), helper.make_node("MatMul", ["l", "w"], ["y"])], "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [w],
+    )  # fmt: skip
+    model = tmp_path / "log.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    data = tmp_path / "d.npz"
+    np.savez(data, x=-np.ones((8, 8), np.float32))  # log of a negative number
+    code, text = invoke(model, "--profile", "x86-cpu-vnni", "--eval", data, "-o", tmp_path / "a")
+    assert code == 2, text
+    assert "the float model outputs NaN on the evaluation file d.npz" in text
+    assert not (tmp_path / "a").exists()
