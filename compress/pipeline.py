@@ -185,14 +185,18 @@ class _Run:
             state = dataclasses.replace(state, base=self.trials[-1])
         self.float_trials = list(self.trials)
         passes = [kind for kind, _ in self.req.recipe.passes()]
+        only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
         if not any(kind.stage == "quantize" for kind in passes) and state.base:
             candidates: tuple[Trial, ...] = (state.base,)
-            only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
             if self.ctx.on_target and state.base.path != self.baseline.path and only_cleanup:
                 # The clean-up was kept on one measurement; the final timing on the target decides
                 # again, so a clean-up that timed slower there ships the model as it was given.
                 candidates += (self.baseline,)
             state = dataclasses.replace(state, candidates=candidates)
+        elif not only_cleanup and state.base and state.base.path != self.baseline.path:
+            # A pruned (or the user's own) float model is what they asked for: when no quantized
+            # model beats it, it is the artifact, as long as it beats the float model as given.
+            state = dataclasses.replace(state, candidates=(*state.candidates, state.base))
         return state
 
     def choose(self, state: ModelState) -> ModelState:
@@ -252,8 +256,14 @@ class _Run:
         floor = state.must_beat
         if floor is None or not self.ctx.on_target:
             return passing  # timings off the target's EP prove nothing about the target
-        limits = [t.latency.p50_ms for t in (floor, self.baseline) if t.latency]
-        faster = [t for t in passing if t.latency and all(t.latency.p50_ms < lim for lim in limits)]
+        refs = [t for t in (floor, self.baseline) if t.latency]
+        limits = [t.latency.p50_ms for t in refs if t.latency]
+        faster = [
+            t
+            for t in passing
+            if t.latency
+            and all(t is ref or t.latency.p50_ms < ref.latency.p50_ms for ref in refs if ref.latency)
+        ]
         if faster:
             return faster
         best = min((t for t in passing if t.latency), key=lambda t: t.latency.p50_ms if t.latency else 0.0)

@@ -291,6 +291,7 @@ class PrunePass(CompressPass[PruneConfig]):
         for label, module in ((f"pruned {config.ratio:.0%} (torch)", pruned), (
             f"pruned {config.ratio:.0%} + recovered ({report.epochs} epochs distilled)", recovered)):  # fmt: skip
             exported, out = ctx.path("torch-pruned"), ctx.path("torch-pruned-clean")
+            ctx.progress(f"exporting {label} to ONNX")  # seconds per export: say what the wait is
             export_module(module, dict(ctx.train.inputs), exported, names=names)
             # Same clean-up as the float model had, so like is compared with like.
             cleanup(exported, out, CleanupConfig(fuse_transformer=False))
