@@ -7,6 +7,7 @@ round by round, so a noisy neighbour or a clock change hits every candidate alik
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,13 +32,18 @@ class QualityGate:
         """Whether a drop (in the metric's units) is inside the budget."""
         return drop <= self.max_drop + 1e-12  # a drop exactly at the budget must not fail on rounding
 
-    def hopeless(self, drop: float, *, continuous: bool = False) -> bool:
+    def hopeless(self, drop: float, *, continuous: bool = False, samples: int = 0) -> bool:
         """A drop on a first small slice so far outside the budget that the full evaluation is not worth it.
 
         Five budgets, and for a stepped metric (top-1: one sample of a small slice is a big step) at
         least five points more than the budget; a continuous one (a cosine) needs one point more.
+        A stepped metric's drop on ``samples`` samples counts lost samples: it must also be unlikely
+        (< 1 %) from a model whose true drop is the budget (one flip in 8 is 0.125, yet 8 % likely at 0.01).
         """
-        return drop > max(5 * self.max_drop, self.max_drop + (0.01 if continuous else 0.05))
+        far = drop > max(5 * self.max_drop, self.max_drop + (0.01 if continuous else 0.05))
+        if continuous or not samples or not far:
+            return far
+        return _binomial_tail(math.ceil(drop * samples - 1e-9), samples, self.max_drop) < 0.01
 
     def within_reach(self, drop: float) -> bool:
         """A drop that calibration, smoothing or granularity variants can plausibly close."""
@@ -170,6 +176,12 @@ class Evaluator:
         return measure_latency(
             models, self.data.feed(0), rounds=rounds, round_s=round_s, providers=self.providers
         )
+
+
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    p = min(max(p, 0.0), 1.0)
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(max(k, 0), n + 1))
 
 
 # A candidate slower than the leader by more than this in every round so far is out of the race.

@@ -108,7 +108,7 @@ class QuantSearch:
         n = self.first_slice
         continuous = self.evaluator.scorer.continuous
         quality, drop, stopped = self.evaluator.staged_quality(
-            trial.path, n, lambda d: self.gate.hopeless(d, continuous=continuous)
+            trial.path, n, lambda d: self.gate.hopeless(d, continuous=continuous, samples=n)
         )
         trial.quality, trial.drop = quality, drop
         trial.passed = False if stopped else self.gate.admits(drop)
