@@ -67,6 +67,16 @@ class Latency:
     runs: int
     # Timing stopped before the last round: clearly slower than the fastest candidate (``out_of_race``).
     stopped_early: bool = False
+    # The median of each round, in round order: models timed together share their first rounds.
+    rounds_ms: tuple[float, ...] = ()
+
+    def faster_than(self, other: Latency) -> bool:
+        """Whether this is faster than ``other`` over the rounds both were timed in (the same load saw
+        both); percentiles over different rounds compare a quiet spell with a busy one."""
+        shared = min(len(self.rounds_ms), len(other.rounds_ms))
+        if not shared:
+            return self.p50_ms < other.p50_ms
+        return float(np.median(self.rounds_ms[:shared])) < float(np.median(other.rounds_ms[:shared]))
 
 
 def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndarray]:
@@ -237,9 +247,12 @@ def measure_latency(
             if sum(active) < 2:
                 break  # every comparison is decided: the fastest racer's rounds so far are its timing
     return [
-        Latency(float(np.percentile(s, 50)), float(np.percentile(s, 90)), len(s), stopped_early=not a)
-        for s, a in zip(samples, active, strict=True)
-    ]
+        Latency(
+            float(np.percentile(s, 50)), float(np.percentile(s, 90)), len(s), stopped_early=not a,
+            rounds_ms=tuple(r),
+        )
+        for s, a, r in zip(samples, active, per_round, strict=True)
+    ]  # fmt: skip
 
 
 def out_of_race(

@@ -262,7 +262,7 @@ class _Run:
             t
             for t in passing
             if t.latency
-            and all(t is ref or t.latency.p50_ms < ref.latency.p50_ms for ref in refs if ref.latency)
+            and all(t is ref or t.latency.faster_than(ref.latency) for ref in refs if ref.latency)
         ]
         if faster:
             return faster
@@ -339,6 +339,9 @@ def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
     Files within 1 % of the smallest size are the same size (one set of weights in another layout, a
     padded stem): among those the fastest wins, not the one a few bytes smaller.
     """
+    # A model whose timing stopped early lost a paired comparison with a racer still timed: its
+    # percentile, over fewer (earlier) rounds, must not beat the winner's on a change of load.
+    passing = [t for t in passing if t.latency and not t.latency.stopped_early] or passing
     fastest = min(t.latency.p50_ms for t in passing if t.latency) if any(t.latency for t in passing) else None
     if fastest is None:
         return passing[0]
