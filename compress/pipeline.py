@@ -146,6 +146,14 @@ class _Run:
         if train is not None and train.labels is None:
             self.progress("training data has no labels: recovery distils the float model's outputs only")
         self.notes = sorted({d.note for d in (calib, self.data, train) if d is not None and d.note})
+        providers, on_target = timing_providers(self.profile)
+        if not on_target:
+            first = next(ep for ep in self.profile.execution_providers if ep != "TensorrtExecutionProvider")
+            self.notes.append(
+                f"timed on {', '.join(providers)}: this onnxruntime lacks {first}, {self.profile.name}'s "
+                "execution provider, so the speed-ups are this host's and no candidate was required to beat "
+                "the float model on the target"
+            )
         if self.notes:
             self.record["notes"] = self.notes
         metric = parse_metric(
@@ -154,7 +162,6 @@ class _Run:
         self.progress("scoring the float model")
         with clock.stage("float reference outputs"):
             evaluator = Evaluator(self.float_path, self.data, metric=metric)
-        providers, on_target = timing_providers(self.profile)
         self.ctx = PassContext(
             work, self.profile, evaluator, QualityGate(req.max_drop), calib, cpu_has_vnni(), self.progress,
             req.finetune, req.timer, providers, on_target, req.latency_rounds, train, source.module, clock,

@@ -37,3 +37,16 @@ def test_the_note_naming_the_array_used_is_shown_when_no_candidate_passes(tmp_pa
     assert json.loads(text)["notes"] == [
         "evaluation file d.npz: used its only array 'samples' for the model input 'x'"
     ]
+
+
+def test_a_run_timed_off_the_targets_execution_provider_says_so(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    import pytest
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the GPU profile's execution provider: timings are the target's")
+    model = _mlp(tmp_path / "m.onnx", "n")
+    code, text = invoke(model, "--profile", "x86-gpu", "--quantize", "fp16", "-o", tmp_path / "a", "--json")
+    assert code == 0, text
+    (note,) = json.loads(text)["notes"]
+    assert note.startswith("timed on CPUExecutionProvider: this onnxruntime lacks CUDAExecutionProvider")
