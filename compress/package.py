@@ -34,6 +34,19 @@ def check_out_dir(out_dir: Path) -> None:
         )
 
 
+def check_versions(version: int, parent_version: int | None) -> None:
+    """Refuse a version the manifest would refuse, before any work is done (it failed at the end)."""
+    from edgectl.artifact.errors import ManifestError
+    from edgectl.artifact.manifest import check_version
+
+    try:
+        check_version(version, "--version")
+        if parent_version is not None:
+            check_version(parent_version, "the parent version")
+    except ManifestError as exc:
+        raise BadInputError(str(exc), hint="artifact versions count up from 1, e.g. --version 2") from exc
+
+
 def artifact_name(raw: str) -> str:
     """A valid artifact name from a user's name or a model file stem."""
     name = _NAME_RE.sub("-", raw).strip("-._")[:128]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgectl.artifact import TensorSpec, summarize_inputs
+from edgectl.compress.choice import fastest_passing, off_target_note, timing_providers
 from edgectl.compress.clock import StageClock
 from edgectl.compress.data import read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
@@ -26,7 +27,7 @@ from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_params, model_stats, signature
 from edgectl.compress.metrics import check_metric_spec, parse_metric
 from edgectl.compress.outcome import artifact_metrics
-from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
+from edgectl.compress.package import artifact_name, check_out_dir, check_versions, write_artifact
 from edgectl.compress.passes.base import (
     CompressPass,
     FineTune,
@@ -98,7 +99,13 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
             f"--max-drop must be >= 0, got {req.max_drop}", hint="e.g. --max-drop 0.005 for half a point"
         )
     check_out_dir(req.out_dir)
+    check_versions(req.version, req.parent_version)
     check_metric_spec(req.metric)
+    if req.train is not None and req.recipe.get("prune") is None:
+        raise BadInputError(
+            "--train recovers accuracy after pruning, and nothing is pruned",
+            hint="add --prune 0.5 (or auto), or drop --train",
+        )
     profile = load_profile(req.profile)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
         staged = _Run(req, profile, Path(tmp), progress)
@@ -148,12 +155,7 @@ class _Run:
         self.notes = sorted({d.note for d in (calib, self.data, train) if d is not None and d.note})
         providers, on_target = timing_providers(self.profile)
         if not on_target:
-            first = next(ep for ep in self.profile.execution_providers if ep != "TensorrtExecutionProvider")
-            self.notes.append(
-                f"timed on {', '.join(providers)}: this onnxruntime lacks {first}, {self.profile.name}'s "
-                "execution provider, so the speed-ups are this host's and no candidate was required to beat "
-                "the float model on the target"
-            )
+            self.notes.append(off_target_note(self.profile, providers))
         if self.notes:
             self.record["notes"] = self.notes
         metric = parse_metric(
@@ -241,7 +243,7 @@ class _Run:
                 trials=[t.to_dict() for t in self.trials],
             )
         passing = self._faster_than_float(state, passing)
-        chosen = _choose(passing)
+        chosen = fastest_passing(passing)
         chosen.note = (chosen.note + "; " if chosen.note else "") + "chosen"
         return dataclasses.replace(state, chosen=chosen)
 
@@ -325,37 +327,6 @@ class _Run:
             self.notes,
             self.clock.to_list(),
         )
-
-
-def timing_providers(profile: DeviceProfile) -> tuple[tuple[str, ...], bool]:
-    """The target's execution providers this onnxruntime has, and whether its first choice is among them."""
-    import onnxruntime as ort
-
-    here = set(ort.get_available_providers())
-    usable = tuple(
-        ep for ep in profile.execution_providers if ep in here and ep != "TensorrtExecutionProvider"
-    )
-    # TensorRT engines are built, not timed, here: the EP that times an ONNX model here is the next one.
-    first = next((ep for ep in profile.execution_providers if ep != "TensorrtExecutionProvider"), "")
-    return (usable or ("CPUExecutionProvider",)), first in here
-
-
-def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
-    """The fastest passing model; within ``tie`` (timing noise) of it, the smallest file wins.
-
-    Files within 1 % of the smallest size are the same size (one set of weights in another layout, a
-    padded stem): among those the fastest wins, not the one a few bytes smaller.
-    """
-    # A model whose timing stopped early lost a paired comparison with a racer still timed: its
-    # percentile, over fewer (earlier) rounds, must not beat the winner's on a change of load.
-    passing = [t for t in passing if t.latency and not t.latency.stopped_early] or passing
-    fastest = min(t.latency.p50_ms for t in passing if t.latency) if any(t.latency for t in passing) else None
-    if fastest is None:
-        return passing[0]
-    close = [t for t in passing if t.latency and t.latency.p50_ms <= fastest * (1 + tie)]
-    smallest = min(t.size_bytes or 0 for t in close)
-    same_size = [t for t in close if (t.size_bytes or 0) <= smallest * 1.01]
-    return min(same_size, key=lambda t: t.latency.p50_ms if t.latency else 0.0)
 
 
 def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -52,3 +52,22 @@ def test_a_float_model_that_outputs_nan_on_the_samples_is_refused(tmp_path: Path
     assert code == 2, text
     assert "the float model outputs NaN on the evaluation file d.npz" in text
     assert not (tmp_path / "a").exists()
+
+
+def test_a_version_the_manifest_refuses_is_refused_before_any_work(tmp_path: Path) -> None:
+    # It ran the whole search, then failed writing the manifest with exit 4 (the quality gate's code).
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--version", "0", "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "--version must be a positive integer, got 0" in text and "compress [" not in text
+
+
+def test_train_without_prune_is_refused_not_ignored(tmp_path: Path) -> None:
+    data = tmp_path / "t.npz"
+    np.savez(data, x=np.zeros((8, 16), np.float32))
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--train", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "--train recovers accuracy after pruning, and nothing is pruned" in text

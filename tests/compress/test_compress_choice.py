@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from edgectl.compress.choice import fastest_passing as _choose
 from edgectl.compress.evaluate import Latency, Trial
-from edgectl.compress.pipeline import _choose
 
 
 def _trial(name: str, latency: Latency) -> Trial:

@@ -155,8 +155,8 @@ def test_the_pipeline_times_the_stem_candidates_and_the_artifact_keeps_the_3_cha
 
 
 def test_within_timing_noise_the_smaller_file_wins_but_a_few_bytes_do_not_beat_speed() -> None:
+    from edgectl.compress.choice import fastest_passing as _choose
     from edgectl.compress.evaluate import Latency, Trial
-    from edgectl.compress.pipeline import _choose
 
     def trial(name: str, ms: float, size: int) -> Trial:
         return Trial(name, "format", latency=Latency(ms, ms, 10), size_bytes=size)
