@@ -59,7 +59,14 @@ def load_factory(spec: str, state_dict: Path | None = None) -> torch.nn.Module:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
         raise BadInputError(f"cannot import {spec}: {exc}", hint="check the module is on PYTHONPATH") from exc
-    module = factory()
+    if not callable(factory):
+        raise BadInputError(f"{spec} is a {type(factory).__name__}, not a function", hint="name a factory")
+    try:
+        module = factory()
+    except Exception as exc:  # the user's code: any failure is theirs to fix, said in one line
+        raise BadInputError(
+            f"{spec}() raised {describe(exc)}", hint="the factory is called with no arguments"
+        ) from exc
     if not isinstance(module, torch.nn.Module):
         raise BadInputError(f"{spec} returned {type(module).__name__}, not a torch.nn.Module")
     if state_dict is not None:
@@ -67,7 +74,11 @@ def load_factory(spec: str, state_dict: Path | None = None) -> torch.nn.Module:
             state = torch.load(str(state_dict), map_location="cpu", weights_only=True)
             module.load_state_dict(state)
         except Exception as exc:
-            raise BadInputError(f"cannot load state dict {state_dict}: {exc}") from exc
+            raise BadInputError(
+                # Every line: torch lists the missing and unexpected keys after the first one.
+                f"cannot load state dict {state_dict}: {type(exc).__name__}: {str(exc).strip()}",
+                hint=f"save it with torch.save(model.state_dict(), path) from the model {spec}() builds",
+            ) from exc
     return module.eval()
 
 

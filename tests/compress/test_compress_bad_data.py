@@ -71,3 +71,26 @@ def test_train_without_prune_is_refused_not_ignored(tmp_path: Path) -> None:
     )
     assert code == 2, text
     assert "--train recovers accuracy after pruning, and nothing is pruned" in text
+
+
+def test_a_factory_that_raises_or_is_not_a_function_is_named_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 16), np.float32))
+    code, text = invoke("tests.compress.model_factories:needs_a_config", "--eval", data, "-o", tmp_path / "a")
+    assert code == 2, text  # a traceback (exit 1) before
+    assert (
+        "tests.compress.model_factories:needs_a_config() raised RuntimeError: factory needs a config" in text
+    )
+    code, text = invoke("tests.compress.model_factories:NOT_A_FACTORY", "--eval", data, "-o", tmp_path / "b")
+    assert code == 2 and "NOT_A_FACTORY is a int, not a function" in text, text
+    # Named before the missing data it would otherwise be asked for.
+    code, text = invoke("tests.compress.model_factories:missing", "-o", tmp_path / "c")
+    assert code == 2 and "cannot import tests.compress.model_factories:missing" in text, text
+
+
+def test_a_state_dict_for_a_model_file_is_refused_not_ignored(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not used")
+    code, text = invoke(_mlp(tmp_path / "m.onnx", "n"), "--state-dict", weights, "-o", tmp_path / "a")
+    assert code == 2, text
+    assert "--state-dict loads weights into a package.module:factory model" in text
