@@ -21,6 +21,7 @@ import numpy as np
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError, PruneRefusedError, describe
+from edgectl.compress.passes.export import plain_attention
 
 if TYPE_CHECKING:
     import torch
@@ -189,7 +190,7 @@ def _train(
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
             args = [x[idx].to(device) for x in inputs]
-            with torch.no_grad():
+            with torch.no_grad(), plain_attention():  # the student (training) computes padded tokens too
                 target = _first(teacher(*args))
             loss = _loss(
                 _first(student(*args)),

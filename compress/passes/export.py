@@ -14,6 +14,7 @@ import inspect
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -146,7 +147,7 @@ def export_module(
         )
     example = _example(arrays, names)
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    with torch.no_grad():
+    with torch.no_grad(), plain_attention():
         expected = _flat(module(*args))
     outputs = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
     dynamo_error: str | None = None
@@ -219,6 +220,28 @@ def _torchscript(
         )
 
 
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """torch's attention without its inference fast path, the path an exported graph computes.
+
+    In eval mode without grad, nn.TransformerEncoder turns a padding mask into nested tensors and
+    answers 0 at padded tokens, where the graph (the plain path) computes values: every export of an
+    encoder with a padding mask failed parity there.
+    """
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
 def check_parity(
     module: torch.nn.Module, path: Path, example: dict[str, np.ndarray], names: list[str], cfg: ExportConfig
 ) -> tuple[float, float]:
@@ -228,7 +251,7 @@ def check_parity(
     session = cpu_session(path, threads=0)
     worst_diff, worst_cos = 0.0, 1.0
     for feed in (example, {n: a[:1] for n, a in example.items()}):
-        with torch.no_grad():
+        with torch.no_grad(), plain_attention():
             want = _flat(module(*(torch.from_numpy(feed[n]) for n in names)))
         try:
             got = session.run(None, feed)
