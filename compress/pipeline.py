@@ -107,6 +107,8 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
             hint="add --prune 0.5 (or auto), or drop --train",
         )
     profile = load_profile(req.profile)
+    for kind, config in req.recipe.passes():
+        kind.check(config, profile, has_calib=req.calib is not None)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
         staged = _Run(req, profile, Path(tmp), progress)
         try:

@@ -252,6 +252,10 @@ class QuantizePass(CompressPass[QuantizeConfig]):
     stage = "quantize"
     config = QuantizeConfig
 
+    def check(self, config: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool) -> None:
+        """A mode the profile cannot run, or static int8 without calibration data, fails before the export."""
+        resolve_modes(config, profile, has_calib=has_calib)
+
     def run(self, state: ModelState, config: QuantizeConfig, ctx: PassContext) -> PassResult:
         """Resolve the modes for the profile, run the search, add its models as candidates."""
         modes = resolve_modes(

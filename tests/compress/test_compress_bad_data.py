@@ -94,3 +94,12 @@ def test_a_state_dict_for_a_model_file_is_refused_not_ignored(tmp_path: Path) ->
     code, text = invoke(_mlp(tmp_path / "m.onnx", "n"), "--state-dict", weights, "-o", tmp_path / "a")
     assert code == 2, text
     assert "--state-dict loads weights into a package.module:factory model" in text
+
+
+def test_a_quantize_mode_the_target_cannot_run_is_refused_before_the_model_is_loaded(tmp_path: Path) -> None:
+    # The factory would raise if called: the refusal must come first (it came after export and clean-up).
+    factory = "tests.compress.model_factories:needs_a_config"
+    code, text = invoke(factory, "--quantize", "int8-static", "-o", tmp_path / "a")
+    assert code == 2 and "--quantize int8-static needs calibration data" in text, text
+    code, text = invoke(factory, "--quantize", "fp16", "--profile", "x86-cpu-vnni", "-o", tmp_path / "b")
+    assert code == 2 and "profile x86-cpu-vnni has no execution provider with fp16 kernels" in text, text
