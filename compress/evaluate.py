@@ -70,13 +70,13 @@ class Latency:
     # The median of each round, in round order: models timed together share their first rounds.
     rounds_ms: tuple[float, ...] = ()
 
-    def faster_than(self, other: Latency) -> bool:
-        """Whether this is faster than ``other`` over the rounds both were timed in (the same load saw
+    def paired_ms(self, other: Latency) -> tuple[float, float]:
+        """This model's and ``other``'s median over the rounds both were timed in (the same load saw
         both); percentiles over different rounds compare a quiet spell with a busy one."""
         shared = min(len(self.rounds_ms), len(other.rounds_ms))
         if not shared:
-            return self.p50_ms < other.p50_ms
-        return float(np.median(self.rounds_ms[:shared])) < float(np.median(other.rounds_ms[:shared]))
+            return self.p50_ms, other.p50_ms
+        return float(np.median(self.rounds_ms[:shared])), float(np.median(other.rounds_ms[:shared]))
 
 
 def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndarray]:
@@ -196,6 +196,9 @@ def _binomial_tail(k: int, n: int, p: float) -> float:
 
 # A candidate slower than the leader by more than this in every round so far is out of the race.
 CLEARLY_SLOWER = 0.10
+# A quantized model is faster than the float one only beyond this (round-to-round noise on one thread):
+# a model 1 % "faster" with nothing quantized in it is within noise of it, and may well be slower.
+SPEEDUP_MARGIN = 0.02
 
 
 def measure_latency(

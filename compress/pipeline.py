@@ -23,7 +23,7 @@ from edgectl.compress.choice import fastest_passing, off_target_note, timing_pro
 from edgectl.compress.clock import StageClock
 from edgectl.compress.data import read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
-from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
+from edgectl.compress.evaluate import SPEEDUP_MARGIN, Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_params, model_stats, signature
 from edgectl.compress.metrics import check_metric_spec, parse_metric
 from edgectl.compress.outcome import artifact_metrics
@@ -268,20 +268,22 @@ class _Run:
         if floor is None or not self.ctx.on_target:
             return passing  # timings off the target's EP prove nothing about the target
         refs = [t for t in (floor, self.baseline) if t.latency]
-        limits = [t.latency.p50_ms for t in refs if t.latency]
+
+        def ratios(t: Trial) -> list[tuple[float, float]]:  # (mine, theirs) per reference, rounds paired
+            return [t.latency.paired_ms(r.latency) for r in refs if t.latency and r.latency and r is not t]
+
         faster = [
-            t
-            for t in passing
-            if t.latency
-            and all(t is ref or t.latency.faster_than(ref.latency) for ref in refs if ref.latency)
+            t for t in passing if t.latency and all(m < th * (1 - SPEEDUP_MARGIN) for m, th in ratios(t))
         ]
         if faster:
             return faster
-        best = min((t for t in passing if t.latency), key=lambda t: t.latency.p50_ms if t.latency else 0.0)
+        # The closest call: each candidate against the reference it came nearest to failing.
+        worst = [(t, max(ratios(t), key=lambda p: p[0] / max(p[1], 1e-12))) for t in passing if ratios(t)]
+        best, (mine, theirs) = min(worst, key=lambda w: w[1][0] / max(w[1][1], 1e-12))
         raise QualityGateError(
             f"no quantized model inside --max-drop {self.req.max_drop} is faster than the float model on "
-            f"{self.profile.name} (float {min(limits):.3f} ms, fastest passing {best.name} "
-            f"{best.latency.p50_ms if best.latency else float('nan'):.3f} ms); no artifact written",
+            f"{self.profile.name} (by more than {SPEEDUP_MARGIN:.0%}: float {theirs:.4f} ms, fastest passing "
+            f"{best.name} {mine:.4f} ms, timed together); no artifact written",
             hint="use --quantize none to package the float model, or raise --max-drop",
             trials=[t.to_dict() for t in self.trials],
         )

@@ -231,3 +231,20 @@ def test_auto_ships_the_pruned_float_model_when_no_quantized_one_beats_it(
     assert result.metrics["speedup"] == 3.0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["quantize"]["mode"] is None and set(manifest["precision"].values()) == {"fp32"}
+
+
+def test_auto_does_not_ship_a_model_within_timing_noise_of_the_float_one(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    def timer(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        # Every quantized candidate 1 % faster: noise on one thread (a Loop model with nothing quantized
+        # in it shipped as "int8, 1.0134x faster").
+        return [Latency(*[0.99 if p.name.startswith("candidate") else 1.0] * 2, 1) for p in models]
+
+    data = _npz(tmp_path / "d.npz", {"image": images})
+    with pytest.raises(
+        QualityGateError, match=r"faster than the float model on x86-cpu-vnni \(by more than 2%"
+    ):
+        run(CompressRequest(model=str(tiny_onnx), out_dir=tmp_path / "out", recipe=Recipe.from_options(quantize="auto"),
+                            calib=data, eval=data, max_drop=0.5, timer=timer))  # fmt: skip
+    assert not (tmp_path / "out").exists()

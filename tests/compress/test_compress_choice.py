@@ -18,9 +18,10 @@ def test_a_candidate_stopped_early_as_clearly_slower_is_not_chosen_on_its_earlie
     assert _choose([stopped, leader]).name == "leader"
 
 
-def test_faster_than_pairs_the_rounds_both_models_ran() -> None:
+def test_latencies_are_compared_over_the_rounds_both_models_ran() -> None:
     baseline = Latency(2.0, 2.0, 3, stopped_early=True, rounds_ms=(2.0, 2.0, 2.0))
     quantized = Latency(2.4, 2.9, 7, rounds_ms=(1.5, 1.5, 1.5, 3.0, 3.0, 3.0, 3.0))
-    assert quantized.faster_than(baseline) and not baseline.faster_than(quantized)
-    # Without rounds (a test's timer) the percentiles decide.
-    assert Latency(1.0, 1.0, 1).faster_than(Latency(2.0, 2.0, 1))
+    # Its percentile over 7 rounds (2.4) is above the baseline's over 3 (2.0); in the same 3 it is faster.
+    assert quantized.paired_ms(baseline) == (1.5, 2.0)
+    # Without rounds (a test's timer) the percentiles are compared.
+    assert Latency(1.0, 1.0, 1).paired_ms(Latency(2.0, 2.0, 1)) == (1.0, 2.0)
