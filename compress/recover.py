@@ -113,6 +113,24 @@ def _loss(
     return 0.5 * kd + 0.5 * F.cross_entropy(student_out, labels)
 
 
+def _check_labels(labels: torch.Tensor, teacher: torch.nn.Module, example: list[torch.Tensor]) -> None:
+    """Labels are class ids of the model's first output, ``[batch, classes]``: cross-entropy fails otherwise."""
+    import torch
+
+    with torch.no_grad(), plain_attention():
+        out = _first(teacher(*example))
+    classes = int(out.shape[-1]) if out.ndim == 2 else 0
+    low, high = int(labels.min()), int(labels.max())
+    if not classes or low < 0 or high >= classes:
+        what = (
+            f"{classes} classes" if classes else f"shape {tuple(out.shape[1:])} per sample, not class scores"
+        )
+        raise BadInputError(
+            f"training labels run {low}..{high}, but the model's first output has {what}",
+            hint="save labels as class ids 0..classes-1, or leave them out to distil the outputs only",
+        )
+
+
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[no-any-return]
 
@@ -180,6 +198,8 @@ def _train(
     teacher = teacher.to(device).eval()
     inputs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in names]
     labels = None if data.labels is None else torch.from_numpy(data.labels.astype(np.int64))
+    if labels is not None:
+        _check_labels(labels, teacher, [x[:2].to(device) for x in inputs])
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     steps = max(1, math.ceil(data.count / batch))
