@@ -16,6 +16,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).
 - ``clock``: wall and CPU seconds per stage of one run (the report's time breakdown).
 - ``evaluate``: the evaluator every model goes through, the quality gate, interleaved latency.
+- ``choice``: which timed model ships (the fastest passing one) and the providers timing runs on.
 - ``quantizer``: one quantized model with ORT's quantizer; the modes; nodes kept float by rule.
 - ``sensitivity``: per-node quantization error, the ranking mixed precision keeps float from.
 - ``channel_groups``: which channels structured pruning must remove together.

@@ -6,6 +6,7 @@ An ``.npz`` holds one array per model input (named after it, samples on axis 0) 
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ class SampleSet:
     source: str
     # Something the user should be told about how the file was read (e.g. an array renamed).
     note: str = ""
+    # The model's fixed batch size (an export traced at batch 1 takes exactly 1), 0 when it is free:
+    # every feed built from this set then holds exactly that many samples.
+    fixed_batch: int = 0
 
     @property
     def count(self) -> int:
@@ -35,23 +39,31 @@ class SampleSet:
         return int(next(iter(self.inputs.values())).shape[0])
 
     def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Yield feeds of at most ``size`` samples, in order."""
+        """Yield feeds of at most ``size`` samples (exactly the model's fixed batch, if it has one), in order."""
+        size = self.fixed_batch or size
         for start in range(0, self.count, size):
             yield {k: v[start : start + size] for k, v in self.inputs.items()}
 
+    def aligned(self, count: int) -> int:
+        """``count`` rounded down to whole fixed batches (at least one batch)."""
+        step = self.fixed_batch or 1
+        return max(step, count - count % step)
+
     def take(self, count: int) -> SampleSet:
-        """The first ``count`` samples (all of them if there are fewer)."""
-        labels = None if self.labels is None else self.labels[:count]
-        return SampleSet({k: v[:count] for k, v in self.inputs.items()}, labels, self.source, self.note)
+        """The first ``count`` samples (all of them if there are fewer), in whole fixed batches."""
+        return self.part(0, self.aligned(count))
 
     def part(self, start: int, stop: int | None = None) -> SampleSet:
         """Samples ``start`` up to ``stop`` (the end if None), labels alike."""
         labels = None if self.labels is None else self.labels[start:stop]
-        return SampleSet({k: v[start:stop] for k, v in self.inputs.items()}, labels, self.source, self.note)
+        return dataclasses.replace(
+            self, inputs={k: v[start:stop] for k, v in self.inputs.items()}, labels=labels
+        )
 
     def feed(self, index: int = 0) -> dict[str, np.ndarray]:
-        """One sample as a batch of one: what latency is measured on."""
-        return {k: v[index : index + 1] for k, v in self.inputs.items()}
+        """One sample as a batch of one (of the model's fixed batch): what latency is measured on."""
+        step = self.fixed_batch or 1
+        return {k: v[index : index + step] for k, v in self.inputs.items()}
 
 
 def load_npz(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -126,9 +138,24 @@ def check_samples(
                     f"{source}: array {info.name!r} has {got} on axis {axis}, the model needs {want}",
                     hint=f"reshape the samples to {_shape_hint(info.shape)}",
                 )
+        if arr.dtype.kind in "fc" and np.isnan(arr).any():
+            # ±inf can be an additive mask; NaN is never an input, and it poisons scores and ranges alike.
+            bad = int(np.isnan(arr).reshape(arr.shape[0], -1).any(axis=1).sum()) if arr.ndim else 1
+            raise BadInputError(
+                f"{source}: array {info.name!r} holds NaN in {bad} of {arr.shape[0] if arr.ndim else 1} samples",
+                hint="drop or fix those samples (numpy.isnan(x).any(axis=...) finds them)",
+            )
         counts.add(arr.shape[0])
-    if len(counts) != 1 or 0 in counts:
+    if counts == {0}:
+        raise BadInputError(f"{source} holds no samples", hint="save at least one sample per input on axis 0")
+    if len(counts) != 1:
         raise BadInputError(f"{source}: input arrays disagree on the sample count {sorted(counts)}")
+    batch = fixed_batch(inputs)
+    if batch > 1 and next(iter(counts)) % batch:
+        raise BadInputError(
+            f"{source}: {next(iter(counts))} samples, but the model takes batches of exactly {batch}",
+            hint=f"save a multiple of {batch} samples, or export the model with a dynamic batch axis",
+        )
     bad_labels = labels is not None and (
         labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != next(iter(counts))
     )
@@ -138,7 +165,13 @@ def check_samples(
             f"got {labels.dtype} {labels.shape}",
             hint="save labels=numpy.asarray(ids, dtype=numpy.int64)",
         )
-    return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source, note)
+    return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source, note, batch)
+
+
+def fixed_batch(inputs: Sequence[TensorSpec]) -> int:
+    """The batch size the model's inputs fix on axis 0 (an export traced at batch 1), 0 when it is free."""
+    fixed = [i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0]
+    return max(fixed, default=0)
 
 
 def read_samples(path: Path, inputs: Sequence[TensorSpec], *, what: str) -> SampleSet:
@@ -150,6 +183,8 @@ def read_samples(path: Path, inputs: Sequence[TensorSpec], *, what: str) -> Samp
 def synthetic_samples(inputs: Sequence[TensorSpec], count: int, *, seed: int = 0) -> SampleSet:
     """Random samples for a model given without data: enough for latency and output fidelity."""
     rng = np.random.default_rng(seed)
+    batch = fixed_batch(inputs)
+    count = batch * max(1, count // batch) if batch else count
     arrays: dict[str, np.ndarray] = {}
     for info in inputs:
         # Symbolic dims other than the batch get a small size: we only need a runnable feed.
@@ -162,4 +197,4 @@ def synthetic_samples(inputs: Sequence[TensorSpec], count: int, *, seed: int = 0
         else:
             # 0/1 are valid token ids, attention-mask values and indices for any model.
             arrays[info.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return SampleSet(arrays, None, "synthetic samples")
+    return SampleSet(arrays, None, "synthetic samples", fixed_batch=batch)

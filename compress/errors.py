@@ -35,3 +35,10 @@ class QualityGateError(CompressError):
     def __init__(self, message: str, *, hint: str | None = None, trials: list[dict[str, object]]) -> None:
         super().__init__(message, hint=hint)
         self.trials = trials
+        self.notes: list[str] = []  # what the run told the user about its inputs (an array renamed)
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (just the type for an empty message): a foreign exception in one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__

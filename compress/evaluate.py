@@ -7,6 +7,7 @@ round by round, so a noisy neighbour or a clock change hits every candidate alik
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgectl.compress.data import SampleSet
+from edgectl.compress.errors import BadInputError, describe
 from edgectl.compress.graph import cpu_session
 from edgectl.compress.metrics import Metric, Quality, parse_metric
 
@@ -30,13 +32,18 @@ class QualityGate:
         """Whether a drop (in the metric's units) is inside the budget."""
         return drop <= self.max_drop + 1e-12  # a drop exactly at the budget must not fail on rounding
 
-    def hopeless(self, drop: float, *, continuous: bool = False) -> bool:
+    def hopeless(self, drop: float, *, continuous: bool = False, samples: int = 0) -> bool:
         """A drop on a first small slice so far outside the budget that the full evaluation is not worth it.
 
         Five budgets, and for a stepped metric (top-1: one sample of a small slice is a big step) at
         least five points more than the budget; a continuous one (a cosine) needs one point more.
+        A stepped metric's drop on ``samples`` samples counts lost samples: it must also be unlikely
+        (< 1 %) from a model whose true drop is the budget (one flip in 8 is 0.125, yet 8 % likely at 0.01).
         """
-        return drop > max(5 * self.max_drop, self.max_drop + (0.01 if continuous else 0.05))
+        far = drop > max(5 * self.max_drop, self.max_drop + (0.01 if continuous else 0.05))
+        if continuous or not samples or not far:
+            return far
+        return _binomial_tail(math.ceil(drop * samples - 1e-9), samples, self.max_drop) < 0.01
 
     def within_reach(self, drop: float) -> bool:
         """A drop that calibration, smoothing or granularity variants can plausibly close."""
@@ -60,6 +67,16 @@ class Latency:
     runs: int
     # Timing stopped before the last round: clearly slower than the fastest candidate (``out_of_race``).
     stopped_early: bool = False
+    # The median of each round, in round order: models timed together share their first rounds.
+    rounds_ms: tuple[float, ...] = ()
+
+    def paired_ms(self, other: Latency) -> tuple[float, float]:
+        """This model's and ``other``'s median over the rounds both were timed in (the same load saw
+        both); percentiles over different rounds compare a quiet spell with a busy one."""
+        shared = min(len(self.rounds_ms), len(other.rounds_ms))
+        if not shared:
+            return self.p50_ms, other.p50_ms
+        return float(np.median(self.rounds_ms[:shared])), float(np.median(other.rounds_ms[:shared]))
 
 
 def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndarray]:
@@ -68,7 +85,13 @@ def run_model(session: Any, data: SampleSet, *, batch: int = 32) -> list[np.ndar
     for feed in data.batches(batch):
         outs = session.run(None, feed)
         parts.append([np.asarray(o) for o in outs])
-    return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+    if len(parts) == 1:
+        return parts[0]
+    # A scalar output (a shape, a count) has no sample axis: the first batch's stands for all.
+    return [
+        np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i]
+        for i in range(len(parts[0]))
+    ]
 
 
 class Evaluator:
@@ -90,7 +113,23 @@ class Evaluator:
             None, input_names=list(data.inputs), has_labels=data.labels is not None
         )
         # Scoring uses every core: only the latency comparison needs one thread.
-        self._reference = run_model(cpu_session(reference, threads=0, providers=providers), data, batch=batch)
+        session = cpu_session(reference, threads=0, providers=providers)
+        try:
+            self._reference = run_model(session, data, batch=batch)
+        except Exception as exc:  # ORT's errors have no common base; any of them means the same here
+            raise BadInputError(
+                f"the float model fails on the {data.source}: {describe(exc)}",
+                hint="check the samples' shapes against the model's inputs; an export traced at one shape "
+                "may need dynamic axes (torch.onnx.export(..., dynamic_axes=...))",
+            ) from exc
+        nan = [i for i, o in enumerate(self._reference) if o.dtype.kind in "fc" and np.isnan(o).any()]
+        if nan:
+            # Every comparison with NaN fails alike: each candidate would "match" the float model.
+            raise BadInputError(
+                f"the float model outputs NaN on the {data.source} (output {nan[0]}): no candidate can be "
+                "compared with it",
+                hint="check the samples are what the model expects (scale, dtype, token ids in range)",
+            )
         # A user's metric is called here first: one that cannot score the float model fails before any work.
         self.baseline = self._score(self._reference)
 
@@ -100,6 +139,7 @@ class Evaluator:
         return self.scorer.name
 
     def _score(self, outputs: Sequence[np.ndarray], count: int | None = None) -> Quality:
+        count = None if count is None else self.data.aligned(count)
         data = self.data if count is None else self.data.take(count)
         reference = self._reference if count is None else [r[:count] for r in self._reference]
         return self.scorer.score(data.inputs, data.labels, reference, list(outputs))
@@ -122,6 +162,7 @@ class Evaluator:
         One session serves both and the first slice's outputs are kept, so the full score costs
         only the remaining samples. Returns the quality, its drop, and whether it stopped early.
         """
+        first = self.data.aligned(first) if first else 0
         if not first or self.data.count < 2 * first:
             quality = self.quality(model)
             return quality, quality.drop_from(self.baseline), False
@@ -137,7 +178,7 @@ class Evaluator:
 
     def baseline_on(self, samples: int) -> Quality:
         """The float model's own quality on the first ``samples`` samples."""
-        count = min(samples, self.data.count)
+        count = self.data.aligned(min(samples, self.data.count))
         return self._score([r[:count] for r in self._reference], count)
 
     def latency(self, models: Sequence[Path], *, rounds: int = 7, round_s: float = 0.15) -> list[Latency]:
@@ -147,8 +188,17 @@ class Evaluator:
         )
 
 
+def _binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    p = min(max(p, 0.0), 1.0)
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(max(k, 0), n + 1))
+
+
 # A candidate slower than the leader by more than this in every round so far is out of the race.
 CLEARLY_SLOWER = 0.10
+# A quantized model is faster than the float one only beyond this (round-to-round noise on one thread):
+# a model 1 % "faster" with nothing quantized in it is within noise of it, and may well be slower.
+SPEEDUP_MARGIN = 0.02
 
 
 def measure_latency(
@@ -200,9 +250,12 @@ def measure_latency(
             if sum(active) < 2:
                 break  # every comparison is decided: the fastest racer's rounds so far are its timing
     return [
-        Latency(float(np.percentile(s, 50)), float(np.percentile(s, 90)), len(s), stopped_early=not a)
-        for s, a in zip(samples, active, strict=True)
-    ]
+        Latency(
+            float(np.percentile(s, 50)), float(np.percentile(s, 90)), len(s), stopped_early=not a,
+            rounds_ms=tuple(r),
+        )
+        for s, a, r in zip(samples, active, per_round, strict=True)
+    ]  # fmt: skip
 
 
 def out_of_race(

@@ -66,6 +66,30 @@ def signature(model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec
     return inputs, [_spec(v) for v in model.graph.output]
 
 
+# Ops that compute on int8 (ORT's quantized forms of the compute nodes).
+INT8_COMPUTE_OPS = frozenset({
+    "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
+    "QAttention", "DynamicQuantizeLSTM", "MatMulIntegerToFloat",
+})  # fmt: skip
+# Ops only a quantizer writes: a graph holding any of them was quantized already.
+_QUANTIZED_OPS = INT8_COMPUTE_OPS | {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulNBits",
+}
+
+
+def quantized_ops(path: Path) -> dict[str, int]:
+    """How many nodes of each quantized op type the model at ``path`` holds (empty for a float model)."""
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in _QUANTIZED_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 def count_params(model: onnx.ModelProto) -> int:
     """Number of weight elements stored in the graph's initializers."""
     return sum(int(np.prod(i.dims)) for i in model.graph.initializer)

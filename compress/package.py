@@ -19,14 +19,10 @@ import onnx
 
 from edgectl.artifact import Artifact, DriftSummary, SigningKey, TensorSpec, TrtEngine, build_artifact
 from edgectl.compress.errors import BadInputError
-from edgectl.compress.graph import cpu_session
+from edgectl.compress.graph import INT8_COMPUTE_OPS, cpu_session
 
 # Nodes that carry the weights and FLOPs; the precision map lists these (quantized forms included).
 _COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Attention", "LSTM", "GRU"}
-_INT8_OPS = {
-    "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
-    "QAttention", "DynamicQuantizeLSTM", "MatMulIntegerToFloat",
-}  # fmt: skip
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -36,6 +32,19 @@ def check_out_dir(out_dir: Path) -> None:
         raise BadInputError(
             f"output {out_dir} already exists and is not empty", hint="choose a new -o folder"
         )
+
+
+def check_versions(version: int, parent_version: int | None) -> None:
+    """Refuse a version the manifest would refuse, before any work is done (it failed at the end)."""
+    from edgectl.artifact.errors import ManifestError
+    from edgectl.artifact.manifest import check_version
+
+    try:
+        check_version(version, "--version")
+        if parent_version is not None:
+            check_version(parent_version, "the parent version")
+    except ManifestError as exc:
+        raise BadInputError(str(exc), hint="artifact versions count up from 1, e.g. --version 2") from exc
 
 
 def artifact_name(raw: str) -> str:
@@ -61,7 +70,7 @@ def precision_map(model_path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for node in model.graph.node:
         base = node.op_type
-        if base in _INT8_OPS:
+        if base in INT8_COMPUTE_OPS:
             out[node.name.removesuffix("_quant")] = "int8"
         elif base in _COMPUTE:
             fed = [produced_by.get(i) for i in node.input]

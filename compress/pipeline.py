@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 
 from edgectl.artifact import TensorSpec, summarize_inputs
+from edgectl.compress.choice import fastest_passing, off_target_note, timing_providers
 from edgectl.compress.clock import StageClock
 from edgectl.compress.data import read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
-from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
+from edgectl.compress.evaluate import SPEEDUP_MARGIN, Evaluator, QualityGate, Trial
 from edgectl.compress.graph import load, model_params, model_stats, signature
 from edgectl.compress.metrics import check_metric_spec, parse_metric
 from edgectl.compress.outcome import artifact_metrics
-from edgectl.compress.package import artifact_name, check_out_dir, write_artifact
+from edgectl.compress.package import artifact_name, check_out_dir, check_versions, write_artifact
 from edgectl.compress.passes.base import (
     CompressPass,
     FineTune,
@@ -98,13 +99,25 @@ def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> Compres
             f"--max-drop must be >= 0, got {req.max_drop}", hint="e.g. --max-drop 0.005 for half a point"
         )
     check_out_dir(req.out_dir)
+    check_versions(req.version, req.parent_version)
     check_metric_spec(req.metric)
+    if req.train is not None and req.recipe.get("prune") is None:
+        raise BadInputError(
+            "--train recovers accuracy after pruning, and nothing is pruned",
+            hint="add --prune 0.5 (or auto), or drop --train",
+        )
     profile = load_profile(req.profile)
+    for kind, config in req.recipe.passes():
+        kind.check(config, profile, has_calib=req.calib is not None)
     with tempfile.TemporaryDirectory(prefix="edgectl-compress-") as tmp:
         staged = _Run(req, profile, Path(tmp), progress)
-        state = staged.run_stage("float", staged.start())
-        state = staged.run_stage("quantize", staged.settle_float(state))
-        state = staged.run_stage("target", staged.choose(state))
+        try:
+            state = staged.run_stage("float", staged.start())
+            state = staged.run_stage("quantize", staged.settle_float(state))
+            state = staged.run_stage("target", staged.choose(state))
+        except QualityGateError as exc:
+            exc.notes = staged.notes  # how the inputs were read matters most when nothing passed
+            raise
         return staged.package(state, started)
 
 
@@ -117,6 +130,7 @@ class _Run:
         self.record: dict[str, Any] = {"recipe": req.recipe.to_dict()}
         self.ran: list[CompressPass[Any]] = []
         self.clock = StageClock()
+        self.notes: list[str] = []
 
     def start(self) -> ModelState:
         """Acquire the float model and its data, score it: the baseline row and the passes' context."""
@@ -141,6 +155,9 @@ class _Run:
         if train is not None and train.labels is None:
             self.progress("training data has no labels: recovery distils the float model's outputs only")
         self.notes = sorted({d.note for d in (calib, self.data, train) if d is not None and d.note})
+        providers, on_target = timing_providers(self.profile)
+        if not on_target:
+            self.notes.append(off_target_note(self.profile, providers))
         if self.notes:
             self.record["notes"] = self.notes
         metric = parse_metric(
@@ -149,7 +166,6 @@ class _Run:
         self.progress("scoring the float model")
         with clock.stage("float reference outputs"):
             evaluator = Evaluator(self.float_path, self.data, metric=metric)
-        providers, on_target = timing_providers(self.profile)
         self.ctx = PassContext(
             work, self.profile, evaluator, QualityGate(req.max_drop), calib, cpu_has_vnni(), self.progress,
             req.finetune, req.timer, providers, on_target, req.latency_rounds, train, source.module, clock,
@@ -180,14 +196,18 @@ class _Run:
             state = dataclasses.replace(state, base=self.trials[-1])
         self.float_trials = list(self.trials)
         passes = [kind for kind, _ in self.req.recipe.passes()]
+        only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
         if not any(kind.stage == "quantize" for kind in passes) and state.base:
             candidates: tuple[Trial, ...] = (state.base,)
-            only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
             if self.ctx.on_target and state.base.path != self.baseline.path and only_cleanup:
                 # The clean-up was kept on one measurement; the final timing on the target decides
                 # again, so a clean-up that timed slower there ships the model as it was given.
                 candidates += (self.baseline,)
             state = dataclasses.replace(state, candidates=candidates)
+        elif not only_cleanup and state.base and state.base.path != self.baseline.path:
+            # A pruned (or the user's own) float model is what they asked for: when no quantized
+            # model beats it, it is the artifact, as long as it beats the float model as given.
+            state = dataclasses.replace(state, candidates=(*state.candidates, state.base))
         return state
 
     def choose(self, state: ModelState) -> ModelState:
@@ -225,7 +245,7 @@ class _Run:
                 trials=[t.to_dict() for t in self.trials],
             )
         passing = self._faster_than_float(state, passing)
-        chosen = _choose(passing)
+        chosen = fastest_passing(passing)
         chosen.note = (chosen.note + "; " if chosen.note else "") + "chosen"
         return dataclasses.replace(state, chosen=chosen)
 
@@ -247,15 +267,23 @@ class _Run:
         floor = state.must_beat
         if floor is None or not self.ctx.on_target:
             return passing  # timings off the target's EP prove nothing about the target
-        limits = [t.latency.p50_ms for t in (floor, self.baseline) if t.latency]
-        faster = [t for t in passing if t.latency and all(t.latency.p50_ms < lim for lim in limits)]
+        refs = [t for t in (floor, self.baseline) if t.latency]
+
+        def ratios(t: Trial) -> list[tuple[float, float]]:  # (mine, theirs) per reference, rounds paired
+            return [t.latency.paired_ms(r.latency) for r in refs if t.latency and r.latency and r is not t]
+
+        faster = [
+            t for t in passing if t.latency and all(m < th * (1 - SPEEDUP_MARGIN) for m, th in ratios(t))
+        ]
         if faster:
             return faster
-        best = min((t for t in passing if t.latency), key=lambda t: t.latency.p50_ms if t.latency else 0.0)
+        # The closest call: each candidate against the reference it came nearest to failing.
+        worst = [(t, max(ratios(t), key=lambda p: p[0] / max(p[1], 1e-12))) for t in passing if ratios(t)]
+        best, (mine, theirs) = min(worst, key=lambda w: w[1][0] / max(w[1][1], 1e-12))
         raise QualityGateError(
             f"no quantized model inside --max-drop {self.req.max_drop} is faster than the float model on "
-            f"{self.profile.name} (float {min(limits):.3f} ms, fastest passing {best.name} "
-            f"{best.latency.p50_ms if best.latency else float('nan'):.3f} ms); no artifact written",
+            f"{self.profile.name} (by more than {SPEEDUP_MARGIN:.0%}: float {theirs:.4f} ms, fastest passing "
+            f"{best.name} {mine:.4f} ms, timed together); no artifact written",
             hint="use --quantize none to package the float model, or raise --max-drop",
             trials=[t.to_dict() for t in self.trials],
         )
@@ -303,34 +331,6 @@ class _Run:
             self.notes,
             self.clock.to_list(),
         )
-
-
-def timing_providers(profile: DeviceProfile) -> tuple[tuple[str, ...], bool]:
-    """The target's execution providers this onnxruntime has, and whether its first choice is among them."""
-    import onnxruntime as ort
-
-    here = set(ort.get_available_providers())
-    usable = tuple(
-        ep for ep in profile.execution_providers if ep in here and ep != "TensorrtExecutionProvider"
-    )
-    # TensorRT engines are built, not timed, here: the EP that times an ONNX model here is the next one.
-    first = next((ep for ep in profile.execution_providers if ep != "TensorrtExecutionProvider"), "")
-    return (usable or ("CPUExecutionProvider",)), first in here
-
-
-def _choose(passing: list[Trial], tie: float = 0.03) -> Trial:
-    """The fastest passing model; within ``tie`` (timing noise) of it, the smallest file wins.
-
-    Files within 1 % of the smallest size are the same size (one set of weights in another layout, a
-    padded stem): among those the fastest wins, not the one a few bytes smaller.
-    """
-    fastest = min(t.latency.p50_ms for t in passing if t.latency) if any(t.latency for t in passing) else None
-    if fastest is None:
-        return passing[0]
-    close = [t for t in passing if t.latency and t.latency.p50_ms <= fastest * (1 + tie)]
-    smallest = min(t.size_bytes or 0 for t in close)
-    same_size = [t for t in close if (t.size_bytes or 0) <= smallest * 1.01]
-    return min(same_size, key=lambda t: t.latency.p50_ms if t.latency else 0.0)
 
 
 def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

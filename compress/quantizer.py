@@ -127,6 +127,9 @@ def quantize(
         smoothed = dst.with_name(dst.stem + ".smoothed.onnx")
         smooth(src, smoothed, calib, alpha=config.smooth_alpha)
         src = smoothed
+    if config.mode == "int8-static" and config.fmt == "QDQ":
+        # One converted copy per source, beside the candidates: they share its calibration cache.
+        src = _qdq_opset(src, dst.parent / f"{src.stem}.opset13.onnx")
     exclude = list(config.exclude) + list(config.keep_float)
     if config.stem == "pad":
         padded = dst.with_name(dst.stem + ".stem.onnx")
@@ -179,6 +182,32 @@ def quantize(
             )
         if config.stem == "pad":
             quantize_before_pad(dst)  # pad the u8 image, not the float one
+
+
+# QDQ with per-channel scales (a DequantizeLinear ``axis``) needs opset 13.
+_QDQ_OPSET = 13
+
+
+def _qdq_opset(src: Path, dst: Path) -> Path:
+    """``src`` converted to opset 13 when it is older (an opset 10/11 export), else ``src`` itself.
+
+    ORT's quantizer writes opset-13 QDQ nodes into the graph as it is: an opset 11 model came out
+    invalid, so every QDQ candidate failed (on TensorRT profiles, every int8 candidate).
+    """
+    from onnx import version_converter
+
+    if dst.exists():
+        return dst
+    model = onnx.load(str(src))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), _QDQ_OPSET)
+    if opset >= _QDQ_OPSET:
+        return src
+    try:
+        converted = version_converter.convert_version(model, _QDQ_OPSET)
+    except Exception:  # an op the converter cannot move: the candidate fails as it would have
+        return src
+    onnx.save(converted, str(dst))
+    return dst
 
 
 def _calibration_cache(

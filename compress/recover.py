@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import BadInputError, PruneRefusedError
+from edgectl.compress.errors import BadInputError, PruneRefusedError, describe
+from edgectl.compress.passes.export import plain_attention
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +81,7 @@ def prune_torch(
         pruner.step()
     except Exception as exc:  # its dependency tracer raises many types on graphs it cannot follow
         raise PruneRefusedError(
-            f"Torch-Pruning cannot prune this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            f"Torch-Pruning cannot prune this model ({describe(exc, 200)})",
             hint="pass the model as ONNX to prune on the graph (bias recalibration instead of training)",
         ) from exc
     if _params(student) >= _params(module):
@@ -110,6 +111,24 @@ def _loss(
     if labels is None:
         return kd
     return 0.5 * kd + 0.5 * F.cross_entropy(student_out, labels)
+
+
+def _check_labels(labels: torch.Tensor, teacher: torch.nn.Module, example: list[torch.Tensor]) -> None:
+    """Labels are class ids of the model's first output, ``[batch, classes]``: cross-entropy fails otherwise."""
+    import torch
+
+    with torch.no_grad(), plain_attention():
+        out = _first(teacher(*example))
+    classes = int(out.shape[-1]) if out.ndim == 2 else 0
+    low, high = int(labels.min()), int(labels.max())
+    if not classes or low < 0 or high >= classes:
+        what = (
+            f"{classes} classes" if classes else f"shape {tuple(out.shape[1:])} per sample, not class scores"
+        )
+        raise BadInputError(
+            f"training labels run {low}..{high}, but the model's first output has {what}",
+            hint="save labels as class ids 0..classes-1, or leave them out to distil the outputs only",
+        )
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -179,6 +198,8 @@ def _train(
     teacher = teacher.to(device).eval()
     inputs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n])) for n in names]
     labels = None if data.labels is None else torch.from_numpy(data.labels.astype(np.int64))
+    if labels is not None:
+        _check_labels(labels, teacher, [x[:2].to(device) for x in inputs])
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     steps = max(1, math.ceil(data.count / batch))
@@ -189,7 +210,7 @@ def _train(
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
             args = [x[idx].to(device) for x in inputs]
-            with torch.no_grad():
+            with torch.no_grad(), plain_attention():  # the student (training) computes padded tokens too
                 target = _first(teacher(*args))
             loss = _loss(
                 _first(student(*args)),

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgectl.compress.data import SampleSet
+from edgectl.compress.evaluate import run_model
 from edgectl.compress.graph import cpu_session
 from edgectl.compress.quantizer import QuantConfig
 
@@ -90,7 +91,7 @@ def rank_nodes(
     probe.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in wanted if t not in known])
     session = cpu_session(probe.SerializeToString(), threads=0)
     names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(None, data.take(samples).inputs), strict=True))
+    values = dict(zip(names, run_model(session, data.take(samples), batch=samples), strict=True))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     signed_act = config.activations == "s8"
     bits = 7 if config.reduce_range else 8

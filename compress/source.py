@@ -65,12 +65,25 @@ def acquire_float_model(
     """The float ONNX model in ``work``, the source digest, how it was obtained, and the torch module."""
     target = work / "float.onnx"
     path = Path(model)
-    if module is None and path.is_file() and path.suffix != ".pt2":
-        return _copy_onnx(path, target)
     if module is None and not path.is_file() and (":" not in model or model.endswith((".onnx", ".pt2"))):
         raise BadInputError(
             f"model {model} does not exist", hint="pass a .onnx or .pt2 file or package.module:factory"
         )
+    if state_dict is not None and (module is not None or path.is_file()):
+        # Weights are loaded into what a factory builds; a file or module given whole has its own.
+        raise BadInputError(
+            f"--state-dict loads weights into a package.module:factory model, and {model} is not one",
+            hint="drop --state-dict, or pass the model as package.module:factory",
+        )
+    if module is None and path.is_file() and path.suffix != ".pt2":
+        return _copy_onnx(path, target)
+    from edgectl.compress.passes.export import export_module, load_factory, load_program
+
+    names, program = None, None
+    if module is None and path.is_file():
+        module, names, program = load_program(path)
+    elif module is None:
+        module = load_factory(model, state_dict)  # a bad factory is named before missing data
     arrays: dict[str, np.ndarray] = dict(example or {})
     for data in (calib, eval_set):
         if data is not None:
@@ -79,19 +92,11 @@ def acquire_float_model(
         raise BadInputError(
             "a torch model needs sample inputs to export", hint="pass --calib or --eval FILE.npz"
         )
-    from edgectl.compress.passes.export import export_module, load_factory, load_program
-
     progress("exporting to ONNX")
-    if module is not None:
-        report = export_module(module, arrays, target)
-        digest = sha256_file(target)
-    elif path.is_file():
-        module, names, program = load_program(path)
-        report = export_module(module, arrays, target, names=names, program=program)
+    report = export_module(module, arrays, target, names=names, program=program)
+    if program is not None:
         digest = sha256_file(path)
     else:
-        module = load_factory(model, state_dict)
-        report = export_module(module, arrays, target)
         digest = sha256_file(state_dict) if state_dict else sha256_file(target)
     info = {
         "source": "torch",

@@ -135,6 +135,9 @@ class CompressPass(Generic[ConfigT]):
     stage: ClassVar[Stage]
     config: ClassVar[type]
 
+    def check(self, config: ConfigT, profile: DeviceProfile, *, has_calib: bool) -> None:
+        """Refuse, before any work, a config this target or these inputs can never run (by default none)."""
+
     def run(self, state: ModelState, config: ConfigT, ctx: PassContext) -> PassResult:
         """Turn ``state`` into the next state; raise a CompressError subclass the user can act on."""
         raise NotImplementedError

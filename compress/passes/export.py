@@ -14,13 +14,14 @@ import inspect
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from edgectl.compress.errors import BadInputError, ExportError, ParityError
+from edgectl.compress.errors import BadInputError, ExportError, ParityError, describe
 from edgectl.compress.graph import cpu_session
 
 if TYPE_CHECKING:
@@ -59,7 +60,14 @@ def load_factory(spec: str, state_dict: Path | None = None) -> torch.nn.Module:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
         raise BadInputError(f"cannot import {spec}: {exc}", hint="check the module is on PYTHONPATH") from exc
-    module = factory()
+    if not callable(factory):
+        raise BadInputError(f"{spec} is a {type(factory).__name__}, not a function", hint="name a factory")
+    try:
+        module = factory()
+    except Exception as exc:  # the user's code: any failure is theirs to fix, said in one line
+        raise BadInputError(
+            f"{spec}() raised {describe(exc)}", hint="the factory is called with no arguments"
+        ) from exc
     if not isinstance(module, torch.nn.Module):
         raise BadInputError(f"{spec} returned {type(module).__name__}, not a torch.nn.Module")
     if state_dict is not None:
@@ -67,7 +75,11 @@ def load_factory(spec: str, state_dict: Path | None = None) -> torch.nn.Module:
             state = torch.load(str(state_dict), map_location="cpu", weights_only=True)
             module.load_state_dict(state)
         except Exception as exc:
-            raise BadInputError(f"cannot load state dict {state_dict}: {exc}") from exc
+            raise BadInputError(
+                # Every line: torch lists the missing and unexpected keys after the first one.
+                f"cannot load state dict {state_dict}: {type(exc).__name__}: {str(exc).strip()}",
+                hint=f"save it with torch.save(model.state_dict(), path) from the model {spec}() builds",
+            ) from exc
     return module.eval()
 
 
@@ -135,7 +147,7 @@ def export_module(
         )
     example = _example(arrays, names)
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    with torch.no_grad():
+    with torch.no_grad(), plain_attention():
         expected = _flat(module(*args))
     outputs = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
     dynamo_error: str | None = None
@@ -145,7 +157,7 @@ def export_module(
             _dynamo(program if program is not None else module, args, names, outputs, out, cfg)
             exporter = "dynamo"
         except Exception as exc:  # the dynamo exporter raises many types; all mean "try the other one"
-            dynamo_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            dynamo_error = describe(exc)
             if cfg.exporter == "dynamo":
                 raise ExportError(f"dynamo export failed: {dynamo_error}") from exc
     if exporter != "dynamo":
@@ -208,6 +220,28 @@ def _torchscript(
         )
 
 
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """torch's attention without its inference fast path, the path an exported graph computes.
+
+    In eval mode without grad, nn.TransformerEncoder turns a padding mask into nested tensors and
+    answers 0 at padded tokens, where the graph (the plain path) computes values: every export of an
+    encoder with a padding mask failed parity there.
+    """
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
 def check_parity(
     module: torch.nn.Module, path: Path, example: dict[str, np.ndarray], names: list[str], cfg: ExportConfig
 ) -> tuple[float, float]:
@@ -217,7 +251,7 @@ def check_parity(
     session = cpu_session(path, threads=0)
     worst_diff, worst_cos = 0.0, 1.0
     for feed in (example, {n: a[:1] for n, a in example.items()}):
-        with torch.no_grad():
+        with torch.no_grad(), plain_attention():
             want = _flat(module(*(torch.from_numpy(feed[n]) for n in names)))
         try:
             got = session.run(None, feed)

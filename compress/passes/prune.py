@@ -225,17 +225,29 @@ class PrunePass(CompressPass[PruneConfig]):
             return self._prune(state, config, ctx)
         started, trials = time.perf_counter(), list[Trial]()
         result = PassResult(state)
-        for ratio in sorted(config.ratios, reverse=True):
-            result = self._prune(state, replace(config, ratio=ratio, ratios=()), ctx)
+        auto: dict[str, Any] = {"tried": sorted(config.ratios, reverse=True), "kept": None}
+        for ratio in auto["tried"]:
+            try:
+                result = self._prune(state, replace(config, ratio=ratio, ratios=()), ctx)
+            except PruneRefusedError as exc:
+                # The largest ratio removing nothing, the smaller ones remove nothing either.
+                ctx.progress(f"--prune auto: nothing to prune ({exc})")
+                auto["reason"] = str(exc)
+                return PassResult(state, tuple(trials), {"prune": {"auto": auto}})
             trials += result.trials
             if result.state.base is not None and result.state.base.passed:
+                auto["kept"] = result.state.base.name
                 break
             if time.perf_counter() - started > config.finetune_seconds:
-                ctx.progress("--prune auto: out of time; keeping the smallest ratio tried")
+                ctx.progress("--prune auto: out of time")
                 break
-        chosen = result.state.base
-        tried = {"tried": sorted(config.ratios, reverse=True), "kept": chosen.name if chosen else None}
-        record = {**result.record, "prune": {**result.record.get("prune", {}), "auto": tried}}
+        if auto["kept"] is None:
+            # "The largest ratio that meets the budget": none did, so the model stays as it was.
+            ctx.progress("--prune auto: no ratio tried met the budget; pruning nothing")
+            return PassResult(
+                state, tuple(trials), {"prune": {**result.record.get("prune", {}), "auto": auto}}
+            )
+        record = {**result.record, "prune": {**result.record.get("prune", {}), "auto": auto}}
         return PassResult(result.state, tuple(trials), record)
 
     def _prune(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
@@ -261,7 +273,21 @@ class PrunePass(CompressPass[PruneConfig]):
             )
             record["prune"] = {"kind": "2:4", "tensors": n}
         else:
-            record["prune"] = prune_structured(state.model, pruned, config, ctx.calib or ctx.data).to_dict()
+            report = prune_structured(state.model, pruned, config, ctx.calib or ctx.data)
+            if not report.pruned_groups:
+                # A row named "pruned N%" for the model as it was would claim a ratio never applied.
+                why = "; ".join(report.skipped[:3]) or (
+                    "every group keeps all its channels at this ratio (kept counts round to "
+                    f"multiples of {config.round_to})"
+                    if report.groups
+                    else "graph pruning follows Conv channels and this graph has no prunable Conv"
+                )
+                raise PruneRefusedError(
+                    f"structured pruning at {config.ratio:.0%} removes no channel from this model: {why}",
+                    hint="pass a PyTorch model (package.module:factory with --state-dict) to prune its "
+                    "nn.Linear/nn.Conv layers, or drop --prune",
+                )
+            record["prune"] = report.to_dict()
         trials = [
             ctx.judge(Trial(f"pruned {config.ratio:.0%}", "prune", pruned, config=dict(config.__dict__)))
         ]
@@ -291,6 +317,7 @@ class PrunePass(CompressPass[PruneConfig]):
         for label, module in ((f"pruned {config.ratio:.0%} (torch)", pruned), (
             f"pruned {config.ratio:.0%} + recovered ({report.epochs} epochs distilled)", recovered)):  # fmt: skip
             exported, out = ctx.path("torch-pruned"), ctx.path("torch-pruned-clean")
+            ctx.progress(f"exporting {label} to ONNX")  # seconds per export: say what the wait is
             export_module(module, dict(ctx.train.inputs), exported, names=names)
             # Same clean-up as the float model had, so like is compared with like.
             cleanup(exported, out, CleanupConfig(fuse_transformer=False))

@@ -17,8 +17,9 @@ import onnx
 
 from edgectl.compress.clock import StageClock
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import BadInputError
+from edgectl.compress.errors import BadInputError, describe
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
+from edgectl.compress.graph import quantized_ops
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 from edgectl.compress.passes.quant_modes import QuantizeConfig, candidates, resolve_modes
 from edgectl.compress.quantizer import (
@@ -96,7 +97,7 @@ class QuantSearch:
             raise
         except Exception as exc:  # a candidate the quantizer or ORT rejects is a failed row, not a crash
             trial.path, trial.quality, trial.passed = None, None, False
-            trial.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            trial.note = f"failed: {describe(exc, 160)}"
             return trial
         trial.size_bytes = out.stat().st_size
         return trial
@@ -107,7 +108,7 @@ class QuantSearch:
         n = self.first_slice
         continuous = self.evaluator.scorer.continuous
         quality, drop, stopped = self.evaluator.staged_quality(
-            trial.path, n, lambda d: self.gate.hopeless(d, continuous=continuous)
+            trial.path, n, lambda d: self.gate.hopeless(d, continuous=continuous, samples=n)
         )
         trial.quality, trial.drop = quality, drop
         trial.passed = False if stopped else self.gate.admits(drop)
@@ -251,6 +252,10 @@ class QuantizePass(CompressPass[QuantizeConfig]):
     stage = "quantize"
     config = QuantizeConfig
 
+    def check(self, config: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool) -> None:
+        """A mode the profile cannot run, or static int8 without calibration data, fails before the export."""
+        resolve_modes(config, profile, has_calib=has_calib)
+
     def run(self, state: ModelState, config: QuantizeConfig, ctx: PassContext) -> PassResult:
         """Resolve the modes for the profile, run the search, add its models as candidates."""
         modes = resolve_modes(
@@ -269,6 +274,7 @@ class QuantizePass(CompressPass[QuantizeConfig]):
             # Nothing to quantize in: the float model is the only candidate.
             floats = (state.base,) if state.base is not None else ()
             return PassResult(replace(state, candidates=state.candidates + floats), (), {"quantize": record})
+        _refuse_quantized(state.model)
         search = QuantSearch(ctx.evaluator, ctx.calib, ctx.work, ctx.gate.max_drop, ctx.progress, ctx.clock)
         if "int8-static" in modes and ctx.calib is not None:
             with ctx.clock.stage("quantize: find nodes kept float"):
@@ -290,6 +296,17 @@ class QuantizePass(CompressPass[QuantizeConfig]):
         """The mode the artifact's model was quantized in."""
         mode = chosen.config.get("mode") if chosen.config else None
         return {"quantize": {**record["quantize"], "mode": mode}}
+
+
+def _refuse_quantized(model: Path) -> None:
+    """A model quantized already cannot be quantized again: ORT's quantizer breaks it or nests the scales."""
+    found = quantized_ops(model)
+    if found:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(found.items()))
+        raise BadInputError(
+            f"the model is quantized already ({ops}): there is nothing left to quantize",
+            hint="pass the float model it was made from, or --quantize none to package this one as it is",
+        )
 
 
 def _best_config(trials: list[Trial]) -> QuantConfig | None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from edgectl.cli.output import console, err_console, print_json
 from edgectl.errors import EdgectlError
@@ -39,10 +40,10 @@ def trial_table(rows: list[dict[str, Any]], *, baseline: dict[str, Any] | None =
         )
         ok = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[r.get("passed")]
         table.add_row(
-            r["name"], _fmt(r.get("quality"), ".4f"), _fmt(r.get("drop"), "+.4f"), _fmt(r.get("min_cosine"), ".4f"),
+            Text(r["name"]), _fmt(r.get("quality"), ".4f"), _fmt(r.get("drop"), "+.4f"), _fmt(r.get("min_cosine"), ".4f"),
             _fmt(r.get("p50_ms"), ".3f"), _fmt(speed, ".2f") + ("x" if speed else ""),
             _fmt(r["size_bytes"] / 1e6 if r.get("size_bytes") else None, ".3f"),
-            _fmt(smaller, ".2f") + ("x" if smaller else ""), ok, r.get("note", ""),
+            _fmt(smaller, ".2f") + ("x" if smaller else ""), ok, Text(r.get("note", "")),
         )  # fmt: skip
     return table
 
@@ -63,6 +64,16 @@ def _show(target: Console, table: Table) -> None:
     # Logs and pipes have no width: do not squeeze the table to 80 columns there.
     out = target if target.is_terminal else Console(file=target.file, width=180, color_system=None)
     out.print(table)
+
+
+def _error(exc: Exception) -> None:
+    # A Text, not markup: messages quote user text (``masked-cosine:mask:`` became an emoji, a ``[/x]`` broke).
+    err_console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
+
+
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        err_console.print(Text.assemble(("note: ", "yellow"), note), soft_wrap=True)
 
 
 def _profile_name(profile: str | None) -> str:
@@ -136,7 +147,8 @@ def compress(
         str | None,
         typer.Option(
             "--metric",
-            help="Quality metric: top1 | cosine | masked-cosine:INPUT | module:function "
+            help="Quality metric: top1 | cosine | masked-cosine:INPUT | module:function, a "
+            "function(inputs, reference_outputs, outputs) -> float, higher is better "
             "(default: top1 with labels, else cosine).",
         ),
     ] = None,
@@ -144,12 +156,12 @@ def compress(
 ) -> None:
     """Compress a model for a device: export, clean up, prune, quantize, evaluate, gate, sign.
 
-    The format (QDQ/QOperator, U8S8/S8S8, per-channel, calibration) is chosen by measuring
-    candidates on the target's execution provider; a result over --max-drop writes nothing and
-    exits non-zero with the table of what was tried.
+    Every mode and format the target runs is built, scored with the metric and
+    timed on the target's execution provider; the fastest model inside --max-drop
+    is kept, with --quantize auto only if it is faster than the float model.
+    Otherwise nothing is written and it exits non-zero with the table of what was tried.
 
-    Example: edgectl compress model.onnx --profile x86-cpu-vnni --calib calib.npz --eval eval.npz
-    --max-drop 0.005 -o out/model-v1
+    Example: edgectl compress model.onnx --calib calib.npz --eval eval.npz -o out/m-v1
     """
     from edgectl.compress.errors import QualityGateError
     from edgectl.compress.pipeline import CompressRequest, run
@@ -175,16 +187,17 @@ def compress(
                 result = run(request, lambda msg: status.update(f"[bold]compress[/] {msg}"))
     except QualityGateError as exc:
         if as_json:
-            print_json({"ok": False, "error": str(exc), "trials": exc.trials})
+            print_json({"ok": False, "error": str(exc), "notes": exc.notes, "trials": exc.trials})
         else:
+            _notes(exc.notes)
             _show(err_console, trial_table(exc.trials))
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _error(exc)
         raise typer.Exit(exc.exit_code) from None
     except EdgectlError as exc:
         if as_json:
             print_json({"ok": False, "error": str(exc)})
         else:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _error(exc)
         raise typer.Exit(exc.exit_code) from None
     rows = [t.to_dict() for t in result.trials]
     if as_json:
@@ -199,8 +212,7 @@ def compress(
             }
         )
         return
-    for note in result.notes:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    _notes(result.notes)
     _show(console, trial_table(rows))
     m = result.metrics
     console.print(

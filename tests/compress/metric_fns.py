@@ -32,3 +32,10 @@ def not_a_number(
 def a_string(inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]) -> str:
     """A metric that returns the wrong type."""
     return "0.99"
+
+
+def negative_max_error_any(
+    inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
+) -> float:
+    """``negative_max_error`` for a model with any inputs: anything but the float outputs scores below 0."""
+    return -float(max(np.abs(r - o).max() for r, o in zip(reference, outputs, strict=True)))

@@ -210,3 +210,41 @@ def test_quantize_none_ships_the_input_when_the_final_timing_finds_the_cleanup_s
     assert len(calls) == 2 and any(name.startswith("clean") for name in calls[1])
     assert result.chosen.stage == "baseline"
     assert "BatchNormalization" in _ops(out / "model.onnx")  # the input's graph, BN unfolded
+
+
+def test_auto_ships_the_pruned_float_model_when_no_quantized_one_beats_it(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    def timer(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        # Pruning made the model 3x faster; int8 on top of it is slower than the pruned float model.
+        ms = {"pruned": 1.0, "candidate": 1.5}
+        return [
+            Latency(*[next((v for k, v in ms.items() if p.name.startswith(k)), 3.0)] * 2, 1) for p in models
+        ]
+
+    data = _npz(tmp_path / "d.npz", {"image": images})
+    out = tmp_path / "out"
+    result = run(CompressRequest(model=str(tiny_onnx), out_dir=out, recipe=Recipe.from_options(quantize="auto",
+                                 prune="0.25"), calib=data, eval=data, max_drop=0.2, timer=timer))  # fmt: skip
+    # It was refused as "no quantized model faster than the float model", the float model being the pruned one.
+    assert result.chosen.name == "pruned 25%" and result.chosen.stage == "prune"
+    assert result.metrics["speedup"] == 3.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["quantize"]["mode"] is None and set(manifest["precision"].values()) == {"fp32"}
+
+
+def test_auto_does_not_ship_a_model_within_timing_noise_of_the_float_one(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    def timer(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        # Every quantized candidate 1 % faster: noise on one thread (a Loop model with nothing quantized
+        # in it shipped as "int8, 1.0134x faster").
+        return [Latency(*[0.99 if p.name.startswith("candidate") else 1.0] * 2, 1) for p in models]
+
+    data = _npz(tmp_path / "d.npz", {"image": images})
+    with pytest.raises(
+        QualityGateError, match=r"faster than the float model on x86-cpu-vnni \(by more than 2%"
+    ):
+        run(CompressRequest(model=str(tiny_onnx), out_dir=tmp_path / "out", recipe=Recipe.from_options(quantize="auto"),
+                            calib=data, eval=data, max_drop=0.5, timer=timer))  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,41 @@ def test_torch_pruning_that_removes_nothing_is_refused_not_reported_as_done() ->
     program = torch.export.export(net.eval(), (x,)).module()
     with pytest.raises(PruneRefusedError, match="found no channel it could remove"):
         prune_torch(program, 0.5, [x])
+
+
+def test_graph_pruning_that_removes_nothing_is_refused_and_auto_prunes_nothing(tmp_path: Path) -> None:
+    from tests.compress.test_compress_cli import invoke
+    from tests.compress.test_compress_shapes import _mlp
+
+    # An MLP has no Conv channel group: the table said "pruned 30%" for the model as it was.
+    model = _mlp(tmp_path / "mlp.onnx", "n")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32))
+    args = [model, "--profile", "x86-cpu-vnni", "--quantize", "none", "--eval", data]
+    code, text = invoke(*args, "--prune", "0.3", "-o", tmp_path / "a")
+    assert code != 0 and "structured pruning at 30% removes no channel from this model" in text, text
+    assert not (tmp_path / "a").exists()
+    code, text = invoke(*args, "--prune", "auto", "-o", tmp_path / "b", "--json")
+    assert code == 0, text
+    assert not [t for t in json.loads(text)["metrics"]["trials"] if t["stage"] == "prune"]
+    record = json_manifest(tmp_path / "b")["recipe"]["prune"]  # type: ignore[index]
+    assert record["auto"]["kept"] is None and "removes no channel" in record["auto"]["reason"]
+
+
+def test_prune_auto_with_no_ratio_inside_the_budget_ships_the_model_unpruned(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    from tests.compress.test_compress_cli import invoke
+
+    data = tmp_path / "d.npz"
+    np.savez(data, image=images)
+    out = tmp_path / "out"
+    # The smallest ratio tried (25%) missed the budget too, yet it was kept and the run failed.
+    code, text = invoke(tiny_onnx, "--profile", "x86-cpu-vnni", "--prune", "auto", "--quantize", "none",
+                        "--eval", data, "--max-drop", "0.000001", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    pruned = [t for t in json.loads(text)["metrics"]["trials"] if t["stage"] == "prune"]
+    assert pruned and not any(t["passed"] for t in pruned)
+    manifest = json_manifest(out)
+    assert manifest["recipe"]["prune"]["auto"]["kept"] is None  # type: ignore[index]
+    assert manifest["metrics"]["params"] == manifest["metrics"]["baseline_params"]  # type: ignore[index]

@@ -106,3 +106,23 @@ def test_torch_pruning_keeps_channel_counts_on_multiples_of_round_to(digits: dic
             m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
             for m in digits["model"].modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
         ) - 10  # fmt: skip
+
+
+def test_training_labels_outside_the_models_classes_are_a_clear_error(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from edgectl.compress.errors import BadInputError
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)).eval()
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    train = tmp_path / "train.npz"
+    np.savez(train, input=x, labels=np.arange(32) % 10)  # ten classes for a four-class model
+    # Cross-entropy raised IndexError ("Target 9 is out of bounds") from inside the training loop.
+    with pytest.raises(
+        BadInputError, match=r"training labels run 0\.\.9, but the model's first output has 4 classes"
+    ):
+        compress_module(module, tmp_path / "out", example={"input": x}, train=train,
+                        recipe=Recipe.from_options(prune="0.5"), profile="x86-cpu-vnni")  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -155,8 +155,8 @@ def test_the_pipeline_times_the_stem_candidates_and_the_artifact_keeps_the_3_cha
 
 
 def test_within_timing_noise_the_smaller_file_wins_but_a_few_bytes_do_not_beat_speed() -> None:
+    from edgectl.compress.choice import fastest_passing as _choose
     from edgectl.compress.evaluate import Latency, Trial
-    from edgectl.compress.pipeline import _choose
 
     def trial(name: str, ms: float, size: int) -> Trial:
         return Trial(name, "format", latency=Latency(ms, ms, 10), size_bytes=size)
@@ -166,3 +166,28 @@ def test_within_timing_noise_the_smaller_file_wins_but_a_few_bytes_do_not_beat_s
     int4 = trial("int4", 1.025, 400_000)
     assert _choose([plain, padded, int4]).name == "int4"  # within 3 % and 2.5x smaller
     assert _choose([plain, padded, trial("slow int4", 1.2, 400_000)]).name == "stem-pad4"
+
+
+def test_a_static_qdq_candidate_of_an_opset_11_export_is_a_valid_model(tmp_path: Path) -> None:
+    import warnings
+
+    import torch
+
+    from tests.compress.conftest import TinyCNN, randomize_bn
+
+    src = tmp_path / "op11.onnx"
+    images = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(randomize_bn(TinyCNN()), (torch.from_numpy(images[:1]),), str(src), opset_version=11,
+                          input_names=["image"], dynamo=False)  # fmt: skip
+    dst = tmp_path / "q.onnx"
+    # Per-channel DequantizeLinear (axis) is opset 13: written into the opset 11 graph, ORT refused it.
+    quantize(
+        src,
+        dst,
+        QuantConfig("int8-static", "QDQ", "s8", "s8", per_channel=True),
+        SampleSet({"image": images}, None, "c", fixed_batch=1),
+    )
+    assert cpu_session(dst).run(None, {"image": images[:1]})[0].shape == (1, 10)
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(dst)).graph.node}

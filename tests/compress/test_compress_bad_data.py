@@ -1,0 +1,105 @@
+"""Data no comparison can be made on is refused before any artifact: NaN samples, NaN float outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.compress.test_compress_cli import invoke
+from tests.compress.test_compress_shapes import _mlp
+
+
+def test_nan_calibration_samples_are_refused_not_quantized_into_a_nan_model(tmp_path: Path) -> None:
+    # Without --eval the calibration samples are scored too: NaN outputs "matched" and a model with NaN
+    # scales was signed and written.
+    x = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    x[3, 5] = np.nan
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=x)
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--calib", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "calibration file calib.npz: array 'x' holds NaN in 1 of 16 samples" in text
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_empty_sample_file_says_so(tmp_path: Path) -> None:
+    data = tmp_path / "empty.npz"
+    np.savez(data, x=np.zeros((0, 16), np.float32))
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--eval", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "evaluation file empty.npz holds no samples" in text
+
+
+def test_a_float_model_that_outputs_nan_on_the_samples_is_refused(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["l"]), helper.make_node("MatMul", ["l", "w"], ["y"])], "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [w],
+    )  # fmt: skip
+    model = tmp_path / "log.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    data = tmp_path / "d.npz"
+    np.savez(data, x=-np.ones((8, 8), np.float32))  # log of a negative number
+    code, text = invoke(model, "--profile", "x86-cpu-vnni", "--eval", data, "-o", tmp_path / "a")
+    assert code == 2, text
+    assert "the float model outputs NaN on the evaluation file d.npz" in text
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_version_the_manifest_refuses_is_refused_before_any_work(tmp_path: Path) -> None:
+    # It ran the whole search, then failed writing the manifest with exit 4 (the quality gate's code).
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--version", "0", "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "--version must be a positive integer, got 0" in text and "compress [" not in text
+
+
+def test_train_without_prune_is_refused_not_ignored(tmp_path: Path) -> None:
+    data = tmp_path / "t.npz"
+    np.savez(data, x=np.zeros((8, 16), np.float32))
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--train", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "--train recovers accuracy after pruning, and nothing is pruned" in text
+
+
+def test_a_factory_that_raises_or_is_not_a_function_is_named_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 16), np.float32))
+    code, text = invoke("tests.compress.model_factories:needs_a_config", "--eval", data, "-o", tmp_path / "a")
+    assert code == 2, text  # a traceback (exit 1) before
+    assert (
+        "tests.compress.model_factories:needs_a_config() raised RuntimeError: factory needs a config" in text
+    )
+    code, text = invoke("tests.compress.model_factories:NOT_A_FACTORY", "--eval", data, "-o", tmp_path / "b")
+    assert code == 2 and "NOT_A_FACTORY is a int, not a function" in text, text
+    # Named before the missing data it would otherwise be asked for.
+    code, text = invoke("tests.compress.model_factories:missing", "-o", tmp_path / "c")
+    assert code == 2 and "cannot import tests.compress.model_factories:missing" in text, text
+
+
+def test_a_state_dict_for_a_model_file_is_refused_not_ignored(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not used")
+    code, text = invoke(_mlp(tmp_path / "m.onnx", "n"), "--state-dict", weights, "-o", tmp_path / "a")
+    assert code == 2, text
+    assert "--state-dict loads weights into a package.module:factory model" in text
+
+
+def test_a_quantize_mode_the_target_cannot_run_is_refused_before_the_model_is_loaded(tmp_path: Path) -> None:
+    # The factory would raise if called: the refusal must come first (it came after export and clean-up).
+    factory = "tests.compress.model_factories:needs_a_config"
+    code, text = invoke(factory, "--quantize", "int8-static", "-o", tmp_path / "a")
+    assert code == 2 and "--quantize int8-static needs calibration data" in text, text
+    code, text = invoke(factory, "--quantize", "fp16", "--profile", "x86-cpu-vnni", "-o", tmp_path / "b")
+    assert code == 2 and "profile x86-cpu-vnni has no execution provider with fp16 kernels" in text, text
