@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgectl.compress.errors import describe
 from edgectl.compress.evaluate import Trial
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 from edgectl.compress.passes.channels_last import MS_DOMAIN, LayoutReport, probe, write_channels_last
@@ -137,8 +138,13 @@ class LayoutPass(CompressPass[LayoutConfig]):
                 candidates.append(source)
                 continue
             out = ctx.path("layout")
-            with ctx.clock.stage("layout: rewrite"):
-                done = rewrite(source.path, out, ctx.data.feed(0), config)
+            try:
+                with ctx.clock.stage("layout: rewrite"):
+                    done = rewrite(source.path, out, ctx.data.feed(0), config)
+            except Exception as exc:  # an optimization: a graph it cannot read keeps its source
+                record[source.name] = {"skipped": f"rewrite failed: {describe(exc)}"}
+                candidates.append(source)
+                continue
             if not done.changed:
                 candidates.append(source)
                 continue

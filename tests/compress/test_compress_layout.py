@@ -249,3 +249,29 @@ def test_a_tensorrt_profile_skips_the_pass(tiny_onnx: Path, images: np.ndarray, 
     record = json.loads((out / "manifest.json").read_text())["recipe"]["layout"]
     assert "TensorrtExecutionProvider" in record["skipped"]
     assert not _has_layout(out / "model.onnx")
+
+
+def test_a_rewrite_that_fails_keeps_its_source(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass is an optimization: a graph form its rewrite cannot read (here it raises) leaves the
+    candidate as it was, says why in the manifest, and the run still ships an int8 model."""
+    import json
+
+    from edgectl.compress.passes import layout
+    from edgectl.compress.pipeline import CompressRequest, run
+    from edgectl.compress.recipe import Recipe
+
+    def broken(*args: object, **kw: object) -> None:
+        raise KeyError("a graph form the rewrite does not know")
+
+    monkeypatch.setattr(layout, "write_channels_last", broken)
+    np.savez(tmp_path / "calib.npz", image=images[:16])
+    np.savez(tmp_path / "eval.npz", image=images[16:])
+    out = tmp_path / "art"
+    result = run(CompressRequest(model=str(tiny_onnx), out_dir=out, recipe=Recipe.from_options(quantize="int8-static"),
+                                 calib=tmp_path / "calib.npz", eval=tmp_path / "eval.npz", max_drop=0.05,
+                                 timer=lambda models, feed: [Latency(1.0 - 0.1 * (i > 0), 1.0, 10) for i, _ in enumerate(models)]))  # fmt: skip
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["layout"]
+    assert record and all("rewrite failed: KeyError" in entry["skipped"] for entry in record.values())
+    assert not result.chosen.name.endswith("+layout") and not _has_layout(out / "model.onnx")
