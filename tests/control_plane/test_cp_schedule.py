@@ -303,6 +303,8 @@ def test_cli_deploy_flags_and_resume(
     assert code == 2 and "does not exist" in out
     code, out = run("deploy", "digits", "--to", "role=cam", "--start-at", "tomorrow")
     assert code == 2 and "ISO 8601" in out
+    code, out = run("deploy", "digits", "--to", "role=cam", "--pause-after-wave", "0")
+    assert code == 2 and "numbered from 1" in out, out
     code, out = run(
         "deploy", "digits", "--to", "role=cam", "--strategy", "1,100%", "--continuous", "--start-at", "+1h",
         "--window", "Sat,Sun 22:00-02:00 UTC", "--pause-after-wave", "1", "--json",
