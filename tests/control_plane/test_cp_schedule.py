@@ -91,6 +91,13 @@ def test_start_at_waits_then_pause_after_wave_waits_for_resume(
         threading.Event().wait(1.0)  # ten controller ticks
         assert _get(client, rollout.id).state == RP.ROLLOUT_STATE_PENDING
         assert sim.snapshot(lambda devs: sum(d.desired_received for d in devs.values())) == 0
+        # pausing and resuming before its time does not start it early: it waits again, PENDING
+        client.rollouts.Pause(RP.RolloutActionRequest(id=rollout.id), timeout=10)
+        client.rollouts.Resume(RP.RolloutActionRequest(id=rollout.id), timeout=10)
+        assert _get(client, rollout.id).state == RP.ROLLOUT_STATE_PENDING
+        threading.Event().wait(0.5)
+        assert _get(client, rollout.id).state == RP.ROLLOUT_STATE_PENDING
+        assert sim.snapshot(lambda devs: sum(d.desired_received for d in devs.values())) == 0
         # the start time comes: wave 1 (one device) moves, then the rollout pauses for a person
         clock.advance(3601)
         wait_for(lambda: _get(client, rollout.id).state == RP.ROLLOUT_STATE_PAUSED, 15, what="paused")
