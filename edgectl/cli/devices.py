@@ -199,7 +199,9 @@ def describe_data(client: Any, device_id: str, rollouts: int) -> tuple[fleet_pb2
         if exc.code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             raise
         audit = None  # the audit log is an admin's to read: a viewer still gets the rest
-    history = [(r, d) for r in recent for w in r.waves for d in w.devices if d.device_id == device_id]
+    # List leaves each rollout's devices out (it stays cheap at fleet size); Get has them.
+    full = [client.call(client.rollouts.Get, rollouts_pb2.GetRolloutRequest(id=r.id)) for r in recent]
+    history = [(r, d) for r in full for w in r.waves for d in w.devices if d.device_id == device_id]
     moves = [
         {"id": r.id, "artifact": f"{r.artifact.name}:{r.artifact.version}",
          "state": enum_name(d.state, rollouts_pb2.DeviceRolloutState, "DEVICE_ROLLOUT_STATE_"),
