@@ -230,8 +230,11 @@ def devices_enroll(
 
     Example: edgectl devices enroll cam-07 --labels site=lab,gpu=orin
     """
+    ttl_s = round(parse_duration(ttl))
+    if ttl_s < 1:  # 0 on the wire means "the default", so --ttl 0 would mint a token for an hour
+        raise UsageError(f"--ttl {ttl} is too short: a token must live at least 1s", hint="e.g. --ttl 1h")
     request = fleet_pb2.CreateEnrollmentTokenRequest(
-        device_id=device_id, labels=parse_labels(labels), ttl_seconds=round(parse_duration(ttl))
+        device_id=device_id, labels=parse_labels(labels), ttl_seconds=ttl_s
     )
     with connect(server, token, ca) as client:
         minted = client.call(client.fleet.CreateEnrollmentToken, request)
