@@ -378,9 +378,8 @@ def _action(action: str, summary: str) -> None:
                 f"rollout {rollout.id}: {enum_name(rollout.state, rollouts_pb2.RolloutState, 'ROLLOUT_STATE_')}"
             )
 
-    command.__doc__ = (
-        f"{summary}\n\nExample: edgectl rollout {action} r-1a2b3c4d --reason 'latency regression'"
-    )
+    reason = "wave 1 looks good" if action == "resume" else "latency regression"
+    command.__doc__ = f"{summary}\n\nExample: edgectl rollout {action} r-1a2b3c4d --reason '{reason}'"
     app.command(action)(command)
 
 
@@ -388,7 +387,8 @@ for _name, _summary_text in [
     ("pause", "Pause a rollout: the current wave finishes, the next does not start."),
     (
         "resume",
-        "Resume a paused rollout (paused by hand or by deploy --pause-after-wave): the next wave starts.",
+        "Resume a paused rollout (paused by hand or by deploy --pause-after-wave): the next wave starts"
+        " (at --start-at, when that is still to come).",
     ),
     (
         "abort",
