@@ -232,6 +232,7 @@ def _rollout_table(r: rollouts_pb2.Rollout, events: list[str]) -> Table:
     for col in ("wave", "state", "devices", "healthy", "failed", "waiting", "other"):
         table.add_column(col)
     failed: list[str] = []
+    waiting: list[str] = []
     for w in r.waves:
         counts = dict.fromkeys(("healthy", "failed", "desired"), 0)
         other = 0
@@ -243,11 +244,13 @@ def _rollout_table(r: rollouts_pb2.Rollout, events: list[str]) -> Table:
                 other += 1
             if d.state == rollouts_pb2.DEVICE_ROLLOUT_STATE_FAILED:
                 failed.append(f"{d.device_id}: {d.reason}")
+            elif d.state == rollouts_pb2.DEVICE_ROLLOUT_STATE_DESIRED and d.reason:
+                waiting.append(f"{d.device_id}: {d.reason}")  # e.g. staged, waiting for the window
         table.add_row(
             str(w.index + 1), enum_name(w.state, rollouts_pb2.WaveState, "WAVE_STATE_"), str(len(w.devices)),
             str(counts["healthy"]), str(counts["failed"]), str(counts["desired"]), str(other),
         )  # fmt: skip
-    caption = [f"failed: {f}" for f in failed[:5]] + events[-5:]
+    caption = [f"failed: {f}" for f in failed[:5]] + [f"waiting: {w}" for w in waiting[:5]] + events[-5:]
     if r.reason:
         caption.insert(0, r.reason)
     table.caption = "\n".join(caption)

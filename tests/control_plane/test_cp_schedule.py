@@ -124,7 +124,7 @@ def test_start_at_waits_then_pause_after_wave_waits_for_resume(
 
 
 def test_window_rides_in_the_signed_order_and_moves_the_deadline(
-    cp_factory: Callable[..., ControlPlane], sim: SimFleet, build: BuildFn
+    cp_factory: Callable[..., ControlPlane], sim: SimFleet, build: BuildFn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The window goes to devices with the model; the health clock starts when the window opens.
     A device that ignores the window (an agent older than the field) still converges."""
@@ -159,6 +159,11 @@ def test_window_rides_in_the_signed_order_and_moves_the_deadline(
         assert sim.digests("digits")["new-agent"] == ""
         wait_for(lambda: "waiting for the window" in _reasons(client, rollout.id)["new-agent"], 10,
                  what="the wait shown")  # fmt: skip
+        from tests.control_plane.test_cp_cli import run
+
+        monkeypatch.setenv("EDGECTL_SERVER", plane.address)
+        code, out = run("rollout", "status", rollout.id)  # the table says why, as the JSON does
+        assert code == 0 and f"new-agent: staged, waiting for the window {window}" in " ".join(out.split())
         clock.advance(3600)  # past now + the timeout, still before the window: no verdict yet
         threading.Event().wait(1.0)
         assert _states(client, rollout.id)["silent"] == RP.DEVICE_ROLLOUT_STATE_DESIRED
