@@ -66,6 +66,11 @@ def broker_config(
         from edgectl.addresses import parse_mqtt_url
 
         parse_mqtt_url(bridge_to)  # a wrong URL is refused before anything is written
+        if central_admin and not central_admin.is_file():
+            raise UsageError(
+                f"--central-admin {central_admin} is not a file",
+                hint="pass the control-plane-credentials.json that `edgectl broker config` wrote for the central broker",
+            )
     listen_at = parse_host_port(listen, what="--listen", default_host="0.0.0.0")
     layout = write_broker_files(
         out.resolve(),

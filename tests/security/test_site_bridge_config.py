@@ -162,6 +162,7 @@ def test_bridge_to_needs_a_site_and_the_central_admin(tmp_path: Path) -> None:
         (["--site", "site-a"], "need --bridge-to"),
         (["--central-admin", "center/control-plane-credentials.json"], "need --bridge-to"),
         (["--bridge-to", "http://center", "--site", "a", "--central-admin", "c.json"], "not an MQTT URL"),
+        (["--bridge-to", "mqtts://center:8883", "--site", "a", "--central-admin", "c.json"], "is not a file"),
     ],
 )
 def test_site_options_are_checked_before_anything_is_written(
