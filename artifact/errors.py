@@ -89,6 +89,12 @@ class BlobStoreError(ArtifactError):
     """The blob store could not complete an operation (I/O, permissions, remote errors)."""
 
 
+class BlobStoreUrlError(BlobStoreError):
+    """A blob store URL that names no store (``--blobs s3://``): the user's input, not an artifact check."""
+
+    exit_code = 2
+
+
 class BlobNotFoundError(BlobStoreError):
     """The blob store holds no blob with this digest."""
 

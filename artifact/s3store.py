@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from edgectl.artifact.blobstore import check_digest, check_stream_digest, copy_hashing, key_for
 from edgectl.artifact.canonical import DIGEST_PREFIX
-from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError
+from edgectl.artifact.errors import BlobNotFoundError, BlobStoreError, BlobStoreUrlError
 
 ENDPOINT_ENV = "EDGECTL_S3_ENDPOINT"
 # Where devices reach the bucket, when not where the control plane does (a CDN, another name).
@@ -57,7 +57,7 @@ class S3BlobStore:
         """``s3://bucket/optional/prefix``."""
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise BlobStoreError(f"not an S3 URL: {url!r}", hint="use s3://BUCKET[/PREFIX]")
+            raise BlobStoreUrlError(f"not an S3 URL: {url!r}", hint="use s3://BUCKET[/PREFIX]")
         return cls(parsed.netloc, parsed.path, client=client, endpoint_url=endpoint_url)
 
     def __repr__(self) -> str:

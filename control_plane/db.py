@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
-from edgectl.control_plane.errors import StateStoreError
+from edgectl.control_plane.errors import StateStoreError, StateUrlError
 
 Dialect = Literal["sqlite", "postgresql"]
 Row = tuple[Any, ...]
@@ -42,13 +42,13 @@ class StateUrl:
             # sqlite:///rel.db -> "rel.db"; sqlite:////abs.db -> "/abs.db" (SQLAlchemy's convention)
             path = path[1:] if path.startswith("/") else path
             if not path:
-                raise StateStoreError(
+                raise StateUrlError(
                     f"state URL {url!r} names no file",
                     hint="use sqlite:///edgectl.db or sqlite:////abs/path.db",
                 )
             return cls("sqlite", path)
         if "://" in url:
-            raise StateStoreError(
+            raise StateUrlError(
                 f"unsupported state URL {url!r}", hint="use sqlite:///FILE or postgresql://USER@HOST/DB"
             )
         return cls("sqlite", url)  # a bare path

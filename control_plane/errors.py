@@ -35,5 +35,11 @@ class StateStoreError(ControlPlaneError):
     """The state database cannot be opened, migrated or reached."""
 
 
+class StateUrlError(StateStoreError):
+    """A state URL that names no store (``--state mysql://...``): the user's input to fix."""
+
+    exit_code = 2
+
+
 class Unavailable(ControlPlaneError):
     """A service the control plane depends on (the broker's admin API) does not answer; retry later."""

@@ -142,7 +142,11 @@ class Rollouts:
         )
 
     def resume(self, rollout_id: str, reason: str = "") -> rs.RolloutView:
-        return self._transition(rollout_id, (rs.PAUSED,), rs.RUNNING, reason or "resumed by operator")
+        # Before its --start-at nothing has run: it waits again as PENDING, not RUNNING with no wave.
+        with self.store.tx() as tx:
+            scheduled = self.clock() < rs.get(tx, rollout_id).strategy.start_at
+        target = rs.PENDING if scheduled else rs.RUNNING
+        return self._transition(rollout_id, (rs.PAUSED,), target, reason or "resumed by operator")
 
     def abort(self, rollout_id: str, reason: str = "") -> rs.RolloutView:
         return self._transition(

@@ -170,7 +170,11 @@ class StrategySpec:
         # Pausing after the last wave only means something when the rollout goes on following.
         last = len(sizes) if self.continuous else len(sizes) - 1
         for n in self.pause_after_waves:
-            if n < 1 or (sizes and not syntax_only and n > last):
+            if n < 1:
+                raise InvalidArgument(
+                    f"--pause-after-wave {n}: waves are numbered from 1", hint="e.g. --pause-after-wave 1"
+                )
+            if sizes and not syntax_only and n > last:
                 raise InvalidArgument(
                     f"--pause-after-wave {n}: this rollout has {len(sizes)} wave(s)",
                     hint=f"pick a wave from 1 to {last}"

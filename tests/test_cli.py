@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 COMMANDS = ["compress", "artifact", "deploy", "rollout", "devices", "agent", "control-plane", "up", "demo",
             "infer", "doctor", "keys", "audit", "broker", "down", "sim", "config", "burst"]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def edgectl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -134,3 +136,7 @@ def test_every_control_plane_serve_flag_has_an_environment_variable(monkeypatch:
     monkeypatch.setenv("EDGECTL_CP_DB_POOL_SIZE", "4")
     ctx = serve.make_context("serve", [])
     assert ctx.params["listen"] == "0.0.0.0:17443" and ctx.params["db_pool_size"] == 4
+    # docs/cli.md lists them for whoever writes the container's environment: every one, by its name.
+    listed = set(re.findall(r"`(EDGECTL_[A-Z_]+)`", (ROOT / "docs" / "cli.md").read_text()))
+    unlisted = sorted({str(p.envvar) for p in options} - listed)
+    assert unlisted == [], f"docs/cli.md does not list {unlisted}"

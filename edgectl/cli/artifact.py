@@ -99,7 +99,10 @@ def _render(m: Manifest, digest: str, signers: list[dict[str, Any]]) -> None:
         metrics.add_column("metric")
         metrics.add_column("value", justify="right")
         for key, val in sorted(m.metrics.items()):
-            metrics.add_row(key, json.dumps(val) if not isinstance(val, str) else val)
+            if isinstance(val, list | dict):  # per-stage timings, every trial: --json has them whole
+                metrics.add_row(key, f"{len(val)} entries (--json)")
+            else:
+                metrics.add_row(key, json.dumps(val) if not isinstance(val, str) else val)
         _out.print(metrics)
 
 

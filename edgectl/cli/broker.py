@@ -56,6 +56,21 @@ def broker_config(
     if bridge_to and not (site and central_admin):
         raise UsageError("--bridge-to needs --site NAME and --central-admin FILE",
                          hint="FILE: control-plane-credentials.json of the central broker's config")  # fmt: skip
+    if not bridge_to and (site or central_admin or bridge_ca):
+        # Without --bridge-to they would be dropped and a plain broker written as if all went well.
+        raise UsageError(
+            "--site, --central-admin and --bridge-ca make a site broker: they need --bridge-to URL",
+            hint="e.g. --bridge-to mqtts://mqtt.example.com:8883 --site site-a --central-admin FILE",
+        )
+    if bridge_to:
+        from edgectl.addresses import parse_mqtt_url
+
+        parse_mqtt_url(bridge_to)  # a wrong URL is refused before anything is written
+        if central_admin and not central_admin.is_file():
+            raise UsageError(
+                f"--central-admin {central_admin} is not a file",
+                hint="pass the control-plane-credentials.json that `edgectl broker config` wrote for the central broker",
+            )
     listen_at = parse_host_port(listen, what="--listen", default_host="0.0.0.0")
     layout = write_broker_files(
         out.resolve(),

@@ -38,8 +38,9 @@ def burst(
     ca: Path | None = CaOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """The fleet's burst cost this period, the fleet budget used (control-plane --fleet-burst-budget)
-    and each device's cost and share of it.
+    """The fleet's burst cost this period against its budget, and each device's cost and share.
+
+    The fleet budget is the control plane's --fleet-burst-budget per --fleet-burst-period.
 
     Example: edgectl burst -o json
     """

@@ -266,9 +266,13 @@ def control_plane_token(
     token ...)` works. Example: edgectl control-plane token --security-dir /etc/edgectl/fleet --role deployer --subject ci
     """
     from edgectl.control_plane.security import TOKEN_KEY_FILE
+    from edgectl.security.errors import TokenError
     from edgectl.security.tokens import Role, TokenIssuer
 
-    parsed = Role.parse(role)
+    try:
+        parsed = Role.parse(role)
+    except TokenError:
+        raise UsageError(f"unknown role {role!r}", hint="use viewer, deployer or admin") from None
     if parsed == Role.DEVICE:
         raise UsageError("devices authenticate with certificates from enrollment, not tokens",
                          hint="use viewer, deployer or admin")  # fmt: skip
@@ -279,7 +283,10 @@ def control_plane_token(
         )
     seconds = round(parse_duration(ttl))
     issuer = TokenIssuer.load_or_create(key)
-    token = issuer.issue(subject, parsed, ttl_s=seconds)
+    try:
+        token = issuer.issue(subject, parsed, ttl_s=seconds)
+    except TokenError as exc:  # a lifetime of 0 or over the limit: the flag's value to fix
+        raise UsageError(str(exc)) from exc
     token_id = issuer.verifier().verify(token).token_id
     if json_out:
         print_json({"subject": subject, "role": parsed.name.lower(), "expires_in_s": seconds, "id": token_id,

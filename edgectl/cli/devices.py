@@ -199,7 +199,9 @@ def describe_data(client: Any, device_id: str, rollouts: int) -> tuple[fleet_pb2
         if exc.code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             raise
         audit = None  # the audit log is an admin's to read: a viewer still gets the rest
-    history = [(r, d) for r in recent for w in r.waves for d in w.devices if d.device_id == device_id]
+    # List leaves each rollout's devices out (it stays cheap at fleet size); Get has them.
+    full = [client.call(client.rollouts.Get, rollouts_pb2.GetRolloutRequest(id=r.id)) for r in recent]
+    history = [(r, d) for r in full for w in r.waves for d in w.devices if d.device_id == device_id]
     moves = [
         {"id": r.id, "artifact": f"{r.artifact.name}:{r.artifact.version}",
          "state": enum_name(d.state, rollouts_pb2.DeviceRolloutState, "DEVICE_ROLLOUT_STATE_"),
@@ -228,8 +230,11 @@ def devices_enroll(
 
     Example: edgectl devices enroll cam-07 --labels site=lab,gpu=orin
     """
+    ttl_s = round(parse_duration(ttl))
+    if ttl_s < 1:  # 0 on the wire means "the default", so --ttl 0 would mint a token for an hour
+        raise UsageError(f"--ttl {ttl} is too short: a token must live at least 1s", hint="e.g. --ttl 1h")
     request = fleet_pb2.CreateEnrollmentTokenRequest(
-        device_id=device_id, labels=parse_labels(labels), ttl_seconds=round(parse_duration(ttl))
+        device_id=device_id, labels=parse_labels(labels), ttl_seconds=ttl_s
     )
     with connect(server, token, ca) as client:
         minted = client.call(client.fleet.CreateEnrollmentToken, request)

@@ -26,6 +26,7 @@ def infer(
     import numpy as np
 
     from edgectl.agent.codecs import decode_response, encode_request, response_parameters
+    from edgectl.client import RemoteError
     from edgectl.protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
     target = str(parse_host_port(server, what="--server"))
@@ -41,7 +42,9 @@ def infer(
         try:
             response = stub.ModelInfer(encode_request(model, inputs), timeout=timeout)
         except grpc.RpcError as exc:
-            raise UsageError(f"{server}: {exc.code().name}: {exc.details()}") from exc
+            # The server's status picks the exit code, as for the control plane: a model not served
+            # there is 6, an unreachable server 9, a wrong input 2 (docs/cli.md, "Exit codes").
+            raise RemoteError(exc.code(), f"{server}: {exc.details()}") from exc
     outputs = decode_response(response)
     params = response_parameters(response)
     if json_out:

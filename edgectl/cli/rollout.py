@@ -232,6 +232,7 @@ def _rollout_table(r: rollouts_pb2.Rollout, events: list[str]) -> Table:
     for col in ("wave", "state", "devices", "healthy", "failed", "waiting", "other"):
         table.add_column(col)
     failed: list[str] = []
+    waiting: list[str] = []
     for w in r.waves:
         counts = dict.fromkeys(("healthy", "failed", "desired"), 0)
         other = 0
@@ -243,11 +244,13 @@ def _rollout_table(r: rollouts_pb2.Rollout, events: list[str]) -> Table:
                 other += 1
             if d.state == rollouts_pb2.DEVICE_ROLLOUT_STATE_FAILED:
                 failed.append(f"{d.device_id}: {d.reason}")
+            elif d.state == rollouts_pb2.DEVICE_ROLLOUT_STATE_DESIRED and d.reason:
+                waiting.append(f"{d.device_id}: {d.reason}")  # e.g. staged, waiting for the window
         table.add_row(
             str(w.index + 1), enum_name(w.state, rollouts_pb2.WaveState, "WAVE_STATE_"), str(len(w.devices)),
             str(counts["healthy"]), str(counts["failed"]), str(counts["desired"]), str(other),
         )  # fmt: skip
-    caption = [f"failed: {f}" for f in failed[:5]] + events[-5:]
+    caption = [f"failed: {f}" for f in failed[:5]] + [f"waiting: {w}" for w in waiting[:5]] + events[-5:]
     if r.reason:
         caption.insert(0, r.reason)
     table.caption = "\n".join(caption)
@@ -378,9 +381,8 @@ def _action(action: str, summary: str) -> None:
                 f"rollout {rollout.id}: {enum_name(rollout.state, rollouts_pb2.RolloutState, 'ROLLOUT_STATE_')}"
             )
 
-    command.__doc__ = (
-        f"{summary}\n\nExample: edgectl rollout {action} r-1a2b3c4d --reason 'latency regression'"
-    )
+    reason = "wave 1 looks good" if action == "resume" else "latency regression"
+    command.__doc__ = f"{summary}\n\nExample: edgectl rollout {action} r-1a2b3c4d --reason '{reason}'"
     app.command(action)(command)
 
 
@@ -388,7 +390,8 @@ for _name, _summary_text in [
     ("pause", "Pause a rollout: the current wave finishes, the next does not start."),
     (
         "resume",
-        "Resume a paused rollout (paused by hand or by deploy --pause-after-wave): the next wave starts.",
+        "Resume a paused rollout (paused by hand or by deploy --pause-after-wave): the next wave starts"
+        " (at --start-at, when that is still to come).",
     ),
     (
         "abort",

@@ -93,7 +93,9 @@ def _up(
 
 
 def down(
-    data_dir: Path = typer.Option(None, help="the data dir `edgectl up` used (default ~/.edgectl)"),
+    data_dir: Path = typer.Option(
+        None, help="the data dir `edgectl up` used (default $EDGECTL_DATA_DIR or ~/.edgectl)"
+    ),
 ) -> None:
     """Stop a fleet started with `edgectl up --detach`.
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from edgectl.artifact import (
     open_blob_store,
 )
 from edgectl.artifact.s3store import S3BlobStore
+from edgectl.ports import free_port
 from tests.conftest import S3Endpoint, real_s3
 
 boto3 = pytest.importorskip("boto3")
@@ -182,6 +185,16 @@ def test_open_blob_store_urls(tmp_path: Path, moto_s3: S3Endpoint, monkeypatch: 
     assert open_blob_store(f"s3://{bucket}/fleet-a").get(d) == b"over real http"
     with pytest.raises(BlobStoreError, match="not an S3 URL"):
         S3BlobStore.from_url("s3:///nobucket")
+
+
+def test_serve_with_an_s3_url_naming_no_bucket_is_bad_input(tmp_path: Path) -> None:
+    # Exit 2 (fix your input), not 4, which says an artifact failed a check (docs/cli.md).
+    listen, state = f"127.0.0.1:{free_port()}", f"sqlite:///{tmp_path / 'state.db'}"
+    serve = ["control-plane", "serve", "--insecure", "--blobs", "s3://", "--listen", listen, "--state", state]
+    cmd = [sys.executable, "-m", "edgectl", *serve]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "not an S3 URL: 's3://'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_s3_many_blobs_paginate(moto_s3: S3Endpoint) -> None:

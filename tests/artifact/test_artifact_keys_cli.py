@@ -137,6 +137,21 @@ def test_inspect_valid_bundle(tmp_path: Path, build: BuildFn, signing_key: Signi
     assert doc["manifest"]["metrics"]["compressed_quality"] == 0.6951
 
 
+def test_inspect_table_names_list_metrics_and_json_has_them_whole(
+    tmp_path: Path, build: BuildFn, signing_key: SigningKey
+) -> None:
+    # compress records every trial and stage; a table row of their JSON ran for pages.
+    trials = [{"name": "float (baseline)", "p50_ms": 0.04}, {"name": "int8-static QDQ", "p50_ms": 0.03}]
+    art = build(tmp_path / "b", metrics={"quality_metric": "top1", "trials": trials})
+    pem = tmp_path / "signer.pub.pem"
+    pem.write_bytes(public_pem(signing_key.public_key))
+    res = runner.invoke(artifact_app, ["inspect", str(art.root), "--trust", str(pem)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "2 entries (--json)" in res.stdout and "int8-static QDQ" not in res.stdout
+    res = runner.invoke(artifact_app, ["inspect", str(art.root), "--trust", str(pem), "--json"])
+    assert json.loads(res.stdout)["manifest"]["metrics"]["trials"] == trials
+
+
 def test_inspect_says_what_is_wrong(
     tmp_path: Path, build: BuildFn, signing_key: SigningKey, flip: Callable[[Path, int], None]
 ) -> None:

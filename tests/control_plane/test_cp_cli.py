@@ -115,6 +115,8 @@ def test_site_lab_id_cam_9_is_refused_by_every_label_command_and_selects_by_id(
     wait_for(lambda: len(cp.fleet.list_devices()) == 3, 10, what="devices registered")
     code, out = run("devices", "enroll", "cam-10", "--labels", "site=lab,id=cam-9")
     assert code == 2 and "'id' is reserved" in out
+    code, out = run("devices", "enroll", "cam-10", "--ttl", "0")
+    assert code == 2 and "at least 1s" in out  # not the hour a 0 on the wire stands for
     code, out = run("devices", "enroll", "cam-10", "--labels", "site=lab,camera=cam-9", "--json")
     assert code == 0 and json.loads(out)["token"]
     code, out = run("devices", "label", "dev-0", "site=lab,id=cam-9")

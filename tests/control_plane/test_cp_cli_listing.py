@@ -16,6 +16,7 @@ from edgectl.contexts import CliConfig
 from edgectl.control_plane.device_state import Status
 from edgectl.control_plane.server import ControlPlane
 from edgectl.errors import EdgectlError
+from tests.control_plane.conftest import BuildFn
 
 FLEET = 2500  # past two full pages of the server's 1,000-item maximum
 
@@ -68,15 +69,23 @@ def test_every_format_of_ls_and_get(fleet_cp: ControlPlane) -> None:
     assert code == 2  # typer refuses a format it does not know
 
 
-def test_describe_shows_the_device_and_its_audit_trail(fleet_cp: ControlPlane) -> None:
+def test_describe_shows_the_device_its_rollouts_and_its_audit_trail(
+    fleet_cp: ControlPlane, build: BuildFn
+) -> None:
     assert run("devices", "label", "dev-0005", "ring=canary")[0] == 0
+    bundle = build(version=1)
+    code, out = run("deploy", str(bundle.root), "--to", "id=dev-0005,id=dev-0007", "--strategy", "100%")
+    assert code == 0, out
     code, out = run("devices", "describe", "dev-0005", "-o", "json")
     assert code == 0, out
     doc = json.loads(out)
     assert doc["device"]["labels"] == {"ring": "canary"}
+    assert [r["artifact"] for r in doc["rollouts"]] == ["digits:1"]  # the rollout it is in
     assert [e["action"].rsplit("/", 1)[-1] for e in doc["audit"]] == ["LabelDevice"]
     code, out = run("devices", "describe", "dev-0005")
-    assert code == 0 and "audit trail" in out and "LabelDevice" in out
+    assert code == 0 and "audit trail" in out and "LabelDevice" in out and "digits:1" in out
+    code, out = run("devices", "describe", "dev-0004", "-o", "json")
+    assert code == 0 and json.loads(out)["rollouts"] == []  # not a target
 
 
 def test_contexts_pick_the_control_plane(fleet_cp: ControlPlane, monkeypatch: pytest.MonkeyPatch) -> None:

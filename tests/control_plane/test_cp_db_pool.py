@@ -3,6 +3,8 @@ survive connections the server drops; SQLite keeps one writer, so its transactio
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -102,6 +104,15 @@ def test_postgresql_unreachable_is_a_clear_error() -> None:
         Database("postgresql://nobody@127.0.0.1:1/none?connect_timeout=1", pool_size=1)
     with pytest.raises(StateStoreError, match="at least one"):
         Database(PG_URL, pool_size=0)
+
+
+@pytest.mark.parametrize("url", ["mysql://cp@db/edgectl", "sqlite:///"])
+def test_migrate_with_a_state_url_naming_no_store_is_bad_input(url: str) -> None:
+    # Exit 2 (fix your input), as docs/cli.md promises; it was 1, "any other failure".
+    cmd = [sys.executable, "-m", "edgectl", "control-plane", "migrate", "--state", url]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "state URL" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_sqlite_transactions_take_turns(tmp_path: Path) -> None:

@@ -91,6 +91,13 @@ def test_start_at_waits_then_pause_after_wave_waits_for_resume(
         threading.Event().wait(1.0)  # ten controller ticks
         assert _get(client, rollout.id).state == RP.ROLLOUT_STATE_PENDING
         assert sim.snapshot(lambda devs: sum(d.desired_received for d in devs.values())) == 0
+        # pausing and resuming before its time does not start it early: it waits again, PENDING
+        client.rollouts.Pause(RP.RolloutActionRequest(id=rollout.id), timeout=10)
+        client.rollouts.Resume(RP.RolloutActionRequest(id=rollout.id), timeout=10)
+        assert _get(client, rollout.id).state == RP.ROLLOUT_STATE_PENDING
+        threading.Event().wait(0.5)
+        assert _get(client, rollout.id).state == RP.ROLLOUT_STATE_PENDING
+        assert sim.snapshot(lambda devs: sum(d.desired_received for d in devs.values())) == 0
         # the start time comes: wave 1 (one device) moves, then the rollout pauses for a person
         clock.advance(3601)
         wait_for(lambda: _get(client, rollout.id).state == RP.ROLLOUT_STATE_PAUSED, 15, what="paused")
@@ -117,7 +124,7 @@ def test_start_at_waits_then_pause_after_wave_waits_for_resume(
 
 
 def test_window_rides_in_the_signed_order_and_moves_the_deadline(
-    cp_factory: Callable[..., ControlPlane], sim: SimFleet, build: BuildFn
+    cp_factory: Callable[..., ControlPlane], sim: SimFleet, build: BuildFn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The window goes to devices with the model; the health clock starts when the window opens.
     A device that ignores the window (an agent older than the field) still converges."""
@@ -152,6 +159,11 @@ def test_window_rides_in_the_signed_order_and_moves_the_deadline(
         assert sim.digests("digits")["new-agent"] == ""
         wait_for(lambda: "waiting for the window" in _reasons(client, rollout.id)["new-agent"], 10,
                  what="the wait shown")  # fmt: skip
+        from tests.control_plane.test_cp_cli import run
+
+        monkeypatch.setenv("EDGECTL_SERVER", plane.address)
+        code, out = run("rollout", "status", rollout.id)  # the table says why, as the JSON does
+        assert code == 0 and f"new-agent: staged, waiting for the window {window}" in " ".join(out.split())
         clock.advance(3600)  # past now + the timeout, still before the window: no verdict yet
         threading.Event().wait(1.0)
         assert _states(client, rollout.id)["silent"] == RP.DEVICE_ROLLOUT_STATE_DESIRED
@@ -303,6 +315,8 @@ def test_cli_deploy_flags_and_resume(
     assert code == 2 and "does not exist" in out
     code, out = run("deploy", "digits", "--to", "role=cam", "--start-at", "tomorrow")
     assert code == 2 and "ISO 8601" in out
+    code, out = run("deploy", "digits", "--to", "role=cam", "--pause-after-wave", "0")
+    assert code == 2 and "numbered from 1" in out, out
     code, out = run(
         "deploy", "digits", "--to", "role=cam", "--strategy", "1,100%", "--continuous", "--start-at", "+1h",
         "--window", "Sat,Sun 22:00-02:00 UTC", "--pause-after-wave", "1", "--json",

@@ -154,3 +154,23 @@ def test_bridge_to_needs_a_site_and_the_central_admin(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode != 0 and "--site" in done.stderr and "--central-admin" in done.stderr
     assert not (tmp_path / "s").exists(), "nothing is written before the arguments are checked"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--site", "site-a"], "need --bridge-to"),
+        (["--central-admin", "center/control-plane-credentials.json"], "need --bridge-to"),
+        (["--bridge-to", "http://center", "--site", "a", "--central-admin", "c.json"], "not an MQTT URL"),
+        (["--bridge-to", "mqtts://center:8883", "--site", "a", "--central-admin", "c.json"], "is not a file"),
+    ],
+)
+def test_site_options_are_checked_before_anything_is_written(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [str(EDGECTL), "broker", "config", "--out", str(tmp_path / "s"), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
+    assert not (tmp_path / "s").exists()
