@@ -104,6 +104,16 @@ def agents(
             agent = Agent(config)
             agent.start()
             made.append(agent)
+        # A rollout targets the devices the control plane knows when it is created: wait for both
+        # reports, or under load the first rollout can select trial-1 alone and trial-2 serve nothing.
+        wait_for(
+            lambda: (
+                {d.id for d in cp.fleet.list_devices() if d.online and d.agent_version}
+                == {"trial-1", "trial-2"}
+            ),
+            30,
+            what="both agents registered with the control plane",
+        )
         yield made
     finally:
         for agent in made:
