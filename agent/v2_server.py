@@ -305,4 +305,12 @@ class V2Server:
         log.info("KServe V2 gRPC listening on %s", self.address)
 
     def stop(self, grace: float = 2.0) -> None:
-        self.server.stop(grace).wait()
+        """Stop taking calls, cancel what is left after ``grace`` s; never wait past that much longer.
+
+        A ModelStreamInfer call that a client opens with the wrong arity or junk bytes can leave
+        grpc's server with a call it never finishes, and its shutdown event then never fires: the
+        agent must still stop (and a swap or restart go on), so the wait is bounded."""
+        if not self.server.stop(grace).wait(grace + 5.0):
+            log.warning(
+                "the V2 gRPC server did not finish its calls %.0f s after stopping; going on", grace + 5.0
+            )

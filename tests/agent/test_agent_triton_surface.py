@@ -299,3 +299,36 @@ def test_grpc_stream_without_the_token_is_refused_at_once(
     finally:
         client.close()
     assert error is None and result.get_response().id == "ok"
+
+
+_JUNK_STREAM = """
+import sys
+from pathlib import Path
+import grpc
+from tests.agent.onnx_models import add_model
+from tests.agent.v2_harness import InProcessV2
+served = InProcessV2(add_model(Path(sys.argv[1])), name="add")
+path = "/inference.GRPCInferenceService/ModelStreamInfer"
+with grpc.insecure_channel(served.server.address) as channel:
+    for junk in (b"\\x01", b"\\x07abcdef", bytes(100)):
+        try:
+            channel.stream_unary(path, request_serializer=None, response_deserializer=None)(
+                iter([junk, junk[::-1]]), timeout=10)
+        except grpc.RpcError:
+            pass
+served.close()
+print("stopped")
+"""
+
+
+def test_junk_on_the_stream_does_not_keep_the_server_from_stopping(tmp_path: Path) -> None:
+    """Junk bytes on ModelStreamInfer, opened as a client-streaming call (what a fuzzer or a wrong
+    stub does), can leave grpc's server with a call it never finishes: stopping the agent hung (in
+    its own process, as an agent runs; the flood test hung CI's run here)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _JUNK_STREAM, str(tmp_path / "add.onnx")], cwd=root,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "stopped" in done.stdout, done.stderr[-2000:]
