@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import typer
 from rich.table import Table
 
@@ -28,13 +27,13 @@ from edgectl.cli.remote import (
     JsonOpt,
     ServerOpt,
     TokenOpt,
-    ago,
     connect,
     enum_name,
     message_to_dict,
     short_digest,
 )
-from edgectl.client import ControlPlaneClient, push_artifact
+from edgectl.cli.rollout_view import rollout_table, rollouts_table, watch_rollout
+from edgectl.client import push_artifact
 from edgectl.control_plane.strategy import parse_duration, parse_start_at, parse_window
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.labels import parse_selector
@@ -160,7 +159,7 @@ def deploy(
                     console.print(f"it starts at {starts} UTC (until then it is PENDING)")
                 console.print(f"follow it with: edgectl rollout status {rollout.id} --watch")
             return
-        final = _watch(client, rollout.id, quiet=json_out)
+        final = watch_rollout(client, rollout.id, quiet=json_out)
     _finish(final, output_format(None, json_out))
 
 
@@ -224,87 +223,7 @@ def _summary(r: rollouts_pb2.Rollout) -> str:
     )
 
 
-def _rollout_table(r: rollouts_pb2.Rollout, events: list[str]) -> Table:
-    state = enum_name(r.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_")
-    table = Table(
-        title=f"{r.id}  {r.artifact.name}:{r.artifact.version}  [bold]{state}[/]  failures {r.failures}"
-    )
-    for col in ("wave", "state", "devices", "healthy", "failed", "waiting", "other"):
-        table.add_column(col)
-    failed: list[str] = []
-    waiting: list[str] = []
-    for w in r.waves:
-        counts = dict.fromkeys(("healthy", "failed", "desired"), 0)
-        other = 0
-        for d in w.devices:
-            name = enum_name(d.state, rollouts_pb2.DeviceRolloutState, "DEVICE_ROLLOUT_STATE_")
-            if name in counts:
-                counts[name] += 1
-            else:
-                other += 1
-            if d.state == rollouts_pb2.DEVICE_ROLLOUT_STATE_FAILED:
-                failed.append(f"{d.device_id}: {d.reason}")
-            elif d.state == rollouts_pb2.DEVICE_ROLLOUT_STATE_DESIRED and d.reason:
-                waiting.append(f"{d.device_id}: {d.reason}")  # e.g. staged, waiting for the window
-        table.add_row(
-            str(w.index + 1), enum_name(w.state, rollouts_pb2.WaveState, "WAVE_STATE_"), str(len(w.devices)),
-            str(counts["healthy"]), str(counts["failed"]), str(counts["desired"]), str(other),
-        )  # fmt: skip
-    caption = [f"failed: {f}" for f in failed[:5]] + [f"waiting: {w}" for w in waiting[:5]] + events[-5:]
-    if r.reason:
-        caption.insert(0, r.reason)
-    table.caption = "\n".join(caption)
-    return table
-
-
-def _watch(client: ControlPlaneClient, rollout_id: str, quiet: bool = False) -> rollouts_pb2.Rollout:
-    """Follow the Watch stream, redrawing at most 4x a second; returns the final rollout."""
-    from rich.console import Console
-    from rich.live import Live
-
-    events: list[str] = []
-    get = rollouts_pb2.GetRolloutRequest(id=rollout_id)
-    rollout: rollouts_pb2.Rollout = client.call(client.rollouts.Get, get)
-    stream = client.rollouts.Watch(rollouts_pb2.WatchRolloutRequest(id=rollout_id))
-    last_draw = 0.0
-    # --json keeps stdout for the final document: the live view is not drawn at all.
-    screen = Console(quiet=True) if quiet else console
-    try:
-        with Live(_rollout_table(rollout, events), console=screen, transient=False) as live:
-            for event in stream:
-                where = f" {event.device_id}" if event.device_id else ""
-                events.append(f"#{event.sequence} {event.kind}{where} {event.message}".rstrip())
-                if event.kind == "following":
-                    stream.cancel()
-                    break  # a continuous rollout never ends on its own: its waves are done
-                if time.monotonic() - last_draw > 0.25 or event.HasField("rollout"):
-                    rollout = client.call(client.rollouts.Get, get)
-                    live.update(_rollout_table(rollout, events))
-                    last_draw = time.monotonic()
-            rollout = client.call(client.rollouts.Get, get)
-            live.update(_rollout_table(rollout, events))
-    except grpc.RpcError as exc:
-        raise client.error(exc) from None
-    return rollout
-
-
 app = typer.Typer(help="Inspect and steer rollouts: ls, status, pause, resume, abort, rollback.")
-
-
-def _rollouts_table(rollouts: list[rollouts_pb2.Rollout], wide: bool) -> Table:
-    table = Table("id", "artifact", "state", "wave", "failures", "created", "reason",
-                  *(("by", "selector", "strategy") if wide else ()))  # fmt: skip
-    for r in rollouts:
-        row = [
-            r.id, f"{r.artifact.name}:{r.artifact.version}", enum_name(r.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_"),
-            f"{r.current_wave + 1}/{len(r.waves)}", str(r.failures), ago(r.created_at), r.reason,
-        ]  # fmt: skip
-        if wide:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(r.selector.match_labels.items()))
-            ids = ",".join(f"id={d}" for d in r.selector.device_ids)
-            row += [r.created_by or "-", ",".join(x for x in (labels, ids) if x), ",".join(r.strategy.waves)]
-        table.add_row(*row)
-    return table
 
 
 @app.command("ls")
@@ -329,7 +248,7 @@ def rollout_ls(
             rollouts = client.list_all(
                 client.rollouts.List, rollouts_pb2.ListRolloutsRequest(), "rollouts", limit
             )
-            return [message_to_dict(r) for r in rollouts], lambda wide: _rollouts_table(rollouts, wide)
+            return [message_to_dict(r) for r in rollouts], lambda wide: rollouts_table(rollouts, wide)
 
         if watch_:
             watch(fmt, fetch, interval)
@@ -356,10 +275,10 @@ def rollout_status(
     machine = fmt in (Output.JSON, Output.YAML)
     with connect(server, token, ca) as client:
         if watch_:
-            _finish(_watch(client, rollout_id, quiet=machine), fmt)
+            _finish(watch_rollout(client, rollout_id, quiet=machine), fmt)
             return
         rollout = client.call(client.rollouts.Get, rollouts_pb2.GetRolloutRequest(id=rollout_id))
-    show(fmt, message_to_dict(rollout), lambda wide: _rollout_table(rollout, []))
+    show(fmt, message_to_dict(rollout), lambda wide: rollout_table(rollout, []))
 
 
 def _action(action: str, summary: str) -> None:
