@@ -260,6 +260,7 @@ class Agent:
                 facts=self.facts,
                 labels=dict(cfg.labels),
                 heartbeat_s=cfg.heartbeat_s,
+                idle_report_s=cfg.idle_report_s,
                 progress_interval_s=cfg.progress_interval_s,
                 drift_threshold=cfg.drift_threshold,
                 intra_op_threads=cfg.intra_op_threads,

@@ -67,6 +67,9 @@ class AgentConfig:
     fleet_key: tuple[Path, ...] = ()
     profile: str | None = None  # a profile name or .yaml; None: detect from the host
     heartbeat_s: float = 30.0
+    # A report that would repeat the last one (all but its timestamp) is sent at most this often;
+    # liveness is the broker's (keepalive and the Will), what changes is sent at once.
+    idle_report_s: float = 300.0
     # A download reports FETCH_PROGRESS at its quarter marks, at most once per this many seconds.
     progress_interval_s: float = 10.0
     transport: str = "auto"  # auto (gRPC, then MQTT chunks) | grpc | mqtt
@@ -114,6 +117,12 @@ class AgentConfig:
         ):
             if price < 0:
                 raise ConfigError(f"{what} cannot be negative, got {price}")
+        if self.heartbeat_s <= 0:
+            raise ConfigError(f"--heartbeat must be above 0 seconds, got {self.heartbeat_s}")
+        if self.idle_report_s < 0:
+            raise ConfigError(
+                f"--idle-report cannot be negative, got {self.idle_report_s} (0: every heartbeat)"
+            )
         if self.progress_interval_s < 0:
             raise ConfigError(f"--progress-interval cannot be negative, got {self.progress_interval_s}")
         if self.burst_budget_period_s <= 0:

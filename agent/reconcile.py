@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
@@ -62,6 +63,7 @@ class ReconcileSettings:
     facts: HostFacts | None = None
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_s: float = 30.0
+    idle_report_s: float = 300.0  # a report that repeats the last one is re-sent at most this often
     intra_op_threads: int = 0
     engine_cache_dir: Path | None = None
     retry_min_s: float = 1.0
@@ -110,6 +112,7 @@ class Reconciler:
         self._retry: dict[str, tuple[float, int]] = {}  # digest -> (next attempt at, attempts)
         self._backoff = Backoff(settings.retry_min_s, settings.retry_max_s)  # jittered: no herd
         self._refused: set[tuple[str, int]] = set()  # (digest, generation) refused this run
+        self._last_report: tuple[bytes, float] | None = None  # (content, monotonic time) last sent
 
     # -- called from other threads: only enqueue --------------------------------------------
     def submit(self, desired: mpb.DesiredState) -> None:
@@ -373,10 +376,24 @@ class Reconciler:
         expires = self.order.expires_at if self.order else None
         if expires is None or time.time() < expires:
             return ""
-        return f"the control plane's signed desired state expired {time.time() - expires:.0f} s ago"
+        at = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
+        return f"the control plane's signed desired state expired at {at}"
 
     def publish_report(self, heartbeat: bool = False) -> None:
-        self.reporter.report(self.build_report())
+        """Send the reported state. On a heartbeat, a report that would repeat the last one sent (all
+        but its timestamp) waits until ``idle_report_s`` has passed since that one: the broker's
+        keepalive and the Will say whether the device lives, and each repeat costs the control
+        plane a message it only stores a time from. Anything that changed goes at once."""
+        report = self.build_report()
+        content = mpb.ReportedState()
+        content.CopyFrom(report)
+        content.ClearField("reported_at")
+        key, now = content.SerializeToString(deterministic=True), time.monotonic()
+        last = self._last_report
+        if heartbeat and last is not None and last[0] == key and now - last[1] < self.settings.idle_report_s:
+            return
+        self.reporter.report(report)
+        self._last_report = (key, now)
         if heartbeat:
             self._event(Kind.EVENT_KIND_HEARTBEAT, "", "alive")
 

@@ -66,6 +66,9 @@ class SimSettings:
     trust: tuple[Path, ...] = ()  # extra trusted keys (enrollment hands the fleet's keys)
     profile: str = "x86-cpu-avx2"
     heartbeat_s: float = 30.0
+    idle_report_s: float = (
+        300.0  # the agent's --idle-report: how often a report that changes nothing is re-sent
+    )
     transport: str = "auto"
     blob_urls: str = "https"  # the agent's --blob-urls: presigned chunk URLs (https | any | off)
     serve: bool = False
@@ -153,7 +156,7 @@ class AgentHost:
             device_id=device.device_id, mqtt=device.mqtt or s.mqtt,
             control_plane=device.control_plane or s.control_plane, data_dir=s.data_dir(device.device_id),
             listen="127.0.0.1:0", labels=dict(device.labels), trust=s.trust, profile=s.profile,
-            heartbeat_s=s.heartbeat_s, transport=s.transport, bandwidth_limit=s.bandwidth_bps,
+            heartbeat_s=s.heartbeat_s, idle_report_s=s.idle_report_s, transport=s.transport, bandwidth_limit=s.bandwidth_bps,
             blob_urls=s.blob_urls, intra_op_threads=1,  # hundreds of sessions in a process: one thread each
         )  # fmt: skip
         if s.min_free_disk_mib is not None:

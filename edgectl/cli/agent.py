@@ -147,7 +147,15 @@ def run(
         None, help="input drift (PSI vs. the calibration set) that raises a DRIFT event [default 0.25]"
     ),
     heartbeat_s: float | None = typer.Option(
-        None, "--heartbeat", help="seconds between heartbeats [default 30]"
+        None,
+        "--heartbeat",
+        help="seconds between looks at the device's state; a change is reported at once [default 30]",
+    ),
+    idle_report_s: float | None = typer.Option(
+        None,
+        "--idle-report",
+        help="a report that changes nothing is re-sent only this often: liveness is the broker's keepalive "
+        "and Will [default 300]",
     ),
     progress_interval_s: float | None = typer.Option(
         None,
@@ -233,6 +241,7 @@ def run(
         "slo_ms": slo_ms,
         "drift_threshold": drift_threshold,
         "heartbeat_s": heartbeat_s,
+        "idle_report_s": idle_report_s,
         "progress_interval_s": progress_interval_s,
         "intra_op_threads": intra_op_threads,
         "memory_limit_mib": memory_limit_mib,

@@ -43,7 +43,13 @@ def run(
         [], help="extra trusted key file or folder (enrollment hands the fleet's)"
     ),
     profile: str = typer.Option("x86-cpu-avx2", help="device profile every simulated device claims"),
-    heartbeat: float = typer.Option(30.0, help="seconds between heartbeats"),
+    heartbeat: float = typer.Option(
+        30.0, help="seconds between looks at each device's state (a change is reported at once)"
+    ),
+    idle_report: float = typer.Option(
+        300.0,
+        help="seconds between reports that change nothing (liveness is the broker's keepalive and Will)",
+    ),
     token: str | None = typer.Option(
         None, envvar="EDGECTL_TOKEN", help="operator token (secured control plane) to issue enrollment tokens"
     ),
@@ -83,7 +89,8 @@ def run(
         ca_file.write_bytes(credentials.ca_pem)
     settings = SimSettings(
         root=root.resolve(), control_plane=device_server or address, mqtt=mqtt,
-        trust=tuple(p.resolve() for p in trust), profile=profile, heartbeat_s=heartbeat, serve=serve,
+        trust=tuple(p.resolve() for p in trust), profile=profile, heartbeat_s=heartbeat, idle_report_s=idle_report,
+        serve=serve,
         ca_file=ca_file, enroll_server=address if ca_file else None,
     )  # fmt: skip
     fleet = make_devices(devices, prefix, device_labels)

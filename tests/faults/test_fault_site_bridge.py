@@ -104,7 +104,8 @@ def test_site_partition_devices_keep_serving_center_sees_offline_rollout_converg
         devices = [
             dataclasses.replace(d, mqtt=bridged.site.url) for d in make_devices(3, "site", SITE_LABELS)
         ]
-        sim = rig.simulate(devices=devices, per_process=3, heartbeat_s=1.0)
+        # Unchanged reports every second too, so that the site broker shows each agent still reporting.
+        sim = rig.simulate(devices=devices, per_process=3, heartbeat_s=1.0, idle_report_s=1.0)
         ids = ids_of(sim)
         rig.wait_all_online(ids)
         first = rig.rollout(f"{MODEL}:1", SITE_LABELS, ["100%"], health_timeout_s=60)
