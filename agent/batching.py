@@ -41,7 +41,8 @@ OnBatch = Callable[[int, int, float, float], None]
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """Micro-batching limits: ``max_batch_size`` 1 turns batching off."""
+    """Micro-batching limits: ``max_batch_size`` 1 turns batching off. It is also Triton's
+    max_batch_size, the most rows one request may carry (ServedModel.max_batch_size)."""
 
     max_batch_size: int = 8
     max_queue_delay_s: float = 0.002

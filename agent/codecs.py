@@ -134,10 +134,12 @@ class _ShapePattern:
 
 class InputTable:
     """A model version's inputs as the request path checks them, worked out once when the version
-    is installed: each name's V2 datatype, item size and shape pattern."""
+    is installed: each name's V2 datatype, item size and shape pattern, and the largest batch a
+    request may carry (``max_batch_size``, as its ModelConfig advertises; 0: no batch dimension)."""
 
-    def __init__(self, model: str, specs: Sequence[TensorSpec]) -> None:
+    def __init__(self, model: str, specs: Sequence[TensorSpec], max_batch_size: int = 0) -> None:
         self.model = model
+        self.max_batch_size = max_batch_size
         self.specs = {s.name: s for s in specs}
         self._names = set(self.specs)
         self.datatypes = {s.name: v2_datatype(s.dtype) for s in specs}
@@ -171,6 +173,8 @@ class InputTable:
                 raise InvalidInputError(
                     f"input {h.name!r} of model {model!r} must have shape {spec.wire_shape()}, got {list(h.shape)}"
                 )
+            if self.max_batch_size and h.shape[0] > self.max_batch_size:
+                raise self.batch_too_large()
             count = element_count(h.shape, h.name)
             if not h.raw:
                 if h.size != count:
@@ -194,6 +198,14 @@ class InputTable:
                     f"({want} x shape {list(h.shape)})"
                 )
 
+    def batch_too_large(self) -> InvalidInputError:
+        """The refusal of a request whose batch exceeds ``max_batch_size``, in Triton's words."""
+        n = self.max_batch_size
+        return InvalidInputError(
+            f"inference request batch-size must be <= {n} for '{self.model}'; "
+            f"split the request into batches of at most {n}"
+        )
+
     def decode_exact(self, request: pb.ModelInferRequest) -> dict[str, Array] | None:
         """The inputs of a gRPC request with raw contents that fits the signature exactly, as numpy
         views of the received bytes (no copy); None for anything else (typed contents, BYTES, any
@@ -210,7 +222,7 @@ class InputTable:
                 return None
             _, dtype, pattern = want
             shape = tuple(tensor.shape)
-            if not pattern.fits(shape):
+            if not pattern.fits(shape) or (self.max_batch_size and shape[0] > self.max_batch_size):
                 return None
             if len(data) != math.prod(shape) * dtype.itemsize:
                 return None

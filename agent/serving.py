@@ -37,7 +37,10 @@ class ServedModel:
         self.model = model
         self._metrics = metrics
         self.stats = ModelStats()
-        self.inputs = InputTable(model.name, model.inputs)
+        # Triton's max_batch_size: the micro-batch limit caps a request's batch too; 0 without a
+        # batch dimension. The ModelConfig advertises it and the request check enforces it.
+        self.max_batch_size = settings.max_batch_size if model.batchable else 0
+        self.inputs = InputTable(model.name, model.inputs, self.max_batch_size)
         summary = model.input_summary
         # Live inputs against the artifact's calibration summary; None when it carries none.
         self.drift = LiveSketch(summary) if summary is not None and summary.inputs else None

@@ -95,7 +95,7 @@ def model_config(served: ServedModel, settings: BatchSettings) -> mc.ModelConfig
         name=model.name,
         platform=PLATFORM,
         backend=BACKEND,
-        max_batch_size=settings.max_batch_size if batched else 0,
+        max_batch_size=served.max_batch_size,
         input=[
             mc.ModelInput(name=t.name, data_type=_data_type(t.dtype), dims=t.wire_shape()[skip:])
             for t in model.inputs

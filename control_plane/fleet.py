@@ -209,21 +209,32 @@ class Fleet:
         site = self.identities.broker_url(labels.get(SITE_LABEL, "")) if self.identities else None
         return site or self.mqtt_url
 
-    def decommission(self, device_id: str) -> None:
-        """Revoke the device's credentials, then forget it; a tombstone stops auto-registration.
+    def decommission(self, device_id: str) -> bool:
+        """Revoke the device's credentials, then forget it and its enrollment tokens; a tombstone
+        stops auto-registration. True when the device had joined; False when it had only been
+        enrolled (a token minted, never used): then withdrawing its tokens is all there is to do.
 
         The broker revokes first (it drops the device at once), outside any transaction; when it
         fails nothing changes, and a retry is safe because revoking is idempotent.
         """
         if self.identities is not None:
-            record = self.get(device_id)  # NotFound for a device that is not in the inventory
-            self.identities.revoke(device_id, record.effective_labels.get(SITE_LABEL, ""))
+            try:
+                record = self.get(device_id)
+            except NotFound:
+                record = None  # enrolled at most: the broker holds no identity for it
+            if record is not None:
+                self.identities.revoke(device_id, record.effective_labels.get(SITE_LABEL, ""))
         with self.store.tx() as tx:
-            if tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)) == 0:
-                raise NotFound(f"device {device_id} is not in the inventory")
-            tx.execute("DELETE FROM enrollment_tokens WHERE device_id = ?", (device_id,))
+            joined = tx.execute("DELETE FROM devices WHERE id = ?", (device_id,)) > 0
+            withdrawn = tx.execute("DELETE FROM enrollment_tokens WHERE device_id = ?", (device_id,))
+            if not joined and not withdrawn:
+                raise NotFound(
+                    f"device {device_id} is not in the inventory and has no pending enrollment",
+                    hint="list devices with `edgectl devices ls`",
+                )
             tx.execute("DELETE FROM tombstones WHERE id = ?", (device_id,))
             tx.execute("INSERT INTO tombstones (id, at) VALUES (?, ?)", (device_id, time.time()))
+        return joined
 
     # -- live state from MQTT -----------------------------------------------------------------
 

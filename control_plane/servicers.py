@@ -269,9 +269,9 @@ class FleetServicer(Servicer, fleet_pb2_grpc.FleetServiceServicer):
     def DecommissionDevice(
         self, request: fleet_pb2.DecommissionDeviceRequest, context: Any, note: Note
     ) -> Any:
-        self.fleet.decommission(request.id)
+        joined = self.fleet.decommission(request.id)
         self.on_decommission(request.id)
-        return fleet_pb2.DecommissionDeviceResponse()
+        return fleet_pb2.DecommissionDeviceResponse(enrollment_only=not joined)
 
     @rpc("FleetService/RevokeToken", mutating=True, target="token_id")
     def RevokeToken(self, request: fleet_pb2.RevokeTokenRequest, context: Any, note: Note) -> Any:

@@ -156,15 +156,9 @@ def encode(message: Message) -> bytes:
 
 
 def decode(payload: bytes, message_type: type[M]) -> M:
-    """Parse a proto3-JSON payload; unknown fields are ignored so newer peers interoperate."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    message = message_type()
-    try:
-        json_format.Parse(payload.decode("utf-8"), message, ignore_unknown_fields=True)
-    except (UnicodeDecodeError, json_format.ParseError) as exc:
-        raise PayloadError(f"not a {message_type.DESCRIPTOR.full_name} payload: {exc}") from exc
-    return message
+    """Parse a proto3-JSON payload (:func:`load_json`, then :func:`from_json`: one parser for
+    every reader); unknown fields are ignored so newer peers interoperate."""
+    return from_json(load_json(payload, message_type.DESCRIPTOR.full_name), message_type)
 
 
 def peek(payload: bytes, json_name: str) -> Any:
@@ -174,16 +168,44 @@ def peek(payload: bytes, json_name: str) -> Any:
     return load_json(payload).get(json_name)
 
 
-def load_json(payload: bytes) -> dict[str, Any]:
-    """A payload's JSON object, not yet a message (json's C parser: cheap next to :func:`from_json`)."""
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key given twice means one thing to this parser and maybe another to the next reader
+    # (protobuf's own JSON parser refuses it too): refused, not "the last one wins".
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
+def load_json(payload: bytes, expected: str = "") -> dict[str, Any]:
+    """A payload's JSON object, not yet a message (json's C parser, a few us: cheap next to
+    :func:`from_json`); ``expected`` names the message the payload should hold, for the error."""
+    what = f"a {expected} payload" if expected else "a proto3-JSON payload"
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PayloadError(f"not a JSON payload: {exc}") from exc
+        # UTF-8 only, as proto3 JSON is: json.loads would also take UTF-16 and UTF-32 bytes.
+        obj = json.loads(payload.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as exc:
+        raise PayloadError(f"not {what}: not UTF-8 ({exc})") from exc
+    except _DuplicateKeyError as exc:
+        raise PayloadError(f"not {what}: key {str(exc)!r} appears twice in one object") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json parses
+        raise PayloadError(f"not {what}: not JSON ({exc})") from exc
     if not isinstance(obj, dict):
-        raise PayloadError(f"not a JSON object payload: {type(obj).__name__}")
+        kind = "null" if obj is None else _JSON_KINDS.get(type(obj), type(obj).__name__)
+        raise PayloadError(f"not {what}: the payload is {kind}, where a JSON object belongs")
     return obj
 
 

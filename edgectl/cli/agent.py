@@ -138,7 +138,9 @@ def run(
     min_free_disk_mib: int | None = typer.Option(
         None, help="refuse to start a download that would leave less free disk, MiB [default 64]"
     ),
-    max_batch_size: int | None = typer.Option(None, help="micro-batch size limit [default 8]"),
+    max_batch_size: int | None = typer.Option(
+        None, help="largest batch: the micro-batch limit and the most rows one request may carry [default 8]"
+    ),
     max_queue_delay_ms: float | None = typer.Option(None, help="longest wait to fill a batch [default 2]"),
     slo_ms: float | None = typer.Option(
         None, help="latency SLO, ms: requests predicted to take over 0.8x it burst [default 100]"

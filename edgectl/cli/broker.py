@@ -10,7 +10,7 @@ from rich.table import Table
 from edgectl.addresses import parse_host_port
 from edgectl.cli.output import console, print_json
 from edgectl.errors import UsageError
-from edgectl.security.broker_files import write_broker_files
+from edgectl.security.broker_files import find_dynsec_plugin, write_broker_files
 
 app = typer.Typer(help="Generate mosquitto configuration for a fleet.")
 
@@ -72,6 +72,21 @@ def broker_config(
                 hint="pass the control-plane-credentials.json that `edgectl broker config` wrote for the central broker",
             )
     listen_at = parse_host_port(listen, what="--listen", default_host="0.0.0.0")
+    plugin = plugin or find_dynsec_plugin()
+    from edgectl.security.bridge import (
+        BRIDGE_CONF_DIR,
+        include_bridges,
+        prepare_site_bridge,
+        write_site_bridge,
+    )
+
+    # Everything that can fail without writing (the central broker's CA, reaching it, provisioning
+    # the bridge's identity there) comes first: a failure leaves no half-made site broker behind.
+    bridge = (
+        prepare_site_bridge(site, bridge_to, central_admin, bridge_ca)
+        if bridge_to and site and central_admin
+        else None
+    )
     layout = write_broker_files(
         out.resolve(),
         hostnames=hostname,
@@ -80,28 +95,8 @@ def broker_config(
         tls=not no_tls,
         plugin=plugin,
     )
-    if bridge_to and site and central_admin:
-        from edgectl.addresses import parse_mqtt_url
-        from edgectl.security.bridge import central_admin as admin_session
-        from edgectl.security.bridge import (
-            copy_central_ca,
-            provision_bridge,
-            render_bridge,
-            write_bridge,
-            write_site_info,
-        )
-
-        central = parse_mqtt_url(bridge_to)
-        with admin_session(central_admin, bridge_to) as admin:
-            identity = provision_bridge(admin, site)
-        ca = (
-            copy_central_ca(layout.directory, bridge_ca or central_admin.parent / "ca.crt")
-            if central.tls
-            else None
-        )
-        bridge_file = write_bridge(layout.directory, render_bridge(site, central, identity, ca), site)
-        write_site_info(layout, site, hostname[0])
-    from edgectl.security.bridge import BRIDGE_CONF_DIR, include_bridges
+    if bridge is not None:
+        bridge_file = write_site_bridge(layout, bridge, hostname[0])
 
     if (layout.directory / BRIDGE_CONF_DIR).is_dir():  # a site broker stays one when its config is refreshed
         include_bridges(layout)

@@ -294,13 +294,19 @@ def devices_rm(
     token: str | None = TokenOpt,
     ca: Path | None = CaOpt,
 ) -> None:
-    """Decommission a device: revoke its credentials and forget it.
+    """Decommission a device: revoke its credentials and forget it. A device enrolled but not yet
+    joined has its enrollment withdrawn: its token can no longer join.
 
     Example: edgectl devices rm cam-07
     """
     with connect(server, token, ca) as client:
-        client.call(client.fleet.DecommissionDevice, fleet_pb2.DecommissionDeviceRequest(id=device_id))
-    console.print(f"{device_id} decommissioned")
+        done = client.call(client.fleet.DecommissionDevice, fleet_pb2.DecommissionDeviceRequest(id=device_id))
+    if done.enrollment_only:
+        console.print(
+            f"{device_id} had not joined: its enrollment is withdrawn (its token can no longer join)"
+        )
+    else:
+        console.print(f"{device_id} decommissioned")
 
 
 @app.command("logs")

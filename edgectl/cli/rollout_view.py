@@ -78,13 +78,20 @@ def watch_rollout(client: ControlPlaneClient, rollout_id: str, quiet: bool = Fal
     return rollout
 
 
+def wave_at(r: rollouts_pb2.Rollout) -> str:
+    """The wave column, "N/TOTAL": the last wave that has started (0 before any). Not
+    ``current_wave``: paused after a wave, it already names the next one, which has not begun."""
+    started = [w.index + 1 for w in r.waves if w.state != rollouts_pb2.WAVE_STATE_PENDING]
+    return f"{max(started, default=0)}/{len(r.waves)}"
+
+
 def rollouts_table(rollouts: list[rollouts_pb2.Rollout], wide: bool) -> Table:
     table = Table("id", "artifact", "state", "wave", "failures", "created", "reason",
                   *(("by", "selector", "strategy") if wide else ()))  # fmt: skip
     for r in rollouts:
         row = [
             r.id, f"{r.artifact.name}:{r.artifact.version}", enum_name(r.state, rollouts_pb2.RolloutState, "ROLLOUT_STATE_"),
-            f"{r.current_wave + 1}/{len(r.waves)}", str(r.failures), ago(r.created_at), r.reason,
+            wave_at(r), str(r.failures), ago(r.created_at), r.reason,
         ]  # fmt: skip
         if wide:
             labels = ",".join(f"{k}={v}" for k, v in sorted(r.selector.match_labels.items()))

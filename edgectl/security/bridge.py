@@ -30,7 +30,13 @@ from edgectl.mqtt.wire import (
 )
 from edgectl.security.broker_files import BrokerLayout
 from edgectl.security.dynsec import CONTROL_PLANE_ROLE, RESPONSE_TOPIC, DynsecAdmin, new_password
-from edgectl.security.errors import BrokerAdminError, SecurityError
+from edgectl.security.errors import (
+    BrokerAdminError,
+    BrokerLoginRefusedError,
+    BrokerUnreachableError,
+    SecurityError,
+    SecurityUsageError,
+)
 from edgectl.security.files import write_private, write_public
 
 BRIDGE_CONF_DIR = "conf.d"  # the site broker's mosquitto.conf includes every *.conf in here
@@ -53,7 +59,7 @@ def check_site(site: str) -> str:
     try:
         return check_device_id(site)
     except Exception as exc:
-        raise SecurityError(
+        raise SecurityUsageError(
             f"invalid site name {site!r}", hint="use 1-128 letters, digits, '.', '_' or '-'"
         ) from exc
 
@@ -159,17 +165,53 @@ def write_site_info(layout: BrokerLayout, site: str, hostname: str) -> Path:
     return path
 
 
-def copy_central_ca(directory: Path, ca_file: Path) -> Path:
-    """Copy the CA that verifies the central broker into the site's directory, which then travels whole."""
+def read_central_ca(ca_file: Path) -> bytes:
+    """The CA that verifies the central broker, read before anything is written."""
     try:
-        pem = ca_file.read_bytes()
+        return ca_file.read_bytes()
     except OSError as exc:
-        raise SecurityError(
+        raise SecurityUsageError(
             f"cannot read the central broker's CA {ca_file}: {exc}", hint="pass --bridge-ca"
         ) from exc
+
+
+def write_central_ca(directory: Path, pem: bytes) -> Path:
+    """Copy the CA that verifies the central broker into the site's directory, which then travels whole."""
     path = directory / BRIDGE_CONF_DIR / "central-ca.crt"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_public(path, pem)
+    return path
+
+
+@dataclass(frozen=True)
+class SiteBridge:
+    """Everything a site broker's bridge needs, gathered (and the identity provisioned on the
+    central broker) before any of the site's files is written."""
+
+    site: str
+    central: MqttUrl
+    identity: BridgeIdentity
+    ca_pem: bytes | None  # None: the central broker speaks plain MQTT
+
+
+def prepare_site_bridge(site: str, bridge_to: str, admin_file: Path, bridge_ca: Path | None) -> SiteBridge:
+    """Check the site's name, the central URL and CA, then provision the bridge's identity on the
+    central broker. It touches no file: when the central broker is unreachable or refuses,
+    nothing of the site has been written, and the same command can simply be run again."""
+    check_site(site)
+    central = parse_mqtt_url(bridge_to)
+    ca_pem = read_central_ca(bridge_ca or admin_file.parent / "ca.crt") if central.tls else None
+    with central_admin(admin_file, bridge_to) as admin:
+        identity = provision_bridge(admin, site)
+    return SiteBridge(site, central, identity, ca_pem)
+
+
+def write_site_bridge(layout: BrokerLayout, bridge: SiteBridge, hostname: str) -> Path:
+    """Write the prepared bridge (and its CA, and ``site.json``) into the site broker's directory."""
+    ca = write_central_ca(layout.directory, bridge.ca_pem) if bridge.ca_pem is not None else None
+    text = render_bridge(bridge.site, bridge.central, bridge.identity, ca)
+    path = write_bridge(layout.directory, text, bridge.site)
+    write_site_info(layout, bridge.site, hostname)
     return path
 
 
@@ -194,7 +236,7 @@ def central_admin(
         creds = json.loads(credentials_file.read_text())
         username, password = str(creds["username"]), str(creds["password"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SecurityError(f"cannot read the central broker's admin credentials {credentials_file}: {exc}",
+        raise SecurityUsageError(f"cannot read the central broker's admin credentials {credentials_file}: {exc}",
                             hint="pass the control-plane-credentials.json `edgectl broker config` wrote") from exc  # fmt: skip
     target = parse_mqtt_url(url or str(creds["url"]).replace("://0.0.0.0:", "://127.0.0.1:"))
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
@@ -212,15 +254,28 @@ def central_admin(
         connected.set()
 
     client.on_connect = on_connect
+    retry = "check that it runs and that this host reaches it, then run the same command again"
     try:
         client.connect(target.host, target.port, keepalive=30)
+    except ssl.SSLError as exc:  # an OSError too, but reaching it worked: its certificate did not
+        raise SecurityError(
+            f"TLS with the central broker at {target.public()} failed: {exc}",
+            hint="the ca.crt beside the credentials file must be the CA that signed the central broker's certificate",
+        ) from exc
     except OSError as exc:
-        raise SecurityError(f"cannot reach the central broker at {target.public()}: {exc}") from exc
+        raise BrokerUnreachableError(
+            f"cannot reach the central broker at {target.public()}: {exc}", hint=retry
+        ) from exc
     client.loop_start()
     try:
-        if not connected.wait(timeout) or refused:
-            raise SecurityError(
-                f"the central broker at {target.public()} refused the admin login: {refused or 'no answer'}",
+        if not connected.wait(timeout):
+            raise BrokerUnreachableError(
+                f"the central broker at {target.public()} did not answer the admin login in {timeout:.0f} s",
+                hint=retry,
+            )
+        if refused:
+            raise BrokerLoginRefusedError(
+                f"the central broker at {target.public()} refused the admin login: {refused[0]}",
                 hint="pass the central broker's control-plane-credentials.json",
             )
         # The plugin's answers go only to a subscribed client: wait for the SUBACK before any command.
@@ -228,8 +283,9 @@ def central_admin(
         client.on_subscribe = lambda *_: subscribed.set()
         client.subscribe(RESPONSE_TOPIC, qos=1)
         if not subscribed.wait(timeout):
-            raise SecurityError(
-                f"the central broker at {target.public()} did not confirm the admin subscription"
+            raise BrokerUnreachableError(
+                f"the central broker at {target.public()} did not confirm the admin subscription",
+                hint=retry,
             )
         yield DynsecAdmin(client, timeout=timeout)
     finally:

@@ -19,3 +19,21 @@ class PermissionDenied(SecurityError):
 
 class BrokerAdminError(SecurityError):
     """The broker's dynamic-security API refused or did not answer a command."""
+
+
+class SecurityUsageError(SecurityError):
+    """A name or file given to a security command that cannot work as given (bad input)."""
+
+    exit_code = 2
+
+
+class BrokerUnreachableError(SecurityError):
+    """A broker edgectl must talk to could not be reached or did not answer in time (try again later)."""
+
+    exit_code = 9  # as for an unreachable control plane (docs/cli.md's table)
+
+
+class BrokerLoginRefusedError(SecurityError):
+    """A broker refused the login edgectl was given (the wrong credentials file)."""
+
+    exit_code = 8  # not allowed (docs/cli.md's table)

@@ -433,12 +433,19 @@ Global___DecommissionDeviceRequest: _TypeAlias = DecommissionDeviceRequest  # no
 class DecommissionDeviceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ENROLLMENT_ONLY_FIELD_NUMBER: _builtins.int
+    enrollment_only: _builtins.bool
+    """The device had been enrolled but had never joined: its enrollment was withdrawn (its tokens
+    can no longer join), and there were no credentials to revoke.
+    """
     def __init__(
         self,
+        *,
+        enrollment_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_only", b"enrollment_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

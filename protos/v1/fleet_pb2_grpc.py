@@ -117,7 +117,8 @@ class FleetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DecommissionDevice(self, request, context):
-        """Revokes the device's credentials and removes it from the inventory.
+        """Revokes the device's credentials and removes it from the inventory; a device enrolled but never
+        joined has its enrollment withdrawn (its tokens are deleted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

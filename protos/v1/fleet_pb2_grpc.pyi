@@ -39,7 +39,9 @@ class FleetServiceStub:
     GetDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceRequest, _fleet_pb2.Device]
     LabelDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.LabelDeviceRequest, _fleet_pb2.Device]
     DecommissionDevice: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.DecommissionDeviceRequest, _fleet_pb2.DecommissionDeviceResponse]
-    """Revokes the device's credentials and removes it from the inventory."""
+    """Revokes the device's credentials and removes it from the inventory; a device enrolled but never
+    joined has its enrollment withdrawn (its tokens are deleted).
+    """
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RevokeTokenRequest, _fleet_pb2.RevokeTokenResponse]
     """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
     DeviceLogs: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.DeviceLogsRequest, _fleet_pb2.DeviceLogsResponse]
@@ -60,7 +62,9 @@ class FleetServiceAsyncStub(FleetServiceStub):
     GetDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetDeviceRequest, _fleet_pb2.Device]  # type: ignore[assignment]
     LabelDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.LabelDeviceRequest, _fleet_pb2.Device]  # type: ignore[assignment]
     DecommissionDevice: _aio.UnaryUnaryMultiCallable[_fleet_pb2.DecommissionDeviceRequest, _fleet_pb2.DecommissionDeviceResponse]  # type: ignore[assignment]
-    """Revokes the device's credentials and removes it from the inventory."""
+    """Revokes the device's credentials and removes it from the inventory; a device enrolled but never
+    joined has its enrollment withdrawn (its tokens are deleted).
+    """
     RevokeToken: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RevokeTokenRequest, _fleet_pb2.RevokeTokenResponse]  # type: ignore[assignment]
     """Revokes one bearer token (a person's or CI's) on every replica, before it expires."""
     DeviceLogs: _aio.UnaryUnaryMultiCallable[_fleet_pb2.DeviceLogsRequest, _fleet_pb2.DeviceLogsResponse]  # type: ignore[assignment]
@@ -114,7 +118,9 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.DecommissionDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.DecommissionDeviceResponse, _abc.Awaitable[_fleet_pb2.DecommissionDeviceResponse]]:
-        """Revokes the device's credentials and removes it from the inventory."""
+        """Revokes the device's credentials and removes it from the inventory; a device enrolled but never
+        joined has its enrollment withdrawn (its tokens are deleted).
+        """
 
     @_abc_1.abstractmethod
     def RevokeToken(

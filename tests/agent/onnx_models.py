@@ -26,9 +26,11 @@ def mlp_model(
     *,
     batch: bool = True,
     negate: bool = False,
+    rows: int = 1,
 ) -> Path:
     """Write an MLP ``dims[0] -> ... -> dims[-1]`` (Relu between layers) to ``path``; ``negate``
-    flips the sign of its outputs (a classifier whose top-1 is almost always wrong)."""
+    flips the sign of its outputs (a classifier whose top-1 is almost always wrong); without
+    ``batch`` the first dimension is fixed at ``rows``."""
     seeds = list(seeds) if seeds is not None else list(range(len(dims) - 1))
     nodes, inits = [], []
     prev = "x"
@@ -49,7 +51,7 @@ def mlp_model(
             nodes.append(helper.make_node("Add", [mm, f"b{i}"], [f"a{i}"]))
             nodes.append(helper.make_node("Relu", [f"a{i}"], [out]))
         prev = out
-    first: Any = "batch" if batch else 1
+    first: Any = "batch" if batch else rows
     graph = helper.make_graph(
         nodes,
         "mlp",

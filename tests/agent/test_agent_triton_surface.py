@@ -24,6 +24,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from edgectl.agent.agent import Agent
+from edgectl.agent.batching import BatchSettings
 from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.v2_server import InferenceServicer, V2Server
 from edgectl.security.files import write_private
@@ -161,7 +162,13 @@ def test_a_response_larger_than_the_request_cap_is_sent(proto: str, tmp_path: Pa
     """The request cap bounds what the agent reads; gRPC applied it to responses too, and a 32 kB
     request answered with 8 MB failed RESOURCE_EXHAUSTED "Sent message larger than max"."""
     limits = RequestLimits(max_request_bytes=1 << 20)
-    served = InProcessV2(tile_model(tmp_path / "tile.onnx"), name="tile", http=True, limits=limits)
+    served = InProcessV2(
+        tile_model(tmp_path / "tile.onnx"),
+        name="tile",
+        http=True,
+        limits=limits,
+        batch=BatchSettings(max_batch_size=2000),  # the 2000-row request below is one batch
+    )
     assert served.http is not None
     module: Any = tg if proto == "grpc" else th
     client = module.InferenceServerClient(served.server.address if proto == "grpc" else served.http.address)

@@ -97,7 +97,8 @@ def test_a_lone_caller_runs_inline_and_overlapping_callers_share_runs(tmp_path: 
     that arrive while the model is busy are queued and batched."""
     dim = 512
     path = mlp_model(tmp_path / "mlp.onnx", (dim, 4096, 3))
-    served = InProcessV2(path, name="mlp", batch=BatchSettings(max_batch_size=8, max_queue_delay_s=0.05))
+    # 512 rows admitted in one request: the long request below keeps the model busy.
+    served = InProcessV2(path, name="mlp", batch=BatchSettings(max_batch_size=512, max_queue_delay_s=0.05))
     try:
         for i in range(20):
             x = np.full((1, dim), i / 20, np.float32)
@@ -124,7 +125,7 @@ def test_a_lone_caller_runs_inline_and_overlapping_callers_share_runs(tmp_path: 
             y = decode_response(call.result())["y"]
             np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-4, atol=1e-4)
         both = _stats(served)
-        singles = [(b.batch_size, b.compute_infer.count) for b in both.batch_stats if b.batch_size <= 8]
+        singles = [(b.batch_size, b.compute_infer.count) for b in both.batch_stats if b.batch_size < 512]
         assert sum(size * runs for size, runs in singles) == 20 + n
         assert max(size for size, _ in singles) > 1, f"no batch formed: {singles}"
         assert both.inference_stats.queue.ns > 0  # batched requests waited in the queue

@@ -6,15 +6,17 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
 from edgectl.artifact import Artifact
 from edgectl.cli import app as APP  # the real command tree, mounted as users get it
-from edgectl.client import resolve_credentials, resolve_server
+from edgectl.client import ControlPlaneClient, resolve_credentials, resolve_server
 from edgectl.control_plane.server import ControlPlane
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.ports import free_port
+from edgectl.protos.v1 import fleet_pb2
 from tests.control_plane.sim_device import SimFleet, wait_for
 
 
@@ -126,6 +128,33 @@ def test_site_lab_id_cam_9_is_refused_by_every_label_command_and_selects_by_id(
     assert code == 0 and "camera=cam-9,ring=canary,site=lab" in out
     code, out = run("devices", "ls", "-l", "site=lab,id=cam-9", "--json")
     assert code == 0 and sorted(d["id"] for d in json.loads(out)) == ["cam-9", "dev-0"]
+
+
+def test_rm_of_a_device_enrolled_but_never_joined_withdraws_its_enrollment(
+    cp: ControlPlane, client: ControlPlaneClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`devices rm` of a device that has a token but never joined answered "not found" and left
+    the token able to join; now the enrollment is withdrawn and the token refused."""
+    monkeypatch.setenv("EDGECTL_SERVER", cp.address)
+    code, out = run("devices", "enroll", "cam-11", "--labels", "site=lab", "--json")
+    assert code == 0
+    token = json.loads(out)["token"]
+    code, out = run("devices", "rm", "cam-11")
+    assert code == 0 and "cam-11 had not joined: its enrollment is withdrawn" in out, out
+    with pytest.raises(grpc.RpcError) as refused:
+        client.fleet.Enroll(fleet_pb2.EnrollRequest(device_id="cam-11", token=token))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not valid for device cam-11" in (refused.value.details() or "")
+    code, out = run("devices", "ls", "--json")
+    assert code == 0 and "cam-11" not in [d["id"] for d in json.loads(out)]
+    code, out = run("devices", "rm", "cam-11")  # nothing left to remove
+    assert code == 6 and "no pending enrollment" in out
+    # A device that joined is still decommissioned as before.
+    code, out = run("devices", "enroll", "cam-12", "--json")
+    joined = client.fleet.Enroll(fleet_pb2.EnrollRequest(device_id="cam-12", token=json.loads(out)["token"]))
+    assert joined.mqtt_username == "cam-12"
+    code, out = run("devices", "rm", "cam-12")
+    assert code == 0 and out.strip() == "cam-12 decommissioned"
 
 
 def test_server_address_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

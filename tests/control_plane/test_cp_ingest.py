@@ -81,6 +81,23 @@ def test_a_malformed_event_is_counted_as_such(store: StateStore) -> None:
     assert rig.woken == []
 
 
+def test_a_payload_nested_too_deep_or_with_a_key_twice_is_one_bad_payload(store: StateStore) -> None:
+    """A reported state or event nested deeper than json parses raised RecursionError past
+    load_json: the whole batch failed, and with it the reports of the other devices in it. A key
+    given twice was stored as whichever came last."""
+    rig = Rig(store)
+    bad = DeviceTopics("cam-1")
+    rig.feed(
+        (bad.reported, b"[" * 100_000),
+        (bad.events, b'{"kind": ' * 50_000),
+        (bad.reported, b'{"deviceId": "cam-1", "observedGeneration": "1", "observedGeneration": "9"}'),
+        _report("cam-2"),
+    )
+    assert rig.counts["bad_payload"] == 3 and rig.counts["reported"] == 1
+    assert rig.woken == [{"cam-2"}]
+    assert rig.fleet.get("cam-2").observed_generation == 3
+
+
 def test_reports_of_a_batch_wake_the_controller_with_those_devices_only(store: StateStore) -> None:
     rig = Rig(store)
     rig.feed(*[(DeviceTopics(f"d{i}").status, encode(mqtt_pb2.DeviceStatus(online=True))) for i in range(3)])

@@ -344,6 +344,40 @@ def test_cli_deploy_flags_and_resume(
     assert set(sim.digests("digits").values()) == {new}
 
 
+def test_rollout_ls_shows_the_wave_a_paused_rollout_stopped_after(
+    cp: ControlPlane, sim: SimFleet, build: BuildFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused after wave 1 of 2, `rollout ls` said "2/2": ``current_wave`` already names the next
+    wave, which has not started. It says "1/2" until resumed, and "2/2" once wave 2 ran."""
+    from tests.control_plane.test_cp_cli import run
+
+    monkeypatch.setenv("EDGECTL_SERVER", cp.address)
+    monkeypatch.setenv("COLUMNS", "300")  # one table row per rollout
+    with ControlPlaneClient(cp.address, timeout=20) as client:
+        client_push(client, build(version=1))
+    _devices(sim, ["w-1", "w-2"])
+    wait_for(lambda: len(cp.fleet.list_devices()) == 2, 10, what="devices registered")
+    code, out = run(
+        "deploy", "digits", "--to", "role=cam", "--strategy", "1,100%", "--pause-after-wave", "1",
+        "--health-timeout", "5s", "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    rollout_id = json.loads(out)["id"]
+    wait_for(lambda: cp.rollouts.get(rollout_id).rollout.state == rs.PAUSED, 15, what="paused after wave 1")
+
+    def wave_column() -> str:
+        code, out = run("rollout", "ls")
+        assert code == 0, out
+        row = next(line for line in out.splitlines() if rollout_id in line)
+        return next(cell for cell in row.split() if "/" in cell and cell.replace("/", "").isdigit())
+
+    assert wave_column() == "1/2"
+    code, out = run("rollout", "resume", rollout_id)
+    assert code == 0, out
+    wait_for(lambda: cp.rollouts.get(rollout_id).rollout.state == rs.SUCCEEDED, 15, what="succeeded")
+    assert wave_column() == "2/2"
+
+
 def test_rollouts_stored_before_these_options_load_with_their_defaults(state_url: str) -> None:
     """No schema change: the options live in the strategy JSON, so a row an older release wrote
     (without them) reads back as a one-shot, immediate rollout with no window, on both stores."""

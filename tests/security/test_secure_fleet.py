@@ -263,6 +263,23 @@ def test_enrollment_gives_a_certificate_and_a_confined_broker_identity(fleet: Se
     device_b.close()
 
 
+def test_removing_a_device_that_never_joined_withdraws_its_token(fleet: SecuredFleet) -> None:
+    """With a broker to provision, rm of an enrolled-but-not-joined device answered NOT_FOUND
+    (it looked the device up to revoke its broker identity) and the token could still join."""
+    with fleet.client(fleet.token(Role.ADMIN, "admin")) as admin:
+        token = admin.fleet.CreateEnrollmentToken(fleet_pb2.CreateEnrollmentTokenRequest(device_id="cam-n"))
+        done = admin.fleet.DecommissionDevice(fleet_pb2.DecommissionDeviceRequest(id="cam-n"))
+        assert done.enrollment_only
+    _, csr_pem = make_key_and_csr("cam-n")
+    with fleet.client() as anonymous:
+        code, message = _code(
+            lambda: anonymous.fleet.Enroll(
+                fleet_pb2.EnrollRequest(device_id="cam-n", token=token.token, csr_pem=csr_pem)
+            )
+        )
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "not valid for device cam-n" in message
+
+
 def AP_stub(channel: grpc.Channel) -> Any:
     from edgectl.protos.v1 import artifacts_pb2_grpc
 

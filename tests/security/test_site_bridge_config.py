@@ -21,7 +21,7 @@ from edgectl.broker import broker_user
 from edgectl.mqtt.wire import DeviceTopics, agent_client_id, site_bridge_topic
 from edgectl.ports import free_port, wait_for_port
 from edgectl.security.bridge import central_admin
-from edgectl.security.broker_files import BrokerLayout
+from edgectl.security.broker_files import BrokerLayout, write_broker_files
 from edgectl.security.dynsec import DynsecAdmin
 from tests.conftest import require_mosquitto, start_secured_broker
 from tests.harness.mqtt import MqttTestClient
@@ -174,3 +174,44 @@ def test_site_options_are_checked_before_anything_is_written(
     )  # fmt: skip
     assert done.returncode == 2 and message in " ".join(done.stderr.split()), done.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("scheme", ["mqtts", "mqtt"])
+def test_an_unreachable_central_broker_leaves_nothing_written(scheme: str, tmp_path: Path) -> None:
+    """The site's files were written before the central broker was called, and an unreachable one
+    then failed the command (exit 1) with a half-made site broker left behind."""
+    require_mosquitto()  # the central broker's files name its plugin
+    center = write_broker_files(
+        tmp_path / "center", hostnames=["127.0.0.1"], host="127.0.0.1", port=free_port()
+    )
+    nobody = free_port()  # nothing listens there
+    site_dir = tmp_path / "s"
+    done = subprocess.run(
+        [str(EDGECTL), "broker", "config", "--out", str(site_dir), "--hostname", "127.0.0.1",
+         "--listen", f"127.0.0.1:{free_port()}", "--bridge-to", f"{scheme}://127.0.0.1:{nobody}",
+         "--site", "site-d", "--central-admin", str(center.credentials_file)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 9, done.stderr  # unreachable: try again later (docs/cli.md)
+    assert f"cannot reach the central broker at {scheme}://127.0.0.1:{nobody}" in message, message
+    assert "run the same command again" in message
+    assert not site_dir.exists(), sorted(p.name for p in site_dir.rglob("*"))
+
+
+def test_a_refused_central_login_leaves_nothing_written(tmp_path: Path, center: BrokerLayout) -> None:
+    wrong = tmp_path / "wrong" / "control-plane-credentials.json"
+    wrong.parent.mkdir()
+    creds = json.loads(center.credentials_file.read_text())
+    wrong.write_text(json.dumps({**creds, "password": "not-the-password"}))
+    shutil.copy2(center.ca_cert, wrong.parent / "ca.crt")
+    site_dir = tmp_path / "s"
+    done = subprocess.run(
+        [str(EDGECTL), "broker", "config", "--out", str(site_dir), "--hostname", "127.0.0.1",
+         "--listen", f"127.0.0.1:{free_port()}", "--bridge-to", f"mqtts://127.0.0.1:{center.port}",
+         "--site", "site-e", "--central-admin", str(wrong)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 8, done.stderr
+    assert "refused the admin login" in done.stderr and "control-plane-credentials.json" in done.stderr
+    assert not site_dir.exists()
