@@ -24,16 +24,19 @@ from onnx import helper, numpy_helper
 MATMUL_MODES = frozenset({"int8-dynamic", "int8-weight", "int4-weight"})
 
 
+# Weight types the rewrite folds alpha into (numpy has no bfloat16).
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
+
+
 @dataclass(frozen=True)
 class LinearGemm:
-    """One Gemm that is a linear layer: its node, constant weight, and the attributes to fold."""
+    """One Gemm that is a linear layer: its node and the attributes to fold into its constants."""
 
     node: onnx.NodeProto
-    weight: np.ndarray  # B as stored (before transB)
     alpha: float
     beta: float
     trans_b: bool
-    bias: np.ndarray | None  # C when it is a constant, else None (it may still be a graph tensor)
+    constant_c: bool  # C is an initializer (beta can be folded into it)
 
     @property
     def has_c(self) -> bool:
@@ -51,6 +54,7 @@ def linear_gemms(model: onnx.ModelProto) -> list[LinearGemm]:
 
     A Gemm whose C is a graph tensor qualifies only when beta = 1 (the Add then reads C as it is).
     ``transA = 1`` is left alone: no linear layer exports it, and it would cost a Transpose per run.
+    Reads no tensor data: works on a model loaded without its external data.
     """
     inits = {i.name: i for i in model.graph.initializer}
     out = []
@@ -59,18 +63,15 @@ def linear_gemms(model: onnx.ModelProto) -> list[LinearGemm]:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         b = inits.get(node.input[1])
-        if attrs.get("transA", 0) or b is None or len(b.dims) != 2:
-            continue
-        weight = numpy_helper.to_array(b)
-        if weight.dtype.kind != "f":
+        if attrs.get("transA", 0) or b is None or len(b.dims) != 2 or b.data_type not in _FLOAT_TYPES:
             continue
         c_name = node.input[2] if len(node.input) > 2 else ""
-        bias = numpy_helper.to_array(inits[c_name]) if c_name in inits else None
+        c = inits.get(c_name)
         beta = float(attrs.get("beta", 1.0))
-        if c_name and bias is None and beta != 1.0:
+        if c_name and (c is None or c.data_type != b.data_type) and beta != 1.0:
             continue
         alpha = float(attrs.get("alpha", 1.0))
-        out.append(LinearGemm(node, weight, alpha, beta, bool(attrs.get("transB", 0)), bias))
+        out.append(LinearGemm(node, alpha, beta, bool(attrs.get("transB", 0)), c is not None))
     return out
 
 
@@ -80,17 +81,19 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
     if not found:
         return 0
     graph = model.graph
-    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
-    taken |= {i.name for i in graph.input}
-    folded: dict[tuple[str, bool, float, float], str] = {}  # one folded copy per (tensor, transform)
+    inits = {i.name: i for i in graph.initializer}
+    taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    taken |= {n.name for n in graph.node}
+    folded: dict[tuple[str, str, bool, float], str] = {}  # one folded copy per (tensor, transform)
 
-    def constant(source: str, transposed: bool, factor: float, value: np.ndarray, tag: str) -> str:
-        key = (source, transposed, factor, float(tag == "bias"))
+    def constant(source: str, tag: str, transposed: bool, factor: float) -> str:
+        key = (source, tag, transposed, factor)
         if key not in folded:
-            name = _fresh(f"{source}_{tag}", taken)
+            value = numpy_helper.to_array(inits[source])
             array = value.T if transposed else value
             if factor != 1.0:
                 array = array * np.asarray(factor, dtype=value.dtype)
+            name = _fresh(f"{source}_{tag}", taken)
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array, value.dtype), name))
             folded[key] = name
         return folded[key]
@@ -103,14 +106,12 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
             nodes.append(node)
             continue
         a, b, y = node.input[0], node.input[1], node.output[0]
-        w = constant(b, g.trans_b, g.alpha, g.weight, "matmul") if g.trans_b or g.alpha != 1.0 else b
+        w = constant(b, "matmul", g.trans_b, g.alpha) if g.trans_b or g.alpha != 1.0 else b
         name = node.name or _fresh("Gemm", taken)
         if not g.has_c:
             nodes.append(helper.make_node("MatMul", [a, w], [y], name=name))
             continue
-        c = node.input[2]
-        if g.bias is not None and g.beta != 1.0:
-            c = constant(c, False, g.beta, g.bias, "bias")
+        c = constant(node.input[2], "bias", False, g.beta) if g.beta != 1.0 else node.input[2]
         product = _fresh(f"{y}_matmul", taken)
         nodes.append(helper.make_node("MatMul", [a, w], [product], name=name))
         nodes.append(helper.make_node("Add", [product, c], [y], name=_fresh(f"{name}_bias", taken)))
@@ -122,10 +123,11 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
 
 def write_gemms_as_matmul(src: Path, dst: Path) -> int:
     """Write ``src`` with its linear-layer Gemms as MatMul (+ Add) to ``dst``; returns how many (0: nothing written)."""
+    if not linear_gemms(onnx.load(str(src), load_external_data=False)):
+        return 0  # the common case (no Gemm): the weights are never read
     model = onnx.load(str(src))
     count = gemms_as_matmul(model)
-    if count:
-        onnx.save(model, str(dst))
+    onnx.save(model, str(dst))
     return count
 
 
