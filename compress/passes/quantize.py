@@ -138,8 +138,8 @@ class QuantSearch:
             if step.search and rewrite_changes(base, mode):
                 # The mode's lead also with the Gemms as they are: timed against it, so the Gemm
                 # rewrite is kept only where it is not slower.
-                lead = next(c for c in first if c.mode == mode)
-                first.append(lead.with_(gemm_as_matmul=False))
+                hint = next(c for c in first if c.mode == mode)
+                first.append(hint.with_(gemm_as_matmul=False))
         if step.search and "CPUExecutionProvider" in profile.providers_for("int8"):
             first += stem_variants(base, first)  # image CNNs: the stem's layout, timed like the formats
         leads: dict[str, Trial] = {}  # each mode's first candidate: the profile's hint, per-channel

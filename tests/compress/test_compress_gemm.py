@@ -256,3 +256,28 @@ def test_quantize_leaves_the_static_int8_gemm_path_alone(tmp_path: Path) -> None
     assert not (
         tmp_path / "mlp.linear.onnx"
     ).exists()  # the rewrite is written only for the modes that read it
+
+
+def test_an_excluded_gemm_stays_float_after_the_rewrite(tmp_path: Path) -> None:
+    # Mixed precision and the float-by-rule list name nodes of the float graph: the Gemm's name.
+    model = _export(_mlp(), tmp_path / "mlp.onnx")
+    first = next(n.name for n in onnx.load(str(model)).graph.node if n.op_type == "Gemm")
+    for mode in ("int8-dynamic", "int8-weight"):
+        out = tmp_path / f"{mode}.onnx"
+        quantize(model, out, QuantConfig(mode, "QOperator", exclude=(first,)))
+        kept = [n for n in onnx.load(str(out)).graph.node if n.name == first]
+        assert [n.op_type for n in kept] == ["MatMul"], mode
+        assert _ops(out)["MatMulInteger" if mode == "int8-dynamic" else "MatMulNBits"] == 2
+
+
+def test_a_twin_with_the_gemms_kept_is_built_only_where_it_is_another_model(tmp_path: Path) -> None:
+    plain = _export(_mlp(), tmp_path / "mlp.onnx")
+    scaled = _export(_mlp(scaled=True), tmp_path / "scaled.onnx")
+    mixed = _gemm_model()  # a Gemm head after a MatMul layer: weight-only with the Gemm kept is a third model
+    mixed.graph.initializer.append(numpy_helper.from_array(np.eye(16, dtype=np.float32), "w0"))
+    mixed.graph.node.insert(0, helper.make_node("MatMul", ["x", "w0"], ["x0"], name="mm"))
+    mixed.graph.node[1].input[0] = "x0"
+    onnx.save(mixed, str(tmp_path / "mixed.onnx"))
+    assert not any(rewrite_changes(plain, m) for m in ("int8-dynamic", "int8-weight", "int8-static", "fp16"))
+    assert rewrite_changes(scaled, "int8-dynamic") and not rewrite_changes(scaled, "int4-weight")
+    assert rewrite_changes(tmp_path / "mixed.onnx", "int4-weight")
