@@ -2,7 +2,7 @@
 
 torch exports ``nn.Linear`` on a 2-D input as ``Gemm(A, W, b, transB=1)``. ORT's weight-only
 quantizer (``MatMulNBits``) reads only MatMul, and its dynamic quantizer turns a Gemm into a MatMul
-only when alpha = beta = 1: so a plain MLP or classifier head got nothing from the weight-only modes.
+only when alpha = beta = 1: a plain MLP or classifier head would get nothing from the weight-only modes.
 Here each Gemm with a constant 2-D weight becomes ``MatMul(A, alpha * op(B))`` followed by
 ``Add(beta * C)`` when it has a C: the same product (bit for bit when alpha = beta = 1, else within
 one float rounding of the folded constants). The MatMul keeps the Gemm's node name, so exclusions
@@ -22,8 +22,6 @@ from onnx import helper, numpy_helper
 
 # Modes whose quantizer reads linear layers as MatMul only.
 MATMUL_MODES = frozenset({"int8-dynamic", "int8-weight", "int4-weight"})
-
-
 # Weight types the rewrite folds alpha into (numpy has no bfloat16).
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 
@@ -36,7 +34,6 @@ class LinearGemm:
     alpha: float
     beta: float
     trans_b: bool
-    constant_c: bool  # C is an initializer (beta can be folded into it)
 
     @property
     def has_c(self) -> bool:
@@ -71,7 +68,7 @@ def linear_gemms(model: onnx.ModelProto) -> list[LinearGemm]:
         if c_name and (c is None or c.data_type != b.data_type) and beta != 1.0:
             continue
         alpha = float(attrs.get("alpha", 1.0))
-        out.append(LinearGemm(node, alpha, beta, bool(attrs.get("transB", 0)), c is not None))
+        out.append(LinearGemm(node, alpha, beta, bool(attrs.get("transB", 0))))
     return out
 
 

@@ -21,7 +21,13 @@ from edgectl.compress.errors import BadInputError, describe
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import quantized_ops
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
-from edgectl.compress.passes.gemm import MATMUL_MODES, has_linear_weights, linear_gemms, rewrite_changes
+from edgectl.compress.passes.gemm import (
+    MATMUL_MODES,
+    has_linear_weights,
+    has_weight_matmul,
+    linear_gemms,
+    rewrite_changes,
+)
 from edgectl.compress.passes.quant_modes import QuantizeConfig, candidates, resolve_modes
 from edgectl.compress.quantizer import (
     QuantConfig,
@@ -167,8 +173,7 @@ class QuantSearch:
             return result
         if step.search:
             model = onnx.load(str(base), load_external_data=False)
-            consts = {i.name for i in model.graph.initializer}
-            has_matmul = any(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
+            has_matmul = has_weight_matmul(model)
             gemms = bool(linear_gemms(model))  # MatMuls too for the modes that rewrite them
             for mode in self._worth_escalating(mode_list, result.trials):
                 matmul = has_matmul or (gemms and mode in MATMUL_MODES)
