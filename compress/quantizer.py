@@ -24,6 +24,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import probe_session
+from edgectl.compress.passes.gemm import MATMUL_MODES, write_gemms_as_matmul
 from edgectl.compress.passes.smooth import smooth
 from edgectl.compress.passes.stem import float_stem_nodes, pad_stem_channels, quantize_before_pad, stem_convs
 from edgectl.devices import VNNI_FEATURES, cpu_flags
@@ -31,7 +32,7 @@ from edgectl.devices import VNNI_FEATURES, cpu_flags
 # The concrete modes one model is quantized in, and what a recipe or --quantize may ask for.
 QuantMode = Literal["int8-static", "int8-dynamic", "int8-weight", "int4-weight", "fp16"]
 QuantizeMode = Literal["auto", "int8-static", "int8-dynamic", "int8-weight", "int4-weight", "fp16", "none"]
-# Weight-only modes: MatMul weights in blocks of int8/int4 (ORT's MatMulNBits), activations float.
+# Weight-only modes: MatMul (and linear Gemm) weights in blocks of int8/int4 (ORT's MatMulNBits), activations float.
 WEIGHT_ONLY: dict[str, int] = {"int8-weight": 8, "int4-weight": 4}
 # The block of weights that shares one scale in the weight-only modes.
 WEIGHT_BLOCK = 32
@@ -59,6 +60,8 @@ class QuantConfig:
     # Nodes that must stay float whatever the search does (masks, ±inf): see ``float_by_rule``.
     keep_float: tuple[str, ...] = ()
     stem: Stem = "int8"
+    # Dynamic and weight-only modes: linear-layer Gemms rewritten as MatMul first (``passes/gemm.py``).
+    gemm_as_matmul: bool = True
 
     def label(self) -> str:
         """Short human name for tables, e.g. ``int8-static QDQ U8S8 pc minmax``."""
@@ -73,6 +76,7 @@ class QuantConfig:
             text += f" {self.calibration}" if self.mode == "int8-static" else ""
             text += f" smooth{self.smooth_alpha:g}" if self.smooth_alpha else ""
             text += {"int8": "", "pad": " stem-pad4", "float": " float-stem"}[self.stem]
+        text += " gemm kept" if self.mode in MATMUL_MODES and not self.gemm_as_matmul else ""
         return text + (f" +{len(self.exclude)} float" if self.exclude else "")
 
     def to_dict(self) -> dict[str, object]:
@@ -121,6 +125,8 @@ def quantize(
     # ORT logs a warning per tensor it leaves in float; the trial table says what happened.
     logging.getLogger().setLevel(logging.ERROR)
     qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+    if config.mode in MATMUL_MODES and config.gemm_as_matmul:
+        src = _gemms_as_matmul(src, dst.parent / f"{src.stem}.linear.onnx")
     if config.smooth_alpha and config.mode != "fp16":
         if calib is None:
             raise BadInputError("SmoothQuant needs calibration data", hint="pass --calib FILE.npz")
@@ -186,6 +192,13 @@ def quantize(
 
 # QDQ with per-channel scales (a DequantizeLinear ``axis``) needs opset 13.
 _QDQ_OPSET = 13
+
+
+def _gemms_as_matmul(src: Path, dst: Path) -> Path:
+    """``src`` with its linear-layer Gemms as MatMul, written once beside the candidates; ``src`` when it has none."""
+    if dst.exists() and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
+        return dst
+    return dst if write_gemms_as_matmul(src, dst) else src
 
 
 def _qdq_opset(src: Path, dst: Path) -> Path:
@@ -294,13 +307,6 @@ def _weight_only(src: Path, dst: Path, bits: int, exclude: list[str]) -> None:
     )  # fmt: skip
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
-
-
-def has_weight_matmul(model_path: Path) -> bool:
-    """Whether some MatMul multiplies by a constant 2-D weight: what the weight-only modes quantize."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2}
-    return any(n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
 
 
 def _fp16(src: Path, dst: Path, exclude: list[str]) -> None:

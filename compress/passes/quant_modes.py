@@ -33,7 +33,7 @@ class QuantizeConfig:
 
 
 def resolve_modes(
-    step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool, has_weight_matmul: bool = False
+    step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool, has_linear_weights: bool = False
 ) -> list[QuantMode]:
     """The concrete modes to try for ``step.mode`` on ``profile``; refuses modes the device cannot run.
 
@@ -49,7 +49,7 @@ def resolve_modes(
             modes.append("int8-dynamic")
         if profile.supports("int8") and has_calib:
             modes.append("int8-static")
-        if has_weight_matmul and _runs_matmul_nbits(profile):
+        if has_linear_weights and _runs_matmul_nbits(profile):
             modes += ["int8-weight", "int4-weight"]
         if profile.supports("fp16"):
             modes.append("fp16")

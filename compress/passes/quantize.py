@@ -21,12 +21,18 @@ from edgectl.compress.errors import BadInputError, describe
 from edgectl.compress.evaluate import Evaluator, QualityGate, Trial
 from edgectl.compress.graph import quantized_ops
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
+from edgectl.compress.passes.gemm import (
+    MATMUL_MODES,
+    has_linear_weights,
+    has_weight_matmul,
+    linear_gemms,
+    rewrite_changes,
+)
 from edgectl.compress.passes.quant_modes import QuantizeConfig, candidates, resolve_modes
 from edgectl.compress.quantizer import (
     QuantConfig,
     QuantMode,
     float_by_rule,
-    has_weight_matmul,
     ort_default,
     quality_variants,
     quantize,
@@ -135,6 +141,11 @@ class QuantSearch:
                 if mode == "int8-static" and self.keep_float:
                     config = config.with_(keep_float=tuple(sorted(self.keep_float)))
                 first.append(config)
+            if step.search and rewrite_changes(base, mode):
+                # The mode's lead also with the Gemms as they are: timed against it, so the Gemm
+                # rewrite is kept only where it is not slower.
+                hint = next(c for c in first if c.mode == mode)
+                first.append(hint.with_(gemm_as_matmul=False))
         if step.search and "CPUExecutionProvider" in profile.providers_for("int8"):
             first += stem_variants(base, first)  # image CNNs: the stem's layout, timed like the formats
         leads: dict[str, Trial] = {}  # each mode's first candidate: the profile's hint, per-channel
@@ -162,10 +173,11 @@ class QuantSearch:
             return result
         if step.search:
             model = onnx.load(str(base), load_external_data=False)
-            consts = {i.name for i in model.graph.initializer}
-            has_matmul = any(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
+            has_matmul = has_weight_matmul(model)
+            gemms = bool(linear_gemms(model))  # MatMuls too for the modes that rewrite them
             for mode in self._worth_escalating(mode_list, result.trials):
-                self._escalate(base, step, mode, first, result, has_matmul=has_matmul)
+                matmul = has_matmul or (gemms and mode in MATMUL_MODES)
+                self._escalate(base, step, mode, first, result, has_matmul=matmul)
         result.best = _best_config(result.trials)
         result.mode = result.best.mode if result.best else result.mode
         return result
@@ -262,7 +274,7 @@ class QuantizePass(CompressPass[QuantizeConfig]):
             config,
             ctx.profile,
             has_calib=ctx.calib is not None,
-            has_weight_matmul=has_weight_matmul(state.model),
+            has_linear_weights=has_linear_weights(state.model),
         )
         record: dict[str, Any] = {
             "mode": modes[0] if len(modes) == 1 else None,
