@@ -33,9 +33,11 @@ class QuantizeConfig:
 
 
 def resolve_modes(
-    step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool, has_linear_weights: bool = False
+    step: QuantizeConfig, profile: DeviceProfile, *, has_calib: bool, has_linear_weights: bool | None = None
 ) -> list[QuantMode]:
-    """The concrete modes to try for ``step.mode`` on ``profile``; refuses modes the device cannot run.
+    """The concrete modes to try for ``step.mode`` on ``profile``; refuses modes the device cannot run,
+    and a weight-only mode for a model without linear layers (``has_linear_weights`` False; None:
+    the model is not read yet).
 
     ``auto`` is every mode the profile runs (static int8 only with calibration data): which one wins
     is measured, never guessed from which files were given.
@@ -59,6 +61,12 @@ def resolve_modes(
             f"{step.mode} needs ORT's MatMulNBits kernels (CPU or CUDA EP), and {profile.name} builds TensorRT "
             "engines, whose parser does not read them",
             hint="use --quantize int8-static with --calib",
+        )
+    if step.mode in WEIGHT_ONLY and has_linear_weights is False:
+        raise BadInputError(
+            f"{step.mode} quantizes the weights of linear layers (MatMul or Gemm with a constant weight), "
+            "and this model has none: it would ship the float model under that name",
+            hint="use --quantize int8-static with --calib, int8-dynamic, or auto",
         )
     if step.mode in ("int8-static", "int8-dynamic") and not profile.supports("int8"):
         raise BadInputError(f"profile {profile.name} has no execution provider that runs int8")

@@ -151,6 +151,32 @@ def test_weight_only_modes_use_matmul_nbits_where_the_target_runs_it(tmp_path: P
     assert not (tmp_path / "trt").exists()
 
 
+def test_a_weight_only_mode_on_a_model_without_linear_layers_is_refused(tmp_path: Path) -> None:
+    """Weight-only modes quantize MatMul/Gemm weights; a conv-only model has none, and shipping its
+    float graph under the mode's name would be a lie: refused, nothing written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32), "w"
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("GlobalAveragePool", ["c"], ["y"])],
+        "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 1, 1])], [w],
+    )  # fmt: skip
+    model = tmp_path / "convs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
+    evals = _npz(
+        tmp_path / "eval.npz", {"x": np.random.default_rng(1).random((8, 1, 8, 8), dtype=np.float32)}
+    )
+    for mode in ("int8-weight", "int4-weight"):
+        with pytest.raises(BadInputError, match="has none") as err:
+            run(CompressRequest(model=str(model), out_dir=tmp_path / mode, recipe=Recipe.from_options(quantize=mode),
+                                eval=evals))  # fmt: skip
+        assert "int8-dynamic" in (err.value.hint or "")
+        assert not (tmp_path / mode).exists()
+
+
 def test_format_candidates_share_one_calibration_run(tmp_path: Path) -> None:
     import inspect
 
