@@ -30,7 +30,9 @@ One job per module (a test keeps this list complete):
 - ``shadow``: background runs of the other version on answered inputs, CPU-bounded; their agreement.
 - ``burst``: the burst endpoint's V2 client behind a circuit breaker, and the latency model.
 - ``fleet_grant``: this agent run's grant of the fleet's burst budget, from the control plane.
-- ``codecs``: KServe V2 tensors <-> numpy for gRPC, the datatype tables and header checks.
+- ``codecs``: KServe V2 tensors <-> numpy for gRPC, the datatype tables.
+- ``input_check``: what a request may carry, checked from its headers against the model's inputs
+  and the server's limits before any tensor is decoded.
 - ``http_codec``: the HTTP half of the codec: JSON tensors and Triton's binary data extension.
 - ``v2_server``: the KServe V2 gRPC servicer; agent errors to status codes in one place.
 - ``http_server``: KServe V2 over HTTP/REST (aiohttp) beside gRPC, sharing registry and router.

@@ -23,7 +23,6 @@ from edgectl.agent.artifacts import LocalArtifacts, load_and_smoke_test
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.burst import BurstCost, BurstSettings
 from edgectl.agent.canary import Trials
-from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.config import AgentConfig, build_trust, read_credentials
 from edgectl.agent.diagnostics import bundle_json
 from edgectl.agent.enroll import device_tls, enroll
@@ -31,6 +30,7 @@ from edgectl.agent.errors import ConfigError
 from edgectl.agent.fetch import ArtifactFetcher, FetchSettings
 from edgectl.agent.fleet_grant import FleetAllowance
 from edgectl.agent.http_server import HttpV2Server
+from edgectl.agent.input_check import RequestLimits
 from edgectl.agent.log_ring import process_ring
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.mqtt_link import MqttLink, MqttSettings

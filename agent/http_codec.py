@@ -20,8 +20,6 @@ import numpy as np
 
 from edgectl.agent.codecs import (
     Array,
-    RequestLimits,
-    TensorHeader,
     deserialize_bytes,
     element_count,
     numpy_dtype,
@@ -29,6 +27,7 @@ from edgectl.agent.codecs import (
     v2_datatype,
 )
 from edgectl.agent.errors import InvalidInputError
+from edgectl.agent.input_check import RequestLimits, TensorHeader
 from edgectl.agent.v2_triton import SHARED_MEMORY_REGION, in_shared_memory
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

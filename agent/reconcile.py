@@ -28,7 +28,7 @@ from edgectl.agent.errors import AgentError, FetchError, RefusedError
 from edgectl.agent.fetch import ArtifactFetcher
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.orders import AcceptedOrder, FleetTrust
-from edgectl.agent.report import FetchProgress, Reporter, StateReports
+from edgectl.agent.report import FetchProgress, RepeatedReports, Reporter, StateReports
 from edgectl.agent.runtime import SessionSettings
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.staging import Staged, SwapWindows
@@ -112,7 +112,7 @@ class Reconciler:
         self._retry: dict[str, tuple[float, int]] = {}  # digest -> (next attempt at, attempts)
         self._backoff = Backoff(settings.retry_min_s, settings.retry_max_s)  # jittered: no herd
         self._refused: set[tuple[str, int]] = set()  # (digest, generation) refused this run
-        self._last_report: tuple[bytes, float] | None = None  # (content, monotonic time) last sent
+        self._sent = RepeatedReports(settings.idle_report_s)  # an unchanged report waits its turn
 
     # -- called from other threads: only enqueue --------------------------------------------
     def submit(self, desired: mpb.DesiredState) -> None:
@@ -380,20 +380,12 @@ class Reconciler:
         return f"the control plane's signed desired state expired at {at}"
 
     def publish_report(self, heartbeat: bool = False) -> None:
-        """Send the reported state. On a heartbeat, a report that would repeat the last one sent (all
-        but its timestamp) waits until ``idle_report_s`` has passed since that one: the broker's
-        keepalive and the Will say whether the device lives, and each repeat costs the control
-        plane a message it only stores a time from. Anything that changed goes at once."""
+        """Send the reported state; on a heartbeat, only if it says something new or is due again."""
         report = self.build_report()
-        content = mpb.ReportedState()
-        content.CopyFrom(report)
-        content.ClearField("reported_at")
-        key, now = content.SerializeToString(deterministic=True), time.monotonic()
-        last = self._last_report
-        if heartbeat and last is not None and last[0] == key and now - last[1] < self.settings.idle_report_s:
+        if heartbeat and not self._sent.due(report):
             return
         self.reporter.report(report)
-        self._last_report = (key, now)
+        self._sent.sent(report)
         if heartbeat:
             self._event(Kind.EVENT_KIND_HEARTBEAT, "", "alive")
 

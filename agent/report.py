@@ -58,6 +58,32 @@ class FetchProgress:
         return True
 
 
+class RepeatedReports:
+    """Whether a heartbeat's report goes out: one that says anything new (all but its timestamp)
+    at once; one that would repeat the last sent only once ``idle_s`` has passed since. The
+    broker's keepalive and the Will say whether the device lives, and each repeat costs the control
+    plane a message it only takes a time from."""
+
+    def __init__(self, idle_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_s = idle_s
+        self._clock = clock
+        self._last: tuple[bytes, float] | None = None  # (content, clock) of the last report sent
+
+    @staticmethod
+    def _content(report: mpb.ReportedState) -> bytes:
+        content = mpb.ReportedState()
+        content.CopyFrom(report)
+        content.ClearField("reported_at")
+        return content.SerializeToString(deterministic=True)
+
+    def due(self, report: mpb.ReportedState) -> bool:
+        last = self._last
+        return last is None or last[0] != self._content(report) or self._clock() - last[1] >= self.idle_s
+
+    def sent(self, report: mpb.ReportedState) -> None:
+        self._last = (self._content(report), self._clock())
+
+
 class StateReports:
     """Builds the ReportedState and DeviceEvents of one device and hands them to its Reporter."""
 

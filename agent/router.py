@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgectl.agent.burst import BurstClient, BurstSettings, LatencyCorrection
-from edgectl.agent.codecs import Array, InputTable, RequestLimits, TensorHeader
+from edgectl.agent.codecs import Array
 from edgectl.agent.errors import (
     BurstUnavailableError,
     InferenceError,
@@ -26,6 +26,7 @@ from edgectl.agent.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
 )
+from edgectl.agent.input_check import InputTable, RequestLimits, TensorHeader
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.serving import ModelRegistry, ServedModel
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from edgectl.agent.batching import BatchSettings, MicroBatcher
-from edgectl.agent.codecs import Array, InputTable
+from edgectl.agent.codecs import Array
 from edgectl.agent.errors import BatcherClosedError, InferenceError, ModelNotFoundError
+from edgectl.agent.input_check import InputTable
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.model_stats import ModelStats
 from edgectl.agent.runtime import LoadedModel

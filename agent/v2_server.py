@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import edgectl
 from edgectl.addresses import HostPort, parse_host_port
-from edgectl.agent.codecs import decode_request, encode_response, request_headers
+from edgectl.agent.codecs import decode_request, encode_response
 from edgectl.agent.errors import (
     AgentError,
     BudgetExhaustedError,
@@ -31,6 +31,7 @@ from edgectl.agent.errors import (
     ModelUnavailableError,
     NotServedError,
 )
+from edgectl.agent.input_check import request_headers
 from edgectl.agent.router import SERVED_BY, InferCall, InferenceRouter
 from edgectl.agent.serving import ModelRegistry
 from edgectl.agent.tls import ServingSecurity

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from edgectl.agent.agent import Agent
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.codecs import RequestLimits
+from edgectl.agent.input_check import RequestLimits
 from edgectl.agent.v2_server import InferenceServicer, V2Server
 from edgectl.security.files import write_private
 from tests.agent.conftest import Bundles

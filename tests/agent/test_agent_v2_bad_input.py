@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from edgectl.agent.batching import BatchSettings
-from edgectl.agent.codecs import InputTable, RequestLimits, decode_response, encode_request
+from edgectl.agent.codecs import decode_response, encode_request
+from edgectl.agent.input_check import InputTable, RequestLimits
 from edgectl.artifact import TensorSpec
 from edgectl.protos.inference import grpc_predict_v2_pb2 as pb
 from tests.agent.onnx_models import mlp_model, run_direct, string_model

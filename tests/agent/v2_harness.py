@@ -12,8 +12,8 @@ import grpc
 
 from edgectl.agent.batching import BatchSettings
 from edgectl.agent.burst import BurstCost, BurstSettings
-from edgectl.agent.codecs import RequestLimits
 from edgectl.agent.http_server import HttpV2Server
+from edgectl.agent.input_check import RequestLimits
 from edgectl.agent.metrics import AgentMetrics
 from edgectl.agent.router import InferenceRouter
 from edgectl.agent.runtime import SessionSettings, load_model
