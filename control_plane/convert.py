@@ -151,10 +151,13 @@ def rollout(view: rs.RolloutView, with_devices: bool = True) -> rollouts_pb2.Rol
             wave.finished_at.CopyFrom(ts(w.finished_at))
         if with_devices:
             for p in by_wave.get(w.idx, []):
-                wave.devices.add(
-                    device_id=p.device_id, state=p.state, previous_digest=p.previous_digest,  # type: ignore[arg-type]
-                    reason=p.reason, updated_at=ts(p.updated_at),
+                added = wave.devices.add(
+                    device_id=p.device_id, state=p.state, previous_digest=p.previous_digest, reason=p.reason,  # type: ignore[arg-type]
                 )  # fmt: skip
+                # Set in place, not through ts(): a Timestamp built and copied per device was a
+                # quarter of a large rollout's Get.
+                nanos = int(p.updated_at * 1e9)
+                added.updated_at.seconds, added.updated_at.nanos = divmod(nanos, 1_000_000_000)
     return out
 
 

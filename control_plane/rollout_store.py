@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgectl.control_plane.db import Row, Tx
 from edgectl.control_plane.desired import current_models
@@ -89,9 +89,9 @@ class WaveRecord:
     finished_at: float | None
 
 
-@dataclass(frozen=True)
-class ProgressRecord:
-    """One device's progress in a rollout."""
+class ProgressRecord(NamedTuple):
+    """One device's progress in a rollout (a tuple: a 500-device Get builds 500 of them, and a
+    frozen dataclass cost 7x as much to build)."""
 
     device_id: str
     wave: int
