@@ -113,6 +113,7 @@ def prune_torch(
     module: torch.nn.Module, ratio: float, example: Sequence[torch.Tensor], *, round_to: int = 8
 ) -> torch.nn.Module:
     """A pruned deep copy of ``module``: ``ratio`` of each prunable channel group removed by L2 magnitude."""
+    import torch
     import torch_pruning as tp
 
     if not 0.0 < ratio < 1.0:
@@ -140,10 +141,24 @@ def prune_torch(
     if _params(student) >= _params(module):
         # Torch-Pruning follows nn.Module layers; a torch.export program's unlifted module has
         # none it can see, so it "prunes" nothing and the table would claim a ratio never applied.
+        layers = [
+            m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear)
+        ]
+        if not layers:
+            raise PruneRefusedError(
+                f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: it "
+                "has no nn.Linear/nn.Conv layer to prune",
+                hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
+                "can be pruned, or as ONNX to prune on the graph",
+            )
+        # Layers it sees but may not shrink: heads, or layers feeding an op it cannot trace (an einsum
+        # with a raw Parameter, a functional conv). The factory hint would ask for what was given.
         raise PruneRefusedError(
-            f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}",
-            hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
-            "can be pruned, or as ONNX to prune on the graph",
+            f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: its "
+            f"{len(layers)} nn.Linear/nn.Conv layer(s) are output heads or feed ops it cannot trace "
+            "(an einsum or matmul with a raw nn.Parameter, a functional conv)",
+            hint="use nn.Linear/nn.Conv modules for those weights, pass the model as ONNX to prune on the "
+            "graph, or drop --prune",
         )
     return student
 

@@ -229,3 +229,24 @@ def test_prune_auto_with_no_ratio_inside_the_budget_ships_the_model_unpruned(
     manifest = json_manifest(out)
     assert manifest["recipe"]["prune"]["auto"]["kept"] is None  # type: ignore[index]
     assert manifest["metrics"]["params"] == manifest["metrics"]["baseline_params"]  # type: ignore[index]
+
+
+def test_torch_pruning_that_cannot_follow_an_einsum_does_not_ask_for_a_factory() -> None:
+    """A factory's conv that feeds an einsum with a raw Parameter stays whole; the refusal told the
+    user to pass the model as a factory, which they had."""
+    import torch
+
+    from edgectl.compress.recover import prune_torch
+
+    class Mix(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.mix = torch.nn.Parameter(torch.randn(24, 16))
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bchw,oc->bo", torch.relu(self.conv(image)), self.mix)
+
+    with pytest.raises(PruneRefusedError) as refused:
+        prune_torch(Mix().eval(), 0.5, [torch.randn(2, 1, 8, 8)])
+    assert "feed ops it cannot trace" in str(refused.value) and "factory" not in refused.value.hint
