@@ -57,6 +57,18 @@ class PruneReport:
         """For the manifest."""
         return {**self.__dict__, "skipped": list(self.skipped)}
 
+    def share_note(self, ratio: float) -> str:
+        """The share of channels actually removed, where it is not the ratio asked for: groups kept
+        whole (a Concat, a graph output) and kept counts rounded to kernel blocks make the row's
+        "pruned N %" otherwise a claim the model does not bear out."""
+        removed = self.channels_before - self.channels_after
+        share = removed / max(self.channels_before, 1)
+        if abs(share - ratio) <= 0.05:
+            return ""
+        kept = self.groups - self.pruned_groups
+        whole = f"; {kept} of {self.groups} channel groups kept whole" if kept else ""
+        return f"removed {removed} of {self.channels_before} channels ({share:.0%}){whole}"
+
 
 def _keep(group: ChannelGroup, arrays: dict[str, np.ndarray], cfg: PruneConfig) -> np.ndarray:
     """Indices of the channels to keep: the largest filters (L2, normalised per producer)."""
@@ -288,9 +300,10 @@ class PrunePass(CompressPass[PruneConfig]):
                     "nn.Linear/nn.Conv layers, or drop --prune",
                 )
             record["prune"] = report.to_dict()
-        trials = [
-            ctx.judge(Trial(f"pruned {config.ratio:.0%}", "prune", pruned, config=dict(config.__dict__)))
-        ]
+        row = Trial(f"pruned {config.ratio:.0%}", "prune", pruned, config=dict(config.__dict__))
+        if config.kind == "structured":
+            row.note = report.share_note(config.ratio)
+        trials = [ctx.judge(row)]
         if ctx.finetune is not None:
             ctx.progress("fine-tuning the pruned model on calibration data")
             tuned = ctx.path("finetuned")

@@ -250,3 +250,33 @@ def test_torch_pruning_that_cannot_follow_an_einsum_does_not_ask_for_a_factory()
     with pytest.raises(PruneRefusedError) as refused:
         prune_torch(Mix().eval(), 0.5, [torch.randn(2, 1, 8, 8)])
     assert "feed ops it cannot trace" in str(refused.value) and "factory" not in refused.value.hint
+
+
+def test_a_row_says_how_many_channels_went_when_groups_stay_whole(tmp_path: Path) -> None:
+    """A UNet's skip Concat keeps most groups whole: "pruned 50%" removed a quarter of the channels,
+    and the table did not say so."""
+    import torch
+
+    from tests.compress.conftest import export_ts
+    from tests.compress.test_compress_cli import invoke
+
+    class Skip(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1)
+            self.c, self.out = torch.nn.Conv2d(32, 16, 1), torch.nn.Conv2d(32, 3, 1)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            a = torch.relu(self.a(image))
+            return self.out(torch.cat([a, self.c(torch.relu(self.b(a)))], 1))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    model = export_ts(Skip(), x[:2], tmp_path / "skip.onnx")
+    np.savez(tmp_path / "x.npz", image=x)
+    code, text = invoke(model, "--profile", "x86-cpu-vnni", "--prune", "0.5", "-q", "none", "--calib",
+                        tmp_path / "x.npz", "--eval", tmp_path / "x.npz", "--max-drop", "1", "-o",
+                        tmp_path / "out", "--json")  # fmt: skip
+    assert code == 0, text
+    row = next(t for t in json.loads(text)["metrics"]["trials"] if t["name"] == "pruned 50%")
+    assert row["note"].startswith("removed 16 of 67 channels (24%); 3 of 4 channel groups kept whole"), row
