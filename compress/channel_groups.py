@@ -82,6 +82,13 @@ def _reduce_axes(g: _Graph, node: onnx.NodeProto) -> list[int] | None:
     return None if attr is None else [int(a) % 4 for a in attr]
 
 
+def _broadcasts(shape: list[int], out: list[int] | None, channels: int) -> bool:
+    """Whether a computed operand of shape ``shape`` is broadcast over the channel axis of ``out``."""
+    if out is not None and len(shape) != len(out):
+        return True
+    return len(shape) < 2 or shape[1] not in (channels, -1)
+
+
 def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
     """Close the set of tensors sharing ``seed``'s channel axis, forwards and backwards."""
     group = ChannelGroup(channels)
@@ -125,7 +132,11 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
         elif node.op_type in _BINARY:
             for i in node.input:
                 c = g.const(i)
-                if c is None:
+                shape = g.shapes.get(i)
+                if c is None and shape is not None and _broadcasts(shape, g.shapes.get(t), channels):
+                    # A gate map (N, 1, H, W) or a row vector: its producer's filters are not these channels.
+                    fail(f"{node.name} broadcasts {i} of shape {tuple(shape)} over the channels")
+                elif c is None:
                     todo.append(i)
                 elif c.size > 1 and i not in group.params:
                     if c.size != channels or c.ndim < 3 or c.shape[-3] != channels:

@@ -280,3 +280,31 @@ def test_a_row_says_how_many_channels_went_when_groups_stay_whole(tmp_path: Path
     assert code == 0, text
     row = next(t for t in json.loads(text)["metrics"]["trials"] if t["name"] == "pruned 50%")
     assert row["note"].startswith("removed 16 of 67 channels (24%); 3 of 4 channel groups kept whole"), row
+
+
+def test_a_gate_map_broadcast_over_the_channels_keeps_its_group_whole(tmp_path: Path) -> None:
+    """Spatial attention, ``x * sigmoid(conv(x))`` with a one-channel map: the gate conv's single
+    filter was taken as one of x's 32 filters, and slicing it raised IndexError (a traceback)."""
+    import torch
+
+    from tests.compress.conftest import export_ts
+
+    class Gate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.gate = torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.Conv2d(32, 1, 1)
+            self.b, self.fc = torch.nn.Conv2d(32, 16, 3, padding=1), torch.nn.Linear(16, 4)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.a(image))
+            x = x * torch.sigmoid(self.gate(x))
+            return self.fc(torch.relu(self.b(x)).mean((2, 3)))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    model = export_ts(Gate(), x[:2], tmp_path / "gate.onnx")
+    calib = SampleSet({"image": x}, None, "calib")
+    report = prune_structured(model, tmp_path / "pruned.onnx", PruneConfig(ratio=0.5), calib)
+    assert report.pruned_groups == 1 and any("broadcasts" in why for why in report.skipped), report
+    out = cpu_session(tmp_path / "pruned.onnx", threads=1).run(None, {"image": x})[0]
+    assert out.shape == (16, 4)
