@@ -118,11 +118,26 @@ def prune_torch(
 
     if not 0.0 < ratio < 1.0:
         raise PruneRefusedError(f"prune ratio must be in (0, 1), got {ratio}")
+    from edgectl.compress.passes.prune import kept_channels
+
     student = copy.deepcopy(module).eval()
+    heads = _heads(student, example)
+    # Torch-Pruning's own round_to floors the kept count (32 channels at 30 % kept 16, as at 50 %), so
+    # each layer gets the ratio that keeps the graph pruner's count: the nearest multiple of round_to.
+    # Half a channel over the target survives its int() truncation.
+    ratios: dict[torch.nn.Module, float] = {}
+    for layer in student.modules():
+        width = getattr(layer, "out_channels", getattr(layer, "out_features", 0))
+        if (
+            isinstance(layer, torch.nn.modules.conv._ConvNd | torch.nn.Linear)
+            and layer not in heads
+            and width
+        ):
+            ratios[layer] = max(0.0, 1.0 - (kept_channels(width, ratio, round_to) + 0.5) / width)
     try:
         pruner = tp.pruner.MetaPruner(
             student, tuple(example), importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio, ignored_layers=_heads(student, example), round_to=round_to,
+            pruning_ratio=ratio, pruning_ratio_dict=ratios, ignored_layers=heads,
         )  # fmt: skip
         pruner.step()
     except Exception as exc:  # its dependency tracer raises many types on graphs it cannot follow

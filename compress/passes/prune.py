@@ -70,16 +70,21 @@ class PruneReport:
         return f"removed {removed} of {self.channels_before} channels ({share:.0%}){whole}"
 
 
+def kept_channels(channels: int, ratio: float, round_to: int) -> int:
+    """How many of ``channels`` pruning at ``ratio`` keeps: the nearest multiple of ``round_to`` (fast
+    int8 kernels work in blocks), at least one block; layers under two blocks round to one channel."""
+    step = round_to if channels >= 2 * round_to else 1
+    return min(channels, int(max(step, round(channels * (1.0 - ratio) / step) * step)))
+
+
 def _keep(group: ChannelGroup, arrays: dict[str, np.ndarray], cfg: PruneConfig) -> np.ndarray:
     """Indices of the channels to keep: the largest filters (L2, normalised per producer)."""
     score = np.zeros(group.channels)
     for name in group.producers:
         norms = np.linalg.norm(arrays[name].reshape(group.channels, -1), axis=1)
         score += norms / max(float(norms.mean()), 1e-12)
-    target = group.channels * (1.0 - cfg.ratio)
-    step = cfg.round_to if group.channels >= 2 * cfg.round_to else 1
-    keep = int(max(step, round(target / step) * step))
-    return np.sort(np.argsort(-score, kind="stable")[: min(keep, group.channels)])
+    keep = kept_channels(group.channels, cfg.ratio, cfg.round_to)
+    return np.sort(np.argsort(-score, kind="stable")[:keep])
 
 
 def prune_structured(src: Path, dst: Path, cfg: PruneConfig, calib: SampleSet | None = None) -> PruneReport:
