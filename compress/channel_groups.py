@@ -73,13 +73,21 @@ def _is_depthwise(g: _Graph, node: onnx.NodeProto) -> bool:
     )
 
 
+def _rank(g: _Graph, tensor: str) -> int:
+    """The rank shape inference gave ``tensor``; 4 (NCHW) where it gave none."""
+    shape = g.shapes.get(tensor)
+    return len(shape) if shape else 4
+
+
 def _reduce_axes(g: _Graph, node: onnx.NodeProto) -> list[int] | None:
-    # Opset 18 moved `axes` from an attribute to an input.
+    # Opset 18 moved `axes` from an attribute to an input. Negative axes count from the input's rank
+    # (3 for a Conv1d's N, C, L).
+    rank = _rank(g, node.input[0])
     if len(node.input) > 1 and node.input[1]:
         axes = g.const(node.input[1])
-        return None if axes is None else [int(a) % 4 for a in axes.ravel()]
+        return None if axes is None else [int(a) % rank for a in axes.ravel()]
     attr = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-    return None if attr is None else [int(a) % 4 for a in attr]
+    return None if attr is None else [int(a) % rank for a in attr]
 
 
 def _broadcasts(shape: list[int], out: list[int] | None, channels: int) -> bool:
@@ -170,7 +178,7 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
                     fail(f"{op} {user.name} reduces over channels")
                 elif g.attr(user, "keepdims", 1):
                     todo.append(user.output[0])
-                elif sorted(axes) == [2, 3]:
+                elif sorted(axes) == list(range(2, _rank(g, t))):
                     flat[user.output[0]] = 1  # (N, C): one feature per channel
                     todo.append(user.output[0])
                 else:

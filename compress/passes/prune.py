@@ -178,7 +178,9 @@ def _recalibrate(
         mean = sums[node.input[0]] / max(count, 1)
         w = arrays[weight]
         if node.op_type == "Conv":
-            shift = np.tensordot(w[:, dropped].sum(axis=(2, 3)), mean[dropped], axes=([1], [0]))
+            # Summed over the kernel's taps: 1 (Conv1d), 2 or 3 spatial axes.
+            taps = w[:, dropped].sum(axis=tuple(range(2, w.ndim)))
+            shift = np.tensordot(taps, mean[dropped], axes=([1], [0]))
         else:
             wd = np.take(w, dropped, axis=axis)
             shift = mean[dropped] @ (wd if axis == 0 else wd.T)

@@ -308,3 +308,32 @@ def test_a_gate_map_broadcast_over_the_channels_keeps_its_group_whole(tmp_path: 
     assert report.pruned_groups == 1 and any("broadcasts" in why for why in report.skipped), report
     out = cpu_session(tmp_path / "pruned.onnx", threads=1).run(None, {"image": x})[0]
     assert out.shape == (16, 4)
+
+
+def test_conv1d_channels_prune_and_recalibrate(tmp_path: Path) -> None:
+    """A Conv1d stack (N, C, L): recalibration summed kernel taps over axes (2, 3) and raised
+    AxisError on the 3-D weights, and mean over L read as 'drops dims' (axes taken modulo 4)."""
+    import torch
+
+    from tests.compress.conftest import export_ts
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(4, 32, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv1d(32, 32, 3, padding=1), torch.nn.ReLU())  # fmt: skip
+
+    class Series(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.fc = net, torch.nn.Linear(32, 4)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.net(image).mean(-1))  # type: ignore[no-any-return]
+
+    x = np.random.default_rng(0).random((16, 4, 20), dtype=np.float32)
+    model = export_ts(Series(), x[:2], tmp_path / "series.onnx")
+    calib = SampleSet({"image": x}, None, "calib")
+    report = prune_structured(model, tmp_path / "pruned.onnx", PruneConfig(ratio=0.5), calib)
+    assert (report.pruned_groups, report.channels_after, report.recalibrated_nodes) == (2, 32, 2), report
+    ref = cpu_session(model, threads=1).run(None, {"image": x})[0]
+    out = cpu_session(tmp_path / "pruned.onnx", threads=1).run(None, {"image": x})[0]
+    assert out.shape == ref.shape == (16, 4)
