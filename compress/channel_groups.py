@@ -31,6 +31,8 @@ class ChannelGroup:
     producers: list[str] = field(default_factory=list)  # Conv weight inits: filters on axis 0
     biases: list[str] = field(default_factory=list)  # producer biases: axis 0
     params: list[str] = field(default_factory=list)  # per-channel params (BN, depthwise, scales): axis 0
+    # A broadcast constant's channel axis where it is not 0: (1, C, 1, 1) or (C, 1, 1) -> ndim - 3.
+    param_axes: dict[str, int] = field(default_factory=dict)
     depthwise: list[onnx.NodeProto] = field(default_factory=list)  # their `group` attribute shrinks
     consumers: list[tuple[onnx.NodeProto, str, int, int]] = field(
         default_factory=list
@@ -150,6 +152,7 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
                     if c.size != channels or c.ndim < 3 or c.shape[-3] != channels:
                         fail(f"{node.name} broadcasts a constant of shape {c.shape}")
                     group.params.append(i)
+                    group.param_axes[i] = c.ndim - 3
         else:
             fail(f"{t} is made by {node.op_type} {node.name}")
         # Forwards: who reads it?

@@ -115,7 +115,7 @@ def prune_structured(src: Path, dst: Path, cfg: PruneConfig, calib: SampleSet | 
             continue
         pruned += 1
         for name in group.producers + group.biases + group.params:
-            slices.append((name, 0, keep))
+            slices.append((name, group.param_axes.get(name, 0), keep))
         regroup += [(node, len(keep)) for node in group.depthwise]
         drop = np.setdiff1d(np.arange(group.channels), keep)
         for node, weight, axis, hw in group.consumers:
