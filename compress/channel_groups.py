@@ -125,6 +125,8 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
         elif node.op_type == "Conv" and not _is_depthwise(g, node):
             if g.attr(node, "group", 1) != 1:
                 fail(f"grouped conv {node.name}")
+            elif node.input[1] not in g.inits:
+                fail(f"conv {node.name}'s weight is computed, not a stored tensor")
             elif node.input[1] not in group.producers:
                 group.producers.append(node.input[1])
                 if len(node.input) > 2 and node.input[2]:
@@ -171,6 +173,8 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
                     todo.append(user.output[0])
                 elif g.attr(user, "group", 1) != 1:
                     fail(f"grouped conv {user.name}")
+                elif user.input[1] not in g.inits:
+                    fail(f"conv {user.name}'s weight is computed, not a stored tensor")
                 else:
                     group.consumers.append((user, user.input[1], 1, 1))
             elif op in _CHANNELWISE or op == "BatchNormalization" or op in _BINARY:

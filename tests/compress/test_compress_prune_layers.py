@@ -51,3 +51,24 @@ def test_broadcast_per_channel_constants_are_sliced_on_their_channel_axis(tmp_pa
     out = cpu_session(tmp_path / "pruned.onnx", threads=1).run(None, {"image": x})[0]
     # Each kept channel kept its own scale and shift.
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_consumer_whose_weight_is_computed_keeps_the_group_whole(tmp_path: Path) -> None:
+    """A conv reading a computed weight (weight norm, a dequantized weight) has no initializer to
+    slice: it raised KeyError, a traceback instead of a pruning report."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((32, 1, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 32, 3, 3)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("Identity", ["w2"], ["w2_computed"]),
+         helper.make_node("Conv", ["r", "w2_computed"], ["y"], pads=[1, 1, 1, 1])],
+        "computed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])], [w1, w2],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    report = prune_structured(tmp_path / "m.onnx", tmp_path / "p.onnx", PruneConfig(ratio=0.5))
+    assert report.pruned_groups == 0 and any("computed" in why for why in report.skipped), report
