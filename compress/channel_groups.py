@@ -31,6 +31,8 @@ class ChannelGroup:
     producers: list[str] = field(default_factory=list)  # Conv weight inits: filters on axis 0
     biases: list[str] = field(default_factory=list)  # producer biases: axis 0
     params: list[str] = field(default_factory=list)  # per-channel params (BN, depthwise, scales): axis 0
+    # A broadcast constant's channel axis where it is not 0: (1, C, 1, 1) or (C, 1, 1) -> ndim - 3.
+    param_axes: dict[str, int] = field(default_factory=dict)
     depthwise: list[onnx.NodeProto] = field(default_factory=list)  # their `group` attribute shrinks
     consumers: list[tuple[onnx.NodeProto, str, int, int]] = field(
         default_factory=list
@@ -73,13 +75,28 @@ def _is_depthwise(g: _Graph, node: onnx.NodeProto) -> bool:
     )
 
 
+def _rank(g: _Graph, tensor: str) -> int:
+    """The rank shape inference gave ``tensor``; 4 (NCHW) where it gave none."""
+    shape = g.shapes.get(tensor)
+    return len(shape) if shape else 4
+
+
 def _reduce_axes(g: _Graph, node: onnx.NodeProto) -> list[int] | None:
-    # Opset 18 moved `axes` from an attribute to an input.
+    # Opset 18 moved `axes` from an attribute to an input. Negative axes count from the input's rank
+    # (3 for a Conv1d's N, C, L).
+    rank = _rank(g, node.input[0])
     if len(node.input) > 1 and node.input[1]:
         axes = g.const(node.input[1])
-        return None if axes is None else [int(a) % 4 for a in axes.ravel()]
+        return None if axes is None else [int(a) % rank for a in axes.ravel()]
     attr = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-    return None if attr is None else [int(a) % 4 for a in attr]
+    return None if attr is None else [int(a) % rank for a in attr]
+
+
+def _broadcasts(shape: list[int], out: list[int] | None, channels: int) -> bool:
+    """Whether a computed operand of shape ``shape`` is broadcast over the channel axis of ``out``."""
+    if out is not None and len(shape) != len(out):
+        return True
+    return len(shape) < 2 or shape[1] not in (channels, -1)
 
 
 def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
@@ -108,6 +125,8 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
         elif node.op_type == "Conv" and not _is_depthwise(g, node):
             if g.attr(node, "group", 1) != 1:
                 fail(f"grouped conv {node.name}")
+            elif node.input[1] not in g.inits:
+                fail(f"conv {node.name}'s weight is computed, not a stored tensor")
             elif node.input[1] not in group.producers:
                 group.producers.append(node.input[1])
                 if len(node.input) > 2 and node.input[2]:
@@ -125,12 +144,17 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
         elif node.op_type in _BINARY:
             for i in node.input:
                 c = g.const(i)
-                if c is None:
+                shape = g.shapes.get(i)
+                if c is None and shape is not None and _broadcasts(shape, g.shapes.get(t), channels):
+                    # A gate map (N, 1, H, W) or a row vector: its producer's filters are not these channels.
+                    fail(f"{node.name} broadcasts {i} of shape {tuple(shape)} over the channels")
+                elif c is None:
                     todo.append(i)
                 elif c.size > 1 and i not in group.params:
                     if c.size != channels or c.ndim < 3 or c.shape[-3] != channels:
                         fail(f"{node.name} broadcasts a constant of shape {c.shape}")
                     group.params.append(i)
+                    group.param_axes[i] = c.ndim - 3
         else:
             fail(f"{t} is made by {node.op_type} {node.name}")
         # Forwards: who reads it?
@@ -149,6 +173,8 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
                     todo.append(user.output[0])
                 elif g.attr(user, "group", 1) != 1:
                     fail(f"grouped conv {user.name}")
+                elif user.input[1] not in g.inits:
+                    fail(f"conv {user.name}'s weight is computed, not a stored tensor")
                 else:
                     group.consumers.append((user, user.input[1], 1, 1))
             elif op in _CHANNELWISE or op == "BatchNormalization" or op in _BINARY:
@@ -159,7 +185,7 @@ def _grow(g: _Graph, seed: str, channels: int) -> tuple[ChannelGroup, set[str]]:
                     fail(f"{op} {user.name} reduces over channels")
                 elif g.attr(user, "keepdims", 1):
                     todo.append(user.output[0])
-                elif sorted(axes) == [2, 3]:
+                elif sorted(axes) == list(range(2, _rank(g, t))):
                     flat[user.output[0]] = 1  # (N, C): one feature per channel
                     todo.append(user.output[0])
                 else:

@@ -49,34 +49,95 @@ def _params(module: torch.nn.Module) -> int:
     return sum(int(p.numel()) for p in module.parameters())
 
 
+def _outputs(out: Any) -> list[torch.Tensor]:
+    """A model's outputs as a flat list of tensors: one tensor, a tuple/list, a dict (in order), or a
+    ``ModelOutput``-like object with ``to_tuple``."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _outputs(o)]
+    return []
+
+
 def _heads(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> list[torch.nn.Module]:
-    """Layers whose outputs are the model's outputs (class logits, embedding width): never pruned."""
+    """Layers whose outputs are the model's outputs (class logits, a per-pixel map, an embedding): never
+    pruned, or an output would change shape.
+
+    A layer counts when the model returns its output or a view of it (same storage: a reshape, a
+    permute); for an output no layer made that way (behind a softmax, a sigmoid), every layer whose
+    width is the output's channel count (axis 1) or last dim.
+    """
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    layers: list[torch.nn.Module] = [m for m in module.modules() if isinstance(m, kinds)]
+    made: dict[int, list[torch.nn.Module]] = {}
+
+    def record(layer: torch.nn.Module, _args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            made.setdefault(out.untyped_storage().data_ptr(), []).append(layer)
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    try:
+        with torch.no_grad():
+            outs = _outputs(module(*example))
+    finally:
+        for h in hooks:
+            h.remove()
+    heads: dict[int, torch.nn.Module] = {}
+    for o in outs:
+        direct = made.get(o.untyped_storage().data_ptr(), [])
+        widths = {int(o.shape[-1])} if o.ndim else set()
+        widths |= {int(o.shape[1])} if o.ndim >= 3 else set()
+        for m in direct or [
+            m for m in layers if getattr(m, "out_features", getattr(m, "out_channels", -1)) in widths
+        ]:
+            heads[id(m)] = m
+    return list(heads.values()) or layers[-1:]
+
+
+def _shapes(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
     import torch
 
     with torch.no_grad():
-        out = module(*example)
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    widths = {int(o.shape[-1]) for o in outs if isinstance(o, torch.Tensor) and o.ndim >= 1}
-    layers: list[torch.nn.Module] = [
-        m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-    ]
-    heads = [m for m in layers if getattr(m, "out_features", getattr(m, "out_channels", -1)) in widths]
-    return heads or layers[-1:]
+        return [tuple(o.shape) for o in _outputs(module(*example))]
 
 
 def prune_torch(
     module: torch.nn.Module, ratio: float, example: Sequence[torch.Tensor], *, round_to: int = 8
 ) -> torch.nn.Module:
     """A pruned deep copy of ``module``: ``ratio`` of each prunable channel group removed by L2 magnitude."""
+    import torch
     import torch_pruning as tp
 
     if not 0.0 < ratio < 1.0:
         raise PruneRefusedError(f"prune ratio must be in (0, 1), got {ratio}")
+    from edgectl.compress.passes.prune import kept_channels
+
     student = copy.deepcopy(module).eval()
+    heads = _heads(student, example)
+    # Torch-Pruning's own round_to floors the kept count (32 channels at 30 % kept 16, as at 50 %), so
+    # each layer gets the ratio that keeps the graph pruner's count: the nearest multiple of round_to.
+    # Half a channel over the target survives its int() truncation.
+    ratios: dict[torch.nn.Module, float] = {}
+    for layer in student.modules():
+        width = getattr(layer, "out_channels", getattr(layer, "out_features", 0))
+        if (
+            isinstance(layer, torch.nn.modules.conv._ConvNd | torch.nn.Linear)
+            and layer not in heads
+            and width
+        ):
+            ratios[layer] = max(0.0, 1.0 - (kept_channels(width, ratio, round_to) + 0.5) / width)
     try:
         pruner = tp.pruner.MetaPruner(
             student, tuple(example), importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio, ignored_layers=_heads(student, example), round_to=round_to,
+            pruning_ratio=ratio, pruning_ratio_dict=ratios, ignored_layers=heads,
         )  # fmt: skip
         pruner.step()
     except Exception as exc:  # its dependency tracer raises many types on graphs it cannot follow
@@ -84,13 +145,35 @@ def prune_torch(
             f"Torch-Pruning cannot prune this model ({describe(exc, 200)})",
             hint="pass the model as ONNX to prune on the graph (bias recalibration instead of training)",
         ) from exc
+    before, after = _shapes(module, example), _shapes(student, example)
+    if before != after:
+        # A head the dependency graph let it prune: the artifact would answer in another shape.
+        raise PruneRefusedError(
+            f"Torch-Pruning changed this model's output shapes ({before} -> {after}): a layer behind an "
+            "output was pruned",
+            hint="pass the model as ONNX to prune on the graph, or drop --prune",
+        )
     if _params(student) >= _params(module):
         # Torch-Pruning follows nn.Module layers; a torch.export program's unlifted module has
         # none it can see, so it "prunes" nothing and the table would claim a ratio never applied.
+        layers = [
+            m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear)
+        ]
+        if not layers:
+            raise PruneRefusedError(
+                f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: it "
+                "has no nn.Linear/nn.Conv layer to prune",
+                hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
+                "can be pruned, or as ONNX to prune on the graph",
+            )
+        # Layers it sees but may not shrink: heads, or layers feeding an op it cannot trace (an einsum
+        # with a raw Parameter, a functional conv). The factory hint would ask for what was given.
         raise PruneRefusedError(
-            f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}",
-            hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
-            "can be pruned, or as ONNX to prune on the graph",
+            f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: its "
+            f"{len(layers)} nn.Linear/nn.Conv layer(s) are output heads or feed ops it cannot trace "
+            "(an einsum or matmul with a raw nn.Parameter, a functional conv)",
+            hint="use nn.Linear/nn.Conv modules for those weights, pass the model as ONNX to prune on the "
+            "graph, or drop --prune",
         )
     return student
 
@@ -118,7 +201,7 @@ def _check_labels(labels: torch.Tensor, teacher: torch.nn.Module, example: list[
     import torch
 
     with torch.no_grad(), plain_attention():
-        out = _first(teacher(*example))
+        out = _outputs(teacher(*example))[0]
     classes = int(out.shape[-1]) if out.ndim == 2 else 0
     low, high = int(labels.min()), int(labels.max())
     if not classes or low < 0 or high >= classes:
@@ -129,10 +212,6 @@ def _check_labels(labels: torch.Tensor, teacher: torch.nn.Module, example: list[
             f"training labels run {low}..{high}, but the model's first output has {what}",
             hint="save labels as class ids 0..classes-1, or leave them out to distil the outputs only",
         )
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[no-any-return]
 
 
 def recover(
@@ -211,12 +290,15 @@ def _train(
             idx = order[step * batch : (step + 1) * batch]
             args = [x[idx].to(device) for x in inputs]
             with torch.no_grad(), plain_attention():  # the student (training) computes padded tokens too
-                target = _first(teacher(*args))
-            loss = _loss(
-                _first(student(*args)),
-                target,
-                None if labels is None else labels[idx].to(device),
-                temperature,
+                targets = _outputs(teacher(*args))
+            # Every head is distilled (a detector's boxes as well as its classes); labels score the first.
+            given = None if labels is None else labels[idx].to(device)
+            loss = sum(
+                (
+                    _loss(got, want, given if i == 0 else None, temperature)
+                    for i, (got, want) in enumerate(zip(_outputs(student(*args)), targets, strict=True))
+                ),
+                torch.zeros((), device=device),
             )
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]

@@ -123,6 +123,20 @@ def _flat(out: Any) -> list[np.ndarray]:
     return [o.detach().numpy() for o in out if isinstance(o, torch.Tensor)]
 
 
+def _output_names(returned: Any, count: int) -> list[str]:
+    """A dict of tensors names its outputs by its keys (what the user's code calls them); any other
+    return is ``output`` or ``output_0``, ``output_1``, ..."""
+    import torch
+
+    if (
+        isinstance(returned, dict)
+        and len(returned) == count
+        and all(isinstance(k, str) and k and isinstance(v, torch.Tensor) for k, v in returned.items())
+    ):
+        return list(returned)
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
 def export_module(
     module: torch.nn.Module,
     arrays: dict[str, np.ndarray],
@@ -148,8 +162,9 @@ def export_module(
     example = _example(arrays, names)
     args = tuple(torch.from_numpy(example[n]) for n in names)
     with torch.no_grad(), plain_attention():
-        expected = _flat(module(*args))
-    outputs = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
+        returned = module(*args)
+    expected = _flat(returned)
+    outputs = _output_names(returned, len(expected))
     dynamo_error: str | None = None
     exporter = "torchscript"
     if cfg.exporter in ("auto", "dynamo"):

@@ -57,6 +57,25 @@ class PruneReport:
         """For the manifest."""
         return {**self.__dict__, "skipped": list(self.skipped)}
 
+    def share_note(self, ratio: float) -> str:
+        """The share of channels actually removed, where it is not the ratio asked for: groups kept
+        whole (a Concat, a graph output) and kept counts rounded to kernel blocks make the row's
+        "pruned N %" otherwise a claim the model does not bear out."""
+        removed = self.channels_before - self.channels_after
+        share = removed / max(self.channels_before, 1)
+        if abs(share - ratio) <= 0.05:
+            return ""
+        kept = self.groups - self.pruned_groups
+        whole = f"; {kept} of {self.groups} channel groups kept whole" if kept else ""
+        return f"removed {removed} of {self.channels_before} channels ({share:.0%}){whole}"
+
+
+def kept_channels(channels: int, ratio: float, round_to: int) -> int:
+    """How many of ``channels`` pruning at ``ratio`` keeps: the nearest multiple of ``round_to`` (fast
+    int8 kernels work in blocks), at least one block; layers under two blocks round to one channel."""
+    step = round_to if channels >= 2 * round_to else 1
+    return min(channels, int(max(step, round(channels * (1.0 - ratio) / step) * step)))
+
 
 def _keep(group: ChannelGroup, arrays: dict[str, np.ndarray], cfg: PruneConfig) -> np.ndarray:
     """Indices of the channels to keep: the largest filters (L2, normalised per producer)."""
@@ -64,10 +83,8 @@ def _keep(group: ChannelGroup, arrays: dict[str, np.ndarray], cfg: PruneConfig) 
     for name in group.producers:
         norms = np.linalg.norm(arrays[name].reshape(group.channels, -1), axis=1)
         score += norms / max(float(norms.mean()), 1e-12)
-    target = group.channels * (1.0 - cfg.ratio)
-    step = cfg.round_to if group.channels >= 2 * cfg.round_to else 1
-    keep = int(max(step, round(target / step) * step))
-    return np.sort(np.argsort(-score, kind="stable")[: min(keep, group.channels)])
+    keep = kept_channels(group.channels, cfg.ratio, cfg.round_to)
+    return np.sort(np.argsort(-score, kind="stable")[:keep])
 
 
 def prune_structured(src: Path, dst: Path, cfg: PruneConfig, calib: SampleSet | None = None) -> PruneReport:
@@ -98,7 +115,7 @@ def prune_structured(src: Path, dst: Path, cfg: PruneConfig, calib: SampleSet | 
             continue
         pruned += 1
         for name in group.producers + group.biases + group.params:
-            slices.append((name, 0, keep))
+            slices.append((name, group.param_axes.get(name, 0), keep))
         regroup += [(node, len(keep)) for node in group.depthwise]
         drop = np.setdiff1d(np.arange(group.channels), keep)
         for node, weight, axis, hw in group.consumers:
@@ -161,7 +178,9 @@ def _recalibrate(
         mean = sums[node.input[0]] / max(count, 1)
         w = arrays[weight]
         if node.op_type == "Conv":
-            shift = np.tensordot(w[:, dropped].sum(axis=(2, 3)), mean[dropped], axes=([1], [0]))
+            # Summed over the kernel's taps: 1 (Conv1d), 2 or 3 spatial axes.
+            taps = w[:, dropped].sum(axis=tuple(range(2, w.ndim)))
+            shift = np.tensordot(taps, mean[dropped], axes=([1], [0]))
         else:
             wd = np.take(w, dropped, axis=axis)
             shift = mean[dropped] @ (wd if axis == 0 else wd.T)
@@ -288,9 +307,10 @@ class PrunePass(CompressPass[PruneConfig]):
                     "nn.Linear/nn.Conv layers, or drop --prune",
                 )
             record["prune"] = report.to_dict()
-        trials = [
-            ctx.judge(Trial(f"pruned {config.ratio:.0%}", "prune", pruned, config=dict(config.__dict__)))
-        ]
+        row = Trial(f"pruned {config.ratio:.0%}", "prune", pruned, config=dict(config.__dict__))
+        if config.kind == "structured":
+            row.note = report.share_note(config.ratio)
+        trials = [ctx.judge(row)]
         if ctx.finetune is not None:
             ctx.progress("fine-tuning the pruned model on calibration data")
             tuned = ctx.path("finetuned")

@@ -151,3 +151,24 @@ def test_an_encoder_with_a_padding_mask_exports_with_parity(tmp_path: Path) -> N
     )
     assert report.min_cosine > 0.999
     assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is restored
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_dict_of_outputs_names_the_onnx_outputs_by_its_keys(tmp_path: Path, exporter: str) -> None:
+    """A detector returning {"logits": ..., "box": ...} got outputs output_0, output_1: the artifact's
+    outputs no longer said which head was which."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls, self.box = torch.nn.Linear(8, 3), torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.cls(x), "box": self.box(x)}
+
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    out = tmp_path / "m.onnx"
+    export_module(Heads().eval(), {"x": x}, out, config=ExportConfig(exporter=exporter))
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["logits", "box"]
+    logits, box = cpu_session(out, threads=1).run(None, {"x": x})
+    assert logits.shape == (4, 3) and box.shape == (4, 4)

@@ -229,3 +229,111 @@ def test_prune_auto_with_no_ratio_inside_the_budget_ships_the_model_unpruned(
     manifest = json_manifest(out)
     assert manifest["recipe"]["prune"]["auto"]["kept"] is None  # type: ignore[index]
     assert manifest["metrics"]["params"] == manifest["metrics"]["baseline_params"]  # type: ignore[index]
+
+
+def test_torch_pruning_that_cannot_follow_an_einsum_does_not_ask_for_a_factory() -> None:
+    """A factory's conv that feeds an einsum with a raw Parameter stays whole; the refusal told the
+    user to pass the model as a factory, which they had."""
+    import torch
+
+    from edgectl.compress.recover import prune_torch
+
+    class Mix(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.mix = torch.nn.Parameter(torch.randn(24, 16))
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bchw,oc->bo", torch.relu(self.conv(image)), self.mix)
+
+    with pytest.raises(PruneRefusedError) as refused:
+        prune_torch(Mix().eval(), 0.5, [torch.randn(2, 1, 8, 8)])
+    assert "feed ops it cannot trace" in str(refused.value) and "factory" not in refused.value.hint
+
+
+def test_a_row_says_how_many_channels_went_when_groups_stay_whole(tmp_path: Path) -> None:
+    """A UNet's skip Concat keeps most groups whole: "pruned 50%" removed a quarter of the channels,
+    and the table did not say so."""
+    import torch
+
+    from tests.compress.conftest import export_ts
+    from tests.compress.test_compress_cli import invoke
+
+    class Skip(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1)
+            self.c, self.out = torch.nn.Conv2d(32, 16, 1), torch.nn.Conv2d(32, 3, 1)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            a = torch.relu(self.a(image))
+            return self.out(torch.cat([a, self.c(torch.relu(self.b(a)))], 1))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    model = export_ts(Skip(), x[:2], tmp_path / "skip.onnx")
+    np.savez(tmp_path / "x.npz", image=x)
+    code, text = invoke(model, "--profile", "x86-cpu-vnni", "--prune", "0.5", "-q", "none", "--calib",
+                        tmp_path / "x.npz", "--eval", tmp_path / "x.npz", "--max-drop", "1", "-o",
+                        tmp_path / "out", "--json")  # fmt: skip
+    assert code == 0, text
+    row = next(t for t in json.loads(text)["metrics"]["trials"] if t["name"] == "pruned 50%")
+    assert row["note"].startswith("removed 16 of 67 channels (24%); 3 of 4 channel groups kept whole"), row
+
+
+def test_a_gate_map_broadcast_over_the_channels_keeps_its_group_whole(tmp_path: Path) -> None:
+    """Spatial attention, ``x * sigmoid(conv(x))`` with a one-channel map: the gate conv's single
+    filter was taken as one of x's 32 filters, and slicing it raised IndexError (a traceback)."""
+    import torch
+
+    from tests.compress.conftest import export_ts
+
+    class Gate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.gate = torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.Conv2d(32, 1, 1)
+            self.b, self.fc = torch.nn.Conv2d(32, 16, 3, padding=1), torch.nn.Linear(16, 4)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.a(image))
+            x = x * torch.sigmoid(self.gate(x))
+            return self.fc(torch.relu(self.b(x)).mean((2, 3)))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    model = export_ts(Gate(), x[:2], tmp_path / "gate.onnx")
+    calib = SampleSet({"image": x}, None, "calib")
+    report = prune_structured(model, tmp_path / "pruned.onnx", PruneConfig(ratio=0.5), calib)
+    assert report.pruned_groups == 1 and any("broadcasts" in why for why in report.skipped), report
+    out = cpu_session(tmp_path / "pruned.onnx", threads=1).run(None, {"image": x})[0]
+    assert out.shape == (16, 4)
+
+
+def test_conv1d_channels_prune_and_recalibrate(tmp_path: Path) -> None:
+    """A Conv1d stack (N, C, L): recalibration summed kernel taps over axes (2, 3) and raised
+    AxisError on the 3-D weights, and mean over L read as 'drops dims' (axes taken modulo 4)."""
+    import torch
+
+    from tests.compress.conftest import export_ts
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(4, 32, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv1d(32, 32, 3, padding=1), torch.nn.ReLU())  # fmt: skip
+
+    class Series(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.fc = net, torch.nn.Linear(32, 4)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.net(image).mean(-1))  # type: ignore[no-any-return]
+
+    x = np.random.default_rng(0).random((16, 4, 20), dtype=np.float32)
+    model = export_ts(Series(), x[:2], tmp_path / "series.onnx")
+    calib = SampleSet({"image": x}, None, "calib")
+    report = prune_structured(model, tmp_path / "pruned.onnx", PruneConfig(ratio=0.5), calib)
+    assert (report.pruned_groups, report.channels_after, report.recalibrated_nodes) == (2, 32, 2), report
+    ref = cpu_session(model, threads=1).run(None, {"image": x})[0]
+    out = cpu_session(tmp_path / "pruned.onnx", threads=1).run(None, {"image": x})[0]
+    assert out.shape == ref.shape == (16, 4)

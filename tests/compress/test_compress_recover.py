@@ -126,3 +126,22 @@ def test_training_labels_outside_the_models_classes_are_a_clear_error(tmp_path: 
         compress_module(module, tmp_path / "out", example={"input": x}, train=train,
                         recipe=Recipe.from_options(prune="0.5"), profile="x86-cpu-vnni")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_torch_pruning_keeps_the_nearest_block_like_graph_pruning() -> None:
+    """At 30 %, Torch-Pruning's own round_to floored 32 channels' 22.4 kept to 16, as at 50 %: the row
+    said "pruned 30%" of a model pruned by half, and 30 % and 50 % built the same model."""
+    import torch
+
+    from edgectl.compress.passes.prune import kept_channels
+    from edgectl.compress.recover import prune_torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 10))  # fmt: skip
+    example = [torch.randn(2, 1, 8, 8)]
+    for ratio in (0.3, 0.5):
+        pruned = prune_torch(net, ratio, example)
+        widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert widths == [kept_channels(32, ratio, 8), kept_channels(64, ratio, 8)], (ratio, widths)
+    assert kept_channels(32, 0.3, 8) == 24 and kept_channels(64, 0.3, 8) == 48
