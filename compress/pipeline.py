@@ -196,6 +196,18 @@ class _Run:
             state = dataclasses.replace(state, base=self.trials[-1])
         self.float_trials = list(self.trials)
         passes = [kind for kind, _ in self.req.recipe.passes()]
+        pruned = any(kind.name == "prune" for kind in passes) and state.base is not self.baseline
+        if pruned and state.base is not None and state.base.passed is False:
+            # Quantizing adds error to what pruning lost: a dozen int8 models built on a pruned model
+            # that already misses the budget cannot pass, and the refusal would name one of them.
+            raise QualityGateError(
+                f"the pruned float model already misses --max-drop {self.req.max_drop} "
+                f"({self.ctx.evaluator.metric}: drop {state.base.drop:.4f}, {state.base.name}); nothing was "
+                "quantized on top of it; no artifact written",
+                hint="prune less, add --train FILE.npz to recover accuracy (torch models), use --prune auto, "
+                "or raise --max-drop",
+                trials=[t.to_dict() for t in self.trials],
+            )
         only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
         if not any(kind.stage == "quantize" for kind in passes) and state.base:
             candidates: tuple[Trial, ...] = (state.base,)

@@ -337,3 +337,23 @@ def test_conv1d_channels_prune_and_recalibrate(tmp_path: Path) -> None:
     ref = cpu_session(model, threads=1).run(None, {"image": x})[0]
     out = cpu_session(tmp_path / "pruned.onnx", threads=1).run(None, {"image": x})[0]
     assert out.shape == ref.shape == (16, 4)
+
+
+def test_a_pruned_model_that_misses_the_budget_is_refused_before_anything_is_quantized(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    """An explicit --prune whose float model already misses --max-drop: quantizing on top of it can
+    only add error, so the run stops there and the refusal names the pruned model, not an int8 row."""
+    from tests.compress.test_compress_cli import invoke
+
+    data = tmp_path / "d.npz"
+    np.savez(data, image=images)
+    out = tmp_path / "out"
+    code, text = invoke(tiny_onnx, "--profile", "x86-cpu-vnni", "--prune", "0.5", "--quantize", "int8-dynamic",
+                        "--eval", data, "--max-drop", "0.000001", "-o", out, "--json")  # fmt: skip
+    assert code == 4, text
+    doc = json.loads(text)
+    assert "the pruned float model already misses --max-drop" in doc["error"] and "pruned 50%" in doc["error"]
+    stages = [t["stage"] for t in doc["trials"]]
+    assert "prune" in stages and "quantize" not in stages, stages
+    assert not out.exists()
