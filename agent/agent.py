@@ -116,7 +116,11 @@ class Agent:
         # Recent lines for `edgectl devices logs`: bounded, secrets redacted as they are captured.
         self.log_ring = process_ring()
         self.registry = ModelRegistry(
-            BatchSettings(config.max_batch_size, config.max_queue_delay_ms / 1000.0),
+            BatchSettings(
+                config.max_batch_size,
+                config.max_queue_delay_ms / 1000.0,
+                max_request_rows=config.max_request_rows,
+            ),
             self.metrics,
             keep_versions=config.keep_versions,
         )

@@ -41,12 +41,14 @@ OnBatch = Callable[[int, int, float, float], None]
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """Micro-batching limits: ``max_batch_size`` 1 turns batching off. It is also Triton's
-    max_batch_size, the most rows one request may carry (ServedModel.max_batch_size)."""
+    """Micro-batching limits: ``max_batch_size`` rows at most in one combined run (1 turns batching
+    off; Triton's ``preferred_batch_size``), and ``max_request_rows``, the most rows one request may
+    carry (Triton's ``max_batch_size``: ServedModel.max_batch_size, never below the micro-batch)."""
 
     max_batch_size: int = 8
     max_queue_delay_s: float = 0.002
     max_queue: int = 1024
+    max_request_rows: int = 1024
 
 
 @dataclass(eq=False)  # identity: the queue removes *this* request, never compares numpy inputs

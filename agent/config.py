@@ -80,6 +80,7 @@ class AgentConfig:
     bandwidth_limit: float | None = None  # bytes per second (--max-bandwidth)
     min_free_disk_mib: int = 64  # a download that would leave less free space is not started
     max_batch_size: int = 8
+    max_request_rows: int = 1024  # the most rows one request may carry (Triton's max_batch_size)
     max_queue_delay_ms: float = 2.0
     slo_ms: float = 100.0
     # Input drift (PSI against the artifact's calibration summary) at which a DRIFT event is raised.
@@ -142,6 +143,7 @@ class AgentConfig:
             )
         for what, value in (
             ("--max-batch-size", self.max_batch_size),
+            ("--max-request-rows", self.max_request_rows),
             ("--slo-ms", self.slo_ms),
             ("--drift-threshold", self.drift_threshold),
             ("--max-request-mib", self.max_request_mib),

@@ -38,9 +38,12 @@ class ServedModel:
         self.model = model
         self._metrics = metrics
         self.stats = ModelStats()
-        # Triton's max_batch_size: the micro-batch limit caps a request's batch too; 0 without a
-        # batch dimension. The ModelConfig advertises it and the request check enforces it.
-        self.max_batch_size = settings.max_batch_size if model.batchable else 0
+        # Triton's max_batch_size: the most rows one request may carry (0 without a batch
+        # dimension). The ModelConfig advertises it and the request check enforces it; the
+        # micro-batch size is what combined runs aim for (the ModelConfig's preferred_batch_size).
+        self.max_batch_size = (
+            max(settings.max_request_rows, settings.max_batch_size) if model.batchable else 0
+        )
         self.inputs = InputTable(model.name, model.inputs, self.max_batch_size)
         summary = model.input_summary
         # Live inputs against the artifact's calibration summary; None when it carries none.

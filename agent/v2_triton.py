@@ -83,8 +83,9 @@ def model_metadata(registry: ModelRegistry, served: ServedModel) -> pb.ModelMeta
 
 
 def model_config(served: ServedModel, settings: BatchSettings) -> mc.ModelConfig:
-    """Triton's ModelConfig of one version: with a batch dimension, ``max_batch_size`` is the
-    micro-batch limit and dims leave the batch dimension out, as Triton's do."""
+    """Triton's ModelConfig of one version: with a batch dimension, ``max_batch_size`` is the most
+    rows a request may carry, the dynamic batcher's preferred size the micro-batch limit, and dims
+    leave the batch dimension out, as Triton's do."""
     model = served.model
     batched = model.batchable
     skip = 1 if batched else 0
@@ -109,6 +110,7 @@ def model_config(served: ServedModel, settings: BatchSettings) -> mc.ModelConfig
     )
     if batched and settings.max_batch_size > 1:
         config.dynamic_batching.max_queue_delay_microseconds = int(settings.max_queue_delay_s * 1e6)
+        config.dynamic_batching.preferred_batch_size.append(settings.max_batch_size)
     return config
 
 

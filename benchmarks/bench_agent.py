@@ -78,8 +78,8 @@ TINY_DIMS = (4, 8, 3)
 
 
 def bench_throughput(work: Path, quick: bool) -> None:
-    """Throughput: concurrent clients against the V2 server (no stacking: every request fills a batch
-    and runs as sent, one session run at a time) vs the same single-threaded session run back to back."""
+    """Throughput: concurrent clients against the V2 server (batching off: every request runs as sent,
+    one session run at a time) vs the same single-threaded session run back to back."""
     rounds, total, batch, clients = (3, 40, 8, 4) if quick else (15, 100, 8, 4)
     path = mlp_model(work / "tp.onnx", MODEL_DIMS)
     x = np.random.default_rng(0).standard_normal((batch, MODEL_DIMS[0])).astype(np.float32)
@@ -90,8 +90,7 @@ def bench_throughput(work: Path, quick: bool) -> None:
         # Half the direct runs before the V2 segment and half after: this host's speed drifts by up
         # to 30 % within a minute, and a sandwich cancels a linear drift instead of charging it to V2.
         before = timed(lambda: direct.run(None, {"x": x}), total // 2)
-        # Batches of ``batch`` rows are admitted, and each request fills one: none is stacked.
-        served = InProcessV2(path, batch=BatchSettings(max_batch_size=batch))
+        served = InProcessV2(path, batch=BatchSettings(max_batch_size=1))
         got = run_load(
             ["closed", served.server.address, str(clients), str(total), str(MODEL_DIMS[0]), str(batch)]
         )

@@ -139,7 +139,12 @@ def run(
         None, help="refuse to start a download that would leave less free disk, MiB [default 64]"
     ),
     max_batch_size: int | None = typer.Option(
-        None, help="largest batch: the micro-batch limit and the most rows one request may carry [default 8]"
+        None, help="micro-batch limit: the most rows one combined run takes [default 8]"
+    ),
+    max_request_rows: int | None = typer.Option(
+        None,
+        help="the most rows one request may carry (the ModelConfig's max_batch_size; a request above it "
+        "is refused as Triton refuses it) [default 1024]",
     ),
     max_queue_delay_ms: float | None = typer.Option(None, help="longest wait to fill a batch [default 2]"),
     slo_ms: float | None = typer.Option(
@@ -239,6 +244,7 @@ def run(
         "bandwidth_limit": bandwidth_limit,
         "min_free_disk_mib": min_free_disk_mib,
         "max_batch_size": max_batch_size,
+        "max_request_rows": max_request_rows,
         "max_queue_delay_ms": max_queue_delay_ms,
         "slo_ms": slo_ms,
         "drift_threshold": drift_threshold,

@@ -28,7 +28,10 @@ TOO_MANY = "inference request batch-size must be <= 4 for 'mlp'"
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[InProcessV2]:
     s = InProcessV2(
-        mlp_model(tmp_path / "mlp.onnx"), name="mlp", batch=BatchSettings(max_batch_size=4), http=True
+        mlp_model(tmp_path / "mlp.onnx"),
+        name="mlp",
+        batch=BatchSettings(max_batch_size=4, max_request_rows=4),
+        http=True,
     )
     try:
         yield s
@@ -94,7 +97,9 @@ def test_a_model_without_a_batch_dimension_is_not_capped(proto: str, tmp_path: P
     """max_batch_size 0: the first dimension is the model's own (16 rows here, past the micro-batch
     limit of 4), and a request of that shape is served."""
     path = mlp_model(tmp_path / "fixed.onnx", batch=False, rows=16)
-    served = InProcessV2(path, name="fixed", batch=BatchSettings(max_batch_size=4), http=True)
+    served = InProcessV2(
+        path, name="fixed", batch=BatchSettings(max_batch_size=4, max_request_rows=4), http=True
+    )
     module: Any = tg if proto == "grpc" else th
     client = _client(proto, served)
     try:
@@ -103,6 +108,28 @@ def test_a_model_without_a_batch_dimension_is_not_capped(proto: str, tmp_path: P
         assert int(config.get("max_batch_size", 0)) == 0
         x = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
         y = client.infer("fixed", [_input(module, x)]).as_numpy("y")
+        np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    finally:
+        client.close()
+        served.close()
+
+
+@pytest.mark.parametrize("proto", ["grpc", "http"])
+def test_by_default_a_request_may_carry_more_rows_than_the_micro_batch(proto: str, tmp_path: Path) -> None:
+    """The micro-batch size (8 by default) is what combined runs aim for, Triton's preferred batch
+    size; a client's 64-row request (the demo's) is served whole, and the ModelConfig advertises the
+    request cap (1024) as max_batch_size, which is what tritonclient users size batches from."""
+    path = mlp_model(tmp_path / "mlp.onnx")
+    served = InProcessV2(path, name="mlp", batch=BatchSettings(), http=True)
+    module: Any = tg if proto == "grpc" else th
+    client = _client(proto, served)
+    try:
+        config = client.get_model_config("mlp", **({"as_json": True} if proto == "grpc" else {}))
+        config = config["config"] if proto == "grpc" else config
+        assert int(config["max_batch_size"]) == 1024
+        assert [int(n) for n in config["dynamic_batching"]["preferred_batch_size"]] == [8]
+        x = np.random.default_rng(2).standard_normal((64, 4)).astype(np.float32)
+        y = client.infer("mlp", [_input(module, x)]).as_numpy("y")
         np.testing.assert_allclose(y, run_direct(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
     finally:
         client.close()

@@ -100,7 +100,7 @@ def test_stock_tritonclient_every_method(
     assert out["meta"]["name"] == "mlp" and out["meta"]["versions"] == ["1"]
     config = out["config"]["config"] if proto == "grpc" else out["config"]
     assert config["name"] == "mlp" and config["platform"] == "onnxruntime_onnx"
-    assert int(config["max_batch_size"]) == 8 and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert int(config["max_batch_size"]) == 1024 and config["input"][0]["data_type"] == "TYPE_FP32"
     index = out["index"]["models"] if proto == "grpc" else out["index"]
     assert [(m["name"], m["version"], m["state"]) for m in index] == [("mlp", "1", "READY")]
     model = art.root / "model.onnx"

@@ -80,7 +80,7 @@ CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], grpc.StatusCode, str]
     ("wrong trailing dim", lambda: _req(x=np.ones((2, 5), np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "[-1, 4]"),
     ("wrong rank", lambda: _req(x=np.ones((8,), np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "[-1, 4]"),
     ("raw bytes short of the shape", lambda: _declared([2, 4], raw=b"\0" * 28), grpc.StatusCode.INVALID_ARGUMENT, "expected 32"),
-    ("10^12 elements declared", lambda: _declared([250_000_000_000, 4]), grpc.StatusCode.INVALID_ARGUMENT, "batch-size must be <= 8"),
+    ("10^12 elements declared", lambda: _declared([250_000_000_000, 4]), grpc.StatusCode.INVALID_ARGUMENT, "batch-size must be <= 1024"),
     ("negative dim", lambda: _declared([-2, 4]), grpc.StatusCode.INVALID_ARGUMENT, "negative"),
     ("unknown datatype", lambda: _declared([2, 4], datatype="FP8"), grpc.StatusCode.INVALID_ARGUMENT, "got FP8"),
     ("BYTES to a float model", lambda: _bytes_tensor(8, [2, 4]), grpc.StatusCode.INVALID_ARGUMENT, "must be float32"),

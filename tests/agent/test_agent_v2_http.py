@@ -64,7 +64,7 @@ def test_health_metadata_config_stats_index(served: InProcessV2) -> None:
     assert _call(f"{u}/v2/models/mlp/ready")[0] == 200
     assert _call(f"{u}/v2/models/mlp/versions/4/ready")[0] == 400
     config = _json(f"{u}/v2/models/mlp/config")[1]
-    assert config["max_batch_size"] == 8 and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert config["max_batch_size"] == 1024 and config["input"][0]["data_type"] == "TYPE_FP32"
     assert config["input"][0]["dims"] == [4]
     stats = _json(f"{u}/v2/models/mlp/stats")[1]
     assert stats["model_stats"][0]["version"] == "5"
@@ -132,7 +132,7 @@ def test_binary_infer_in_and_out(served: InProcessV2) -> None:
         ("binary size past the body", lambda: _binary_request(X, size=4096), 400, "runs past the body"),
         ("bytes left over", lambda: _binary_request(X, extra=b"\0" * 8), 400, "do not add up"),
         ("wrong dtype", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [0, 0, 0, 0]}]}).encode(), {}), 400, "must be float32"),
-        ("10^12 elements", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [250000000000, 4], "datatype": "FP32", "data": [0]}]}).encode(), {}), 400, "batch-size must be <= 8"),
+        ("10^12 elements", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [250000000000, 4], "datatype": "FP32", "data": [0]}]}).encode(), {}), 400, "batch-size must be <= 1024"),
         ("BYTES to a float model", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": ["a", "b", "c", "d"]}]}).encode(), {}), 400, "must be float32"),
         ("a bool as a dimension", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [True, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}).encode(), {}), 400, "list of integers"),
         ("null in JSON data", lambda: (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, None, 0, 0]}]}).encode(), {}), 400, "must be numbers for FP32"),

@@ -40,11 +40,12 @@ def test_model_config_has_triton_shape(served: InProcessV2) -> None:
         "mlp",
         "onnxruntime_onnx",
         "onnxruntime",
-        8,
+        1024,  # the rows one request may carry; the micro-batch is the preferred size below
     )
     assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("x", mc.TYPE_FP32, [4])]
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("y", mc.TYPE_FP32, [3])]
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert list(config.dynamic_batching.preferred_batch_size) == [8]
     with pytest.raises(grpc.RpcError) as err:
         served.stub.ModelConfig(pb.ModelConfigRequest(name="mlp", version="7"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -58,7 +58,7 @@ def _huge_shape() -> pb.ModelInferRequest:
         # (decoding first turned the BYTES into 15.7 M objects and then said "got object").
         ("60 MiB BYTES for a float model", _bytes_flood, "must be float32 (V2 FP32), got BYTES"),
         ("64 MiB of the wrong dtype", _wrong_dtype, "must be float32 (V2 FP32), got FP64"),
-        ("10^12 elements declared", _huge_shape, "batch-size must be <= 8"),
+        ("10^12 elements declared", _huge_shape, "batch-size must be <= 1024"),
     ],
 )
 def test_oversized_v2_requests_are_refused_and_the_agent_keeps_serving(
