@@ -382,10 +382,11 @@ class Reconciler:
     def publish_report(self, heartbeat: bool = False) -> None:
         """Send the reported state; on a heartbeat, only if it says something new or is due again."""
         report = self.build_report()
-        if heartbeat and not self._sent.due(report):
+        content = RepeatedReports.content(report)
+        if heartbeat and not self._sent.due(content):
             return
         self.reporter.report(report)
-        self._sent.sent(report)
+        self._sent.sent(content)
         if heartbeat:
             self._event(Kind.EVENT_KIND_HEARTBEAT, "", "alive")
 

@@ -70,18 +70,19 @@ class RepeatedReports:
         self._last: tuple[bytes, float] | None = None  # (content, clock) of the last report sent
 
     @staticmethod
-    def _content(report: mpb.ReportedState) -> bytes:
-        content = mpb.ReportedState()
-        content.CopyFrom(report)
-        content.ClearField("reported_at")
-        return content.SerializeToString(deterministic=True)
+    def content(report: mpb.ReportedState) -> bytes:
+        """What a report says, its timestamp left out: two reports that say the same compare equal."""
+        copy = mpb.ReportedState()
+        copy.CopyFrom(report)
+        copy.ClearField("reported_at")
+        return copy.SerializeToString(deterministic=True)
 
-    def due(self, report: mpb.ReportedState) -> bool:
+    def due(self, content: bytes) -> bool:
         last = self._last
-        return last is None or last[0] != self._content(report) or self._clock() - last[1] >= self.idle_s
+        return last is None or last[0] != content or self._clock() - last[1] >= self.idle_s
 
-    def sent(self, report: mpb.ReportedState) -> None:
-        self._last = (self._content(report), self._clock())
+    def sent(self, content: bytes) -> None:
+        self._last = (content, self._clock())
 
 
 class StateReports:
