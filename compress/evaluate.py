@@ -115,7 +115,10 @@ class Evaluator:
         # Scoring uses every core: only the latency comparison needs one thread.
         session = cpu_session(reference, threads=0, providers=providers)
         try:
+            started = time.perf_counter()
             self._reference = run_model(session, data, batch=batch)
+            # What one full evaluation of a model like this one costs (a candidate's race is weighed against it).
+            self.reference_seconds = time.perf_counter() - started
         except Exception as exc:  # ORT's errors have no common base; any of them means the same here
             raise BadInputError(
                 f"the float model fails on the {data.source}: {describe(exc)}",

@@ -25,8 +25,9 @@ from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError
 from edgectl.compress.graph import probe_session
 from edgectl.compress.passes.gemm import MATMUL_MODES, write_gemms_as_matmul
-from edgectl.compress.passes.smooth import smooth
+from edgectl.compress.passes.smooth import smoothed
 from edgectl.compress.passes.stem import float_stem_nodes, pad_stem_channels, quantize_before_pad, stem_convs
+from edgectl.compress.perchannel import vectorized_per_channel
 from edgectl.devices import VNNI_FEATURES, cpu_flags
 
 # The concrete modes one model is quantized in, and what a recipe or --quantize may ask for.
@@ -130,9 +131,7 @@ def quantize(
     if config.smooth_alpha and config.mode != "fp16":
         if calib is None:
             raise BadInputError("SmoothQuant needs calibration data", hint="pass --calib FILE.npz")
-        smoothed = dst.with_name(dst.stem + ".smoothed.onnx")
-        smooth(src, smoothed, calib, alpha=config.smooth_alpha)
-        src = smoothed
+        src = smoothed(src, dst, calib, config.smooth_alpha, cache)
     if config.mode == "int8-static" and config.fmt == "QDQ":
         # One converted copy per source, beside the candidates: they share its calibration cache.
         src = _qdq_opset(src, dst.parent / f"{src.stem}.opset13.onnx")
@@ -148,16 +147,17 @@ def quantize(
     elif config.mode in WEIGHT_ONLY:
         _weight_only(src, dst, WEIGHT_ONLY[config.mode], exclude)
     elif config.mode == "int8-dynamic":
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            weight_type=qtype[config.weights],
-            nodes_to_exclude=exclude,
-            # Fused contrib ops (SkipLayerNormalization, ...) have no ONNX type inference.
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+        with vectorized_per_channel():
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                weight_type=qtype[config.weights],
+                nodes_to_exclude=exclude,
+                # Fused contrib ops (SkipLayerNormalization, ...) have no ONNX type inference.
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
     else:
         if calib is None:
             raise BadInputError("static INT8 needs calibration data", hint="pass --calib FILE.npz")
@@ -170,7 +170,7 @@ def quantize(
         op_types = _calibrated_op_types(src, config) if config.keep_float else None
         reuse = _calibration_cache(cache, src, config, quantize_static)
         # ORT's histogram calibrators print progress to stdout, which --json output must not carry.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), vectorized_per_channel():
             quantize_static(
                 str(src),
                 str(dst),

@@ -28,6 +28,7 @@ from edgectl.compress.passes.gemm import (
     linear_gemms,
     rewrite_changes,
 )
+from edgectl.compress.passes.pace import Pace, pace_for
 from edgectl.compress.passes.quant_modes import QuantizeConfig, candidates, resolve_modes
 from edgectl.compress.quantizer import (
     QuantConfig,
@@ -70,6 +71,7 @@ class QuantSearch:
         max_drop: float,
         progress: Progress,
         clock: StageClock | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self.evaluator = evaluator
         self.clock = clock or StageClock()
@@ -81,7 +83,10 @@ class QuantSearch:
         # Nodes static int8 leaves float by rule (node -> reason), and the first-slice size for pruning.
         self.keep_float: dict[str, str] = {}
         self.first_slice = QUICK_SLICE
-        self._cut: list[Trial] = []  # trials stopped on the first slice
+        self._cut: list[Trial] = []  # trials stopped on the first slice as hopeless
+        # Raced before their full evaluation (None: never): the clearly slower ones stop there.
+        self.pace = pace
+        self._slow: list[Trial] = []
 
     def trial(self, base: Path, config: QuantConfig, stage: str, note: str = "") -> Trial:
         """Quantize ``base`` per ``config`` and score it."""
@@ -111,17 +116,34 @@ class QuantSearch:
     def _score(self, trial: Trial) -> None:
         """Score on a first small slice; a drop far outside the budget there ends the trial (not timed)."""
         assert trial.path is not None
-        n = self.first_slice
+        path, n = trial.path, self.first_slice
         continuous = self.evaluator.scorer.continuous
-        quality, drop, stopped = self.evaluator.staged_quality(
-            trial.path, n, lambda d: self.gate.hopeless(d, continuous=continuous, samples=n)
-        )
+        slow: list[str] = []
+
+        def stop(drop: float) -> bool:
+            if self.gate.hopeless(drop, continuous=continuous, samples=n):
+                return True
+            why = self.pace.too_slow(path) if self.pace is not None else None
+            slow.extend([why] if why else [])
+            return bool(why)
+
+        quality, drop, stopped = self.evaluator.staged_quality(path, n, stop)
         trial.quality, trial.drop = quality, drop
         trial.passed = False if stopped else self.gate.admits(drop)
         if stopped:
-            self._cut.append(trial)
-            hopeless = f"hopeless: drop {drop:.4f} on the first {n} samples, not evaluated further"
-            trial.note = f"{trial.note}; {hopeless}" if trial.note else hopeless
+            (self._slow if slow else self._cut).append(trial)
+            why = (
+                slow[0]
+                if slow
+                else f"hopeless: drop {drop:.4f} on the first {n} samples, not evaluated further"
+            )
+            trial.note = f"{trial.note}; {why}" if trial.note else why
+        elif trial.passed and self.pace is not None:
+            self.pace.passed(trial)
+
+    def _fair(self, trials: list[Trial]) -> list[Trial]:
+        """``trials`` without those stopped for speed: their first-slice scores do not rank a mode."""
+        return [t for t in trials if not any(t is s for s in self._slow)]
 
     def run(
         self,
@@ -178,7 +200,7 @@ class QuantSearch:
             for mode in self._worth_escalating(mode_list, result.trials):
                 matmul = has_matmul or (gemms and mode in MATMUL_MODES)
                 self._escalate(base, step, mode, first, result, has_matmul=matmul)
-        result.best = _best_config(result.trials)
+        result.best = _best_config(self._fair(result.trials))
         result.mode = result.best.mode if result.best else result.mode
         return result
 
@@ -190,6 +212,7 @@ class QuantSearch:
         mode is still escalated: a calibration or smoothing variant may be what it lacked.
         """
         out: list[QuantMode] = []
+        trials = self._fair(trials)  # a mode raced slower than the leader is no faster after smoothing
         for mode in modes:
             own = [t for t in trials if t.config and t.config.get("mode") == mode and t.quality is not None]
             reachable = [t for t in own if t.drop is not None and self.gate.within_reach(t.drop)]
@@ -218,8 +241,12 @@ class QuantSearch:
     ) -> None:
         """Calibration, smoothing and granularity variants of ``mode``'s best config, until one passes."""
         own = [
-            t for t in result.trials if t.config and t.config.get("mode") == mode and t.quality is not None
+            t
+            for t in self._fair(result.trials)
+            if t.config and t.config.get("mode") == mode and t.quality is not None
         ]
+        if not own:
+            return
         best_trial = max(own, key=lambda t: t.quality.score if t.quality else -1.0)
         best = QuantConfig(**_config_args(best_trial.config))
         for variant in quality_variants(best, has_matmul=has_matmul):
@@ -287,7 +314,10 @@ class QuantizePass(CompressPass[QuantizeConfig]):
             floats = (state.base,) if state.base is not None else ()
             return PassResult(replace(state, candidates=state.candidates + floats), (), {"quantize": record})
         _refuse_quantized(state.model)
-        search = QuantSearch(ctx.evaluator, ctx.calib, ctx.work, ctx.gate.max_drop, ctx.progress, ctx.clock)
+        pace = pace_for(ctx, must_beat.path if must_beat else None, QUICK_SLICE)
+        search = QuantSearch(
+            ctx.evaluator, ctx.calib, ctx.work, ctx.gate.max_drop, ctx.progress, ctx.clock, pace
+        )
         if "int8-static" in modes and ctx.calib is not None:
             with ctx.clock.stage("quantize: find nodes kept float"):
                 search.keep_float = float_by_rule(state.model, ctx.calib)

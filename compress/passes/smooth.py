@@ -8,7 +8,9 @@ and scale weight row ``j`` by ``s_j``: the product is unchanged, both factors qu
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,20 @@ from edgectl.compress.data import SampleSet
 from edgectl.compress.graph import probe_session
 
 
-def smooth(src: Path, dst: Path, data: SampleSet, *, alpha: float = 0.5, samples: int = 32) -> int:
-    """Write the smoothed ``src`` to ``dst``; returns how many activations were smoothed."""
+def smooth(
+    src: Path,
+    dst: Path,
+    data: SampleSet,
+    *,
+    alpha: float = 0.5,
+    samples: int = 32,
+    maxima: Path | None = None,
+) -> int:
+    """Write the smoothed ``src`` to ``dst``; returns how many activations were smoothed.
+
+    ``maxima``: an .npz file of the activations' maxima on ``data``, read when it exists (they do not
+    depend on ``alpha``) and written after they were measured.
+    """
     model = onnx.load(str(src))
     inits = {i.name: i for i in model.graph.initializer}
     users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -32,13 +46,7 @@ def smooth(src: Path, dst: Path, data: SampleSet, *, alpha: float = 0.5, samples
     if not acts:
         onnx.save(model, str(dst))
         return 0
-    session, names = probe_session(model, acts)
-    amax: dict[str, np.ndarray] = {}
-    for feed in data.take(samples).batches(8):
-        for name, value in zip(names, session.run(None, feed), strict=True):
-            if name in acts:
-                v = np.abs(np.asarray(value)).reshape(-1, np.asarray(value).shape[-1]).max(axis=0)
-                amax[name] = np.maximum(amax.get(name, v), v)
+    amax = _activation_maxima(model, acts, data, samples, maxima)
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     done = 0
     for x, nodes in acts.items():
@@ -59,6 +67,51 @@ def smooth(src: Path, dst: Path, data: SampleSet, *, alpha: float = 0.5, samples
     _toposort(model)
     onnx.save(model, str(dst))
     return done
+
+
+def smoothed(src: Path, dst: Path, data: SampleSet, alpha: float, cache: Path | None) -> Path:
+    """``src`` after SmoothQuant at ``alpha``: with a ``cache`` folder, written once per source, samples
+    and alpha, and its activation maxima once per source and samples (the format candidates of a
+    search share the file, and so their calibration; another alpha reruns no model)."""
+    if cache is None:
+        out = dst.with_name(dst.stem + ".smoothed.onnx")
+        smooth(src, out, data, alpha=alpha)
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    stat = src.stat()
+    key = repr((str(src.resolve()), stat.st_mtime_ns, stat.st_size, data.source, data.count))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    out = cache / f"{digest}.smooth{alpha:g}.onnx"
+    if not out.exists():
+        part = out.with_name(out.name + ".part")  # a crash leaves no half-written model to reuse
+        smooth(src, part, data, alpha=alpha, maxima=cache / f"{digest}.amax.npz")
+        part.replace(out)
+    return out
+
+
+def _activation_maxima(
+    model: onnx.ModelProto, acts: Iterable[str], data: SampleSet, samples: int, maxima: Path | None
+) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of each activation in ``acts`` over the first ``samples`` of ``data``."""
+    wanted = set(acts)
+    if maxima is not None and maxima.exists():
+        with np.load(maxima, allow_pickle=False) as npz:  # tensor names are not safe npz keys
+            stored = {str(n): npz[f"a{i}"] for i, n in enumerate(npz["names"])}
+        if wanted <= set(stored):
+            return {name: stored[name] for name in wanted}
+    session, names = probe_session(model, wanted)
+    amax: dict[str, np.ndarray] = {}
+    for feed in data.take(samples).batches(8):
+        for name, value in zip(names, session.run(None, feed), strict=True):
+            if name in wanted:
+                v = np.abs(np.asarray(value)).reshape(-1, np.asarray(value).shape[-1]).max(axis=0)
+                amax[name] = np.maximum(amax.get(name, v), v)
+    if maxima is not None:
+        arrays = {f"a{i}": v for i, v in enumerate(amax.values())}
+        with maxima.with_name(maxima.name + ".part").open("wb") as f:
+            np.savez(f, names=np.array(list(amax)), **arrays)
+        maxima.with_name(maxima.name + ".part").replace(maxima)
+    return amax
 
 
 def _toposort(model: onnx.ModelProto) -> None:

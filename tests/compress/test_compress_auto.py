@@ -78,7 +78,9 @@ def test_static_calibration_survives_a_minus_inf_mask(tmp_path: Path) -> None:
         scores[name] = ev.quality(out).score
     # Without the rule the -inf enters an int8 range and the attention falls apart (what users saw).
     assert scores["no rule"] < 0.9
-    assert min(scores["minmax"], scores["percentile"], scores["entropy"]) > 0.999
+    # With it, int8 keeps the block: 0.9999 on AVX-512 VNNI, 0.9976 without VNNI, where ORT's U8S8
+    # kernels saturate the odd product (a host property, not the rule's).
+    assert min(scores["minmax"], scores["percentile"], scores["entropy"]) > 0.995
 
 
 def test_auto_writes_nothing_when_no_quantized_model_is_faster(tmp_path: Path) -> None:

@@ -146,6 +146,29 @@ def test_smoothquant_keeps_the_function_and_rescues_outlier_channels(tmp_path: P
     assert 1 - ev.quality(smoothed).score < 1 - ev.quality(plain).score
 
 
+def test_smoothing_is_done_once_per_alpha_for_every_format_of_a_search(tmp_path: Path) -> None:
+    """With a cache folder (as a search has), the format candidates share one smoothed model, and a
+    second alpha reuses the measured activation maxima: both give the models an uncached run gives."""
+    src = tmp_path / "mlp.onnx"
+    data = outlier_mlp(src)
+    cache = tmp_path / "cache"
+    base = QuantConfig("int8-dynamic", "QOperator", "u8", "s8", per_channel=True, smooth_alpha=0.7)
+    formats = [base, base.with_(activations="u8", weights="u8"), base.with_(reduce_range=True)]
+    for i, config in enumerate(formats):
+        quantize(src, tmp_path / f"cached{i}.onnx", config, data, cache=cache)
+        quantize(src, tmp_path / f"plain{i}.onnx", config, data)
+        cached, plain = onnx.load(str(tmp_path / f"cached{i}.onnx")), onnx.load(str(tmp_path / f"plain{i}.onnx"))
+        assert [i.raw_data for i in cached.graph.initializer] == [i.raw_data for i in plain.graph.initializer]
+    assert len(list(cache.glob("*.smooth0.7.onnx"))) == 1
+    assert len(list(cache.glob("*.amax.npz"))) == 1
+    quantize(src, tmp_path / "cached05.onnx", base.with_(smooth_alpha=0.5), data, cache=cache)
+    quantize(src, tmp_path / "plain05.onnx", base.with_(smooth_alpha=0.5), data)
+    cached, plain = onnx.load(str(tmp_path / "cached05.onnx")), onnx.load(str(tmp_path / "plain05.onnx"))
+    assert [i.raw_data for i in cached.graph.initializer] == [i.raw_data for i in plain.graph.initializer]
+    assert len(list(cache.glob("*.amax.npz"))) == 1 and len(list(cache.glob("*.smooth0.5.onnx"))) == 1
+    assert not list(cache.glob("*.part"))
+
+
 def test_cleanup_fuses_a_transformer_block_and_keeps_its_outputs(tmp_path: Path) -> None:
     import warnings
 
