@@ -21,7 +21,7 @@ from edgectl.compress.evaluate import Latency
 from edgectl.compress.graph import cpu_session
 from edgectl.compress.passes.cleanup import cleanup
 from edgectl.compress.passes.layout import LayoutConfig, fold_dequantize, refusal, rewrite
-from edgectl.compress.quantizer import QuantConfig, quantize
+from edgectl.compress.quantizer import QuantConfig, cpu_has_vnni, quantize
 from edgectl.devices import load_profile
 from tests.compress.conftest import ResidualCNN, nn, outlier_mlp, torch
 
@@ -41,7 +41,11 @@ def int8(src: Path, dst: Path, calib: np.ndarray, **changes: object) -> Path:
     """``src`` cleaned up and quantized as the pipeline's QOperator U8S8 per-channel candidate."""
     clean = dst.with_suffix(".clean.onnx")
     cleanup(src, clean)
-    config = QuantConfig("int8-static", "QOperator", "u8", "s8", per_channel=True).with_(**changes)
+    # Without VNNI, ORT's U8S8 kernels add pairs of products in saturating 16 bits, and the NCHW and
+    # NHWC kernels pair them differently: full-range weights then differ in the last bits between
+    # layouts. The search uses reduced-range weights there ("rr"), which cannot saturate.
+    config = QuantConfig("int8-static", "QOperator", "u8", "s8", per_channel=True)
+    config = config.with_(**{"reduce_range": not cpu_has_vnni(), **changes})
     quantize(clean, dst, config, SampleSet({"image": calib}, None, "calib"))
     return dst
 

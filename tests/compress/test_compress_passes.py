@@ -157,7 +157,10 @@ def test_smoothing_is_done_once_per_alpha_for_every_format_of_a_search(tmp_path:
     for i, config in enumerate(formats):
         quantize(src, tmp_path / f"cached{i}.onnx", config, data, cache=cache)
         quantize(src, tmp_path / f"plain{i}.onnx", config, data)
-        cached, plain = onnx.load(str(tmp_path / f"cached{i}.onnx")), onnx.load(str(tmp_path / f"plain{i}.onnx"))
+        cached, plain = (
+            onnx.load(str(tmp_path / f"cached{i}.onnx")),
+            onnx.load(str(tmp_path / f"plain{i}.onnx")),
+        )
         assert [i.raw_data for i in cached.graph.initializer] == [i.raw_data for i in plain.graph.initializer]
     assert len(list(cache.glob("*.smooth0.7.onnx"))) == 1
     assert len(list(cache.glob("*.amax.npz"))) == 1

@@ -88,6 +88,6 @@ def test_impossible_budget_on_resnet_writes_nothing(tmp_path: Path) -> None:
         "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz", "--max-drop", "0",
         "-o", tmp_path / "never", home=tmp_path / "cfg",
     )  # fmt: skip
-    assert code == 4 and doc["ok"] is False and "no candidate met --max-drop 0" in doc["error"]
+    assert code == 4 and doc["ok"] is False and "misses --max-drop 0" in doc["error"]
     assert [t["name"] for t in doc["trials"]][:2] == ["float (baseline)", "pruned 90%"]
     assert not (tmp_path / "never").exists()
