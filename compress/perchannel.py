@@ -17,7 +17,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-_EIGHT_BIT = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8}
+_EIGHT_BIT: dict[int, type[np.integer[Any]]] = {
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+}
 
 
 @contextlib.contextmanager

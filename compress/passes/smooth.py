@@ -109,7 +109,7 @@ def _activation_maxima(
     if maxima is not None:
         arrays = {f"a{i}": v for i, v in enumerate(amax.values())}
         with maxima.with_name(maxima.name + ".part").open("wb") as f:
-            np.savez(f, names=np.array(list(amax)), **arrays)
+            np.savez(f, names=np.array(list(amax)), **arrays)  # type: ignore[arg-type]
         maxima.with_name(maxima.name + ".part").replace(maxima)
     return amax
 
