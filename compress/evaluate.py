@@ -305,6 +305,8 @@ class Trial:
     macs: int | None = None
     params: int | None = None
     note: str = ""
+    # Raced before its full evaluation and clearly slower than the model it had to beat (not scored further).
+    raced_slower: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready row (no file paths: they point into a temporary folder)."""

@@ -242,6 +242,18 @@ class _Run:
         with self.clock.stage("model stats"):
             self._stats(state, feed)
         passing = [t for t in state.candidates if t.passed]
+        raced = [t for t in state.candidates if t.raced_slower]
+        if not passing and raced and state.must_beat is not None:
+            # Nothing passed and these stopped early: a race showed them clearly slower than the float model.
+            others = sum(1 for t in state.candidates if t.quality is not None and not t.raced_slower)
+            missed = f", the other {others} missed --max-drop {self.req.max_drop}" if others else ""
+            raise QualityGateError(
+                f"no quantized model is faster than the float model on {self.profile.name}: "
+                f"{len(raced)} raced clearly slower before their full evaluation ({raced[0].name}: {raced[0].note})"
+                f"{missed}; no artifact written",
+                hint="use --quantize none to package the float model, or raise --max-drop",
+                trials=[t.to_dict() for t in self.trials],
+            )
         if not passing:
             scored = [t for t in state.candidates if t.quality is not None]
             best = max(scored, key=lambda t: t.quality.score if t.quality else 0.0, default=None)

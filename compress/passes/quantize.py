@@ -132,6 +132,7 @@ class QuantSearch:
         trial.passed = False if stopped else self.gate.admits(drop)
         if stopped:
             (self._slow if slow else self._cut).append(trial)
+            trial.raced_slower = bool(slow)
             why = (
                 slow[0]
                 if slow

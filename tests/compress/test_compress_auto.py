@@ -108,6 +108,31 @@ def test_auto_writes_nothing_when_no_quantized_model_is_faster(tmp_path: Path) -
     assert written.chosen.passed and (tmp_path / "dyn" / "manifest.json").is_file()
 
 
+def test_auto_races_costly_candidates_first_and_says_when_all_were_slower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a full evaluation costs more than a race (here: always), each quantized candidate is raced
+    against the float model first; all clearly slower ones stop there and the refusal says so."""
+    from edgectl.compress.passes import pace
+
+    monkeypatch.setattr(pace, "WORTH_RACING_S", 0.0)
+    model = masked_attention(tmp_path / "attn.onnx")
+    evals = _npz(tmp_path / "eval.npz", token_samples(32, seed=2))
+
+    def float_fastest(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        return [Latency(1.0 if p == model or "clean" in p.name else 5.0, 1.0, 1) for p in models]
+
+    out = tmp_path / "out"
+    request = CompressRequest(model=str(model), out_dir=out, recipe=Recipe.from_options(quantize="auto"),
+                              eval=evals, max_drop=0.02, timer=float_fastest)  # fmt: skip
+    with pytest.raises(QualityGateError, match="raced clearly slower before their full evaluation") as caught:
+        run(request)
+    assert "--quantize none" in str(caught.value.hint) and not out.exists()
+    raced = [t for t in caught.value.trials if "raced first" in str(t["note"])]
+    assert raced and all(t["passed"] is False and t["quality"] is not None for t in raced)
+    assert all("for the float model" in str(t["note"]) for t in raced)
+
+
 def _ops(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
