@@ -11,6 +11,7 @@ is bit-identical to ORT's (tests compare both on the same weights); only the tim
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,31 +24,46 @@ _EIGHT_BIT: dict[int, type[np.integer[Any]]] = {
 }
 
 
+_lock = threading.Lock()
+_users = 0  # compress runs inside the context at once (threads of one process share ORT's class)
+_original: Any = None
+
+
 @contextlib.contextmanager
 def vectorized_per_channel() -> Iterator[None]:
-    """While inside, ORT's quantizer quantizes 8-bit per-channel weights with ``_per_channel``."""
+    """While inside, ORT's quantizer quantizes 8-bit per-channel weights with ``_per_channel``.
+
+    Reentrant and thread-safe: the first to enter patches ORT's class, the last to leave restores it.
+    """
     from onnxruntime.quantization.base_quantizer import BaseQuantizer
 
-    original = BaseQuantizer.quantize_weight_per_channel_impl
-
-    def patched(
-        self: Any,
-        weight_name: str,
-        weight_qType: int,
-        channel_axis: int,
-        reduce_range: bool = True,
-        keep_float_weight: bool = False,
-    ) -> tuple[str, str, str]:
-        done = _per_channel(self, weight_name, weight_qType, channel_axis, reduce_range, keep_float_weight)
-        if done is None:
-            return original(self, weight_name, weight_qType, channel_axis, reduce_range, keep_float_weight)  # type: ignore[no-any-return]
-        return done
-
-    BaseQuantizer.quantize_weight_per_channel_impl = patched  # type: ignore[method-assign]
+    global _users, _original
+    with _lock:
+        if _users == 0:
+            _original = BaseQuantizer.quantize_weight_per_channel_impl
+            BaseQuantizer.quantize_weight_per_channel_impl = _patched  # type: ignore[method-assign]
+        _users += 1
     try:
         yield
     finally:
-        BaseQuantizer.quantize_weight_per_channel_impl = original  # type: ignore[method-assign]
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                BaseQuantizer.quantize_weight_per_channel_impl = _original  # type: ignore[method-assign]
+
+
+def _patched(
+    self: Any,
+    weight_name: str,
+    weight_qType: int,
+    channel_axis: int,
+    reduce_range: bool = True,
+    keep_float_weight: bool = False,
+) -> tuple[str, str, str]:
+    done = _per_channel(self, weight_name, weight_qType, channel_axis, reduce_range, keep_float_weight)
+    if done is None:
+        return _original(self, weight_name, weight_qType, channel_axis, reduce_range, keep_float_weight)  # type: ignore[no-any-return]
+    return done
 
 
 def quantize_channels(

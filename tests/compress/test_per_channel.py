@@ -106,3 +106,31 @@ def test_the_patch_is_removed_on_exit_even_after_an_error() -> None:
         assert BaseQuantizer.quantize_weight_per_channel_impl is not before
         raise RuntimeError("boom")
     assert BaseQuantizer.quantize_weight_per_channel_impl is before
+
+
+def test_nested_and_concurrent_uses_restore_orts_method_once_all_have_left(tmp_path: Path) -> None:
+    import threading
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.base_quantizer import BaseQuantizer
+
+    before = BaseQuantizer.quantize_weight_per_channel_impl
+    src, _ = _model(tmp_path / "m.onnx", seed=3)
+    errors: list[BaseException] = []
+
+    def build(i: int) -> None:
+        try:
+            with vectorized_per_channel(), vectorized_per_channel():
+                quantize_dynamic(str(src), str(tmp_path / f"t{i}.onnx"), per_channel=True,
+                                 weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])  # fmt: skip
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert BaseQuantizer.quantize_weight_per_channel_impl is before
+    assert len({(tmp_path / f"t{i}.onnx").read_bytes() for i in range(4)}) == 1
