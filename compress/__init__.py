@@ -10,7 +10,8 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
   ``export``, ``smooth``, ``stem`` and ``channels_last`` are the torch exporter, SmoothQuant, the
   image-stem rewrites (padded to 4 channels or kept float) and the NHWC rewrite of int8 graphs the
   stages and passes call; ``quant_modes`` is what the quantize pass may try on a target (its
-  config, the modes a profile runs, each mode's first candidates).
+  config, the modes a profile runs, each mode's first candidates); ``pace`` races a candidate against
+  the model it must beat before its costly full evaluation.
 - ``source``: where the float model comes from (ONNX file, ``.pt2``, factory, ``nn.Module``).
 - ``data``: calibration and evaluation ``.npz`` files, checked against the model's inputs.
 - ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).
@@ -18,6 +19,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``evaluate``: the evaluator every model goes through, the quality gate, interleaved latency.
 - ``choice``: which timed model ships (the fastest passing one) and the providers timing runs on.
 - ``quantizer``: one quantized model with ORT's quantizer; the modes; nodes kept float by rule.
+- ``perchannel``: 8-bit per-channel weights in one array operation, bit-identical to ORT's loop.
 - ``sensitivity``: per-node quantization error, the ranking mixed precision keeps float from.
 - ``channel_groups``: which channels structured pruning must remove together.
 - ``recover``: pruning a torch model with Torch-Pruning and distilling it back (``--train``).
