@@ -10,7 +10,6 @@ The default is ``top1`` when the evaluation data has labels, else ``cosine``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgectl.compress.errors import BadInputError
+from edgectl.compress.user_code import import_user_module
 
 UserMetric = Callable[[Mapping[str, np.ndarray], list[np.ndarray], list[np.ndarray]], float]
 
@@ -158,11 +158,11 @@ def parse_metric(spec: str | None, *, input_names: Sequence[str], has_labels: bo
             hint="e.g. --metric mypkg.quality:pooled_cosine",
         )
     try:
-        function = getattr(importlib.import_module(module_name), attr)
+        function = getattr(import_user_module(module_name), attr)
     except Exception as exc:  # ImportError, AttributeError, or the module's own import-time error
         raise BadInputError(
             f"--metric {spec}: cannot import it ({type(exc).__name__}: {exc})",
-            hint="check the module is on PYTHONPATH and defines the function",
+            hint="check the module is in the current directory or on PYTHONPATH and defines the function",
         ) from exc
     if not callable(function):
         raise BadInputError(f"--metric {spec} is a {type(function).__name__}, not a function")

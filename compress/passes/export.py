@@ -9,7 +9,6 @@ torch is imported here and only here, so compressing an ONNX file never needs it
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import io
 import logging
@@ -23,6 +22,7 @@ import numpy as np
 
 from edgectl.compress.errors import BadInputError, ExportError, ParityError, describe
 from edgectl.compress.graph import cpu_session
+from edgectl.compress.user_code import import_user_module
 
 if TYPE_CHECKING:
     import torch
@@ -57,9 +57,12 @@ def load_factory(spec: str, state_dict: Path | None = None) -> torch.nn.Module:
     if not mod_name or not attr:
         raise BadInputError(f"{spec!r} is not package.module:factory", hint="e.g. mypkg.models:build_net")
     try:
-        factory = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise BadInputError(f"cannot import {spec}: {exc}", hint="check the module is on PYTHONPATH") from exc
+        factory = getattr(import_user_module(mod_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, a SyntaxError, the module's own import-time error
+        raise BadInputError(
+            f"cannot import {spec}: {describe(exc)}",
+            hint="check the module is in the current directory or on PYTHONPATH and imports cleanly",
+        ) from exc
     if not callable(factory):
         raise BadInputError(f"{spec} is a {type(factory).__name__}, not a function", hint="name a factory")
     try:
