@@ -283,6 +283,7 @@ def _train(
     rng = np.random.default_rng(seed)
     steps = max(1, math.ceil(data.count / batch))
     started, done, last = time.perf_counter(), 0, float("nan")
+    shown = -1  # the bar's fill last shown: a log gets a line per twentieth, not one per step
     for epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(data.count))
         total = 0.0
@@ -305,9 +306,11 @@ def _train(
             optimizer.step()
             total += float(loss.detach())
             filled = int(20 * (epoch * steps + step + 1) / (epochs * steps))
-            progress(
-                f"recovering [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{epochs} loss {total / (step + 1):.4f}"
-            )
+            if filled != shown or step == steps - 1:
+                shown = filled
+                progress(
+                    f"recovering [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{epochs} loss {total / (step + 1):.4f}"
+                )
         done, last = epoch + 1, total / steps
         if time.perf_counter() - started > time_budget_s:
             break  # the budget bounds the run; the epochs done so far are kept

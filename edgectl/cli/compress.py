@@ -53,8 +53,9 @@ def _stage_printer() -> Callable[[str], None]:
     start = time.monotonic()
 
     def show(msg: str) -> None:
+        # A Text, not markup: "recovering [####....]" read as a style tag and the bar vanished.
         err_console.print(
-            f"compress [{time.monotonic() - start:5.1f}s] {msg}", highlight=False, soft_wrap=True
+            Text(f"compress [{time.monotonic() - start:5.1f}s] {msg}"), highlight=False, soft_wrap=True
         )
 
     return show
@@ -184,7 +185,9 @@ def compress(
             result = run(request, _stage_printer())  # a log or CI: one line per stage, not a spinner
         else:
             with err_console.status("compressing", spinner="dots") as status:
-                result = run(request, lambda msg: status.update(f"[bold]compress[/] {msg}"))
+                result = run(
+                    request, lambda msg: status.update(Text.assemble(("compress", "bold"), " ", msg))
+                )
     except QualityGateError as exc:
         if as_json:
             print_json({"ok": False, "error": str(exc), "notes": exc.notes, "trials": exc.trials})
