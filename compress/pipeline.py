@@ -185,6 +185,10 @@ class _Run:
                 state = result.state
                 self.trials += result.trials
                 self.record.update(result.record)
+                untrained = result.record.get("recovery", {}).get("reason")
+                if untrained:  # a progress line vanishes under the spinner: --train not used is a note
+                    self.notes.append(f"--train: {untrained}")
+                    self.record["notes"] = self.notes
                 self.ran.append(kind)
         return state
 
@@ -204,8 +208,8 @@ class _Run:
                 f"the pruned float model already misses --max-drop {self.req.max_drop} "
                 f"({self.ctx.evaluator.metric}: drop {state.base.drop:.4f}, {state.base.name}); nothing was "
                 "quantized on top of it; no artifact written",
-                hint="prune less, add --train FILE.npz to recover accuracy (torch models), use --prune auto, "
-                "or raise --max-drop",
+                hint=f"prune less, {_recovery_hint(self.req.train is not None, self.ctx.torch_model is not None)}, "
+                "use --prune auto, or raise --max-drop",
                 trials=[t.to_dict() for t in self.trials],
             )
         only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
@@ -343,6 +347,13 @@ class _Run:
             self.notes,
             self.clock.to_list(),
         )
+
+
+def _recovery_hint(train: bool, torch_model: bool) -> str:
+    """What recovers a pruned model's accuracy from here: --train, more epochs, or a PyTorch model."""
+    if train:
+        return "raise --finetune-epochs" if torch_model else "pass a package.module:factory for --train"
+    return "add --train FILE.npz to recover accuracy (torch models)"
 
 
 def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

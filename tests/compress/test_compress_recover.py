@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from edgectl.compress.digits import INPUT_NAME, digits_data
+from edgectl.compress.errors import QualityGateError
 from edgectl.compress.pipeline import compress_module
 from edgectl.compress.recipe import Recipe
 from tests.compress.test_compress_cli import invoke
@@ -145,3 +147,28 @@ def test_torch_pruning_keeps_the_nearest_block_like_graph_pruning() -> None:
         widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
         assert widths == [kept_channels(32, ratio, 8), kept_channels(64, ratio, 8)], (ratio, widths)
     assert kept_channels(32, 0.3, 8) == 24 and kept_channels(64, 0.3, 8) == 48
+
+
+def test_a_pruned_model_missing_the_budget_is_told_the_next_step_that_fits_what_was_given(
+    digits: dict[str, Any], tmp_path: Path
+) -> None:
+    x_train, y_train, _, _ = digits_data()
+    np.savez(tmp_path / "train.npz", **{INPUT_NAME: x_train[:64], "labels": y_train[:64]})  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    # ONNX + --train: the hint said "add --train FILE.npz", which was given, and why --train did nothing
+    # was a progress line the spinner overwrote.
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "0.75", "--quantize", "none",
+                        "--train", tmp_path / "train.npz", "--eval", digits["eval"], "--max-drop", "0", "-o", out)  # fmt: skip
+    flat = " ".join(text.split())
+    assert code == 4, text
+    assert "note: --train: recovery training needs the model as PyTorch" in flat
+    assert "pass a package.module:factory for --train" in flat and "add --train" not in flat
+    assert not out.exists()
+    # A torch model that --train did recover, short of the budget: more epochs is the next step.
+    with pytest.raises(QualityGateError) as caught:
+        compress_module(
+            digits["model"], out, profile="x86-cpu-vnni", eval=digits["eval"], train=tmp_path / "train.npz",
+            max_drop=0.0, recipe=Recipe.from_options(quantize="none", prune=0.75, finetune_epochs=1),
+        )  # fmt: skip
+    assert "raise --finetune-epochs" in (caught.value.hint or "") and "add --train" not in str(caught.value)
+    assert not out.exists()
