@@ -77,6 +77,7 @@ class Metric:
         if self.name == "top1":
             if labels is None:
                 raise BadInputError("--metric top1 needs labels", hint="save labels=... in the --eval npz")
+            _check_class_scores(reference[0], labels)
             pred = outputs[0].reshape(outputs[0].shape[0], -1).argmax(axis=1)
             return Quality("top1", float((pred == labels).mean()), float(cos.min()))
         if self.mask_input is not None:
@@ -109,6 +110,25 @@ class Metric:
                 f"--metric {self.name} returned {float(value)}", hint="return a finite number"
             )
         return float(value)
+
+
+def _check_class_scores(output: np.ndarray, labels: np.ndarray) -> None:
+    """top-1 compares labels with the first output's argmax: it must be ``[batch, classes]`` (axes of 1
+    aside) and hold every label, or the float model scores 0 and any candidate "keeps" that score."""
+    wide = [d for d in output.shape[1:] if d != 1]
+    classes = wide[0] if len(wide) == 1 else 0
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if classes and low >= 0 and high < classes:
+        return
+    what = (
+        f"{classes} classes" if classes else f"shape {tuple(output.shape[1:])} per sample, not class scores"
+    )
+    raise BadInputError(
+        f"top1 compares the labels (ids {low}..{high}) with the first output's argmax, and that output has "
+        f"{what}",
+        hint="save labels as class ids 0..classes-1, or pick another metric: --metric cosine, "
+        "masked-cosine:INPUT or module:function",
+    )
 
 
 def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -80,3 +80,35 @@ def test_masked_cosine_pools_over_real_tokens_only() -> None:
     # A model that pools itself ([n, dim]) is compared as it is.
     flat = [reference[0].mean(axis=1)]
     assert pooled.score(inputs, None, flat, [flat[0] * 3]).score == pytest.approx(1.0)
+
+
+def test_labels_that_are_not_the_outputs_classes_are_refused_not_scored_zero(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    # Labels 10..19 for a 10-class model: the float model scored top-1 0.0, every int8 model "kept" it,
+    # and an artifact was written behind a gate that measured nothing.
+    labels = np.arange(len(images), dtype=np.int64) % 10 + 10
+    np.savez(tmp_path / "eval.npz", image=images, labels=labels)
+    out = tmp_path / "out"
+    code, text = invoke(tiny_onnx, "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval",
+                        tmp_path / "eval.npz", "-o", out)  # fmt: skip
+    flat = " ".join(text.split())
+    assert code == 2, text
+    assert (
+        "top1 compares the labels (ids 10..19) with the first output's argmax, and that output has 10 classes"
+        in flat
+    )
+    assert not out.exists()
+
+
+def test_top1_on_an_output_that_is_not_class_scores_is_refused() -> None:
+    from edgectl.compress.errors import BadInputError
+    from edgectl.compress.metrics import parse_metric
+
+    top1 = parse_metric(None, input_names=["ids"], has_labels=True)  # labels given: top1 by default
+    tokens = np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)
+    with pytest.raises(BadInputError, match=r"has shape \(6, 8\) per sample, not class scores"):
+        top1.score({"ids": np.zeros((4, 6))}, np.zeros(4, np.int64), [tokens], [tokens])
+    # [batch, classes, 1, 1] (a conv head) is class scores.
+    scores = np.eye(4, dtype=np.float32)[:, :, None, None]
+    assert top1.score({}, np.arange(4), [scores], [scores]).score == 1.0
