@@ -145,7 +145,15 @@ def prune_torch(
             f"Torch-Pruning cannot prune this model ({describe(exc, 200)})",
             hint="pass the model as ONNX to prune on the graph (bias recalibration instead of training)",
         ) from exc
-    before, after = _shapes(module, example), _shapes(student, example)
+    before = _shapes(module, example)
+    try:
+        after = _shapes(student, example)
+    except Exception as exc:  # the user's forward() on the pruned layers: any error is the refusal
+        raise PruneRefusedError(
+            f"the model Torch-Pruning pruned no longer runs ({describe(exc, 200)}): its forward() reshapes "
+            "by a width the pruning changed (attention heads split with view(), a hard-coded size)",
+            hint="drop --prune, or compute such shapes from the tensors (e.g. view(n, t, heads, -1))",
+        ) from exc
     if before != after:
         # A head the dependency graph let it prune: the artifact would answer in another shape.
         raise PruneRefusedError(
