@@ -11,7 +11,6 @@ here and in ``passes/export.py`` only.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import BadInputError, PruneRefusedError, describe
+from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedError, describe
 from edgectl.compress.passes.export import plain_attention
 
 if TYPE_CHECKING:
@@ -289,23 +288,31 @@ def _train(
         _check_labels(labels, teacher, [x[:2].to(device) for x in inputs])
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
-    steps = max(1, math.ceil(data.count / batch))
+    # A lone last sample joins the batch before it: BatchNorm cannot train on a batch of one.
+    steps = max(1, data.count // batch + (data.count % batch > 1))
     started, done, last = time.perf_counter(), 0, float("nan")
     shown = -1  # the bar's fill last shown: a log gets a line per twentieth, not one per step
     for epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(data.count))
         total = 0.0
         for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch]
+            idx = order[step * batch : None if step == steps - 1 else (step + 1) * batch]
             args = [x[idx].to(device) for x in inputs]
             with torch.no_grad(), plain_attention():  # the student (training) computes padded tokens too
                 targets = _outputs(teacher(*args))
             # Every head is distilled (a detector's boxes as well as its classes); labels score the first.
             given = None if labels is None else labels[idx].to(device)
+            try:
+                outs = _outputs(student(*args))
+            except Exception as exc:  # the user's forward() in training mode
+                raise CompressError(
+                    f"recovery training failed on a batch of {len(idx)} sample(s): {describe(exc, 200)}",
+                    hint="the model must run in train() mode on batches of that size; or drop --train",
+                ) from exc
             loss = sum(
                 (
                     _loss(got, want, given if i == 0 else None, temperature)
-                    for i, (got, want) in enumerate(zip(_outputs(student(*args)), targets, strict=True))
+                    for i, (got, want) in enumerate(zip(outs, targets, strict=True))
                 ),
                 torch.zeros((), device=device),
             )

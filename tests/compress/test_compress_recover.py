@@ -172,3 +172,30 @@ def test_a_pruned_model_missing_the_budget_is_told_the_next_step_that_fits_what_
         )  # fmt: skip
     assert "raise --finetune-epochs" in (caught.value.hint or "") and "add --train" not in str(caught.value)
     assert not out.exists()
+
+
+def test_recovery_trains_a_batchnorm1d_model_on_a_count_one_past_the_batch_size() -> None:
+    import torch
+
+    from edgectl.compress.data import SampleSet
+    from edgectl.compress.errors import CompressError
+    from edgectl.compress.recover import recover
+
+    torch.manual_seed(0)
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+
+    teacher = net().eval()
+    x = np.random.default_rng(0).standard_normal((17, 8)).astype(np.float32)
+    # 17 samples in batches of 8 left a last batch of one: "Expected more than 1 value per channel when
+    # training", a traceback out of the pipeline.
+    done, loss, _ = recover(net(), teacher, SampleSet({"x": x}, None, "t"), ["x"], epochs=2,
+                            time_budget_s=60, progress=lambda _m: None, batch=8)  # fmt: skip
+    assert done == 2 and np.isfinite(loss)
+    # One sample in all cannot train BatchNorm: said in one line.
+    with pytest.raises(
+        CompressError, match=r"recovery training failed on a batch of 1 sample\(s\): ValueError"
+    ):
+        recover(net(), teacher, SampleSet({"x": x[:1]}, None, "t"), ["x"], epochs=1, time_budget_s=60,
+                progress=lambda _m: None)  # fmt: skip
