@@ -93,12 +93,19 @@ class Metric:
         self, inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
     ) -> float:
         assert self.function is not None
+        # Read-only views: the reference outputs and inputs are shared by every candidate, and a function
+        # that changed them in place (``d = ref[0]; d -= out[0]``) scored the rest against garbage.
         try:
-            value = self.function(dict(inputs), list(reference), list(outputs))
+            value = self.function(
+                {k: _read_only(v) for k, v in inputs.items()},
+                [_read_only(r) for r in reference],
+                [_read_only(o) for o in outputs],
+            )
         except Exception as exc:
             raise BadInputError(
                 f"--metric {self.name} raised {type(exc).__name__}: {exc}",
-                hint="fix the function: it gets (inputs dict, reference outputs list, outputs list)",
+                hint="fix the function: it gets (inputs dict, reference outputs list, outputs list) as "
+                "read-only arrays (copy one before changing it in place)",
             ) from exc
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
             raise BadInputError(
@@ -110,6 +117,12 @@ class Metric:
                 f"--metric {self.name} returned {float(value)}", hint="return a finite number"
             )
         return float(value)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def _check_class_scores(output: np.ndarray, labels: np.ndarray) -> None:

@@ -39,3 +39,12 @@ def negative_max_error_any(
 ) -> float:
     """``negative_max_error`` for a model with any inputs: anything but the float outputs scores below 0."""
     return -float(max(np.abs(r - o).max() for r, o in zip(reference, outputs, strict=True)))
+
+
+def error_in_place(
+    inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
+) -> float:
+    """A metric that reuses the reference's memory for the error: every later candidate saw that error."""
+    error = reference[0]
+    error -= outputs[0]
+    return -float(np.abs(error).mean())

@@ -33,6 +33,11 @@ def test_a_users_metric_gates_the_artifact_and_is_recorded(
         ("tests.compress.metric_fns:explodes", "metric_fns:explodes raised KeyError"),
         ("tests.compress.metric_fns:not_a_number", "metric_fns:not_a_number returned nan"),
         ("tests.compress.metric_fns:a_string", "metric_fns:a_string returned str, not a float"),
+        # It changed the shared reference outputs in place; later candidates were scored against that.
+        (
+            "tests.compress.metric_fns:error_in_place",
+            "error_in_place raised ValueError: output array is read-only",
+        ),
         ("tests.compress.metric_fns:missing", "metric_fns:missing: cannot import it"),
         ("no_such_package.metrics:score", "no_such_package.metrics:score: cannot import it"),
         ("masked-cosine:attention_mask", "the model has no input 'attention_mask'"),
