@@ -244,8 +244,10 @@ class PrunePass(CompressPass[PruneConfig]):
             return self._prune(state, config, ctx)
         started, trials = time.perf_counter(), list[Trial]()
         result = PassResult(state)
-        auto: dict[str, Any] = {"tried": sorted(config.ratios, reverse=True), "kept": None}
-        for ratio in auto["tried"]:
+        # Only the ratios tried: the search stops at the first that passes, a refusal, or its time.
+        auto: dict[str, Any] = {"tried": [], "kept": None}
+        for ratio in sorted(config.ratios, reverse=True):
+            auto["tried"].append(ratio)
             try:
                 result = self._prune(state, replace(config, ratio=ratio, ratios=()), ctx)
             except PruneRefusedError as exc:

@@ -199,3 +199,16 @@ def test_recovery_trains_a_batchnorm1d_model_on_a_count_one_past_the_batch_size(
     ):
         recover(net(), teacher, SampleSet({"x": x[:1]}, None, "t"), ["x"], epochs=1, time_budget_s=60,
                 progress=lambda _m: None)  # fmt: skip
+
+
+def test_prune_auto_records_only_the_ratios_it_tried(digits: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # Any drop passes: the first (largest) ratio is kept and no other is built. The manifest listed all four.
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "auto", "--quantize", "none",
+                        "--calib", digits["calib"], "--eval", digits["eval"], "--max-drop", "1", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    assert [t["name"] for t in json.loads(text)["metrics"]["trials"] if t["stage"] == "prune"] == [
+        "pruned 88%"
+    ]
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["prune"]
+    assert record["auto"] == {"tried": [0.875], "kept": "pruned 88%"}
