@@ -13,7 +13,7 @@ import inspect
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -102,10 +102,25 @@ def load_program(path: Path) -> tuple[torch.nn.Module, list[str], Any]:
     return program.module(), names, program
 
 
-def input_names(module: torch.nn.Module) -> list[str]:
-    """The model's input names: the parameters of ``forward``, in order."""
+def input_names(module: torch.nn.Module, given: Collection[str] = ()) -> list[str]:
+    """The model's input names: the parameters of ``forward``, in order, up to the first one with a
+    default that ``given`` (the sample arrays' names) lacks; that one and those after keep their defaults."""
     params = inspect.signature(module.forward).parameters.values()
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names: list[str] = []
+    for i, p in enumerate(positional):
+        if p.default is not p.empty and p.name not in given:
+            # forward(input_ids, attention_mask=None, token_type_ids=None, ...): optional inputs the data
+            # leaves out are not inputs (a flag like return_dict never could be one).
+            later = [q.name for q in positional[i + 1 :] if q.name in given]
+            if later:
+                raise BadInputError(
+                    f"the sample data has {', '.join(later)} but not {p.name}, which forward() takes before it",
+                    hint=f"save {p.name} too, or wrap the model so its forward() takes the inputs you have",
+                )
+            break
+        names.append(p.name)
+    return names
 
 
 def _example(arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -153,7 +168,7 @@ def export_module(
     import torch
 
     cfg = config or ExportConfig()
-    names = names or input_names(module)
+    names = names or input_names(module, arrays)
     if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
         arrays = {names[0]: next(iter(arrays.values()))}  # one input, one array: no ambiguity
     missing = [n for n in names if n not in arrays]

@@ -65,3 +65,28 @@ def test_a_metric_beside_the_user_is_found_without_pythonpath(
                         "--json")  # fmt: skip
     assert code == 0, text
     assert json.loads(text)["metrics"]["quality_metric"] == "mymetric_c:agree"
+
+
+def test_a_forward_with_optional_parameters_takes_only_the_inputs_the_data_has(tmp_path: Path) -> None:
+    # forward(pixel_values, mask=None, return_dict=False) asked for arrays named mask and return_dict.
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    out = tmp_path / "out"
+    code, text = invoke("tests.compress.model_factories:optional_inputs", "--eval", tmp_path / "d.npz",
+                        "--quantize", "none", "--max-drop", "1", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    assert json.loads(text)["notes"] == [
+        "evaluation file d.npz: used its only array 'x' for the model input 'pixel_values'"
+    ]
+    inputs = json.loads((out / "manifest.json").read_text())["inputs"]
+    assert [i["name"] for i in inputs] == ["pixel_values"]
+
+
+def test_an_optional_input_after_one_the_data_lacks_is_named() -> None:
+    from edgectl.compress.errors import BadInputError
+    from edgectl.compress.passes.export import input_names
+    from tests.compress.model_factories import optional_inputs
+
+    net = optional_inputs()
+    assert input_names(net, ["pixel_values", "mask"]) == ["pixel_values", "mask"]
+    with pytest.raises(BadInputError, match="has return_dict but not mask, which forward"):
+        input_names(net, ["pixel_values", "return_dict"])
