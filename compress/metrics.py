@@ -89,6 +89,25 @@ class Metric:
             return Quality(self.name, self._call(inputs, reference, outputs), float(cos.min()))
         return Quality("cosine", float(cos.mean()), float(cos.min()))
 
+    def check_best_at_reference(
+        self, inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], baseline: Quality
+    ) -> None:
+        """A user's function must score the float model's own outputs best: if the same outputs handed to
+        the wrong samples score higher, it measures an error (lower is better) and would pass anything."""
+        if self.function is None or reference[0].shape[0] < 2:
+            return
+        try:
+            shifted = self._call(inputs, reference, [np.roll(r, 1, axis=0) for r in reference])
+        except BadInputError:
+            return  # the candidates' scores will say what is wrong with it
+        if shifted - baseline.score > 1e-6 * max(1.0, abs(baseline.score)):
+            raise BadInputError(
+                f"--metric {self.name} scores the float model's outputs, shifted by one sample, higher "
+                f"({shifted:.6g}) than in place ({baseline.score:.6g}): it must score the float model's own "
+                "outputs best, and every candidate would pass",
+                hint="if it returns an error or a loss (lower is better), return its negative",
+            )
+
     def _call(
         self, inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
     ) -> float:

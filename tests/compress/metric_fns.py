@@ -48,3 +48,10 @@ def error_in_place(
     error = reference[0]
     error -= outputs[0]
     return -float(np.abs(error).mean())
+
+
+def squared_error(
+    inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
+) -> float:
+    """An error, lower is better: 0 for the float model, so every candidate "gained" quality."""
+    return float(np.mean((reference[0] - outputs[0]) ** 2))

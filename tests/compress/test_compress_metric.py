@@ -38,6 +38,11 @@ def test_a_users_metric_gates_the_artifact_and_is_recorded(
             "tests.compress.metric_fns:error_in_place",
             "error_in_place raised ValueError: output array is read-only",
         ),
+        # Lower is better: every candidate scored above the float model and passed.
+        (
+            "tests.compress.metric_fns:squared_error",
+            "squared_error scores the float model's outputs, shifted by one sample, higher",
+        ),
         ("tests.compress.metric_fns:missing", "metric_fns:missing: cannot import it"),
         ("no_such_package.metrics:score", "no_such_package.metrics:score: cannot import it"),
         ("masked-cosine:attention_mask", "the model has no input 'attention_mask'"),
