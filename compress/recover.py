@@ -1,7 +1,7 @@
 """Structured pruning in PyTorch that recovers its accuracy: Torch-Pruning, then knowledge distillation.
 
-For models given as PyTorch (a factory, a ``.pt2`` program, or an ``nn.Module`` through the Python
-API) with ``--train`` data: Torch-Pruning's dependency graph removes ``ratio`` of the channels of
+For models given as PyTorch (a factory or an ``nn.Module`` through the Python API; a ``.pt2``
+program's unlifted module has no layers Torch-Pruning can see, and is refused) with ``--train`` data: Torch-Pruning's dependency graph removes ``ratio`` of the channels of
 every prunable group (the classifier head keeps its outputs), then the pruned student is trained
 against the float model as teacher (softened-logit KL, plus cross-entropy where the data has
 labels) for a bounded number of epochs and seconds, on CUDA when there is one. torch is imported

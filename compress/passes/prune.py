@@ -284,8 +284,9 @@ class PrunePass(CompressPass[PruneConfig]):
         if ctx.train is not None and config.kind == "structured":
             record["recovery"] = {
                 "trained": False,
-                "reason": "recovery training needs the model as PyTorch (factory, .pt2 or the Python API); "
-                "an ONNX input gets bias recalibration only",
+                # Not .pt2: a torch.export program hides its nn.Conv/nn.Linear layers from Torch-Pruning.
+                "reason": "recovery training needs the model as PyTorch (package.module:factory with "
+                "--state-dict, or the Python API); an ONNX input gets bias recalibration only",
             }
         if config.kind == "unstructured":
             sparse = ctx.profile.sparsity.structured_2_4
