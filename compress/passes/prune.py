@@ -21,10 +21,11 @@ from onnx import helper, numpy_helper
 
 from edgectl.compress.channel_groups import ChannelGroup, channel_groups
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import PruneRefusedError
+from edgectl.compress.errors import BadInputError, PruneRefusedError
 from edgectl.compress.evaluate import Trial
 from edgectl.compress.graph import cpu_session, load
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
+from edgectl.devices import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,18 @@ class PrunePass(CompressPass[PruneConfig]):
     name = "prune"
     stage = "float"
     config = PruneConfig
+
+    def check(self, config: PruneConfig, profile: DeviceProfile, *, has_calib: bool) -> None:
+        """A recipe's ratio outside [0, 1), no recovery epochs or a block under one channel fails before
+        the export, not (exit 1, or a division by zero) after it."""
+        bad = [r for r in (config.ratio, *config.ratios) if not 0.0 <= r < 1.0]
+        if bad:
+            raise BadInputError(f"prune: ratio must be a fraction in [0, 1), got {bad[0]}", hint="e.g. 0.5")
+        if config.finetune_epochs < 1 or not config.finetune_seconds > 0 or config.round_to < 1:
+            raise BadInputError(
+                "prune: finetune_epochs and round_to must be at least 1 and finetune_seconds above 0, got "
+                f"{config.finetune_epochs}, {config.round_to} and {config.finetune_seconds}"
+            )
 
     def run(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
         """Write the pruned (and fine-tuned) model; with ``ratios``, the largest ratio that passes."""

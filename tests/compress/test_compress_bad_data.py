@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.compress.test_compress_cli import invoke
@@ -103,3 +104,25 @@ def test_a_quantize_mode_the_target_cannot_run_is_refused_before_the_model_is_lo
     assert code == 2 and "--quantize int8-static needs calibration data" in text, text
     code, text = invoke(factory, "--quantize", "fp16", "--profile", "x86-cpu-vnni", "-o", tmp_path / "b")
     assert code == 2 and "profile x86-cpu-vnni has no execution provider with fp16 kernels" in text, text
+
+
+@pytest.mark.parametrize(
+    ("prune", "message"),
+    [
+        ("{ratio: 1.5}", "prune: ratio must be a fraction in [0, 1), got 1.5"),  # exit 1 after the export
+        ("{ratio: 0.5, ratios: [0.5, -0.25]}", "prune: ratio must be a fraction in [0, 1), got -0.25"),
+        ("{ratio: 0.5, round_to: 0}", "finetune_epochs and round_to must be at least 1"),  # ZeroDivisionError
+        ("{ratio: 0.5, finetune_epochs: -1}", "got -1, 8 and 600.0"),  # ran no epoch, said nothing
+    ],
+)
+def test_a_recipes_prune_values_out_of_range_are_refused_before_the_model_is_loaded(
+    tmp_path: Path, prune: str, message: str
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"passes:\n  - prune: {prune}\n")
+    # The factory raises if it is called: the refusal must come first.
+    code, text = invoke(
+        "tests.compress.model_factories:needs_a_config", "--recipe", recipe, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert message in " ".join(text.split()) and "needs a config" not in text
