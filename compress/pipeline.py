@@ -94,9 +94,10 @@ class CompressResult:
 def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> CompressResult:
     """Run the whole pipeline for ``req``; raises an EdgectlError subclass on any failure."""
     started = time.perf_counter()
-    if req.max_drop < 0:
+    if not 0 <= req.max_drop < float("inf"):  # NaN failed every gate after the run; inf, the manifest
         raise BadInputError(
-            f"--max-drop must be >= 0, got {req.max_drop}", hint="e.g. --max-drop 0.005 for half a point"
+            f"--max-drop must be >= 0 and finite, got {req.max_drop}",
+            hint="e.g. --max-drop 0.005 for half a point",
         )
     check_out_dir(req.out_dir)
     check_versions(req.version, req.parent_version)
