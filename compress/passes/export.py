@@ -179,8 +179,15 @@ def export_module(
         )
     example = _example(arrays, names)
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    with torch.no_grad(), plain_attention():
-        returned = module(*args)
+    try:
+        with torch.no_grad(), plain_attention():
+            returned = module(*args)
+    except Exception as exc:  # the user's forward() on the user's arrays (float64 from numpy, most often)
+        given = ", ".join(f"{n} {example[n].dtype} {example[n].shape[1:]}" for n in names)
+        raise BadInputError(
+            f"the model's forward() fails on the sample data ({given} per sample): {describe(exc, 200)}",
+            hint="save the arrays in the dtype and shape forward() expects, e.g. x.astype(numpy.float32)",
+        ) from exc
     expected = _flat(returned)
     outputs = _output_names(returned, len(expected))
     dynamo_error: str | None = None

@@ -90,3 +90,17 @@ def test_an_optional_input_after_one_the_data_lacks_is_named() -> None:
     assert input_names(net, ["pixel_values", "mask"]) == ["pixel_values", "mask"]
     with pytest.raises(BadInputError, match="has return_dict but not mask, which forward"):
         input_names(net, ["pixel_values", "return_dict"])
+
+
+def test_sample_arrays_forward_cannot_take_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # numpy's default float64 into a float32 torch model: "Input type (double) and bias type (float)"
+    # came out of the export as a traceback, exit 1 (an ONNX model gets a clear dtype error for the same).
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 16)))
+    out = tmp_path / "out"
+    code, text = invoke(
+        "tests.compress.model_factories:optional_inputs", "--eval", tmp_path / "d.npz", "-o", out
+    )
+    flat = " ".join(text.split())
+    assert code == 2, text
+    assert "the model's forward() fails on the sample data (pixel_values float64 (16,) per sample)" in flat
+    assert "Traceback" not in text and not out.exists()
