@@ -126,16 +126,31 @@ class Metric:
                 hint="fix the function: it gets (inputs dict, reference outputs list, outputs list) as "
                 "read-only arrays (copy one before changing it in place)",
             ) from exc
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        score = _one_number(value)
+        if score is None:
+            size = getattr(value, "size", None)
+            many = f" of {size} values" if isinstance(size, int) and size != 1 else ""
             raise BadInputError(
-                f"--metric {self.name} returned {type(value).__name__}, not a float",
+                f"--metric {self.name} returned {type(value).__name__}{many}, not a float",
                 hint="return one number where the float model's own outputs score best",
             )
-        if not math.isfinite(float(value)):
-            raise BadInputError(
-                f"--metric {self.name} returned {float(value)}", hint="return a finite number"
-            )
-        return float(value)
+        if not math.isfinite(score):
+            raise BadInputError(f"--metric {self.name} returned {score}", hint="return a finite number")
+        return score
+
+
+def _one_number(value: object) -> float | None:
+    """The real number a metric returned: a Python or numpy number, or an array (or CPU tensor) holding
+    exactly one, as ``np.tensordot`` and ``.squeeze()`` give; None for anything else (a bool included)."""
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    try:
+        array = np.asarray(value)
+    except Exception:  # a tensor that needs grad, an object numpy cannot read
+        return None
+    if array.size != 1 or array.dtype.kind not in "iuf":
+        return None
+    return float(array.reshape(-1)[0])
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ def test_a_users_metric_gates_the_artifact_and_is_recorded(
         ("tests.compress.metric_fns:explodes", "metric_fns:explodes raised KeyError"),
         ("tests.compress.metric_fns:not_a_number", "metric_fns:not_a_number returned nan"),
         ("tests.compress.metric_fns:a_string", "metric_fns:a_string returned str, not a float"),
+        ("tests.compress.metric_fns:two_values", "two_values returned ndarray of 2 values, not a float"),
         # It changed the shared reference outputs in place; later candidates were scored against that.
         (
             "tests.compress.metric_fns:error_in_place",
@@ -122,3 +123,16 @@ def test_top1_on_an_output_that_is_not_class_scores_is_refused() -> None:
     # [batch, classes, 1, 1] (a conv head) is class scores.
     scores = np.eye(4, dtype=np.float32)[:, :, None, None]
     assert top1.score({}, np.arange(4), [scores], [scores]).score == 1.0
+
+
+def test_a_metric_returning_one_value_in_an_array_is_taken_as_that_number() -> None:
+    from edgectl.compress.metrics import parse_metric
+
+    # np.tensordot and .squeeze() hand back 0-d arrays: "returned ndarray, not a float" refused them.
+    metric = parse_metric(
+        "tests.compress.metric_fns:agreement_as_array", input_names=["image"], has_labels=False
+    )
+    logits = np.eye(4, dtype=np.float32)
+    flipped = logits[:, ::-1].copy()
+    assert metric.score({"image": logits}, None, [logits], [logits]).score == 1.0
+    assert metric.score({"image": logits}, None, [logits], [flipped]).score == 0.0
