@@ -126,3 +126,35 @@ def test_a_recipes_prune_values_out_of_range_are_refused_before_the_model_is_loa
     )
     assert code == 2, text
     assert message in " ".join(text.split()) and "needs a config" not in text
+
+
+def _npy(path: Path) -> None:
+    with path.open("wb") as f:
+        np.save(f, np.zeros((4, 16), np.float32))  # np.save, not np.savez: one bare array
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        # np.load handed back the array and `with` on it was a TypeError traceback (exit 1).
+        (_npy, "is one .npy array, not an .npz archive of named arrays"),
+        # np.load raised EOFError, which click reports as "Aborted." with exit 1.
+        (lambda p: p.write_bytes(b""), "is not a numpy .npz archive (No data left in file)"),
+        # Labels saved as Python strings: it said the file "is not a numpy .npz archive".
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 16), np.float32), labels=np.array(["cat", 1], dtype=object)),
+            "array 'labels' cannot be read without unpickling it",
+        ),
+    ],
+)
+def test_a_data_file_that_is_not_an_npz_of_numbers_says_what_it_is(
+    tmp_path: Path, write, message: str
+) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "d.npz"
+    write(data)
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--eval", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert message in " ".join(text.split()) and "Traceback" not in text
+    assert not (tmp_path / "a").exists()
