@@ -183,6 +183,13 @@ def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     A ``[n, D]`` output is taken as already pooled.
     """
+    if mask.dtype != np.bool_ and (mask < 0).any():
+        # An additive mask (0 keep, -inf or -10000 drop) read as "non-zero keeps" pools the padding only.
+        raise BadInputError(
+            f"masked-cosine reads its mask input as 1 for a token and 0 for padding, and this one holds "
+            f"negative values (down to {float(mask.min())}): an additive mask?",
+            hint="name the 0/1 attention-mask input, or use --metric cosine or module:function",
+        )
     weights = (np.asarray(mask) != 0).astype(np.float64)
     if output.ndim == 2 and output.shape[0] == weights.shape[0]:
         return output.astype(np.float64)  # the model pools itself: one vector per sample already

@@ -136,3 +136,15 @@ def test_a_metric_returning_one_value_in_an_array_is_taken_as_that_number() -> N
     flipped = logits[:, ::-1].copy()
     assert metric.score({"image": logits}, None, [logits], [logits]).score == 1.0
     assert metric.score({"image": logits}, None, [logits], [flipped]).score == 0.0
+
+
+def test_masked_cosine_refuses_an_additive_mask_it_would_read_backwards() -> None:
+    from edgectl.compress.errors import BadInputError
+    from edgectl.compress.metrics import parse_metric
+
+    tokens = np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)
+    additive = np.array([[0, 0, -np.inf, -np.inf], [0, 0, 0, -np.inf]], np.float32)  # 0 keeps a token
+    metric = parse_metric("masked-cosine:bias", input_names=["x", "bias"], has_labels=False)
+    # "Non-zero keeps" pooled over the padding alone and scored that.
+    with pytest.raises(BadInputError, match=r"holds negative values .* an additive mask"):
+        metric.score({"x": tokens, "bias": additive}, None, [tokens], [tokens])
