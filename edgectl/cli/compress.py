@@ -142,8 +142,13 @@ def compress(
         ),
     ] = None,
     finetune_epochs: Annotated[
-        int, typer.Option("--finetune-epochs", help="At most this many recovery epochs with --train.", min=1)
-    ] = 3,
+        int | None,
+        typer.Option(
+            "--finetune-epochs",
+            help="At most this many recovery epochs with --train (3 when not given).",
+            min=1,
+        ),
+    ] = None,
     metric: Annotated[
         str | None,
         typer.Option(
@@ -164,15 +169,21 @@ def compress(
 
     Example: edgectl compress model.onnx --calib calib.npz --eval eval.npz -o out/m-v1
     """
-    from edgectl.compress.errors import QualityGateError
+    from edgectl.compress.errors import BadInputError, QualityGateError
     from edgectl.compress.pipeline import CompressRequest, run
     from edgectl.compress.recipe import Recipe
 
     try:
+        if finetune_epochs is not None and train is None:
+            # Without --train nothing trains: the epochs were ignored without a word.
+            raise BadInputError(
+                "--finetune-epochs sets how long --train recovers a pruned model, and no --train was given",
+                hint="add --train FILE.npz (with --prune), or drop --finetune-epochs",
+            )
         plan = (
             Recipe.load(recipe)
             if recipe
-            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs)
+            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs or 3)
         )
         request = CompressRequest(
             model=model, out_dir=out, profile=_profile_name(profile), recipe=plan, calib=calib, eval=eval_data,

@@ -158,3 +158,14 @@ def test_a_data_file_that_is_not_an_npz_of_numbers_says_what_it_is(
     assert code == 2, text
     assert message in " ".join(text.split()) and "Traceback" not in text
     assert not (tmp_path / "a").exists()
+
+
+def test_finetune_epochs_without_train_is_refused_not_ignored(tmp_path: Path) -> None:
+    code, text = invoke(_mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--prune", "0.5",
+                        "--finetune-epochs", "10", "-o", tmp_path / "a")  # fmt: skip
+    assert code == 2, text
+    assert (
+        "--finetune-epochs sets how long --train recovers a pruned model, and no --train was given"
+        in " ".join(text.split())
+    )
+    assert "compress [" not in text  # before any work
