@@ -364,12 +364,12 @@ def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def compress_module(
     module: Any,
-    out_dir: Path,
+    out_dir: str | Path,
     *,
     profile: str = "x86-cpu-vnni",
-    sign_key: Path | None = None,
-    calib: Path | None = None,
-    eval: Path | None = None,
+    sign_key: str | Path | None = None,
+    calib: str | Path | None = None,
+    eval: str | Path | None = None,
     example: dict[str, np.ndarray] | None = None,
     max_drop: float = 0.01,
     recipe: Recipe | None = None,
@@ -377,7 +377,7 @@ def compress_module(
     version: int = 1,
     parent_version: int | None = None,
     finetune: FineTune | None = None,
-    train: Path | None = None,
+    train: str | Path | None = None,
     metric: str | None = None,
     latency_rounds: int = 7,
     progress: Progress | None = None,
@@ -389,6 +389,7 @@ def compress_module(
     candidate meets ``max_drop``; returns the artifact folder, the chosen row and every row tried.
     """
     label = name or type(module).__name__
+    calib, eval, train, sign_key = (None if p is None else Path(p) for p in (calib, eval, train, sign_key))
     request = CompressRequest(
         model=label, out_dir=Path(out_dir), profile=profile, recipe=recipe or Recipe.from_options(),
         calib=calib, eval=eval, max_drop=max_drop, name=label, version=version,

@@ -213,3 +213,12 @@ def test_prune_auto_records_only_the_ratios_it_tried(digits: dict[str, Any], tmp
     ]
     record = json.loads((out / "manifest.json").read_text())["recipe"]["prune"]
     assert record["auto"] == {"tried": [0.875], "kept": "pruned 88%"}
+
+
+def test_the_python_api_takes_paths_as_strings(digits: dict[str, Any], tmp_path: Path) -> None:
+    # A Python user passes str: "'str' object has no attribute 'is_file'" from inside the npz loader.
+    result = compress_module(
+        digits["model"], str(tmp_path / "out"), profile="x86-cpu-vnni", eval=str(digits["eval"]),
+        calib=str(digits["calib"]), max_drop=1.0, latency_rounds=1, recipe=Recipe.from_options(quantize="none"),
+    )  # fmt: skip
+    assert (result.out_dir / "manifest.json").is_file()
