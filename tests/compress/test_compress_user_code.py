@@ -104,3 +104,23 @@ def test_sample_arrays_forward_cannot_take_are_one_line_not_a_traceback(tmp_path
     assert code == 2, text
     assert "the model's forward() fails on the sample data (pixel_values float64 (16,) per sample)" in flat
     assert "Traceback" not in text and not out.exists()
+
+
+def test_a_metric_given_as_a_file_path_is_imported_from_its_file(
+    cwd: Path, tiny_onnx: Path, images: np.ndarray
+) -> None:
+    # "metrics/quality_e.py:agree" said "No module named 'quality_e.py'; 'quality_e' is not a package".
+    (cwd / "metrics").mkdir()
+    (cwd / "metrics" / "quality_e.py").write_text(
+        "def agree(inputs, reference, outputs):\n"
+        "    return float((reference[0].argmax(1) == outputs[0].argmax(1)).mean())\n"
+    )
+    np.savez(cwd / "eval.npz", image=images)
+    code, text = invoke(tiny_onnx, "--profile", "x86-cpu-vnni", "--quantize", "int8-dynamic", "--eval",
+                        cwd / "eval.npz", "--metric", "metrics/quality_e.py:agree", "--max-drop", "1.0", "-o",
+                        cwd / "out", "--json")  # fmt: skip
+    assert code == 0, text
+    assert json.loads(text)["metrics"]["quality_metric_source"].startswith("quality_e.py sha256:")
+    code, text = invoke(tiny_onnx, "--eval", cwd / "eval.npz", "--metric", "metrics/none_f.py:agree", "-o",
+                        cwd / "out2")  # fmt: skip
+    assert code == 2 and "cannot import it (ModuleNotFoundError: no file metrics/none_f.py)" in text, text
