@@ -120,6 +120,15 @@ def input_names(module: torch.nn.Module, given: Collection[str] = ()) -> list[st
                 )
             break
         names.append(p.name)
+    if not names and any(p.kind == p.VAR_POSITIONAL for p in params):
+        # forward(self, *inputs): nothing names the inputs but the data; one array is unambiguous.
+        if len(given) == 1:
+            return list(given)
+        raise BadInputError(
+            f"forward() takes *args, so its inputs have no names to match the sample arrays "
+            f"({', '.join(given) or 'none'}) against",
+            hint="name forward()'s parameters (def forward(self, x, mask)), or save a single array",
+        )
     return names
 
 

@@ -124,3 +124,20 @@ def test_a_metric_given_as_a_file_path_is_imported_from_its_file(
     code, text = invoke(tiny_onnx, "--eval", cwd / "eval.npz", "--metric", "metrics/none_f.py:agree", "-o",
                         cwd / "out2")  # fmt: skip
     assert code == 2 and "cannot import it (ModuleNotFoundError: no file metrics/none_f.py)" in text, text
+
+
+def test_a_forward_taking_star_args_uses_a_single_array_and_names_the_problem_otherwise() -> None:
+    import torch
+
+    from edgectl.compress.errors import BadInputError
+    from edgectl.compress.passes.export import input_names
+
+    class Star(torch.nn.Module):
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return inputs[0]
+
+    # No named parameter: no input at all, the call ran forward() with nothing, and the error read
+    # "fails on the sample data ( per sample): IndexError".
+    assert input_names(Star(), ["x"]) == ["x"]
+    with pytest.raises(BadInputError, match=r"forward\(\) takes \*args, so its inputs have no names"):
+        input_names(Star(), ["ids", "mask"])
