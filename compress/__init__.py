@@ -14,6 +14,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
   the model it must beat before its costly full evaluation.
 - ``source``: where the float model comes from (ONNX file, ``.pt2``, factory, ``nn.Module``).
 - ``data``: calibration and evaluation ``.npz`` files, checked against the model's inputs.
+- ``user_code``: the user's ``module:function`` (a factory, a metric), imported as ``python -m`` finds it.
 - ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).
 - ``clock``: wall and CPU seconds per stage of one run (the report's time breakdown).
 - ``evaluate``: the evaluator every model goes through, the quality gate, interleaved latency.

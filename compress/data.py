@@ -70,14 +70,26 @@ def load_npz(path: Path, *, what: str) -> tuple[dict[str, np.ndarray], np.ndarra
     """Read an npz file into arrays and optional labels; refuse pickles and non-npz files."""
     if not path.is_file():
         raise BadInputError(f"{what} file {path} does not exist", hint="pass an existing .npz file")
+    hint = "write it with numpy.savez(path, <input_name>=array, labels=array)"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: np.asarray(npz[name]) for name in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        loaded = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
+        raise BadInputError(f"{what} file {path} is not a numpy .npz archive ({exc})", hint=hint) from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        # np.save's .npy: np.load hands back the array itself, and `with` on it was a TypeError traceback.
         raise BadInputError(
-            f"{what} file {path} is not a numpy .npz archive ({exc})",
-            hint="write it with numpy.savez(path, <input_name>=array, labels=array)",
-        ) from exc
+            f"{what} file {path} is one .npy array, not an .npz archive of named arrays", hint=hint
+        )
+    with loaded as npz:
+        arrays: dict[str, np.ndarray] = {}
+        for name in npz.files:
+            try:
+                arrays[name] = np.asarray(npz[name])
+            except (ValueError, OSError, zipfile.BadZipFile) as exc:  # an object array: a pickle, not read
+                raise BadInputError(
+                    f"{what} file {path}: array {name!r} cannot be read without unpickling it ({exc})",
+                    hint="save numbers, not Python objects: numpy.asarray(values, dtype=numpy.float32 or int64)",
+                ) from exc
     labels = arrays.pop(LABELS, None)
     if not arrays:
         raise BadInputError(

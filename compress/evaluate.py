@@ -135,6 +135,7 @@ class Evaluator:
             )
         # A user's metric is called here first: one that cannot score the float model fails before any work.
         self.baseline = self._score(self._reference)
+        self.scorer.check_best_at_reference(data.inputs, self._reference, self.baseline)
 
     @property
     def metric(self) -> str:

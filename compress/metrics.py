@@ -10,7 +10,6 @@ The default is ``top1`` when the evaluation data has labels, else ``cosine``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgectl.compress.errors import BadInputError
+from edgectl.compress.user_code import import_user_module
 
 UserMetric = Callable[[Mapping[str, np.ndarray], list[np.ndarray], list[np.ndarray]], float]
 
@@ -77,6 +77,7 @@ class Metric:
         if self.name == "top1":
             if labels is None:
                 raise BadInputError("--metric top1 needs labels", hint="save labels=... in the --eval npz")
+            _check_class_scores(reference[0], labels)
             pred = outputs[0].reshape(outputs[0].shape[0], -1).argmax(axis=1)
             return Quality("top1", float((pred == labels).mean()), float(cos.min()))
         if self.mask_input is not None:
@@ -88,27 +89,93 @@ class Metric:
             return Quality(self.name, self._call(inputs, reference, outputs), float(cos.min()))
         return Quality("cosine", float(cos.mean()), float(cos.min()))
 
+    def check_best_at_reference(
+        self, inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], baseline: Quality
+    ) -> None:
+        """A user's function must score the float model's own outputs best: if the same outputs handed to
+        the wrong samples score higher, it measures an error (lower is better) and would pass anything."""
+        if self.function is None or reference[0].shape[0] < 2:
+            return
+        try:
+            shifted = self._call(inputs, reference, [np.roll(r, 1, axis=0) for r in reference])
+        except BadInputError:
+            return  # the candidates' scores will say what is wrong with it
+        if shifted - baseline.score > 1e-6 * max(1.0, abs(baseline.score)):
+            raise BadInputError(
+                f"--metric {self.name} scores the float model's outputs, shifted by one sample, higher "
+                f"({shifted:.6g}) than in place ({baseline.score:.6g}): it must score the float model's own "
+                "outputs best, and every candidate would pass",
+                hint="if it returns an error or a loss (lower is better), return its negative",
+            )
+
     def _call(
         self, inputs: Mapping[str, np.ndarray], reference: list[np.ndarray], outputs: list[np.ndarray]
     ) -> float:
         assert self.function is not None
+        # Read-only views: the reference outputs and inputs are shared by every candidate, and a function
+        # that changed them in place (``d = ref[0]; d -= out[0]``) scored the rest against garbage.
         try:
-            value = self.function(dict(inputs), list(reference), list(outputs))
+            value = self.function(
+                {k: _read_only(v) for k, v in inputs.items()},
+                [_read_only(r) for r in reference],
+                [_read_only(o) for o in outputs],
+            )
         except Exception as exc:
             raise BadInputError(
                 f"--metric {self.name} raised {type(exc).__name__}: {exc}",
-                hint="fix the function: it gets (inputs dict, reference outputs list, outputs list)",
+                hint="fix the function: it gets (inputs dict, reference outputs list, outputs list) as "
+                "read-only arrays (copy one before changing it in place)",
             ) from exc
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        score = _one_number(value)
+        if score is None:
+            size = getattr(value, "size", None)
+            many = f" of {size} values" if isinstance(size, int) and size != 1 else ""
             raise BadInputError(
-                f"--metric {self.name} returned {type(value).__name__}, not a float",
+                f"--metric {self.name} returned {type(value).__name__}{many}, not a float",
                 hint="return one number where the float model's own outputs score best",
             )
-        if not math.isfinite(float(value)):
-            raise BadInputError(
-                f"--metric {self.name} returned {float(value)}", hint="return a finite number"
-            )
-        return float(value)
+        if not math.isfinite(score):
+            raise BadInputError(f"--metric {self.name} returned {score}", hint="return a finite number")
+        return score
+
+
+def _one_number(value: object) -> float | None:
+    """The real number a metric returned: a Python or numpy number, or an array (or CPU tensor) holding
+    exactly one, as ``np.tensordot`` and ``.squeeze()`` give; None for anything else (a bool included)."""
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    try:
+        array = np.asarray(value)
+    except Exception:  # a tensor that needs grad, an object numpy cannot read
+        return None
+    if array.size != 1 or array.dtype.kind not in "iuf":
+        return None
+    return float(array.reshape(-1)[0])
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _check_class_scores(output: np.ndarray, labels: np.ndarray) -> None:
+    """top-1 compares labels with the first output's argmax: it must be ``[batch, classes]`` (axes of 1
+    aside) and hold every label, or the float model scores 0 and any candidate "keeps" that score."""
+    wide = [d for d in output.shape[1:] if d != 1]
+    classes = wide[0] if len(wide) == 1 else 0
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if classes and low >= 0 and high < classes:
+        return
+    what = (
+        f"{classes} classes" if classes else f"shape {tuple(output.shape[1:])} per sample, not class scores"
+    )
+    raise BadInputError(
+        f"top1 compares the labels (ids {low}..{high}) with the first output's argmax, and that output has "
+        f"{what}",
+        hint="save labels as class ids 0..classes-1, or pick another metric: --metric cosine, "
+        "masked-cosine:INPUT or module:function",
+    )
 
 
 def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -116,6 +183,13 @@ def _pool(output: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     A ``[n, D]`` output is taken as already pooled.
     """
+    if mask.dtype != np.bool_ and (mask < 0).any():
+        # An additive mask (0 keep, -inf or -10000 drop) read as "non-zero keeps" pools the padding only.
+        raise BadInputError(
+            f"masked-cosine reads its mask input as 1 for a token and 0 for padding, and this one holds "
+            f"negative values (down to {float(mask.min())}): an additive mask?",
+            hint="name the 0/1 attention-mask input, or use --metric cosine or module:function",
+        )
     weights = (np.asarray(mask) != 0).astype(np.float64)
     if output.ndim == 2 and output.shape[0] == weights.shape[0]:
         return output.astype(np.float64)  # the model pools itself: one vector per sample already
@@ -158,11 +232,11 @@ def parse_metric(spec: str | None, *, input_names: Sequence[str], has_labels: bo
             hint="e.g. --metric mypkg.quality:pooled_cosine",
         )
     try:
-        function = getattr(importlib.import_module(module_name), attr)
+        function = getattr(import_user_module(module_name), attr)
     except Exception as exc:  # ImportError, AttributeError, or the module's own import-time error
         raise BadInputError(
             f"--metric {spec}: cannot import it ({type(exc).__name__}: {exc})",
-            hint="check the module is on PYTHONPATH and defines the function",
+            hint="check the module is in the current directory or on PYTHONPATH and defines the function",
         ) from exc
     if not callable(function):
         raise BadInputError(f"--metric {spec} is a {type(function).__name__}, not a function")

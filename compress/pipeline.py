@@ -94,9 +94,10 @@ class CompressResult:
 def run(req: CompressRequest, progress: Progress = lambda _msg: None) -> CompressResult:
     """Run the whole pipeline for ``req``; raises an EdgectlError subclass on any failure."""
     started = time.perf_counter()
-    if req.max_drop < 0:
+    if not 0 <= req.max_drop < float("inf"):  # NaN failed every gate after the run; inf, the manifest
         raise BadInputError(
-            f"--max-drop must be >= 0, got {req.max_drop}", hint="e.g. --max-drop 0.005 for half a point"
+            f"--max-drop must be >= 0 and finite, got {req.max_drop}",
+            hint="e.g. --max-drop 0.005 for half a point",
         )
     check_out_dir(req.out_dir)
     check_versions(req.version, req.parent_version)
@@ -185,6 +186,10 @@ class _Run:
                 state = result.state
                 self.trials += result.trials
                 self.record.update(result.record)
+                untrained = result.record.get("recovery", {}).get("reason")
+                if untrained:  # a progress line vanishes under the spinner: --train not used is a note
+                    self.notes.append(f"--train: {untrained}")
+                    self.record["notes"] = self.notes
                 self.ran.append(kind)
         return state
 
@@ -204,8 +209,8 @@ class _Run:
                 f"the pruned float model already misses --max-drop {self.req.max_drop} "
                 f"({self.ctx.evaluator.metric}: drop {state.base.drop:.4f}, {state.base.name}); nothing was "
                 "quantized on top of it; no artifact written",
-                hint="prune less, add --train FILE.npz to recover accuracy (torch models), use --prune auto, "
-                "or raise --max-drop",
+                hint=f"prune less, {_recovery_hint(self.req.train is not None, self.ctx.torch_model is not None)}, "
+                "use --prune auto, or raise --max-drop",
                 trials=[t.to_dict() for t in self.trials],
             )
         only_cleanup = all(kind.name == "cleanup" for kind in passes if kind.stage == "float")
@@ -357,6 +362,13 @@ class _Run:
         )
 
 
+def _recovery_hint(train: bool, torch_model: bool) -> str:
+    """What recovers a pruned model's accuracy from here: --train, more epochs, or a PyTorch model."""
+    if train:
+        return "raise --finetune-epochs" if torch_model else "pass a package.module:factory for --train"
+    return "add --train FILE.npz to recover accuracy (torch models)"
+
+
 def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of an ONNX file (for callers preparing npz files)."""
     return signature(load(model))
@@ -364,12 +376,12 @@ def signature_of(model: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def compress_module(
     module: Any,
-    out_dir: Path,
+    out_dir: str | Path,
     *,
     profile: str = "x86-cpu-vnni",
-    sign_key: Path | None = None,
-    calib: Path | None = None,
-    eval: Path | None = None,
+    sign_key: str | Path | None = None,
+    calib: str | Path | None = None,
+    eval: str | Path | None = None,
     example: dict[str, np.ndarray] | None = None,
     max_drop: float = 0.01,
     recipe: Recipe | None = None,
@@ -377,7 +389,7 @@ def compress_module(
     version: int = 1,
     parent_version: int | None = None,
     finetune: FineTune | None = None,
-    train: Path | None = None,
+    train: str | Path | None = None,
     metric: str | None = None,
     latency_rounds: int = 7,
     progress: Progress | None = None,
@@ -389,6 +401,7 @@ def compress_module(
     candidate meets ``max_drop``; returns the artifact folder, the chosen row and every row tried.
     """
     label = name or type(module).__name__
+    calib, eval, train, sign_key = (None if p is None else Path(p) for p in (calib, eval, train, sign_key))
     request = CompressRequest(
         model=label, out_dir=Path(out_dir), profile=profile, recipe=recipe or Recipe.from_options(),
         calib=calib, eval=eval, max_drop=max_drop, name=label, version=version,

@@ -1,7 +1,7 @@
 """Structured pruning in PyTorch that recovers its accuracy: Torch-Pruning, then knowledge distillation.
 
-For models given as PyTorch (a factory, a ``.pt2`` program, or an ``nn.Module`` through the Python
-API) with ``--train`` data: Torch-Pruning's dependency graph removes ``ratio`` of the channels of
+For models given as PyTorch (a factory or an ``nn.Module`` through the Python API; a ``.pt2``
+program's unlifted module has no layers Torch-Pruning can see, and is refused) with ``--train`` data: Torch-Pruning's dependency graph removes ``ratio`` of the channels of
 every prunable group (the classifier head keeps its outputs), then the pruned student is trained
 against the float model as teacher (softened-logit KL, plus cross-entropy where the data has
 labels) for a bounded number of epochs and seconds, on CUDA when there is one. torch is imported
@@ -11,7 +11,6 @@ here and in ``passes/export.py`` only.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import BadInputError, PruneRefusedError, describe
+from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedError, describe
 from edgectl.compress.passes.export import plain_attention
 
 if TYPE_CHECKING:
@@ -145,7 +144,15 @@ def prune_torch(
             f"Torch-Pruning cannot prune this model ({describe(exc, 200)})",
             hint="pass the model as ONNX to prune on the graph (bias recalibration instead of training)",
         ) from exc
-    before, after = _shapes(module, example), _shapes(student, example)
+    before = _shapes(module, example)
+    try:
+        after = _shapes(student, example)
+    except Exception as exc:  # the user's forward() on the pruned layers: any error is the refusal
+        raise PruneRefusedError(
+            f"the model Torch-Pruning pruned no longer runs ({describe(exc, 200)}): its forward() reshapes "
+            "by a width the pruning changed (attention heads split with view(), a hard-coded size)",
+            hint="drop --prune, or compute such shapes from the tensors (e.g. view(n, t, heads, -1))",
+        ) from exc
     if before != after:
         # A head the dependency graph let it prune: the artifact would answer in another shape.
         raise PruneRefusedError(
@@ -281,22 +288,31 @@ def _train(
         _check_labels(labels, teacher, [x[:2].to(device) for x in inputs])
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
-    steps = max(1, math.ceil(data.count / batch))
+    # A lone last sample joins the batch before it: BatchNorm cannot train on a batch of one.
+    steps = max(1, data.count // batch + (data.count % batch > 1))
     started, done, last = time.perf_counter(), 0, float("nan")
+    shown = -1  # the bar's fill last shown: a log gets a line per twentieth, not one per step
     for epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(data.count))
         total = 0.0
         for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch]
+            idx = order[step * batch : None if step == steps - 1 else (step + 1) * batch]
             args = [x[idx].to(device) for x in inputs]
             with torch.no_grad(), plain_attention():  # the student (training) computes padded tokens too
                 targets = _outputs(teacher(*args))
             # Every head is distilled (a detector's boxes as well as its classes); labels score the first.
             given = None if labels is None else labels[idx].to(device)
+            try:
+                outs = _outputs(student(*args))
+            except Exception as exc:  # the user's forward() in training mode
+                raise CompressError(
+                    f"recovery training failed on a batch of {len(idx)} sample(s): {describe(exc, 200)}",
+                    hint="the model must run in train() mode on batches of that size; or drop --train",
+                ) from exc
             loss = sum(
                 (
                     _loss(got, want, given if i == 0 else None, temperature)
-                    for i, (got, want) in enumerate(zip(_outputs(student(*args)), targets, strict=True))
+                    for i, (got, want) in enumerate(zip(outs, targets, strict=True))
                 ),
                 torch.zeros((), device=device),
             )
@@ -305,9 +321,11 @@ def _train(
             optimizer.step()
             total += float(loss.detach())
             filled = int(20 * (epoch * steps + step + 1) / (epochs * steps))
-            progress(
-                f"recovering [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{epochs} loss {total / (step + 1):.4f}"
-            )
+            if filled != shown or step == steps - 1:
+                shown = filled
+                progress(
+                    f"recovering [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{epochs} loss {total / (step + 1):.4f}"
+                )
         done, last = epoch + 1, total / steps
         if time.perf_counter() - started > time_budget_s:
             break  # the budget bounds the run; the epochs done so far are kept

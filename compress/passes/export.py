@@ -9,12 +9,11 @@ torch is imported here and only here, so compressing an ONNX file never needs it
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,6 +22,7 @@ import numpy as np
 
 from edgectl.compress.errors import BadInputError, ExportError, ParityError, describe
 from edgectl.compress.graph import cpu_session
+from edgectl.compress.user_code import import_user_module
 
 if TYPE_CHECKING:
     import torch
@@ -57,9 +57,12 @@ def load_factory(spec: str, state_dict: Path | None = None) -> torch.nn.Module:
     if not mod_name or not attr:
         raise BadInputError(f"{spec!r} is not package.module:factory", hint="e.g. mypkg.models:build_net")
     try:
-        factory = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise BadInputError(f"cannot import {spec}: {exc}", hint="check the module is on PYTHONPATH") from exc
+        factory = getattr(import_user_module(mod_name), attr)
+    except Exception as exc:  # ImportError, AttributeError, a SyntaxError, the module's own import-time error
+        raise BadInputError(
+            f"cannot import {spec}: {describe(exc)}",
+            hint="check the module is in the current directory or on PYTHONPATH and imports cleanly",
+        ) from exc
     if not callable(factory):
         raise BadInputError(f"{spec} is a {type(factory).__name__}, not a function", hint="name a factory")
     try:
@@ -99,10 +102,34 @@ def load_program(path: Path) -> tuple[torch.nn.Module, list[str], Any]:
     return program.module(), names, program
 
 
-def input_names(module: torch.nn.Module) -> list[str]:
-    """The model's input names: the parameters of ``forward``, in order."""
+def input_names(module: torch.nn.Module, given: Collection[str] = ()) -> list[str]:
+    """The model's input names: the parameters of ``forward``, in order, up to the first one with a
+    default that ``given`` (the sample arrays' names) lacks; that one and those after keep their defaults."""
     params = inspect.signature(module.forward).parameters.values()
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names: list[str] = []
+    for i, p in enumerate(positional):
+        if p.default is not p.empty and p.name not in given:
+            # forward(input_ids, attention_mask=None, token_type_ids=None, ...): optional inputs the data
+            # leaves out are not inputs (a flag like return_dict never could be one).
+            later = [q.name for q in positional[i + 1 :] if q.name in given]
+            if later:
+                raise BadInputError(
+                    f"the sample data has {', '.join(later)} but not {p.name}, which forward() takes before it",
+                    hint=f"save {p.name} too, or wrap the model so its forward() takes the inputs you have",
+                )
+            break
+        names.append(p.name)
+    if not names and any(p.kind == p.VAR_POSITIONAL for p in params):
+        # forward(self, *inputs): nothing names the inputs but the data; one array is unambiguous.
+        if len(given) == 1:
+            return list(given)
+        raise BadInputError(
+            f"forward() takes *args, so its inputs have no names to match the sample arrays "
+            f"({', '.join(given) or 'none'}) against",
+            hint="name forward()'s parameters (def forward(self, x, mask)), or save a single array",
+        )
+    return names
 
 
 def _example(arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -150,7 +177,7 @@ def export_module(
     import torch
 
     cfg = config or ExportConfig()
-    names = names or input_names(module)
+    names = names or input_names(module, arrays)
     if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
         arrays = {names[0]: next(iter(arrays.values()))}  # one input, one array: no ambiguity
     missing = [n for n in names if n not in arrays]
@@ -161,8 +188,15 @@ def export_module(
         )
     example = _example(arrays, names)
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    with torch.no_grad(), plain_attention():
-        returned = module(*args)
+    try:
+        with torch.no_grad(), plain_attention():
+            returned = module(*args)
+    except Exception as exc:  # the user's forward() on the user's arrays (float64 from numpy, most often)
+        given = ", ".join(f"{n} {example[n].dtype} {example[n].shape[1:]}" for n in names)
+        raise BadInputError(
+            f"the model's forward() fails on the sample data ({given} per sample): {describe(exc, 200)}",
+            hint="save the arrays in the dtype and shape forward() expects, e.g. x.astype(numpy.float32)",
+        ) from exc
     expected = _flat(returned)
     outputs = _output_names(returned, len(expected))
     dynamo_error: str | None = None

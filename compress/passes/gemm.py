@@ -114,7 +114,7 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
         nodes.append(helper.make_node("Add", [product, c], [y], name=_fresh(f"{name}_bias", taken)))
     del graph.node[:]
     graph.node.extend(nodes)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return len(found)
 
 
@@ -165,8 +165,8 @@ def _fresh(base: str, taken: set[str]) -> str:
     return name
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Remove the weights only the rewritten Gemms read (their folded copies replaced them)."""
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads any more (a rewrite's replaced weights, a folded node's scales)."""
     used = _names_read(model.graph) | {o.name for o in model.graph.output}
     dropped = {i.name for i in model.graph.initializer if i.name not in used}
     if not dropped:

@@ -26,6 +26,7 @@ from edgectl.compress.errors import describe
 from edgectl.compress.evaluate import Trial
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
 from edgectl.compress.passes.channels_last import MS_DOMAIN, LayoutReport, probe, write_channels_last
+from edgectl.compress.passes.gemm import drop_unused_initializers
 from edgectl.devices import DeviceProfile
 
 
@@ -76,6 +77,8 @@ def fold_dequantize(model: onnx.ModelProto) -> int:
         graph.node.remove(dq)
     if folded:
         del graph.value_info[:]
+        # The removed DequantizeLinear's scale and zero point: ORT warned about each on every load.
+        drop_unused_initializers(model)
     return len(folded)
 
 

@@ -21,10 +21,11 @@ from onnx import helper, numpy_helper
 
 from edgectl.compress.channel_groups import ChannelGroup, channel_groups
 from edgectl.compress.data import SampleSet
-from edgectl.compress.errors import PruneRefusedError
+from edgectl.compress.errors import BadInputError, PruneRefusedError
 from edgectl.compress.evaluate import Trial
 from edgectl.compress.graph import cpu_session, load
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
+from edgectl.devices import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -238,14 +239,28 @@ class PrunePass(CompressPass[PruneConfig]):
     stage = "float"
     config = PruneConfig
 
+    def check(self, config: PruneConfig, profile: DeviceProfile, *, has_calib: bool) -> None:
+        """A recipe's ratio outside [0, 1), no recovery epochs or a block under one channel fails before
+        the export, not (exit 1, or a division by zero) after it."""
+        bad = [r for r in (config.ratio, *config.ratios) if not 0.0 <= r < 1.0]
+        if bad:
+            raise BadInputError(f"prune: ratio must be a fraction in [0, 1), got {bad[0]}", hint="e.g. 0.5")
+        if config.finetune_epochs < 1 or not config.finetune_seconds > 0 or config.round_to < 1:
+            raise BadInputError(
+                "prune: finetune_epochs and round_to must be at least 1 and finetune_seconds above 0, got "
+                f"{config.finetune_epochs}, {config.round_to} and {config.finetune_seconds}"
+            )
+
     def run(self, state: ModelState, config: PruneConfig, ctx: PassContext) -> PassResult:
         """Write the pruned (and fine-tuned) model; with ``ratios``, the largest ratio that passes."""
         if not config.ratios:
             return self._prune(state, config, ctx)
         started, trials = time.perf_counter(), list[Trial]()
         result = PassResult(state)
-        auto: dict[str, Any] = {"tried": sorted(config.ratios, reverse=True), "kept": None}
-        for ratio in auto["tried"]:
+        # Only the ratios tried: the search stops at the first that passes, a refusal, or its time.
+        auto: dict[str, Any] = {"tried": [], "kept": None}
+        for ratio in sorted(config.ratios, reverse=True):
+            auto["tried"].append(ratio)
             try:
                 result = self._prune(state, replace(config, ratio=ratio, ratios=()), ctx)
             except PruneRefusedError as exc:
@@ -282,8 +297,9 @@ class PrunePass(CompressPass[PruneConfig]):
         if ctx.train is not None and config.kind == "structured":
             record["recovery"] = {
                 "trained": False,
-                "reason": "recovery training needs the model as PyTorch (factory, .pt2 or the Python API); "
-                "an ONNX input gets bias recalibration only",
+                # Not .pt2: a torch.export program hides its nn.Conv/nn.Linear layers from Torch-Pruning.
+                "reason": "recovery training needs the model as PyTorch (package.module:factory with "
+                "--state-dict, or the Python API); an ONNX input gets bias recalibration only",
             }
         if config.kind == "unstructured":
             sparse = ctx.profile.sparsity.structured_2_4

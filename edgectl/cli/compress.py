@@ -53,8 +53,9 @@ def _stage_printer() -> Callable[[str], None]:
     start = time.monotonic()
 
     def show(msg: str) -> None:
+        # A Text, not markup: "recovering [####....]" read as a style tag and the bar vanished.
         err_console.print(
-            f"compress [{time.monotonic() - start:5.1f}s] {msg}", highlight=False, soft_wrap=True
+            Text(f"compress [{time.monotonic() - start:5.1f}s] {msg}"), highlight=False, soft_wrap=True
         )
 
     return show
@@ -141,8 +142,13 @@ def compress(
         ),
     ] = None,
     finetune_epochs: Annotated[
-        int, typer.Option("--finetune-epochs", help="At most this many recovery epochs with --train.", min=1)
-    ] = 3,
+        int | None,
+        typer.Option(
+            "--finetune-epochs",
+            help="At most this many recovery epochs with --train (3 when not given).",
+            min=1,
+        ),
+    ] = None,
     metric: Annotated[
         str | None,
         typer.Option(
@@ -163,15 +169,21 @@ def compress(
 
     Example: edgectl compress model.onnx --calib calib.npz --eval eval.npz -o out/m-v1
     """
-    from edgectl.compress.errors import QualityGateError
+    from edgectl.compress.errors import BadInputError, QualityGateError
     from edgectl.compress.pipeline import CompressRequest, run
     from edgectl.compress.recipe import Recipe
 
     try:
+        if finetune_epochs is not None and train is None:
+            # Without --train nothing trains: the epochs were ignored without a word.
+            raise BadInputError(
+                "--finetune-epochs sets how long --train recovers a pruned model, and no --train was given",
+                hint="add --train FILE.npz (with --prune), or drop --finetune-epochs",
+            )
         plan = (
             Recipe.load(recipe)
             if recipe
-            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs)
+            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs or 3)
         )
         request = CompressRequest(
             model=model, out_dir=out, profile=_profile_name(profile), recipe=plan, calib=calib, eval=eval_data,
@@ -184,7 +196,9 @@ def compress(
             result = run(request, _stage_printer())  # a log or CI: one line per stage, not a spinner
         else:
             with err_console.status("compressing", spinner="dots") as status:
-                result = run(request, lambda msg: status.update(f"[bold]compress[/] {msg}"))
+                result = run(
+                    request, lambda msg: status.update(Text.assemble(("compress", "bold"), " ", msg))
+                )
     except QualityGateError as exc:
         if as_json:
             print_json({"ok": False, "error": str(exc), "notes": exc.notes, "trials": exc.trials})

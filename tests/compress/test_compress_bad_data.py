@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.compress.test_compress_cli import invoke
@@ -103,3 +104,68 @@ def test_a_quantize_mode_the_target_cannot_run_is_refused_before_the_model_is_lo
     assert code == 2 and "--quantize int8-static needs calibration data" in text, text
     code, text = invoke(factory, "--quantize", "fp16", "--profile", "x86-cpu-vnni", "-o", tmp_path / "b")
     assert code == 2 and "profile x86-cpu-vnni has no execution provider with fp16 kernels" in text, text
+
+
+@pytest.mark.parametrize(
+    ("prune", "message"),
+    [
+        ("{ratio: 1.5}", "prune: ratio must be a fraction in [0, 1), got 1.5"),  # exit 1 after the export
+        ("{ratio: 0.5, ratios: [0.5, -0.25]}", "prune: ratio must be a fraction in [0, 1), got -0.25"),
+        ("{ratio: 0.5, round_to: 0}", "finetune_epochs and round_to must be at least 1"),  # ZeroDivisionError
+        ("{ratio: 0.5, finetune_epochs: -1}", "got -1, 8 and 600.0"),  # ran no epoch, said nothing
+    ],
+)
+def test_a_recipes_prune_values_out_of_range_are_refused_before_the_model_is_loaded(
+    tmp_path: Path, prune: str, message: str
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"passes:\n  - prune: {prune}\n")
+    # The factory raises if it is called: the refusal must come first.
+    code, text = invoke(
+        "tests.compress.model_factories:needs_a_config", "--recipe", recipe, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert message in " ".join(text.split()) and "needs a config" not in text
+
+
+def _npy(path: Path) -> None:
+    with path.open("wb") as f:
+        np.save(f, np.zeros((4, 16), np.float32))  # np.save, not np.savez: one bare array
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        # np.load handed back the array and `with` on it was a TypeError traceback (exit 1).
+        (_npy, "is one .npy array, not an .npz archive of named arrays"),
+        # np.load raised EOFError, which click reports as "Aborted." with exit 1.
+        (lambda p: p.write_bytes(b""), "is not a numpy .npz archive (No data left in file)"),
+        # Labels saved as Python strings: it said the file "is not a numpy .npz archive".
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 16), np.float32), labels=np.array(["cat", 1], dtype=object)),
+            "array 'labels' cannot be read without unpickling it",
+        ),
+    ],
+)
+def test_a_data_file_that_is_not_an_npz_of_numbers_says_what_it_is(
+    tmp_path: Path, write, message: str
+) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "d.npz"
+    write(data)
+    code, text = invoke(
+        _mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--eval", data, "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert message in " ".join(text.split()) and "Traceback" not in text
+    assert not (tmp_path / "a").exists()
+
+
+def test_finetune_epochs_without_train_is_refused_not_ignored(tmp_path: Path) -> None:
+    code, text = invoke(_mlp(tmp_path / "m.onnx", "n"), "--profile", "x86-cpu-vnni", "--prune", "0.5",
+                        "--finetune-epochs", "10", "-o", tmp_path / "a")  # fmt: skip
+    assert code == 2, text
+    assert (
+        "--finetune-epochs sets how long --train recovers a pruned model, and no --train was given"
+        in " ".join(text.split())
+    )
+    assert "compress [" not in text  # before any work

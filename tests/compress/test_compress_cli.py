@@ -110,6 +110,9 @@ def test_impossible_budget_writes_nothing_and_shows_the_table(
         ),
         (lambda d: (d / "x.npz").write_text("not a zip"), ["--eval", "x.npz"], "not a numpy .npz"),
         (lambda d: None, ["--max-drop", "-0.1"], "--max-drop must be >= 0"),
+        # nan failed every gate after the whole run (exit 4); inf failed writing the manifest's JSON.
+        (lambda d: None, ["--max-drop", "nan"], "--max-drop must be >= 0 and finite, got nan"),
+        (lambda d: None, ["--max-drop", "inf"], "--max-drop must be >= 0 and finite, got inf"),
         (lambda d: None, ["--quantize", "int4"], "--quantize must be one of"),
         (lambda d: None, ["--profile", "toaster"], "unknown device profile"),
         (lambda d: None, ["--quantize", "fp16"], "no execution provider with fp16"),

@@ -279,3 +279,14 @@ def test_a_rewrite_that_fails_keeps_its_source(
     record = json.loads((out / "manifest.json").read_text())["recipe"]["layout"]
     assert record and all("rewrite failed: KeyError" in entry["skipped"] for entry in record.values())
     assert not result.chosen.name.endswith("+layout") and not _has_layout(out / "model.onnx")
+
+
+def test_a_folded_dequantize_leaves_no_initializer_unread(
+    tiny_onnx: Path, images: np.ndarray, tmp_path: Path
+) -> None:
+    # Its scale and zero point stayed in the artifact, and ORT warned "Removing initializer
+    # 'output_scale'. It is not used by any node" every time a device loaded it.
+    model = onnx.load(str(int8(tiny_onnx, tmp_path / "q.onnx", images[:16])))
+    assert fold_dequantize(model) == 1
+    read = {x for n in model.graph.node for x in n.input}
+    assert [i.name for i in model.graph.initializer if i.name not in read] == []

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from edgectl.compress.digits import INPUT_NAME, digits_data
+from edgectl.compress.errors import QualityGateError
 from edgectl.compress.pipeline import compress_module
 from edgectl.compress.recipe import Recipe
 from tests.compress.test_compress_cli import invoke
@@ -145,3 +147,78 @@ def test_torch_pruning_keeps_the_nearest_block_like_graph_pruning() -> None:
         widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
         assert widths == [kept_channels(32, ratio, 8), kept_channels(64, ratio, 8)], (ratio, widths)
     assert kept_channels(32, 0.3, 8) == 24 and kept_channels(64, 0.3, 8) == 48
+
+
+def test_a_pruned_model_missing_the_budget_is_told_the_next_step_that_fits_what_was_given(
+    digits: dict[str, Any], tmp_path: Path
+) -> None:
+    x_train, y_train, _, _ = digits_data()
+    np.savez(tmp_path / "train.npz", **{INPUT_NAME: x_train[:64], "labels": y_train[:64]})  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    # ONNX + --train: the hint said "add --train FILE.npz", which was given, and why --train did nothing
+    # was a progress line the spinner overwrote.
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "0.75", "--quantize", "none",
+                        "--train", tmp_path / "train.npz", "--eval", digits["eval"], "--max-drop", "0", "-o", out)  # fmt: skip
+    flat = " ".join(text.split())
+    assert code == 4, text
+    assert "note: --train: recovery training needs the model as PyTorch" in flat
+    assert ".pt2" not in flat  # it named .pt2 as a way to recover, and Torch-Pruning refuses .pt2 programs
+    assert "pass a package.module:factory for --train" in flat and "add --train" not in flat
+    assert not out.exists()
+    # A torch model that --train did recover, short of the budget: more epochs is the next step.
+    with pytest.raises(QualityGateError) as caught:
+        compress_module(
+            digits["model"], out, profile="x86-cpu-vnni", eval=digits["eval"], train=tmp_path / "train.npz",
+            max_drop=0.0, recipe=Recipe.from_options(quantize="none", prune=0.75, finetune_epochs=1),
+        )  # fmt: skip
+    assert "raise --finetune-epochs" in (caught.value.hint or "") and "add --train" not in str(caught.value)
+    assert not out.exists()
+
+
+def test_recovery_trains_a_batchnorm1d_model_on_a_count_one_past_the_batch_size() -> None:
+    import torch
+
+    from edgectl.compress.data import SampleSet
+    from edgectl.compress.errors import CompressError
+    from edgectl.compress.recover import recover
+
+    torch.manual_seed(0)
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+
+    teacher = net().eval()
+    x = np.random.default_rng(0).standard_normal((17, 8)).astype(np.float32)
+    # 17 samples in batches of 8 left a last batch of one: "Expected more than 1 value per channel when
+    # training", a traceback out of the pipeline.
+    done, loss, _ = recover(net(), teacher, SampleSet({"x": x}, None, "t"), ["x"], epochs=2,
+                            time_budget_s=60, progress=lambda _m: None, batch=8)  # fmt: skip
+    assert done == 2 and np.isfinite(loss)
+    # One sample in all cannot train BatchNorm: said in one line.
+    with pytest.raises(
+        CompressError, match=r"recovery training failed on a batch of 1 sample\(s\): ValueError"
+    ):
+        recover(net(), teacher, SampleSet({"x": x[:1]}, None, "t"), ["x"], epochs=1, time_budget_s=60,
+                progress=lambda _m: None)  # fmt: skip
+
+
+def test_prune_auto_records_only_the_ratios_it_tried(digits: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # Any drop passes: the first (largest) ratio is kept and no other is built. The manifest listed all four.
+    code, text = invoke(digits["onnx"], "--profile", "x86-cpu-vnni", "--prune", "auto", "--quantize", "none",
+                        "--calib", digits["calib"], "--eval", digits["eval"], "--max-drop", "1", "-o", out, "--json")  # fmt: skip
+    assert code == 0, text
+    assert [t["name"] for t in json.loads(text)["metrics"]["trials"] if t["stage"] == "prune"] == [
+        "pruned 88%"
+    ]
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["prune"]
+    assert record["auto"] == {"tried": [0.875], "kept": "pruned 88%"}
+
+
+def test_the_python_api_takes_paths_as_strings(digits: dict[str, Any], tmp_path: Path) -> None:
+    # A Python user passes str: "'str' object has no attribute 'is_file'" from inside the npz loader.
+    result = compress_module(
+        digits["model"], str(tmp_path / "out"), profile="x86-cpu-vnni", eval=str(digits["eval"]),
+        calib=str(digits["calib"]), max_drop=1.0, latency_rounds=1, recipe=Recipe.from_options(quantize="none"),
+    )  # fmt: skip
+    assert (result.out_dir / "manifest.json").is_file()

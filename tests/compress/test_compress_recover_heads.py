@@ -75,3 +75,32 @@ def test_dict_outputs_keep_every_head_and_train_with_labels(tmp_path: Path) -> N
     # A dict of outputs raised AttributeError ('dict' object has no attribute 'ndim') in the label check.
     model = _compress(Heads(), x, tmp_path, np.arange(64) % 10)
     assert _shapes(model, x[:4]) == [(4, 10), (4, 16, 4, 4), (4, 16)]
+
+
+class HardCodedHeads(nn.Module):
+    """Self-attention that splits 4 heads of 16 by a width written into view(): what pruning breaks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(64, 3 * 64)
+        self.out = nn.Linear(64, 64)
+        self.cls = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+        return self.cls(self.out(attn.transpose(1, 2).reshape(n, t, 64)).mean(1))  # type: ignore[no-any-return]
+
+
+def test_a_model_that_no_longer_runs_after_pruning_is_a_refusal_not_a_traceback() -> None:
+    from edgectl.compress.errors import PruneRefusedError
+    from edgectl.compress.recover import prune_torch
+
+    torch.manual_seed(0)
+    example = [torch.randn(2, 6, 64)]
+    # Its forward() raised "shape '[2, 6, 3, 4, 16]' is invalid" out of the pipeline: exit 1, a traceback.
+    with pytest.raises(
+        PruneRefusedError, match=r"the model Torch-Pruning pruned no longer runs \(RuntimeError: shape"
+    ):
+        prune_torch(HardCodedHeads().eval(), 0.5, example)
