@@ -159,17 +159,25 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def _check_class_scores(output: np.ndarray, labels: np.ndarray) -> None:
-    """top-1 compares labels with the first output's argmax: it must be ``[batch, classes]`` (axes of 1
-    aside) and hold every label, or the float model scores 0 and any candidate "keeps" that score."""
-    wide = [d for d in output.shape[1:] if d != 1]
-    classes = wide[0] if len(wide) == 1 else 0
-    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+def label_problem(output_shape: Sequence[int], low: int, high: int) -> str | None:
+    """What keeps class ids ``low..high`` from scoring an output of ``output_shape`` (``[batch, classes]``,
+    axes of 1 aside), or None: the one rule top-1 and recovery's cross-entropy share."""
+    wide = [d for d in output_shape[1:] if d != 1]
+    classes = int(wide[0]) if len(wide) == 1 else 0
     if classes and low >= 0 and high < classes:
-        return
-    what = (
-        f"{classes} classes" if classes else f"shape {tuple(output.shape[1:])} per sample, not class scores"
+        return None
+    return (
+        f"{classes} classes" if classes else f"shape {tuple(output_shape[1:])} per sample, not class scores"
     )
+
+
+def _check_class_scores(output: np.ndarray, labels: np.ndarray) -> None:
+    """top-1 compares labels with the first output's argmax: it must hold every label, or the float model
+    scores 0 and any candidate "keeps" that score."""
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    what = label_problem(output.shape, low, high)
+    if what is None:
+        return
     raise BadInputError(
         f"top1 compares the labels (ids {low}..{high}) with the first output's argmax, and that output has "
         f"{what}",

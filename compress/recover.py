@@ -20,6 +20,7 @@ import numpy as np
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedError, describe
+from edgectl.compress.metrics import label_problem
 from edgectl.compress.passes.export import plain_attention
 
 if TYPE_CHECKING:
@@ -209,12 +210,14 @@ def _check_labels(labels: torch.Tensor, teacher: torch.nn.Module, example: list[
 
     with torch.no_grad(), plain_attention():
         out = _outputs(teacher(*example))[0]
-    classes = int(out.shape[-1]) if out.ndim == 2 else 0
     low, high = int(labels.min()), int(labels.max())
-    if not classes or low < 0 or high >= classes:
-        what = (
-            f"{classes} classes" if classes else f"shape {tuple(out.shape[1:])} per sample, not class scores"
-        )
+    # Cross-entropy takes [batch, classes] as it is: a [batch, 1, classes] output is not class scores here.
+    what = (
+        label_problem(tuple(out.shape), low, high)
+        if out.ndim == 2
+        else f"shape {tuple(out.shape[1:])} per sample, not class scores"
+    )
+    if what is not None:
         raise BadInputError(
             f"training labels run {low}..{high}, but the model's first output has {what}",
             hint="save labels as class ids 0..classes-1, or leave them out to distil the outputs only",
