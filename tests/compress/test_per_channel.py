@@ -115,13 +115,14 @@ def test_nested_and_concurrent_uses_restore_orts_method_once_all_have_left(tmp_p
     from onnxruntime.quantization.base_quantizer import BaseQuantizer
 
     before = BaseQuantizer.quantize_weight_per_channel_impl
-    src, _ = _model(tmp_path / "m.onnx", seed=3)
+    # One source per thread: ORT's quantizer writes a shape-inferred copy beside its input.
+    sources = [_model(tmp_path / f"m{i}.onnx", seed=3)[0] for i in range(4)]
     errors: list[BaseException] = []
 
     def build(i: int) -> None:
         try:
             with vectorized_per_channel(), vectorized_per_channel():
-                quantize_dynamic(str(src), str(tmp_path / f"t{i}.onnx"), per_channel=True,
+                quantize_dynamic(str(sources[i]), str(tmp_path / f"t{i}.onnx"), per_channel=True,
                                  weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])  # fmt: skip
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
