@@ -18,7 +18,8 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``metrics``: the quality metrics ``--metric`` names (top-1, cosine, masked cosine, a user's function).
 - ``clock``: wall and CPU seconds per stage of one run (the report's time breakdown).
 - ``evaluate``: the evaluator every model goes through, the quality gate, interleaved latency.
-- ``choice``: which timed model ships (the fastest passing one) and the providers timing runs on.
+- ``choice``: which timed model ships (the fastest passing one), the providers timing runs on, and the
+  refusal when no candidate passed.
 - ``quantizer``: one quantized model with ORT's quantizer; the modes; nodes kept float by rule.
 - ``perchannel``: 8-bit per-channel weights in one array operation, bit-identical to ORT's loop.
 - ``sensitivity``: per-node quantization error, the ranking mixed precision keeps float from.

@@ -1,7 +1,11 @@
-"""Which timed model ships: the execution providers timing runs on, and the fastest passing candidate."""
+"""Which timed model ships: the execution providers timing runs on, the fastest passing candidate, and
+the refusal when none passed."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from edgectl.compress.errors import QualityGateError
 from edgectl.compress.evaluate import Trial
 from edgectl.devices import DeviceProfile
 
@@ -44,4 +48,34 @@ def off_target_note(profile: DeviceProfile, providers: tuple[str, ...]) -> str:
         f"timed on {', '.join(providers)}: this onnxruntime lacks {first}, {profile.name}'s execution "
         "provider, so the speed-ups are this host's and no candidate was required to beat the float "
         "model on the target"
+    )
+
+
+# What to do when no quantized model beats the float one.
+FLOAT_HINT = "use --quantize none to package the float model, or raise --max-drop"
+
+
+def nothing_passed(
+    candidates: Sequence[Trial], must_beat: bool, max_drop: float, metric: str, profile: str,
+    trials: list[dict[str, object]],
+) -> QualityGateError:  # fmt: skip
+    """The refusal when no candidate passed: they missed ``--max-drop``, or (with a model to beat) some
+    were raced clearly slower than it before their full evaluation, which is not a quality miss."""
+    raced = [t for t in candidates if t.raced_slower]
+    if raced and must_beat:
+        others = sum(1 for t in candidates if t.quality is not None and not t.raced_slower)
+        missed = f", the other {others} missed --max-drop {max_drop}" if others else ""
+        return QualityGateError(
+            f"no quantized model is faster than the float model on {profile}: {len(raced)} raced clearly "
+            f"slower before their full evaluation ({raced[0].name}: {raced[0].note}){missed}; no artifact written",
+            hint=FLOAT_HINT,
+            trials=trials,
+        )
+    scored = [t for t in candidates if t.quality is not None]
+    best = max(scored, key=lambda t: t.quality.score if t.quality else 0.0, default=None)
+    what = f"best drop {best.drop:.4f} ({best.name})" if best and best.drop is not None else "nothing built"
+    return QualityGateError(
+        f"no candidate met --max-drop {max_drop} ({metric}); {what}; no artifact written",
+        hint="raise --max-drop, pass better --calib data, prune less, or use --quantize none",
+        trials=trials,
     )

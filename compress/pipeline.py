@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from edgectl.artifact import TensorSpec, summarize_inputs
-from edgectl.compress.choice import fastest_passing, off_target_note, timing_providers
+from edgectl.compress.choice import (
+    FLOAT_HINT,
+    fastest_passing,
+    nothing_passed,
+    off_target_note,
+    timing_providers,
+)
 from edgectl.compress.clock import StageClock
 from edgectl.compress.data import read_samples, synthetic_samples
 from edgectl.compress.errors import BadInputError, QualityGateError
@@ -247,32 +253,9 @@ class _Run:
         with self.clock.stage("model stats"):
             self._stats(state, feed)
         passing = [t for t in state.candidates if t.passed]
-        raced = [t for t in state.candidates if t.raced_slower]
-        if not passing and raced and state.must_beat is not None:
-            # Nothing passed and these stopped early: a race showed them clearly slower than the float model.
-            others = sum(1 for t in state.candidates if t.quality is not None and not t.raced_slower)
-            missed = f", the other {others} missed --max-drop {self.req.max_drop}" if others else ""
-            raise QualityGateError(
-                f"no quantized model is faster than the float model on {self.profile.name}: "
-                f"{len(raced)} raced clearly slower before their full evaluation ({raced[0].name}: {raced[0].note})"
-                f"{missed}; no artifact written",
-                hint="use --quantize none to package the float model, or raise --max-drop",
-                trials=[t.to_dict() for t in self.trials],
-            )
         if not passing:
-            scored = [t for t in state.candidates if t.quality is not None]
-            best = max(scored, key=lambda t: t.quality.score if t.quality else 0.0, default=None)
-            what = (
-                f"best drop {best.drop:.4f} ({best.name})"
-                if best and best.drop is not None
-                else "nothing built"
-            )
-            raise QualityGateError(
-                f"no candidate met --max-drop {self.req.max_drop} ({self.ctx.evaluator.metric}); {what}; "
-                "no artifact written",
-                hint="raise --max-drop, pass better --calib data, prune less, or use --quantize none",
-                trials=[t.to_dict() for t in self.trials],
-            )
+            raise nothing_passed(state.candidates, state.must_beat is not None, self.req.max_drop,
+                                 self.ctx.evaluator.metric, self.profile.name, [t.to_dict() for t in self.trials])  # fmt: skip
         passing = self._faster_than_float(state, passing)
         chosen = fastest_passing(passing)
         chosen.note = (chosen.note + "; " if chosen.note else "") + "chosen"
@@ -313,7 +296,7 @@ class _Run:
             f"no quantized model inside --max-drop {self.req.max_drop} is faster than the float model on "
             f"{self.profile.name} (by more than {SPEEDUP_MARGIN:.0%}: float {theirs:.4f} ms, fastest passing "
             f"{best.name} {mine:.4f} ms, timed together); no artifact written",
-            hint="use --quantize none to package the float model, or raise --max-drop",
+            hint=FLOAT_HINT,
             trials=[t.to_dict() for t in self.trials],
         )
 
