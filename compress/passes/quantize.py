@@ -86,7 +86,6 @@ class QuantSearch:
         self._cut: list[Trial] = []  # trials stopped on the first slice as hopeless
         # Raced before their full evaluation (None: never): the clearly slower ones stop there.
         self.pace = pace
-        self._slow: list[Trial] = []
 
     def trial(self, base: Path, config: QuantConfig, stage: str, note: str = "") -> Trial:
         """Quantize ``base`` per ``config`` and score it."""
@@ -131,8 +130,9 @@ class QuantSearch:
         trial.quality, trial.drop = quality, drop
         trial.passed = False if stopped else self.gate.admits(drop)
         if stopped:
-            (self._slow if slow else self._cut).append(trial)
             trial.raced_slower = bool(slow)
+            if not slow:
+                self._cut.append(trial)
             why = (
                 slow[0]
                 if slow
@@ -144,7 +144,7 @@ class QuantSearch:
 
     def _fair(self, trials: list[Trial]) -> list[Trial]:
         """``trials`` without those stopped for speed: their first-slice scores do not rank a mode."""
-        return [t for t in trials if not any(t is s for s in self._slow)]
+        return [t for t in trials if not t.raced_slower]
 
     def run(
         self,
