@@ -58,7 +58,10 @@ def test_canary_then_promote_and_shadow_then_rollback(rig: AgentRig) -> None:
         rig.fleet.wait_serving("mlp", d3)
         wait_for(lambda: agent.trials.plan("mlp") is not None, what="the shadow trial to start")
         assert set(_traffic(client, 100)) == {"2"}
-        trial = _trial(rig.fleet, lambda t: t.compared >= 20)
+        # Shadow runs happen behind the answers: wait until all 100 are accounted for (run or skipped).
+        trial = _trial(
+            rig.fleet, lambda t: t.compared >= 20 and t.background_runs + t.background_skipped >= 100
+        )
         assert trial.mode == "shadow" and trial.agreement < 0.5
         assert trial.background_runs + trial.background_skipped == 100
 

@@ -158,10 +158,12 @@ def test_a_disagreeing_canary_is_rolled_back_before_the_next_wave_and_an_agreein
         assert agents[1].reconciler is not None
         assert all(m.digest != v3 for m in agents[1].reconciler.build_report().models)
 
-        # Shadow an agreeing candidate: every device passes the gate and is promoted.
+        # Shadow an agreeing candidate: every device passes the gate and is promoted. The latency gate is
+        # off here (its own tests are below): with ~20 rows a p99 is the slowest run, and one scheduling
+        # hiccup of a loaded CI host (300 ms against 0.5 ms) failed an agreeing candidate.
         good = _rollout(
             client, v2, ["1", "100%"], health_timeout_seconds=60, soak_seconds=2, shadow=True,
-            min_agreement=0.95, max_p99_ratio=50.0,
+            min_agreement=0.95, max_p99_ratio=0.0,
         )  # fmt: skip
         assert good.state == RP.ROLLOUT_STATE_SUCCEEDED, good.reason
         events = _events(client, good.id)
