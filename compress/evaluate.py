@@ -203,6 +203,18 @@ CLEARLY_SLOWER = 0.10
 # A quantized model is faster than the float one only beyond this (round-to-round noise on one thread):
 # a model 1 % "faster" with nothing quantized in it is within noise of it, and may well be slower.
 SPEEDUP_MARGIN = 0.02
+# Runs per model and round: enough for ``round_s``, at most MAX_RUNS_PER_ROUND, but never fewer than
+# fill MIN_ROUND_S. A 16 us model capped at 200 runs had 3 ms rounds, and one scheduler blip in a round
+# chose a candidate 7-10 % slower than the best one in one search of six (digits CNN, pruned).
+MAX_RUNS_PER_ROUND = 200
+MIN_ROUND_S = 0.025
+
+
+def runs_per_round(run_s: float, round_s: float) -> int:
+    """How many runs of a model taking ``run_s`` fill one round of ``round_s`` (bounded, see above)."""
+    run_s = max(run_s, 1e-6)
+    cap = max(MAX_RUNS_PER_ROUND, int(min(MIN_ROUND_S, round_s) / run_s))
+    return max(2, min(cap, int(round_s / run_s)))
 
 
 def measure_latency(
@@ -233,7 +245,7 @@ def measure_latency(
             s.run(None, feed)
         t0 = clock()
         s.run(None, feed)
-        iters.append(max(2, min(200, int(round_s / max(clock() - t0, 1e-6)))))
+        iters.append(runs_per_round(clock() - t0, round_s))
     samples: list[list[float]] = [[] for _ in sessions]
     per_round: list[list[float]] = [[] for _ in sessions]
     active = [True] * len(sessions)

@@ -13,13 +13,23 @@ import numpy as np
 
 from edgectl.compress.clock import StageClock, breakdown_lines
 from edgectl.compress.data import SampleSet
-from edgectl.compress.evaluate import Evaluator, measure_latency, out_of_race
+from edgectl.compress.evaluate import MIN_ROUND_S, Evaluator, measure_latency, out_of_race, runs_per_round
 from edgectl.compress.metrics import parse_metric
 from edgectl.compress.passes.quant_modes import QuantizeConfig
 from edgectl.compress.passes.quantize import QuantSearch
 from edgectl.compress.quantizer import QuantConfig, latency_candidates, quantize
 from edgectl.devices import load_profile
 from tests.compress.conftest import masked_attention, token_samples
+
+
+def test_a_round_of_a_tiny_model_is_long_enough_to_average_a_scheduler_blip() -> None:
+    # 16 us a run: the old cap of 200 runs gave 3 ms rounds; now a round fills MIN_ROUND_S.
+    assert runs_per_round(16e-6, 0.15) * 16e-6 >= MIN_ROUND_S * 0.99
+    # Never past round_s, never under 2 runs, and a slow model keeps its few runs.
+    assert runs_per_round(16e-6, 0.005) * 16e-6 <= 0.005
+    assert runs_per_round(1e-3, 0.15) == 150
+    assert runs_per_round(1.0, 0.15) == 2
+    assert runs_per_round(0.0, 0.15) >= 2
 
 
 def test_nested_stages_count_once_and_the_lines_add_up() -> None:
