@@ -63,8 +63,12 @@ faketime:  ## libfaketime for the clock-skew fault test (optional: the test fall
 
 # test and demo need all of setup (mosquitto too), not only the venv: on a fresh machine each README
 # command sets itself up; once installed, broker and faketime are checks that take milliseconds.
-test: setup  ## the suite without slow benchmarks
-	$(PY) -m pytest -q -m "not slow and not bench" $(PYTEST_ARGS)
+# One pytest worker per core (TEST_WORKERS=0: one process); a worker steals queued tests from a busy
+# one, so a file of slow integration tests does not hold the run back. Servers bind free ports and
+# PostgreSQL tests take their own schema, so workers never share state.
+TEST_WORKERS ?= auto
+test: setup  ## the suite without slow benchmarks, on every core
+	$(PY) -m pytest -q -m "not slow and not bench" -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed  ## ruff + mypy --strict on the packages
 	$(VENV)/bin/ruff check .

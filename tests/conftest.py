@@ -22,6 +22,12 @@ from edgectl.security.broker_files import BrokerLayout, write_broker_files
 
 REAL_S3_ENV = "EDGECTL_TEST_S3_ENDPOINT"
 
+# pytest-xdist's workers start with COLUMNS=80 set, and rich's consoles, made when edgectl.cli is
+# imported, would keep that width for good: drop it so a test's own COLUMNS (or none) decides, as it
+# does in one process.
+for _fixed in ("COLUMNS", "LINES"):
+    os.environ.pop(_fixed, None)
+
 
 def require_mosquitto() -> Path:
     """The mosquitto binary; a failure in CI, a skip elsewhere, when it is missing."""

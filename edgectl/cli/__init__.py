@@ -93,7 +93,8 @@ def main() -> None:
     except EdgectlError as exc:
         if _state["verbose"]:
             traceback.print_exc()
-        err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
+        # soft_wrap: a long path in the message stays one piece to copy, the terminal wraps it
+        err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
