@@ -30,7 +30,7 @@ from edgectl.compress.passes.base import CompressPass
 from edgectl.compress.passes.cleanup import CleanupConfig, CleanupPass
 from edgectl.compress.passes.layout import LayoutConfig, LayoutPass
 from edgectl.compress.passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass
-from edgectl.compress.passes.prune import PruneConfig, PrunePass
+from edgectl.compress.passes.prune import DEFAULT_FINETUNE_EPOCHS, PruneConfig, PrunePass
 from edgectl.compress.passes.quant_modes import QuantizeConfig
 from edgectl.compress.passes.quantize import QuantizePass
 from edgectl.compress.passes.tensorrt import TensorRTConfig, TensorRTPass
@@ -115,7 +115,7 @@ class Recipe:
         quantize: str = "auto",
         prune: float | str = 0.0,
         tensorrt: bool = False,
-        finetune_epochs: int = 3,
+        finetune_epochs: int | None = None,
     ) -> Recipe:
         """The recipe the CLI flags describe (``prune="auto"``: the largest of ``AUTO_PRUNE_RATIOS`` that passes)."""
         if quantize not in QUANTIZE_MODES:
@@ -123,7 +123,7 @@ class Recipe:
         quantizing = quantize != "none"
         return cls(
             cleanup=CleanupConfig(),
-            prune=_prune_config(prune, finetune_epochs),
+            prune=_prune_config(prune, finetune_epochs or DEFAULT_FINETUNE_EPOCHS),
             quantize=QuantizeConfig(mode=quantize) if quantizing else None,  # type: ignore[arg-type]
             mixed_precision=MixedPrecisionConfig() if quantizing else None,
             layout=LayoutConfig() if quantizing else None,  # skips itself where int8 is not on ORT's CPU EP

@@ -145,7 +145,8 @@ def compress(
         int | None,
         typer.Option(
             "--finetune-epochs",
-            help="At most this many recovery epochs with --train (3 when not given).",
+            help="At most this many recovery epochs with --train (10 when not given; "
+            "10 minutes bound them too).",
             min=1,
         ),
     ] = None,
@@ -183,7 +184,7 @@ def compress(
         plan = (
             Recipe.load(recipe)
             if recipe
-            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs or 3)
+            else Recipe.from_options(quantize=quantize, prune=prune, finetune_epochs=finetune_epochs)
         )
         request = CompressRequest(
             model=model, out_dir=out, profile=_profile_name(profile), recipe=plan, calib=calib, eval=eval_data,

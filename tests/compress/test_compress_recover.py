@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,64 @@ def test_the_python_api_takes_paths_as_strings(digits: dict[str, Any], tmp_path:
         calib=str(digits["calib"]), max_drop=1.0, latency_rounds=1, recipe=Recipe.from_options(quantize="none"),
     )  # fmt: skip
     assert (result.out_dir / "manifest.json").is_file()
+
+
+def test_the_learning_rate_warms_up_then_anneals_to_zero() -> None:
+    from edgectl.compress.recover import LearningRate
+
+    schedule = LearningRate(5e-3, 200)
+    rates = [schedule.at(i) for i in range(200)]
+    warmup = 200 // 20
+    # A warm start: the first step is a fraction of the peak, the peak comes after the warm-up.
+    assert rates[0] < 0.2 * 5e-3 and rates[warmup - 1] == pytest.approx(5e-3)
+    assert all(a <= b for a, b in itertools.pairwise(rates[:warmup]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[warmup - 1 :]))
+    assert 0 <= rates[-1] < 0.01 * 5e-3
+    # Past the planned steps (a run the budget shortened, then not), never negative or rising again.
+    assert schedule.at(500) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_default_recovery_epochs_are_one_number_in_the_recipe_and_the_help() -> None:
+    from typer.testing import CliRunner
+
+    from edgectl.cli import app
+    from edgectl.compress.passes.prune import DEFAULT_FINETUNE_EPOCHS
+
+    recipe = Recipe.from_options(prune=0.5)
+    assert recipe.prune is not None and recipe.prune.finetune_epochs == DEFAULT_FINETUNE_EPOCHS
+    text = " ".join(CliRunner().invoke(app, ["compress", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert f"({DEFAULT_FINETUNE_EPOCHS} when not given" in text
+
+
+def test_default_recovery_brings_a_half_pruned_small_cnn_back_within_a_point(tmp_path: Path) -> None:
+    # A LeNet-like model the project's own DigitsCNN is not: no BatchNorm, unpadded convs, a small head.
+    import torch
+    from torch import nn
+
+    x_train, y_train, x_eval, y_eval = digits_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(15):
+        for idx in torch.randperm(len(yt)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    model.eval()
+    np.savez(tmp_path / "train.npz", x=x_train, labels=y_train)
+    np.savez(tmp_path / "eval.npz", x=x_eval, labels=y_eval)
+    result = compress_module(
+        model, tmp_path / "out", eval=tmp_path / "eval.npz", train=tmp_path / "train.npz", max_drop=0.011,
+        recipe=Recipe.from_options(quantize="none", prune=0.5), latency_rounds=1,
+    )  # fmt: skip
+    rows = {t.name: t for t in result.trials}
+    recovered = rows["pruned 50% + recovered (10 epochs distilled)"]
+    assert recovered.quality and result.baseline.quality
+    assert recovered.quality.score >= result.baseline.quality.score - 0.011, (
+        recovered.quality,
+        result.baseline.quality,
+    )
