@@ -25,6 +25,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``sensitivity``: per-node quantization error, the ranking mixed precision keeps float from.
 - ``channel_groups``: which channels structured pruning must remove together.
 - ``recover``: pruning a torch model with Torch-Pruning and distilling it back (``--train``).
+- ``lift``: a ``.pt2`` program's ``aten`` conv/linear/batch-norm calls as layers again, for the pruner.
 - ``graph``: facts about an ONNX graph (signature, parameters, MACs) and ORT sessions.
 - ``outcome``: what a run measured, as the manifest's ``metrics`` carry it.
 - ``package``: the signed artifact, written atomically.

@@ -113,8 +113,13 @@ def check_samples(
     inputs: Sequence[TensorSpec],
     *,
     source: str,
+    any_count: bool = False,
 ) -> SampleSet:
-    """Match arrays to the model inputs by name, dtype and shape; return them as a SampleSet."""
+    """Match arrays to the model inputs by name, dtype and shape; return them as a SampleSet.
+
+    ``any_count``: samples that never run through the ONNX model (torch training data) need not come
+    in whole batches of a batch size the export fixed.
+    """
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
     note = ""
@@ -162,7 +167,7 @@ def check_samples(
         raise BadInputError(f"{source} holds no samples", hint="save at least one sample per input on axis 0")
     if len(counts) != 1:
         raise BadInputError(f"{source}: input arrays disagree on the sample count {sorted(counts)}")
-    batch = fixed_batch(inputs)
+    batch = 0 if any_count else fixed_batch(inputs)
     if batch > 1 and next(iter(counts)) % batch:
         raise BadInputError(
             f"{source}: {next(iter(counts))} samples, but the model takes batches of exactly {batch}",
@@ -186,10 +191,12 @@ def fixed_batch(inputs: Sequence[TensorSpec]) -> int:
     return max(fixed, default=0)
 
 
-def read_samples(path: Path, inputs: Sequence[TensorSpec], *, what: str) -> SampleSet:
-    """Load and check an npz against the model inputs."""
+def read_samples(
+    path: Path, inputs: Sequence[TensorSpec], *, what: str, any_count: bool = False
+) -> SampleSet:
+    """Load and check an npz against the model inputs (``any_count``: see ``check_samples``)."""
     arrays, labels = load_npz(path, what=what)
-    return check_samples(arrays, labels, inputs, source=f"{what} file {path.name}")
+    return check_samples(arrays, labels, inputs, source=f"{what} file {path.name}", any_count=any_count)
 
 
 def synthetic_samples(inputs: Sequence[TensorSpec], count: int, *, seed: int = 0) -> SampleSet:

@@ -158,7 +158,8 @@ class _Run:
             self.data = read_samples(req.eval, self.inputs, what="evaluation")
         else:
             self.data = calib or synthetic_samples(self.inputs, 32)
-        train = read_samples(req.train, self.inputs, what="training") if req.train else None
+        # Training runs in torch, where a batch size the ONNX export fixed does not apply.
+        train = read_samples(req.train, self.inputs, what="training", any_count=True) if req.train else None
         if train is not None and train.labels is None:
             self.progress("training data has no labels: recovery distils the float model's outputs only")
         self.notes = sorted({d.note for d in (calib, self.data, train) if d is not None and d.note})
@@ -348,7 +349,9 @@ class _Run:
 def _recovery_hint(train: bool, torch_model: bool) -> str:
     """What recovers a pruned model's accuracy from here: --train, more epochs, or a PyTorch model."""
     if train:
-        return "raise --finetune-epochs" if torch_model else "pass a package.module:factory for --train"
+        return (
+            "raise --finetune-epochs" if torch_model else "pass a .pt2 or package.module:factory for --train"
+        )
     return "add --train FILE.npz to recover accuracy (torch models)"
 
 

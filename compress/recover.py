@@ -1,7 +1,8 @@
 """Structured pruning in PyTorch that recovers its accuracy: Torch-Pruning, then knowledge distillation.
 
-For models given as PyTorch (a factory or an ``nn.Module`` through the Python API; a ``.pt2``
-program's unlifted module has no layers Torch-Pruning can see, and is refused) with ``--train`` data: Torch-Pruning's dependency graph removes ``ratio`` of the channels of
+For models given as PyTorch (a factory, an ``nn.Module`` through the Python API, or a ``.pt2``
+program, whose aten calls ``lift.lift_layers`` turns back into layers) with ``--train`` data:
+Torch-Pruning's dependency graph removes ``ratio`` of the channels of
 every prunable group (the classifier head keeps its outputs), then the pruned student is trained
 against the float model as teacher (softened-logit KL, plus cross-entropy where the data has
 labels) for a bounded number of epochs and seconds, on CUDA when there is one. torch is imported
@@ -21,6 +22,7 @@ import numpy as np
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedError, describe
+from edgectl.compress.lift import lift_layers
 from edgectl.compress.metrics import label_problem
 from edgectl.compress.passes.export import plain_attention
 
@@ -380,6 +382,7 @@ def prune_and_recover(
     if missing:
         raise BadInputError(f"{train.source} lacks array(s) for model input(s) {', '.join(missing)}")
     example = [torch.from_numpy(np.ascontiguousarray(train.inputs[n][:2])) for n in names]
+    module = lift_layers(module)  # a .pt2 program's aten calls as layers Torch-Pruning can see
     teacher = copy.deepcopy(module).eval()
     progress(f"pruning {ratio:.0%} of channels with Torch-Pruning")
     pruned = prune_torch(module, ratio, example)

@@ -132,10 +132,28 @@ def input_names(module: torch.nn.Module, given: Collection[str] = ()) -> list[st
     return names
 
 
-def _example(arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+def _example(
+    arrays: dict[str, np.ndarray], names: list[str], fixed: int | None = None
+) -> dict[str, np.ndarray]:
+    if fixed:  # a program exported without a dynamic batch runs its example's batch size only
+        return {n: np.resize(arrays[n], (fixed, *arrays[n].shape[1:])) for n in names}
     # Batch 1 lets torch.export specialise the batch dim to a constant; use at least two samples.
     ex = {n: arrays[n][:4] for n in names}
     return {n: (np.concatenate([a, a]) if a.shape[0] < 2 else a) for n, a in ex.items()}
+
+
+def program_batch(program: Any, names: list[str]) -> int | None:
+    """The batch size a ``torch.export`` program pins (its example's, when exported without a dynamic
+    batch dimension), or None where the batch is dynamic or there is no program."""
+    if program is None:
+        return None
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    sizes = {
+        v.shape[0]
+        for name in names
+        if (v := vals.get(name)) is not None and getattr(v, "ndim", 0) > 0 and isinstance(v.shape[0], int)
+    }
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _flat(out: Any) -> list[np.ndarray]:
@@ -186,7 +204,8 @@ def export_module(
             f"the sample data lacks the model input(s) {', '.join(missing)}",
             hint=f"name the npz arrays after forward()'s parameters: {', '.join(names)}",
         )
-    example = _example(arrays, names)
+    fixed = program_batch(program, names)
+    example = _example(arrays, names, fixed)
     args = tuple(torch.from_numpy(example[n]) for n in names)
     try:
         with torch.no_grad(), plain_attention():
@@ -217,7 +236,7 @@ def export_module(
                 f"both exporters failed; dynamo: {dynamo_error}; torchscript: {type(exc).__name__}: {exc}",
                 hint="export the model to ONNX yourself and pass the .onnx file",
             ) from exc
-    diff, cos = check_parity(module, out, example, names, cfg)
+    diff, cos = check_parity(module, out, example, names, cfg, fixed_batch=fixed is not None)
     return ExportReport(out, exporter, diff, cos, dynamo_error)
 
 
@@ -292,14 +311,22 @@ def plain_attention() -> Iterator[None]:
 
 
 def check_parity(
-    module: torch.nn.Module, path: Path, example: dict[str, np.ndarray], names: list[str], cfg: ExportConfig
+    module: torch.nn.Module,
+    path: Path,
+    example: dict[str, np.ndarray],
+    names: list[str],
+    cfg: ExportConfig,
+    *,
+    fixed_batch: bool = False,
 ) -> tuple[float, float]:
-    """Compare ORT with torch at the example batch and at batch one; raise ParityError on mismatch."""
+    """Compare ORT with torch at the example batch and at batch one (unless the batch is fixed);
+    raise ParityError on mismatch."""
     import torch
 
     session = cpu_session(path, threads=0)
     worst_diff, worst_cos = 0.0, 1.0
-    for feed in (example, {n: a[:1] for n, a in example.items()}):
+    feeds = [example] if fixed_batch else [example, {n: a[:1] for n, a in example.items()}]
+    for feed in feeds:
         with torch.no_grad(), plain_attention():
             want = _flat(module(*(torch.from_numpy(feed[n]) for n in names)))
         try:

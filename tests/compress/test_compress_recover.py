@@ -163,8 +163,7 @@ def test_a_pruned_model_missing_the_budget_is_told_the_next_step_that_fits_what_
     flat = " ".join(text.split())
     assert code == 4, text
     assert "note: --train: recovery training needs the model as PyTorch" in flat
-    assert ".pt2" not in flat  # it named .pt2 as a way to recover, and Torch-Pruning refuses .pt2 programs
-    assert "pass a package.module:factory for --train" in flat and "add --train" not in flat
+    assert "pass a .pt2 or package.module:factory for --train" in flat and "add --train" not in flat
     assert not out.exists()
     # A torch model that --train did recover, short of the budget: more epochs is the next step.
     with pytest.raises(QualityGateError) as caught:
@@ -284,3 +283,56 @@ def test_default_recovery_brings_a_half_pruned_small_cnn_back_within_a_point(tmp
         recovered.quality,
         result.baseline.quality,
     )
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_a_pt2_program_is_pruned_and_recovered_like_a_factory(tmp_path: Path, dynamic_batch: bool) -> None:
+    # torch.export leaves aten calls on loose parameters (no nn.Conv2d for Torch-Pruning to find) and,
+    # without dynamic_shapes, guards that pin the example's batch of 2: the .pt2 was refused, or failed
+    # on the sample data before that. Its layers are lifted back, and it recovers like a factory.
+    import torch
+
+    from edgectl.compress.digits import train_digits_cnn
+
+    x_train, y_train, x_eval, y_eval = digits_data()
+    model = train_digits_cnn(epochs=3, width=16, hidden=64)
+    example = (torch.from_numpy(x_train[:2]),)
+    shapes = {"image": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    torch.export.save(torch.export.export(model, example, dynamic_shapes=shapes), str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "train.npz", image=x_train[:1001], labels=y_train[:1001])  # an odd count: torch only
+    np.savez(tmp_path / "eval.npz", image=x_eval[:300], labels=y_eval[:300])
+    out = tmp_path / "out"
+    code, text = invoke(tmp_path / "m.pt2", "--prune", "0.5", "--quantize", "none", "--train", tmp_path / "train.npz",
+                        "--finetune-epochs", "4", "--eval", tmp_path / "eval.npz", "--max-drop", "0.03", "-o", out)  # fmt: skip
+    assert code == 0, text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["recovery"]["trained"] is True and manifest["recipe"]["prune"]["epochs"] == 4
+    trials = {t["name"]: t for t in manifest["metrics"]["trials"]}
+    pruned, recovered = trials["pruned 50% (torch)"], trials["pruned 50% + recovered (4 epochs distilled)"]
+    assert recovered["quality"] > pruned["quality"] and recovered["passed"]
+    assert recovered["params"] < 0.4 * trials["float (baseline)"]["params"]
+
+
+def test_lifted_layers_compute_what_the_program_did_and_batch_norm_follows_train_mode() -> None:
+    import torch
+
+    from edgectl.compress.digits import train_digits_cnn
+    from edgectl.compress.lift import has_layers, lift_layers
+
+    x = torch.from_numpy(digits_data()[0][:5])
+    model = train_digits_cnn(epochs=1, width=8, hidden=16)
+    unlifted = torch.export.export(model, (x[:2],)).module()
+    assert not has_layers(unlifted)
+    lifted = lift_layers(unlifted)
+    assert has_layers(lifted) and lift_layers(model) is model
+    kinds = [type(m).__name__ for m in lifted.modules()]
+    assert kinds.count("Conv2d") == 2 and kinds.count("BatchNorm2d") == 2 and kinds.count("Linear") == 2
+    with torch.no_grad():
+        assert torch.equal(lifted(x[:2]), unlifted(x[:2]))  # the same function, exactly
+        assert lifted(x).shape == (5, 10)  # no guard pinning the example's batch of 2
+        lifted.train()
+        trained = lifted(x)
+    assert not torch.allclose(trained, model(x))  # BatchNorm on the batch's statistics, as in training
+    assert set(lifted.state_dict()) >= {
+        k for k in model.state_dict() if not k.endswith("num_batches_tracked")
+    }
