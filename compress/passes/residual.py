@@ -93,3 +93,18 @@ def keep_residual_unfused(model: onnx.ModelProto) -> int:
             add.op_type = "Sum"
             count += 1
     return count
+
+
+def residual_as_add(model: onnx.ModelProto) -> int:
+    """Undo ``keep_residual_unfused``'s Sums in place (ORT then fuses SkipLayerNormalization at load
+    wherever the shapes allow): the variant clean-up times against it. Returns the adds restored."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        total = producer.get(node.input[0])
+        if total is not None and total.op_type == "Sum" and len(total.input) == 2:
+            total.op_type = "Add"
+            count += 1
+    return count

@@ -5,15 +5,21 @@ Real ORT sessions: what ORT itself runs is read off the graph it optimizes at lo
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgectl.compress.evaluate import Latency
 from edgectl.compress.passes.cleanup import CleanupConfig, cleanup
-from edgectl.compress.passes.residual import keep_residual_unfused
+from edgectl.compress.passes.residual import keep_residual_unfused, residual_as_add
+from edgectl.compress.pipeline import CompressRequest, run
+from edgectl.compress.recipe import Recipe
 from tests.compress.conftest import masked_attention, token_samples
 
 DIM = 32
@@ -74,6 +80,10 @@ def test_residual_add_becomes_sum_and_ort_fuses_nothing(tmp_path: Path) -> None:
     assert "SkipLayerNormalization" not in _ops_ort_runs(dst, tmp_path)
     feed = token_samples(4, seed=0)
     np.testing.assert_allclose(_run(dst, feed), _run(src, feed), rtol=0, atol=1e-5)
+    # Given back (the variant clean-up times against it): ORT fuses at load again.
+    assert residual_as_add(model) == 2
+    onnx.save(model, str(dst))
+    assert "SkipLayerNormalization" in _ops_ort_runs(dst, tmp_path)
 
 
 def test_skip_layer_norm_in_the_input_is_split_back(tmp_path: Path) -> None:
@@ -123,3 +133,34 @@ def test_cleanup_leaves_ort_no_skip_layer_norm_to_run(tmp_path: Path) -> None:
     dst = tmp_path / "off.onnx"
     assert cleanup(src, dst, CleanupConfig(residual_unfused=False)).residual_sums == 0
     assert "SkipLayerNormalization" in _ops_ort_runs(dst, tmp_path)
+
+
+@pytest.mark.parametrize("skip_norm_faster", [False, True])
+def test_the_clean_up_times_skip_layer_norm_and_keeps_it_only_where_faster(
+    tmp_path: Path, skip_norm_faster: bool
+) -> None:
+    """The rewrite is measured on the target like every clean-up: the graph ORT fuses at load is a variant."""
+    timed: list[str] = []
+
+    def timer(models: Sequence[Path], feed: dict[str, np.ndarray]) -> list[Latency]:
+        timed.extend(p.name for p in models)
+        # The input is the slowest (so a clean-up ships); SkipLayerNormalization is faster or slower.
+        fast = [
+            p.name.startswith("clean") and p.name.startswith("clean-skipnorm") == skip_norm_faster
+            for p in models
+        ]
+        return [Latency(1.0 if f else 2.0, 1.0 if f else 2.0, 1) for f in fast]
+
+    src = encoder_block(tmp_path / "block.onnx")
+    np.savez(tmp_path / "eval.npz", **token_samples(16, seed=2))  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    run(CompressRequest(model=str(src), out_dir=out, recipe=Recipe.from_options(quantize="none"),
+                        eval=tmp_path / "eval.npz", timer=timer))  # fmt: skip
+    record = json.loads((out / "manifest.json").read_text())["recipe"]["cleanup"]
+    assert "with SkipLayerNormalization_ms" in record["timing"]
+    assert any(n.startswith("clean-skipnorm") for n in timed)
+    ops = _ops_ort_runs(out / "model.onnx", tmp_path)
+    if skip_norm_faster:
+        assert record["kept"] == "with SkipLayerNormalization" and "SkipLayerNormalization" in ops
+    else:
+        assert record["kept"] != "with SkipLayerNormalization" and "SkipLayerNormalization" not in ops
