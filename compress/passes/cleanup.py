@@ -134,7 +134,10 @@ def cleanup(
     if cfg.fuse_transformer and _is_transformer(model):
         try:
             model, fused = _fuse_transformer(model, skip_norm=not cfg.residual_unfused)
-        except Exception:  # a graph the fusion scripts do not know stays as it is; it is still valid
+        except Exception:  # a graph the fusion scripts do not know stays as it was before them
+            # They rewrite the proto in place and can fail half-way (a GPT-2 export: "Graph is not a
+            # DAG" after the FastGelu fusion), leaving nodes that read tensors no node writes any more.
+            model = onnx.load(str(optimized if optimized is not None else src))
             fused = {}
     sums = keep_residual_unfused(model) if cfg.residual_unfused else 0
     # Shape info from the old graph may be stale after fusions: infer again from scratch.
