@@ -224,3 +224,24 @@ def test_ids_that_do_not_fit_the_inputs_integer_type_are_still_refused(tmp_path:
     with pytest.raises(BadInputError, match="is int64 but the model input is uint8"):
         u8 = _token_model(tmp_path / "u8.onnx", TensorProto.UINT8)
         read_samples(tmp_path / "neg.npz", signature(onnx.load(str(u8)))[0], what="evaluation file")
+
+
+def test_a_model_onnx_runtime_cannot_load_is_refused_with_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    """torch's dynamo exporter asked for opset 17 converts down from 18 and can leave a Split with
+    opset 18's ``num_outputs`` (a user's GPT-2 export): ORT refuses the graph, and compress crashed."""
+    graph = helper.make_graph(
+        [helper.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2, name="split"),
+         helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )  # fmt: skip
+    model = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.savez(tmp_path / "e.npz", x=np.zeros((4, 8), np.float32))
+    code, text = invoke(
+        model, "--quantize", "int8-dynamic", "--eval", tmp_path / "e.npz", "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "ONNX Runtime cannot load the float model" in text and "opset_version=18" in text
+    assert "Traceback" not in text and not (tmp_path / "a").exists()
