@@ -11,7 +11,8 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
   image-stem rewrites (padded to 4 channels or kept float) and the NHWC rewrite of int8 graphs the
   stages and passes call; ``quant_modes`` is what the quantize pass may try on a target (its
   config, the modes a profile runs, each mode's first candidates); ``pace`` races a candidate against
-  the model it must beat before its costly full evaluation.
+  the model it must beat before its costly full evaluation; ``residual`` keeps a transformer's
+  residual Add + LayerNormalization out of ORT's slower SkipLayerNormalization.
 - ``source``: where the float model comes from (ONNX file, ``.pt2``, factory, ``nn.Module``).
 - ``data``: calibration and evaluation ``.npz`` files, checked against the model's inputs.
 - ``user_code``: the user's ``module:function`` (a factory, a metric), imported as ``python -m`` finds it.

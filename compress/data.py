@@ -138,6 +138,13 @@ def check_samples(
     counts = set()
     for info in inputs:
         arr = arrays[info.name]
+        if _same_integers(arr, np.dtype(info.dtype)):
+            # Token ids saved as int32 (numpy's default int on Windows, a smaller file) are the same
+            # ids as int64: converting them loses nothing, unlike float64 -> float32.
+            arr = arr.astype(info.dtype)
+            arrays = {**arrays, info.name: arr}
+            converted = f"{source}: read array {info.name!r} as {info.dtype} (every value fits exactly)"
+            note = f"{note}; {converted}" if note else converted
         if arr.dtype != np.dtype(info.dtype):
             raise BadInputError(
                 f"{source}: array {info.name!r} is {arr.dtype} but the model input is {info.dtype}",
@@ -183,6 +190,16 @@ def check_samples(
             hint="save labels=numpy.asarray(ids, dtype=numpy.int64)",
         )
     return SampleSet({n: np.ascontiguousarray(arrays[n]) for n in names}, labels, source, note, batch)
+
+
+def _same_integers(arr: np.ndarray, want: np.dtype) -> bool:
+    """``arr`` holds integers of another integer dtype that ``want`` represents exactly, every one of them."""
+    if arr.dtype == want or arr.dtype.kind not in "iu" or want.kind not in "iu":
+        return False
+    if np.can_cast(arr.dtype, want, casting="safe") or arr.size == 0:
+        return True
+    info = np.iinfo(want)
+    return bool(arr.min() >= info.min and arr.max() <= info.max)
 
 
 def fixed_batch(inputs: Sequence[TensorSpec]) -> int:

@@ -113,7 +113,15 @@ class Evaluator:
             None, input_names=list(data.inputs), has_labels=data.labels is not None
         )
         # Scoring uses every core: only the latency comparison needs one thread.
-        session = cpu_session(reference, threads=0, providers=providers)
+        try:
+            session = cpu_session(reference, threads=0, providers=providers)
+        except Exception as exc:  # a graph ORT refuses (INVALID_GRAPH, NOT_IMPLEMENTED): input, not a crash
+            raise BadInputError(
+                f"ONNX Runtime cannot load the float model: {describe(exc)}",
+                hint="check it loads with onnxruntime.InferenceSession(path); torch's dynamo exporter writes "
+                "opset 18 and converts down to a lower opset_version, which can leave ops that opset lacks "
+                "(export with opset_version=18 or later)",
+            ) from exc
         try:
             started = time.perf_counter()
             self._reference = run_model(session, data, batch=batch)

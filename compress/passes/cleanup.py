@@ -16,6 +16,7 @@ import onnx
 from onnx import shape_inference
 
 from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, PassResult
+from edgectl.compress.passes.residual import keep_residual_unfused, residual_as_add
 
 # ORT's quantization tools look for this mark to know a model was pre-processed.
 _PRE_PROCESS_KEY = "onnx.quant.pre_process"
@@ -31,6 +32,9 @@ class CleanupConfig:
     # and CUDA EPs run, and that keep int8 graphs fused after quantization breaks the float patterns.
     # Off for TensorRT engine builds: TensorRT's ONNX parser reads only standard ops.
     fuse_transformer: bool = True
+    # Residual Add + LayerNormalization kept as standard ops, never SkipLayerNormalization: ORT's CPU
+    # kernel of that contrib op is several times slower (passes/residual.py). Off where not on target.
+    residual_unfused: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class CleanupReport:
     batchnorm_after: int
     symbolic_shapes: bool
     fused: dict[str, int] = field(default_factory=dict)
+    residual_sums: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """For the manifest."""
@@ -83,12 +88,17 @@ def _is_transformer(model: onnx.ModelProto) -> bool:
     return "Softmax" in ops and "MatMul" in ops and has_norm
 
 
-def _fuse_transformer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+def _fuse_transformer(model: onnx.ModelProto, skip_norm: bool) -> tuple[onnx.ModelProto, dict[str, int]]:
     """ORT's transformer fusions (python graph rewrites, no session); heads and width are detected."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    fused = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = skip_norm
+    fused = optimize_model(
+        model, model_type="bert", num_heads=0, hidden_size=0, opt_level=0, optimization_options=options
+    )
     stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
     return fused.model, stats
 
@@ -123,9 +133,13 @@ def cleanup(
     fused: dict[str, int] = {}
     if cfg.fuse_transformer and _is_transformer(model):
         try:
-            model, fused = _fuse_transformer(model)
-        except Exception:  # a graph the fusion scripts do not know stays as it is; it is still valid
+            model, fused = _fuse_transformer(model, skip_norm=not cfg.residual_unfused)
+        except Exception:  # a graph the fusion scripts do not know stays as it was before them
+            # They rewrite the proto in place and can fail half-way (a GPT-2 export: "Graph is not a
+            # DAG" after the FastGelu fusion), leaving nodes that read tensors no node writes any more.
+            model = onnx.load(str(optimized if optimized is not None else src))
             fused = {}
+    sums = keep_residual_unfused(model) if cfg.residual_unfused else 0
     # Shape info from the old graph may be stale after fusions: infer again from scratch.
     del model.graph.value_info[:]
     model, symbolic = _infer(model, cfg.symbolic_shapes)
@@ -143,6 +157,7 @@ def cleanup(
         batchnorm_after=ops_after["BatchNormalization"],
         symbolic_shapes=symbolic,
         fused=fused,
+        residual_sums=sums,
     )
 
 
@@ -152,7 +167,8 @@ class CleanupPass(CompressPass[CleanupConfig]):
     ORT rewrites the graph again when it loads it, so a saved rewrite can lose to the original
     (a fused contrib op slower than ORT's own kernels, a layout it would have chosen better).
     Every candidate is timed against the input on the target; the slower ones are discarded and
-    the input keeps only what costs no time (inferred shapes, node names the quantizer needs).
+    the input keeps only what costs no time (inferred shapes, node names the quantizer needs, and
+    residual adds as Sum: with shapes known, ORT fuses them into its slower SkipLayerNormalization).
     """
 
     name = "cleanup"
@@ -162,6 +178,8 @@ class CleanupPass(CompressPass[CleanupConfig]):
     def run(self, state: ModelState, config: CleanupConfig, ctx: PassContext) -> PassResult:
         """Write the cleaned-up model (or the input with shapes only) and hand it on, unscored."""
         ctx.progress("cleaning up the graph")
+        if not ctx.on_target:  # the contrib op may well be the fast one on another EP (CUDA)
+            config = replace(config, residual_unfused=False)
         tried: list[tuple[str, Path, CleanupReport]] = []
         out = ctx.path("clean")
         with ctx.clock.stage("cleanup: rewrite"):
@@ -173,6 +191,14 @@ class CleanupPass(CompressPass[CleanupConfig]):
                 out = ctx.path("clean-nofuse")
                 nofuse = replace(config, fuse_transformer=False)
                 tried.append(("without fusions", out, cleanup(state.model, out, nofuse, optimized=basic)))
+            if tried[0][2].residual_sums and ctx.on_target:
+                # Measured, not assumed: the full clean-up with its residual adds given back to Add,
+                # which ORT fuses into SkipLayerNormalization at load (the shapes are inferred).
+                out = ctx.path("clean-skipnorm")
+                model = onnx.load(str(tried[0][1]))
+                residual_as_add(model)
+                onnx.save(model, str(out))
+                tried.append(("with SkipLayerNormalization", out, replace(tried[0][2], residual_sums=0)))
         if not ctx.on_target:
             # Timings here say nothing about the target's EP (a GPU, TensorRT): keep the full clean-up.
             label, out, report = tried[0]
@@ -195,7 +221,10 @@ class CleanupPass(CompressPass[CleanupConfig]):
                 # No rewrite pays: keep the input's graph, with only the metadata later passes need.
                 out = ctx.path("clean-shapes")
                 light = CleanupConfig(
-                    optimize=False, symbolic_shapes=config.symbolic_shapes, fuse_transformer=False
+                    optimize=False,
+                    symbolic_shapes=config.symbolic_shapes,
+                    fuse_transformer=False,
+                    residual_unfused=config.residual_unfused,
                 )
                 report = cleanup(state.model, out, light)
                 record = {

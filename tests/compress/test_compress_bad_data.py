@@ -169,3 +169,79 @@ def test_finetune_epochs_without_train_is_refused_not_ignored(tmp_path: Path) ->
         in " ".join(text.split())
     )
     assert "compress [" not in text  # before any work
+
+
+def _token_model(path: Path, dtype: int = TensorProto.INT64) -> Path:
+    """Embedding lookup + a linear layer: token ids [n, t] -> vectors [n, t, 16]."""
+    rng = np.random.default_rng(0)
+    emb = numpy_helper.from_array(rng.standard_normal((100, 16)).astype(np.float32), "emb")
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["e"], name="lookup"),
+         helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")],
+        "tokens",
+        [helper.make_tensor_value_info("ids", dtype, ["n", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t", 16])],
+        [emb, w],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_int32_token_ids_for_an_int64_input_are_read_as_the_same_ids(tmp_path: Path) -> None:
+    """A tokenizer's ids saved as int32 (numpy's default int on Windows) were refused for an int64
+    input; every int32 is an int64, so they are converted and the run says so."""
+    from edgectl.compress.data import read_samples
+    from edgectl.compress.evaluate import Evaluator
+    from edgectl.compress.graph import signature
+
+    model = _token_model(tmp_path / "tok.onnx")
+    ids = np.random.default_rng(1).integers(0, 100, (24, 8))
+    np.savez(tmp_path / "ids32.npz", ids=ids.astype(np.int32))
+    np.savez(tmp_path / "ids64.npz", ids=ids.astype(np.int64))
+    inputs = signature(onnx.load(str(model)))[0]
+    read = read_samples(tmp_path / "ids32.npz", inputs, what="evaluation file")
+    assert read.inputs["ids"].dtype == np.int64 and (read.inputs["ids"] == ids).all()
+    assert "read array 'ids' as int64" in read.note
+    ev = Evaluator(model, read_samples(tmp_path / "ids64.npz", inputs, what="evaluation file"))
+    assert ev.quality(model).score == 1.0
+    code, text = invoke(
+        model, "--quantize", "int8-dynamic", "--eval", tmp_path / "ids32.npz", "-o", tmp_path / "a"
+    )
+    assert code == 0, text
+
+
+def test_ids_that_do_not_fit_the_inputs_integer_type_are_still_refused(tmp_path: Path) -> None:
+    from edgectl.compress.data import read_samples
+    from edgectl.compress.errors import BadInputError
+    from edgectl.compress.graph import signature
+
+    model = _token_model(tmp_path / "tok32.onnx", TensorProto.INT32)
+    np.savez(tmp_path / "big.npz", ids=np.full((4, 8), 2**40, np.int64))
+    with pytest.raises(BadInputError, match="is int64 but the model input is int32"):
+        read_samples(tmp_path / "big.npz", signature(onnx.load(str(model)))[0], what="evaluation file")
+    np.savez(tmp_path / "neg.npz", ids=np.full((4, 8), -1, np.int64))
+    with pytest.raises(BadInputError, match="is int64 but the model input is uint8"):
+        u8 = _token_model(tmp_path / "u8.onnx", TensorProto.UINT8)
+        read_samples(tmp_path / "neg.npz", signature(onnx.load(str(u8)))[0], what="evaluation file")
+
+
+def test_a_model_onnx_runtime_cannot_load_is_refused_with_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    """torch's dynamo exporter asked for opset 17 converts down from 18 and can leave a Split with
+    opset 18's ``num_outputs`` (a user's GPT-2 export): ORT refuses the graph, and compress crashed."""
+    graph = helper.make_graph(
+        [helper.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2, name="split"),
+         helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )  # fmt: skip
+    model = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.savez(tmp_path / "e.npz", x=np.zeros((4, 8), np.float32))
+    code, text = invoke(
+        model, "--quantize", "int8-dynamic", "--eval", tmp_path / "e.npz", "-o", tmp_path / "a"
+    )
+    assert code == 2, text
+    assert "ONNX Runtime cannot load the float model" in text and "opset_version=18" in text
+    assert "Traceback" not in text and not (tmp_path / "a").exists()

@@ -47,7 +47,12 @@ def test_compress_digits_int8_end_to_end(digits: dict[str, Path], tmp_path: Path
     assert manifest.name == "digits" and manifest.version == 3 and manifest.target_profile == "x86-cpu-vnni"
     assert "int8" in manifest.precision.values()
     assert manifest.recipe["recipe"]["passes"][0] == {
-        "cleanup": {"optimize": True, "symbolic_shapes": True, "fuse_transformer": True}
+        "cleanup": {
+            "optimize": True,
+            "symbolic_shapes": True,
+            "fuse_transformer": True,
+            "residual_unfused": True,
+        }
     }
     assert manifest.recipe["cleanup"]["fused"] == {}  # a CNN has no transformer patterns
     assert manifest.recipe["tensorrt"]["build_on_device"] is False
