@@ -13,6 +13,9 @@ from edgectl.control_plane.device_state import ModelState
 
 # Agreement counts as known once this many output rows were compared on the device.
 MIN_TRIAL_ROWS = 20
+# A p99 is judged once each version served this many requests. Over ~20 requests a p99 is the slowest
+# one, so one scheduling hiccup of a busy device (300 ms against 0.5 ms) failed an agreeing candidate.
+MIN_P99_REQUESTS = 100
 
 
 def judge_trial(
@@ -50,6 +53,17 @@ def judge_trial(
             f"{trial.get('compared')} rows), below {s.min_agreement:.3f}",
         )
     p99_current, p99_candidate = float(current["p99_ms"]), float(candidate["p99_ms"])
+    served = min(int(current.get("requests", 0)), int(candidate.get("requests", 0)))
+    if s.max_p99_ratio and served < MIN_P99_REQUESTS:
+        # Agreement is judged (above); the latency gate waits for a p99 that is not one request's time.
+        if p.deadline is not None and now >= p.deadline:
+            return (
+                rs.D_FAILED,
+                f"p99 not judged within the {s.health_timeout_s}s health timeout: a version served {served} "
+                f"request(s), the latency gate needs {MIN_P99_REQUESTS} of each (raise --canary-traffic or "
+                "--soak, or drop --max-p99-ratio)",
+            )
+        return rs.D_DESIRED, ""
     if s.max_p99_ratio and p99_candidate > s.max_p99_ratio * p99_current:
         return (
             rs.D_FAILED,

@@ -91,7 +91,9 @@ def deploy(
         0.0, help="canary/shadow: fail a device whose candidate agrees less (top-1 or cosine, 0..1)"
     ),
     max_p99_ratio: float = typer.Option(
-        0.0, help="canary/shadow: fail a device whose candidate p99 exceeds this x the current p99"
+        0.0,
+        help="canary/shadow: fail a device whose candidate p99 exceeds this x the current p99 "
+        "(judged once each version served 100 requests)",
     ),
     watch: bool = typer.Option(
         False,

@@ -295,11 +295,13 @@ def _progress(deadline: float = 100.0) -> rs.ProgressRecord:
     return rs.ProgressRecord("d", 0, rs.D_DESIRED, "sha256:" + "a" * 64, 1, "", 0.0, deadline, None, 1)
 
 
-def _model(agreement: float | None, compared: int = 100, p99: tuple[float, float] = (2.0, 2.0)) -> ModelState:
+def _model(
+    agreement: float | None, compared: int = 100, p99: tuple[float, float] = (2.0, 2.0), served: int = 900
+) -> ModelState:
     trial = {
         "mode": "canary", "current_version": 1, "candidate_version": 2, "compared": compared,
         "agreement": agreement, "agreement_kind": "top1",
-        "versions": {"1": {"p99_ms": p99[0]}, "2": {"p99_ms": p99[1]}},
+        "versions": {"1": {"p99_ms": p99[0], "requests": served}, "2": {"p99_ms": p99[1], "requests": served // 9}},
     }  # fmt: skip
     return ModelState("mlp", "sha256:" + "c" * 64, 2, True, trial=trial)
 
@@ -311,6 +313,11 @@ def _model(agreement: float | None, compared: int = 100, p99: tuple[float, float
         (_model(0.949), 50.0, rs.D_FAILED, "0.949 (top1, 100 rows), below 0.950"),
         (_model(1.0, p99=(2.0, 3.1)), 50.0, rs.D_FAILED, "above 1.5 x current p99 2.00 ms"),
         (_model(1.0, p99=(2.0, 3.0)), 50.0, None, ""),
+        # A p99 over a few requests is the slowest of them: the latency gate waits for 100 of each...
+        (_model(1.0, p99=(2.0, 300.0), served=450), 50.0, rs.D_DESIRED, ""),
+        (_model(1.0, p99=(2.0, 300.0), served=450), 100.0, rs.D_FAILED, "served 50 request(s)"),
+        # ...while a disagreeing candidate fails at once, whatever its request count.
+        (_model(0.5, p99=(2.0, 2.0), served=45), 50.0, rs.D_FAILED, "below 0.950"),
         (_model(0.0, compared=19), 50.0, rs.D_DESIRED, ""),  # too few rows: not yet known
         (_model(0.0, compared=19), 100.0, rs.D_FAILED, "19 row(s) compared"),
         (ModelState("mlp", "sha256:" + "c" * 64, 2, True), 50.0, rs.D_DESIRED, ""),  # an older agent
