@@ -51,7 +51,9 @@ def artifact_metrics(
         "speedup": _ratio(b_lat.p50_ms if b_lat else None, c_lat.p50_ms if c_lat else None),
         # Like for like: the float graph after the same clean-up the compressed model had, when faster.
         "speedup_vs_best_float": _ratio(best_float, c_lat.p50_ms if c_lat else None),
-        "latency_measured_on": f"{', '.join(providers)}, intra_op_num_threads=1, batch 1, interleaved, "
+        # A model exported at a fixed batch is timed on one such batch (``SampleSet.feed``).
+        "latency_measured_on": f"{', '.join(providers)}, intra_op_num_threads=1, batch {data.fixed_batch or 1}, "
+        "interleaved, "
         f"{platform.machine()}{' VNNI' if cpu_has_vnni() else ''}",
         "baseline_size_bytes": baseline.size_bytes,
         "size_bytes": chosen.size_bytes,

@@ -311,6 +311,7 @@ def test_a_pt2_program_is_pruned_and_recovered_like_a_factory(tmp_path: Path, dy
     pruned, recovered = trials["pruned 50% (torch)"], trials["pruned 50% + recovered (4 epochs distilled)"]
     assert recovered["quality"] > pruned["quality"] and recovered["passed"]
     assert recovered["params"] < 0.4 * trials["float (baseline)"]["params"]
+    assert f"batch {1 if dynamic_batch else 2}," in manifest["metrics"]["latency_measured_on"]
 
 
 def test_lifted_layers_compute_what_the_program_did_and_batch_norm_follows_train_mode() -> None:
