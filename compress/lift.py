@@ -70,11 +70,17 @@ def _owner(gm: fx.GraphModule, args: list[Any], names: tuple[str, ...]) -> str |
     if owner is None:
         return None
     container = gm.get_submodule(owner)
-    held = {n for n, _ in container.named_parameters(recurse=False)}
-    held |= {n for n, _ in container.named_buffers(recurse=False)}
+    params = {n for n, _ in container.named_parameters(recurse=False)}
+    held = params | {n for n, _ in container.named_buffers(recurse=False)}
     used = {a for arg, a in zip(args, names, strict=True) if arg is not None}
     extra = set(held) - used - {"num_batches_tracked"}
-    return owner if not extra else None
+    # The layer replaces the container: one with modules of its own (a block with its own weight and
+    # a child layer) would lose them, and a layer's weight and bias must be parameters (a fixed filter
+    # registered as a buffer cannot be a Conv's weight).
+    learnt = {a for a in used if a in ("weight", "bias")}
+    if extra or next(container.children(), None) is not None or not learnt <= params:
+        return None
+    return owner
 
 
 def _lift(gm: fx.GraphModule, node: fx.Node) -> int:

@@ -1,0 +1,109 @@
+"""``lift.lift_layers`` on ``torch.export`` programs of models the digits CNN does not cover: what it lifts
+computes the program's function exactly, and what it cannot lift it leaves as it was (never an error)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+def _lifted(model: Any, *example: Any) -> tuple[Any, Any]:
+    import torch
+
+    unlifted = torch.export.export(model.eval(), example).module()
+    from edgectl.compress.lift import lift_layers
+
+    return unlifted, lift_layers(unlifted)
+
+
+def _kinds(module: Any) -> list[str]:
+    import torch
+
+    layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._BatchNorm)
+    return sorted(type(m).__name__ for m in module.modules() if isinstance(m, layers))
+
+
+def test_a_block_with_its_own_weight_and_a_child_layer_keeps_the_child() -> None:
+    # The block's F.linear(x, self.weight) would have become an nn.Linear in the block's place,
+    # dropping its child: lifting raised "Linear has no attribute `inner`".
+    import torch
+    import torch.nn.functional as F
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(16, 8))
+            self.bias = torch.nn.Parameter(torch.randn(16))
+            self.inner = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(F.linear(x, self.weight, self.bias))
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.head = Block(), torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(x))
+
+    x = torch.randn(4, 8)
+    unlifted, lifted = _lifted(Model(), x[:2])
+    assert _kinds(lifted).count("Linear") == 2  # inner and head; the block's own weight stays a call
+    with torch.no_grad():
+        assert torch.equal(lifted(x[:2]), unlifted(x[:2]))
+
+
+def test_a_fixed_filter_registered_as_a_buffer_is_not_made_a_layer() -> None:
+    # A conv whose weight is a buffer (a fixed filter bank) could not become an nn.Conv1d's parameter:
+    # lifting raised "cannot assign 'torch.FloatTensor' as parameter 'weight'".
+    import torch
+    import torch.nn.functional as F
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.filters = torch.nn.Module()
+            self.filters.register_buffer("weight", torch.randn(4, 3, 5))
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.conv1d(x, self.filters.weight).mean(-1))
+
+    x = torch.randn(2, 3, 20)
+    unlifted, lifted = _lifted(Model(), x)
+    assert _kinds(lifted) == ["Linear"]
+    with torch.no_grad():
+        assert torch.equal(lifted(x), unlifted(x))
+
+
+@pytest.mark.parametrize("kind", ["conv1d-bn", "depthwise", "linear-bn1d", "tied"])
+def test_lifted_user_layers_compute_the_programs_function_exactly(kind: str) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if kind == "conv1d-bn":
+        model: nn.Module = nn.Sequential(nn.Conv1d(3, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU())
+        x, want = torch.randn(3, 3, 32), {"Conv1d": 1, "BatchNorm1d": 1}
+    elif kind == "depthwise":
+        model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+        x, want = torch.randn(3, 8, 6, 6), {"Conv2d": 2, "BatchNorm2d": 1}
+    elif kind == "linear-bn1d":
+        model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+        x, want = torch.randn(3, 6), {"Linear": 2, "BatchNorm1d": 1}
+    else:  # one weight in two layers: neither may become a layer of its own
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+        model[2].weight = model[0].weight
+        x, want = torch.randn(3, 8), {"Linear": 1}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    unlifted, lifted = _lifted(model, x)
+    kinds = _kinds(lifted)
+    assert {k: kinds.count(k) for k in want} == want
+    with torch.no_grad():
+        assert torch.equal(lifted(x), unlifted(x))
+        assert torch.equal(lifted.eval()(x), model(x))
