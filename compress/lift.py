@@ -13,7 +13,12 @@ recovery training needs. Calls it cannot lift (shared weights, string padding) s
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgectl.compress.errors import BadInputError, describe
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +30,17 @@ def has_layers(module: torch.nn.Module) -> bool:
     import torch
 
     return any(isinstance(m, torch.nn.Linear | torch.nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def lift_for_training(
+    module: torch.nn.Module, inputs: Sequence[np.ndarray], names: Sequence[str]
+) -> torch.nn.Module:
+    """``lift_layers``, refusing a program whose code is bound to the batch it was exported at."""
+    pinned = pinned_batch(module)
+    lifted = lift_layers(module)
+    if pinned is not None:
+        check_batch_free(lifted, pinned, inputs, names)
+    return lifted
 
 
 def lift_layers(module: torch.nn.Module) -> torch.nn.Module:
@@ -155,3 +171,60 @@ def _replace(gm: fx.GraphModule, node: fx.Node, owner: str, layer: torch.nn.Modu
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
     return 1
+
+
+def pinned_batch(module: torch.nn.Module) -> int | None:
+    """The batch size an unlifted ``torch.export`` module was exported at without a dynamic batch
+    dimension (its inputs' leading sizes, when they are one constant), else None."""
+    from torch import fx
+
+    if not isinstance(module, fx.GraphModule):
+        return None
+    vals = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
+    sizes = [v.shape[0] for v in vals if getattr(v, "ndim", 0) > 0]  # a dynamic batch: a SymInt
+    if not sizes or not all(isinstance(s, int) for s in sizes) or len(set(sizes)) != 1:
+        return None
+    return int(sizes[0])
+
+
+def check_batch_free(
+    lifted: torch.nn.Module, batch: int, inputs: Sequence[np.ndarray], names: Sequence[str]
+) -> None:
+    """Refuse a lifted program whose code still depends on the batch it was exported at.
+
+    torch.export bakes that batch into the graph: ``x.view(x.size(0), -1)`` becomes ``view(2, -1)``, so
+    without its guard the program mixes samples (or fails) at any other batch, and recovery trains at
+    64. ``3 * batch`` samples at once must give what ``batch`` at a time gives (BatchNorm on running
+    statistics in both), else this raises ``BadInputError``.
+    """
+    import torch
+
+    probe = copy.deepcopy(lifted).eval()
+    n = 3 * batch
+    xs = [torch.from_numpy(np.ascontiguousarray(np.resize(a, (n, *a.shape[1:])))) for a in inputs]
+    from torch.utils._pytree import tree_leaves
+
+    def _outputs(out: Any) -> list[torch.Tensor]:
+        return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    problem = None
+    with torch.no_grad():
+        want = [_outputs(probe(*(x[i : i + batch] for x in xs))) for i in range(0, n, batch)]
+        try:
+            got = _outputs(probe(*xs))
+        except Exception as exc:  # the program's code at a batch it was not exported for
+            problem = describe(exc, 160)
+        else:
+            for i, out in enumerate(got):
+                whole = torch.cat([w[i] for w in want]) if out.ndim else out
+                if out.shape != whole.shape or not torch.allclose(out, whole, rtol=1e-4, atol=1e-5):
+                    problem = f"output {i} at batch {n} is not its batch-{batch} outputs stacked"
+                    break
+    if problem is not None:
+        raise BadInputError(
+            f"this .pt2 was exported at batch {batch} without a dynamic batch, and its code depends on that "
+            f"batch (torch.export turns x.view(x.size(0), -1) into view({batch}, -1)): recovery training "
+            f"needs other batch sizes ({problem})",
+            hint=f"export it again with dynamic_shapes={{'{names[0]}': {{0: torch.export.Dim('batch')}}}} "
+            "(per input), pass the model as package.module:factory (+ --state-dict), or drop --train",
+        )

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedError, describe
-from edgectl.compress.lift import lift_layers
+from edgectl.compress.lift import lift_for_training
 from edgectl.compress.metrics import label_problem
 from edgectl.compress.passes.export import plain_attention
 
@@ -382,7 +382,8 @@ def prune_and_recover(
     if missing:
         raise BadInputError(f"{train.source} lacks array(s) for model input(s) {', '.join(missing)}")
     example = [torch.from_numpy(np.ascontiguousarray(train.inputs[n][:2])) for n in names]
-    module = lift_layers(module)  # a .pt2 program's aten calls as layers Torch-Pruning can see
+    # A .pt2 program's aten calls as layers Torch-Pruning can see (refused if bound to its export batch).
+    module = lift_for_training(module, [train.inputs[n] for n in names], names)
     teacher = copy.deepcopy(module).eval()
     progress(f"pruning {ratio:.0%} of channels with Torch-Pruning")
     pruned = prune_torch(module, ratio, example)

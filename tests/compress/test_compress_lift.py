@@ -3,8 +3,10 @@ computes the program's function exactly, and what it cannot lift it leaves as it
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -88,7 +90,9 @@ def test_lifted_user_layers_compute_the_programs_function_exactly(kind: str) -> 
         model: nn.Module = nn.Sequential(nn.Conv1d(3, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU())
         x, want = torch.randn(3, 3, 32), {"Conv1d": 1, "BatchNorm1d": 1}
     elif kind == "depthwise":
-        model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+        model = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        )
         x, want = torch.randn(3, 8, 6, 6), {"Conv2d": 2, "BatchNorm2d": 1}
     elif kind == "linear-bn1d":
         model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
@@ -107,3 +111,56 @@ def test_lifted_user_layers_compute_the_programs_function_exactly(kind: str) -> 
     with torch.no_grad():
         assert torch.equal(lifted(x), unlifted(x))
         assert torch.equal(lifted.eval()(x), model(x))
+
+
+class _Flat:
+    """A CNN whose forward flattens by ``x.view(x.size(0), -1)``: exported at batch 2 without dynamic
+    shapes, torch.export bakes ``view(2, -1)`` into the program."""
+
+    @staticmethod
+    def build() -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        class Flat(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+                self.fc1, self.fc2 = torch.nn.Linear(16 * 8 * 8, 32), torch.nn.Linear(32, 4)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                x = F.max_pool2d(F.relu(self.conv(x)), 2)
+                return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+        torch.manual_seed(0)
+        return Flat().eval()
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_a_pt2_whose_code_is_bound_to_its_export_batch_is_refused_for_training(
+    tmp_path: Path, dynamic_batch: bool
+) -> None:
+    # Without dynamic_shapes the lifted program ran view(2, -1) on recovery's batches of 64: a
+    # traceback ("mat1 and mat2 shapes cannot be multiplied") where a reshape failed, and samples
+    # mixed into each other where one did not. With a dynamic batch the same model trains.
+    import torch
+
+    from tests.compress.test_compress_cli import invoke
+
+    model = _Flat.build()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        labels = model(torch.from_numpy(x)).argmax(-1).numpy()
+    shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    program = torch.export.export(model, (torch.from_numpy(x[:2]),), dynamic_shapes=shapes)
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "d.npz", x=x, labels=labels)
+    code, text = invoke(tmp_path / "m.pt2", "--prune", "0.5", "--quantize", "none", "--train", tmp_path / "d.npz",
+                        "--finetune-epochs", "1", "--eval", tmp_path / "d.npz", "--max-drop", "1", "-o", tmp_path / "o")  # fmt: skip
+    if dynamic_batch:
+        assert code == 0, text
+        return
+    assert code == 2, text
+    assert "exported at batch 2 without a dynamic batch" in text and "view(2, -1)" in text
+    assert "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}" in text and "Traceback" not in text
