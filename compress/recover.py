@@ -25,6 +25,7 @@ from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedEr
 from edgectl.compress.lift import lift_for_training
 from edgectl.compress.metrics import label_problem
 from edgectl.compress.passes.export import plain_attention
+from edgectl.compress.prune_refusal import nothing_removed
 
 if TYPE_CHECKING:
     import torch
@@ -165,27 +166,7 @@ def prune_torch(
             hint="pass the model as ONNX to prune on the graph, or drop --prune",
         )
     if _params(student) >= _params(module):
-        # Torch-Pruning follows nn.Module layers; a torch.export program's unlifted module has
-        # none it can see, so it "prunes" nothing and the table would claim a ratio never applied.
-        layers = [
-            m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear)
-        ]
-        if not layers:
-            raise PruneRefusedError(
-                f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: it "
-                "has no nn.Linear/nn.Conv layer to prune",
-                hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
-                "can be pruned, or as ONNX to prune on the graph",
-            )
-        # Layers it sees but may not shrink: heads, or layers feeding an op it cannot trace (an einsum
-        # with a raw Parameter, a functional conv). The factory hint would ask for what was given.
-        raise PruneRefusedError(
-            f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: its "
-            f"{len(layers)} nn.Linear/nn.Conv layer(s) are output heads or feed ops it cannot trace "
-            "(an einsum or matmul with a raw nn.Parameter, a functional conv)",
-            hint="use nn.Linear/nn.Conv modules for those weights, pass the model as ONNX to prune on the "
-            "graph, or drop --prune",
-        )
+        raise nothing_removed(student, heads, ratio, example)  # whole: heads are its layers
     return student
 
 

@@ -164,3 +164,27 @@ def test_a_pt2_whose_code_is_bound_to_its_export_batch_is_refused_for_training(
     assert code == 2, text
     assert "exported at batch 2 without a dynamic batch" in text and "view(2, -1)" in text
     assert "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("as_program", [False, True])
+def test_a_model_whose_only_layer_is_its_head_is_told_to_drop_prune(tmp_path: Path, as_program: bool) -> None:
+    # Nothing to prune once the head keeps its width: this said "use nn.Linear/nn.Conv modules for
+    # those weights" (it is one) and exited 1 like a crash; it is bad input for --prune (exit 2).
+    import torch
+
+    from tests.compress.test_compress_cli import invoke
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 5)).eval()
+    x = np.random.default_rng(0).standard_normal((64, 20)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    if as_program:
+        torch.export.save(torch.export.export(model, (torch.from_numpy(x[:2]),)), str(tmp_path / "m.pt2"))
+        given: list[Any] = [tmp_path / "m.pt2"]
+    else:
+        torch.save(model.state_dict(), tmp_path / "sd.pt")
+        given = ["tests.compress.model_factories:linear_probe", "--state-dict", tmp_path / "sd.pt"]
+    code, text = invoke(*given, "--prune", "0.5", "--quantize", "none", "--train", tmp_path / "d.npz",
+                        "--finetune-epochs", "1", "--eval", tmp_path / "d.npz", "-o", tmp_path / "o")  # fmt: skip
+    assert code == 2, text
+    assert "only nn.Linear/nn.Conv layer(s)" in text and "drop --prune" in text
