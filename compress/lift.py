@@ -7,7 +7,7 @@ layers back: each ``aten.conv{1,2,3}d`` / ``aten.linear`` / ``aten.batch_norm`` 
 belong to it alone becomes a call of an ``nn.Conv*d`` / ``nn.Linear`` / ``nn.BatchNorm*d`` holding
 the same parameter objects, in the place of the container that held them (so state-dict names stay).
 The result computes the same function; BatchNorm follows ``train()``/``eval()`` as a module does, which
-recovery training needs. Calls it cannot lift (shared weights, string padding) stay as they are.
+recovery training needs. Calls it cannot lift (shared weights, a weight that is a buffer) stay as they are.
 """
 
 from __future__ import annotations
@@ -104,10 +104,13 @@ def _lift(gm: fx.GraphModule, node: fx.Node) -> int:
 
     aten = torch.ops.aten
     convs = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+    # padding="same"/"valid" (an nn.Conv's string padding) is an overload of its own
+    named = {aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
     args: list[Any] = list(node.args)
-    if node.target in convs:
-        dims = convs[node.target]
-        full = args + [None, [1] * dims, [0] * dims, [1] * dims, 1][len(args) - 2 :]
+    if node.target in convs or node.target in named:
+        dims = convs.get(node.target) or named[node.target]
+        pad: Any = "valid" if node.target in named else [0] * dims
+        full = args + [None, [1] * dims, pad, [1] * dims, 1][len(args) - 2 :]
         x, weight, bias, stride, padding, dilation, groups = full[:7]
         owner = _owner(gm, [weight, bias], ("weight", "bias"))
         if owner is None or node.kwargs:
@@ -115,8 +118,9 @@ def _lift(gm: fx.GraphModule, node: fx.Node) -> int:
         shape = _weight_shape(gm, owner)
         kind: Any = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[dims - 1]
         layer: torch.nn.Module = kind(
-            shape[1] * int(groups), shape[0], tuple(shape[2:]), stride=tuple(stride), padding=tuple(padding),
-            dilation=tuple(dilation), groups=int(groups), bias=bias is not None,
+            shape[1] * int(groups), shape[0], tuple(shape[2:]), stride=tuple(stride), dilation=tuple(dilation),
+            padding=padding if isinstance(padding, str) else tuple(padding), groups=int(groups),
+            bias=bias is not None,
         )  # fmt: skip
         return _replace(gm, node, owner, layer, x)
     if node.target == aten.linear.default:

@@ -188,3 +188,26 @@ def test_a_model_whose_only_layer_is_its_head_is_told_to_drop_prune(tmp_path: Pa
                         "--finetune-epochs", "1", "--eval", tmp_path / "d.npz", "-o", tmp_path / "o")  # fmt: skip
     assert code == 2, text
     assert "only nn.Linear/nn.Conv layer(s)" in text and "drop --prune" in text
+
+
+def test_convs_with_same_padding_are_lifted_exactly_and_pruned() -> None:
+    # padding="same" exports as the aten.convNd.padding overload, which stayed an aten call: its
+    # channels were never pruned from a .pt2 although the factory's were.
+    import torch
+    from torch import nn
+
+    from edgectl.compress.recover import prune_torch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(3, 16, 5, padding="same", dilation=2), nn.ReLU(), nn.Conv1d(16, 16, 3, padding="same"),
+        nn.ReLU(), nn.Conv1d(16, 16, 3, padding="valid"), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+        nn.Linear(16, 4),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 40)
+    unlifted, lifted = _lifted(model, x)
+    assert _kinds(lifted).count("Conv1d") == 3
+    with torch.no_grad():
+        assert torch.equal(lifted(x), unlifted(x)) and torch.equal(lifted(x), model(x))
+    pruned = prune_torch(lifted, 0.5, [x])
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv1d)] == [8, 8, 8]
