@@ -35,7 +35,8 @@ def nothing_removed(
         # Torch-Pruning follows nn.Module layers; a program with none it can see "prunes" nothing and
         # the table would claim a ratio never applied.
         return NothingToPruneError(
-            f"{what}: it has no nn.Linear/nn.Conv layer to prune",
+            f"{what}: it has no nn.Linear/nn.Conv layer to prune (a .pt2's calls on a weight that two "
+            "calls share stay aten calls)",
             hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
             "can be pruned, or as ONNX to prune on the graph",
         )

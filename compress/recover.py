@@ -22,7 +22,7 @@ import numpy as np
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedError, describe
-from edgectl.compress.lift import lift_for_training
+from edgectl.compress.lift import lift_for_training, pinned_batch
 from edgectl.compress.metrics import label_problem
 from edgectl.compress.passes.export import plain_attention
 from edgectl.compress.prune_refusal import nothing_removed
@@ -362,7 +362,10 @@ def prune_and_recover(
     missing = [n for n in names if n not in train.inputs]
     if missing:
         raise BadInputError(f"{train.source} lacks array(s) for model input(s) {', '.join(missing)}")
-    example = [torch.from_numpy(np.ascontiguousarray(train.inputs[n][:2])) for n in names]
+    size = pinned_batch(module) or 2  # a program that keeps its batch guard (nothing lifted) needs it
+    example = [
+        torch.from_numpy(np.resize(train.inputs[n], (size, *train.inputs[n].shape[1:]))) for n in names
+    ]
     # A .pt2 program's aten calls as layers Torch-Pruning can see (refused if bound to its export batch).
     module = lift_for_training(module, [train.inputs[n] for n in names], names)
     teacher = copy.deepcopy(module).eval()

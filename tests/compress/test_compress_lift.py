@@ -211,3 +211,31 @@ def test_convs_with_same_padding_are_lifted_exactly_and_pruned() -> None:
         assert torch.equal(lifted(x), unlifted(x)) and torch.equal(lifted(x), model(x))
     pruned = prune_torch(lifted, 0.5, [x])
     assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv1d)] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_a_pinned_pt2_with_nothing_to_lift_says_it_has_no_layer(tmp_path: Path, batch: int) -> None:
+    # One layer called twice: its weight is shared, nothing is lifted and the batch guard stays. The
+    # batch check then blamed "code that depends on the batch" (the guard), and at batch 3 the
+    # pruner's batch-2 example failed the guard.
+    import torch
+
+    from tests.compress.test_compress_cli import invoke
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(x)))  # type: ignore[no-any-return]
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
+    program = torch.export.export(Twice().eval(), (torch.from_numpy(x[:batch]),))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "d.npz", x=x)
+    code, text = invoke(tmp_path / "m.pt2", "--prune", "0.5", "--quantize", "none", "--train", tmp_path / "d.npz",
+                        "--eval", tmp_path / "d.npz", "-o", tmp_path / "o")  # fmt: skip
+    assert code == 2, text
+    assert "it has no nn.Linear/nn.Conv layer to prune" in text and "depends on that batch" not in text
