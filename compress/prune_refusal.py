@@ -34,6 +34,14 @@ def nothing_removed(
     if not layers:
         # Torch-Pruning follows nn.Module layers; a program with none it can see "prunes" nothing and
         # the table would claim a ratio never applied.
+        core = _core_aten(module)
+        if core:
+            return NothingToPruneError(
+                f"{what}: this .pt2 was saved after run_decompositions() (it calls {', '.join(core)}), "
+                "whose layers cannot be made nn.Linear/nn.Conv layers again",
+                hint="save the program torch.export.export returns (before run_decompositions()), or "
+                "pass the model as package.module:factory (+ --state-dict)",
+            )
         return NothingToPruneError(
             f"{what}: it has no nn.Linear/nn.Conv layer to prune (a .pt2's calls on a weight that two "
             "calls share stay aten calls)",
@@ -64,3 +72,14 @@ def nothing_removed(
         hint="use nn.Linear/nn.Conv modules for those weights, pass the model as ONNX to prune on the "
         "graph, or drop --prune",
     )
+
+
+def _core_aten(module: torch.nn.Module) -> list[str]:
+    """The core-ATen layer ops a decomposed program runs (``aten.convolution``, ``aten.addmm``...)."""
+    from torch import fx
+
+    if not isinstance(module, fx.GraphModule):
+        return []
+    core = ("aten.convolution.", "aten.addmm.", "aten._native_batch_norm_legit")
+    calls = {str(n.target) for n in module.graph.nodes if n.op == "call_function"}
+    return sorted({c.rsplit(".", 1)[0] for c in calls if c.startswith(core)})

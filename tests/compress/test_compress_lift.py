@@ -239,3 +239,24 @@ def test_a_pinned_pt2_with_nothing_to_lift_says_it_has_no_layer(tmp_path: Path, 
                         "--eval", tmp_path / "d.npz", "-o", tmp_path / "o")  # fmt: skip
     assert code == 2, text
     assert "it has no nn.Linear/nn.Conv layer to prune" in text and "depends on that batch" not in text
+
+
+def test_a_decomposed_pt2_is_told_to_save_the_program_before_run_decompositions(tmp_path: Path) -> None:
+    # run_decompositions() turns conv/linear into aten.convolution/aten.addmm, which lift does not
+    # make layers again: the refusal blamed shared weights and asked for a factory only.
+    import torch
+    from torch import nn
+
+    from tests.compress.test_compress_cli import invoke
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8, 4)).eval()
+    x = np.random.default_rng(0).standard_normal((30, 3, 10)).astype(np.float32)
+    program = torch.export.export(model, (torch.from_numpy(x[:2]),)).run_decompositions()
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "d.npz", x=x)
+    code, text = invoke(tmp_path / "m.pt2", "--prune", "0.5", "--quantize", "none", "--train", tmp_path / "d.npz",
+                        "--eval", tmp_path / "d.npz", "-o", tmp_path / "o")  # fmt: skip
+    assert code == 2, text
+    assert "saved after run_decompositions() (it calls aten.addmm, aten.convolution)" in text
+    assert "before run_decompositions()" in text
