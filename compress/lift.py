@@ -52,7 +52,7 @@ def lift_layers(module: torch.nn.Module) -> torch.nn.Module:
 
     if not isinstance(module, fx.GraphModule) or has_layers(module):
         return module
-    gm = copy.deepcopy(module)
+    gm = _retied(module, copy.deepcopy(module))
     lifted = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
@@ -67,6 +67,23 @@ def lift_layers(module: torch.nn.Module) -> torch.nn.Module:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _retied(module: fx.GraphModule, copied: fx.GraphModule) -> fx.GraphModule:
+    """``copied`` with the weights ``module`` ties one object again.
+
+    A loaded program holds a tied weight as two Parameters on one storage, which deepcopy clones
+    apart: the copy's parameter count (and any training) would treat them as two weights.
+    """
+    first: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        key = (p.data_ptr(), tuple(p.shape))
+        if key not in first:
+            first[key] = name
+            continue
+        path, _, leaf = name.rpartition(".")
+        setattr(copied.get_submodule(path), leaf, copied.get_parameter(first[key]))
+    return copied
 
 
 def _owner(gm: fx.GraphModule, args: list[Any], names: tuple[str, ...]) -> str | None:

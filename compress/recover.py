@@ -50,7 +50,9 @@ class RecoveryReport:
 
 
 def _params(module: torch.nn.Module) -> int:
-    return sum(int(p.numel()) for p in module.parameters())
+    # A .pt2 loads a tied weight as two Parameters on one storage: count it once, as the model has it.
+    unique = {(p.data_ptr(), tuple(p.shape)): p for p in module.parameters()}
+    return sum(int(p.numel()) for p in unique.values())
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:

@@ -260,3 +260,38 @@ def test_a_decomposed_pt2_is_told_to_save_the_program_before_run_decompositions(
     assert code == 2, text
     assert "saved after run_decompositions() (it calls aten.addmm, aten.convolution)" in text
     assert "before run_decompositions()" in text
+
+
+def test_a_tied_weight_in_a_pt2_counts_once_in_the_recovery_report() -> None:
+    # torch.export.load gives a tied weight as two Parameter objects on one storage: the report's
+    # parameter count had it twice (4484 where the factory said 3460).
+    import io
+
+    import torch
+    from torch import nn
+
+    from edgectl.compress.data import SampleSet
+    from edgectl.compress.recover import prune_and_recover
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 64),
+        nn.ReLU(),
+        nn.Linear(64, 4),
+    )
+    model[2].weight = model[0].weight
+    x = np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32)
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(model.eval(), (torch.from_numpy(x[:2]),)), buffer)
+    buffer.seek(0)
+    program = torch.export.load(buffer).module()
+    train = SampleSet({"x": x}, None, "train")
+    reports = [
+        prune_and_recover(m, 0.5, train, ["x"], epochs=1, time_budget_s=60, progress=lambda _: None)[2]
+        for m in (model, program)
+    ]
+    assert reports[0].params_before == reports[1].params_before == 3460
