@@ -27,6 +27,7 @@ Imported as ``edgectl.compress``. The pipeline runs named stages over a recipe o
 - ``channel_groups``: which channels structured pruning must remove together.
 - ``recover``: pruning a torch model with Torch-Pruning and distilling it back (``--train``).
 - ``lift``: a ``.pt2`` program's ``aten`` conv/linear/batch-norm calls as layers again, for the pruner.
+- ``prune_refusal``: why Torch-Pruning removed no channel, as the error that says what to do (exit 2).
 - ``graph``: facts about an ONNX graph (signature, parameters, MACs) and ORT sessions.
 - ``outcome``: what a run measured, as the manifest's ``metrics`` carry it.
 - ``package``: the signed artifact, written atomically.

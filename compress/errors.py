@@ -27,6 +27,12 @@ class PruneRefusedError(CompressError):
     """Pruning was asked for where it cannot help (no sparse kernels) or cannot be done safely."""
 
 
+class NothingToPruneError(PruneRefusedError):
+    """``--prune`` on a model with no channel a pruner may remove: the flag cannot work as given."""
+
+    exit_code = 2
+
+
 class QualityGateError(CompressError):
     """No candidate met the quality budget, so no artifact was written."""
 

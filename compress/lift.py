@@ -7,13 +7,18 @@ layers back: each ``aten.conv{1,2,3}d`` / ``aten.linear`` / ``aten.batch_norm`` 
 belong to it alone becomes a call of an ``nn.Conv*d`` / ``nn.Linear`` / ``nn.BatchNorm*d`` holding
 the same parameter objects, in the place of the container that held them (so state-dict names stay).
 The result computes the same function; BatchNorm follows ``train()``/``eval()`` as a module does, which
-recovery training needs. Calls it cannot lift (shared weights, string padding) stay as they are.
+recovery training needs. Calls it cannot lift (shared weights, a weight that is a buffer) stay as they are.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgectl.compress.errors import BadInputError, describe
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +32,17 @@ def has_layers(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Linear | torch.nn.modules.conv._ConvNd) for m in module.modules())
 
 
+def lift_for_training(
+    module: torch.nn.Module, inputs: Sequence[np.ndarray], names: Sequence[str]
+) -> torch.nn.Module:
+    """``lift_layers``, refusing a program whose code is bound to the batch it was exported at."""
+    pinned = pinned_batch(module)
+    lifted = lift_layers(module)
+    if pinned is not None and lifted is not module:  # nothing lifted: it keeps its guard, and no layer
+        check_batch_free(lifted, pinned, inputs, names)
+    return lifted
+
+
 def lift_layers(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of an unlifted ``torch.export`` module with its layers as modules and no batch guard.
 
@@ -36,7 +52,7 @@ def lift_layers(module: torch.nn.Module) -> torch.nn.Module:
 
     if not isinstance(module, fx.GraphModule) or has_layers(module):
         return module
-    gm = copy.deepcopy(module)
+    gm = _retied(module, copy.deepcopy(module))
     lifted = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function":
@@ -51,6 +67,23 @@ def lift_layers(module: torch.nn.Module) -> torch.nn.Module:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _retied(module: fx.GraphModule, copied: fx.GraphModule) -> fx.GraphModule:
+    """``copied`` with the weights ``module`` ties one object again.
+
+    A loaded program holds a tied weight as two Parameters on one storage, which deepcopy clones
+    apart: the copy's parameter count (and any training) would treat them as two weights.
+    """
+    first: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        key = (p.data_ptr(), tuple(p.shape))
+        if key not in first:
+            first[key] = name
+            continue
+        path, _, leaf = name.rpartition(".")
+        setattr(copied.get_submodule(path), leaf, copied.get_parameter(first[key]))
+    return copied
 
 
 def _owner(gm: fx.GraphModule, args: list[Any], names: tuple[str, ...]) -> str | None:
@@ -70,11 +103,17 @@ def _owner(gm: fx.GraphModule, args: list[Any], names: tuple[str, ...]) -> str |
     if owner is None:
         return None
     container = gm.get_submodule(owner)
-    held = {n for n, _ in container.named_parameters(recurse=False)}
-    held |= {n for n, _ in container.named_buffers(recurse=False)}
+    params = {n for n, _ in container.named_parameters(recurse=False)}
+    held = params | {n for n, _ in container.named_buffers(recurse=False)}
     used = {a for arg, a in zip(args, names, strict=True) if arg is not None}
     extra = set(held) - used - {"num_batches_tracked"}
-    return owner if not extra else None
+    # The layer replaces the container: one with modules of its own (a block with its own weight and
+    # a child layer) would lose them, and a layer's weight and bias must be parameters (a fixed filter
+    # registered as a buffer cannot be a Conv's weight).
+    learnt = {a for a in used if a in ("weight", "bias")}
+    if extra or next(container.children(), None) is not None or not learnt <= params:
+        return None
+    return owner
 
 
 def _lift(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -82,10 +121,13 @@ def _lift(gm: fx.GraphModule, node: fx.Node) -> int:
 
     aten = torch.ops.aten
     convs = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+    # padding="same"/"valid" (an nn.Conv's string padding) is an overload of its own
+    named = {aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
     args: list[Any] = list(node.args)
-    if node.target in convs:
-        dims = convs[node.target]
-        full = args + [None, [1] * dims, [0] * dims, [1] * dims, 1][len(args) - 2 :]
+    if node.target in convs or node.target in named:
+        dims = convs.get(node.target) or named[node.target]
+        pad: Any = "valid" if node.target in named else [0] * dims
+        full = args + [None, [1] * dims, pad, [1] * dims, 1][len(args) - 2 :]
         x, weight, bias, stride, padding, dilation, groups = full[:7]
         owner = _owner(gm, [weight, bias], ("weight", "bias"))
         if owner is None or node.kwargs:
@@ -93,8 +135,9 @@ def _lift(gm: fx.GraphModule, node: fx.Node) -> int:
         shape = _weight_shape(gm, owner)
         kind: Any = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[dims - 1]
         layer: torch.nn.Module = kind(
-            shape[1] * int(groups), shape[0], tuple(shape[2:]), stride=tuple(stride), padding=tuple(padding),
-            dilation=tuple(dilation), groups=int(groups), bias=bias is not None,
+            shape[1] * int(groups), shape[0], tuple(shape[2:]), stride=tuple(stride), dilation=tuple(dilation),
+            padding=padding if isinstance(padding, str) else tuple(padding), groups=int(groups),
+            bias=bias is not None,
         )  # fmt: skip
         return _replace(gm, node, owner, layer, x)
     if node.target == aten.linear.default:
@@ -149,3 +192,60 @@ def _replace(gm: fx.GraphModule, node: fx.Node, owner: str, layer: torch.nn.Modu
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
     return 1
+
+
+def pinned_batch(module: torch.nn.Module) -> int | None:
+    """The batch size an unlifted ``torch.export`` module was exported at without a dynamic batch
+    dimension (its inputs' leading sizes, when they are one constant), else None."""
+    from torch import fx
+
+    if not isinstance(module, fx.GraphModule):
+        return None
+    vals = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
+    sizes = [v.shape[0] for v in vals if getattr(v, "ndim", 0) > 0]  # a dynamic batch: a SymInt
+    if not sizes or not all(isinstance(s, int) for s in sizes) or len(set(sizes)) != 1:
+        return None
+    return int(sizes[0])
+
+
+def check_batch_free(
+    lifted: torch.nn.Module, batch: int, inputs: Sequence[np.ndarray], names: Sequence[str]
+) -> None:
+    """Refuse a lifted program whose code still depends on the batch it was exported at.
+
+    torch.export bakes that batch into the graph: ``x.view(x.size(0), -1)`` becomes ``view(2, -1)``, so
+    without its guard the program mixes samples (or fails) at any other batch, and recovery trains at
+    64. ``3 * batch`` samples at once must give what ``batch`` at a time gives (BatchNorm on running
+    statistics in both), else this raises ``BadInputError``.
+    """
+    import torch
+
+    probe = copy.deepcopy(lifted).eval()
+    n = 3 * batch
+    xs = [torch.from_numpy(np.ascontiguousarray(np.resize(a, (n, *a.shape[1:])))) for a in inputs]
+    from torch.utils._pytree import tree_leaves
+
+    def _outputs(out: Any) -> list[torch.Tensor]:
+        return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    problem = None
+    with torch.no_grad():
+        want = [_outputs(probe(*(x[i : i + batch] for x in xs))) for i in range(0, n, batch)]
+        try:
+            got = _outputs(probe(*xs))
+        except Exception as exc:  # the program's code at a batch it was not exported for
+            problem = describe(exc, 160)
+        else:
+            for i, out in enumerate(got):
+                whole = torch.cat([w[i] for w in want]) if out.ndim else out
+                if out.shape != whole.shape or not torch.allclose(out, whole, rtol=1e-4, atol=1e-5):
+                    problem = f"output {i} at batch {n} is not its batch-{batch} outputs stacked"
+                    break
+    if problem is not None:
+        raise BadInputError(
+            f"this .pt2 was exported at batch {batch} without a dynamic batch, and its code depends on that "
+            f"batch (torch.export turns x.view(x.size(0), -1) into view({batch}, -1)): recovery training "
+            f"needs other batch sizes ({problem})",
+            hint=f"export it again with dynamic_shapes={{'{names[0]}': {{0: torch.export.Dim('batch')}}}} "
+            "(per input), pass the model as package.module:factory (+ --state-dict), or drop --train",
+        )

@@ -22,9 +22,10 @@ import numpy as np
 
 from edgectl.compress.data import SampleSet
 from edgectl.compress.errors import BadInputError, CompressError, PruneRefusedError, describe
-from edgectl.compress.lift import lift_layers
+from edgectl.compress.lift import lift_for_training, pinned_batch
 from edgectl.compress.metrics import label_problem
 from edgectl.compress.passes.export import plain_attention
+from edgectl.compress.prune_refusal import nothing_removed
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,9 @@ class RecoveryReport:
 
 
 def _params(module: torch.nn.Module) -> int:
-    return sum(int(p.numel()) for p in module.parameters())
+    # A .pt2 loads a tied weight as two Parameters on one storage: count it once, as the model has it.
+    unique = {(p.data_ptr(), tuple(p.shape)): p for p in module.parameters()}
+    return sum(int(p.numel()) for p in unique.values())
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -165,27 +168,7 @@ def prune_torch(
             hint="pass the model as ONNX to prune on the graph, or drop --prune",
         )
     if _params(student) >= _params(module):
-        # Torch-Pruning follows nn.Module layers; a torch.export program's unlifted module has
-        # none it can see, so it "prunes" nothing and the table would claim a ratio never applied.
-        layers = [
-            m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear)
-        ]
-        if not layers:
-            raise PruneRefusedError(
-                f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: it "
-                "has no nn.Linear/nn.Conv layer to prune",
-                hint="pass it as package.module:factory (+ --state-dict) so its nn.Linear/nn.Conv layers "
-                "can be pruned, or as ONNX to prune on the graph",
-            )
-        # Layers it sees but may not shrink: heads, or layers feeding an op it cannot trace (an einsum
-        # with a raw Parameter, a functional conv). The factory hint would ask for what was given.
-        raise PruneRefusedError(
-            f"Torch-Pruning found no channel it could remove from this model at ratio {ratio}: its "
-            f"{len(layers)} nn.Linear/nn.Conv layer(s) are output heads or feed ops it cannot trace "
-            "(an einsum or matmul with a raw nn.Parameter, a functional conv)",
-            hint="use nn.Linear/nn.Conv modules for those weights, pass the model as ONNX to prune on the "
-            "graph, or drop --prune",
-        )
+        raise nothing_removed(student, heads, ratio, example)  # whole: heads are its layers
     return student
 
 
@@ -381,8 +364,12 @@ def prune_and_recover(
     missing = [n for n in names if n not in train.inputs]
     if missing:
         raise BadInputError(f"{train.source} lacks array(s) for model input(s) {', '.join(missing)}")
-    example = [torch.from_numpy(np.ascontiguousarray(train.inputs[n][:2])) for n in names]
-    module = lift_layers(module)  # a .pt2 program's aten calls as layers Torch-Pruning can see
+    size = pinned_batch(module) or 2  # a program that keeps its batch guard (nothing lifted) needs it
+    example = [
+        torch.from_numpy(np.resize(train.inputs[n], (size, *train.inputs[n].shape[1:]))) for n in names
+    ]
+    # A .pt2 program's aten calls as layers Torch-Pruning can see (refused if bound to its export batch).
+    module = lift_for_training(module, [train.inputs[n] for n in names], names)
     teacher = copy.deepcopy(module).eval()
     progress(f"pruning {ratio:.0%} of channels with Torch-Pruning")
     pruned = prune_torch(module, ratio, example)

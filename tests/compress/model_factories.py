@@ -29,3 +29,10 @@ def optional_inputs() -> Any:
             return out if mask is None else out * mask
 
     return Net().eval()
+
+
+def linear_probe() -> Any:
+    """One nn.Linear and nothing else: its only layer makes the output."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(20, 5)).eval()
