@@ -157,7 +157,9 @@ def _lift(gm: fx.GraphModule, node: fx.Node) -> int:
         norm: Any = (
             torch.nn.BatchNorm3d if rank == 5 else torch.nn.BatchNorm2d if rank == 4 else torch.nn.BatchNorm1d
         )
-        bn = norm(features, eps=float(eps), momentum=momentum, affine=weight is not None)
+        # An eval export writes momentum=None (a cumulative average) as 0.0, which would freeze the
+        # running statistics while recovery trains: None again, as the factory's layer has it.
+        bn = norm(features, eps=float(eps), momentum=momentum or None, affine=weight is not None)
         return _replace(gm, node, owner, bn.train(bool(training)), x)
     return 0
 

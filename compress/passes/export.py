@@ -99,7 +99,30 @@ def load_program(path: Path) -> tuple[torch.nn.Module, list[str], Any]:
         for s in program.graph_signature.input_specs
         if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
     ]
+    training = _training_ops(program)
+    if training:
+        raise BadInputError(
+            f"{path} was exported in train() mode: its {', '.join(training)} run as in training (batch "
+            "statistics, random dropout), so it is not the model that serves",
+            hint="call model.eval() before torch.export.export and save the program again",
+        )
     return program.module(), names, program
+
+
+def _training_ops(program: Any) -> list[str]:
+    """The kinds of op a ``torch.export`` program runs in their training form (an export in train())."""
+    import torch
+
+    aten = torch.ops.aten
+    found = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == aten.batch_norm.default and len(node.args) > 5 and node.args[5] is True:
+            found.add("BatchNorm")
+        elif node.target == aten.dropout.default and len(node.args) > 2 and node.args[2] is True:
+            found.add("Dropout")
+    return sorted(found)
 
 
 def input_names(module: torch.nn.Module, given: Collection[str] = ()) -> list[str]:

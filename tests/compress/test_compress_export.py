@@ -125,6 +125,21 @@ def test_a_file_that_is_not_a_pt2_is_refused(tmp_path: Path) -> None:
         load_program(tmp_path / "junk.pt2")
 
 
+def test_a_pt2_exported_in_train_mode_is_refused_with_the_eval_hint(tmp_path: Path) -> None:
+    # Its BatchNorm uses batch statistics and its Dropout drops: the program is not the served model.
+    from edgectl.compress.passes.export import load_program
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
+                        nn.Linear(4 * 36, 3))  # fmt: skip
+    x = (torch.randn(2, 1, 8, 8),)
+    torch.export.save(torch.export.export(net.train(), x), str(tmp_path / "train.pt2"))
+    with pytest.raises(BadInputError, match=r"exported in train\(\) mode: its BatchNorm, Dropout") as caught:
+        load_program(tmp_path / "train.pt2")
+    assert "model.eval()" in (caught.value.hint or "")
+    torch.export.save(torch.export.export(net.eval(), x), str(tmp_path / "eval.pt2"))
+    assert load_program(tmp_path / "eval.pt2")[1] == ["input"]
+
+
 class PaddedEncoder(nn.Module):
     """Token ids and a padding mask through nn.TransformerEncoder, as a sentence encoder is written."""
 

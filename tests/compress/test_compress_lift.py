@@ -295,3 +295,21 @@ def test_a_tied_weight_in_a_pt2_counts_once_in_the_recovery_report() -> None:
         for m in (model, program)
     ]
     assert reports[0].params_before == reports[1].params_before == 3460
+
+
+def test_a_cumulative_batch_norm_keeps_averaging_once_lifted() -> None:
+    # An eval export writes momentum=None as 0.0: lifted as 0.0, recovery would never update the stats.
+    import torch
+    from torch import nn
+
+    from edgectl.compress.lift import lift_layers
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=None), nn.ReLU()).eval()
+    lifted = lift_layers(torch.export.export(net, (torch.randn(2, 1, 8, 8),)).module())
+    norm = next(m for m in lifted.modules() if isinstance(m, nn.BatchNorm2d))
+    assert norm.momentum is None
+    before = norm.running_mean.clone()
+    lifted.train()
+    with torch.no_grad():
+        lifted(torch.randn(16, 1, 8, 8) + 3.0)
+    assert not torch.equal(norm.running_mean, before)
