@@ -187,7 +187,9 @@ def setup(
     made = Setup(cp, device, Wire(observer, DeviceTopics(DEVICE)), v1, v2, bad)
     try:
         device.start()
-        wait_for(lambda: _online(made), 30, what="the control plane to see the device online")
+        # Online with its labels: a status message can make the device known (and online) before the
+        # report carrying its labels is ingested, and a rollout by label then matched no device.
+        wait_for(lambda: _online(made), 30, what="the control plane to see the device online with its labels")
         yield made
     finally:
         device.close()
@@ -197,9 +199,10 @@ def setup(
 
 def _online(s: Setup) -> bool:
     try:
-        return s.seen().online
+        device = s.seen()
     except Exception:  # NOT_FOUND until the first report is ingested
         return False
+    return device.online and dict(device.labels).items() >= LABELS.items()
 
 
 def test_a_connected_device_is_online_with_its_labels(setup: Setup) -> None:
