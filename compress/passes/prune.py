@@ -28,8 +28,8 @@ from edgectl.compress.passes.base import CompressPass, ModelState, PassContext, 
 from edgectl.devices import DeviceProfile
 
 # Recovery epochs when --finetune-epochs is not given: on three digits CNNs pruned 50 %, 3 seeds each,
-# 10 epochs of the warm-up + cosine schedule (recover.LearningRate) came within 1 pt of float top-1
-# (within 1.1 pt: five of 450 samples) where 3 epochs lost up to 2 pt; the time budget still bounds it.
+# 10 epochs of the warm-up + cosine schedule (recover.LearningRate) came within 1.1 pt of float top-1
+# (five of 450 samples; most within 1 pt) where 3 epochs lost up to 2 pt; the time budget still bounds it.
 DEFAULT_FINETUNE_EPOCHS = 10
 
 
